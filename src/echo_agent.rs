@@ -1,0 +1,432 @@
+//! `sandwarden echo-agent`: a deterministic ACP agent over stdio, for tests and for trying
+//! sandwarden without a model key.
+//!
+//! It echoes the user's text back in several chunks. A message that starts with one of these
+//! commands does something else instead (documented in the README):
+//!
+//! | command        | what the agent does                                                        |
+//! |----------------|----------------------------------------------------------------------------|
+//! | `/tool TEXT`   | a `read` tool call with its result, then echoes TEXT                       |
+//! | `/ask TEXT`    | asks permission (`session/request_permission`), reports the answer         |
+//! | `/think TEXT`  | streams a thought (reasoning) before the echo                              |
+//! | `/slow N TEXT` | streams N chunks 100 ms apart (default 50): something to cancel            |
+//! | `/fail TEXT`   | answers the prompt with a JSON-RPC error carrying TEXT                     |
+//! | `/crash [N]`   | writes a line to stderr and exits with code N (default 3)                  |
+//! | `/env NAME`    | replies with the value of environment variable NAME (late-binding tests)   |
+//! | `/cwd`         | replies with its working directory                                         |
+//! | `/cat PATH`    | replies with the contents of PATH                                          |
+//!
+//! It must not depend on anything of the orchestrator: it is a stand-in for a third-party agent.
+
+use agent_client_protocol::schema::ProtocolVersion;
+use agent_client_protocol::v1::ConnectionTo;
+use agent_client_protocol::v1::schema::{
+    AgentCapabilities, CancelNotification, ContentBlock, ContentChunk, InitializeRequest,
+    InitializeResponse, NewSessionRequest, NewSessionResponse, PermissionOption,
+    PermissionOptionKind, PromptCapabilities, PromptRequest, PromptResponse,
+    RequestPermissionOutcome, RequestPermissionRequest, SessionNotification, SessionUpdate,
+    StopReason, TextContent, ToolCall, ToolCallContent, ToolCallStatus, ToolCallUpdate,
+    ToolCallUpdateFields, ToolKind, Usage,
+};
+use agent_client_protocol::v1::schema::Implementation;
+use agent_client_protocol::{Agent, ByteStreams, Client};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::sync::CancellationToken;
+
+/// Delay between chunks of `/slow`.
+const SLOW_CHUNK_DELAY: Duration = Duration::from_millis(100);
+
+/// What a prompt asks the echo agent to do, parsed from its text. Pure, so it has unit tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    Echo(String),
+    Tool(String),
+    Ask(String),
+    Think(String),
+    Slow { chunks: u32, text: String },
+    Fail(String),
+    Crash(i32),
+    Env(String),
+    Cwd,
+    Cat(String),
+}
+
+impl Script {
+    pub fn parse(text: &str) -> Script {
+        let text = text.trim();
+        let (command, rest) = match text.split_once(char::is_whitespace) {
+            Some((c, r)) => (c, r.trim()),
+            None => (text, ""),
+        };
+        let rest_or = |default: &str| {
+            if rest.is_empty() {
+                default.to_string()
+            } else {
+                rest.to_string()
+            }
+        };
+        match command {
+            "/tool" => Script::Tool(rest_or("tool done")),
+            "/ask" => Script::Ask(rest_or("may I?")),
+            "/think" => Script::Think(rest_or("thought about it")),
+            "/slow" => {
+                let (n, text) = match rest.split_once(char::is_whitespace) {
+                    Some((n, t)) => (n, t.trim()),
+                    None => (rest, ""),
+                };
+                match n.parse::<u32>() {
+                    Ok(chunks) => Script::Slow {
+                        chunks: chunks.clamp(1, 10_000),
+                        text: if text.is_empty() { "tick".into() } else { text.into() },
+                    },
+                    Err(_) => Script::Slow {
+                        chunks: 50,
+                        text: rest_or("tick"),
+                    },
+                }
+            }
+            "/fail" => Script::Fail(rest_or("the echo agent was asked to fail")),
+            "/crash" => Script::Crash(rest.parse().unwrap_or(3)),
+            "/env" => Script::Env(rest.to_string()),
+            "/cwd" => Script::Cwd,
+            "/cat" => Script::Cat(rest.to_string()),
+            _ => Script::Echo(text.to_string()),
+        }
+    }
+}
+
+/// Splits text into up to `n` chunks at word boundaries, keeping every byte.
+pub fn chunks(text: &str, n: usize) -> Vec<String> {
+    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    if words.is_empty() {
+        return Vec::new();
+    }
+    let per = words.len().div_ceil(n.max(1));
+    words.chunks(per).map(|c| c.concat()).collect()
+}
+
+fn word_count(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+#[derive(Default)]
+struct State {
+    next_session: AtomicU64,
+    /// Cancellation of the prompt running in each session.
+    running: Mutex<HashMap<String, CancellationToken>>,
+}
+
+/// Runs the echo agent on this process's stdin/stdout until stdin closes.
+pub async fn run() -> anyhow::Result<()> {
+    let state = Arc::new(State::default());
+    let transport = ByteStreams::new(
+        tokio::io::stdout().compat_write(),
+        tokio::io::stdin().compat(),
+    );
+    let on_prompt = state.clone();
+    let on_cancel = state.clone();
+    Agent
+        .v1()
+        .name("sandwarden-echo-agent")
+        .on_receive_request(
+            async move |init: InitializeRequest, responder, _cx| {
+                let version = if init.protocol_version > ProtocolVersion::V1 {
+                    ProtocolVersion::V1
+                } else {
+                    init.protocol_version
+                };
+                responder.respond(
+                    InitializeResponse::new(version)
+                        .agent_capabilities(
+                            AgentCapabilities::new()
+                                .prompt_capabilities(PromptCapabilities::new().image(true)),
+                        )
+                        .agent_info(Implementation::new(
+                            "sandwarden-echo-agent",
+                            env!("CARGO_PKG_VERSION"),
+                        )),
+                )
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |_req: NewSessionRequest, responder, _cx| {
+                    let n = state.next_session.fetch_add(1, Ordering::Relaxed);
+                    responder.respond(NewSessionResponse::new(format!("echo-{n}")))
+                }
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            async move |req: PromptRequest, responder, cx: ConnectionTo<Client>| {
+                let state = on_prompt.clone();
+                let session = req.session_id.to_string();
+                let cancel = CancellationToken::new();
+                lock(&state.running).insert(session.clone(), cancel.clone());
+                // Prompts stream and may wait on the client: run them off the dispatch loop.
+                cx.clone().spawn(async move {
+                    let result = prompt(&cx, req, &cancel).await;
+                    lock(&state.running).remove(&session);
+                    match result {
+                        Ok(response) => responder.respond(response),
+                        Err(message) => responder.respond_with_error(
+                            agent_client_protocol::Error::internal_error().data(message),
+                        ),
+                    }
+                })
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_notification(
+            async move |cancel: CancelNotification, _cx| {
+                if let Some(token) = lock(&on_cancel.running).get(&cancel.session_id.to_string()) {
+                    token.cancel();
+                }
+                Ok(())
+            },
+            agent_client_protocol::on_receive_notification!(),
+        )
+        .connect_to(transport)
+        .await?;
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+type Cx = ConnectionTo<Client>;
+
+fn send(cx: &Cx, session: &PromptRequest, update: SessionUpdate) -> Result<(), String> {
+    cx.send_notification(SessionNotification::new(session.session_id.clone(), update))
+        .map_err(|e| format!("sending an update failed: {e}"))
+}
+
+fn text_block(text: impl Into<String>) -> ContentBlock {
+    ContentBlock::Text(TextContent::new(text.into()))
+}
+
+fn say(cx: &Cx, req: &PromptRequest, text: &str, n_chunks: usize) -> Result<(), String> {
+    for chunk in chunks(text, n_chunks) {
+        send(
+            cx,
+            req,
+            SessionUpdate::AgentMessageChunk(ContentChunk::new(text_block(chunk))),
+        )?;
+    }
+    Ok(())
+}
+
+async fn prompt(
+    cx: &Cx,
+    req: PromptRequest,
+    cancel: &CancellationToken,
+) -> Result<PromptResponse, String> {
+    let mut text = String::new();
+    let mut images = 0;
+    for block in &req.prompt {
+        match block {
+            ContentBlock::Text(t) => {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&t.text);
+            }
+            ContentBlock::Image(_) => images += 1,
+            _ => {}
+        }
+    }
+    let input_tokens = word_count(&text) + images;
+    let mut reply = String::new();
+    let mut stop = StopReason::EndTurn;
+    match Script::parse(&text) {
+        Script::Echo(t) => reply = t,
+        Script::Think(t) => {
+            send(
+                cx,
+                &req,
+                SessionUpdate::AgentThoughtChunk(ContentChunk::new(text_block(format!(
+                    "thinking about: {t}"
+                )))),
+            )?;
+            reply = t;
+        }
+        Script::Tool(t) => {
+            let id = "echo-tool-1";
+            send(
+                cx,
+                &req,
+                SessionUpdate::ToolCall(
+                    ToolCall::new(id, "read echo.txt")
+                        .kind(ToolKind::Read)
+                        .status(ToolCallStatus::InProgress)
+                        .raw_input(serde_json::json!({"path": "echo.txt"})),
+                ),
+            )?;
+            send(
+                cx,
+                &req,
+                SessionUpdate::ToolCallUpdate(ToolCallUpdate::new(
+                    id,
+                    ToolCallUpdateFields::new()
+                        .status(ToolCallStatus::Completed)
+                        .content(vec![ToolCallContent::from(text_block(t.clone()))])
+                        .raw_output(serde_json::json!({"content": t})),
+                )),
+            )?;
+            reply = t;
+        }
+        Script::Ask(question) => {
+            let id = "echo-ask-1";
+            let tool = ToolCallUpdate::new(
+                id,
+                ToolCallUpdateFields::new()
+                    .title(question.clone())
+                    .kind(ToolKind::Execute)
+                    .status(ToolCallStatus::Pending)
+                    .raw_input(serde_json::json!({"question": question})),
+            );
+            send(
+                cx,
+                &req,
+                SessionUpdate::ToolCall(
+                    ToolCall::new(id, question.clone())
+                        .kind(ToolKind::Execute)
+                        .status(ToolCallStatus::Pending),
+                ),
+            )?;
+            let options = vec![
+                PermissionOption::new("allow-once", "Allow once", PermissionOptionKind::AllowOnce),
+                PermissionOption::new(
+                    "allow-always",
+                    "Allow for this session",
+                    PermissionOptionKind::AllowAlways,
+                ),
+                PermissionOption::new("reject-once", "Deny", PermissionOptionKind::RejectOnce),
+            ];
+            let asked = cx.send_request(RequestPermissionRequest::new(
+                req.session_id.clone(),
+                tool,
+                options,
+            ));
+            let outcome = tokio::select! {
+                answer = asked.block_task() => answer.map_err(|e| format!("permission request failed: {e}"))?.outcome,
+                () = cancel.cancelled() => RequestPermissionOutcome::Cancelled,
+            };
+            let (status, verdict) = match outcome {
+                RequestPermissionOutcome::Selected(chosen) => {
+                    let id = chosen.option_id.to_string();
+                    if id.starts_with("allow") {
+                        (ToolCallStatus::Completed, format!("permission granted ({id})"))
+                    } else {
+                        (ToolCallStatus::Failed, format!("permission denied ({id})"))
+                    }
+                }
+                _ => {
+                    stop = StopReason::Cancelled;
+                    (ToolCallStatus::Failed, "permission request cancelled".to_string())
+                }
+            };
+            send(
+                cx,
+                &req,
+                SessionUpdate::ToolCallUpdate(ToolCallUpdate::new(
+                    id,
+                    ToolCallUpdateFields::new()
+                        .status(status)
+                        .content(vec![ToolCallContent::from(text_block(verdict.clone()))]),
+                )),
+            )?;
+            reply = verdict;
+        }
+        Script::Slow { chunks: n, text: t } => {
+            for i in 0..n {
+                tokio::select! {
+                    () = cancel.cancelled() => { stop = StopReason::Cancelled; break; }
+                    () = tokio::time::sleep(SLOW_CHUNK_DELAY) => {}
+                }
+                let piece = format!("{t} {i}\n");
+                send(
+                    cx,
+                    &req,
+                    SessionUpdate::AgentMessageChunk(ContentChunk::new(text_block(piece.clone()))),
+                )?;
+                reply.push_str(&piece);
+            }
+            return Ok(finish(stop, input_tokens, word_count(&reply)));
+        }
+        Script::Fail(message) => return Err(message),
+        Script::Crash(code) => {
+            eprintln!("echo-agent: crashing on request with exit code {code}");
+            std::process::exit(code);
+        }
+        Script::Env(name) => reply = std::env::var(&name).unwrap_or_default(),
+        Script::Cwd => {
+            reply = std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        }
+        Script::Cat(path) => {
+            reply = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?
+        }
+    }
+    if images > 0 {
+        reply.push_str(&format!(" [{images} image(s) received]"));
+    }
+    if stop == StopReason::EndTurn && !reply.is_empty() {
+        say(cx, &req, &reply, 4)?;
+    }
+    Ok(finish(stop, input_tokens, word_count(&reply)))
+}
+
+fn finish(stop: StopReason, input: u64, output: u64) -> PromptResponse {
+    PromptResponse::new(stop).usage(Usage::new(input + output, input, output))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_echoes() {
+        assert_eq!(Script::parse(" hello there "), Script::Echo("hello there".into()));
+    }
+
+    #[test]
+    fn commands_parse_with_defaults() {
+        assert_eq!(Script::parse("/tool"), Script::Tool("tool done".into()));
+        assert_eq!(
+            Script::parse("/slow 3 abc"),
+            Script::Slow {
+                chunks: 3,
+                text: "abc".into()
+            }
+        );
+        assert_eq!(
+            Script::parse("/slow going"),
+            Script::Slow {
+                chunks: 50,
+                text: "going".into()
+            }
+        );
+        assert_eq!(Script::parse("/crash"), Script::Crash(3));
+        assert_eq!(Script::parse("/crash 7"), Script::Crash(7));
+        assert_eq!(Script::parse("/env HOME"), Script::Env("HOME".into()));
+    }
+
+    #[test]
+    fn chunks_keep_every_byte() {
+        let text = "one two three four five six seven";
+        let parts = chunks(text, 4);
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts.concat(), text);
+        assert_eq!(chunks("single", 4), vec!["single".to_string()]);
+        assert!(chunks("", 4).is_empty());
+    }
+}

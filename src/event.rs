@@ -1,0 +1,414 @@
+//! The shared vocabulary: turn requests, normalized events, health and terminal control frames.
+//!
+//! Every layer (the in-sandbox harness server, the orchestrator, the CLI client) speaks these types.
+//! This module holds data and pure helpers only; it must not do I/O or know any harness protocol.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The kinds of event a turn produces, whatever agent runs behind the harness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    Text,
+    Reasoning,
+    ToolUse,
+    ToolResult,
+    StepStart,
+    StepFinish,
+    InputRequired,
+    Error,
+    Done,
+}
+
+impl EventType {
+    /// The name used on the wire (`event:` line of SSE, `type` field of JSON).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Text => "text",
+            EventType::Reasoning => "reasoning",
+            EventType::ToolUse => "tool_use",
+            EventType::ToolResult => "tool_result",
+            EventType::StepStart => "step_start",
+            EventType::StepFinish => "step_finish",
+            EventType::InputRequired => "input_required",
+            EventType::Error => "error",
+            EventType::Done => "done",
+        }
+    }
+
+    /// `done` and `error` end a turn; nothing follows them.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, EventType::Done | EventType::Error)
+    }
+}
+
+/// One event of a turn as the harness server emits it. The orchestrator wraps it in the session
+/// envelope (`id`, `seq`, `session_id`) when it records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnEvent {
+    pub turn_id: String,
+    /// Position within the turn, from 0, gap-free.
+    pub index: u64,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// RFC 3339 time the harness server produced the event.
+    pub ts: String,
+    pub data: serde_json::Value,
+}
+
+/// Token counts of a turn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// Stable codes carried by `error` events (`data.code`).
+pub mod error_code {
+    /// The agent process exited while the turn ran.
+    pub const AGENT_EXITED: &str = "agent_exited";
+    /// The agent answered the prompt with an error.
+    pub const AGENT_ERROR: &str = "agent_error";
+    /// The turn ran past its timeout and was cancelled.
+    pub const TIMEOUT: &str = "timeout";
+    /// A client cancelled the turn and the agent did not acknowledge it in time.
+    pub const CANCELLED: &str = "cancelled";
+    /// The harness server is shutting down.
+    pub const SHUTDOWN: &str = "shutdown";
+}
+
+/// One part of a user message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Part {
+    Text {
+        text: String,
+    },
+    /// An image, inline (`data`: base64) or by reference (`url`).
+    Image {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mime_type: Option<String>,
+    },
+    /// A file, inline as UTF-8 `text` or base64 `data`, or by `url`.
+    File {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mime_type: Option<String>,
+    },
+}
+
+/// `POST /v1/turns` on the harness server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnRequest {
+    /// Chosen by the caller so it can correlate; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_id: Option<String>,
+    pub parts: Vec<Part>,
+    /// Overrides the server's turn timeout for this turn (capped by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+}
+
+impl TurnRequest {
+    /// Checks what serde cannot: returns a message saying how to fix the request.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.parts.is_empty() {
+            return Err("`parts` is empty: send at least one part, e.g. \
+                        {\"parts\":[{\"type\":\"text\",\"text\":\"hello\"}]}"
+                .into());
+        }
+        if let Some(id) = &self.turn_id {
+            validate_id("turn_id", id)?;
+        }
+        if self.timeout_s == Some(0) {
+            return Err("`timeout_s` must be at least 1 second".into());
+        }
+        for (i, part) in self.parts.iter().enumerate() {
+            match part {
+                Part::Text { text } if text.trim().is_empty() => {
+                    return Err(format!("parts[{i}]: `text` is empty; send some text"));
+                }
+                Part::Image { data, url, .. } => {
+                    if data.is_some() == url.is_some() {
+                        return Err(format!(
+                            "parts[{i}]: an image needs exactly one of `data` (base64) or `url`"
+                        ));
+                    }
+                    if data.is_some()
+                        && !matches!(part, Part::Image { mime_type: Some(m), .. } if m.starts_with("image/"))
+                    {
+                        return Err(format!(
+                            "parts[{i}]: an inline image needs `mime_type`, e.g. \"image/png\""
+                        ));
+                    }
+                }
+                Part::File { text, data, url, .. } => {
+                    let given = [text.is_some(), data.is_some(), url.is_some()];
+                    if given.iter().filter(|g| **g).count() != 1 {
+                        return Err(format!(
+                            "parts[{i}]: a file needs exactly one of `text`, `data` (base64) or `url`"
+                        ));
+                    }
+                }
+                Part::Text { .. } => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ids chosen by callers end up in URLs and logs: keep them short and plain.
+pub fn validate_id(field: &str, id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{field}` must be 1-128 characters of letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+/// How a client answers an `input_required` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Allow this one action.
+    ApproveOnce,
+    /// Allow this action and the like of it for the rest of the session.
+    ApproveSession,
+    /// Refuse it.
+    Deny,
+}
+
+/// `POST /v1/inputs/{request_id}`: either a decision or one of the offered option ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputAnswer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
+}
+
+/// A file written into the sandbox by late binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindFile {
+    /// Relative to the working directory; `..` is refused.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
+    /// Unix permission bits, e.g. 384 (0o600). Default 0o644.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// `POST /v1/bind`: per-session values handed to a warm sandbox at claim time. Never logged.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindRequest {
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub files: Vec<BindFile>,
+    /// Working directory for the agent; relative paths are under the server's workdir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+impl std::fmt::Debug for BindRequest {
+    // Values may be secrets: show names only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BindRequest")
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            )
+            .field("cwd", &self.cwd)
+            .finish()
+    }
+}
+
+/// Boot phase reported by the harness server's health route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The server is up; the agent waits for `/v1/bind` (templates that start at claim time).
+    Standby,
+    /// The agent or program is being started.
+    Starting,
+    /// Ready for turns (API) or attaches (TUI).
+    Ready,
+    /// The agent could not start or died; see `reason`.
+    Failed,
+    /// The TUI program ended by itself; see `exit`.
+    Exited,
+}
+
+/// How a child process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+impl From<std::process::ExitStatus> for ExitStatus {
+    fn from(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        ExitStatus {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(sig)) => write!(f, "killed by signal {sig}"),
+            (None, None) => write!(f, "unknown exit status"),
+        }
+    }
+}
+
+/// `GET /healthz` of the harness server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub phase: Phase,
+    /// `api` or `tui`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitStatus>,
+    /// Last lines the agent wrote to stderr (API kind, when it failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stderr_tail: Vec<String>,
+    /// The turn running now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_id: Option<String>,
+    /// Whether per-session values were bound, and whether the sandbox has been used yet.
+    pub bound: bool,
+    pub used: bool,
+    /// Terminal clients attached now (TUI kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viewers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<serde_json::Value>,
+}
+
+/// JSON control frames on the terminal WebSocket (text frames; binary frames are raw bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// Client → server: set the terminal size.
+    Resize { cols: u16, rows: u16 },
+    /// Client → server: liveness; answered with `pong`.
+    Ping,
+    /// Server → client.
+    Pong,
+    /// Server → client: the program ended; a normal close follows.
+    Exit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+    },
+    /// Server → client: a control frame was not understood; the connection stays open.
+    Error { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(json: &str) -> TurnRequest {
+        serde_json::from_str(json).expect("valid turn json")
+    }
+
+    #[test]
+    fn accepts_text_and_images() {
+        let t = turn(
+            r#"{"parts":[{"type":"text","text":"hi"},
+                {"type":"image","data":"aGk=","mime_type":"image/png"},
+                {"type":"image","url":"https://example.com/a.png"}]}"#,
+        );
+        assert_eq!(t.validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_empty_parts_and_blank_text() {
+        assert!(turn(r#"{"parts":[]}"#).validate().unwrap_err().contains("empty"));
+        assert!(
+            turn(r#"{"parts":[{"type":"text","text":"  "}]}"#)
+                .validate()
+                .unwrap_err()
+                .contains("parts[0]")
+        );
+    }
+
+    #[test]
+    fn rejects_image_without_a_source_or_type() {
+        let e = turn(r#"{"parts":[{"type":"image"}]}"#).validate().unwrap_err();
+        assert!(e.contains("exactly one of"), "{e}");
+        let e = turn(r#"{"parts":[{"type":"image","data":"aGk="}]}"#)
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("mime_type"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_turn_ids() {
+        let e = turn(r#"{"turn_id":"a b","parts":[{"type":"text","text":"x"}]}"#)
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("turn_id"), "{e}");
+    }
+
+    #[test]
+    fn bind_debug_hides_values() {
+        let b = BindRequest {
+            env: [("API_KEY".to_string(), "sk-secret".to_string())].into(),
+            ..Default::default()
+        };
+        let shown = format!("{b:?}");
+        assert!(shown.contains("API_KEY") && !shown.contains("sk-secret"), "{shown}");
+    }
+
+    #[test]
+    fn control_frames_round_trip() {
+        let c: Control = serde_json::from_str(r#"{"type":"resize","cols":120,"rows":40}"#)
+            .expect("resize parses");
+        assert_eq!(c, Control::Resize { cols: 120, rows: 40 });
+        let exit = serde_json::to_string(&Control::Exit {
+            code: Some(0),
+            signal: None,
+        })
+        .expect("serializes");
+        assert_eq!(exit, r#"{"type":"exit","code":0}"#);
+    }
+}

@@ -1,0 +1,1053 @@
+//! The API kind: one ACP agent process over stdio, one ACP session, one turn at a time.
+//!
+//! Owns the agent's lifecycle (start, late-bound restart, exit, stop) and turns (prompt, stream,
+//! cancel, timeout, permission requests). It speaks to routes through plain values and channels and
+//! must not know about HTTP beyond the `Problem` it returns.
+
+use super::bind::{self, CheckedBind};
+use super::map;
+use super::process::{GroupHandle, StderrTail, child_env};
+use super::{HarnessConfig, StartMode};
+use crate::event::{
+    Decision, EventType, ExitStatus, Health, InputAnswer, Part, Phase, TurnEvent, TurnRequest,
+    error_code,
+};
+use crate::problem::Problem;
+use agent_client_protocol::schema::ProtocolVersion;
+use agent_client_protocol::v1::schema::{
+    BlobResourceContents, CancelNotification, ContentBlock, EmbeddedResource,
+    EmbeddedResourceResource, ImageContent, Implementation, InitializeRequest, NewSessionRequest,
+    PermissionOption, PermissionOptionKind, PromptCapabilities, PromptRequest,
+    RequestPermissionOutcome, RequestPermissionRequest, RequestPermissionResponse, ResourceLink,
+    SelectedPermissionOutcome, SessionId, SessionNotification, TextContent, TextResourceContents,
+};
+use agent_client_protocol::v1::{ConnectionTo, Responder};
+use agent_client_protocol::{Agent, ByteStreams, Client};
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::sync::CancellationToken;
+
+/// Events buffered per turn between the agent and a slow reader; past that the agent waits.
+const TURN_EVENT_BUFFER: usize = 256;
+/// After the prompt fails on a closed connection, how long to wait for the exit to be reaped
+/// so the error can carry the exit status and stderr.
+const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
+
+/// What health reports; one value, replaced whole on every transition.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub phase: Phase,
+    pub reason: Option<String>,
+    pub exit: Option<ExitStatus>,
+    pub stderr_tail: Vec<String>,
+    /// Incremented on every (re)start so a superseded process's exit is not taken for a failure.
+    pub generation: u64,
+    pub agent_info: Option<Value>,
+}
+
+/// The live ACP connection and session of the current generation.
+#[derive(Clone)]
+struct Live {
+    cx: ConnectionTo<Agent>,
+    session: SessionId,
+    caps: PromptCapabilities,
+}
+
+struct ActiveTurn {
+    id: String,
+    sink: Arc<Sink>,
+    cancel: CancellationToken,
+}
+
+struct PendingInput {
+    turn_id: String,
+    responder: Responder<RequestPermissionResponse>,
+    options: Vec<PermissionOption>,
+}
+
+struct Inner {
+    generation: u64,
+    live: Option<Live>,
+    child: Option<GroupHandle>,
+    turn: Option<ActiveTurn>,
+    inputs: HashMap<String, PendingInput>,
+    env: BTreeMap<String, String>,
+    cwd: PathBuf,
+    bound: bool,
+    used: bool,
+}
+
+pub struct ApiAgent {
+    cfg: Arc<HarnessConfig>,
+    inner: Mutex<Inner>,
+    status: watch::Sender<Status>,
+    shutdown: CancellationToken,
+}
+
+/// Hands a turn's events out in order, numbering them, and closes after `done`/`error`.
+pub struct Sink {
+    turn_id: String,
+    state: tokio::sync::Mutex<(u64, Option<mpsc::Sender<TurnEvent>>)>,
+}
+
+impl Sink {
+    fn new(turn_id: String, tx: mpsc::Sender<TurnEvent>) -> Self {
+        Sink {
+            turn_id,
+            state: tokio::sync::Mutex::new((0, Some(tx))),
+        }
+    }
+
+    /// Sends one event; after a terminal event the sink is closed and further events are dropped.
+    pub async fn emit(&self, kind: EventType, data: Value) {
+        let mut state = self.state.lock().await;
+        let (next, tx) = &mut *state;
+        let Some(sender) = tx.as_ref() else { return };
+        let event = TurnEvent {
+            turn_id: self.turn_id.clone(),
+            index: *next,
+            kind,
+            ts: now_rfc3339(),
+            data,
+        };
+        *next += 1;
+        // A reader that went away does not stop the turn; its events are simply not delivered.
+        let _ = sender.send(event).await;
+        if kind.is_terminal() {
+            *tx = None;
+        }
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a turn's wait ended.
+enum Outcome {
+    Response(Result<agent_client_protocol::v1::schema::PromptResponse, agent_client_protocol::Error>),
+    GraceExpired,
+    Shutdown,
+    AgentGone(Status),
+}
+
+impl ApiAgent {
+    pub fn new(cfg: Arc<HarnessConfig>, shutdown: CancellationToken) -> Arc<Self> {
+        let (status, _) = watch::channel(Status {
+            phase: Phase::Standby,
+            reason: None,
+            exit: None,
+            stderr_tail: Vec::new(),
+            generation: 0,
+            agent_info: None,
+        });
+        let agent = Arc::new(ApiAgent {
+            inner: Mutex::new(Inner {
+                generation: 0,
+                live: None,
+                child: None,
+                turn: None,
+                inputs: HashMap::new(),
+                env: BTreeMap::new(),
+                cwd: cfg.workdir.clone(),
+                bound: false,
+                used: false,
+            }),
+            cfg,
+            status,
+            shutdown,
+        });
+        if agent.cfg.start == StartMode::Boot {
+            agent.start();
+        }
+        agent
+    }
+
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    pub fn health(&self) -> Health {
+        let s = self.status.borrow().clone();
+        let g = lock(&self.inner);
+        Health {
+            phase: s.phase,
+            kind: "api".into(),
+            reason: s.reason,
+            exit: s.exit,
+            stderr_tail: s.stderr_tail,
+            turn_id: g.turn.as_ref().map(|t| t.id.clone()),
+            bound: g.bound,
+            used: g.used,
+            viewers: None,
+            agent: s.agent_info,
+        }
+    }
+
+    /// Starts a new generation of the agent process. The caller has stopped any previous one.
+    fn start(self: &Arc<Self>) {
+        let (generation, env, cwd) = {
+            let mut g = lock(&self.inner);
+            g.generation += 1;
+            g.live = None;
+            (g.generation, g.env.clone(), g.cwd.clone())
+        };
+        self.status.send_replace(Status {
+            phase: Phase::Starting,
+            reason: None,
+            exit: None,
+            stderr_tail: Vec::new(),
+            generation,
+            agent_info: None,
+        });
+        tokio::spawn(self.clone().run_generation(generation, env, cwd));
+    }
+
+    async fn run_generation(
+        self: Arc<Self>,
+        generation: u64,
+        env: BTreeMap<String, String>,
+        cwd: PathBuf,
+    ) {
+        let argv = &self.cfg.argv;
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .current_dir(&cwd)
+            .env_clear()
+            .envs(child_env(&env))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                self.fail(
+                    generation,
+                    format!("cannot start the agent {:?}: {e}", argv[0]),
+                    None,
+                    Vec::new(),
+                );
+                return;
+            }
+        };
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            self.fail(generation, "the agent's stdio could not be captured".into(), None, Vec::new());
+            return;
+        };
+        {
+            let mut g = lock(&self.inner);
+            if g.generation != generation {
+                return; // superseded while spawning; kill_on_drop stops it
+            }
+            g.child = Some(GroupHandle::new(pid, exited_rx));
+        }
+        tracing::info!(pid, generation, agent = %argv[0], "agent started");
+        let tail = StderrTail::default();
+        let stderr_task = tokio::spawn(tail.clone().collect(stderr));
+        let conn_task = tokio::spawn(self.clone().connect(generation, stdin, stdout));
+        let status = child.wait().await;
+        let _ = exited_tx.send(true);
+        // Give the last stderr lines a moment to arrive (grandchildren may keep the pipe open).
+        let _ = tokio::time::timeout(Duration::from_millis(300), stderr_task).await;
+        conn_task.abort();
+        let exit = status.ok().map(ExitStatus::from);
+        let reason = match exit {
+            Some(e) => format!("the agent exited ({e})"),
+            None => "the agent exited (status unknown)".to_string(),
+        };
+        self.fail(generation, reason, exit, tail.lines());
+    }
+
+    /// Marks `generation` failed, keeping the first reason if it already failed, and drops the
+    /// connection. Superseded generations and shutdown are not failures.
+    fn fail(&self, generation: u64, reason: String, exit: Option<ExitStatus>, tail: Vec<String>) {
+        {
+            let mut g = lock(&self.inner);
+            if g.generation != generation {
+                return;
+            }
+            g.live = None;
+        }
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        self.status.send_if_modified(|s| {
+            if s.generation != generation {
+                return false;
+            }
+            if s.phase != Phase::Failed {
+                tracing::warn!(generation, %reason, "agent failed");
+                s.reason = Some(reason);
+            }
+            s.phase = Phase::Failed;
+            if exit.is_some() {
+                s.exit = exit;
+            }
+            if !tail.is_empty() {
+                s.stderr_tail = tail;
+            }
+            true
+        });
+    }
+
+    async fn connect(
+        self: Arc<Self>,
+        generation: u64,
+        stdin: tokio::process::ChildStdin,
+        stdout: tokio::process::ChildStdout,
+    ) {
+        let on_update = self.clone();
+        let on_permission = self.clone();
+        let me = self.clone();
+        let boot_timeout = self.cfg.boot_timeout;
+        let cwd = lock(&self.inner).cwd.clone();
+        let result = Client
+            .v1()
+            .name("sandwarden-harness")
+            .on_receive_notification(
+                async move |n: SessionNotification, _cx| {
+                    on_update.on_update(n).await;
+                    Ok(())
+                },
+                agent_client_protocol::on_receive_notification!(),
+            )
+            .on_receive_request(
+                async move |r: RequestPermissionRequest, responder, _cx| {
+                    on_permission.on_permission(r, responder).await;
+                    Ok(())
+                },
+                agent_client_protocol::on_receive_request!(),
+            )
+            .connect_with(
+                ByteStreams::new(stdin.compat_write(), stdout.compat()),
+                async move |cx: ConnectionTo<Agent>| {
+                    let init = InitializeRequest::new(ProtocolVersion::V1).client_info(
+                        Implementation::new("sandwarden", env!("CARGO_PKG_VERSION")),
+                    );
+                    let init = tokio::time::timeout(
+                        boot_timeout,
+                        cx.send_request(init).block_task(),
+                    )
+                    .await
+                    .map_err(|_| {
+                        agent_client_protocol::Error::internal_error().data(format!(
+                            "no answer to ACP initialize within {} s",
+                            boot_timeout.as_secs()
+                        ))
+                    })??;
+                    let session = tokio::time::timeout(
+                        boot_timeout,
+                        cx.send_request(NewSessionRequest::new(cwd)).block_task(),
+                    )
+                    .await
+                    .map_err(|_| {
+                        agent_client_protocol::Error::internal_error().data(format!(
+                            "no answer to ACP session/new within {} s",
+                            boot_timeout.as_secs()
+                        ))
+                    })??;
+                    let info = init
+                        .agent_info
+                        .as_ref()
+                        .and_then(|i| serde_json::to_value(i).ok());
+                    me.ready(
+                        generation,
+                        Live {
+                            cx: cx.clone(),
+                            session: session.session_id,
+                            caps: init.agent_capabilities.prompt_capabilities.clone(),
+                        },
+                        info,
+                    );
+                    cx.incoming_closed().await;
+                    Ok(())
+                },
+            )
+            .await;
+        if let Err(e) = result {
+            let starting = {
+                let s = self.status.borrow();
+                s.generation == generation && s.phase == Phase::Starting
+            };
+            if starting {
+                self.fail(generation, format!("the ACP handshake failed: {e}"), None, Vec::new());
+                let child = lock(&self.inner).child.clone();
+                if let Some(child) = child {
+                    child.stop(self.cfg.shutdown_grace).await;
+                }
+            }
+        }
+    }
+
+    fn ready(&self, generation: u64, live: Live, info: Option<Value>) {
+        {
+            let mut g = lock(&self.inner);
+            if g.generation != generation {
+                return;
+            }
+            g.live = Some(live);
+        }
+        self.status.send_if_modified(|s| {
+            if s.generation != generation || s.phase != Phase::Starting {
+                return false;
+            }
+            s.phase = Phase::Ready;
+            s.agent_info = info;
+            true
+        });
+        tracing::info!(generation, "agent ready");
+    }
+
+    fn current_sink(&self) -> Option<Arc<Sink>> {
+        lock(&self.inner).turn.as_ref().map(|t| t.sink.clone())
+    }
+
+    async fn on_update(&self, n: SessionNotification) {
+        let Some((kind, data)) = map::map_update(&n.update) else {
+            return;
+        };
+        if let Some(sink) = self.current_sink() {
+            sink.emit(kind, data).await;
+        }
+    }
+
+    async fn on_permission(
+        &self,
+        req: RequestPermissionRequest,
+        responder: Responder<RequestPermissionResponse>,
+    ) {
+        let request_id = format!("perm-{}", uuid::Uuid::new_v4().simple());
+        let data = map::input_required(&request_id, &req);
+        let sink = {
+            let mut g = lock(&self.inner);
+            match g.turn.as_ref().map(|t| (t.id.clone(), t.sink.clone())) {
+                Some((turn_id, sink)) => {
+                    g.inputs.insert(
+                        request_id,
+                        PendingInput {
+                            turn_id,
+                            responder,
+                            options: req.options,
+                        },
+                    );
+                    Some(sink)
+                }
+                None => {
+                    // Nobody could answer it: refuse rather than leave the agent waiting.
+                    let _ = responder.respond(RequestPermissionResponse::new(
+                        RequestPermissionOutcome::Cancelled,
+                    ));
+                    None
+                }
+            }
+        };
+        if let Some(sink) = sink {
+            sink.emit(EventType::InputRequired, data).await;
+        }
+    }
+
+    /// Waits until the agent is ready (starting it if it waits for a bind), or says why not.
+    async fn wait_ready(self: &Arc<Self>) -> Result<(), Problem> {
+        let mut rx = self.status.subscribe();
+        let deadline = tokio::time::Instant::now() + self.cfg.boot_timeout;
+        loop {
+            let phase = rx.borrow_and_update().clone();
+            match phase.phase {
+                Phase::Ready => return Ok(()),
+                Phase::Standby => self.start(),
+                Phase::Failed | Phase::Exited => return Err(failed_problem(&phase)),
+                Phase::Starting => {}
+            }
+            if self.shutdown.is_cancelled() {
+                return Err(shutting_down());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "agent_starting",
+                        format!(
+                            "the agent is still starting after {} s; retry later",
+                            self.cfg.boot_timeout.as_secs()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Starts a turn; returns its id and the receiving end of its events.
+    pub async fn start_turn(
+        self: &Arc<Self>,
+        req: TurnRequest,
+    ) -> Result<(String, TurnStream), Problem> {
+        req.validate()
+            .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_turn", m))?;
+        loop {
+            self.wait_ready().await?;
+            let (tx, rx) = mpsc::channel(TURN_EVENT_BUFFER);
+            let turn_id = req
+                .turn_id
+                .clone()
+                .unwrap_or_else(|| format!("turn-{}", uuid::Uuid::new_v4().simple()));
+            let cancel = CancellationToken::new();
+            let sink = Arc::new(Sink::new(turn_id.clone(), tx));
+            let (live, generation) = {
+                let mut g = lock(&self.inner);
+                if let Some(t) = &g.turn {
+                    return Err(Problem::new(
+                        StatusCode::CONFLICT,
+                        "turn_in_progress",
+                        format!(
+                            "turn {} is still running; wait for its `done` or cancel it with POST /v1/turns/cancel",
+                            t.id
+                        ),
+                    )
+                    .with("turn_id", t.id.clone()));
+                }
+                let Some(live) = g.live.clone() else {
+                    // Restarted or died between the wait and now: wait again.
+                    continue;
+                };
+                let blocks = prompt_blocks(&req.parts, &live.caps)
+                    .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported_part", m))?;
+                g.used = true;
+                g.turn = Some(ActiveTurn {
+                    id: turn_id.clone(),
+                    sink: sink.clone(),
+                    cancel: cancel.clone(),
+                });
+                ((live, blocks), g.generation)
+            };
+            let limit = req
+                .timeout_s
+                .map(Duration::from_secs)
+                .unwrap_or(self.cfg.turn_timeout)
+                .min(self.cfg.turn_timeout);
+            tracing::info!(turn_id = %turn_id, "turn started");
+            tokio::spawn(self.clone().drive_turn(
+                turn_id.clone(),
+                sink,
+                cancel.clone(),
+                live,
+                generation,
+                limit,
+            ));
+            return Ok((turn_id, TurnStream::new(rx, cancel)));
+        }
+    }
+
+    async fn drive_turn(
+        self: Arc<Self>,
+        turn_id: String,
+        sink: Arc<Sink>,
+        cancel: CancellationToken,
+        (live, blocks): (Live, Vec<ContentBlock>),
+        generation: u64,
+        limit: Duration,
+    ) {
+        let started = Instant::now();
+        let mut status_rx = self.status.subscribe();
+        sink.emit(EventType::StepStart, json!({})).await;
+        let response = live
+            .cx
+            .send_request(PromptRequest::new(live.session.clone(), blocks))
+            .block_task();
+        tokio::pin!(response);
+        let deadline = tokio::time::sleep(limit);
+        tokio::pin!(deadline);
+        let mut cancelling: Option<&'static str> = None;
+        let grace = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(grace);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                r = &mut response => break Outcome::Response(r),
+                () = &mut deadline, if cancelling.is_none() => {
+                    cancelling = Some(error_code::TIMEOUT);
+                    self.cancel_agent(&live, &turn_id);
+                    grace.as_mut().reset(tokio::time::Instant::now() + self.cfg.cancel_grace);
+                }
+                () = cancel.cancelled(), if cancelling.is_none() => {
+                    cancelling = Some(error_code::CANCELLED);
+                    self.cancel_agent(&live, &turn_id);
+                    grace.as_mut().reset(tokio::time::Instant::now() + self.cfg.cancel_grace);
+                }
+                () = &mut grace => break Outcome::GraceExpired,
+                () = self.shutdown.cancelled() => break Outcome::Shutdown,
+                s = status_rx.wait_for(|s| s.generation != generation || s.phase == Phase::Failed) => {
+                    match s {
+                        Ok(s) => break Outcome::AgentGone(s.clone()),
+                        Err(_) => break Outcome::Shutdown,
+                    }
+                }
+            }
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (kind, data) = match outcome {
+            Outcome::Response(Ok(resp)) if cancelling == Some(error_code::TIMEOUT) => {
+                let _ = resp;
+                timeout_error(limit)
+            }
+            Outcome::Response(Ok(resp)) => {
+                let stop = map::stop_reason(resp.stop_reason);
+                sink.emit(EventType::StepFinish, json!({ "stop_reason": stop }))
+                    .await;
+                (
+                    EventType::Done,
+                    json!({
+                        "stop_reason": stop,
+                        "usage": map::usage(&resp),
+                        "duration_ms": duration_ms,
+                    }),
+                )
+            }
+            Outcome::Response(Err(e)) => {
+                // A prompt that failed because the connection closed is the agent dying: wait
+                // briefly for the exit so the error says how it ended.
+                let gone = if live.cx.is_incoming_closed() {
+                    tokio::time::timeout(
+                        EXIT_REPORT_WAIT,
+                        status_rx.wait_for(|s| s.generation != generation || s.phase == Phase::Failed),
+                    )
+                    .await
+                    .ok()
+                    .and_then(|s| s.ok().map(|s| s.clone()))
+                } else {
+                    None
+                };
+                match gone {
+                    Some(s) => agent_gone_error(&s),
+                    None if cancelling == Some(error_code::CANCELLED) => cancelled_error(),
+                    None => (
+                        EventType::Error,
+                        json!({ "code": error_code::AGENT_ERROR, "message": format!("the agent failed the turn: {e}") }),
+                    ),
+                }
+            }
+            Outcome::GraceExpired => match cancelling {
+                Some(error_code::TIMEOUT) => timeout_error(limit),
+                _ => cancelled_error(),
+            },
+            Outcome::Shutdown => (
+                EventType::Error,
+                json!({ "code": error_code::SHUTDOWN, "message": "the harness server is shutting down" }),
+            ),
+            Outcome::AgentGone(s) => agent_gone_error(&s),
+        };
+        let mut data = data;
+        if kind == EventType::Error {
+            data["duration_ms"] = json!(duration_ms);
+        }
+        sink.emit(kind, data).await;
+        self.finish_turn(&turn_id);
+        tracing::info!(turn_id = %turn_id, duration_ms, outcome = kind.as_str(), "turn ended");
+    }
+
+    /// Asks the agent to stop the turn, and withdraws its open permission requests (ACP requires
+    /// the client to answer them with `cancelled`).
+    fn cancel_agent(&self, live: &Live, turn_id: &str) {
+        let _ = live
+            .cx
+            .send_notification(CancelNotification::new(live.session.clone()));
+        self.withdraw_inputs(turn_id);
+    }
+
+    fn withdraw_inputs(&self, turn_id: &str) {
+        let pending: Vec<PendingInput> = {
+            let mut g = lock(&self.inner);
+            let ids: Vec<String> = g
+                .inputs
+                .iter()
+                .filter(|(_, p)| p.turn_id == turn_id)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| g.inputs.remove(id)).collect()
+        };
+        for p in pending {
+            let _ = p.responder.respond(RequestPermissionResponse::new(
+                RequestPermissionOutcome::Cancelled,
+            ));
+        }
+    }
+
+    fn finish_turn(&self, turn_id: &str) {
+        self.withdraw_inputs(turn_id);
+        let mut g = lock(&self.inner);
+        if g.turn.as_ref().is_some_and(|t| t.id == turn_id) {
+            g.turn = None;
+        }
+    }
+
+    /// Cancels the running turn; its stream ends with `done` (stop_reason `cancelled`) or an
+    /// `error` with code `cancelled`.
+    pub fn cancel_turn(&self) -> Result<String, Problem> {
+        let g = lock(&self.inner);
+        match &g.turn {
+            Some(t) => {
+                t.cancel.cancel();
+                Ok(t.id.clone())
+            }
+            None => Err(Problem::new(
+                StatusCode::CONFLICT,
+                "no_turn_running",
+                "no turn is running, so there is nothing to cancel",
+            )),
+        }
+    }
+
+    /// Answers an `input_required` event. Nothing changes when the answer is refused.
+    pub fn answer_input(&self, request_id: &str, answer: &InputAnswer) -> Result<Value, Problem> {
+        let mut g = lock(&self.inner);
+        let Some(pending) = g.inputs.get(request_id) else {
+            return Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                "input_not_found",
+                format!(
+                    "no open input request {request_id:?}: it was answered, withdrawn, or never existed"
+                ),
+            ));
+        };
+        let option_id = choose_option(&pending.options, answer)
+            .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_answer", m))?;
+        let Some(pending) = g.inputs.remove(request_id) else {
+            return Err(Problem::new(StatusCode::NOT_FOUND, "input_not_found", "gone"));
+        };
+        drop(g);
+        pending
+            .responder
+            .respond(RequestPermissionResponse::new(
+                RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(
+                    option_id.clone(),
+                )),
+            ))
+            .map_err(|e| {
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "agent_unreachable",
+                    format!("the answer could not be delivered to the agent: {e}"),
+                )
+            })?;
+        Ok(json!({ "request_id": request_id, "option_id": option_id }))
+    }
+
+    /// Late binding: checks, writes files, and restarts the agent with the new env and cwd.
+    pub async fn bind(self: &Arc<Self>, checked: CheckedBind) -> Result<Health, Problem> {
+        let old = {
+            let mut g = lock(&self.inner);
+            if g.used || g.turn.is_some() {
+                return Err(already_used());
+            }
+            bind::write_files(&checked).map_err(|e| {
+                Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "bind_failed",
+                    format!("writing the bound files failed: {e}"),
+                )
+            })?;
+            g.env = checked.env;
+            g.cwd = checked.cwd;
+            g.bound = true;
+            // Supersede the running generation so its exit is not reported as a failure.
+            g.generation += 1;
+            g.live = None;
+            g.child.take()
+        };
+        if let Some(child) = old {
+            child.stop(self.cfg.shutdown_grace).await;
+        }
+        self.start();
+        tracing::info!(vars = lock(&self.inner).env.len(), "bound per-session values");
+        Ok(self.health())
+    }
+
+    /// Stops the agent's process group (SIGTERM, then SIGKILL after the grace period).
+    pub async fn stop(&self) {
+        let child = lock(&self.inner).child.clone();
+        if let Some(child) = child {
+            child.stop(self.cfg.shutdown_grace).await;
+        }
+    }
+}
+
+pub fn already_used() -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "already_used",
+        "this sandbox has already run a turn or had a terminal attached; bind only before first use",
+    )
+}
+
+pub fn shutting_down() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the harness server is shutting down",
+    )
+}
+
+fn failed_problem(s: &Status) -> Problem {
+    let mut p = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "agent_failed",
+        s.reason
+            .clone()
+            .unwrap_or_else(|| "the agent is not running".into()),
+    );
+    if let Some(exit) = s.exit {
+        p = p.with("exit", serde_json::to_value(exit).unwrap_or(Value::Null));
+    }
+    if !s.stderr_tail.is_empty() {
+        p = p.with("stderr_tail", s.stderr_tail.clone());
+    }
+    p
+}
+
+fn agent_gone_error(s: &Status) -> (EventType, Value) {
+    (
+        EventType::Error,
+        json!({
+            "code": error_code::AGENT_EXITED,
+            "message": s.reason.clone().unwrap_or_else(|| "the agent was restarted".into()),
+            "exit": s.exit,
+            "stderr_tail": s.stderr_tail,
+        }),
+    )
+}
+
+fn cancelled_error() -> (EventType, Value) {
+    (
+        EventType::Error,
+        json!({ "code": error_code::CANCELLED, "message": "the turn was cancelled" }),
+    )
+}
+
+fn timeout_error(limit: Duration) -> (EventType, Value) {
+    (
+        EventType::Error,
+        json!({
+            "code": error_code::TIMEOUT,
+            "message": format!("the turn ran past its {} s timeout and was cancelled", limit.as_secs()),
+        }),
+    )
+}
+
+/// Picks the agent's option that matches an answer. Pure; the message says what was offered.
+pub fn choose_option(options: &[PermissionOption], answer: &InputAnswer) -> Result<String, String> {
+    let offered = || {
+        options
+            .iter()
+            .map(|o| format!("{} ({})", o.option_id, map::wire_name(&o.kind)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (answer.decision, &answer.option_id) {
+        (Some(_), Some(_)) | (None, None) => Err(
+            "send exactly one of `decision` (approve_once, approve_session, deny) or `option_id`"
+                .into(),
+        ),
+        (None, Some(id)) => options
+            .iter()
+            .find(|o| o.option_id.to_string() == *id)
+            .map(|o| o.option_id.to_string())
+            .ok_or_else(|| format!("option {id:?} was not offered; offered: {}", offered())),
+        (Some(decision), None) => {
+            let kinds: &[PermissionOptionKind] = match decision {
+                Decision::ApproveOnce => &[PermissionOptionKind::AllowOnce, PermissionOptionKind::AllowAlways],
+                Decision::ApproveSession => &[PermissionOptionKind::AllowAlways],
+                Decision::Deny => &[PermissionOptionKind::RejectOnce, PermissionOptionKind::RejectAlways],
+            };
+            kinds
+                .iter()
+                .find_map(|k| options.iter().find(|o| o.kind == *k))
+                .map(|o| o.option_id.to_string())
+                .ok_or_else(|| {
+                    format!(
+                        "the agent offered no option for {decision:?}; offered: {}",
+                        offered()
+                    )
+                })
+        }
+    }
+}
+
+/// Converts message parts to ACP content blocks, within what the agent said it accepts.
+pub fn prompt_blocks(parts: &[Part], caps: &PromptCapabilities) -> Result<Vec<ContentBlock>, String> {
+    let mut blocks = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let block = match part {
+            Part::Text { text } => ContentBlock::Text(TextContent::new(text.clone())),
+            Part::Image { data: Some(data), mime_type, .. } => {
+                if !caps.image {
+                    return Err(format!("parts[{i}]: this agent does not accept images"));
+                }
+                ContentBlock::Image(ImageContent::new(
+                    data.clone(),
+                    mime_type.clone().unwrap_or_else(|| "image/png".into()),
+                ))
+            }
+            Part::Image { url: Some(url), mime_type, .. } => {
+                if !caps.image {
+                    return Err(format!("parts[{i}]: this agent does not accept images"));
+                }
+                ContentBlock::ResourceLink(ResourceLink::new("image", url.clone()).mime_type(mime_type.clone()))
+            }
+            Part::File { url: Some(url), name, mime_type, .. } => ContentBlock::ResourceLink(
+                ResourceLink::new(name.clone().unwrap_or_else(|| "file".into()), url.clone())
+                    .mime_type(mime_type.clone()),
+            ),
+            Part::File { text: Some(text), name, mime_type, .. } => {
+                let name = name.clone().unwrap_or_else(|| "attachment.txt".into());
+                if caps.embedded_context {
+                    ContentBlock::Resource(EmbeddedResource::new(
+                        EmbeddedResourceResource::TextResourceContents(
+                            TextResourceContents::new(text.clone(), format!("file:///{name}"))
+                                .mime_type(mime_type.clone()),
+                        ),
+                    ))
+                } else {
+                    ContentBlock::Text(TextContent::new(format!("File {name}:\n{text}")))
+                }
+            }
+            Part::File { data: Some(data), name, mime_type, .. } => {
+                if !caps.embedded_context {
+                    return Err(format!(
+                        "parts[{i}]: this agent does not accept binary files; send the file as `text` or by `url`"
+                    ));
+                }
+                let name = name.clone().unwrap_or_else(|| "attachment.bin".into());
+                ContentBlock::Resource(EmbeddedResource::new(
+                    EmbeddedResourceResource::BlobResourceContents(
+                        BlobResourceContents::new(data.clone(), format!("file:///{name}"))
+                            .mime_type(mime_type.clone()),
+                    ),
+                ))
+            }
+            _ => return Err(format!("parts[{i}] has no content")),
+        };
+        blocks.push(block);
+    }
+    Ok(blocks)
+}
+
+/// A turn's events as a stream. Dropped before the end (the client went away), it cancels the
+/// turn so the agent does not keep working for nobody.
+pub struct TurnStream {
+    rx: mpsc::Receiver<TurnEvent>,
+    cancel: CancellationToken,
+    ended: bool,
+}
+
+impl TurnStream {
+    fn new(rx: mpsc::Receiver<TurnEvent>, cancel: CancellationToken) -> Self {
+        TurnStream {
+            rx,
+            cancel,
+            ended: false,
+        }
+    }
+}
+
+impl futures::Stream for TurnStream {
+    type Item = TurnEvent;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<TurnEvent>> {
+        let polled = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(event)) = &polled
+            && event.kind.is_terminal()
+        {
+            self.ended = true;
+        }
+        if let std::task::Poll::Ready(None) = &polled {
+            self.ended = true;
+        }
+        polled
+    }
+}
+
+impl Drop for TurnStream {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.cancel.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> Vec<PermissionOption> {
+        vec![
+            PermissionOption::new("yes", "Allow", PermissionOptionKind::AllowOnce),
+            PermissionOption::new("always", "Always", PermissionOptionKind::AllowAlways),
+            PermissionOption::new("no", "Deny", PermissionOptionKind::RejectOnce),
+        ]
+    }
+
+    fn answer(decision: Option<Decision>, option_id: Option<&str>) -> InputAnswer {
+        InputAnswer {
+            decision,
+            option_id: option_id.map(String::from),
+        }
+    }
+
+    #[test]
+    fn decisions_pick_options_by_kind() {
+        let o = options();
+        assert_eq!(choose_option(&o, &answer(Some(Decision::ApproveOnce), None)), Ok("yes".into()));
+        assert_eq!(choose_option(&o, &answer(Some(Decision::ApproveSession), None)), Ok("always".into()));
+        assert_eq!(choose_option(&o, &answer(Some(Decision::Deny), None)), Ok("no".into()));
+        assert_eq!(choose_option(&o, &answer(None, Some("no"))), Ok("no".into()));
+    }
+
+    #[test]
+    fn bad_answers_say_what_was_offered() {
+        let o = options();
+        let e = choose_option(&o, &answer(None, Some("maybe"))).unwrap_err();
+        assert!(e.contains("yes (allow_once)"), "{e}");
+        assert!(choose_option(&o, &answer(None, None)).is_err());
+        let only_once = vec![PermissionOption::new("y", "Allow", PermissionOptionKind::AllowOnce)];
+        assert!(choose_option(&only_once, &answer(Some(Decision::ApproveSession), None)).is_err());
+    }
+
+    #[test]
+    fn parts_respect_agent_capabilities() {
+        let image = vec![Part::Image {
+            data: Some("aGk=".into()),
+            url: None,
+            mime_type: Some("image/png".into()),
+        }];
+        assert!(prompt_blocks(&image, &PromptCapabilities::new()).is_err());
+        assert!(prompt_blocks(&image, &PromptCapabilities::new().image(true)).is_ok());
+        let file = vec![Part::File {
+            name: Some("a.txt".into()),
+            text: Some("body".into()),
+            data: None,
+            url: None,
+            mime_type: None,
+        }];
+        let blocks = prompt_blocks(&file, &PromptCapabilities::new()).expect("text fallback");
+        assert!(matches!(&blocks[0], ContentBlock::Text(t) if t.text.contains("body")));
+    }
+}

@@ -1,0 +1,140 @@
+//! `sandwarden harness`: the small server inside every sandbox.
+//!
+//! It drives one agent over ACP (api kind) or one program under a PTY (tui kind) and exposes both
+//! behind a bearer token. It depends only on the shared vocabulary (`event`, `problem`), never on
+//! the orchestrator.
+
+pub mod acp;
+pub mod bind;
+pub mod map;
+pub mod process;
+pub mod pty;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Api,
+    Tui,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Start the agent with the server.
+    Boot,
+    /// Start it at `POST /v1/bind` (or at the first turn/attach if no bind comes).
+    Bind,
+}
+
+/// Everything the harness server needs, checked by the CLI layer.
+#[derive(Clone)]
+pub struct HarnessConfig {
+    pub listen: SocketAddr,
+    pub token: String,
+    pub kind: Kind,
+    pub argv: Vec<String>,
+    pub workdir: PathBuf,
+    pub start: StartMode,
+    pub turn_timeout: Duration,
+    pub boot_timeout: Duration,
+    pub cancel_grace: Duration,
+    pub max_request_bytes: usize,
+    pub replay_bytes: usize,
+    pub tty_size: (u16, u16),
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for HarnessConfig {
+    // The token is a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HarnessConfig")
+            .field("listen", &self.listen)
+            .field("kind", &self.kind)
+            .field("argv", &self.argv)
+            .field("workdir", &self.workdir)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The one driver this server runs.
+#[derive(Clone)]
+pub enum Driver {
+    Api(Arc<acp::ApiAgent>),
+    Tui(Arc<pty::Terminal>),
+}
+
+impl Driver {
+    async fn stop(&self) {
+        match self {
+            Driver::Api(a) => a.stop().await,
+            Driver::Tui(t) => t.stop().await,
+        }
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT; a second signal exits at once.
+pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    // One machine-readable line on stdout, so whoever started us learns the port.
+    println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+    tracing::info!(%addr, kind = ?cfg.kind, "harness server listening");
+
+    let shutdown = CancellationToken::new();
+    let cfg = Arc::new(cfg);
+    let driver = match cfg.kind {
+        Kind::Api => Driver::Api(acp::ApiAgent::new(cfg.clone(), shutdown.clone())),
+        Kind::Tui => Driver::Tui(pty::Terminal::new(cfg.clone(), shutdown.clone())),
+    };
+    let app = routes::router(cfg.clone(), driver.clone());
+
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal_token.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+
+    let stopping = shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        stopping.cancelled().await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    driver.stop().await;
+    // Turns end and viewers are closed by the shutdown token; give the responses a moment.
+    match tokio::time::timeout(Duration::from_secs(3), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
+        Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only wait forever; the process is killed from outside.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,169 @@
+//! Child processes of the harness server: command lines, environment, process groups, stderr.
+//!
+//! Knows nothing about ACP or PTYs; it starts, watches and stops processes.
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::watch;
+
+/// How many stderr lines a failed agent reports, and how long each may be.
+const STDERR_TAIL_LINES: usize = 40;
+const STDERR_LINE_MAX: usize = 400;
+
+/// Splits a command line the way a POSIX shell would (quotes, escapes), without running a shell.
+/// The program `sandwarden` means this very binary, so `sandwarden echo-agent` works uninstalled.
+pub fn parse_command_line(line: &str) -> anyhow::Result<Vec<String>> {
+    let mut argv = shell_words::split(line)
+        .map_err(|e| anyhow::anyhow!("cannot parse the command line {line:?}: {e}"))?;
+    anyhow::ensure!(!argv.is_empty(), "the command line is empty");
+    if argv[0] == "sandwarden"
+        && let Ok(me) = std::env::current_exe()
+    {
+        argv[0] = me.display().to_string();
+    }
+    Ok(argv)
+}
+
+/// The environment a child starts with: ours, minus every `SANDWARDEN_*` variable (the bearer
+/// token must never reach the agent), plus the per-session values bound at claim time.
+pub fn child_env(bound: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| !k.starts_with("SANDWARDEN_"))
+        .collect();
+    env.extend(bound.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.into_iter().collect()
+}
+
+/// The last lines a process wrote to stderr, kept in a bounded buffer.
+#[derive(Clone, Default)]
+pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+
+impl StderrTail {
+    /// Reads `stream` to its end, keeping the last lines. Returns when the stream closes.
+    pub async fn collect(self, stream: impl AsyncRead + Unpin) {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut line = line;
+            if line.len() > STDERR_LINE_MAX {
+                let mut cut = STDERR_LINE_MAX;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.truncate(cut);
+                line.push('…');
+            }
+            let mut tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if tail.len() == STDERR_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A running child that leads its own process group, so stopping it stops what it started.
+#[derive(Clone)]
+pub struct GroupHandle {
+    pub pid: i32,
+    exited: watch::Receiver<bool>,
+}
+
+impl GroupHandle {
+    /// `exited` must turn true once the child has been reaped.
+    pub fn new(pid: i32, exited: watch::Receiver<bool>) -> Self {
+        GroupHandle { pid, exited }
+    }
+
+    fn signal(&self, signal: Signal) {
+        // ESRCH (already gone) is the expected outcome of a race with exit; nothing to do.
+        let _ = killpg(Pid::from_raw(self.pid), signal);
+    }
+
+    async fn wait_exit(&self, within: Duration) -> bool {
+        let mut exited = self.exited.clone();
+        tokio::time::timeout(within, exited.wait_for(|e| *e))
+            .await
+            .is_ok()
+    }
+
+    /// SIGTERM to the group, then SIGKILL after `grace`. Returns once the child is reaped
+    /// (or after a further second if even SIGKILL did not reap it).
+    pub async fn stop(&self, grace: Duration) {
+        if *self.exited.borrow() {
+            self.signal(Signal::SIGKILL); // stray grandchildren
+            return;
+        }
+        self.signal(Signal::SIGTERM);
+        if !self.wait_exit(grace).await {
+            self.signal(Signal::SIGKILL);
+            self.wait_exit(Duration::from_secs(1)).await;
+        }
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+/// Resolves `cwd` (relative to `base`) for a bound session; it must exist.
+pub fn resolve_dir(base: &std::path::Path, cwd: Option<&str>) -> Result<PathBuf, String> {
+    let dir = match cwd {
+        None => return Ok(base.to_path_buf()),
+        Some(c) if std::path::Path::new(c).is_absolute() => PathBuf::from(c),
+        Some(c) => base.join(c),
+    };
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "`cwd` {} is not a directory in the sandbox; create it with `files` or pick another",
+            dir.display()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_quotes_and_resolves_self() {
+        let argv = parse_command_line(r#"opencode acp --title "two words""#).expect("parses");
+        assert_eq!(argv, vec!["opencode", "acp", "--title", "two words"]);
+        let me = parse_command_line("sandwarden echo-agent").expect("parses");
+        assert_ne!(me[0], "sandwarden");
+        assert_eq!(me[1], "echo-agent");
+        assert!(parse_command_line("").is_err());
+        assert!(parse_command_line("bash -c 'unterminated").is_err());
+    }
+
+    #[test]
+    fn child_env_drops_our_variables_and_adds_bound_ones() {
+        // Our own test process may not have SANDWARDEN_TOKEN set; the filter is what matters.
+        let bound: BTreeMap<String, String> = [("SECRET".into(), "v".into())].into();
+        let env = child_env(&bound);
+        assert!(env.iter().all(|(k, _)| !k.starts_with("SANDWARDEN_")));
+        assert!(env.contains(&("SECRET".to_string(), "v".to_string())));
+    }
+
+    #[tokio::test]
+    async fn stderr_tail_keeps_the_last_lines() {
+        let input: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let tail = StderrTail::default();
+        tail.clone().collect(input.as_bytes()).await;
+        let lines = tail.lines();
+        assert_eq!(lines.len(), STDERR_TAIL_LINES);
+        assert_eq!(lines.last().map(String::as_str), Some("line 99"));
+    }
+}

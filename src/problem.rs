@@ -1,0 +1,84 @@
+//! The one error shape every HTTP surface returns: RFC 9457 problem+json with a stable `type`.
+//!
+//! Shared vocabulary, like `event`: data and rendering only, no knowledge of who failed.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+/// A problem document. `type` is a stable, machine-readable code (`turn_in_progress`); `detail`
+/// tells a person how to fix the request (4xx) or what failed on our side (5xx).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// Extra machine-readable fields (`turn_id`, `tty_url`, …), flattened into the document.
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, kind: &str, detail: impl Into<String>) -> Self {
+        Problem {
+            kind: kind.to_string(),
+            title: status.canonical_reason().unwrap_or("error").to_string(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// Adds a machine-readable field next to the standard ones.
+    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extra.insert(key.to_string(), value.into());
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for Problem {
+    fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        use axum::extract::rejection::JsonRejection as J;
+        let (kind, hint) = match &rejection {
+            J::JsonSyntaxError(_) => ("invalid_json", "the body is not valid JSON"),
+            J::JsonDataError(_) => ("invalid_body", "the JSON does not match what this route takes"),
+            J::MissingJsonContentType(_) => {
+                ("unsupported_media_type", "send the header `Content-Type: application/json`")
+            }
+            _ => ("invalid_body", "the body could not be read"),
+        };
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return Problem::new(
+                status,
+                "body_too_large",
+                "the request body is larger than this server accepts; send less (e.g. smaller or fewer images)",
+            );
+        }
+        Problem::new(status, kind, format!("{hint}: {}", rejection.body_text()))
+    }
+}
