@@ -7,4 +7,5 @@ pub mod cli;
 pub mod echo_agent;
 pub mod event;
 pub mod harness;
+pub mod harness_client;
 pub mod problem;

@@ -6,6 +6,7 @@ use super::{Driver, HarnessConfig};
 use crate::event::{BindRequest, InputAnswer, Phase, TurnRequest, validate_id};
 use crate::problem::Problem;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -186,10 +187,20 @@ async fn bind(
     Ok(Json(health).into_response())
 }
 
-async fn tty(State(state): State<AppState>, ws: WebSocketUpgrade) -> Result<Response, Problem> {
+async fn tty(
+    State(state): State<AppState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, Problem> {
     let Driver::Tui(term) = &state.driver else {
         return Err(wrong_kind("GET /v1/tty", "api"));
     };
+    let ws = ws.map_err(|e| {
+        Problem::new(
+            e.status(),
+            "websocket_required",
+            format!("GET /v1/tty is a WebSocket; connect with a WebSocket client ({})", e.body_text()),
+        )
+    })?;
     term.ready_for_attach().await?;
     let term = term.clone();
     Ok(ws

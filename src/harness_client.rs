@@ -1,0 +1,191 @@
+//! A client for the harness server's contract: health, turns as an event stream, cancel, inputs,
+//! bind, and the terminal WebSocket request. Used by the orchestrator, the benchmarks and tests.
+//!
+//! It knows the wire format only (`event`, `problem`); nothing of who runs the sandbox.
+
+use crate::event::{BindRequest, Health, InputAnswer, TurnEvent, TurnRequest};
+use crate::problem::Problem;
+use futures::{Stream, StreamExt};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The TCP connection could not be made (refused, unreachable, timed out): the sandbox is
+    /// likely gone.
+    #[error("cannot connect to the harness at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The harness answered with a problem document.
+    #[error("the harness refused the request: {} ({})", .0.detail, .0.kind)]
+    Refused(Problem),
+    /// Anything else on a live connection (bad body, stream cut).
+    #[error("talking to the harness failed")]
+    Transport(#[source] reqwest::Error),
+    #[error("the harness sent an event that is not valid JSON")]
+    BadEvent(#[source] serde_json::Error),
+    #[error("the harness event stream broke: {0}")]
+    Stream(String),
+}
+
+impl ClientError {
+    /// True when the harness could not be reached at all (the case that marks a session dead).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, ClientError::Connect { .. })
+    }
+}
+
+#[derive(Clone)]
+pub struct HarnessClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl HarnessClient {
+    /// `base` is `http://host:port`.
+    pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_default();
+        HarnessClient {
+            base: base.into().trim_end_matches('/').to_string(),
+            token: token.into(),
+            http,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    ClientError::Connect {
+                        url: url.to_string(),
+                        source: e,
+                    }
+                } else {
+                    ClientError::Transport(e)
+                }
+            })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(ClientError::Transport)?;
+        Err(ClientError::Refused(serde_json::from_slice(&body).unwrap_or_else(|_| {
+            Problem::new(status, "unexpected_response", String::from_utf8_lossy(&body))
+        })))
+    }
+
+    /// Health; a `503` with a health body (starting, failed) is returned as a value, not an error.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        let url = self.url("/healthz");
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    ClientError::Connect {
+                        url: url.clone(),
+                        source: e,
+                    }
+                } else {
+                    ClientError::Transport(e)
+                }
+            })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(ClientError::Transport)?;
+        serde_json::from_slice::<Health>(&body).map_err(|_| {
+            ClientError::Refused(serde_json::from_slice(&body).unwrap_or_else(|_| {
+                Problem::new(status, "unexpected_response", String::from_utf8_lossy(&body))
+            }))
+        })
+    }
+
+    /// Starts a turn and returns its events as they arrive; the stream ends after `done`/`error`.
+    pub async fn turn(
+        &self,
+        req: &TurnRequest,
+    ) -> Result<impl Stream<Item = Result<TurnEvent, ClientError>> + Send + 'static, ClientError> {
+        use eventsource_stream::Eventsource;
+        let url = self.url("/v1/turns");
+        let resp = self.send(self.http.post(&url).json(req), &url).await?;
+        Ok(resp.bytes_stream().eventsource().map(|item| match item {
+            Ok(event) => serde_json::from_str::<TurnEvent>(&event.data).map_err(ClientError::BadEvent),
+            Err(e) => Err(ClientError::Stream(e.to_string())),
+        }))
+    }
+
+    /// Runs a turn to its end and returns every event.
+    pub async fn turn_to_end(&self, req: &TurnRequest) -> Result<Vec<TurnEvent>, ClientError> {
+        let stream = self.turn(req).await?;
+        futures::pin_mut!(stream);
+        let mut events = Vec::new();
+        while let Some(event) = stream.next().await {
+            let event = event?;
+            let last = event.kind.is_terminal();
+            events.push(event);
+            if last {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    pub async fn cancel(&self) -> Result<serde_json::Value, ClientError> {
+        let url = self.url("/v1/turns/cancel");
+        let resp = self.send(self.http.post(&url), &url).await?;
+        resp.json().await.map_err(ClientError::Transport)
+    }
+
+    pub async fn answer(
+        &self,
+        request_id: &str,
+        answer: &InputAnswer,
+    ) -> Result<serde_json::Value, ClientError> {
+        let url = self.url(&format!("/v1/inputs/{request_id}"));
+        let resp = self.send(self.http.post(&url).json(answer), &url).await?;
+        resp.json().await.map_err(ClientError::Transport)
+    }
+
+    pub async fn bind(&self, req: &BindRequest) -> Result<Health, ClientError> {
+        let url = self.url("/v1/bind");
+        let resp = self.send(self.http.post(&url).json(req), &url).await?;
+        resp.json().await.map_err(ClientError::Transport)
+    }
+
+    /// A WebSocket handshake request for `GET /v1/tty`, carrying the token.
+    pub fn tty_request(
+        &self,
+    ) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, tokio_tungstenite::tungstenite::Error>
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let ws_base = self.base.replacen("http", "ws", 1);
+        let mut req = format!("{ws_base}/v1/tty").into_client_request()?;
+        let value = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| tokio_tungstenite::tungstenite::Error::Url(
+                tokio_tungstenite::tungstenite::error::UrlError::NoHostName,
+            ))?;
+        req.headers_mut().insert("authorization", value);
+        Ok(req)
+    }
+}
