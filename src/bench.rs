@@ -1,4 +1,6 @@
 //! placeholder replaced below
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {}
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> { Ok(()) }
+pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
+    Ok(())
+}

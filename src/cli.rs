@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "sandwarden", version, about = "Run AI coding agents in sandboxes behind one API")]
+#[command(
+    name = "sandwarden",
+    version,
+    about = "Run AI coding agents in sandboxes behind one API"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -20,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The server inside a sandbox: drives one agent over ACP (api) or one program under a PTY (tui).
-    Harness(HarnessArgs),
+    Harness(Box<HarnessArgs>),
     /// A deterministic ACP agent over stdio, for tests and for trying sandwarden without a model key.
     EchoAgent,
     /// Measure the harness server (start time, memory, PTY latency and throughput).
@@ -167,7 +171,8 @@ fn parse_size(s: &str) -> anyhow::Result<(u16, u16)> {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SANDWARDEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("SANDWARDEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr: stdout carries machine-readable output (the harness's listen line).
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -20,6 +20,7 @@
 
 use agent_client_protocol::schema::ProtocolVersion;
 use agent_client_protocol::v1::ConnectionTo;
+use agent_client_protocol::v1::schema::Implementation;
 use agent_client_protocol::v1::schema::{
     AgentCapabilities, CancelNotification, ContentBlock, ContentChunk, InitializeRequest,
     InitializeResponse, NewSessionRequest, NewSessionResponse, PermissionOption,
@@ -28,7 +29,6 @@ use agent_client_protocol::v1::schema::{
     StopReason, TextContent, ToolCall, ToolCallContent, ToolCallStatus, ToolCallUpdate,
     ToolCallUpdateFields, ToolKind, Usage,
 };
-use agent_client_protocol::v1::schema::Implementation;
 use agent_client_protocol::{Agent, ByteStreams, Client};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,7 +81,11 @@ impl Script {
                 match n.parse::<u32>() {
                     Ok(chunks) => Script::Slow {
                         chunks: chunks.clamp(1, 10_000),
-                        text: if text.is_empty() { "tick".into() } else { text.into() },
+                        text: if text.is_empty() {
+                            "tick".into()
+                        } else {
+                            text.into()
+                        },
                     },
                     Err(_) => Script::Slow {
                         chunks: 50,
@@ -323,14 +327,20 @@ async fn prompt(
                 RequestPermissionOutcome::Selected(chosen) => {
                     let id = chosen.option_id.to_string();
                     if id.starts_with("allow") {
-                        (ToolCallStatus::Completed, format!("permission granted ({id})"))
+                        (
+                            ToolCallStatus::Completed,
+                            format!("permission granted ({id})"),
+                        )
                     } else {
                         (ToolCallStatus::Failed, format!("permission denied ({id})"))
                     }
                 }
                 _ => {
                     stop = StopReason::Cancelled;
-                    (ToolCallStatus::Failed, "permission request cancelled".to_string())
+                    (
+                        ToolCallStatus::Failed,
+                        "permission request cancelled".to_string(),
+                    )
                 }
             };
             send(
@@ -373,7 +383,8 @@ async fn prompt(
                 .unwrap_or_default()
         }
         Script::Cat(path) => {
-            reply = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?
+            reply =
+                std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?
         }
     }
     if images > 0 {
@@ -395,7 +406,10 @@ mod tests {
 
     #[test]
     fn plain_text_echoes() {
-        assert_eq!(Script::parse(" hello there "), Script::Echo("hello there".into()));
+        assert_eq!(
+            Script::parse(" hello there "),
+            Script::Echo("hello there".into())
+        );
     }
 
     #[test]

@@ -155,7 +155,9 @@ impl TurnRequest {
                         ));
                     }
                 }
-                Part::File { text, data, url, .. } => {
+                Part::File {
+                    text, data, url, ..
+                } => {
                     let given = [text.is_some(), data.is_some(), url.is_some()];
                     if given.iter().filter(|g| **g).count() != 1 {
                         return Err(format!(
@@ -362,22 +364,29 @@ mod tests {
 
     #[test]
     fn rejects_empty_parts_and_blank_text() {
-        assert!(turn(r#"{"parts":[]}"#).validate().unwrap_err().contains("empty"));
+        assert!(
+            turn(r#"{"parts":[]}"#)
+                .validate()
+                .expect_err("should be refused")
+                .contains("empty")
+        );
         assert!(
             turn(r#"{"parts":[{"type":"text","text":"  "}]}"#)
                 .validate()
-                .unwrap_err()
+                .expect_err("should be refused")
                 .contains("parts[0]")
         );
     }
 
     #[test]
     fn rejects_image_without_a_source_or_type() {
-        let e = turn(r#"{"parts":[{"type":"image"}]}"#).validate().unwrap_err();
+        let e = turn(r#"{"parts":[{"type":"image"}]}"#)
+            .validate()
+            .expect_err("should be refused");
         assert!(e.contains("exactly one of"), "{e}");
         let e = turn(r#"{"parts":[{"type":"image","data":"aGk="}]}"#)
             .validate()
-            .unwrap_err();
+            .expect_err("should be refused");
         assert!(e.contains("mime_type"), "{e}");
     }
 
@@ -385,7 +394,7 @@ mod tests {
     fn rejects_bad_turn_ids() {
         let e = turn(r#"{"turn_id":"a b","parts":[{"type":"text","text":"x"}]}"#)
             .validate()
-            .unwrap_err();
+            .expect_err("should be refused");
         assert!(e.contains("turn_id"), "{e}");
     }
 
@@ -396,14 +405,23 @@ mod tests {
             ..Default::default()
         };
         let shown = format!("{b:?}");
-        assert!(shown.contains("API_KEY") && !shown.contains("sk-secret"), "{shown}");
+        assert!(
+            shown.contains("API_KEY") && !shown.contains("sk-secret"),
+            "{shown}"
+        );
     }
 
     #[test]
     fn control_frames_round_trip() {
         let c: Control = serde_json::from_str(r#"{"type":"resize","cols":120,"rows":40}"#)
             .expect("resize parses");
-        assert_eq!(c, Control::Resize { cols: 120, rows: 40 });
+        assert_eq!(
+            c,
+            Control::Resize {
+                cols: 120,
+                rows: 40
+            }
+        );
         let exit = serde_json::to_string(&Control::Exit {
             code: Some(0),
             signal: None,

@@ -67,29 +67,35 @@ impl HarnessClient {
         format!("{}{path}", self.base)
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    ClientError::Connect {
-                        url: url.to_string(),
-                        source: e,
-                    }
-                } else {
-                    ClientError::Transport(e)
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
+            if e.is_connect() {
+                ClientError::Connect {
+                    url: url.to_string(),
+                    source: e,
                 }
-            })?;
+            } else {
+                ClientError::Transport(e)
+            }
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
         let body = resp.bytes().await.map_err(ClientError::Transport)?;
-        Err(ClientError::Refused(serde_json::from_slice(&body).unwrap_or_else(|_| {
-            Problem::new(status, "unexpected_response", String::from_utf8_lossy(&body))
-        })))
+        Err(ClientError::Refused(
+            serde_json::from_slice(&body).unwrap_or_else(|_| {
+                Problem::new(
+                    status,
+                    "unexpected_response",
+                    String::from_utf8_lossy(&body),
+                )
+            }),
+        ))
     }
 
     /// Health; a `503` with a health body (starting, failed) is returned as a value, not an error.
@@ -115,7 +121,11 @@ impl HarnessClient {
         let body = resp.bytes().await.map_err(ClientError::Transport)?;
         serde_json::from_slice::<Health>(&body).map_err(|_| {
             ClientError::Refused(serde_json::from_slice(&body).unwrap_or_else(|_| {
-                Problem::new(status, "unexpected_response", String::from_utf8_lossy(&body))
+                Problem::new(
+                    status,
+                    "unexpected_response",
+                    String::from_utf8_lossy(&body),
+                )
             }))
         })
     }
@@ -124,12 +134,15 @@ impl HarnessClient {
     pub async fn turn(
         &self,
         req: &TurnRequest,
-    ) -> Result<impl Stream<Item = Result<TurnEvent, ClientError>> + Send + 'static, ClientError> {
+    ) -> Result<impl Stream<Item = Result<TurnEvent, ClientError>> + Send + 'static, ClientError>
+    {
         use eventsource_stream::Eventsource;
         let url = self.url("/v1/turns");
         let resp = self.send(self.http.post(&url).json(req), &url).await?;
         Ok(resp.bytes_stream().eventsource().map(|item| match item {
-            Ok(event) => serde_json::from_str::<TurnEvent>(&event.data).map_err(ClientError::BadEvent),
+            Ok(event) => {
+                serde_json::from_str::<TurnEvent>(&event.data).map_err(ClientError::BadEvent)
+            }
             Err(e) => Err(ClientError::Stream(e.to_string())),
         }))
     }
@@ -175,16 +188,18 @@ impl HarnessClient {
     /// A WebSocket handshake request for `GET /v1/tty`, carrying the token.
     pub fn tty_request(
         &self,
-    ) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, tokio_tungstenite::tungstenite::Error>
-    {
+    ) -> Result<
+        tokio_tungstenite::tungstenite::handshake::client::Request,
+        tokio_tungstenite::tungstenite::Error,
+    > {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let ws_base = self.base.replacen("http", "ws", 1);
         let mut req = format!("{ws_base}/v1/tty").into_client_request()?;
-        let value = format!("Bearer {}", self.token)
-            .parse()
-            .map_err(|_| tokio_tungstenite::tungstenite::Error::Url(
+        let value = format!("Bearer {}", self.token).parse().map_err(|_| {
+            tokio_tungstenite::tungstenite::Error::Url(
                 tokio_tungstenite::tungstenite::error::UrlError::NoHostName,
-            ))?;
+            )
+        })?;
         req.headers_mut().insert("authorization", value);
         Ok(req)
     }

@@ -6,10 +6,22 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-/// A problem document. `type` is a stable, machine-readable code (`turn_in_progress`); `detail`
-/// tells a person how to fix the request (4xx) or what failed on our side (5xx).
+/// A problem document (boxed: it travels in `Result`s on every path and should stay small there).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Problem {
+#[serde(transparent)]
+pub struct Problem(Box<ProblemDoc>);
+
+impl std::ops::Deref for Problem {
+    type Target = ProblemDoc;
+    fn deref(&self) -> &ProblemDoc {
+        &self.0
+    }
+}
+
+/// `type` is a stable, machine-readable code (`turn_in_progress`); `detail` tells a person how to
+/// fix the request (4xx) or what failed on our side (5xx).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProblemDoc {
     #[serde(rename = "type")]
     pub kind: String,
     pub title: String,
@@ -22,18 +34,18 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(status: StatusCode, kind: &str, detail: impl Into<String>) -> Self {
-        Problem {
+        Problem(Box::new(ProblemDoc {
             kind: kind.to_string(),
             title: status.canonical_reason().unwrap_or("error").to_string(),
             status: status.as_u16(),
             detail: detail.into(),
             extra: serde_json::Map::new(),
-        }
+        }))
     }
 
     /// Adds a machine-readable field next to the standard ones.
     pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
-        self.extra.insert(key.to_string(), value.into());
+        self.0.extra.insert(key.to_string(), value.into());
         self
     }
 
@@ -65,10 +77,14 @@ impl From<axum::extract::rejection::JsonRejection> for Problem {
         use axum::extract::rejection::JsonRejection as J;
         let (kind, hint) = match &rejection {
             J::JsonSyntaxError(_) => ("invalid_json", "the body is not valid JSON"),
-            J::JsonDataError(_) => ("invalid_body", "the JSON does not match what this route takes"),
-            J::MissingJsonContentType(_) => {
-                ("unsupported_media_type", "send the header `Content-Type: application/json`")
-            }
+            J::JsonDataError(_) => (
+                "invalid_body",
+                "the JSON does not match what this route takes",
+            ),
+            J::MissingJsonContentType(_) => (
+                "unsupported_media_type",
+                "send the header `Content-Type: application/json`",
+            ),
             _ => ("invalid_body", "the body could not be read"),
         };
         let status = rejection.status();

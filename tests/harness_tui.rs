@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const BASH: &str = "bash --noprofile --norc";
 
@@ -33,7 +34,11 @@ struct Seen {
 }
 
 async fn read_until(ws: &mut Ws, needle: &str) -> Seen {
-    let mut seen = Seen { output: String::new(), controls: Vec::new(), close: None };
+    let mut seen = Seen {
+        output: String::new(),
+        controls: Vec::new(),
+        close: None,
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !seen.output.contains(needle) {
         let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
@@ -43,7 +48,9 @@ async fn read_until(ws: &mut Ws, needle: &str) -> Seen {
         };
         match msg {
             Message::Binary(b) => seen.output.push_str(&String::from_utf8_lossy(&b)),
-            Message::Text(t) => seen.controls.push(serde_json::from_str(&t).expect("control json")),
+            Message::Text(t) => seen
+                .controls
+                .push(serde_json::from_str(&t).expect("control json")),
             Message::Close(frame) => {
                 seen.close = frame.map(|f| (f.code, f.reason.to_string()));
                 break;
@@ -70,7 +77,11 @@ async fn typed_input_reaches_the_program_and_its_output_comes_back() {
 async fn resize_is_seen_by_the_program() {
     let h = Harness::tui(BASH, &[]);
     let mut ws = attach(&h).await;
-    ws.send(Message::Text(r#"{"type":"resize","cols":133,"rows":37}"#.into())).await.expect("resize");
+    ws.send(Message::Text(
+        r#"{"type":"resize","cols":133,"rows":37}"#.into(),
+    ))
+    .await
+    .expect("resize");
     type_line(&mut ws, "stty size").await;
     read_until(&mut ws, "37 133").await;
 }
@@ -79,14 +90,31 @@ async fn resize_is_seen_by_the_program() {
 async fn control_frames_ping_and_errors() {
     let h = Harness::tui(BASH, &[]);
     let mut ws = attach(&h).await;
-    ws.send(Message::Text(r#"{"type":"ping"}"#.into())).await.expect("ping");
-    ws.send(Message::Text("not json".into())).await.expect("junk");
-    ws.send(Message::Text(r#"{"type":"resize","cols":0,"rows":5}"#.into())).await.expect("bad size");
+    ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .expect("ping");
+    ws.send(Message::Text("not json".into()))
+        .await
+        .expect("junk");
+    ws.send(Message::Text(
+        r#"{"type":"resize","cols":0,"rows":5}"#.into(),
+    ))
+    .await
+    .expect("bad size");
     type_line(&mut ws, "echo still-$((1+1))").await;
     let seen = read_until(&mut ws, "still-2").await;
-    let types: Vec<&str> = seen.controls.iter().filter_map(|c| c["type"].as_str()).collect();
+    let types: Vec<&str> = seen
+        .controls
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect();
     assert_eq!(types, vec!["pong", "error", "error"], "{:?}", seen.controls);
-    assert!(seen.controls[1]["message"].as_str().unwrap_or("").contains("binary frames"));
+    assert!(
+        seen.controls[1]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("binary frames")
+    );
 }
 
 #[tokio::test]
@@ -100,7 +128,10 @@ async fn re_attaching_replays_the_screen() {
     // The program keeps running without viewers, and a new viewer sees what it missed.
     let mut second = attach(&h).await;
     let seen = read_until(&mut second, "marker-42").await;
-    assert!(seen.output.contains("echo marker-$((6*7))"), "replay has the typed line too");
+    assert!(
+        seen.output.contains("echo marker-$((6*7))"),
+        "replay has the typed line too"
+    );
     type_line(&mut second, "echo after-$((1+2))").await;
     read_until(&mut second, "after-3").await;
 }
@@ -123,8 +154,16 @@ async fn exit_sends_the_status_frame_then_a_normal_close() {
     let mut ws = attach(&h).await;
     type_line(&mut ws, "exit 3").await;
     let seen = read_until(&mut ws, "never printed").await;
-    assert_eq!(seen.controls.last().map(|c| c["type"].clone()), Some("exit".into()), "{:?}", seen.controls);
-    assert_eq!(seen.controls.last().map(|c| c["code"].clone()), Some(3.into()));
+    assert_eq!(
+        seen.controls.last().map(|c| c["type"].clone()),
+        Some("exit".into()),
+        "{:?}",
+        seen.controls
+    );
+    assert_eq!(
+        seen.controls.last().map(|c| c["code"].clone()),
+        Some(3.into())
+    );
     let (code, _) = seen.close.expect("close frame");
     assert_eq!(code, CloseCode::Normal);
     // The EIO Linux reports at exit is end of file, not an error in the stream.
@@ -135,7 +174,10 @@ async fn exit_sends_the_status_frame_then_a_normal_close() {
     let mut late = attach(&h).await;
     let seen = read_until(&mut late, "never printed").await;
     assert!(seen.output.contains("exit 3"));
-    assert_eq!(seen.controls.last().map(|c| c["code"].clone()), Some(3.into()));
+    assert_eq!(
+        seen.controls.last().map(|c| c["code"].clone()),
+        Some(3.into())
+    );
 }
 
 #[tokio::test]
@@ -150,10 +192,16 @@ async fn a_flood_to_a_viewer_that_does_not_read_keeps_memory_bounded() {
         samples.push(rss_kib(pid));
     }
     let max = *samples.iter().max().expect("samples");
-    assert!(max < 48 * 1024, "RSS stays bounded under a flood: {samples:?} KiB");
+    assert!(
+        max < 48 * 1024,
+        "RSS stays bounded under a flood: {samples:?} KiB"
+    );
     let late = samples[6..].iter().max().copied().unwrap_or(0);
     let early = samples[..6].iter().max().copied().unwrap_or(0);
-    assert!(late <= early + 4 * 1024, "RSS does not keep growing: {samples:?} KiB");
+    assert!(
+        late <= early + 4 * 1024,
+        "RSS does not keep growing: {samples:?} KiB"
+    );
     // The stuck viewer was dropped; a reading viewer still gets the flood.
     let health = h.wait_phase("ready").await;
     assert_eq!(health["viewers"], 0, "slow viewer disconnected: {health}");
@@ -171,7 +219,11 @@ async fn late_binding_restarts_the_program_with_session_env() {
     let (status, health) = post_json(&h.url("/v1/bind"), Some(TOKEN), &bind.to_string()).await;
     assert_eq!(status, 200, "{health}");
     let mut ws = attach(&h).await;
-    type_line(&mut ws, "echo \"$GREETING\" $(cat f.txt) ${SANDWARDEN_TOKEN:-no-token}").await;
+    type_line(
+        &mut ws,
+        "echo \"$GREETING\" $(cat f.txt) ${SANDWARDEN_TOKEN:-no-token}",
+    )
+    .await;
     read_until(&mut ws, "bound-hello file-body no-token").await;
     let (status, p) = post_json(&h.url("/v1/bind"), Some(TOKEN), &bind.to_string()).await;
     assert_eq!((status, p["type"].as_str()), (409, Some("already_used")));
@@ -180,11 +232,25 @@ async fn late_binding_restarts_the_program_with_session_env() {
 #[tokio::test]
 async fn api_routes_on_a_tui_harness_say_where_to_go() {
     let h = Harness::tui(BASH, &[]);
-    let (status, p) = post_json(&h.url("/v1/turns"), Some(TOKEN), r#"{"parts":[{"type":"text","text":"x"}]}"#).await;
+    let (status, p) = post_json(
+        &h.url("/v1/turns"),
+        Some(TOKEN),
+        r#"{"parts":[{"type":"text","text":"x"}]}"#,
+    )
+    .await;
     assert_eq!((status, p["type"].as_str()), (409, Some("wrong_kind")));
     assert!(p["detail"].as_str().unwrap_or("").contains("/v1/tty"));
-    let resp = reqwest::Client::new().get(h.url("/v1/tty")).bearer_auth(TOKEN).send().await.expect("sent");
-    assert!(resp.status().is_client_error(), "plain GET is not an upgrade: {}", resp.status());
+    let resp = reqwest::Client::new()
+        .get(h.url("/v1/tty"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    assert!(
+        resp.status().is_client_error(),
+        "plain GET is not an upgrade: {}",
+        resp.status()
+    );
 }
 
 #[tokio::test]

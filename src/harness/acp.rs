@@ -135,7 +135,9 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 
 /// How a turn's wait ended.
 enum Outcome {
-    Response(Result<agent_client_protocol::v1::schema::PromptResponse, agent_client_protocol::Error>),
+    Response(
+        Result<agent_client_protocol::v1::schema::PromptResponse, agent_client_protocol::Error>,
+    ),
     GraceExpired,
     Shutdown,
     AgentGone(Status),
@@ -247,7 +249,12 @@ impl ApiAgent {
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
-            self.fail(generation, "the agent's stdio could not be captured".into(), None, Vec::new());
+            self.fail(
+                generation,
+                "the agent's stdio could not be captured".into(),
+                None,
+                Vec::new(),
+            );
             return;
         };
         {
@@ -337,20 +344,17 @@ impl ApiAgent {
             .connect_with(
                 ByteStreams::new(stdin.compat_write(), stdout.compat()),
                 async move |cx: ConnectionTo<Agent>| {
-                    let init = InitializeRequest::new(ProtocolVersion::V1).client_info(
-                        Implementation::new("sandwarden", env!("CARGO_PKG_VERSION")),
-                    );
-                    let init = tokio::time::timeout(
-                        boot_timeout,
-                        cx.send_request(init).block_task(),
-                    )
-                    .await
-                    .map_err(|_| {
-                        agent_client_protocol::Error::internal_error().data(format!(
-                            "no answer to ACP initialize within {} s",
-                            boot_timeout.as_secs()
-                        ))
-                    })??;
+                    let init = InitializeRequest::new(ProtocolVersion::V1)
+                        .client_info(Implementation::new("sandwarden", env!("CARGO_PKG_VERSION")));
+                    let init =
+                        tokio::time::timeout(boot_timeout, cx.send_request(init).block_task())
+                            .await
+                            .map_err(|_| {
+                                agent_client_protocol::Error::internal_error().data(format!(
+                                    "no answer to ACP initialize within {} s",
+                                    boot_timeout.as_secs()
+                                ))
+                            })??;
                     let session = tokio::time::timeout(
                         boot_timeout,
                         cx.send_request(NewSessionRequest::new(cwd)).block_task(),
@@ -386,7 +390,12 @@ impl ApiAgent {
                 s.generation == generation && s.phase == Phase::Starting
             };
             if starting {
-                self.fail(generation, format!("the ACP handshake failed: {e}"), None, Vec::new());
+                self.fail(
+                    generation,
+                    format!("the ACP handshake failed: {e}"),
+                    None,
+                    Vec::new(),
+                );
                 let child = lock(&self.inner).child.clone();
                 if let Some(child) = child {
                     child.stop(self.cfg.shutdown_grace).await;
@@ -526,8 +535,9 @@ impl ApiAgent {
                     // Restarted or died between the wait and now: wait again.
                     continue;
                 };
-                let blocks = prompt_blocks(&req.parts, &live.caps)
-                    .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported_part", m))?;
+                let blocks = prompt_blocks(&req.parts, &live.caps).map_err(|m| {
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported_part", m)
+                })?;
                 g.used = true;
                 g.turn = Some(ActiveTurn {
                     id: turn_id.clone(),
@@ -625,7 +635,8 @@ impl ApiAgent {
                 let gone = if live.cx.is_incoming_closed() {
                     tokio::time::timeout(
                         EXIT_REPORT_WAIT,
-                        status_rx.wait_for(|s| s.generation != generation || s.phase == Phase::Failed),
+                        status_rx
+                            .wait_for(|s| s.generation != generation || s.phase == Phase::Failed),
                     )
                     .await
                     .ok()
@@ -728,7 +739,11 @@ impl ApiAgent {
         let option_id = choose_option(&pending.options, answer)
             .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_answer", m))?;
         let Some(pending) = g.inputs.remove(request_id) else {
-            return Err(Problem::new(StatusCode::NOT_FOUND, "input_not_found", "gone"));
+            return Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                "input_not_found",
+                "gone",
+            ));
         };
         drop(g);
         pending
@@ -774,7 +789,10 @@ impl ApiAgent {
             child.stop(self.cfg.shutdown_grace).await;
         }
         self.start();
-        tracing::info!(vars = lock(&self.inner).env.len(), "bound per-session values");
+        tracing::info!(
+            vars = lock(&self.inner).env.len(),
+            "bound per-session values"
+        );
         Ok(self.health())
     }
 
@@ -870,9 +888,15 @@ pub fn choose_option(options: &[PermissionOption], answer: &InputAnswer) -> Resu
             .ok_or_else(|| format!("option {id:?} was not offered; offered: {}", offered())),
         (Some(decision), None) => {
             let kinds: &[PermissionOptionKind] = match decision {
-                Decision::ApproveOnce => &[PermissionOptionKind::AllowOnce, PermissionOptionKind::AllowAlways],
+                Decision::ApproveOnce => &[
+                    PermissionOptionKind::AllowOnce,
+                    PermissionOptionKind::AllowAlways,
+                ],
                 Decision::ApproveSession => &[PermissionOptionKind::AllowAlways],
-                Decision::Deny => &[PermissionOptionKind::RejectOnce, PermissionOptionKind::RejectAlways],
+                Decision::Deny => &[
+                    PermissionOptionKind::RejectOnce,
+                    PermissionOptionKind::RejectAlways,
+                ],
             };
             kinds
                 .iter()
@@ -889,12 +913,19 @@ pub fn choose_option(options: &[PermissionOption], answer: &InputAnswer) -> Resu
 }
 
 /// Converts message parts to ACP content blocks, within what the agent said it accepts.
-pub fn prompt_blocks(parts: &[Part], caps: &PromptCapabilities) -> Result<Vec<ContentBlock>, String> {
+pub fn prompt_blocks(
+    parts: &[Part],
+    caps: &PromptCapabilities,
+) -> Result<Vec<ContentBlock>, String> {
     let mut blocks = Vec::with_capacity(parts.len());
     for (i, part) in parts.iter().enumerate() {
         let block = match part {
             Part::Text { text } => ContentBlock::Text(TextContent::new(text.clone())),
-            Part::Image { data: Some(data), mime_type, .. } => {
+            Part::Image {
+                data: Some(data),
+                mime_type,
+                ..
+            } => {
                 if !caps.image {
                     return Err(format!("parts[{i}]: this agent does not accept images"));
                 }
@@ -903,17 +934,33 @@ pub fn prompt_blocks(parts: &[Part], caps: &PromptCapabilities) -> Result<Vec<Co
                     mime_type.clone().unwrap_or_else(|| "image/png".into()),
                 ))
             }
-            Part::Image { url: Some(url), mime_type, .. } => {
+            Part::Image {
+                url: Some(url),
+                mime_type,
+                ..
+            } => {
                 if !caps.image {
                     return Err(format!("parts[{i}]: this agent does not accept images"));
                 }
-                ContentBlock::ResourceLink(ResourceLink::new("image", url.clone()).mime_type(mime_type.clone()))
+                ContentBlock::ResourceLink(
+                    ResourceLink::new("image", url.clone()).mime_type(mime_type.clone()),
+                )
             }
-            Part::File { url: Some(url), name, mime_type, .. } => ContentBlock::ResourceLink(
+            Part::File {
+                url: Some(url),
+                name,
+                mime_type,
+                ..
+            } => ContentBlock::ResourceLink(
                 ResourceLink::new(name.clone().unwrap_or_else(|| "file".into()), url.clone())
                     .mime_type(mime_type.clone()),
             ),
-            Part::File { text: Some(text), name, mime_type, .. } => {
+            Part::File {
+                text: Some(text),
+                name,
+                mime_type,
+                ..
+            } => {
                 let name = name.clone().unwrap_or_else(|| "attachment.txt".into());
                 if caps.embedded_context {
                     ContentBlock::Resource(EmbeddedResource::new(
@@ -926,7 +973,12 @@ pub fn prompt_blocks(parts: &[Part], caps: &PromptCapabilities) -> Result<Vec<Co
                     ContentBlock::Text(TextContent::new(format!("File {name}:\n{text}")))
                 }
             }
-            Part::File { data: Some(data), name, mime_type, .. } => {
+            Part::File {
+                data: Some(data),
+                name,
+                mime_type,
+                ..
+            } => {
                 if !caps.embedded_context {
                     return Err(format!(
                         "parts[{i}]: this agent does not accept binary files; send the file as `text` or by `url`"
@@ -1015,19 +1067,35 @@ mod tests {
     #[test]
     fn decisions_pick_options_by_kind() {
         let o = options();
-        assert_eq!(choose_option(&o, &answer(Some(Decision::ApproveOnce), None)), Ok("yes".into()));
-        assert_eq!(choose_option(&o, &answer(Some(Decision::ApproveSession), None)), Ok("always".into()));
-        assert_eq!(choose_option(&o, &answer(Some(Decision::Deny), None)), Ok("no".into()));
-        assert_eq!(choose_option(&o, &answer(None, Some("no"))), Ok("no".into()));
+        assert_eq!(
+            choose_option(&o, &answer(Some(Decision::ApproveOnce), None)),
+            Ok("yes".into())
+        );
+        assert_eq!(
+            choose_option(&o, &answer(Some(Decision::ApproveSession), None)),
+            Ok("always".into())
+        );
+        assert_eq!(
+            choose_option(&o, &answer(Some(Decision::Deny), None)),
+            Ok("no".into())
+        );
+        assert_eq!(
+            choose_option(&o, &answer(None, Some("no"))),
+            Ok("no".into())
+        );
     }
 
     #[test]
     fn bad_answers_say_what_was_offered() {
         let o = options();
-        let e = choose_option(&o, &answer(None, Some("maybe"))).unwrap_err();
+        let e = choose_option(&o, &answer(None, Some("maybe"))).expect_err("should be refused");
         assert!(e.contains("yes (allow_once)"), "{e}");
         assert!(choose_option(&o, &answer(None, None)).is_err());
-        let only_once = vec![PermissionOption::new("y", "Allow", PermissionOptionKind::AllowOnce)];
+        let only_once = vec![PermissionOption::new(
+            "y",
+            "Allow",
+            PermissionOptionKind::AllowOnce,
+        )];
         assert!(choose_option(&only_once, &answer(Some(Decision::ApproveSession), None)).is_err());
     }
 

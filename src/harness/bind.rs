@@ -50,7 +50,11 @@ pub fn check(req: &BindRequest, workdir: &Path) -> Result<CheckedBind, String> {
     })
 }
 
-fn check_file(i: usize, file: &BindFile, workdir: &Path) -> Result<(PathBuf, Vec<u8>, u32), String> {
+fn check_file(
+    i: usize,
+    file: &BindFile,
+    workdir: &Path,
+) -> Result<(PathBuf, Vec<u8>, u32), String> {
     let rel = Path::new(&file.path);
     let plain = !file.path.is_empty()
         && rel
@@ -75,7 +79,9 @@ fn check_file(i: usize, file: &BindFile, workdir: &Path) -> Result<(PathBuf, Vec
     };
     let mode = file.mode.unwrap_or(0o644);
     if mode > 0o7777 {
-        return Err(format!("files[{i}].mode {mode} is not a permission mode (max 0o7777 = 4095)"));
+        return Err(format!(
+            "files[{i}].mode {mode} is not a permission mode (max 0o7777 = 4095)"
+        ));
     }
     Ok((workdir.join(rel), bytes, mode))
 }
@@ -131,11 +137,17 @@ mod tests {
     #[test]
     fn decodes_base64_and_accepts_a_cwd_the_files_create() {
         let dir = std::env::temp_dir();
-        let r = req(r#"{"files":[{"path":"proj-x/a.bin","content_base64":"aGk="}],"cwd":"proj-x"}"#);
+        let r =
+            req(r#"{"files":[{"path":"proj-x/a.bin","content_base64":"aGk="}],"cwd":"proj-x"}"#);
         let checked = check(&r, &dir).expect("valid");
         assert_eq!(checked.files[0].1, b"hi");
         assert_eq!(checked.cwd, dir.join("proj-x"));
         let bad = req(r#"{"files":[{"path":"a","content_base64":"%%"}]}"#);
-        assert!(check(&bad, &dir).err().unwrap_or_default().contains("base64"));
+        assert!(
+            check(&bad, &dir)
+                .err()
+                .unwrap_or_default()
+                .contains("base64")
+        );
     }
 }

@@ -257,7 +257,12 @@ mod tests {
         })))
         .expect("mapped");
         assert_eq!(kind, EventType::Reasoning);
-        assert!(data["text"].as_str().unwrap_or("").contains("[pending] read the code"));
+        assert!(
+            data["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("[pending] read the code")
+        );
     }
 
     #[test]

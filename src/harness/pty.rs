@@ -172,7 +172,13 @@ impl Terminal {
         }
     }
 
-    fn set_status(&self, generation: u64, phase: Phase, reason: Option<String>, exit: Option<ExitStatus>) {
+    fn set_status(
+        &self,
+        generation: u64,
+        phase: Phase,
+        reason: Option<String>,
+        exit: Option<ExitStatus>,
+    ) {
         self.status.send_if_modified(|s| {
             if s.generation > generation {
                 return false;
@@ -242,9 +248,10 @@ impl Terminal {
             let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, drained_rx).await;
             // Whatever the program left behind in its group goes with it.
             group.stop(Duration::ZERO).await;
-            let exit = status
-                .map(ExitStatus::from)
-                .unwrap_or(ExitStatus { code: None, signal: None });
+            let exit = status.map(ExitStatus::from).unwrap_or(ExitStatus {
+                code: None,
+                signal: None,
+            });
             me.finish(generation, exit).await;
         });
     }
@@ -260,7 +267,10 @@ impl Terminal {
         loop {
             match reader.read(&mut buf).await {
                 Ok(0) => break,
-                Ok(n) => self.broadcast(generation, Bytes::copy_from_slice(&buf[..n])).await,
+                Ok(n) => {
+                    self.broadcast(generation, Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 // Linux reports EIO on the master once the last slave closes: that is end of file.
                 Err(e) if e.raw_os_error() == Some(nix::libc::EIO) => break,
@@ -299,7 +309,9 @@ impl Terminal {
             }
         }
         if !dropped.is_empty() {
-            lock(&self.inner).viewers.retain(|v| !dropped.contains(&v.id));
+            lock(&self.inner)
+                .viewers
+                .retain(|v| !dropped.contains(&v.id));
         }
     }
 
@@ -338,7 +350,8 @@ impl Terminal {
                     return Err(Problem::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "program_failed",
-                        s.reason.unwrap_or_else(|| "the program could not start".into()),
+                        s.reason
+                            .unwrap_or_else(|| "the program could not start".into()),
                     ));
                 }
                 Phase::Starting => {}
@@ -394,7 +407,11 @@ impl Terminal {
         };
         let mut replay_ok = true;
         for chunk in at.replay.chunks(READ_CHUNK) {
-            if sink.send(Message::Binary(Bytes::copy_from_slice(chunk))).await.is_err() {
+            if sink
+                .send(Message::Binary(Bytes::copy_from_slice(chunk)))
+                .await
+                .is_err()
+            {
                 replay_ok = false;
                 break;
             }
@@ -404,39 +421,41 @@ impl Terminal {
             let _ = sink.send(close_with(CLOSE_NORMAL, "program exited")).await;
             return;
         }
-        while replay_ok {
-            tokio::select! {
-                frame = at.rx.recv() => match frame {
-                    Some(Frame::Data(data)) => {
-                        if sink.send(Message::Binary(data)).await.is_err() { break; }
-                    }
-                    Some(Frame::Exit(exit)) => {
-                        let _ = sink.send(exit_message(exit)).await;
-                        let _ = sink.send(close_with(CLOSE_NORMAL, "program exited")).await;
-                        break;
-                    }
-                    None => {
-                        let _ = sink.send(close_with(CLOSE_TRY_AGAIN_LATER, "too slow: re-attach to replay the screen")).await;
-                        break;
-                    }
-                },
-                msg = stream.next() => match msg {
-                    Some(Ok(Message::Binary(input))) => {
-                        if let Some(w) = &at.writer {
-                            let mut w = w.lock().await;
-                            if w.write_all(&input).await.is_err() { break; }
+        if replay_ok {
+            loop {
+                tokio::select! {
+                    frame = at.rx.recv() => match frame {
+                        Some(Frame::Data(data)) => {
+                            if sink.send(Message::Binary(data)).await.is_err() { break; }
                         }
+                        Some(Frame::Exit(exit)) => {
+                            let _ = sink.send(exit_message(exit)).await;
+                            let _ = sink.send(close_with(CLOSE_NORMAL, "program exited")).await;
+                            break;
+                        }
+                        None => {
+                            let _ = sink.send(close_with(CLOSE_TRY_AGAIN_LATER, "too slow: re-attach to replay the screen")).await;
+                            break;
+                        }
+                    },
+                    msg = stream.next() => match msg {
+                        Some(Ok(Message::Binary(input))) => {
+                            if let Some(w) = &at.writer {
+                                let mut w = w.lock().await;
+                                if w.write_all(&input).await.is_err() { break; }
+                            }
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(reply) = self.control(&at, text.as_str()).await
+                                && sink.send(reply).await.is_err() { break; }
+                        }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                        Some(Ok(_)) => {} // ping/pong frames are answered by the WebSocket layer
+                    },
+                    () = self.shutdown.cancelled() => {
+                        let _ = sink.send(close_with(CLOSE_GOING_AWAY, "server shutting down")).await;
+                        break;
                     }
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(reply) = self.control(&at, text.as_str()).await
-                            && sink.send(reply).await.is_err() { break; }
-                    }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                    Some(Ok(_)) => {} // ping/pong frames are answered by the WebSocket layer
-                },
-                () = self.shutdown.cancelled() => {
-                    let _ = sink.send(close_with(CLOSE_GOING_AWAY, "server shutting down")).await;
-                    break;
                 }
             }
         }

@@ -6,8 +6,8 @@ use super::{Driver, HarnessConfig};
 use crate::event::{BindRequest, InputAnswer, Phase, TurnRequest, validate_id};
 use crate::problem::Problem;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -198,7 +198,10 @@ async fn tty(
         Problem::new(
             e.status(),
             "websocket_required",
-            format!("GET /v1/tty is a WebSocket; connect with a WebSocket client ({})", e.body_text()),
+            format!(
+                "GET /v1/tty is a WebSocket; connect with a WebSocket client ({})",
+                e.body_text()
+            ),
         )
     })?;
     term.ready_for_attach().await?;

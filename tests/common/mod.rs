@@ -38,7 +38,10 @@ impl Harness {
             .read_line(&mut line)
             .expect("read listen line");
         let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
-        let addr = v["listening"].as_str().expect("listening address").to_string();
+        let addr = v["listening"]
+            .as_str()
+            .expect("listening address")
+            .to_string();
         let client = HarnessClient::new(format!("http://{addr}"), TOKEN);
         Harness {
             child,
@@ -122,7 +125,10 @@ pub fn children(pid: i32) -> Vec<i32> {
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for task in tasks.flatten() {
             if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-                out.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+                out.extend(
+                    list.split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok()),
+                );
             }
         }
     }
@@ -184,5 +190,8 @@ pub async fn post_json(url: &str, token: Option<&str>, body: &str) -> (u16, serd
     let resp = req.send().await.expect("request sent");
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
 }
