@@ -13,7 +13,7 @@ use crate::problem::Problem;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use axum::http::StatusCode;
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -267,7 +267,15 @@ impl Terminal {
         loop {
             match reader.read(&mut buf).await {
                 Ok(0) => break,
-                Ok(n) => {
+                Ok(mut n) => {
+                    // The kernel hands out PTY output a few KiB at a time: take what is already
+                    // there too, so a flood travels in fewer, larger frames.
+                    while n < buf.len() {
+                        match reader.read(&mut buf[n..]).now_or_never() {
+                            Some(Ok(m)) if m > 0 => n += m,
+                            _ => break,
+                        }
+                    }
                     self.broadcast(generation, Bytes::copy_from_slice(&buf[..n]))
                         .await
                 }
@@ -426,7 +434,26 @@ impl Terminal {
                 tokio::select! {
                     frame = at.rx.recv() => match frame {
                         Some(Frame::Data(data)) => {
-                            if sink.send(Message::Binary(data)).await.is_err() { break; }
+                            // Write what is queued with one flush, not one syscall per chunk.
+                            let mut batch = vec![data];
+                            let mut exit = None;
+                            while batch.len() < VIEWER_QUEUE {
+                                match at.rx.try_recv() {
+                                    Ok(Frame::Data(more)) => batch.push(more),
+                                    Ok(Frame::Exit(e)) => { exit = Some(e); break; }
+                                    Err(_) => break,
+                                }
+                            }
+                            let mut failed = false;
+                            for data in batch {
+                                if sink.feed(Message::Binary(data)).await.is_err() { failed = true; break; }
+                            }
+                            if failed || sink.flush().await.is_err() { break; }
+                            if let Some(exit) = exit {
+                                let _ = sink.send(exit_message(exit)).await;
+                                let _ = sink.send(close_with(CLOSE_NORMAL, "program exited")).await;
+                                break;
+                            }
                         }
                         Some(Frame::Exit(exit)) => {
                             let _ = sink.send(exit_message(exit)).await;
