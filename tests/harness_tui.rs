@@ -203,8 +203,21 @@ async fn a_flood_to_a_viewer_that_does_not_read_keeps_memory_bounded() {
         "RSS does not keep growing: {samples:?} KiB"
     );
     // The stuck viewer was dropped; a reading viewer still gets the flood.
-    let health = h.wait_phase("ready").await;
-    assert_eq!(health["viewers"], 0, "slow viewer disconnected: {health}");
+    // The stuck viewer is disconnected once its buffers are full (bounded wait: slower under load).
+    let mut viewers = serde_json::Value::Null;
+    for _ in 0..300 {
+        viewers = h.wait_phase("ready").await["viewers"].clone();
+        if viewers == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(viewers, 0, "slow viewer disconnected");
+    assert!(
+        rss_kib(pid) < 48 * 1024,
+        "still bounded: {} KiB",
+        rss_kib(pid)
+    );
     let mut reader = attach(&h).await;
     let seen = read_until(&mut reader, "y\r\ny\r\ny").await;
     assert!(seen.output.len() > 3);
@@ -261,7 +274,8 @@ async fn sigterm_closes_viewers_with_going_away_and_stops_the_program() {
     read_until(&mut ws, "up-2").await;
     let programs = children(h.pid());
     assert_eq!(programs.len(), 1);
-    assert!(h.terminate().success());
+    let status = h.terminate();
+    assert!(status.success(), "{status:?}");
     let seen = read_until(&mut ws, "never printed").await;
     assert_eq!(seen.close.map(|c| c.0), Some(CloseCode::Away));
     assert!(!alive(programs[0]));

@@ -632,7 +632,10 @@ impl ApiAgent {
             Outcome::Response(Err(e)) => {
                 // A prompt that failed because the connection closed is the agent dying: wait
                 // briefly for the exit so the error says how it ended.
-                let gone = if live.cx.is_incoming_closed() {
+                let connection_lost = live.cx.is_incoming_closed()
+                    || agent_client_protocol::is_incoming_transport_closed(&e)
+                    || agent_client_protocol::is_connection_terminated(&e);
+                let gone = if connection_lost && !self.shutdown.is_cancelled() {
                     tokio::time::timeout(
                         EXIT_REPORT_WAIT,
                         status_rx
@@ -646,6 +649,7 @@ impl ApiAgent {
                 };
                 match gone {
                     Some(s) => agent_gone_error(&s),
+                    None if self.shutdown.is_cancelled() => shutdown_error(),
                     None if cancelling == Some(error_code::CANCELLED) => cancelled_error(),
                     None => (
                         EventType::Error,
@@ -657,10 +661,7 @@ impl ApiAgent {
                 Some(error_code::TIMEOUT) => timeout_error(limit),
                 _ => cancelled_error(),
             },
-            Outcome::Shutdown => (
-                EventType::Error,
-                json!({ "code": error_code::SHUTDOWN, "message": "the harness server is shutting down" }),
-            ),
+            Outcome::Shutdown => shutdown_error(),
             Outcome::AgentGone(s) => agent_gone_error(&s),
         };
         let mut data = data;
@@ -847,6 +848,13 @@ fn agent_gone_error(s: &Status) -> (EventType, Value) {
             "exit": s.exit,
             "stderr_tail": s.stderr_tail,
         }),
+    )
+}
+
+fn shutdown_error() -> (EventType, Value) {
+    (
+        EventType::Error,
+        json!({ "code": error_code::SHUTDOWN, "message": "the harness server is shutting down" }),
     )
 }
 

@@ -89,6 +89,10 @@ impl GroupHandle {
     }
 
     fn signal(&self, signal: Signal) {
+        // Pid 0 would mean our own process group: never signal it.
+        if self.pid <= 0 {
+            return;
+        }
         // ESRCH (already gone) is the expected outcome of a race with exit; nothing to do.
         let _ = killpg(Pid::from_raw(self.pid), signal);
     }
@@ -103,11 +107,24 @@ impl GroupHandle {
     /// SIGTERM to the group, then SIGKILL after `grace`. Returns once the child is reaped
     /// (or after a further second if even SIGKILL did not reap it).
     pub async fn stop(&self, grace: Duration) {
+        self.stop_with(&[Signal::SIGTERM], grace).await;
+    }
+
+    /// Like `stop`, for a program on a terminal: SIGHUP first (what a hangup sends; interactive
+    /// shells ignore SIGTERM), then SIGTERM, then SIGKILL after `grace`.
+    pub async fn hang_up(&self, grace: Duration) {
+        self.stop_with(&[Signal::SIGHUP, Signal::SIGCONT, Signal::SIGTERM], grace)
+            .await;
+    }
+
+    async fn stop_with(&self, first: &[Signal], grace: Duration) {
         if *self.exited.borrow() {
             self.signal(Signal::SIGKILL); // stray grandchildren
             return;
         }
-        self.signal(Signal::SIGTERM);
+        for signal in first {
+            self.signal(*signal);
+        }
         if !self.wait_exit(grace).await {
             self.signal(Signal::SIGKILL);
             self.wait_exit(Duration::from_secs(1)).await;

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 const VIEWER_QUEUE: usize = 64;
 /// How long the reader waits on a full viewer before disconnecting it.
 const SLOW_VIEWER_GRACE: Duration = Duration::from_secs(2);
+/// How long one write to a viewer may block before the viewer is given up.
+const VIEWER_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// PTY read size; also the largest chunk a viewer receives.
 const READ_CHUNK: usize = 32 * 1024;
 /// After the program exits, how long to wait for its last output before closing viewers.
@@ -444,11 +446,16 @@ impl Terminal {
                                     Err(_) => break,
                                 }
                             }
-                            let mut failed = false;
-                            for data in batch {
-                                if sink.feed(Message::Binary(data)).await.is_err() { failed = true; break; }
+                            let write = async {
+                                for data in batch {
+                                    sink.feed(Message::Binary(data)).await?;
+                                }
+                                sink.flush().await
+                            };
+                            // A client that stops reading is dropped by the pump; this ends its task.
+                            if !matches!(tokio::time::timeout(VIEWER_WRITE_TIMEOUT, write).await, Ok(Ok(()))) {
+                                break;
                             }
-                            if failed || sink.flush().await.is_err() { break; }
                             if let Some(exit) = exit {
                                 let _ = sink.send(exit_message(exit)).await;
                                 let _ = sink.send(close_with(CLOSE_NORMAL, "program exited")).await;
@@ -544,7 +551,7 @@ impl Terminal {
             g.child.take()
         };
         if let Some(child) = old {
-            child.stop(self.cfg.shutdown_grace).await;
+            child.hang_up(self.cfg.shutdown_grace).await;
         }
         self.start();
         Ok(self.health())
@@ -553,7 +560,7 @@ impl Terminal {
     pub async fn stop(&self) {
         let child = lock(&self.inner).child.clone();
         if let Some(child) = child {
-            child.stop(self.cfg.shutdown_grace).await;
+            child.hang_up(self.cfg.shutdown_grace).await;
         }
     }
 }
