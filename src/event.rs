@@ -172,6 +172,11 @@ impl TurnRequest {
     }
 }
 
+/// Compares secrets without an early exit, so timing does not reveal how much of a guess was right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Ids chosen by callers end up in URLs and logs: keep them short and plain.
 pub fn validate_id(field: &str, id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
@@ -236,6 +241,74 @@ pub struct BindRequest {
     /// Working directory for the agent; relative paths are under the server's workdir.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+}
+
+impl BindRequest {
+    /// Checks names, paths and contents (what needs no sandbox); the message says what to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        use base64::Engine;
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(format!(
+                    "env name {name:?} is not valid: names are non-empty and hold no '=' or NUL"
+                ));
+            }
+            if name.starts_with("SANDWARDEN_") {
+                return Err(format!(
+                    "env name {name:?} is reserved: SANDWARDEN_* variables never reach the agent"
+                ));
+            }
+            if value.contains('\0') {
+                return Err(format!("env {name}: the value holds a NUL byte"));
+            }
+        }
+        for (i, file) in self.files.iter().enumerate() {
+            let rel = std::path::Path::new(&file.path);
+            let plain = !file.path.is_empty()
+                && rel.components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::Normal(_) | std::path::Component::CurDir
+                    )
+                });
+            if !plain {
+                return Err(format!(
+                    "files[{i}].path {:?} must be a relative path inside the working directory (no '..', not absolute)",
+                    file.path
+                ));
+            }
+            match (&file.content, &file.content_base64) {
+                (Some(_), None) => {}
+                (None, Some(b64)) => {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|e| {
+                            format!("files[{i}].content_base64 is not valid base64: {e}")
+                        })?;
+                }
+                _ => {
+                    return Err(format!(
+                        "files[{i}] needs exactly one of `content` (UTF-8) or `content_base64`"
+                    ));
+                }
+            }
+            if file.mode.is_some_and(|m| m > 0o7777) {
+                return Err(format!(
+                    "files[{i}].mode is not a permission mode (at most 0o7777 = 4095)"
+                ));
+            }
+        }
+        if let Some(cwd) = &self.cwd
+            && (cwd.contains('\0') || cwd.is_empty())
+        {
+            return Err("`cwd` must be a non-empty path".into());
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty() && self.files.is_empty() && self.cwd.is_none()
+    }
 }
 
 impl std::fmt::Debug for BindRequest {

@@ -1,6 +1,9 @@
 //! sandwarden: runs AI coding agents in sandboxes and gives clients one API to reach them.
 //!
-//! `main.rs` only parses arguments; everything else lives here so tests can reach it.
+//! `main.rs` only parses arguments; everything else lives here so tests can reach it. Layers, top
+//! to bottom (imports point down): `cli` → `api` → `session` → `runtime`, `store`,
+//! `harness_client` → `pool`, `metrics`, `event`, `problem`. The in-sandbox `harness` server depends
+//! only on `event` and `problem`.
 
 pub mod bench;
 pub mod cli;
@@ -8,4 +11,9 @@ pub mod echo_agent;
 pub mod event;
 pub mod harness;
 pub mod harness_client;
+pub mod metrics;
+pub mod pool;
 pub mod problem;
+pub mod runtime;
+pub mod session;
+pub mod store;

@@ -3,9 +3,11 @@
 //! Everything is checked before anything is written, so a bad request changes nothing.
 //! Values may be secrets: nothing here logs them.
 
-use crate::event::{BindFile, BindRequest};
+#[cfg(test)]
+use crate::event::BindFile;
+use crate::event::BindRequest;
 use base64::Engine;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// A bind request that passed every check, with file contents decoded.
 pub struct CheckedBind {
@@ -16,24 +18,17 @@ pub struct CheckedBind {
 
 /// Checks a bind request against the sandbox's working directory. The message says what to fix.
 pub fn check(req: &BindRequest, workdir: &Path) -> Result<CheckedBind, String> {
-    for (name, value) in &req.env {
-        if name.is_empty() || name.contains('=') || name.contains('\0') {
-            return Err(format!(
-                "env name {name:?} is not valid: names are non-empty and hold no '=' or NUL"
-            ));
-        }
-        if name.starts_with("SANDWARDEN_") {
-            return Err(format!(
-                "env name {name:?} is reserved: SANDWARDEN_* variables never reach the agent"
-            ));
-        }
-        if value.contains('\0') {
-            return Err(format!("env {name}: the value holds a NUL byte"));
-        }
-    }
+    req.validate()?;
     let mut files = Vec::with_capacity(req.files.len());
-    for (i, file) in req.files.iter().enumerate() {
-        files.push(check_file(i, file, workdir)?);
+    for file in &req.files {
+        let bytes = match (&file.content, &file.content_base64) {
+            (Some(text), _) => text.as_bytes().to_vec(),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| format!("content_base64 is not valid base64: {e}"))?,
+            (None, None) => Vec::new(),
+        };
+        files.push((workdir.join(&file.path), bytes, file.mode.unwrap_or(0o644)));
     }
     let cwd = crate::harness::process::resolve_dir(workdir, req.cwd.as_deref()).or_else(|e| {
         // A cwd that one of the files creates is fine.
@@ -48,42 +43,6 @@ pub fn check(req: &BindRequest, workdir: &Path) -> Result<CheckedBind, String> {
         files,
         cwd,
     })
-}
-
-fn check_file(
-    i: usize,
-    file: &BindFile,
-    workdir: &Path,
-) -> Result<(PathBuf, Vec<u8>, u32), String> {
-    let rel = Path::new(&file.path);
-    let plain = !file.path.is_empty()
-        && rel
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-    if !plain {
-        return Err(format!(
-            "files[{i}].path {:?} must be a relative path inside the working directory (no '..', not absolute)",
-            file.path
-        ));
-    }
-    let bytes = match (&file.content, &file.content_base64) {
-        (Some(text), None) => text.as_bytes().to_vec(),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| format!("files[{i}].content_base64 is not valid base64: {e}"))?,
-        _ => {
-            return Err(format!(
-                "files[{i}] needs exactly one of `content` (UTF-8) or `content_base64`"
-            ));
-        }
-    };
-    let mode = file.mode.unwrap_or(0o644);
-    if mode > 0o7777 {
-        return Err(format!(
-            "files[{i}].mode {mode} is not a permission mode (max 0o7777 = 4095)"
-        ));
-    }
-    Ok((workdir.join(rel), bytes, mode))
 }
 
 /// Writes the checked files. Parent directories are created as needed.

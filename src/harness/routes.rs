@@ -47,10 +47,7 @@ pub fn router(cfg: Arc<HarnessConfig>, driver: Driver) -> Router {
         .with_state(state)
 }
 
-/// Compares without an early exit, so timing does not reveal how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use crate::event::constant_time_eq;
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let given = req

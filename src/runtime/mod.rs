@@ -1,0 +1,185 @@
+//! Runtimes start and stop sandboxes: one `sandwarden harness` each, reachable over HTTP with a
+//! per-sandbox token. The API layer uses the `Runtime` trait without knowing which one runs.
+//!
+//! A runtime knows templates and processes (or containers, Pods); it must not know sessions.
+
+pub mod local;
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("starting the sandbox failed: {0}")]
+    Start(String),
+    #[error("the sandbox did not start listening within {0} s")]
+    StartTimeout(u64),
+    #[error("sandbox I/O failed")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a sandbox runs. Built-ins cover the echo agent, a shell and the supported CLIs; a JSON
+/// file given with `--templates` adds or replaces templates by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    pub name: String,
+    /// `api` (ACP agent over stdio) or `tui` (program under a PTY).
+    pub kind: String,
+    /// The agent's or program's command line.
+    pub command: String,
+    /// `boot`: start the agent with the sandbox (fastest first turn); `bind`: start it when a
+    /// session claims the sandbox (per-session env reaches it without a restart).
+    #[serde(default = "default_start")]
+    pub start: String,
+    /// Warm sandboxes kept ready for new sessions.
+    #[serde(default)]
+    pub pool: usize,
+    /// Idle sessions are reaped after this many seconds without a message or terminal.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_s: u64,
+    /// Longest turn, in seconds.
+    #[serde(default = "default_turn_timeout")]
+    pub turn_timeout_s: u64,
+    /// Non-secret environment for every sandbox of this template.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_start() -> String {
+    "boot".into()
+}
+fn default_idle() -> u64 {
+    3600
+}
+fn default_turn_timeout() -> u64 {
+    1800
+}
+
+impl Template {
+    fn new(name: &str, kind: &str, command: &str, pool: usize) -> Template {
+        Template {
+            name: name.into(),
+            kind: kind.into(),
+            command: command.into(),
+            start: default_start(),
+            pool,
+            idle_timeout_s: default_idle(),
+            turn_timeout_s: default_turn_timeout(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    /// Checks a template from a config file; the message names the template and the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = &self.name;
+        crate::event::validate_id("template name", n)?;
+        if self.kind != "api" && self.kind != "tui" {
+            return Err(format!("template {n}: kind must be \"api\" or \"tui\""));
+        }
+        if self.start != "boot" && self.start != "bind" {
+            return Err(format!("template {n}: start must be \"boot\" or \"bind\""));
+        }
+        crate::harness::process::parse_command_line(&self.command)
+            .map_err(|e| format!("template {n}: command: {e}"))?;
+        if self.pool > 100 {
+            return Err(format!("template {n}: pool is at most 100"));
+        }
+        if self.turn_timeout_s == 0 || self.idle_timeout_s == 0 {
+            return Err(format!("template {n}: timeouts must be at least 1 second"));
+        }
+        Ok(())
+    }
+}
+
+/// The built-in templates. The CLIs behind opencode, claude-agent-sdk, codex, claude-code and
+/// codex-tui must be on PATH for theirs to start.
+pub fn builtin_templates() -> Vec<Template> {
+    let shell = std::env::var("SHELL").unwrap_or_else(|_| "/bin/bash".into());
+    vec![
+        Template::new("echo", "api", "sandwarden echo-agent", 1),
+        Template::new("shell", "tui", &shell, 0),
+        Template::new("opencode", "api", "opencode acp", 0),
+        Template::new("claude-agent-sdk", "api", "claude-agent-acp", 0),
+        Template::new("codex", "api", "codex-acp", 0),
+        Template::new("claude-code", "tui", "claude", 0),
+        Template::new("codex-tui", "tui", "codex", 0),
+    ]
+}
+
+/// A running sandbox as the orchestrator reaches it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sandbox {
+    pub id: String,
+    pub template: String,
+    /// `http://host:port` of its harness server.
+    pub endpoint: String,
+    /// Process id (local runtime), for liveness checks and stopping adopted sandboxes.
+    pub pid: Option<i64>,
+}
+
+/// Per-sandbox bearer tokens derived from one server secret, so none needs storing.
+#[derive(Clone)]
+pub struct Tokens {
+    secret: Vec<u8>,
+}
+
+impl Tokens {
+    pub fn new(secret: Vec<u8>) -> Self {
+        Tokens { secret }
+    }
+
+    pub fn for_sandbox(&self, sandbox_id: &str) -> String {
+        self.derive("sandbox", sandbox_id)
+    }
+
+    /// A keyed digest of `purpose` and `value` (tokens, tty attach tokens).
+    pub fn derive(&self, purpose: &str, value: &str) -> String {
+        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.secret) {
+            Ok(m) => m,
+            Err(_) => return String::new(), // HMAC takes keys of any length
+        };
+        mac.update(purpose.as_bytes());
+        mac.update(b"\0");
+        mac.update(value.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Starts a sandbox of `template`; returns once its harness server listens.
+    async fn create(&self, id: &str, template: &Template) -> Result<Sandbox, RuntimeError>;
+    /// Stops a sandbox and removes what it left (idempotent).
+    async fn destroy(&self, sandbox: &Sandbox);
+    /// Whether the sandbox still runs, by a cheap local check (no request to it).
+    async fn alive(&self, sandbox: &Sandbox) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_differ_per_sandbox_and_secret() {
+        let a = Tokens::new(b"one".to_vec());
+        let b = Tokens::new(b"two".to_vec());
+        assert_eq!(a.for_sandbox("s1"), a.for_sandbox("s1"));
+        assert_ne!(a.for_sandbox("s1"), a.for_sandbox("s2"));
+        assert_ne!(a.for_sandbox("s1"), b.for_sandbox("s1"));
+        assert_eq!(a.for_sandbox("s1").len(), 64);
+    }
+
+    #[test]
+    fn builtins_are_valid() {
+        for t in builtin_templates() {
+            assert_eq!(t.validate(), Ok(()), "{}", t.name);
+        }
+        let mut bad = builtin_templates()[0].clone();
+        bad.kind = "gui".into();
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,904 @@
+//! Sessions: the state machine, claims of warm or cold sandboxes, dead-marking, supervision and
+//! reaping. Turns are in `turn`, event numbering in `hub`, webhooks in `webhook`.
+//!
+//! It talks to sandboxes through the runtime trait and the harness client; it must not know HTTP
+//! routing (it returns `Problem`s, which the API layer renders).
+
+pub mod hub;
+pub mod message;
+pub mod turn;
+pub mod webhook;
+
+use crate::event::{BindFile, BindRequest, Phase, validate_id};
+use crate::harness_client::{ClientError, HarnessClient};
+use crate::metrics::Metrics;
+use crate::pool::PoolIndex;
+use crate::problem::Problem;
+use crate::runtime::{Runtime, Sandbox, Template, Tokens};
+use crate::store::{self, SandboxRow, Session, SessionFilter, Store};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Statuses in which a session holds a live sandbox.
+pub const LIVE: &[&str] = &["ready", "running", "input_required"];
+/// How long a cold sandbox may take to become ready.
+const COLD_START_TIMEOUT: Duration = Duration::from_secs(120);
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
+/// `POST /v1/sessions`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub harness: String,
+    pub id: Option<String>,
+    pub title: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub files: Vec<BindFile>,
+    pub cwd: Option<String>,
+    pub idle_timeout_s: Option<u64>,
+}
+
+impl CreateRequest {
+    /// A digest of what identifies the request for `Idempotency-Key`, without secret values.
+    fn fingerprint(&self) -> String {
+        let shape = serde_json::json!({
+            "harness": self.harness, "id": self.id, "title": self.title, "metadata": self.metadata,
+            "env": self.env.keys().collect::<Vec<_>>(),
+            "files": self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            "cwd": self.cwd, "idle_timeout_s": self.idle_timeout_s,
+        });
+        hex::encode(Sha256::digest(shape.to_string().as_bytes()))
+    }
+
+    fn bind(&self) -> BindRequest {
+        BindRequest {
+            env: self.env.clone(),
+            files: self.files.clone(),
+            cwd: self.cwd.clone(),
+        }
+    }
+}
+
+pub struct Config {
+    /// Base URL clients reach this server at (for `tty_url`).
+    pub public_url: String,
+    /// Let webhooks target loopback, private and link-local addresses.
+    pub allow_private_webhooks: bool,
+    /// Lifetime of the token in `tty_url`.
+    pub tty_token_ttl: Duration,
+    /// Origins allowed to open terminal WebSockets from a browser (empty: same origin only).
+    pub allowed_origins: Vec<String>,
+}
+
+struct RunningTurn {
+    turn_id: String,
+}
+
+pub struct Orchestrator {
+    pub store: Store,
+    pub hub: hub::Hub,
+    pub runtime: Arc<dyn Runtime>,
+    pub tokens: Tokens,
+    pub templates: BTreeMap<String, Template>,
+    pub metrics: Metrics,
+    pub config: Config,
+    pool: Mutex<PoolIndex<Sandbox>>,
+    pool_wake: Notify,
+    /// Templates whose warm start failed since the pool loop last looked (for backoff).
+    pool_failures: Mutex<Vec<String>>,
+    turns: Mutex<HashMap<String, RunningTurn>>,
+    viewers: Mutex<HashMap<String, usize>>,
+    changed: broadcast::Sender<String>,
+    pub shutdown: CancellationToken,
+    synced: std::sync::atomic::AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn store_error(e: store::StoreError) -> Problem {
+    tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store failure");
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the session store cannot be used right now; retry shortly",
+    )
+}
+
+pub fn not_found(id: &str) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "session_not_found",
+        format!("no session {id:?}; list yours with GET /v1/sessions"),
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Orchestrator {
+    pub fn new(
+        store: Store,
+        runtime: Arc<dyn Runtime>,
+        tokens: Tokens,
+        templates: BTreeMap<String, Template>,
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Orchestrator {
+            hub: hub::Hub::new(store.clone()),
+            store,
+            runtime,
+            tokens,
+            templates,
+            metrics: Metrics::default(),
+            config,
+            pool: Mutex::new(PoolIndex::default()),
+            pool_wake: Notify::new(),
+            pool_failures: Mutex::new(Vec::new()),
+            turns: Mutex::new(HashMap::new()),
+            viewers: Mutex::new(HashMap::new()),
+            changed: broadcast::channel(1024).0,
+            shutdown,
+            synced: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn client_for(&self, sandbox_id: &str, endpoint: &str) -> HarnessClient {
+        HarnessClient::new(endpoint, self.tokens.for_sandbox(sandbox_id))
+    }
+
+    fn session_client(&self, s: &Session) -> Option<HarnessClient> {
+        match (&s.sandbox_id, &s.endpoint) {
+            (Some(id), Some(ep)) => Some(self.client_for(id, ep)),
+            _ => None,
+        }
+    }
+
+    fn notify(&self, session_id: &str) {
+        let _ = self.changed.send(session_id.to_string());
+    }
+
+    /// The `tty_url` of a TUI session: a short-lived token so a browser can attach without the key.
+    pub fn tty_url(&self, s: &Session) -> Option<String> {
+        if s.kind != "tui" || !LIVE.contains(&s.status.as_str()) {
+            return None;
+        }
+        let exp = unix_now() + self.config.tty_token_ttl.as_secs();
+        let mac = self.tokens.derive("tty", &format!("{}.{exp}", s.id));
+        let ws = self.config.public_url.replacen("http", "ws", 1);
+        Some(format!("{ws}/v1/sessions/{}/tty?token={exp}.{mac}", s.id))
+    }
+
+    /// Checks a `tty_url` token for `session_id`.
+    pub fn check_tty_token(&self, session_id: &str, token: &str) -> bool {
+        let Some((exp, mac)) = token.split_once('.') else {
+            return false;
+        };
+        let Ok(exp_n) = exp.parse::<u64>() else {
+            return false;
+        };
+        let want = self.tokens.derive("tty", &format!("{session_id}.{exp}"));
+        exp_n >= unix_now() && crate::event::constant_time_eq(want.as_bytes(), mac.as_bytes())
+    }
+
+    // ---- sessions
+
+    pub async fn create(
+        self: &Arc<Self>,
+        tenant: &str,
+        req: CreateRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<(Session, bool), Problem> {
+        let started = Instant::now();
+        let invalid =
+            |m: String| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_session", m);
+        let Some(template) = self.templates.get(&req.harness).cloned() else {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_harness",
+                format!(
+                    "no harness {:?}; available: {}",
+                    req.harness,
+                    self.templates
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        };
+        if let Some(id) = &req.id {
+            validate_id("id", id).map_err(invalid)?;
+        }
+        if let Some(key) = &idempotency_key {
+            validate_id("Idempotency-Key", key).map_err(invalid)?;
+        }
+        if req.title.as_ref().is_some_and(|t| t.len() > 500) {
+            return Err(invalid("`title` is at most 500 characters".into()));
+        }
+        match &req.metadata {
+            Some(m) if !m.is_object() => {
+                return Err(invalid("`metadata` must be a JSON object".into()));
+            }
+            Some(m) if m.to_string().len() > 16 * 1024 => {
+                return Err(invalid("`metadata` is at most 16 KiB of JSON".into()));
+            }
+            _ => {}
+        }
+        if req.idle_timeout_s == Some(0) {
+            return Err(invalid("`idle_timeout_s` must be at least 1".into()));
+        }
+        let bind = req.bind();
+        bind.validate().map_err(invalid)?;
+
+        let fingerprint = req.fingerprint();
+        if let Some(key) = &idempotency_key
+            && let Some(existing) = self
+                .store
+                .find_idempotent(tenant, key)
+                .await
+                .map_err(store_error)?
+        {
+            if existing.request_hash.as_deref() == Some(fingerprint.as_str()) {
+                return Ok((existing, false));
+            }
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request; use a new key",
+            ));
+        }
+
+        let now = store::now();
+        let mut session = Session {
+            id: req
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("ses_{}", uuid::Uuid::now_v7().simple())),
+            tenant: tenant.to_string(),
+            harness: template.name.clone(),
+            kind: template.kind.clone(),
+            status: "creating".into(),
+            phase: Some("creating".into()),
+            failure_reason: None,
+            title: req.title.clone(),
+            metadata: req
+                .metadata
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({})),
+            sandbox_id: None,
+            endpoint: None,
+            idle_timeout_s: req.idle_timeout_s.unwrap_or(template.idle_timeout_s) as i64,
+            idempotency_key: idempotency_key.clone(),
+            request_hash: Some(fingerprint),
+            created_at: now.clone(),
+            updated_at: now.clone(),
+            last_active_at: now,
+        };
+        match self.store.insert_session(&session).await {
+            Ok(()) => {}
+            Err(store::StoreError::Conflict) => {
+                // Either the id is taken or a concurrent request with the same key won the race.
+                if let Some(key) = &idempotency_key
+                    && let Ok(Some(existing)) = self.store.find_idempotent(tenant, key).await
+                {
+                    return Ok((existing, false));
+                }
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "session_exists",
+                    format!(
+                        "a session with id {:?} already exists; pick another id",
+                        session.id
+                    ),
+                ));
+            }
+            Err(e) => return Err(store_error(e)),
+        }
+
+        // Warm claim: a ready sandbox of the template, bound to this session's values.
+        while let Some(sandbox) = lock(&self.pool).claim(&template.name) {
+            self.pool_wake.notify_one();
+            match self.attach_sandbox(&session, &sandbox, &bind).await {
+                Ok(()) => {
+                    self.metrics.claim("warm");
+                    self.metrics
+                        .claim_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    let fresh = self
+                        .store
+                        .get_session_any(&session.id)
+                        .await
+                        .map_err(store_error)?;
+                    self.notify(&session.id);
+                    return Ok((fresh.unwrap_or(session), true));
+                }
+                Err(AttachError::Refused(p)) => {
+                    // The bind was refused and changed nothing: the sandbox stays warm.
+                    lock(&self.pool).adopt(&template.name, sandbox);
+                    let _ = self
+                        .store
+                        .transition(&session.id, &["creating"], "failed", Some(&p.detail))
+                        .await;
+                    return Err(p);
+                }
+                Err(AttachError::Lost(reason)) => {
+                    tracing::warn!(sandbox = %sandbox.id, %reason, "warm sandbox unusable; trying another");
+                    self.discard(sandbox).await;
+                }
+            }
+        }
+
+        // Cold start in the background; the session is `creating` until it is ready.
+        self.metrics.claim("cold");
+        let me = self.clone();
+        let cold = session.clone();
+        tokio::spawn(async move {
+            me.cold_start(cold, template, bind, started).await;
+        });
+        session.phase = Some("starting_sandbox".into());
+        Ok((session, true))
+    }
+
+    /// Binds a sandbox to a session and records it; the session becomes `ready`.
+    async fn attach_sandbox(
+        &self,
+        session: &Session,
+        sandbox: &Sandbox,
+        bind: &BindRequest,
+    ) -> Result<(), AttachError> {
+        let client = self.client_for(&sandbox.id, &sandbox.endpoint);
+        if !bind.is_empty() {
+            match client.bind(bind).await {
+                Ok(_) => {}
+                Err(ClientError::Refused(p)) if p.status == 422 => {
+                    return Err(AttachError::Refused(Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_session",
+                        p.detail.clone(),
+                    )));
+                }
+                Err(e) => return Err(AttachError::Lost(e.to_string())),
+            }
+        }
+        let claimed = self
+            .store
+            .claim_sandbox(&sandbox.id, &session.id)
+            .await
+            .map_err(|e| AttachError::Lost(e.to_string()))?;
+        if !claimed {
+            return Err(AttachError::Lost("already claimed".into()));
+        }
+        self.store
+            .set_sandbox(&session.id, &sandbox.id, &sandbox.endpoint)
+            .await
+            .map_err(|e| AttachError::Lost(e.to_string()))?;
+        self.store
+            .transition(&session.id, &["creating"], "ready", None)
+            .await
+            .map_err(|e| AttachError::Lost(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn cold_start(
+        self: Arc<Self>,
+        session: Session,
+        mut template: Template,
+        bind: BindRequest,
+        started: Instant,
+    ) {
+        let sandbox_id = format!("sbx_{}", uuid::Uuid::now_v7().simple());
+        if !bind.is_empty() {
+            // Start the agent once, with the session's values, instead of twice.
+            template.start = "bind".into();
+        }
+        let result = async {
+            let sandbox = self
+                .runtime
+                .create(&sandbox_id, &template)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.store
+                .insert_sandbox(&SandboxRow {
+                    id: sandbox.id.clone(),
+                    template: template.name.clone(),
+                    endpoint: sandbox.endpoint.clone(),
+                    pid: sandbox.pid,
+                    session_id: None,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let client = self.client_for(&sandbox.id, &sandbox.endpoint);
+            if !bind.is_empty() {
+                client.bind(&bind).await.map_err(|e| e.to_string())?;
+            }
+            wait_healthy(&client, &[Phase::Ready], COLD_START_TIMEOUT).await?;
+            match self
+                .attach_sandbox(&session, &sandbox, &BindRequest::default())
+                .await
+            {
+                Ok(()) => Ok(sandbox),
+                Err(AttachError::Refused(p)) => Err(p.detail.clone()),
+                Err(AttachError::Lost(r)) => Err(r),
+            }
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                self.metrics
+                    .claim_duration
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::info!(session_id = %session.id, "cold sandbox ready");
+            }
+            Err(reason) => {
+                tracing::warn!(session_id = %session.id, %reason, "cold start failed");
+                let reason = format!("the sandbox could not start: {reason}");
+                let _ = self
+                    .store
+                    .transition(&session.id, &["creating"], "failed", Some(&reason))
+                    .await;
+                if let Ok(Some(row)) = self.find_sandbox(&sandbox_id).await {
+                    self.discard(row).await;
+                } else {
+                    self.runtime
+                        .destroy(&Sandbox {
+                            id: sandbox_id.clone(),
+                            template: template.name.clone(),
+                            endpoint: String::new(),
+                            pid: None,
+                        })
+                        .await;
+                }
+            }
+        }
+        self.notify(&session.id);
+    }
+
+    async fn find_sandbox(&self, id: &str) -> Result<Option<Sandbox>, store::StoreError> {
+        Ok(self
+            .store
+            .list_sandboxes()
+            .await?
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|r| Sandbox {
+                id: r.id,
+                template: r.template,
+                endpoint: r.endpoint,
+                pid: r.pid,
+            }))
+    }
+
+    /// Stops a sandbox and forgets it.
+    async fn discard(&self, sandbox: Sandbox) {
+        self.runtime.destroy(&sandbox).await;
+        let _ = self.store.delete_sandbox(&sandbox.id).await;
+    }
+
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<Session, Problem> {
+        self.store
+            .get_session(tenant, id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// Long-poll: returns when the session is no longer `creating`/`running` or at `timeout`.
+    pub async fn wait(
+        &self,
+        tenant: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Session, Problem> {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = self.get(tenant, id).await?;
+            if s.status != "creating" && s.status != "running" {
+                return Ok(s);
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, changes.recv()).await {
+                    Err(_) => return Ok(s),
+                    Ok(Ok(changed)) if changed != id => continue,
+                    Ok(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Waits for any change of a session (long-poll of turns uses it).
+    pub fn changes(&self) -> broadcast::Receiver<String> {
+        self.changed.subscribe()
+    }
+
+    pub async fn list(
+        &self,
+        tenant: &str,
+        filter: &SessionFilter,
+    ) -> Result<Vec<Session>, Problem> {
+        self.store
+            .list_sessions(tenant, filter)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Deletes a session (idempotent): stops its sandbox; history stays readable.
+    pub async fn delete(&self, tenant: &str, id: &str) -> Result<Session, Problem> {
+        let s = self.get(tenant, id).await?;
+        if s.status != "deleted" {
+            self.store
+                .transition(
+                    id,
+                    &[
+                        "creating",
+                        "ready",
+                        "running",
+                        "input_required",
+                        "failed",
+                        "dead",
+                    ],
+                    "deleted",
+                    None,
+                )
+                .await
+                .map_err(store_error)?;
+            self.release(&s).await;
+            self.notify(id);
+        }
+        self.get(tenant, id).await
+    }
+
+    /// Stops a session's sandbox and drops its turn lock.
+    async fn release(&self, s: &Session) {
+        lock(&self.turns).remove(&s.id);
+        if let Some(sandbox_id) = &s.sandbox_id
+            && let Ok(Some(sandbox)) = self.find_sandbox(sandbox_id).await
+        {
+            self.discard(sandbox).await;
+        }
+    }
+
+    /// Marks a session dead (compare-and-set from a live status) and releases its sandbox.
+    /// Returns whether this call made the transition.
+    pub async fn mark_dead(&self, session: &Session, reason: &str) -> bool {
+        let changed = self
+            .store
+            .transition(
+                &session.id,
+                &["creating", "ready", "running", "input_required"],
+                "dead",
+                Some(reason),
+            )
+            .await
+            .unwrap_or(false);
+        if changed {
+            tracing::warn!(session_id = %session.id, %reason, "session dead");
+            self.metrics.dead_sessions.inc();
+            self.release(session).await;
+            self.notify(&session.id);
+        }
+        changed
+    }
+
+    // ---- turn lock
+
+    /// Takes the session's turn lock, or names the turn holding it.
+    fn lock_turn(&self, session_id: &str, turn_id: &str) -> Result<(), String> {
+        let mut turns = lock(&self.turns);
+        if let Some(running) = turns.get(session_id) {
+            return Err(running.turn_id.clone());
+        }
+        turns.insert(
+            session_id.to_string(),
+            RunningTurn {
+                turn_id: turn_id.to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    fn unlock_turn(&self, session_id: &str, turn_id: &str) {
+        let mut turns = lock(&self.turns);
+        if turns.get(session_id).is_some_and(|t| t.turn_id == turn_id) {
+            turns.remove(session_id);
+        }
+    }
+
+    pub fn running_turn(&self, session_id: &str) -> Option<String> {
+        lock(&self.turns).get(session_id).map(|t| t.turn_id.clone())
+    }
+
+    // ---- terminals
+
+    pub fn viewer_attached(&self, session_id: &str) {
+        *lock(&self.viewers)
+            .entry(session_id.to_string())
+            .or_insert(0) += 1;
+    }
+
+    pub fn viewer_detached(&self, session_id: &str) {
+        let mut v = lock(&self.viewers);
+        if let Some(n) = v.get_mut(session_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                v.remove(session_id);
+            }
+        }
+    }
+
+    // ---- background work
+
+    /// Recovers after a restart, then supervises sandboxes, reaps idle sessions and keeps the
+    /// warm pools topped up until shutdown.
+    pub async fn run_background(self: Arc<Self>, mut exits: mpsc::UnboundedReceiver<String>) {
+        self.recover().await;
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let pool = tokio::spawn(self.clone().keep_pools());
+        let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                Some(sandbox_id) = exits.recv() => self.sandbox_exited(&sandbox_id).await,
+                _ = tick.tick() => self.supervise().await,
+            }
+        }
+        pool.abort();
+        // Warm sandboxes nobody holds are stopped; claimed ones keep running for the next start.
+        let warm = lock(&self.pool).drain();
+        for sandbox in warm {
+            self.discard(sandbox).await;
+        }
+    }
+
+    async fn recover(&self) {
+        // Turns that were running when `serve` stopped cannot be resumed (the harness cancels a
+        // turn whose client went away): they end as failed, with a reason.
+        if let Ok(turns) = self.store.running_turns().await {
+            for mut t in turns {
+                t.status = "failed".into();
+                t.error = Some(
+                    serde_json::json!({"code": "interrupted", "message": "the server restarted while the turn ran"}),
+                );
+                t.finished_at = Some(store::now());
+                let _ = self.store.finish_turn(&t, None).await;
+                let _ = self
+                    .store
+                    .transition(&t.session_id, &["running", "input_required"], "ready", None)
+                    .await;
+            }
+        }
+        let rows = self.store.list_sandboxes().await.unwrap_or_default();
+        for row in rows {
+            let sandbox = Sandbox {
+                id: row.id.clone(),
+                template: row.template.clone(),
+                endpoint: row.endpoint.clone(),
+                pid: row.pid,
+            };
+            let alive = self.runtime.alive(&sandbox).await
+                && self
+                    .client_for(&sandbox.id, &sandbox.endpoint)
+                    .health()
+                    .await
+                    .is_ok();
+            match (&row.session_id, alive) {
+                (None, true) => lock(&self.pool).adopt(&row.template, sandbox),
+                (None, false) => self.discard(sandbox).await,
+                (Some(_), true) => {}
+                (Some(session_id), false) => {
+                    if let Ok(Some(s)) = self.store.get_session_any(session_id).await
+                        && !self
+                            .mark_dead(&s, "its sandbox was gone after a restart")
+                            .await
+                    {
+                        self.discard(sandbox).await;
+                    }
+                }
+            }
+        }
+        if let Ok(creating) = self.store.sessions_with_status(&["creating"]).await {
+            for s in creating {
+                let _ = self
+                    .store
+                    .transition(
+                        &s.id,
+                        &["creating"],
+                        "failed",
+                        Some("the server restarted while the sandbox was starting"),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    async fn sandbox_exited(&self, sandbox_id: &str) {
+        let warm: Vec<Sandbox> = lock(&self.pool).remove_where(|s| s.id == sandbox_id);
+        for s in warm {
+            self.discard(s).await;
+            self.pool_wake.notify_one();
+        }
+        if let Ok(Some(s)) = self.store.session_by_sandbox(sandbox_id).await {
+            self.mark_dead(&s, "its sandbox process exited").await;
+        }
+    }
+
+    async fn supervise(&self) {
+        let Ok(live) = self.store.sessions_with_status(LIVE).await else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        for s in live {
+            let Some(sandbox_id) = &s.sandbox_id else {
+                continue;
+            };
+            let Ok(Some(sandbox)) = self.find_sandbox(sandbox_id).await else {
+                self.mark_dead(&s, "its sandbox is gone").await;
+                continue;
+            };
+            if !self.runtime.alive(&sandbox).await {
+                self.mark_dead(&s, "its sandbox process exited").await;
+                continue;
+            }
+            let idle_for = humantime::parse_rfc3339(&s.last_active_at)
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default();
+            let watched = lock(&self.viewers).contains_key(&s.id);
+            if s.status == "ready" && !watched && idle_for.as_secs() as i64 > s.idle_timeout_s {
+                let reason = format!("reaped after {} s idle", s.idle_timeout_s);
+                if self
+                    .store
+                    .transition(&s.id, &["ready"], "deleted", Some(&reason))
+                    .await
+                    .unwrap_or(false)
+                {
+                    tracing::info!(session_id = %s.id, "reaped idle session");
+                    self.release(&s).await;
+                    self.notify(&s.id);
+                }
+            }
+        }
+    }
+
+    /// Keeps every template's warm pool at its size.
+    async fn keep_pools(self: Arc<Self>) {
+        let mut backoff: HashMap<String, (Instant, Duration)> = HashMap::new();
+        loop {
+            let now = Instant::now();
+            for t in self.templates.values().filter(|t| t.pool > 0) {
+                if backoff.get(&t.name).is_some_and(|(until, _)| *until > now) {
+                    continue;
+                }
+                let n = lock(&self.pool).plan(&t.name, t.pool);
+                for _ in 0..n {
+                    let me = self.clone();
+                    let t = t.clone();
+                    tokio::spawn(async move {
+                        if !me.start_warm(&t).await {
+                            lock(&me.pool_failures).push(t.name.clone());
+                        }
+                        me.pool_wake.notify_one();
+                    });
+                }
+            }
+            let failed: Vec<String> = std::mem::take(&mut *lock(&self.pool_failures));
+            for name in failed {
+                let delay = backoff.get(&name).map_or(Duration::from_secs(1), |(_, d)| {
+                    (*d * 2).min(Duration::from_secs(60))
+                });
+                tracing::warn!(template = %name, retry_in = ?delay, "warm sandbox failed to start");
+                backoff.insert(name, (Instant::now() + delay, delay));
+            }
+            tokio::select! {
+                () = self.pool_wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn start_warm(&self, t: &Template) -> bool {
+        let id = format!("sbx_{}", uuid::Uuid::now_v7().simple());
+        let result = async {
+            let sandbox = self
+                .runtime
+                .create(&id, t)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.store
+                .insert_sandbox(&SandboxRow {
+                    id: sandbox.id.clone(),
+                    template: t.name.clone(),
+                    endpoint: sandbox.endpoint.clone(),
+                    pid: sandbox.pid,
+                    session_id: None,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let want = if t.start == "bind" {
+                Phase::Standby
+            } else {
+                Phase::Ready
+            };
+            if let Err(e) = wait_healthy(
+                &self.client_for(&sandbox.id, &sandbox.endpoint),
+                &[want],
+                COLD_START_TIMEOUT,
+            )
+            .await
+            {
+                self.discard(sandbox).await;
+                return Err(e);
+            }
+            Ok(sandbox)
+        }
+        .await;
+        match result {
+            Ok(sandbox) => {
+                lock(&self.pool).started(&t.name, Some(sandbox));
+                true
+            }
+            Err(reason) => {
+                tracing::warn!(template = %t.name, %reason, "warm sandbox failed");
+                lock(&self.pool).started(&t.name, None);
+                false
+            }
+        }
+    }
+}
+
+enum AttachError {
+    /// The harness refused the bind (bad values); nothing changed there.
+    Refused(Problem),
+    /// The sandbox could not be used.
+    Lost(String),
+}
+
+/// Polls a harness's health until it reports one of `want`, fails, or `within` passes.
+pub async fn wait_healthy(
+    client: &HarnessClient,
+    want: &[Phase],
+    within: Duration,
+) -> Result<(), String> {
+    use backon::{ConstantBuilder, Retryable};
+    let attempts = (within.as_millis() / 20).max(1) as usize;
+    let check = || async {
+        match client.health().await {
+            Ok(h) if want.contains(&h.phase) => Ok(Ok(())),
+            Ok(h) if matches!(h.phase, Phase::Failed | Phase::Exited) => {
+                Ok(Err(h.reason.unwrap_or_else(|| "the harness failed".into())))
+            }
+            Ok(h) => Err(format!("still {:?}", h.phase)),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    check
+        .retry(
+            ConstantBuilder::default()
+                .with_delay(Duration::from_millis(20))
+                .with_max_times(attempts),
+        )
+        .await
+        .map_err(|last| format!("not ready within {} s ({last})", within.as_secs()))?
+}

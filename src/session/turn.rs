@@ -1,0 +1,624 @@
+//! Turns: the user's message is stored before the harness is dialled; the harness's events are
+//! numbered, stored and fanned out; the outcome is stored with the assistant's message. One
+//! machinery serves the three response modes (JSON, SSE, async).
+
+use super::message::MessageRequest;
+use super::{Orchestrator, lock, not_found, store_error};
+use crate::event::{EventType, TurnEvent, TurnRequest};
+use crate::harness_client::ClientError;
+use crate::problem::Problem;
+use crate::store::{self, Message, Session, Turn};
+use axum::http::StatusCode;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, watch};
+
+/// How a turn ended, as the JSON reply, the turn resource and webhooks show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub session_id: String,
+    pub turn_id: String,
+    /// `completed`, `cancelled` or `failed`.
+    pub status: String,
+    pub stop_reason: Option<String>,
+    pub text: String,
+    pub parts: Vec<Value>,
+    pub messages: Vec<Message>,
+    pub usage: Value,
+    pub error: Option<Value>,
+}
+
+pub struct Started {
+    pub session: Session,
+    pub turn_id: String,
+    /// Live session events, subscribed before the harness was dialled.
+    pub events: broadcast::Receiver<store::Event>,
+    pub done: watch::Receiver<Option<Arc<Outcome>>>,
+}
+
+/// Builds the assistant's parts from the turn's events: consecutive text chunks merge.
+#[derive(Default)]
+struct Reply {
+    text: String,
+    parts: Vec<Value>,
+}
+
+impl Reply {
+    fn add(&mut self, kind: EventType, data: &Value) {
+        match kind {
+            EventType::Text | EventType::Reasoning => {
+                let piece = data["text"].as_str().unwrap_or_default();
+                let name = kind.as_str();
+                if kind == EventType::Text {
+                    self.text.push_str(piece);
+                }
+                if let Some(last) = self.parts.last_mut()
+                    && last["type"] == name
+                {
+                    let joined = format!("{}{piece}", last["text"].as_str().unwrap_or_default());
+                    last["text"] = Value::String(joined);
+                    return;
+                }
+                self.parts.push(json!({ "type": name, "text": piece }));
+            }
+            EventType::ToolUse if data.get("update").is_none() => {
+                self.parts.push(json!({ "type": "tool_use", "id": data["id"], "name": data["name"], "input": data["input"] }));
+            }
+            EventType::ToolResult => {
+                self.parts.push(json!({ "type": "tool_result", "id": data["id"], "status": data["status"], "output": data["output"] }));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn problem_for_failed(o: &Outcome) -> Problem {
+    let code = o
+        .error
+        .as_ref()
+        .and_then(|e| e["code"].as_str())
+        .unwrap_or("turn_failed")
+        .to_string();
+    let message = o
+        .error
+        .as_ref()
+        .and_then(|e| e["message"].as_str())
+        .unwrap_or("the turn failed")
+        .to_string();
+    let status = if code == crate::event::error_code::TIMEOUT {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    Problem::new(status, "turn_failed", message)
+        .with("turn_id", o.turn_id.clone())
+        .with("session_id", o.session_id.clone())
+        .with("error", o.error.clone().unwrap_or(Value::Null))
+        .with("text", o.text.clone())
+}
+
+impl Outcome {
+    /// The JSON reply of a unary message, or the problem for a failed turn.
+    pub fn into_reply(self: Arc<Self>) -> Result<Value, Problem> {
+        if self.status == "failed" {
+            return Err(problem_for_failed(&self));
+        }
+        Ok(serde_json::to_value(&*self).unwrap_or(Value::Null))
+    }
+}
+
+impl Orchestrator {
+    /// Starts a turn on a session: checks, records the user's message, dials the harness.
+    pub async fn start_turn(
+        self: &Arc<Self>,
+        tenant: &str,
+        session_id: &str,
+        req: MessageRequest,
+        mode: &str,
+    ) -> Result<Started, Problem> {
+        let parts = req
+            .parts()
+            .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_message", m))?;
+        if let Some(hook) = &req.webhook {
+            super::webhook::check_target(&hook.url, self.config.allow_private_webhooks)
+                .await
+                .map_err(|m| {
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_webhook", m)
+                })?;
+        }
+        let mut session = self.get(tenant, session_id).await?;
+        if session.status == "creating" {
+            session = self
+                .wait(tenant, session_id, super::COLD_START_TIMEOUT)
+                .await?;
+        }
+        if session.kind == "tui" {
+            let mut p = Problem::new(
+                StatusCode::CONFLICT,
+                "tui_session",
+                "this session runs a terminal program; attach to its tty_url over WebSocket instead of sending messages",
+            );
+            if let Some(url) = self.tty_url(&session) {
+                p = p.with("tty_url", url);
+            }
+            return Err(p);
+        }
+        match session.status.as_str() {
+            "ready" => {}
+            "running" | "input_required" => {
+                let mut p = Problem::new(
+                    StatusCode::CONFLICT,
+                    "turn_in_progress",
+                    "a turn is running on this session; wait for it to finish or cancel it",
+                );
+                if let Some(t) = self.running_turn(&session.id) {
+                    p = p.with("turn_id", t);
+                }
+                return Err(p);
+            }
+            other => {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "session_not_usable",
+                    format!(
+                        "the session is {other}{}; create a new session",
+                        session
+                            .failure_reason
+                            .as_deref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    ),
+                )
+                .with("status", other.to_string()));
+            }
+        }
+        let turn_id = format!("turn_{}", uuid::Uuid::now_v7().simple());
+        self.lock_turn(&session.id, &turn_id).map_err(|running| {
+            Problem::new(
+                StatusCode::CONFLICT,
+                "turn_in_progress",
+                "a turn is running on this session; wait for it to finish or cancel it",
+            )
+            .with("turn_id", running)
+        })?;
+        let started = self
+            .record_and_dial(&session, &turn_id, &req, parts, mode)
+            .await;
+        if started.is_err() {
+            self.unlock_turn(&session.id, &turn_id);
+        }
+        started
+    }
+
+    async fn record_and_dial(
+        self: &Arc<Self>,
+        session: &Session,
+        turn_id: &str,
+        req: &MessageRequest,
+        parts: Vec<crate::event::Part>,
+        mode: &str,
+    ) -> Result<Started, Problem> {
+        let now = store::now();
+        let options = json!({
+            "model": req.model, "thinking": req.thinking, "agent": req.agent,
+            "participant_name": req.participant_name, "participant_type": req.participant_type,
+            "webhook": req.webhook.as_ref().map(|w| &w.url),
+        });
+        let mut turn = Turn {
+            id: turn_id.to_string(),
+            session_id: session.id.clone(),
+            status: "running".into(),
+            mode: mode.into(),
+            options,
+            text: None,
+            usage: None,
+            error: None,
+            created_at: now.clone(),
+            finished_at: None,
+        };
+        let text: String = parts
+            .iter()
+            .filter_map(|p| match p {
+                crate::event::Part::Text { text } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let user = Message {
+            id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
+            session_id: session.id.clone(),
+            turn_id: turn_id.to_string(),
+            role: "user".into(),
+            text,
+            parts: serde_json::to_value(&parts).unwrap_or(Value::Null),
+            metadata: json!({
+                "participant_name": req.participant_name, "participant_type": req.participant_type,
+                "metadata": req.metadata,
+            }),
+            created_at: now,
+        };
+        self.store
+            .insert_turn(&turn, &user)
+            .await
+            .map_err(store_error)?;
+        let moved = self
+            .store
+            .transition(&session.id, &["ready"], "running", None)
+            .await
+            .map_err(store_error)?;
+        let fail = |turn: &mut Turn, code: &str, message: String| {
+            turn.status = "failed".into();
+            turn.error = Some(json!({ "code": code, "message": message }));
+            turn.finished_at = Some(store::now());
+        };
+        if !moved {
+            fail(
+                &mut turn,
+                "session_changed",
+                "the session changed state before the turn started".into(),
+            );
+            let _ = self.store.finish_turn(&turn, None).await;
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "session_not_usable",
+                "the session changed state before the turn could start; fetch it and retry",
+            ));
+        }
+        self.notify(&session.id);
+        let events = self.hub.subscribe(&session.id);
+        let Some(client) = self.session_client(session) else {
+            return Err(not_found(&session.id));
+        };
+        let request = TurnRequest {
+            turn_id: Some(turn_id.to_string()),
+            parts,
+            timeout_s: None,
+        };
+        let stream = match client.turn(&request).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                let (problem, code) = match &e {
+                    ClientError::Connect { .. } => {
+                        let reason = format!("its harness could not be reached ({e})");
+                        self.mark_dead(session, &reason).await;
+                        (
+                            Problem::new(
+                                StatusCode::BAD_GATEWAY,
+                                "harness_unreachable",
+                                "the session's sandbox could not be reached; the session is now dead, create a new one",
+                            )
+                            .with("status", "dead"),
+                            "harness_unreachable",
+                        )
+                    }
+                    ClientError::Refused(p) => (
+                        Problem::new(
+                            StatusCode::BAD_GATEWAY,
+                            "harness_error",
+                            format!("the harness refused the turn: {}", p.detail),
+                        )
+                        .with("harness_error", p.kind.clone()),
+                        "harness_error",
+                    ),
+                    other => (
+                        Problem::new(
+                            StatusCode::BAD_GATEWAY,
+                            "harness_error",
+                            format!("the harness failed: {other}"),
+                        ),
+                        "harness_error",
+                    ),
+                };
+                fail(&mut turn, code, problem.detail.clone());
+                let _ = self.store.finish_turn(&turn, None).await;
+                let _ = self
+                    .store
+                    .transition(&session.id, &["running"], "ready", None)
+                    .await;
+                self.metrics.turn("failed");
+                self.notify(&session.id);
+                return Err(problem.with("turn_id", turn_id.to_string()));
+            }
+        };
+        let (done_tx, done) = watch::channel(None);
+        let me = self.clone();
+        let s = session.clone();
+        let webhook = req.webhook.clone();
+        tokio::spawn(async move {
+            let outcome = me.drive(s, turn, user, stream, webhook).await;
+            let _ = done_tx.send(Some(outcome));
+        });
+        Ok(Started {
+            session: session.clone(),
+            turn_id: turn_id.to_string(),
+            events,
+            done,
+        })
+    }
+
+    /// Consumes the harness's events to the end and records the outcome.
+    async fn drive(
+        self: Arc<Self>,
+        session: Session,
+        mut turn: Turn,
+        user: Message,
+        stream: impl futures::Stream<Item = Result<TurnEvent, ClientError>> + Send + 'static,
+        webhook: Option<super::message::WebhookSpec>,
+    ) -> Arc<Outcome> {
+        let started = Instant::now();
+        futures::pin_mut!(stream);
+        let mut reply = Reply::default();
+        let mut terminal: Option<(EventType, Value)> = None;
+        let mut waiting_input = false;
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(session_id = %session.id, error = %e, "harness stream broke");
+                    break;
+                }
+            };
+            if event.kind == EventType::InputRequired {
+                waiting_input = true;
+                let _ = self
+                    .store
+                    .transition(&session.id, &["running"], "input_required", None)
+                    .await;
+                self.notify(&session.id);
+            } else if waiting_input {
+                waiting_input = false;
+                let _ = self
+                    .store
+                    .transition(&session.id, &["input_required"], "running", None)
+                    .await;
+                self.notify(&session.id);
+            }
+            reply.add(event.kind, &event.data);
+            if let Err(e) = self
+                .hub
+                .publish(
+                    &session.id,
+                    Some(&turn.id),
+                    event.kind.as_str(),
+                    event.ts.clone(),
+                    event.data.clone(),
+                )
+                .await
+            {
+                tracing::error!(error = %e, "recording an event failed");
+            }
+            if event.kind.is_terminal() {
+                terminal = Some((event.kind, event.data));
+                break;
+            }
+        }
+        let (kind, data) = match terminal {
+            Some(t) => t,
+            None => {
+                // The harness went away mid-turn: say so in the stream, and find out whether the
+                // sandbox is gone.
+                let data = json!({ "code": "harness_lost", "message": "the connection to the harness was lost during the turn" });
+                let _ = self
+                    .hub
+                    .publish(
+                        &session.id,
+                        Some(&turn.id),
+                        "error",
+                        store::now(),
+                        data.clone(),
+                    )
+                    .await;
+                if let Some(client) = self.session_client(&session)
+                    && let Err(e) = client.health().await
+                    && e.is_connect()
+                {
+                    self.mark_dead(&session, "its harness stopped answering during a turn")
+                        .await;
+                }
+                (EventType::Error, data)
+            }
+        };
+        let stop_reason = data["stop_reason"].as_str().map(String::from);
+        let status = match (kind, stop_reason.as_deref()) {
+            (EventType::Done, Some("cancelled")) => "cancelled",
+            (EventType::Done, _) => "completed",
+            _ => "failed",
+        };
+        let usage = data
+            .get("usage")
+            .cloned()
+            .unwrap_or_else(|| json!({"input_tokens":0,"output_tokens":0,"total_tokens":0}));
+        turn.status = status.into();
+        turn.text = Some(reply.text.clone());
+        turn.usage = Some(usage.clone());
+        turn.error = (kind == EventType::Error).then(|| data.clone());
+        turn.finished_at = Some(store::now());
+        let assistant = (!reply.parts.is_empty()).then(|| Message {
+            id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
+            session_id: session.id.clone(),
+            turn_id: turn.id.clone(),
+            role: "assistant".into(),
+            text: reply.text.clone(),
+            parts: Value::Array(reply.parts.clone()),
+            metadata: json!({}),
+            created_at: store::now(),
+        });
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "flushing events failed");
+        }
+        if let Err(e) = self.store.finish_turn(&turn, assistant.as_ref()).await {
+            tracing::error!(error = %e, turn_id = %turn.id, "recording the turn's end failed");
+        }
+        let _ = self
+            .store
+            .transition(&session.id, &["running", "input_required"], "ready", None)
+            .await;
+        self.unlock_turn(&session.id, &turn.id);
+        self.metrics.turn(status);
+        self.metrics
+            .turn_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.notify(&session.id);
+        let mut messages = vec![user];
+        messages.extend(assistant);
+        let outcome = Arc::new(Outcome {
+            session_id: session.id.clone(),
+            turn_id: turn.id.clone(),
+            status: status.into(),
+            stop_reason,
+            text: reply.text,
+            parts: reply.parts,
+            messages,
+            usage,
+            error: turn.error.clone(),
+        });
+        if let Some(hook) = webhook {
+            let me = self.clone();
+            let o = outcome.clone();
+            tokio::spawn(async move { super::webhook::deliver(&me, hook, o).await });
+        }
+        outcome
+    }
+
+    /// A turn's outcome from the store (for the turn resource and after restarts).
+    pub async fn turn_view(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: &str,
+    ) -> Result<Value, Problem> {
+        let _ = self.get(tenant, session_id).await?;
+        let turn = self
+            .store
+            .get_turn(session_id, turn_id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::NOT_FOUND,
+                    "turn_not_found",
+                    format!("no turn {turn_id:?} in this session"),
+                )
+            })?;
+        let messages = self
+            .store
+            .list_messages(session_id, Some(turn_id))
+            .await
+            .map_err(store_error)?;
+        let deliveries = self.store.deliveries(turn_id).await.map_err(store_error)?;
+        let parts = messages
+            .iter()
+            .find(|m| m.role == "assistant")
+            .map(|m| m.parts.clone())
+            .unwrap_or_else(|| json!([]));
+        Ok(json!({
+            "session_id": session_id, "turn_id": turn.id, "status": turn.status, "mode": turn.mode,
+            "text": turn.text.unwrap_or_default(), "parts": parts, "messages": messages,
+            "usage": turn.usage, "error": turn.error, "created_at": turn.created_at,
+            "finished_at": turn.finished_at, "webhook_deliveries": deliveries,
+        }))
+    }
+
+    /// Long-polls a turn until it is no longer running or `timeout` passes.
+    pub async fn wait_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: &str,
+        timeout: Duration,
+    ) -> Result<Value, Problem> {
+        let mut changes = self.changes();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let view = self.turn_view(tenant, session_id, turn_id).await?;
+            if view["status"] != "running" {
+                return Ok(view);
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, changes.recv()).await {
+                    Err(_) => return Ok(view),
+                    Ok(Ok(id)) if id != session_id => continue,
+                    Ok(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Cancels the session's running turn through its harness.
+    pub async fn cancel(&self, tenant: &str, session_id: &str) -> Result<Value, Problem> {
+        let session = self.get(tenant, session_id).await?;
+        let Some(turn_id) = self.running_turn(&session.id) else {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "no_turn_running",
+                "no turn is running on this session",
+            ));
+        };
+        let client = self
+            .session_client(&session)
+            .ok_or_else(|| not_found(session_id))?;
+        match client.cancel().await {
+            Ok(_) => {
+                Ok(json!({ "session_id": session.id, "turn_id": turn_id, "cancelling": true }))
+            }
+            Err(ClientError::Refused(p)) if p.status == 409 => {
+                // The turn ended between our check and the harness's.
+                Ok(json!({ "session_id": session.id, "turn_id": turn_id, "cancelling": false }))
+            }
+            Err(e) => Err(self.harness_problem(&session, e).await),
+        }
+    }
+
+    /// Answers an `input_required` event through the harness.
+    pub async fn answer(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        request_id: &str,
+        answer: &crate::event::InputAnswer,
+    ) -> Result<Value, Problem> {
+        let session = self.get(tenant, session_id).await?;
+        let client = self
+            .session_client(&session)
+            .ok_or_else(|| not_found(session_id))?;
+        match client.answer(request_id, answer).await {
+            Ok(v) => Ok(v),
+            Err(ClientError::Refused(p)) if p.status < 500 => Err(p),
+            Err(e) => Err(self.harness_problem(&session, e).await),
+        }
+    }
+
+    async fn harness_problem(&self, session: &Session, e: ClientError) -> Problem {
+        if e.is_connect() {
+            self.mark_dead(session, &format!("its harness could not be reached ({e})"))
+                .await;
+            return Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "harness_unreachable",
+                "the session's sandbox could not be reached; the session is now dead, create a new one",
+            )
+            .with("status", "dead");
+        }
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "harness_error",
+            format!("the harness failed: {e}"),
+        )
+    }
+
+    /// The user-visible history of a session.
+    pub async fn history(&self, tenant: &str, session_id: &str) -> Result<Vec<Message>, Problem> {
+        let s = self.get(tenant, session_id).await?;
+        self.store
+            .list_messages(&s.id, None)
+            .await
+            .map_err(store_error)
+    }
+
+    pub fn is_running(&self, session_id: &str) -> bool {
+        lock(&self.turns).contains_key(session_id)
+    }
+}

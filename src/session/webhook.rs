@@ -1,0 +1,253 @@
+//! Webhooks: a turn's outcome POSTed to the client's URL, signed, retried with backoff, and every
+//! attempt recorded. Private, loopback and link-local targets are refused unless allowed.
+
+use super::Orchestrator;
+use super::message::WebhookSpec;
+use super::turn::Outcome;
+use crate::store::{self, Delivery};
+use backon::{ExponentialBuilder, Retryable};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+const ATTEMPTS: usize = 6;
+
+/// Addresses a webhook must not reach by default: loopback, private, link-local (cloud metadata),
+/// shared, unspecified and multicast ranges.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || o[0] == 0
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Checks a webhook URL: http(s), a host, and (unless allowed) no private address.
+pub async fn check_target(raw: &str, allow_private: bool) -> Result<(), String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("webhook.url {raw:?} is not a URL: {e}"))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err("webhook.url must be http:// or https://".into());
+    }
+    let Some(host) = url.host_str() else {
+        return Err("webhook.url has no host".into());
+    };
+    if allow_private {
+        return Ok(());
+    }
+    let port = url.port_or_known_default().unwrap_or(443);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("webhook.url host {host:?} does not resolve: {e}"))?
+            .map(|a| a.ip())
+            .collect(),
+    };
+    if addrs.iter().any(|ip| is_private(*ip)) {
+        return Err(format!(
+            "webhook.url {host:?} points at a private, loopback or link-local address, which is refused; \
+             use a public address (an operator can allow private targets with --allow-private-webhooks)"
+        ));
+    }
+    Ok(())
+}
+
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "t.body" keyed by the webhook token>`.
+pub fn signature(token: &str, timestamp: u64, body: &[u8]) -> String {
+    let mut mac = match Hmac::<Sha256>::new_from_slice(token.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
+}
+
+enum Attempt {
+    Retry(String),
+    GiveUp(String),
+}
+
+/// Delivers the outcome; retries network errors, 429 and 5xx with exponential backoff.
+pub async fn deliver(orch: &Arc<Orchestrator>, hook: WebhookSpec, outcome: Arc<Outcome>) {
+    let mut payload = serde_json::json!({
+        "type": format!("turn.{}", outcome.status),
+        "session_id": outcome.session_id, "turn_id": outcome.turn_id, "status": outcome.status,
+        "stop_reason": outcome.stop_reason, "text": outcome.text, "parts": outcome.parts,
+        "usage": outcome.usage, "error": outcome.error,
+    });
+    if hook.include_messages {
+        payload["messages"] = serde_json::to_value(&outcome.messages).unwrap_or_default();
+    }
+    let body = payload.to_string();
+    let now = store::now();
+    let mut record = Delivery {
+        id: format!("whd_{}", uuid::Uuid::now_v7().simple()),
+        turn_id: outcome.turn_id.clone(),
+        session_id: outcome.session_id.clone(),
+        url: hook.url.clone(),
+        status: "pending".into(),
+        attempts: 0,
+        last_status: None,
+        last_error: None,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    let _ = orch.store.upsert_delivery(&record).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default();
+    let record = tokio::sync::Mutex::new(&mut record);
+    let attempt = || async {
+        // Checked again at each attempt: a name may resolve elsewhere by now.
+        if let Err(m) = check_target(&hook.url, orch.config.allow_private_webhooks).await {
+            return Err(Attempt::GiveUp(m));
+        }
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut req = http
+            .post(&hook.url)
+            .header("content-type", "application/json")
+            .header("x-sandwarden-event", format!("turn.{}", outcome.status))
+            .body(body.clone());
+        let mut rec = record.lock().await;
+        req = req.header("x-sandwarden-delivery", rec.id.clone());
+        if let Some(token) = &hook.token {
+            req = req.bearer_auth(token).header(
+                "x-sandwarden-signature",
+                signature(token, ts, body.as_bytes()),
+            );
+        }
+        rec.attempts += 1;
+        let result = req.send().await;
+        rec.updated_at = store::now();
+        let verdict = match result {
+            Ok(resp) if resp.status().is_success() => {
+                rec.status = "delivered".into();
+                rec.last_status = Some(i64::from(resp.status().as_u16()));
+                rec.last_error = None;
+                Ok(())
+            }
+            Ok(resp) => {
+                let code = resp.status();
+                rec.last_status = Some(i64::from(code.as_u16()));
+                rec.last_error = Some(format!("answered {code}"));
+                if code.is_server_error() || code.as_u16() == 429 || code.as_u16() == 408 {
+                    Err(Attempt::Retry(format!("answered {code}")))
+                } else {
+                    Err(Attempt::GiveUp(format!("answered {code}")))
+                }
+            }
+            Err(e) => {
+                rec.last_status = None;
+                rec.last_error = Some(e.to_string());
+                Err(Attempt::Retry(e.to_string()))
+            }
+        };
+        let outcome_label = if verdict.is_ok() {
+            "delivered"
+        } else {
+            "failed"
+        };
+        orch.metrics
+            .webhook_attempts
+            .get_or_create(&crate::metrics::OutcomeLabel {
+                outcome: outcome_label.into(),
+            })
+            .inc();
+        let _ = orch.store.upsert_delivery(&rec).await;
+        verdict
+    };
+    let result = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(30))
+                .with_max_times(ATTEMPTS - 1)
+                .with_jitter(),
+        )
+        .when(|e| matches!(e, Attempt::Retry(_)))
+        .await;
+    let mut rec = record.lock().await;
+    if let Err(Attempt::Retry(m) | Attempt::GiveUp(m)) = result {
+        rec.status = "failed".into();
+        rec.last_error = Some(m);
+        rec.updated_at = store::now();
+        let _ = orch.store.upsert_delivery(&rec).await;
+        tracing::warn!(turn_id = %outcome.turn_id, attempts = rec.attempts, "webhook delivery failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_ranges_are_recognized() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_private(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+            assert!(!is_private(ip.parse().expect("ip")), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn targets_are_checked() {
+        assert!(check_target("ftp://x/y", true).await.is_err());
+        assert!(check_target("not a url", true).await.is_err());
+        assert!(check_target("http://127.0.0.1:9/x", false).await.is_err());
+        assert!(check_target("http://[::1]:9/x", false).await.is_err());
+        assert!(check_target("http://127.0.0.1:9/x", true).await.is_ok());
+    }
+
+    #[test]
+    fn signature_is_keyed_and_timestamped() {
+        let a = signature("k", 1, b"body");
+        assert!(a.starts_with("t=1,v1="));
+        assert_ne!(a, signature("k2", 1, b"body"));
+        assert_ne!(a, signature("k", 2, b"body"));
+    }
+}

@@ -1,0 +1,745 @@
+//! The store: sessions, turns, messages, events, webhook deliveries, sandboxes and API keys in an
+//! SQLite file, with versioned migrations.
+//!
+//! It stores what it is given and answers queries; it holds no session logic and must never be
+//! handed per-session env or secrets.
+
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the store at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrating the store")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("store query failed")]
+    Query(#[from] sqlx::Error),
+    #[error("stored JSON is corrupt")]
+    Json(#[from] serde_json::Error),
+    #[error("the store writer has stopped")]
+    WriterGone,
+    #[error("a row with this key already exists")]
+    Conflict,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A session as stored and as the API shows it (the API adds `tty_url`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant: String,
+    pub harness: String,
+    pub kind: String,
+    pub status: String,
+    pub phase: Option<String>,
+    pub failure_reason: Option<String>,
+    pub title: Option<String>,
+    pub metadata: serde_json::Value,
+    #[serde(skip)]
+    pub sandbox_id: Option<String>,
+    #[serde(skip)]
+    pub endpoint: Option<String>,
+    pub idle_timeout_s: i64,
+    #[serde(skip)]
+    pub idempotency_key: Option<String>,
+    #[serde(skip)]
+    pub request_hash: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub last_active_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    pub id: String,
+    pub session_id: String,
+    pub status: String,
+    pub mode: String,
+    pub options: serde_json::Value,
+    pub text: Option<String>,
+    pub usage: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: String,
+    #[serde(skip)]
+    pub session_id: String,
+    pub turn_id: String,
+    pub role: String,
+    pub text: String,
+    pub parts: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub created_at: String,
+}
+
+/// The session event envelope: `seq` is per session and gap-free.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    pub seq: i64,
+    pub session_id: String,
+    pub turn_id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub ts: String,
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: String,
+    pub turn_id: String,
+    pub session_id: String,
+    pub url: String,
+    pub status: String,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxRow {
+    pub id: String,
+    pub template: String,
+    pub endpoint: String,
+    pub pid: Option<i64>,
+    pub session_id: Option<String>,
+}
+
+/// Filters for listing sessions.
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    pub status: Option<String>,
+    pub harness: Option<String>,
+    /// Sessions created after this (created_at, id) pair, for cursor pagination.
+    pub after: Option<(String, String)>,
+    pub limit: i64,
+}
+
+enum Write {
+    Events(Vec<Event>),
+    Flush(oneshot::Sender<Result<(), String>>),
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    writer: mpsc::Sender<Write>,
+}
+
+pub fn now() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or(serde_json::Value::Null)
+}
+
+fn opt_json(text: Option<String>) -> Option<serde_json::Value> {
+    text.map(|t| json(&t))
+}
+
+impl Store {
+    /// Opens (creating if needed) `DIR/sandwarden.db` and applies pending migrations.
+    pub async fn open(data_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
+            path: data_dir.display().to_string(),
+            source: sqlx::Error::Io(e),
+        })?;
+        let path = data_dir.join("sandwarden.db");
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        sqlx::migrate!("src/store/migrations")
+            .run(&pool)
+            .await
+            .map_err(StoreError::Migrate)?;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(write_events(pool.clone(), rx));
+        Ok(Store { pool, writer: tx })
+    }
+
+    // ---- API keys
+
+    pub async fn insert_key(&self, tenant: &str, key_hash: &str, admin: bool) -> Result<String> {
+        let id = format!("key_{}", uuid::Uuid::now_v7().simple());
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant, key_hash, admin, created_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (key_hash) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(tenant)
+        .bind(key_hash)
+        .bind(admin)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// The tenant and admin flag of a key, by its hash.
+    pub async fn find_key(&self, key_hash: &str) -> Result<Option<(String, bool)>> {
+        let row = sqlx::query("SELECT tenant, admin FROM api_keys WHERE key_hash = ?")
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get("tenant"), r.get::<bool, _>("admin"))))
+    }
+
+    pub async fn has_admin_key(&self) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE admin = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    // ---- sessions
+
+    pub async fn insert_session(&self, s: &Session) -> Result<()> {
+        let result = sqlx::query(
+            "INSERT INTO sessions (id, tenant, harness, kind, status, phase, failure_reason, title, \
+             metadata, sandbox_id, endpoint, idle_timeout_s, idempotency_key, request_hash, \
+             created_at, updated_at, last_active_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.tenant)
+        .bind(&s.harness)
+        .bind(&s.kind)
+        .bind(&s.status)
+        .bind(&s.phase)
+        .bind(&s.failure_reason)
+        .bind(&s.title)
+        .bind(s.metadata.to_string())
+        .bind(&s.sandbox_id)
+        .bind(&s.endpoint)
+        .bind(s.idle_timeout_s)
+        .bind(&s.idempotency_key)
+        .bind(&s.request_hash)
+        .bind(&s.created_at)
+        .bind(&s.updated_at)
+        .bind(&s.last_active_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn session_from(row: &sqlx::sqlite::SqliteRow) -> Session {
+        Session {
+            id: row.get("id"),
+            tenant: row.get("tenant"),
+            harness: row.get("harness"),
+            kind: row.get("kind"),
+            status: row.get("status"),
+            phase: row.get("phase"),
+            failure_reason: row.get("failure_reason"),
+            title: row.get("title"),
+            metadata: json(&row.get::<String, _>("metadata")),
+            sandbox_id: row.get("sandbox_id"),
+            endpoint: row.get("endpoint"),
+            idle_timeout_s: row.get("idle_timeout_s"),
+            idempotency_key: row.get("idempotency_key"),
+            request_hash: row.get("request_hash"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+            last_active_at: row.get("last_active_at"),
+        }
+    }
+
+    /// A session of `tenant` (another tenant's session is simply not found).
+    pub async fn get_session(&self, tenant: &str, id: &str) -> Result<Option<Session>> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE id = ? AND tenant = ?")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(Self::session_from))
+    }
+
+    pub async fn get_session_any(&self, id: &str) -> Result<Option<Session>> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(Self::session_from))
+    }
+
+    pub async fn session_by_sandbox(&self, sandbox_id: &str) -> Result<Option<Session>> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE sandbox_id = ?")
+            .bind(sandbox_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(Self::session_from))
+    }
+
+    pub async fn find_idempotent(&self, tenant: &str, key: &str) -> Result<Option<Session>> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE tenant = ? AND idempotency_key = ?")
+            .bind(tenant)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(Self::session_from))
+    }
+
+    pub async fn list_sessions(&self, tenant: &str, f: &SessionFilter) -> Result<Vec<Session>> {
+        let (after_ts, after_id) = f.after.clone().unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT * FROM sessions WHERE tenant = ? \
+             AND (? IS NULL OR status = ?) AND (? IS NULL OR harness = ?) \
+             AND (created_at > ? OR (created_at = ? AND id > ?)) \
+             ORDER BY created_at, id LIMIT ?",
+        )
+        .bind(tenant)
+        .bind(&f.status)
+        .bind(&f.status)
+        .bind(&f.harness)
+        .bind(&f.harness)
+        .bind(&after_ts)
+        .bind(&after_ts)
+        .bind(&after_id)
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(Self::session_from).collect())
+    }
+
+    /// Sessions in any of `statuses`, across tenants (for supervision and reaping).
+    pub async fn sessions_with_status(&self, statuses: &[&str]) -> Result<Vec<Session>> {
+        let mut out = Vec::new();
+        for status in statuses {
+            let rows = sqlx::query("SELECT * FROM sessions WHERE status = ?")
+                .bind(status)
+                .fetch_all(&self.pool)
+                .await?;
+            out.extend(rows.iter().map(Self::session_from));
+        }
+        Ok(out)
+    }
+
+    /// Compare-and-set of the status: changes it only from one of `from`. Returns whether it did.
+    pub async fn transition(
+        &self,
+        id: &str,
+        from: &[&str],
+        to: &str,
+        failure_reason: Option<&str>,
+    ) -> Result<bool> {
+        let from_json = serde_json::to_string(from)?;
+        let ts = now();
+        let result = sqlx::query(
+            "UPDATE sessions SET status = ?, failure_reason = COALESCE(?, failure_reason), \
+             phase = ?, updated_at = ? \
+             WHERE id = ? AND status IN (SELECT value FROM json_each(?))",
+        )
+        .bind(to)
+        .bind(failure_reason)
+        .bind(to)
+        .bind(&ts)
+        .bind(id)
+        .bind(from_json)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    pub async fn set_sandbox(&self, id: &str, sandbox_id: &str, endpoint: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE sessions SET sandbox_id = ?, endpoint = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(sandbox_id)
+        .bind(endpoint)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn touch(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE sessions SET last_active_at = ? WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- turns and messages
+
+    /// Records a new turn and the user's message in one transaction (before the harness is dialled).
+    pub async fn insert_turn(&self, turn: &Turn, user: &Message) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO turns (id, session_id, status, mode, options, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&turn.id)
+        .bind(&turn.session_id)
+        .bind(&turn.status)
+        .bind(&turn.mode)
+        .bind(turn.options.to_string())
+        .bind(&turn.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
+            e => e.into(),
+        })?;
+        insert_message(&mut tx, user).await?;
+        sqlx::query("UPDATE sessions SET last_active_at = ? WHERE id = ?")
+            .bind(&turn.created_at)
+            .bind(&turn.session_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends a turn with its outcome and, when there is one, the assistant's message.
+    pub async fn finish_turn(&self, turn: &Turn, reply: Option<&Message>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE turns SET status = ?, text = ?, usage = ?, error = ?, finished_at = ? WHERE id = ?",
+        )
+        .bind(&turn.status)
+        .bind(&turn.text)
+        .bind(turn.usage.as_ref().map(|u| u.to_string()))
+        .bind(turn.error.as_ref().map(|e| e.to_string()))
+        .bind(&turn.finished_at)
+        .bind(&turn.id)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(m) = reply {
+            insert_message(&mut tx, m).await?;
+        }
+        sqlx::query("UPDATE sessions SET last_active_at = ? WHERE id = ?")
+            .bind(now())
+            .bind(&turn.session_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn turn_from(r: &sqlx::sqlite::SqliteRow) -> Turn {
+        Turn {
+            id: r.get("id"),
+            session_id: r.get("session_id"),
+            status: r.get("status"),
+            mode: r.get("mode"),
+            options: json(&r.get::<String, _>("options")),
+            text: r.get("text"),
+            usage: opt_json(r.get("usage")),
+            error: opt_json(r.get("error")),
+            created_at: r.get("created_at"),
+            finished_at: r.get("finished_at"),
+        }
+    }
+
+    pub async fn get_turn(&self, session_id: &str, turn_id: &str) -> Result<Option<Turn>> {
+        let row = sqlx::query("SELECT * FROM turns WHERE id = ? AND session_id = ?")
+            .bind(turn_id)
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(Self::turn_from))
+    }
+
+    pub async fn running_turns(&self) -> Result<Vec<Turn>> {
+        let rows = sqlx::query("SELECT * FROM turns WHERE status = 'running'")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(Self::turn_from).collect())
+    }
+
+    pub async fn list_messages(
+        &self,
+        session_id: &str,
+        turn_id: Option<&str>,
+    ) -> Result<Vec<Message>> {
+        let rows = sqlx::query(
+            "SELECT * FROM messages WHERE session_id = ? AND (? IS NULL OR turn_id = ?) ORDER BY seq",
+        )
+        .bind(session_id)
+        .bind(turn_id)
+        .bind(turn_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Message {
+                id: r.get("id"),
+                session_id: r.get("session_id"),
+                turn_id: r.get("turn_id"),
+                role: r.get("role"),
+                text: r.get("text"),
+                parts: json(&r.get::<String, _>("parts")),
+                metadata: json(&r.get::<String, _>("metadata")),
+                created_at: r.get("created_at"),
+            })
+            .collect())
+    }
+
+    // ---- events
+
+    /// Queues events for the batching writer; `flush` waits until everything queued is durable.
+    pub async fn append_events(&self, events: Vec<Event>) -> Result<()> {
+        self.writer
+            .send(Write::Events(events))
+            .await
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Write::Flush(tx))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await
+            .map_err(|_| StoreError::WriterGone)?
+            .map_err(|e| StoreError::Query(sqlx::Error::Protocol(e)))
+    }
+
+    pub async fn last_seq(&self, session_id: &str) -> Result<i64> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE session_id = ?")
+                .bind(session_id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    pub async fn list_events(
+        &self,
+        session_id: &str,
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(session_id)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let session_id: String = r.get("session_id");
+                let seq: i64 = r.get("seq");
+                Event {
+                    id: seq.to_string(),
+                    seq,
+                    session_id,
+                    turn_id: r.get("turn_id"),
+                    kind: r.get("type"),
+                    ts: r.get("ts"),
+                    data: json(&r.get::<String, _>("data")),
+                }
+            })
+            .collect())
+    }
+
+    // ---- webhook deliveries
+
+    pub async fn upsert_delivery(&self, d: &Delivery) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, last_status, \
+             last_error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+             last_status = excluded.last_status, last_error = excluded.last_error, updated_at = excluded.updated_at",
+        )
+        .bind(&d.id)
+        .bind(&d.turn_id)
+        .bind(&d.session_id)
+        .bind(&d.url)
+        .bind(&d.status)
+        .bind(d.attempts)
+        .bind(d.last_status)
+        .bind(&d.last_error)
+        .bind(&d.created_at)
+        .bind(&d.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn deliveries(&self, turn_id: &str) -> Result<Vec<Delivery>> {
+        let rows =
+            sqlx::query("SELECT * FROM webhook_deliveries WHERE turn_id = ? ORDER BY created_at")
+                .bind(turn_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Delivery {
+                id: r.get("id"),
+                turn_id: r.get("turn_id"),
+                session_id: r.get("session_id"),
+                url: r.get("url"),
+                status: r.get("status"),
+                attempts: r.get("attempts"),
+                last_status: r.get("last_status"),
+                last_error: r.get("last_error"),
+                created_at: r.get("created_at"),
+                updated_at: r.get("updated_at"),
+            })
+            .collect())
+    }
+
+    // ---- sandboxes
+
+    pub async fn insert_sandbox(&self, s: &SandboxRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sandboxes (id, template, endpoint, pid, session_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.template)
+        .bind(&s.endpoint)
+        .bind(s.pid)
+        .bind(&s.session_id)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn claim_sandbox(&self, sandbox_id: &str, session_id: &str) -> Result<bool> {
+        let r =
+            sqlx::query("UPDATE sandboxes SET session_id = ? WHERE id = ? AND session_id IS NULL")
+                .bind(session_id)
+                .bind(sandbox_id)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    pub async fn delete_sandbox(&self, sandbox_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sandboxes WHERE id = ?")
+            .bind(sandbox_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_sandboxes(&self) -> Result<Vec<SandboxRow>> {
+        let rows = sqlx::query("SELECT * FROM sandboxes ORDER BY created_at")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SandboxRow {
+                id: r.get("id"),
+                template: r.get("template"),
+                endpoint: r.get("endpoint"),
+                pid: r.get("pid"),
+                session_id: r.get("session_id"),
+            })
+            .collect())
+    }
+}
+
+async fn insert_message(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, m: &Message) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&m.id)
+    .bind(&m.session_id)
+    .bind(&m.turn_id)
+    .bind(&m.role)
+    .bind(&m.text)
+    .bind(m.parts.to_string())
+    .bind(m.metadata.to_string())
+    .bind(&m.created_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The one event writer: takes whatever is queued and writes it in one transaction, so a burst of
+/// events costs one commit. Flush requests are answered after the batch they follow is committed.
+async fn write_events(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(w) = next.take() {
+            match w {
+                Write::Events(e) => batch.extend(e),
+                Write::Flush(f) => flushes.push(f),
+            }
+            if batch.len() < 2048 {
+                next = rx.try_recv().ok();
+            }
+        }
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            insert_events(&pool, &batch).await
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, events = batch.len(), "writing events failed");
+        }
+        for f in flushes {
+            let _ = f.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+    }
+}
+
+async fn insert_events(pool: &SqlitePool, batch: &[Event]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for e in batch {
+        sqlx::query(
+            "INSERT OR IGNORE INTO events (session_id, seq, turn_id, type, ts, data) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&e.session_id)
+        .bind(e.seq)
+        .bind(&e.turn_id)
+        .bind(&e.kind)
+        .bind(&e.ts)
+        .bind(e.data.to_string())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
