@@ -23,6 +23,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The orchestrator: the public API, the session store and the sandboxes' runtime.
+    Serve(Box<crate::serve::ServeArgs>),
     /// The server inside a sandbox: drives one agent over ACP (api) or one program under a PTY (tui).
     Harness(Box<HarnessArgs>),
     /// A deterministic ACP agent over stdio, for tests and for trying sandwarden without a model key.
@@ -183,6 +185,13 @@ fn init_tracing() {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => {
+            init_tracing();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::serve::run(*args))
+        }
         Command::Harness(args) => {
             init_tracing();
             let config = args.into_config()?;

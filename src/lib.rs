@@ -5,6 +5,7 @@
 //! `harness_client` → `pool`, `metrics`, `event`, `problem`. The in-sandbox `harness` server depends
 //! only on `event` and `problem`.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod echo_agent;
@@ -15,5 +16,6 @@ pub mod metrics;
 pub mod pool;
 pub mod problem;
 pub mod runtime;
+pub mod serve;
 pub mod session;
 pub mod store;

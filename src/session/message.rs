@@ -189,7 +189,9 @@ pub fn parts_from_values(values: &[Value]) -> Result<Vec<Part>, String> {
                         },
                         (None, Some(url)) => image_from_data_or_url(&url, mime),
                         _ => {
-                            return Err(format!("parts[{i}]: image `source` needs `data` or `url`"));
+                            return Err(format!(
+                                "parts[{i}]: image `source` needs `data` or `url`"
+                            ));
                         }
                     }
                 } else if let Some(url) = o

@@ -316,7 +316,9 @@ impl Orchestrator {
         }
 
         // Warm claim: a ready sandbox of the template, bound to this session's values.
-        while let Some(sandbox) = lock(&self.pool).claim(&template.name) {
+        loop {
+            let claimed = lock(&self.pool).claim(&template.name);
+            let Some(sandbox) = claimed else { break };
             self.pool_wake.notify_one();
             match self.attach_sandbox(&session, &sandbox, &bind).await {
                 Ok(()) => {

@@ -1,0 +1,701 @@
+//! The public API under `/v1`: routes, API-key auth, problem+json errors, SSE and the terminal
+//! bridge. Handlers translate HTTP to the orchestrator and back; they hold no state of their own.
+
+mod tty;
+
+use crate::event::{InputAnswer, validate_id};
+use crate::problem::Problem;
+use crate::session::message::MessageRequest;
+use crate::session::{CreateRequest, Orchestrator, store_error};
+use crate::store::{Event, Session, SessionFilter};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use base64::Engine;
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Largest request body (messages with inline images).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Who is calling, from their API key.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub tenant: String,
+    pub admin: bool,
+}
+
+pub type AppState = Arc<Orchestrator>;
+
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+pub fn router(orch: Arc<Orchestrator>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/sessions", post(create_session).get(list_sessions))
+        .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
+        .route(
+            "/v1/sessions/{id}/messages",
+            post(post_message).get(get_messages),
+        )
+        .route("/v1/sessions/{id}/events", get(get_events))
+        .route("/v1/sessions/{id}/turns/{turn_id}", get(get_turn))
+        .route("/v1/sessions/{id}/cancel", post(cancel))
+        .route("/v1/sessions/{id}/inputs/{request_id}", post(answer_input))
+        .route("/v1/api-keys", post(create_key))
+        .layer(middleware::from_fn_with_state(orch.clone(), require_key));
+    Router::new()
+        .merge(v1)
+        .route("/v1/sessions/{id}/tty", get(tty::attach))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; the API is under /v1 (see the README)",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(orch.clone(), count_requests))
+        .with_state(orch)
+}
+
+async fn count_requests(State(orch): State<AppState>, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    orch.metrics
+        .http_requests
+        .get_or_create(&crate::metrics::StatusLabel {
+            status: response.status().as_u16().to_string(),
+        })
+        .inc();
+    response
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Caller, Problem> {
+    let Some(key) = bearer(headers) else {
+        return Err(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send `Authorization: Bearer <API key>` (the key `serve` printed, or SANDWARDEN_API_KEY)",
+        ));
+    };
+    match orch
+        .store
+        .find_key(&hash_key(key))
+        .await
+        .map_err(store_error)?
+    {
+        Some((tenant, admin)) => Ok(Caller { tenant, admin }),
+        None => Err(Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this API key is not valid",
+        )),
+    }
+}
+
+async fn require_key(State(orch): State<AppState>, mut req: Request, next: Next) -> Response {
+    match caller_from(&orch, req.headers()).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(p) => p.into_response(),
+    }
+}
+
+async fn readyz(State(orch): State<AppState>) -> Response {
+    if orch.is_synced() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the runtime is still being synced",
+        )
+        .into_response()
+    }
+}
+
+async fn metrics(State(orch): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        orch.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn check_id(id: &str) -> Result<(), Problem> {
+    validate_id("session id", id)
+        .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))
+}
+
+/// A session as the API shows it: the stored fields plus `tty_url` for terminal sessions.
+fn view(orch: &Orchestrator, s: &Session) -> Value {
+    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+    if let Some(url) = orch.tty_url(s) {
+        v["tty_url"] = Value::String(url);
+    }
+    if let Some(turn) = orch.running_turn(&s.id) {
+        v["turn_id"] = Value::String(turn);
+    }
+    v
+}
+
+// ---- sessions
+
+async fn create_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Json<CreateRequest>, JsonRejection>,
+) -> Result<Response, Problem> {
+    let Json(req) = body?;
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(String::from))
+        .transpose()
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_header",
+                "Idempotency-Key must be ASCII",
+            )
+        })?;
+    let (session, created) = orch.create(&caller.tenant, req, key).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (status, Json(view(&orch, &session))).into_response();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/sessions/{}", session.id)) {
+        response.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    harness: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+async fn list_sessions(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "`limit` is between 1 and 500",
+        ));
+    }
+    const STATUSES: &[&str] = &[
+        "creating",
+        "ready",
+        "running",
+        "input_required",
+        "failed",
+        "dead",
+        "deleted",
+    ];
+    if let Some(s) = &q.status
+        && !STATUSES.contains(&s.as_str())
+    {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("`status` is one of {}", STATUSES.join(", ")),
+        ));
+    }
+    let after = match &q.cursor {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_cursor",
+                "`cursor` is not one this server gave out; start without it",
+            )
+        })?),
+    };
+    let filter = SessionFilter {
+        status: q.status,
+        harness: q.harness,
+        after,
+        limit: limit + 1,
+    };
+    let mut sessions = orch.list(&caller.tenant, &filter).await?;
+    let next_cursor = if sessions.len() as i64 > limit {
+        sessions.truncate(limit as usize);
+        sessions.last().map(|s| encode_cursor(&s.created_at, &s.id))
+    } else {
+        None
+    };
+    let items: Vec<Value> = sessions.iter().map(|s| view(&orch, s)).collect();
+    Ok(Json(json!({ "sessions": items, "next_cursor": next_cursor })).into_response())
+}
+
+fn encode_cursor(created_at: &str, id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}|{id}"))
+}
+
+fn decode_cursor(c: &str) -> Option<(String, String)> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (a, b) = text.split_once('|')?;
+    Some((a.to_string(), b.to_string()))
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait: Option<bool>,
+    timeout: Option<f64>,
+}
+
+fn wait_for(q: &WaitQuery) -> Result<Option<Duration>, Problem> {
+    if q.wait != Some(true) {
+        return Ok(None);
+    }
+    let secs = q.timeout.unwrap_or(30.0);
+    if !(0.0..=MAX_WAIT.as_secs_f64()).contains(&secs) || secs.is_nan() {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "`timeout` is between 0 and 60 seconds",
+        ));
+    }
+    Ok(Some(Duration::from_secs_f64(secs)))
+}
+
+async fn get_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    let Query(q) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let session = match wait_for(&q)? {
+        Some(t) => orch.wait(&caller.tenant, &id, t).await?,
+        None => orch.get(&caller.tenant, &id).await?,
+    };
+    Ok(Json(view(&orch, &session)).into_response())
+}
+
+async fn delete_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    let session = orch.delete(&caller.tenant, &id).await?;
+    Ok(Json(view(&orch, &session)).into_response())
+}
+
+// ---- messages and turns
+
+async fn post_message(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<MessageRequest>, JsonRejection>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    let Json(req) = body?;
+    let prefer_async = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim() == "respond-async"));
+    let is_async = req.async_ || prefer_async;
+    if is_async && req.stream {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_message",
+            "choose one response mode: `stream` (SSE) or `async` (202), not both",
+        ));
+    }
+    let mode = if is_async {
+        "async"
+    } else if req.stream {
+        "stream"
+    } else {
+        "json"
+    };
+    let started = orch.start_turn(&caller.tenant, &id, req, mode).await?;
+    match mode {
+        "async" => {
+            let location = format!("/v1/sessions/{id}/turns/{}", started.turn_id);
+            let mut response = (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "session_id": id, "turn_id": started.turn_id, "status": "running",
+                    "turn_url": location, "events_url": format!("/v1/sessions/{id}/events"),
+                })),
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, v);
+            }
+            Ok(response)
+        }
+        "stream" => {
+            let stream = event_stream(
+                orch.clone(),
+                id.clone(),
+                started.events,
+                Follow::Turn(started.turn_id.clone()),
+            );
+            let mut response = sse(stream);
+            if let Ok(v) = HeaderValue::from_str(&started.turn_id) {
+                response.headers_mut().insert("x-turn-id", v);
+            }
+            Ok(response)
+        }
+        _ => {
+            let mut done = started.done;
+            let outcome = done
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| {
+                    Problem::new(
+                        StatusCode::BAD_GATEWAY,
+                        "turn_failed",
+                        "the turn ended without an outcome",
+                    )
+                })?
+                .clone()
+                .ok_or_else(|| {
+                    Problem::new(
+                        StatusCode::BAD_GATEWAY,
+                        "turn_failed",
+                        "the turn ended without an outcome",
+                    )
+                })?;
+            Ok(Json(outcome.into_reply()?).into_response())
+        }
+    }
+}
+
+fn sse(stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static) -> Response {
+    let mut response = Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("heartbeat"),
+        )
+        .into_response();
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+async fn get_messages(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    let messages = orch.history(&caller.tenant, &id).await?;
+    Ok(Json(json!({ "session_id": id, "messages": messages })).into_response())
+}
+
+async fn get_turn(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, turn_id)): Path<(String, String)>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    validate_id("turn id", &turn_id)
+        .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
+    let Query(q) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let view = match wait_for(&q)? {
+        Some(t) => orch.wait_turn(&caller.tenant, &id, &turn_id, t).await?,
+        None => orch.turn_view(&caller.tenant, &id, &turn_id).await?,
+    };
+    Ok(Json(view).into_response())
+}
+
+async fn cancel(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    let v = orch.cancel(&caller.tenant, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(v)).into_response())
+}
+
+async fn answer_input(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, request_id)): Path<(String, String)>,
+    body: Result<Json<InputAnswer>, JsonRejection>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    validate_id("request id", &request_id)
+        .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
+    let Json(answer) = body?;
+    Ok(Json(
+        orch.answer(&caller.tenant, &id, &request_id, &answer)
+            .await?,
+    )
+    .into_response())
+}
+
+// ---- events
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    since: Option<i64>,
+    limit: Option<i64>,
+    stream: Option<bool>,
+}
+
+async fn get_events(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    check_id(&id)?;
+    let Query(q) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let session = orch.get(&caller.tenant, &id).await?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.trim().parse::<i64>().map_err(|_| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_header",
+                    "Last-Event-ID must be an event seq (a number)",
+                )
+            })
+        })
+        .transpose()?;
+    let since = last_event_id.or(q.since).unwrap_or(0);
+    if since < 0 {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "`since` is a seq, 0 or more",
+        ));
+    }
+    let wants_sse = q.stream == Some(true)
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/event-stream"));
+    if wants_sse {
+        let rx = orch.hub.subscribe(&session.id);
+        return Ok(sse(event_stream(
+            orch.clone(),
+            session.id,
+            rx,
+            Follow::Since(since),
+        )));
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "`limit` is between 1 and 1000",
+        ));
+    }
+    let events = orch
+        .hub
+        .history(&session.id, since, limit)
+        .await
+        .map_err(store_error)?;
+    let next = events.last().map_or(since, |e| e.seq);
+    Ok(
+        Json(json!({ "session_id": session.id, "events": events, "next_since": next }))
+            .into_response(),
+    )
+}
+
+/// What an event stream follows: one turn to its end, or the whole session from a seq on.
+enum Follow {
+    Turn(String),
+    Since(i64),
+}
+
+struct StreamState {
+    orch: Arc<Orchestrator>,
+    session_id: String,
+    rx: broadcast::Receiver<Event>,
+    last: i64,
+    backlog: VecDeque<Event>,
+    /// Whether stored history after `last` may still hold events not yet sent.
+    catch_up: bool,
+    turn: Option<String>,
+    finished: bool,
+}
+
+/// Session events as SSE: stored history first (when resuming), then live events; a subscriber
+/// that falls behind the live buffer catches up from the store. Gap-free by `seq`.
+fn event_stream(
+    orch: Arc<Orchestrator>,
+    session_id: String,
+    rx: broadcast::Receiver<Event>,
+    follow: Follow,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    let (turn, last, catch_up) = match follow {
+        Follow::Turn(t) => (Some(t), 0, false),
+        Follow::Since(s) => (None, s, true),
+    };
+    let state = StreamState {
+        orch,
+        session_id,
+        rx,
+        last,
+        backlog: VecDeque::new(),
+        catch_up,
+        turn,
+        finished: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.finished {
+                return None;
+            }
+            if let Some(e) = st.backlog.pop_front() {
+                if e.seq <= st.last {
+                    continue;
+                }
+                if let Some(t) = &st.turn
+                    && e.turn_id.as_deref() != Some(t.as_str())
+                {
+                    continue;
+                }
+                st.last = e.seq;
+                if st.turn.is_some() && (e.kind == "done" || e.kind == "error") {
+                    st.finished = true;
+                }
+                let sse = SseEvent::default()
+                    .id(e.seq.to_string())
+                    .event(e.kind.clone())
+                    .json_data(&e)
+                    .unwrap_or_default();
+                return Some((Ok(sse), st));
+            }
+            if st.catch_up {
+                st.catch_up = false;
+                match st.orch.hub.history(&st.session_id, st.last, 1000).await {
+                    Ok(events) => {
+                        st.catch_up = events.len() == 1000;
+                        st.backlog.extend(events);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading events for a stream failed");
+                        return None;
+                    }
+                }
+                continue;
+            }
+            let shutdown = st.orch.shutdown.clone();
+            tokio::select! {
+                received = st.rx.recv() => match received {
+                    Ok(e) => st.backlog.push_back(e),
+                    Err(broadcast::error::RecvError::Lagged(_)) => st.catch_up = true,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                () = shutdown.cancelled() => return None,
+            }
+        }
+    })
+}
+
+// ---- API keys
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyRequest {
+    tenant: String,
+}
+
+async fn create_key(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<KeyRequest>, JsonRejection>,
+) -> Result<Response, Problem> {
+    if !caller.admin {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only an admin key can create API keys",
+        ));
+    }
+    let Json(req) = body?;
+    validate_id("tenant", &req.tenant)
+        .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_tenant", m))?;
+    let key = new_key();
+    let id = orch
+        .store
+        .insert_key(&req.tenant, &hash_key(&key), false)
+        .await
+        .map_err(store_error)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "tenant": req.tenant, "key": key })),
+    )
+        .into_response())
+}
+
+/// A new random API key (shown once; only its hash is stored).
+pub fn new_key() -> String {
+    let bytes: [u8; 24] = rand::random();
+    format!("sk_sw_{}", hex::encode(bytes))
+}

@@ -1,0 +1,183 @@
+//! `GET /v1/sessions/{id}/tty`: bridges a client WebSocket to the session's harness PTY.
+//!
+//! Authorized by the API key or by the short-lived token in the session's `tty_url`; browser
+//! upgrades must come from an allowed Origin. Frames pass through unchanged both ways.
+
+use super::{AppState, caller_from};
+use crate::problem::Problem;
+use crate::session::LIVE;
+use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio_tungstenite::tungstenite::Message as TMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
+
+#[derive(Deserialize)]
+pub struct TtyQuery {
+    token: Option<String>,
+}
+
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true; // not a browser
+    };
+    if allowed.iter().any(|a| a == origin || a == "*") {
+        return true;
+    }
+    // Same origin: the Origin's host:port is the Host the request was sent to.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| !host.is_empty() && rest == host)
+}
+
+pub async fn attach(
+    State(orch): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TtyQuery>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, Problem> {
+    super::check_id(&id)?;
+    let session = match &q.token {
+        Some(token) => {
+            if !orch.check_tty_token(&id, token) {
+                return Err(Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the tty token is wrong or expired; fetch the session again for a fresh tty_url",
+                ));
+            }
+            orch.store
+                .get_session_any(&id)
+                .await
+                .map_err(crate::session::store_error)?
+                .ok_or_else(|| crate::session::not_found(&id))?
+        }
+        None => {
+            let caller = caller_from(&orch, &headers).await?;
+            orch.get(&caller.tenant, &id).await?
+        }
+    };
+    if !origin_allowed(&headers, &orch.config.allowed_origins) {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin may not attach terminals; an operator can allow it with --allowed-origin",
+        ));
+    }
+    if session.kind != "tui" {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "not_a_terminal",
+            "this session runs an API agent; send it messages with POST /v1/sessions/{id}/messages",
+        ));
+    }
+    if !LIVE.contains(&session.status.as_str()) {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "session_not_usable",
+            format!("the session is {}; create a new session", session.status),
+        ));
+    }
+    let ws = ws.map_err(|e| {
+        Problem::new(
+            e.status(),
+            "websocket_required",
+            "this route is a WebSocket; connect with a WebSocket client",
+        )
+    })?;
+    let (Some(sandbox_id), Some(endpoint)) = (&session.sandbox_id, &session.endpoint) else {
+        return Err(crate::session::not_found(&id));
+    };
+    let client = orch.client_for(sandbox_id, endpoint);
+    let request = client
+        .tty_request()
+        .map_err(|e| Problem::new(StatusCode::BAD_GATEWAY, "harness_error", e.to_string()))?;
+    let upstream = match tokio_tungstenite::connect_async(request).await {
+        Ok((upstream, _)) => upstream,
+        Err(tokio_tungstenite::tungstenite::Error::Io(e)) => {
+            orch.mark_dead(&session, &format!("its harness could not be reached ({e})"))
+                .await;
+            return Err(Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "harness_unreachable",
+                "the session's sandbox could not be reached; the session is now dead, create a new one",
+            ));
+        }
+        Err(e) => {
+            return Err(Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "harness_error",
+                format!("the terminal could not be opened: {e}"),
+            ));
+        }
+    };
+    let session_id = session.id.clone();
+    Ok(ws
+        .max_message_size(1024 * 1024)
+        .on_upgrade(move |socket| async move {
+            orch.viewer_attached(&session_id);
+            let _ = orch.store.touch(&session_id).await;
+            pump(socket, upstream, orch.shutdown.clone()).await;
+            let _ = orch.store.touch(&session_id).await;
+            orch.viewer_detached(&session_id);
+        })
+        .into_response())
+}
+
+type Upstream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Copies frames both ways until either side closes; a close is passed on with its code.
+async fn pump(
+    client: WebSocket,
+    upstream: Upstream,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let (mut c_tx, mut c_rx) = client.split();
+    let (mut u_tx, mut u_rx) = upstream.split();
+    loop {
+        tokio::select! {
+            from_client = c_rx.next() => {
+                let msg = match from_client {
+                    Some(Ok(AxMessage::Binary(b))) => TMessage::Binary(b),
+                    Some(Ok(AxMessage::Text(t))) => TMessage::Text(t.as_str().into()),
+                    Some(Ok(AxMessage::Close(f))) => {
+                        let _ = u_tx.send(TMessage::Close(f.map(|f| TCloseFrame { code: f.code.into(), reason: f.reason.as_str().into() }))).await;
+                        break;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => { let _ = u_tx.send(TMessage::Close(None)).await; break; }
+                };
+                if u_tx.send(msg).await.is_err() { break; }
+            }
+            from_upstream = u_rx.next() => {
+                let msg = match from_upstream {
+                    Some(Ok(TMessage::Binary(b))) => AxMessage::Binary(b),
+                    Some(Ok(TMessage::Text(t))) => AxMessage::Text(t.as_str().into()),
+                    Some(Ok(TMessage::Close(f))) => {
+                        let _ = c_tx.send(AxMessage::Close(f.map(|f| CloseFrame { code: f.code.into(), reason: f.reason.as_str().into() }))).await;
+                        break;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => {
+                        let _ = c_tx.send(AxMessage::Close(Some(CloseFrame { code: 1011, reason: "the terminal connection was lost".into() }))).await;
+                        break;
+                    }
+                };
+                if c_tx.send(msg).await.is_err() { break; }
+            }
+            () = shutdown.cancelled() => {
+                let _ = c_tx.send(AxMessage::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! `sandwarden serve`: wires the store, the runtime, the orchestrator and the API together and
+//! runs them until a signal.
+
+use crate::api;
+use crate::runtime::local::LocalRuntime;
+use crate::runtime::{Template, Tokens, builtin_templates};
+use crate::session::{Config, Orchestrator};
+use crate::store::Store;
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// Sandboxes are `sandwarden harness` processes on loopback ports.
+    Local,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks one; the address is printed on stdout as JSON).
+    #[arg(long, env = "SANDWARDEN_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where the store, the server secret and sandbox working directories live.
+    #[arg(long, env = "SANDWARDEN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where sandboxes run.
+    #[arg(long, env = "SANDWARDEN_RUNTIME", value_enum, default_value = "local")]
+    pub runtime: RuntimeKind,
+    /// A JSON file with an array of templates that add to or replace the built-in ones by name.
+    #[arg(long, env = "SANDWARDEN_TEMPLATES")]
+    pub templates: Option<PathBuf>,
+    /// Warm pool size per template, as NAME=N (repeat, or comma-separate in the variable).
+    #[arg(long = "pool", env = "SANDWARDEN_POOL", value_delimiter = ',')]
+    pub pools: Vec<String>,
+    /// The URL clients reach this server at, for `tty_url` (default: http://LISTEN).
+    #[arg(long, env = "SANDWARDEN_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Let webhooks reach loopback, private and link-local addresses (refused by default).
+    #[arg(long, env = "SANDWARDEN_ALLOW_PRIVATE_WEBHOOKS")]
+    pub allow_private_webhooks: bool,
+    /// Browser Origins allowed to attach terminals, besides the server's own (repeatable).
+    #[arg(
+        long = "allowed-origin",
+        env = "SANDWARDEN_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+    /// Lifetime of the token in a session's `tty_url`, in seconds.
+    #[arg(long, env = "SANDWARDEN_TTY_TOKEN_TTL", default_value_t = 600)]
+    pub tty_token_ttl: u64,
+}
+
+fn default_data_dir() -> PathBuf {
+    dirs::data_local_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("sandwarden")
+}
+
+/// The server secret tokens are derived from; created once, readable by its owner only.
+fn load_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("secret");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => hex::decode(text.trim()).with_context(|| format!("{} is corrupt; delete it to make a new one (running sandboxes will need restarting)", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret: [u8; 32] = rand::random();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(hex::encode(secret).as_bytes())?;
+            Ok(secret.to_vec())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn load_templates(args: &ServeArgs) -> anyhow::Result<BTreeMap<String, Template>> {
+    let mut templates: BTreeMap<String, Template> = builtin_templates()
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    if let Some(path) = &args.templates {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --templates {}", path.display()))?;
+        let extra: Vec<Template> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--templates {} must be a JSON array of templates",
+                path.display()
+            )
+        })?;
+        for t in extra {
+            t.validate()
+                .map_err(|m| anyhow::anyhow!("--templates {}: {m}", path.display()))?;
+            templates.insert(t.name.clone(), t);
+        }
+    }
+    for entry in &args.pools {
+        let (name, n) = entry
+            .split_once('=')
+            .and_then(|(name, n)| Some((name, n.parse::<usize>().ok()?)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("--pool {entry:?} must look like NAME=N, e.g. echo=2")
+            })?;
+        let t = templates
+            .get_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("--pool {entry:?}: there is no template {name:?}"))?;
+        anyhow::ensure!(n <= 100, "--pool {entry:?}: at most 100");
+        t.pool = n;
+    }
+    Ok(templates)
+}
+
+/// Makes sure an admin key exists: SANDWARDEN_API_KEY if set, else a generated one printed once.
+async fn ensure_admin_key(store: &Store) -> anyhow::Result<()> {
+    match std::env::var("SANDWARDEN_API_KEY") {
+        Ok(key) if !key.is_empty() => {
+            anyhow::ensure!(
+                key.len() >= 16,
+                "SANDWARDEN_API_KEY must be at least 16 characters"
+            );
+            store
+                .insert_key("default", &api::hash_key(&key), true)
+                .await?;
+        }
+        _ => {
+            if !store.has_admin_key().await? {
+                let key = api::new_key();
+                store
+                    .insert_key("default", &api::hash_key(&key), true)
+                    .await?;
+                eprintln!(
+                    "sandwarden: created the admin API key (shown only now; only its hash is stored):\n\n    export SANDWARDEN_API_KEY={key}\n"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let templates = load_templates(&args)?;
+    let store = Store::open(&data_dir).await.context("opening the store")?;
+    ensure_admin_key(&store).await?;
+    let tokens = Tokens::new(load_secret(&data_dir)?);
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+    tracing::info!(%addr, data_dir = %data_dir.display(), runtime = ?args.runtime, "sandwarden serve listening");
+
+    let shutdown = CancellationToken::new();
+    let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+    let runtime = match args.runtime {
+        RuntimeKind::Local => Arc::new(LocalRuntime::new(&data_dir, tokens.clone(), exits_tx)),
+    };
+    let config = Config {
+        public_url: args
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"))
+            .trim_end_matches('/')
+            .to_string(),
+        allow_private_webhooks: args.allow_private_webhooks,
+        tty_token_ttl: Duration::from_secs(args.tty_token_ttl.max(1)),
+        allowed_origins: args.allowed_origins.clone(),
+    };
+    let orch = Orchestrator::new(store, runtime, tokens, templates, config, shutdown.clone());
+    let background = tokio::spawn(orch.clone().run_background(exits_rx));
+
+    let mut signals = crate::harness::Signals::new()?;
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::info!("shutting down");
+        signal_token.cancel();
+        signals.next().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+
+    let app = api::router(orch.clone());
+    let stopping = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stopping.cancelled().await })
+            .await
+    });
+    shutdown.cancelled().await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), background).await;
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
+        _ => tracing::warn!("connections still open at shutdown; closing them"),
+    }
+    if let Err(e) = orch.store.flush().await {
+        tracing::error!(error = %e, "flushing the store at shutdown failed");
+    }
+    Ok(())
+}
