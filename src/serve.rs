@@ -159,8 +159,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("{}", serde_json::json!({ "listening": addr.to_string() }));
-    tracing::info!(%addr, data_dir = %data_dir.display(), runtime = ?args.runtime, "sandwarden serve listening");
 
     let shutdown = CancellationToken::new();
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -179,8 +177,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         allowed_origins: args.allowed_origins.clone(),
     };
     let orch = Orchestrator::new(store, runtime, tokens, templates, config, shutdown.clone());
+    orch.sync().await;
     let background = tokio::spawn(orch.clone().run_background(exits_rx));
 
+    crate::harness::announce(addr);
+    tracing::info!(%addr, data_dir = %data_dir.display(), runtime = ?args.runtime, "sandwarden serve listening");
     let mut signals = crate::harness::Signals::new()?;
     let signal_token = shutdown.clone();
     tokio::spawn(async move {

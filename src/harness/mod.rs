@@ -84,8 +84,7 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    // One machine-readable line on stdout, so whoever started us learns the port.
-    println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+    announce(addr);
     tracing::info!(%addr, kind = ?cfg.kind, "harness server listening");
 
     let shutdown = CancellationToken::new();
@@ -122,6 +121,19 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
     }
     Ok(())
+}
+
+/// One machine-readable line on stdout, so whoever started us learns the port. If nobody reads
+/// it any more (the parent went away), that is not our failure.
+pub fn announce(addr: SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{}",
+        serde_json::json!({ "listening": addr.to_string() })
+    );
+    let _ = out.flush();
 }
 
 /// SIGTERM and SIGINT, registered once so a second signal is never confused with the first.

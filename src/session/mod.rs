@@ -93,6 +93,7 @@ pub struct Orchestrator {
     pub config: Config,
     pool: Mutex<PoolIndex<Sandbox>>,
     pool_wake: Notify,
+    clients: Mutex<HashMap<String, HarnessClient>>,
     /// Templates whose warm start failed since the pool loop last looked (for backoff).
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
@@ -149,6 +150,7 @@ impl Orchestrator {
             config,
             pool: Mutex::new(PoolIndex::default()),
             pool_wake: Notify::new(),
+            clients: Mutex::new(HashMap::new()),
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
             viewers: Mutex::new(HashMap::new()),
@@ -162,8 +164,34 @@ impl Orchestrator {
         self.synced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The client of a sandbox's harness; one per sandbox so connections are reused.
     pub fn client_for(&self, sandbox_id: &str, endpoint: &str) -> HarnessClient {
-        HarnessClient::new(endpoint, self.tokens.for_sandbox(sandbox_id))
+        let mut clients = lock(&self.clients);
+        if let Some(c) = clients.get(sandbox_id)
+            && c.base() == endpoint
+        {
+            return c.clone();
+        }
+        let c = HarnessClient::new(endpoint, self.tokens.for_sandbox(sandbox_id));
+        clients.insert(sandbox_id.to_string(), c.clone());
+        c
+    }
+
+    /// After a failure on a live-looking connection: is the harness really gone? Probes with a
+    /// fresh connection, and marks the session dead if it cannot connect.
+    pub async fn probe_dead(&self, session: &Session) -> bool {
+        let (Some(id), Some(endpoint)) = (&session.sandbox_id, &session.endpoint) else {
+            return false;
+        };
+        let fresh = HarnessClient::new(endpoint.as_str(), self.tokens.for_sandbox(id));
+        match fresh.health().await {
+            Err(e) if e.is_connect() => {
+                self.mark_dead(session, &format!("its harness could not be reached ({e})"))
+                    .await;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn session_client(&self, s: &Session) -> Option<HarnessClient> {
@@ -492,6 +520,7 @@ impl Orchestrator {
 
     /// Stops a sandbox and forgets it.
     async fn discard(&self, sandbox: Sandbox) {
+        lock(&self.clients).remove(&sandbox.id);
         self.runtime.destroy(&sandbox).await;
         let _ = self.store.delete_sandbox(&sandbox.id).await;
     }
@@ -652,10 +681,14 @@ impl Orchestrator {
 
     /// Recovers after a restart, then supervises sandboxes, reaps idle sessions and keeps the
     /// warm pools topped up until shutdown.
-    pub async fn run_background(self: Arc<Self>, mut exits: mpsc::UnboundedReceiver<String>) {
+    /// Reconciles the store with the runtime after a (re)start. Call before serving requests.
+    pub async fn sync(&self) {
         self.recover().await;
         self.synced
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub async fn run_background(self: Arc<Self>, mut exits: mpsc::UnboundedReceiver<String>) {
         let pool = tokio::spawn(self.clone().keep_pools());
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         loop {

@@ -280,10 +280,17 @@ impl Orchestrator {
         let stream = match client.turn(&request).await {
             Ok(stream) => stream,
             Err(e) => {
-                let (problem, code) = match &e {
+                let unreachable = match &e {
                     ClientError::Connect { .. } => {
                         let reason = format!("its harness could not be reached ({e})");
                         self.mark_dead(session, &reason).await;
+                        true
+                    }
+                    ClientError::Refused(_) => false,
+                    _ => self.probe_dead(session).await,
+                };
+                let (problem, code) = match &e {
+                    _ if unreachable => {
                         (
                             Problem::new(
                                 StatusCode::BAD_GATEWAY,
@@ -592,9 +599,14 @@ impl Orchestrator {
     }
 
     async fn harness_problem(&self, session: &Session, e: ClientError) -> Problem {
-        if e.is_connect() {
+        let unreachable = if e.is_connect() {
             self.mark_dead(session, &format!("its harness could not be reached ({e})"))
                 .await;
+            true
+        } else {
+            self.probe_dead(session).await
+        };
+        if unreachable {
             return Problem::new(
                 StatusCode::BAD_GATEWAY,
                 "harness_unreachable",

@@ -195,3 +195,255 @@ pub async fn post_json(url: &str, token: Option<&str>, body: &str) -> (u16, serd
         serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
     )
 }
+
+pub const ADMIN_KEY: &str = "admin-key-for-tests-0123456789";
+
+/// A real `sandwarden serve` on 127.0.0.1:0 with its own data dir.
+pub struct Serve {
+    child: Child,
+    pub base: String,
+    pub data: std::path::PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Serve {
+    pub fn start(extra: &[&str]) -> Serve {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().to_path_buf();
+        let mut s = Serve::start_in(&data, extra);
+        s._dir = Some(dir);
+        s
+    }
+
+    /// Starts on an existing data dir (a restart); the caller keeps the dir alive.
+    pub fn start_in(data: &std::path::Path, extra: &[&str]) -> Serve {
+        let templates = data.join("templates.json");
+        if !templates.exists() {
+            std::fs::write(
+                &templates,
+                r#"[{"name":"sh","kind":"tui","command":"bash --noprofile --norc","pool":0},
+                    {"name":"echo-cold","kind":"api","command":"sandwarden echo-agent","pool":0}]"#,
+            )
+            .expect("templates");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--templates")
+            .arg(&templates)
+            .arg("--allow-private-webhooks")
+            .args(extra)
+            .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+            .env("SANDWARDEN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sandwarden serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("listen line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
+        let base = format!("http://{}", v["listening"].as_str().expect("address"));
+        Serve {
+            child,
+            base,
+            data: data.to_path_buf(),
+            _dir: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGTERM and wait (bounded).
+    pub fn stop(&mut self) {
+        signal(self.pid(), nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..600 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn client(&self) -> Api {
+        Api {
+            base: self.base.clone(),
+            key: ADMIN_KEY.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+        if self._dir.is_some() {
+            kill_sandboxes_under(&self.data);
+        }
+    }
+}
+
+/// Sandboxes outlive `serve` by design; tests stop the ones under their data dir.
+pub fn kill_sandboxes_under(data: &std::path::Path) {
+    let needle = data.to_string_lossy().to_string();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                if cmd.contains(" harness ") && cmd.contains(&needle) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A small JSON client for the public API.
+pub struct Api {
+    pub base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn with_key(&self, key: &str) -> Api {
+        Api {
+            base: self.base.clone(),
+            key: key.to_string(),
+            http: self.http.clone(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    pub async fn create(&self, harness: &str) -> serde_json::Value {
+        let (status, s) = self
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(serde_json::json!({"harness": harness})),
+            )
+            .await;
+        assert_eq!(status, 201, "{s}");
+        s
+    }
+
+    /// Creates a session and waits until it is ready.
+    pub async fn ready(&self, harness: &str) -> String {
+        let s = self.create(harness).await;
+        let id = s["id"].as_str().expect("id").to_string();
+        let (_, s) = self
+            .call(
+                "GET",
+                &format!("/v1/sessions/{id}?wait=true&timeout=30"),
+                None,
+            )
+            .await;
+        assert_eq!(s["status"], "ready", "{s}");
+        id
+    }
+
+    pub async fn say(&self, id: &str, text: &str) -> (u16, serde_json::Value) {
+        self.call(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(serde_json::json!({"text": text})),
+        )
+        .await
+    }
+
+    /// Waits (bounded) until the session has `status`.
+    pub async fn wait_status(&self, id: &str, status: &str) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        for _ in 0..200 {
+            let (_, s) = self.call("GET", &format!("/v1/sessions/{id}"), None).await;
+            if s["status"] == status {
+                return s;
+            }
+            last = s;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("session {id} never became {status}: {last}");
+    }
+
+    /// An SSE request; returns the parsed events (id, type, data) until the stream ends or `stop`.
+    pub async fn sse(
+        &self,
+        path: &str,
+        body: Option<serde_json::Value>,
+        last_event_id: Option<&str>,
+        stop: usize,
+    ) -> Vec<(String, String, serde_json::Value)> {
+        use eventsource_stream::Eventsource;
+        use futures::StreamExt;
+        let mut req = match body {
+            Some(b) => self.http.post(format!("{}{path}", self.base)).json(&b),
+            None => self
+                .http
+                .get(format!("{}{path}", self.base))
+                .header("accept", "text/event-stream"),
+        }
+        .bearer_auth(&self.key);
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.expect("sse request");
+        assert_eq!(resp.status().as_u16(), 200, "sse status");
+        let mut stream = resp.bytes_stream().eventsource();
+        let mut out = Vec::new();
+        while out.len() < stop {
+            match tokio::time::timeout(Duration::from_secs(20), stream.next()).await {
+                Ok(Some(Ok(e))) => out.push((
+                    e.id,
+                    e.event,
+                    serde_json::from_str(&e.data).unwrap_or_default(),
+                )),
+                Ok(_) => break,
+                Err(_) => panic!("SSE stalled after {} events", out.len()),
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,805 @@
+//! The orchestrator through its public surface: a real `sandwarden serve` on 127.0.0.1:0 with real
+//! harness processes, reached with real HTTP and WebSocket clients.
+
+mod common;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[tokio::test]
+async fn a_unary_message_returns_one_json_reply() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let id = id.as_str();
+    let (status, reply) = api.say(id, "hello sandwarden").await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["session_id"], id);
+    assert_eq!(reply["text"], "hello sandwarden");
+    assert_eq!(reply["usage"]["total_tokens"], 4);
+    let roles: Vec<&str> = reply["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["role"].as_str())
+        .collect();
+    assert_eq!(roles, vec!["user", "assistant"]);
+    assert!(
+        reply["turn_id"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("turn_"))
+    );
+    // Every seed shape is accepted.
+    for body in [
+        json!({"parts": [{"type": "text", "text": "p"}]}),
+        json!({"message": "m"}),
+        json!({"content": "c", "role": "user"}),
+        json!({"message": {"role": "user", "content": [{"type": "text", "text": "e"}]}}),
+    ] {
+        let (status, reply) = api
+            .call(
+                "POST",
+                &format!("/v1/sessions/{id}/messages"),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}: {reply}");
+    }
+    let (_, history) = api
+        .call("GET", &format!("/v1/sessions/{id}/messages"), None)
+        .await;
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(10));
+}
+
+#[tokio::test]
+async fn a_streamed_message_is_sse_ending_in_done() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let events = api
+        .sse(
+            &format!("/v1/sessions/{id}/messages"),
+            Some(json!({"text": "/tool a file", "stream": true})),
+            None,
+            100,
+        )
+        .await;
+    let types: Vec<&str> = events.iter().map(|(_, t, _)| t.as_str()).collect();
+    assert_eq!(types.first(), Some(&"step_start"));
+    assert_eq!(types.last(), Some(&"done"), "{types:?}");
+    assert!(types.contains(&"tool_use") && types.contains(&"tool_result"));
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|(_, _, e)| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "gap-free seq: {seqs:?}"
+    );
+    assert_eq!(events[0].0, seqs[0].to_string(), "SSE id is the seq");
+}
+
+#[tokio::test]
+async fn an_async_message_is_202_then_long_poll_and_events() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let resp = api
+        .http
+        .post(serve.url(&format!("/v1/sessions/{id}/messages")))
+        .bearer_auth(ADMIN_KEY)
+        .header("prefer", "respond-async")
+        .json(&json!({"text": "/slow 5 later"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 202);
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("Location")
+        .to_string();
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["status"], "running");
+    let (_, turn) = api
+        .call("GET", &format!("{location}?wait=true&timeout=30"), None)
+        .await;
+    assert_eq!(turn["status"], "completed", "{turn}");
+    assert!(turn["text"].as_str().unwrap_or("").contains("later 4"));
+    let (_, session) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(session["status"], "ready");
+}
+
+/// A local webhook receiver: fails the first `fail_first` deliveries with 500.
+async fn receiver(
+    fail_first: usize,
+) -> (
+    String,
+    Arc<Mutex<Vec<(axum::http::HeaderMap, serde_json::Value)>>>,
+) {
+    let got: Arc<Mutex<Vec<(axum::http::HeaderMap, serde_json::Value)>>> = Arc::default();
+    let seen = got.clone();
+    let calls = Arc::new(Mutex::new(0usize));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| {
+                let seen = seen.clone();
+                let calls = calls.clone();
+                async move {
+                    let n = {
+                        let mut c = calls.lock().expect("lock");
+                        *c += 1;
+                        *c
+                    };
+                    if n <= fail_first {
+                        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    seen.lock().expect("lock").push((headers, body.0));
+                    axum::http::StatusCode::OK
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), got)
+}
+
+#[tokio::test]
+async fn a_webhook_is_signed_delivered_and_retried_after_a_failure() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (url, got) = receiver(1).await;
+    let (status, accepted) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(json!({"text": "hooked", "async": true, "webhook": {"url": url, "token": "hook-secret", "include_messages": true}})),
+        )
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let turn_id = accepted["turn_id"].as_str().expect("turn id");
+    let mut delivered = None;
+    for _ in 0..200 {
+        if let Some(d) = got.lock().expect("lock").first().cloned() {
+            delivered = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (headers, body) = delivered.expect("the webhook arrived");
+    assert_eq!(body["turn_id"], turn_id);
+    assert_eq!(body["text"], "hooked");
+    assert_eq!(body["type"], "turn.completed");
+    assert_eq!(body["messages"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+        Some("Bearer hook-secret")
+    );
+    let sig = headers
+        .get("x-sandwarden-signature")
+        .and_then(|v| v.to_str().ok())
+        .expect("signature");
+    let ts: u64 = sig
+        .split(',')
+        .next()
+        .and_then(|t| t.strip_prefix("t="))
+        .and_then(|t| t.parse().ok())
+        .expect("timestamp");
+    let body_text = serde_json::to_string(&body).expect("body");
+    // The signature covers the exact bytes sent; re-serializing preserves them for this payload.
+    assert_eq!(
+        sig,
+        sandwarden::session::webhook::signature("hook-secret", ts, body_text.as_bytes())
+    );
+    let (_, turn) = api
+        .call("GET", &format!("/v1/sessions/{id}/turns/{turn_id}"), None)
+        .await;
+    let d = &turn["webhook_deliveries"][0];
+    assert_eq!(d["status"], "delivered", "{turn}");
+    assert_eq!(d["attempts"], 2, "one failure, then success: {d}");
+}
+
+#[tokio::test]
+async fn webhooks_to_private_addresses_are_refused_by_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Without --allow-private-webhooks.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+        .env("SANDWARDEN_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("line");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+    let api = Api {
+        base: format!("http://{}", v["listening"].as_str().expect("addr")),
+        key: ADMIN_KEY.into(),
+        http: reqwest::Client::new(),
+    };
+    let id = api.ready("echo").await;
+    for url in [
+        "http://127.0.0.1:9/x",
+        "http://169.254.169.254/latest",
+        "ftp://example.com/x",
+        "not a url",
+    ] {
+        let (status, p) = api
+            .call(
+                "POST",
+                &format!("/v1/sessions/{id}/messages"),
+                Some(json!({"text": "x", "async": true, "webhook": {"url": url}})),
+            )
+            .await;
+        assert_eq!(
+            (status, p["type"].as_str()),
+            (422, Some("invalid_webhook")),
+            "{url}: {p}"
+        );
+    }
+    let (_, history) = api
+        .call("GET", &format!("/v1/sessions/{id}/messages"), None)
+        .await;
+    assert_eq!(
+        history["messages"],
+        json!([]),
+        "refused messages changed nothing"
+    );
+    signal(child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    kill_sandboxes_under(dir.path());
+}
+
+#[tokio::test]
+async fn a_concurrent_turn_gets_409_and_cancel_ends_the_running_one() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (_, accepted) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(json!({"text": "/slow 200 t", "async": true})),
+        )
+        .await;
+    let turn_id = accepted["turn_id"].as_str().expect("turn").to_string();
+    let (status, p) = api.say(&id, "me too").await;
+    assert_eq!(status, 409, "{p}");
+    assert_eq!(p["type"], "turn_in_progress");
+    assert_eq!(p["turn_id"], turn_id.as_str());
+    let (status, c) = api
+        .call("POST", &format!("/v1/sessions/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 202, "{c}");
+    let (_, turn) = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}/turns/{turn_id}?wait=true&timeout=30"),
+            None,
+        )
+        .await;
+    assert!(
+        turn["status"] == "cancelled" || turn["error"]["code"] == "cancelled",
+        "{turn}"
+    );
+    api.wait_status(&id, "ready").await;
+    let (status, _) = api
+        .call("POST", &format!("/v1/sessions/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 409, "nothing left to cancel");
+}
+
+#[tokio::test]
+async fn an_approval_round_trips_through_the_api() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (_, accepted) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(json!({"text": "/ask deploy?", "async": true})),
+        )
+        .await;
+    let turn_id = accepted["turn_id"].as_str().expect("turn").to_string();
+    let s = api.wait_status(&id, "input_required").await;
+    assert_eq!(s["turn_id"], turn_id.as_str());
+    let (_, events) = api
+        .call("GET", &format!("/v1/sessions/{id}/events"), None)
+        .await;
+    let asked = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["type"] == "input_required")
+        .expect("input_required")
+        .clone();
+    let request_id = asked["data"]["request_id"].as_str().expect("request id");
+    let (status, p) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/inputs/{request_id}"),
+            Some(json!({"decision": "maybe"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+    let (status, a) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/inputs/{request_id}"),
+            Some(json!({"decision": "approve_once"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{a}");
+    let (_, turn) = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}/turns/{turn_id}?wait=true&timeout=30"),
+            None,
+        )
+        .await;
+    assert_eq!(turn["text"], "permission granted (allow-once)", "{turn}");
+}
+
+#[tokio::test]
+async fn history_and_event_streams_survive_a_restart_of_serve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut serve = Serve::start_in(dir.path(), &[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (status, _) = api.say(&id, "before restart").await;
+    assert_eq!(status, 200);
+    let (_, before) = api
+        .call("GET", &format!("/v1/sessions/{id}/events"), None)
+        .await;
+    let last = before["next_since"].as_i64().expect("seq");
+    serve.stop();
+
+    let serve = Serve::start_in(dir.path(), &[]);
+    let api = serve.client();
+    let (_, history) = api
+        .call("GET", &format!("/v1/sessions/{id}/messages"), None)
+        .await;
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(texts, vec!["before restart", "before restart"]);
+    // The sandbox was adopted: the session still works.
+    let (status, reply) = api.say(&id, "after restart").await;
+    assert_eq!(status, 200, "{reply}");
+    // Resume the event stream from the last seq seen before the restart: gap-free continuation.
+    let resumed = api
+        .sse(
+            &format!("/v1/sessions/{id}/events"),
+            None,
+            Some(&last.to_string()),
+            3,
+        )
+        .await;
+    let seqs: Vec<i64> = resumed
+        .iter()
+        .map(|(_, _, e)| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, vec![last + 1, last + 2, last + 3]);
+    drop(serve);
+    kill_sandboxes_under(dir.path());
+}
+
+#[tokio::test]
+async fn warm_claims_are_ready_at_once_and_cold_starts_become_ready() {
+    let serve = Serve::start(&["--pool", "echo=2"]);
+    let api = serve.client();
+    // Give the pool a moment to fill (bounded).
+    // Wait (bounded) until the pool has filled, by creating sessions until one is ready at once.
+    let mut warm_seen = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if api.create("echo").await["status"] == "ready" {
+            warm_seen = true;
+            break;
+        }
+    }
+    assert!(warm_seen, "the warm pool filled");
+    // Let it top up again after that claim (bounded).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let warm = api.create("echo").await;
+    assert_eq!(warm["status"], "ready", "{warm}");
+    let cold = api.create("echo-cold").await;
+    assert_eq!(cold["status"], "creating", "{cold}");
+    let id = cold["id"].as_str().expect("id");
+    let (_, s) = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}?wait=true&timeout=30"),
+            None,
+        )
+        .await;
+    assert_eq!(s["status"], "ready", "{s}");
+    let (status, reply) = api.say(id, "cold but working").await;
+    assert_eq!(
+        (status, reply["text"].as_str()),
+        (200, Some("cold but working"))
+    );
+}
+
+#[tokio::test]
+async fn per_session_env_and_files_reach_a_warm_sandbox() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let (status, s) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": "echo", "env": {"TOKEN_FOR_AGENT": "t-123", "NEVER_ECHOED": "zq-secret-77"}, "files": [{"path": "w/a.txt", "content": "file!"}], "cwd": "w"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+    let id = s["id"].as_str().expect("id");
+    assert_eq!(api.say(id, "/env TOKEN_FOR_AGENT").await.1["text"], "t-123");
+    assert_eq!(api.say(id, "/cat a.txt").await.1["text"], "file!");
+    // Secrets are not stored.
+    let db = std::fs::read(serve.data.join("sandwarden.db")).expect("db");
+    let wal = std::fs::read(serve.data.join("sandwarden.db-wal")).unwrap_or_default();
+    let hay = [db, wal].concat();
+    // (The agent's own reply is stored, so only check a value it never printed.)
+    assert!(
+        !hay.windows(12).any(|w| w == b"zq-secret-77"),
+        "env values never reach the store"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_sandbox_makes_the_session_dead_with_a_clear_error() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let harnesses = children(serve.pid());
+    assert!(!harnesses.is_empty());
+    // Kill every sandbox of this server (the warm one and the claimed one).
+    for pid in harnesses {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let (status, p) = api.say(&id, "are you there?").await;
+    // Either the supervisor saw the exit first (409, dead) or this request found the harness
+    // unreachable (502, marked dead in the same request).
+    assert!(
+        (status == 409 && p["type"] == "session_not_usable")
+            || (status == 502 && p["type"] == "harness_unreachable"),
+        "{status} {p}"
+    );
+    let s = api.wait_status(&id, "dead").await;
+    assert!(
+        s["failure_reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{s}"
+    );
+    let (status, p) = api.say(&id, "again").await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (409, Some("session_not_usable")),
+        "{p}"
+    );
+    assert!(p["detail"].as_str().unwrap_or("").contains("dead"));
+}
+
+#[tokio::test]
+async fn other_tenants_sessions_are_404() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let id = admin.ready("echo").await;
+    let (status, k) = admin
+        .call("POST", "/v1/api-keys", Some(json!({"tenant": "acme"})))
+        .await;
+    assert_eq!(status, 201, "{k}");
+    let acme = admin.with_key(k["key"].as_str().expect("key"));
+    for (method, path) in [
+        ("GET", format!("/v1/sessions/{id}")),
+        ("DELETE", format!("/v1/sessions/{id}")),
+        ("GET", format!("/v1/sessions/{id}/messages")),
+        ("GET", format!("/v1/sessions/{id}/events")),
+        ("POST", format!("/v1/sessions/{id}/cancel")),
+    ] {
+        let (status, p) = acme.call(method, &path, None).await;
+        assert_eq!(
+            (status, p["type"].as_str()),
+            (404, Some("session_not_found")),
+            "{method} {path}"
+        );
+    }
+    let (status, p) = acme.say(&id, "hi").await;
+    assert_eq!(status, 404, "{p}");
+    let (_, list) = acme.call("GET", "/v1/sessions", None).await;
+    assert_eq!(list["sessions"], json!([]));
+    let (status, _) = acme
+        .call("POST", "/v1/api-keys", Some(json!({"tenant": "x"})))
+        .await;
+    assert_eq!(status, 403, "only admins create keys");
+    let (status, _) = admin
+        .with_key("sk_sw_not_a_key")
+        .call("GET", "/v1/sessions", None)
+        .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_4xx_and_changes_nothing() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let msgs = format!("/v1/sessions/{id}/messages");
+    let raw = |path: String, body: &'static str| {
+        let http = api.http.clone();
+        let url = serve.url(&path);
+        async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(ADMIN_KEY)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("sent");
+            let status = resp.status().as_u16();
+            (
+                status,
+                resp.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    for (path, body, status, kind) in [
+        (msgs.clone(), "{oops", 400, "invalid_json"),
+        (msgs.clone(), r#"{"text": 5}"#, 422, "invalid_body"),
+        (msgs.clone(), r#"{"text": ""}"#, 422, "invalid_message"),
+        (msgs.clone(), r#"{}"#, 422, "invalid_message"),
+        (
+            msgs.clone(),
+            r#"{"text":"x","stream":true,"async":true}"#,
+            422,
+            "invalid_message",
+        ),
+        (
+            "/v1/sessions".to_string(),
+            r#"{"harness":"nope"}"#,
+            422,
+            "unknown_harness",
+        ),
+        (
+            "/v1/sessions".to_string(),
+            r#"{"harness":"echo","id":"bad id!"}"#,
+            422,
+            "invalid_session",
+        ),
+        (
+            "/v1/sessions".to_string(),
+            r#"{"harness":"echo","files":[{"path":"../x","content":"y"}]}"#,
+            422,
+            "invalid_session",
+        ),
+        (
+            "/v1/sessions".to_string(),
+            r#"{"harness":"echo","env":{"SANDWARDEN_TOKEN":"x"}}"#,
+            422,
+            "invalid_session",
+        ),
+        (
+            "/v1/sessions".to_string(),
+            r#"{"harness":"echo","bogus":1}"#,
+            422,
+            "invalid_body",
+        ),
+        (
+            "/v1/sessions/bad%20id/messages".to_string(),
+            r#"{"text":"x"}"#,
+            400,
+            "invalid_id",
+        ),
+        (
+            "/v1/sessions/nope/messages".to_string(),
+            r#"{"text":"x"}"#,
+            404,
+            "session_not_found",
+        ),
+    ] {
+        let (got, p) = raw(path.clone(), body).await;
+        assert_eq!(
+            (got, p["type"].as_str()),
+            (status, Some(kind)),
+            "{path} {body}: {p}"
+        );
+        assert!(p["detail"].as_str().is_some_and(|d| d.len() > 10), "{p}");
+    }
+    let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(17 * 1024 * 1024));
+    let resp = api
+        .http
+        .post(serve.url(&msgs))
+        .bearer_auth(ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status().as_u16(), 413);
+    let (status, _) = api.call("GET", "/v1/sessions?limit=0", None).await;
+    assert_eq!(status, 400);
+    let (status, _) = api.call("GET", "/v1/sessions?cursor=zzz", None).await;
+    assert_eq!(status, 400);
+    let (_, history) = api.call("GET", &msgs, None).await;
+    assert_eq!(history["messages"], json!([]));
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(s["status"], "ready");
+}
+
+#[tokio::test]
+async fn sessions_list_paginates_and_delete_is_idempotent() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (status, s) = api
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(json!({"harness": "sh", "title": format!("t{i}")})),
+            )
+            .await;
+        assert_eq!(status, 201, "{s}");
+        ids.push(s["id"].as_str().expect("id").to_string());
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/sessions?harness=sh&limit=2&cursor={c}"),
+            None => "/v1/sessions?harness=sh&limit=2".into(),
+        };
+        let (_, page) = api.call("GET", &path, None).await;
+        seen.extend(
+            page["sessions"]
+                .as_array()
+                .expect("page")
+                .iter()
+                .filter_map(|s| s["id"].as_str().map(String::from)),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+    let (status, s) = api
+        .call("DELETE", &format!("/v1/sessions/{}", ids[0]), None)
+        .await;
+    assert_eq!((status, s["status"].as_str()), (200, Some("deleted")));
+    let (status, s) = api
+        .call("DELETE", &format!("/v1/sessions/{}", ids[0]), None)
+        .await;
+    assert_eq!(
+        (status, s["status"].as_str()),
+        (200, Some("deleted")),
+        "idempotent"
+    );
+    // Idempotency-Key: a retry returns the same session.
+    let create = |key: &'static str| {
+        api.http
+            .post(serve.url("/v1/sessions"))
+            .bearer_auth(ADMIN_KEY)
+            .header("idempotency-key", key)
+            .json(&json!({"harness": "echo"}))
+            .send()
+    };
+    let a: serde_json::Value = create("k-1")
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let b = create("k-1").await.expect("sent");
+    assert_eq!(b.status().as_u16(), 200);
+    let b: serde_json::Value = b.json().await.expect("json");
+    assert_eq!(a["id"], b["id"]);
+}
+
+#[tokio::test]
+async fn a_terminal_session_attaches_over_websocket() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("sh").await;
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    let tty_url = s["tty_url"].as_str().expect("tty_url").to_string();
+    let (status, p) = api.say(&id, "hello").await;
+    assert_eq!((status, p["type"].as_str()), (409, Some("tui_session")));
+    assert!(p["tty_url"].is_string());
+    // Through tty_url's token, without the API key (what a browser does).
+    let (mut ws, _) = tokio_tungstenite::connect_async(&tty_url)
+        .await
+        .expect("attach");
+    ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        b"echo via-$((20+3))\n".to_vec().into(),
+    ))
+    .await
+    .expect("send");
+    let mut out = String::new();
+    while !out.contains("via-23") {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b)))) => {
+                out.push_str(&String::from_utf8_lossy(&b))
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("terminal ended early: {other:?} after {out:?}"),
+        }
+    }
+    // A forged token is refused.
+    let forged = tty_url.replace("token=", "token=1.");
+    assert!(tokio_tungstenite::connect_async(&forged).await.is_err());
+}
+
+#[tokio::test]
+async fn idle_sessions_are_reaped() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let (status, s) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": "echo", "idle_timeout_s": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+    let id = s["id"].as_str().expect("id");
+    let s = api.wait_status(id, "deleted").await;
+    assert!(
+        s["failure_reason"].as_str().unwrap_or("").contains("idle"),
+        "{s}"
+    );
+}
+
+#[tokio::test]
+async fn ops_endpoints() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    api.say(&id, "count me").await;
+    let health = reqwest::get(serve.url("/healthz")).await.expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+    let ready = reqwest::get(serve.url("/readyz")).await.expect("readyz");
+    assert_eq!(ready.status().as_u16(), 200);
+    let metrics = reqwest::get(serve.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("sandwarden_turns_total{outcome=\"completed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sandwarden_claims_total{kind="),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sandwarden_turn_duration_seconds"),
+        "{metrics}"
+    );
+}
