@@ -25,6 +25,34 @@ pub struct Cli {
 pub enum Command {
     /// The orchestrator: the public API, the session store and the sandboxes' runtime.
     Serve(Box<crate::serve::ServeArgs>),
+    /// Manage sessions (create, list, get, delete).
+    Session {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        #[command(subcommand)]
+        command: crate::client::SessionCommand,
+    },
+    /// Send one message and print the reply as it streams.
+    Send {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        /// The session id.
+        id: String,
+        /// The message.
+        text: String,
+    },
+    /// Chat with a session: each line you type is a message. Ctrl-D ends.
+    Chat {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        id: String,
+    },
+    /// Attach this terminal to a terminal (TUI) session. Ctrl-] detaches.
+    Attach {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        id: String,
+    },
     /// The server inside a sandbox: drives one agent over ACP (api) or one program under a PTY (tui).
     Harness(Box<HarnessArgs>),
     /// A deterministic ACP agent over stdio, for tests and for trying sandwarden without a model key.
@@ -183,6 +211,12 @@ fn init_tracing() {
         .try_init();
 }
 
+fn client_rt() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
@@ -201,6 +235,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(crate::harness::run(config))
         }
+        Command::Session { conn, command } => {
+            client_rt()?.block_on(crate::client::session(&conn, command))
+        }
+        Command::Send { conn, id, text } => {
+            client_rt()?.block_on(crate::client::send(&conn, &id, &text))
+        }
+        Command::Chat { conn, id } => client_rt()?.block_on(crate::client::chat(&conn, &id)),
+        Command::Attach { conn, id } => client_rt()?.block_on(crate::client::attach(&conn, &id)),
         Command::EchoAgent => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

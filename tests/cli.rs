@@ -1,0 +1,139 @@
+//! The CLI client against a real `sandwarden serve`: the commands a person types.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn cli(serve: &Serve, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+        .args(args)
+        .env("SANDWARDEN_URL", &serve.base)
+        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the CLI");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_commands_and_send() {
+    let serve = Serve::start(&[]);
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &serve,
+            &["session", "create", "echo", "--title", "from-cli", "--wait"],
+        )
+    });
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).expect("session JSON");
+    assert_eq!(s["status"], "ready");
+    let id = s["id"].as_str().expect("id").to_string();
+
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| cli(&serve, &["send", &id, "/tool streamed reply"]));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "streamed reply");
+    assert!(err.contains("[tool]"), "tool activity on stderr: {err}");
+
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&serve, &["session", "list"]));
+    assert!(ok && out.contains(&id) && out.contains("from-cli"), "{out}");
+
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&serve, &["session", "get", &id]));
+    assert!(ok && out.contains("\"ready\""), "{out}");
+
+    let (ok, _, err) = tokio::task::block_in_place(|| cli(&serve, &["send", &id, "/fail nope"]));
+    assert!(
+        !ok && err.contains("agent_error"),
+        "a failed turn exits non-zero: {err}"
+    );
+
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&serve, &["session", "delete", &id]));
+    assert!(ok && out.contains("\"deleted\""), "{out}");
+
+    let (ok, _, err) =
+        tokio::task::block_in_place(|| cli(&serve, &["send", "no-such-session", "hi"]));
+    assert!(!ok && err.contains("404"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_and_attach_over_pipes() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let echo = api.ready("echo").await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+        .args(["chat", &echo])
+        .env("SANDWARDEN_URL", &serve.base)
+        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"first line\nsecond line\n")
+        .expect("write");
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("chat ends at EOF");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("first line") && stdout.contains("second line"),
+        "{stdout}"
+    );
+
+    let sh = api.ready("sh").await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+        .args(["attach", &sh])
+        .env("SANDWARDEN_URL", &serve.base)
+        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("attach");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = seen.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().expect("lock").extend_from_slice(&buf[..n]);
+        }
+    });
+    stdin.write_all(b"echo attached-$((7*6))\n").expect("write");
+    let mut arrived = false;
+    for _ in 0..400 {
+        if String::from_utf8_lossy(&seen.lock().expect("lock")).contains("attached-42") {
+            arrived = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(
+        arrived,
+        "output arrived: {:?}",
+        String::from_utf8_lossy(&seen.lock().expect("lock"))
+    );
+    stdin
+        .write_all(&[sandwarden::client::DETACH_KEY])
+        .expect("detach");
+    let out =
+        tokio::task::block_in_place(|| child.wait_with_output()).expect("attach ends on Ctrl-]");
+    let _ = reader.join();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[detached]"));
+    // The program kept running after the detach.
+    let s = api.wait_status(&sh, "ready").await;
+    assert_eq!(s["kind"], "tui");
+}
