@@ -668,8 +668,9 @@ impl ApiAgent {
         if kind == EventType::Error {
             data["duration_ms"] = json!(duration_ms);
         }
-        sink.emit(kind, data).await;
+        // Unlock first, so a client that starts its next turn on `done` is not refused.
         self.finish_turn(&turn_id);
+        sink.emit(kind, data).await;
         tracing::info!(turn_id = %turn_id, duration_ms, outcome = kind.as_str(), "turn ended");
     }
 

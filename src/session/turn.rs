@@ -358,7 +358,7 @@ impl Orchestrator {
         let started = Instant::now();
         futures::pin_mut!(stream);
         let mut reply = Reply::default();
-        let mut terminal: Option<(EventType, Value)> = None;
+        let mut terminal: Option<(EventType, String, Value)> = None;
         let mut waiting_input = false;
         while let Some(item) = stream.next().await {
             let event = match item {
@@ -384,6 +384,12 @@ impl Orchestrator {
                 self.notify(&session.id);
             }
             reply.add(event.kind, &event.data);
+            if event.kind.is_terminal() {
+                // Published after the turn is recorded and unlocked, so a client that sends its
+                // next message on `done` finds the session ready.
+                terminal = Some((event.kind, event.ts, event.data));
+                break;
+            }
             if let Err(e) = self
                 .hub
                 .publish(
@@ -397,27 +403,13 @@ impl Orchestrator {
             {
                 tracing::error!(error = %e, "recording an event failed");
             }
-            if event.kind.is_terminal() {
-                terminal = Some((event.kind, event.data));
-                break;
-            }
         }
-        let (kind, data) = match terminal {
+        let (kind, ts, data) = match terminal {
             Some(t) => t,
             None => {
                 // The harness went away mid-turn: say so in the stream, and find out whether the
                 // sandbox is gone.
                 let data = json!({ "code": "harness_lost", "message": "the connection to the harness was lost during the turn" });
-                let _ = self
-                    .hub
-                    .publish(
-                        &session.id,
-                        Some(&turn.id),
-                        "error",
-                        store::now(),
-                        data.clone(),
-                    )
-                    .await;
                 if let Some(client) = self.session_client(&session)
                     && let Err(e) = client.health().await
                     && e.is_connect()
@@ -425,7 +417,7 @@ impl Orchestrator {
                     self.mark_dead(&session, "its harness stopped answering during a turn")
                         .await;
                 }
-                (EventType::Error, data)
+                (EventType::Error, store::now(), data)
             }
         };
         let stop_reason = data["stop_reason"].as_str().map(String::from);
@@ -464,6 +456,13 @@ impl Orchestrator {
             .transition(&session.id, &["running", "input_required"], "ready", None)
             .await;
         self.unlock_turn(&session.id, &turn.id);
+        if let Err(e) = self
+            .hub
+            .publish(&session.id, Some(&turn.id), kind.as_str(), ts, data.clone())
+            .await
+        {
+            tracing::error!(error = %e, "recording the turn's last event failed");
+        }
         self.metrics.turn(status);
         self.metrics
             .turn_duration
