@@ -15,11 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-const TOKEN: &str = "bench-token-0123456789";
+pub(crate) const TOKEN: &str = "bench-token-0123456789";
 /// A program that echoes every byte at once: the PTY in raw mode, `cat` copying input to output.
 const ECHO_PROGRAM: &str = "sh -c 'stty raw -echo; exec cat'";
-const MARKER_BEGIN: &str = "<!-- bench:harness -->";
-const MARKER_END: &str = "<!-- /bench:harness -->";
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -42,27 +40,29 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
+    /// The in-sandbox server: start, memory, PTY latency and throughput.
     Harness,
+    /// The orchestrator: message path overhead, SSE first event, warm claims, memory.
+    Serve,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.scenario {
-        Scenario::Harness => {
-            let report = harness(&args).await?;
-            println!("{report}");
-            if let Some(path) = &args.write {
-                write_section(path, &report)?;
-                eprintln!("wrote the harness section of {}", path.display());
-            }
-            Ok(())
-        }
+    let (report, section) = match args.scenario {
+        Scenario::Harness => (harness(&args).await?, "harness"),
+        Scenario::Serve => (crate::bench_serve::run(&args).await?, "serve"),
+    };
+    println!("{report}");
+    if let Some(path) = &args.write {
+        write_section(path, section, &report)?;
+        eprintln!("wrote the {section} section of {}", path.display());
     }
+    Ok(())
 }
 
 /// A `sandwarden harness` child started for measuring.
-struct Started {
-    child: Child,
-    addr: String,
+pub(crate) struct Started {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
     listen_after: Duration,
 }
 
@@ -74,7 +74,7 @@ impl Drop for Started {
     }
 }
 
-fn start_harness(args: &[&str]) -> anyhow::Result<Started> {
+pub(crate) fn start_harness(args: &[&str]) -> anyhow::Result<Started> {
     let me = std::env::current_exe().context("finding this binary")?;
     let t0 = Instant::now();
     let mut child = Command::new(me)
@@ -105,7 +105,7 @@ fn start_harness(args: &[&str]) -> anyhow::Result<Started> {
     })
 }
 
-async fn wait_ready(client: &HarnessClient) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(client: &HarnessClient) -> anyhow::Result<()> {
     for _ in 0..20_000 {
         if let Ok(h) = client.health().await
             && h.phase == crate::event::Phase::Ready
@@ -117,7 +117,7 @@ async fn wait_ready(client: &HarnessClient) -> anyhow::Result<()> {
     anyhow::bail!("the harness did not become ready")
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -129,12 +129,12 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn histogram() -> anyhow::Result<Histogram<u64>> {
+pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
 
 /// p50 / p99 / p99.9 of a histogram of microseconds, as a table row.
-fn row(name: &str, h: &Histogram<u64>) -> String {
+pub(crate) fn row(name: &str, h: &Histogram<u64>) -> String {
     format!(
         "| {name} | {} | {} | {} | {} |",
         fmt_us(h.value_at_quantile(0.5)),
@@ -144,7 +144,7 @@ fn row(name: &str, h: &Histogram<u64>) -> String {
     )
 }
 
-fn fmt_us(us: u64) -> String {
+pub(crate) fn fmt_us(us: u64) -> String {
     if us >= 10_000 {
         format!("{:.1} ms", us as f64 / 1000.0)
     } else {
@@ -377,7 +377,7 @@ async fn harness_throughput(program: &str) -> anyhow::Result<f64> {
     Ok(total as f64 / t0.elapsed().as_secs_f64() / 1e6)
 }
 
-fn machine_line() -> String {
+pub(crate) fn machine_line() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -393,17 +393,19 @@ fn machine_line() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-/// Replaces (or appends) the harness section of a Markdown file, leaving the rest alone.
-fn write_section(path: &std::path::Path, report: &str) -> anyhow::Result<()> {
+/// Replaces (or appends) one section of a Markdown file, leaving the rest alone.
+fn write_section(path: &std::path::Path, name: &str, report: &str) -> anyhow::Result<()> {
     let existing = std::fs::read_to_string(path).unwrap_or_default();
-    let section = format!("{MARKER_BEGIN}\n{report}{MARKER_END}");
-    let updated = match (existing.find(MARKER_BEGIN), existing.find(MARKER_END)) {
-        (Some(a), Some(b)) if a < b => format!(
-            "{}{section}{}",
-            &existing[..a],
-            &existing[b + MARKER_END.len()..]
-        ),
-        _ => format!("{existing}\n## Harness server\n\n{section}\n"),
+    let (begin, end) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
+    let section = format!("{begin}\n{report}{end}");
+    let updated = match (existing.find(&begin), existing.find(&end)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{section}{}", &existing[..a], &existing[b + end.len()..])
+        }
+        _ => format!("{existing}\n## {name}\n\n{section}\n"),
     };
     std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
 }

@@ -37,6 +37,15 @@ impl ClientError {
     }
 }
 
+/// The HTTP client settings for talking to harnesses: short connect timeout, no Nagle delay.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_default()
+}
+
 #[derive(Clone)]
 pub struct HarnessClient {
     base: String,
@@ -47,11 +56,15 @@ pub struct HarnessClient {
 impl HarnessClient {
     /// `base` is `http://host:port`.
     pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default();
+        Self::with_http(http_client(), base, token)
+    }
+
+    /// A client sharing `http`'s connection pool (one per process is plenty).
+    pub fn with_http(
+        http: reqwest::Client,
+        base: impl Into<String>,
+        token: impl Into<String>,
+    ) -> Self {
         HarnessClient {
             base: base.into().trim_end_matches('/').to_string(),
             token: token.into(),

@@ -196,7 +196,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let app = api::router(orch.clone());
     let stopping = shutdown.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
+        axum::serve(crate::harness::no_delay(listener), app)
             .with_graceful_shutdown(async move { stopping.cancelled().await })
             .await
     });

@@ -15,6 +15,17 @@ use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
 
+/// WebSocket read buffer per side of the bridge. Terminal frames are small; the 128 KiB default
+/// would cost a quarter MiB per attached terminal.
+const WS_BUFFER: usize = 8 * 1024;
+
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(Some(1024 * 1024))
+}
+
 #[derive(Deserialize)]
 pub struct TtyQuery {
     token: Option<String>,
@@ -100,7 +111,13 @@ pub async fn attach(
     let request = client
         .tty_request()
         .map_err(|e| Problem::new(StatusCode::BAD_GATEWAY, "harness_error", e.to_string()))?;
-    let upstream = match tokio_tungstenite::connect_async(request).await {
+    let upstream = match tokio_tungstenite::connect_async_with_config(
+        request,
+        Some(ws_config()),
+        true,
+    )
+    .await
+    {
         Ok((upstream, _)) => upstream,
         Err(tokio_tungstenite::tungstenite::Error::Io(e)) => {
             orch.mark_dead(&session, &format!("its harness could not be reached ({e})"))
@@ -122,6 +139,8 @@ pub async fn attach(
     let session_id = session.id.clone();
     Ok(ws
         .max_message_size(1024 * 1024)
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             orch.viewer_attached(&session_id);
             let _ = orch.store.touch(&session_id).await;

@@ -107,9 +107,10 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
     });
 
     let stopping = shutdown.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        stopping.cancelled().await;
-    });
+    let server =
+        axum::serve(crate::harness::no_delay(listener), app).with_graceful_shutdown(async move {
+            stopping.cancelled().await;
+        });
     let server = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
     driver.stop().await;
@@ -121,6 +122,19 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
     }
     Ok(())
+}
+
+/// Accepted connections send small writes at once: SSE events and terminal echo must not wait
+/// for Nagle's algorithm and the peer's delayed ACK (a 40 ms stall per event otherwise).
+pub fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::trace!(error = %e, "setting TCP_NODELAY failed");
+        }
+    })
 }
 
 /// One machine-readable line on stdout, so whoever started us learns the port. If nobody reads

@@ -94,6 +94,7 @@ pub struct Orchestrator {
     pool: Mutex<PoolIndex<Sandbox>>,
     pool_wake: Notify,
     clients: Mutex<HashMap<String, HarnessClient>>,
+    http: reqwest::Client,
     /// Templates whose warm start failed since the pool loop last looked (for backoff).
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
@@ -151,6 +152,7 @@ impl Orchestrator {
             pool: Mutex::new(PoolIndex::default()),
             pool_wake: Notify::new(),
             clients: Mutex::new(HashMap::new()),
+            http: crate::harness_client::http_client(),
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
             viewers: Mutex::new(HashMap::new()),
@@ -172,7 +174,11 @@ impl Orchestrator {
         {
             return c.clone();
         }
-        let c = HarnessClient::new(endpoint, self.tokens.for_sandbox(sandbox_id));
+        let c = HarnessClient::with_http(
+            self.http.clone(),
+            endpoint,
+            self.tokens.for_sandbox(sandbox_id),
+        );
         clients.insert(sandbox_id.to_string(), c.clone());
         c
     }
