@@ -109,13 +109,15 @@ pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Cal
             "send `Authorization: Bearer <API key>` (the key `serve` printed, or SANDWARDEN_API_KEY)",
         ));
     };
-    match orch
-        .store
-        .find_key(&hash_key(key))
-        .await
-        .map_err(store_error)?
-    {
-        Some((tenant, admin)) => Ok(Caller { tenant, admin }),
+    let hash = hash_key(key);
+    if let Some((tenant, admin)) = orch.cached_key(&hash) {
+        return Ok(Caller { tenant, admin });
+    }
+    match orch.store.find_key(&hash).await.map_err(store_error)? {
+        Some((tenant, admin)) => {
+            orch.cache_key(hash, tenant.clone(), admin);
+            Ok(Caller { tenant, admin })
+        }
         None => Err(Problem::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

@@ -95,6 +95,8 @@ pub struct Orchestrator {
     pool_wake: Notify,
     clients: Mutex<HashMap<String, HarnessClient>>,
     http: reqwest::Client,
+    /// API keys seen valid, by hash (keys are never revoked yet, so entries stay true).
+    keys: Mutex<HashMap<String, (String, bool)>>,
     /// Templates whose warm start failed since the pool loop last looked (for backoff).
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
@@ -153,6 +155,7 @@ impl Orchestrator {
             pool_wake: Notify::new(),
             clients: Mutex::new(HashMap::new()),
             http: crate::harness_client::http_client(),
+            keys: Mutex::new(HashMap::new()),
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
             viewers: Mutex::new(HashMap::new()),
@@ -164,6 +167,14 @@ impl Orchestrator {
 
     pub fn is_synced(&self) -> bool {
         self.synced.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn cached_key(&self, hash: &str) -> Option<(String, bool)> {
+        lock(&self.keys).get(hash).cloned()
+    }
+
+    pub fn cache_key(&self, hash: String, tenant: String, admin: bool) {
+        lock(&self.keys).insert(hash, (tenant, admin));
     }
 
     /// The client of a sandbox's harness; one per sandbox so connections are reused.

@@ -240,13 +240,9 @@ impl Orchestrator {
             }),
             created_at: now,
         };
-        self.store
-            .insert_turn(&turn, &user)
-            .await
-            .map_err(store_error)?;
         let moved = self
             .store
-            .transition(&session.id, &["ready"], "running", None)
+            .begin_turn(&turn, &user)
             .await
             .map_err(store_error)?;
         let fail = |turn: &mut Turn, code: &str, message: String| {
@@ -255,12 +251,6 @@ impl Orchestrator {
             turn.finished_at = Some(store::now());
         };
         if !moved {
-            fail(
-                &mut turn,
-                "session_changed",
-                "the session changed state before the turn started".into(),
-            );
-            let _ = self.store.finish_turn(&turn, None).await;
             return Err(Problem::new(
                 StatusCode::CONFLICT,
                 "session_not_usable",
@@ -451,10 +441,6 @@ impl Orchestrator {
         if let Err(e) = self.store.finish_turn(&turn, assistant.as_ref()).await {
             tracing::error!(error = %e, turn_id = %turn.id, "recording the turn's end failed");
         }
-        let _ = self
-            .store
-            .transition(&session.id, &["running", "input_required"], "ready", None)
-            .await;
         self.unlock_turn(&session.id, &turn.id);
         if let Err(e) = self
             .hub

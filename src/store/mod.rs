@@ -404,9 +404,24 @@ impl Store {
 
     // ---- turns and messages
 
-    /// Records a new turn and the user's message in one transaction (before the harness is dialled).
-    pub async fn insert_turn(&self, turn: &Turn, user: &Message) -> Result<()> {
+    /// Records a new turn and the user's message, and moves the session from `ready` to
+    /// `running`, in one transaction (before the harness is dialled). Returns false, changing
+    /// nothing, when the session was no longer `ready`.
+    pub async fn begin_turn(&self, turn: &Turn, user: &Message) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE sessions SET status = 'running', phase = 'running', updated_at = ?, last_active_at = ? \
+             WHERE id = ? AND status = 'ready'",
+        )
+        .bind(&turn.created_at)
+        .bind(&turn.created_at)
+        .bind(&turn.session_id)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO turns (id, session_id, status, mode, options, created_at) VALUES (?, ?, ?, ?, ?, ?)",
         )
@@ -423,16 +438,12 @@ impl Store {
             e => e.into(),
         })?;
         insert_message(&mut tx, user).await?;
-        sqlx::query("UPDATE sessions SET last_active_at = ? WHERE id = ?")
-            .bind(&turn.created_at)
-            .bind(&turn.session_id)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
-    /// Ends a turn with its outcome and, when there is one, the assistant's message.
+    /// Ends a turn with its outcome and, when there is one, the assistant's message; a running
+    /// session becomes `ready` in the same transaction.
     pub async fn finish_turn(&self, turn: &Turn, reply: Option<&Message>) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -449,11 +460,19 @@ impl Store {
         if let Some(m) = reply {
             insert_message(&mut tx, m).await?;
         }
-        sqlx::query("UPDATE sessions SET last_active_at = ? WHERE id = ?")
-            .bind(now())
-            .bind(&turn.session_id)
-            .execute(&mut *tx)
-            .await?;
+        // A running session is ready again (a dead or deleted one stays so).
+        let ts = now();
+        sqlx::query(
+            "UPDATE sessions SET last_active_at = ?, \
+             status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
+             phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END, \
+             updated_at = ? WHERE id = ?",
+        )
+        .bind(&ts)
+        .bind(&ts)
+        .bind(&turn.session_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
