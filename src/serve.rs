@@ -182,16 +182,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     crate::harness::announce(addr);
     tracing::info!(%addr, data_dir = %data_dir.display(), runtime = ?args.runtime, "sandwarden serve listening");
-    let mut signals = crate::harness::Signals::new()?;
-    let signal_token = shutdown.clone();
-    tokio::spawn(async move {
-        signals.next().await;
-        tracing::info!("shutting down");
-        signal_token.cancel();
-        signals.next().await;
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(130);
-    });
+    crate::harness::cancel_on_signals(shutdown.clone())?;
 
     let app = api::router(orch.clone());
     let stopping = shutdown.clone();

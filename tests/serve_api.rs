@@ -475,11 +475,18 @@ async fn a_killed_sandbox_makes_the_session_dead_with_a_clear_error() {
     let harnesses = children(serve.pid());
     assert!(!harnesses.is_empty());
     // Kill every sandbox of this server (the warm one and the claimed one).
-    for pid in harnesses {
+    for pid in harnesses.iter().copied() {
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
+    }
+    // SIGKILL lands asynchronously: wait (bounded) until the processes are gone.
+    for _ in 0..200 {
+        if harnesses.iter().all(|pid| !alive(*pid)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (status, p) = api.say(&id, "are you there?").await;
     // Either the supervisor saw the exit first (409, dead) or this request found the harness
@@ -802,4 +809,35 @@ async fn ops_endpoints() {
         metrics.contains("sandwarden_turn_duration_seconds"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_harness_error_on_a_live_connection_is_502_and_the_session_lives() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (status, p) = api.say(&id, "/fail the model is down").await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (502, Some("turn_failed")),
+        "{p}"
+    );
+    assert_eq!(p["error"]["code"], "agent_error");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the model is down"),
+        "{p}"
+    );
+    assert!(p["turn_id"].is_string());
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(s["status"], "ready", "the session lives on: {s}");
+    let (status, reply) = api.say(&id, "still here").await;
+    assert_eq!((status, reply["text"].as_str()), (200, Some("still here")));
+    let turn_id = p["turn_id"].as_str().expect("turn id");
+    let (_, turn) = api
+        .call("GET", &format!("/v1/sessions/{id}/turns/{turn_id}"), None)
+        .await;
+    assert_eq!(turn["status"], "failed", "{turn}");
 }

@@ -233,22 +233,13 @@ async fn list_sessions(
             "`limit` is between 1 and 500",
         ));
     }
-    const STATUSES: &[&str] = &[
-        "creating",
-        "ready",
-        "running",
-        "input_required",
-        "failed",
-        "dead",
-        "deleted",
-    ];
     if let Some(s) = &q.status
-        && !STATUSES.contains(&s.as_str())
+        && !crate::session::STATUSES.contains(&s.as_str())
     {
         return Err(Problem::new(
             StatusCode::BAD_REQUEST,
             "invalid_query",
-            format!("`status` is one of {}", STATUSES.join(", ")),
+            format!("`status` is one of {}", crate::session::STATUSES.join(", ")),
         ));
     }
     let after = match &q.cursor {

@@ -95,16 +95,7 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
     };
     let app = routes::router(cfg.clone(), driver.clone());
 
-    let signal_token = shutdown.clone();
-    let mut signals = Signals::new()?;
-    tokio::spawn(async move {
-        signals.next().await;
-        tracing::info!("shutting down");
-        signal_token.cancel();
-        signals.next().await;
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(130);
-    });
+    cancel_on_signals(shutdown.clone())?;
 
     let stopping = shutdown.clone();
     let server =
@@ -148,6 +139,20 @@ pub fn announce(addr: SocketAddr) {
         serde_json::json!({ "listening": addr.to_string() })
     );
     let _ = out.flush();
+}
+
+/// The first SIGTERM/SIGINT cancels `shutdown` (a graceful stop); a second exits at once.
+pub fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    let mut signals = Signals::new()?;
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+        signals.next().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    Ok(())
 }
 
 /// SIGTERM and SIGINT, registered once so a second signal is never confused with the first.

@@ -25,6 +25,21 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+/// Every session status, in lifecycle order.
+pub const STATUSES: &[&str] = &[
+    "creating",
+    "ready",
+    "running",
+    "input_required",
+    "failed",
+    "dead",
+    "deleted",
+];
+/// Statuses a session can be deleted from (all but `deleted`).
+const DELETABLE: &[&str] = match STATUSES.split_last() {
+    Some((_, rest)) => rest,
+    None => &[],
+};
 /// Statuses in which a session holds a live sandbox.
 pub const LIVE: &[&str] = &["ready", "running", "input_required"];
 /// How long a cold sandbox may take to become ready.
@@ -595,19 +610,7 @@ impl Orchestrator {
         let s = self.get(tenant, id).await?;
         if s.status != "deleted" {
             self.store
-                .transition(
-                    id,
-                    &[
-                        "creating",
-                        "ready",
-                        "running",
-                        "input_required",
-                        "failed",
-                        "dead",
-                    ],
-                    "deleted",
-                    None,
-                )
+                .transition(id, DELETABLE, "deleted", None)
                 .await
                 .map_err(store_error)?;
             self.release(&s).await;
