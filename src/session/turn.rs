@@ -435,9 +435,6 @@ impl Orchestrator {
             metadata: json!({}),
             created_at: store::now(),
         });
-        if let Err(e) = self.store.flush().await {
-            tracing::error!(error = %e, "flushing events failed");
-        }
         if let Err(e) = self.store.finish_turn(&turn, assistant.as_ref()).await {
             tracing::error!(error = %e, turn_id = %turn.id, "recording the turn's end failed");
         }

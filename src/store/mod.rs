@@ -137,6 +137,11 @@ pub struct SessionFilter {
 enum Write {
     Events(Vec<Event>),
     Flush(oneshot::Sender<Result<(), String>>),
+    /// A turn's end, committed with the events queued before it (one commit, in order).
+    Finish(
+        Box<(Turn, Option<Message>)>,
+        oneshot::Sender<Result<(), String>>,
+    ),
 }
 
 /// Handle to the store; cheap to clone.
@@ -443,38 +448,17 @@ impl Store {
     }
 
     /// Ends a turn with its outcome and, when there is one, the assistant's message; a running
-    /// session becomes `ready` in the same transaction.
+    /// session becomes `ready`. Committed by the event writer together with the events queued
+    /// before it, so the turn's events are durable when this returns.
     pub async fn finish_turn(&self, turn: &Turn, reply: Option<&Message>) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE turns SET status = ?, text = ?, usage = ?, error = ?, finished_at = ? WHERE id = ?",
-        )
-        .bind(&turn.status)
-        .bind(&turn.text)
-        .bind(turn.usage.as_ref().map(|u| u.to_string()))
-        .bind(turn.error.as_ref().map(|e| e.to_string()))
-        .bind(&turn.finished_at)
-        .bind(&turn.id)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(m) = reply {
-            insert_message(&mut tx, m).await?;
-        }
-        // A running session is ready again (a dead or deleted one stays so).
-        let ts = now();
-        sqlx::query(
-            "UPDATE sessions SET last_active_at = ?, \
-             status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
-             phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END, \
-             updated_at = ? WHERE id = ?",
-        )
-        .bind(&ts)
-        .bind(&ts)
-        .bind(&turn.session_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Write::Finish(Box::new((turn.clone(), reply.cloned())), tx))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await
+            .map_err(|_| StoreError::WriterGone)?
+            .map_err(|e| StoreError::Query(sqlx::Error::Protocol(e)))
     }
 
     fn turn_from(r: &sqlx::sqlite::SqliteRow) -> Turn {
@@ -697,7 +681,10 @@ impl Store {
     }
 }
 
-async fn insert_message(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, m: &Message) -> Result<()> {
+async fn insert_message(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    m: &Message,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -721,31 +708,78 @@ async fn write_events(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::new();
         let mut flushes = Vec::new();
+        let mut finishes = Vec::new();
         let mut next = Some(first);
         while let Some(w) = next.take() {
             match w {
                 Write::Events(e) => batch.extend(e),
                 Write::Flush(f) => flushes.push(f),
+                Write::Finish(turn, done) => finishes.push((turn, done)),
             }
             if batch.len() < 2048 {
                 next = rx.try_recv().ok();
             }
         }
-        let result = if batch.is_empty() {
+        let result = if batch.is_empty() && finishes.is_empty() {
             Ok(())
         } else {
-            insert_events(&pool, &batch).await
+            let ends: Vec<&(Turn, Option<Message>)> = finishes.iter().map(|(t, _)| &**t).collect();
+            insert_events(&pool, &batch, &ends).await
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, events = batch.len(), "writing events failed");
         }
+        let answer = || result.as_ref().map(|_| ()).map_err(|e| e.to_string());
         for f in flushes {
-            let _ = f.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            let _ = f.send(answer());
+        }
+        for (_, done) in finishes {
+            let _ = done.send(answer());
         }
     }
 }
 
-async fn insert_events(pool: &SqlitePool, batch: &[Event]) -> Result<(), sqlx::Error> {
+/// The statements that end a turn, inside the writer's transaction.
+async fn finish_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    turn: &Turn,
+    reply: Option<&Message>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE turns SET status = ?, text = ?, usage = ?, error = ?, finished_at = ? WHERE id = ?",
+    )
+    .bind(&turn.status)
+    .bind(&turn.text)
+    .bind(turn.usage.as_ref().map(|u| u.to_string()))
+    .bind(turn.error.as_ref().map(|e| e.to_string()))
+    .bind(&turn.finished_at)
+    .bind(&turn.id)
+    .execute(&mut **tx)
+    .await?;
+    if let Some(m) = reply {
+        insert_message(tx, m).await?;
+    }
+    // A running session is ready again (a dead or deleted one stays so).
+    let ts = now();
+    sqlx::query(
+        "UPDATE sessions SET last_active_at = ?, \
+         status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
+         phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END, \
+         updated_at = ? WHERE id = ?",
+    )
+    .bind(&ts)
+    .bind(&ts)
+    .bind(&turn.session_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_events(
+    pool: &SqlitePool,
+    batch: &[Event],
+    ends: &[&(Turn, Option<Message>)],
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     for e in batch {
         sqlx::query(
@@ -759,6 +793,9 @@ async fn insert_events(pool: &SqlitePool, batch: &[Event]) -> Result<(), sqlx::E
         .bind(e.data.to_string())
         .execute(&mut *tx)
         .await?;
+    }
+    for (turn, reply) in ends {
+        finish_in(&mut tx, turn, reply.as_ref()).await?;
     }
     tx.commit().await
 }
