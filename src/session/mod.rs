@@ -802,16 +802,32 @@ impl Orchestrator {
         let Ok(live) = self.store.sessions_with_status(LIVE).await else {
             return;
         };
+        // One read of the sandboxes per tick, not one per session.
+        let Ok(rows) = self.store.list_sandboxes().await else {
+            return;
+        };
+        let sandboxes: HashMap<String, Sandbox> = rows
+            .into_iter()
+            .map(|r| {
+                let sandbox = Sandbox {
+                    id: r.id.clone(),
+                    template: r.template,
+                    endpoint: r.endpoint,
+                    pid: r.pid,
+                };
+                (r.id, sandbox)
+            })
+            .collect();
         let now = std::time::SystemTime::now();
         for s in live {
             let Some(sandbox_id) = &s.sandbox_id else {
                 continue;
             };
-            let Ok(Some(sandbox)) = self.find_sandbox(sandbox_id).await else {
+            let Some(sandbox) = sandboxes.get(sandbox_id) else {
                 self.mark_dead(&s, "its sandbox is gone").await;
                 continue;
             };
-            if !self.runtime.alive(&sandbox).await {
+            if !self.runtime.alive(sandbox).await {
                 self.mark_dead(&s, "its sandbox process exited").await;
                 continue;
             }
