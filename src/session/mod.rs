@@ -395,12 +395,10 @@ impl Orchestrator {
                     return Ok((fresh.unwrap_or(session), true));
                 }
                 Err(AttachError::Refused(p)) => {
-                    // The bind was refused and changed nothing: the sandbox stays warm.
+                    // The bind was refused and changed nothing: the sandbox stays warm, and the
+                    // refused request leaves no session behind.
                     lock(&self.pool).adopt(&template.name, sandbox);
-                    let _ = self
-                        .store
-                        .transition(&session.id, &["creating"], "failed", Some(&p.detail))
-                        .await;
+                    let _ = self.store.forget_creating(&session.id).await;
                     return Err(p);
                 }
                 Err(AttachError::Lost(reason)) => {

@@ -385,6 +385,15 @@ impl Store {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Removes a session that never got past `creating` (its create request was refused).
+    pub async fn forget_creating(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE id = ? AND status = 'creating'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn set_sandbox(&self, id: &str, sandbox_id: &str, endpoint: &str) -> Result<()> {
         sqlx::query(
             "UPDATE sessions SET sandbox_id = ?, endpoint = ?, updated_at = ? WHERE id = ?",

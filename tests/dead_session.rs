@@ -1,0 +1,167 @@
+//! Dead sessions when nothing watches the sandbox: a runtime whose sandboxes can vanish unnoticed
+//! (as a remote one's can). Real harness processes, a real API server on 127.0.0.1:0; the only
+//! stand-in is the runtime's liveness check, which always says "alive".
+
+mod common;
+
+use common::*;
+use sandwarden::runtime::{Runtime, RuntimeError, Sandbox, Template, Tokens, builtin_templates};
+use sandwarden::session::{Config, Orchestrator};
+use sandwarden::store::Store;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Starts real harness processes but cannot see them exit.
+struct Unwatched {
+    tokens: Tokens,
+    children: Mutex<Vec<Child>>,
+}
+
+#[async_trait::async_trait]
+impl Runtime for Unwatched {
+    fn name(&self) -> &'static str {
+        "unwatched"
+    }
+
+    async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+            .args([
+                "harness",
+                "--listen",
+                "127.0.0.1:0",
+                "--kind",
+                "api",
+                "--agent",
+                &t.command,
+            ])
+            .env("SANDWARDEN_TOKEN", self.tokens.for_sandbox(id))
+            .env("SANDWARDEN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(RuntimeError::Io)?;
+        let mut line = String::new();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| RuntimeError::Start("no stdout".into()))?;
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(RuntimeError::Io)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| RuntimeError::Start(e.to_string()))?;
+        let addr = v["listening"].as_str().unwrap_or_default().to_string();
+        self.children.lock().expect("lock").push(child);
+        Ok(Sandbox {
+            id: id.into(),
+            template: t.name.clone(),
+            endpoint: format!("http://{addr}"),
+            pid: None,
+        })
+    }
+
+    async fn destroy(&self, _sandbox: &Sandbox) {}
+
+    async fn alive(&self, _sandbox: &Sandbox) -> bool {
+        true
+    }
+}
+
+impl Drop for Unwatched {
+    fn drop(&mut self) {
+        for c in self.children.lock().expect("lock").iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connect_failure_answers_502_and_marks_the_session_dead_in_that_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).await.expect("store");
+    store
+        .insert_key("default", &sandwarden::api::hash_key(ADMIN_KEY), true)
+        .await
+        .expect("key");
+    let tokens = Tokens::new(b"test-secret".to_vec());
+    let runtime = Arc::new(Unwatched {
+        tokens: tokens.clone(),
+        children: Mutex::new(Vec::new()),
+    });
+    let mut templates = std::collections::BTreeMap::new();
+    for mut t in builtin_templates() {
+        t.pool = 0;
+        templates.insert(t.name.clone(), t);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let config = Config {
+        public_url: base.clone(),
+        allow_private_webhooks: true,
+        tty_token_ttl: Duration::from_secs(60),
+        allowed_origins: vec![],
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let orch = Orchestrator::new(
+        store,
+        runtime.clone(),
+        tokens,
+        templates,
+        config,
+        shutdown.clone(),
+    );
+    orch.sync().await;
+    let app = sandwarden::api::router(orch);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let api = Api {
+        base,
+        key: ADMIN_KEY.into(),
+        http: reqwest::Client::new(),
+    };
+
+    let id = api.ready("echo").await;
+    assert_eq!(api.say(&id, "alive").await.1["text"], "alive");
+    // The sandbox vanishes; nothing notices.
+    for c in runtime.children.lock().expect("lock").iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let (status, p) = api.say(&id, "are you there?").await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (502, Some("harness_unreachable")),
+        "{p}"
+    );
+    // Dead already, in the same request: no waiting.
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(s["status"], "dead", "{s}");
+    assert!(
+        s["failure_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be reached"),
+        "{s}"
+    );
+    let (status, p) = api.say(&id, "again").await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (409, Some("session_not_usable")),
+        "{p}"
+    );
+    // The turn that found it dead is recorded as failed, with the user's message kept.
+    let (_, history) = api
+        .call("GET", &format!("/v1/sessions/{id}/messages"), None)
+        .await;
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(texts, vec!["alive", "alive", "are you there?"]);
+    shutdown.cancel();
+}
