@@ -789,19 +789,22 @@ async fn insert_events(
     batch: &[Event],
     ends: &[&(Turn, Option<Message>)],
 ) -> Result<(), sqlx::Error> {
+    // SQLite takes at most 999 bound values per statement: 6 per event.
+    const ROWS_PER_STATEMENT: usize = 150;
     let mut tx = pool.begin().await?;
-    for e in batch {
-        sqlx::query(
-            "INSERT OR IGNORE INTO events (session_id, seq, turn_id, type, ts, data) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&e.session_id)
-        .bind(e.seq)
-        .bind(&e.turn_id)
-        .bind(&e.kind)
-        .bind(&e.ts)
-        .bind(e.data.to_string())
-        .execute(&mut *tx)
-        .await?;
+    for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT OR IGNORE INTO events (session_id, seq, turn_id, type, ts, data) ",
+        );
+        insert.push_values(chunk, |mut row, e| {
+            row.push_bind(&e.session_id)
+                .push_bind(e.seq)
+                .push_bind(&e.turn_id)
+                .push_bind(&e.kind)
+                .push_bind(&e.ts)
+                .push_bind(e.data.to_string());
+        });
+        insert.build().execute(&mut *tx).await?;
     }
     for (turn, reply) in ends {
         finish_in(&mut tx, turn, reply.as_ref()).await?;
