@@ -57,7 +57,7 @@ pub enum Command {
     Harness(Box<HarnessArgs>),
     /// A deterministic ACP agent over stdio, for tests and for trying sandwarden without a model key.
     EchoAgent,
-    /// Measure the harness server (start time, memory, PTY latency and throughput).
+    /// Measure the harness server or the orchestrator, side by side with their baselines.
     Bench(crate::bench::BenchArgs),
 }
 
