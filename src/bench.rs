@@ -117,18 +117,6 @@ pub(crate) async fn wait_ready(client: &HarnessClient) -> anyhow::Result<()> {
     anyhow::bail!("the harness did not become ready")
 }
 
-pub(crate) fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
@@ -180,7 +168,7 @@ async fn harness(args: &BenchArgs) -> anyhow::Result<String> {
         wait_ready(&client).await?;
         let ready_after = t0.elapsed().as_micros() as u64;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let rss = rss_kib(started.child.id());
+        let rss = crate::procfs::rss_kib(started.child.id());
         if api {
             ready_api.record(ready_after)?;
             rss_api.push(rss);

@@ -3,7 +3,7 @@
 //! latency; memory per idle session and per attached terminal.
 
 use crate::bench::{
-    BenchArgs, TOKEN, fmt_us, histogram, machine_line, row, rss_kib, start_harness, wait_ready,
+    BenchArgs, TOKEN, fmt_us, histogram, machine_line, row, start_harness, wait_ready,
 };
 use crate::harness_client::HarnessClient;
 use anyhow::Context;
@@ -28,22 +28,7 @@ impl Drop for Serve {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
         // Claimed sandboxes outlive `serve` by design; the benchmark stops its own.
-        if let Ok(procs) = std::fs::read_dir("/proc") {
-            let needle = self.dir.to_string_lossy().to_string();
-            for p in procs.flatten() {
-                let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline"))
-                    && String::from_utf8_lossy(&cmd).contains(&needle)
-                {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
+        crate::procfs::kill_groups_matching(&[&self.dir.to_string_lossy()]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -271,7 +256,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let serve = start_serve(0)?;
     let pid = serve.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let base_rss = rss_kib(pid);
+    let base_rss = crate::procfs::rss_kib(pid);
     let n_sessions = 50;
     let mut shells = Vec::new();
     for _ in 0..n_sessions {
@@ -282,7 +267,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         wait_ready_session(&http, &serve.base, id).await?;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let with_sessions = rss_kib(pid);
+    let with_sessions = crate::procfs::rss_kib(pid);
     let mut sockets = Vec::new();
     for id in &shells {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -297,7 +282,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         sockets.push(ws);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let with_terminals = rss_kib(pid);
+    let with_terminals = crate::procfs::rss_kib(pid);
     let per_session = with_sessions.saturating_sub(base_rss) as f64 / n_sessions as f64;
     let per_terminal = with_terminals.saturating_sub(with_sessions) as f64 / n_sessions as f64;
     out.push_str(&format!(

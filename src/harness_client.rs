@@ -46,6 +46,13 @@ pub fn http_client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// An answer that was not a success: its problem document, or one describing the body.
+fn refused(status: reqwest::StatusCode, body: &[u8]) -> ClientError {
+    ClientError::Refused(serde_json::from_slice(body).unwrap_or_else(|_| {
+        Problem::new(status, "unexpected_response", String::from_utf8_lossy(body))
+    }))
+}
+
 #[derive(Clone)]
 pub struct HarnessClient {
     base: String,
@@ -80,12 +87,13 @@ impl HarnessClient {
         format!("{}{path}", self.base)
     }
 
-    async fn send(
+    /// Sends with the token; a failure to connect is told apart from other transport errors.
+    async fn dispatch(
         &self,
         req: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<reqwest::Response, ClientError> {
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
+        req.bearer_auth(&self.token).send().await.map_err(|e| {
             if e.is_connect() {
                 ClientError::Connect {
                     url: url.to_string(),
@@ -94,53 +102,31 @@ impl HarnessClient {
             } else {
                 ClientError::Transport(e)
             }
-        })?;
+        })
+    }
+
+    /// Sends and returns a successful response; any other answer becomes its problem document.
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = self.dispatch(req, url).await?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
         let body = resp.bytes().await.map_err(ClientError::Transport)?;
-        Err(ClientError::Refused(
-            serde_json::from_slice(&body).unwrap_or_else(|_| {
-                Problem::new(
-                    status,
-                    "unexpected_response",
-                    String::from_utf8_lossy(&body),
-                )
-            }),
-        ))
+        Err(refused(status, &body))
     }
 
     /// Health; a `503` with a health body (starting, failed) is returned as a value, not an error.
     pub async fn health(&self) -> Result<Health, ClientError> {
         let url = self.url("/healthz");
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    ClientError::Connect {
-                        url: url.clone(),
-                        source: e,
-                    }
-                } else {
-                    ClientError::Transport(e)
-                }
-            })?;
+        let resp = self.dispatch(self.http.get(&url), &url).await?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(ClientError::Transport)?;
-        serde_json::from_slice::<Health>(&body).map_err(|_| {
-            ClientError::Refused(serde_json::from_slice(&body).unwrap_or_else(|_| {
-                Problem::new(
-                    status,
-                    "unexpected_response",
-                    String::from_utf8_lossy(&body),
-                )
-            }))
-        })
+        serde_json::from_slice::<Health>(&body).map_err(|_| refused(status, &body))
     }
 
     /// Starts a turn and returns its events as they arrive; the stream ends after `done`/`error`.

@@ -17,6 +17,7 @@ pub mod harness_client;
 pub mod metrics;
 pub mod pool;
 pub mod problem;
+pub mod procfs;
 pub mod runtime;
 pub mod serve;
 pub mod session;

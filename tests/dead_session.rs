@@ -153,15 +153,7 @@ async fn a_connect_failure_answers_502_and_marks_the_session_dead_in_that_reques
         "{p}"
     );
     // The turn that found it dead is recorded as failed, with the user's message kept.
-    let (_, history) = api
-        .call("GET", &format!("/v1/sessions/{id}/messages"), None)
-        .await;
-    let texts: Vec<&str> = history["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["text"].as_str())
-        .collect();
+    let texts = api.history_texts(&id).await;
     assert_eq!(texts, vec!["alive", "alive", "are you there?"]);
     shutdown.cancel();
 }

@@ -211,28 +211,8 @@ async fn a_webhook_is_signed_delivered_and_retried_after_a_failure() {
 
 #[tokio::test]
 async fn webhooks_to_private_addresses_are_refused_by_default() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Without --allow-private-webhooks.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-        .env("SANDWARDEN_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("line");
-    let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-    let api = Api {
-        base: format!("http://{}", v["listening"].as_str().expect("addr")),
-        key: ADMIN_KEY.into(),
-        http: reqwest::Client::new(),
-    };
+    let serve = Serve::start_strict(&[]);
+    let api = serve.client();
     let id = api.ready("echo").await;
     for url in [
         "http://127.0.0.1:9/x",
@@ -261,9 +241,6 @@ async fn webhooks_to_private_addresses_are_refused_by_default() {
         json!([]),
         "refused messages changed nothing"
     );
-    signal(child.id() as i32, nix::sys::signal::Signal::SIGTERM);
-    let _ = child.wait();
-    kill_sandboxes_under(dir.path());
 }
 
 #[tokio::test]
@@ -271,14 +248,7 @@ async fn a_concurrent_turn_gets_409_and_cancel_ends_the_running_one() {
     let serve = Serve::start(&[]);
     let api = serve.client();
     let id = api.ready("echo").await;
-    let (_, accepted) = api
-        .call(
-            "POST",
-            &format!("/v1/sessions/{id}/messages"),
-            Some(json!({"text": "/slow 200 t", "async": true})),
-        )
-        .await;
-    let turn_id = accepted["turn_id"].as_str().expect("turn").to_string();
+    let turn_id = api.post_async(&id, json!({"text": "/slow 200 t"})).await;
     let (status, p) = api.say(&id, "me too").await;
     assert_eq!(status, 409, "{p}");
     assert_eq!(p["type"], "turn_in_progress");
@@ -287,13 +257,7 @@ async fn a_concurrent_turn_gets_409_and_cancel_ends_the_running_one() {
         .call("POST", &format!("/v1/sessions/{id}/cancel"), None)
         .await;
     assert_eq!(status, 202, "{c}");
-    let (_, turn) = api
-        .call(
-            "GET",
-            &format!("/v1/sessions/{id}/turns/{turn_id}?wait=true&timeout=30"),
-            None,
-        )
-        .await;
+    let turn = api.finished_turn(&id, &turn_id).await;
     assert!(
         turn["status"] == "cancelled" || turn["error"]["code"] == "cancelled",
         "{turn}"
@@ -310,14 +274,7 @@ async fn an_approval_round_trips_through_the_api() {
     let serve = Serve::start(&[]);
     let api = serve.client();
     let id = api.ready("echo").await;
-    let (_, accepted) = api
-        .call(
-            "POST",
-            &format!("/v1/sessions/{id}/messages"),
-            Some(json!({"text": "/ask deploy?", "async": true})),
-        )
-        .await;
-    let turn_id = accepted["turn_id"].as_str().expect("turn").to_string();
+    let turn_id = api.post_async(&id, json!({"text": "/ask deploy?"})).await;
     let s = api.wait_status(&id, "input_required").await;
     assert_eq!(s["turn_id"], turn_id.as_str());
     let (_, events) = api
@@ -347,13 +304,7 @@ async fn an_approval_round_trips_through_the_api() {
         )
         .await;
     assert_eq!(status, 200, "{a}");
-    let (_, turn) = api
-        .call(
-            "GET",
-            &format!("/v1/sessions/{id}/turns/{turn_id}?wait=true&timeout=30"),
-            None,
-        )
-        .await;
+    let turn = api.finished_turn(&id, &turn_id).await;
     assert_eq!(turn["text"], "permission granted (allow-once)", "{turn}");
 }
 
@@ -373,15 +324,7 @@ async fn history_and_event_streams_survive_a_restart_of_serve() {
 
     let serve = Serve::start_in(dir.path(), &[]);
     let api = serve.client();
-    let (_, history) = api
-        .call("GET", &format!("/v1/sessions/{id}/messages"), None)
-        .await;
-    let texts: Vec<&str> = history["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["text"].as_str())
-        .collect();
+    let texts = api.history_texts(&id).await;
     assert_eq!(texts, vec!["before restart", "before restart"]);
     // The sandbox was adopted: the session still works.
     let (status, reply) = api.say(&id, "after restart").await;

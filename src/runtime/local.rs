@@ -5,7 +5,7 @@
 //! from the store. Exits of children started here are reported at once on a channel.
 
 use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,23 +42,6 @@ fn signal_group(pid: i64, signal: Signal) {
         && pid > 0
     {
         let _ = killpg(Pid::from_raw(pid), signal);
-    }
-}
-
-fn process_alive(pid: i64) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
-        return false;
-    }
-    // A zombie (exited, not yet reaped) counts as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
     }
 }
 
@@ -148,7 +131,7 @@ impl Runtime for LocalRuntime {
         if let Some(pid) = sandbox.pid {
             signal_group(pid, Signal::SIGTERM);
             let deadline = tokio::time::Instant::now() + STOP_GRACE;
-            while process_alive(pid) && tokio::time::Instant::now() < deadline {
+            while crate::procfs::alive(pid) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             signal_group(pid, Signal::SIGKILL);
@@ -160,6 +143,6 @@ impl Runtime for LocalRuntime {
     }
 
     async fn alive(&self, sandbox: &Sandbox) -> bool {
-        sandbox.pid.is_some_and(process_alive)
+        sandbox.pid.is_some_and(crate::procfs::alive)
     }
 }

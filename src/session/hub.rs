@@ -87,12 +87,4 @@ impl Hub {
         self.store.flush().await?;
         self.store.list_events(session_id, since, limit).await
     }
-
-    /// Forgets a session's live channel (after it is deleted).
-    pub fn forget(&self, session_id: &str) {
-        self.channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(session_id);
-    }
 }

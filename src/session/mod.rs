@@ -466,44 +466,28 @@ impl Orchestrator {
         bind: BindRequest,
         started: Instant,
     ) {
-        let sandbox_id = format!("sbx_{}", uuid::Uuid::now_v7().simple());
         if !bind.is_empty() {
             // Start the agent once, with the session's values, instead of twice.
             template.start = "bind".into();
         }
-        let result = async {
-            let sandbox = self
-                .runtime
-                .create(&sandbox_id, &template)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.store
-                .insert_sandbox(&SandboxRow {
-                    id: sandbox.id.clone(),
-                    template: template.name.clone(),
-                    endpoint: sandbox.endpoint.clone(),
-                    pid: sandbox.pid,
-                    session_id: None,
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            let client = self.client_for(&sandbox.id, &sandbox.endpoint);
-            if !bind.is_empty() {
-                client.bind(&bind).await.map_err(|e| e.to_string())?;
-            }
-            wait_healthy(&client, &[Phase::Ready], COLD_START_TIMEOUT).await?;
-            match self
+        let result = match self.provision(&template, &bind, Phase::Ready).await {
+            Ok(sandbox) => match self
                 .attach_sandbox(&session, &sandbox, &BindRequest::default())
                 .await
             {
-                Ok(()) => Ok(sandbox),
-                Err(AttachError::Refused(p)) => Err(p.detail.clone()),
-                Err(AttachError::Lost(r)) => Err(r),
-            }
-        }
-        .await;
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.discard(sandbox).await;
+                    Err(match e {
+                        AttachError::Refused(p) => p.detail.clone(),
+                        AttachError::Lost(r) => r,
+                    })
+                }
+            },
+            Err(reason) => Err(reason),
+        };
         match result {
-            Ok(_) => {
+            Ok(()) => {
                 self.metrics
                     .claim_duration
                     .observe(started.elapsed().as_secs_f64());
@@ -516,36 +500,64 @@ impl Orchestrator {
                     .store
                     .transition(&session.id, &["creating"], "failed", Some(&reason))
                     .await;
-                if let Ok(Some(row)) = self.find_sandbox(&sandbox_id).await {
-                    self.discard(row).await;
-                } else {
-                    self.runtime
-                        .destroy(&Sandbox {
-                            id: sandbox_id.clone(),
-                            template: template.name.clone(),
-                            endpoint: String::new(),
-                            pid: None,
-                        })
-                        .await;
-                }
             }
         }
         self.notify(&session.id);
     }
 
+    /// Starts a sandbox of `t`, records it, hands it `bind` (if any) and waits until its harness
+    /// reports `want`. On any failure the sandbox is stopped and forgotten.
+    async fn provision(
+        &self,
+        t: &Template,
+        bind: &BindRequest,
+        want: Phase,
+    ) -> Result<Sandbox, String> {
+        let id = format!("sbx_{}", uuid::Uuid::now_v7().simple());
+        let sandbox = match self.runtime.create(&id, t).await {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                // Whatever it left (a working directory) goes too.
+                self.runtime
+                    .destroy(&Sandbox {
+                        id,
+                        template: t.name.clone(),
+                        endpoint: String::new(),
+                        pid: None,
+                    })
+                    .await;
+                return Err(e.to_string());
+            }
+        };
+        let ready = async {
+            self.store
+                .insert_sandbox(&SandboxRow {
+                    id: sandbox.id.clone(),
+                    template: t.name.clone(),
+                    endpoint: sandbox.endpoint.clone(),
+                    pid: sandbox.pid,
+                    session_id: None,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let client = self.client_for(&sandbox.id, &sandbox.endpoint);
+            if !bind.is_empty() {
+                client.bind(bind).await.map_err(|e| e.to_string())?;
+            }
+            wait_healthy(&client, &[want], COLD_START_TIMEOUT).await
+        }
+        .await;
+        match ready {
+            Ok(()) => Ok(sandbox),
+            Err(reason) => {
+                self.discard(sandbox).await;
+                Err(reason)
+            }
+        }
+    }
+
     async fn find_sandbox(&self, id: &str) -> Result<Option<Sandbox>, store::StoreError> {
-        Ok(self
-            .store
-            .list_sandboxes()
-            .await?
-            .into_iter()
-            .find(|s| s.id == id)
-            .map(|r| Sandbox {
-                id: r.id,
-                template: r.template,
-                endpoint: r.endpoint,
-                pid: r.pid,
-            }))
+        Ok(self.store.get_sandbox(id).await?.map(Sandbox::from))
     }
 
     /// Stops a sandbox and forgets it.
@@ -577,12 +589,8 @@ impl Orchestrator {
             if s.status != "creating" && s.status != "running" {
                 return Ok(s);
             }
-            loop {
-                match tokio::time::timeout_at(deadline, changes.recv()).await {
-                    Err(_) => return Ok(s),
-                    Ok(Ok(changed)) if changed != id => continue,
-                    Ok(_) => break,
-                }
+            if !changed(&mut changes, id, deadline).await {
+                return Ok(s);
             }
         }
     }
@@ -743,12 +751,7 @@ impl Orchestrator {
         }
         let rows = self.store.list_sandboxes().await.unwrap_or_default();
         for row in rows {
-            let sandbox = Sandbox {
-                id: row.id.clone(),
-                template: row.template.clone(),
-                endpoint: row.endpoint.clone(),
-                pid: row.pid,
-            };
+            let sandbox = Sandbox::from(row.clone());
             let alive = self.runtime.alive(&sandbox).await
                 && self
                     .client_for(&sandbox.id, &sandbox.endpoint)
@@ -806,15 +809,7 @@ impl Orchestrator {
         };
         let sandboxes: HashMap<String, Sandbox> = rows
             .into_iter()
-            .map(|r| {
-                let sandbox = Sandbox {
-                    id: r.id.clone(),
-                    template: r.template,
-                    endpoint: r.endpoint,
-                    pid: r.pid,
-                };
-                (r.id, sandbox)
-            })
+            .map(|r| (r.id.clone(), Sandbox::from(r)))
             .collect();
         let now = std::time::SystemTime::now();
         for s in live {
@@ -888,41 +883,12 @@ impl Orchestrator {
     }
 
     async fn start_warm(&self, t: &Template) -> bool {
-        let id = format!("sbx_{}", uuid::Uuid::now_v7().simple());
-        let result = async {
-            let sandbox = self
-                .runtime
-                .create(&id, t)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.store
-                .insert_sandbox(&SandboxRow {
-                    id: sandbox.id.clone(),
-                    template: t.name.clone(),
-                    endpoint: sandbox.endpoint.clone(),
-                    pid: sandbox.pid,
-                    session_id: None,
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            let want = if t.start == "bind" {
-                Phase::Standby
-            } else {
-                Phase::Ready
-            };
-            if let Err(e) = wait_healthy(
-                &self.client_for(&sandbox.id, &sandbox.endpoint),
-                &[want],
-                COLD_START_TIMEOUT,
-            )
-            .await
-            {
-                self.discard(sandbox).await;
-                return Err(e);
-            }
-            Ok(sandbox)
-        }
-        .await;
+        let want = if t.start == "bind" {
+            Phase::Standby
+        } else {
+            Phase::Ready
+        };
+        let result = self.provision(t, &BindRequest::default(), want).await;
         match result {
             Ok(sandbox) => {
                 lock(&self.pool).started(&t.name, Some(sandbox));
@@ -933,6 +899,33 @@ impl Orchestrator {
                 lock(&self.pool).started(&t.name, None);
                 false
             }
+        }
+    }
+}
+
+impl From<SandboxRow> for Sandbox {
+    fn from(r: SandboxRow) -> Self {
+        Sandbox {
+            id: r.id,
+            template: r.template,
+            endpoint: r.endpoint,
+            pid: r.pid,
+        }
+    }
+}
+
+/// Waits until `session_id` changes (true) or `deadline` passes (false). A lagging receiver
+/// counts as a change: the caller re-reads and finds out.
+pub(crate) async fn changed(
+    changes: &mut broadcast::Receiver<String>,
+    session_id: &str,
+    deadline: tokio::time::Instant,
+) -> bool {
+    loop {
+        match tokio::time::timeout_at(deadline, changes.recv()).await {
+            Err(_) => return false,
+            Ok(Ok(id)) if id != session_id => continue,
+            Ok(_) => return true,
         }
     }
 }

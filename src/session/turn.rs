@@ -3,7 +3,7 @@
 //! machinery serves the three response modes (JSON, SSE, async).
 
 use super::message::MessageRequest;
-use super::{Orchestrator, lock, not_found, store_error};
+use super::{Orchestrator, not_found, store_error};
 use crate::event::{EventType, TurnEvent, TurnRequest};
 use crate::harness_client::ClientError;
 use crate::problem::Problem;
@@ -310,11 +310,8 @@ impl Orchestrator {
                     ),
                 };
                 fail(&mut turn, code, problem.detail.clone());
+                // Also returns a running session to `ready` (a dead one stays dead).
                 let _ = self.store.finish_turn(&turn, None).await;
-                let _ = self
-                    .store
-                    .transition(&session.id, &["running"], "ready", None)
-                    .await;
                 self.metrics.turn("failed");
                 self.notify(&session.id);
                 return Err(problem.with("turn_id", turn_id.to_string()));
@@ -526,12 +523,8 @@ impl Orchestrator {
             if view["status"] != "running" {
                 return Ok(view);
             }
-            loop {
-                match tokio::time::timeout_at(deadline, changes.recv()).await {
-                    Err(_) => return Ok(view),
-                    Ok(Ok(id)) if id != session_id => continue,
-                    Ok(_) => break,
-                }
+            if !super::changed(&mut changes, session_id, deadline).await {
+                return Ok(view);
             }
         }
     }
@@ -610,9 +603,5 @@ impl Orchestrator {
             .list_messages(&s.id, None)
             .await
             .map_err(store_error)
-    }
-
-    pub fn is_running(&self, session_id: &str) -> bool {
-        lock(&self.turns).contains_key(session_id)
     }
 }

@@ -115,7 +115,7 @@ pub struct Delivery {
     pub updated_at: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct SandboxRow {
     pub id: String,
     pub template: String,
@@ -673,20 +673,21 @@ impl Store {
         Ok(())
     }
 
+    pub async fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRow>> {
+        Ok(sqlx::query_as::<_, SandboxRow>(
+            "SELECT id, template, endpoint, pid, session_id FROM sandboxes WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     pub async fn list_sandboxes(&self) -> Result<Vec<SandboxRow>> {
-        let rows = sqlx::query("SELECT * FROM sandboxes ORDER BY created_at")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| SandboxRow {
-                id: r.get("id"),
-                template: r.get("template"),
-                endpoint: r.get("endpoint"),
-                pid: r.get("pid"),
-                session_id: r.get("session_id"),
-            })
-            .collect())
+        Ok(sqlx::query_as::<_, SandboxRow>(
+            "SELECT id, template, endpoint, pid, session_id FROM sandboxes ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 }
 

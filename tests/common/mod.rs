@@ -115,6 +115,15 @@ impl Drop for Harness {
     }
 }
 
+pub fn alive(pid: i32) -> bool {
+    sandwarden::procfs::alive(i64::from(pid))
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    sandwarden::procfs::rss_kib(pid as u32)
+}
+
 pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
@@ -133,30 +142,6 @@ pub fn children(pid: i32) -> Vec<i32> {
         }
     }
     out
-}
-
-pub fn alive(pid: i32) -> bool {
-    // A zombie still has a /proc entry; it is dead for our purposes.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Resident memory of a process in KiB.
-pub fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 pub fn text_turn(text: &str) -> TurnRequest {
@@ -207,16 +192,30 @@ pub struct Serve {
 }
 
 impl Serve {
+    /// Webhooks may target this machine (the tests' receivers listen on 127.0.0.1).
     pub fn start(extra: &[&str]) -> Serve {
+        Serve::in_temp_dir(extra, true)
+    }
+
+    /// As an operator would run it: private webhook targets refused.
+    pub fn start_strict(extra: &[&str]) -> Serve {
+        Serve::in_temp_dir(extra, false)
+    }
+
+    fn in_temp_dir(extra: &[&str], allow_private: bool) -> Serve {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().to_path_buf();
-        let mut s = Serve::start_in(&data, extra);
+        let mut s = Serve::launch(&data, extra, allow_private);
         s._dir = Some(dir);
         s
     }
 
     /// Starts on an existing data dir (a restart); the caller keeps the dir alive.
     pub fn start_in(data: &std::path::Path, extra: &[&str]) -> Serve {
+        Serve::launch(data, extra, true)
+    }
+
+    fn launch(data: &std::path::Path, extra: &[&str], allow_private: bool) -> Serve {
         let templates = data.join("templates.json");
         if !templates.exists() {
             std::fs::write(
@@ -233,7 +232,7 @@ impl Serve {
             .arg(data)
             .arg("--templates")
             .arg(&templates)
-            .arg("--allow-private-webhooks")
+            .args(allow_private.then_some("--allow-private-webhooks"))
             .args(extra)
             .env("SANDWARDEN_API_KEY", ADMIN_KEY)
             .env("SANDWARDEN_LOG", "warn")
@@ -300,23 +299,7 @@ impl Drop for Serve {
 
 /// Sandboxes outlive `serve` by design; tests stop the ones under their data dir.
 pub fn kill_sandboxes_under(data: &std::path::Path) {
-    let needle = data.to_string_lossy().to_string();
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for p in procs.flatten() {
-            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                if cmd.contains(" harness ") && cmd.contains(&needle) {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-    }
+    sandwarden::procfs::kill_groups_matching(&[" harness ", &data.to_string_lossy()]);
 }
 
 /// A small JSON client for the public API.
@@ -392,6 +375,41 @@ impl Api {
             Some(serde_json::json!({"text": text})),
         )
         .await
+    }
+
+    /// Sends a message in async mode; returns the turn id.
+    pub async fn post_async(&self, id: &str, body: serde_json::Value) -> String {
+        let mut body = body;
+        body["async"] = serde_json::Value::Bool(true);
+        let (status, accepted) = self
+            .call("POST", &format!("/v1/sessions/{id}/messages"), Some(body))
+            .await;
+        assert_eq!(status, 202, "{accepted}");
+        accepted["turn_id"].as_str().expect("turn id").to_string()
+    }
+
+    /// Long-polls a turn until it ends (bounded by the server's 30 s).
+    pub async fn finished_turn(&self, id: &str, turn_id: &str) -> serde_json::Value {
+        self.call(
+            "GET",
+            &format!("/v1/sessions/{id}/turns/{turn_id}?wait=true&timeout=30"),
+            None,
+        )
+        .await
+        .1
+    }
+
+    /// The texts of a session's durable history, in order.
+    pub async fn history_texts(&self, id: &str) -> Vec<String> {
+        let (_, history) = self
+            .call("GET", &format!("/v1/sessions/{id}/messages"), None)
+            .await;
+        history["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["text"].as_str().map(String::from))
+            .collect()
     }
 
     /// Waits (bounded) until the session has `status`.
