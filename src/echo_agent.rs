@@ -15,6 +15,11 @@
 //! | `/env NAME`    | replies with the value of environment variable NAME (late-binding tests)   |
 //! | `/cwd`         | replies with its working directory                                         |
 //! | `/cat PATH`    | replies with the contents of PATH                                          |
+//! | `/config`      | replies with its current settings, e.g. `model=echo-small thinking=off ...`|
+//!
+//! It offers three ACP session settings so clients' `model`, `thinking` and `agent` options can
+//! be tested: `model` (`echo-small`, `echo-large`), `thinking` (`off`, `low`, `high`) and `mode`
+//! (`default`, `plan`).
 //!
 //! It must not depend on anything of the orchestrator: it is a stand-in for a third-party agent.
 
@@ -25,12 +30,14 @@ use agent_client_protocol::v1::schema::{
     AgentCapabilities, CancelNotification, ContentBlock, ContentChunk, InitializeRequest,
     InitializeResponse, NewSessionRequest, NewSessionResponse, PermissionOption,
     PermissionOptionKind, PromptCapabilities, PromptRequest, PromptResponse,
-    RequestPermissionOutcome, RequestPermissionRequest, SessionNotification, SessionUpdate,
-    StopReason, TextContent, ToolCall, ToolCallContent, ToolCallStatus, ToolCallUpdate,
-    ToolCallUpdateFields, ToolKind, Usage,
+    RequestPermissionOutcome, RequestPermissionRequest, SessionConfigKind, SessionConfigOption,
+    SessionConfigOptionCategory, SessionConfigSelect, SessionConfigSelectOption,
+    SessionNotification, SessionUpdate, SetSessionConfigOptionRequest,
+    SetSessionConfigOptionResponse, StopReason, TextContent, ToolCall, ToolCallContent,
+    ToolCallStatus, ToolCallUpdate, ToolCallUpdateFields, ToolKind, Usage,
 };
 use agent_client_protocol::{Agent, ByteStreams, Client};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,6 +60,7 @@ pub enum Script {
     Env(String),
     Cwd,
     Cat(String),
+    Config,
 }
 
 impl Script {
@@ -98,6 +106,7 @@ impl Script {
             "/env" => Script::Env(rest.to_string()),
             "/cwd" => Script::Cwd,
             "/cat" => Script::Cat(rest.to_string()),
+            "/config" => Script::Config,
             _ => Script::Echo(text.to_string()),
         }
     }
@@ -117,11 +126,97 @@ fn word_count(text: &str) -> u64 {
     text.split_whitespace().count() as u64
 }
 
+/// The settings the agent offers: id, category, values (the first is the default).
+const SETTINGS: [(&str, SessionConfigOptionCategory, &[&str]); 3] = [
+    (
+        "model",
+        SessionConfigOptionCategory::Model,
+        &["echo-small", "echo-large"],
+    ),
+    (
+        "thinking",
+        SessionConfigOptionCategory::ThoughtLevel,
+        &["off", "low", "high"],
+    ),
+    (
+        "mode",
+        SessionConfigOptionCategory::Mode,
+        &["default", "plan"],
+    ),
+];
+
+type Settings = BTreeMap<&'static str, String>;
+
+fn default_settings() -> Settings {
+    SETTINGS
+        .iter()
+        .map(|(id, _, values)| (*id, values[0].to_string()))
+        .collect()
+}
+
+/// The settings as ACP advertises them, with their current values.
+fn config_options(current: &Settings) -> Vec<SessionConfigOption> {
+    SETTINGS
+        .iter()
+        .map(|(id, category, values)| {
+            let choices: Vec<SessionConfigSelectOption> = values
+                .iter()
+                .map(|v| SessionConfigSelectOption::new(*v, *v))
+                .collect();
+            let value = current
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| values[0].to_string());
+            SessionConfigOption::new(
+                *id,
+                *id,
+                SessionConfigKind::Select(SessionConfigSelect::new(value, choices)),
+            )
+            .category(category.clone())
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct State {
     next_session: AtomicU64,
     /// Cancellation of the prompt running in each session.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Each session's settings.
+    settings: Mutex<HashMap<String, Settings>>,
+}
+
+impl State {
+    /// Sets one setting; the error says what is offered.
+    fn set(&self, req: &SetSessionConfigOptionRequest) -> Result<Settings, String> {
+        let id = &*req.config_id.0;
+        let (key, _, values) = SETTINGS
+            .iter()
+            .find(|(k, _, _)| *k == id)
+            .ok_or_else(|| format!("no setting {id:?}"))?;
+        let value = req
+            .value
+            .as_value_id()
+            .map(|v| v.0.to_string())
+            .filter(|v| values.contains(&v.as_str()))
+            .ok_or_else(|| format!("{id} must be one of {values:?}"))?;
+        let mut all = lock(&self.settings);
+        let current = all
+            .entry(req.session_id.to_string())
+            .or_insert_with(default_settings);
+        current.insert(key, value);
+        Ok(current.clone())
+    }
+
+    fn describe(&self, session: &str) -> String {
+        let all = lock(&self.settings);
+        let current = all.get(session).cloned().unwrap_or_else(default_settings);
+        current
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// Runs the echo agent on this process's stdin/stdout until stdin closes.
@@ -162,7 +257,28 @@ pub async fn run() -> anyhow::Result<()> {
                 let state = state.clone();
                 async move |_req: NewSessionRequest, responder, _cx| {
                     let n = state.next_session.fetch_add(1, Ordering::Relaxed);
-                    responder.respond(NewSessionResponse::new(format!("echo-{n}")))
+                    let current = default_settings();
+                    let id = format!("echo-{n}");
+                    lock(&state.settings).insert(id.clone(), current.clone());
+                    responder.respond(
+                        NewSessionResponse::new(id).config_options(config_options(&current)),
+                    )
+                }
+            },
+            agent_client_protocol::on_receive_request!(),
+        )
+        .on_receive_request(
+            {
+                let state = state.clone();
+                async move |req: SetSessionConfigOptionRequest, responder, _cx| match state
+                    .set(&req)
+                {
+                    Ok(current) => responder.respond(SetSessionConfigOptionResponse::new(
+                        config_options(&current),
+                    )),
+                    Err(message) => responder.respond_with_error(
+                        agent_client_protocol::Error::invalid_params().data(message),
+                    ),
                 }
             },
             agent_client_protocol::on_receive_request!(),
@@ -174,8 +290,9 @@ pub async fn run() -> anyhow::Result<()> {
                 let cancel = CancellationToken::new();
                 lock(&state.running).insert(session.clone(), cancel.clone());
                 // Prompts stream and may wait on the client: run them off the dispatch loop.
+                let settings = state.describe(&session);
                 cx.clone().spawn(async move {
-                    let result = prompt(&cx, req, &cancel).await;
+                    let result = prompt(&cx, req, &cancel, settings).await;
                     lock(&state.running).remove(&session);
                     match result {
                         Ok(response) => responder.respond(response),
@@ -231,6 +348,7 @@ async fn prompt(
     cx: &Cx,
     req: PromptRequest,
     cancel: &CancellationToken,
+    settings: String,
 ) -> Result<PromptResponse, String> {
     let mut text = String::new();
     let mut images = 0;
@@ -382,6 +500,7 @@ async fn prompt(
                 .map(|d| d.display().to_string())
                 .unwrap_or_default()
         }
+        Script::Config => reply = settings,
         Script::Cat(path) => {
             reply =
                 std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?

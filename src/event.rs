@@ -120,6 +120,44 @@ pub struct TurnRequest {
     /// Overrides the server's turn timeout for this turn (capped by it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// Agent settings to apply before the prompt; they stay in force for later turns.
+    #[serde(default, skip_serializing_if = "TurnOptions::is_empty")]
+    pub options: TurnOptions,
+}
+
+/// The per-message agent settings of the public API, passed through to the harness, which maps
+/// them onto the agent's advertised ACP session configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnOptions {
+    /// A model the agent offers, by its id or its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Extended thinking on or off, where the agent offers a thought-level setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<bool>,
+    /// An agent mode the agent offers (e.g. "plan"), by its id or its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+impl TurnOptions {
+    pub fn is_empty(&self) -> bool {
+        self.model.is_none() && self.thinking.is_none() && self.agent.is_none()
+    }
+
+    /// Checks what serde cannot: returns a message saying how to fix the request.
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, value) in [("model", &self.model), ("agent", &self.agent)] {
+            if let Some(v) = value
+                && (v.trim().is_empty() || v.len() > 200)
+            {
+                return Err(format!(
+                    "`{field}` must be 1 to 200 characters: the id or name of a {field} the agent offers"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl TurnRequest {
@@ -136,6 +174,7 @@ impl TurnRequest {
         if self.timeout_s == Some(0) {
             return Err("`timeout_s` must be at least 1 second".into());
         }
+        self.options.validate()?;
         for (i, part) in self.parts.iter().enumerate() {
             match part {
                 Part::Text { text } if text.trim().is_empty() => {

@@ -784,3 +784,44 @@ async fn a_harness_error_on_a_live_connection_is_502_and_the_session_lives() {
         .await;
     assert_eq!(turn["status"], "failed", "{turn}");
 }
+
+#[tokio::test]
+async fn model_thinking_and_agent_options_reach_the_agent_and_unknown_ones_change_nothing() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let path = format!("/v1/sessions/{id}/messages");
+    let (status, reply) = api.say(&id, "/config").await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["text"], "mode=default model=echo-small thinking=off");
+    // Settings are matched by id or name and stay in force for later turns.
+    let body = json!({"text": "/config", "model": "echo-large", "thinking": true, "agent": "PLAN"});
+    let (status, reply) = api.call("POST", &path, Some(body)).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["text"], "mode=plan model=echo-large thinking=low");
+    let (_, reply) = api.say(&id, "/config").await;
+    assert_eq!(reply["text"], "mode=plan model=echo-large thinking=low");
+    let body = json!({"text": "/config", "thinking": false});
+    let (_, reply) = api.call("POST", &path, Some(body)).await;
+    assert_eq!(reply["text"], "mode=plan model=echo-large thinking=off");
+    let before = api.history_texts(&id).await;
+
+    // A model the agent does not offer is the client's mistake: 422 naming what is offered,
+    // and the message leaves no trace in the history.
+    let (status, problem) = api
+        .call("POST", &path, Some(json!({"text": "hi", "model": "gpt-9"})))
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["type"], "unsupported_option");
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("echo-small, echo-large"), "{detail}");
+    let (status, problem) = api
+        .call("POST", &path, Some(json!({"text": "hi", "model": " "})))
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(api.history_texts(&id).await, before);
+    let (_, session) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(session["status"], "ready", "{session}");
+    let (status, reply) = api.say(&id, "still here").await;
+    assert_eq!((status, reply["text"].as_str()), (200, Some("still here")));
+}

@@ -5,6 +5,7 @@
 //! must not know about HTTP beyond the `Problem` it returns.
 
 use super::bind::{self, CheckedBind};
+use super::config::{self, Change, Choices};
 use super::map;
 use super::process::{GroupHandle, StderrTail, child_env};
 use super::{HarnessConfig, StartMode};
@@ -19,7 +20,8 @@ use agent_client_protocol::v1::schema::{
     EmbeddedResourceResource, ImageContent, Implementation, InitializeRequest, NewSessionRequest,
     PermissionOption, PermissionOptionKind, PromptCapabilities, PromptRequest,
     RequestPermissionOutcome, RequestPermissionRequest, RequestPermissionResponse, ResourceLink,
-    SelectedPermissionOutcome, SessionId, SessionNotification, TextContent, TextResourceContents,
+    SelectedPermissionOutcome, SessionId, SessionNotification, SessionUpdate,
+    SetSessionConfigOptionRequest, SetSessionModeRequest, TextContent, TextResourceContents,
 };
 use agent_client_protocol::v1::{ConnectionTo, Responder};
 use agent_client_protocol::{Agent, ByteStreams, Client};
@@ -81,6 +83,8 @@ struct Inner {
     cwd: PathBuf,
     bound: bool,
     used: bool,
+    /// The settings the agent of the current generation offers, kept current from its updates.
+    choices: Choices,
 }
 
 pub struct ApiAgent {
@@ -164,6 +168,7 @@ impl ApiAgent {
                 cwd: cfg.workdir.clone(),
                 bound: false,
                 used: false,
+                choices: Choices::default(),
             }),
             cfg,
             status,
@@ -370,6 +375,10 @@ impl ApiAgent {
                         .agent_info
                         .as_ref()
                         .and_then(|i| serde_json::to_value(i).ok());
+                    let choices = Choices {
+                        options: session.config_options.unwrap_or_default(),
+                        modes: session.modes,
+                    };
                     me.ready(
                         generation,
                         Live {
@@ -377,6 +386,7 @@ impl ApiAgent {
                             session: session.session_id,
                             caps: init.agent_capabilities.prompt_capabilities.clone(),
                         },
+                        choices,
                         info,
                     );
                     cx.incoming_closed().await;
@@ -404,13 +414,14 @@ impl ApiAgent {
         }
     }
 
-    fn ready(&self, generation: u64, live: Live, info: Option<Value>) {
+    fn ready(&self, generation: u64, live: Live, choices: Choices, info: Option<Value>) {
         {
             let mut g = lock(&self.inner);
             if g.generation != generation {
                 return;
             }
             g.live = Some(live);
+            g.choices = choices;
         }
         self.status.send_if_modified(|s| {
             if s.generation != generation || s.phase != Phase::Starting {
@@ -428,6 +439,17 @@ impl ApiAgent {
     }
 
     async fn on_update(&self, n: SessionNotification) {
+        match &n.update {
+            SessionUpdate::ConfigOptionUpdate(u) => {
+                lock(&self.inner).choices.options = u.config_options.clone();
+            }
+            SessionUpdate::CurrentModeUpdate(u) => {
+                if let Some(modes) = &mut lock(&self.inner).choices.modes {
+                    modes.current_mode_id = u.current_mode_id.clone();
+                }
+            }
+            _ => {}
+        }
         let Some((kind, data)) = map::map_update(&n.update) else {
             return;
         };
@@ -538,13 +560,16 @@ impl ApiAgent {
                 let blocks = prompt_blocks(&req.parts, &live.caps).map_err(|m| {
                     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported_part", m)
                 })?;
+                let changes = config::plan(&g.choices, &req.options).map_err(|m| {
+                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported_option", m)
+                })?;
                 g.used = true;
                 g.turn = Some(ActiveTurn {
                     id: turn_id.clone(),
                     sink: sink.clone(),
                     cancel: cancel.clone(),
                 });
-                ((live, blocks), g.generation)
+                ((live, blocks, changes), g.generation)
             };
             let limit = req
                 .timeout_s
@@ -569,12 +594,19 @@ impl ApiAgent {
         turn_id: String,
         sink: Arc<Sink>,
         cancel: CancellationToken,
-        (live, blocks): (Live, Vec<ContentBlock>),
+        (live, blocks, changes): (Live, Vec<ContentBlock>, Vec<Change>),
         generation: u64,
         limit: Duration,
     ) {
         let started = Instant::now();
         let mut status_rx = self.status.subscribe();
+        if let Err(message) = self.configure(&live, changes).await {
+            self.finish_turn(&turn_id);
+            let data = json!({ "code": error_code::AGENT_ERROR, "message": message,
+                               "duration_ms": started.elapsed().as_millis() as u64 });
+            sink.emit(EventType::Error, data).await;
+            return;
+        }
         sink.emit(EventType::StepStart, json!({})).await;
         let response = live
             .cx
@@ -672,6 +704,50 @@ impl ApiAgent {
         self.finish_turn(&turn_id);
         sink.emit(kind, data).await;
         tracing::info!(turn_id = %turn_id, duration_ms, outcome = kind.as_str(), "turn ended");
+    }
+
+    /// Applies a turn's settings before its prompt, one request at a time, each within the boot
+    /// timeout; the agent's answer replaces what we know of its settings.
+    async fn configure(&self, live: &Live, changes: Vec<Change>) -> Result<(), String> {
+        for change in changes {
+            let limit = self.cfg.boot_timeout;
+            let (what, answer) = match change {
+                Change::Option { id, value } => {
+                    let request =
+                        SetSessionConfigOptionRequest::new(live.session.clone(), id.clone(), value);
+                    let answer =
+                        tokio::time::timeout(limit, live.cx.send_request(request).block_task())
+                            .await;
+                    if let Ok(Ok(r)) = &answer {
+                        lock(&self.inner).choices.options = r.config_options.clone();
+                    }
+                    (id, answer.map(|r| r.map(drop)))
+                }
+                Change::Mode(mode) => {
+                    let request = SetSessionModeRequest::new(live.session.clone(), mode.clone());
+                    let answer =
+                        tokio::time::timeout(limit, live.cx.send_request(request).block_task())
+                            .await;
+                    if let Ok(Ok(_)) = &answer
+                        && let Some(modes) = &mut lock(&self.inner).choices.modes
+                    {
+                        modes.current_mode_id = mode.clone().into();
+                    }
+                    (format!("mode {mode}"), answer.map(|r| r.map(drop)))
+                }
+            };
+            match answer {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("the agent refused to set {what}: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "the agent did not answer setting {what} within {} s",
+                        limit.as_secs()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Asks the agent to stop the turn, and withdraws its open permission requests (ACP requires

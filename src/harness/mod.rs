@@ -6,6 +6,7 @@
 
 pub mod acp;
 pub mod bind;
+pub mod config;
 pub mod map;
 pub mod process;
 pub mod pty;

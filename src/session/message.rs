@@ -41,6 +41,15 @@ pub struct MessageRequest {
 }
 
 impl MessageRequest {
+    /// The agent settings this message asks for.
+    pub fn turn_options(&self) -> crate::event::TurnOptions {
+        crate::event::TurnOptions {
+            model: self.model.clone(),
+            thinking: self.thinking,
+            agent: self.agent.clone(),
+        }
+    }
+
     /// The message as parts; the error says how to fix the body.
     pub fn parts(&self) -> Result<Vec<Part>, String> {
         let given = [
@@ -99,6 +108,7 @@ impl MessageRequest {
             turn_id: None,
             parts,
             timeout_s: None,
+            options: self.turn_options(),
         };
         checked.validate()?;
         Ok(checked.parts)

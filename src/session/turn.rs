@@ -266,9 +266,25 @@ impl Orchestrator {
             turn_id: Some(turn_id.to_string()),
             parts,
             timeout_s: None,
+            options: req.turn_options(),
         };
         let stream = match client.turn(&request).await {
             Ok(stream) => stream,
+            // The harness found the request itself unusable (an option or a part the agent does
+            // not offer): the client's mistake, so it leaves no trace.
+            Err(ClientError::Refused(p))
+                if p.status == StatusCode::UNPROCESSABLE_ENTITY.as_u16() =>
+            {
+                if let Err(e) = self.store.discard_turn(&session.id, turn_id).await {
+                    tracing::error!(error = %e, turn_id, "discarding a refused turn failed");
+                }
+                self.notify(&session.id);
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &p.kind,
+                    p.detail.clone(),
+                ));
+            }
             Err(e) => {
                 let unreachable = match &e {
                     ClientError::Connect { .. } => {

@@ -456,6 +456,30 @@ impl Store {
         Ok(true)
     }
 
+    /// Removes a turn the harness refused as the client's mistake (nothing ran), with its user
+    /// message, and returns the session to `ready`, as if the message had never been accepted.
+    pub async fn discard_turn(&self, session_id: &str, turn_id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM messages WHERE session_id = ? AND turn_id = ?")
+            .bind(session_id)
+            .bind(turn_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM turns WHERE session_id = ? AND id = ?")
+            .bind(session_id)
+            .bind(turn_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE sessions SET status = 'ready', phase = 'ready' WHERE id = ? AND status = 'running'",
+        )
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Ends a turn with its outcome and, when there is one, the assistant's message; a running
     /// session becomes `ready`. Committed by the event writer together with the events queued
     /// before it, so the turn's events are durable when this returns.

@@ -149,6 +149,7 @@ pub fn text_turn(text: &str) -> TurnRequest {
         turn_id: None,
         parts: vec![Part::Text { text: text.into() }],
         timeout_s: None,
+        options: Default::default(),
     }
 }
 
