@@ -825,3 +825,106 @@ async fn model_thinking_and_agent_options_reach_the_agent_and_unknown_ones_chang
     let (status, reply) = api.say(&id, "still here").await;
     assert_eq!((status, reply["text"].as_str()), (200, Some("still here")));
 }
+
+/// Waits (bounded) until the receiver has been called `n` times successfully.
+async fn received(
+    got: &Arc<Mutex<Vec<(axum::http::HeaderMap, serde_json::Value)>>>,
+    n: usize,
+) -> Vec<(axum::http::HeaderMap, serde_json::Value)> {
+    for _ in 0..400 {
+        let seen = got.lock().expect("lock").clone();
+        if seen.len() >= n {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the webhook did not arrive");
+}
+
+#[tokio::test]
+async fn pending_webhooks_resume_after_serve_crashes_without_storing_the_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut serve = Serve::start_in(dir.path(), &[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let other = api.ready("echo").await;
+    // Fails three times: the delivery is mid-retry when serve dies.
+    let (url, got) = receiver(3).await;
+    let hook = json!({"url": url, "token": "hook-secret-4711"});
+    let turn_id = api
+        .post_async(&id, json!({"text": "hooked", "webhook": hook}))
+        .await;
+    // A turn still running when serve dies ends as failed, and its webhook says so.
+    let (url2, got2) = receiver(0).await;
+    let slow_turn = api
+        .post_async(
+            &other,
+            json!({"text": "/slow 200", "webhook": {"url": url2}}),
+        )
+        .await;
+    let path = format!("/v1/sessions/{id}/turns/{turn_id}");
+    for _ in 0..400 {
+        let (_, turn) = api.call("GET", &path, None).await;
+        if turn["webhook_deliveries"][0]["attempts"].as_i64() >= Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    serve.kill();
+    assert!(got.lock().expect("lock").is_empty(), "not delivered yet");
+    for file in ["sandwarden.db", "sandwarden.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        let needle = b"hook-secret-4711";
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "the token is not stored in {file}"
+        );
+    }
+
+    let serve = Serve::start_in(dir.path(), &[]);
+    let api = serve.client();
+    let (headers, body) = received(&got, 1).await.remove(0);
+    assert_eq!(body["turn_id"], turn_id.as_str());
+    assert_eq!(body["text"], "hooked");
+    let sig = headers
+        .get("x-sandwarden-signature")
+        .and_then(|v| v.to_str().ok())
+        .expect("signature");
+    let ts: u64 = sig
+        .split(',')
+        .next()
+        .and_then(|t| t.strip_prefix("t="))
+        .and_then(|t| t.parse().ok())
+        .expect("timestamp");
+    let body_text = serde_json::to_string(&body).expect("body");
+    assert_eq!(
+        sig,
+        sandwarden::session::webhook::signature("hook-secret-4711", ts, body_text.as_bytes()),
+        "signed with the client's token, recovered after the crash"
+    );
+    let (_, turn) = api.call("GET", &path, None).await;
+    let d = &turn["webhook_deliveries"][0];
+    assert_eq!(d["status"], "delivered", "{turn}");
+    assert_eq!(d["attempts"], 4, "attempts count across the restart: {d}");
+
+    let (_, body) = received(&got2, 1).await.remove(0);
+    assert_eq!(body["turn_id"], slow_turn.as_str());
+    assert_eq!(body["type"], "turn.failed", "{body}");
+    assert_eq!(body["error"]["code"], "interrupted", "{body}");
+    // Its event stream ends with the error, for readers resuming it.
+    let (_, events) = api
+        .call("GET", &format!("/v1/sessions/{other}/events"), None)
+        .await;
+    let last = events["events"].as_array().and_then(|e| e.last()).cloned();
+    let last = last.unwrap_or_default();
+    assert_eq!(
+        (last["type"].as_str(), last["turn_id"].as_str()),
+        (Some("error"), Some(slow_turn.as_str())),
+        "{events}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(got.lock().expect("lock").len(), 1, "delivered once");
+    assert_eq!(got2.lock().expect("lock").len(), 1, "delivered once");
+    drop(serve);
+    kill_sandboxes_under(dir.path());
+}

@@ -708,8 +708,9 @@ impl Orchestrator {
     /// Recovers after a restart, then supervises sandboxes, reaps idle sessions and keeps the
     /// warm pools topped up until shutdown.
     /// Reconciles the store with the runtime after a (re)start. Call before serving requests.
-    pub async fn sync(&self) {
+    pub async fn sync(self: &Arc<Self>) {
         self.recover().await;
+        webhook::resume(self).await;
         self.synced
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -737,12 +738,16 @@ impl Orchestrator {
         // turn whose client went away): they end as failed, with a reason.
         if let Ok(turns) = self.store.running_turns().await {
             for mut t in turns {
+                let error = serde_json::json!({"code": "interrupted", "message": "the server restarted while the turn ran"});
                 t.status = "failed".into();
-                t.error = Some(
-                    serde_json::json!({"code": "interrupted", "message": "the server restarted while the turn ran"}),
-                );
+                t.error = Some(error.clone());
                 t.finished_at = Some(store::now());
                 let _ = self.store.finish_turn(&t, None).await;
+                // Its event stream ends as every turn's does, for readers resuming it.
+                let _ = self
+                    .hub
+                    .publish(&t.session_id, Some(&t.id), "error", store::now(), error)
+                    .await;
                 let _ = self
                     .store
                     .transition(&t.session_id, &["running", "input_required"], "ready", None)

@@ -101,6 +101,26 @@ fn problem_for_failed(o: &Outcome) -> Problem {
 }
 
 impl Outcome {
+    /// A turn and its messages as the store holds them.
+    fn stored(turn: Turn, messages: Vec<Message>) -> Outcome {
+        let parts = messages
+            .iter()
+            .find(|m| m.role == "assistant")
+            .and_then(|m| m.parts.as_array().cloned())
+            .unwrap_or_default();
+        Outcome {
+            session_id: turn.session_id,
+            turn_id: turn.id,
+            status: turn.status,
+            stop_reason: None,
+            text: turn.text.unwrap_or_default(),
+            parts,
+            messages,
+            usage: turn.usage.unwrap_or(Value::Null),
+            error: turn.error,
+        }
+    }
+
     /// The JSON reply of a unary message, or the problem for a failed turn.
     pub fn into_reply(self: Arc<Self>) -> Result<Value, Problem> {
         if self.status == "failed" {
@@ -240,9 +260,13 @@ impl Orchestrator {
             }),
             created_at: now,
         };
+        let delivery = req
+            .webhook
+            .as_ref()
+            .map(|hook| super::webhook::pending(self, hook, &session.id, turn_id));
         let moved = self
             .store
-            .begin_turn(&turn, &user)
+            .begin_turn(&turn, &user, delivery.as_ref())
             .await
             .map_err(store_error)?;
         let fail = |turn: &mut Turn, code: &str, message: String| {
@@ -336,7 +360,7 @@ impl Orchestrator {
         let (done_tx, done) = watch::channel(None);
         let me = self.clone();
         let s = session.clone();
-        let webhook = req.webhook.clone();
+        let webhook = delivery.map(|d| (d, req.webhook.as_ref().and_then(|h| h.token.clone())));
         tokio::spawn(async move {
             let outcome = me.drive(s, turn, user, stream, webhook).await;
             let _ = done_tx.send(Some(outcome));
@@ -356,7 +380,7 @@ impl Orchestrator {
         mut turn: Turn,
         user: Message,
         stream: impl futures::Stream<Item = Result<TurnEvent, ClientError>> + Send + 'static,
-        webhook: Option<super::message::WebhookSpec>,
+        webhook: Option<(store::Delivery, Option<String>)>,
     ) -> Arc<Outcome> {
         let started = Instant::now();
         futures::pin_mut!(stream);
@@ -477,10 +501,10 @@ impl Orchestrator {
             usage,
             error: turn.error.clone(),
         });
-        if let Some(hook) = webhook {
+        if let Some((record, token)) = webhook {
             let me = self.clone();
             let o = outcome.clone();
-            tokio::spawn(async move { super::webhook::deliver(&me, hook, o).await });
+            tokio::spawn(async move { super::webhook::deliver(&me, record, token, Some(o)).await });
         }
         outcome
     }
@@ -511,17 +535,31 @@ impl Orchestrator {
             .await
             .map_err(store_error)?;
         let deliveries = self.store.deliveries(turn_id).await.map_err(store_error)?;
-        let parts = messages
-            .iter()
-            .find(|m| m.role == "assistant")
-            .map(|m| m.parts.clone())
-            .unwrap_or_else(|| json!([]));
-        Ok(json!({
-            "session_id": session_id, "turn_id": turn.id, "status": turn.status, "mode": turn.mode,
-            "text": turn.text.unwrap_or_default(), "parts": parts, "messages": messages,
-            "usage": turn.usage, "error": turn.error, "created_at": turn.created_at,
-            "finished_at": turn.finished_at, "webhook_deliveries": deliveries,
-        }))
+        let (mode, created_at, finished_at) = (
+            turn.mode.clone(),
+            turn.created_at.clone(),
+            turn.finished_at.clone(),
+        );
+        let mut view = serde_json::to_value(Outcome::stored(turn, messages)).unwrap_or_default();
+        view["mode"] = json!(mode);
+        view["created_at"] = json!(created_at);
+        view["finished_at"] = json!(finished_at);
+        view["webhook_deliveries"] = json!(deliveries);
+        Ok(view)
+    }
+
+    /// The outcome of an ended turn, rebuilt from the store (to resume its webhook).
+    pub async fn stored_outcome(&self, session_id: &str, turn_id: &str) -> Option<Outcome> {
+        let turn = self.store.get_turn(session_id, turn_id).await.ok()??;
+        if turn.status == "running" {
+            return None;
+        }
+        let messages = self
+            .store
+            .list_messages(session_id, Some(turn_id))
+            .await
+            .ok()?;
+        Some(Outcome::stored(turn, messages))
     }
 
     /// Long-polls a turn until it is no longer running or `timeout` passes.

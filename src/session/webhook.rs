@@ -94,23 +94,19 @@ enum Attempt {
     GiveUp(String),
 }
 
-/// Delivers the outcome; retries network errors, 429 and 5xx with exponential backoff.
-pub async fn deliver(orch: &Arc<Orchestrator>, hook: WebhookSpec, outcome: Arc<Outcome>) {
-    let mut payload = serde_json::json!({
-        "type": format!("turn.{}", outcome.status),
-        "session_id": outcome.session_id, "turn_id": outcome.turn_id, "status": outcome.status,
-        "stop_reason": outcome.stop_reason, "text": outcome.text, "parts": outcome.parts,
-        "usage": outcome.usage, "error": outcome.error,
-    });
-    if hook.include_messages {
-        payload["messages"] = serde_json::to_value(&outcome.messages).unwrap_or_default();
-    }
-    let body = payload.to_string();
+/// The delivery of a turn's webhook, recorded as pending with the turn itself (before the harness
+/// is dialled) so a restart finds it. The token is stored only sealed under the server secret.
+pub fn pending(
+    orch: &Orchestrator,
+    hook: &WebhookSpec,
+    session_id: &str,
+    turn_id: &str,
+) -> Delivery {
     let now = store::now();
-    let mut record = Delivery {
+    Delivery {
         id: format!("whd_{}", uuid::Uuid::now_v7().simple()),
-        turn_id: outcome.turn_id.clone(),
-        session_id: outcome.session_id.clone(),
+        turn_id: turn_id.to_string(),
+        session_id: session_id.to_string(),
         url: hook.url.clone(),
         status: "pending".into(),
         attempts: 0,
@@ -118,8 +114,94 @@ pub async fn deliver(orch: &Arc<Orchestrator>, hook: WebhookSpec, outcome: Arc<O
         last_error: None,
         created_at: now.clone(),
         updated_at: now,
+        include_messages: hook.include_messages,
+        sealed_token: hook.token.as_deref().map(|t| orch.tokens.seal(t)),
+        body: None,
+    }
+}
+
+/// The payload POSTed for a turn's outcome.
+fn payload(outcome: &Outcome, include_messages: bool) -> String {
+    let mut payload = serde_json::json!({
+        "type": format!("turn.{}", outcome.status),
+        "session_id": outcome.session_id, "turn_id": outcome.turn_id, "status": outcome.status,
+        "stop_reason": outcome.stop_reason, "text": outcome.text, "parts": outcome.parts,
+        "usage": outcome.usage, "error": outcome.error,
+    });
+    if include_messages {
+        payload["messages"] = serde_json::to_value(&outcome.messages).unwrap_or_default();
+    }
+    payload.to_string()
+}
+
+/// Resumes the deliveries a previous run left pending, with the attempts they have left. Runs
+/// after interrupted turns were ended, so every pending delivery's turn has an outcome.
+pub async fn resume(orch: &Arc<Orchestrator>) {
+    let pending = match orch.store.pending_deliveries().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "reading pending webhook deliveries failed");
+            return;
+        }
     };
-    let _ = orch.store.upsert_delivery(&record).await;
+    for mut record in pending {
+        let token = match record.sealed_token.as_deref() {
+            None => None,
+            Some(sealed) => match orch.tokens.open(sealed) {
+                Some(t) => Some(t),
+                None => {
+                    record.status = "failed".into();
+                    record.sealed_token = None;
+                    record.last_error = Some(
+                        "the webhook token could not be recovered after a restart (the server secret changed)"
+                            .into(),
+                    );
+                    record.updated_at = store::now();
+                    let _ = orch.store.upsert_delivery(&record).await;
+                    continue;
+                }
+            },
+        };
+        let outcome = if record.body.is_some() {
+            None
+        } else {
+            match orch
+                .stored_outcome(&record.session_id, &record.turn_id)
+                .await
+            {
+                Some(o) => Some(Arc::new(o)),
+                None => continue, // the turn is gone with its session
+            }
+        };
+        tracing::info!(delivery = %record.id, attempts = record.attempts, "resuming a webhook delivery");
+        let me = orch.clone();
+        tokio::spawn(async move { deliver(&me, record, token, outcome).await });
+    }
+}
+
+/// Delivers the outcome (or the body fixed at an earlier attempt); retries network errors, 408,
+/// 429 and 5xx with exponential backoff, up to `ATTEMPTS` attempts in all across restarts.
+pub async fn deliver(
+    orch: &Arc<Orchestrator>,
+    mut record: Delivery,
+    token: Option<String>,
+    outcome: Option<Arc<Outcome>>,
+) {
+    let body = match (&record.body, &outcome) {
+        (Some(body), _) => body.clone(),
+        (None, Some(o)) => payload(o, record.include_messages),
+        (None, None) => return,
+    };
+    record.body = Some(body.clone());
+    let event = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(String::from))
+        .unwrap_or_default();
+    let turn_id = record.turn_id.clone();
+    let left = ATTEMPTS
+        .saturating_sub(usize::try_from(record.attempts).unwrap_or(ATTEMPTS))
+        .max(1);
+    let hook_url = record.url.clone();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
@@ -128,7 +210,7 @@ pub async fn deliver(orch: &Arc<Orchestrator>, hook: WebhookSpec, outcome: Arc<O
     let record = tokio::sync::Mutex::new(&mut record);
     let attempt = || async {
         // Checked again at each attempt: a name may resolve elsewhere by now.
-        if let Err(m) = check_target(&hook.url, orch.config.allow_private_webhooks).await {
+        if let Err(m) = check_target(&hook_url, orch.config.allow_private_webhooks).await {
             return Err(Attempt::GiveUp(m));
         }
         let ts = std::time::SystemTime::now()
@@ -136,13 +218,13 @@ pub async fn deliver(orch: &Arc<Orchestrator>, hook: WebhookSpec, outcome: Arc<O
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let mut req = http
-            .post(&hook.url)
+            .post(&hook_url)
             .header("content-type", "application/json")
-            .header("x-sandwarden-event", format!("turn.{}", outcome.status))
+            .header("x-sandwarden-event", &event)
             .body(body.clone());
         let mut rec = record.lock().await;
         req = req.header("x-sandwarden-delivery", rec.id.clone());
-        if let Some(token) = &hook.token {
+        if let Some(token) = &token {
             req = req.bearer_auth(token).header(
                 "x-sandwarden-signature",
                 signature(token, ts, body.as_bytes()),
@@ -154,6 +236,7 @@ pub async fn deliver(orch: &Arc<Orchestrator>, hook: WebhookSpec, outcome: Arc<O
         let verdict = match result {
             Ok(resp) if resp.status().is_success() => {
                 rec.status = "delivered".into();
+                rec.sealed_token = None;
                 rec.last_status = Some(i64::from(resp.status().as_u16()));
                 rec.last_error = None;
                 Ok(())
@@ -193,7 +276,7 @@ pub async fn deliver(orch: &Arc<Orchestrator>, hook: WebhookSpec, outcome: Arc<O
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
                 .with_max_delay(Duration::from_secs(30))
-                .with_max_times(ATTEMPTS - 1)
+                .with_max_times(left - 1)
                 .with_jitter(),
         )
         .when(|e| matches!(e, Attempt::Retry(_)))
@@ -201,10 +284,11 @@ pub async fn deliver(orch: &Arc<Orchestrator>, hook: WebhookSpec, outcome: Arc<O
     let mut rec = record.lock().await;
     if let Err(Attempt::Retry(m) | Attempt::GiveUp(m)) = result {
         rec.status = "failed".into();
+        rec.sealed_token = None;
         rec.last_error = Some(m);
         rec.updated_at = store::now();
         let _ = orch.store.upsert_delivery(&rec).await;
-        tracing::warn!(turn_id = %outcome.turn_id, attempts = rec.attempts, "webhook delivery failed");
+        tracing::warn!(turn_id = %turn_id, attempts = rec.attempts, "webhook delivery failed");
     }
 }
 

@@ -101,7 +101,8 @@ pub struct Event {
     pub data: serde_json::Value,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A webhook delivery: what clients see, plus what a restart needs to resume it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Delivery {
     pub id: String,
     pub turn_id: String,
@@ -113,6 +114,14 @@ pub struct Delivery {
     pub last_error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    #[serde(skip)]
+    pub include_messages: bool,
+    /// The client's token, sealed under the server secret; `None` once the delivery ended.
+    #[serde(skip)]
+    pub sealed_token: Option<String>,
+    /// The payload, fixed at the first attempt so every retry sends the same bytes.
+    #[serde(skip)]
+    pub body: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -419,9 +428,15 @@ impl Store {
     // ---- turns and messages
 
     /// Records a new turn and the user's message, and moves the session from `ready` to
-    /// `running`, in one transaction (before the harness is dialled). Returns false, changing
+    /// `running`, with the turn's webhook delivery (pending) when it has one, in one transaction
+    /// (before the harness is dialled). Returns false, changing
     /// nothing, when the session was no longer `ready`.
-    pub async fn begin_turn(&self, turn: &Turn, user: &Message) -> Result<bool> {
+    pub async fn begin_turn(
+        &self,
+        turn: &Turn,
+        user: &Message,
+        delivery: Option<&Delivery>,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
             "UPDATE sessions SET status = 'running', phase = 'running', updated_at = ?, last_active_at = ? \
@@ -452,6 +467,9 @@ impl Store {
             e => e.into(),
         })?;
         insert_message(&mut tx, user).await?;
+        if let Some(d) = delivery {
+            upsert_delivery(&mut *tx, d).await?;
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -618,48 +636,28 @@ impl Store {
     // ---- webhook deliveries
 
     pub async fn upsert_delivery(&self, d: &Delivery) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, last_status, \
-             last_error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
-             last_status = excluded.last_status, last_error = excluded.last_error, updated_at = excluded.updated_at",
-        )
-        .bind(&d.id)
-        .bind(&d.turn_id)
-        .bind(&d.session_id)
-        .bind(&d.url)
-        .bind(&d.status)
-        .bind(d.attempts)
-        .bind(d.last_status)
-        .bind(&d.last_error)
-        .bind(&d.created_at)
-        .bind(&d.updated_at)
-        .execute(&self.pool)
-        .await?;
+        upsert_delivery(&self.pool, d).await?;
         Ok(())
     }
 
     pub async fn deliveries(&self, turn_id: &str) -> Result<Vec<Delivery>> {
-        let rows =
-            sqlx::query("SELECT * FROM webhook_deliveries WHERE turn_id = ? ORDER BY created_at")
-                .bind(turn_id)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Delivery {
-                id: r.get("id"),
-                turn_id: r.get("turn_id"),
-                session_id: r.get("session_id"),
-                url: r.get("url"),
-                status: r.get("status"),
-                attempts: r.get("attempts"),
-                last_status: r.get("last_status"),
-                last_error: r.get("last_error"),
-                created_at: r.get("created_at"),
-                updated_at: r.get("updated_at"),
-            })
-            .collect())
+        Ok(
+            sqlx::query_as(
+                "SELECT * FROM webhook_deliveries WHERE turn_id = ? ORDER BY created_at",
+            )
+            .bind(turn_id)
+            .fetch_all(&self.pool)
+            .await?,
+        )
+    }
+
+    /// Deliveries that had not ended when the server last stopped.
+    pub async fn pending_deliveries(&self) -> Result<Vec<Delivery>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM webhook_deliveries WHERE status = 'pending' ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     // ---- sandboxes
@@ -713,6 +711,38 @@ impl Store {
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// Inserts or updates a delivery; the body, once set, is kept.
+async fn upsert_delivery(
+    ex: impl sqlx::SqliteExecutor<'_>,
+    d: &Delivery,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, last_status, \
+         last_error, created_at, updated_at, include_messages, sealed_token, body) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+         last_status = excluded.last_status, last_error = excluded.last_error, \
+         updated_at = excluded.updated_at, sealed_token = excluded.sealed_token, \
+         body = COALESCE(webhook_deliveries.body, excluded.body)",
+    )
+    .bind(&d.id)
+    .bind(&d.turn_id)
+    .bind(&d.session_id)
+    .bind(&d.url)
+    .bind(&d.status)
+    .bind(d.attempts)
+    .bind(d.last_status)
+    .bind(&d.last_error)
+    .bind(&d.created_at)
+    .bind(&d.updated_at)
+    .bind(d.include_messages)
+    .bind(&d.sealed_token)
+    .bind(&d.body)
+    .execute(ex)
+    .await?;
+    Ok(())
 }
 
 async fn insert_message(

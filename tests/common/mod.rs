@@ -278,6 +278,12 @@ impl Serve {
         let _ = self.child.wait();
     }
 
+    /// SIGKILL: a crash, with no chance to finish anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn client(&self) -> Api {
         Api {
             base: self.base.clone(),
