@@ -59,6 +59,8 @@ pub enum Command {
     EchoAgent,
     /// Measure the harness server or the orchestrator, side by side with their baselines.
     Bench(crate::bench::BenchArgs),
+    /// A scriptable fake model server (Anthropic, OpenAI Chat and Responses APIs) on loopback.
+    FakeModel(crate::fake_model::FakeModelArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -254,6 +256,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(crate::bench::run(args))
+        }
+        Command::FakeModel(args) => {
+            init_tracing();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            Ok(rt.block_on(crate::fake_model::run(args))?)
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod echo_agent;
 pub mod event;
+pub mod fake_model;
 pub mod harness;
 pub mod harness_client;
 pub mod metrics;

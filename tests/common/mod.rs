@@ -1,6 +1,8 @@
 //! Shared helpers: start a real `sandwarden harness` process on 127.0.0.1:0 and talk to it.
 #![allow(dead_code)]
 
+pub mod fake_model;
+
 use sandwarden::event::{EventType, Part, TurnEvent, TurnRequest};
 use sandwarden::harness_client::HarnessClient;
 use std::io::{BufRead, BufReader};

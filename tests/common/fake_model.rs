@@ -1,0 +1,62 @@
+//! A real `sandwarden fake-model` process on 127.0.0.1:0, for tests that drive model clients.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct FakeModel {
+    child: Child,
+    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    pub base: String,
+}
+
+impl FakeModel {
+    /// Starts the fake with `extra` flags and waits for its listen line.
+    pub fn start(extra: &[&str]) -> FakeModel {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+            .args(["fake-model", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("SANDWARDEN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sandwarden fake-model");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
+        let base = format!("http://{}", v["listening"].as_str().expect("address"));
+        FakeModel { child, base }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The requests the fake has recorded, oldest first.
+    pub async fn requests(&self) -> Vec<serde_json::Value> {
+        reqwest::get(self.url("/_fake/requests"))
+            .await
+            .expect("GET /_fake/requests")
+            .json()
+            .await
+            .expect("requests are JSON")
+    }
+}
+
+impl Drop for FakeModel {
+    fn drop(&mut self) {
+        super::signal(self.child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
