@@ -100,6 +100,19 @@ fn problem_for_failed(o: &Outcome) -> Problem {
         .with("text", o.text.clone())
 }
 
+/// `409 turn_in_progress`, naming the running turn when known.
+fn turn_in_progress(running: Option<String>) -> Problem {
+    let p = Problem::new(
+        StatusCode::CONFLICT,
+        "turn_in_progress",
+        "a turn is running on this session; wait for it to finish or cancel it",
+    );
+    match running {
+        Some(t) => p.with("turn_id", t),
+        None => p,
+    }
+}
+
 impl Outcome {
     /// A turn and its messages as the store holds them.
     fn stored(turn: Turn, messages: Vec<Message>) -> Outcome {
@@ -149,96 +162,69 @@ impl Orchestrator {
                     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_webhook", m)
                 })?;
         }
-        let mut session = self.get(tenant, session_id).await?;
-        if session.status == "creating" {
-            session = self
-                .wait(tenant, session_id, super::COLD_START_TIMEOUT)
-                .await?;
+        let turn_id = format!("turn_{}", uuid::Uuid::now_v7().simple());
+        if let Err(running) = self.lock_turn(session_id, &turn_id) {
+            // Only the session's owner learns that a turn runs on it.
+            self.get(tenant, session_id).await?;
+            return Err(turn_in_progress(Some(running)));
         }
+        let started = self
+            .record_and_dial(tenant, session_id, &turn_id, &req, parts, mode)
+            .await;
+        if started.is_err() {
+            self.unlock_turn(session_id, &turn_id);
+        }
+        started
+    }
+
+    /// Why a session that is not `ready` takes no message.
+    fn refusal(&self, session: &Session) -> Problem {
         if session.kind == "tui" {
             let mut p = Problem::new(
                 StatusCode::CONFLICT,
                 "tui_session",
                 "this session runs a terminal program; attach to its tty_url over WebSocket instead of sending messages",
             );
-            if let Some(url) = self.tty_url(&session) {
+            if let Some(url) = self.tty_url(session) {
                 p = p.with("tty_url", url);
             }
-            return Err(p);
+            return p;
         }
         match session.status.as_str() {
-            "ready" => {}
-            "running" | "input_required" => {
-                let mut p = Problem::new(
-                    StatusCode::CONFLICT,
-                    "turn_in_progress",
-                    "a turn is running on this session; wait for it to finish or cancel it",
-                );
-                if let Some(t) = self.running_turn(&session.id) {
-                    p = p.with("turn_id", t);
-                }
-                return Err(p);
-            }
-            other => {
-                return Err(Problem::new(
-                    StatusCode::CONFLICT,
-                    "session_not_usable",
-                    format!(
-                        "the session is {other}{}; create a new session",
-                        session
-                            .failure_reason
-                            .as_deref()
-                            .map(|r| format!(" ({r})"))
-                            .unwrap_or_default()
-                    ),
-                )
-                .with("status", other.to_string()));
-            }
-        }
-        let turn_id = format!("turn_{}", uuid::Uuid::now_v7().simple());
-        self.lock_turn(&session.id, &turn_id).map_err(|running| {
-            Problem::new(
+            "running" | "input_required" => turn_in_progress(None),
+            other => Problem::new(
                 StatusCode::CONFLICT,
-                "turn_in_progress",
-                "a turn is running on this session; wait for it to finish or cancel it",
+                "session_not_usable",
+                format!(
+                    "the session is {other}{}; create a new session",
+                    session
+                        .failure_reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                ),
             )
-            .with("turn_id", running)
-        })?;
-        let started = self
-            .record_and_dial(&session, &turn_id, &req, parts, mode)
-            .await;
-        if started.is_err() {
-            self.unlock_turn(&session.id, &turn_id);
+            .with("status", other.to_string()),
         }
-        started
     }
 
+    /// Records the turn (the session moves to `running` in the same write, with no read before
+    /// it), then dials the harness. A session that was not `ready` is read to say why; one still
+    /// `creating` is waited for once.
     async fn record_and_dial(
         self: &Arc<Self>,
-        session: &Session,
+        tenant: &str,
+        session_id: &str,
         turn_id: &str,
         req: &MessageRequest,
         parts: Vec<crate::event::Part>,
         mode: &str,
     ) -> Result<Started, Problem> {
-        let now = store::now();
         let options = json!({
             "model": req.model, "thinking": req.thinking, "agent": req.agent,
             "participant_name": req.participant_name, "participant_type": req.participant_type,
             "webhook": req.webhook.as_ref().map(|w| &w.url),
         });
-        let mut turn = Turn {
-            id: turn_id.to_string(),
-            session_id: session.id.clone(),
-            status: "running".into(),
-            mode: mode.into(),
-            options,
-            text: None,
-            usage: None,
-            error: None,
-            created_at: now.clone(),
-            finished_at: None,
-        };
         let text: String = parts
             .iter()
             .filter_map(|p| match p {
@@ -247,43 +233,73 @@ impl Orchestrator {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let user = Message {
-            id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
-            session_id: session.id.clone(),
-            turn_id: turn_id.to_string(),
-            role: "user".into(),
-            text,
-            parts: serde_json::to_value(&parts).unwrap_or(Value::Null),
-            metadata: json!({
-                "participant_name": req.participant_name, "participant_type": req.participant_type,
-                "metadata": req.metadata,
-            }),
-            created_at: now,
-        };
+        let parts_value = serde_json::to_value(&parts).unwrap_or(Value::Null);
         let delivery = req
             .webhook
             .as_ref()
-            .map(|hook| super::webhook::pending(self, hook, &session.id, turn_id));
-        let moved = self
-            .store
-            .begin_turn(&turn, &user, delivery.as_ref())
-            .await
-            .map_err(store_error)?;
+            .map(|hook| super::webhook::pending(self, hook, session_id, turn_id));
+        let mut waited = false;
+        let (session, mut turn, user) = loop {
+            let now = store::now();
+            let turn = Turn {
+                id: turn_id.to_string(),
+                session_id: session_id.to_string(),
+                status: "running".into(),
+                mode: mode.into(),
+                options: options.clone(),
+                text: None,
+                usage: None,
+                error: None,
+                created_at: now.clone(),
+                finished_at: None,
+            };
+            let user = Message {
+                id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
+                session_id: session_id.to_string(),
+                turn_id: turn_id.to_string(),
+                role: "user".into(),
+                text: text.clone(),
+                parts: parts_value.clone(),
+                metadata: json!({
+                    "participant_name": req.participant_name, "participant_type": req.participant_type,
+                    "metadata": req.metadata,
+                }),
+                created_at: now,
+            };
+            let begun = self
+                .store
+                .begin_turn(tenant, &turn, &user, delivery.as_ref())
+                .await
+                .map_err(store_error)?;
+            if let Some(session) = begun {
+                break (session, turn, user);
+            }
+            let session = self.get(tenant, session_id).await?;
+            if session.status == "creating" && !waited {
+                waited = true;
+                self.wait(tenant, session_id, super::COLD_START_TIMEOUT)
+                    .await?;
+                continue;
+            }
+            return Err(self.refusal(&session));
+        };
         let fail = |turn: &mut Turn, code: &str, message: String| {
             turn.status = "failed".into();
             turn.error = Some(json!({ "code": code, "message": message }));
             turn.finished_at = Some(store::now());
         };
-        if !moved {
-            return Err(Problem::new(
-                StatusCode::CONFLICT,
-                "session_not_usable",
-                "the session changed state before the turn could start; fetch it and retry",
-            ));
-        }
+        let session = &session;
         self.notify(&session.id);
         let events = self.hub.subscribe(&session.id);
         let Some(client) = self.session_client(session) else {
+            // A ready session always has a sandbox; if not, end the turn rather than strand it.
+            fail(
+                &mut turn,
+                "harness_unreachable",
+                "the session has no sandbox".into(),
+            );
+            let _ = self.store.finish_turn(&turn, None).await;
+            self.notify(&session.id);
             return Err(not_found(&session.id));
         };
         let request = TurnRequest {

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -143,14 +143,24 @@ pub struct SessionFilter {
     pub limit: i64,
 }
 
+/// A new turn as the writer records it.
+struct Begin {
+    tenant: String,
+    turn: Turn,
+    user: Message,
+    delivery: Option<Delivery>,
+}
+
+type Done = oneshot::Sender<Result<(), String>>;
+
+/// What the writer is asked to do, in queue order.
 enum Write {
     Events(Vec<Event>),
-    Flush(oneshot::Sender<Result<(), String>>),
+    Flush(Done),
     /// A turn's end, committed with the events queued before it (one commit, in order).
-    Finish(
-        Box<(Turn, Option<Message>)>,
-        oneshot::Sender<Result<(), String>>,
-    ),
+    Finish(Box<(Turn, Option<Message>)>, Done),
+    /// A turn's start: answered with the session it moved to `running`, if it was `ready`.
+    Begin(Box<Begin>, oneshot::Sender<Result<Option<Session>, String>>),
 }
 
 /// Handle to the store; cheap to clone.
@@ -203,7 +213,16 @@ impl Store {
             .await
             .map_err(StoreError::Migrate)?;
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(write_events(pool.clone(), rx));
+        // The writer owns one connection, so writes never wait on each other for SQLite's lock.
+        let conn = pool
+            .acquire()
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?
+            .detach();
+        tokio::spawn(write(conn, rx));
         Ok(Store { pool, writer: tx })
     }
 
@@ -427,51 +446,31 @@ impl Store {
 
     // ---- turns and messages
 
-    /// Records a new turn and the user's message, and moves the session from `ready` to
-    /// `running`, with the turn's webhook delivery (pending) when it has one, in one transaction
-    /// (before the harness is dialled). Returns false, changing
-    /// nothing, when the session was no longer `ready`.
+    /// Records a new turn and the user's message (and the turn's webhook delivery, pending), and
+    /// moves the session from `ready` to `running`, in one transaction, before the harness is
+    /// dialled. Returns the session as it now is, or `None`, changing nothing, when `tenant` has
+    /// no such API session in `ready`. One round trip to the database: no read before it.
     pub async fn begin_turn(
         &self,
+        tenant: &str,
         turn: &Turn,
         user: &Message,
         delivery: Option<&Delivery>,
-    ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let moved = sqlx::query(
-            "UPDATE sessions SET status = 'running', phase = 'running', updated_at = ?, last_active_at = ? \
-             WHERE id = ? AND status = 'ready'",
-        )
-        .bind(&turn.created_at)
-        .bind(&turn.created_at)
-        .bind(&turn.session_id)
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO turns (id, session_id, status, mode, options, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&turn.id)
-        .bind(&turn.session_id)
-        .bind(&turn.status)
-        .bind(&turn.mode)
-        .bind(turn.options.to_string())
-        .bind(&turn.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| match e {
-            sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
-            e => e.into(),
-        })?;
-        insert_message(&mut tx, user).await?;
-        if let Some(d) = delivery {
-            upsert_delivery(&mut *tx, d).await?;
-        }
-        tx.commit().await?;
-        Ok(true)
+    ) -> Result<Option<Session>> {
+        let (tx, rx) = oneshot::channel();
+        let begin = Begin {
+            tenant: tenant.to_string(),
+            turn: turn.clone(),
+            user: user.clone(),
+            delivery: delivery.cloned(),
+        };
+        self.writer
+            .send(Write::Begin(Box::new(begin), tx))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await
+            .map_err(|_| StoreError::WriterGone)?
+            .map_err(|e| StoreError::Query(sqlx::Error::Protocol(e)))
     }
 
     /// Removes a turn the harness refused as the client's mistake (nothing ran), with its user
@@ -745,124 +744,377 @@ async fn upsert_delivery(
     Ok(())
 }
 
-async fn insert_message(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    m: &Message,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&m.id)
-    .bind(&m.session_id)
-    .bind(&m.turn_id)
-    .bind(&m.role)
-    .bind(&m.text)
-    .bind(m.parts.to_string())
-    .bind(m.metadata.to_string())
-    .bind(&m.created_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// The one event writer: takes whatever is queued and writes it in one transaction, so a burst of
-/// events costs one commit. Flush requests are answered after the batch they follow is committed.
-async fn write_events(pool: SqlitePool, mut rx: mpsc::Receiver<Write>) {
-    while let Some(first) = rx.recv().await {
+/// The one writer of the turn path: takes whatever is queued (events, turn starts and ends from
+/// every session) and commits it as one transaction sent to SQLite in one round trip, so a burst
+/// costs one commit and a lone turn step costs one statement batch. Answers go out after the
+/// commit. If a batch fails, its operations are retried one by one, so only a bad one fails.
+async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
+    let mut carried: Option<Write> = None;
+    loop {
+        let first = match carried.take() {
+            Some(w) => w,
+            None => match rx.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
         let mut batch = Vec::new();
-        let mut flushes = Vec::new();
-        let mut finishes = Vec::new();
+        let mut beginning = std::collections::HashSet::new();
+        let mut events = 0;
         let mut next = Some(first);
         while let Some(w) = next.take() {
-            match w {
-                Write::Events(e) => batch.extend(e),
-                Write::Flush(f) => flushes.push(f),
-                Write::Finish(turn, done) => finishes.push((turn, done)),
+            if let Write::Begin(b, _) = &w
+                && !beginning.insert(b.turn.session_id.clone())
+            {
+                // Two starts of one session in a batch could not tell their answers apart.
+                carried = Some(w);
+                break;
             }
-            if batch.len() < 2048 {
+            if let Write::Events(e) = &w {
+                events += e.len();
+            }
+            batch.push(w);
+            if events < 2048 && batch.len() < 256 {
                 next = rx.try_recv().ok();
             }
         }
-        let result = if batch.is_empty() && finishes.is_empty() {
-            Ok(())
-        } else {
-            let ends: Vec<&(Turn, Option<Message>)> = finishes.iter().map(|(t, _)| &**t).collect();
-            insert_events(&pool, &batch, &ends).await
-        };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, events = batch.len(), "writing events failed");
-        }
-        let answer = || result.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        for f in flushes {
-            let _ = f.send(answer());
-        }
-        for (_, done) in finishes {
-            let _ = done.send(answer());
+        match commit(&mut conn, &batch).await {
+            Ok(rows) => answer(batch, &Ok(rows)),
+            Err(e) if batch.len() > 1 => {
+                tracing::warn!(error = %e, ops = batch.len(), "a write batch failed; retrying its parts alone");
+                for w in batch {
+                    let result = commit(&mut conn, std::slice::from_ref(&w)).await;
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "a write failed");
+                    }
+                    answer(vec![w], &result.map_err(|e| e.to_string()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a write failed");
+                answer(batch, &Err(e.to_string()));
+            }
         }
     }
 }
 
-/// The statements that end a turn, inside the writer's transaction.
-async fn finish_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    turn: &Turn,
-    reply: Option<&Message>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE turns SET status = ?, text = ?, usage = ?, error = ?, finished_at = ? WHERE id = ?",
-    )
-    .bind(&turn.status)
-    .bind(&turn.text)
-    .bind(turn.usage.as_ref().map(|u| u.to_string()))
-    .bind(turn.error.as_ref().map(|e| e.to_string()))
-    .bind(&turn.finished_at)
-    .bind(&turn.id)
-    .execute(&mut **tx)
-    .await?;
-    if let Some(m) = reply {
-        insert_message(tx, m).await?;
+fn answer(batch: Vec<Write>, result: &Result<Vec<sqlx::sqlite::SqliteRow>, String>) {
+    let done = || result.as_ref().map(|_| ()).map_err(Clone::clone);
+    for w in batch {
+        match w {
+            Write::Events(_) => {}
+            Write::Flush(tx) | Write::Finish(_, tx) => {
+                let _ = tx.send(done());
+            }
+            Write::Begin(b, tx) => {
+                let session = result.as_ref().map(|rows| {
+                    rows.iter()
+                        .find(|r| r.get::<String, _>("id") == b.turn.session_id)
+                        .map(Store::session_from)
+                });
+                let _ = tx.send(session.map_err(Clone::clone));
+            }
+        }
     }
-    // A running session is ready again (a dead or deleted one stays so).
-    let ts = now();
-    sqlx::query(
-        "UPDATE sessions SET last_active_at = ?, \
-         status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
-         phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END, \
-         updated_at = ? WHERE id = ?",
-    )
-    .bind(&ts)
-    .bind(&ts)
-    .bind(&turn.session_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
-async fn insert_events(
-    pool: &SqlitePool,
-    batch: &[Event],
-    ends: &[&(Turn, Option<Message>)],
-) -> Result<(), sqlx::Error> {
-    // SQLite takes at most 999 bound values per statement: 6 per event.
+/// Runs `batch` as one transaction in one multi-statement query.
+async fn commit(
+    conn: &mut SqliteConnection,
+    batch: &[Write],
+) -> Result<Vec<sqlx::sqlite::SqliteRow>, sqlx::Error> {
+    // SQLite takes a limited number of bound values per statement: 6 per event row.
     const ROWS_PER_STATEMENT: usize = 150;
-    let mut tx = pool.begin().await?;
-    for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT OR IGNORE INTO events (session_id, seq, turn_id, type, ts, data) ",
-        );
-        insert.push_values(chunk, |mut row, e| {
-            row.push_bind(&e.session_id)
+    let mut q = QueryBuilder::<sqlx::Sqlite>::new("BEGIN IMMEDIATE; ");
+    let mut any = false;
+    let events: Vec<&Event> = batch
+        .iter()
+        .filter_map(|w| match w {
+            Write::Events(e) => Some(e.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        any = true;
+        q.push("INSERT OR IGNORE INTO events (session_id, seq, turn_id, type, ts, data) ");
+        q.push_values(chunk, |mut row, e| {
+            row.push_bind(e.session_id.clone())
                 .push_bind(e.seq)
-                .push_bind(&e.turn_id)
-                .push_bind(&e.kind)
-                .push_bind(&e.ts)
+                .push_bind(e.turn_id.clone())
+                .push_bind(e.kind.clone())
+                .push_bind(e.ts.clone())
                 .push_bind(e.data.to_string());
         });
-        insert.build().execute(&mut *tx).await?;
+        q.push("; ");
     }
-    for (turn, reply) in ends {
-        finish_in(&mut tx, turn, reply.as_ref()).await?;
+    for w in batch {
+        match w {
+            Write::Finish(end, _) => {
+                any = true;
+                push_finish(&mut q, &end.0, end.1.as_ref());
+            }
+            Write::Begin(b, _) => {
+                any = true;
+                push_begin(&mut q, b);
+            }
+            Write::Events(_) | Write::Flush(_) => {}
+        }
     }
-    tx.commit().await
+    if !any {
+        return Ok(Vec::new());
+    }
+    q.push("COMMIT;");
+    let result = sqlx::Executor::fetch_all(&mut *conn, q.build()).await;
+    if result.is_err() {
+        // The batch stopped part way, inside its transaction: undo what ran.
+        let _ = sqlx::Executor::execute(&mut *conn, "ROLLBACK").await;
+    }
+    result
+}
+
+/// `INSERT INTO messages …`; with `only_if_changed`, only when the previous statement changed a
+/// row (chains a turn's inserts on the session's conditional update).
+fn push_message(q: &mut QueryBuilder<'_, sqlx::Sqlite>, m: &Message, only_if_changed: bool) {
+    q.push("INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) SELECT ");
+    let mut cols = q.separated(", ");
+    cols.push_bind(m.id.clone())
+        .push_bind(m.session_id.clone())
+        .push_bind(m.turn_id.clone())
+        .push_bind(m.role.clone())
+        .push_bind(m.text.clone())
+        .push_bind(m.parts.to_string())
+        .push_bind(m.metadata.to_string())
+        .push_bind(m.created_at.clone());
+    q.push(if only_if_changed {
+        " WHERE changes() = 1; "
+    } else {
+        "; "
+    });
+}
+
+/// A turn's start: the session moves from `ready` to `running` (returning it), and only then are
+/// the turn, the user's message and the pending webhook delivery inserted.
+fn push_begin(q: &mut QueryBuilder<'_, sqlx::Sqlite>, b: &Begin) {
+    let t = &b.turn;
+    q.push("UPDATE sessions SET status = 'running', phase = 'running', updated_at = ")
+        .push_bind(t.created_at.clone())
+        .push(", last_active_at = ")
+        .push_bind(t.created_at.clone())
+        .push(" WHERE id = ")
+        .push_bind(t.session_id.clone())
+        .push(" AND tenant = ")
+        .push_bind(b.tenant.clone())
+        .push(" AND status = 'ready' AND kind = 'api' RETURNING *; ");
+    q.push("INSERT INTO turns (id, session_id, status, mode, options, created_at) SELECT ");
+    q.separated(", ")
+        .push_bind(t.id.clone())
+        .push_bind(t.session_id.clone())
+        .push_bind(t.status.clone())
+        .push_bind(t.mode.clone())
+        .push_bind(t.options.to_string())
+        .push_bind(t.created_at.clone());
+    q.push(" WHERE changes() = 1; ");
+    push_message(q, &b.user, true);
+    if let Some(d) = &b.delivery {
+        q.push(
+            "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, \
+             created_at, updated_at, include_messages, sealed_token) SELECT ",
+        );
+        q.separated(", ")
+            .push_bind(d.id.clone())
+            .push_bind(d.turn_id.clone())
+            .push_bind(d.session_id.clone())
+            .push_bind(d.url.clone())
+            .push_bind(d.status.clone())
+            .push_bind(d.attempts)
+            .push_bind(d.created_at.clone())
+            .push_bind(d.updated_at.clone())
+            .push_bind(d.include_messages)
+            .push_bind(d.sealed_token.clone());
+        q.push(" WHERE changes() = 1; ");
+    }
+}
+
+/// A turn's end: its outcome, the assistant's message, and a running session back to `ready`
+/// (a dead or deleted one stays so).
+fn push_finish(q: &mut QueryBuilder<'_, sqlx::Sqlite>, turn: &Turn, reply: Option<&Message>) {
+    q.push("UPDATE turns SET status = ")
+        .push_bind(turn.status.clone())
+        .push(", text = ")
+        .push_bind(turn.text.clone())
+        .push(", usage = ")
+        .push_bind(turn.usage.as_ref().map(|u| u.to_string()))
+        .push(", error = ")
+        .push_bind(turn.error.as_ref().map(|e| e.to_string()))
+        .push(", finished_at = ")
+        .push_bind(turn.finished_at.clone())
+        .push(" WHERE id = ")
+        .push_bind(turn.id.clone())
+        .push("; ");
+    if let Some(m) = reply {
+        push_message(q, m, false);
+    }
+    let ts = now();
+    q.push("UPDATE sessions SET last_active_at = ")
+        .push_bind(ts.clone())
+        .push(
+            ", status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
+             phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END, \
+             updated_at = ",
+        )
+        .push_bind(ts)
+        .push(" WHERE id = ")
+        .push_bind(turn.session_id.clone())
+        .push("; ");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn session(id: &str, kind: &str) -> Session {
+        let ts = now();
+        Session {
+            id: id.into(),
+            tenant: "t1".into(),
+            harness: "echo".into(),
+            kind: kind.into(),
+            status: "ready".into(),
+            phase: Some("ready".into()),
+            failure_reason: None,
+            title: None,
+            metadata: json!({}),
+            sandbox_id: Some(format!("sbx-{id}")),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            idle_timeout_s: 60,
+            idempotency_key: None,
+            request_hash: None,
+            created_at: ts.clone(),
+            updated_at: ts.clone(),
+            last_active_at: ts,
+        }
+    }
+
+    fn turn(session_id: &str, id: &str) -> (Turn, Message) {
+        let ts = now();
+        let turn = Turn {
+            id: id.into(),
+            session_id: session_id.into(),
+            status: "running".into(),
+            mode: "sync".into(),
+            options: json!({}),
+            text: None,
+            usage: None,
+            error: None,
+            created_at: ts.clone(),
+            finished_at: None,
+        };
+        let user = Message {
+            id: format!("msg-{id}"),
+            session_id: session_id.into(),
+            turn_id: id.into(),
+            role: "user".into(),
+            text: "hi".into(),
+            parts: json!([{"type": "text", "text": "hi"}]),
+            metadata: json!({}),
+            created_at: ts,
+        };
+        (turn, user)
+    }
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).await.expect("open");
+        for (id, kind) in [("s1", "api"), ("s2", "api"), ("s3", "api"), ("tui", "tui")] {
+            store
+                .insert_session(&session(id, kind))
+                .await
+                .expect("insert");
+        }
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_turn_begins_only_on_a_ready_api_session_of_the_tenant() {
+        let (_dir, store) = store().await;
+        let (t, m) = turn("s1", "turn-1");
+        assert_eq!(
+            store.begin_turn("t2", &t, &m, None).await.expect("begin"),
+            None
+        );
+        let (tt, tm) = turn("tui", "turn-tui");
+        assert_eq!(
+            store.begin_turn("t1", &tt, &tm, None).await.expect("begin"),
+            None
+        );
+        let begun = store.begin_turn("t1", &t, &m, None).await.expect("begin");
+        assert_eq!(begun.map(|s| s.status), Some("running".into()));
+        let (t2, m2) = turn("s1", "turn-2");
+        assert_eq!(
+            store.begin_turn("t1", &t2, &m2, None).await.expect("begin"),
+            None
+        );
+        // Refused starts left nothing behind.
+        assert!(store.get_turn("s1", "turn-2").await.expect("get").is_none());
+        assert!(
+            store
+                .get_turn("tui", "turn-tui")
+                .await
+                .expect("get")
+                .is_none()
+        );
+        assert_eq!(
+            store.list_messages("s1", None).await.expect("list").len(),
+            1
+        );
+
+        let mut done = t.clone();
+        done.status = "completed".into();
+        done.finished_at = Some(now());
+        store.finish_turn(&done, None).await.expect("finish");
+        let s = store
+            .get_session("t1", "s1")
+            .await
+            .expect("get")
+            .expect("session");
+        assert_eq!(s.status, "ready");
+        assert!(
+            store
+                .begin_turn("t1", &t2, &m2, None)
+                .await
+                .expect("begin")
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_fails_alone_when_batched_with_others() {
+        let (_dir, store) = store().await;
+        let (t, m) = turn("s1", "dup");
+        assert!(
+            store
+                .begin_turn("t1", &t, &m, None)
+                .await
+                .expect("begin")
+                .is_some()
+        );
+        // Queued together: the same turn id again (a unique violation) and a good start.
+        let (bad, bad_msg) = turn("s3", "dup");
+        let (good, good_msg) = turn("s2", "fresh");
+        let (first, second) = tokio::join!(
+            store.begin_turn("t1", &bad, &bad_msg, None),
+            store.begin_turn("t1", &good, &good_msg, None),
+        );
+        assert!(first.is_err(), "{first:?}");
+        assert_eq!(second.expect("good start").map(|s| s.id), Some("s2".into()));
+        assert!(store.get_turn("s2", "fresh").await.expect("get").is_some());
+        let s3 = store
+            .get_session("t1", "s3")
+            .await
+            .expect("get")
+            .expect("s3");
+        assert_eq!(s3.status, "ready", "the failed start was rolled back");
+    }
 }
