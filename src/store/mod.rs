@@ -153,6 +153,8 @@ struct Begin {
 
 type Done = oneshot::Sender<Result<(), String>>;
 
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
 /// What the writer is asked to do, in queue order.
 enum Write {
     Events(Vec<Event>),
@@ -199,7 +201,10 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // Checkpoints run in the background (below), not inside whichever commit crosses
+            // the WAL threshold: that commit would otherwise pay for syncing the database file.
+            .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -223,6 +228,7 @@ impl Store {
             })?
             .detach();
         tokio::spawn(write(conn, rx));
+        tokio::spawn(checkpoint(pool.clone()));
         Ok(Store { pool, writer: tx })
     }
 
@@ -742,6 +748,22 @@ async fn upsert_delivery(
     .execute(ex)
     .await?;
     Ok(())
+}
+
+/// Copies the WAL into the database file every second, off the request path. PASSIVE: it never
+/// waits for, nor blocks, readers and the writer.
+async fn checkpoint(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(error = %e, "checkpointing the store failed");
+        }
+    }
 }
 
 /// The one writer of the turn path: takes whatever is queued (events, turn starts and ends from
