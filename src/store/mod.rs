@@ -154,6 +154,8 @@ struct Begin {
 type Done = oneshot::Sender<Result<(), String>>;
 
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How long events alone wait for company before they are committed.
+const EVENTS_LINGER: Duration = Duration::from_millis(2);
 
 /// What the writer is asked to do, in queue order.
 enum Write {
@@ -796,8 +798,17 @@ async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
                 events += e.len();
             }
             batch.push(w);
-            if events < 2048 && batch.len() < 256 {
-                next = rx.try_recv().ok();
+            if events >= 2048 || batch.len() >= 256 {
+                break;
+            }
+            next = rx.try_recv().ok();
+            // Nobody waits on events alone (they are broadcast before they are stored): hold
+            // them briefly, so a turn's end or the next start usually carries them in its commit.
+            if next.is_none() && batch.iter().all(|w| matches!(w, Write::Events(_))) {
+                next = tokio::time::timeout(EVENTS_LINGER, rx.recv())
+                    .await
+                    .ok()
+                    .flatten();
             }
         }
         match commit(&mut conn, &batch).await {
