@@ -2,7 +2,7 @@
 //! runs them until a signal.
 
 use crate::api;
-use crate::runtime::local::LocalRuntime;
+use crate::runtime::local::{Isolation, LocalRuntime};
 use crate::runtime::{Template, Tokens, builtin_templates};
 use crate::session::{Config, Orchestrator};
 use crate::store::Store;
@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// Where sandboxes run.
     #[arg(long, env = "SANDWARDEN_RUNTIME", value_enum, default_value = "local")]
     pub runtime: RuntimeKind,
+    /// How local sandboxes are confined: `none` (plain processes), `bwrap` (bubblewrap: a
+    /// read-only file system but for the sandbox's directory, own PID namespace), or `auto`.
+    #[arg(long, env = "SANDWARDEN_ISOLATION", value_enum, default_value = "none")]
+    pub isolation: Isolation,
     /// A JSON file with an array of templates that add to or replace the built-in ones by name.
     #[arg(long, env = "SANDWARDEN_TEMPLATES")]
     pub templates: Option<PathBuf>,
@@ -147,6 +151,12 @@ async fn ensure_admin_key(store: &Store) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Settings are checked before anything is created.
+    let isolation = args
+        .isolation
+        .resolve()
+        .await
+        .map_err(|m| anyhow::anyhow!(m))?;
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
@@ -163,7 +173,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let runtime = match args.runtime {
-        RuntimeKind::Local => Arc::new(LocalRuntime::new(&data_dir, tokens.clone(), exits_tx)),
+        RuntimeKind::Local => {
+            tracing::info!(?isolation, "local sandboxes");
+            Arc::new(LocalRuntime::new(
+                &data_dir,
+                tokens.clone(),
+                exits_tx,
+                isolation,
+            ))
+        }
     };
     let config = Config {
         public_url: args

@@ -3,6 +3,10 @@
 //!
 //! Sandboxes lead their own process group and outlive a restart of `serve`, which adopts them again
 //! from the store. Exits of children started here are reported at once on a channel.
+//!
+//! With `--isolation bwrap` each sandbox runs under bubblewrap: the file system is read-only except
+//! the sandbox's own directory and a private `/tmp`, with its own PID, IPC and UTS namespaces. The
+//! network is shared, since `serve` reaches the harness on a loopback port.
 
 use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
 use nix::sys::signal::{Signal, killpg};
@@ -15,25 +19,101 @@ use tokio::sync::mpsc;
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
+/// How local sandboxes are confined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// Plain child processes (the default): the agent can do what the user running `serve` can.
+    None,
+    /// Under bubblewrap (`bwrap`, Debian package `bubblewrap`); `serve` refuses to start if it
+    /// does not work here.
+    Bwrap,
+    /// bubblewrap when it is installed and works here, plain processes otherwise.
+    Auto,
+}
+
+impl Isolation {
+    /// Settles `auto` and checks `bwrap` by running a trivial sandbox; the error says how to fix it.
+    pub async fn resolve(self) -> Result<Isolation, String> {
+        if self == Isolation::None {
+            return Ok(self);
+        }
+        let probe = tokio::process::Command::new("bwrap")
+            .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
+            .args(["--unshare-pid", "--die-with-parent", "--", "true"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .await;
+        let problem = match probe {
+            Ok(out) if out.status.success() => return Ok(Isolation::Bwrap),
+            Ok(out) => format!(
+                "bwrap cannot create a sandbox here: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => format!("bwrap cannot be run ({e}); install the bubblewrap package"),
+        };
+        match self {
+            Isolation::Auto => {
+                tracing::info!(reason = %problem, "local sandboxes run without bubblewrap");
+                Ok(Isolation::None)
+            }
+            _ => Err(format!(
+                "{problem} (or start serve with --isolation none to run sandboxes as plain processes)"
+            )),
+        }
+    }
+}
+
 pub struct LocalRuntime {
     root: PathBuf,
     tokens: Tokens,
     exits: mpsc::UnboundedSender<String>,
+    isolation: Isolation,
 }
 
 impl LocalRuntime {
     /// Sandboxes live under `data_dir/sandboxes/<id>`; the id of every child that exits is sent
     /// on `exits`.
+    /// `isolation` has been resolved (`Isolation::resolve`).
     pub fn new(
         data_dir: &std::path::Path,
         tokens: Tokens,
         exits: mpsc::UnboundedSender<String>,
+        isolation: Isolation,
     ) -> Self {
         LocalRuntime {
             root: data_dir.join("sandboxes"),
             tokens,
             exits,
+            isolation,
         }
+    }
+
+    /// The program to start: the harness itself, or bubblewrap around it.
+    fn command(&self, workdir: &std::path::Path) -> std::io::Result<tokio::process::Command> {
+        let me = std::env::current_exe()?;
+        if self.isolation != Isolation::Bwrap {
+            return Ok(tokio::process::Command::new(me));
+        }
+        let mut cmd = tokio::process::Command::new("bwrap");
+        cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
+            .args(["--tmpfs", "/tmp"])
+            .arg("--bind")
+            .arg(workdir)
+            .arg(workdir)
+            .arg("--chdir")
+            .arg(workdir)
+            // Killing bwrap (the group leader `destroy` signals) ends everything inside.
+            .args([
+                "--unshare-pid",
+                "--unshare-ipc",
+                "--unshare-uts",
+                "--die-with-parent",
+            ])
+            .arg("--")
+            .arg(me);
+        Ok(cmd)
     }
 }
 
@@ -54,8 +134,7 @@ impl Runtime for LocalRuntime {
     async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
         let workdir = self.root.join(id);
         std::fs::create_dir_all(&workdir)?;
-        let me = std::env::current_exe()?;
-        let mut cmd = tokio::process::Command::new(me);
+        let mut cmd = self.command(&workdir)?;
         cmd.arg("harness")
             .args(["--listen", "127.0.0.1:0"])
             .args(["--kind", &t.kind])
