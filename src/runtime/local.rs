@@ -15,8 +15,21 @@ use tokio::sync::mpsc;
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
+/// Variables that would point an agent CLI at the operator's own config and state; a sandbox gets
+/// its own under its HOME instead.
+const RELOCATING_VARS: &[&str] = &[
+    "CODEX_HOME",
+    "CLAUDE_CONFIG_DIR",
+    "OPENCODE_CONFIG",
+    "OPENCODE_CONFIG_DIR",
+    "OPENCODE_CONFIG_CONTENT",
+];
+
 pub struct LocalRuntime {
     root: PathBuf,
+    /// Each sandbox's HOME, `data_dir/homes/<id>`: the CLIs write their config, caches and
+    /// transcripts there, never in the operator's home nor in the session's working directory.
+    homes: PathBuf,
     tokens: Tokens,
     exits: mpsc::UnboundedSender<String>,
 }
@@ -31,6 +44,7 @@ impl LocalRuntime {
     ) -> Self {
         LocalRuntime {
             root: data_dir.join("sandboxes"),
+            homes: data_dir.join("homes"),
             tokens,
             exits,
         }
@@ -54,6 +68,8 @@ impl Runtime for LocalRuntime {
     async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
         let workdir = self.root.join(id);
         std::fs::create_dir_all(&workdir)?;
+        let home = self.homes.join(id);
+        std::fs::create_dir_all(&home)?;
         let me = std::env::current_exe()?;
         let mut cmd = tokio::process::Command::new(me);
         cmd.arg("harness")
@@ -70,7 +86,14 @@ impl Runtime for LocalRuntime {
             .args(["--start", &t.start])
             .args(["--turn-timeout", &t.turn_timeout_s.to_string()])
             .env_clear()
-            .envs(std::env::vars().filter(|(k, _)| !k.starts_with("SANDWARDEN_")))
+            .envs(std::env::vars().filter(|(k, _)| {
+                !k.starts_with("SANDWARDEN_") && !RELOCATING_VARS.contains(&k.as_str())
+            }))
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("XDG_DATA_HOME", home.join(".local/share"))
+            .env("XDG_STATE_HOME", home.join(".local/state"))
+            .env("XDG_CACHE_HOME", home.join(".cache"))
             .envs(&t.env)
             .env("SANDWARDEN_TOKEN", self.tokens.for_sandbox(id))
             .env(
@@ -136,9 +159,13 @@ impl Runtime for LocalRuntime {
             }
             signal_group(pid, Signal::SIGKILL);
         }
-        let dir = self.root.join(&sandbox.id);
-        if dir.starts_with(&self.root) {
-            let _ = tokio::fs::remove_dir_all(dir).await;
+        for (base, dir) in [
+            (&self.root, self.root.join(&sandbox.id)),
+            (&self.homes, self.homes.join(&sandbox.id)),
+        ] {
+            if dir.starts_with(base) && dir != *base {
+                let _ = tokio::fs::remove_dir_all(dir).await;
+            }
         }
     }
 
