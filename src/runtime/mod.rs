@@ -118,8 +118,13 @@ pub fn builtin_templates() -> Vec<Template> {
         ("OPENCODE_DISABLE_DEFAULT_PLUGINS", "1"),
         ("OPENCODE_DISABLE_SHARE", "1"),
     ];
-    // No telemetry, update checks or side requests to anthropic.com.
-    let claude_env = [("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")];
+    // No telemetry, update checks or side requests to anthropic.com. IS_SANDBOX=1 says the CLI
+    // runs in a sandbox: as root it refuses to skip permissions (claude-code's flag, and the
+    // `--allow-dangerously-skip-permissions` claude-agent-acp always passes) without it.
+    let claude_env = [
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+        ("IS_SANDBOX", "1"),
+    ];
     vec![
         Template::new("echo", "api", "sandwarden echo-agent", 1),
         Template::new("shell", "tui", &shell, 0),
@@ -138,16 +143,14 @@ pub fn builtin_templates() -> Vec<Template> {
         )
         .with_env(&claude_env),
         Template::new("codex", "api", "sandwarden launch codex -- codex-acp", 0),
-        // Permissions are skipped inside the sandbox; as root claude refuses that unless
-        // IS_SANDBOX=1 says it runs in one.
+        // Permissions are skipped inside the sandbox (see IS_SANDBOX above).
         Template::new(
             "claude-code",
             "tui",
             "sandwarden launch claude -- claude --dangerously-skip-permissions",
             0,
         )
-        .with_env(&claude_env)
-        .with_env(&[("IS_SANDBOX", "1")]),
+        .with_env(&claude_env),
         // Without these flags codex starts an app-server daemon that outlives the TUI, and looks
         // for updates.
         Template::new(
