@@ -95,15 +95,18 @@ impl Rig {
     }
 
     /// A ready session with a marker file, so its working directory can be found.
-    async fn session(&self, harness: &str, env: Value) -> (String, PathBuf) {
+    /// `extra` may carry `env` and more `files`.
+    async fn session(&self, harness: &str, extra: Value) -> (String, PathBuf) {
         let marker = format!("marker-{}", uuid::Uuid::new_v4().simple());
+        let mut files = vec![json!({"path": marker, "content": ""})];
+        files.extend(extra["files"].as_array().cloned().unwrap_or_default());
+        let env = extra.get("env").cloned().unwrap_or_else(|| json!({}));
         let (status, s) = self
             .api
             .call(
                 "POST",
                 "/v1/sessions",
-                Some(json!({"harness": harness, "env": env,
-                            "files": [{"path": marker, "content": ""}]})),
+                Some(json!({"harness": harness, "env": env, "files": files})),
             )
             .await;
         assert_eq!(status, 201, "{s}");
@@ -154,7 +157,14 @@ impl Rig {
             .requests()
             .await
             .iter()
-            .map(|r| r["body"].to_string())
+            .map(|r| {
+                let b = &r["body"];
+                let convo = [&b["messages"], &b["input"]]
+                    .into_iter()
+                    .find(|v| v.is_array())
+                    .unwrap_or(b);
+                format!("{} -> {}", convo, r["answer"])
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -174,8 +184,9 @@ struct ApiCase {
     model_env: fn(&FakeModel) -> Vec<(&'static str, String)>,
     /// Message options that let a tool run without asking (for the file-write turn).
     write_options: fn() -> Value,
-    /// Session env and message options under which a write asks for permission first.
-    ask_env: fn() -> Value,
+    /// Session settings (`env`, `files`) and message options under which a write asks for
+    /// permission first.
+    ask_session: fn() -> Value,
     ask_options: fn() -> Value,
     /// The adapter answers the first turn after a cancel with an immediate empty reply.
     stale_turn_after_cancel: bool,
@@ -292,7 +303,8 @@ async fn api_scenarios(case: &ApiCase) {
     assert_eq!(
         std::fs::read_to_string(&target).unwrap_or_default(),
         format!("contents from {h}"),
-        "{h}: {reply}"
+        "{h}: {reply}\nthe model saw: {}",
+        tail(&rig.model_saw().await, 3000)
     );
     let kinds: Vec<String> = rig
         .events(&id)
@@ -326,7 +338,7 @@ async fn api_scenarios(case: &ApiCase) {
     assert!(text_of(&reply).contains("egret"), "{h}: {reply}");
 
     // 6. A permission request surfaces as input_required and is approved through the API.
-    let (id2, workdir2) = rig.session(h, (case.ask_env)()).await;
+    let (id2, workdir2) = rig.session(h, (case.ask_session)()).await;
     let target = workdir2.join("approved.txt");
     let mut msg = json!({"text": format!("WRITEFILE {} approved by the API", target.display())});
     merge(&mut msg, (case.ask_options)());
@@ -375,6 +387,14 @@ async fn api_scenarios(case: &ApiCase) {
     );
 }
 
+fn tail(s: &str, n: usize) -> &str {
+    let mut cut = s.len().saturating_sub(n);
+    while !s.is_char_boundary(cut) {
+        cut += 1;
+    }
+    &s[cut..]
+}
+
 fn merge(into: &mut Value, from: Value) {
     if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
         a.extend(b);
@@ -407,7 +427,7 @@ async fn opencode_runs_behind_the_api() {
         programs: &["opencode"],
         model_env: opencode_env,
         write_options: none,
-        ask_env: || json!({"OPENCODE_PERMISSION": r#"{"edit":"ask","bash":"ask"}"#}),
+        ask_session: || json!({"env": {"OPENCODE_PERMISSION": r#"{"edit":"ask","bash":"ask"}"#}}),
         ask_options: none,
         stale_turn_after_cancel: false,
     })
@@ -421,7 +441,7 @@ async fn claude_agent_sdk_runs_behind_the_api() {
         programs: &["claude-agent-acp"],
         model_env: anthropic_env,
         write_options: || json!({"agent": "acceptEdits"}),
-        ask_env: none,
+        ask_session: none,
         ask_options: none,
         stale_turn_after_cancel: true,
     })
@@ -435,7 +455,11 @@ async fn codex_runs_behind_the_api() {
         programs: &["codex-acp"],
         model_env: codex_env,
         write_options: none,
-        ask_env: none,
+        // A project config in the working directory, as a session's files can bring one.
+        ask_session: || {
+            json!({"files": [{"path": ".codex/config.toml",
+                              "content": "approval_policy = \"untrusted\"\n"}]})
+        },
         ask_options: none,
         stale_turn_after_cancel: false,
     })

@@ -142,7 +142,15 @@ pub fn builtin_templates() -> Vec<Template> {
             0,
         )
         .with_env(&claude_env),
-        Template::new("codex", "api", "sandwarden launch codex -- codex-acp", 0),
+        // codex's own command sandbox (bubblewrap plus a `codex-linux-sandbox` helper that the
+        // codex-acp package does not ship) cannot run here; the sandbox it runs in is the
+        // isolation boundary, so commands run unconfined inside it.
+        Template::new(
+            "codex",
+            "api",
+            "sandwarden launch codex -- codex-acp -c sandbox_mode=\"danger-full-access\"",
+            0,
+        ),
         // Permissions are skipped inside the sandbox (see IS_SANDBOX above).
         Template::new(
             "claude-code",
