@@ -465,3 +465,181 @@ async fn codex_runs_behind_the_api() {
     })
     .await;
 }
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A terminal viewer: the WebSocket and a screen the output is rendered on.
+struct Viewer {
+    ws: Socket,
+    screen: vt100::Parser,
+}
+
+impl Viewer {
+    async fn attach(tty_url: &str, cols: u16, rows: u16) -> Viewer {
+        let (ws, _) = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio_tungstenite::connect_async(tty_url),
+        )
+        .await
+        .expect("attach within 20 s")
+        .expect("attach");
+        Viewer {
+            ws,
+            screen: vt100::Parser::new(rows, cols, 0),
+        }
+    }
+
+    fn text(&self) -> String {
+        self.screen.screen().contents()
+    }
+
+    /// Renders output until the screen shows one of `wanted` (bounded); returns the screen.
+    async fn wait_for(&mut self, wanted: &[&str], what: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = self.text();
+            if wanted.iter().any(|w| text.contains(w)) {
+                return text;
+            }
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => self.screen.process(&b),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("{what}: no {wanted:?} on the screen ({other:?}):\n{text}"),
+            }
+        }
+    }
+
+    /// Reads whatever arrives within `quiet` of silence (bounded overall); returns the byte count.
+    async fn drain(&mut self, quiet: Duration) -> usize {
+        let mut n = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(quiet, self.ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    n += b.len();
+                    self.screen.process(&b);
+                }
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        n
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.ws
+            .send(Message::Binary(bytes.to_vec().into()))
+            .await
+            .expect("send input");
+    }
+
+    async fn resize(&mut self, cols: u16, rows: u16) {
+        self.ws
+            .send(Message::Text(
+                json!({"type": "resize", "cols": cols, "rows": rows})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .expect("send resize");
+        self.screen.screen_mut().set_size(rows, cols);
+    }
+}
+
+/// How one TUI harness is exercised.
+struct TuiCase {
+    harness: &'static str,
+    programs: &'static [&'static str],
+    model_env: fn(&FakeModel) -> Vec<(&'static str, String)>,
+    /// Text that shows the program's main screen is up.
+    ready_marks: &'static [&'static str],
+}
+
+async fn exercise_tui_harness(case: TuiCase) {
+    let _serial = SERIAL.lock().await;
+    if !installed(case.harness, case.programs) {
+        return;
+    }
+    tokio::time::timeout(TEST_LIMIT, tui_scenario(&case))
+        .await
+        .unwrap_or_else(|_| panic!("{}: the scenario took over {TEST_LIMIT:?}", case.harness));
+}
+
+async fn tui_scenario(case: &TuiCase) {
+    let h = case.harness;
+    let rig = Rig::start(h, case.model_env);
+    let (id, _) = rig.session(h, json!({})).await;
+    let (_, s) = rig
+        .api
+        .call("GET", &format!("/v1/sessions/{id}"), None)
+        .await;
+    let tty_url = s["tty_url"].as_str().expect("tty_url").to_string();
+
+    // The program's screen appears.
+    let mut v = Viewer::attach(&tty_url, 120, 40).await;
+    v.wait_for(case.ready_marks, &format!("{h} start screen"))
+        .await;
+    v.drain(Duration::from_millis(1500)).await;
+
+    // Resize: the program redraws for the new size.
+    v.resize(100, 30).await;
+    let redrawn = v.drain(Duration::from_millis(1500)).await;
+    assert!(
+        redrawn > 0,
+        "{h}: nothing redrawn after a resize:\n{}",
+        v.text()
+    );
+    v.wait_for(case.ready_marks, &format!("{h} after resize"))
+        .await;
+
+    // Typed input reaches it and the model's reply is rendered.
+    v.send(b"hello tui kestrel").await;
+    v.wait_for(&["kestrel"], &format!("{h} echo of typed input"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    v.send(b"\r").await;
+    let screen = v
+        .wait_for(&["Hello from the fake model"], &format!("{h} reply"))
+        .await;
+    let asked = rig.model_saw().await;
+    assert!(
+        asked.contains("kestrel"),
+        "{h}: the model never saw the input"
+    );
+    v.drain(Duration::from_millis(500)).await;
+
+    // Detach, re-attach: the replay rebuilds the screen.
+    let _ = v.ws.close(None).await;
+    drop(v);
+    let mut again = Viewer::attach(&tty_url, 100, 30).await;
+    again
+        .wait_for(&["Hello from the fake model"], &format!("{h} replay"))
+        .await;
+    assert!(
+        screen.contains("kestrel"),
+        "{h}: the first screen showed the input:\n{screen}"
+    );
+}
+
+#[tokio::test]
+async fn claude_code_runs_in_a_terminal() {
+    exercise_tui_harness(TuiCase {
+        harness: "claude-code",
+        programs: &["claude"],
+        model_env: anthropic_env,
+        ready_marks: &["for shortcuts", "Claude Code"],
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn codex_tui_runs_in_a_terminal() {
+    exercise_tui_harness(TuiCase {
+        harness: "codex-tui",
+        programs: &["codex"],
+        model_env: codex_env,
+        ready_marks: &["OpenAI Codex", "for shortcuts"],
+    })
+    .await;
+}
