@@ -55,7 +55,12 @@ fn installed(harness: &str, programs: &[&str]) -> bool {
     if std::env::var("SANDWARDEN_REQUIRE_HARNESSES").as_deref() == Ok("1") {
         panic!("{msg} (SANDWARDEN_REQUIRE_HARNESSES=1)");
     }
-    eprintln!("\n!!!!!!!! SKIPPED: {msg} !!!!!!!!\n");
+    // Straight to the stderr stream: libtest would swallow eprintln! output of a passing test.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n!!!!!!!! SKIPPED: {msg} !!!!!!!!\n"
+    );
     false
 }
 
