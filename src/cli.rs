@@ -61,6 +61,9 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// A scriptable fake model server (Anthropic, OpenAI Chat and Responses APIs) on loopback.
     FakeModel(crate::fake_model::FakeModelArgs),
+    /// Point an agent CLI at the model in its environment (OPENAI_* or ANTHROPIC_*), then run it.
+    /// The built-in templates use this; see docs/harnesses.md.
+    Launch(crate::launch::LaunchArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -265,5 +268,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             Ok(rt.block_on(crate::fake_model::run(args))?)
         }
+        Command::Launch(args) => Ok(crate::launch::run(args)?),
     }
 }

@@ -15,6 +15,7 @@ pub mod event;
 pub mod fake_model;
 pub mod harness;
 pub mod harness_client;
+pub mod launch;
 pub mod metrics;
 pub mod pool;
 pub mod problem;

@@ -5,7 +5,7 @@
 //! from the store. Exits of children started here are reported at once on a channel.
 //!
 //! With `--isolation bwrap` each sandbox runs under bubblewrap: the file system is read-only except
-//! the sandbox's own directory and a private `/tmp`, with its own PID, IPC and UTS namespaces. The
+//! the sandbox's own working directory and HOME and a private `/tmp`, with its own PID, IPC and UTS namespaces. The
 //! network is shared, since `serve` reaches the harness on a loopback port.
 
 use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
@@ -65,8 +65,21 @@ impl Isolation {
     }
 }
 
+/// Variables that would point an agent CLI at the operator's own config and state; a sandbox gets
+/// its own under its HOME instead.
+const RELOCATING_VARS: &[&str] = &[
+    "CODEX_HOME",
+    "CLAUDE_CONFIG_DIR",
+    "OPENCODE_CONFIG",
+    "OPENCODE_CONFIG_DIR",
+    "OPENCODE_CONFIG_CONTENT",
+];
+
 pub struct LocalRuntime {
     root: PathBuf,
+    /// Each sandbox's HOME, `data_dir/homes/<id>`: the CLIs write their config, caches and
+    /// transcripts there, never in the operator's home nor in the session's working directory.
+    homes: PathBuf,
     tokens: Tokens,
     exits: mpsc::UnboundedSender<String>,
     isolation: Isolation,
@@ -84,6 +97,7 @@ impl LocalRuntime {
     ) -> Self {
         LocalRuntime {
             root: data_dir.join("sandboxes"),
+            homes: data_dir.join("homes"),
             tokens,
             exits,
             isolation,
@@ -91,7 +105,11 @@ impl LocalRuntime {
     }
 
     /// The program to start: the harness itself, or bubblewrap around it.
-    fn command(&self, workdir: &std::path::Path) -> std::io::Result<tokio::process::Command> {
+    fn command(
+        &self,
+        workdir: &std::path::Path,
+        home: &std::path::Path,
+    ) -> std::io::Result<tokio::process::Command> {
         let me = std::env::current_exe()?;
         if self.isolation != Isolation::Bwrap {
             return Ok(tokio::process::Command::new(me));
@@ -102,6 +120,9 @@ impl LocalRuntime {
             .arg("--bind")
             .arg(workdir)
             .arg(workdir)
+            .arg("--bind")
+            .arg(home)
+            .arg(home)
             .arg("--chdir")
             .arg(workdir)
             // Killing bwrap (the group leader `destroy` signals) ends everything inside.
@@ -134,7 +155,9 @@ impl Runtime for LocalRuntime {
     async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
         let workdir = self.root.join(id);
         std::fs::create_dir_all(&workdir)?;
-        let mut cmd = self.command(&workdir)?;
+        let home = self.homes.join(id);
+        std::fs::create_dir_all(&home)?;
+        let mut cmd = self.command(&workdir, &home)?;
         cmd.arg("harness")
             .args(["--listen", "127.0.0.1:0"])
             .args(["--kind", &t.kind])
@@ -149,7 +172,14 @@ impl Runtime for LocalRuntime {
             .args(["--start", &t.start])
             .args(["--turn-timeout", &t.turn_timeout_s.to_string()])
             .env_clear()
-            .envs(std::env::vars().filter(|(k, _)| !k.starts_with("SANDWARDEN_")))
+            .envs(std::env::vars().filter(|(k, _)| {
+                !k.starts_with("SANDWARDEN_") && !RELOCATING_VARS.contains(&k.as_str())
+            }))
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("XDG_DATA_HOME", home.join(".local/share"))
+            .env("XDG_STATE_HOME", home.join(".local/state"))
+            .env("XDG_CACHE_HOME", home.join(".cache"))
             .envs(&t.env)
             .env("SANDWARDEN_TOKEN", self.tokens.for_sandbox(id))
             .env(
@@ -215,9 +245,13 @@ impl Runtime for LocalRuntime {
             }
             signal_group(pid, Signal::SIGKILL);
         }
-        let dir = self.root.join(&sandbox.id);
-        if dir.starts_with(&self.root) {
-            let _ = tokio::fs::remove_dir_all(dir).await;
+        for (base, dir) in [
+            (&self.root, self.root.join(&sandbox.id)),
+            (&self.homes, self.homes.join(&sandbox.id)),
+        ] {
+            if dir.starts_with(base) && dir != *base {
+                let _ = tokio::fs::remove_dir_all(dir).await;
+            }
         }
     }
 

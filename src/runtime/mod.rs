@@ -74,6 +74,12 @@ impl Template {
         }
     }
 
+    fn with_env(mut self, vars: &[(&str, &str)]) -> Template {
+        self.env
+            .extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
     /// Checks a template from a config file; the message names the template and the field.
     pub fn validate(&self) -> Result<(), String> {
         let n = &self.name;
@@ -96,18 +102,71 @@ impl Template {
     }
 }
 
-/// The built-in templates. The CLIs behind opencode, claude-agent-sdk, codex, claude-code and
-/// codex-tui must be on PATH for theirs to start.
+/// The built-in templates. The agent CLIs (opencode, claude-agent-acp, codex-acp, claude, codex)
+/// must be on PATH: `scripts/install-harnesses` puts the pinned versions in
+/// `harnesses/node_modules/.bin`. Each runs through `sandwarden launch`, which points it at the
+/// model named by the template's or session's env (`OPENAI_*` or `ANTHROPIC_*`, docs/harnesses.md);
+/// nothing here names a model or an endpoint.
 pub fn builtin_templates() -> Vec<Template> {
     let shell = std::env::var("SHELL").unwrap_or_else(|_| "/bin/bash".into());
+    // Offline-safe opencode: no self-update, model catalogue fetch, LSP download, default plugin
+    // install or share links.
+    let opencode_env = [
+        ("OPENCODE_DISABLE_AUTOUPDATE", "1"),
+        ("OPENCODE_DISABLE_MODELS_FETCH", "1"),
+        ("OPENCODE_DISABLE_LSP_DOWNLOAD", "1"),
+        ("OPENCODE_DISABLE_DEFAULT_PLUGINS", "1"),
+        ("OPENCODE_DISABLE_SHARE", "1"),
+    ];
+    // No telemetry, update checks or side requests to anthropic.com. IS_SANDBOX=1 says the CLI
+    // runs in a sandbox: as root it refuses to skip permissions (claude-code's flag, and the
+    // `--allow-dangerously-skip-permissions` claude-agent-acp always passes) without it.
+    let claude_env = [
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+        ("IS_SANDBOX", "1"),
+    ];
     vec![
         Template::new("echo", "api", "sandwarden echo-agent", 1),
         Template::new("shell", "tui", &shell, 0),
-        Template::new("opencode", "api", "opencode acp", 0),
-        Template::new("claude-agent-sdk", "api", "claude-agent-acp", 0),
-        Template::new("codex", "api", "codex-acp", 0),
-        Template::new("claude-code", "tui", "claude", 0),
-        Template::new("codex-tui", "tui", "codex", 0),
+        Template::new(
+            "opencode",
+            "api",
+            "sandwarden launch opencode -- opencode acp",
+            0,
+        )
+        .with_env(&opencode_env),
+        Template::new(
+            "claude-agent-sdk",
+            "api",
+            "sandwarden launch claude -- claude-agent-acp",
+            0,
+        )
+        .with_env(&claude_env),
+        // codex's own command sandbox (bubblewrap plus a `codex-linux-sandbox` helper that the
+        // codex-acp package does not ship) cannot run here; the sandbox it runs in is the
+        // isolation boundary, so commands run unconfined inside it.
+        Template::new(
+            "codex",
+            "api",
+            "sandwarden launch codex -- codex-acp -c sandbox_mode=\"danger-full-access\"",
+            0,
+        ),
+        // Permissions are skipped inside the sandbox (see IS_SANDBOX above).
+        Template::new(
+            "claude-code",
+            "tui",
+            "sandwarden launch claude -- claude --dangerously-skip-permissions",
+            0,
+        )
+        .with_env(&claude_env),
+        // Without these flags codex starts an app-server daemon that outlives the TUI, and looks
+        // for updates.
+        Template::new(
+            "codex-tui",
+            "tui",
+            "sandwarden launch codex -- codex --disable daemon_auto_start --disable in_app_updates",
+            0,
+        ),
     ]
 }
 

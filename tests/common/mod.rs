@@ -218,7 +218,25 @@ impl Serve {
         Serve::launch(data, extra, true)
     }
 
+    /// Like `start_in`, with extra environment for `serve` and its sandboxes (e.g. PATH).
+    pub fn start_in_with_env(
+        data: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Serve {
+        Serve::launch_with_env(data, extra, true, env)
+    }
+
     fn launch(data: &std::path::Path, extra: &[&str], allow_private: bool) -> Serve {
+        Serve::launch_with_env(data, extra, allow_private, &[])
+    }
+
+    fn launch_with_env(
+        data: &std::path::Path,
+        extra: &[&str],
+        allow_private: bool,
+        env: &[(&str, String)],
+    ) -> Serve {
         let templates = data.join("templates.json");
         if !templates.exists() {
             std::fs::write(
@@ -239,6 +257,7 @@ impl Serve {
             .args(extra)
             .env("SANDWARDEN_API_KEY", ADMIN_KEY)
             .env("SANDWARDEN_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
