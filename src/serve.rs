@@ -2,6 +2,7 @@
 //! runs them until a signal.
 
 use crate::api;
+use crate::runtime::docker::DockerRuntime;
 use crate::runtime::local::{Isolation, LocalRuntime};
 use crate::runtime::{Template, Tokens, builtin_templates};
 use crate::session::{Config, Orchestrator};
@@ -18,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 pub enum RuntimeKind {
     /// Sandboxes are `sandwarden harness` processes on loopback ports.
     Local,
+    /// Sandboxes are containers of harness images, through the Docker Engine API (Docker, or
+    /// Podman's API service); `DOCKER_HOST` names the engine.
+    Docker,
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,8 +184,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 tokens.clone(),
                 exits_tx,
                 isolation,
-            ))
+            )) as Arc<dyn crate::runtime::Runtime>
         }
+        RuntimeKind::Docker => Arc::new(
+            DockerRuntime::connect(tokens.clone(), exits_tx)
+                .await
+                .map_err(|m| anyhow::anyhow!(m))?,
+        ),
     };
     let config = Config {
         public_url: args

@@ -3,6 +3,7 @@
 //!
 //! A runtime knows templates and processes (or containers, Pods); it must not know sessions.
 
+pub mod docker;
 pub mod local;
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit};
@@ -48,6 +49,50 @@ pub struct Template {
     /// Non-secret environment for every sandbox of this template.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// How the docker runtime runs it (ignored by the local runtime).
+    #[serde(default)]
+    pub container: ContainerSpec,
+}
+
+/// A template's container settings; the defaults are the secure ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerSpec {
+    /// The harness image (default `sandwarden/harness-<template>:<version>`).
+    pub image: Option<String>,
+    /// `uid:gid` the harness runs as; never root unless set so.
+    pub user: String,
+    pub memory_mib: u64,
+    pub cpus: f64,
+    pub pids: i64,
+    /// Read-only root file system (the working directory `/work` and `/tmp` stay writable).
+    pub read_only: bool,
+}
+
+impl Default for ContainerSpec {
+    fn default() -> Self {
+        ContainerSpec {
+            image: None,
+            user: "10001:10001".into(),
+            memory_mib: 2048,
+            cpus: 1.0,
+            pids: 512,
+            read_only: true,
+        }
+    }
+}
+
+impl Template {
+    /// The image the docker runtime starts for this template.
+    pub fn image(&self) -> String {
+        self.container.image.clone().unwrap_or_else(|| {
+            format!(
+                "sandwarden/harness-{}:{}",
+                self.name,
+                env!("CARGO_PKG_VERSION")
+            )
+        })
+    }
 }
 
 fn default_start() -> String {
@@ -71,6 +116,7 @@ impl Template {
             idle_timeout_s: default_idle(),
             turn_timeout_s: default_turn_timeout(),
             env: BTreeMap::new(),
+            container: ContainerSpec::default(),
         }
     }
 
@@ -97,6 +143,20 @@ impl Template {
         }
         if self.turn_timeout_s == 0 || self.idle_timeout_s == 0 {
             return Err(format!("template {n}: timeouts must be at least 1 second"));
+        }
+        let c = &self.container;
+        if !(16..=1024 * 1024).contains(&c.memory_mib)
+            || !(0.01..=256.0).contains(&c.cpus)
+            || !(16..=1_000_000).contains(&c.pids)
+        {
+            return Err(format!(
+                "template {n}: container limits out of range (memory_mib 16..=1048576, cpus 0.01..=256, pids 16..=1000000)"
+            ));
+        }
+        if c.user.trim().is_empty() {
+            return Err(format!(
+                "template {n}: container.user must be a user, e.g. \"10001:10001\""
+            ));
         }
         Ok(())
     }
@@ -248,8 +308,13 @@ pub trait Runtime: Send + Sync + 'static {
     async fn create(&self, id: &str, template: &Template) -> Result<Sandbox, RuntimeError>;
     /// Stops a sandbox and removes what it left (idempotent).
     async fn destroy(&self, sandbox: &Sandbox);
-    /// Whether the sandbox still runs, by a cheap local check (no request to it).
+    /// Whether the sandbox still runs, by a cheap check (no request to the harness).
     async fn alive(&self, sandbox: &Sandbox) -> bool;
+    /// The ids of the sandboxes this server owns that the runtime still has, so a restart can
+    /// remove the ones nothing records (orphans). Runtimes that cannot leak return none.
+    async fn owned(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

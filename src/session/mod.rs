@@ -755,6 +755,22 @@ impl Orchestrator {
             }
         }
         let rows = self.store.list_sandboxes().await.unwrap_or_default();
+        // Sandboxes the runtime still has that nothing records (a crash between starting one
+        // and recording it) are removed.
+        let known: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        for orphan in self.runtime.owned().await {
+            if !known.contains(orphan.as_str()) {
+                tracing::info!(sandbox = %orphan, "removing an orphaned sandbox");
+                self.runtime
+                    .destroy(&Sandbox {
+                        id: orphan,
+                        template: String::new(),
+                        endpoint: String::new(),
+                        pid: None,
+                    })
+                    .await;
+            }
+        }
         for row in rows {
             let sandbox = Sandbox::from(row.clone());
             let alive = self.runtime.alive(&sandbox).await
@@ -800,7 +816,7 @@ impl Orchestrator {
             self.pool_wake.notify_one();
         }
         if let Ok(Some(s)) = self.store.session_by_sandbox(sandbox_id).await {
-            self.mark_dead(&s, "its sandbox process exited").await;
+            self.mark_dead(&s, "its sandbox exited").await;
         }
     }
 
@@ -826,7 +842,7 @@ impl Orchestrator {
                 continue;
             };
             if !self.runtime.alive(sandbox).await {
-                self.mark_dead(&s, "its sandbox process exited").await;
+                self.mark_dead(&s, "its sandbox exited").await;
                 continue;
             }
             let idle_for = humantime::parse_rfc3339(&s.last_active_at)

@@ -1,0 +1,429 @@
+//! The docker runtime: each sandbox is a container of a harness image, driven through the Docker
+//! Engine API (Docker, or Podman's compatible socket) with bollard.
+//!
+//! Containers carry labels naming the server that owns them (a digest of its secret), the sandbox
+//! and the template, so a restarted `serve` finds its containers again. The harness port is
+//! published on 127.0.0.1 only. The engine's event stream reports deaths at once. The runtime knows
+//! templates and containers; it must not know sessions.
+
+use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
+use backon::{ExponentialBuilder, Retryable};
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions,
+};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The port the harness listens on inside every container.
+pub const HARNESS_PORT: u16 = 7000;
+/// The network every sandbox joins.
+pub const NETWORK: &str = "sandwarden";
+/// Where the sandbox's writable working directory (a volume) is mounted; also its HOME.
+pub const WORKDIR: &str = "/work";
+
+pub const LABEL_OWNER: &str = "sandwarden.dev/owner";
+pub const LABEL_SANDBOX: &str = "sandwarden.dev/sandbox";
+pub const LABEL_TEMPLATE: &str = "sandwarden.dev/template";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT_S: i32 = 3;
+
+pub struct DockerRuntime {
+    docker: Docker,
+    tokens: Tokens,
+    /// The value of the owner label on this server's containers.
+    owner: String,
+    http: reqwest::Client,
+}
+
+/// The container name of a sandbox.
+pub fn container_name(sandbox_id: &str) -> String {
+    format!("sandwarden-{sandbox_id}")
+}
+
+fn engine_error(what: &str, e: bollard::errors::Error) -> RuntimeError {
+    RuntimeError::Start(format!("{what}: {e}"))
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+impl DockerRuntime {
+    /// Connects to the engine named by `DOCKER_HOST` (or the default socket), checks it answers,
+    /// makes sure the sandbox network exists, and starts reporting container deaths on `exits`.
+    pub async fn connect(
+        tokens: Tokens,
+        exits: mpsc::UnboundedSender<String>,
+    ) -> Result<DockerRuntime, String> {
+        let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "the default socket".into());
+        let docker = Docker::connect_with_defaults()
+            .map_err(|e| format!("cannot use the container engine at {host}: {e}"))?;
+        docker.ping().await.map_err(|e| {
+            format!(
+                "the container engine at {host} does not answer ({e}); start Docker, or Podman's \
+                 API service (`podman system service --time=0 unix:///run/podman/podman.sock`) \
+                 and set DOCKER_HOST=unix:///run/podman/podman.sock"
+            )
+        })?;
+        let owner = tokens.derive("owner", "")[..16].to_string();
+        let runtime = DockerRuntime {
+            docker,
+            tokens,
+            owner,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+        };
+        runtime.ensure_network().await?;
+        tokio::spawn(watch_deaths(
+            runtime.docker.clone(),
+            runtime.owner.clone(),
+            exits,
+        ));
+        Ok(runtime)
+    }
+
+    async fn ensure_network(&self) -> Result<(), String> {
+        if self.docker.inspect_network(NETWORK, None).await.is_ok() {
+            return Ok(());
+        }
+        let request = NetworkCreateRequest {
+            name: NETWORK.into(),
+            labels: Some(HashMap::from([(
+                "app.kubernetes.io/managed-by".to_string(),
+                "sandwarden".to_string(),
+            )])),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(()),
+            // Created meanwhile by another server on the same engine.
+            Err(_) if self.docker.inspect_network(NETWORK, None).await.is_ok() => Ok(()),
+            Err(e) => Err(format!(
+                "cannot create the sandbox network {NETWORK:?}: {e}"
+            )),
+        }
+    }
+
+    fn labels(&self, id: &str, t: &Template) -> HashMap<String, String> {
+        HashMap::from([
+            ("app.kubernetes.io/name".into(), "sandwarden-sandbox".into()),
+            ("app.kubernetes.io/component".into(), "harness".into()),
+            ("app.kubernetes.io/managed-by".into(), "sandwarden".into()),
+            ("app.kubernetes.io/instance".into(), id.to_string()),
+            (LABEL_OWNER.into(), self.owner.clone()),
+            (LABEL_SANDBOX.into(), id.to_string()),
+            (LABEL_TEMPLATE.into(), t.name.clone()),
+        ])
+    }
+
+    /// The container's definition: the template's image, command, env and limits, with the
+    /// secure defaults of `ContainerSpec`.
+    fn definition(&self, id: &str, t: &Template) -> ContainerCreateBody {
+        let c = &t.container;
+        let port = format!("{HARNESS_PORT}/tcp");
+        let mut env: Vec<String> = t.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("SANDWARDEN_TOKEN={}", self.tokens.for_sandbox(id)));
+        env.push(format!("HOME={WORKDIR}"));
+        env.push(format!(
+            "SANDWARDEN_LOG={}",
+            std::env::var("SANDWARDEN_SANDBOX_LOG").unwrap_or_else(|_| "warn".into())
+        ));
+        let cmd = vec![
+            "harness".to_string(),
+            "--listen".into(),
+            format!("0.0.0.0:{HARNESS_PORT}"),
+            "--kind".into(),
+            t.kind.clone(),
+            if t.kind == "api" {
+                "--agent".into()
+            } else {
+                "--command".into()
+            },
+            t.command.clone(),
+            "--workdir".into(),
+            WORKDIR.into(),
+            "--start".into(),
+            t.start.clone(),
+            "--turn-timeout".into(),
+            t.turn_timeout_s.to_string(),
+        ];
+        let memory = i64::try_from(c.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+        ContainerCreateBody {
+            image: Some(t.image()),
+            cmd: Some(cmd),
+            env: Some(env),
+            user: Some(c.user.clone()),
+            working_dir: Some(WORKDIR.into()),
+            labels: Some(self.labels(id, t)),
+            exposed_ports: Some(vec![port.clone()]),
+            // An anonymous volume: writable even with a read-only root, removed with the container.
+            volumes: Some(vec![WORKDIR.into()]),
+            stop_timeout: Some(i64::from(STOP_TIMEOUT_S)),
+            host_config: Some(HostConfig {
+                port_bindings: Some(HashMap::from([(
+                    port,
+                    Some(vec![PortBinding {
+                        host_ip: Some("127.0.0.1".into()),
+                        host_port: Some(String::new()),
+                    }]),
+                )])),
+                network_mode: Some(NETWORK.into()),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                readonly_rootfs: Some(c.read_only),
+                tmpfs: Some(HashMap::from([(
+                    "/tmp".to_string(),
+                    "rw,nosuid,nodev,size=256m".to_string(),
+                )])),
+                memory: Some(memory),
+                nano_cpus: Some((c.cpus * 1e9) as i64),
+                pids_limit: Some(c.pids),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The last lines the container printed, for a start failure's message.
+    async fn tail(&self, name: &str) -> String {
+        let mut logs = self.docker.logs(
+            name,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: "20".into(),
+                ..Default::default()
+            }),
+        );
+        let mut out = String::new();
+        while let Ok(Some(Ok(chunk))) =
+            tokio::time::timeout(Duration::from_secs(2), logs.next()).await
+        {
+            out.push_str(&chunk.to_string());
+        }
+        out.trim().to_string()
+    }
+
+    /// The host port published for the harness, once the container runs.
+    async fn published_port(&self, name: &str) -> Result<u16, RuntimeError> {
+        let info = self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| engine_error("inspecting the container failed", e))?;
+        info.network_settings
+            .and_then(|n| n.ports)
+            .and_then(|p| p.get(&format!("{HARNESS_PORT}/tcp")).cloned().flatten())
+            .and_then(|bindings| bindings.into_iter().find_map(|b| b.host_port))
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| {
+                RuntimeError::Start("the engine published no port for the harness".into())
+            })
+    }
+
+    /// Waits until the harness answers its health check, or the container stops.
+    async fn wait_ready(&self, id: &str, name: &str, endpoint: &str) -> Result<(), RuntimeError> {
+        let token = self.tokens.for_sandbox(id);
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let answered = self
+                .http
+                .get(format!("{endpoint}/healthz"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if answered {
+                return Ok(());
+            }
+            if !self.running(name).await {
+                return Err(RuntimeError::Start(format!(
+                    "the container stopped before its harness answered; it printed: {}",
+                    self.tail(name).await
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::StartTimeout(READY_TIMEOUT.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn running(&self, name: &str) -> bool {
+        self.docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|i| i.state)
+            .and_then(|s| s.running)
+            .unwrap_or(false)
+    }
+
+    async fn remove(&self, name: &str) {
+        let removed = self
+            .docker
+            .remove_container(
+                name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        if let Err(e) = removed
+            && !is_not_found(&e)
+        {
+            tracing::warn!(container = name, error = %e, "removing a container failed");
+        }
+    }
+}
+
+/// Reports the death (exit, OOM kill, removal) of this server's containers as it happens, by
+/// sandbox id. Reconnects with backoff when the engine's stream ends.
+async fn watch_deaths(docker: Docker, owner: String, exits: mpsc::UnboundedSender<String>) {
+    let filters = HashMap::from([
+        ("type".to_string(), vec!["container".to_string()]),
+        (
+            "event".to_string(),
+            vec!["die".into(), "oom".into(), "destroy".into()],
+        ),
+        ("label".to_string(), vec![format!("{LABEL_OWNER}={owner}")]),
+    ]);
+    loop {
+        let mut events = docker.events(Some(EventsOptions {
+            filters: Some(filters.clone()),
+            ..Default::default()
+        }));
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else { break };
+            let sandbox = event
+                .actor
+                .and_then(|a| a.attributes)
+                .and_then(|a| a.get(LABEL_SANDBOX).cloned());
+            if let Some(id) = sandbox
+                && exits.send(id).is_err()
+            {
+                return; // serve is stopping
+            }
+        }
+        if exits.is_closed() {
+            return;
+        }
+        // The engine restarted or the stream broke: reconnect once it answers again.
+        let ping = || async { docker.ping().await };
+        let _ = ping
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(10))
+                    .without_max_times(),
+            )
+            .await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for DockerRuntime {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
+        let name = container_name(id);
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                self.definition(id, t),
+            )
+            .await;
+        if let Err(e) = created {
+            let hint = if is_not_found(&e) {
+                format!(
+                    " (build it with `harness-images/build.sh {}`, or set the template's container.image)",
+                    t.name
+                )
+            } else {
+                String::new()
+            };
+            return Err(RuntimeError::Start(format!(
+                "creating a container of {} failed: {e}{hint}",
+                t.image()
+            )));
+        }
+        let started = async {
+            self.docker
+                .start_container(&name, None)
+                .await
+                .map_err(|e| engine_error("starting the container failed", e))?;
+            let port = self.published_port(&name).await?;
+            let endpoint = format!("http://127.0.0.1:{port}");
+            self.wait_ready(id, &name, &endpoint).await?;
+            Ok::<_, RuntimeError>(endpoint)
+        }
+        .await;
+        match started {
+            Ok(endpoint) => Ok(Sandbox {
+                id: id.to_string(),
+                template: t.name.clone(),
+                endpoint,
+                pid: None,
+            }),
+            Err(e) => {
+                self.remove(&name).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn destroy(&self, sandbox: &Sandbox) {
+        self.remove(&container_name(&sandbox.id)).await;
+    }
+
+    async fn alive(&self, sandbox: &Sandbox) -> bool {
+        self.running(&container_name(&sandbox.id)).await
+    }
+
+    async fn owned(&self) -> Vec<String> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_OWNER}={}", self.owner)],
+        )]);
+        let listed = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await;
+        match listed {
+            Ok(containers) => containers
+                .into_iter()
+                .filter_map(|c| c.labels.and_then(|l| l.get(LABEL_SANDBOX).cloned()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing containers failed");
+                Vec::new()
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! `serve --runtime docker` against a real container engine (Docker, or Podman's API service named
+//! by `DOCKER_HOST`), through the public API: sessions in containers, messages, terminals, dead
+//! containers, warm claims, restarts that adopt containers and remove orphans, and the limits.
+//!
+//! Needs the images `harness-images/build.sh base echo shell` builds from this build's binary.
+//! Without an engine or the images the test says so loudly and skips; with
+//! `SANDWARDEN_REQUIRE_DOCKER=1` (set by scripts/test once it has set both up) it fails instead.
+
+mod common;
+
+use bollard::Docker;
+use bollard::query_parameters::{
+    InspectContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
+};
+use common::*;
+use futures::{SinkExt, StreamExt};
+use sandwarden::runtime::docker::{LABEL_OWNER, LABEL_SANDBOX, container_name};
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The engine, when it answers and has the images; otherwise skip (or fail when required).
+async fn engine() -> Option<Docker> {
+    let required = std::env::var("SANDWARDEN_REQUIRE_DOCKER").as_deref() == Ok("1");
+    let problem = match Docker::connect_with_defaults() {
+        Err(e) => format!("no container engine ({e})"),
+        Ok(docker) => match docker.ping().await {
+            Err(e) => format!("the container engine does not answer ({e}); set DOCKER_HOST"),
+            Ok(_) => {
+                let mut missing = Vec::new();
+                for name in ["echo", "shell"] {
+                    let image = format!("sandwarden/harness-{name}:{VERSION}");
+                    if docker.inspect_image(&image).await.is_err() {
+                        missing.push(image);
+                    }
+                }
+                if missing.is_empty() {
+                    return Some(docker);
+                }
+                format!(
+                    "images missing: {} (build them with harness-images/build.sh --binary target/debug/sandwarden base echo shell)",
+                    missing.join(", ")
+                )
+            }
+        },
+    };
+    assert!(
+        !required,
+        "the docker runtime test is required but {problem}"
+    );
+    eprintln!("\n*** SKIPPED docker runtime test: {problem} ***\n");
+    None
+}
+
+/// The owner label of the containers one `serve` runs (all its containers share it).
+async fn owner_of(docker: &Docker, sandbox_ids: &[String]) -> String {
+    for id in sandbox_ids {
+        if let Ok(c) = docker
+            .inspect_container(&container_name(id), None::<InspectContainerOptions>)
+            .await
+            && let Some(owner) = c
+                .config
+                .and_then(|c| c.labels)
+                .and_then(|l| l.get(LABEL_OWNER).cloned())
+        {
+            return owner;
+        }
+    }
+    panic!("no container found for {sandbox_ids:?}");
+}
+
+async fn containers_of(docker: &Docker, owner: &str) -> Vec<(String, bool)> {
+    let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_OWNER}={owner}")])]);
+    docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .expect("list containers")
+        .into_iter()
+        .map(|c| {
+            let id = c
+                .labels
+                .and_then(|l| l.get(LABEL_SANDBOX).cloned())
+                .unwrap_or_default();
+            (id, c.state.is_some_and(|s| s.to_string() == "running"))
+        })
+        .collect()
+}
+
+async fn remove_all(docker: &Docker, owner: &str) {
+    for (id, _) in containers_of(docker, owner).await {
+        let _ = docker
+            .remove_container(
+                &container_name(&id),
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+    }
+}
+
+/// Every sandbox id the `serve` under `data` recorded, from its sessions' containers: the test
+/// reaches them through the engine's labels, as an operator would.
+async fn sandbox_ids(docker: &Docker) -> Vec<String> {
+    let filters = HashMap::from([("label".to_string(), vec![LABEL_SANDBOX.to_string()])]);
+    docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .expect("list containers")
+        .into_iter()
+        .filter_map(|c| c.labels.and_then(|l| l.get(LABEL_SANDBOX).cloned()))
+        .collect()
+}
+
+/// Removes, even when the test fails, the containers that appeared during it.
+struct Cleanup {
+    docker: Docker,
+    before: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let docker = self.docker.clone();
+        let before = std::mem::take(&mut self.before);
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Runtime::new() else {
+                return;
+            };
+            rt.block_on(async {
+                for id in sandbox_ids(&docker).await {
+                    if !before.contains(&id) {
+                        let _ = docker
+                            .remove_container(
+                                &container_name(&id),
+                                Some(RemoveContainerOptions {
+                                    force: true,
+                                    v: true,
+                                    ..Default::default()
+                                }),
+                            )
+                            .await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn template_of(docker: &Docker, sandbox_id: &str) -> Option<String> {
+    docker
+        .inspect_container(&container_name(sandbox_id), None::<InspectContainerOptions>)
+        .await
+        .ok()
+        .and_then(|c| c.config)
+        .and_then(|c| c.labels)
+        .and_then(|l| l.get("sandwarden.dev/template").cloned())
+}
+
+async fn tty_echo(url: &str, line: &str, marker: &str) -> String {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("attach");
+    ws.send(Message::Binary(format!("{line}\n").into_bytes().into()))
+        .await
+        .expect("send");
+    let mut out = String::new();
+    while !out.contains(marker) {
+        match tokio::time::timeout(Duration::from_secs(15), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => out.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("terminal ended early: {other:?} after {out:?}"),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_run_in_containers_through_the_public_api() {
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("templates.json"),
+        json!([
+            {"name": "echo", "kind": "api", "command": "sandwarden echo-agent", "pool": 1},
+            {"name": "sh", "kind": "tui", "command": "bash --noprofile --norc", "pool": 0,
+             "container": {"image": format!("sandwarden/harness-shell:{VERSION}"),
+                           "memory_mib": 256, "pids": 128}},
+        ])
+        .to_string(),
+    )
+    .expect("templates");
+    let before: Vec<String> = sandbox_ids(&docker).await;
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: before.clone(),
+    };
+    let mut serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+
+    // A warm claim hands over the pre-started container; a message round-trips through it.
+    let mut warm = false;
+    for _ in 0..600 {
+        for id in sandbox_ids(&docker).await {
+            if !before.contains(&id) && template_of(&docker, &id).await.as_deref() == Some("echo") {
+                warm = true;
+            }
+        }
+        if warm {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(warm, "the warm pool started a container");
+    tokio::time::sleep(Duration::from_millis(1000)).await; // until its harness answers
+    let echo = api.create("echo").await;
+    assert_eq!(
+        echo["status"], "ready",
+        "a warm claim is ready at once: {echo}"
+    );
+    let echo = echo["id"].as_str().expect("id").to_string();
+    let (status, reply) = api.say(&echo, "hello container").await;
+    assert_eq!(
+        (status, reply["text"].as_str()),
+        (200, Some("hello container")),
+        "{reply}"
+    );
+
+    // A terminal in a container: typed input reaches bash as the template's user.
+    let sh = api.ready("sh").await;
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{sh}"), None).await;
+    let tty_url = s["tty_url"].as_str().expect("tty_url").to_string();
+    let out = tty_echo(&tty_url, "echo uid=\"\"$(id -u)", "uid=1").await;
+    assert!(out.contains("uid=10001"), "{out:?}");
+
+    let ours: Vec<String> = sandbox_ids(&docker)
+        .await
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    let owner = owner_of(&docker, &ours).await;
+
+    // The limits are what the template says, with the secure defaults.
+    let mut sh_container = None;
+    for (id, _) in containers_of(&docker, &owner).await {
+        if template_of(&docker, &id).await.as_deref() == Some("sh") {
+            sh_container = Some(id);
+        }
+    }
+    let sh_container = sh_container.expect("the shell's container");
+    let info = docker
+        .inspect_container(
+            &container_name(&sh_container),
+            None::<InspectContainerOptions>,
+        )
+        .await
+        .expect("inspect");
+    let host = info.host_config.expect("host config");
+    assert_eq!(host.memory, Some(256 * 1024 * 1024));
+    assert_eq!(host.pids_limit, Some(128));
+    assert_eq!(host.readonly_rootfs, Some(true));
+    let dropped = host.cap_drop.unwrap_or_default();
+    assert!(
+        dropped.iter().any(|c| c.eq_ignore_ascii_case("all")) || dropped.len() > 10,
+        "all capabilities dropped: {dropped:?}"
+    );
+    assert_eq!(
+        info.config.and_then(|c| c.user).as_deref(),
+        Some("10001:10001")
+    );
+
+    // A restart adopts the running containers and removes orphans (one a crash left behind).
+    serve.kill();
+    let orphan = "sbx_orphan_left_by_a_crash";
+    docker
+        .create_container(
+            Some(bollard::query_parameters::CreateContainerOptions {
+                name: Some(container_name(orphan)),
+                ..Default::default()
+            }),
+            bollard::models::ContainerCreateBody {
+                image: Some(format!("sandwarden/harness-echo:{VERSION}")),
+                labels: Some(HashMap::from([
+                    (LABEL_OWNER.to_string(), owner.clone()),
+                    (LABEL_SANDBOX.to_string(), orphan.to_string()),
+                ])),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("orphan created");
+    let mut serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+    let (status, reply) = api.say(&echo, "after restart").await;
+    assert_eq!(
+        (status, reply["text"].as_str()),
+        (200, Some("after restart")),
+        "{reply}"
+    );
+    let left: Vec<String> = containers_of(&docker, &owner)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        !left.contains(&orphan.to_string()),
+        "the orphan is removed: {left:?}"
+    );
+
+    // Killing the container marks the session dead at once; the next message says so.
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{echo}"), None).await;
+    assert_eq!(s["status"], "ready");
+    for (id, running) in containers_of(&docker, &owner).await {
+        if running && id != sh_container {
+            let _ = docker
+                .kill_container(&container_name(&id), None::<KillContainerOptions>)
+                .await;
+        }
+    }
+    let dead = api.wait_status(&echo, "dead").await;
+    assert_eq!(dead["status"], "dead", "{dead}");
+    let (status, problem) = api.say(&echo, "anyone there?").await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["type"], "session_not_usable", "{problem}");
+
+    // Deleting sessions removes their containers; stopping serve removes the warm ones.
+    let (status, _) = api
+        .call("DELETE", &format!("/v1/sessions/{sh}"), None)
+        .await;
+    assert!(status == 200 || status == 204);
+    serve.stop();
+    let mut left = containers_of(&docker, &owner).await;
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = containers_of(&docker, &owner).await;
+    }
+    remove_all(&docker, &owner).await;
+    assert!(left.is_empty(), "no container is leaked: {left:?}");
+}
