@@ -2,24 +2,29 @@
 # Builds the harness images with Docker or Podman:
 #   harness-images/build.sh [--engine docker|podman] [--binary PATH | --from-source]
 #                           [--bootstrap-base] [NAME...]
-# NAME is base or a harness directory here (echo, shell, ...); default: all. Images are tagged
-# sandwarden/harness-NAME:VERSION (VERSION from Cargo.toml), the names the templates use.
+# NAME is base, node or a harness directory here (echo, shell, opencode, ...); default: all, in
+# dependency order (base, then node, which the CLI images build on). Images are tagged
+# sandwarden/harness-NAME:VERSION (VERSION from Cargo.toml), the names the templates use. A
+# directory with a `package` file installs that npm package at the version harnesses/package.json
+# pins (the same pins as the local templates).
 #   --binary PATH     the sandwarden binary to put in the base image (default target/release/sandwarden);
 #                     it is built on the host (Debian 12) and copied in: Dockerfile.prebuilt.
 #   --from-source     build the base from source in a Rust image instead (base/Dockerfile).
 #   --bootstrap-base  where no registry is reachable: create docker.io/library/debian:bookworm-slim
 #                     locally with debootstrap (root, Debian's debootstrap package) if it is missing.
+#   --ca-bundle FILE  CAs the node image trusts besides Debian's (a TLS-intercepting proxy's).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-engine=""; binary="$root/target/release/sandwarden"; from_source=0; bootstrap=0; names=()
+engine=""; binary="$root/target/release/sandwarden"; from_source=0; bootstrap=0; ca_bundle=""; names=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --engine) engine=$2; shift 2 ;;
     --binary) binary=$2; shift 2 ;;
     --from-source) from_source=1; shift ;;
     --bootstrap-base) bootstrap=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --ca-bundle) ca_bundle=$2; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     *) names+=("$1"); shift ;;
   esac
@@ -31,9 +36,17 @@ if [ -z "$engine" ]; then
 fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -n1)
 if [ ${#names[@]} -eq 0 ]; then
-  names=(base)
-  for d in "$here"/*/; do n=$(basename "$d"); [ "$n" != base ] && names+=("$n"); done
+  names=(base node)
+  for d in "$here"/*/; do n=$(basename "$d"); [ "$n" != base ] && [ "$n" != node ] && names+=("$n"); done
 fi
+
+# The pinned version of an npm package, from harnesses/package.json.
+pinned() {
+  local v
+  v=$(sed -n "s/^ *\"$(printf '%s' "$1" | sed 's/[\/&.@]/\\&/g')\": *\"\([^\"]*\)\".*/\1/p" "$root/harnesses/package.json")
+  [ -n "$v" ] || { echo "$1 is not pinned in harnesses/package.json" >&2; exit 1; }
+  printf '%s' "$v"
+}
 
 base_image=docker.io/library/debian:bookworm-slim
 ensure_base() {
@@ -68,7 +81,18 @@ for name in "${names[@]}"; do
     build_base
   else
     [ -f "$here/$name/Dockerfile" ] || { echo "no image named $name (directories: $(ls "$here" | tr '\n' ' '))" >&2; exit 2; }
-    "$engine" build -q --build-arg "VERSION=$version" -t "sandwarden/harness-$name:$version" "$here/$name" >/dev/null
+    args=(--build-arg "VERSION=$version")
+    if [ -f "$here/$name/package" ]; then
+      pkg=$(tr -d '[:space:]' < "$here/$name/package")
+      args+=(--build-arg "PACKAGE=$pkg@$(pinned "$pkg")")
+    fi
+    ctx=$(mktemp -d)
+    cp -r "$here/$name/." "$ctx/"
+    if [ "$name" = node ]; then
+      if [ -n "$ca_bundle" ]; then cp "$ca_bundle" "$ctx/extra-ca.crt"; else : > "$ctx/extra-ca.crt"; fi
+    fi
+    "$engine" build -q "${args[@]}" -t "sandwarden/harness-$name:$version" "$ctx" >/dev/null
+    rm -rf "$ctx"
   fi
   echo "built sandwarden/harness-$name:$version in $(( $(date +%s) - start )) s"
 done

@@ -63,12 +63,17 @@ pub struct FakeModelArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "SANDWARDEN_FAKE_MODEL_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Allow a non-loopback `--listen`: only inside a container, whose network is private to
+    /// the sandboxes (how the container tests reach it from harness containers).
+    #[arg(long, env = "SANDWARDEN_FAKE_MODEL_IN_CONTAINER")]
+    pub in_container: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FakeModelError {
     #[error(
-        "--listen {0} is not a loopback address: the fake model only listens on 127.0.0.1 or ::1"
+        "--listen {0} is not a loopback address: the fake model only listens on 127.0.0.1 or ::1 \
+         (inside a container, add --in-container)"
     )]
     NotLoopback(SocketAddr),
     #[error("cannot listen on {addr}")]
@@ -1561,7 +1566,7 @@ pub async fn serve(
 
 /// `sandwarden fake-model`: binds, prints the listen line, serves until SIGTERM/SIGINT.
 pub async fn run(args: FakeModelArgs) -> Result<(), FakeModelError> {
-    if !args.listen.ip().is_loopback() {
+    if !args.listen.ip().is_loopback() && !args.in_container {
         return Err(FakeModelError::NotLoopback(args.listen));
     }
     let fake = FakeModel::new(args.keep, args.log).await?;

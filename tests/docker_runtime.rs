@@ -22,6 +22,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The tests share one engine and clean up what appeared while they ran: one at a time.
+static ENGINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The engine, when it answers and has the images; otherwise skip (or fail when required).
 async fn engine() -> Option<Docker> {
     let required = std::env::var("SANDWARDEN_REQUIRE_DOCKER").as_deref() == Ok("1");
@@ -72,16 +75,31 @@ async fn owner_of(docker: &Docker, sandbox_ids: &[String]) -> String {
     panic!("no container found for {sandbox_ids:?}");
 }
 
+/// Lists containers with `label`, retrying while Podman reports a container in its transient
+/// `stopped` state, which bollard cannot read.
+async fn list(docker: &Docker, label: String) -> Vec<bollard::models::ContainerSummary> {
+    let filters = HashMap::from([("label".to_string(), vec![label])]);
+    let mut last = None;
+    for _ in 0..50 {
+        match docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters.clone()),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(list) => return list,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("listing containers failed: {last:?}");
+}
+
 async fn containers_of(docker: &Docker, owner: &str) -> Vec<(String, bool)> {
-    let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_OWNER}={owner}")])]);
-    docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
+    list(docker, format!("{LABEL_OWNER}={owner}"))
         .await
-        .expect("list containers")
         .into_iter()
         .map(|c| {
             let id = c
@@ -108,18 +126,10 @@ async fn remove_all(docker: &Docker, owner: &str) {
     }
 }
 
-/// Every sandbox id the `serve` under `data` recorded, from its sessions' containers: the test
-/// reaches them through the engine's labels, as an operator would.
+/// The sandbox ids of every labelled container on the engine.
 async fn sandbox_ids(docker: &Docker) -> Vec<String> {
-    let filters = HashMap::from([("label".to_string(), vec![LABEL_SANDBOX.to_string()])]);
-    docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
+    list(docker, LABEL_SANDBOX.to_string())
         .await
-        .expect("list containers")
         .into_iter()
         .filter_map(|c| c.labels.and_then(|l| l.get(LABEL_SANDBOX).cloned()))
         .collect()
@@ -188,6 +198,7 @@ async fn tty_echo(url: &str, line: &str, marker: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_run_in_containers_through_the_public_api() {
+    let _one_at_a_time = ENGINE.lock().await;
     let Some(docker) = engine().await else {
         return;
     };
@@ -352,4 +363,141 @@ async fn sessions_run_in_containers_through_the_public_api() {
     }
     remove_all(&docker, &owner).await;
     assert!(left.is_empty(), "no container is leaked: {left:?}");
+}
+
+/// The fake model as a container on the sandbox network (harness containers cannot reach the
+/// host's loopback), its port also published on 127.0.0.1 for the test to read its request log.
+/// Returns (base URL for harnesses, URL for the test).
+async fn fake_model_container(docker: &Docker, id: &str) -> (String, String) {
+    let port = "8000/tcp".to_string();
+    docker
+        .create_container(
+            Some(bollard::query_parameters::CreateContainerOptions {
+                name: Some(container_name(id)),
+                ..Default::default()
+            }),
+            bollard::models::ContainerCreateBody {
+                image: Some(format!("sandwarden/harness-base:{VERSION}")),
+                cmd: Some(
+                    ["fake-model", "--listen", "0.0.0.0:8000", "--in-container"]
+                        .map(String::from)
+                        .to_vec(),
+                ),
+                labels: Some(HashMap::from([(LABEL_SANDBOX.to_string(), id.to_string())])),
+                exposed_ports: Some(vec![port.clone()]),
+                host_config: Some(bollard::models::HostConfig {
+                    network_mode: Some(sandwarden::runtime::docker::NETWORK.into()),
+                    port_bindings: Some(HashMap::from([(
+                        port.clone(),
+                        Some(vec![bollard::models::PortBinding {
+                            host_ip: Some("127.0.0.1".into()),
+                            host_port: Some(String::new()),
+                        }]),
+                    )])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("fake model container");
+    docker
+        .start_container(&container_name(id), None)
+        .await
+        .expect("start the fake model");
+    let info = docker
+        .inspect_container(&container_name(id), None::<InspectContainerOptions>)
+        .await
+        .expect("inspect");
+    let net = info.network_settings.expect("network settings");
+    let ip = net
+        .networks
+        .and_then(|n| n.get(sandwarden::runtime::docker::NETWORK).cloned())
+        .and_then(|n| n.ip_address)
+        .expect("an address on the sandbox network");
+    let host_port = net
+        .ports
+        .and_then(|p| p.get(&port).cloned().flatten())
+        .and_then(|b| b.into_iter().find_map(|b| b.host_port))
+        .expect("published port");
+    (
+        format!("http://{ip}:8000"),
+        format!("http://127.0.0.1:{host_port}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_harness_image_talks_to_the_fake_model_from_a_container() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let image = format!("sandwarden/harness-opencode:{VERSION}");
+    if docker.inspect_image(&image).await.is_err() {
+        assert!(
+            std::env::var("SANDWARDEN_REQUIRE_DOCKER_HARNESS").as_deref() != Ok("1"),
+            "{image} is required but missing"
+        );
+        eprintln!(
+            "\n*** SKIPPED: {image} is not built (harness-images/build.sh node opencode) ***\n"
+        );
+        return;
+    }
+    let before = sandbox_ids(&docker).await;
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: before.clone(),
+    };
+    let fake_id = format!("fake-model-{}", std::process::id());
+    let (model_url, log_url) = fake_model_container(&docker, &fake_id).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opencode = sandwarden::runtime::builtin_templates()
+        .into_iter()
+        .find(|t| t.name == "opencode")
+        .expect("the opencode template");
+    opencode.env.extend([
+        ("OPENAI_BASE_URL".to_string(), format!("{model_url}/v1")),
+        (
+            "OPENAI_API_KEY".to_string(),
+            "sk-fake-in-container-0123".to_string(),
+        ),
+        ("OPENAI_MODEL".to_string(), "fake-model".to_string()),
+    ]);
+    std::fs::write(
+        dir.path().join("templates.json"),
+        serde_json::to_string(&[opencode]).expect("template JSON"),
+    )
+    .expect("templates");
+    let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+    let id = api.create("opencode").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let ready = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}?wait=true&timeout=60"),
+            None,
+        )
+        .await
+        .1;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    let (status, reply) = api.say(&id, "hello from a container").await;
+    assert_eq!(status, 200, "{reply}");
+    let text = reply["text"].as_str().unwrap_or_default();
+    assert!(text.contains("Hello from the fake model"), "{reply}");
+    let requests: serde_json::Value = reqwest::get(format!("{log_url}/_fake/requests"))
+        .await
+        .expect("request log")
+        .json()
+        .await
+        .expect("JSON");
+    let asked = requests.to_string();
+    assert!(
+        asked.contains("hello from a container"),
+        "the prompt reached the model: {asked}"
+    );
+    drop(serve);
 }

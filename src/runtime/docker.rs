@@ -250,7 +250,7 @@ impl DockerRuntime {
             if answered {
                 return Ok(());
             }
-            if !self.running(name).await {
+            if !self.running(name).await.unwrap_or(true) {
                 return Err(RuntimeError::Start(format!(
                     "the container stopped before its harness answered; it printed: {}",
                     self.tail(name).await
@@ -263,14 +263,20 @@ impl DockerRuntime {
         }
     }
 
-    async fn running(&self, name: &str) -> bool {
-        self.docker
+    /// Whether the container runs. A state bollard cannot read (Podman 4 reports a container
+    /// between its death and its cleanup as `stopped`, which the Docker API does not know) is not
+    /// running; an engine that cannot be asked is an error, not a death.
+    async fn running(&self, name: &str) -> Result<bool, bollard::errors::Error> {
+        match self
+            .docker
             .inspect_container(name, None::<InspectContainerOptions>)
             .await
-            .ok()
-            .and_then(|i| i.state)
-            .and_then(|s| s.running)
-            .unwrap_or(false)
+        {
+            Ok(info) => Ok(info.state.and_then(|s| s.running).unwrap_or(false)),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(bollard::errors::Error::JsonDataError { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn remove(&self, name: &str) {
@@ -399,7 +405,14 @@ impl Runtime for DockerRuntime {
     }
 
     async fn alive(&self, sandbox: &Sandbox) -> bool {
-        self.running(&container_name(&sandbox.id)).await
+        match self.running(&container_name(&sandbox.id)).await {
+            Ok(running) => running,
+            Err(e) => {
+                // Deaths arrive on the event stream; an unreachable engine kills no session.
+                tracing::warn!(sandbox = %sandbox.id, error = %e, "cannot ask the engine about a container");
+                true
+            }
+        }
     }
 
     async fn owned(&self) -> Vec<String> {
@@ -407,13 +420,23 @@ impl Runtime for DockerRuntime {
             "label".to_string(),
             vec![format!("{LABEL_OWNER}={}", self.owner)],
         )]);
-        let listed = self
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
+        // Retried: a listing fails as a whole while any container is in Podman's transient
+        // `stopped` state, which bollard cannot read.
+        let list = || async {
+            self.docker
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(filters.clone()),
+                    ..Default::default()
+                }))
+                .await
+        };
+        let listed = list
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_times(6),
+            )
             .await;
         match listed {
             Ok(containers) => containers

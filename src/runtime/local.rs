@@ -117,6 +117,10 @@ impl LocalRuntime {
         let mut cmd = tokio::process::Command::new("bwrap");
         cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
             .args(["--tmpfs", "/tmp"])
+            // Visible again over the private /tmp, wherever it was built.
+            .arg("--ro-bind")
+            .arg(&me)
+            .arg(&me)
             .arg("--bind")
             .arg(workdir)
             .arg(workdir)
