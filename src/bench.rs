@@ -44,12 +44,16 @@ pub enum Scenario {
     Harness,
     /// The orchestrator: message path overhead, SSE first event, warm claims, memory.
     Serve,
+    /// Container sandboxes (`serve --runtime docker`, engine from DOCKER_HOST) against local
+    /// processes: claims, cold starts, message and terminal latency, memory per sandbox.
+    Docker,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (report, section) = match args.scenario {
         Scenario::Harness => (harness(&args).await?, "harness"),
         Scenario::Serve => (crate::bench_serve::run(&args).await?, "serve"),
+        Scenario::Docker => (crate::bench_docker::run(&args).await?, "docker"),
     };
     println!("{report}");
     if let Some(path) = &args.write {
@@ -306,14 +310,14 @@ impl DirectPty {
     }
 }
 
-type Ws =
+pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn drain_ws(ws: &mut Ws) {
+pub(crate) async fn drain_ws(ws: &mut Ws) {
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), ws.next()).await {}
 }
 
-async fn ws_round_trip(ws: &mut Ws, byte: u8) -> anyhow::Result<u64> {
+pub(crate) async fn ws_round_trip(ws: &mut Ws, byte: u8) -> anyhow::Result<u64> {
     let t0 = Instant::now();
     ws.send(Message::Binary(vec![byte].into())).await?;
     loop {

@@ -14,11 +14,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const KEY: &str = "bench-admin-key-0123456789";
+pub(crate) const KEY: &str = "bench-admin-key-0123456789";
 
-struct Serve {
-    child: Child,
-    base: String,
+pub(crate) struct Serve {
+    pub(crate) child: Child,
+    pub(crate) base: String,
     dir: std::path::PathBuf,
 }
 
@@ -34,21 +34,33 @@ impl Drop for Serve {
 }
 
 fn start_serve(pool: usize) -> anyhow::Result<Serve> {
+    start_serve_with(
+        pool,
+        "local",
+        r#"[{"name":"sh","kind":"tui","command":"sh","pool":0}]"#,
+    )
+}
+
+/// A `serve` on a fresh data dir with `runtime`, extra `templates` (JSON) and an echo pool.
+pub(crate) fn start_serve_with(
+    pool: usize,
+    runtime: &str,
+    templates_json: &str,
+) -> anyhow::Result<Serve> {
     let dir = std::env::temp_dir().join(format!(
         "sandwarden-bench-{}",
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::create_dir_all(&dir)?;
     let templates = dir.join("templates.json");
-    std::fs::write(
-        &templates,
-        r#"[{"name":"sh","kind":"tui","command":"sh","pool":0}]"#,
-    )?;
+    std::fs::write(&templates, templates_json)?;
     let mut child = Command::new(std::env::current_exe()?)
         .args([
             "serve",
             "--listen",
             "127.0.0.1:0",
+            "--runtime",
+            runtime,
             "--pool",
             &format!("echo={pool}"),
         ])
@@ -69,7 +81,7 @@ fn start_serve(pool: usize) -> anyhow::Result<Serve> {
     Ok(Serve { child, base, dir })
 }
 
-async fn create(
+pub(crate) async fn create(
     http: &reqwest::Client,
     base: &str,
     harness: &str,
@@ -85,7 +97,11 @@ async fn create(
     Ok(v)
 }
 
-async fn wait_ready_session(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready_session(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+) -> anyhow::Result<()> {
     let v: serde_json::Value = http
         .get(format!("{base}/v1/sessions/{id}?wait=true&timeout=30"))
         .bearer_auth(KEY)
