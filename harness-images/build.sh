@@ -5,8 +5,8 @@
 # NAME is base, node or a harness directory here (echo, shell, opencode, ...); default: all, in
 # dependency order (base, then node, which the CLI images build on). Images are tagged
 # sandwarden/harness-NAME:VERSION (VERSION from Cargo.toml), the names the templates use. A
-# directory with a `package` file installs that npm package at the version harnesses/package.json
-# pins (the same pins as the local templates).
+# directory with only a `package` file is built from agent-cli/Dockerfile with that npm package
+# at the version harnesses/package.json pins (the same pins as the local templates).
 #   --binary PATH     the sandwarden binary to put in the base image (default target/release/sandwarden);
 #                     it is built on the host (Debian 12) and copied in: Dockerfile.prebuilt.
 #   --from-source     build the base from source in a Rust image instead (base/Dockerfile).
@@ -37,7 +37,10 @@ fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -n1)
 if [ ${#names[@]} -eq 0 ]; then
   names=(base node)
-  for d in "$here"/*/; do n=$(basename "$d"); [ "$n" != base ] && [ "$n" != node ] && names+=("$n"); done
+  for d in "$here"/*/; do
+    n=$(basename "$d")
+    case "$n" in base|node|agent-cli) ;; *) names+=("$n") ;; esac
+  done
 fi
 
 # The pinned version of an npm package, from harnesses/package.json.
@@ -80,7 +83,7 @@ for name in "${names[@]}"; do
   if [ "$name" = base ]; then
     build_base
   else
-    [ -f "$here/$name/Dockerfile" ] || { echo "no image named $name (directories: $(ls "$here" | tr '\n' ' '))" >&2; exit 2; }
+    [ -f "$here/$name/Dockerfile" ] || [ -f "$here/$name/package" ] || { echo "no image named $name (directories: $(ls "$here" | tr '\n' ' '))" >&2; exit 2; }
     args=(--build-arg "VERSION=$version")
     if [ -f "$here/$name/package" ]; then
       pkg=$(tr -d '[:space:]' < "$here/$name/package")
@@ -88,6 +91,7 @@ for name in "${names[@]}"; do
     fi
     ctx=$(mktemp -d)
     cp -r "$here/$name/." "$ctx/"
+    [ -f "$ctx/Dockerfile" ] || cp "$here/agent-cli/Dockerfile" "$ctx/Dockerfile"
     if [ "$name" = node ]; then
       if [ -n "$ca_bundle" ]; then cp "$ca_bundle" "$ctx/extra-ca.crt"; else : > "$ctx/extra-ca.crt"; fi
     fi

@@ -1184,12 +1184,34 @@ struct Inner {
 #[derive(Clone)]
 pub struct FakeModel(Arc<Inner>);
 
-/// The pieces of a request every handler records.
+/// The pieces of a request every handler records (an extractor, so handlers take it whole).
 struct Incoming {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Incoming {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let (method, uri, headers) = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        );
+        let body = Bytes::from_request(axum::extract::Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Incoming {
+            method,
+            uri,
+            headers,
+            body,
+        })
+    }
 }
 
 impl FakeModel {
@@ -1376,83 +1398,24 @@ fn sse_response(frames: Vec<SseFrame>) -> Response {
     response
 }
 
-async fn root(
-    State(fake): State<FakeModel>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> &'static str {
-    let req = Incoming {
-        method,
-        uri,
-        headers,
-        body: Bytes::new(),
-    };
+async fn root(State(fake): State<FakeModel>, req: Incoming) -> &'static str {
     fake.record_plain(&req).await;
     "sandwarden fake model\n"
 }
 
-async fn anthropic(
-    State(fake): State<FakeModel>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Incoming {
-        method,
-        uri,
-        headers,
-        body,
-    };
+async fn anthropic(State(fake): State<FakeModel>, req: Incoming) -> Response {
     fake.model_call(Api::Anthropic, req).await
 }
 
-async fn chat(
-    State(fake): State<FakeModel>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Incoming {
-        method,
-        uri,
-        headers,
-        body,
-    };
+async fn chat(State(fake): State<FakeModel>, req: Incoming) -> Response {
     fake.model_call(Api::Chat, req).await
 }
 
-async fn responses(
-    State(fake): State<FakeModel>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Incoming {
-        method,
-        uri,
-        headers,
-        body,
-    };
+async fn responses(State(fake): State<FakeModel>, req: Incoming) -> Response {
     fake.model_call(Api::Responses, req).await
 }
 
-async fn count_tokens(
-    State(fake): State<FakeModel>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Incoming {
-        method,
-        uri,
-        headers,
-        body,
-    };
+async fn count_tokens(State(fake): State<FakeModel>, req: Incoming) -> Response {
     let seq = fake.next_seq();
     let Ok(parsed @ Value::Object(_)) = serde_json::from_slice::<Value>(&req.body) else {
         fake.record(
@@ -1475,18 +1438,7 @@ async fn count_tokens(
 }
 
 /// One model, in a shape both the Anthropic and the OpenAI clients accept.
-async fn models(
-    State(fake): State<FakeModel>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    let req = Incoming {
-        method,
-        uri,
-        headers,
-        body: Bytes::new(),
-    };
+async fn models(State(fake): State<FakeModel>, req: Incoming) -> Response {
     fake.record_plain(&req).await;
     axum::Json(json!({
         "object": "list",
@@ -1511,19 +1463,7 @@ async fn clear_requests(State(fake): State<FakeModel>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-async fn unknown(
-    State(fake): State<FakeModel>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let req = Incoming {
-        method,
-        uri,
-        headers,
-        body,
-    };
+async fn unknown(State(fake): State<FakeModel>, req: Incoming) -> Response {
     fake.record_plain(&req).await;
     let message = format!(
         "the fake model does not serve {} {}",

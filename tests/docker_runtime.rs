@@ -111,8 +111,8 @@ async fn containers_of(docker: &Docker, owner: &str) -> Vec<(String, bool)> {
         .collect()
 }
 
-async fn remove_all(docker: &Docker, owner: &str) {
-    for (id, _) in containers_of(docker, owner).await {
+async fn remove(docker: &Docker, ids: impl IntoIterator<Item = String>) {
+    for id in ids {
         let _ = docker
             .remove_container(
                 &container_name(&id),
@@ -150,20 +150,8 @@ impl Drop for Cleanup {
                 return;
             };
             rt.block_on(async {
-                for id in sandbox_ids(&docker).await {
-                    if !before.contains(&id) {
-                        let _ = docker
-                            .remove_container(
-                                &container_name(&id),
-                                Some(RemoveContainerOptions {
-                                    force: true,
-                                    v: true,
-                                    ..Default::default()
-                                }),
-                            )
-                            .await;
-                    }
-                }
+                let new = sandbox_ids(&docker).await;
+                remove(&docker, new.into_iter().filter(|id| !before.contains(id))).await;
             });
         })
         .join();
@@ -361,7 +349,7 @@ async fn sessions_run_in_containers_through_the_public_api() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         left = containers_of(&docker, &owner).await;
     }
-    remove_all(&docker, &owner).await;
+    remove(&docker, left.iter().map(|(id, _)| id.clone())).await;
     assert!(left.is_empty(), "no container is leaked: {left:?}");
 }
 

@@ -114,6 +114,26 @@ async fn an_async_message_is_202_then_long_poll_and_events() {
     assert_eq!(session["status"], "ready");
 }
 
+/// Checks `X-Sandwarden-Signature` against `token`. The signature covers the exact bytes sent;
+/// re-serializing the parsed body preserves them for these payloads.
+fn assert_signed(headers: &axum::http::HeaderMap, body: &serde_json::Value, token: &str) {
+    let sig = headers
+        .get("x-sandwarden-signature")
+        .and_then(|v| v.to_str().ok())
+        .expect("signature");
+    let ts: u64 = sig
+        .split(',')
+        .next()
+        .and_then(|t| t.strip_prefix("t="))
+        .and_then(|t| t.parse().ok())
+        .expect("timestamp");
+    let body_text = serde_json::to_string(body).expect("body");
+    assert_eq!(
+        sig,
+        sandwarden::session::webhook::signature(token, ts, body_text.as_bytes())
+    );
+}
+
 /// A local webhook receiver: fails the first `fail_first` deliveries with 500.
 async fn receiver(
     fail_first: usize,
@@ -185,22 +205,7 @@ async fn a_webhook_is_signed_delivered_and_retried_after_a_failure() {
         headers.get("authorization").and_then(|v| v.to_str().ok()),
         Some("Bearer hook-secret")
     );
-    let sig = headers
-        .get("x-sandwarden-signature")
-        .and_then(|v| v.to_str().ok())
-        .expect("signature");
-    let ts: u64 = sig
-        .split(',')
-        .next()
-        .and_then(|t| t.strip_prefix("t="))
-        .and_then(|t| t.parse().ok())
-        .expect("timestamp");
-    let body_text = serde_json::to_string(&body).expect("body");
-    // The signature covers the exact bytes sent; re-serializing preserves them for this payload.
-    assert_eq!(
-        sig,
-        sandwarden::session::webhook::signature("hook-secret", ts, body_text.as_bytes())
-    );
+    assert_signed(&headers, &body, "hook-secret");
     let (_, turn) = api
         .call("GET", &format!("/v1/sessions/{id}/turns/{turn_id}"), None)
         .await;
@@ -886,22 +891,8 @@ async fn pending_webhooks_resume_after_serve_crashes_without_storing_the_token()
     let (headers, body) = received(&got, 1).await.remove(0);
     assert_eq!(body["turn_id"], turn_id.as_str());
     assert_eq!(body["text"], "hooked");
-    let sig = headers
-        .get("x-sandwarden-signature")
-        .and_then(|v| v.to_str().ok())
-        .expect("signature");
-    let ts: u64 = sig
-        .split(',')
-        .next()
-        .and_then(|t| t.strip_prefix("t="))
-        .and_then(|t| t.parse().ok())
-        .expect("timestamp");
-    let body_text = serde_json::to_string(&body).expect("body");
-    assert_eq!(
-        sig,
-        sandwarden::session::webhook::signature("hook-secret-4711", ts, body_text.as_bytes()),
-        "signed with the client's token, recovered after the crash"
-    );
+    // Signed with the client's token, recovered after the crash.
+    assert_signed(&headers, &body, "hook-secret-4711");
     let (_, turn) = api.call("GET", &path, None).await;
     let d = &turn["webhook_deliveries"][0];
     assert_eq!(d["status"], "delivered", "{turn}");

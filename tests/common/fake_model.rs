@@ -1,7 +1,6 @@
 //! A real `sandwarden fake-model` process on 127.0.0.1:0, for tests that drive model clients.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 pub struct FakeModel {
@@ -13,22 +12,14 @@ pub struct FakeModel {
 impl FakeModel {
     /// Starts the fake with `extra` flags and waits for its listen line.
     pub fn start(extra: &[&str]) -> FakeModel {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-            .args(["fake-model", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("SANDWARDEN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sandwarden fake-model");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listen line");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
-        let base = format!("http://{}", v["listening"].as_str().expect("address"));
+        let (child, addr) = super::spawn_listening(
+            Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+                .args(["fake-model", "--listen", "127.0.0.1:0"])
+                .args(extra)
+                .env("SANDWARDEN_LOG", "warn"),
+            "sandwarden fake-model",
+        );
+        let base = format!("http://{addr}");
         FakeModel { child, base }
     }
 

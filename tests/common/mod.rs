@@ -11,6 +11,28 @@ use std::time::Duration;
 
 pub const TOKEN: &str = "test-token-0123456789";
 
+/// Spawns `cmd` (stdout piped) and reads the `{"listening": ADDR}` line every sandwarden server
+/// prints first; returns the child and ADDR.
+pub fn spawn_listening(cmd: &mut Command, what: &str) -> (Child, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read listen line");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
+    let addr = v["listening"]
+        .as_str()
+        .expect("listening address")
+        .to_string();
+    (child, addr)
+}
+
 pub struct Harness {
     child: Child,
     pub addr: String,
@@ -22,28 +44,16 @@ impl Harness {
     /// Starts `sandwarden harness` with `args` (plus listen, token and workdir).
     pub fn start(args: &[&str]) -> Harness {
         let workdir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-            .arg("harness")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--workdir", workdir.path().to_str().expect("utf8 path")])
-            .args(args)
-            .env("SANDWARDEN_TOKEN", TOKEN)
-            .env("SANDWARDEN_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sandwarden harness");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listen line");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
-        let addr = v["listening"]
-            .as_str()
-            .expect("listening address")
-            .to_string();
+        let (child, addr) = spawn_listening(
+            Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+                .arg("harness")
+                .args(["--listen", "127.0.0.1:0"])
+                .args(["--workdir", workdir.path().to_str().expect("utf8 path")])
+                .args(args)
+                .env("SANDWARDEN_TOKEN", TOKEN)
+                .env("SANDWARDEN_LOG", "warn"),
+            "sandwarden harness",
+        );
         let client = HarnessClient::new(format!("http://{addr}"), TOKEN);
         Harness {
             child,
@@ -246,30 +256,22 @@ impl Serve {
             )
             .expect("templates");
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--templates")
-            .arg(&templates)
-            .args(allow_private.then_some("--allow-private-webhooks"))
-            .args(extra)
-            .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-            .env("SANDWARDEN_LOG", "warn")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sandwarden serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("listen line");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
-        let base = format!("http://{}", v["listening"].as_str().expect("address"));
+        let (child, addr) = spawn_listening(
+            Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+                .arg("serve")
+                .args(["--listen", "127.0.0.1:0"])
+                .arg("--data-dir")
+                .arg(data)
+                .arg("--templates")
+                .arg(&templates)
+                .args(allow_private.then_some("--allow-private-webhooks"))
+                .args(extra)
+                .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+                .env("SANDWARDEN_LOG", "warn")
+                .envs(env.iter().map(|(k, v)| (k, v))),
+            "sandwarden serve",
+        );
+        let base = format!("http://{addr}");
         Serve {
             child,
             base,
