@@ -414,52 +414,59 @@ async fn fake_model_container(docker: &Docker, id: &str) -> (String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_real_harness_image_talks_to_the_fake_model_from_a_container() {
-    let _one_at_a_time = ENGINE.lock().await;
-    let Some(docker) = engine().await else {
-        return;
-    };
-    let image = format!("sandwarden/harness-opencode:{VERSION}");
-    if docker.inspect_image(&image).await.is_err() {
-        assert!(
-            std::env::var("SANDWARDEN_REQUIRE_DOCKER_HARNESS").as_deref() != Ok("1"),
-            "{image} is required but missing"
-        );
-        eprintln!(
-            "\n*** SKIPPED: {image} is not built (harness-images/build.sh node opencode) ***\n"
-        );
-        return;
+/// Whether `image` exists; when it does not, skip loudly, or fail if `required`.
+async fn image_or_skip(docker: &Docker, image: &str, required: bool) -> bool {
+    if docker.inspect_image(image).await.is_ok() {
+        return true;
     }
-    let before = sandbox_ids(&docker).await;
+    assert!(!required, "{image} is required but missing");
+    eprintln!("\n*** SKIPPED: {image} is not built (harness-images/build.sh node <harness>) ***\n");
+    false
+}
+
+/// The model settings a harness's template gets, pointing at the fake model at `url`.
+fn model_env(template: &str, url: &str) -> Vec<(String, String)> {
+    let pairs: Vec<(&str, String)> = if template.starts_with("claude") {
+        vec![
+            ("ANTHROPIC_BASE_URL", url.to_string()),
+            ("ANTHROPIC_API_KEY", "sk-ant-fake-in-container-0123".into()),
+            ("ANTHROPIC_MODEL", "fake-model".into()),
+        ]
+    } else {
+        vec![
+            ("OPENAI_BASE_URL", format!("{url}/v1")),
+            ("OPENAI_API_KEY", "sk-fake-in-container-0123".into()),
+            ("OPENAI_MODEL", "fake-model".into()),
+        ]
+    };
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Starts `serve --runtime docker` with the built-in `template` pointed at a fake model container,
+/// waits for a session, and checks one exchange: a turn's reply for API harnesses, the program's
+/// screen for terminal ones.
+async fn drive_image(docker: &Docker, template: &str) {
+    let before = sandbox_ids(docker).await;
     let _cleanup = Cleanup {
         docker: docker.clone(),
         before: before.clone(),
     };
-    let fake_id = format!("fake-model-{}", std::process::id());
-    let (model_url, log_url) = fake_model_container(&docker, &fake_id).await;
-
+    let fake_id = format!("fake-model-{}-{template}", std::process::id());
+    let (model_url, log_url) = fake_model_container(docker, &fake_id).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut opencode = sandwarden::runtime::builtin_templates()
+    let mut t = sandwarden::runtime::builtin_templates()
         .into_iter()
-        .find(|t| t.name == "opencode")
-        .expect("the opencode template");
-    opencode.env.extend([
-        ("OPENAI_BASE_URL".to_string(), format!("{model_url}/v1")),
-        (
-            "OPENAI_API_KEY".to_string(),
-            "sk-fake-in-container-0123".to_string(),
-        ),
-        ("OPENAI_MODEL".to_string(), "fake-model".to_string()),
-    ]);
+        .find(|t| t.name == template)
+        .expect("a built-in template");
+    t.env.extend(model_env(template, &model_url));
     std::fs::write(
         dir.path().join("templates.json"),
-        serde_json::to_string(&[opencode]).expect("template JSON"),
+        serde_json::to_string(&[&t]).expect("template JSON"),
     )
     .expect("templates");
     let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
     let api = serve.client();
-    let id = api.create("opencode").await["id"]
+    let id = api.create(template).await["id"]
         .as_str()
         .expect("id")
         .to_string();
@@ -471,11 +478,30 @@ async fn a_real_harness_image_talks_to_the_fake_model_from_a_container() {
         )
         .await
         .1;
-    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["status"], "ready", "{template}: {ready}");
+    if t.kind == "tui" {
+        let url = ready["tty_url"].as_str().expect("tty_url").to_string();
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("attach");
+        let mut screen = Vec::new();
+        while screen.len() < 200 {
+            match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => screen.extend_from_slice(&b),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("{template}: the terminal showed nothing: {other:?}"),
+            }
+        }
+        drop(serve);
+        return;
+    }
     let (status, reply) = api.say(&id, "hello from a container").await;
-    assert_eq!(status, 200, "{reply}");
+    assert_eq!(status, 200, "{template}: {reply}");
     let text = reply["text"].as_str().unwrap_or_default();
-    assert!(text.contains("Hello from the fake model"), "{reply}");
+    assert!(
+        text.contains("Hello from the fake model"),
+        "{template}: {reply}"
+    );
     let requests: serde_json::Value = reqwest::get(format!("{log_url}/_fake/requests"))
         .await
         .expect("request log")
@@ -485,7 +511,52 @@ async fn a_real_harness_image_talks_to_the_fake_model_from_a_container() {
     let asked = requests.to_string();
     assert!(
         asked.contains("hello from a container"),
-        "the prompt reached the model: {asked}"
+        "{template}: the prompt reached the model: {asked}"
     );
     drop(serve);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_harness_image_talks_to_the_fake_model_from_a_container() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let required = std::env::var("SANDWARDEN_REQUIRE_DOCKER_HARNESS").as_deref() == Ok("1");
+    if image_or_skip(
+        &docker,
+        &format!("sandwarden/harness-opencode:{VERSION}"),
+        required,
+    )
+    .await
+    {
+        drive_image(&docker, "opencode").await;
+    }
+}
+
+/// The rest of the image matrix, by flag (`SANDWARDEN_DOCKER_MATRIX=1`, after
+/// `harness-images/build.sh` without names): every harness image against the fake model.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_image_matrix_runs_by_flag() {
+    if std::env::var("SANDWARDEN_DOCKER_MATRIX").as_deref() != Ok("1") {
+        eprintln!("\n*** SKIPPED: the image matrix runs with SANDWARDEN_DOCKER_MATRIX=1 ***\n");
+        return;
+    }
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    for template in ["claude-agent-sdk", "codex", "claude-code", "codex-tui"] {
+        if image_or_skip(
+            &docker,
+            &format!("sandwarden/harness-{template}:{VERSION}"),
+            true,
+        )
+        .await
+        {
+            eprintln!("image matrix: {template}");
+            drive_image(&docker, template).await;
+            eprintln!("image matrix: {template} passed");
+        }
+    }
 }
