@@ -64,6 +64,12 @@ pub enum Command {
     /// Point an agent CLI at the model in its environment (OPENAI_* or ANTHROPIC_*), then run it.
     /// The built-in templates use this; see docs/harnesses.md.
     Launch(crate::launch::LaunchArgs),
+    /// Write the CustomResourceDefinitions (generated from the Rust types) as YAML files.
+    Crd {
+        /// The directory to write them to (the repository keeps them in crds/).
+        #[arg(long, env = "SANDWARDEN_CRD_DIR", default_value = "crds")]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -269,5 +275,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(rt.block_on(crate::fake_model::run(args))?)
         }
         Command::Launch(args) => Ok(crate::launch::run(args)?),
+        Command::Crd { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            for (name, yaml) in crate::crd::crds()? {
+                let path = dir.join(name);
+                std::fs::write(&path, yaml)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
     }
 }
