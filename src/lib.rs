@@ -11,6 +11,7 @@ pub mod bench_docker;
 pub mod bench_serve;
 pub mod cli;
 pub mod client;
+pub mod controller;
 pub mod crd;
 pub mod echo_agent;
 pub mod event;
