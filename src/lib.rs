@@ -15,6 +15,7 @@ pub mod controller;
 pub mod crd;
 pub mod echo_agent;
 pub mod event;
+pub mod fake_kube;
 pub mod fake_model;
 pub mod harness;
 pub mod harness_client;

@@ -1,0 +1,420 @@
+//! An in-memory Kubernetes API server for tests and benchmarks: enough of the REST API for the
+//! controller and the claim path (get, list with label selectors, create, replace, merge and
+//! server-side-apply patches with `resourceVersion` preconditions, status subresources, delete),
+//! served to a real `kube::Client` through a tower service, with optional injected latency and a
+//! log of every write. No cluster exists on these machines; this stands in for one.
+//!
+//! It keeps objects as JSON and knows no schemas: it checks what the controller relies on
+//! (existence, conflicts, preconditions), not validation.
+
+use axum::body::Body;
+use axum::http::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Key = (String, String, String); // (collection path without namespace, namespace, name)
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<Key, Value>,
+    resource_version: u64,
+    writes: Vec<String>,
+}
+
+/// The fake API server; clones share one state.
+#[derive(Clone, Default)]
+pub struct FakeKube {
+    state: Arc<Mutex<State>>,
+    latency: Duration,
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response<Body> {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    respond(code, &body)
+}
+
+fn respond(code: StatusCode, body: &Value) -> Response<Body> {
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// A parsed request path.
+struct Target {
+    collection: String,
+    namespace: String,
+    name: Option<String>,
+    status: bool,
+}
+
+/// `/api/v1/namespaces/NS/PLURAL[/NAME[/status]]` or `/apis/G/V/namespaces/NS/PLURAL[/…]`.
+fn parse(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (prefix, rest) = match parts.first()? {
+        &"api" => (parts.get(..2)?.join("/"), parts.get(2..)?),
+        &"apis" => (parts.get(..3)?.join("/"), parts.get(3..)?),
+        _ => return None,
+    };
+    if rest.first()? != &"namespaces" {
+        return None;
+    }
+    let namespace = rest.get(1)?.to_string();
+    let plural = rest.get(2)?;
+    Some(Target {
+        collection: format!("{prefix}/{plural}"),
+        namespace,
+        name: rest.get(3).map(|s| s.to_string()),
+        status: rest.get(4) == Some(&"status"),
+    })
+}
+
+fn selector_matches(obj: &Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    selector.split(',').all(|term| match term.split_once('=') {
+        Some((k, v)) => obj["metadata"]["labels"][k.trim_end_matches('=')].as_str() == Some(v),
+        None => obj["metadata"]["labels"].get(term).is_some(),
+    })
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| {
+            url::form_urlencoded::parse(format!("v={v}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
+    })
+}
+
+impl FakeKube {
+    pub fn new() -> FakeKube {
+        FakeKube::default()
+    }
+
+    /// Every request waits this long first (a remote API server's round trip).
+    pub fn with_latency(mut self, latency: Duration) -> FakeKube {
+        self.latency = latency;
+        self
+    }
+
+    /// A `kube::Client` talking to this fake.
+    pub fn client(&self) -> kube::Client {
+        let me = self.clone();
+        let service = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let me = me.clone();
+            async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// The writes made so far, as `METHOD path` lines.
+    pub fn writes(&self) -> Vec<String> {
+        lock(&self.state).writes.clone()
+    }
+
+    /// An object by collection path (e.g. `api/v1/pods`), namespace and name.
+    pub fn object(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
+        lock(&self.state)
+            .objects
+            .get(&(collection.into(), namespace.into(), name.into()))
+            .cloned()
+    }
+
+    /// Puts an object as if another client had (status included), bypassing the API.
+    pub fn put(&self, collection: &str, mut object: Value) {
+        let mut s = lock(&self.state);
+        s.resource_version += 1;
+        let rv = s.resource_version.to_string();
+        object["metadata"]["resourceVersion"] = json!(rv);
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        s.objects.insert((collection.into(), ns, name), object);
+    }
+
+    /// Deletes an object as if another client had.
+    pub fn remove(&self, collection: &str, namespace: &str, name: &str) {
+        lock(&self.state)
+            .objects
+            .remove(&(collection.into(), namespace.into(), name.into()));
+    }
+
+    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Body> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::to_bytes(Body::new(body), 16 << 20).await {
+            Ok(b) => b,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+        };
+        let Some(target) = parse(parts.uri.path()) else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the fake API serves no {}", parts.uri.path()),
+            );
+        };
+        let query = parts.uri.query().unwrap_or_default();
+        let content_type = parts
+            .headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            match serde_json::from_slice(&bytes) {
+                Ok(v) => v,
+                Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+            }
+        };
+        let mut s = lock(&self.state);
+        if parts.method != Method::GET {
+            s.writes
+                .push(format!("{} {}", parts.method, parts.uri.path()));
+        }
+        let key = |name: &str| {
+            (
+                target.collection.clone(),
+                target.namespace.clone(),
+                name.to_string(),
+            )
+        };
+        match (&parts.method, &target.name) {
+            (&Method::GET, None) => {
+                let selector = query_param(query, "labelSelector");
+                let items: Vec<Value> = s
+                    .objects
+                    .iter()
+                    .filter(|((c, ns, _), o)| {
+                        c == &target.collection
+                            && ns == &target.namespace
+                            && selector_matches(o, selector.as_deref())
+                    })
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                let rv = s.resource_version.to_string();
+                respond(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": items}),
+                )
+            }
+            (&Method::GET, Some(name)) => match s.objects.get(&key(name)) {
+                Some(o) => respond(StatusCode::OK, o),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{name} not found"),
+                ),
+            },
+            (&Method::POST, None) => {
+                let name = body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if s.objects.contains_key(&key(&name)) {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "AlreadyExists",
+                        format!("{name} already exists"),
+                    );
+                }
+                let created = s.store(key(&name), body, None, true);
+                respond(StatusCode::CREATED, &created)
+            }
+            (&Method::PUT, Some(name)) => {
+                let Some(current) = s.objects.get(&key(name)).cloned() else {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        format!("{name} not found"),
+                    );
+                };
+                if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
+                    && current["metadata"]["resourceVersion"].as_str() != Some(rv)
+                {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        format!(
+                            "{name} was modified; the object has been changed since resourceVersion {rv}"
+                        ),
+                    );
+                }
+                let replaced = s.store(key(name), body, Some(&current), false);
+                respond(StatusCode::OK, &replaced)
+            }
+            (&Method::PATCH, Some(name)) => {
+                let current = s.objects.get(&key(name)).cloned();
+                let apply = content_type.starts_with("application/apply-patch");
+                if !apply && !content_type.starts_with("application/merge-patch") {
+                    return status(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        format!("the fake API takes merge and apply patches, not {content_type}"),
+                    );
+                }
+                let Some(mut object) = current.clone().or_else(|| apply.then(|| json!({}))) else {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        format!("{name} not found"),
+                    );
+                };
+                if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
+                    && object["metadata"]["resourceVersion"].as_str() != Some(rv)
+                {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        format!("{name}: the object has been modified since resourceVersion {rv}"),
+                    );
+                }
+                let mut patch = body;
+                if target.status {
+                    patch = json!({"status": patch["status"].clone()});
+                } else if let Some(obj) = patch.as_object_mut() {
+                    obj.remove("status");
+                }
+                merge(&mut object, &patch);
+                let created = current.is_none();
+                let stored = s.store(key(name), object, current.as_ref(), created);
+                respond(
+                    if created {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    },
+                    &stored,
+                )
+            }
+            (&Method::DELETE, Some(name)) => match s.objects.remove(&key(name)) {
+                Some(o) => respond(StatusCode::OK, &o),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{name} not found"),
+                ),
+            },
+            _ => status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("{} {}", parts.method, parts.uri.path()),
+            ),
+        }
+    }
+}
+
+impl State {
+    /// Stores `object` under `key` with server-set metadata, returning what was stored.
+    fn store(
+        &mut self,
+        key: Key,
+        mut object: Value,
+        previous: Option<&Value>,
+        created: bool,
+    ) -> Value {
+        self.resource_version += 1;
+        let meta = &mut object["metadata"];
+        meta["resourceVersion"] = json!(self.resource_version.to_string());
+        meta["namespace"] = json!(key.1);
+        meta["name"] = json!(key.2);
+        if created {
+            meta["uid"] = json!(format!("uid-{}", self.resource_version));
+            meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+            meta["generation"] = json!(1);
+        } else if let Some(prev) = previous {
+            for field in ["uid", "creationTimestamp"] {
+                meta[field] = prev["metadata"][field].clone();
+            }
+            let generation = prev["metadata"]["generation"].as_i64().unwrap_or(1);
+            let spec_changed = prev.get("spec") != object.get("spec");
+            object["metadata"]["generation"] = json!(generation + i64::from(spec_changed));
+        }
+        self.objects.insert(key, object.clone());
+        object
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+
+    #[tokio::test]
+    async fn create_get_patch_with_preconditions_and_delete() {
+        let fake = FakeKube::new();
+        let api: Api<ConfigMap> = Api::namespaced(fake.client(), "ns");
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some("a".into());
+        let created = api
+            .create(&PostParams::default(), &cm)
+            .await
+            .expect("create");
+        let rv = created.metadata.resource_version.clone().expect("rv");
+        assert!(
+            api.create(&PostParams::default(), &cm).await.is_err(),
+            "exists"
+        );
+        let patch = json!({"metadata": {"resourceVersion": rv}, "data": {"k": "v"}});
+        api.patch("a", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("first patch wins");
+        let stale = api
+            .patch("a", &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        assert!(
+            matches!(stale, Err(kube::Error::Api(e)) if e.code == 409),
+            "stale rv conflicts"
+        );
+        let got = api.get("a").await.expect("get");
+        assert_eq!(
+            got.data.and_then(|d| d.get("k").cloned()).as_deref(),
+            Some("v")
+        );
+        api.delete("a", &Default::default()).await.expect("delete");
+        assert!(api.get_opt("a").await.expect("get_opt").is_none());
+        assert_eq!(fake.writes().len(), 5);
+    }
+}
