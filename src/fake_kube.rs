@@ -79,9 +79,9 @@ struct Target {
 /// `/api/v1/namespaces/NS/PLURAL[/NAME[/status]]` or `/apis/G/V/namespaces/NS/PLURAL[/…]`.
 fn parse(path: &str) -> Option<Target> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (prefix, rest) = match parts.first()? {
-        &"api" => (parts.get(..2)?.join("/"), parts.get(2..)?),
-        &"apis" => (parts.get(..3)?.join("/"), parts.get(3..)?),
+    let (prefix, rest) = match *parts.first()? {
+        "api" => (parts.get(..2)?.join("/"), parts.get(2..)?),
+        "apis" => (parts.get(..3)?.join("/"), parts.get(3..)?),
         _ => return None,
     };
     if rest.first()? != &"namespaces" {
@@ -107,7 +107,7 @@ fn selector_matches(obj: &Value, selector: Option<&str>) -> bool {
     })
 }
 
-fn query_param<'a>(query: &'a str, key: &str) -> Option<String> {
+fn query_param(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == key).then(|| {
