@@ -5,6 +5,7 @@
 //! It must not know sessions: the API layer claims sandboxes; the controller only runs them.
 
 pub mod pod;
+pub mod sandbox;
 pub mod warm_pool;
 
 /// The field manager of every server-side apply the controller makes.
