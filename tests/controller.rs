@@ -172,3 +172,89 @@ async fn a_missing_template_fails_the_sandbox_and_a_past_shutdown_time_deletes_i
         vec!["DELETE /apis/sandwarden.dev/v1alpha1/namespaces/agents/sandboxes/sbx-1".to_string()]
     );
 }
+
+fn ready_sandbox(fake: &FakeKube, name: &str) {
+    let sandbox = Sandbox::new(
+        name,
+        SandboxSpec {
+            template_ref: TemplateRef {
+                name: "echo".into(),
+            },
+            env: Default::default(),
+            shutdown_time: None,
+        },
+    );
+    let mut s = serde_json::to_value(sandbox).expect("json");
+    s["metadata"]["namespace"] = json!(NS);
+    s["metadata"]["labels"] = json!({"sandwarden.dev/template": "echo"});
+    s["status"] = json!({"phase": "Ready", "endpoint": format!("http://{name}:7000")});
+    fake.put(SANDBOXES, s);
+}
+
+#[tokio::test]
+async fn concurrent_claimers_racing_for_one_sandbox_exactly_one_wins() {
+    use sandwarden::runtime::kubernetes::{candidates, claim};
+    let fake = FakeKube::new();
+    ready_sandbox(&fake, "only");
+    let api: Api<Sandbox> = Api::namespaced(fake.client(), NS);
+    // Both claimers saw the same cached candidate before either wrote.
+    let seen = candidates(&api, "echo").await.expect("candidates");
+    assert_eq!(seen.len(), 1);
+    let (a, b) = tokio::join!(
+        claim(&api, &seen, "ses_a", 0),
+        claim(&api, &seen, "ses_b", 0)
+    );
+    let (a, b) = (a.expect("claim a"), b.expect("claim b"));
+    assert_eq!(
+        [a.sandbox.is_some(), b.sandbox.is_some()]
+            .iter()
+            .filter(|w| **w)
+            .count(),
+        1,
+        "exactly one claimer wins"
+    );
+    assert_eq!(a.conflicts + b.conflicts, 1, "the loser saw one conflict");
+    let winner = if a.sandbox.is_some() {
+        "ses_a"
+    } else {
+        "ses_b"
+    };
+    let stored = fake.object(SANDBOXES, NS, "only").expect("sandbox");
+    assert_eq!(stored["status"]["claimedBy"], winner);
+    assert!(
+        candidates(&api, "echo")
+            .await
+            .expect("candidates")
+            .is_empty()
+    );
+
+    // With several candidates, racing claimers starting at different points all win, one write each.
+    for n in 0..3 {
+        ready_sandbox(&fake, &format!("pool-{n}"));
+    }
+    let seen = candidates(&api, "echo").await.expect("candidates");
+    let writes_before = fake.writes().len();
+    let (x, y, z) = tokio::join!(
+        claim(&api, &seen, "ses_x", 0),
+        claim(&api, &seen, "ses_y", 1),
+        claim(&api, &seen, "ses_z", 2)
+    );
+    let won: Vec<String> = [x, y, z]
+        .into_iter()
+        .map(|c| {
+            c.expect("claim")
+                .sandbox
+                .and_then(|s| s.metadata.name)
+                .expect("won")
+        })
+        .collect();
+    let mut distinct = won.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{won:?}");
+    assert_eq!(
+        fake.writes().len() - writes_before,
+        3,
+        "one write per claim"
+    );
+}

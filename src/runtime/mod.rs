@@ -4,6 +4,7 @@
 //! A runtime knows templates and processes (or containers, Pods); it must not know sessions.
 
 pub mod docker;
+pub mod kubernetes;
 pub mod local;
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit};
