@@ -47,6 +47,9 @@ pub enum Scenario {
     /// Container sandboxes (`serve --runtime docker`, engine from DOCKER_HOST) against local
     /// processes: claims, cold starts, message and terminal latency, memory per sandbox.
     Docker,
+    /// Kubernetes claims: a burst of concurrent claimers draining a warm pool on the in-memory
+    /// API server with injected latency.
+    Claims,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -54,6 +57,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Harness => (harness(&args).await?, "harness"),
         Scenario::Serve => (crate::bench_serve::run(&args).await?, "serve"),
         Scenario::Docker => (crate::bench_docker::run(&args).await?, "docker"),
+        Scenario::Claims => (crate::bench_claims::run(&args).await?, "claims"),
     };
     println!("{report}");
     if let Some(path) = &args.write {

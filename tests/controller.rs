@@ -193,16 +193,18 @@ fn ready_sandbox(fake: &FakeKube, name: &str) {
 
 #[tokio::test]
 async fn concurrent_claimers_racing_for_one_sandbox_exactly_one_wins() {
-    use sandwarden::runtime::kubernetes::{candidates, claim};
+    use sandwarden::runtime::kubernetes::{Reservations, candidates, claim};
     let fake = FakeKube::new();
     ready_sandbox(&fake, "only");
     let api: Api<Sandbox> = Api::namespaced(fake.client(), NS);
     // Both claimers saw the same cached candidate before either wrote.
     let seen = candidates(&api, "echo").await.expect("candidates");
     assert_eq!(seen.len(), 1);
+    // Two replicas (their own reservations): the race reaches the API, whose precondition decides.
+    let (replica_a, replica_b) = (Reservations::default(), Reservations::default());
     let (a, b) = tokio::join!(
-        claim(&api, &seen, "ses_a", 0),
-        claim(&api, &seen, "ses_b", 0)
+        claim(&api, &seen, "ses_a", 0, &replica_a),
+        claim(&api, &seen, "ses_b", 0, &replica_b)
     );
     let (a, b) = (a.expect("claim a"), b.expect("claim b"));
     assert_eq!(
@@ -228,16 +230,17 @@ async fn concurrent_claimers_racing_for_one_sandbox_exactly_one_wins() {
             .is_empty()
     );
 
-    // With several candidates, racing claimers starting at different points all win, one write each.
+    // Claimers of one server never collide, even starting at the same candidate: one write each.
     for n in 0..3 {
         ready_sandbox(&fake, &format!("pool-{n}"));
     }
     let seen = candidates(&api, "echo").await.expect("candidates");
     let writes_before = fake.writes().len();
+    let book = Reservations::default();
     let (x, y, z) = tokio::join!(
-        claim(&api, &seen, "ses_x", 0),
-        claim(&api, &seen, "ses_y", 1),
-        claim(&api, &seen, "ses_z", 2)
+        claim(&api, &seen, "ses_x", 0, &book),
+        claim(&api, &seen, "ses_y", 0, &book),
+        claim(&api, &seen, "ses_z", 0, &book)
     );
     let won: Vec<String> = [x, y, z]
         .into_iter()

@@ -83,24 +83,22 @@ pub fn counts(members: &[Member]) -> (i32, i32) {
     )
 }
 
-/// The order in which a claimer tries ready, unclaimed sandboxes: a rotation of the candidates
-/// starting at `seed` (random per claim), so concurrent claimers rarely race for the same one and
-/// the loser of a race simply tries the next.
+/// The order in which a claimer tries ready, unclaimed sandboxes: a permutation drawn from `seed`
+/// (random per claim), so concurrent claimers spread over the pool instead of walking the same
+/// sequence, and the loser of a race lands somewhere else next.
 pub fn claim_order(members: &[Member], seed: usize) -> Vec<&str> {
-    let ready: Vec<&str> = members
+    use std::hash::{Hash, Hasher};
+    let mut ready: Vec<(u64, &str)> = members
         .iter()
         .filter(|m| m.ready && !m.claimed && !m.deleting)
-        .map(|m| m.name.as_str())
+        .map(|m| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (seed, &m.name).hash(&mut h);
+            (h.finish(), m.name.as_str())
+        })
         .collect();
-    if ready.is_empty() {
-        return ready;
-    }
-    let start = seed % ready.len();
-    ready[start..]
-        .iter()
-        .chain(&ready[..start])
-        .copied()
-        .collect()
+    ready.sort_unstable();
+    ready.into_iter().map(|(_, name)| name).collect()
 }
 
 #[cfg(test)]
@@ -161,8 +159,21 @@ mod tests {
             m("d", true, false),
         ];
         assert_eq!(counts(&members), (3, 2));
-        assert_eq!(claim_order(&members, 0), vec!["a", "d"]);
-        assert_eq!(claim_order(&members, 1), vec!["d", "a"]);
+        let mut order = claim_order(&members, 0);
+        assert_eq!(
+            order,
+            claim_order(&members, 0),
+            "the same seed, the same order"
+        );
+        order.sort();
+        assert_eq!(order, vec!["a", "d"], "only ready, unclaimed ones");
         assert!(claim_order(&[m("c", true, true)], 5).is_empty());
+        let many: Vec<Member> = (0..50).map(|i| m(&format!("s{i}"), true, false)).collect();
+        let firsts: std::collections::BTreeSet<&str> =
+            (0..20).map(|seed| claim_order(&many, seed)[0]).collect();
+        assert!(
+            firsts.len() > 10,
+            "seeds spread claimers over the pool: {firsts:?}"
+        );
     }
 }

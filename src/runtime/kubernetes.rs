@@ -6,6 +6,33 @@
 use crate::controller::warm_pool::{Member, claim_order};
 use crate::crd::Sandbox;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+/// The sandboxes this server is claiming right now. Claims from one server never race each other:
+/// a claimer reserves a candidate here before its write, and others skip it. The write's
+/// `resourceVersion` precondition still guards against other servers (replicas).
+#[derive(Debug, Clone, Default)]
+pub struct Reservations(Arc<Mutex<HashSet<String>>>);
+
+impl Reservations {
+    fn take(&self, name: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string())
+    }
+
+    fn release(&self, name: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+}
+
+/// Candidates tried per claim: past that the caller's cache is stale and should be read again.
+const TRIES: usize = 3;
 
 /// A claim's result: the sandbox won (if any) and how many races were lost on the way.
 #[derive(Debug)]
@@ -40,33 +67,44 @@ pub async fn candidates(api: &Api<Sandbox>, template: &str) -> Result<Vec<Sandbo
         .collect())
 }
 
-/// Claims one of `candidates` for `claimer`: tries them in a rotation starting at `seed` (random
-/// per claim), each with one status patch carrying the `resourceVersion` it was seen at. A
-/// conflict means another claimer won that one (or it changed), so the next is tried; one write
-/// per claim when nobody races.
+/// Claims one of `candidates` for `claimer`: tries up to three of them in an order drawn from
+/// `seed` (random per claim), skipping those another claimer of this server has reserved, each
+/// with one status patch carrying the `resourceVersion` it was seen at. A conflict means another
+/// server won that one (or it changed), so another is tried; after three the caller reads its
+/// cache again. One write per claim when servers do not collide.
 pub async fn claim(
     api: &Api<Sandbox>,
     candidates: &[Sandbox],
     claimer: &str,
     seed: usize,
+    reservations: &Reservations,
 ) -> Result<Claimed, kube::Error> {
     let members: Vec<Member> = candidates.iter().map(member).collect();
     let mut conflicts = 0;
+    let mut tried = 0;
     for name in claim_order(&members, seed) {
+        if tried == TRIES {
+            break;
+        }
         let Some(seen) = candidates
             .iter()
             .find(|s| s.metadata.name.as_deref() == Some(name))
         else {
             continue;
         };
+        if !reservations.take(name) {
+            continue;
+        }
+        tried += 1;
         let patch = serde_json::json!({
             "metadata": { "resourceVersion": seen.metadata.resource_version },
             "status": { "claimedBy": claimer },
         });
-        match api
+        let written = api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+            .await;
+        reservations.release(name);
+        match written {
             Ok(won) => {
                 return Ok(Claimed {
                     sandbox: Some(won),
