@@ -167,18 +167,24 @@ fn serve_with(templates: &[crate::runtime::Template], path: &str) -> anyhow::Res
 }
 
 async fn wait_session(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<()> {
-    let v: Value = http
-        .get(format!(
-            "{base}/v1/sessions/{id}?wait=true&timeout={}",
-            LIMIT.as_secs()
-        ))
-        .bearer_auth(KEY)
-        .send()
-        .await?
-        .json()
-        .await?;
-    anyhow::ensure!(v["status"] == "ready", "session did not become ready: {v}");
-    Ok(())
+    // The API waits at most 60 s per call; ask again until LIMIT.
+    let t0 = Instant::now();
+    loop {
+        let v: Value = http
+            .get(format!("{base}/v1/sessions/{id}?wait=true&timeout=60"))
+            .bearer_auth(KEY)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if v["status"] == "ready" {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            v["status"] == "creating" && t0.elapsed() < LIMIT,
+            "session did not become ready: {v}"
+        );
+    }
 }
 
 async fn delete_session(http: &reqwest::Client, base: &str, id: &str) {
@@ -507,15 +513,37 @@ async fn acp(
     Ok(v["result"].clone())
 }
 
-/// RSS of every descendant of `pid` (the agent processes), in KiB.
+/// RSS of every descendant of `pid` (the agent processes), in KiB. Found by parent id: a
+/// thread's `children` file lists only what that one thread spawned.
 fn descendants_rss_kib(pid: u32) -> u64 {
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    children
-        .split_whitespace()
-        .filter_map(|c| c.parse::<u32>().ok())
-        .map(|c| crate::procfs::rss_kib(c) + descendants_rss_kib(c))
-        .sum()
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut family = vec![pid];
+    let mut total = 0;
+    while let Some(parent) = family.pop() {
+        for &p in &pids {
+            if parent_of(p) == Some(parent) {
+                total += crate::procfs::rss_kib(p);
+                family.push(p);
+            }
+        }
+    }
+    total
 }
 
 fn secs(us: u64) -> String {
