@@ -608,8 +608,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         .build()?;
     let (_fake_guard, fake) = start_fake_model()?;
 
+    let peer_flag = args
+        .sandbox_agent
+        .as_ref()
+        .map(|p| format!(" --sandbox-agent {}", p.display()))
+        .unwrap_or_default();
     let mut out = format!(
-        "Command: `sandwarden bench harnesses --cold-starts {} --warm-claims {} --turns {}` \
+        "Command: `sandwarden bench harnesses --cold-starts {} --warm-claims {} --turns {}{peer_flag}` \
          (release build, run from the project root after scripts/install-harnesses; sandbox-agent \
          from npm `{PEER_PACKAGE}`). CLIs: {}. Model: `sandwarden fake-model` on loopback. \
          Machine: {}.\n\n",
