@@ -33,6 +33,19 @@ pub struct BenchArgs {
     /// Bytes the program writes in each throughput run.
     #[arg(long, env = "SANDWARDEN_BENCH_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub bytes: u64,
+    /// Cold starts per agent CLI (`bench harnesses`; each boots the CLI, seconds apiece).
+    #[arg(long, env = "SANDWARDEN_BENCH_COLD_STARTS", default_value_t = 5)]
+    pub cold_starts: usize,
+    /// Warm claims per agent CLI (`bench harnesses`; a pause between claims lets the pool refill).
+    #[arg(long, env = "SANDWARDEN_BENCH_WARM_CLAIMS", default_value_t = 8)]
+    pub warm_claims: usize,
+    /// Turns per path in the sandwarden vs sandbox-agent comparison (`bench harnesses`).
+    #[arg(long, env = "SANDWARDEN_BENCH_TURNS", default_value_t = 20)]
+    pub turns: usize,
+    /// The peer's `sandbox-agent` binary (`bench harnesses`); else PATH, else an npm install of
+    /// @sandbox-agent/cli-linux-x64 into a scratch prefix under the temp dir.
+    #[arg(long, env = "SANDWARDEN_BENCH_SANDBOX_AGENT")]
+    pub sandbox_agent: Option<PathBuf>,
     /// Replace the harness section of this Markdown file with the results (e.g. docs/benchmarks.md).
     #[arg(long, env = "SANDWARDEN_BENCH_WRITE")]
     pub write: Option<PathBuf>,
@@ -50,6 +63,10 @@ pub enum Scenario {
     /// Kubernetes claims: a burst of concurrent claimers draining a warm pool on the in-memory
     /// API server with injected latency.
     Claims,
+    /// The real agent CLIs (opencode, claude-agent-sdk, codex) against the fake model: cold
+    /// starts, warm claim → first event, turns; one opencode ACP turn through sandwarden vs the
+    /// peer sandbox-agent.
+    Harnesses,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -58,6 +75,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Serve => (crate::bench_serve::run(&args).await?, "serve"),
         Scenario::Docker => (crate::bench_docker::run(&args).await?, "docker"),
         Scenario::Claims => (crate::bench_claims::run(&args).await?, "claims"),
+        Scenario::Harnesses => (crate::bench_harnesses::run(&args).await?, "harnesses"),
     };
     println!("{report}");
     if let Some(path) = &args.write {
@@ -83,12 +101,21 @@ impl Drop for Started {
 }
 
 pub(crate) fn start_harness(args: &[&str]) -> anyhow::Result<Started> {
+    start_harness_with_env(args, &[])
+}
+
+/// `start_harness` with extra environment for the harness and its agent.
+pub(crate) fn start_harness_with_env(
+    args: &[&str],
+    env: &[(String, String)],
+) -> anyhow::Result<Started> {
     let me = std::env::current_exe().context("finding this binary")?;
     let t0 = Instant::now();
     let mut child = Command::new(me)
         .arg("harness")
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("SANDWARDEN_TOKEN", TOKEN)
         .env("SANDWARDEN_LOG", "warn")
         .stdin(Stdio::null())

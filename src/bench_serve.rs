@@ -47,6 +47,16 @@ pub(crate) fn start_serve_with(
     runtime: &str,
     templates_json: &str,
 ) -> anyhow::Result<Serve> {
+    start_serve_env(pool, runtime, templates_json, &[])
+}
+
+/// `start_serve_with` plus extra environment for `serve` and the sandboxes it starts.
+pub(crate) fn start_serve_env(
+    pool: usize,
+    runtime: &str,
+    templates_json: &str,
+    env: &[(String, String)],
+) -> anyhow::Result<Serve> {
     let dir = std::env::temp_dir().join(format!(
         "sandwarden-bench-{}",
         uuid::Uuid::new_v4().simple()
@@ -68,6 +78,7 @@ pub(crate) fn start_serve_with(
         .arg(&dir)
         .arg("--templates")
         .arg(&templates)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("SANDWARDEN_API_KEY", KEY)
         .env("SANDWARDEN_LOG", "warn")
         .stdout(Stdio::piped())
