@@ -22,8 +22,16 @@ fn setup(template: bool) -> FakeKube {
         t["metadata"]["namespace"] = json!(NS);
         fake.put("apis/sandwarden.dev/v1alpha1/sandboxtemplates", t);
     }
+    let mut s = sandbox_json("sbx-1");
+    s["metadata"]["uid"] = json!("uid-sbx-1");
+    fake.put(SANDBOXES, s);
+    fake
+}
+
+/// A Sandbox of the `echo` template in the test namespace, as JSON.
+fn sandbox_json(name: &str) -> Value {
     let sandbox = Sandbox::new(
-        "sbx-1",
+        name,
         SandboxSpec {
             template_ref: TemplateRef {
                 name: "echo".into(),
@@ -34,9 +42,7 @@ fn setup(template: bool) -> FakeKube {
     );
     let mut s = serde_json::to_value(sandbox).expect("json");
     s["metadata"]["namespace"] = json!(NS);
-    s["metadata"]["uid"] = json!("uid-sbx-1");
-    fake.put(SANDBOXES, s);
-    fake
+    s
 }
 
 /// One pass on the sandbox as stored now; returns the writes it made.
@@ -174,18 +180,7 @@ async fn a_missing_template_fails_the_sandbox_and_a_past_shutdown_time_deletes_i
 }
 
 fn ready_sandbox(fake: &FakeKube, name: &str) {
-    let sandbox = Sandbox::new(
-        name,
-        SandboxSpec {
-            template_ref: TemplateRef {
-                name: "echo".into(),
-            },
-            env: Default::default(),
-            shutdown_time: None,
-        },
-    );
-    let mut s = serde_json::to_value(sandbox).expect("json");
-    s["metadata"]["namespace"] = json!(NS);
+    let mut s = sandbox_json(name);
     s["metadata"]["labels"] = json!({"sandwarden.dev/template": "echo"});
     s["status"] = json!({"phase": "Ready", "endpoint": format!("http://{name}:7000")});
     fake.put(SANDBOXES, s);

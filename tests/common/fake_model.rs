@@ -1,7 +1,6 @@
 //! A real `sandwarden fake-model` process on 127.0.0.1:0, for tests that drive model clients.
 
 use std::process::{Child, Command};
-use std::time::Duration;
 
 pub struct FakeModel {
     child: Child,
@@ -40,14 +39,6 @@ impl FakeModel {
 
 impl Drop for FakeModel {
     fn drop(&mut self) {
-        super::signal(self.child.id() as i32, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::terminate(&mut self.child);
     }
 }

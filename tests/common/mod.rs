@@ -111,19 +111,25 @@ impl Harness {
     }
 }
 
+/// SIGTERM, a bounded wait (2 s), then SIGKILL.
+pub fn terminate(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    signal(child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for Harness {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            signal(self.pid(), nix::sys::signal::Signal::SIGTERM);
-            for _ in 0..100 {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        terminate(&mut self.child);
     }
 }
 
