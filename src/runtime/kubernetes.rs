@@ -16,18 +16,33 @@ use std::sync::{Arc, Mutex};
 pub struct Reservations(Arc<Mutex<HashSet<String>>>);
 
 impl Reservations {
-    fn take(&self, name: &str) -> bool {
-        self.0
+    /// Reserves `name` unless another claimer holds it; released when the guard drops (also when
+    /// a claim is abandoned midway).
+    fn take(&self, name: &str) -> Option<Reserved<'_>> {
+        let fresh = self
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string())
+            .insert(name.to_string());
+        fresh.then(|| Reserved {
+            book: self,
+            name: name.to_string(),
+        })
     }
+}
 
-    fn release(&self, name: &str) {
-        self.0
+struct Reserved<'a> {
+    book: &'a Reservations,
+    name: String,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.book
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+            .remove(&self.name);
     }
 }
 
@@ -92,9 +107,9 @@ pub async fn claim(
         else {
             continue;
         };
-        if !reservations.take(name) {
+        let Some(reserved) = reservations.take(name) else {
             continue;
-        }
+        };
         tried += 1;
         let patch = serde_json::json!({
             "metadata": { "resourceVersion": seen.metadata.resource_version },
@@ -103,7 +118,7 @@ pub async fn claim(
         let written = api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await;
-        reservations.release(name);
+        drop(reserved);
         match written {
             Ok(won) => {
                 return Ok(Claimed {
