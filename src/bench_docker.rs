@@ -4,7 +4,9 @@
 //! Needs a container engine (`DOCKER_HOST`) and the images `harness-images/build.sh base echo shell`.
 
 use crate::bench::{Ws, drain_ws, fmt_us, histogram, machine_line, row, ws_round_trip};
-use crate::bench_serve::{KEY, Serve, create, start_serve_with, wait_ready_session};
+use crate::bench_serve::{
+    KEY, Serve, create, delete_session, start_serve_with, unary_turn, wait_ready_session,
+};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -29,25 +31,12 @@ fn templates(docker: bool) -> String {
 
 async fn delete(http: &reqwest::Client, serve: &Serve, ids: &[String]) {
     for id in ids {
-        let _ = http
-            .delete(format!("{}/v1/sessions/{id}", serve.base))
-            .bearer_auth(KEY)
-            .send()
-            .await;
+        delete_session(http, &serve.base, id).await;
     }
 }
 
 async fn unary(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<u64> {
-    let t0 = Instant::now();
-    let r = http
-        .post(format!("{base}/v1/sessions/{id}/messages"))
-        .bearer_auth(KEY)
-        .json(&json!({"text": "ping"}))
-        .send()
-        .await?;
-    anyhow::ensure!(r.status().is_success(), "message failed: {}", r.status());
-    r.bytes().await?;
-    Ok(t0.elapsed().as_micros() as u64)
+    Ok(unary_turn(http, base, id, "ping").await?.0)
 }
 
 async fn attach(base: &str, id: &str) -> anyhow::Result<Ws> {

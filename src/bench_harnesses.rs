@@ -8,7 +8,9 @@
 //! benchmark fails and says how to install it; it never reports figures it did not measure.
 
 use crate::bench::{BenchArgs, TOKEN, histogram, machine_line, start_harness_with_env, wait_ready};
-use crate::bench_serve::{KEY, Serve, create, start_serve_env};
+use crate::bench_serve::{
+    KEY, Serve, create, delete_session, start_serve_env, unary_turn, wait_ready_session,
+};
 use crate::harness_client::HarnessClient;
 use anyhow::Context;
 use futures::StreamExt;
@@ -166,35 +168,6 @@ fn serve_with(templates: &[crate::runtime::Template], path: &str) -> anyhow::Res
     )
 }
 
-async fn wait_session(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<()> {
-    // The API waits at most 60 s per call; ask again until LIMIT.
-    let t0 = Instant::now();
-    loop {
-        let v: Value = http
-            .get(format!("{base}/v1/sessions/{id}?wait=true&timeout=60"))
-            .bearer_auth(KEY)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if v["status"] == "ready" {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            v["status"] == "creating" && t0.elapsed() < LIMIT,
-            "session did not become ready: {v}"
-        );
-    }
-}
-
-async fn delete_session(http: &reqwest::Client, base: &str, id: &str) {
-    let _ = http
-        .delete(format!("{base}/v1/sessions/{id}"))
-        .bearer_auth(KEY)
-        .send()
-        .await;
-}
-
 /// Times of one streamed turn, in microseconds from the POST.
 struct Streamed {
     first_event: u64,
@@ -241,23 +214,15 @@ async fn streamed_turn(
     anyhow::bail!("the event stream ended before `done`")
 }
 
-async fn unary_turn(
+/// A unary turn that must be the fake model's answer; returns its time.
+async fn model_turn(
     http: &reqwest::Client,
     base: &str,
     id: &str,
     text: &str,
 ) -> anyhow::Result<u64> {
-    let t0 = Instant::now();
-    let r = http
-        .post(format!("{base}/v1/sessions/{id}/messages"))
-        .bearer_auth(KEY)
-        .json(&json!({"text": text}))
-        .send()
-        .await?;
-    let status = r.status();
-    let v: Value = r.json().await?;
-    let took = t0.elapsed().as_micros() as u64;
-    anyhow::ensure!(status.is_success(), "message failed: {status} {v}");
+    let (took, body) = unary_turn(http, base, id, text).await?;
+    let v: Value = serde_json::from_slice(&body)?;
     anyhow::ensure!(
         v["text"]
             .as_str()
@@ -297,7 +262,7 @@ async fn measure_harness(
             .as_str()
             .with_context(|| format!("{h}: create failed: {s}"))?
             .to_string();
-        wait_session(http, &serve.base, &id)
+        wait_ready_session(http, &serve.base, &id)
             .await
             .with_context(|| format!("{h}: cold start"))?;
         cold.record(t0.elapsed().as_micros() as u64)?;
@@ -677,7 +642,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         .as_str()
         .with_context(|| format!("create: {s}"))?
         .to_string();
-    wait_session(&http, &serve.base, &sid).await?;
+    wait_ready_session(&http, &serve.base, &sid).await?;
 
     let home = scratch_dir("peer-home")?;
     let env = peer_env(&fake, &path, &home)?;
@@ -740,18 +705,18 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     };
     // Warm-up: both sessions past their first turn (title request, first-turn setup).
     for i in 0..2 {
-        unary_turn(&http, &serve.base, &sid, &format!("warm-up {i}")).await?;
+        model_turn(&http, &serve.base, &sid, &format!("warm-up {i}")).await?;
         peer_turn(next(), format!("warm-up {i}")).await?;
     }
     let (mut ours, mut theirs) = (histogram()?, histogram()?);
     for i in 0..args.turns {
         let text = format!("measured words {i}");
         if i % 2 == 0 {
-            ours.record(unary_turn(&http, &serve.base, &sid, &text).await?)?;
+            ours.record(model_turn(&http, &serve.base, &sid, &text).await?)?;
             theirs.record(peer_turn(next(), text).await?)?;
         } else {
             theirs.record(peer_turn(next(), text.clone()).await?)?;
-            ours.record(unary_turn(&http, &serve.base, &sid, &text).await?)?;
+            ours.record(model_turn(&http, &serve.base, &sid, &text).await?)?;
         }
     }
     let peer_pid = peer.guard.child.id();

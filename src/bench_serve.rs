@@ -108,20 +108,67 @@ pub(crate) async fn create(
     Ok(v)
 }
 
+/// Longest wait for a session to become ready (agent CLIs take seconds to boot).
+const READY_LIMIT: Duration = Duration::from_secs(120);
+
+/// Long-polls a session until it is ready; the API waits at most 60 s per call, so this asks
+/// again while it is still `creating`, up to `READY_LIMIT`.
 pub(crate) async fn wait_ready_session(
     http: &reqwest::Client,
     base: &str,
     id: &str,
 ) -> anyhow::Result<()> {
-    let v: serde_json::Value = http
-        .get(format!("{base}/v1/sessions/{id}?wait=true&timeout=30"))
+    let t0 = Instant::now();
+    loop {
+        let v: serde_json::Value = http
+            .get(format!("{base}/v1/sessions/{id}?wait=true&timeout=60"))
+            .bearer_auth(KEY)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if v["status"] == "ready" {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            v["status"] == "creating" && t0.elapsed() < READY_LIMIT,
+            "session did not become ready: {v}"
+        );
+    }
+}
+
+/// Deletes a session (best effort: benchmarks clean up what they made).
+pub(crate) async fn delete_session(http: &reqwest::Client, base: &str, id: &str) {
+    let _ = http
+        .delete(format!("{base}/v1/sessions/{id}"))
         .bearer_auth(KEY)
         .send()
-        .await?
-        .json()
+        .await;
+}
+
+/// One unary message: the time from the POST to the whole reply, and the reply.
+pub(crate) async fn unary_turn(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    text: &str,
+) -> anyhow::Result<(u64, bytes::Bytes)> {
+    let t0 = Instant::now();
+    let r = http
+        .post(format!("{base}/v1/sessions/{id}/messages"))
+        .bearer_auth(KEY)
+        .json(&json!({ "text": text }))
+        .send()
         .await?;
-    anyhow::ensure!(v["status"] == "ready", "session did not become ready: {v}");
-    Ok(())
+    let status = r.status();
+    let body = r.bytes().await?;
+    let took = t0.elapsed().as_micros() as u64;
+    anyhow::ensure!(
+        status.is_success(),
+        "message failed: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok((took, body))
 }
 
 /// Reads an SSE response until the event `until`, returning the time to the first event.
@@ -160,7 +207,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     wait_ready_session(&http, &serve.base, &sid).await?;
 
     let body_direct = json!({"parts": [{"type": "text", "text": "ping"}]});
-    let body_unary = json!({"text": "ping"});
     let body_stream = json!({"text": "ping", "stream": true});
     let (mut d_full, mut s_unary) = (histogram()?, histogram()?);
     let (mut d_first, mut s_first) = (histogram()?, histogram()?);
@@ -173,13 +219,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             .send()
             .await?;
         read_sse(r, Instant::now(), "done").await?;
-        http.post(format!("{}/v1/sessions/{sid}/messages", serve.base))
-            .bearer_auth(KEY)
-            .json(&body_unary)
-            .send()
-            .await?
-            .bytes()
-            .await?;
+        unary_turn(&http, &serve.base, &sid, "ping").await?;
     }
     let block = 20;
     let mut done = 0;
@@ -197,16 +237,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             d_first.record(first)?;
         }
         for _ in 0..block {
-            let t0 = Instant::now();
-            let r = http
-                .post(format!("{}/v1/sessions/{sid}/messages", serve.base))
-                .bearer_auth(KEY)
-                .json(&body_unary)
-                .send()
-                .await?;
-            anyhow::ensure!(r.status().is_success(), "message failed: {}", r.status());
-            r.bytes().await?;
-            s_unary.record(t0.elapsed().as_micros() as u64)?;
+            s_unary.record(unary_turn(&http, &serve.base, &sid, "ping").await?.0)?;
         }
         for _ in 0..block {
             let t0 = Instant::now();
