@@ -52,6 +52,19 @@ fn respond(code: StatusCode, body: &Value) -> Response<Body> {
     resp
 }
 
+/// A 409 when `body` names a `resourceVersion` other than the stored object's (optimistic
+/// concurrency, as the real API server does for updates and patches).
+fn stale(name: &str, current: &Value, body: &Value) -> Option<Response<Body>> {
+    let rv = body["metadata"]["resourceVersion"].as_str()?;
+    (current["metadata"]["resourceVersion"].as_str() != Some(rv)).then(|| {
+        status(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!("{name}: the object has been modified since resourceVersion {rv}"),
+        )
+    })
+}
+
 /// RFC 7386 JSON merge patch.
 fn merge(target: &mut Value, patch: &Value) {
     match (target, patch) {
@@ -270,16 +283,8 @@ impl FakeKube {
                         format!("{name} not found"),
                     );
                 };
-                if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
-                    && current["metadata"]["resourceVersion"].as_str() != Some(rv)
-                {
-                    return status(
-                        StatusCode::CONFLICT,
-                        "Conflict",
-                        format!(
-                            "{name} was modified; the object has been changed since resourceVersion {rv}"
-                        ),
-                    );
+                if let Some(stale) = stale(name, &current, &body) {
+                    return stale;
                 }
                 let replaced = s.store(key(name), body, Some(&current), false);
                 respond(StatusCode::OK, &replaced)
@@ -301,14 +306,8 @@ impl FakeKube {
                         format!("{name} not found"),
                     );
                 };
-                if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
-                    && object["metadata"]["resourceVersion"].as_str() != Some(rv)
-                {
-                    return status(
-                        StatusCode::CONFLICT,
-                        "Conflict",
-                        format!("{name}: the object has been modified since resourceVersion {rv}"),
-                    );
+                if let Some(stale) = stale(name, &object, &body) {
+                    return stale;
                 }
                 let mut patch = body;
                 if target.status {
