@@ -842,7 +842,10 @@ fn answer(batch: Vec<Write>, result: &Result<Vec<sqlx::sqlite::SqliteRow>, Strin
             Write::Begin(b, tx) => {
                 let session = result.as_ref().map(|rows| {
                     rows.iter()
-                        .find(|r| r.get::<String, _>("id") == b.turn.session_id)
+                        .find(|r| {
+                            r.try_get::<&str, _>("id")
+                                .is_ok_and(|id| id == b.turn.session_id)
+                        })
                         .map(Store::session_from)
                 });
                 let _ = tx.send(session.map_err(Clone::clone));
