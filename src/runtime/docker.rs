@@ -142,25 +142,7 @@ impl DockerRuntime {
             "SANDWARDEN_LOG={}",
             std::env::var("SANDWARDEN_SANDBOX_LOG").unwrap_or_else(|_| "warn".into())
         ));
-        let cmd = vec![
-            "harness".to_string(),
-            "--listen".into(),
-            format!("0.0.0.0:{HARNESS_PORT}"),
-            "--kind".into(),
-            t.kind.clone(),
-            if t.kind == "api" {
-                "--agent".into()
-            } else {
-                "--command".into()
-            },
-            t.command.clone(),
-            "--workdir".into(),
-            WORKDIR.into(),
-            "--start".into(),
-            t.start.clone(),
-            "--turn-timeout".into(),
-            t.turn_timeout_s.to_string(),
-        ];
+        let cmd = t.harness_args(&format!("0.0.0.0:{HARNESS_PORT}"), WORKDIR);
         let memory = i64::try_from(c.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
         ContainerCreateBody {
             image: Some(t.image()),

@@ -162,19 +162,13 @@ impl Runtime for LocalRuntime {
         let home = self.homes.join(id);
         std::fs::create_dir_all(&home)?;
         let mut cmd = self.command(&workdir, &home)?;
-        cmd.arg("harness")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--kind", &t.kind])
-            .arg(if t.kind == "api" {
-                "--agent"
-            } else {
-                "--command"
-            })
-            .arg(&t.command)
-            .arg("--workdir")
-            .arg(&workdir)
-            .args(["--start", &t.start])
-            .args(["--turn-timeout", &t.turn_timeout_s.to_string()])
+        let workdir_str = workdir.to_str().ok_or_else(|| {
+            RuntimeError::Start(format!(
+                "the sandbox directory {} is not valid UTF-8; choose a --data-dir with a UTF-8 path",
+                workdir.display()
+            ))
+        })?;
+        cmd.args(t.harness_args("127.0.0.1:0", workdir_str))
             .env_clear()
             .envs(std::env::vars().filter(|(k, _)| {
                 !k.starts_with("SANDWARDEN_") && !RELOCATING_VARS.contains(&k.as_str())

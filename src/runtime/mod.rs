@@ -84,6 +84,33 @@ impl Default for ContainerSpec {
 }
 
 impl Template {
+    /// The `sandwarden harness` arguments that run this template, listening on `listen` with
+    /// `workdir` as the working directory (every runtime starts the same command line).
+    pub fn harness_args(&self, listen: &str, workdir: &str) -> Vec<String> {
+        let agent_or_command = if self.kind == "api" {
+            "--agent"
+        } else {
+            "--command"
+        };
+        [
+            "harness",
+            "--listen",
+            listen,
+            "--kind",
+            &self.kind,
+            agent_or_command,
+            &self.command,
+            "--workdir",
+            workdir,
+            "--start",
+            &self.start,
+            "--turn-timeout",
+            &self.turn_timeout_s.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// The image the docker runtime starts for this template.
     pub fn image(&self) -> String {
         self.container.image.clone().unwrap_or_else(|| {
