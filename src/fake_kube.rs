@@ -1,8 +1,10 @@
 //! An in-memory Kubernetes API server for tests and benchmarks: enough of the REST API for the
-//! controller and the claim path (get, list with label selectors, create, replace, merge and
-//! server-side-apply patches with `resourceVersion` preconditions, status subresources, delete),
-//! served to a real `kube::Client` through a tower service, with optional injected latency and a
-//! log of every write. No cluster exists on these machines; this stands in for one.
+//! controller and the claim path (get, list with label selectors, watch with a bounded history
+//! and `410 Gone` past it, create, replace, merge and server-side-apply patches with
+//! `resourceVersion` preconditions, status subresources, delete with owner-reference cascade),
+//! served to a real `kube::Client` through a tower service or over HTTP on loopback, with optional
+//! injected latency and a log of every write. No cluster exists on these machines; this stands in
+//! for one.
 //!
 //! It keeps objects as JSON and knows no schemas: it checks what the controller relies on
 //! (existence, conflicts, preconditions), not validation.
@@ -16,18 +18,48 @@ use std::time::Duration;
 
 type Key = (String, String, String); // (collection path without namespace, namespace, name)
 
+/// Changes kept for watches to resume from; older resource versions get `410 Gone`.
+const HISTORY: usize = 100_000;
+
+/// One change, as a watch reports it.
+#[derive(Clone)]
+struct Change {
+    rv: u64,
+    key: Key,
+    kind: &'static str,
+    object: Value,
+}
+
 #[derive(Default)]
 struct State {
     objects: BTreeMap<Key, Value>,
     resource_version: u64,
     writes: Vec<String>,
+    history: std::collections::VecDeque<Change>,
+    /// Resource versions at or below this are compacted away.
+    compacted: u64,
 }
 
 /// The fake API server; clones share one state.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FakeKube {
     state: Arc<Mutex<State>>,
     latency: Duration,
+    /// Wakes watches when something changed.
+    changed: Arc<tokio::sync::Notify>,
+    /// Bumped to end every open watch (as an API server restart or a load balancer would).
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for FakeKube {
+    fn default() -> Self {
+        FakeKube {
+            state: Arc::default(),
+            latency: Duration::ZERO,
+            changed: Arc::default(),
+            generation: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -166,12 +198,9 @@ impl FakeKube {
             .cloned()
     }
 
-    /// Puts an object as if another client had (status included), bypassing the API.
+    /// Puts an object as if another client had (status included), bypassing the API. A new
+    /// object gets a uid, like one the API made.
     pub fn put(&self, collection: &str, mut object: Value) {
-        let mut s = lock(&self.state);
-        s.resource_version += 1;
-        let rv = s.resource_version.to_string();
-        object["metadata"]["resourceVersion"] = json!(rv);
         let ns = object["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default")
@@ -180,17 +209,140 @@ impl FakeKube {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        s.objects.insert((collection.into(), ns, name), object);
+        let key = (collection.to_string(), ns, name);
+        let mut s = lock(&self.state);
+        if object["metadata"]["uid"].is_null() {
+            let uid = match s.objects.get(&key) {
+                Some(prev) => prev["metadata"]["uid"].clone(),
+                None => json!(format!("uid-put-{}", s.resource_version + 1)),
+            };
+            object["metadata"]["uid"] = uid;
+        }
+        s.set(key, object);
+        drop(s);
+        self.changed.notify_waiters();
     }
 
-    /// Deletes an object as if another client had.
+    /// Deletes an object as if another client had (its dependents go too).
     pub fn remove(&self, collection: &str, namespace: &str, name: &str) {
+        lock(&self.state).delete(&(collection.into(), namespace.into(), name.into()));
+        self.changed.notify_waiters();
+    }
+
+    /// Objects of a collection in a namespace.
+    pub fn list(&self, collection: &str, namespace: &str) -> Vec<Value> {
         lock(&self.state)
             .objects
-            .remove(&(collection.into(), namespace.into(), name.into()));
+            .iter()
+            .filter(|((c, ns, _), _)| c == collection && ns == namespace)
+            .map(|(_, o)| o.clone())
+            .collect()
     }
 
-    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Body> {
+    /// Forgets the change history, as etcd compaction does after other writes: every watch
+    /// resuming from a resource version it holds gets `410 Gone` and must list again.
+    pub fn compact(&self) {
+        let mut s = lock(&self.state);
+        s.history.clear();
+        s.resource_version += 1; // an unrelated write, past every version a client holds
+        s.compacted = s.resource_version;
+    }
+
+    /// Ends every open watch; clients reconnect from their last resource version.
+    pub fn drop_watches(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Serves the fake over HTTP on `listener` (for a separate process, e.g. `serve` with a
+    /// kubeconfig pointing here) until the task is dropped.
+    pub async fn serve_http(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let app = axum::Router::new().fallback(move |req: Request<Body>| {
+            let me = self.clone();
+            async move { me.handle(req).await }
+        });
+        axum::serve(listener, app).await
+    }
+
+    /// A kubeconfig (YAML) for a client of `serve_http` at `addr`, namespace `namespace`.
+    pub fn kubeconfig(addr: std::net::SocketAddr, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+        )
+    }
+
+    /// A watch: the changes after `since` that match, then new ones as they happen, until the
+    /// client goes, `timeout` passes or `drop_watches` is called. `410 Gone` if `since` is
+    /// older than the history.
+    fn watch(
+        &self,
+        target: &Target,
+        since: u64,
+        selector: Option<String>,
+        timeout: Duration,
+    ) -> Response<Body> {
+        let gone = lock(&self.state).compacted > since;
+        let mut lines: Vec<Value> = Vec::new();
+        if gone {
+            lines.push(json!({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("too old resource version: {since}"), "reason": "Expired", "code": 410,
+            }}));
+        }
+        let me = self.clone();
+        let collection = target.collection.clone();
+        let namespace = target.namespace.clone();
+        let mut ended = self.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = async_stream::stream! {
+            for line in lines {
+                yield Ok::<_, std::convert::Infallible>(bytes::Bytes::from(format!("{line}\n")));
+            }
+            if gone {
+                return;
+            }
+            let mut seen = since;
+            loop {
+                let woken = me.changed.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                let batch: Vec<Change> = {
+                    let s = lock(&me.state);
+                    s.history
+                        .iter()
+                        .filter(|c| c.rv > seen)
+                        .cloned()
+                        .collect()
+                };
+                for c in batch {
+                    seen = c.rv;
+                    if c.key.0 == collection
+                        && c.key.1 == namespace
+                        && selector_matches(&c.object, selector.as_deref())
+                    {
+                        let line = json!({"type": c.kind, "object": c.object});
+                        yield Ok(bytes::Bytes::from(format!("{line}\n")));
+                    }
+                }
+                tokio::select! {
+                    _ = &mut woken => {}
+                    _ = ended.changed() => return,
+                    _ = tokio::time::sleep_until(deadline) => return,
+                }
+            }
+        };
+        let mut resp = Response::new(Body::from_stream(stream));
+        resp.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+
+    async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
@@ -207,6 +359,18 @@ impl FakeKube {
             );
         };
         let query = parts.uri.query().unwrap_or_default();
+        if parts.method == Method::GET
+            && target.name.is_none()
+            && query_param(query, "watch").as_deref() == Some("true")
+        {
+            let since = query_param(query, "resourceVersion")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let timeout = query_param(query, "timeoutSeconds")
+                .and_then(|v| v.parse().ok())
+                .map_or(Duration::from_secs(290), Duration::from_secs);
+            return self.watch(&target, since, query_param(query, "labelSelector"), timeout);
+        }
         let content_type = parts
             .headers
             .get(axum::http::header::CONTENT_TYPE)
@@ -221,6 +385,22 @@ impl FakeKube {
                 Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
             }
         };
+        let response = self.apply(&parts, &target, query, &content_type, body);
+        if parts.method != Method::GET {
+            self.changed.notify_waiters();
+        }
+        response
+    }
+
+    /// Serves one non-watch request against the state.
+    fn apply(
+        &self,
+        parts: &axum::http::request::Parts,
+        target: &Target,
+        query: &str,
+        content_type: &str,
+        body: Value,
+    ) -> Response<Body> {
         let mut s = lock(&self.state);
         if parts.method != Method::GET {
             s.writes
@@ -327,7 +507,7 @@ impl FakeKube {
                     &stored,
                 )
             }
-            (&Method::DELETE, Some(name)) => match s.objects.remove(&key(name)) {
+            (&Method::DELETE, Some(name)) => match s.delete(&key(name)) {
                 Some(o) => respond(StatusCode::OK, &o),
                 None => status(
                     StatusCode::NOT_FOUND,
@@ -345,6 +525,60 @@ impl FakeKube {
 }
 
 impl State {
+    /// Sets `object` under `key` with the next resource version, recording the change.
+    fn set(&mut self, key: Key, mut object: Value) -> Value {
+        self.resource_version += 1;
+        object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
+        let kind = if self.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.objects.insert(key.clone(), object.clone());
+        self.record(key, kind, object.clone());
+        object
+    }
+
+    fn record(&mut self, key: Key, kind: &'static str, object: Value) {
+        if self.history.len() == HISTORY
+            && let Some(old) = self.history.pop_front()
+        {
+            self.compacted = old.rv;
+        }
+        self.history.push_back(Change {
+            rv: self.resource_version,
+            key,
+            kind,
+            object,
+        });
+    }
+
+    /// Deletes `key` and, as the garbage collector would, everything it owns (recursively).
+    /// Returns the deleted object.
+    fn delete(&mut self, key: &Key) -> Option<Value> {
+        let mut object = self.objects.remove(key)?;
+        self.resource_version += 1;
+        object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
+        self.record(key.clone(), "DELETED", object.clone());
+        if let Some(uid) = object["metadata"]["uid"].as_str() {
+            let owned: Vec<Key> = self
+                .objects
+                .iter()
+                .filter(|((_, ns, _), o)| {
+                    ns == &key.1
+                        && o["metadata"]["ownerReferences"]
+                            .as_array()
+                            .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in owned {
+                self.delete(&k);
+            }
+        }
+        Some(object)
+    }
+
     /// Stores `object` under `key` with server-set metadata, returning what was stored.
     fn store(
         &mut self,
@@ -353,13 +587,11 @@ impl State {
         previous: Option<&Value>,
         created: bool,
     ) -> Value {
-        self.resource_version += 1;
         let meta = &mut object["metadata"];
-        meta["resourceVersion"] = json!(self.resource_version.to_string());
         meta["namespace"] = json!(key.1);
         meta["name"] = json!(key.2);
         if created {
-            meta["uid"] = json!(format!("uid-{}", self.resource_version));
+            meta["uid"] = json!(format!("uid-{}", self.resource_version + 1));
             meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
             meta["generation"] = json!(1);
         } else if let Some(prev) = previous {
@@ -370,8 +602,7 @@ impl State {
             let spec_changed = prev.get("spec") != object.get("spec");
             object["metadata"]["generation"] = json!(generation + i64::from(spec_changed));
         }
-        self.objects.insert(key, object.clone());
-        object
+        self.set(key, object)
     }
 }
 
@@ -415,5 +646,79 @@ mod tests {
         api.delete("a", &Default::default()).await.expect("delete");
         assert!(api.get_opt("a").await.expect("get_opt").is_none());
         assert_eq!(fake.writes().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn watches_resume_relist_after_410_and_deletes_cascade() {
+        use futures::StreamExt;
+        use kube::runtime::watcher;
+        let fake = FakeKube::new();
+        let api: Api<ConfigMap> = Api::namespaced(fake.client(), "ns");
+        let mut owner = ConfigMap::default();
+        owner.metadata.name = Some("owner".into());
+        let owner = api
+            .create(&PostParams::default(), &owner)
+            .await
+            .expect("create owner");
+        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+        // The initial list: Init, the owner, InitDone.
+        let mut names = Vec::new();
+        while let Some(ev) = events.next().await {
+            match ev.expect("watch event") {
+                watcher::Event::InitApply(cm) => names.push(cm.metadata.name.unwrap_or_default()),
+                watcher::Event::InitDone => break,
+                _ => {}
+            }
+        }
+        assert_eq!(names, ["owner"]);
+
+        let mut child = ConfigMap::default();
+        child.metadata.name = Some("child".into());
+        child.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                name: "owner".into(),
+                uid: owner.metadata.uid.clone().expect("uid"),
+                ..Default::default()
+            },
+        ]);
+        api.create(&PostParams::default(), &child)
+            .await
+            .expect("create child");
+        match events.next().await.expect("event").expect("ok") {
+            watcher::Event::Apply(cm) => assert_eq!(cm.metadata.name.as_deref(), Some("child")),
+            other => panic!("expected the child's creation, got {other:?}"),
+        }
+
+        // History compacted and the watch dropped: the watcher gets 410, lists again, and
+        // still sees everything.
+        fake.compact();
+        fake.drop_watches();
+        let mut relisted = Vec::new();
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(watcher::Event::InitApply(cm)) => {
+                    relisted.push(cm.metadata.name.unwrap_or_default())
+                }
+                Ok(watcher::Event::InitDone) => break,
+                _ => {}
+            }
+        }
+        relisted.sort();
+        assert_eq!(relisted, ["child", "owner"]);
+
+        // Deleting the owner takes its dependents along, and the watch reports both.
+        api.delete("owner", &Default::default())
+            .await
+            .expect("delete");
+        let mut deleted = Vec::new();
+        while deleted.len() < 2 {
+            if let Ok(watcher::Event::Delete(cm)) = events.next().await.expect("event") {
+                deleted.push(cm.metadata.name.unwrap_or_default());
+            }
+        }
+        assert_eq!(deleted, ["owner", "child"]);
+        assert!(fake.list("api/v1/configmaps", "ns").is_empty());
     }
 }
