@@ -128,7 +128,22 @@ pub fn decide(
     let settled_failure = previous.phase.as_deref() == Some("Failed")
         && (template.spec.on_failure == FailurePolicy::Fail || previous.claimed_by.is_some());
     let (phase, ready, reason, message) = match (pod, observed.phase) {
-        _ if settled_failure => ("Failed", false, "Failed", observed.reason.clone()),
+        _ if settled_failure => {
+            // Failed for good: keep saying why it failed.
+            let why = previous.conditions.iter().find(|c| c.type_ == "Ready");
+            (
+                "Failed",
+                false,
+                why.map_or("Failed", |c| c.reason.as_str()),
+                why.map_or_else(|| observed.reason.clone(), |c| c.message.clone()),
+            )
+        }
+        (None, _) if previous.claimed_by.is_some() && previous.pod_ip.is_some() => (
+            "Failed",
+            false,
+            "PodVanished",
+            "its Pod disappeared after it was claimed, so its agent's state is lost".to_string(),
+        ),
         (None, _) => {
             plan.pod = PodAction::Apply(Box::new(desired_pod(template, sandbox)));
             status.pod_name = sandbox.metadata.name.clone();
@@ -183,9 +198,8 @@ pub fn decide(
 }
 
 /// The Secret holding a sandbox's harness token, owned by the sandbox.
-fn token_secret(sandbox: &Sandbox, template: &str) -> Secret {
+fn token_secret(sandbox: &Sandbox, template: &str, token: &str) -> Secret {
     let name = sandbox.metadata.name.clone().unwrap_or_default();
-    let token: [u8; 32] = rand::random();
     Secret {
         metadata: ObjectMeta {
             name: Some(token_secret_name(&name)),
@@ -194,14 +208,35 @@ fn token_secret(sandbox: &Sandbox, template: &str) -> Secret {
             owner_references: owner_reference(sandbox).map(|o| vec![o]),
             ..Default::default()
         },
-        string_data: Some([(TOKEN_KEY.to_string(), hex::encode(token))].into()),
+        string_data: Some([(TOKEN_KEY.to_string(), token.to_string())].into()),
         type_: Some("Opaque".into()),
         ..Default::default()
     }
 }
 
-/// One reconcile pass: observe, decide, apply. Returns when to look again.
-pub async fn reconcile(client: &kube::Client, sandbox: &Sandbox) -> Result<Duration, Error> {
+/// What a pass did: when to look again, and the phase change it wrote, if any (for an Event).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pass {
+    pub requeue: Duration,
+    pub transition: Option<Transition>,
+}
+
+/// A change of a Sandbox's phase, as its Ready condition explains it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// One reconcile pass: observe, decide, apply. `token` is the harness token the sandbox's
+/// Secret carries (the API derives the same one to reach the harness).
+pub async fn reconcile(
+    client: &kube::Client,
+    sandbox: &Sandbox,
+    token: &str,
+) -> Result<Pass, Error> {
     let ns = sandbox.metadata.namespace.clone().ok_or(Error::Unnamed)?;
     let name = sandbox.metadata.name.clone().ok_or(Error::Unnamed)?;
     let sandboxes: Api<Sandbox> = Api::namespaced(client.clone(), &ns);
@@ -238,13 +273,21 @@ pub async fn reconcile(client: &kube::Client, sandbox: &Sandbox) -> Result<Durat
             .delete(&name, &DeleteParams::default())
             .await
             .map_err(write("the Sandbox past its shutdownTime"))?;
-        return Ok(RESYNC);
+        return Ok(Pass {
+            requeue: RESYNC,
+            transition: Some(Transition {
+                from: sandbox.status.as_ref().and_then(|s| s.phase.clone()),
+                to: "Deleted".into(),
+                reason: "ShutdownTime".into(),
+                message: "its shutdownTime passed".into(),
+            }),
+        });
     }
     if plan.create_secret {
         match secrets
             .create(
                 &PostParams::default(),
-                &token_secret(sandbox, template_name),
+                &token_secret(sandbox, template_name, token),
             )
             .await
         {
@@ -270,6 +313,16 @@ pub async fn reconcile(client: &kube::Client, sandbox: &Sandbox) -> Result<Durat
             Err(source) => return Err(write("the failed Pod")(source)),
         },
     }
+    let from = sandbox.status.as_ref().and_then(|s| s.phase.clone());
+    let transition = (from != plan.status.phase).then(|| {
+        let ready = plan.status.conditions.first();
+        Transition {
+            from: from.clone(),
+            to: plan.status.phase.clone().unwrap_or_default(),
+            reason: ready.map(|c| c.reason.clone()).unwrap_or_default(),
+            message: ready.map(|c| c.message.clone()).unwrap_or_default(),
+        }
+    });
     if sandbox.status.as_ref() != Some(&plan.status) {
         sandboxes
             .patch_status(
@@ -280,5 +333,8 @@ pub async fn reconcile(client: &kube::Client, sandbox: &Sandbox) -> Result<Durat
             .await
             .map_err(write("the Sandbox status"))?;
     }
-    Ok(plan.requeue)
+    Ok(Pass {
+        requeue: plan.requeue,
+        transition,
+    })
 }
