@@ -239,7 +239,10 @@ pub fn crds() -> Result<Vec<(String, String)>, serde_yaml::Error> {
             ))
         })
         .collect::<Result<Vec<_>, serde_yaml::Error>>()?;
-    let resources: String = files.iter().map(|(name, _)| format!("- {name}\n")).collect();
+    let resources: String = files
+        .iter()
+        .map(|(name, _)| format!("- {name}\n"))
+        .collect();
     files.push((
         "kustomization.yaml".into(),
         format!(

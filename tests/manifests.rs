@@ -83,8 +83,8 @@ fn patch_files() -> Vec<PathBuf> {
 }
 
 fn read_docs(path: &Path) -> Vec<Doc> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     parse_yaml(&relative(path), &text)
 }
 
@@ -243,7 +243,9 @@ fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
     let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
     match first_difference(value, &back, "") {
         None => Ok(()),
-        Some(path) => Err(format!("{path} does not survive a read and write: is it misspelt or misplaced?")),
+        Some(path) => Err(format!(
+            "{path} does not survive a read and write: is it misspelt or misplaced?"
+        )),
     }
 }
 
@@ -266,7 +268,11 @@ fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
             .enumerate()
             .find_map(|(i, (v, w))| first_difference(v, w, &format!("{path}[{i}]"))),
         _ if a == b => None,
-        _ => Some(if path.is_empty() { ".".into() } else { path.into() }),
+        _ => Some(if path.is_empty() {
+            ".".into()
+        } else {
+            path.into()
+        }),
     }
 }
 
@@ -284,8 +290,7 @@ fn check_custom_resource(schemas: &BTreeMap<String, Value>, doc: &Value) -> Resu
     let read = match doc["kind"].as_str() {
         Some("SandboxTemplate") => {
             if let Some(pod) = doc["spec"].get("podTemplate") {
-                round_trip::<PodTemplateSpec>(pod)
-                    .map_err(|e| format!("spec.podTemplate: {e}"))?;
+                round_trip::<PodTemplateSpec>(pod).map_err(|e| format!("spec.podTemplate: {e}"))?;
             }
             serde_json::from_value::<SandboxTemplate>(doc.clone()).map(drop)
         }
@@ -315,12 +320,8 @@ fn check_builtin(doc: &Value) -> Result<(), String> {
         ("v1", "ConfigMap") => round_trip::<core::v1::ConfigMap>(doc),
         ("apps/v1", "Deployment") => round_trip::<apps::v1::Deployment>(doc),
         ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<rbac::v1::Role>(doc),
-        ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
-            round_trip::<rbac::v1::RoleBinding>(doc)
-        }
-        ("policy/v1", "PodDisruptionBudget") => {
-            round_trip::<policy::v1::PodDisruptionBudget>(doc)
-        }
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<rbac::v1::RoleBinding>(doc),
+        ("policy/v1", "PodDisruptionBudget") => round_trip::<policy::v1::PodDisruptionBudget>(doc),
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             round_trip::<networking::v1::NetworkPolicy>(doc)
         }
@@ -334,14 +335,26 @@ fn check_builtin(doc: &Value) -> Result<(), String> {
 #[test]
 fn every_sandwarden_resource_in_manifests_and_docs_matches_its_crd_schema() {
     let schemas = crd_schemas();
-    let manifests: Vec<Doc> = manifest_docs().into_iter().filter(|d| is_custom(&d.value)).collect();
-    let docs: Vec<Doc> = docs_yaml_blocks().into_iter().filter(|d| is_custom(&d.value)).collect();
+    let manifests: Vec<Doc> = manifest_docs()
+        .into_iter()
+        .filter(|d| is_custom(&d.value))
+        .collect();
+    let docs: Vec<Doc> = docs_yaml_blocks()
+        .into_iter()
+        .filter(|d| is_custom(&d.value))
+        .collect();
     // The defaults: seven templates and a warm pool; the docs show at least one of each kind.
     let count = |set: &[Doc], kind: &str| set.iter().filter(|d| d.value["kind"] == kind).count();
     assert_eq!(count(&manifests, "SandboxTemplate"), 7, "default templates");
-    assert!(count(&manifests, "SandboxWarmPool") >= 1, "a default warm pool");
+    assert!(
+        count(&manifests, "SandboxWarmPool") >= 1,
+        "a default warm pool"
+    );
     for kind in ["Sandbox", "SandboxTemplate", "SandboxWarmPool"] {
-        assert!(count(&docs, kind) >= 1, "no {kind} example in README.md or docs/");
+        assert!(
+            count(&docs, kind) >= 1,
+            "no {kind} example in README.md or docs/"
+        );
     }
     let failures: Vec<String> = manifests
         .iter()
@@ -352,18 +365,37 @@ fn every_sandwarden_resource_in_manifests_and_docs_matches_its_crd_schema() {
                 .map(|e| format!("{}: {e}", d.origin))
         })
         .collect();
-    assert!(failures.is_empty(), "invalid resources:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "invalid resources:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn every_builtin_resource_in_manifests_reads_into_its_kubernetes_type_unchanged() {
-    let docs: Vec<Doc> = manifest_docs().into_iter().filter(|d| !is_custom(&d.value)).collect();
-    assert!(docs.len() >= 10, "found only {} built-in resources", docs.len());
+    let docs: Vec<Doc> = manifest_docs()
+        .into_iter()
+        .filter(|d| !is_custom(&d.value))
+        .collect();
+    assert!(
+        docs.len() >= 10,
+        "found only {} built-in resources",
+        docs.len()
+    );
     let failures: Vec<String> = docs
         .iter()
-        .filter_map(|d| check_builtin(&d.value).err().map(|e| format!("{}: {e}", d.origin)))
+        .filter_map(|d| {
+            check_builtin(&d.value)
+                .err()
+                .map(|e| format!("{}: {e}", d.origin))
+        })
         .collect();
-    assert!(failures.is_empty(), "invalid resources:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "invalid resources:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -377,7 +409,10 @@ fn a_bad_field_or_value_is_caught() {
     assert_eq!(check_custom_resource(&schemas, &good), Ok(()));
     let cases = [
         // A misspelt field, at the top of the spec and inside a nested object.
-        (template(json!({"kind": "api", "comand": "x", "command": "x"})), "comand"),
+        (
+            template(json!({"kind": "api", "comand": "x", "command": "x"})),
+            "comand",
+        ),
         (
             json!({"apiVersion": "sandwarden.dev/v1alpha1", "kind": "Sandbox",
                    "metadata": {"name": "s"}, "spec": {"templateRef": {"name": "echo", "nmae": "x"}}}),
@@ -422,7 +457,10 @@ fn a_bad_field_or_value_is_caught() {
     for (doc, needle) in cases {
         let err = check_custom_resource(&schemas, &doc)
             .expect_err(&format!("accepted an invalid resource: {doc}"));
-        assert!(err.contains(needle), "the error for {doc} does not name {needle:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "the error for {doc} does not name {needle:?}: {err}"
+        );
     }
     // Built-in kinds: a misplaced field and an unknown kind.
     let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
@@ -439,7 +477,10 @@ fn yaml_blocks_are_found_in_markdown() {
     let md = "text\n```yaml\na: 1\n---\nb: 2\n```\n```sh\nc: 3\n```\n  ```yml\nd: 4\n  ```\n";
     let docs = yaml_blocks("x.md", md);
     let values: Vec<&Value> = docs.iter().map(|d| &d.value).collect();
-    assert_eq!(values, [&json!({"a": 1}), &json!({"b": 2}), &json!({"d": 4})]);
+    assert_eq!(
+        values,
+        [&json!({"a": 1}), &json!({"b": 2}), &json!({"d": 4})]
+    );
 }
 
 /// `a/b/../c` → `a/c`, without touching the file system.
@@ -465,12 +506,20 @@ fn kustomizations_reference_existing_files_and_every_manifest_is_referenced() {
     assert!(root().join("manifests/kustomization.yaml").is_file());
     let mut referenced = Vec::new();
     let mut problems = Vec::new();
-    for k in kustomizations.iter().copied().chain([&root().join("crds/kustomization.yaml")]) {
+    for k in kustomizations
+        .iter()
+        .copied()
+        .chain([&root().join("crds/kustomization.yaml")])
+    {
         let dir = k.parent().expect("a kustomization has a directory");
         for doc in read_docs(k) {
             let v = &doc.value;
             let resources = v["resources"].as_array().into_iter().flatten();
-            let patches = v["patches"].as_array().into_iter().flatten().map(|p| &p["path"]);
+            let patches = v["patches"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| &p["path"]);
             for entry in resources.chain(patches) {
                 let Some(name) = entry.as_str() else {
                     problems.push(format!("{}: an entry is not a path: {entry}", doc.origin));
@@ -494,7 +543,10 @@ fn kustomizations_reference_existing_files_and_every_manifest_is_referenced() {
     }
     for f in files.iter().filter(|p| !is_kustomization(p)) {
         if !referenced.contains(&normalize(f)) {
-            problems.push(format!("{} is in no kustomization, so never applied", relative(f)));
+            problems.push(format!(
+                "{} is in no kustomization, so never applied",
+                relative(f)
+            ));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
@@ -505,7 +557,15 @@ fn the_default_templates_run_what_the_local_built_in_templates_run() {
     let templates: BTreeMap<String, Value> = manifest_docs()
         .into_iter()
         .filter(|d| d.value["kind"] == "SandboxTemplate")
-        .map(|d| (d.value["metadata"]["name"].as_str().unwrap_or_default().to_string(), d.value))
+        .map(|d| {
+            (
+                d.value["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                d.value,
+            )
+        })
         .collect();
     let builtins = sandwarden::runtime::builtin_templates();
     assert_eq!(
@@ -520,11 +580,26 @@ fn the_default_templates_run_what_the_local_built_in_templates_run() {
     for builtin in &builtins {
         let t = &templates[&builtin.name];
         let spec = &t["spec"];
-        assert_eq!(spec["kind"], builtin.kind.as_str(), "{}: kind", builtin.name);
-        assert_eq!(spec["start"], builtin.start.as_str(), "{}: start", builtin.name);
+        assert_eq!(
+            spec["kind"],
+            builtin.kind.as_str(),
+            "{}: kind",
+            builtin.name
+        );
+        assert_eq!(
+            spec["start"],
+            builtin.start.as_str(),
+            "{}: start",
+            builtin.name
+        );
         // The local shell is the user's $SHELL; a sandbox's is the image's bash.
         if builtin.name != "shell" {
-            assert_eq!(spec["command"], builtin.command.as_str(), "{}: command", builtin.name);
+            assert_eq!(
+                spec["command"],
+                builtin.command.as_str(),
+                "{}: command",
+                builtin.name
+            );
         }
         let env: BTreeMap<&str, &str> = spec["podTemplate"]["spec"]["containers"]
             .as_array()
@@ -535,7 +610,27 @@ fn the_default_templates_run_what_the_local_built_in_templates_run() {
             .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
             .collect();
         for (k, v) in &builtin.env {
-            assert_eq!(env.get(k.as_str()), Some(&v.as_str()), "{}: env {k}", builtin.name);
+            assert_eq!(
+                env.get(k.as_str()),
+                Some(&v.as_str()),
+                "{}: env {k}",
+                builtin.name
+            );
         }
     }
+}
+
+#[test]
+fn the_serve_deployment_runs_this_version_of_the_base_image() {
+    let deployment = manifest_docs()
+        .into_iter()
+        .find(|d| d.value["kind"] == "Deployment")
+        .expect("manifests/ has the serve Deployment");
+    let image = &deployment.value["spec"]["template"]["spec"]["containers"][0]["image"];
+    let expected = format!("sandwarden/harness-base:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        image.as_str(),
+        Some(expected.as_str()),
+        "the images are tagged with the crate's version (harness-images/build.sh)"
+    );
 }
