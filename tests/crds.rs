@@ -7,10 +7,10 @@ fn the_committed_crds_match_the_rust_types() {
     let generated = sandwarden::crd::crds().expect("generate the CRDs");
     // Three CRDs and the kustomization.yaml listing them.
     assert_eq!(generated.len(), 4);
-    for (name, yaml) in generated {
-        let committed = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+    for (name, yaml) in &generated {
+        let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         assert!(
-            committed == yaml,
+            committed == *yaml,
             "crds/{name} is out of date with src/crd.rs: run `cargo run -- crd` and commit the result"
         );
     }
