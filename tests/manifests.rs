@@ -356,14 +356,19 @@ fn every_sandwarden_resource_in_manifests_and_docs_matches_its_crd_schema() {
             "no {kind} example in README.md or docs/"
         );
     }
-    let failures: Vec<String> = manifests
-        .iter()
-        .chain(&docs)
-        .filter_map(|d| {
-            check_custom_resource(&schemas, &d.value)
-                .err()
-                .map(|e| format!("{}: {e}", d.origin))
-        })
+    assert_all_pass(manifests.iter().chain(&docs), |doc| {
+        check_custom_resource(&schemas, doc)
+    });
+}
+
+/// Runs `check` on every document and fails listing every one that does not pass.
+fn assert_all_pass<'a>(
+    docs: impl IntoIterator<Item = &'a Doc>,
+    check: impl Fn(&Value) -> Result<(), String>,
+) {
+    let failures: Vec<String> = docs
+        .into_iter()
+        .filter_map(|d| check(&d.value).err().map(|e| format!("{}: {e}", d.origin)))
         .collect();
     assert!(
         failures.is_empty(),
@@ -383,19 +388,7 @@ fn every_builtin_resource_in_manifests_reads_into_its_kubernetes_type_unchanged(
         "found only {} built-in resources",
         docs.len()
     );
-    let failures: Vec<String> = docs
-        .iter()
-        .filter_map(|d| {
-            check_builtin(&d.value)
-                .err()
-                .map(|e| format!("{}: {e}", d.origin))
-        })
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "invalid resources:\n{}",
-        failures.join("\n")
-    );
+    assert_all_pass(&docs, check_builtin);
 }
 
 #[test]
