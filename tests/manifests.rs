@@ -6,7 +6,9 @@
 //!   unchanged, so no field is misspelt or misplaced (kubernetes-validate in scripts/test checks
 //!   the same against the published schemas, when it is installed);
 //! - every kustomization references files that exist, and every manifest is referenced;
-//! - the default templates run what the local runtime's built-in templates run.
+//! - the default templates run what the local runtime's built-in templates run, and the Pods
+//!   the controller makes from them pass the namespace's `restricted` Pod Security Standard and
+//!   are reachable through the sandboxes' NetworkPolicy.
 //!
 //! CEL rules (`x-kubernetes-validations`) are left to the API server.
 
@@ -626,4 +628,128 @@ fn the_serve_deployment_runs_this_version_of_the_base_image() {
         Some(expected.as_str()),
         "the images are tagged with the crate's version (harness-images/build.sh)"
     );
+}
+
+/// Why `container` (with the pod-level settings `pod`) breaks the `restricted` Pod Security
+/// Standard that manifests/base/namespace.yaml enforces, if it does.
+fn restricted_violations(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    c: &k8s_openapi::api::core::v1::Container,
+) -> Vec<String> {
+    let psc = pod.security_context.clone().unwrap_or_default();
+    let sc = c.security_context.clone().unwrap_or_default();
+    let mut bad = Vec::new();
+    if sc.allow_privilege_escalation != Some(false) {
+        bad.push("allowPrivilegeEscalation is not false".to_string());
+    }
+    if sc.privileged == Some(true) {
+        bad.push("privileged".into());
+    }
+    let caps = sc.capabilities.unwrap_or_default();
+    if !caps.drop.unwrap_or_default().iter().any(|d| d == "ALL") {
+        bad.push("capabilities do not drop ALL".into());
+    }
+    if caps
+        .add
+        .unwrap_or_default()
+        .iter()
+        .any(|a| a != "NET_BIND_SERVICE")
+    {
+        bad.push("capabilities added".into());
+    }
+    if sc.run_as_non_root.or(psc.run_as_non_root) != Some(true) {
+        bad.push("runAsNonRoot is not true".into());
+    }
+    if sc.run_as_user.or(psc.run_as_user) == Some(0) {
+        bad.push("runs as user 0".into());
+    }
+    let seccomp = sc.seccomp_profile.or(psc.seccomp_profile).map(|p| p.type_);
+    if !matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")) {
+        bad.push("no RuntimeDefault or Localhost seccomp profile".into());
+    }
+    bad
+}
+
+#[test]
+fn the_default_templates_make_pods_the_namespace_admits_and_the_network_policy_reaches() {
+    use sandwarden::controller::pod::desired_pod;
+    use sandwarden::crd::{Sandbox, SandboxSpec, SandboxTemplate, TemplateRef};
+    let docs = manifest_docs();
+    let policy = docs
+        .iter()
+        .find(|d| {
+            d.value["kind"] == "NetworkPolicy"
+                && d.value["metadata"]["name"] == "sandwarden-sandboxes"
+        })
+        .expect("the sandboxes' NetworkPolicy");
+    let open_ports: Vec<&Value> = policy.value["spec"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|rule| rule["ports"].as_array().into_iter().flatten())
+        .map(|p| &p["port"])
+        .collect();
+    let selector = &policy.value["spec"]["podSelector"]["matchLabels"];
+    let mut checked = 0;
+    for doc in docs.iter().filter(|d| d.value["kind"] == "SandboxTemplate") {
+        let template: SandboxTemplate =
+            serde_json::from_value(doc.value.clone()).expect("a default template reads");
+        let name = template
+            .metadata
+            .name
+            .clone()
+            .expect("a template has a name");
+        let mut sandbox = Sandbox::new(
+            &format!("{name}-test"),
+            SandboxSpec {
+                template_ref: TemplateRef { name: name.clone() },
+                env: BTreeMap::new(),
+                shutdown_time: None,
+            },
+        );
+        sandbox.metadata.namespace = Some("sandwarden".into());
+        let pod = desired_pod(&template, &sandbox);
+        let spec = pod.spec.expect("a desired Pod has a spec");
+        assert!(
+            spec.host_network != Some(true)
+                && spec.host_pid != Some(true)
+                && spec.host_ipc != Some(true),
+            "{name}: host namespaces"
+        );
+        for volume in spec.volumes.iter().flatten() {
+            assert!(
+                volume.host_path.is_none(),
+                "{name}: hostPath volume {}",
+                volume.name
+            );
+        }
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            let bad = restricted_violations(&spec, c);
+            assert!(
+                bad.is_empty(),
+                "{name}: container {}: {}",
+                c.name,
+                bad.join(", ")
+            );
+        }
+        let labels = pod.metadata.labels.unwrap_or_default();
+        for (k, v) in selector.as_object().expect("matchLabels") {
+            assert_eq!(
+                labels.get(k).map(String::as_str),
+                v.as_str(),
+                "{name}: label {k}"
+            );
+        }
+        assert!(
+            open_ports.contains(&&json!(template.spec.port)),
+            "{name}: the harness port {} is not open to serve in the NetworkPolicy",
+            template.spec.port
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 7);
 }
