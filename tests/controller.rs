@@ -1,11 +1,15 @@
-//! The Sandbox reconciler against the in-memory Kubernetes API (`sandwarden::fake_kube`), through a
-//! real `kube::Client`: the exact writes of each pass, from a new sandbox to a ready one, a failed
-//! Pod recreated (or not, when claimed), a missing template, and a sandbox past its shutdownTime.
+//! The controller against the in-memory Kubernetes API (`sandwarden::fake_kube`), through a real
+//! `kube::Client`: the exact writes of each Sandbox pass, from a new sandbox to a ready one, a
+//! failed Pod recreated (or not, when claimed), a missing template, a sandbox past its
+//! shutdownTime; racing claimers; then the controllers running from watches: a warm pool filling,
+//! handing over claimed sandboxes, scaling down unready-first, a crash mid-scale-up and expired
+//! watches (410) without over-creation or loss; and leader election over a Lease.
 
 use kube::api::Api;
 use sandwarden::controller::sandbox::reconcile;
 use sandwarden::crd::{Sandbox, SandboxSpec, SandboxTemplate, SandboxTemplateSpec, TemplateRef};
 use sandwarden::fake_kube::FakeKube;
+use sandwarden::runtime::Tokens;
 use serde_json::{Value, json};
 
 const NS: &str = "agents";
@@ -53,7 +57,13 @@ async fn pass(fake: &FakeKube) -> Vec<String> {
         .get("sbx-1")
         .await
         .expect("sandbox");
-    reconcile(&client, &sandbox).await.expect("reconcile");
+    reconcile(
+        &client,
+        &sandbox,
+        &Tokens::new(b"test".to_vec()).for_sandbox("sbx-1"),
+    )
+    .await
+    .expect("reconcile");
     fake.writes()[before..].to_vec()
 }
 
@@ -86,8 +96,9 @@ async fn a_new_sandbox_gets_a_secret_and_a_pod_then_becomes_ready() {
         .object("api/v1/secrets", NS, "sbx-1-harness-token")
         .expect("secret");
     assert_eq!(
-        secret["stringData"]["token"].as_str().map(str::len),
-        Some(64)
+        secret["stringData"]["token"].as_str(),
+        Some(Tokens::new(b"test".to_vec()).for_sandbox("sbx-1").as_str()),
+        "the token the API derives for this sandbox"
     );
     assert_eq!(status(&fake)["phase"], "Starting");
     assert_eq!(status(&fake)["conditions"][0]["status"], "False");
@@ -255,4 +266,336 @@ async fn concurrent_claimers_racing_for_one_sandbox_exactly_one_wins() {
         3,
         "one write per claim"
     );
+}
+
+#[tokio::test]
+async fn a_claimed_sandbox_whose_running_pod_vanishes_fails() {
+    let fake = setup(true);
+    pass(&fake).await;
+    set_pod_status(
+        &fake,
+        json!({"phase": "Running", "podIP": "10.1.2.3",
+               "conditions": [{"type": "Ready", "status": "True"}]}),
+    );
+    pass(&fake).await;
+    let mut s = fake.object(SANDBOXES, NS, "sbx-1").expect("sandbox");
+    s["status"]["claimedBy"] = json!("ses_1");
+    fake.put(SANDBOXES, s);
+    fake.remove(PODS, NS, "sbx-1");
+    let writes = pass(&fake).await;
+    assert!(
+        !writes.iter().any(|w| w.contains("/pods/")),
+        "not recreated without the session's state: {writes:?}"
+    );
+    assert_eq!(status(&fake)["phase"], "Failed");
+    assert_eq!(status(&fake)["conditions"][0]["reason"], "PodVanished");
+    pass(&fake).await;
+    assert_eq!(
+        status(&fake)["conditions"][0]["reason"],
+        "PodVanished",
+        "a settled failure keeps its reason"
+    );
+}
+
+// --- The controllers running against the fake API, fed by watches. ---
+
+const POOLS: &str = "apis/sandwarden.dev/v1alpha1/sandboxwarmpools";
+
+/// Plays the kubelet: every Pod without a phase starts running and becomes ready.
+fn kubelet(fake: &FakeKube) -> tokio::task::JoinHandle<()> {
+    let fake = fake.clone();
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        loop {
+            for mut pod in fake.list(PODS, NS) {
+                if pod["status"]["phase"].is_null() {
+                    n += 1;
+                    pod["status"] = json!({"phase": "Running", "podIP": format!("10.0.{}.{}", n / 250, n % 250 + 1),
+                        "conditions": [{"type": "Ready", "status": "True"}]});
+                    fake.put(PODS, pod);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+}
+
+fn pool_json(replicas: i32) -> Value {
+    json!({"apiVersion": "sandwarden.dev/v1alpha1", "kind": "SandboxWarmPool",
+           "metadata": {"name": "echo", "namespace": NS, "generation": 1},
+           "spec": {"templateRef": {"name": "echo"}, "replicas": replicas}})
+}
+
+fn scale(fake: &FakeKube, replicas: i32) {
+    let mut pool = fake.object(POOLS, NS, "echo").expect("pool");
+    pool["spec"]["replicas"] = json!(replicas);
+    fake.put(POOLS, pool);
+}
+
+/// The pool's members: its unclaimed sandboxes, and how many of them are Ready.
+fn members(fake: &FakeKube) -> (usize, usize) {
+    let owned: Vec<Value> = fake
+        .list(SANDBOXES, NS)
+        .into_iter()
+        .filter(|s| s["metadata"]["labels"]["sandwarden.dev/pool"] == "echo")
+        .collect();
+    let ready = owned
+        .iter()
+        .filter(|s| s["status"]["phase"] == "Ready")
+        .count();
+    (owned.len(), ready)
+}
+
+/// Waits (bounded) until `check` holds, saying what was last seen when it does not.
+async fn until(what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(seen) if std::time::Instant::now() > deadline => panic!("{what}: {seen}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
+fn start_controllers(
+    fake: &FakeKube,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(sandwarden::controller::run(
+        fake.client(),
+        NS,
+        Tokens::new(b"test".to_vec()),
+        "test-replica",
+        stop.clone(),
+    ));
+    (stop, task)
+}
+
+fn sandbox_posts(fake: &FakeKube) -> usize {
+    fake.writes()
+        .iter()
+        .filter(|w| {
+            *w == &format!("POST /{SANDBOXES}")
+                .replace("sandboxes", &format!("namespaces/{NS}/sandboxes"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_warm_pool_fills_scales_down_unready_first_and_refills_after_a_claim() {
+    let fake = setup(true);
+    fake.remove(SANDBOXES, NS, "sbx-1");
+    fake.put(POOLS, pool_json(3));
+    let kubelet = kubelet(&fake);
+    let (stop, task) = start_controllers(&fake);
+    until("three ready members", || match members(&fake) {
+        (3, 3) => Ok(()),
+        seen => Err(format!("{seen:?}")),
+    })
+    .await;
+    until("the pool's status counts them", || {
+        let s = fake.object(POOLS, NS, "echo").expect("pool")["status"].clone();
+        (s["readyReplicas"] == 3 && s["selector"] == "sandwarden.dev/pool=echo")
+            .then_some(())
+            .ok_or(s.to_string())
+    })
+    .await;
+    assert_eq!(sandbox_posts(&fake), 3, "no over-creation");
+    assert!(
+        fake.list("apis/events.k8s.io/v1/events", NS)
+            .iter()
+            .any(|e| e["reason"] == "Ready"),
+        "transitions are published as Events"
+    );
+
+    // A claim hands the sandbox over: it leaves the pool (so deleting the pool spares it) and
+    // the pool makes a replacement.
+    let api: Api<Sandbox> = Api::namespaced(fake.client(), NS);
+    let seen = sandwarden::runtime::kubernetes::candidates(&api, "echo")
+        .await
+        .expect("candidates");
+    let claimed =
+        sandwarden::runtime::kubernetes::claim(&api, &seen, "ses_1", 7, &Default::default())
+            .await
+            .expect("claim")
+            .sandbox
+            .and_then(|s| s.metadata.name)
+            .expect("won");
+    until("the claimed sandbox leaves the pool, which refills", || {
+        let s = fake.object(SANDBOXES, NS, &claimed).expect("claimed");
+        let released = s["metadata"]["ownerReferences"]
+            .as_array()
+            .is_none_or(|o| o.is_empty());
+        (released && members(&fake) == (3, 3))
+            .then_some(())
+            .ok_or(format!("{:?} {}", members(&fake), s["metadata"]))
+    })
+    .await;
+
+    // Scaling down removes the surplus; an unready member goes before ready ones.
+    kubelet.abort();
+    scale(&fake, 4);
+    until("a fourth, unready member", || match members(&fake) {
+        (4, 3) => Ok(()),
+        seen => Err(format!("{seen:?}")),
+    })
+    .await;
+    scale(&fake, 3);
+    until("the unready one removed", || match members(&fake) {
+        (3, 3) => Ok(()),
+        seen => Err(format!("{seen:?}")),
+    })
+    .await;
+
+    // Deleting the pool takes its members, not the claimed sandbox.
+    fake.remove(POOLS, NS, "echo");
+    assert_eq!(members(&fake), (0, 0));
+    assert!(fake.object(SANDBOXES, NS, &claimed).is_some());
+    stop.cancel();
+    task.await.expect("controllers stop");
+}
+
+#[tokio::test]
+async fn a_restart_mid_scale_up_and_a_410_neither_over_create_nor_lose_a_sandbox() {
+    let fake = FakeKube::new().with_latency(std::time::Duration::from_millis(3));
+    let spec: SandboxTemplateSpec =
+        serde_json::from_value(json!({"kind": "api", "command": "sandwarden echo-agent"}))
+            .expect("template");
+    let mut t = serde_json::to_value(SandboxTemplate::new("echo", spec)).expect("json");
+    t["metadata"]["namespace"] = json!(NS);
+    fake.put("apis/sandwarden.dev/v1alpha1/sandboxtemplates", t);
+    fake.put(POOLS, pool_json(20));
+    let (stop, task) = start_controllers(&fake);
+    until("the scale-up under way", || {
+        let n = members(&fake).0;
+        (n >= 3).then_some(()).ok_or(n.to_string())
+    })
+    .await;
+    // It dies mid-pass (a crash, or losing the lease), with creations made and more to come.
+    task.abort();
+    let _ = task.await;
+    drop(stop);
+    let made = members(&fake).0;
+    assert!(made < 20, "stopped mid-way ({made})");
+
+    // A new leader: its cache lists what the first made, so it makes only the rest.
+    let kubelet = kubelet(&fake);
+    let (stop, task) = start_controllers(&fake);
+    until("twenty ready members", || match members(&fake) {
+        (20, 20) => Ok(()),
+        seen => Err(format!("{seen:?}")),
+    })
+    .await;
+    assert_eq!(
+        sandbox_posts(&fake),
+        20,
+        "no over-creation across the restart"
+    );
+
+    // Watches expire (410 Gone on resume): the controllers list again and converge.
+    fake.compact();
+    fake.drop_watches();
+    scale(&fake, 22);
+    until("two more after the relist", || match members(&fake) {
+        (22, 22) => Ok(()),
+        seen => Err(format!("{seen:?}")),
+    })
+    .await;
+    // A sandbox deleted behind the controllers' back is replaced.
+    let victim = fake
+        .list(SANDBOXES, NS)
+        .into_iter()
+        .find_map(|s| s["metadata"]["name"].as_str().map(String::from))
+        .expect("a member");
+    fake.remove(SANDBOXES, NS, &victim);
+    until("the lost member replaced", || match members(&fake) {
+        (22, 22) => Ok(()),
+        seen => Err(format!("{seen:?}")),
+    })
+    .await;
+    assert_eq!(sandbox_posts(&fake), 23);
+    kubelet.abort();
+    stop.cancel();
+    task.await.expect("controllers stop");
+}
+
+#[tokio::test]
+async fn one_leader_at_a_time_and_a_successor_when_it_stops() {
+    use sandwarden::controller::leader::{Elector, Timings};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let fake = FakeKube::new();
+    let timings = Timings {
+        lease: std::time::Duration::from_millis(600),
+        retry: std::time::Duration::from_millis(50),
+        renew_deadline: std::time::Duration::from_millis(400),
+    };
+    let leading = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let mut replicas = Vec::new();
+    for who in ["a", "b", "c"] {
+        let elector = Elector::new(
+            Api::namespaced(fake.client(), NS),
+            "sandwarden-controller",
+            who,
+            timings,
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (leading, most) = (leading.clone(), most.clone());
+        let task = tokio::spawn(elector.run(stop.clone(), move |lost| {
+            let (leading, most) = (leading.clone(), most.clone());
+            async move {
+                let now = leading.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                lost.cancelled().await;
+                leading.fetch_sub(1, Ordering::SeqCst);
+            }
+        }));
+        replicas.push((who, stop, task));
+    }
+    let holder = || {
+        fake.object(
+            "apis/coordination.k8s.io/v1/leases",
+            NS,
+            "sandwarden-controller",
+        )
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+    };
+    until("a leader", || {
+        (leading.load(Ordering::SeqCst) == 1)
+            .then_some(())
+            .ok_or(format!("{:?}", holder()))
+    })
+    .await;
+    let first = holder().expect("a holder");
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(
+        holder().as_deref(),
+        Some(first.as_str()),
+        "the leader renews"
+    );
+    // The leader shuts down and releases the lease: another takes over.
+    let (_, stop, task) = replicas
+        .iter()
+        .position(|(who, _, _)| *who == first)
+        .map(|i| replicas.remove(i))
+        .expect("the leader's replica");
+    stop.cancel();
+    task.await.expect("stops");
+    until("a successor", || {
+        let h = holder();
+        (leading.load(Ordering::SeqCst) == 1 && h.is_some() && h.as_deref() != Some(first.as_str()))
+            .then_some(())
+            .ok_or(format!("{h:?}"))
+    })
+    .await;
+    assert_eq!(most.load(Ordering::SeqCst), 1, "never two leaders at once");
+    for (_, stop, task) in replicas {
+        stop.cancel();
+        task.await.expect("stops");
+    }
 }

@@ -162,7 +162,10 @@ impl Elector {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
             return;
         };
-        let ours = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+        let ours = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
             == Some(self.identity.as_str());
         if !ours {
             return;

@@ -1,9 +1,17 @@
-//! Pure decisions for a `SandboxWarmPool`: how many sandboxes to create or which to delete, from
-//! the members the watch cache shows plus the writes made but not yet observed (expectations), so
-//! a slow cache or a restart never over-creates; and the pool's status. Also the choice of a
-//! claim candidate. No I/O.
+//! A `SandboxWarmPool`: pure decisions (how many sandboxes to create or which to delete, from the
+//! members the watch cache shows plus the writes made but not yet observed (expectations), so a
+//! slow cache or a restart never over-creates; the pool's status; the choice of a claim
+//! candidate), then one reconcile pass that applies them.
 
+use crate::crd::{Sandbox, SandboxSpec, SandboxWarmPool};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::Store;
+use kube::{Resource, ResourceExt};
 use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// The label naming the pool a sandbox belongs to (until it is claimed).
+pub const POOL_LABEL: &str = "sandwarden.dev/pool";
 
 /// A pool's sandbox as the cache shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +107,174 @@ pub fn claim_order(members: &[Member], seed: usize) -> Vec<&str> {
         .collect();
     ready.sort_unstable();
     ready.into_iter().map(|(_, name)| name).collect()
+}
+
+/// A pool member as the pure functions see it.
+pub fn member(s: &Sandbox) -> Member {
+    let status = s.status.clone().unwrap_or_default();
+    Member {
+        name: s.name_any(),
+        ready: status.phase.as_deref() == Some("Ready"),
+        claimed: status.claimed_by.is_some(),
+        deleting: s.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+/// The members of `pool` in the cache: sandboxes it owns.
+fn members_of(pool: &SandboxWarmPool, cache: &Store<Sandbox>) -> Vec<std::sync::Arc<Sandbox>> {
+    let uid = pool.metadata.uid.clone();
+    let ns = pool.metadata.namespace.clone();
+    cache
+        .state()
+        .into_iter()
+        .filter(|s| {
+            s.metadata.namespace == ns
+                && s.owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .collect()
+}
+
+/// A new member's name: the pool's, a dash and five random characters (as `generateName` would,
+/// but known before the write so it can be expected).
+fn new_name(pool: &str) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let suffix: String = (0..5)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect();
+    let mut base = pool.to_string();
+    base.truncate(63 - 6);
+    format!("{base}-{suffix}")
+}
+
+fn new_member(pool: &SandboxWarmPool, name: String) -> Sandbox {
+    let template = pool.spec.template_ref.name.clone();
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert(POOL_LABEL.to_string(), pool.name_any());
+    labels.insert("sandwarden.dev/template".to_string(), template);
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_string(),
+        "sandwarden".to_string(),
+    );
+    Sandbox {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: pool.metadata.namespace.clone(),
+            labels: Some(labels),
+            owner_references: pool.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: SandboxSpec {
+            template_ref: pool.spec.template_ref.clone(),
+            env: Default::default(),
+            shutdown_time: None,
+        },
+        status: None,
+    }
+}
+
+/// One pass over a pool: hand claimed members over to their claimers (no longer owned by the
+/// pool, so deleting or shrinking it leaves live sessions alone), create or delete to reach
+/// `replicas` counting `expectations`, and write the status. Returns when to look again.
+pub async fn reconcile(
+    client: &kube::Client,
+    pool: &SandboxWarmPool,
+    cache: &Store<Sandbox>,
+    expectations: &mut Expectations,
+) -> Result<Duration, super::sandbox::Error> {
+    use super::sandbox::Error;
+    let ns = pool.metadata.namespace.clone().ok_or(Error::Unnamed)?;
+    let name = pool.metadata.name.clone().ok_or(Error::Unnamed)?;
+    let sandboxes: Api<Sandbox> = Api::namespaced(client.clone(), &ns);
+    let pools: Api<SandboxWarmPool> = Api::namespaced(client.clone(), &ns);
+    let write = |what: String| move |source| Error::Write { what, source };
+
+    let cached = members_of(pool, cache);
+    for s in cached.iter().filter(|s| member(s).claimed) {
+        let release = serde_json::json!({
+            "metadata": {
+                "ownerReferences": [],
+                "labels": { POOL_LABEL: null },
+            }
+        });
+        match sandboxes
+            .patch(
+                &s.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&release),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => {
+                return Err(write(format!("the claimed Sandbox {}", s.name_any()))(
+                    source,
+                ));
+            }
+        }
+    }
+    let members: Vec<Member> = cached.iter().map(|s| member(s)).collect();
+    expectations.observe(&members);
+    match plan(pool.spec.replicas, &members, expectations) {
+        PoolOp::Create(n) => {
+            for _ in 0..n {
+                let member_name = new_name(&name);
+                expectations.creating.insert(member_name.clone());
+                let created = sandboxes
+                    .create(
+                        &PostParams::default(),
+                        &new_member(pool, member_name.clone()),
+                    )
+                    .await;
+                if let Err(source) = created {
+                    expectations.creating.remove(&member_name);
+                    return Err(write(format!("a new Sandbox of pool {name}"))(source));
+                }
+            }
+        }
+        PoolOp::Delete(names) => {
+            for member_name in names {
+                expectations.deleting.insert(member_name.clone());
+                match sandboxes
+                    .delete(&member_name, &DeleteParams::default())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(source) => {
+                        expectations.deleting.remove(&member_name);
+                        return Err(write(format!("surplus Sandbox {member_name}"))(source));
+                    }
+                }
+            }
+        }
+        PoolOp::Nothing => {}
+    }
+    let (replicas, ready) = counts(&members);
+    let status = crate::crd::SandboxWarmPoolStatus {
+        replicas,
+        ready_replicas: ready,
+        selector: format!("{POOL_LABEL}={name}"),
+        observed_generation: pool.metadata.generation,
+    };
+    if pool.status.as_ref() != Some(&status) {
+        pools
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "status": status })),
+            )
+            .await
+            .map_err(write(format!("the status of pool {name}")))?;
+    }
+    // Members being made or readied change soon; a settled pool is woken by its watches.
+    Ok(if ready < pool.spec.replicas {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(300)
+    })
 }
 
 #[cfg(test)]

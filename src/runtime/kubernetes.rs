@@ -3,7 +3,7 @@
 //!
 //! It knows Sandboxes and who claimed them (an opaque claimer id); it must not know sessions.
 
-use crate::controller::warm_pool::{Member, claim_order};
+use crate::controller::warm_pool::{Member, claim_order, member};
 use crate::crd::Sandbox;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use std::collections::HashSet;
@@ -54,16 +54,6 @@ const TRIES: usize = 3;
 pub struct Claimed {
     pub sandbox: Option<Sandbox>,
     pub conflicts: u32,
-}
-
-fn member(s: &Sandbox) -> Member {
-    let status = s.status.clone().unwrap_or_default();
-    Member {
-        name: s.metadata.name.clone().unwrap_or_default(),
-        ready: status.phase.as_deref() == Some("Ready"),
-        claimed: status.claimed_by.is_some(),
-        deleting: s.metadata.deletion_timestamp.is_some(),
-    }
 }
 
 /// The ready, unclaimed sandboxes of `template`, from the API (the server keeps this from its
