@@ -378,10 +378,7 @@ fn start_controllers(
 fn sandbox_posts(fake: &FakeKube) -> usize {
     fake.writes()
         .iter()
-        .filter(|w| {
-            *w == &format!("POST /{SANDBOXES}")
-                .replace("sandboxes", &format!("namespaces/{NS}/sandboxes"))
-        })
+        .filter(|w| **w == format!("POST /apis/sandwarden.dev/v1alpha1/namespaces/{NS}/sandboxes"))
         .count()
 }
 
