@@ -166,6 +166,10 @@ pub struct SandboxStatus {
     /// The session that claimed it (claims are one compare-and-set write of this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<String>,
+    /// When it was claimed (a claim in flight is not yet recorded by the API's store; one this
+    /// old without a session is an orphan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at: Option<Time>,
     /// Pods created for it after failures.
     #[serde(default)]
     pub restarts: i32,
@@ -217,6 +221,31 @@ pub struct SandboxWarmPoolStatus {
     pub selector: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+impl SandboxTemplate {
+    /// The template as the API layer and every runtime know it (one harness command line for
+    /// all of them). Its warm pool is a `SandboxWarmPool`, not the API's own.
+    pub fn to_template(&self) -> crate::runtime::Template {
+        let spec = &self.spec;
+        crate::runtime::Template {
+            name: self.metadata.name.clone().unwrap_or_default(),
+            kind: match spec.kind {
+                HarnessKind::Api => "api".into(),
+                HarnessKind::Tui => "tui".into(),
+            },
+            command: spec.command.clone(),
+            start: match spec.start {
+                StartMode::Boot => "boot".into(),
+                StartMode::Bind => "bind".into(),
+            },
+            pool: 0,
+            idle_timeout_s: u64::try_from(spec.idle_timeout_seconds).unwrap_or(1),
+            turn_timeout_s: u64::try_from(spec.turn_timeout_seconds).unwrap_or(1),
+            env: Default::default(),
+            container: Default::default(),
+        }
+    }
 }
 
 /// The CRDs, in the order they are applied, as `(file name, YAML)`, followed by the

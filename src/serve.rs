@@ -2,12 +2,16 @@
 //! runs them until a signal.
 
 use crate::api;
+use crate::controller::leader::{Elector, Timings};
+use crate::crd::SandboxTemplate;
 use crate::runtime::docker::DockerRuntime;
+use crate::runtime::kubernetes::KubernetesRuntime;
 use crate::runtime::local::{Isolation, LocalRuntime};
 use crate::runtime::{Template, Tokens, builtin_templates};
 use crate::session::{Config, Orchestrator};
 use crate::store::Store;
 use anyhow::Context;
+use kube::ResourceExt;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +26,10 @@ pub enum RuntimeKind {
     /// Sandboxes are containers of harness images, through the Docker Engine API (Docker, or
     /// Podman's API service); `DOCKER_HOST` names the engine.
     Docker,
+    /// Sandboxes are `Sandbox` resources run as Pods by the controller in this process (when it
+    /// holds the leader Lease); templates and warm pools are the namespace's SandboxTemplates
+    /// and SandboxWarmPools. The cluster is the in-cluster service account's, or KUBECONFIG's.
+    Kubernetes,
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +66,14 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
+    /// The namespace of Sandboxes and their Pods (kubernetes runtime; default: the service
+    /// account's or the kubeconfig context's).
+    #[arg(long, env = "SANDWARDEN_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// This replica's name in leader election (kubernetes runtime; default: POD_NAME, else the
+    /// host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// Lifetime of the token in a session's `tty_url`, in seconds.
     #[arg(long, env = "SANDWARDEN_TTY_TOKEN_TTL", default_value_t = 600)]
     pub tty_token_ttl: u64,
@@ -154,6 +170,86 @@ async fn ensure_admin_key(store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cluster side of `--runtime kubernetes`.
+struct Kubernetes {
+    client: kube::Client,
+    namespace: String,
+    identity: String,
+}
+
+impl Kubernetes {
+    async fn connect(args: &ServeArgs) -> anyhow::Result<Self> {
+        let client = kube::Client::try_default().await.context(
+            "cannot reach Kubernetes: run in a Pod with a service account, or set KUBECONFIG",
+        )?;
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!(
+                "{}-{}",
+                host.trim(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        });
+        Ok(Kubernetes {
+            client,
+            namespace,
+            identity,
+        })
+    }
+
+    /// The namespace's SandboxTemplates, read once before serving (a watch keeps them current).
+    async fn templates(&self) -> anyhow::Result<BTreeMap<String, Template>> {
+        let api: kube::Api<SandboxTemplate> =
+            kube::Api::namespaced(self.client.clone(), &self.namespace);
+        let list = api.list(&Default::default()).await.with_context(|| {
+            format!(
+                "cannot list SandboxTemplates in namespace {:?}: are the CRDs installed (kubectl apply -k crds/) and may this service account read them?",
+                self.namespace
+            )
+        })?;
+        Ok(list
+            .items
+            .iter()
+            .map(|t| (t.name_any(), t.to_template()))
+            .collect())
+    }
+
+    /// Keeps the templates current, and runs the controllers while this replica leads.
+    fn run(self, orch: Arc<Orchestrator>, tokens: Tokens, shutdown: CancellationToken) {
+        crate::runtime::kubernetes::watch_templates(
+            self.client.clone(),
+            &self.namespace,
+            move |templates| orch.set_templates(templates),
+            shutdown.clone(),
+        );
+        let elector = Elector::new(
+            kube::Api::namespaced(self.client.clone(), &self.namespace),
+            LEASE,
+            &self.identity,
+            Timings::default(),
+        );
+        tracing::info!(namespace = %self.namespace, identity = %self.identity, "kubernetes runtime; electing a controller leader");
+        tokio::spawn(elector.run(shutdown, move |stop| {
+            let (client, namespace, tokens, identity) = (
+                self.client.clone(),
+                self.namespace.clone(),
+                tokens.clone(),
+                self.identity.clone(),
+            );
+            async move {
+                crate::controller::run(client, &namespace, tokens, &identity, stop).await;
+            }
+        }));
+    }
+}
+
+/// The Lease the replicas elect a controller leader with.
+pub const LEASE: &str = "sandwarden-controller";
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Settings are checked before anything is created.
     let isolation = args
@@ -164,7 +260,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
-    let templates = load_templates(&args)?;
+    let mut templates = load_templates(&args)?;
+    let kubernetes = match args.runtime {
+        RuntimeKind::Kubernetes => {
+            anyhow::ensure!(
+                args.templates.is_none() && args.pools.is_empty(),
+                "with --runtime kubernetes, templates and warm pools are SandboxTemplate and SandboxWarmPool resources: drop --templates and --pool"
+            );
+            let k = Kubernetes::connect(&args).await?;
+            templates = k.templates().await?;
+            Some(k)
+        }
+        _ => None,
+    };
     let store = Store::open(&data_dir).await.context("opening the store")?;
     ensure_admin_key(&store).await?;
     let tokens = Tokens::new(load_secret(&data_dir)?);
@@ -186,6 +294,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 isolation,
             )) as Arc<dyn crate::runtime::Runtime>
         }
+        RuntimeKind::Kubernetes => match &kubernetes {
+            Some(k) => Arc::new(KubernetesRuntime::start(
+                k.client.clone(),
+                &k.namespace,
+                exits_tx,
+                shutdown.clone(),
+            )),
+            None => anyhow::bail!("the Kubernetes client is missing"),
+        },
         RuntimeKind::Docker => Arc::new(
             DockerRuntime::connect(tokens.clone(), exits_tx)
                 .await
@@ -203,7 +320,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tty_token_ttl: Duration::from_secs(args.tty_token_ttl.max(1)),
         allowed_origins: args.allowed_origins.clone(),
     };
-    let orch = Orchestrator::new(store, runtime, tokens, templates, config, shutdown.clone());
+    let orch = Orchestrator::new(
+        store,
+        runtime,
+        tokens.clone(),
+        templates,
+        config,
+        shutdown.clone(),
+    );
+    if let Some(k) = kubernetes {
+        k.run(orch.clone(), tokens, shutdown.clone());
+    }
     orch.sync().await;
     let background = tokio::spawn(orch.clone().run_background(exits_rx));
 

@@ -2,7 +2,7 @@
 //! `SandboxTemplate` (with the secure defaults the template leaves out), and the sandbox's status
 //! as read from the Pod observed. No I/O.
 
-use crate::crd::{HarnessKind, Sandbox, SandboxTemplate, StartMode};
+use crate::crd::{Sandbox, SandboxTemplate};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, Pod,
     PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
@@ -46,35 +46,6 @@ pub fn owner_reference(sandbox: &Sandbox) -> Option<OwnerReference> {
     Some(owner)
 }
 
-fn harness_args(template: &SandboxTemplate) -> Vec<String> {
-    let spec = &template.spec;
-    let (kind, flag) = match spec.kind {
-        HarnessKind::Api => ("api", "--agent"),
-        HarnessKind::Tui => ("tui", "--command"),
-    };
-    let start = match spec.start {
-        StartMode::Boot => "boot",
-        StartMode::Bind => "bind",
-    };
-    [
-        "harness",
-        "--listen",
-        &format!("0.0.0.0:{}", spec.port),
-        "--kind",
-        kind,
-        flag,
-        &spec.command,
-        "--workdir",
-        WORKDIR,
-        "--start",
-        start,
-        "--turn-timeout",
-        &spec.turn_timeout_seconds.to_string(),
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 fn quantity(q: &str) -> Quantity {
     Quantity(q.to_string())
 }
@@ -89,7 +60,11 @@ fn fill_harness(c: &mut Container, template: &SandboxTemplate, sandbox: &Sandbox
                 format!("sandwarden/harness-{name}:{}", env!("CARGO_PKG_VERSION"))
             }));
     }
-    c.args = Some(harness_args(template));
+    c.args = Some(
+        template
+            .to_template()
+            .harness_args(&format!("0.0.0.0:{}", template.spec.port), WORKDIR),
+    );
     let port = ContainerPort {
         name: Some("harness".into()),
         container_port: spec.port,

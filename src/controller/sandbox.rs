@@ -324,14 +324,18 @@ pub async fn reconcile(
         }
     });
     if sandbox.status.as_ref() != Some(&plan.status) {
-        sandboxes
+        match sandboxes
             .patch_status(
                 &name,
                 &PatchParams::default(),
                 &Patch::Merge(serde_json::json!({ "status": plan.status })),
             )
             .await
-            .map_err(write("the Sandbox status"))?;
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {} // deleted meanwhile: nothing to say
+            Err(source) => return Err(write("the Sandbox status")(source)),
+        }
     }
     Ok(Pass {
         requeue: plan.requeue,

@@ -1,13 +1,25 @@
-//! The Kubernetes side of the runtime: sandboxes are `Sandbox` resources whose Pods the controller
-//! runs. A claim hands a ready one to a claimer with a single compare-and-set write.
+//! The Kubernetes runtime: sandboxes are `Sandbox` resources whose Pods the controller runs. A
+//! claim hands a ready, unclaimed one of a `SandboxWarmPool` to a claimer with a single
+//! compare-and-set write, chosen from a watch cache; with none left, a Sandbox is created for the
+//! claimer (cold). The same watch reports claimed sandboxes that fail or vanish, so their
+//! sessions are marked dead.
 //!
 //! It knows Sandboxes and who claimed them (an opaque claimer id); it must not know sessions.
 
+use super::{Runtime, RuntimeError, Template};
 use crate::controller::warm_pool::{Member, claim_order, member};
-use crate::crd::Sandbox;
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use std::collections::HashSet;
+use crate::crd::{Sandbox, SandboxSpec, SandboxTemplate, TemplateRef};
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// The sandboxes this server is claiming right now. Claims from one server never race each other:
 /// a claimer reserves a candidate here before its write, and others skip it. The write's
@@ -103,7 +115,7 @@ pub async fn claim(
         tried += 1;
         let patch = serde_json::json!({
             "metadata": { "resourceVersion": seen.metadata.resource_version },
-            "status": { "claimedBy": claimer },
+            "status": { "claimedBy": claimer, "claimedAt": Time(k8s_openapi::chrono::Utc::now()) },
         });
         let written = api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -124,4 +136,286 @@ pub async fn claim(
         sandbox: None,
         conflicts,
     })
+}
+
+/// How long a cold sandbox may take to become Ready (image pulls included).
+const COLD_READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// A claimed sandbox no session records, claimed longer ago than this, is an orphan (a claim in
+/// flight is recorded within seconds).
+const ORPHAN_AFTER: Duration = Duration::from_secs(120);
+
+/// A Sandbox name from a sandbox id (`sbx_<hex>` → `sbx-<hex>`: DNS-1123).
+pub fn resource_name(id: &str) -> String {
+    id.to_ascii_lowercase().replace('_', "-")
+}
+
+fn sandbox_of(s: &Sandbox, template: &str) -> Option<super::Sandbox> {
+    let status = s.status.as_ref()?;
+    Some(super::Sandbox {
+        id: s.name_any(),
+        template: template.to_string(),
+        endpoint: status.endpoint.clone()?,
+        pid: None,
+    })
+}
+
+/// Sandboxes in one namespace, through a watch cache.
+pub struct KubernetesRuntime {
+    api: Api<Sandbox>,
+    cache: Store<Sandbox>,
+    reservations: Reservations,
+}
+
+impl KubernetesRuntime {
+    /// Starts the Sandbox watch. Claimed sandboxes that fail or vanish are sent on `exits`.
+    pub fn start(
+        client: kube::Client,
+        namespace: &str,
+        exits: mpsc::UnboundedSender<String>,
+        stop: CancellationToken,
+    ) -> Self {
+        let api: Api<Sandbox> = Api::namespaced(client, namespace);
+        let (cache, writer) = reflector::store();
+        let events = reflector::reflector(writer, watcher(api.clone(), watcher::Config::default()))
+            .default_backoff();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(events);
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    next = events.next() => next,
+                };
+                let claimed =
+                    |s: &Sandbox| s.status.as_ref().is_some_and(|st| st.claimed_by.is_some());
+                match next {
+                    Some(Ok(watcher::Event::Apply(s))) => {
+                        let failed =
+                            s.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Failed");
+                        if claimed(&s) && (failed || s.metadata.deletion_timestamp.is_some()) {
+                            let _ = exits.send(s.name_any());
+                        }
+                    }
+                    Some(Ok(watcher::Event::Delete(s))) if claimed(&s) => {
+                        let _ = exits.send(s.name_any());
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "watching Sandboxes failed; retrying")
+                    }
+                    None => return,
+                }
+            }
+        });
+        KubernetesRuntime {
+            api,
+            cache,
+            reservations: Reservations::default(),
+        }
+    }
+
+    /// Waits (bounded) for the first list of the watch.
+    async fn cache_ready(&self) -> bool {
+        tokio::time::timeout(Duration::from_secs(10), self.cache.wait_until_ready())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn cached(&self, name: &str) -> Option<Arc<Sandbox>> {
+        self.cache
+            .state()
+            .into_iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+    }
+}
+
+/// The SandboxTemplates of `namespace`, as the API's templates, kept current by a watch that
+/// calls `update` with the whole set after every change.
+pub fn watch_templates(
+    client: kube::Client,
+    namespace: &str,
+    update: impl Fn(BTreeMap<String, Template>) + Send + 'static,
+    stop: CancellationToken,
+) {
+    let api: Api<SandboxTemplate> = Api::namespaced(client, namespace);
+    let (cache, writer) = reflector::store();
+    let events =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = events.next() => next,
+            };
+            match next {
+                // The cache holds a full list only once it is done (InitDone), and after each
+                // change.
+                Some(Ok(
+                    watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
+                )) => update(
+                    cache
+                        .state()
+                        .iter()
+                        .map(|t| (t.name_any(), t.to_template()))
+                        .collect(),
+                ),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching SandboxTemplates failed; retrying")
+                }
+                None => return,
+            }
+        }
+    });
+}
+
+#[async_trait::async_trait]
+impl Runtime for KubernetesRuntime {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn claim(&self, template: &Template, claimer: &str) -> Option<super::Sandbox> {
+        if !self.cache_ready().await {
+            return None;
+        }
+        let candidates: Vec<Sandbox> = self
+            .cache
+            .state()
+            .iter()
+            .filter(|s| {
+                let m = member(s);
+                s.labels().get("sandwarden.dev/template") == Some(&template.name)
+                    && m.ready
+                    && !m.claimed
+                    && !m.deleting
+            })
+            .map(|s| s.as_ref().clone())
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        match claim(
+            &self.api,
+            &candidates,
+            claimer,
+            rand::random_range(0..usize::MAX),
+            &self.reservations,
+        )
+        .await
+        {
+            Ok(Claimed {
+                sandbox: Some(won), ..
+            }) => sandbox_of(&won, &template.name),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, template = %template.name, "claiming a warm sandbox failed; starting one");
+                None
+            }
+        }
+    }
+
+    async fn create(&self, id: &str, template: &Template) -> Result<super::Sandbox, RuntimeError> {
+        let name = resource_name(id);
+        let mut labels = BTreeMap::new();
+        labels.insert("sandwarden.dev/template".to_string(), template.name.clone());
+        labels.insert(
+            "app.kubernetes.io/managed-by".to_string(),
+            "sandwarden".to_string(),
+        );
+        let sandbox = Sandbox {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(labels),
+                ..Default::default()
+            },
+            spec: SandboxSpec {
+                template_ref: TemplateRef {
+                    name: template.name.clone(),
+                },
+                env: Default::default(),
+                shutdown_time: None,
+            },
+            status: None,
+        };
+        let start = |e: kube::Error| RuntimeError::Start(format!("creating Sandbox {name}: {e}"));
+        self.api
+            .create(&PostParams::default(), &sandbox)
+            .await
+            .map_err(start)?;
+        // Claimed from birth: a failure ends its session instead of a silent recreation.
+        let patch = serde_json::json!({
+            "status": { "claimedBy": name, "claimedAt": Time(k8s_openapi::chrono::Utc::now()) },
+        });
+        self.api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(start)?;
+        let ready =
+            kube::runtime::wait::await_condition(self.api.clone(), &name, |s: Option<&Sandbox>| {
+                s.and_then(|s| s.status.as_ref())
+                    .and_then(|st| st.phase.as_deref())
+                    .is_some_and(|p| p == "Ready" || p == "Failed")
+            });
+        let seen = tokio::time::timeout(COLD_READY_TIMEOUT, ready)
+            .await
+            .map_err(|_| RuntimeError::StartTimeout(COLD_READY_TIMEOUT.as_secs()))?
+            .map_err(|e| RuntimeError::Start(format!("watching Sandbox {name}: {e}")))?;
+        let Some(seen) = seen else {
+            return Err(RuntimeError::Start(format!(
+                "Sandbox {name} was deleted while starting"
+            )));
+        };
+        let status = seen.status.clone().unwrap_or_default();
+        if status.phase.as_deref() == Some("Failed") {
+            let why = status
+                .conditions
+                .first()
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            return Err(RuntimeError::Start(format!("Sandbox {name} failed: {why}")));
+        }
+        sandbox_of(&seen, &template.name).ok_or_else(|| {
+            RuntimeError::Start(format!("Sandbox {name} is Ready without an endpoint"))
+        })
+    }
+
+    async fn destroy(&self, sandbox: &super::Sandbox) {
+        let name = resource_name(&sandbox.id);
+        match self.api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => tracing::warn!(error = %e, sandbox = %name, "deleting the Sandbox failed"),
+        }
+    }
+
+    async fn alive(&self, sandbox: &super::Sandbox) -> bool {
+        if !self.cache_ready().await {
+            return true; // cannot tell yet; the watch reports deaths when it can
+        }
+        self.cached(&resource_name(&sandbox.id)).is_some_and(|s| {
+            s.metadata.deletion_timestamp.is_none()
+                && s.status.as_ref().and_then(|st| st.phase.as_deref()) != Some("Failed")
+        })
+    }
+
+    async fn owned(&self) -> Vec<String> {
+        if !self.cache_ready().await {
+            return Vec::new();
+        }
+        let now = k8s_openapi::chrono::Utc::now();
+        self.cache
+            .state()
+            .iter()
+            .filter(|s| {
+                s.status
+                    .as_ref()
+                    .and_then(|st| st.claimed_at.as_ref())
+                    .is_some_and(|Time(at)| {
+                        (now - *at).to_std().is_ok_and(|age| age > ORPHAN_AFTER)
+                    })
+            })
+            .map(|s| s.name_any())
+            .collect()
+    }
 }

@@ -334,6 +334,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Starts a sandbox of `template`; returns once its harness server listens.
     async fn create(&self, id: &str, template: &Template) -> Result<Sandbox, RuntimeError>;
+    /// Hands over a ready sandbox of `template` that the runtime keeps warm itself (Kubernetes:
+    /// a `SandboxWarmPool` member), recording `claimer`; `None` when it has none.
+    async fn claim(&self, _template: &Template, _claimer: &str) -> Option<Sandbox> {
+        None
+    }
     /// Stops a sandbox and removes what it left (idempotent).
     async fn destroy(&self, sandbox: &Sandbox);
     /// Whether the sandbox still runs, by a cheap check (no request to the harness).

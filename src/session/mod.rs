@@ -103,7 +103,8 @@ pub struct Orchestrator {
     pub hub: hub::Hub,
     pub runtime: Arc<dyn Runtime>,
     pub tokens: Tokens,
-    pub templates: BTreeMap<String, Template>,
+    /// The templates by name (replaced whole when the runtime reports a change).
+    templates: std::sync::RwLock<Arc<BTreeMap<String, Template>>>,
     pub metrics: Metrics,
     pub config: Config,
     pool: Mutex<PoolIndex<Sandbox>>,
@@ -163,7 +164,7 @@ impl Orchestrator {
             store,
             runtime,
             tokens,
-            templates,
+            templates: std::sync::RwLock::new(Arc::new(templates)),
             metrics: Metrics::default(),
             config,
             pool: Mutex::new(PoolIndex::default()),
@@ -178,6 +179,19 @@ impl Orchestrator {
             shutdown,
             synced: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The templates sessions can name now.
+    pub fn templates(&self) -> Arc<BTreeMap<String, Template>> {
+        self.templates
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the templates (Kubernetes: the namespace's SandboxTemplates changed).
+    pub fn set_templates(&self, templates: BTreeMap<String, Template>) {
+        *self.templates.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(templates);
     }
 
     pub fn is_synced(&self) -> bool {
@@ -271,18 +285,15 @@ impl Orchestrator {
         let started = Instant::now();
         let invalid =
             |m: String| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_session", m);
-        let Some(template) = self.templates.get(&req.harness).cloned() else {
+        let templates = self.templates();
+        let Some(template) = templates.get(&req.harness).cloned() else {
             return Err(Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unknown_harness",
                 format!(
                     "no harness {:?}; available: {}",
                     req.harness,
-                    self.templates
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    templates.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
             ));
         };
@@ -403,6 +414,46 @@ impl Orchestrator {
                 }
                 Err(AttachError::Lost(reason)) => {
                     tracing::warn!(sandbox = %sandbox.id, %reason, "warm sandbox unusable; trying another");
+                    self.discard(sandbox).await;
+                }
+            }
+        }
+
+        // A sandbox the runtime keeps warm itself (Kubernetes: a SandboxWarmPool member).
+        if let Some(sandbox) = self.runtime.claim(&template, &session.id).await {
+            let row = SandboxRow {
+                id: sandbox.id.clone(),
+                template: template.name.clone(),
+                endpoint: sandbox.endpoint.clone(),
+                pid: None,
+                session_id: None,
+            };
+            let attached = match self.store.insert_sandbox(&row).await {
+                Ok(()) => self.attach_sandbox(&session, &sandbox, &bind).await,
+                Err(e) => Err(AttachError::Lost(e.to_string())),
+            };
+            match attached {
+                Ok(()) => {
+                    self.metrics.claim("warm");
+                    self.metrics
+                        .claim_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    let fresh = self
+                        .store
+                        .get_session_any(&session.id)
+                        .await
+                        .map_err(store_error)?;
+                    self.notify(&session.id);
+                    return Ok((fresh.unwrap_or(session), true));
+                }
+                Err(AttachError::Refused(p)) => {
+                    // Claimed for this request only: it goes (its pool makes another).
+                    self.discard(sandbox).await;
+                    let _ = self.store.forget_creating(&session.id).await;
+                    return Err(p);
+                }
+                Err(AttachError::Lost(reason)) => {
+                    tracing::warn!(sandbox = %sandbox.id, %reason, "claimed sandbox unusable; starting one");
                     self.discard(sandbox).await;
                 }
             }
@@ -871,7 +922,7 @@ impl Orchestrator {
         let mut backoff: HashMap<String, (Instant, Duration)> = HashMap::new();
         loop {
             let now = Instant::now();
-            for t in self.templates.values().filter(|t| t.pool > 0) {
+            for t in self.templates().values().filter(|t| t.pool > 0) {
                 if backoff.get(&t.name).is_some_and(|(until, _)| *until > now) {
                     continue;
                 }
