@@ -47,6 +47,9 @@ pub struct BenchArgs {
     #[arg(long, env = "SANDWARDEN_BENCH_SANDBOX_AGENT")]
     pub sandbox_agent: Option<PathBuf>,
     /// Replace the harness section of this Markdown file with the results (e.g. docs/benchmarks.md).
+    /// Sandboxes in the namespace (`bench controller`).
+    #[arg(long, default_value_t = 10_000)]
+    pub sandboxes: usize,
     #[arg(long, env = "SANDWARDEN_BENCH_WRITE")]
     pub write: Option<PathBuf>,
 }
@@ -63,6 +66,9 @@ pub enum Scenario {
     /// Kubernetes claims: a burst of concurrent claimers draining a warm pool on the in-memory
     /// API server with injected latency.
     Claims,
+    /// The controller at scale: `serve --runtime kubernetes` with many Sandboxes on the
+    /// in-memory API server: reconcile throughput and memory per cached Sandbox.
+    Controller,
     /// The real agent CLIs (opencode, claude-agent-sdk, codex) against the fake model: cold
     /// starts, warm claim → first event, turns; one opencode ACP turn through sandwarden vs the
     /// peer sandbox-agent.
@@ -75,6 +81,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Serve => (crate::bench_serve::run(&args).await?, "serve"),
         Scenario::Docker => (crate::bench_docker::run(&args).await?, "docker"),
         Scenario::Claims => (crate::bench_claims::run(&args).await?, "claims"),
+        Scenario::Controller => (crate::bench_controller::run(&args).await?, "controller"),
         Scenario::Harnesses => (crate::bench_harnesses::run(&args).await?, "harnesses"),
     };
     println!("{report}");

@@ -57,27 +57,39 @@ pub(crate) fn start_serve_env(
     templates_json: &str,
     env: &[(String, String)],
 ) -> anyhow::Result<Serve> {
+    start_serve_args(
+        |dir| {
+            let templates = dir.join("templates.json");
+            std::fs::write(&templates, templates_json)?;
+            Ok(vec![
+                "--runtime".into(),
+                runtime.into(),
+                "--pool".into(),
+                format!("echo={pool}"),
+                "--templates".into(),
+                templates.to_string_lossy().into_owned(),
+            ])
+        },
+        env,
+    )
+}
+
+/// A `serve` on a fresh data dir with the arguments `args` makes for that dir.
+pub(crate) fn start_serve_args(
+    args: impl FnOnce(&std::path::Path) -> anyhow::Result<Vec<String>>,
+    env: &[(String, String)],
+) -> anyhow::Result<Serve> {
     let dir = std::env::temp_dir().join(format!(
         "sandwarden-bench-{}",
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::create_dir_all(&dir)?;
-    let templates = dir.join("templates.json");
-    std::fs::write(&templates, templates_json)?;
+    let extra = args(&dir)?;
     let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--runtime",
-            runtime,
-            "--pool",
-            &format!("echo={pool}"),
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .arg("--data-dir")
         .arg(&dir)
-        .arg("--templates")
-        .arg(&templates)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("SANDWARDEN_API_KEY", KEY)
         .env("SANDWARDEN_LOG", "warn")

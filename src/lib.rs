@@ -8,6 +8,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_claims;
+pub mod bench_controller;
 pub mod bench_docker;
 pub mod bench_harnesses;
 pub mod bench_serve;
