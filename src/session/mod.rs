@@ -42,9 +42,14 @@ const DELETABLE: &[&str] = match STATUSES.split_last() {
 };
 /// Statuses in which a session holds a live sandbox.
 pub const LIVE: &[&str] = &["ready", "running", "input_required"];
+/// Statuses in which a session's sandbox must be kept (a `creating` one is being attached).
+const SUPERVISED: &[&str] = &["creating", "ready", "running", "input_required"];
 /// How long a cold sandbox may take to become ready.
 const COLD_START_TIMEOUT: Duration = Duration::from_secs(120);
 const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+/// On the changes channel: every session may have changed (notices from other replicas were
+/// missed), so every waiter re-reads.
+const ANY_SESSION: &str = "*";
 
 /// `POST /v1/sessions`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -92,6 +97,9 @@ pub struct Config {
     pub tty_token_ttl: Duration,
     /// Origins allowed to open terminal WebSockets from a browser (empty: same origin only).
     pub allowed_origins: Vec<String>,
+    /// How long a replica's claim on a webhook delivery lasts without renewal; another replica
+    /// takes the delivery over after that (the claimer renews while it delivers).
+    pub webhook_lease: Duration,
 }
 
 struct RunningTurn {
@@ -125,13 +133,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A store failure as the API reports it: `503` (with `Retry-After`) while the database cannot
+/// be reached, `500` for anything else. The detail never carries the cause (it may name hosts or
+/// values); the log does.
 pub fn store_error(e: store::StoreError) -> Problem {
     tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store failure");
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "the session store cannot be used right now; retry shortly",
-    )
+    if e.is_unavailable() {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the session store cannot be reached right now; retry shortly",
+        )
+    } else {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            "the session store failed this request; the server log has the cause",
+        )
+    }
 }
 
 pub fn not_found(id: &str) -> Problem {
@@ -233,8 +252,39 @@ impl Orchestrator {
         }
     }
 
+    /// Wakes long-polls of a session, here and (through the store) on other replicas.
     fn notify(&self, session_id: &str) {
         let _ = self.changed.send(session_id.to_string());
+        self.store.announce(session_id);
+    }
+
+    /// Relays what other replicas did (shared store only): their events to this replica's
+    /// subscribers, their session changes to its long-polls.
+    async fn follow_replicas(self: Arc<Self>) {
+        let Some(mut notices) = self.store.notices() else {
+            return;
+        };
+        loop {
+            let notice = tokio::select! {
+                n = notices.recv() => n,
+                () = self.shutdown.cancelled() => return,
+            };
+            match notice {
+                Ok(store::Notice::Events {
+                    session_id,
+                    first,
+                    last,
+                }) => self.hub.feed(&session_id, first, last).await,
+                Ok(store::Notice::Changed(session_id)) => {
+                    let _ = self.changed.send(session_id);
+                }
+                Ok(store::Notice::Lost) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.hub.feed_all().await;
+                    let _ = self.changed.send(ANY_SESSION.to_string());
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 
     /// The `tty_url` of a TUI session: a short-lived token so a browser can attach without the key.
@@ -537,6 +587,7 @@ impl Orchestrator {
                     endpoint: sandbox.endpoint.clone(),
                     pid: sandbox.pid,
                     session_id: None,
+                    owner: None,
                 })
                 .await
                 .map_err(|e| e.to_string())?;
@@ -554,10 +605,6 @@ impl Orchestrator {
                 Err(reason)
             }
         }
-    }
-
-    async fn find_sandbox(&self, id: &str) -> Result<Option<Sandbox>, store::StoreError> {
-        Ok(self.store.get_sandbox(id).await?.map(Sandbox::from))
     }
 
     /// Stops a sandbox and forgets it.
@@ -625,13 +672,15 @@ impl Orchestrator {
         self.get(tenant, id).await
     }
 
-    /// Stops a session's sandbox and drops its turn lock.
+    /// Stops a session's sandbox and drops its turn lock. A sandbox another replica started is
+    /// left to that replica: its supervisor stops sandboxes whose session has ended.
     async fn release(&self, s: &Session) {
         lock(&self.turns).remove(&s.id);
         if let Some(sandbox_id) = &s.sandbox_id
-            && let Ok(Some(sandbox)) = self.find_sandbox(sandbox_id).await
+            && let Ok(Some(row)) = self.store.get_sandbox(sandbox_id).await
+            && self.store.owns(&row)
         {
-            self.discard(sandbox).await;
+            self.discard(Sandbox::from(row)).await;
         }
     }
 
@@ -710,22 +759,28 @@ impl Orchestrator {
     /// Reconciles the store with the runtime after a (re)start. Call before serving requests.
     pub async fn sync(self: &Arc<Self>) {
         self.recover().await;
-        webhook::resume(self).await;
+        webhook::resume(self, true).await;
         self.synced
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub async fn run_background(self: Arc<Self>, mut exits: mpsc::UnboundedReceiver<String>) {
         let pool = tokio::spawn(self.clone().keep_pools());
+        let replicas = tokio::spawn(self.clone().follow_replicas());
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+        let mut hooks = tokio::time::interval(self.config.webhook_lease.max(SUPERVISE_EVERY));
+        hooks.tick().await;
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
                 Some(sandbox_id) = exits.recv() => self.sandbox_exited(&sandbox_id).await,
                 _ = tick.tick() => self.supervise().await,
+                // Deliveries whose replica died (its claim ran out) are taken over.
+                _ = hooks.tick() => webhook::resume(&self, false).await,
             }
         }
         pool.abort();
+        replicas.abort();
         // Warm sandboxes nobody holds are stopped; claimed ones keep running for the next start.
         let warm = lock(&self.pool).drain();
         for sandbox in warm {
@@ -754,10 +809,12 @@ impl Orchestrator {
                     .await;
             }
         }
-        let rows = self.store.list_sandboxes().await.unwrap_or_default();
+        let mut rows = self.store.list_sandboxes().await.unwrap_or_default();
         // Sandboxes the runtime still has that nothing records (a crash between starting one
         // and recording it) are removed.
-        let known: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let known: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
+        // Other replicas' sandboxes are theirs (their processes): neither adopted nor stopped.
+        rows.retain(|r| self.store.owns(r));
         for orphan in self.runtime.owned().await {
             if !known.contains(orphan.as_str()) {
                 tracing::info!(sandbox = %orphan, "removing an orphaned sandbox");
@@ -795,7 +852,15 @@ impl Orchestrator {
             }
         }
         if let Ok(creating) = self.store.sessions_with_status(&["creating"]).await {
+            // With a shared store another replica may be creating a session right now: only
+            // those older than any cold start are abandoned.
+            let stuck_before =
+                humantime::format_rfc3339_micros(std::time::SystemTime::now() - COLD_START_TIMEOUT)
+                    .to_string();
             for s in creating {
+                if self.store.is_shared() && s.created_at > stuck_before {
+                    continue;
+                }
                 let _ = self
                     .store
                     .transition(
@@ -821,26 +886,48 @@ impl Orchestrator {
     }
 
     async fn supervise(&self) {
-        let Ok(live) = self.store.sessions_with_status(LIVE).await else {
-            return;
-        };
-        // One read of the sandboxes per tick, not one per session.
+        // One read of the sandboxes per tick, not one per session; before the sessions, so a
+        // sandbox claimed in between has its session in the second read.
         let Ok(rows) = self.store.list_sandboxes().await else {
             return;
         };
-        let sandboxes: HashMap<String, Sandbox> = rows
+        let Ok(mut live) = self.store.sessions_with_status(SUPERVISED).await else {
+            return;
+        };
+        // This replica's sandboxes whose session ended on another replica are stopped here.
+        let holding: std::collections::HashSet<&str> = live.iter().map(|s| s.id.as_str()).collect();
+        let ended: Vec<SandboxRow> = rows
+            .iter()
+            .filter(|r| {
+                self.store.owns(r)
+                    && r.session_id
+                        .as_deref()
+                        .is_some_and(|s| !holding.contains(s))
+            })
+            .cloned()
+            .collect();
+        for row in ended {
+            tracing::info!(sandbox = %row.id, "stopping a sandbox whose session ended elsewhere");
+            self.discard(Sandbox::from(row)).await;
+        }
+        live.retain(|s| s.status != "creating");
+        let sandboxes: HashMap<String, (bool, Sandbox)> = rows
             .into_iter()
-            .map(|r| (r.id.clone(), Sandbox::from(r)))
+            .map(|r| (r.id.clone(), (self.store.owns(&r), Sandbox::from(r))))
             .collect();
         let now = std::time::SystemTime::now();
         for s in live {
             let Some(sandbox_id) = &s.sandbox_id else {
                 continue;
             };
-            let Some(sandbox) = sandboxes.get(sandbox_id) else {
+            let Some((mine, sandbox)) = sandboxes.get(sandbox_id) else {
                 self.mark_dead(&s, "its sandbox is gone").await;
                 continue;
             };
+            if !mine {
+                // Its replica watches its process and reaps it.
+                continue;
+            }
             if !self.runtime.alive(sandbox).await {
                 self.mark_dead(&s, "its sandbox exited").await;
                 continue;
@@ -945,7 +1032,7 @@ pub(crate) async fn changed(
     loop {
         match tokio::time::timeout_at(deadline, changes.recv()).await {
             Err(_) => return false,
-            Ok(Ok(id)) if id != session_id => continue,
+            Ok(Ok(id)) if id != session_id && id != ANY_SESSION => continue,
             Ok(_) => return true,
         }
     }

@@ -272,6 +272,10 @@ impl Orchestrator {
                 .await
                 .map_err(store_error)?;
             if let Some(session) = begun {
+                if self.store.is_shared() {
+                    // The session's last turn may have run on another replica.
+                    self.hub.forget_seq(session_id).await;
+                }
                 break (session, turn, user);
             }
             let session = self.get(tenant, session_id).await?;
@@ -280,6 +284,11 @@ impl Orchestrator {
                 self.wait(tenant, session_id, super::COLD_START_TIMEOUT)
                     .await?;
                 continue;
+            }
+            if matches!(session.status.as_str(), "running" | "input_required") {
+                // Held by a turn this replica may not know of (another replica runs it).
+                let running = self.store.running_turn(session_id).await.ok().flatten();
+                return Err(turn_in_progress(running));
             }
             return Err(self.refusal(&session));
         };
@@ -602,7 +611,17 @@ impl Orchestrator {
     /// Cancels the session's running turn through its harness.
     pub async fn cancel(&self, tenant: &str, session_id: &str) -> Result<Value, Problem> {
         let session = self.get(tenant, session_id).await?;
-        let Some(turn_id) = self.running_turn(&session.id) else {
+        // A turn another replica runs is cancelled the same way: through the sandbox's harness,
+        // which any replica can reach at the endpoint in the store.
+        let running = match self.running_turn(&session.id) {
+            Some(t) => Some(t),
+            None => self
+                .store
+                .running_turn(&session.id)
+                .await
+                .map_err(store_error)?,
+        };
+        let Some(turn_id) = running else {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
                 "no_turn_running",
