@@ -373,3 +373,109 @@ async fn a_turn_running_on_one_replica_is_cancelled_through_the_other() {
     let finished = a.finished_turn(&id, &turn).await;
     assert_eq!(finished["status"], "cancelled", "{finished}");
 }
+
+/// A PostgreSQL cluster of this test's own (scripts/start-postgres on another port), so stopping
+/// it does not disturb the other tests.
+struct OwnCluster {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl OwnCluster {
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/start-postgres"
+        ))
+        .args(args)
+        .env("SANDWARDEN_TEST_POSTGRES_PORT", self.port.to_string())
+        .env("SANDWARDEN_TEST_POSTGRES_DIR", self.dir.path().join("pg"))
+        .output()
+        .expect("scripts/start-postgres");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn start(&self) -> String {
+        let line = self.ctl(&[]);
+        line.trim()
+            .trim_start_matches("export SANDWARDEN_TEST_POSTGRES=")
+            .to_string()
+    }
+}
+
+#[tokio::test]
+async fn the_database_going_away_mid_turn_answers_503_then_recovers_with_nothing_lost() {
+    if common::postgres_server().is_none() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // As root the cluster's owner (postgres) must reach its directory.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let cluster = OwnCluster { port, dir };
+    let server = cluster.start();
+    let db = sandwarden::store::Store::scratch_database(&server)
+        .await
+        .expect("database");
+    let serve = Serve::start_with_env(
+        &["--store-acquire-timeout", "1"],
+        &[("SANDWARDEN_STORE", db)],
+    );
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    assert_eq!(api.say(&id, "before").await.0, 200);
+
+    // A turn streams while the database stops under it.
+    let turn = api
+        .post_async(&id, json!({"text": "/slow 20 during"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.ctl(&["stop"]);
+    let resp = api
+        .http
+        .get(serve.url(&format!("/v1/sessions/{id}")))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let problem: serde_json::Value = resp.json().await.expect("problem");
+    assert_eq!(problem["type"], "store_unavailable", "{problem}");
+    let (status, problem) = api.say(&id, "refused").await;
+    assert_eq!(status, 503, "{problem}");
+
+    // Back, without restarting serve: the turn ends with every event, nothing twice.
+    cluster.start();
+    let finished = api.finished_turn(&id, &turn).await;
+    assert_eq!(finished["status"], "completed", "{finished}");
+    let mut reply = (0, serde_json::Value::Null);
+    for _ in 0..100 {
+        reply = api.say(&id, "after").await;
+        if reply.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reply.0, 200, "{}", reply.1);
+    let texts = api.history_texts(&id).await;
+    let users: Vec<&String> = texts.iter().step_by(2).collect();
+    assert_eq!(users, ["before", "/slow 20 during", "after"], "{texts:?}");
+    let events = stored_seqs(&api, &id).await;
+    assert_eq!(events.iter().filter(|(_, k)| k == "done").count(), 3);
+    cluster.ctl(&["stop"]);
+}
