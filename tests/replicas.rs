@@ -479,3 +479,45 @@ async fn the_database_going_away_mid_turn_answers_503_then_recovers_with_nothing
     assert_eq!(events.iter().filter(|(_, k)| k == "done").count(), 3);
     cluster.ctl(&["stop"]);
 }
+
+#[tokio::test]
+async fn a_terminal_started_on_one_replica_attaches_through_the_other() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let Some(r) = replicas(&[]).await else {
+        return;
+    };
+    let (a, b) = (r.a.client(), r.b.client());
+    let id = a.ready("sh").await;
+    let (_, s) = b.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    let tty_url = s["tty_url"].as_str().expect("tty_url from B");
+    // The token B issued, on B's address: B dials A's sandbox from the endpoint in the store.
+    assert!(
+        tty_url.starts_with(&r.b.base.replacen("http", "ws", 1)),
+        "{tty_url}"
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(tty_url)
+        .await
+        .expect("attach through B");
+    ws.send(Message::Binary(b"echo across-$((40+2))\n".to_vec().into()))
+        .await
+        .expect("send");
+    let mut out = String::new();
+    while !out.contains("across-42") {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => out.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("terminal ended early: {other:?} after {out:?}"),
+        }
+    }
+    // A token A issued works on B too: the secret is shared.
+    let (_, s) = a.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    let from_a = s["tty_url"].as_str().expect("tty_url from A");
+    let on_b = from_a.replace(
+        &r.a.base.replacen("http", "ws", 1),
+        &r.b.base.replacen("http", "ws", 1),
+    );
+    tokio_tungstenite::connect_async(&on_b)
+        .await
+        .expect("A's token accepted by B");
+}

@@ -124,6 +124,8 @@ pub struct Orchestrator {
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
     viewers: Mutex<HashMap<String, usize>>,
+    /// Webhook deliveries this replica is delivering now.
+    delivering: Arc<Mutex<std::collections::HashSet<String>>>,
     changed: broadcast::Sender<String>,
     pub shutdown: CancellationToken,
     synced: std::sync::atomic::AtomicBool,
@@ -193,6 +195,7 @@ impl Orchestrator {
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
             viewers: Mutex::new(HashMap::new()),
+            delivering: Arc::default(),
             changed: broadcast::channel(1024).0,
             shutdown,
             synced: std::sync::atomic::AtomicBool::new(false),
@@ -734,6 +737,18 @@ impl Orchestrator {
         lock(&self.turns).get(session_id).map(|t| t.turn_id.clone())
     }
 
+    /// Marks a webhook delivery in flight on this replica until the guard drops; `None` when it
+    /// already is.
+    fn delivering(&self, id: &str) -> Option<InFlight> {
+        if !lock(&self.delivering).insert(id.to_string()) {
+            return None;
+        }
+        Some(InFlight {
+            set: self.delivering.clone(),
+            id: id.to_string(),
+        })
+    }
+
     // ---- terminals
 
     pub fn viewer_attached(&self, session_id: &str) {
@@ -1008,6 +1023,18 @@ impl Orchestrator {
                 false
             }
         }
+    }
+}
+
+/// A delivery in flight on this replica; forgotten when dropped.
+struct InFlight {
+    set: Arc<Mutex<std::collections::HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.id);
     }
 }
 

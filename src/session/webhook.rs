@@ -208,6 +208,10 @@ pub async fn deliver(
         (None, None) => return,
     };
     record.body = Some(body.clone());
+    // Once per replica: the turn's end and the periodic resume may both reach a fresh delivery.
+    let Some(_in_flight) = orch.delivering(&record.id) else {
+        return;
+    };
     // One replica at a time: whoever holds the claim delivers, renewing it until done.
     let lease = orch.config.webhook_lease;
     match orch.store.claim_delivery(&record.id, lease).await {
