@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// @sandbox-agent/cli-linux-x64 into a scratch prefix under the temp dir.
     #[arg(long, env = "SANDWARDEN_BENCH_SANDBOX_AGENT")]
     pub sandbox_agent: Option<PathBuf>,
+    /// The PostgreSQL server `bench postgres` makes its scratch database on (default:
+    /// SANDWARDEN_TEST_POSTGRES, as scripts/start-postgres prints).
+    #[arg(long, env = "SANDWARDEN_BENCH_POSTGRES", hide_env_values = true)]
+    pub postgres: Option<String>,
     /// Replace the harness section of this Markdown file with the results (e.g. docs/benchmarks.md).
     #[arg(long, env = "SANDWARDEN_BENCH_WRITE")]
     pub write: Option<PathBuf>,
@@ -67,6 +71,9 @@ pub enum Scenario {
     /// starts, warm claim → first event, turns; one opencode ACP turn through sandwarden vs the
     /// peer sandbox-agent.
     Harnesses,
+    /// The PostgreSQL store: message path against SQLite and the harness directly, and event
+    /// fan-out delay between two replicas.
+    Postgres,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -76,6 +83,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Docker => (crate::bench_docker::run(&args).await?, "docker"),
         Scenario::Claims => (crate::bench_claims::run(&args).await?, "claims"),
         Scenario::Harnesses => (crate::bench_harnesses::run(&args).await?, "harnesses"),
+        Scenario::Postgres => (crate::bench_postgres::run(&args).await?, "postgres"),
     };
     println!("{report}");
     if let Some(path) = &args.write {

@@ -49,12 +49,10 @@ impl Hub {
         map.get(session_id).cloned()
     }
 
-    /// Makes the next event of the session re-read its seq from the store (a turn starts here
-    /// after one that may have run on another replica).
-    pub async fn forget_seq(&self, session_id: &str) {
-        if let Some(ch) = self.existing(session_id) {
-            *ch.seq.lock().await = None;
-        }
+    /// Sets the session's last seq as the store has it when a turn starts here (the previous
+    /// turn may have run on another replica).
+    pub async fn set_seq(&self, session_id: &str, last: i64) {
+        *self.channel(session_id).seq.lock().await = Some(last);
     }
 
     /// Fans out events `first..=last` of a session that another replica committed, read from the

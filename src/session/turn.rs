@@ -271,12 +271,12 @@ impl Orchestrator {
                 .begin_turn(tenant, &turn, &user, delivery.as_ref())
                 .await
                 .map_err(store_error)?;
-            if let Some(session) = begun {
-                if self.store.is_shared() {
+            if let Some(begun) = begun {
+                if let Some(last) = begun.last_seq {
                     // The session's last turn may have run on another replica.
-                    self.hub.forget_seq(session_id).await;
+                    self.hub.set_seq(session_id, last).await;
                 }
-                break (session, turn, user);
+                break (begun.session, turn, user);
             }
             let session = self.get(tenant, session_id).await?;
             if session.status == "creating" && !waited {

@@ -182,6 +182,14 @@ pub struct SessionFilter {
     pub limit: i64,
 }
 
+/// A turn that started: the session as it now is and, with a shared store, the session's last
+/// event seq read in the same statement (the previous turn may have run on another replica).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Begun {
+    pub session: Session,
+    pub last_seq: Option<i64>,
+}
+
 /// A new turn as the writer records it.
 struct Begin {
     tenant: String,
@@ -736,7 +744,7 @@ impl Store {
         turn: &Turn,
         user: &Message,
         delivery: Option<&Delivery>,
-    ) -> Result<Option<Session>> {
+    ) -> Result<Option<Begun>> {
         let begin = Begin {
             tenant: tenant.to_string(),
             turn: turn.clone(),
@@ -752,9 +760,14 @@ impl Store {
             .send(Write::Begin(Box::new(begin), tx))
             .await
             .map_err(|_| StoreError::WriterGone)?;
-        rx.await
+        let session = rx
+            .await
             .map_err(|_| StoreError::WriterGone)?
-            .map_err(StoreError::Write)
+            .map_err(StoreError::Write)?;
+        Ok(session.map(|session| Begun {
+            session,
+            last_seq: None,
+        }))
     }
 
     /// The turn running on a session, if any (for a `409` that names it).
@@ -1220,7 +1233,11 @@ mod tests {
             None
         );
         let begun = store.begin_turn("t1", &t, &m, None).await.expect("begin");
-        assert_eq!(begun.map(|s| s.status), Some("running".into()));
+        let begun = begun.expect("began");
+        assert_eq!(begun.session.status, "running");
+        if store.is_shared() {
+            assert_eq!(begun.last_seq, Some(0));
+        }
         let (t2, m2) = turn("s1", "turn-2");
         assert_eq!(
             store.begin_turn("t1", &t2, &m2, None).await.expect("begin"),
@@ -1276,7 +1293,10 @@ mod tests {
             store.begin_turn("t1", &good, &good_msg, None),
         );
         assert!(first.is_err(), "{first:?}");
-        assert_eq!(second.expect("good start").map(|s| s.id), Some("s2".into()));
+        assert_eq!(
+            second.expect("good start").map(|b| b.session.id),
+            Some("s2".into())
+        );
         assert!(store.get_turn("s2", "fresh").await.expect("get").is_some());
         let s3 = store
             .get_session("t1", "s3")

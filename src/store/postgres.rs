@@ -3,7 +3,9 @@
 //! and the inserts follow from its result; events and turn ends go through one writer task so
 //! events commit in `seq` order), and LISTEN/NOTIFY between replicas.
 
-use super::{Begin, Event, Message, Notice, Options, Result, Session, StoreError, Turn, Write};
+use super::{
+    Begin, Begun, Event, Message, Notice, Options, Result, Session, StoreError, Turn, Write,
+};
 use super::{WriteFailed, json, now};
 use backon::{ExponentialBuilder, Retryable};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
@@ -142,10 +144,10 @@ async fn listen(mut listener: PgListener, notices: broadcast::Sender<Notice>, me
     }
 }
 
-/// A turn's start in one statement: the session moves from `ready` to `running` (returned), and
-/// the turn, the user's message and the pending delivery are inserted from that row, so nothing
-/// is inserted when the session was not `ready`.
-pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Session>, sqlx::Error> {
+/// A turn's start in one statement: the session moves from `ready` to `running` (returned, with
+/// its last event seq), and the turn, the user's message and the pending delivery are inserted
+/// from that row, so nothing is inserted when the session was not `ready`.
+pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Begun>, sqlx::Error> {
     let t = &b.turn;
     let m = &b.user;
     let d = b.delivery.as_ref();
@@ -160,7 +162,8 @@ pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Session>, s
          d AS (INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, \
            created_at, updated_at, include_messages, sealed_token) \
            SELECT $15, $4, s.id, $16, $17, $18, $19, $19, $20, $21 FROM s WHERE $15::text IS NOT NULL) \
-         SELECT * FROM s",
+         SELECT s.*, (SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = $2) AS last_seq \
+         FROM s",
     )
     .bind(&t.created_at)
     .bind(&t.session_id)
@@ -185,66 +188,89 @@ pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Session>, s
     .bind(d.and_then(|d| d.sealed_token.clone()))
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| session_row!(&r)))
+    Ok(row.map(|r| Begun {
+        last_seq: Some(r.get("last_seq")),
+        session: session_row!(&r),
+    }))
 }
 
 /// Inserts events (a retry after an unknown outcome inserts nothing twice) and, in the same
 /// statement, notifies other replicas per session after the commit.
 async fn insert_events(pool: &PgPool, events: &[&Event], me: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH ins AS (INSERT INTO events (session_id, seq, turn_id, type, ts, data) \
-           SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-           ON CONFLICT DO NOTHING RETURNING session_id, seq) \
-         SELECT pg_notify($7, $8 || ' ' || MIN(seq) || ' ' || MAX(seq) || ' ' || session_id) \
-         FROM ins GROUP BY session_id",
-    )
-    .bind(events.iter().map(|e| e.session_id.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.seq).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.turn_id.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.ts.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.data.to_string()).collect::<Vec<_>>())
-    .bind(EVENTS_CHANNEL)
-    .bind(me)
-    .execute(pool)
-    .await?;
-    Ok(())
+    finish(pool, events, None, me).await
 }
 
-/// A turn's end in one statement: its outcome, the assistant's message, and a running session
-/// back to `ready` (a dead or deleted one stays so; one another turn already holds is left alone,
-/// should this be a retry after the first attempt committed).
-async fn finish(pool: &PgPool, turn: &Turn, reply: Option<&Message>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH t AS (UPDATE turns SET status = $1, text = $2, usage = $3, error = $4, \
-           finished_at = $5 WHERE id = $6), \
-         m AS (INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
-           SELECT $7, $8, $9, $10, $11, $12, $13, $14 WHERE $7::text IS NOT NULL \
-           ON CONFLICT (id) DO NOTHING) \
-         UPDATE sessions SET last_active_at = $15, updated_at = $15, \
-           status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
-           phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END \
-         WHERE id = $16 AND NOT EXISTS (SELECT 1 FROM turns \
-           WHERE session_id = $16 AND status = 'running' AND id <> $6)",
-    )
-    .bind(&turn.status)
-    .bind(&turn.text)
-    .bind(turn.usage.as_ref().map(|u| u.to_string()))
-    .bind(turn.error.as_ref().map(|e| e.to_string()))
-    .bind(&turn.finished_at)
-    .bind(&turn.id)
-    .bind(reply.map(|m| m.id.clone()))
-    .bind(reply.map(|m| m.session_id.clone()))
-    .bind(reply.map(|m| m.turn_id.clone()))
-    .bind(reply.map(|m| m.role.clone()))
-    .bind(reply.map(|m| m.text.clone()))
-    .bind(reply.map(|m| m.parts.to_string()))
-    .bind(reply.map(|m| m.metadata.to_string()))
-    .bind(reply.map(|m| m.created_at.clone()))
-    .bind(now())
-    .bind(&turn.session_id)
-    .execute(pool)
-    .await?;
+/// Events and, if given, a turn's end, in one statement: the events (notifying other replicas
+/// per session on commit), the turn's outcome, the assistant's message, and a running session
+/// back to `ready` (a dead or deleted one stays so; one another turn already holds is left
+/// alone, should this be a retry after the first attempt committed).
+async fn finish(
+    pool: &PgPool,
+    events: &[&Event],
+    end: Option<(&Turn, Option<&Message>)>,
+    me: &str,
+) -> Result<(), sqlx::Error> {
+    const EVENTS: &str = "ins AS (INSERT INTO events (session_id, seq, turn_id, type, ts, data) \
+           SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+           ON CONFLICT DO NOTHING RETURNING session_id, seq)";
+    const NOTIFY: &str = "SELECT pg_notify($7, $8 || ' ' || MIN(seq) || ' ' || MAX(seq) || ' ' || session_id) \
+         FROM ins GROUP BY session_id";
+    let sql = match end {
+        None => format!("WITH {EVENTS} {NOTIFY}"),
+        Some(_) => format!(
+            "WITH {EVENTS}, \
+             t AS (UPDATE turns SET status = $9, text = $10, usage = $11, error = $12, \
+               finished_at = $13 WHERE id = $14), \
+             m AS (INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
+               SELECT $15, $16, $17, $18, $19, $20, $21, $22 WHERE $15::text IS NOT NULL \
+               ON CONFLICT (id) DO NOTHING), \
+             s AS (UPDATE sessions SET last_active_at = $23, updated_at = $23, \
+               status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
+               phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END \
+               WHERE id = $24 AND NOT EXISTS (SELECT 1 FROM turns \
+                 WHERE session_id = $24 AND status = 'running' AND id <> $14)) \
+             {NOTIFY}"
+        ),
+    };
+    let mut q = sqlx::query(&sql)
+        .bind(
+            events
+                .iter()
+                .map(|e| e.session_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.seq).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.turn_id.clone()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.ts.clone()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.data.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .bind(EVENTS_CHANNEL)
+        .bind(me);
+    if let Some((turn, reply)) = end {
+        q = q
+            .bind(&turn.status)
+            .bind(&turn.text)
+            .bind(turn.usage.as_ref().map(|u| u.to_string()))
+            .bind(turn.error.as_ref().map(|e| e.to_string()))
+            .bind(&turn.finished_at)
+            .bind(&turn.id)
+            .bind(reply.map(|m| m.id.clone()))
+            .bind(reply.map(|m| m.session_id.clone()))
+            .bind(reply.map(|m| m.turn_id.clone()))
+            .bind(reply.map(|m| m.role.clone()))
+            .bind(reply.map(|m| m.text.clone()))
+            .bind(reply.map(|m| m.parts.to_string()))
+            .bind(reply.map(|m| m.metadata.to_string()))
+            .bind(reply.map(|m| m.created_at.clone()))
+            .bind(now())
+            .bind(&turn.session_id);
+    }
+    q.execute(pool).await?;
     Ok(())
 }
 
@@ -268,8 +294,9 @@ where
     .await
 }
 
-/// The one writer of events and turn ends: takes whatever is queued, inserts its events in one
-/// statement, then ends its turns, in queue order; answers after the commits.
+/// The one writer of events and turn ends: takes whatever is queued and writes it in queue
+/// order, the events with the first turn end (one statement, so a lone turn's end and its last
+/// events cost one round trip), then any further ends; answers after the commits.
 async fn write(pool: PgPool, mut rx: mpsc::Receiver<Write>, me: String) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -287,36 +314,54 @@ async fn write(pool: PgPool, mut rx: mpsc::Receiver<Write>, me: String) {
             })
             .flatten()
             .collect();
-        let stored = if events.is_empty() {
-            Ok(())
-        } else {
-            persist(|| insert_events(&pool, &events, &me))
+        let mut pending: &[&Event] = &events;
+        let mut ended: Vec<Result<(), WriteFailed>> = Vec::new();
+        let mut stored: Result<(), WriteFailed> = Ok(());
+        for w in &batch {
+            if let Write::Finish(end, _) = w {
+                let result = match &stored {
+                    Err(e) => Err(e.clone()),
+                    Ok(()) => persist(|| {
+                        finish(&pool, pending, Some((&end.0, end.1.as_ref())), &me)
+                    })
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, turn_id = %end.0.id, "ending a turn failed");
+                        WriteFailed::from(&e)
+                    }),
+                };
+                if !pending.is_empty() {
+                    stored = result.clone();
+                    pending = &[];
+                }
+                ended.push(result);
+            }
+        }
+        if !pending.is_empty() {
+            stored = persist(|| insert_events(&pool, pending, &me))
                 .await
                 .map_err(|e| {
-                    tracing::error!(error = %e, n = events.len(), "storing events failed");
+                    tracing::error!(error = %e, n = pending.len(), "storing events failed");
                     WriteFailed::from(&e)
-                })
-        };
+                });
+        }
+        let mut ended = ended.into_iter();
         for w in batch {
             match w {
                 Write::Events(_) => {}
                 Write::Flush(tx) => {
                     let _ = tx.send(stored.clone());
                 }
-                Write::Finish(end, tx) => {
-                    let result = match &stored {
-                        Err(e) => Err(e.clone()),
-                        Ok(()) => persist(|| finish(&pool, &end.0, end.1.as_ref()))
-                            .await
-                            .map_err(|e| {
-                                tracing::error!(error = %e, turn_id = %end.0.id, "ending a turn failed");
-                                WriteFailed::from(&e)
-                            }),
-                    };
-                    let _ = tx.send(result);
+                Write::Finish(_, tx) => {
+                    let _ = tx.send(ended.next().unwrap_or_else(|| stored.clone()));
                 }
                 Write::Begin(b, tx) => {
-                    let _ = tx.send(begin(&pool, &b).await.map_err(|e| WriteFailed::from(&e)));
+                    let begun = begin(&pool, &b).await;
+                    let _ = tx.send(
+                        begun
+                            .map(|b| b.map(|b| b.session))
+                            .map_err(|e| WriteFailed::from(&e)),
+                    );
                 }
             }
         }
