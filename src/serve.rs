@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// replica takes the delivery over.
     #[arg(long, env = "SANDWARDEN_WEBHOOK_LEASE", default_value_t = 30)]
     pub webhook_lease: u64,
+    /// Seconds this replica's heartbeat in the store lasts; the turns of a replica silent for
+    /// longer (crashed, or removed) are ended as interrupted by another replica.
+    #[arg(long, env = "SANDWARDEN_REPLICA_LEASE", default_value_t = 15)]
+    pub replica_lease: u64,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -276,6 +280,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tty_token_ttl: Duration::from_secs(args.tty_token_ttl.max(1)),
         allowed_origins: args.allowed_origins.clone(),
         webhook_lease: Duration::from_secs(args.webhook_lease.max(1)),
+        replica_lease: Duration::from_secs(args.replica_lease.max(2)),
     };
     let orch = Orchestrator::new(store, runtime, tokens, templates, config, shutdown.clone());
     orch.sync().await;

@@ -521,3 +521,34 @@ async fn a_terminal_started_on_one_replica_attaches_through_the_other() {
         .await
         .expect("A's token accepted by B");
 }
+
+#[tokio::test]
+async fn a_turn_whose_replica_dies_is_ended_by_the_other_and_the_session_takes_turns_again() {
+    let Some(mut r) = replicas(&["--replica-lease", "2"]).await else {
+        return;
+    };
+    let (a, b) = (r.a.client(), r.b.client());
+    let id = a.ready("echo").await;
+    let turn = a
+        .post_async(&id, json!({"text": "/slow 100 orphaned"}))
+        .await;
+    let (_, s) = b.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(s["status"], "running");
+    r.a.kill();
+    // B notices A's silence, ends A's turn as interrupted and frees the session.
+    let ended = b.finished_turn(&id, &turn).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    assert_eq!(ended["error"]["code"], "interrupted", "{ended}");
+    b.wait_status(&id, "ready").await;
+    // The sandbox lives on (it is A's process, which outlives A), so B can run the next turn.
+    let (status, reply) = b.say(&id, "after a").await;
+    assert_eq!(
+        (status, reply["text"].as_str()),
+        (200, Some("after a")),
+        "{reply}"
+    );
+    let events = stored_seqs(&b, &id).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, k)| k.as_str()).collect();
+    assert!(kinds.contains(&"error"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
+}

@@ -100,6 +100,9 @@ pub struct Config {
     /// How long a replica's claim on a webhook delivery lasts without renewal; another replica
     /// takes the delivery over after that (the claimer renews while it delivers).
     pub webhook_lease: Duration,
+    /// How long a replica's heartbeat in the store lasts; a running turn of a replica silent for
+    /// longer is ended by another.
+    pub replica_lease: Duration,
 }
 
 struct RunningTurn {
@@ -785,11 +788,13 @@ impl Orchestrator {
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
         let mut hooks = tokio::time::interval(self.config.webhook_lease.max(SUPERVISE_EVERY));
         hooks.tick().await;
+        let mut beats = tokio::time::interval(self.config.replica_lease / 3);
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
                 Some(sandbox_id) = exits.recv() => self.sandbox_exited(&sandbox_id).await,
                 _ = tick.tick() => self.supervise().await,
+                _ = beats.tick() => self.watch_replicas().await,
                 // Deliveries whose replica died (its claim ran out) are taken over.
                 _ = hooks.tick() => webhook::resume(&self, false).await,
             }
@@ -806,21 +811,10 @@ impl Orchestrator {
     async fn recover(&self) {
         // Turns that were running when `serve` stopped cannot be resumed (the harness cancels a
         // turn whose client went away): they end as failed, with a reason.
+        let _ = self.store.heartbeat(self.config.replica_lease).await;
         if let Ok(turns) = self.store.running_turns().await {
-            for mut t in turns {
-                let error = serde_json::json!({"code": "interrupted", "message": "the server restarted while the turn ran"});
-                t.status = "failed".into();
-                t.error = Some(error.clone());
-                t.finished_at = Some(store::now());
-                let _ = self.store.finish_turn(&t, None).await;
-                // Its event stream ends as every turn's does, for readers resuming it.
-                let _ = self
-                    .hub
-                    .publish(&t.session_id, Some(&t.id), "error", store::now(), error)
-                    .await;
-                let _ = self
-                    .store
-                    .transition(&t.session_id, &["running", "input_required"], "ready", None)
+            for t in turns {
+                self.end_interrupted(t, "the server restarted while the turn ran")
                     .await;
             }
         }
@@ -884,6 +878,47 @@ impl Orchestrator {
                         "failed",
                         Some("the server restarted while the sandbox was starting"),
                     )
+                    .await;
+            }
+        }
+    }
+
+    /// Ends a turn nobody runs any more as failed, with a reason; its session takes turns again.
+    async fn end_interrupted(&self, mut t: store::Turn, why: &str) {
+        let error = serde_json::json!({"code": "interrupted", "message": why});
+        t.status = "failed".into();
+        t.error = Some(error.clone());
+        t.finished_at = Some(store::now());
+        let _ = self.store.finish_turn(&t, None).await;
+        // Its event stream ends as every turn's does, for readers resuming it; numbered after
+        // what the store has (the turn may have run on another replica).
+        if let Ok(last) = self.store.last_seq(&t.session_id).await {
+            self.hub.set_seq(&t.session_id, last).await;
+        }
+        let _ = self
+            .hub
+            .publish(&t.session_id, Some(&t.id), "error", store::now(), error)
+            .await;
+        let _ = self
+            .store
+            .transition(&t.session_id, &["running", "input_required"], "ready", None)
+            .await;
+        self.notify(&t.session_id);
+    }
+
+    /// Beats this replica's heart in the store, and ends the turns of replicas that stopped.
+    async fn watch_replicas(&self) {
+        if let Err(e) = self.store.heartbeat(self.config.replica_lease).await {
+            tracing::warn!(error = %e, "recording this replica's heartbeat failed");
+            return;
+        }
+        let Ok(orphans) = self.store.orphaned_turns().await else {
+            return;
+        };
+        for t in orphans {
+            if self.store.take_over_turn(&t.id).await.unwrap_or(false) {
+                tracing::warn!(turn_id = %t.id, session_id = %t.session_id, "ending a turn whose replica stopped");
+                self.end_interrupted(t, "the server running the turn stopped")
                     .await;
             }
         }

@@ -770,6 +770,47 @@ impl Store {
         }))
     }
 
+    /// Records that this replica is alive for `lease` more.
+    pub async fn heartbeat(&self, lease: Duration) -> Result<()> {
+        self.execute(
+            "INSERT INTO replicas (id, alive_until) VALUES (?, ?) \
+             ON CONFLICT (id) DO UPDATE SET alive_until = excluded.alive_until",
+            &[Some(&self.replica), Some(&later(lease))],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Running turns of other replicas that stopped beating (crashed, or gone for good): nobody
+    /// will end them but another replica.
+    pub async fn orphaned_turns(&self) -> Result<Vec<Turn>> {
+        let sql = self.sql(
+            "SELECT t.* FROM turns t LEFT JOIN replicas r ON r.id = t.replica \
+             WHERE t.status = 'running' AND t.replica IS NOT NULL AND t.replica <> ? \
+             AND (r.id IS NULL OR r.alive_until < ?)",
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(&*self.replica)
+            .bind(now())
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| turn_row!(r))
+            .collect()))
+    }
+
+    /// Takes over a running turn (compare-and-set on its status, so of several replicas finding
+    /// the same orphan one ends it). Returns whether this call did.
+    pub async fn take_over_turn(&self, turn_id: &str) -> Result<bool> {
+        let n = self
+            .execute(
+                "UPDATE turns SET replica = ? WHERE id = ? AND status = 'running' AND replica <> ?",
+                &[Some(&self.replica), Some(turn_id), Some(&self.replica)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
     /// The turn running on a session, if any (for a `409` that names it).
     pub async fn running_turn(&self, session_id: &str) -> Result<Option<String>> {
         let sql = self.sql(

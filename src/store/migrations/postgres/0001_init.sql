@@ -93,6 +93,12 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_by_turn ON webhook_deliveries (turn_id);
 CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (status) WHERE status = 'pending';
 
+-- Each replica's heartbeat: a running turn whose replica stopped beating is ended by another.
+CREATE TABLE replicas (
+    id           TEXT PRIMARY KEY,
+    alive_until  TEXT NOT NULL
+);
+
 CREATE TABLE sandboxes (
     id          TEXT PRIMARY KEY,
     template    TEXT NOT NULL,

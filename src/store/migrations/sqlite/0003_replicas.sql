@@ -4,3 +4,8 @@ ALTER TABLE turns ADD COLUMN replica TEXT;
 ALTER TABLE sandboxes ADD COLUMN owner TEXT;
 ALTER TABLE webhook_deliveries ADD COLUMN claimed_by TEXT;
 ALTER TABLE webhook_deliveries ADD COLUMN claimed_until TEXT;
+-- Each replica's heartbeat: a running turn whose replica stopped beating is ended by another.
+CREATE TABLE replicas (
+    id           TEXT PRIMARY KEY,
+    alive_until  TEXT NOT NULL
+);
