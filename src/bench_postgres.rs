@@ -77,9 +77,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let db = crate::store::Store::scratch_database(&server).await?;
     let mut out = format!(
         "Command: `sandwarden bench postgres --round-trips {}` (release build; {turns} turns per path; \
-         PostgreSQL {} on loopback, a fresh database). Machine: {}.\n\n",
+         PostgreSQL {} on loopback, a fresh database, fsync={}, synchronous_commit={}). Machine: {}.\n\n",
         args.round_trips,
-        server_version(&db).await.unwrap_or_else(|_| "?".into()),
+        setting(&db, "server_version").await,
+        setting(&db, "fsync").await,
+        setting(&db, "synchronous_commit").await,
         machine_line()
     );
 
@@ -142,8 +144,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     };
     out.push_str(&format!(
         "Added over the harness directly: SQLite p50 {}, p99 {}; PostgreSQL p50 {}, p99 {}. \
-         A PostgreSQL turn costs two round trips to the database on its path (the start, one \
-         statement; the end with its events, one statement) plus the API key and session reads.\n\n",
+         A PostgreSQL turn makes two statements on its path, each one round trip: the start \
+         (the session's conditional update with the turn's inserts) and the end (with the events \
+         queued before it); the change notices go out in the background.\n\n",
         added(&s, 0.5),
         added(&s, 0.99),
         added(&p, 0.5),
@@ -224,11 +227,19 @@ async fn arrivals(
     Ok(seen)
 }
 
-async fn server_version(db: &str) -> anyhow::Result<String> {
-    let pool = sqlx::PgPool::connect(db).await?;
-    let v: String = sqlx::query_scalar("SHOW server_version")
-        .fetch_one(&pool)
-        .await?;
-    pool.close().await;
-    Ok(v.split_whitespace().next().unwrap_or("?").to_string())
+/// A server setting, for the report (`?` if it cannot be read).
+async fn setting(db: &str, name: &str) -> String {
+    let read = async {
+        let pool = sqlx::PgPool::connect(db).await?;
+        let v: String = sqlx::query_scalar("SELECT current_setting($1)")
+            .bind(name)
+            .fetch_one(&pool)
+            .await?;
+        pool.close().await;
+        anyhow::Ok(v)
+    };
+    match read.await {
+        Ok(v) => v.split_whitespace().next().unwrap_or("?").to_string(),
+        Err(_) => "?".into(),
+    }
 }
