@@ -1,8 +1,8 @@
 //! Session events: numbers them (gap-free `seq` per session), queues them for the store and fans
 //! them out to live subscribers. A subscriber that falls behind catches up from the store. With a
 //! shared store, events another replica committed are read back from the store and fanned out
-//! here too (`feed`), and the seq is set from the store when a turn starts (`set_seq`): the previous turn
-//! may have run elsewhere.
+//! here too (`feed`), and the seq is set from the store when a turn starts (`set_seq`): the
+//! previous turn may have run elsewhere.
 
 use crate::store::{Event, Store, StoreError};
 use std::collections::HashMap;
