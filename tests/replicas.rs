@@ -170,8 +170,8 @@ async fn a_long_poll_on_one_replica_wakes_on_a_change_made_by_the_other() {
     a.post_async(&id, json!({"text": "/slow 15 busy"})).await;
     let (_, s) = b.call("GET", &format!("/v1/sessions/{id}"), None).await;
     assert_eq!(s["status"], "running");
-    // Well within its 60 s timeout, the poll returns because A's turn ended.
-    let started = std::time::Instant::now();
+    // A poll that timed out would answer the `running` it last read; `ready` means A's change
+    // woke it.
     let (_, s) = b
         .call(
             "GET",
@@ -180,10 +180,6 @@ async fn a_long_poll_on_one_replica_wakes_on_a_change_made_by_the_other() {
         )
         .await;
     assert_eq!(s["status"], "ready", "{s}");
-    assert!(
-        started.elapsed() < Duration::from_secs(50),
-        "woken, not timed out"
-    );
 }
 
 fn dead_count(metrics: &str) -> u64 {
