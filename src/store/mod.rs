@@ -1572,4 +1572,59 @@ mod tests {
             "postgres://u:****@db/sw"
         );
     }
+
+    #[tokio::test]
+    async fn an_sqlite_store_from_before_replicas_keeps_its_turns_and_sandboxes_as_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sandwarden.db");
+        {
+            // The schema as the previous release left it: the first two migrations only.
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.expect("old store");
+            let mut old = sqlx::migrate!("src/store/migrations/sqlite");
+            old.migrations = Cow::Owned(old.migrations[..2].to_vec());
+            old.run(&pool).await.expect("old migrations");
+            let s = session("s1", "api");
+            sqlx::query(
+                "INSERT INTO sessions (id, tenant, harness, kind, status, idle_timeout_s, \
+                 created_at, updated_at, last_active_at) VALUES (?, ?, ?, ?, 'running', 60, ?, ?, ?)",
+            )
+            .bind(&s.id)
+            .bind(&s.tenant)
+            .bind(&s.harness)
+            .bind(&s.kind)
+            .bind(&s.created_at)
+            .bind(&s.updated_at)
+            .bind(&s.last_active_at)
+            .execute(&pool)
+            .await
+            .expect("session");
+            sqlx::query(
+                "INSERT INTO turns (id, session_id, status, mode, created_at) \
+                 VALUES ('old-turn', 's1', 'running', 'sync', ?)",
+            )
+            .bind(now())
+            .execute(&pool)
+            .await
+            .expect("turn");
+            sqlx::query(
+                "INSERT INTO sandboxes (id, template, endpoint, session_id, created_at) \
+                 VALUES ('sbx-old', 'echo', 'http://127.0.0.1:1', 's1', ?)",
+            )
+            .bind(now())
+            .execute(&pool)
+            .await
+            .expect("sandbox");
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.expect("upgraded");
+        let turns = store.running_turns().await.expect("running");
+        assert_eq!(turns.len(), 1, "its interrupted turn is recovered here");
+        let sandboxes = store.list_sandboxes().await.expect("sandboxes");
+        assert_eq!(sandboxes.len(), 1);
+        assert!(store.owns(&sandboxes[0]), "its sandbox is its own");
+        assert!(store.orphaned_turns().await.expect("orphans").is_empty());
+    }
 }
