@@ -260,8 +260,14 @@ impl Orchestrator {
 
     /// Wakes long-polls of a session, here and (through the store) on other replicas.
     fn notify(&self, session_id: &str) {
-        let _ = self.changed.send(session_id.to_string());
+        self.notify_here(session_id);
         self.store.announce(session_id);
+    }
+
+    /// Wakes long-polls of a session on this replica only: after a store write that announces
+    /// itself to other replicas (a turn's start and end).
+    fn notify_here(&self, session_id: &str) {
+        let _ = self.changed.send(session_id.to_string());
     }
 
     /// Relays what other replicas did (shared store only): their events to this replica's

@@ -298,7 +298,7 @@ impl Orchestrator {
             turn.finished_at = Some(store::now());
         };
         let session = &session;
-        self.notify(&session.id);
+        self.notify_here(&session.id);
         let events = self.hub.subscribe(&session.id);
         let Some(client) = self.session_client(session) else {
             // A ready session always has a sandbox; if not, end the turn rather than strand it.
@@ -512,7 +512,7 @@ impl Orchestrator {
         self.metrics
             .turn_duration
             .observe(started.elapsed().as_secs_f64());
-        self.notify(&session.id);
+        self.notify_here(&session.id);
         let mut messages = vec![user];
         messages.extend(assistant);
         let outcome = Arc::new(Outcome {

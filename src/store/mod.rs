@@ -735,7 +735,7 @@ impl Store {
 
     /// Records a new turn and the user's message (and the turn's webhook delivery, pending), and
     /// moves the session from `ready` to `running`, in one transaction, before the harness is
-    /// dialled. Returns the session as it now is, or `None`, changing nothing, when `tenant` has
+    /// dialled, announcing the change to other replicas (as `finish_turn` does). Returns the session as it now is, or `None`, changing nothing, when `tenant` has
     /// no such API session in `ready`. One round trip to the database: no read before it. The
     /// conditional update is the turn lock: of two replicas starting a turn at once, one wins.
     pub async fn begin_turn(

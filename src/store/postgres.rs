@@ -146,7 +146,8 @@ async fn listen(mut listener: PgListener, notices: broadcast::Sender<Notice>, me
 
 /// A turn's start in one statement: the session moves from `ready` to `running` (returned, with
 /// its last event seq), and the turn, the user's message and the pending delivery are inserted
-/// from that row, so nothing is inserted when the session was not `ready`.
+/// from that row, so nothing is inserted when the session was not `ready`; other replicas are
+/// told of the change on commit.
 pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Begun>, sqlx::Error> {
     let t = &b.turn;
     let m = &b.user;
@@ -162,7 +163,8 @@ pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Begun>, sql
          d AS (INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, \
            created_at, updated_at, include_messages, sealed_token) \
            SELECT $15, $4, s.id, $16, $17, $18, $19, $19, $20, $21 FROM s WHERE $15::text IS NOT NULL) \
-         SELECT s.*, (SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = $2) AS last_seq \
+         SELECT s.*, (SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = $2) AS last_seq, \
+           pg_notify($22, $8 || ' ' || s.id) AS announced \
          FROM s",
     )
     .bind(&t.created_at)
@@ -186,6 +188,7 @@ pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Begun>, sql
     .bind(d.map(|d| d.created_at.clone()))
     .bind(d.map(|d| d.include_messages))
     .bind(d.and_then(|d| d.sealed_token.clone()))
+    .bind(CHANGES_CHANNEL)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|r| Begun {
@@ -203,7 +206,7 @@ async fn insert_events(pool: &PgPool, events: &[&Event], me: &str) -> Result<(),
 /// Events and, if given, a turn's end, in one statement: the events (notifying other replicas
 /// per session on commit), the turn's outcome, the assistant's message, and a running session
 /// back to `ready` (a dead or deleted one stays so; one another turn already holds is left
-/// alone, should this be a retry after the first attempt committed).
+/// alone, should this be a retry after the first attempt committed), also announced.
 async fn finish(
     pool: &PgPool,
     events: &[&Event],
@@ -229,7 +232,7 @@ async fn finish(
                phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END \
                WHERE id = $24 AND NOT EXISTS (SELECT 1 FROM turns \
                  WHERE session_id = $24 AND status = 'running' AND id <> $14)) \
-             {NOTIFY}"
+             {NOTIFY} UNION ALL SELECT pg_notify($25, $8 || ' ' || $24)"
         ),
     };
     let mut q = sqlx::query(&sql)
@@ -268,7 +271,8 @@ async fn finish(
             .bind(reply.map(|m| m.metadata.to_string()))
             .bind(reply.map(|m| m.created_at.clone()))
             .bind(now())
-            .bind(&turn.session_id);
+            .bind(&turn.session_id)
+            .bind(CHANGES_CHANNEL);
     }
     q.execute(pool).await?;
     Ok(())
