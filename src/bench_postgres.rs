@@ -77,12 +77,17 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let db = crate::store::Store::scratch_database(&server).await?;
     let mut out = format!(
         "Command: `sandwarden bench postgres --round-trips {}` (release build; {turns} turns per path; \
-         PostgreSQL {} on loopback, a fresh database, fsync={}, synchronous_commit={}). Machine: {}.\n\n",
+         PostgreSQL {} on loopback, a fresh database, fsync={}, synchronous_commit={}). Machine: {}; \
+         load average at the start {} (other work shares the cores).\n\n",
         args.round_trips,
         setting(&db, "server_version").await,
         setting(&db, "fsync").await,
         setting(&db, "synchronous_commit").await,
-        machine_line()
+        machine_line(),
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(String::from))
+            .unwrap_or_else(|| "?".into()),
     );
 
     // Message path: the harness directly, serve on SQLite, serve on PostgreSQL.
@@ -146,7 +151,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         "Added over the harness directly: SQLite p50 {}, p99 {}; PostgreSQL p50 {}, p99 {}. \
          A PostgreSQL turn makes two statements on its path, each one round trip: the start \
          (the session's conditional update with the turn's inserts) and the end (with the events \
-         queued before it); the change notices go out in the background.\n\n",
+         queued before it), which also carry the notices to other replicas.\n\n",
         added(&s, 0.5),
         added(&s, 0.99),
         added(&p, 0.5),
