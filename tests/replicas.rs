@@ -422,10 +422,9 @@ async fn the_database_going_away_mid_turn_answers_503_then_recovers_with_nothing
     let db = sandwarden::store::Store::scratch_database(&server)
         .await
         .expect("database");
-    let serve = Serve::start_with_env(
-        &["--store-acquire-timeout", "1"],
-        &[("SANDWARDEN_STORE", db)],
-    );
+    let env = [("SANDWARDEN_STORE", db)];
+    let serve = Serve::start_with_env(&["--store-acquire-timeout", "1"], &env);
+    let other = Serve::start_with_env(&["--store-acquire-timeout", "1"], &env);
     let api = serve.client();
     let id = api.ready("echo").await;
     assert_eq!(api.say(&id, "before").await.0, 200);
@@ -473,6 +472,18 @@ async fn the_database_going_away_mid_turn_answers_503_then_recovers_with_nothing
     assert_eq!(users, ["before", "/slow 20 during", "after"], "{texts:?}");
     let events = stored_seqs(&api, &id).await;
     assert_eq!(events.iter().filter(|(_, k)| k == "done").count(), 3);
+
+    // The other replica's LISTEN connection came back too: it streams the next turn live.
+    let last = events.last().map(|(s, _)| s.to_string()).expect("events");
+    let (b_api, b_id) = (other.client(), id.clone());
+    let watcher = tokio::spawn(async move { follow(&b_api, &b_id, Some(&last), 1).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(api.say(&id, "fanned out").await.0, 200);
+    let seen = tokio::time::timeout(Duration::from_secs(30), watcher)
+        .await
+        .expect("the other replica streamed the turn")
+        .expect("watcher");
+    assert_eq!(seen, stored_seqs(&api, &id).await[events.len()..].to_vec());
     cluster.ctl(&["stop"]);
 }
 
