@@ -60,11 +60,14 @@ pub(crate) fn transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => true,
-        // Class 08 (connection exception), 57P0x (shutdown, cannot connect now), 53300 (too
-        // many connections).
-        sqlx::Error::Database(d) => d
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| match c.parse::<u32>() {
+            // SQLite's numeric codes: SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their
+            // extended codes, outlasted the busy timeout.
+            Ok(n) if c.len() < 5 => matches!(n & 0xff, 5 | 6),
+            // PostgreSQL's SQLSTATE: class 08 (connection exception), 57P0x (shutting down,
+            // cannot connect now), 53300 (too many connections).
+            _ => c.starts_with("08") || c.starts_with("57P") || c == "53300",
+        }),
         _ => false,
     }
 }
@@ -1550,6 +1553,17 @@ mod tests {
         .expect("migrations dir")
         .count();
         assert_eq!(applied as usize, files);
+    }
+
+    #[test]
+    fn only_an_unreachable_or_busy_database_counts_as_unavailable() {
+        assert!(transient(&sqlx::Error::PoolTimedOut));
+        assert!(transient(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+        assert!(!transient(&sqlx::Error::RowNotFound));
+        assert!(StoreError::WriterGone.is_unavailable());
+        assert!(!StoreError::Conflict.is_unavailable());
     }
 
     #[test]
