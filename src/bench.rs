@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// @sandbox-agent/cli-linux-x64 into a scratch prefix under the temp dir.
     #[arg(long, env = "SANDWARDEN_BENCH_SANDBOX_AGENT")]
     pub sandbox_agent: Option<PathBuf>,
+    /// The PostgreSQL server `bench postgres` makes its scratch database on (default:
+    /// SANDWARDEN_TEST_POSTGRES, as scripts/start-postgres prints).
+    #[arg(long, env = "SANDWARDEN_BENCH_POSTGRES", hide_env_values = true)]
+    pub postgres: Option<String>,
     /// Replace the harness section of this Markdown file with the results (e.g. docs/benchmarks.md).
     /// Sandboxes in the namespace (`bench controller`).
     #[arg(long, default_value_t = 10_000)]
@@ -73,6 +77,9 @@ pub enum Scenario {
     /// starts, warm claim → first event, turns; one opencode ACP turn through sandwarden vs the
     /// peer sandbox-agent.
     Harnesses,
+    /// The PostgreSQL store: message path against SQLite and the harness directly, and event
+    /// fan-out delay between two replicas.
+    Postgres,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -83,6 +90,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Claims => (crate::bench_claims::run(&args).await?, "claims"),
         Scenario::Controller => (crate::bench_controller::run(&args).await?, "controller"),
         Scenario::Harnesses => (crate::bench_harnesses::run(&args).await?, "harnesses"),
+        Scenario::Postgres => (crate::bench_postgres::run(&args).await?, "postgres"),
     };
     println!("{report}");
     if let Some(path) = &args.write {

@@ -9,7 +9,7 @@ use crate::runtime::kubernetes::KubernetesRuntime;
 use crate::runtime::local::{Isolation, LocalRuntime};
 use crate::runtime::{Template, Tokens, builtin_templates};
 use crate::session::{Config, Orchestrator};
-use crate::store::Store;
+use crate::store::{Location, Store};
 use anyhow::Context;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -77,6 +77,31 @@ pub struct ServeArgs {
     /// Lifetime of the token in a session's `tty_url`, in seconds.
     #[arg(long, env = "SANDWARDEN_TTY_TOKEN_TTL", default_value_t = 600)]
     pub tty_token_ttl: u64,
+    /// Where sessions, turns and events are stored: unset for an SQLite file in the data dir
+    /// (one replica), or a `postgres://user:password@host/db` URL that several replicas share.
+    #[arg(long, env = "SANDWARDEN_STORE", hide_env_values = true)]
+    pub store: Option<String>,
+    /// PostgreSQL: most connections this replica opens.
+    #[arg(long, env = "SANDWARDEN_STORE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub store_max_connections: u32,
+    /// PostgreSQL: seconds a request waits for a connection before it is answered 503.
+    #[arg(long, env = "SANDWARDEN_STORE_ACQUIRE_TIMEOUT", default_value_t = 3)]
+    pub store_acquire_timeout: u64,
+    /// PostgreSQL: seconds any one statement may run (`statement_timeout`).
+    #[arg(long, env = "SANDWARDEN_STORE_STATEMENT_TIMEOUT", default_value_t = 15)]
+    pub store_statement_timeout: u64,
+    /// This replica's id, recorded on the sandboxes it starts and the turns it runs (default:
+    /// made once and kept in DATA_DIR/replica). Every replica needs its own.
+    #[arg(long, env = "SANDWARDEN_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Seconds a replica's claim on a webhook delivery lasts unrenewed; after that another
+    /// replica takes the delivery over.
+    #[arg(long, env = "SANDWARDEN_WEBHOOK_LEASE", default_value_t = 30)]
+    pub webhook_lease: u64,
+    /// Seconds this replica's heartbeat in the store lasts; the turns of a replica silent for
+    /// longer (crashed, or removed) are ended as interrupted by another replica.
+    #[arg(long, env = "SANDWARDEN_REPLICA_LEASE", default_value_t = 15)]
+    pub replica_lease: u64,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -85,8 +110,12 @@ fn default_data_dir() -> PathBuf {
         .join("sandwarden")
 }
 
-/// The server secret tokens are derived from; created once, readable by its owner only.
+/// The server secret tokens are derived from: `SANDWARDEN_SECRET` (64 hex characters, the same
+/// on every replica), else `DIR/secret`, created once, readable by its owner only.
 fn load_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    if let Ok(text) = std::env::var("SANDWARDEN_SECRET") {
+        return parse_secret(&text);
+    }
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("secret");
@@ -104,6 +133,44 @@ fn load_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
             Ok(secret.to_vec())
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// `SANDWARDEN_SECRET`: 32 bytes as 64 hex characters (e.g. `openssl rand -hex 32`). The message
+/// never repeats the value.
+fn parse_secret(text: &str) -> anyhow::Result<Vec<u8>> {
+    let text = text.trim();
+    anyhow::ensure!(
+        text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()),
+        "SANDWARDEN_SECRET must be 64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`; \
+         the value given has {} characters{}",
+        text.len(),
+        if text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            ""
+        } else {
+            " and some are not hex digits"
+        }
+    );
+    Ok(hex::decode(text)?)
+}
+
+/// This replica's id: given, or made once and kept in `DIR/replica`.
+fn load_replica_id(given: Option<&str>, dir: &Path) -> anyhow::Result<String> {
+    if let Some(id) = given.map(str::trim).filter(|s| !s.is_empty()) {
+        anyhow::ensure!(
+            id.len() <= 64 && !id.contains(char::is_whitespace),
+            "--replica-id must be at most 64 characters without spaces"
+        );
+        return Ok(id.to_string());
+    }
+    let path = dir.join("replica");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = format!("r_{}", uuid::Uuid::new_v4().simple());
+            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
     }
 }
 
@@ -273,9 +340,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let store = Store::open(&data_dir).await.context("opening the store")?;
-    ensure_admin_key(&store).await?;
     let tokens = Tokens::new(load_secret(&data_dir)?);
+    let location = Location::parse(args.store.as_deref(), &data_dir)?;
+    let options = crate::store::Options {
+        replica: load_replica_id(args.replica_id.as_deref(), &data_dir)?,
+        max_connections: args.store_max_connections.max(2),
+        acquire_timeout: Duration::from_secs(args.store_acquire_timeout.max(1)),
+        statement_timeout: Duration::from_secs(args.store_statement_timeout.max(1)),
+    };
+    let store = Store::connect(&location, &options)
+        .await
+        .with_context(|| format!("opening the store at {}", location.display()))?;
+    tracing::info!(store = %location.display(), replica = %options.replica, "store open");
+    ensure_admin_key(&store).await?;
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -319,6 +396,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         allow_private_webhooks: args.allow_private_webhooks,
         tty_token_ttl: Duration::from_secs(args.tty_token_ttl.max(1)),
         allowed_origins: args.allowed_origins.clone(),
+        webhook_lease: Duration::from_secs(args.webhook_lease.max(1)),
+        replica_lease: Duration::from_secs(args.replica_lease.max(2)),
     };
     let orch = Orchestrator::new(
         store,

@@ -137,3 +137,34 @@ async fn chat_and_attach_over_pipes() {
     let s = api.wait_status(&sh, "ready").await;
     assert_eq!(s["kind"], "tui");
 }
+
+/// `serve` refuses bad store settings before it starts anything, saying what to fix and never
+/// echoing a secret.
+#[test]
+fn serve_refuses_a_malformed_secret_or_store_url_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .envs(env.iter().copied())
+            .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run serve");
+        assert!(!out.status.success(), "serve must refuse {env:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&[("SANDWARDEN_SECRET", "not-hex-and-short-hunter2")]);
+    assert!(
+        err.contains("SANDWARDEN_SECRET must be 64 hex characters"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "the value is not repeated: {err}");
+    let err = run(&[("SANDWARDEN_STORE", "mysql://u:hunter2@db/sw")]);
+    assert!(err.contains("neither a postgres:// URL"), "{err}");
+    assert!(
+        !err.contains("hunter2"),
+        "the password is not repeated: {err}"
+    );
+}

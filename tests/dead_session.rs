@@ -104,6 +104,8 @@ async fn a_connect_failure_answers_502_and_marks_the_session_dead_in_that_reques
         allow_private_webhooks: true,
         tty_token_ttl: Duration::from_secs(60),
         allowed_origins: vec![],
+        webhook_lease: std::time::Duration::from_secs(30),
+        replica_lease: std::time::Duration::from_secs(15),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let orch = Orchestrator::new(

@@ -608,6 +608,7 @@ fn event_stream(
                 if e.seq <= st.last {
                     continue;
                 }
+
                 if let Some(t) = &st.turn
                     && e.turn_id.as_deref() != Some(t.as_str())
                 {
@@ -641,6 +642,9 @@ fn event_stream(
             let shutdown = st.orch.shutdown.clone();
             tokio::select! {
                 received = st.rx.recv() => match received {
+                    // A live event ahead of what this stream sent (events fanned in from another
+                    // replica after missed notices): the store has it and the gap, read them.
+                    Ok(e) if st.turn.is_none() && e.seq > st.last + 1 => st.catch_up = true,
                     Ok(e) => st.backlog.push_back(e),
                     Err(broadcast::error::RecvError::Lagged(_)) => st.catch_up = true,
                     Err(broadcast::error::RecvError::Closed) => return None,

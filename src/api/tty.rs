@@ -144,7 +144,23 @@ pub async fn attach(
         .on_upgrade(move |socket| async move {
             orch.viewer_attached(&session_id);
             let _ = orch.store.touch(&session_id).await;
+            // The replica that owns the sandbox reaps idle sessions and cannot see viewers
+            // attached here: a watched session stays active in the shared store instead.
+            let keep_active = orch.store.is_shared().then(|| {
+                let store = orch.store.clone();
+                let id = session_id.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                    loop {
+                        tick.tick().await;
+                        let _ = store.touch(&id).await;
+                    }
+                })
+            });
             pump(socket, upstream, orch.shutdown.clone()).await;
+            if let Some(task) = keep_active {
+                task.abort();
+            }
             let _ = orch.store.touch(&session_id).await;
             orch.viewer_detached(&session_id);
         })

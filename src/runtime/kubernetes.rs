@@ -275,6 +275,10 @@ impl Runtime for KubernetesRuntime {
         "kubernetes"
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, template: &Template, claimer: &str) -> Option<super::Sandbox> {
         if !self.cache_ready().await {
             return None;

@@ -339,6 +339,12 @@ pub trait Runtime: Send + Sync + 'static {
     async fn claim(&self, _template: &Template, _claimer: &str) -> Option<Sandbox> {
         None
     }
+    /// Whether every replica of the API reaches and watches this runtime's sandboxes (a
+    /// cluster), rather than only the replica that started them (local processes, a host's
+    /// containers).
+    fn shared(&self) -> bool {
+        false
+    }
     /// Stops a sandbox and removes what it left (idempotent).
     async fn destroy(&self, sandbox: &Sandbox);
     /// Whether the sandbox still runs, by a cheap check (no request to the harness).

@@ -1,5 +1,8 @@
 //! Session events: numbers them (gap-free `seq` per session), queues them for the store and fans
-//! them out to live subscribers. A subscriber that falls behind catches up from the store.
+//! them out to live subscribers. A subscriber that falls behind catches up from the store. With a
+//! shared store, events another replica committed are read back from the store and fanned out
+//! here too (`feed`), and the seq is set from the store when a turn starts (`set_seq`): the
+//! previous turn may have run elsewhere.
 
 use crate::store::{Event, Store, StoreError};
 use std::collections::HashMap;
@@ -10,7 +13,7 @@ use tokio::sync::broadcast;
 const LIVE_BUFFER: usize = 1024;
 
 struct Channel {
-    /// The last seq handed out; `None` until loaded from the store.
+    /// The last seq handed out or fanned out; `None` until loaded from the store.
     seq: tokio::sync::Mutex<Option<i64>>,
     tx: broadcast::Sender<Event>,
 }
@@ -39,6 +42,66 @@ impl Hub {
                 })
             })
             .clone()
+    }
+
+    fn existing(&self, session_id: &str) -> Option<Arc<Channel>> {
+        let map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(session_id).cloned()
+    }
+
+    /// Sets the session's last seq as the store has it when a turn starts here (the previous
+    /// turn may have run on another replica).
+    pub async fn set_seq(&self, session_id: &str, last: i64) {
+        *self.channel(session_id).seq.lock().await = Some(last);
+    }
+
+    /// Fans out events `first..=last` of a session that another replica committed, read from the
+    /// store in order, to this replica's subscribers (none: nothing to do).
+    pub async fn feed(&self, session_id: &str, first: i64, last: i64) {
+        let Some(ch) = self.existing(session_id) else {
+            return;
+        };
+        let mut seq = ch.seq.lock().await;
+        if ch.tx.receiver_count() == 0 {
+            *seq = None;
+            return;
+        }
+        let from = match *seq {
+            Some(s) if s >= last => return,
+            Some(s) => s,
+            None => first - 1,
+        };
+        match self.store.list_events(session_id, from, last - from).await {
+            Ok(events) => {
+                for e in events {
+                    *seq = Some(e.seq);
+                    let _ = ch.tx.send(e);
+                }
+            }
+            Err(e) => {
+                // Subscribers notice the gap at the next event and read the store themselves.
+                tracing::warn!(error = %e, %session_id, "reading another replica's events failed");
+                *seq = None;
+            }
+        }
+    }
+
+    /// After notices may have been missed: feeds every followed session up to what is stored.
+    pub async fn feed_all(&self) {
+        let followed: Vec<(String, Arc<Channel>)> = {
+            let map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter(|(_, ch)| ch.tx.receiver_count() > 0)
+                .map(|(id, ch)| (id.clone(), ch.clone()))
+                .collect()
+        };
+        for (id, ch) in followed {
+            let Ok(last) = self.store.last_seq(&id).await else {
+                continue;
+            };
+            let from = ch.seq.lock().await.unwrap_or(last);
+            self.feed(&id, from + 1, last).await;
+        }
     }
 
     /// Records and publishes one event; returns it with its seq.

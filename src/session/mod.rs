@@ -42,9 +42,14 @@ const DELETABLE: &[&str] = match STATUSES.split_last() {
 };
 /// Statuses in which a session holds a live sandbox.
 pub const LIVE: &[&str] = &["ready", "running", "input_required"];
+/// Statuses in which a session's sandbox must be kept (a `creating` one is being attached).
+const SUPERVISED: &[&str] = &["creating", "ready", "running", "input_required"];
 /// How long a cold sandbox may take to become ready.
 const COLD_START_TIMEOUT: Duration = Duration::from_secs(120);
 const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+/// On the changes channel: every session may have changed (notices from other replicas were
+/// missed), so every waiter re-reads.
+const ANY_SESSION: &str = "*";
 
 /// `POST /v1/sessions`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -92,6 +97,12 @@ pub struct Config {
     pub tty_token_ttl: Duration,
     /// Origins allowed to open terminal WebSockets from a browser (empty: same origin only).
     pub allowed_origins: Vec<String>,
+    /// How long a replica's claim on a webhook delivery lasts without renewal; another replica
+    /// takes the delivery over after that (the claimer renews while it delivers).
+    pub webhook_lease: Duration,
+    /// How long a replica's heartbeat in the store lasts; a running turn of a replica silent for
+    /// longer is ended by another.
+    pub replica_lease: Duration,
 }
 
 struct RunningTurn {
@@ -117,6 +128,8 @@ pub struct Orchestrator {
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
     viewers: Mutex<HashMap<String, usize>>,
+    /// Webhook deliveries this replica is delivering now.
+    delivering: Arc<Mutex<std::collections::HashSet<String>>>,
     changed: broadcast::Sender<String>,
     pub shutdown: CancellationToken,
     synced: std::sync::atomic::AtomicBool,
@@ -126,13 +139,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A store failure as the API reports it: `503` (with `Retry-After`) while the database cannot
+/// be reached, `500` for anything else. The detail never carries the cause (it may name hosts or
+/// values); the log does.
 pub fn store_error(e: store::StoreError) -> Problem {
     tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store failure");
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "the session store cannot be used right now; retry shortly",
-    )
+    if e.is_unavailable() {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the session store cannot be reached right now; retry shortly",
+        )
+    } else {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            "the session store failed this request; the server log has the cause",
+        )
+    }
 }
 
 pub fn not_found(id: &str) -> Problem {
@@ -175,10 +199,19 @@ impl Orchestrator {
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
             viewers: Mutex::new(HashMap::new()),
+            delivering: Arc::default(),
             changed: broadcast::channel(1024).0,
             shutdown,
             synced: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The owner recorded for a new sandbox: every replica's when the runtime is shared, else
+    /// this replica's (the store fills it in).
+    fn sandbox_owner(&self) -> Option<String> {
+        self.runtime
+            .shared()
+            .then(|| store::SHARED_OWNER.to_string())
     }
 
     /// The templates sessions can name now.
@@ -247,8 +280,45 @@ impl Orchestrator {
         }
     }
 
+    /// Wakes long-polls of a session, here and (through the store) on other replicas.
     fn notify(&self, session_id: &str) {
+        self.notify_here(session_id);
+        self.store.announce(session_id);
+    }
+
+    /// Wakes long-polls of a session on this replica only: after a store write that announces
+    /// itself to other replicas (a turn's start and end).
+    fn notify_here(&self, session_id: &str) {
         let _ = self.changed.send(session_id.to_string());
+    }
+
+    /// Relays what other replicas did (shared store only): their events to this replica's
+    /// subscribers, their session changes to its long-polls.
+    async fn follow_replicas(self: Arc<Self>) {
+        let Some(mut notices) = self.store.notices() else {
+            return;
+        };
+        loop {
+            let notice = tokio::select! {
+                n = notices.recv() => n,
+                () = self.shutdown.cancelled() => return,
+            };
+            match notice {
+                Ok(store::Notice::Events {
+                    session_id,
+                    first,
+                    last,
+                }) => self.hub.feed(&session_id, first, last).await,
+                Ok(store::Notice::Changed(session_id)) => {
+                    let _ = self.changed.send(session_id);
+                }
+                Ok(store::Notice::Lost) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.hub.feed_all().await;
+                    let _ = self.changed.send(ANY_SESSION.to_string());
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 
     /// The `tty_url` of a TUI session: a short-lived token so a browser can attach without the key.
@@ -427,6 +497,7 @@ impl Orchestrator {
                 endpoint: sandbox.endpoint.clone(),
                 pid: None,
                 session_id: None,
+                owner: self.sandbox_owner(),
             };
             let attached = match self.store.insert_sandbox(&row).await {
                 Ok(()) => self.attach_sandbox(&session, &sandbox, &bind).await,
@@ -588,6 +659,7 @@ impl Orchestrator {
                     endpoint: sandbox.endpoint.clone(),
                     pid: sandbox.pid,
                     session_id: None,
+                    owner: self.sandbox_owner(),
                 })
                 .await
                 .map_err(|e| e.to_string())?;
@@ -605,10 +677,6 @@ impl Orchestrator {
                 Err(reason)
             }
         }
-    }
-
-    async fn find_sandbox(&self, id: &str) -> Result<Option<Sandbox>, store::StoreError> {
-        Ok(self.store.get_sandbox(id).await?.map(Sandbox::from))
     }
 
     /// Stops a sandbox and forgets it.
@@ -676,13 +744,15 @@ impl Orchestrator {
         self.get(tenant, id).await
     }
 
-    /// Stops a session's sandbox and drops its turn lock.
+    /// Stops a session's sandbox and drops its turn lock. A sandbox another replica started is
+    /// left to that replica: its supervisor stops sandboxes whose session has ended.
     async fn release(&self, s: &Session) {
         lock(&self.turns).remove(&s.id);
         if let Some(sandbox_id) = &s.sandbox_id
-            && let Ok(Some(sandbox)) = self.find_sandbox(sandbox_id).await
+            && let Ok(Some(row)) = self.store.get_sandbox(sandbox_id).await
+            && self.store.owns(&row)
         {
-            self.discard(sandbox).await;
+            self.discard(Sandbox::from(row)).await;
         }
     }
 
@@ -736,6 +806,18 @@ impl Orchestrator {
         lock(&self.turns).get(session_id).map(|t| t.turn_id.clone())
     }
 
+    /// Marks a webhook delivery in flight on this replica until the guard drops; `None` when it
+    /// already is.
+    fn delivering(&self, id: &str) -> Option<InFlight> {
+        if !lock(&self.delivering).insert(id.to_string()) {
+            return None;
+        }
+        Some(InFlight {
+            set: self.delivering.clone(),
+            id: id.to_string(),
+        })
+    }
+
     // ---- terminals
 
     pub fn viewer_attached(&self, session_id: &str) {
@@ -761,22 +843,30 @@ impl Orchestrator {
     /// Reconciles the store with the runtime after a (re)start. Call before serving requests.
     pub async fn sync(self: &Arc<Self>) {
         self.recover().await;
-        webhook::resume(self).await;
+        webhook::resume(self, true).await;
         self.synced
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub async fn run_background(self: Arc<Self>, mut exits: mpsc::UnboundedReceiver<String>) {
         let pool = tokio::spawn(self.clone().keep_pools());
+        let replicas = tokio::spawn(self.clone().follow_replicas());
         let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+        let mut hooks = tokio::time::interval(self.config.webhook_lease.max(SUPERVISE_EVERY));
+        hooks.tick().await;
+        let mut beats = tokio::time::interval(self.config.replica_lease / 3);
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
                 Some(sandbox_id) = exits.recv() => self.sandbox_exited(&sandbox_id).await,
                 _ = tick.tick() => self.supervise().await,
+                _ = beats.tick() => self.watch_replicas().await,
+                // Deliveries whose replica died (its claim ran out) are taken over.
+                _ = hooks.tick() => webhook::resume(&self, false).await,
             }
         }
         pool.abort();
+        replicas.abort();
         // Warm sandboxes nobody holds are stopped; claimed ones keep running for the next start.
         let warm = lock(&self.pool).drain();
         for sandbox in warm {
@@ -787,28 +877,19 @@ impl Orchestrator {
     async fn recover(&self) {
         // Turns that were running when `serve` stopped cannot be resumed (the harness cancels a
         // turn whose client went away): they end as failed, with a reason.
+        let _ = self.store.heartbeat(self.config.replica_lease).await;
         if let Ok(turns) = self.store.running_turns().await {
-            for mut t in turns {
-                let error = serde_json::json!({"code": "interrupted", "message": "the server restarted while the turn ran"});
-                t.status = "failed".into();
-                t.error = Some(error.clone());
-                t.finished_at = Some(store::now());
-                let _ = self.store.finish_turn(&t, None).await;
-                // Its event stream ends as every turn's does, for readers resuming it.
-                let _ = self
-                    .hub
-                    .publish(&t.session_id, Some(&t.id), "error", store::now(), error)
-                    .await;
-                let _ = self
-                    .store
-                    .transition(&t.session_id, &["running", "input_required"], "ready", None)
+            for t in turns {
+                self.end_interrupted(t, "the server restarted while the turn ran")
                     .await;
             }
         }
-        let rows = self.store.list_sandboxes().await.unwrap_or_default();
+        let mut rows = self.store.list_sandboxes().await.unwrap_or_default();
         // Sandboxes the runtime still has that nothing records (a crash between starting one
         // and recording it) are removed.
-        let known: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let known: std::collections::HashSet<String> = rows.iter().map(|r| r.id.clone()).collect();
+        // Other replicas' sandboxes are theirs (their processes): neither adopted nor stopped.
+        rows.retain(|r| self.store.owns(r));
         for orphan in self.runtime.owned().await {
             if !known.contains(orphan.as_str()) {
                 tracing::info!(sandbox = %orphan, "removing an orphaned sandbox");
@@ -846,7 +927,15 @@ impl Orchestrator {
             }
         }
         if let Ok(creating) = self.store.sessions_with_status(&["creating"]).await {
+            // With a shared store another replica may be creating a session right now: only
+            // those older than any cold start are abandoned.
+            let stuck_before =
+                humantime::format_rfc3339_micros(std::time::SystemTime::now() - COLD_START_TIMEOUT)
+                    .to_string();
             for s in creating {
+                if self.store.is_shared() && s.created_at > stuck_before {
+                    continue;
+                }
                 let _ = self
                     .store
                     .transition(
@@ -855,6 +944,47 @@ impl Orchestrator {
                         "failed",
                         Some("the server restarted while the sandbox was starting"),
                     )
+                    .await;
+            }
+        }
+    }
+
+    /// Ends a turn nobody runs any more as failed, with a reason; its session takes turns again.
+    async fn end_interrupted(&self, mut t: store::Turn, why: &str) {
+        let error = serde_json::json!({"code": "interrupted", "message": why});
+        t.status = "failed".into();
+        t.error = Some(error.clone());
+        t.finished_at = Some(store::now());
+        let _ = self.store.finish_turn(&t, None).await;
+        // Its event stream ends as every turn's does, for readers resuming it; numbered after
+        // what the store has (the turn may have run on another replica).
+        if let Ok(last) = self.store.last_seq(&t.session_id).await {
+            self.hub.set_seq(&t.session_id, last).await;
+        }
+        let _ = self
+            .hub
+            .publish(&t.session_id, Some(&t.id), "error", store::now(), error)
+            .await;
+        let _ = self
+            .store
+            .transition(&t.session_id, &["running", "input_required"], "ready", None)
+            .await;
+        self.notify(&t.session_id);
+    }
+
+    /// Beats this replica's heart in the store, and ends the turns of replicas that stopped.
+    async fn watch_replicas(&self) {
+        if let Err(e) = self.store.heartbeat(self.config.replica_lease).await {
+            tracing::warn!(error = %e, "recording this replica's heartbeat failed");
+            return;
+        }
+        let Ok(orphans) = self.store.orphaned_turns().await else {
+            return;
+        };
+        for t in orphans {
+            if self.store.take_over_turn(&t.id).await.unwrap_or(false) {
+                tracing::warn!(turn_id = %t.id, session_id = %t.session_id, "ending a turn whose replica stopped");
+                self.end_interrupted(t, "the server running the turn stopped")
                     .await;
             }
         }
@@ -872,26 +1002,48 @@ impl Orchestrator {
     }
 
     async fn supervise(&self) {
-        let Ok(live) = self.store.sessions_with_status(LIVE).await else {
-            return;
-        };
-        // One read of the sandboxes per tick, not one per session.
+        // One read of the sandboxes per tick, not one per session; before the sessions, so a
+        // sandbox claimed in between has its session in the second read.
         let Ok(rows) = self.store.list_sandboxes().await else {
             return;
         };
-        let sandboxes: HashMap<String, Sandbox> = rows
+        let Ok(mut live) = self.store.sessions_with_status(SUPERVISED).await else {
+            return;
+        };
+        // This replica's sandboxes whose session ended on another replica are stopped here.
+        let holding: std::collections::HashSet<&str> = live.iter().map(|s| s.id.as_str()).collect();
+        let ended: Vec<SandboxRow> = rows
+            .iter()
+            .filter(|r| {
+                self.store.owns(r)
+                    && r.session_id
+                        .as_deref()
+                        .is_some_and(|s| !holding.contains(s))
+            })
+            .cloned()
+            .collect();
+        for row in ended {
+            tracing::info!(sandbox = %row.id, "stopping a sandbox whose session ended elsewhere");
+            self.discard(Sandbox::from(row)).await;
+        }
+        live.retain(|s| s.status != "creating");
+        let sandboxes: HashMap<String, (bool, Sandbox)> = rows
             .into_iter()
-            .map(|r| (r.id.clone(), Sandbox::from(r)))
+            .map(|r| (r.id.clone(), (self.store.owns(&r), Sandbox::from(r))))
             .collect();
         let now = std::time::SystemTime::now();
         for s in live {
             let Some(sandbox_id) = &s.sandbox_id else {
                 continue;
             };
-            let Some(sandbox) = sandboxes.get(sandbox_id) else {
+            let Some((mine, sandbox)) = sandboxes.get(sandbox_id) else {
                 self.mark_dead(&s, "its sandbox is gone").await;
                 continue;
             };
+            if !mine {
+                // Its replica watches its process and reaps it.
+                continue;
+            }
             if !self.runtime.alive(sandbox).await {
                 self.mark_dead(&s, "its sandbox exited").await;
                 continue;
@@ -975,6 +1127,18 @@ impl Orchestrator {
     }
 }
 
+/// A delivery in flight on this replica; forgotten when dropped.
+struct InFlight {
+    set: Arc<Mutex<std::collections::HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.id);
+    }
+}
+
 impl From<SandboxRow> for Sandbox {
     fn from(r: SandboxRow) -> Self {
         Sandbox {
@@ -996,7 +1160,7 @@ pub(crate) async fn changed(
     loop {
         match tokio::time::timeout_at(deadline, changes.recv()).await {
             Err(_) => return false,
-            Ok(Ok(id)) if id != session_id => continue,
+            Ok(Ok(id)) if id != session_id && id != ANY_SESSION => continue,
             Ok(_) => return true,
         }
     }

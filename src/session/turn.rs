@@ -271,8 +271,12 @@ impl Orchestrator {
                 .begin_turn(tenant, &turn, &user, delivery.as_ref())
                 .await
                 .map_err(store_error)?;
-            if let Some(session) = begun {
-                break (session, turn, user);
+            if let Some(begun) = begun {
+                if let Some(last) = begun.last_seq {
+                    // The session's last turn may have run on another replica.
+                    self.hub.set_seq(session_id, last).await;
+                }
+                break (begun.session, turn, user);
             }
             let session = self.get(tenant, session_id).await?;
             if session.status == "creating" && !waited {
@@ -280,6 +284,11 @@ impl Orchestrator {
                 self.wait(tenant, session_id, super::COLD_START_TIMEOUT)
                     .await?;
                 continue;
+            }
+            if matches!(session.status.as_str(), "running" | "input_required") {
+                // Held by a turn this replica may not know of (another replica runs it).
+                let running = self.store.running_turn(session_id).await.ok().flatten();
+                return Err(turn_in_progress(running));
             }
             return Err(self.refusal(&session));
         };
@@ -289,7 +298,7 @@ impl Orchestrator {
             turn.finished_at = Some(store::now());
         };
         let session = &session;
-        self.notify(&session.id);
+        self.notify_here(&session.id);
         let events = self.hub.subscribe(&session.id);
         let Some(client) = self.session_client(session) else {
             // A ready session always has a sandbox; if not, end the turn rather than strand it.
@@ -503,7 +512,7 @@ impl Orchestrator {
         self.metrics
             .turn_duration
             .observe(started.elapsed().as_secs_f64());
-        self.notify(&session.id);
+        self.notify_here(&session.id);
         let mut messages = vec![user];
         messages.extend(assistant);
         let outcome = Arc::new(Outcome {
@@ -602,7 +611,17 @@ impl Orchestrator {
     /// Cancels the session's running turn through its harness.
     pub async fn cancel(&self, tenant: &str, session_id: &str) -> Result<Value, Problem> {
         let session = self.get(tenant, session_id).await?;
-        let Some(turn_id) = self.running_turn(&session.id) else {
+        // A turn another replica runs is cancelled the same way: through the sandbox's harness,
+        // which any replica can reach at the endpoint in the store.
+        let running = match self.running_turn(&session.id) {
+            Some(t) => Some(t),
+            None => self
+                .store
+                .running_turn(&session.id)
+                .await
+                .map_err(store_error)?,
+        };
+        let Some(turn_id) = running else {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
                 "no_turn_running",

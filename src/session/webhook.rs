@@ -89,6 +89,15 @@ pub fn signature(token: &str, timestamp: u64, body: &[u8]) -> String {
     )
 }
 
+/// Aborts a background task when dropped (the claim renewal ends with its delivery).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum Attempt {
     Retry(String),
     GiveUp(String),
@@ -134,10 +143,16 @@ fn payload(outcome: &Outcome, include_messages: bool) -> String {
     payload.to_string()
 }
 
-/// Resumes the deliveries a previous run left pending, with the attempts they have left. Runs
-/// after interrupted turns were ended, so every pending delivery's turn has an outcome.
-pub async fn resume(orch: &Arc<Orchestrator>) {
-    let pending = match orch.store.pending_deliveries().await {
+/// Resumes pending deliveries of ended turns that no replica holds, with the attempts they have
+/// left: at start (`mine`: also those this replica held before it stopped; runs after its
+/// interrupted turns were ended) and then periodically, taking over from a replica that died
+/// (its claim ran out). Each delivery is claimed by one replica at a time.
+pub async fn resume(orch: &Arc<Orchestrator>, mine: bool) {
+    let pending = match orch
+        .store
+        .claim_deliveries(orch.config.webhook_lease, mine)
+        .await
+    {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "reading pending webhook deliveries failed");
@@ -193,6 +208,39 @@ pub async fn deliver(
         (None, None) => return,
     };
     record.body = Some(body.clone());
+    // Once per replica: the turn's end and the periodic resume may both reach a fresh delivery.
+    let Some(_in_flight) = orch.delivering(&record.id) else {
+        return;
+    };
+    // One replica at a time: whoever holds the claim delivers, renewing it until done.
+    let lease = orch.config.webhook_lease;
+    match orch.store.claim_delivery(&record.id, lease).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!(delivery = %record.id, "another replica delivers this webhook");
+            return;
+        }
+        Err(e) => {
+            // Left unclaimed: a replica's periodic resume picks it up when the store is back.
+            tracing::warn!(error = %e, delivery = %record.id, "claiming a webhook delivery failed");
+            return;
+        }
+    }
+    let renew = {
+        let store = orch.store.clone();
+        let id = record.id.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = store.claim_delivery(&id, lease).await {
+                    tracing::warn!(error = %e, delivery = %id, "renewing a webhook claim failed");
+                }
+            }
+        })
+    };
+    let _stop_renewing = AbortOnDrop(renew);
     let event = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v["type"].as_str().map(String::from))

@@ -1,16 +1,19 @@
-//! The store: sessions, turns, messages, events, webhook deliveries, sandboxes and API keys in an
-//! SQLite file, with versioned migrations.
+//! The store: sessions, turns, messages, events, webhook deliveries, sandboxes and API keys, in an
+//! SQLite file (one replica) or in PostgreSQL (several replicas), with versioned migrations for
+//! each. Most queries are written once and run on either; the turn path (starts, events, ends)
+//! has a writer per backend (`sqlite`, `postgres`). With PostgreSQL the store also relays what
+//! other replicas did (`Notice`s from LISTEN/NOTIFY).
 //!
 //! It stores what it is given and answers queries; it holds no session logic and must never be
 //! handed per-session env or secrets.
 
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
-use std::path::Path;
-use std::str::FromStr;
+use sqlx::{PgPool, Row, SqlitePool};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,8 +31,45 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("the store writer has stopped")]
     WriterGone,
+    #[error("a turn write failed: {}", .0.message)]
+    Write(WriteFailed),
     #[error("a row with this key already exists")]
     Conflict,
+    #[error("--store {0:?} is neither a postgres:// URL nor a path to an SQLite data dir")]
+    Location(String),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (down, restarting, no free connection), as
+    /// opposed to a query it refused: worth retrying shortly.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Open { .. } | StoreError::WriterGone => true,
+            StoreError::Query(e) => transient(e),
+            StoreError::Write(w) => w.unavailable,
+            _ => false,
+        }
+    }
+}
+
+/// Errors that say the database is unreachable or going away, not that a query was wrong.
+pub(crate) fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| match c.parse::<u32>() {
+            // SQLite's numeric codes: SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their
+            // extended codes, outlasted the busy timeout.
+            Ok(n) if c.len() < 5 => matches!(n & 0xff, 5 | 6),
+            // PostgreSQL's SQLSTATE: class 08 (connection exception), 57P0x (shutting down,
+            // cannot connect now), 53300 (too many connections).
+            _ => c.starts_with("08") || c.starts_with("57P") || c == "53300",
+        }),
+        _ => false,
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -124,6 +164,9 @@ pub struct Delivery {
     pub body: Option<String>,
 }
 
+/// The owner of sandboxes every replica manages (see `Store::owns`).
+pub const SHARED_OWNER: &str = "*";
+
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct SandboxRow {
     pub id: String,
@@ -131,6 +174,9 @@ pub struct SandboxRow {
     pub endpoint: String,
     pub pid: Option<i64>,
     pub session_id: Option<String>,
+    /// The replica that started it (its process lives there), or `SHARED_OWNER`; `None` in rows
+    /// from before replicas. Written as this replica when `None`.
+    pub owner: Option<String>,
 }
 
 /// Filters for listing sessions.
@@ -143,19 +189,41 @@ pub struct SessionFilter {
     pub limit: i64,
 }
 
+/// A turn that started: the session as it now is and, with a shared store, the session's last
+/// event seq read in the same statement (the previous turn may have run on another replica).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Begun {
+    pub session: Session,
+    pub last_seq: Option<i64>,
+}
+
 /// A new turn as the writer records it.
 struct Begin {
     tenant: String,
     turn: Turn,
     user: Message,
     delivery: Option<Delivery>,
+    /// The replica running the turn.
+    replica: String,
 }
 
-type Done = oneshot::Sender<Result<(), String>>;
+/// Why a write queued for a writer failed (the error itself stays with the writer, which logs it).
+#[derive(Debug, Clone)]
+pub struct WriteFailed {
+    message: String,
+    unavailable: bool,
+}
 
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-/// How long events alone wait for company before they are committed.
-const EVENTS_LINGER: Duration = Duration::from_millis(2);
+impl From<&sqlx::Error> for WriteFailed {
+    fn from(e: &sqlx::Error) -> Self {
+        WriteFailed {
+            message: e.to_string(),
+            unavailable: transient(e),
+        }
+    }
+}
+
+type Done = oneshot::Sender<Result<(), WriteFailed>>;
 
 /// What the writer is asked to do, in queue order.
 enum Write {
@@ -164,18 +232,207 @@ enum Write {
     /// A turn's end, committed with the events queued before it (one commit, in order).
     Finish(Box<(Turn, Option<Message>)>, Done),
     /// A turn's start: answered with the session it moved to `running`, if it was `ready`.
-    Begin(Box<Begin>, oneshot::Sender<Result<Option<Session>, String>>),
+    Begin(
+        Box<Begin>,
+        oneshot::Sender<Result<Option<Session>, WriteFailed>>,
+    ),
 }
+
+/// Where the store lives: an SQLite file in the data dir, or a PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `--store`: unset means SQLite in `data_dir`; `postgres://` or `postgresql://` a database.
+    pub fn parse(store: Option<&str>, data_dir: &Path) -> Result<Location> {
+        match store.map(str::trim) {
+            None | Some("") => Ok(Location::Sqlite(data_dir.to_path_buf())),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Location::Postgres(url.to_string()))
+            }
+            Some(other) if other.starts_with("sqlite://") => Ok(Location::Sqlite(PathBuf::from(
+                other.trim_start_matches("sqlite://"),
+            ))),
+            Some(other) => Err(StoreError::Location(redact(other))),
+        }
+    }
+
+    /// The location without a password, for logs and messages.
+    pub fn display(&self) -> String {
+        match self {
+            Location::Sqlite(dir) => dir.join("sandwarden.db").display().to_string(),
+            Location::Postgres(url) => redact(url),
+        }
+    }
+}
+
+/// A connection URL with its password (if any) replaced, so it can be logged.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("****"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<not a URL>".into(),
+    }
+}
+
+/// How the store connects: who this replica is, and the PostgreSQL pool's limits.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This replica's stable id (sandboxes it starts and turns it runs are recorded under it).
+    pub replica: String,
+    pub max_connections: u32,
+    /// How long a query waits for a free (or new) connection before the store reports itself
+    /// unavailable.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` for every connection.
+    pub statement_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            replica: "local".into(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Something another replica did, relayed from PostgreSQL's LISTEN/NOTIFY.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// Events `first..=last` of a session were committed.
+    Events {
+        session_id: String,
+        first: i64,
+        last: i64,
+    },
+    /// A session changed (status, turn).
+    Changed(String),
+    /// Notices may have been missed (the listening connection was lost and is back): whoever
+    /// follows something should re-read it.
+    Lost,
+}
+
+#[derive(Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the store has: the same query text and
+/// binds, typed for each backend.
+macro_rules! on_db {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// A `Session` from a row of `sessions` (of either backend).
+macro_rules! session_row {
+    ($r:expr) => {{
+        let r = $r;
+        Session {
+            id: r.get("id"),
+            tenant: r.get("tenant"),
+            harness: r.get("harness"),
+            kind: r.get("kind"),
+            status: r.get("status"),
+            phase: r.get("phase"),
+            failure_reason: r.get("failure_reason"),
+            title: r.get("title"),
+            metadata: json(&r.get::<String, _>("metadata")),
+            sandbox_id: r.get("sandbox_id"),
+            endpoint: r.get("endpoint"),
+            idle_timeout_s: r.get("idle_timeout_s"),
+            idempotency_key: r.get("idempotency_key"),
+            request_hash: r.get("request_hash"),
+            created_at: r.get("created_at"),
+            updated_at: r.get("updated_at"),
+            last_active_at: r.get("last_active_at"),
+        }
+    }};
+}
+
+macro_rules! turn_row {
+    ($r:expr) => {{
+        let r = $r;
+        Turn {
+            id: r.get("id"),
+            session_id: r.get("session_id"),
+            status: r.get("status"),
+            mode: r.get("mode"),
+            options: json(&r.get::<String, _>("options")),
+            text: r.get("text"),
+            usage: opt_json(r.get("usage")),
+            error: opt_json(r.get("error")),
+            created_at: r.get("created_at"),
+            finished_at: r.get("finished_at"),
+        }
+    }};
+}
+
+macro_rules! message_row {
+    ($r:expr) => {{
+        let r = $r;
+        Message {
+            id: r.get("id"),
+            session_id: r.get("session_id"),
+            turn_id: r.get("turn_id"),
+            role: r.get("role"),
+            text: r.get("text"),
+            parts: json(&r.get::<String, _>("parts")),
+            metadata: json(&r.get::<String, _>("metadata")),
+            created_at: r.get("created_at"),
+        }
+    }};
+}
+
+macro_rules! event_row {
+    ($r:expr) => {{
+        let r = $r;
+        let seq: i64 = r.get("seq");
+        Event {
+            id: seq.to_string(),
+            seq,
+            session_id: r.get("session_id"),
+            turn_id: r.get("turn_id"),
+            kind: r.get("type"),
+            ts: r.get("ts"),
+            data: json(&r.get::<String, _>("data")),
+        }
+    }};
+}
+
+mod postgres;
+mod sqlite;
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    db: Db,
     writer: mpsc::Sender<Write>,
+    replica: Arc<str>,
+    notices: Option<broadcast::Sender<Notice>>,
 }
 
 pub fn now() -> String {
     humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+/// `now()` moved by `by` (for leases).
+fn later(by: Duration) -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now() + by).to_string()
 }
 
 fn json(text: &str) -> serde_json::Value {
@@ -186,216 +443,232 @@ fn opt_json(text: Option<String>) -> Option<serde_json::Value> {
     text.map(|t| json(&t))
 }
 
+/// `?, ?, …` for `n` values.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
 impl Store {
     /// Opens (creating if needed) `DIR/sandwarden.db` and applies pending migrations.
     pub async fn open(data_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
-            path: data_dir.display().to_string(),
-            source: sqlx::Error::Io(e),
-        })?;
-        let path = data_dir.join("sandwarden.db");
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5))
-            // Checkpoints run in the background (below), not inside whichever commit crosses
-            // the WAL threshold: that commit would otherwise pay for syncing the database file.
-            .pragma("wal_autocheckpoint", "0");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-        sqlx::migrate!("src/store/migrations")
-            .run(&pool)
-            .await
-            .map_err(StoreError::Migrate)?;
+        Store::connect(
+            &Location::Sqlite(data_dir.to_path_buf()),
+            &Options::default(),
+        )
+        .await
+    }
+
+    /// Opens the store at `location` and applies pending migrations (PostgreSQL: under the
+    /// migrator's advisory lock, so replicas starting together apply each migration once).
+    pub async fn connect(location: &Location, options: &Options) -> Result<Store> {
         let (tx, rx) = mpsc::channel(1024);
-        // The writer owns one connection, so writes never wait on each other for SQLite's lock.
-        let conn = pool
-            .acquire()
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?
-            .detach();
-        tokio::spawn(write(conn, rx));
-        tokio::spawn(checkpoint(pool.clone()));
-        Ok(Store { pool, writer: tx })
+        let (db, notices) = match location {
+            Location::Sqlite(dir) => (Db::Sqlite(sqlite::open(dir, rx).await?), None),
+            Location::Postgres(url) => {
+                let (pool, notices) = postgres::open(url, options, rx).await?;
+                (Db::Postgres(pool), Some(notices))
+            }
+        };
+        Ok(Store {
+            db,
+            writer: tx,
+            replica: options.replica.as_str().into(),
+            notices,
+        })
+    }
+
+    /// Whether several replicas may share this store (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
+    }
+
+    /// This replica's id, as recorded on the sandboxes it starts and the turns it runs.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// What other replicas do, for a shared store; `None` for SQLite (nobody else writes).
+    pub fn notices(&self) -> Option<broadcast::Receiver<Notice>> {
+        self.notices.as_ref().map(broadcast::Sender::subscribe)
+    }
+
+    /// Tells other replicas that a session changed (after the change was committed). Does not
+    /// wait: a lost notice only delays a long-poll until its next re-read.
+    pub fn announce(&self, session_id: &str) {
+        if let Db::Postgres(pool) = &self.db {
+            postgres::announce(pool.clone(), &self.replica, session_id);
+        }
+    }
+
+    /// The query text for this backend: `?` placeholders numbered `$1, $2, …` for PostgreSQL.
+    fn sql<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        match self.db {
+            Db::Sqlite(_) => Cow::Borrowed(text),
+            Db::Postgres(_) => Cow::Owned(postgres::numbered(text)),
+        }
+    }
+
+    /// Whether the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        on_db!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
     }
 
     // ---- API keys
 
     pub async fn insert_key(&self, tenant: &str, key_hash: &str, admin: bool) -> Result<String> {
         let id = format!("key_{}", uuid::Uuid::now_v7().simple());
-        sqlx::query(
+        let sql = self.sql(
             "INSERT INTO api_keys (id, tenant, key_hash, admin, created_at) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (key_hash) DO NOTHING",
-        )
-        .bind(&id)
-        .bind(tenant)
-        .bind(key_hash)
-        .bind(admin)
-        .bind(now())
-        .execute(&self.pool)
-        .await?;
+        );
+        on_db!(self, |pool| sqlx::query(&sql)
+            .bind(&id)
+            .bind(tenant)
+            .bind(key_hash)
+            .bind(admin)
+            .bind(now())
+            .execute(pool)
+            .await?
+            .rows_affected());
         Ok(id)
     }
 
     /// The tenant and admin flag of a key, by its hash.
     pub async fn find_key(&self, key_hash: &str) -> Result<Option<(String, bool)>> {
-        let row = sqlx::query("SELECT tenant, admin FROM api_keys WHERE key_hash = ?")
+        let sql = self.sql("SELECT tenant, admin FROM api_keys WHERE key_hash = ?");
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
             .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| (r.get("tenant"), r.get::<bool, _>("admin"))))
+            .fetch_optional(pool)
+            .await?
+            .map(|r| (r.get("tenant"), r.get::<bool, _>("admin")))))
     }
 
     pub async fn has_admin_key(&self) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE admin = 1")
-            .fetch_one(&self.pool)
-            .await?;
+        let sql = "SELECT COUNT(*) FROM api_keys WHERE admin";
+        let n: i64 = on_db!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await?);
         Ok(n > 0)
     }
 
     // ---- sessions
 
     pub async fn insert_session(&self, s: &Session) -> Result<()> {
-        let result = sqlx::query(
+        let sql = self.sql(
             "INSERT INTO sessions (id, tenant, harness, kind, status, phase, failure_reason, title, \
              metadata, sandbox_id, endpoint, idle_timeout_s, idempotency_key, request_hash, \
              created_at, updated_at, last_active_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&s.id)
-        .bind(&s.tenant)
-        .bind(&s.harness)
-        .bind(&s.kind)
-        .bind(&s.status)
-        .bind(&s.phase)
-        .bind(&s.failure_reason)
-        .bind(&s.title)
-        .bind(s.metadata.to_string())
-        .bind(&s.sandbox_id)
-        .bind(&s.endpoint)
-        .bind(s.idle_timeout_s)
-        .bind(&s.idempotency_key)
-        .bind(&s.request_hash)
-        .bind(&s.created_at)
-        .bind(&s.updated_at)
-        .bind(&s.last_active_at)
-        .execute(&self.pool)
-        .await;
+        );
+        let result = on_db!(self, |pool| sqlx::query(&sql)
+            .bind(&s.id)
+            .bind(&s.tenant)
+            .bind(&s.harness)
+            .bind(&s.kind)
+            .bind(&s.status)
+            .bind(&s.phase)
+            .bind(&s.failure_reason)
+            .bind(&s.title)
+            .bind(s.metadata.to_string())
+            .bind(&s.sandbox_id)
+            .bind(&s.endpoint)
+            .bind(s.idle_timeout_s)
+            .bind(&s.idempotency_key)
+            .bind(&s.request_hash)
+            .bind(&s.created_at)
+            .bind(&s.updated_at)
+            .bind(&s.last_active_at)
+            .execute(pool)
+            .await
+            .map(|_| ()));
         match result {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
             Err(e) => Err(e.into()),
         }
     }
 
-    fn session_from(row: &sqlx::sqlite::SqliteRow) -> Session {
-        Session {
-            id: row.get("id"),
-            tenant: row.get("tenant"),
-            harness: row.get("harness"),
-            kind: row.get("kind"),
-            status: row.get("status"),
-            phase: row.get("phase"),
-            failure_reason: row.get("failure_reason"),
-            title: row.get("title"),
-            metadata: json(&row.get::<String, _>("metadata")),
-            sandbox_id: row.get("sandbox_id"),
-            endpoint: row.get("endpoint"),
-            idle_timeout_s: row.get("idle_timeout_s"),
-            idempotency_key: row.get("idempotency_key"),
-            request_hash: row.get("request_hash"),
-            created_at: row.get("created_at"),
-            updated_at: row.get("updated_at"),
-            last_active_at: row.get("last_active_at"),
-        }
+    /// The one session matching `filter` (a `WHERE` clause with `?`s for `binds`), if any.
+    async fn one_session(&self, filter: &str, binds: &[&str]) -> Result<Option<Session>> {
+        let text = format!("SELECT * FROM sessions WHERE {filter}");
+        let sql = self.sql(&text);
+        Ok(on_db!(self, |pool| {
+            let mut q = sqlx::query(&sql);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            q.fetch_optional(pool).await?.map(|r| session_row!(&r))
+        }))
     }
 
     /// A session of `tenant` (another tenant's session is simply not found).
     pub async fn get_session(&self, tenant: &str, id: &str) -> Result<Option<Session>> {
-        let row = sqlx::query("SELECT * FROM sessions WHERE id = ? AND tenant = ?")
-            .bind(id)
-            .bind(tenant)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(Self::session_from))
+        self.one_session("id = ? AND tenant = ?", &[id, tenant])
+            .await
     }
 
     pub async fn get_session_any(&self, id: &str) -> Result<Option<Session>> {
-        let row = sqlx::query("SELECT * FROM sessions WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(Self::session_from))
+        self.one_session("id = ?", &[id]).await
     }
 
     pub async fn session_by_sandbox(&self, sandbox_id: &str) -> Result<Option<Session>> {
-        let row = sqlx::query("SELECT * FROM sessions WHERE sandbox_id = ?")
-            .bind(sandbox_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(Self::session_from))
+        self.one_session("sandbox_id = ?", &[sandbox_id]).await
     }
 
     pub async fn find_idempotent(&self, tenant: &str, key: &str) -> Result<Option<Session>> {
-        let row = sqlx::query("SELECT * FROM sessions WHERE tenant = ? AND idempotency_key = ?")
-            .bind(tenant)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(Self::session_from))
+        self.one_session("tenant = ? AND idempotency_key = ?", &[tenant, key])
+            .await
     }
 
     pub async fn list_sessions(&self, tenant: &str, f: &SessionFilter) -> Result<Vec<Session>> {
         let (after_ts, after_id) = f.after.clone().unwrap_or_default();
-        let rows = sqlx::query(
+        let sql = self.sql(
             "SELECT * FROM sessions WHERE tenant = ? \
              AND (? IS NULL OR status = ?) AND (? IS NULL OR harness = ?) \
              AND (created_at > ? OR (created_at = ? AND id > ?)) \
              ORDER BY created_at, id LIMIT ?",
-        )
-        .bind(tenant)
-        .bind(&f.status)
-        .bind(&f.status)
-        .bind(&f.harness)
-        .bind(&f.harness)
-        .bind(&after_ts)
-        .bind(&after_ts)
-        .bind(&after_id)
-        .bind(f.limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(Self::session_from).collect())
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(tenant)
+            .bind(&f.status)
+            .bind(&f.status)
+            .bind(&f.harness)
+            .bind(&f.harness)
+            .bind(&after_ts)
+            .bind(&after_ts)
+            .bind(&after_id)
+            .bind(f.limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| session_row!(r))
+            .collect()))
     }
 
     /// Sessions in any of `statuses`, across tenants (for supervision and reaping).
     pub async fn sessions_with_status(&self, statuses: &[&str]) -> Result<Vec<Session>> {
-        let mut out = Vec::new();
-        for status in statuses {
-            let rows = sqlx::query("SELECT * FROM sessions WHERE status = ?")
-                .bind(status)
-                .fetch_all(&self.pool)
-                .await?;
-            out.extend(rows.iter().map(Self::session_from));
-        }
-        Ok(out)
+        let text = format!(
+            "SELECT * FROM sessions WHERE status IN ({})",
+            placeholders(statuses.len())
+        );
+        let sql = self.sql(&text);
+        Ok(on_db!(self, |pool| {
+            let mut q = sqlx::query(&sql);
+            for s in statuses {
+                q = q.bind(*s);
+            }
+            q.fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| session_row!(r))
+                .collect()
+        }))
     }
 
-    /// Compare-and-set of the status: changes it only from one of `from`. Returns whether it did.
+    /// Compare-and-set of the status: changes it only from one of `from`. Returns whether it did,
+    /// so of several replicas seeing the same failure exactly one records it.
     pub async fn transition(
         &self,
         id: &str,
@@ -403,52 +676,65 @@ impl Store {
         to: &str,
         failure_reason: Option<&str>,
     ) -> Result<bool> {
-        let from_json = serde_json::to_string(from)?;
         let ts = now();
-        let result = sqlx::query(
+        let text = format!(
             "UPDATE sessions SET status = ?, failure_reason = COALESCE(?, failure_reason), \
-             phase = ?, updated_at = ? \
-             WHERE id = ? AND status IN (SELECT value FROM json_each(?))",
-        )
-        .bind(to)
-        .bind(failure_reason)
-        .bind(to)
-        .bind(&ts)
-        .bind(id)
-        .bind(from_json)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+             phase = ?, updated_at = ? WHERE id = ? AND status IN ({})",
+            placeholders(from.len())
+        );
+        let sql = self.sql(&text);
+        let changed = on_db!(self, |pool| {
+            let mut q = sqlx::query(&sql)
+                .bind(to)
+                .bind(failure_reason)
+                .bind(to)
+                .bind(&ts)
+                .bind(id);
+            for f in from {
+                q = q.bind(*f);
+            }
+            q.execute(pool).await?.rows_affected()
+        });
+        Ok(changed == 1)
+    }
+
+    /// Runs a statement whose binds are all text, returning the rows it changed.
+    async fn execute(&self, sql: &str, binds: &[Option<&str>]) -> Result<u64> {
+        let sql = self.sql(sql);
+        Ok(on_db!(self, |pool| {
+            let mut q = sqlx::query(&sql);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            q.execute(pool).await?.rows_affected()
+        }))
     }
 
     /// Removes a session that never got past `creating` (its create request was refused).
     pub async fn forget_creating(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM sessions WHERE id = ? AND status = 'creating'")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        self.execute(
+            "DELETE FROM sessions WHERE id = ? AND status = 'creating'",
+            &[Some(id)],
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn set_sandbox(&self, id: &str, sandbox_id: &str, endpoint: &str) -> Result<()> {
-        sqlx::query(
+        self.execute(
             "UPDATE sessions SET sandbox_id = ?, endpoint = ?, updated_at = ? WHERE id = ?",
+            &[Some(sandbox_id), Some(endpoint), Some(&now()), Some(id)],
         )
-        .bind(sandbox_id)
-        .bind(endpoint)
-        .bind(now())
-        .bind(id)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     pub async fn touch(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE sessions SET last_active_at = ? WHERE id = ?")
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        self.execute(
+            "UPDATE sessions SET last_active_at = ? WHERE id = ?",
+            &[Some(&now()), Some(id)],
+        )
+        .await?;
         Ok(())
     }
 
@@ -456,52 +742,119 @@ impl Store {
 
     /// Records a new turn and the user's message (and the turn's webhook delivery, pending), and
     /// moves the session from `ready` to `running`, in one transaction, before the harness is
-    /// dialled. Returns the session as it now is, or `None`, changing nothing, when `tenant` has
-    /// no such API session in `ready`. One round trip to the database: no read before it.
+    /// dialled, announcing the change to other replicas (as `finish_turn` does). Returns the session as it now is, or `None`, changing nothing, when `tenant` has
+    /// no such API session in `ready`. One round trip to the database: no read before it. The
+    /// conditional update is the turn lock: of two replicas starting a turn at once, one wins.
     pub async fn begin_turn(
         &self,
         tenant: &str,
         turn: &Turn,
         user: &Message,
         delivery: Option<&Delivery>,
-    ) -> Result<Option<Session>> {
-        let (tx, rx) = oneshot::channel();
+    ) -> Result<Option<Begun>> {
         let begin = Begin {
             tenant: tenant.to_string(),
             turn: turn.clone(),
             user: user.clone(),
             delivery: delivery.cloned(),
+            replica: self.replica.to_string(),
         };
+        if let Db::Postgres(pool) = &self.db {
+            return Ok(postgres::begin(pool, &begin).await?);
+        }
+        let (tx, rx) = oneshot::channel();
         self.writer
             .send(Write::Begin(Box::new(begin), tx))
             .await
             .map_err(|_| StoreError::WriterGone)?;
-        rx.await
+        let session = rx
+            .await
             .map_err(|_| StoreError::WriterGone)?
-            .map_err(|e| StoreError::Query(sqlx::Error::Protocol(e)))
+            .map_err(StoreError::Write)?;
+        Ok(session.map(|session| Begun {
+            session,
+            last_seq: None,
+        }))
+    }
+
+    /// Records that this replica is alive for `lease` more.
+    pub async fn heartbeat(&self, lease: Duration) -> Result<()> {
+        self.execute(
+            "INSERT INTO replicas (id, alive_until) VALUES (?, ?) \
+             ON CONFLICT (id) DO UPDATE SET alive_until = excluded.alive_until",
+            &[Some(&self.replica), Some(&later(lease))],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Running turns of other replicas that stopped beating (crashed, or gone for good): nobody
+    /// will end them but another replica.
+    pub async fn orphaned_turns(&self) -> Result<Vec<Turn>> {
+        let sql = self.sql(
+            "SELECT t.* FROM turns t LEFT JOIN replicas r ON r.id = t.replica \
+             WHERE t.status = 'running' AND t.replica IS NOT NULL AND t.replica <> ? \
+             AND (r.id IS NULL OR r.alive_until < ?)",
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(&*self.replica)
+            .bind(now())
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| turn_row!(r))
+            .collect()))
+    }
+
+    /// Takes over a running turn (compare-and-set on its status, so of several replicas finding
+    /// the same orphan one ends it). Returns whether this call did.
+    pub async fn take_over_turn(&self, turn_id: &str) -> Result<bool> {
+        let n = self
+            .execute(
+                "UPDATE turns SET replica = ? WHERE id = ? AND status = 'running' AND replica <> ?",
+                &[Some(&self.replica), Some(turn_id), Some(&self.replica)],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// The turn running on a session, if any (for a `409` that names it).
+    pub async fn running_turn(&self, session_id: &str) -> Result<Option<String>> {
+        let sql = self.sql(
+            "SELECT id FROM turns WHERE session_id = ? AND status = 'running' \
+             ORDER BY created_at DESC LIMIT 1",
+        );
+        Ok(on_db!(self, |pool| sqlx::query_scalar(&sql)
+            .bind(session_id)
+            .fetch_optional(pool)
+            .await?))
     }
 
     /// Removes a turn the harness refused as the client's mistake (nothing ran), with its user
     /// message, and returns the session to `ready`, as if the message had never been accepted.
     pub async fn discard_turn(&self, session_id: &str, turn_id: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM messages WHERE session_id = ? AND turn_id = ?")
-            .bind(session_id)
-            .bind(turn_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM turns WHERE session_id = ? AND id = ?")
-            .bind(session_id)
-            .bind(turn_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
+        let messages = self.sql("DELETE FROM messages WHERE session_id = ? AND turn_id = ?");
+        let deliveries =
+            self.sql("DELETE FROM webhook_deliveries WHERE session_id = ? AND turn_id = ?");
+        let turns = self.sql("DELETE FROM turns WHERE session_id = ? AND id = ?");
+        let session = self.sql(
             "UPDATE sessions SET status = 'ready', phase = 'ready' WHERE id = ? AND status = 'running'",
-        )
-        .bind(session_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        );
+        on_db!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for sql in [&messages, &deliveries, &turns] {
+                sqlx::query(sql)
+                    .bind(session_id)
+                    .bind(turn_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(&session)
+                .bind(session_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
@@ -516,38 +869,31 @@ impl Store {
             .map_err(|_| StoreError::WriterGone)?;
         rx.await
             .map_err(|_| StoreError::WriterGone)?
-            .map_err(|e| StoreError::Query(sqlx::Error::Protocol(e)))
-    }
-
-    fn turn_from(r: &sqlx::sqlite::SqliteRow) -> Turn {
-        Turn {
-            id: r.get("id"),
-            session_id: r.get("session_id"),
-            status: r.get("status"),
-            mode: r.get("mode"),
-            options: json(&r.get::<String, _>("options")),
-            text: r.get("text"),
-            usage: opt_json(r.get("usage")),
-            error: opt_json(r.get("error")),
-            created_at: r.get("created_at"),
-            finished_at: r.get("finished_at"),
-        }
+            .map_err(StoreError::Write)
     }
 
     pub async fn get_turn(&self, session_id: &str, turn_id: &str) -> Result<Option<Turn>> {
-        let row = sqlx::query("SELECT * FROM turns WHERE id = ? AND session_id = ?")
+        let sql = self.sql("SELECT * FROM turns WHERE id = ? AND session_id = ?");
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
             .bind(turn_id)
             .bind(session_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(Self::turn_from))
+            .fetch_optional(pool)
+            .await?
+            .map(|r| turn_row!(&r))))
     }
 
+    /// Turns this replica was running when it stopped (other replicas' turns are theirs).
     pub async fn running_turns(&self) -> Result<Vec<Turn>> {
-        let rows = sqlx::query("SELECT * FROM turns WHERE status = 'running'")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(Self::turn_from).collect())
+        let sql = self.sql(
+            "SELECT * FROM turns WHERE status = 'running' AND (replica = ? OR replica IS NULL)",
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(&*self.replica)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| turn_row!(r))
+            .collect()))
     }
 
     pub async fn list_messages(
@@ -555,27 +901,18 @@ impl Store {
         session_id: &str,
         turn_id: Option<&str>,
     ) -> Result<Vec<Message>> {
-        let rows = sqlx::query(
+        let sql = self.sql(
             "SELECT * FROM messages WHERE session_id = ? AND (? IS NULL OR turn_id = ?) ORDER BY seq",
-        )
-        .bind(session_id)
-        .bind(turn_id)
-        .bind(turn_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(session_id)
+            .bind(turn_id)
+            .bind(turn_id)
+            .fetch_all(pool)
+            .await?
             .iter()
-            .map(|r| Message {
-                id: r.get("id"),
-                session_id: r.get("session_id"),
-                turn_id: r.get("turn_id"),
-                role: r.get("role"),
-                text: r.get("text"),
-                parts: json(&r.get::<String, _>("parts")),
-                metadata: json(&r.get::<String, _>("metadata")),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+            .map(|r| message_row!(r))
+            .collect()))
     }
 
     // ---- events
@@ -596,15 +933,15 @@ impl Store {
             .map_err(|_| StoreError::WriterGone)?;
         rx.await
             .map_err(|_| StoreError::WriterGone)?
-            .map_err(|e| StoreError::Query(sqlx::Error::Protocol(e)))
+            .map_err(StoreError::Write)
     }
 
     pub async fn last_seq(&self, session_id: &str) -> Result<i64> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE session_id = ?")
-                .bind(session_id)
-                .fetch_one(&self.pool)
-                .await?;
+        let sql = self.sql("SELECT MAX(seq) FROM events WHERE session_id = ?");
+        let seq: Option<i64> = on_db!(self, |pool| sqlx::query_scalar(&sql)
+            .bind(session_id)
+            .fetch_one(pool)
+            .await?);
         Ok(seq.unwrap_or(0))
     }
 
@@ -614,395 +951,193 @@ impl Store {
         since: i64,
         limit: i64,
     ) -> Result<Vec<Event>> {
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(session_id)
-        .bind(since)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
+        let sql =
+            self.sql("SELECT * FROM events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?");
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(session_id)
+            .bind(since)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
             .iter()
-            .map(|r| {
-                let session_id: String = r.get("session_id");
-                let seq: i64 = r.get("seq");
-                Event {
-                    id: seq.to_string(),
-                    seq,
-                    session_id,
-                    turn_id: r.get("turn_id"),
-                    kind: r.get("type"),
-                    ts: r.get("ts"),
-                    data: json(&r.get::<String, _>("data")),
-                }
-            })
-            .collect())
+            .map(|r| event_row!(r))
+            .collect()))
     }
 
     // ---- webhook deliveries
 
+    /// Inserts or updates a delivery; the body, once set, is kept, and so is its claim.
     pub async fn upsert_delivery(&self, d: &Delivery) -> Result<()> {
-        upsert_delivery(&self.pool, d).await?;
+        let sql = self.sql(
+            "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, last_status, \
+             last_error, created_at, updated_at, include_messages, sealed_token, body) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
+             last_status = excluded.last_status, last_error = excluded.last_error, \
+             updated_at = excluded.updated_at, sealed_token = excluded.sealed_token, \
+             body = COALESCE(webhook_deliveries.body, excluded.body)",
+        );
+        on_db!(self, |pool| sqlx::query(&sql)
+            .bind(&d.id)
+            .bind(&d.turn_id)
+            .bind(&d.session_id)
+            .bind(&d.url)
+            .bind(&d.status)
+            .bind(d.attempts)
+            .bind(d.last_status)
+            .bind(&d.last_error)
+            .bind(&d.created_at)
+            .bind(&d.updated_at)
+            .bind(d.include_messages)
+            .bind(&d.sealed_token)
+            .bind(&d.body)
+            .execute(pool)
+            .await?
+            .rows_affected());
         Ok(())
     }
 
     pub async fn deliveries(&self, turn_id: &str) -> Result<Vec<Delivery>> {
-        Ok(
-            sqlx::query_as(
-                "SELECT * FROM webhook_deliveries WHERE turn_id = ? ORDER BY created_at",
-            )
+        let sql =
+            self.sql("SELECT * FROM webhook_deliveries WHERE turn_id = ? ORDER BY created_at");
+        Ok(on_db!(self, |pool| sqlx::query_as(&sql)
             .bind(turn_id)
-            .fetch_all(&self.pool)
-            .await?,
-        )
+            .fetch_all(pool)
+            .await?))
     }
 
-    /// Deliveries that had not ended when the server last stopped.
-    pub async fn pending_deliveries(&self) -> Result<Vec<Delivery>> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM webhook_deliveries WHERE status = 'pending' ORDER BY created_at",
-        )
-        .fetch_all(&self.pool)
-        .await?)
+    /// Claims pending deliveries whose turn has ended and that no replica holds (never claimed,
+    /// or its lease ran out; with `mine`, also those this replica held before a restart), for
+    /// `lease`. With PostgreSQL, `FOR UPDATE SKIP LOCKED`: replicas claiming at once take
+    /// different rows.
+    pub async fn claim_deliveries(&self, lease: Duration, mine: bool) -> Result<Vec<Delivery>> {
+        let lock = match self.db {
+            Db::Sqlite(_) => "",
+            Db::Postgres(_) => "FOR UPDATE OF d SKIP LOCKED",
+        };
+        let text = format!(
+            "UPDATE webhook_deliveries SET claimed_by = ?, claimed_until = ? WHERE id IN (\
+             SELECT d.id FROM webhook_deliveries d JOIN turns t ON t.id = d.turn_id \
+             WHERE d.status = 'pending' AND t.status <> 'running' \
+             AND (d.claimed_until IS NULL OR d.claimed_until < ? OR (? AND d.claimed_by = ?)) \
+             ORDER BY d.created_at LIMIT 100 {lock}) RETURNING *"
+        );
+        let sql = self.sql(&text);
+        let ts = now();
+        Ok(on_db!(self, |pool| sqlx::query_as(&sql)
+            .bind(&*self.replica)
+            .bind(later(lease))
+            .bind(&ts)
+            .bind(mine)
+            .bind(&*self.replica)
+            .fetch_all(pool)
+            .await?))
+    }
+
+    /// Claims (or renews this replica's claim on) one pending delivery for `lease`. False when
+    /// another replica holds it or it ended: then this replica must not deliver it.
+    pub async fn claim_delivery(&self, id: &str, lease: Duration) -> Result<bool> {
+        let until = later(lease);
+        let n = self
+            .execute(
+                "UPDATE webhook_deliveries SET claimed_by = ?, claimed_until = ? \
+                 WHERE id = ? AND status = 'pending' \
+                 AND (claimed_by = ? OR claimed_until IS NULL OR claimed_until < ?)",
+                &[
+                    Some(&self.replica),
+                    Some(&until),
+                    Some(id),
+                    Some(&self.replica),
+                    Some(&now()),
+                ],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     // ---- sandboxes
 
+    /// Records a sandbox this replica started.
     pub async fn insert_sandbox(&self, s: &SandboxRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sandboxes (id, template, endpoint, pid, session_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&s.id)
-        .bind(&s.template)
-        .bind(&s.endpoint)
-        .bind(s.pid)
-        .bind(&s.session_id)
-        .bind(now())
-        .execute(&self.pool)
-        .await?;
+        let sql = self.sql(
+            "INSERT INTO sandboxes (id, template, endpoint, pid, session_id, created_at, owner) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        );
+        on_db!(self, |pool| sqlx::query(&sql)
+            .bind(&s.id)
+            .bind(&s.template)
+            .bind(&s.endpoint)
+            .bind(s.pid)
+            .bind(&s.session_id)
+            .bind(now())
+            .bind(s.owner.as_deref().unwrap_or(&self.replica))
+            .execute(pool)
+            .await?
+            .rows_affected());
         Ok(())
     }
 
     pub async fn claim_sandbox(&self, sandbox_id: &str, session_id: &str) -> Result<bool> {
-        let r =
-            sqlx::query("UPDATE sandboxes SET session_id = ? WHERE id = ? AND session_id IS NULL")
-                .bind(session_id)
-                .bind(sandbox_id)
-                .execute(&self.pool)
-                .await?;
-        Ok(r.rows_affected() == 1)
+        let n = self
+            .execute(
+                "UPDATE sandboxes SET session_id = ? WHERE id = ? AND session_id IS NULL",
+                &[Some(session_id), Some(sandbox_id)],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     pub async fn delete_sandbox(&self, sandbox_id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM sandboxes WHERE id = ?")
-            .bind(sandbox_id)
-            .execute(&self.pool)
+        self.execute("DELETE FROM sandboxes WHERE id = ?", &[Some(sandbox_id)])
             .await?;
         Ok(())
     }
 
     pub async fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRow>> {
-        Ok(sqlx::query_as::<_, SandboxRow>(
-            "SELECT id, template, endpoint, pid, session_id FROM sandboxes WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    pub async fn list_sandboxes(&self) -> Result<Vec<SandboxRow>> {
-        Ok(sqlx::query_as::<_, SandboxRow>(
-            "SELECT id, template, endpoint, pid, session_id FROM sandboxes ORDER BY created_at",
-        )
-        .fetch_all(&self.pool)
-        .await?)
-    }
-}
-
-/// Inserts or updates a delivery; the body, once set, is kept.
-async fn upsert_delivery(
-    ex: impl sqlx::SqliteExecutor<'_>,
-    d: &Delivery,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, last_status, \
-         last_error, created_at, updated_at, include_messages, sealed_token, body) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
-         last_status = excluded.last_status, last_error = excluded.last_error, \
-         updated_at = excluded.updated_at, sealed_token = excluded.sealed_token, \
-         body = COALESCE(webhook_deliveries.body, excluded.body)",
-    )
-    .bind(&d.id)
-    .bind(&d.turn_id)
-    .bind(&d.session_id)
-    .bind(&d.url)
-    .bind(&d.status)
-    .bind(d.attempts)
-    .bind(d.last_status)
-    .bind(&d.last_error)
-    .bind(&d.created_at)
-    .bind(&d.updated_at)
-    .bind(d.include_messages)
-    .bind(&d.sealed_token)
-    .bind(&d.body)
-    .execute(ex)
-    .await?;
-    Ok(())
-}
-
-/// Copies the WAL into the database file every second, off the request path. PASSIVE: it never
-/// waits for, nor blocks, readers and the writer.
-async fn checkpoint(pool: SqlitePool) {
-    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
-            .await
-        {
-            tracing::warn!(error = %e, "checkpointing the store failed");
-        }
-    }
-}
-
-/// The one writer of the turn path: takes whatever is queued (events, turn starts and ends from
-/// every session) and commits it as one transaction sent to SQLite in one round trip, so a burst
-/// costs one commit and a lone turn step costs one statement batch. Answers go out after the
-/// commit. If a batch fails, its operations are retried one by one, so only a bad one fails.
-async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
-    let mut carried: Option<Write> = None;
-    loop {
-        let first = match carried.take() {
-            Some(w) => w,
-            None => match rx.recv().await {
-                Some(w) => w,
-                None => return,
-            },
-        };
-        let mut batch = Vec::new();
-        let mut beginning = std::collections::HashSet::new();
-        let mut events = 0;
-        let mut next = Some(first);
-        while let Some(w) = next.take() {
-            if let Write::Begin(b, _) = &w
-                && !beginning.insert(b.turn.session_id.clone())
-            {
-                // Two starts of one session in a batch could not tell their answers apart.
-                carried = Some(w);
-                break;
-            }
-            if let Write::Events(e) = &w {
-                events += e.len();
-            }
-            batch.push(w);
-            if events >= 2048 || batch.len() >= 256 {
-                break;
-            }
-            next = rx.try_recv().ok();
-            // Nobody waits on events alone (they are broadcast before they are stored): hold
-            // them briefly, so a turn's end or the next start usually carries them in its commit.
-            if next.is_none() && batch.iter().all(|w| matches!(w, Write::Events(_))) {
-                next = tokio::time::timeout(EVENTS_LINGER, rx.recv())
-                    .await
-                    .ok()
-                    .flatten();
-            }
-        }
-        match commit(&mut conn, &batch).await {
-            Ok(rows) => answer(batch, &Ok(rows)),
-            Err(e) if batch.len() > 1 => {
-                tracing::warn!(error = %e, ops = batch.len(), "a write batch failed; retrying its parts alone");
-                for w in batch {
-                    let result = commit(&mut conn, std::slice::from_ref(&w)).await;
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "a write failed");
-                    }
-                    answer(vec![w], &result.map_err(|e| e.to_string()));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "a write failed");
-                answer(batch, &Err(e.to_string()));
-            }
-        }
-    }
-}
-
-fn answer(batch: Vec<Write>, result: &Result<Vec<sqlx::sqlite::SqliteRow>, String>) {
-    let done = || result.as_ref().map(|_| ()).map_err(Clone::clone);
-    for w in batch {
-        match w {
-            Write::Events(_) => {}
-            Write::Flush(tx) | Write::Finish(_, tx) => {
-                let _ = tx.send(done());
-            }
-            Write::Begin(b, tx) => {
-                let session = result.as_ref().map(|rows| {
-                    rows.iter()
-                        .find(|r| {
-                            r.try_get::<&str, _>("id")
-                                .is_ok_and(|id| id == b.turn.session_id)
-                        })
-                        .map(Store::session_from)
-                });
-                let _ = tx.send(session.map_err(Clone::clone));
-            }
-        }
-    }
-}
-
-/// Runs `batch` as one transaction in one multi-statement query.
-async fn commit(
-    conn: &mut SqliteConnection,
-    batch: &[Write],
-) -> Result<Vec<sqlx::sqlite::SqliteRow>, sqlx::Error> {
-    // SQLite takes a limited number of bound values per statement: 6 per event row.
-    const ROWS_PER_STATEMENT: usize = 150;
-    let mut q = QueryBuilder::<sqlx::Sqlite>::new("BEGIN IMMEDIATE; ");
-    let mut any = false;
-    let events: Vec<&Event> = batch
-        .iter()
-        .filter_map(|w| match w {
-            Write::Events(e) => Some(e.iter()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
-        any = true;
-        q.push("INSERT OR IGNORE INTO events (session_id, seq, turn_id, type, ts, data) ");
-        q.push_values(chunk, |mut row, e| {
-            row.push_bind(e.session_id.clone())
-                .push_bind(e.seq)
-                .push_bind(e.turn_id.clone())
-                .push_bind(e.kind.clone())
-                .push_bind(e.ts.clone())
-                .push_bind(e.data.to_string());
-        });
-        q.push("; ");
-    }
-    for w in batch {
-        match w {
-            Write::Finish(end, _) => {
-                any = true;
-                push_finish(&mut q, &end.0, end.1.as_ref());
-            }
-            Write::Begin(b, _) => {
-                any = true;
-                push_begin(&mut q, b);
-            }
-            Write::Events(_) | Write::Flush(_) => {}
-        }
-    }
-    if !any {
-        return Ok(Vec::new());
-    }
-    q.push("COMMIT;");
-    let result = sqlx::Executor::fetch_all(&mut *conn, q.build()).await;
-    if result.is_err() {
-        // The batch stopped part way, inside its transaction: undo what ran.
-        let _ = sqlx::Executor::execute(&mut *conn, "ROLLBACK").await;
-    }
-    result
-}
-
-/// `INSERT INTO messages …`; with `only_if_changed`, only when the previous statement changed a
-/// row (chains a turn's inserts on the session's conditional update).
-fn push_message(q: &mut QueryBuilder<'_, sqlx::Sqlite>, m: &Message, only_if_changed: bool) {
-    q.push("INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) SELECT ");
-    let mut cols = q.separated(", ");
-    cols.push_bind(m.id.clone())
-        .push_bind(m.session_id.clone())
-        .push_bind(m.turn_id.clone())
-        .push_bind(m.role.clone())
-        .push_bind(m.text.clone())
-        .push_bind(m.parts.to_string())
-        .push_bind(m.metadata.to_string())
-        .push_bind(m.created_at.clone());
-    q.push(if only_if_changed {
-        " WHERE changes() = 1; "
-    } else {
-        "; "
-    });
-}
-
-/// A turn's start: the session moves from `ready` to `running` (returning it), and only then are
-/// the turn, the user's message and the pending webhook delivery inserted.
-fn push_begin(q: &mut QueryBuilder<'_, sqlx::Sqlite>, b: &Begin) {
-    let t = &b.turn;
-    q.push("UPDATE sessions SET status = 'running', phase = 'running', updated_at = ")
-        .push_bind(t.created_at.clone())
-        .push(", last_active_at = ")
-        .push_bind(t.created_at.clone())
-        .push(" WHERE id = ")
-        .push_bind(t.session_id.clone())
-        .push(" AND tenant = ")
-        .push_bind(b.tenant.clone())
-        .push(" AND status = 'ready' AND kind = 'api' RETURNING *; ");
-    q.push("INSERT INTO turns (id, session_id, status, mode, options, created_at) SELECT ");
-    q.separated(", ")
-        .push_bind(t.id.clone())
-        .push_bind(t.session_id.clone())
-        .push_bind(t.status.clone())
-        .push_bind(t.mode.clone())
-        .push_bind(t.options.to_string())
-        .push_bind(t.created_at.clone());
-    q.push(" WHERE changes() = 1; ");
-    push_message(q, &b.user, true);
-    if let Some(d) = &b.delivery {
-        q.push(
-            "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, \
-             created_at, updated_at, include_messages, sealed_token) SELECT ",
+        let sql = self.sql(
+            "SELECT id, template, endpoint, pid, session_id, owner FROM sandboxes WHERE id = ?",
         );
-        q.separated(", ")
-            .push_bind(d.id.clone())
-            .push_bind(d.turn_id.clone())
-            .push_bind(d.session_id.clone())
-            .push_bind(d.url.clone())
-            .push_bind(d.status.clone())
-            .push_bind(d.attempts)
-            .push_bind(d.created_at.clone())
-            .push_bind(d.updated_at.clone())
-            .push_bind(d.include_messages)
-            .push_bind(d.sealed_token.clone());
-        q.push(" WHERE changes() = 1; ");
+        Ok(on_db!(self, |pool| sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?))
     }
-}
 
-/// A turn's end: its outcome, the assistant's message, and a running session back to `ready`
-/// (a dead or deleted one stays so).
-fn push_finish(q: &mut QueryBuilder<'_, sqlx::Sqlite>, turn: &Turn, reply: Option<&Message>) {
-    q.push("UPDATE turns SET status = ")
-        .push_bind(turn.status.clone())
-        .push(", text = ")
-        .push_bind(turn.text.clone())
-        .push(", usage = ")
-        .push_bind(turn.usage.as_ref().map(|u| u.to_string()))
-        .push(", error = ")
-        .push_bind(turn.error.as_ref().map(|e| e.to_string()))
-        .push(", finished_at = ")
-        .push_bind(turn.finished_at.clone())
-        .push(" WHERE id = ")
-        .push_bind(turn.id.clone())
-        .push("; ");
-    if let Some(m) = reply {
-        push_message(q, m, false);
+    /// Every replica's sandboxes (see `SandboxRow::owner` for whose they are).
+    pub async fn list_sandboxes(&self) -> Result<Vec<SandboxRow>> {
+        let sql = "SELECT id, template, endpoint, pid, session_id, owner FROM sandboxes ORDER BY created_at";
+        Ok(on_db!(self, |pool| sqlx::query_as(sql)
+            .fetch_all(pool)
+            .await?))
     }
-    let ts = now();
-    q.push("UPDATE sessions SET last_active_at = ")
-        .push_bind(ts.clone())
-        .push(
-            ", status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
-             phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END, \
-             updated_at = ",
-        )
-        .push_bind(ts)
-        .push(" WHERE id = ")
-        .push_bind(turn.session_id.clone())
-        .push("; ");
+
+    /// Test and benchmark support: creates an empty database with a random name on the
+    /// PostgreSQL server at `base` and returns its URL, so each test has its own.
+    pub async fn scratch_database(base: &str) -> Result<String> {
+        let mut url = url::Url::parse(base).map_err(|_| StoreError::Location(redact(base)))?;
+        let name = format!("sw_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgPool::connect(base)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: redact(base),
+                source,
+            })?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        url.set_path(&name);
+        Ok(url.to_string())
+    }
+
+    /// Whether this replica manages the sandbox: it started it, or the sandbox is shared (a
+    /// Kubernetes Sandbox, which every replica reaches and watches). Rows from before replicas
+    /// count as its own.
+    pub fn owns(&self, row: &SandboxRow) -> bool {
+        row.owner
+            .as_deref()
+            .is_none_or(|o| o == &*self.replica || o == SHARED_OWNER)
+    }
 }
 
 #[cfg(test)]
@@ -1060,21 +1195,85 @@ mod tests {
         (turn, user)
     }
 
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).await.expect("open");
+    /// The PostgreSQL server the tests may use (`SANDWARDEN_TEST_POSTGRES`); `None` (the test
+    /// skips, saying so) when unset, unless `SANDWARDEN_REQUIRE_POSTGRES=1`.
+    fn postgres_server() -> Option<String> {
+        match std::env::var("SANDWARDEN_TEST_POSTGRES") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                assert!(
+                    std::env::var("SANDWARDEN_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                    "SANDWARDEN_REQUIRE_POSTGRES=1 but SANDWARDEN_TEST_POSTGRES is unset (scripts/start-postgres)"
+                );
+                eprintln!(
+                    "SKIPPED: SANDWARDEN_TEST_POSTGRES is unset (run scripts/start-postgres)"
+                );
+                None
+            }
+        }
+    }
+
+    fn replica(name: &str) -> Options {
+        Options {
+            replica: name.into(),
+            ..Options::default()
+        }
+    }
+
+    async fn seeded(store: Store) -> Store {
         for (id, kind) in [("s1", "api"), ("s2", "api"), ("s3", "api"), ("tui", "tui")] {
             store
                 .insert_session(&session(id, kind))
                 .await
                 .expect("insert");
         }
-        (dir, store)
+        store
     }
 
-    #[tokio::test]
-    async fn a_turn_begins_only_on_a_ready_api_session_of_the_tenant() {
-        let (_dir, store) = store().await;
+    /// A fresh PostgreSQL database and two stores on it, as two replicas would have.
+    async fn postgres_pair() -> Option<(Store, Store)> {
+        let url = Store::scratch_database(&postgres_server()?)
+            .await
+            .expect("scratch database");
+        let location = Location::Postgres(url);
+        let (ra, rb) = (replica("ra"), replica("rb"));
+        let (a, b) = tokio::join!(
+            Store::connect(&location, &ra),
+            Store::connect(&location, &rb)
+        );
+        Some((seeded(a.expect("replica a")).await, b.expect("replica b")))
+    }
+
+    /// Runs a store test against SQLite (`NAME::sqlite`) and PostgreSQL (`NAME::postgres`).
+    macro_rules! on_both_backends {
+        ($name:ident) => {
+            mod $name {
+                use super::*;
+
+                #[tokio::test]
+                async fn sqlite() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let store = Store::open(dir.path()).await.expect("open");
+                    super::$name(seeded(store).await).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    if let Some((store, _other)) = postgres_pair().await {
+                        super::$name(store).await;
+                    }
+                }
+            }
+        };
+    }
+
+    on_both_backends!(a_turn_begins_only_on_a_ready_api_session_of_the_tenant);
+    on_both_backends!(a_failing_write_fails_alone_when_batched_with_others);
+    on_both_backends!(a_status_changes_once_when_raced);
+    on_both_backends!(events_are_stored_in_order_and_listed_after_a_seq);
+    on_both_backends!(a_delivery_is_claimed_once_until_its_lease_runs_out);
+
+    async fn a_turn_begins_only_on_a_ready_api_session_of_the_tenant(store: Store) {
         let (t, m) = turn("s1", "turn-1");
         assert_eq!(
             store.begin_turn("t2", &t, &m, None).await.expect("begin"),
@@ -1086,7 +1285,11 @@ mod tests {
             None
         );
         let begun = store.begin_turn("t1", &t, &m, None).await.expect("begin");
-        assert_eq!(begun.map(|s| s.status), Some("running".into()));
+        let begun = begun.expect("began");
+        assert_eq!(begun.session.status, "running");
+        if store.is_shared() {
+            assert_eq!(begun.last_seq, Some(0));
+        }
         let (t2, m2) = turn("s1", "turn-2");
         assert_eq!(
             store.begin_turn("t1", &t2, &m2, None).await.expect("begin"),
@@ -1125,9 +1328,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_failing_write_fails_alone_when_batched_with_others() {
-        let (_dir, store) = store().await;
+    async fn a_failing_write_fails_alone_when_batched_with_others(store: Store) {
         let (t, m) = turn("s1", "dup");
         assert!(
             store
@@ -1144,7 +1345,10 @@ mod tests {
             store.begin_turn("t1", &good, &good_msg, None),
         );
         assert!(first.is_err(), "{first:?}");
-        assert_eq!(second.expect("good start").map(|s| s.id), Some("s2".into()));
+        assert_eq!(
+            second.expect("good start").map(|b| b.session.id),
+            Some("s2".into())
+        );
         assert!(store.get_turn("s2", "fresh").await.expect("get").is_some());
         let s3 = store
             .get_session("t1", "s3")
@@ -1152,5 +1356,297 @@ mod tests {
             .expect("get")
             .expect("s3");
         assert_eq!(s3.status, "ready", "the failed start was rolled back");
+    }
+
+    async fn a_status_changes_once_when_raced(store: Store) {
+        let live = ["ready", "running"];
+        let (a, b) = tokio::join!(
+            store.transition("s1", &live, "dead", Some("one")),
+            store.transition("s1", &live, "dead", Some("two")),
+        );
+        assert!(
+            a.expect("first") ^ b.expect("second"),
+            "exactly one transition"
+        );
+        let s = store.get_session_any("s1").await.expect("get").expect("s1");
+        assert_eq!(s.status, "dead");
+    }
+
+    async fn events_are_stored_in_order_and_listed_after_a_seq(store: Store) {
+        let events: Vec<Event> = (1..=300)
+            .map(|seq| Event {
+                id: seq.to_string(),
+                seq,
+                session_id: "s2".into(),
+                turn_id: Some("t".into()),
+                kind: "text".into(),
+                ts: now(),
+                data: json!({ "n": seq }),
+            })
+            .collect();
+        store
+            .append_events(events[..150].to_vec())
+            .await
+            .expect("append");
+        // Again, overlapping: a retried write stores nothing twice.
+        store
+            .append_events(events[100..].to_vec())
+            .await
+            .expect("append");
+        store.flush().await.expect("flush");
+        assert_eq!(store.last_seq("s2").await.expect("last"), 300);
+        let after = store.list_events("s2", 250, 10).await.expect("list");
+        let seqs: Vec<i64> = after.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (251..=260).collect::<Vec<_>>());
+        assert_eq!(after[0].data, json!({ "n": 251 }));
+    }
+
+    async fn a_delivery_is_claimed_once_until_its_lease_runs_out(store: Store) {
+        let (t, m) = turn("s1", "hooked");
+        let d = Delivery {
+            id: "whd_1".into(),
+            turn_id: "hooked".into(),
+            session_id: "s1".into(),
+            url: "https://example.com/hook".into(),
+            status: "pending".into(),
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            created_at: now(),
+            updated_at: now(),
+            include_messages: false,
+            sealed_token: Some("sealed".into()),
+            body: None,
+        };
+        store
+            .begin_turn("t1", &t, &m, Some(&d))
+            .await
+            .expect("begin")
+            .expect("began");
+        let lease = Duration::from_secs(60);
+        assert!(
+            store
+                .claim_deliveries(lease, true)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "not while its turn runs"
+        );
+        let mut done = t.clone();
+        done.status = "completed".into();
+        done.finished_at = Some(now());
+        store.finish_turn(&done, None).await.expect("finish");
+        let claimed = store.claim_deliveries(lease, false).await.expect("claim");
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].sealed_token.as_deref(), Some("sealed"));
+        assert!(
+            store
+                .claim_deliveries(lease, false)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "claimed once"
+        );
+        assert!(store.claim_delivery("whd_1", lease).await.expect("renew"));
+        // A lease that already ran out is free for anyone.
+        assert!(
+            store
+                .claim_deliveries(Duration::ZERO, true)
+                .await
+                .expect("claim")
+                .len()
+                == 1
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store
+                .claim_deliveries(lease, false)
+                .await
+                .expect("claim")
+                .len(),
+            1,
+            "taken over after the lease"
+        );
+    }
+
+    #[tokio::test]
+    async fn replicas_share_one_turn_lock_and_claim_deliveries_apart() {
+        let Some((a, b)) = postgres_pair().await else {
+            return;
+        };
+        let (ta, ma) = turn("s1", "turn-a");
+        let (tb, mb) = turn("s1", "turn-b");
+        let (ra, rb) = tokio::join!(
+            a.begin_turn("t1", &ta, &ma, None),
+            b.begin_turn("t1", &tb, &mb, None)
+        );
+        let won = [ra.expect("a"), rb.expect("b")]
+            .iter()
+            .filter(|r| r.is_some())
+            .count();
+        assert_eq!(won, 1, "one turn at a time across replicas");
+        let running = b
+            .running_turn("s1")
+            .await
+            .expect("running")
+            .expect("a turn");
+        assert!(running == "turn-a" || running == "turn-b");
+        // Only the replica that ran a turn recovers it.
+        let theirs = a.running_turns().await.expect("a's").len()
+            + b.running_turns().await.expect("b's").len();
+        assert_eq!(theirs, 1);
+    }
+
+    #[tokio::test]
+    async fn events_committed_by_one_replica_are_announced_to_the_other() {
+        let Some((a, b)) = postgres_pair().await else {
+            return;
+        };
+        let mut notices = b.notices().expect("a shared store relays notices");
+        let event = |seq: i64| Event {
+            id: seq.to_string(),
+            seq,
+            session_id: "s1".into(),
+            turn_id: None,
+            kind: "text".into(),
+            ts: now(),
+            data: json!({}),
+        };
+        a.append_events(vec![event(1), event(2)])
+            .await
+            .expect("append");
+        a.flush().await.expect("flush");
+        a.announce("s1");
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let n = tokio::time::timeout(Duration::from_secs(10), notices.recv())
+                .await
+                .expect("a notice within 10 s")
+                .expect("notice");
+            seen.push(n);
+        }
+        assert!(seen.contains(&Notice::Events {
+            session_id: "s1".into(),
+            first: 1,
+            last: 2
+        }));
+        assert!(seen.contains(&Notice::Changed("s1".into())));
+        // A replica does not hear itself.
+        assert!(a.notices().expect("notices").try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn replicas_migrating_at_once_apply_each_migration_once() {
+        let Some(server) = postgres_server() else {
+            return;
+        };
+        let url = Store::scratch_database(&server).await.expect("scratch");
+        let location = Location::Postgres(url.clone());
+        let opens = (0..4).map(|i| {
+            let location = location.clone();
+            async move { Store::connect(&location, &replica(&format!("r{i}"))).await }
+        });
+        for opened in futures::future::join_all(opens).await {
+            opened.expect("every replica opens");
+        }
+        let pool = PgPool::connect(&url).await.expect("connect");
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        let files = std::fs::read_dir(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/store/migrations/postgres"
+        ))
+        .expect("migrations dir")
+        .count();
+        assert_eq!(applied as usize, files);
+    }
+
+    #[test]
+    fn only_an_unreachable_or_busy_database_counts_as_unavailable() {
+        assert!(transient(&sqlx::Error::PoolTimedOut));
+        assert!(transient(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+        assert!(!transient(&sqlx::Error::RowNotFound));
+        assert!(StoreError::WriterGone.is_unavailable());
+        assert!(!StoreError::Conflict.is_unavailable());
+    }
+
+    #[test]
+    fn a_store_location_is_a_postgres_url_or_a_data_dir() {
+        let dir = Path::new("/var/lib/sw");
+        assert_eq!(
+            Location::parse(None, dir).expect("default"),
+            Location::Sqlite(dir.into())
+        );
+        assert_eq!(
+            Location::parse(Some("postgresql://u:p@db/sw"), dir).expect("pg"),
+            Location::Postgres("postgresql://u:p@db/sw".into())
+        );
+        let bad = Location::parse(Some("mysql://u:hunter2@db/sw"), dir)
+            .expect_err("refused")
+            .to_string();
+        assert!(!bad.contains("hunter2"), "{bad}");
+        assert_eq!(
+            Location::Postgres("postgres://u:hunter2@db/sw".into()).display(),
+            "postgres://u:****@db/sw"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_sqlite_store_from_before_replicas_keeps_its_turns_and_sandboxes_as_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sandwarden.db");
+        {
+            // The schema as the previous release left it: the first two migrations only.
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.expect("old store");
+            let mut old = sqlx::migrate!("src/store/migrations/sqlite");
+            old.migrations = Cow::Owned(old.migrations[..2].to_vec());
+            old.run(&pool).await.expect("old migrations");
+            let s = session("s1", "api");
+            sqlx::query(
+                "INSERT INTO sessions (id, tenant, harness, kind, status, idle_timeout_s, \
+                 created_at, updated_at, last_active_at) VALUES (?, ?, ?, ?, 'running', 60, ?, ?, ?)",
+            )
+            .bind(&s.id)
+            .bind(&s.tenant)
+            .bind(&s.harness)
+            .bind(&s.kind)
+            .bind(&s.created_at)
+            .bind(&s.updated_at)
+            .bind(&s.last_active_at)
+            .execute(&pool)
+            .await
+            .expect("session");
+            sqlx::query(
+                "INSERT INTO turns (id, session_id, status, mode, created_at) \
+                 VALUES ('old-turn', 's1', 'running', 'sync', ?)",
+            )
+            .bind(now())
+            .execute(&pool)
+            .await
+            .expect("turn");
+            sqlx::query(
+                "INSERT INTO sandboxes (id, template, endpoint, session_id, created_at) \
+                 VALUES ('sbx-old', 'echo', 'http://127.0.0.1:1', 's1', ?)",
+            )
+            .bind(now())
+            .execute(&pool)
+            .await
+            .expect("sandbox");
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.expect("upgraded");
+        let turns = store.running_turns().await.expect("running");
+        assert_eq!(turns.len(), 1, "its interrupted turn is recovered here");
+        let sandboxes = store.list_sandboxes().await.expect("sandboxes");
+        assert_eq!(sandboxes.len(), 1);
+        assert!(store.owns(&sandboxes[0]), "its sandbox is its own");
+        assert!(store.orphaned_turns().await.expect("orphans").is_empty());
     }
 }

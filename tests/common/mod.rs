@@ -229,6 +229,15 @@ impl Serve {
         s
     }
 
+    /// In a fresh temp dir (owned, its sandboxes stopped on drop), with extra environment.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, String)]) -> Serve {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().to_path_buf();
+        let mut s = Serve::launch_with_env(&data, extra, true, env);
+        s._dir = Some(dir);
+        s
+    }
+
     /// Starts on an existing data dir (a restart); the caller keeps the dir alive.
     pub fn start_in(data: &std::path::Path, extra: &[&str]) -> Serve {
         Serve::launch(data, extra, true)
@@ -500,4 +509,32 @@ impl Api {
         }
         out
     }
+}
+
+/// The PostgreSQL server for tests (`SANDWARDEN_TEST_POSTGRES`, from scripts/start-postgres);
+/// `None` when unset (the caller skips, saying so), a failure with `SANDWARDEN_REQUIRE_POSTGRES=1`.
+pub fn postgres_server() -> Option<String> {
+    match std::env::var("SANDWARDEN_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("SANDWARDEN_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "SANDWARDEN_REQUIRE_POSTGRES=1 but SANDWARDEN_TEST_POSTGRES is unset: run scripts/start-postgres"
+            );
+            eprintln!(
+                "SKIPPED: SANDWARDEN_TEST_POSTGRES is unset (eval \"$(scripts/start-postgres)\" to run)"
+            );
+            None
+        }
+    }
+}
+
+/// A fresh, empty database of its own on the test PostgreSQL server (tests run in parallel).
+pub async fn postgres_database() -> Option<String> {
+    let server = postgres_server()?;
+    Some(
+        sandwarden::store::Store::scratch_database(&server)
+            .await
+            .expect("creating a scratch database"),
+    )
 }
