@@ -175,37 +175,25 @@ impl KubernetesRuntime {
         stop: CancellationToken,
     ) -> Self {
         let api: Api<Sandbox> = Api::namespaced(client, namespace);
-        let (cache, writer) = reflector::store();
-        let events = reflector::reflector(writer, watcher(api.clone(), watcher::Config::default()))
-            .default_backoff();
-        tokio::spawn(async move {
-            let mut events = std::pin::pin!(events);
-            loop {
-                let next = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    next = events.next() => next,
-                };
-                let claimed =
-                    |s: &Sandbox| s.status.as_ref().is_some_and(|st| st.claimed_by.is_some());
-                match next {
-                    Some(Ok(watcher::Event::Apply(s))) => {
-                        let failed =
-                            s.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Failed");
-                        if claimed(&s) && (failed || s.metadata.deletion_timestamp.is_some()) {
-                            let _ = exits.send(s.name_any());
-                        }
-                    }
-                    Some(Ok(watcher::Event::Delete(s))) if claimed(&s) => {
+        let claimed = |s: &Sandbox| s.status.as_ref().is_some_and(|st| st.claimed_by.is_some());
+        let cache = cached_watch(
+            api.clone(),
+            "Sandboxes",
+            stop,
+            move |_, event| match event {
+                watcher::Event::Apply(s) => {
+                    let failed =
+                        s.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Failed");
+                    if claimed(&s) && (failed || s.metadata.deletion_timestamp.is_some()) {
                         let _ = exits.send(s.name_any());
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "watching Sandboxes failed; retrying")
-                    }
-                    None => return,
                 }
-            }
-        });
+                watcher::Event::Delete(s) if claimed(&s) => {
+                    let _ = exits.send(s.name_any());
+                }
+                _ => {}
+            },
+        );
         KubernetesRuntime {
             api,
             cache,
@@ -237,9 +225,43 @@ pub fn watch_templates(
     stop: CancellationToken,
 ) {
     let api: Api<SandboxTemplate> = Api::namespaced(client, namespace);
+    cached_watch(api, "SandboxTemplates", stop, move |cache, event| {
+        // The cache holds a full list only once it is done (InitDone), and after each change.
+        if let watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_) =
+            event
+        {
+            update(
+                cache
+                    .state()
+                    .iter()
+                    .map(|t| (t.name_any(), t.to_template()))
+                    .collect(),
+            );
+        }
+    });
+}
+
+/// A watch cache of `api`'s objects, fed until `stop`; `on_event` sees each event after the
+/// cache has taken it in. Failures are retried with backoff (and logged as about `what`).
+fn cached_watch<K>(
+    api: Api<K>,
+    what: &'static str,
+    stop: CancellationToken,
+    mut on_event: impl FnMut(&Store<K>, watcher::Event<K>) + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (cache, writer) = reflector::store();
     let events =
         reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let reader = cache.clone();
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         loop {
@@ -248,25 +270,13 @@ pub fn watch_templates(
                 next = events.next() => next,
             };
             match next {
-                // The cache holds a full list only once it is done (InitDone), and after each
-                // change.
-                Some(Ok(
-                    watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
-                )) => update(
-                    cache
-                        .state()
-                        .iter()
-                        .map(|t| (t.name_any(), t.to_template()))
-                        .collect(),
-                ),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "watching SandboxTemplates failed; retrying")
-                }
+                Some(Ok(event)) => on_event(&reader, event),
+                Some(Err(e)) => tracing::warn!(error = %e, "watching {what} failed; retrying"),
                 None => return,
             }
         }
     });
+    cache
 }
 
 #[async_trait::async_trait]

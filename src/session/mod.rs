@@ -462,19 +462,7 @@ impl Orchestrator {
             let Some(sandbox) = claimed else { break };
             self.pool_wake.notify_one();
             match self.attach_sandbox(&session, &sandbox, &bind).await {
-                Ok(()) => {
-                    self.metrics.claim("warm");
-                    self.metrics
-                        .claim_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    let fresh = self
-                        .store
-                        .get_session_any(&session.id)
-                        .await
-                        .map_err(store_error)?;
-                    self.notify(&session.id);
-                    return Ok((fresh.unwrap_or(session), true));
-                }
+                Ok(()) => return self.claimed_warm(session, started).await,
                 Err(AttachError::Refused(p)) => {
                     // The bind was refused and changed nothing: the sandbox stays warm, and the
                     // refused request leaves no session behind.
@@ -504,19 +492,7 @@ impl Orchestrator {
                 Err(e) => Err(AttachError::Lost(e.to_string())),
             };
             match attached {
-                Ok(()) => {
-                    self.metrics.claim("warm");
-                    self.metrics
-                        .claim_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    let fresh = self
-                        .store
-                        .get_session_any(&session.id)
-                        .await
-                        .map_err(store_error)?;
-                    self.notify(&session.id);
-                    return Ok((fresh.unwrap_or(session), true));
-                }
+                Ok(()) => return self.claimed_warm(session, started).await,
                 Err(AttachError::Refused(p)) => {
                     // Claimed for this request only: it goes (its pool makes another).
                     self.discard(sandbox).await;
@@ -539,6 +515,25 @@ impl Orchestrator {
         });
         session.phase = Some("starting_sandbox".into());
         Ok((session, true))
+    }
+
+    /// The answer to a create that a warm sandbox served: the session as stored now (`ready`).
+    async fn claimed_warm(
+        &self,
+        session: Session,
+        started: Instant,
+    ) -> Result<(Session, bool), Problem> {
+        self.metrics.claim("warm");
+        self.metrics
+            .claim_duration
+            .observe(started.elapsed().as_secs_f64());
+        let fresh = self
+            .store
+            .get_session_any(&session.id)
+            .await
+            .map_err(store_error)?;
+        self.notify(&session.id);
+        Ok((fresh.unwrap_or(session), true))
     }
 
     /// Binds a sandbox to a session and records it; the session becomes `ready`.
