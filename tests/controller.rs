@@ -358,6 +358,25 @@ async fn until(what: &str, mut check: impl FnMut() -> Result<(), String>) {
     }
 }
 
+/// Waits (bounded) until the pool has `want` members (all, ready).
+async fn until_members(fake: &FakeKube, what: &str, want: (usize, usize)) {
+    until(what, || {
+        let seen = members(fake);
+        (seen == want).then_some(()).ok_or_else(|| {
+            let writes = fake.writes();
+            let last: Vec<&String> = writes.iter().rev().take(8).collect();
+            format!(
+                "{seen:?}; pool status {}; {} writes, the last {last:?}",
+                fake.object(POOLS, NS, "echo")
+                    .map(|p| p["status"].clone())
+                    .unwrap_or_default(),
+                writes.len()
+            )
+        })
+    })
+    .await;
+}
+
 fn start_controllers(
     fake: &FakeKube,
 ) -> (
@@ -389,11 +408,7 @@ async fn a_warm_pool_fills_scales_down_unready_first_and_refills_after_a_claim()
     fake.put(POOLS, pool_json(3));
     let kubelet = kubelet(&fake);
     let (stop, task) = start_controllers(&fake);
-    until("three ready members", || match members(&fake) {
-        (3, 3) => Ok(()),
-        seen => Err(format!("{seen:?}")),
-    })
-    .await;
+    until_members(&fake, "three ready members", (3, 3)).await;
     until("the pool's status counts them", || {
         let s = fake.object(POOLS, NS, "echo").expect("pool")["status"].clone();
         (s["readyReplicas"] == 3 && s["selector"] == "sandwarden.dev/pool=echo")
@@ -436,17 +451,9 @@ async fn a_warm_pool_fills_scales_down_unready_first_and_refills_after_a_claim()
     // Scaling down removes the surplus; an unready member goes before ready ones.
     kubelet.abort();
     scale(&fake, 4);
-    until("a fourth, unready member", || match members(&fake) {
-        (4, 3) => Ok(()),
-        seen => Err(format!("{seen:?}")),
-    })
-    .await;
+    until_members(&fake, "a fourth, unready member", (4, 3)).await;
     scale(&fake, 3);
-    until("the unready one removed", || match members(&fake) {
-        (3, 3) => Ok(()),
-        seen => Err(format!("{seen:?}")),
-    })
-    .await;
+    until_members(&fake, "the unready one removed", (3, 3)).await;
 
     // Deleting the pool takes its members, not the claimed sandbox.
     fake.remove(POOLS, NS, "echo");
@@ -482,11 +489,7 @@ async fn a_restart_mid_scale_up_and_a_410_neither_over_create_nor_lose_a_sandbox
     // A new leader: its cache lists what the first made, so it makes only the rest.
     let kubelet = kubelet(&fake);
     let (stop, task) = start_controllers(&fake);
-    until("twenty ready members", || match members(&fake) {
-        (20, 20) => Ok(()),
-        seen => Err(format!("{seen:?}")),
-    })
-    .await;
+    until_members(&fake, "twenty ready members", (20, 20)).await;
     assert_eq!(
         sandbox_posts(&fake),
         20,
@@ -497,11 +500,7 @@ async fn a_restart_mid_scale_up_and_a_410_neither_over_create_nor_lose_a_sandbox
     fake.compact();
     fake.drop_watches();
     scale(&fake, 22);
-    until("two more after the relist", || match members(&fake) {
-        (22, 22) => Ok(()),
-        seen => Err(format!("{seen:?}")),
-    })
-    .await;
+    until_members(&fake, "two more after the relist", (22, 22)).await;
     // A sandbox deleted behind the controllers' back is replaced.
     let victim = fake
         .list(SANDBOXES, NS)
@@ -509,11 +508,7 @@ async fn a_restart_mid_scale_up_and_a_410_neither_over_create_nor_lose_a_sandbox
         .find_map(|s| s["metadata"]["name"].as_str().map(String::from))
         .expect("a member");
     fake.remove(SANDBOXES, NS, &victim);
-    until("the lost member replaced", || match members(&fake) {
-        (22, 22) => Ok(()),
-        seen => Err(format!("{seen:?}")),
-    })
-    .await;
+    until_members(&fake, "the lost member replaced", (22, 22)).await;
     assert_eq!(sandbox_posts(&fake), 23);
     kubelet.abort();
     stop.cancel();
