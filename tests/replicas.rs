@@ -182,6 +182,57 @@ async fn a_long_poll_on_one_replica_wakes_on_a_change_made_by_the_other() {
     assert_eq!(s["status"], "ready", "{s}");
 }
 
+#[tokio::test]
+async fn an_idempotency_key_holds_across_replicas() {
+    let Some(r) = replicas(&[]).await else {
+        return;
+    };
+    let (a, b) = (r.a.client(), r.b.client());
+    let create = |api: &common::Api| {
+        api.http
+            .post(format!("{}/v1/sessions", api.base))
+            .bearer_auth(&api.key)
+            .header("Idempotency-Key", "create-once-1")
+            .json(&json!({"harness": "echo", "title": "once"}))
+            .send()
+    };
+    // Both replicas at once, then each again: one session, the same answer everywhere.
+    let (first, second) = tokio::join!(create(&a), create(&b));
+    let mut ids = Vec::new();
+    for resp in [first, second, create(&a).await, create(&b).await] {
+        let resp = resp.expect("create sent");
+        assert!(resp.status().is_success(), "{}", resp.status());
+        let body: serde_json::Value = resp.json().await.expect("session");
+        ids.push(body["id"].as_str().expect("id").to_string());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one session for one key: {ids:?}");
+    let (_, list) = b.call("GET", "/v1/sessions", None).await;
+    let titled = list["sessions"]
+        .as_array()
+        .map(|l| l.iter().filter(|s| s["title"] == "once").count());
+    assert_eq!(titled, Some(1), "{list}");
+    // The same key with a different request is refused on either replica.
+    let (status, _) = a
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": "echo", "title": "other"})),
+        )
+        .await;
+    assert_eq!(status, 201, "no key, a new session");
+    let reused = b
+        .http
+        .post(format!("{}/v1/sessions", b.base))
+        .bearer_auth(&b.key)
+        .header("Idempotency-Key", "create-once-1")
+        .json(&json!({"harness": "echo", "title": "different"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(reused.status().as_u16(), 422);
+}
+
 fn dead_count(metrics: &str) -> u64 {
     metrics
         .lines()
