@@ -307,11 +307,9 @@ impl FakeKube {
                 woken.as_mut().enable();
                 let batch: Vec<Change> = {
                     let s = lock(&me.state);
-                    s.history
-                        .iter()
-                        .filter(|c| c.rv > seen)
-                        .cloned()
-                        .collect()
+                    // The history is in resource-version order: start past what was seen.
+                    let from = s.history.partition_point(|c| c.rv <= seen);
+                    s.history.range(from..).cloned().collect()
                 };
                 for c in batch {
                     seen = c.rv;
