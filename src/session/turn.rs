@@ -308,6 +308,7 @@ impl Orchestrator {
                 "the session has no sandbox".into(),
             );
             let _ = self.store.finish_turn(&turn, None).await;
+            self.publish_failure(&session.id, &turn).await;
             self.notify(&session.id);
             return Err(not_found(&session.id));
         };
@@ -377,6 +378,7 @@ impl Orchestrator {
                 fail(&mut turn, code, problem.detail.clone());
                 // Also returns a running session to `ready` (a dead one stays dead).
                 let _ = self.store.finish_turn(&turn, None).await;
+                self.publish_failure(&session.id, &turn).await;
                 self.metrics.turn("failed");
                 self.notify(&session.id);
                 return Err(problem.with("turn_id", turn_id.to_string()));
@@ -396,6 +398,19 @@ impl Orchestrator {
             events,
             done,
         })
+    }
+
+    /// Ends the event stream of a turn that failed before the harness took it, as every turn's
+    /// stream ends: with an `error` event, so readers following the session see why.
+    async fn publish_failure(&self, session_id: &str, turn: &Turn) {
+        let error = turn.error.clone().unwrap_or(Value::Null);
+        if let Err(e) = self
+            .hub
+            .publish(session_id, Some(&turn.id), "error", store::now(), error)
+            .await
+        {
+            tracing::error!(error = %e, turn_id = %turn.id, "recording a failed turn's event failed");
+        }
     }
 
     /// Consumes the harness's events to the end and records the outcome.
