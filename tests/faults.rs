@@ -533,3 +533,143 @@ async fn a_burst_of_creates_drains_the_warm_pool_and_falls_back_to_cold_starts()
         burst - warm
     );
 }
+
+/// A data dir whose templates add `echo-quick`: the echo agent with a 2 s turn timeout.
+fn data_dir_with_quick_template() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("templates.json"),
+        r#"[{"name":"sh","kind":"tui","command":"bash --noprofile --norc","pool":0},
+            {"name":"echo-quick","kind":"api","command":"sandwarden echo-agent","pool":0,"turn_timeout_s":2}]"#,
+    )
+    .expect("templates");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_hung_harness_times_out_its_turn_and_nothing_else() {
+    let others = scale(3, 20);
+    let dir = data_dir_with_quick_template();
+    let serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
+    let api = Arc::new(serve.client());
+    let sandboxes = ready_sessions(&api, "echo-quick", 1 + others).await;
+    let mut ids = sandboxes.keys().cloned();
+    let victim = ids.next().expect("a session");
+    let others: Vec<String> = ids.collect();
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+
+    // Slow: 60 chunks of 100 ms outlast the 2 s turn timeout.
+    let (status, body) = api.say(&victim, "/slow 60 w").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (504, Some("timeout")),
+        "{body}"
+    );
+    accepted
+        .entry(victim.clone())
+        .or_default()
+        .push(body["turn_id"].as_str().expect("turn id").into());
+    let (_, s) = api
+        .call("GET", &format!("/v1/sessions/{victim}"), None)
+        .await;
+    assert_eq!(s["status"], "ready", "a slow harness is not dead: {s}");
+    assert_eq!(api.say(&victim, "after slow").await.1["text"], "after slow");
+
+    // Hung: the harness and its agent stopped mid-nothing; a turn sent to it times out.
+    let pid = sandbox_pid(&serve.data, &sandboxes[&victim]).expect("victim runs");
+    kill_group(pid, nix::sys::signal::Signal::SIGSTOP);
+    let hung = {
+        let api = api.clone();
+        let victim = victim.clone();
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(60), api.say(&victim, "anyone?"))
+                .await
+                .expect("serve answers a turn to a hung harness within 60 s")
+        })
+    };
+    // Meanwhile every other session works, in every mode.
+    for (i, id) in others.iter().enumerate() {
+        for mode in 0..3 {
+            let (seen, turn_id) = turn(&api, id, i + mode, &format!("other {i} {mode}")).await;
+            assert_eq!(seen, Seen::Completed, "{id} is unaffected");
+            accepted.entry(id.clone()).or_default().extend(turn_id);
+        }
+    }
+    let (status, body) = hung.await.expect("hung turn task");
+    assert!(matches!(status, 502 | 504), "{status} {body}");
+    accepted
+        .entry(victim.clone())
+        .or_default()
+        .extend(body["turn_id"].as_str().map(String::from));
+    let (_, s) = api
+        .call("GET", &format!("/v1/sessions/{victim}"), None)
+        .await;
+    assert_ne!(s["status"], "dead", "a stopped harness is not dead: {s}");
+
+    kill_group(pid, nix::sys::signal::Signal::SIGCONT);
+    works_again(&api, &victim).await;
+
+    // Hung mid-turn: stopped after its first words; serve ends the turn at its deadline.
+    let turn_id = api
+        .post_async(&victim, json!({"text": "/slow 100 z"}))
+        .await;
+    let path = format!("/v1/sessions/{victim}/events");
+    let started = async {
+        for _ in 0..200 {
+            let (_, page) = api.call("GET", &path, None).await;
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            if events
+                .iter()
+                .any(|e| e["turn_id"] == turn_id.as_str() && e["type"] == "text")
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    };
+    assert!(started.await, "the slow turn started");
+    kill_group(pid, nix::sys::signal::Signal::SIGSTOP);
+    let t = api.finished_turn(&victim, &turn_id).await;
+    assert_eq!(
+        (t["status"].as_str(), t["error"]["code"].as_str()),
+        (Some("failed"), Some("timeout")),
+        "{t}"
+    );
+    assert!(
+        t["text"].as_str().is_some_and(|x| x.starts_with("z 0")),
+        "partial text kept: {t}"
+    );
+    accepted.entry(victim.clone()).or_default().push(turn_id);
+    let (_, s) = api
+        .call("GET", &format!("/v1/sessions/{victim}"), None)
+        .await;
+    assert_ne!(s["status"], "dead", "a stopped harness is not dead: {s}");
+    kill_group(pid, nix::sys::signal::Signal::SIGCONT);
+    works_again(&api, &victim).await;
+    let f = audit(&api, &serve.data, &accepted, &sandboxes, 0).await;
+    assert_eq!(f.ready, sandboxes.len(), "{f:?}");
+    eprintln!(
+        "FIGURES hang_and_slow: sessions {} hung answer {status} audit {f:?}",
+        sandboxes.len()
+    );
+}
+
+/// After SIGCONT the harness may still be finishing the turn it was stopped in: bounded retries
+/// until a turn completes.
+async fn works_again(api: &Api, id: &str) {
+    let mut back = (0, Value::Null);
+    for _ in 0..100 {
+        back = api.say(id, "back").await;
+        if back.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (back.0, back.1["text"].as_str()),
+        (200, Some("back")),
+        "{}",
+        back.1
+    );
+}
