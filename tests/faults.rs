@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn long_mode() -> bool {
@@ -671,5 +671,143 @@ async fn works_again(api: &Api, id: &str) {
         (200, Some("back")),
         "{}",
         back.1
+    );
+}
+
+/// `serve` on `data` with SIGXFSZ ignored (as `sh`'s `trap "" XFSZ` leaves it across `exec`), so
+/// a file-size limit makes its writes fail with EFBIG instead of killing it.
+struct Fragile {
+    child: std::process::Child,
+    data: std::path::PathBuf,
+    api: Api,
+}
+
+impl Fragile {
+    fn start(data: &Path) -> Fragile {
+        let (child, addr) = spawn_listening(
+            std::process::Command::new("sh")
+                .arg("-c")
+                // stderr to /dev/null: if it were a regular file (a test run redirected to
+                // one), the limit would fail serve's own log writes too.
+                .arg(r#"trap "" XFSZ; exec "$0" "$@" 2>/dev/null"#)
+                .arg(env!("CARGO_BIN_EXE_sandwarden"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--pool", "echo=0"])
+                .arg("--data-dir")
+                .arg(data)
+                .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+                .env("SANDWARDEN_LOG", "error"),
+            "sandwarden serve",
+        );
+        let api = Api {
+            base: format!("http://{addr}"),
+            key: ADMIN_KEY.into(),
+            http: reqwest::Client::new(),
+        };
+        Fragile {
+            child,
+            data: data.to_path_buf(),
+            api,
+        }
+    }
+
+    /// The largest file `serve` may write (`None`: unlimited), set from outside with prlimit(1).
+    fn limit_file_size(&self, bytes: Option<u64>) {
+        let limit = bytes.map_or("unlimited".to_string(), |b| b.to_string());
+        let status = std::process::Command::new("prlimit")
+            .arg(format!("--pid={}", self.child.id()))
+            .arg(format!("--fsize={limit}:unlimited"))
+            .status()
+            .expect("prlimit runs");
+        assert!(status.success(), "prlimit --fsize={limit}");
+    }
+}
+
+impl Drop for Fragile {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+        kill_sandboxes_under(&self.data);
+    }
+}
+
+/// `PRAGMA integrity_check` on the store, through sqlite3(1).
+fn integrity(data: &Path) -> String {
+    let out = std::process::Command::new("sqlite3")
+        .arg(data.join("sandwarden.db"))
+        .arg("PRAGMA integrity_check;")
+        .output()
+        .expect("sqlite3 runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_written_answers_503_and_recovers_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serve = Fragile::start(dir.path());
+    let api = Arc::new(Api {
+        base: serve.api.base.clone(),
+        key: ADMIN_KEY.into(),
+        http: reqwest::Client::new(),
+    });
+    let sandboxes = ready_sessions(&api, "echo", scale(3, 20)).await;
+    let ids: Vec<String> = sandboxes.keys().cloned().collect();
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for id in &ids {
+        let (status, reply) = api.say(id, "before").await;
+        assert_eq!(status, 200, "{reply}");
+    }
+
+    // Every write to a regular file now fails (EFBIG), as writes to a full disk fail (ENOSPC);
+    // unlike chmod, this holds for root too.
+    serve.limit_file_size(Some(0));
+    let (status, p) = api
+        .call("POST", "/v1/sessions", Some(json!({"harness": "echo"})))
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (503, Some("store_unavailable")),
+        "{p}"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let (status, p) = api.say(id, &format!("during {i}")).await;
+        assert_eq!(
+            (status, p["type"].as_str()),
+            (503, Some("store_unavailable")),
+            "{p}"
+        );
+        // Reads still answer.
+        let (status, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+        assert_eq!((status, s["status"].as_str()), (200, Some("ready")), "{s}");
+    }
+
+    serve.limit_file_size(None);
+    for (i, id) in ids.iter().enumerate() {
+        let mut answer = (0, Value::Null);
+        for _ in 0..100 {
+            answer = api.say(id, &format!("after {i}")).await;
+            if answer.0 != 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(answer.0, 200, "{}", answer.1);
+        accepted
+            .entry(id.clone())
+            .or_default()
+            .extend(answer.1["turn_id"].as_str().map(String::from));
+        // Nothing of the refused message was kept.
+        let texts = api.history_texts(id).await;
+        assert!(!texts.iter().any(|t| t.starts_with("during")), "{texts:?}");
+    }
+    let fresh = api.ready("echo").await;
+    let mut sandboxes = sandboxes;
+    sandboxes.insert(fresh.clone(), sandbox_of(&api, &fresh).await);
+    assert_eq!(integrity(dir.path()), "ok");
+    let f = audit(&api, dir.path(), &accepted, &sandboxes, 0).await;
+    assert_eq!(f.ready, sandboxes.len(), "{f:?}");
+    drop(serve);
+    assert_eq!(integrity(dir.path()), "ok", "after serve stopped");
+    eprintln!(
+        "FIGURES store_trouble: sessions {} audit {f:?}",
+        sandboxes.len()
     );
 }
