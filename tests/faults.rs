@@ -811,3 +811,179 @@ async fn a_store_that_cannot_be_written_answers_503_and_recovers_intact() {
         sandboxes.len()
     );
 }
+
+/// Counts webhook POSTs per `X-Sandwarden-Delivery` id; answers 200.
+async fn hook_counter() -> (String, Arc<std::sync::Mutex<HashMap<String, usize>>>) {
+    let got: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
+    let seen = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                let id = headers
+                    .get("x-sandwarden-delivery")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_string();
+                *seen.lock().expect("lock").entry(id).or_default() += 1;
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), got)
+}
+
+/// Types `line` into a terminal and reads until `want` appears (bounded).
+async fn tty_roundtrip(tty_url: &str, line: &str, want: &str) {
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(tty_url)
+        .await
+        .expect("attach");
+    futures::SinkExt::send(&mut ws, Message::Binary(line.as_bytes().to_vec().into()))
+        .await
+        .expect("send");
+    let mut out = String::new();
+    while !out.contains(want) {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => out.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("terminal ended early: {other:?} after {out:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals() {
+    let n = scale(10, 50);
+    let dir = data_dir_with_quick_template();
+    let mut serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
+    let api = Arc::new(serve.client());
+    let sandboxes = ready_sessions(&api, "echo", n).await;
+    let ids: Vec<String> = sandboxes.keys().cloned().collect();
+    let shell = api.ready("sh").await;
+    let (_, s) = api
+        .call("GET", &format!("/v1/sessions/{shell}"), None)
+        .await;
+    let tty_url = s["tty_url"].as_str().expect("tty_url").to_string();
+    tty_roundtrip(
+        &tty_url,
+        "export KEPT=k-$((40+2)); echo set-$((1+1))\n",
+        "set-2",
+    )
+    .await;
+
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for id in &ids {
+        let (status, reply) = api.say(id, &format!("before {id}")).await;
+        assert_eq!(status, 200, "{reply}");
+        accepted
+            .entry(id.clone())
+            .or_default()
+            .extend(reply["turn_id"].as_str().map(String::from));
+    }
+    let followed = &ids[0];
+    let seen_before = all_events(&api, followed).await.len() as i64;
+
+    // Load in flight when serve dies: slow async turns, each with a webhook.
+    let (url, hooks) = hook_counter().await;
+    let mut hooked = Vec::new();
+    for id in &ids {
+        let turn_id = api
+            .post_async(id, json!({"text": "/slow 30 w", "webhook": {"url": url}}))
+            .await;
+        accepted
+            .entry(id.clone())
+            .or_default()
+            .push(turn_id.clone());
+        hooked.push((id.clone(), turn_id));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    serve.kill();
+
+    let serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
+    let api = Arc::new(serve.client());
+    for id in &ids {
+        let s = api.wait_status(id, "ready").await;
+        assert_eq!(s["status"], "ready", "adopted after the crash: {s}");
+        let texts = api.history_texts(id).await;
+        assert!(
+            texts.contains(&format!("before {id}")),
+            "history kept: {texts:?}"
+        );
+    }
+    // Every webhook is delivered, and each POST is backed by a recorded attempt.
+    let mut delivered = 0;
+    for (id, turn_id) in &hooked {
+        let path = format!("/v1/sessions/{id}/turns/{turn_id}");
+        let mut last = Value::Null;
+        for _ in 0..400 {
+            last = api.call("GET", &path, None).await.1;
+            if last["webhook_deliveries"][0]["status"] == "delivered" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let d = &last["webhook_deliveries"][0];
+        assert_eq!(d["status"], "delivered", "{last}");
+        let attempts = d["attempts"].as_u64().expect("attempts") as usize;
+        let posts = hooks
+            .lock()
+            .expect("lock")
+            .get(d["id"].as_str().expect("delivery id"))
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            posts >= 1 && posts <= attempts,
+            "{posts} POSTs for {attempts} attempts: {d}"
+        );
+        delivered += 1;
+    }
+    assert_eq!(
+        hooks.lock().expect("lock").len(),
+        hooked.len(),
+        "no stray deliveries"
+    );
+
+    // The event stream resumes from the last id read before the crash, gap-free.
+    let total = all_events(&api, followed).await.len() as i64;
+    let resumed = api
+        .sse(
+            &format!("/v1/sessions/{followed}/events"),
+            None,
+            Some(&seen_before.to_string()),
+            (total - seen_before) as usize,
+        )
+        .await;
+    let seqs: Vec<i64> = resumed
+        .iter()
+        .map(|(_, _, e)| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, ((seen_before + 1)..=total).collect::<Vec<_>>());
+
+    // The terminal re-attaches to the same shell.
+    let (_, s) = api
+        .call("GET", &format!("/v1/sessions/{shell}"), None)
+        .await;
+    let tty_url = s["tty_url"].as_str().expect("tty_url").to_string();
+    tty_roundtrip(&tty_url, "echo got-$KEPT\n", "got-k-42").await;
+    let (status, _) = api
+        .call("DELETE", &format!("/v1/sessions/{shell}"), None)
+        .await;
+    assert_eq!(status, 200);
+
+    let f = audit(&api, dir.path(), &accepted, &sandboxes, 0).await;
+    assert_eq!(f.ready, n, "{f:?}");
+    eprintln!(
+        "FIGURES serve_crash: sessions {n}+1 terminal, in-flight turns {} webhooks delivered {delivered} resumed events {} audit {f:?}",
+        hooked.len(),
+        seqs.len()
+    );
+    drop(serve);
+    kill_sandboxes_under(dir.path());
+}
