@@ -482,17 +482,54 @@ async fn concurrent_sessions_survive_sandboxes_killed_at_random() {
     );
 }
 
+/// Waits (bounded) until `n` unclaimed sandboxes are recorded and each one's harness reports
+/// `ready`, asked with the token serve derives for it from `DATA/secret`.
+async fn warm_sandboxes_ready(data: &Path, n: usize) -> bool {
+    let secret = std::fs::read_to_string(data.join("secret")).expect("the server secret");
+    let tokens =
+        sandwarden::runtime::Tokens::new(hex::decode(secret.trim()).expect("a hex secret"));
+    for _ in 0..200 {
+        let out = std::process::Command::new("sqlite3")
+            .arg(data.join("sandwarden.db"))
+            .arg("SELECT id, endpoint FROM sandboxes WHERE session_id IS NULL;")
+            .output()
+            .expect("sqlite3 runs");
+        let rows: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('|'))
+            .map(|(id, ep)| (id.to_string(), ep.to_string()))
+            .collect();
+        let mut ready = 0;
+        for (id, endpoint) in &rows {
+            let client = sandwarden::harness_client::HarnessClient::new(
+                endpoint.as_str(),
+                tokens.for_sandbox(id),
+            );
+            if client
+                .health()
+                .await
+                .is_ok_and(|h| serde_json::to_value(&h).expect("health")["phase"] == "ready")
+            {
+                ready += 1;
+            }
+        }
+        if ready >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_creates_drains_the_warm_pool_and_falls_back_to_cold_starts() {
     let burst = scale(20, 60);
     let serve = Serve::start(&["--pool", "echo=2"]);
     let api = Arc::new(serve.client());
     assert!(
-        eventually(|| harness_pids(&serve.data).len() == 2).await,
+        warm_sandboxes_ready(&serve.data, 2).await,
         "the pool filled"
     );
-    // Give the pool's agents a moment past process start (bounded): claims need them ready.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let creates: Vec<_> = (0..burst)
         .map(|_| {
             let api = api.clone();
