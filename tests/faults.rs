@@ -489,16 +489,11 @@ async fn warm_sandboxes_ready(data: &Path, n: usize) -> bool {
     let tokens =
         sandwarden::runtime::Tokens::new(hex::decode(secret.trim()).expect("a hex secret"));
     for _ in 0..200 {
-        let out = std::process::Command::new("sqlite3")
-            .arg(data.join("sandwarden.db"))
-            .arg("SELECT id, endpoint FROM sandboxes WHERE session_id IS NULL;")
-            .output()
-            .expect("sqlite3 runs");
-        let rows: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('|'))
-            .map(|(id, ep)| (id.to_string(), ep.to_string()))
-            .collect();
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, endpoint FROM sandboxes WHERE session_id IS NULL")
+                .fetch_all(&mut read_store(data).await)
+                .await
+                .unwrap_or_default();
         let mut ready = 0;
         for (id, endpoint) in &rows {
             let client = sandwarden::harness_client::HarnessClient::new(
@@ -766,14 +761,24 @@ impl Drop for Fragile {
     }
 }
 
-/// `PRAGMA integrity_check` on the store, through sqlite3(1).
-fn integrity(data: &Path) -> String {
-    let out = std::process::Command::new("sqlite3")
-        .arg(data.join("sandwarden.db"))
-        .arg("PRAGMA integrity_check;")
-        .output()
-        .expect("sqlite3 runs");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+/// A read-only connection to the store's SQLite file (as another process reads it).
+async fn read_store(data: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(data.join("sandwarden.db"))
+        .read_only(true);
+    sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("open the store read-only")
+}
+
+/// `PRAGMA integrity_check` on the store.
+async fn integrity(data: &Path) -> String {
+    let mut conn = read_store(data).await;
+    sqlx::query_scalar::<_, String>("PRAGMA integrity_check")
+        .fetch_one(&mut conn)
+        .await
+        .expect("integrity_check")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -838,11 +843,11 @@ async fn a_store_that_cannot_be_written_answers_503_and_recovers_intact() {
     let fresh = api.ready("echo").await;
     let mut sandboxes = sandboxes;
     sandboxes.insert(fresh.clone(), sandbox_of(&api, &fresh).await);
-    assert_eq!(integrity(dir.path()), "ok");
+    assert_eq!(integrity(dir.path()).await, "ok");
     let f = audit(&api, dir.path(), &accepted, &sandboxes, 0).await;
     assert_eq!(f.ready, sandboxes.len(), "{f:?}");
     drop(serve);
-    assert_eq!(integrity(dir.path()), "ok", "after serve stopped");
+    assert_eq!(integrity(dir.path()).await, "ok", "after serve stopped");
     eprintln!(
         "FIGURES store_trouble: sessions {} audit {f:?}",
         sandboxes.len()
