@@ -715,19 +715,20 @@ struct Fragile {
 }
 
 impl Fragile {
-    fn start(data: &Path) -> Fragile {
+    fn start(data: &Path, log: &Path) -> Fragile {
         let (child, addr) = spawn_listening(
             std::process::Command::new("sh")
                 .arg("-c")
-                // stderr to /dev/null: if it were a regular file (a test run redirected to
-                // one), the limit would fail serve's own log writes too.
-                .arg(r#"trap "" XFSZ; exec "$0" "$@" 2>/dev/null"#)
+                // Its log goes to a regular file, as an operator's often does: on a full disk
+                // the log's writes fail too, and serve must carry on.
+                .arg(r#"trap "" XFSZ; exec "$0" "$@" 2>>"$SERVE_LOG""#)
                 .arg(env!("CARGO_BIN_EXE_sandwarden"))
                 .args(["serve", "--listen", "127.0.0.1:0", "--pool", "echo=0"])
                 .arg("--data-dir")
                 .arg(data)
                 .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-                .env("SANDWARDEN_LOG", "error"),
+                .env("SERVE_LOG", log)
+                .env("SANDWARDEN_LOG", "warn"),
             "sandwarden serve",
         );
         let api = Api {
@@ -784,7 +785,8 @@ async fn integrity(data: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_be_written_answers_503_and_recovers_intact() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let serve = Fragile::start(dir.path());
+    let logs = tempfile::tempdir().expect("tempdir");
+    let serve = Fragile::start(dir.path(), &logs.path().join("serve.log"));
     let api = Arc::new(Api {
         base: serve.api.base.clone(),
         key: ADMIN_KEY.into(),
