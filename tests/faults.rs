@@ -566,6 +566,16 @@ async fn a_burst_of_creates_drains_the_warm_pool_and_falls_back_to_cold_starts()
     );
 }
 
+/// Kills the sandboxes under a data dir when dropped, so a failing test leaves none behind
+/// (`Serve::start_in` leaves them, as a restart needs).
+struct Sweep(std::path::PathBuf);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        kill_sandboxes_under(&self.0);
+    }
+}
+
 /// A data dir whose templates add `echo-quick`: the echo agent with a 2 s turn timeout.
 fn data_dir_with_quick_template() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -582,6 +592,7 @@ fn data_dir_with_quick_template() -> tempfile::TempDir {
 async fn a_slow_or_hung_harness_times_out_its_turn_and_nothing_else() {
     let others = scale(3, 20);
     let dir = data_dir_with_quick_template();
+    let _sweep = Sweep(dir.path().to_path_buf());
     let serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
     let api = Arc::new(serve.client());
     let sandboxes = ready_sessions(&api, "echo-quick", 1 + others).await;
@@ -906,6 +917,7 @@ async fn tty_roundtrip(tty_url: &str, line: &str, want: &str) {
 async fn serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals() {
     let n = scale(10, 50);
     let dir = data_dir_with_quick_template();
+    let _sweep = Sweep(dir.path().to_path_buf());
     let mut serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
     let api = Arc::new(serve.client());
     let sandboxes = ready_sessions(&api, "echo", n).await;
@@ -1028,6 +1040,4 @@ async fn serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals()
         hooked.len(),
         seqs.len()
     );
-    drop(serve);
-    kill_sandboxes_under(dir.path());
 }
