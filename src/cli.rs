@@ -219,6 +219,9 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log write that fails (stderr a file on a full disk) is dropped: reporting it goes
+        // through eprintln!, which panics the task that logged, e.g. a request's handler.
+        .log_internal_errors(false)
         .try_init();
 }
 

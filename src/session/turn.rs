@@ -4,7 +4,7 @@
 
 use super::message::MessageRequest;
 use super::{Orchestrator, not_found, store_error};
-use crate::event::{EventType, TurnEvent, TurnRequest};
+use crate::event::{EventType, TurnEvent, TurnRequest, error_code};
 use crate::harness_client::ClientError;
 use crate::problem::Problem;
 use crate::store::{self, Message, Session, Turn};
@@ -15,6 +15,14 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
+
+/// A template's turn limit when the session's template is gone (the templates' default).
+const DEFAULT_TURN_LIMIT: Duration = Duration::from_secs(1800);
+/// How long past the turn limit serve waits for the harness to report its own timeout.
+const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+/// Why a turn ended when the harness said nothing by the deadline.
+const HARNESS_SILENT: &str =
+    "the harness did not answer within the turn timeout (it may be stopped or overloaded)";
 
 /// How a turn ended, as the JSON reply, the turn resource and webhooks show it.
 #[derive(Debug, Clone, Serialize)]
@@ -308,6 +316,7 @@ impl Orchestrator {
                 "the session has no sandbox".into(),
             );
             let _ = self.store.finish_turn(&turn, None).await;
+            self.publish_failure(&session.id, &turn).await;
             self.notify(&session.id);
             return Err(not_found(&session.id));
         };
@@ -317,7 +326,29 @@ impl Orchestrator {
             timeout_s: None,
             options: req.turn_options(),
         };
-        let stream = match client.turn(&request).await {
+        // The harness enforces the template's turn timeout itself; this deadline, a little
+        // later, covers a harness that cannot (stopped, or wedged) so the turn still ends.
+        let deadline = tokio::time::Instant::now() + self.turn_deadline(&session.harness);
+        let dialled = match tokio::time::timeout_at(deadline, client.turn(&request)).await {
+            Ok(dialled) => dialled,
+            Err(_) => {
+                fail(&mut turn, error_code::TIMEOUT, HARNESS_SILENT.into());
+                let _ = self.store.finish_turn(&turn, None).await;
+                self.publish_failure(&session.id, &turn).await;
+                self.metrics.turn("failed");
+                self.notify(&session.id);
+                self.cancel_in_background(client);
+                return Err(Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "turn_failed",
+                    HARNESS_SILENT,
+                )
+                .with("turn_id", turn_id.to_string())
+                .with("session_id", session.id.clone())
+                .with("error", turn.error.clone().unwrap_or(Value::Null)));
+            }
+        };
+        let stream = match dialled {
             Ok(stream) => stream,
             // The harness found the request itself unusable (an option or a part the agent does
             // not offer): the client's mistake, so it leaves no trace.
@@ -377,6 +408,7 @@ impl Orchestrator {
                 fail(&mut turn, code, problem.detail.clone());
                 // Also returns a running session to `ready` (a dead one stays dead).
                 let _ = self.store.finish_turn(&turn, None).await;
+                self.publish_failure(&session.id, &turn).await;
                 self.metrics.turn("failed");
                 self.notify(&session.id);
                 return Err(problem.with("turn_id", turn_id.to_string()));
@@ -387,7 +419,7 @@ impl Orchestrator {
         let s = session.clone();
         let webhook = delivery.map(|d| (d, req.webhook.as_ref().and_then(|h| h.token.clone())));
         tokio::spawn(async move {
-            let outcome = me.drive(s, turn, user, stream, webhook).await;
+            let outcome = me.drive(s, turn, user, stream, webhook, deadline).await;
             let _ = done_tx.send(Some(outcome));
         });
         Ok(Started {
@@ -398,6 +430,38 @@ impl Orchestrator {
         })
     }
 
+    /// How long serve waits for a turn before ending it itself: the template's turn timeout
+    /// (which the harness enforces) plus a grace for the harness to report it.
+    fn turn_deadline(&self, harness: &str) -> Duration {
+        let limit = self
+            .templates()
+            .get(harness)
+            .map_or(DEFAULT_TURN_LIMIT, |t| {
+                Duration::from_secs(t.turn_timeout_s)
+            });
+        limit + DEADLINE_GRACE
+    }
+
+    /// Asks the harness to cancel its turn, without waiting (it may never answer).
+    fn cancel_in_background(&self, client: crate::harness_client::HarnessClient) {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(DEADLINE_GRACE, client.cancel()).await;
+        });
+    }
+
+    /// Ends the event stream of a turn that failed before the harness took it, as every turn's
+    /// stream ends: with an `error` event, so readers following the session see why.
+    async fn publish_failure(&self, session_id: &str, turn: &Turn) {
+        let error = turn.error.clone().unwrap_or(Value::Null);
+        if let Err(e) = self
+            .hub
+            .publish(session_id, Some(&turn.id), "error", store::now(), error)
+            .await
+        {
+            tracing::error!(error = %e, turn_id = %turn.id, "recording a failed turn's event failed");
+        }
+    }
+
     /// Consumes the harness's events to the end and records the outcome.
     async fn drive(
         self: Arc<Self>,
@@ -406,13 +470,20 @@ impl Orchestrator {
         user: Message,
         stream: impl futures::Stream<Item = Result<TurnEvent, ClientError>> + Send + 'static,
         webhook: Option<(store::Delivery, Option<String>)>,
+        deadline: tokio::time::Instant,
     ) -> Arc<Outcome> {
         let started = Instant::now();
         futures::pin_mut!(stream);
         let mut reply = Reply::default();
         let mut terminal: Option<(EventType, String, Value)> = None;
         let mut waiting_input = false;
-        while let Some(item) = stream.next().await {
+        let mut silent = false;
+        loop {
+            let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+                silent = true;
+                break;
+            };
+            let Some(item) = next else { break };
             let event = match item {
                 Ok(e) => e,
                 Err(e) => {
@@ -458,6 +529,15 @@ impl Orchestrator {
         }
         let (kind, ts, data) = match terminal {
             Some(t) => t,
+            // Past the deadline without a word: the harness is alive but not answering (a
+            // stopped process), which is not a dead session.
+            None if silent => {
+                if let Some(client) = self.session_client(&session) {
+                    self.cancel_in_background(client);
+                }
+                let data = json!({ "code": error_code::TIMEOUT, "message": HARNESS_SILENT });
+                (EventType::Error, store::now(), data)
+            }
             None => {
                 // The harness went away mid-turn: say so in the stream, and find out whether the
                 // sandbox is gone.

@@ -61,9 +61,11 @@ pub(crate) fn transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(d) => d.code().is_some_and(|c| match c.parse::<u32>() {
-            // SQLite's numeric codes: SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their
-            // extended codes, outlasted the busy timeout.
-            Ok(n) if c.len() < 5 => matches!(n & 0xff, 5 | 6),
+            // SQLite's numeric codes, with their extended codes: SQLITE_BUSY (5) and
+            // SQLITE_LOCKED (6) outlasted the busy timeout; SQLITE_READONLY (8), SQLITE_IOERR
+            // (10), SQLITE_FULL (13) and SQLITE_CANTOPEN (14) say the data dir cannot be written
+            // now (full, read-only, failing), which an operator fixes and the caller retries.
+            Ok(n) if c.len() < 5 => matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14),
             // PostgreSQL's SQLSTATE: class 08 (connection exception), 57P0x (shutting down,
             // cannot connect now), 53300 (too many connections).
             _ => c.starts_with("08") || c.starts_with("57P") || c == "53300",
@@ -1564,7 +1566,7 @@ mod tests {
     }
 
     #[test]
-    fn only_an_unreachable_or_busy_database_counts_as_unavailable() {
+    fn only_an_unreachable_busy_or_unwritable_database_counts_as_unavailable() {
         assert!(transient(&sqlx::Error::PoolTimedOut));
         assert!(transient(&sqlx::Error::Io(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused

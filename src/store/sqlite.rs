@@ -15,6 +15,10 @@ use tokio::sync::mpsc;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How long events alone wait for company before they are committed.
 const EVENTS_LINGER: Duration = Duration::from_millis(2);
+/// How often events that could not be written are tried again when nothing else is written.
+const UNSAVED_RETRY: Duration = Duration::from_secs(1);
+/// At most this many unwritten events are kept in memory while the store is unwritable.
+const UNSAVED_LIMIT: usize = 100_000;
 
 /// Opens (creating if needed) `DIR/sandwarden.db`, applies pending migrations and starts the
 /// writer on `rx` and the background checkpoints.
@@ -74,11 +78,23 @@ async fn checkpoint(pool: SqlitePool) {
 /// every session) and commits it as one transaction sent to SQLite in one round trip, so a burst
 /// costs one commit and a lone turn step costs one statement batch. Answers go out after the
 /// commit. If a batch fails, its operations are retried one by one, so only a bad one fails.
+///
+/// Events were broadcast before they were stored, and their seqs are taken: when the store
+/// cannot be written (full, read-only, failing), they are kept and written with the next batch
+/// (or after `UNSAVED_RETRY`), so the session's stored events stay gap-free once it recovers.
 async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
     let mut carried: Option<Write> = None;
+    let mut unsaved: Vec<Event> = Vec::new();
     loop {
         let first = match carried.take() {
             Some(w) => w,
+            None if !unsaved.is_empty() => {
+                match tokio::time::timeout(UNSAVED_RETRY, rx.recv()).await {
+                    Ok(Some(w)) => w,
+                    Ok(None) => return,
+                    Err(_) => Write::Events(Vec::new()),
+                }
+            }
             None => match rx.recv().await {
                 Some(w) => w,
                 None => return,
@@ -86,7 +102,10 @@ async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
         };
         let mut batch = Vec::new();
         let mut beginning = std::collections::HashSet::new();
-        let mut events = 0;
+        let mut events = unsaved.len();
+        if !unsaved.is_empty() {
+            batch.push(Write::Events(std::mem::take(&mut unsaved)));
+        }
         let mut next = Some(first);
         while let Some(w) = next.take() {
             if let Write::Begin(b, _) = &w
@@ -121,16 +140,37 @@ async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
                     let result = commit(&mut conn, std::slice::from_ref(&w)).await;
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "a write failed");
+                        keep_unsaved(&mut unsaved, &w, e);
                     }
                     answer(vec![w], &result.map_err(|e| WriteFailed::from(&e)));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "a write failed");
+                for w in &batch {
+                    keep_unsaved(&mut unsaved, w, &e);
+                }
                 answer(batch, &Err(WriteFailed::from(&e)));
             }
         }
     }
+}
+
+/// Keeps the events of a failed write for the next attempt when the store was unwritable (not
+/// when a row was refused), up to `UNSAVED_LIMIT` events.
+fn keep_unsaved(unsaved: &mut Vec<Event>, w: &Write, e: &sqlx::Error) {
+    let Write::Events(events) = w else { return };
+    if !super::transient(e) {
+        return;
+    }
+    if unsaved.len() + events.len() > UNSAVED_LIMIT {
+        tracing::error!(
+            dropped = events.len(),
+            "the store has been unwritable too long; events are lost"
+        );
+        return;
+    }
+    unsaved.extend(events.iter().cloned());
 }
 
 fn answer(batch: Vec<Write>, result: &Result<Vec<sqlx::sqlite::SqliteRow>, WriteFailed>) {
