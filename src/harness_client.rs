@@ -42,6 +42,9 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // Drop idle connections before the harness does (it closes a connection that sends no
+        // request head for `--client-timeout`, 30 s by default), so a request never races a close.
+        .pool_idle_timeout(Duration::from_secs(15))
         .build()
         .unwrap_or_default()
 }
