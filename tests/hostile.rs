@@ -348,3 +348,123 @@ async fn harness_refuses_hostile_requests_and_keeps_serving() {
         .expect("turn");
     assert_eq!(texts(&events), "still here");
 }
+
+/// A local receiver: answers every POST to /hook with `answer` (and `location`, if any);
+/// returns its URL and a count of the requests it got.
+async fn receiver(
+    answer: u16,
+    location: Option<String>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let counted = counted.clone();
+            let location = location.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut response = axum::response::Response::new(axum::body::Body::empty());
+                *response.status_mut() =
+                    axum::http::StatusCode::from_u16(answer).expect("a status code");
+                if let Some(l) = location {
+                    response.headers_mut().insert(
+                        axum::http::header::LOCATION,
+                        l.parse().expect("a header value"),
+                    );
+                }
+                response
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), hits)
+}
+
+#[tokio::test]
+async fn webhooks_do_not_follow_a_redirect_from_an_allowed_target() {
+    use std::sync::atomic::Ordering;
+    // Private targets are allowed here so that the first hop (a local receiver) is reachable;
+    // the redirect it answers with, to what stands for a private service, must not be followed.
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (inner, inner_hits) = receiver(200, None).await;
+    let (outer, outer_hits) = receiver(307, Some(inner)).await;
+    let turn_id = api
+        .post_async(&id, json!({"text": "hooked", "webhook": {"url": outer}}))
+        .await;
+    let mut delivery = serde_json::Value::Null;
+    for _ in 0..200 {
+        let (_, turn) = api
+            .call("GET", &format!("/v1/sessions/{id}/turns/{turn_id}"), None)
+            .await;
+        delivery = turn["webhook_deliveries"][0].clone();
+        if delivery["status"] == "failed" || delivery["status"] == "delivered" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(delivery["status"], "failed", "{delivery}");
+    assert_eq!(delivery["last_status"], 307, "{delivery}");
+    assert!(
+        delivery["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("do not follow redirects")),
+        "the record says why: {delivery}"
+    );
+    assert_eq!(
+        outer_hits.load(Ordering::SeqCst),
+        1,
+        "one attempt, no retry"
+    );
+    assert_eq!(
+        inner_hits.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+}
+
+#[tokio::test]
+async fn webhooks_to_private_targets_are_refused_in_every_spelling() {
+    let serve = Serve::start_strict(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    for url in [
+        "http://localhost:9/hook",
+        "http://LocalHost:9/hook",
+        "http://[::1]:9/hook",
+        "http://[::ffff:169.254.169.254]/latest/meta-data",
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",
+        "http://2130706433/hook",
+        "http://0x7f.0.0.1/hook",
+        "http://10.0.0.1/hook",
+        "http://[fd00::1]/hook",
+        "http://[fe80::1]/hook",
+    ] {
+        let (status, p) = api
+            .call(
+                "POST",
+                &format!("/v1/sessions/{id}/messages"),
+                Some(json!({"text": "x", "async": true, "webhook": {"url": url}})),
+            )
+            .await;
+        assert_eq!(
+            (status, p["type"].as_str()),
+            (422, Some("invalid_webhook")),
+            "{url}: {p}"
+        );
+        assert!(
+            p["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("--allow-private-webhooks")),
+            "{url}: says how to allow it: {p}"
+        );
+    }
+    assert_eq!(api.history_texts(&id).await, Vec::<String>::new());
+}
