@@ -141,12 +141,14 @@ impl HarnessClient {
         use eventsource_stream::Eventsource;
         let url = self.url("/v1/turns");
         let resp = self.send(self.http.post(&url).json(req), &url).await?;
-        Ok(resp.bytes_stream().eventsource().map(|item| match item {
-            Ok(event) => {
-                serde_json::from_str::<TurnEvent>(&event.data).map_err(ClientError::BadEvent)
-            }
-            Err(e) => Err(ClientError::Stream(e.to_string())),
-        }))
+        Ok(crate::event::without_bom(resp.bytes_stream())
+            .eventsource()
+            .map(|item| match item {
+                Ok(event) => {
+                    serde_json::from_str::<TurnEvent>(&event.data).map_err(ClientError::BadEvent)
+                }
+                Err(e) => Err(ClientError::Stream(e.to_string())),
+            }))
     }
 
     /// Runs a turn to its end and returns every event.
