@@ -125,6 +125,9 @@ pub struct HarnessArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "SANDWARDEN_MAX_REQUEST_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_request_bytes: usize,
+    /// Seconds a client may take to send a request's headers, or pause within its body.
+    #[arg(long, env = "SANDWARDEN_CLIENT_TIMEOUT", default_value_t = 30)]
+    pub client_timeout: u64,
     /// Recent terminal output kept for re-attaching clients, in bytes (at least 65536).
     #[arg(long, env = "SANDWARDEN_REPLAY_BYTES", default_value_t = 256 * 1024)]
     pub replay_bytes: usize,
@@ -193,6 +196,7 @@ impl HarnessArgs {
             boot_timeout: Duration::from_secs(self.boot_timeout),
             cancel_grace: Duration::from_secs(self.cancel_grace),
             max_request_bytes: self.max_request_bytes,
+            client_timeout: Duration::from_secs(self.client_timeout.max(1)),
             replay_bytes: self.replay_bytes,
             tty_size,
             shutdown_grace: Duration::from_secs(self.shutdown_grace),

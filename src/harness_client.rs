@@ -42,6 +42,9 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // Drop idle connections before the harness does (it closes a connection that sends no
+        // request head for `--client-timeout`, 30 s by default), so a request never races a close.
+        .pool_idle_timeout(Duration::from_secs(15))
         .build()
         .unwrap_or_default()
 }
@@ -138,12 +141,14 @@ impl HarnessClient {
         use eventsource_stream::Eventsource;
         let url = self.url("/v1/turns");
         let resp = self.send(self.http.post(&url).json(req), &url).await?;
-        Ok(resp.bytes_stream().eventsource().map(|item| match item {
-            Ok(event) => {
-                serde_json::from_str::<TurnEvent>(&event.data).map_err(ClientError::BadEvent)
-            }
-            Err(e) => Err(ClientError::Stream(e.to_string())),
-        }))
+        Ok(crate::event::without_bom(resp.bytes_stream())
+            .eventsource()
+            .map(|item| match item {
+                Ok(event) => {
+                    serde_json::from_str::<TurnEvent>(&event.data).map_err(ClientError::BadEvent)
+                }
+                Err(e) => Err(ClientError::Stream(e.to_string())),
+            }))
     }
 
     /// Runs a turn to its end and returns every event.

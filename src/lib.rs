@@ -23,6 +23,7 @@ pub mod fake_kube;
 pub mod fake_model;
 pub mod harness;
 pub mod harness_client;
+pub mod http;
 pub mod launch;
 pub mod metrics;
 pub mod pool;

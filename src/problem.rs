@@ -94,6 +94,20 @@ impl From<axum::extract::rejection::JsonRejection> for Problem {
             _ => ("invalid_body", "the body could not be read"),
         };
         let status = rejection.status();
+        // The body stalled past the server's limit (see `http::ClientLimits`).
+        let stalled = std::iter::successors(
+            Some(&rejection as &(dyn std::error::Error + 'static)),
+            |e| e.source(),
+        )
+        .any(|e| e.is::<tower_http::timeout::TimeoutError>());
+        if stalled {
+            return Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body stopped arriving before it was complete; send the whole body \
+                 without long pauses, and a Content-Length that matches it",
+            );
+        }
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             return Problem::new(
                 status,

@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// longer (crashed, or removed) are ended as interrupted by another replica.
     #[arg(long, env = "SANDWARDEN_REPLICA_LEASE", default_value_t = 15)]
     pub replica_lease: u64,
+    /// Seconds a client may take to send a request's headers, or pause within its body; slower
+    /// clients are disconnected (headers) or answered 408 (body).
+    #[arg(long, env = "SANDWARDEN_CLIENT_TIMEOUT", default_value_t = 30)]
+    pub client_timeout: u64,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -419,16 +423,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let app = api::router(orch.clone());
     let stopping = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(crate::harness::no_delay(listener), app)
-            .with_graceful_shutdown(async move { stopping.cancelled().await })
-            .await
-    });
+    let limits = crate::http::ClientLimits::seconds(args.client_timeout);
+    let server = tokio::spawn(crate::http::serve(listener, app, limits, stopping));
     shutdown.cancelled().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), background).await;
     match tokio::time::timeout(Duration::from_secs(5), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
+        Ok(Ok(())) => {}
         _ => tracing::warn!("connections still open at shutdown; closing them"),
     }
     if let Err(e) = orch.store.flush().await {

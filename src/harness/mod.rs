@@ -45,6 +45,8 @@ pub struct HarnessConfig {
     pub boot_timeout: Duration,
     pub cancel_grace: Duration,
     pub max_request_bytes: usize,
+    /// Longest a client may take over a request's headers, or pause within its body.
+    pub client_timeout: Duration,
     pub replay_bytes: usize,
     pub tty_size: (u16, u16),
     pub shutdown_grace: Duration,
@@ -98,18 +100,16 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
 
     cancel_on_signals(shutdown.clone())?;
 
-    let stopping = shutdown.clone();
-    let server =
-        axum::serve(crate::harness::no_delay(listener), app).with_graceful_shutdown(async move {
-            stopping.cancelled().await;
-        });
-    let server = tokio::spawn(async move { server.await });
+    let limits = crate::http::ClientLimits {
+        headers: cfg.client_timeout,
+        body_idle: cfg.client_timeout,
+    };
+    let server = tokio::spawn(crate::http::serve(listener, app, limits, shutdown.clone()));
     shutdown.cancelled().await;
     driver.stop().await;
     // Turns end and viewers are closed by the shutdown token; give the responses a moment.
     match tokio::time::timeout(Duration::from_secs(3), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
+        Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
         Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
     }

@@ -98,6 +98,39 @@ struct Inner {
     used: bool,
 }
 
+/// What a viewer's text frame asks for: a valid resize, or a frame to answer with (a pong, or
+/// an error saying what clients may send).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlAsk {
+    Resize { cols: u16, rows: u16 },
+    Reply(Control),
+}
+
+/// Reads a viewer's text frame. Pure, so the WebSocket control path can be fuzzed on its own.
+pub fn read_control(text: &str) -> ControlAsk {
+    let reply = match serde_json::from_str::<Control>(text) {
+        Ok(Control::Resize { cols, rows }) => {
+            if cols == 0 || rows == 0 || cols > 2000 || rows > 1000 {
+                Control::Error {
+                    message: "resize needs 1..=2000 cols and 1..=1000 rows".into(),
+                }
+            } else {
+                return ControlAsk::Resize { cols, rows };
+            }
+        }
+        Ok(Control::Ping) => Control::Pong,
+        Ok(other) => Control::Error {
+            message: format!("{other:?} is a server frame; clients send resize or ping"),
+        },
+        Err(e) => Control::Error {
+            message: format!(
+                "text frames carry JSON control ({{\"type\":\"resize\",\"cols\":C,\"rows\":R}} or {{\"type\":\"ping\"}}); send terminal input as binary frames ({e})"
+            ),
+        },
+    };
+    ControlAsk::Reply(reply)
+}
+
 pub struct Terminal {
     cfg: Arc<HarnessConfig>,
     inner: Mutex<Inner>,
@@ -498,31 +531,17 @@ impl Terminal {
     }
 
     async fn control(&self, at: &Attachment, text: &str) -> Option<Message> {
-        let reply = match serde_json::from_str::<Control>(text) {
-            Ok(Control::Resize { cols, rows }) => {
-                if cols == 0 || rows == 0 || cols > 2000 || rows > 1000 {
-                    Control::Error {
-                        message: "resize needs 1..=2000 cols and 1..=1000 rows".into(),
-                    }
-                } else {
-                    if let Some(w) = &at.writer
-                        && let Err(e) = w.lock().await.resize(pty_process::Size::new(rows, cols))
-                    {
-                        tracing::warn!(error = %e, "resizing the PTY failed");
-                    }
-                    lock(&self.inner).size = (cols, rows);
-                    return None;
+        let reply = match read_control(text) {
+            ControlAsk::Resize { cols, rows } => {
+                if let Some(w) = &at.writer
+                    && let Err(e) = w.lock().await.resize(pty_process::Size::new(rows, cols))
+                {
+                    tracing::warn!(error = %e, "resizing the PTY failed");
                 }
+                lock(&self.inner).size = (cols, rows);
+                return None;
             }
-            Ok(Control::Ping) => Control::Pong,
-            Ok(other) => Control::Error {
-                message: format!("{other:?} is a server frame; clients send resize or ping"),
-            },
-            Err(e) => Control::Error {
-                message: format!(
-                    "text frames carry JSON control ({{\"type\":\"resize\",\"cols\":C,\"rows\":R}} or {{\"type\":\"ping\"}}); send terminal input as binary frames ({e})"
-                ),
-            },
+            ControlAsk::Reply(reply) => reply,
         };
         serde_json::to_string(&reply)
             .ok()

@@ -15,7 +15,8 @@ use std::time::Duration;
 const ATTEMPTS: usize = 6;
 
 /// Addresses a webhook must not reach by default: loopback, private, link-local (cloud metadata),
-/// shared, unspecified and multicast ranges.
+/// shared, reserved, unspecified and multicast ranges, and IPv6 forms that carry one of those
+/// IPv4 addresses inside (mapped, compatible, NAT64, 6to4).
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -26,21 +27,76 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || v4.is_unspecified()
                 || v4.is_broadcast()
                 || v4.is_multicast()
-                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 100 && (64..128).contains(&o[1])) // shared (carrier-grade NAT)
+                || (o[0] == 198 && (o[1] == 18 || o[1] == 19)) // benchmarking
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+                || o[0] >= 240 // reserved
                 || o[0] == 0
         }
         IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let o = v6.octets();
+            let embedded =
+                |a: usize| IpAddr::V4(std::net::Ipv4Addr::new(o[a], o[a + 1], o[a + 2], o[a + 3]));
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_private(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) carry the address last.
+            if (s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified())
+                || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+            {
+                return is_private(embedded(12));
+            }
+            // 6to4 (2002:a.b.c.d::/48) carries it after the prefix.
+            if s[0] == 0x2002 && is_private(embedded(2)) {
+                return true;
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed by some)
         }
     }
+}
+
+/// Resolves webhook hosts at connect time and refuses names with a private address among
+/// theirs: `check_target` looked the name up before, but it could be re-pointed at a private
+/// address by the time the connection is made (DNS rebinding). IP literals never come here.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if addrs.iter().any(|a| is_private(a.ip())) {
+                return Err(format!(
+                    "{host:?} resolved to a private, loopback or link-local address when connecting; \
+                     webhooks may not reach those (an operator can allow them with --allow-private-webhooks)"
+                )
+                .into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The HTTP client webhooks are POSTed with: bounded time, no redirects (a public target could
+/// otherwise send the request on to a private one), and, unless private targets are allowed,
+/// names resolved by `PublicOnly`.
+fn webhook_client(allow_private: bool) -> reqwest::Client {
+    let builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none());
+    let builder = if allow_private {
+        builder
+    } else {
+        builder.dns_resolver(Arc::new(PublicOnly))
+    };
+    builder.build().unwrap_or_default()
 }
 
 /// Checks a webhook URL: http(s), a host, and (unless allowed) no private address.
@@ -250,11 +306,7 @@ pub async fn deliver(
         .saturating_sub(usize::try_from(record.attempts).unwrap_or(ATTEMPTS))
         .max(1);
     let hook_url = record.url.clone();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap_or_default();
+    let http = webhook_client(orch.config.allow_private_webhooks);
     let record = tokio::sync::Mutex::new(&mut record);
     let attempt = || async {
         // Checked again at each attempt: a name may resolve elsewhere by now.
@@ -292,11 +344,16 @@ pub async fn deliver(
             Ok(resp) => {
                 let code = resp.status();
                 rec.last_status = Some(i64::from(code.as_u16()));
-                rec.last_error = Some(format!("answered {code}"));
-                if code.is_server_error() || code.as_u16() == 429 || code.as_u16() == 408 {
-                    Err(Attempt::Retry(format!("answered {code}")))
+                let said = if code.is_redirection() {
+                    format!("answered {code}; webhooks do not follow redirects: give the final URL")
                 } else {
-                    Err(Attempt::GiveUp(format!("answered {code}")))
+                    format!("answered {code}")
+                };
+                rec.last_error = Some(said.clone());
+                if code.is_server_error() || code.as_u16() == 429 || code.as_u16() == 408 {
+                    Err(Attempt::Retry(said))
+                } else {
+                    Err(Attempt::GiveUp(said))
                 }
             }
             Err(e) => {
@@ -358,10 +415,24 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+            "fec0::1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
         ] {
             assert!(is_private(ip.parse().expect("ip")), "{ip}");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(!is_private(ip.parse().expect("ip")), "{ip}");
         }
     }
@@ -373,6 +444,57 @@ mod tests {
         assert!(check_target("http://127.0.0.1:9/x", false).await.is_err());
         assert!(check_target("http://[::1]:9/x", false).await.is_err());
         assert!(check_target("http://127.0.0.1:9/x", true).await.is_ok());
+        // Other spellings of loopback and the metadata address, and names that resolve there.
+        for url in [
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://0177.0.0.1/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://[::ffff:a9fe:a9fe]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "http://localhost:9/x",
+            "http://localhost./x",
+        ] {
+            let refused = check_target(url, false).await;
+            assert!(refused.is_err(), "{url} was allowed");
+        }
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_private_addresses_are_refused_at_connect_time() {
+        use reqwest::dns::Resolve;
+        let name: reqwest::dns::Name = "localhost".parse().expect("a name");
+        let refused = PublicOnly.resolve(name).await.err().map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|m| m.contains("--allow-private-webhooks")),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_strict_client_does_not_connect_to_a_private_name() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let refused = webhook_client(false)
+            .post(format!("http://localhost:{port}/hook"))
+            .send()
+            .await
+            .expect_err("a private name is refused");
+        let said: Vec<String> =
+            std::iter::successors(Some(&refused as &dyn std::error::Error), |e| e.source())
+                .map(ToString::to_string)
+                .collect();
+        assert!(
+            said.iter().any(|m| m.contains("--allow-private-webhooks")),
+            "refused by the resolver: {said:?}"
+        );
+        // A connection would be waiting in the backlog by now; there is none.
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "the client connected anyway");
     }
 
     #[test]
