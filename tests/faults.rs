@@ -886,12 +886,7 @@ async fn hook_counter() -> (String, Arc<std::sync::Mutex<HashMap<String, usize>>
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/hook"), got)
+    (common::serve_hook(app).await, got)
 }
 
 /// Types `line` into a terminal and reads until `want` appears (bounded).

@@ -378,12 +378,7 @@ async fn receiver(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/hook"), hits)
+    (common::serve_hook(app).await, hits)
 }
 
 #[tokio::test]

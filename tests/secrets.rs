@@ -294,10 +294,5 @@ async fn hook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Option<Stri
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/hook"), got)
+    (common::serve_hook(app).await, got)
 }

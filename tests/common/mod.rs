@@ -538,3 +538,13 @@ pub async fn postgres_database() -> Option<String> {
             .expect("creating a scratch database"),
     )
 }
+
+/// Serves `app` (a webhook receiver) on 127.0.0.1:0 until the test ends; returns its `/hook` URL.
+pub async fn serve_hook(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/hook")
+}
