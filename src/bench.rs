@@ -415,6 +415,14 @@ async fn harness_throughput(program: &str) -> anyhow::Result<f64> {
     Ok(total as f64 / t0.elapsed().as_secs_f64() / 1e6)
 }
 
+/// The 1-minute load average, to say how busy the shared machine was.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 pub(crate) fn machine_line() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

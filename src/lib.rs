@@ -11,6 +11,7 @@ pub mod bench_claims;
 pub mod bench_controller;
 pub mod bench_docker;
 pub mod bench_harnesses;
+mod bench_nginx;
 pub mod bench_postgres;
 pub mod bench_serve;
 pub mod cli;
