@@ -19,7 +19,7 @@ pub(crate) const KEY: &str = "bench-admin-key-0123456789";
 pub(crate) struct Serve {
     pub(crate) child: Child,
     pub(crate) base: String,
-    dir: std::path::PathBuf,
+    pub(crate) dir: std::path::PathBuf,
 }
 
 impl Drop for Serve {

@@ -14,6 +14,7 @@ pub mod bench_harnesses;
 mod bench_nginx;
 pub mod bench_postgres;
 pub mod bench_serve;
+mod bench_tty;
 pub mod cli;
 pub mod client;
 pub mod controller;
