@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub(crate) const TOKEN: &str = "bench-token-0123456789";
 /// A program that echoes every byte at once: the PTY in raw mode, `cat` copying input to output.
-const ECHO_PROGRAM: &str = "sh -c 'stty raw -echo; exec cat'";
+pub(crate) const ECHO_PROGRAM: &str = "sh -c 'stty raw -echo; exec cat'";
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -64,6 +64,9 @@ pub enum Scenario {
     Harness,
     /// The orchestrator: message path overhead, SSE first event, warm claims, memory.
     Serve,
+    /// serve's terminal bridge (`tty_url`) against the harness WebSocket directly: keystroke
+    /// round trip, throughput, memory under a flood to a viewer that does not read.
+    Tty,
     /// Container sandboxes (`serve --runtime docker`, engine from DOCKER_HOST) against local
     /// processes: claims, cold starts, message and terminal latency, memory per sandbox.
     Docker,
@@ -86,6 +89,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (report, section) = match args.scenario {
         Scenario::Harness => (harness(&args).await?, "harness"),
         Scenario::Serve => (crate::bench_serve::run(&args).await?, "serve"),
+        Scenario::Tty => (crate::bench_tty::run(&args).await?, "tty"),
         Scenario::Docker => (crate::bench_docker::run(&args).await?, "docker"),
         Scenario::Claims => (crate::bench_claims::run(&args).await?, "claims"),
         Scenario::Controller => (crate::bench_controller::run(&args).await?, "controller"),
@@ -413,6 +417,14 @@ async fn harness_throughput(program: &str) -> anyhow::Result<f64> {
         }
     }
     Ok(total as f64 / t0.elapsed().as_secs_f64() / 1e6)
+}
+
+/// The 1-minute load average, to say how busy the shared machine was.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 pub(crate) fn machine_line() -> String {

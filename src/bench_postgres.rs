@@ -84,10 +84,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         setting(&db, "fsync").await,
         setting(&db, "synchronous_commit").await,
         machine_line(),
-        std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next().map(String::from))
-            .unwrap_or_else(|| "?".into()),
+        crate::bench::load_average(),
     );
 
     // Message path: the harness directly, serve on SQLite, serve on PostgreSQL.

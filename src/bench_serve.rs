@@ -3,7 +3,7 @@
 //! latency; memory per idle session and per attached terminal.
 
 use crate::bench::{
-    BenchArgs, TOKEN, fmt_us, histogram, machine_line, row, start_harness, wait_ready,
+    BenchArgs, TOKEN, fmt_us, histogram, load_average, machine_line, row, start_harness, wait_ready,
 };
 use crate::harness_client::HarnessClient;
 use anyhow::Context;
@@ -19,7 +19,7 @@ pub(crate) const KEY: &str = "bench-admin-key-0123456789";
 pub(crate) struct Serve {
     pub(crate) child: Child,
     pub(crate) base: String,
-    dir: std::path::PathBuf,
+    pub(crate) dir: std::path::PathBuf,
 }
 
 impl Drop for Serve {
@@ -200,52 +200,167 @@ async fn read_sse(resp: reqwest::Response, t0: Instant, until: &str) -> anyhow::
     first.context("no event arrived")
 }
 
+/// Concurrent clients in the closed-loop load (each on its own session / harness).
+const LOAD_CLIENTS: usize = 8;
+/// Alternating load rounds per proxy.
+const LOAD_ROUNDS: usize = 3;
+
+/// One whole turn on a harness server (POST /v1/turns, SSE to `done`) at `base`, which may be a
+/// proxy in front of it: the time to the first event and to the end.
+async fn harness_turn(
+    http: &reqwest::Client,
+    base: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<(u64, u64)> {
+    let t0 = Instant::now();
+    let r = http
+        .post(format!("{base}/v1/turns"))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "turn failed: {}", r.status());
+    let first = read_sse(r, t0, "done").await?;
+    Ok((first, t0.elapsed().as_micros() as u64))
+}
+
+/// A bounded closed loop: `clients` tasks, each sending `per_client` requests one after another
+/// with `turn(client index)`; returns the latencies and the wall time.
+async fn closed_loop<F, Fut>(
+    clients: usize,
+    per_client: usize,
+    turn: F,
+) -> anyhow::Result<(Histogram<u64>, Duration)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>>,
+{
+    let t0 = Instant::now();
+    let runs = (0..clients).map(|i| {
+        let turn = &turn;
+        async move {
+            let mut took = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                took.push(turn(i).await?);
+            }
+            anyhow::Ok(took)
+        }
+    });
+    let all = futures::future::try_join_all(runs).await?;
+    let wall = t0.elapsed();
+    let mut h = histogram()?;
+    for us in all.into_iter().flatten() {
+        h.record(us)?;
+    }
+    Ok((h, wall))
+}
+
+/// Totals of one proxy's closed-loop rounds.
+#[derive(Default)]
+struct Load {
+    requests: u64,
+    wall: Duration,
+    cpu: f64,
+    latency: Option<Histogram<u64>>,
+}
+
+impl Load {
+    fn add(&mut self, h: Histogram<u64>, wall: Duration, cpu: f64) -> anyhow::Result<()> {
+        self.requests += h.len();
+        self.wall += wall;
+        self.cpu += cpu;
+        match &mut self.latency {
+            Some(all) => all.add(&h)?,
+            None => self.latency = Some(h),
+        }
+        Ok(())
+    }
+
+    fn per_cpu_second(&self) -> f64 {
+        self.requests as f64 / self.cpu.max(0.01)
+    }
+
+    fn table_row(&self, name: &str) -> String {
+        let q = |p: f64| {
+            self.latency
+                .as_ref()
+                .map(|h| fmt_us(h.value_at_quantile(p)))
+                .unwrap_or_default()
+        };
+        format!(
+            "| {name} | {} | {:.0} | {:.2} s | {:.0} | {} | {} |",
+            self.requests,
+            self.requests as f64 / self.wall.as_secs_f64().max(1e-6),
+            self.cpu,
+            self.per_cpu_second(),
+            q(0.5),
+            q(0.99),
+        )
+    }
+}
+
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let turns = (args.round_trips / 5).max(200);
+    // Enough turns that the proxies' CPU time is well above /proc's 10 ms resolution.
+    let load_per_client = (turns / 2).max(25);
     let mut out = format!(
-        "Command: `sandwarden bench serve --round-trips {}` (release build; {turns} turns per path). Machine: {}.\n\n",
+        "Command: `sandwarden bench serve --round-trips {}` (release build; {turns} turns per path; \
+         load: {LOAD_ROUNDS} alternating rounds of {LOAD_CLIENTS} clients × {load_per_client} turns per proxy). \
+         Machine: {}; load average at the start {}.\n\n",
         args.round_trips,
-        machine_line()
+        machine_line(),
+        load_average(),
     );
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
 
-    // The direct baseline: a harness server with the echo agent, reached with the same client.
-    let direct = start_harness(&["--kind", "api", "--agent", "sandwarden echo-agent"])?;
-    let direct_base = format!("http://{}", direct.addr);
-    wait_ready(&HarnessClient::new(direct_base.clone(), TOKEN)).await?;
-    let serve = start_serve(2)?;
-    let session = create(&http, &serve.base, "echo").await?;
-    let sid = session["id"].as_str().context("session id")?.to_string();
-    wait_ready_session(&http, &serve.base, &sid).await?;
+    // The direct baseline: harness servers with the echo agent, reached with the same client;
+    // nginx proxies to them; serve runs its own echo sandboxes from a pool.
+    let mut direct = Vec::new();
+    for _ in 0..LOAD_CLIENTS {
+        let h = start_harness(&["--kind", "api", "--agent", "sandwarden echo-agent"])?;
+        wait_ready(&HarnessClient::new(format!("http://{}", h.addr), TOKEN)).await?;
+        direct.push(h);
+    }
+    let direct_base = format!("http://{}", direct[0].addr);
+    let addrs: Vec<String> = direct.iter().map(|h| h.addr.clone()).collect();
+    let nginx = match crate::bench_nginx::start(&addrs) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            out.push_str(&format!(
+                "**nginx column skipped**: {e:#}. Install Debian's nginx to compare.\n\n"
+            ));
+            None
+        }
+    };
+    let nginx_base = |i: usize| nginx.as_ref().map(|n| format!("{}/h{i}", n.base));
+    let serve = start_serve(LOAD_CLIENTS)?;
+    let mut sids = Vec::new();
+    for _ in 0..LOAD_CLIENTS {
+        let session = create(&http, &serve.base, "echo").await?;
+        let sid = session["id"].as_str().context("session id")?.to_string();
+        wait_ready_session(&http, &serve.base, &sid).await?;
+        sids.push(sid);
+    }
+    let sid = sids[0].clone();
 
     let body_direct = json!({"parts": [{"type": "text", "text": "ping"}]});
     let body_stream = json!({"text": "ping", "stream": true});
-    let (mut d_full, mut s_unary) = (histogram()?, histogram()?);
-    let (mut d_first, mut s_first) = (histogram()?, histogram()?);
+    let (mut d_full, mut s_unary, mut n_full) = (histogram()?, histogram()?, histogram()?);
+    let (mut d_first, mut s_first, mut n_first) = (histogram()?, histogram()?, histogram()?);
     // Warm up connections and caches.
     for _ in 0..20 {
-        let r = http
-            .post(format!("{direct_base}/v1/turns"))
-            .bearer_auth(TOKEN)
-            .json(&body_direct)
-            .send()
-            .await?;
-        read_sse(r, Instant::now(), "done").await?;
+        harness_turn(&http, &direct_base, &body_direct).await?;
         unary_turn(&http, &serve.base, &sid, "ping").await?;
+        if let Some(base) = nginx_base(0) {
+            harness_turn(&http, &base, &body_direct).await?;
+        }
     }
     let block = 20;
     let mut done = 0;
     while done < turns {
         for _ in 0..block {
-            let t0 = Instant::now();
-            let r = http
-                .post(format!("{direct_base}/v1/turns"))
-                .bearer_auth(TOKEN)
-                .json(&body_direct)
-                .send()
-                .await?;
-            let first = read_sse(r, t0, "done").await?;
-            d_full.record(t0.elapsed().as_micros() as u64)?;
+            let (first, full) = harness_turn(&http, &direct_base, &body_direct).await?;
+            d_full.record(full)?;
             d_first.record(first)?;
         }
         for _ in 0..block {
@@ -261,40 +376,112 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
                 .await?;
             s_first.record(read_sse(r, t0, "done").await?)?;
         }
+        if let Some(base) = nginx_base(0) {
+            for _ in 0..block {
+                let (first, full) = harness_turn(&http, &base, &body_direct).await?;
+                n_full.record(full)?;
+                n_first.record(first)?;
+            }
+        }
         done += block;
     }
     let added = |a: &Histogram<u64>, b: &Histogram<u64>, q: f64| {
         a.value_at_quantile(q)
             .saturating_sub(b.value_at_quantile(q))
     };
-    out.push_str("### Message path: through `serve` vs the harness directly\n\n");
+    out.push_str("### Message path: the harness directly vs through `serve` vs through nginx\n\n");
     out.push_str("| path | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n");
-    out.push_str(&row(
-        "harness directly: whole turn (POST /v1/turns, SSE to `done`)",
-        &d_full,
-    ));
-    out.push('\n');
-    out.push_str(&row(
-        "through serve: unary JSON message (auth, store, events, reply)",
-        &s_unary,
-    ));
-    out.push('\n');
-    out.push_str(&row("harness directly: time to first event", &d_first));
-    out.push('\n');
-    out.push_str(&row(
+    let mut rows = vec![
+        row(
+            "harness directly: whole turn (POST /v1/turns, SSE to `done`)",
+            &d_full,
+        ),
+        row(
+            "through serve: unary JSON message (auth, store, events, reply)",
+            &s_unary,
+        ),
+    ];
+    if nginx.is_some() {
+        rows.push(row(
+            "through nginx: whole turn (same request as direct)",
+            &n_full,
+        ));
+    }
+    rows.push(row("harness directly: time to first event", &d_first));
+    rows.push(row(
         "through serve: SSE message, time to first event",
         &s_first,
     ));
+    if nginx.is_some() {
+        rows.push(row("through nginx: time to first event", &n_first));
+    }
+    out.push_str(&rows.join("\n"));
     out.push_str("\n\n");
     out.push_str(&format!(
-        "Added by serve on a short unary turn: p50 {}, p99 {} (targets 100 µs / 500 µs). \
-         Added to the first SSE event: p50 {}, p99 {} (target 200 µs). Ratio of p50 turn times: {:.2}×.\n\n",
+        "Added by serve on a short unary turn: p50 {}, p99 {}, p99.9 {} (targets 100 µs / 500 µs). \
+         Added to the first SSE event: p50 {}, p99 {}, p99.9 {} (target 200 µs). Ratio of p50 turn times: {:.2}×.\n\n",
         fmt_us(added(&s_unary, &d_full, 0.5)),
         fmt_us(added(&s_unary, &d_full, 0.99)),
+        fmt_us(added(&s_unary, &d_full, 0.999)),
         fmt_us(added(&s_first, &d_first, 0.5)),
         fmt_us(added(&s_first, &d_first, 0.99)),
+        fmt_us(added(&s_first, &d_first, 0.999)),
         s_unary.value_at_quantile(0.5) as f64 / d_full.value_at_quantile(0.5).max(1) as f64,
     ));
+    if nginx.is_some() {
+        out.push_str(&format!(
+            "Added by nginx on the same turn: p50 {}, p99 {}, p99.9 {}; to the first event: p50 {}, p99 {}, p99.9 {}.\n\n",
+            fmt_us(added(&n_full, &d_full, 0.5)),
+            fmt_us(added(&n_full, &d_full, 0.99)),
+            fmt_us(added(&n_full, &d_full, 0.999)),
+            fmt_us(added(&n_first, &d_first, 0.5)),
+            fmt_us(added(&n_first, &d_first, 0.99)),
+            fmt_us(added(&n_first, &d_first, 0.999)),
+        ));
+    }
+
+    // Throughput per core: the same closed-loop load through serve and through nginx, in
+    // alternating rounds, each proxy's CPU time read from /proc around its rounds.
+    let serve_pid = serve.child.id();
+    let (mut through_serve, mut through_nginx) = (Load::default(), Load::default());
+    for _ in 0..LOAD_ROUNDS {
+        let cpu0 = crate::procfs::cpu_seconds(serve_pid);
+        let (h, wall) = closed_loop(LOAD_CLIENTS, load_per_client, |i| {
+            let (http, base, sid) = (&http, &serve.base, &sids[i]);
+            async move { Ok(unary_turn(http, base, sid, "ping").await?.0) }
+        })
+        .await?;
+        through_serve.add(h, wall, crate::procfs::cpu_seconds(serve_pid) - cpu0)?;
+        if let Some(n) = &nginx {
+            let cpu0 = n.cpu_seconds();
+            let (h, wall) = closed_loop(LOAD_CLIENTS, load_per_client, |i| {
+                let (http, base, body) = (&http, format!("{}/h{i}", n.base), &body_direct);
+                async move { Ok(harness_turn(http, &base, body).await?.1) }
+            })
+            .await?;
+            through_nginx.add(h, wall, n.cpu_seconds() - cpu0)?;
+        }
+    }
+    out.push_str(&format!(
+        "### Throughput per core: {LOAD_CLIENTS} concurrent clients, closed loop\n\n\
+         Each client has its own echo sandbox (a harness serves one turn at a time). The proxy's \
+         CPU time is its own (utime + stime from /proc; nginx: master and workers); the harnesses \
+         and the client share the same 2 cores, so wall-clock rates are bounded by them.\n\n\
+         | proxy | turns | turns/s (wall) | proxy CPU | turns per proxy CPU-second | p50 | p99 |\n\
+         |---|---|---|---|---|---|---|\n{}\n",
+        through_serve.table_row("serve (unary message: auth, store, events)")
+    ));
+    if nginx.is_some() {
+        out.push_str(&through_nginx.table_row("nginx (POST /v1/turns, SSE passed through)"));
+        out.push_str("\n\n");
+        out.push_str(&format!(
+            "serve's turns per CPU-second: {:.0}% of nginx's (target ≥ 60%).\n\n",
+            100.0 * through_serve.per_cpu_second() / through_nginx.per_cpu_second().max(1e-9)
+        ));
+    } else {
+        out.push('\n');
+    }
+    drop(nginx);
     drop(direct);
 
     // Warm claims: create → ready with a pool; pauses let the pool refill.
