@@ -348,7 +348,7 @@ fn members(fake: &FakeKube) -> (usize, usize) {
 
 /// Waits (bounded) until `check` holds, saying what was last seen when it does not.
 async fn until(what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         match check() {
             Ok(()) => return,
