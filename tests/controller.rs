@@ -16,15 +16,20 @@ const NS: &str = "agents";
 const SANDBOXES: &str = "apis/sandwarden.dev/v1alpha1/sandboxes";
 const PODS: &str = "api/v1/pods";
 
+/// The `echo` SandboxTemplate in the test namespace.
+fn put_template(fake: &FakeKube) {
+    let spec: SandboxTemplateSpec =
+        serde_json::from_value(json!({"kind": "api", "command": "sandwarden echo-agent"}))
+            .expect("template");
+    let mut t = serde_json::to_value(SandboxTemplate::new("echo", spec)).expect("json");
+    t["metadata"]["namespace"] = json!(NS);
+    fake.put("apis/sandwarden.dev/v1alpha1/sandboxtemplates", t);
+}
+
 fn setup(template: bool) -> FakeKube {
     let fake = FakeKube::new();
     if template {
-        let spec: SandboxTemplateSpec =
-            serde_json::from_value(json!({"kind": "api", "command": "sandwarden echo-agent"}))
-                .expect("template");
-        let mut t = serde_json::to_value(SandboxTemplate::new("echo", spec)).expect("json");
-        t["metadata"]["namespace"] = json!(NS);
-        fake.put("apis/sandwarden.dev/v1alpha1/sandboxtemplates", t);
+        put_template(&fake);
     }
     let mut s = sandbox_json("sbx-1");
     s["metadata"]["uid"] = json!("uid-sbx-1");
@@ -466,12 +471,7 @@ async fn a_warm_pool_fills_scales_down_unready_first_and_refills_after_a_claim()
 #[tokio::test]
 async fn a_restart_mid_scale_up_and_a_410_neither_over_create_nor_lose_a_sandbox() {
     let fake = FakeKube::new().with_latency(std::time::Duration::from_millis(3));
-    let spec: SandboxTemplateSpec =
-        serde_json::from_value(json!({"kind": "api", "command": "sandwarden echo-agent"}))
-            .expect("template");
-    let mut t = serde_json::to_value(SandboxTemplate::new("echo", spec)).expect("json");
-    t["metadata"]["namespace"] = json!(NS);
-    fake.put("apis/sandwarden.dev/v1alpha1/sandboxtemplates", t);
+    put_template(&fake);
     fake.put(POOLS, pool_json(20));
     let (stop, task) = start_controllers(&fake);
     until("the scale-up under way", || {
