@@ -481,6 +481,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     } else {
         out.push('\n');
     }
+    // The WAL starts over once a checkpoint has copied it all; under a steady load that needs
+    // the writer's own checkpoint (store/sqlite.rs), or the file grows for as long as the load.
+    let wal = std::fs::metadata(serve.dir.join("sandwarden.db-wal")).map_or(0, |m| m.len());
+    out.push_str(&format!(
+        "SQLite WAL file after the load: {:.1} MiB (the writer starts it over past 16 MiB).\n\n",
+        wal as f64 / (1024.0 * 1024.0)
+    ));
     drop(nginx);
     drop(direct);
 

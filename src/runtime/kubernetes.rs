@@ -13,7 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -162,6 +162,7 @@ fn sandbox_of(s: &Sandbox, template: &str) -> Option<super::Sandbox> {
 /// Sandboxes in one namespace, through a watch cache.
 pub struct KubernetesRuntime {
     api: Api<Sandbox>,
+    namespace: String,
     cache: Store<Sandbox>,
     reservations: Reservations,
 }
@@ -196,6 +197,7 @@ impl KubernetesRuntime {
         );
         KubernetesRuntime {
             api,
+            namespace: namespace.to_string(),
             cache,
             reservations: Reservations::default(),
         }
@@ -208,11 +210,10 @@ impl KubernetesRuntime {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// One Sandbox from the watch cache, by key (the supervisor asks for every session's).
     fn cached(&self, name: &str) -> Option<Arc<Sandbox>> {
         self.cache
-            .state()
-            .into_iter()
-            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .get(&ObjectRef::new(name).within(&self.namespace))
     }
 }
 

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -419,11 +419,45 @@ macro_rules! event_row {
 mod postgres;
 mod sqlite;
 
+/// Events waiting for the SQLite writer, which takes them all into each batch it commits: a
+/// turn's events wake the writer once (when the queue was empty), not once each.
+#[derive(Default)]
+struct EventQueue(std::sync::Mutex<Vec<Event>>);
+
+/// Past this many waiting events, appends go through the writer's bounded channel instead, so a
+/// store that cannot keep up slows the turns down rather than growing memory.
+const QUEUED_EVENTS_LIMIT: usize = 8192;
+
+enum Queued {
+    /// Queued; the writer must be woken (the queue was empty).
+    First,
+    Behind,
+    Full(Vec<Event>),
+}
+
+impl EventQueue {
+    fn push(&self, events: Vec<Event>) -> Queued {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() + events.len() > QUEUED_EVENTS_LIMIT {
+            return Queued::Full(events);
+        }
+        let first = q.is_empty();
+        q.extend(events);
+        if first { Queued::First } else { Queued::Behind }
+    }
+
+    fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     db: Db,
-    writer: mpsc::Sender<Write>,
+    writer: flume::Sender<Write>,
+    /// SQLite only: events on their way to the writer (see `EventQueue`).
+    queued: Option<Arc<EventQueue>>,
     replica: Arc<str>,
     notices: Option<broadcast::Sender<Notice>>,
 }
@@ -463,17 +497,22 @@ impl Store {
     /// Opens the store at `location` and applies pending migrations (PostgreSQL: under the
     /// migrator's advisory lock, so replicas starting together apply each migration once).
     pub async fn connect(location: &Location, options: &Options) -> Result<Store> {
-        let (tx, rx) = mpsc::channel(1024);
-        let (db, notices) = match location {
-            Location::Sqlite(dir) => (Db::Sqlite(sqlite::open(dir, rx).await?), None),
+        let (tx, rx) = flume::bounded(1024);
+        let (db, notices, queued) = match location {
+            Location::Sqlite(dir) => {
+                let queued = Arc::new(EventQueue::default());
+                let pool = sqlite::open(dir, rx, queued.clone()).await?;
+                (Db::Sqlite(pool), None, Some(queued))
+            }
             Location::Postgres(url) => {
                 let (pool, notices) = postgres::open(url, options, rx).await?;
-                (Db::Postgres(pool), Some(notices))
+                (Db::Postgres(pool), Some(notices), None)
             }
         };
         Ok(Store {
             db,
             writer: tx,
+            queued,
             replica: options.replica.as_str().into(),
             notices,
         })
@@ -766,7 +805,7 @@ impl Store {
         }
         let (tx, rx) = oneshot::channel();
         self.writer
-            .send(Write::Begin(Box::new(begin), tx))
+            .send_async(Write::Begin(Box::new(begin), tx))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         let session = rx
@@ -866,7 +905,7 @@ impl Store {
     pub async fn finish_turn(&self, turn: &Turn, reply: Option<&Message>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.writer
-            .send(Write::Finish(Box::new((turn.clone(), reply.cloned())), tx))
+            .send_async(Write::Finish(Box::new((turn.clone(), reply.cloned())), tx))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         rx.await
@@ -921,8 +960,17 @@ impl Store {
 
     /// Queues events for the batching writer; `flush` waits until everything queued is durable.
     pub async fn append_events(&self, events: Vec<Event>) -> Result<()> {
+        let events = match &self.queued {
+            None => events,
+            Some(queue) => match queue.push(events) {
+                Queued::Behind => return Ok(()),
+                // An empty write wakes the writer, which takes the queue with its batch.
+                Queued::First => Vec::new(),
+                Queued::Full(events) => events,
+            },
+        };
         self.writer
-            .send(Write::Events(events))
+            .send_async(Write::Events(events))
             .await
             .map_err(|_| StoreError::WriterGone)
     }
@@ -930,7 +978,7 @@ impl Store {
     pub async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.writer
-            .send(Write::Flush(tx))
+            .send_async(Write::Flush(tx))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         rx.await

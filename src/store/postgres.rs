@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use std::str::FromStr;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 /// Carries `REPLICA FIRST LAST SESSION_ID` after events of a session were committed.
 const EVENTS_CHANNEL: &str = "sandwarden_events";
@@ -40,7 +40,7 @@ pub(super) fn numbered(sql: &str) -> String {
 pub(super) async fn open(
     url: &str,
     options: &Options,
-    rx: mpsc::Receiver<Write>,
+    rx: flume::Receiver<Write>,
 ) -> Result<(PgPool, broadcast::Sender<Notice>)> {
     let shown = super::Location::Postgres(url.to_string()).display();
     let open_error = |source| StoreError::Open {
@@ -301,8 +301,8 @@ where
 /// The one writer of events and turn ends: takes whatever is queued and writes it in queue
 /// order, the events with the first turn end (one statement, so a lone turn's end and its last
 /// events cost one round trip), then any further ends; answers after the commits.
-async fn write(pool: PgPool, mut rx: mpsc::Receiver<Write>, me: String) {
-    while let Some(first) = rx.recv().await {
+async fn write(pool: PgPool, rx: flume::Receiver<Write>, me: String) {
+    while let Ok(first) = rx.recv_async().await {
         let mut batch = vec![first];
         while batch.len() < 256 {
             match rx.try_recv() {

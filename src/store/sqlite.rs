@@ -1,18 +1,24 @@
-//! The SQLite backend's opening and its turn-path writer: one task owning one connection commits
-//! whatever is queued (turn starts, events, turn ends) as one transaction in one multi-statement
-//! query, so SQLite's single writer lock is never contended.
+//! The SQLite backend's opening and its turn-path writer: one thread owning one connection commits
+//! whatever is queued (turn starts, events, turn ends) as one transaction of cached prepared
+//! statements, so SQLite's single writer lock is never contended and no statement is parsed twice.
 
 use super::{
-    Begin, Event, Message, Result, Session, StoreError, Turn, Write, WriteFailed, json, now,
+    Begin, Event, EventQueue, Message, Result, Session, StoreError, Turn, Write, WriteFailed, json,
+    now,
 };
+use rusqlite::OptionalExtension;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqliteConnection, SqlitePool};
+use sqlx::{Row, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// WAL length (in 4 KiB frames) past which the writer completes a checkpoint itself, so the WAL
+/// starts over (`finish_checkpoint`): about 16 MiB.
+const RESTART_FRAMES: i64 = 4096;
 /// How long events alone wait for company before they are committed.
 const EVENTS_LINGER: Duration = Duration::from_millis(2);
 /// How often events that could not be written are tried again when nothing else is written.
@@ -22,7 +28,11 @@ const UNSAVED_LIMIT: usize = 100_000;
 
 /// Opens (creating if needed) `DIR/sandwarden.db`, applies pending migrations and starts the
 /// writer on `rx` and the background checkpoints.
-pub(super) async fn open(data_dir: &Path, rx: mpsc::Receiver<Write>) -> Result<SqlitePool> {
+pub(super) async fn open(
+    data_dir: &Path,
+    rx: flume::Receiver<Write>,
+    queued: Arc<EventQueue>,
+) -> Result<SqlitePool> {
     std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
         path: data_dir.display().to_string(),
         source: sqlx::Error::Io(e),
@@ -52,52 +62,76 @@ pub(super) async fn open(data_dir: &Path, rx: mpsc::Receiver<Write>) -> Result<S
         .await
         .map_err(StoreError::Migrate)?;
     // The writer owns one connection, so writes never wait on each other for SQLite's lock.
-    let conn = pool.acquire().await.map_err(open_error)?.detach();
-    tokio::spawn(write(conn, rx));
-    tokio::spawn(checkpoint(pool.clone()));
+    let conn = writer_connection(&path)
+        .map_err(|e| open_error(sqlx::Error::Io(std::io::Error::other(e))))?;
+    let wal_frames = Arc::new(AtomicI64::new(0));
+    let frames = wal_frames.clone();
+    std::thread::Builder::new()
+        .name("sqlite-writer".into())
+        .spawn(move || write(conn, rx, &queued, &frames))
+        .map_err(|e| open_error(sqlx::Error::Io(e)))?;
+    tokio::spawn(checkpoint(pool.clone(), wal_frames));
     Ok(pool)
 }
 
 /// Copies the WAL into the database file every second, off the request path. PASSIVE: it never
-/// waits for, nor blocks, readers and the writer.
-async fn checkpoint(pool: SqlitePool) {
+/// waits for, nor blocks, readers and the writer. It publishes the WAL's length in frames, so the
+/// writer knows when to finish a checkpoint itself (see `RESTART_FRAMES`).
+async fn checkpoint(pool: SqlitePool, wal_frames: Arc<AtomicI64>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
+        match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&pool)
             .await
         {
-            tracing::warn!(error = %e, "checkpointing the store failed");
+            // (busy, frames in the WAL, frames copied into the database)
+            Ok(row) => wal_frames.store(row.try_get(1).unwrap_or(0), Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "checkpointing the store failed"),
         }
     }
 }
 
-/// The one writer of the turn path: takes whatever is queued (events, turn starts and ends from
-/// every session) and commits it as one transaction sent to SQLite in one round trip, so a burst
-/// costs one commit and a lone turn step costs one statement batch. Answers go out after the
-/// commit. If a batch fails, its operations are retried one by one, so only a bad one fails.
+/// Opens the writer's own connection (rusqlite, on the writer's thread) with the pool's settings.
+fn writer_connection(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "wal_autocheckpoint", "0")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// The one writer of the turn path, on its own thread: takes whatever is queued (events, turn
+/// starts and ends from every session) and commits it as one transaction of cached prepared
+/// statements, so a burst costs one commit. Answers go out after the commit. If a batch fails,
+/// its operations are retried one by one, so only a bad one fails.
 ///
 /// Events were broadcast before they were stored, and their seqs are taken: when the store
 /// cannot be written (full, read-only, failing), they are kept and written with the next batch
 /// (or after `UNSAVED_RETRY`), so the session's stored events stay gap-free once it recovers.
-async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
+fn write(
+    mut conn: rusqlite::Connection,
+    rx: flume::Receiver<Write>,
+    queued: &EventQueue,
+    wal_frames: &AtomicI64,
+) {
     let mut carried: Option<Write> = None;
     let mut unsaved: Vec<Event> = Vec::new();
     loop {
         let first = match carried.take() {
             Some(w) => w,
-            None if !unsaved.is_empty() => {
-                match tokio::time::timeout(UNSAVED_RETRY, rx.recv()).await {
-                    Ok(Some(w)) => w,
-                    Ok(None) => return,
-                    Err(_) => Write::Events(Vec::new()),
-                }
-            }
-            None => match rx.recv().await {
-                Some(w) => w,
-                None => return,
+            None if !unsaved.is_empty() => match rx.recv_timeout(UNSAVED_RETRY) {
+                Ok(w) => w,
+                Err(flume::RecvTimeoutError::Disconnected) => return,
+                Err(flume::RecvTimeoutError::Timeout) => Write::Events(Vec::new()),
+            },
+            None => match rx.recv() {
+                Ok(w) => w,
+                Err(_) => return,
             },
         };
         let mut batch = Vec::new();
@@ -126,23 +160,26 @@ async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
             // Nobody waits on events alone (they are broadcast before they are stored): hold
             // them briefly, so a turn's end or the next start usually carries them in its commit.
             if next.is_none() && batch.iter().all(|w| matches!(w, Write::Events(_))) {
-                next = tokio::time::timeout(EVENTS_LINGER, rx.recv())
-                    .await
-                    .ok()
-                    .flatten();
+                next = rx.recv_timeout(EVENTS_LINGER).ok();
             }
         }
-        match commit(&mut conn, &batch).await {
-            Ok(rows) => answer(batch, &Ok(rows)),
+        // The queued events were appended before anything sent after them: a turn's end commits
+        // with its events.
+        let waiting = queued.take();
+        if !waiting.is_empty() {
+            batch.insert(0, Write::Events(waiting));
+        }
+        match commit(&mut conn, &batch) {
+            Ok(begun) => answer(batch, &Ok(begun)),
             Err(e) if batch.len() > 1 => {
                 tracing::warn!(error = %e, ops = batch.len(), "a write batch failed; retrying its parts alone");
                 for w in batch {
-                    let result = commit(&mut conn, std::slice::from_ref(&w)).await;
+                    let result = commit(&mut conn, std::slice::from_ref(&w));
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "a write failed");
                         keep_unsaved(&mut unsaved, &w, e);
                     }
-                    answer(vec![w], &result.map_err(|e| WriteFailed::from(&e)));
+                    answer(vec![w], &result.map_err(|e| failed(&e)));
                 }
             }
             Err(e) => {
@@ -150,17 +187,52 @@ async fn write(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Write>) {
                 for w in &batch {
                     keep_unsaved(&mut unsaved, w, &e);
                 }
-                answer(batch, &Err(WriteFailed::from(&e)));
+                answer(batch, &Err(failed(&e)));
             }
         }
+        finish_checkpoint(&conn, wal_frames);
+    }
+}
+
+/// Completes a checkpoint from the writer's connection when the WAL has grown long. The
+/// background checkpoint copies the bulk, but under a steady stream of commits it never catches
+/// the writer, and SQLite only starts the WAL over when a write begins with every frame copied:
+/// without this the WAL grows for as long as the load lasts. Here no write is in flight, so
+/// the pass copies the few frames left, and the next commit starts the WAL from its beginning.
+fn finish_checkpoint(conn: &rusqlite::Connection, wal_frames: &AtomicI64) {
+    if wal_frames.load(Ordering::Relaxed) < RESTART_FRAMES {
+        return;
+    }
+    wal_frames.store(0, Ordering::Relaxed);
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::warn!(error = %e, "checkpointing the store from its writer failed");
+    }
+}
+
+/// Whether a failed write says the data dir cannot be written now (and the caller may retry):
+/// SQLITE_BUSY (5) and SQLITE_LOCKED (6) outlasted the busy timeout; SQLITE_READONLY (8),
+/// SQLITE_IOERR (10), SQLITE_FULL (13) and SQLITE_CANTOPEN (14) are an operator's to fix.
+fn transient(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => {
+            matches!(f.extended_code & 0xff, 5 | 6 | 8 | 10 | 13 | 14)
+        }
+        _ => false,
+    }
+}
+
+fn failed(e: &rusqlite::Error) -> WriteFailed {
+    WriteFailed {
+        message: e.to_string(),
+        unavailable: transient(e),
     }
 }
 
 /// Keeps the events of a failed write for the next attempt when the store was unwritable (not
 /// when a row was refused), up to `UNSAVED_LIMIT` events.
-fn keep_unsaved(unsaved: &mut Vec<Event>, w: &Write, e: &sqlx::Error) {
+fn keep_unsaved(unsaved: &mut Vec<Event>, w: &Write, e: &rusqlite::Error) {
     let Write::Events(events) = w else { return };
-    if !super::transient(e) {
+    if !transient(e) {
         return;
     }
     if unsaved.len() + events.len() > UNSAVED_LIMIT {
@@ -173,7 +245,7 @@ fn keep_unsaved(unsaved: &mut Vec<Event>, w: &Write, e: &sqlx::Error) {
     unsaved.extend(events.iter().cloned());
 }
 
-fn answer(batch: Vec<Write>, result: &Result<Vec<sqlx::sqlite::SqliteRow>, WriteFailed>) {
+fn answer(batch: Vec<Write>, result: &Result<Vec<Session>, WriteFailed>) {
     let done = || result.as_ref().map(|_| ()).map_err(Clone::clone);
     for w in batch {
         match w {
@@ -182,170 +254,182 @@ fn answer(batch: Vec<Write>, result: &Result<Vec<sqlx::sqlite::SqliteRow>, Write
                 let _ = tx.send(done());
             }
             Write::Begin(b, tx) => {
-                let session = result.as_ref().map(|rows| {
-                    rows.iter()
-                        .find(|r| {
-                            r.try_get::<&str, _>("id")
-                                .is_ok_and(|id| id == b.turn.session_id)
-                        })
-                        .map(|r| session_row!(r))
-                });
+                let session = result
+                    .as_ref()
+                    .map(|begun| begun.iter().find(|s| s.id == b.turn.session_id).cloned());
                 let _ = tx.send(session.map_err(Clone::clone));
             }
         }
     }
 }
 
-/// Runs `batch` as one transaction in one multi-statement query.
-async fn commit(
-    conn: &mut SqliteConnection,
-    batch: &[Write],
-) -> Result<Vec<sqlx::sqlite::SqliteRow>, sqlx::Error> {
-    // SQLite takes a limited number of bound values per statement: 6 per event row.
-    const ROWS_PER_STATEMENT: usize = 150;
-    let mut q = QueryBuilder::<sqlx::Sqlite>::new("BEGIN IMMEDIATE; ");
-    let mut any = false;
-    let events: Vec<&Event> = batch
-        .iter()
-        .filter_map(|w| match w {
-            Write::Events(e) => Some(e.iter()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
-        any = true;
-        q.push("INSERT OR IGNORE INTO events (session_id, seq, turn_id, type, ts, data) ");
-        q.push_values(chunk, |mut row, e| {
-            row.push_bind(e.session_id.clone())
-                .push_bind(e.seq)
-                .push_bind(e.turn_id.clone())
-                .push_bind(e.kind.clone())
-                .push_bind(e.ts.clone())
-                .push_bind(e.data.to_string());
-        });
-        q.push("; ");
-    }
-    for w in batch {
-        match w {
-            Write::Finish(end, _) => {
-                any = true;
-                push_finish(&mut q, &end.0, end.1.as_ref());
-            }
-            Write::Begin(b, _) => {
-                any = true;
-                push_begin(&mut q, b);
-            }
-            Write::Events(_) | Write::Flush(_) => {}
-        }
-    }
+/// Runs `batch` as one transaction: the events first (they were queued before the turn ends
+/// that follow them), then the starts and ends in queue order. Returns the sessions whose turns
+/// started. Dropping the transaction on an error rolls back what ran.
+fn commit(conn: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::Result<Vec<Session>> {
+    let any = batch.iter().any(|w| match w {
+        Write::Events(e) => !e.is_empty(),
+        Write::Flush(_) => false,
+        Write::Begin(..) | Write::Finish(..) => true,
+    });
     if !any {
         return Ok(Vec::new());
     }
-    q.push("COMMIT;");
-    let result = sqlx::Executor::fetch_all(&mut *conn, q.build()).await;
-    if result.is_err() {
-        // The batch stopped part way, inside its transaction: undo what ran.
-        let _ = sqlx::Executor::execute(&mut *conn, "ROLLBACK").await;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO events (session_id, seq, turn_id, type, ts, data) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for w in batch {
+            let Write::Events(events) = w else { continue };
+            for e in events {
+                insert.execute(rusqlite::params![
+                    e.session_id,
+                    e.seq,
+                    e.turn_id,
+                    e.kind,
+                    e.ts,
+                    e.data.to_string()
+                ])?;
+            }
+        }
     }
-    result
+    let mut begun = Vec::new();
+    for w in batch {
+        match w {
+            Write::Finish(end, _) => finish(&tx, &end.0, end.1.as_ref())?,
+            Write::Begin(b, _) => begun.extend(begin(&tx, b)?),
+            Write::Events(_) | Write::Flush(_) => {}
+        }
+    }
+    tx.commit()?;
+    Ok(begun)
 }
 
-/// `INSERT INTO messages …`; with `only_if_changed`, only when the previous statement changed a
-/// row (chains a turn's inserts on the session's conditional update).
-fn push_message(q: &mut QueryBuilder<'_, sqlx::Sqlite>, m: &Message, only_if_changed: bool) {
-    q.push("INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) SELECT ");
-    let mut cols = q.separated(", ");
-    cols.push_bind(m.id.clone())
-        .push_bind(m.session_id.clone())
-        .push_bind(m.turn_id.clone())
-        .push_bind(m.role.clone())
-        .push_bind(m.text.clone())
-        .push_bind(m.parts.to_string())
-        .push_bind(m.metadata.to_string())
-        .push_bind(m.created_at.clone());
-    q.push(if only_if_changed {
-        " WHERE changes() = 1; "
-    } else {
-        "; "
-    });
+fn insert_message(tx: &rusqlite::Transaction<'_>, m: &Message) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(rusqlite::params![
+        m.id,
+        m.session_id,
+        m.turn_id,
+        m.role,
+        m.text,
+        m.parts.to_string(),
+        m.metadata.to_string(),
+        m.created_at
+    ])?;
+    Ok(())
 }
 
 /// A turn's start: the session moves from `ready` to `running` (returning it), and only then are
 /// the turn, the user's message and the pending webhook delivery inserted.
-fn push_begin(q: &mut QueryBuilder<'_, sqlx::Sqlite>, b: &Begin) {
+fn begin(tx: &rusqlite::Transaction<'_>, b: &Begin) -> rusqlite::Result<Option<Session>> {
     let t = &b.turn;
-    q.push("UPDATE sessions SET status = 'running', phase = 'running', updated_at = ")
-        .push_bind(t.created_at.clone())
-        .push(", last_active_at = ")
-        .push_bind(t.created_at.clone())
-        .push(" WHERE id = ")
-        .push_bind(t.session_id.clone())
-        .push(" AND tenant = ")
-        .push_bind(b.tenant.clone())
-        .push(" AND status = 'ready' AND kind = 'api' RETURNING *; ");
-    q.push(
-        "INSERT INTO turns (id, session_id, status, mode, options, created_at, replica) SELECT ",
-    );
-    q.separated(", ")
-        .push_bind(t.id.clone())
-        .push_bind(t.session_id.clone())
-        .push_bind(t.status.clone())
-        .push_bind(t.mode.clone())
-        .push_bind(t.options.to_string())
-        .push_bind(t.created_at.clone())
-        .push_bind(b.replica.clone());
-    q.push(" WHERE changes() = 1; ");
-    push_message(q, &b.user, true);
-    if let Some(d) = &b.delivery {
-        q.push(
-            "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, \
-             created_at, updated_at, include_messages, sealed_token) SELECT ",
-        );
-        q.separated(", ")
-            .push_bind(d.id.clone())
-            .push_bind(d.turn_id.clone())
-            .push_bind(d.session_id.clone())
-            .push_bind(d.url.clone())
-            .push_bind(d.status.clone())
-            .push_bind(d.attempts)
-            .push_bind(d.created_at.clone())
-            .push_bind(d.updated_at.clone())
-            .push_bind(d.include_messages)
-            .push_bind(d.sealed_token.clone());
-        q.push(" WHERE changes() = 1; ");
+    let session = tx
+        .prepare_cached(
+            "UPDATE sessions SET status = 'running', phase = 'running', updated_at = ?1, \
+             last_active_at = ?1 WHERE id = ?2 AND tenant = ?3 AND status = 'ready' \
+             AND kind = 'api' RETURNING *",
+        )?
+        .query_row(
+            rusqlite::params![t.created_at, t.session_id, b.tenant],
+            session_of,
+        )
+        .optional()?;
+    if session.is_none() {
+        return Ok(None);
     }
+    tx.prepare_cached(
+        "INSERT INTO turns (id, session_id, status, mode, options, created_at, replica) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(rusqlite::params![
+        t.id,
+        t.session_id,
+        t.status,
+        t.mode,
+        t.options.to_string(),
+        t.created_at,
+        b.replica
+    ])?;
+    insert_message(tx, &b.user)?;
+    if let Some(d) = &b.delivery {
+        tx.prepare_cached(
+            "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, \
+             created_at, updated_at, include_messages, sealed_token) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?
+        .execute(rusqlite::params![
+            d.id,
+            d.turn_id,
+            d.session_id,
+            d.url,
+            d.status,
+            d.attempts,
+            d.created_at,
+            d.updated_at,
+            d.include_messages,
+            d.sealed_token
+        ])?;
+    }
+    Ok(session)
 }
 
 /// A turn's end: its outcome, the assistant's message, and a running session back to `ready`
 /// (a dead or deleted one stays so).
-fn push_finish(q: &mut QueryBuilder<'_, sqlx::Sqlite>, turn: &Turn, reply: Option<&Message>) {
-    q.push("UPDATE turns SET status = ")
-        .push_bind(turn.status.clone())
-        .push(", text = ")
-        .push_bind(turn.text.clone())
-        .push(", usage = ")
-        .push_bind(turn.usage.as_ref().map(|u| u.to_string()))
-        .push(", error = ")
-        .push_bind(turn.error.as_ref().map(|e| e.to_string()))
-        .push(", finished_at = ")
-        .push_bind(turn.finished_at.clone())
-        .push(" WHERE id = ")
-        .push_bind(turn.id.clone())
-        .push("; ");
+fn finish(
+    tx: &rusqlite::Transaction<'_>,
+    turn: &Turn,
+    reply: Option<&Message>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE turns SET status = ?1, text = ?2, usage = ?3, error = ?4, finished_at = ?5 \
+         WHERE id = ?6",
+    )?
+    .execute(rusqlite::params![
+        turn.status,
+        turn.text,
+        turn.usage.as_ref().map(|u| u.to_string()),
+        turn.error.as_ref().map(|e| e.to_string()),
+        turn.finished_at,
+        turn.id
+    ])?;
     if let Some(m) = reply {
-        push_message(q, m, false);
+        insert_message(tx, m)?;
     }
-    let ts = now();
-    q.push("UPDATE sessions SET last_active_at = ")
-        .push_bind(ts.clone())
-        .push(
-            ", status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
-             phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END, \
-             updated_at = ",
-        )
-        .push_bind(ts)
-        .push(" WHERE id = ")
-        .push_bind(turn.session_id.clone())
-        .push("; ");
+    tx.prepare_cached(
+        "UPDATE sessions SET last_active_at = ?1, \
+         status = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE status END, \
+         phase = CASE WHEN status IN ('running', 'input_required') THEN 'ready' ELSE phase END, \
+         updated_at = ?1 WHERE id = ?2",
+    )?
+    .execute(rusqlite::params![now(), turn.session_id])?;
+    Ok(())
+}
+
+/// A `Session` from a row of `sessions`, as rusqlite reads it.
+fn session_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Session> {
+    Ok(Session {
+        id: r.get("id")?,
+        tenant: r.get("tenant")?,
+        harness: r.get("harness")?,
+        kind: r.get("kind")?,
+        status: r.get("status")?,
+        phase: r.get("phase")?,
+        failure_reason: r.get("failure_reason")?,
+        title: r.get("title")?,
+        metadata: json(&r.get::<_, String>("metadata")?),
+        sandbox_id: r.get("sandbox_id")?,
+        endpoint: r.get("endpoint")?,
+        idle_timeout_s: r.get("idle_timeout_s")?,
+        idempotency_key: r.get("idempotency_key")?,
+        request_hash: r.get("request_hash")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+        last_active_at: r.get("last_active_at")?,
+    })
 }
