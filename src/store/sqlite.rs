@@ -203,9 +203,15 @@ fn finish_checkpoint(conn: &rusqlite::Connection, wal_frames: &AtomicI64) {
     if wal_frames.load(Ordering::Relaxed) < RESTART_FRAMES {
         return;
     }
-    wal_frames.store(0, Ordering::Relaxed);
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        tracing::warn!(error = %e, "checkpointing the store from its writer failed");
+    // (busy, frames in the WAL, frames copied): busy when the background checkpoint is running,
+    // in which case this is tried again after the next batch.
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+        Ok(1) => {}
+        Ok(_) => wal_frames.store(0, Ordering::Relaxed),
+        Err(e) => {
+            wal_frames.store(0, Ordering::Relaxed);
+            tracing::warn!(error = %e, "checkpointing the store from its writer failed");
+        }
     }
 }
 
@@ -432,4 +438,52 @@ fn session_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Session> {
         updated_at: r.get("updated_at")?,
         last_active_at: r.get("last_active_at")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames in the WAL, as a checkpoint that copies nothing new reports them.
+    fn wal_length(conn: &rusqlite::Connection) -> i64 {
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+            .expect("checkpoint")
+    }
+
+    fn insert(conn: &rusqlite::Connection, n: usize) {
+        for i in 0..n {
+            conn.execute("INSERT INTO t (v) VALUES (?1)", [format!("{i:0>512}")])
+                .expect("insert");
+        }
+    }
+
+    /// A WAL of 200 commits, then `finish_checkpoint` told it has `frames`, then one commit:
+    /// the WAL's length after that commit.
+    fn length_after(frames: i64) -> i64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = writer_connection(&dir.path().join("wal.db")).expect("open");
+        conn.execute("CREATE TABLE t (v TEXT)", []).expect("create");
+        insert(&conn, 200);
+        let known = AtomicI64::new(frames);
+        finish_checkpoint(&conn, &known);
+        if frames >= RESTART_FRAMES {
+            assert_eq!(known.load(Ordering::Relaxed), 0, "the length is reset");
+        }
+        insert(&conn, 1);
+        wal_length(&conn)
+    }
+
+    #[test]
+    fn the_writer_starts_a_long_wal_over_and_leaves_a_short_one() {
+        let left = length_after(RESTART_FRAMES - 1);
+        assert!(
+            left > 200,
+            "below the threshold the WAL is left to grow: {left}"
+        );
+        let restarted = length_after(RESTART_FRAMES);
+        assert!(
+            restarted <= 2,
+            "the next commit starts the WAL over: {restarted} frames"
+        );
+    }
 }
