@@ -1,9 +1,10 @@
 //! `sandwarden bench density`: `serve`'s memory at scale. One release `serve` on the local
 //! runtime; N terminal sessions, each its own sandbox (a `sandwarden harness` process running
 //! `sh` under a PTY), created with bounded concurrency. serve's memory is read from /proc at rest
-//! in four states, each adding to the one before: empty, N idle sessions, one open event stream
+//! in these states, each adding to the one before: empty, N idle sessions, one open event stream
 //! (SSE, `GET /v1/sessions/{id}/events`) per session held by this process, one attached terminal
-//! (the session's `tty_url` WebSocket) per session. The sandboxes' harness servers are read too.
+//! (the session's `tty_url` WebSocket) per session, and all of that once serve's idle
+//! connections to the harnesses have closed. The sandboxes' harness servers are read too.
 
 use crate::bench::{BenchArgs, Ws, load_average, machine_line};
 use crate::bench_serve::{KEY, create, delete_session, start_serve_with, wait_ready_session};
@@ -15,10 +16,13 @@ use std::time::{Duration, Instant};
 /// Session creations (create, then wait for `ready`) and attaches in flight at once.
 const CONCURRENCY: usize = 16;
 /// Pause before reading memory after a state is reached, so in-flight work has finished.
-const SETTLE: Duration = Duration::from_secs(3);
+const SETTLE: Duration = Duration::from_secs(2);
+/// How long after the creations serve's idle keep-alive connections to the harnesses are gone
+/// (`harness_client::http_client` drops them after 15 s unused).
+const POOL_IDLE_WAIT: Duration = Duration::from_secs(20);
 /// Samples per reading (the median by RSS is kept), this far apart.
 const SAMPLES: usize = 5;
-const SAMPLE_GAP: Duration = Duration::from_millis(300);
+const SAMPLE_GAP: Duration = Duration::from_millis(200);
 /// The sessions' template: a terminal running `sh`, no warm pool.
 const TEMPLATES: &str = r#"[{"name":"sh","kind":"tui","command":"sh","pool":0}]"#;
 /// Issue 6's targets, KiB of `serve` memory per item.
@@ -124,6 +128,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         .try_collect()
         .await?;
     let with_terminals = reading(pid).await;
+    // Everything left as it is until serve has closed its idle connections to the harnesses
+    // (read last: the heap they free is reused by whatever is allocated next, which would make
+    // streams or terminals measured after it look cheaper than they are).
+    tokio::time::sleep(POOL_IDLE_WAIT).await;
+    let later = reading(pid).await;
     let harness_attached = sandbox_memory(&sandboxes_dir);
     let available_loaded = meminfo_kib("MemAvailable:");
 
@@ -149,6 +158,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             format!("+ {n} attached terminals (`tty_url`)"),
             &with_terminals,
         ),
+        (
+            format!(
+                "the same, {} s later (serve's idle keep-alive connections to the harnesses closed)",
+                POOL_IDLE_WAIT.as_secs()
+            ),
+            &later,
+        ),
     ] {
         out.push_str(&format!(
             "| {name} | {} | {} | {} | {} |\n",
@@ -161,10 +177,20 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     out.push_str("\n| per | RSS | private | anonymous | target |\n|---|---|---|---|---|\n");
     let mut verdicts = Vec::new();
     for (name, a, b, target) in [
-        ("idle session", &empty, &idle, TARGET_SESSION_KIB),
-        ("open event stream", &idle, &with_streams, TARGET_STREAM_KIB),
         (
-            "attached terminal",
+            "idle session".to_string(),
+            &empty,
+            &idle,
+            TARGET_SESSION_KIB,
+        ),
+        (
+            "open event stream".to_string(),
+            &idle,
+            &with_streams,
+            TARGET_STREAM_KIB,
+        ),
+        (
+            "attached terminal".to_string(),
             &with_streams,
             &with_terminals,
             TARGET_TERMINAL_KIB,

@@ -17,8 +17,8 @@ const LIVE_BUFFER: usize = 256;
 struct Channel {
     /// The last seq handed out or fanned out; `None` until loaded from the store.
     seq: tokio::sync::Mutex<Option<i64>>,
-    /// Events go out shared: a slot holds a pointer, not a 200-byte event, and each subscriber's
-    /// receive clones the pointer, not the event's strings.
+    /// Events go out shared: a slot holds a pointer, not a whole event (a slot of `Event` took
+    /// 224 bytes), and each subscriber's receive clones the pointer, not the event's strings.
     tx: broadcast::Sender<Arc<Event>>,
 }
 
