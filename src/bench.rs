@@ -50,10 +50,14 @@ pub struct BenchArgs {
     /// SANDWARDEN_TEST_POSTGRES, as scripts/start-postgres prints).
     #[arg(long, env = "SANDWARDEN_BENCH_POSTGRES", hide_env_values = true)]
     pub postgres: Option<String>,
-    /// Replace the harness section of this Markdown file with the results (e.g. docs/benchmarks.md).
     /// Sandboxes in the namespace (`bench controller`).
     #[arg(long, default_value_t = 10_000)]
     pub sandboxes: usize,
+    /// Idle sessions (each its own sandbox process), event streams and terminals (`bench density`).
+    #[arg(long, env = "SANDWARDEN_BENCH_SESSIONS", default_value_t = 1000)]
+    pub sessions: usize,
+    /// Replace this benchmark's section of this Markdown file with the results (e.g.
+    /// docs/benchmarks.md).
     #[arg(long, env = "SANDWARDEN_BENCH_WRITE")]
     pub write: Option<PathBuf>,
 }
@@ -80,6 +84,9 @@ pub enum Scenario {
     /// starts, warm claim → first event, turns; one opencode ACP turn through sandwarden vs the
     /// peer sandbox-agent.
     Harnesses,
+    /// Density: `serve`'s memory with many idle sessions, open event streams and attached
+    /// terminals (each session its own local sandbox), and the sandboxes' harness servers.
+    Density,
     /// The PostgreSQL store: message path against SQLite and the harness directly, and event
     /// fan-out delay between two replicas.
     Postgres,
@@ -95,6 +102,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Controller => (crate::bench_controller::run(&args).await?, "controller"),
         Scenario::Harnesses => (crate::bench_harnesses::run(&args).await?, "harnesses"),
         Scenario::Postgres => (crate::bench_postgres::run(&args).await?, "postgres"),
+        Scenario::Density => (crate::bench_density::run(&args).await?, "density"),
     };
     println!("{report}");
     if let Some(path) = &args.write {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod bench;
 pub mod bench_claims;
 pub mod bench_controller;
+pub mod bench_density;
 pub mod bench_docker;
 pub mod bench_harnesses;
 mod bench_nginx;

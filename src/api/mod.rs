@@ -568,9 +568,9 @@ enum Follow {
 struct StreamState {
     orch: Arc<Orchestrator>,
     session_id: String,
-    rx: broadcast::Receiver<Event>,
+    rx: broadcast::Receiver<Arc<Event>>,
     last: i64,
-    backlog: VecDeque<Event>,
+    backlog: VecDeque<Arc<Event>>,
     /// Whether stored history after `last` may still hold events not yet sent.
     catch_up: bool,
     turn: Option<String>,
@@ -582,7 +582,7 @@ struct StreamState {
 fn event_stream(
     orch: Arc<Orchestrator>,
     session_id: String,
-    rx: broadcast::Receiver<Event>,
+    rx: broadcast::Receiver<Arc<Event>>,
     follow: Follow,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
     let (turn, last, catch_up) = match follow {
@@ -621,7 +621,7 @@ fn event_stream(
                 let sse = SseEvent::default()
                     .id(e.seq.to_string())
                     .event(e.kind.clone())
-                    .json_data(&e)
+                    .json_data(&*e)
                     .unwrap_or_default();
                 return Some((Ok(sse), st));
             }
@@ -630,7 +630,7 @@ fn event_stream(
                 match st.orch.hub.history(&st.session_id, st.last, 1000).await {
                     Ok(events) => {
                         st.catch_up = events.len() == 1000;
-                        st.backlog.extend(events);
+                        st.backlog.extend(events.into_iter().map(Arc::new));
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "reading events for a stream failed");

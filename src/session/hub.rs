@@ -9,13 +9,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
-/// Live events buffered per session before a slow subscriber must catch up from the store.
-const LIVE_BUFFER: usize = 1024;
+/// Live events buffered per session before a slow subscriber must catch up from the store. The
+/// buffer is allocated whole when a session's channel is made (its first subscriber or turn),
+/// one slot (32 bytes: the events are shared, `Arc`) per event: 8 KiB per session.
+const LIVE_BUFFER: usize = 256;
 
 struct Channel {
     /// The last seq handed out or fanned out; `None` until loaded from the store.
     seq: tokio::sync::Mutex<Option<i64>>,
-    tx: broadcast::Sender<Event>,
+    /// Events go out shared: a slot holds a pointer, not a whole event (a slot of `Event` took
+    /// 224 bytes), and each subscriber's receive clones the pointer, not the event's strings.
+    tx: broadcast::Sender<Arc<Event>>,
 }
 
 #[derive(Clone)]
@@ -75,7 +79,7 @@ impl Hub {
             Ok(events) => {
                 for e in events {
                     *seq = Some(e.seq);
-                    let _ = ch.tx.send(e);
+                    let _ = ch.tx.send(Arc::new(e));
                 }
             }
             Err(e) => {
@@ -131,12 +135,12 @@ impl Hub {
         self.store.append_events(vec![event.clone()]).await?;
         *seq = Some(event.seq);
         // Nobody listening is fine.
-        let _ = ch.tx.send(event.clone());
+        let _ = ch.tx.send(Arc::new(event.clone()));
         Ok(event)
     }
 
     /// Subscribes to live events. Subscribe first, then read history, so nothing falls between.
-    pub fn subscribe(&self, session_id: &str) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self, session_id: &str) -> broadcast::Receiver<Arc<Event>> {
         self.channel(session_id).tx.subscribe()
     }
 

@@ -43,7 +43,7 @@ pub struct Started {
     pub session: Session,
     pub turn_id: String,
     /// Live session events, subscribed before the harness was dialled.
-    pub events: broadcast::Receiver<store::Event>,
+    pub events: broadcast::Receiver<Arc<store::Event>>,
     pub done: watch::Receiver<Option<Arc<Outcome>>>,
 }
 
