@@ -72,6 +72,39 @@ fn parse_smaps_rollup(text: &str) -> Memory {
     m
 }
 
+/// Whether `pid` runs with `var` (`NAME=value`) in the environment it was started with. A pid
+/// is reused once its process is reaped, so this tells a sandbox's process from a newer one that
+/// happens to have the same number.
+pub fn runs_with_env(pid: i64, var: &str) -> bool {
+    alive(pid)
+        && std::fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == var.as_bytes()))
+}
+
+/// Whether any live process of process group `pgid` runs with `var` in its environment: the
+/// group is still the one that was started with it (its leader may have exited, leaving the
+/// rest), not a newer group that reused the number.
+pub fn group_runs_with_env(pgid: i64, var: &str) -> bool {
+    if runs_with_env(pgid, var) {
+        return true;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_string_lossy().parse::<i64>().ok())
+        .filter(|pid| process_group(*pid) == Some(pgid))
+        .any(|pid| runs_with_env(pid, var))
+}
+
+/// The process group of `pid`, from /proc/PID/stat.
+fn process_group(pid: i64) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces): state, ppid, pgrp.
+    stat.rsplit(')').next()?.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// Every process whose command line contains all of `needles`.
 pub fn pids_matching(needles: &[&str]) -> Vec<i32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {

@@ -85,6 +85,14 @@ pub struct LocalRuntime {
     isolation: Isolation,
 }
 
+/// The variable every sandbox process is started with, naming its sandbox.
+const SANDBOX_VAR: &str = "SANDWARDEN_SANDBOX";
+
+/// `SANDWARDEN_SANDBOX=<id>`: how the runtime recognises a sandbox's processes in /proc.
+fn mark(id: &str) -> String {
+    format!("{SANDBOX_VAR}={id}")
+}
+
 impl LocalRuntime {
     /// Sandboxes live under `data_dir/sandboxes/<id>`; the id of every child that exits is sent
     /// on `exits`.
@@ -180,6 +188,8 @@ impl Runtime for LocalRuntime {
             .env("XDG_CACHE_HOME", home.join(".cache"))
             .envs(&t.env)
             .env("SANDWARDEN_TOKEN", self.tokens.for_sandbox(id))
+            // Tells this sandbox's processes from later ones that reuse their numbers (`mark`).
+            .env(SANDBOX_VAR, id)
             .env(
                 "SANDWARDEN_LOG",
                 std::env::var("SANDWARDEN_SANDBOX_LOG").unwrap_or_else(|_| "warn".into()),
@@ -235,13 +245,21 @@ impl Runtime for LocalRuntime {
     }
 
     async fn destroy(&self, sandbox: &Sandbox) {
-        if let Some(pid) = sandbox.pid {
+        // Only a group that is still this sandbox's: once its processes are gone and reaped, the
+        // number may belong to another sandbox's group.
+        let mark = mark(&sandbox.id);
+        if let Some(pid) = sandbox.pid
+            && crate::procfs::group_runs_with_env(pid, &mark)
+        {
             signal_group(pid, Signal::SIGTERM);
             let deadline = tokio::time::Instant::now() + STOP_GRACE;
-            while crate::procfs::alive(pid) && tokio::time::Instant::now() < deadline {
+            while crate::procfs::runs_with_env(pid, &mark) && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            signal_group(pid, Signal::SIGKILL);
+            if crate::procfs::group_runs_with_env(pid, &mark) {
+                signal_group(pid, Signal::SIGKILL);
+            }
         }
         for (base, dir) in [
             (&self.root, self.root.join(&sandbox.id)),
@@ -254,6 +272,66 @@ impl Runtime for LocalRuntime {
     }
 
     async fn alive(&self, sandbox: &Sandbox) -> bool {
-        sandbox.pid.is_some_and(crate::procfs::alive)
+        let mark = mark(&sandbox.id);
+        sandbox
+            .pid
+            .is_some_and(|pid| crate::procfs::runs_with_env(pid, &mark))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    fn sleeper(env: Option<(&str, &str)>) -> std::process::Child {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30").process_group(0);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("sleep")
+    }
+
+    fn recorded(id: &str, pid: u32) -> Sandbox {
+        Sandbox {
+            id: id.into(),
+            template: "echo".into(),
+            endpoint: "http://127.0.0.1:9".into(),
+            pid: Some(i64::from(pid)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_is_recognised_by_its_processes_not_by_a_reused_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exits, _) = mpsc::unbounded_channel();
+        let runtime = LocalRuntime::new(
+            dir.path(),
+            Tokens::new(b"secret".to_vec()),
+            exits,
+            Isolation::None,
+        );
+
+        // Another group that got the number of a sandbox whose processes are gone.
+        let mut other = sleeper(None);
+        let stale = recorded("sbx_gone", other.id());
+        assert!(!runtime.alive(&stale).await, "someone else's process is not the sandbox");
+        runtime.destroy(&stale).await;
+        assert!(
+            crate::procfs::alive(i64::from(other.id())),
+            "destroying the stale sandbox must not signal the group that reused its number"
+        );
+
+        // The sandbox's own group is recognised and stopped.
+        let mut own = sleeper(Some((SANDBOX_VAR, "sbx_own")));
+        let sandbox = recorded("sbx_own", own.id());
+        assert!(runtime.alive(&sandbox).await);
+        runtime.destroy(&sandbox).await;
+        let status = own.wait().expect("wait");
+        assert!(!status.success(), "the sandbox's group was signalled: {status:?}");
+
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }
