@@ -102,7 +102,12 @@ pub fn group_runs_with_env(pgid: i64, var: &str) -> bool {
 fn process_group(pid: i64) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the command name (which may hold spaces): state, ppid, pgrp.
-    stat.rsplit(')').next()?.split_whitespace().nth(2)?.parse().ok()
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 /// Every process whose command line contains all of `needles`.

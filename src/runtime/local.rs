@@ -316,7 +316,10 @@ mod tests {
         // Another group that got the number of a sandbox whose processes are gone.
         let mut other = sleeper(None);
         let stale = recorded("sbx_gone", other.id());
-        assert!(!runtime.alive(&stale).await, "someone else's process is not the sandbox");
+        assert!(
+            !runtime.alive(&stale).await,
+            "someone else's process is not the sandbox"
+        );
         runtime.destroy(&stale).await;
         assert!(
             crate::procfs::alive(i64::from(other.id())),
@@ -329,7 +332,10 @@ mod tests {
         assert!(runtime.alive(&sandbox).await);
         runtime.destroy(&sandbox).await;
         let status = own.wait().expect("wait");
-        assert!(!status.success(), "the sandbox's group was signalled: {status:?}");
+        assert!(
+            !status.success(),
+            "the sandbox's group was signalled: {status:?}"
+        );
 
         let _ = other.kill();
         let _ = other.wait();

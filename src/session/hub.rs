@@ -53,6 +53,18 @@ impl Hub {
         map.get(session_id).cloned()
     }
 
+    /// Drops a deleted session's channel (its subscribers see the stream end), unless a publish
+    /// is using it right now: then it stays, as it would have without this.
+    pub fn forget(&self, session_id: &str) {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(session_id)
+            .is_some_and(|ch| Arc::strong_count(ch) == 1)
+        {
+            map.remove(session_id);
+        }
+    }
+
     /// Sets the session's last seq as the store has it when a turn starts here (the previous
     /// turn may have run on another replica).
     pub async fn set_seq(&self, session_id: &str, last: i64) {
@@ -121,7 +133,11 @@ impl Hub {
         let mut seq = ch.seq.lock().await;
         let last = match *seq {
             Some(s) => s,
-            None => self.store.last_seq(session_id).await?,
+            // Events still queued for the writer count (a channel made again after `forget`).
+            None => {
+                self.store.flush().await?;
+                self.store.last_seq(session_id).await?
+            }
         };
         let event = Event {
             id: (last + 1).to_string(),
@@ -153,5 +169,44 @@ impl Hub {
     ) -> Result<Vec<Event>, StoreError> {
         self.store.flush().await?;
         self.store.list_events(session_id, since, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn publish(hub: &Hub, session: &str) -> i64 {
+        hub.publish(
+            session,
+            None,
+            "status",
+            crate::store::now(),
+            serde_json::json!({}),
+        )
+        .await
+        .expect("publish")
+        .seq
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_channel_ends_its_streams_and_numbering_goes_on_from_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = Hub::new(Store::open(dir.path()).await.expect("store"));
+        let mut live = hub.subscribe("ses_a");
+        for want in 1..=3 {
+            assert_eq!(publish(&hub, "ses_a").await, want);
+        }
+        hub.forget("ses_a");
+        assert!(hub.existing("ses_a").is_none(), "the channel is dropped");
+        for want in 1..=3 {
+            assert_eq!(live.recv().await.expect("buffered").seq, want);
+        }
+        assert!(
+            matches!(live.recv().await, Err(broadcast::error::RecvError::Closed)),
+            "the stream ends"
+        );
+        // The events may still be queued for the writer: numbering must not start over.
+        assert_eq!(publish(&hub, "ses_a").await, 4);
     }
 }

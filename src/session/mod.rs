@@ -734,6 +734,7 @@ impl Orchestrator {
                 .await
                 .map_err(store_error)?;
             self.release(&s).await;
+            self.hub.forget(id);
             self.notify(id);
         }
         self.get(tenant, id).await
@@ -1058,6 +1059,7 @@ impl Orchestrator {
                 {
                     tracing::info!(session_id = %s.id, "reaped idle session");
                     self.release(&s).await;
+                    self.hub.forget(&s.id);
                     self.notify(&s.id);
                 }
             }
