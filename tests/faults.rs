@@ -723,20 +723,7 @@ async fn serve_crash(env: &[(&str, String)], store: &str) {
     );
 
     // The event stream resumes from the last id read before the crash, gap-free.
-    let total = all_events(&api, followed).await.len() as i64;
-    let resumed = api
-        .sse(
-            &format!("/v1/sessions/{followed}/events"),
-            None,
-            Some(&seen_before.to_string()),
-            (total - seen_before) as usize,
-        )
-        .await;
-    let seqs: Vec<i64> = resumed
-        .iter()
-        .map(|(_, _, e)| e["seq"].as_i64().expect("seq"))
-        .collect();
-    assert_eq!(seqs, ((seen_before + 1)..=total).collect::<Vec<_>>());
+    let seqs = assert_resumes(&api, followed, seen_before).await;
 
     // The terminal re-attaches to the same shell.
     let (_, s) = api
@@ -755,5 +742,222 @@ async fn serve_crash(env: &[(&str, String)], store: &str) {
         "FIGURES serve_crash ({store}): sessions {n}+1 terminal, in-flight turns {} webhooks delivered {delivered} resumed events {} audit {f:?}",
         hooked.len(),
         seqs.len()
+    );
+}
+
+/// The session's event stream, resumed with `Last-Event-ID: seen`, gives every later event in
+/// order and nothing else; returns their seqs.
+async fn assert_resumes(api: &Api, id: &str, seen: i64) -> Vec<i64> {
+    let total = all_events(api, id).await.len() as i64;
+    let resumed = api
+        .sse(
+            &format!("/v1/sessions/{id}/events"),
+            None,
+            Some(&seen.to_string()),
+            (total - seen) as usize,
+        )
+        .await;
+    let seqs: Vec<i64> = resumed
+        .iter()
+        .map(|(_, _, e)| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, ((seen + 1)..=total).collect::<Vec<_>>());
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kubernetes_serve_killed_mid_load_keeps_sessions_their_pods_and_history() {
+    let n = scale(6, 30);
+    let mut k = kube::Kube::start(0).await;
+    let sandboxes = ready_sessions(&k.api, "echo", n).await;
+    k.assert_claims(&sandboxes);
+    let pids: BTreeMap<&String, Option<i32>> =
+        sandboxes.values().map(|s| (s, k.kubelet.pid(s))).collect();
+    let ids: Vec<String> = sandboxes.keys().cloned().collect();
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for id in &ids {
+        let (status, reply) = k.api.say(id, &format!("before {id}")).await;
+        assert_eq!(status, 200, "{reply}");
+        accepted
+            .entry(id.clone())
+            .or_default()
+            .extend(reply["turn_id"].as_str().map(String::from));
+    }
+    let followed = ids[0].clone();
+    let seen_before = all_events(&k.api, &followed).await.len() as i64;
+
+    // Slow turns in flight when serve dies.
+    let mut in_flight = Vec::new();
+    for id in &ids {
+        let turn_id = k.api.post_async(id, json!({"text": "/slow 30 w"})).await;
+        accepted
+            .entry(id.clone())
+            .or_default()
+            .push(turn_id.clone());
+        in_flight.push((id.clone(), turn_id));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    k.crash_and_restart();
+    let api = k.api.clone();
+
+    // Every session is adopted on the Pod it had, with its history; the interrupted turns
+    // ended with a reason.
+    for id in &ids {
+        let s = api.wait_status(id, "ready").await;
+        assert_eq!(s["status"], "ready", "adopted after the crash: {s}");
+        let texts = api.history_texts(id).await;
+        assert!(
+            texts.contains(&format!("before {id}")),
+            "history kept: {texts:?}"
+        );
+    }
+    let mut interrupted = 0;
+    for (id, turn_id) in &in_flight {
+        let t = api.finished_turn(id, turn_id).await;
+        match t["status"].as_str() {
+            Some("completed") => {}
+            Some("failed") => {
+                assert_failed_with_reason(&t);
+                interrupted += 1;
+            }
+            _ => panic!("the turn did not end: {t}"),
+        }
+    }
+    for (sandbox, pid) in &pids {
+        assert_eq!(
+            &k.kubelet.pid(sandbox),
+            pid,
+            "{sandbox} kept its Pod's process"
+        );
+    }
+    k.assert_claims(&sandboxes);
+    let seqs = assert_resumes(&api, &followed, seen_before).await;
+    let f = k.audit(&api, &accepted, &sandboxes, 0).await;
+    assert_eq!(f.ready, n, "{f:?}");
+    eprintln!(
+        "FIGURES serve_crash (kubernetes): sessions {n}, in-flight turns {} (interrupted {interrupted}), resumed events {} audit {f:?}",
+        in_flight.len(),
+        seqs.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_database_stopped_mid_load_answers_503_and_loses_nothing() {
+    let Some(cluster) = OwnCluster::new() else {
+        return;
+    };
+    let server = cluster.start();
+    let db = sandwarden::store::Store::scratch_database(&server)
+        .await
+        .expect("database");
+    let serve = Serve::start_with_env(
+        &["--pool", "echo=0", "--store-acquire-timeout", "1"],
+        &[("SANDWARDEN_STORE", db)],
+    );
+    let api = Arc::new(serve.client());
+    let sessions = scale(8, 40);
+    let mut sandboxes = ready_sessions(&api, "echo", sessions).await;
+    // A session outside the load, to be refused while the database is down.
+    let probe = api.ready("echo").await;
+
+    // Every session takes turns in rotating modes until the database has been back a while,
+    // asking again after each 503 with a new text (so a refused message can be told apart from
+    // a kept one).
+    let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for (i, id) in sandboxes.keys().enumerate() {
+        let (api, id, over) = (api.clone(), id.clone(), over.clone());
+        load.push(tokio::spawn(async move {
+            let (mut seen, mut refused) = (Vec::new(), Vec::new());
+            for j in 0..1000 {
+                if over.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let text = format!("/slow 3 s{i}t{j}");
+                let (outcome, turn_id) = turn(&api, &id, i + j, &text).await;
+                if outcome == Seen::Unavailable && turn_id.is_none() {
+                    refused.push(text);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                } else {
+                    seen.push((outcome, turn_id));
+                }
+            }
+            (id, seen, refused)
+        }));
+    }
+    // The database stops under the load, stays down a while, and comes back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| cluster.ctl(&["stop"]));
+    let resp = api
+        .http
+        .get(serve.url(&format!(
+            "/v1/sessions/{}",
+            sandboxes.keys().next().expect("a session")
+        )))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(
+        resp.headers().get("retry-after").is_some(),
+        "503 says when to retry: {:?}",
+        resp.headers()
+    );
+    let (status, p) = api.say(&probe, "while down").await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (503, Some("store_unavailable")),
+        "{p}"
+    );
+    let (status, p) = api
+        .call("POST", "/v1/sessions", Some(json!({"harness": "echo"})))
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (503, Some("store_unavailable")),
+        "{p}"
+    );
+    tokio::time::sleep(Duration::from_millis(scale(1500, 5000) as u64)).await;
+    tokio::task::block_in_place(|| cluster.start());
+    tokio::time::sleep(Duration::from_millis(scale(1500, 5000) as u64)).await;
+    over.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut outcomes: BTreeMap<Seen, usize> = BTreeMap::new();
+    let mut refused_total = 0;
+    for task in load {
+        let (id, seen, refused) = task.await.expect("load task");
+        assert!(
+            seen.iter().all(|(o, _)| *o != Seen::Refused),
+            "{id}: {seen:?}"
+        );
+        for (outcome, turn_id) in seen {
+            *outcomes.entry(outcome).or_default() += 1;
+            accepted.entry(id.clone()).or_default().extend(turn_id);
+        }
+        // Nothing of a refused message was kept.
+        let texts = api.history_texts(&id).await;
+        for r in &refused {
+            assert!(!texts.contains(r), "refused {r:?} was stored: {texts:?}");
+        }
+        refused_total += refused.len();
+    }
+    let texts = api.history_texts(&probe).await;
+    assert!(
+        texts.is_empty(),
+        "the refused message was not kept: {texts:?}"
+    );
+    let (_, list) = api.call("GET", "/v1/sessions", None).await;
+    assert_eq!(
+        list["sessions"].as_array().map(Vec::len),
+        Some(sessions + 1),
+        "no session from the refused create: {list}"
+    );
+    sandboxes.insert(probe.clone(), sandbox_of(&api, &probe).await);
+    let f = audit(&api, &serve.data, &accepted, &sandboxes, 0).await;
+    assert_eq!(f.ready, sessions + 1, "{f:?}");
+    eprintln!(
+        "FIGURES database_stopped (postgres): sessions {sessions} outcomes {outcomes:?} refused with 503 {refused_total} audit {f:?}"
     );
 }

@@ -82,6 +82,31 @@ pub enum Seen {
     Failed,
     /// Refused before a turn began (e.g. 409 session_not_usable).
     Refused,
+    /// `503 store_unavailable`: the store could not be reached; retry after a moment. Carries a
+    /// turn id when the turn had begun.
+    Unavailable,
+}
+
+/// A `503` for an unreachable store, as a problem saying so; the turn id in it, if any.
+fn unavailable(body: &Value) -> (Seen, Option<String>) {
+    assert_eq!(body["type"], "store_unavailable", "{body}");
+    (
+        Seen::Unavailable,
+        body["turn_id"].as_str().map(String::from),
+    )
+}
+
+/// Long-polls a turn until it ends, asking again while the store is unavailable (bounded, 60 s).
+pub async fn finished_turn(api: &Api, id: &str, turn_id: &str) -> Value {
+    let mut t = Value::Null;
+    for _ in 0..300 {
+        t = api.finished_turn(id, turn_id).await;
+        if t["type"] != "store_unavailable" {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t
 }
 
 /// One turn request in one of the three response modes; returns the turn id when one began.
@@ -96,6 +121,7 @@ pub async fn turn(api: &Api, id: &str, mode: usize, text: &str) -> (Seen, Option
                     (Seen::Completed, turn_id)
                 }
                 409 => (Seen::Refused, None),
+                503 => unavailable(&body),
                 502 | 504 => {
                     // A problem (`type`, `detail`) naming the turn that failed.
                     assert!(
@@ -112,6 +138,7 @@ pub async fn turn(api: &Api, id: &str, mode: usize, text: &str) -> (Seen, Option
             let (status, events) = sse_turn(api, id, text).await;
             match status {
                 409 => return (Seen::Refused, None),
+                503 => return unavailable(&events[0]),
                 502 => {
                     assert_eq!(events[0]["type"], "harness_unreachable", "{events:?}");
                     let turn_id = events[0]["turn_id"].as_str().map(String::from);
@@ -145,6 +172,7 @@ pub async fn turn(api: &Api, id: &str, mode: usize, text: &str) -> (Seen, Option
                 .await;
             match status {
                 409 => return (Seen::Refused, None),
+                503 => return unavailable(&accepted),
                 // The sandbox was found gone when the turn was dialled: failed at once.
                 502 => {
                     assert_eq!(accepted["type"], "harness_unreachable", "{accepted}");
@@ -154,7 +182,7 @@ pub async fn turn(api: &Api, id: &str, mode: usize, text: &str) -> (Seen, Option
                 _ => assert_eq!(status, 202, "{accepted}"),
             }
             let turn_id = accepted["turn_id"].as_str().expect("turn id").to_string();
-            let t = api.finished_turn(id, &turn_id).await;
+            let t = finished_turn(api, id, &turn_id).await;
             match t["status"].as_str() {
                 Some("completed") => (Seen::Completed, Some(turn_id)),
                 Some("failed") => {
