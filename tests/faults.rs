@@ -113,7 +113,12 @@ async fn on_postgres_concurrent_sessions_survive_sandboxes_killed_at_random() {
     let Some(db) = postgres_database().await else {
         return;
     };
-    let serve = Serve::start_with_env(&["--pool", "echo=0"], &[("SANDWARDEN_STORE", db)]);
+    // 200 cold starts at once (long mode) on a loaded machine outwait the default 3 s for one
+    // of the pool's 16 connections; an operator expecting such bursts raises it.
+    let serve = Serve::start_with_env(
+        &["--pool", "echo=0", "--store-acquire-timeout", "15"],
+        &[("SANDWARDEN_STORE", db)],
+    );
     let api = Arc::new(serve.client());
     let sessions = scale(40, 200);
     let sandboxes = ready_sessions(&api, "echo", sessions).await;

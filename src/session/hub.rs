@@ -50,9 +50,13 @@ impl Hub {
     }
 
     /// Sets the session's last seq as the store has it when a turn starts here (the previous
-    /// turn may have run on another replica).
+    /// turn may have run on another replica). Never backwards: events this replica numbered may
+    /// still be queued for the store, which then reads an older last seq, and reusing their seqs
+    /// would lose the later events (a duplicate seq is not inserted).
     pub async fn set_seq(&self, session_id: &str, last: i64) {
-        *self.channel(session_id).seq.lock().await = Some(last);
+        let ch = self.channel(session_id);
+        let mut seq = ch.seq.lock().await;
+        *seq = Some(seq.map_or(last, |s| s.max(last)));
     }
 
     /// Fans out events `first..=last` of a session that another replica committed, read from the
@@ -149,5 +153,36 @@ impl Hub {
     ) -> Result<Vec<Event>, StoreError> {
         self.store.flush().await?;
         self.store.list_events(session_id, since, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stale_last_seq_from_the_store_does_not_reuse_seqs_handed_out_here() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).await.expect("store");
+        let hub = Hub::new(store);
+        let first = hub
+            .publish("ses_1", None, "text", "t".into(), serde_json::json!({}))
+            .await
+            .expect("publish");
+        assert_eq!(first.seq, 1);
+        // A turn starts and reads the store before the queued event 1 was written.
+        hub.set_seq("ses_1", 0).await;
+        let next = hub
+            .publish("ses_1", None, "text", "t".into(), serde_json::json!({}))
+            .await
+            .expect("publish");
+        assert_eq!(next.seq, 2, "seq 1 is taken");
+        // Another replica went further: its seqs are taken too.
+        hub.set_seq("ses_1", 7).await;
+        let after = hub
+            .publish("ses_1", None, "done", "t".into(), serde_json::json!({}))
+            .await
+            .expect("publish");
+        assert_eq!(after.seq, 8);
     }
 }

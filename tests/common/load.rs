@@ -305,8 +305,9 @@ pub async fn audit(
 /// The end-of-scenario check of the store, through the public API, on any backend. `accepted`
 /// lists, per session, the turn ids the client was given; `sandboxes` maps sessions to their
 /// sandbox ids; `runs` tells whether a sandbox's harness process runs. Every accepted turn (and
-/// every turn in the history) ended, completed or failed with a reason, its user message stored
-/// once; no message twice; event seqs `1..=n` with one `done` or `error` per turn; a `ready`
+/// every turn in the history) ended, completed (its text events spelling its text) or failed with
+/// a reason, its user message stored once; no message twice; event seqs `1..=n` with one `done`
+/// or `error` per turn; a `ready`
 /// session answers and its sandbox runs, a `dead` one says why and its sandbox is gone. Deletes
 /// every session at the end (the caller then checks that nothing was left behind).
 pub async fn audit_store(
@@ -374,7 +375,21 @@ pub async fn audit_store(
             f.turns += 1;
             let turn = api.finished_turn(id, t).await;
             match turn["status"].as_str() {
-                Some("completed" | "cancelled") => f.completed += 1,
+                Some("completed") => {
+                    f.completed += 1;
+                    // No event of it was lost: its text events spell its text.
+                    let streamed: String = events
+                        .iter()
+                        .filter(|e| e["turn_id"] == t.as_str() && e["type"] == "text")
+                        .filter_map(|e| e["data"]["text"].as_str())
+                        .collect();
+                    assert_eq!(
+                        Some(streamed.as_str()),
+                        turn["text"].as_str(),
+                        "turn {t} of {id}: its text events hold its text"
+                    );
+                }
+                Some("cancelled") => f.completed += 1,
                 Some("failed") => {
                     assert_failed_with_reason(&turn);
                     f.failed += 1;
@@ -424,14 +439,15 @@ pub async fn audit_store(
 }
 
 /// Creates `n` sessions of `harness` concurrently and waits until all are ready; returns their
-/// ids and sandboxes.
+/// ids and sandboxes. A `503 store_unavailable` (an overloaded store's pool) is retried, as the
+/// answer asks.
 pub async fn ready_sessions(api: &Arc<Api>, harness: &str, n: usize) -> BTreeMap<String, String> {
     let tasks: Vec<_> = (0..n)
         .map(|_| {
             let api = api.clone();
             let harness = harness.to_string();
             tokio::spawn(async move {
-                let id = api.ready(&harness).await;
+                let id = ready_retrying(&api, &harness).await;
                 let sandbox = sandbox_of(&api, &id).await;
                 (id, sandbox)
             })
@@ -443,6 +459,42 @@ pub async fn ready_sessions(api: &Arc<Api>, harness: &str, n: usize) -> BTreeMap
         out.insert(id, sandbox);
     }
     out
+}
+
+/// `call`, asked again (bounded, 60 s) while it answers `503 store_unavailable`.
+pub async fn call_retrying(
+    api: &Api,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut answer = (0, Value::Null);
+    for _ in 0..120 {
+        answer = api.call(method, path, body.clone()).await;
+        if answer.0 != 503 {
+            break;
+        }
+        assert_eq!(answer.1["type"], "store_unavailable", "{}", answer.1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    answer
+}
+
+/// Creates a session and waits until it is ready, retrying `503 store_unavailable`.
+pub async fn ready_retrying(api: &Api, harness: &str) -> String {
+    let (status, s) = call_retrying(
+        api,
+        "POST",
+        "/v1/sessions",
+        Some(json!({"harness": harness})),
+    )
+    .await;
+    assert_eq!(status, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    let path = format!("/v1/sessions/{id}?wait=true&timeout=30");
+    let (_, s) = call_retrying(api, "GET", &path, None).await;
+    assert_eq!(s["status"], "ready", "{s}");
+    id
 }
 
 /// Counts webhook POSTs per `X-Sandwarden-Delivery` id; answers 200.
