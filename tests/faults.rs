@@ -287,7 +287,7 @@ async fn pool_burst(
     for id in &ids {
         let s = api.wait_status(id, "ready").await;
         assert_eq!(s["status"], "ready");
-        sandboxes.insert(id.clone(), sandbox_of(&api, id).await);
+        sandboxes.insert(id.clone(), sandbox_of(api, id).await);
     }
     assert_eq!(sandboxes.len(), burst);
     // No sandbox claimed twice.
