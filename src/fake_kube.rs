@@ -1,5 +1,5 @@
 //! An in-memory Kubernetes API server for tests and benchmarks: enough of the REST API for the
-//! controller and the claim path (get, list with label selectors, watch with a bounded history
+//! controller and the claim path (get, list with label and field selectors, watch with a bounded history
 //! and `410 Gone` past it, create, replace, merge and server-side-apply patches with
 //! `resourceVersion` preconditions, status subresources, delete with owner-reference cascade),
 //! served to a real `kube::Client` through a tower service or over HTTP on loopback, with optional
@@ -152,6 +152,48 @@ fn selector_matches(obj: &Value, selector: Option<&str>) -> bool {
     })
 }
 
+/// A field selector (`metadata.name=a`, `metadata.name!=a`, comma-separated terms): each term
+/// compares the string at that dotted path of the object. `kube::runtime::wait::await_condition`
+/// watches one object by `metadata.name`; without this every object's events would reach it.
+fn fields_match(obj: &Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    selector.split(',').all(|term| {
+        let (path, want, equal) = if let Some((p, v)) = term.split_once("!=") {
+            (p, v, false)
+        } else if let Some((p, v)) = term.split_once("==") {
+            (p, v, true)
+        } else if let Some((p, v)) = term.split_once('=') {
+            (p, v, true)
+        } else {
+            return false;
+        };
+        let value = path.split('.').fold(obj, |o, k| &o[k]);
+        (value.as_str().unwrap_or_default() == want) == equal
+    })
+}
+
+/// The label and field selectors of a list or watch.
+#[derive(Clone, Default)]
+struct Selectors {
+    labels: Option<String>,
+    fields: Option<String>,
+}
+
+impl Selectors {
+    fn of(query: &str) -> Selectors {
+        Selectors {
+            labels: query_param(query, "labelSelector"),
+            fields: query_param(query, "fieldSelector"),
+        }
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        selector_matches(obj, self.labels.as_deref()) && fields_match(obj, self.fields.as_deref())
+    }
+}
+
 fn query_param(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
@@ -277,7 +319,7 @@ impl FakeKube {
         &self,
         target: &Target,
         since: u64,
-        selector: Option<String>,
+        selectors: Selectors,
         timeout: Duration,
     ) -> Response<Body> {
         let gone = lock(&self.state).compacted > since;
@@ -315,7 +357,7 @@ impl FakeKube {
                     seen = c.rv;
                     if c.key.0 == collection
                         && c.key.1 == namespace
-                        && selector_matches(&c.object, selector.as_deref())
+                        && selectors.matches(&c.object)
                     {
                         let line = json!({"type": c.kind, "object": c.object});
                         yield Ok(bytes::Bytes::from(format!("{line}\n")));
@@ -367,7 +409,7 @@ impl FakeKube {
             let timeout = query_param(query, "timeoutSeconds")
                 .and_then(|v| v.parse().ok())
                 .map_or(Duration::from_secs(290), Duration::from_secs);
-            return self.watch(&target, since, query_param(query, "labelSelector"), timeout);
+            return self.watch(&target, since, Selectors::of(query), timeout);
         }
         let content_type = parts
             .headers
@@ -413,14 +455,12 @@ impl FakeKube {
         };
         match (&parts.method, &target.name) {
             (&Method::GET, None) => {
-                let selector = query_param(query, "labelSelector");
+                let selectors = Selectors::of(query);
                 let items: Vec<Value> = s
                     .objects
                     .iter()
                     .filter(|((c, ns, _), o)| {
-                        c == &target.collection
-                            && ns == &target.namespace
-                            && selector_matches(o, selector.as_deref())
+                        c == &target.collection && ns == &target.namespace && selectors.matches(o)
                     })
                     .map(|(_, o)| o.clone())
                     .collect();
@@ -644,6 +684,56 @@ mod tests {
         api.delete("a", &Default::default()).await.expect("delete");
         assert!(api.get_opt("a").await.expect("get_opt").is_none());
         assert_eq!(fake.writes().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn field_selectors_pick_one_object_in_lists_and_watches() {
+        use kube::api::ListParams;
+        use kube::runtime::wait::await_condition;
+        let fake = FakeKube::new();
+        let api: Api<ConfigMap> = Api::namespaced(fake.client(), "ns");
+        for name in ["a", "b"] {
+            let mut cm = ConfigMap::default();
+            cm.metadata.name = Some(name.into());
+            api.create(&PostParams::default(), &cm)
+                .await
+                .expect("create");
+        }
+        let names = |l: kube::core::ObjectList<ConfigMap>| -> Vec<String> {
+            l.items
+                .into_iter()
+                .filter_map(|c| c.metadata.name)
+                .collect()
+        };
+        let only_b = api
+            .list(&ListParams::default().fields("metadata.name=b"))
+            .await
+            .expect("list");
+        assert_eq!(names(only_b), ["b"]);
+        let not_b = api
+            .list(&ListParams::default().fields("metadata.name!=b"))
+            .await
+            .expect("list");
+        assert_eq!(names(not_b), ["a"]);
+        // Waiting for `b` to get data: `a` getting it first does not end the wait.
+        let has_data = |c: Option<&ConfigMap>| c.is_some_and(|c| c.data.is_some());
+        let waiting = tokio::spawn(await_condition(api.clone(), "b", has_data));
+        let patch = |v: &str| Patch::Merge(json!({"data": {"k": v}}));
+        api.patch("a", &PatchParams::default(), &patch("first"))
+            .await
+            .expect("patch a");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a change to a ended the wait for b");
+        api.patch("b", &PatchParams::default(), &patch("second"))
+            .await
+            .expect("patch b");
+        let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the wait ended")
+            .expect("task")
+            .expect("await_condition")
+            .expect("b");
+        assert_eq!(got.metadata.name.as_deref(), Some("b"));
     }
 
     #[tokio::test]

@@ -8,413 +8,144 @@
 
 mod common;
 
+use common::load::*;
 use common::*;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn long_mode() -> bool {
-    std::env::var("SANDWARDEN_FAULTS_SCALE").as_deref() == Ok("long")
+/// Where a scenario's sandboxes run, as the test reaches their processes.
+trait Backend {
+    /// SIGKILLs the harness of `sandbox` (with its agent).
+    fn kill(&self, sandbox: &str);
+    /// Every session's sandbox runs, is its own and (Kubernetes) is claimed for it alone.
+    fn assert_claims(&self, sandboxes: &BTreeMap<String, String>);
+    /// `audit_store`, then the backend's check that no sandbox outlived its session (beyond
+    /// `pool` warm ones).
+    async fn audit(
+        &self,
+        api: &Api,
+        accepted: &BTreeMap<String, Vec<String>>,
+        sandboxes: &BTreeMap<String, String>,
+        pool: usize,
+    ) -> Figures;
 }
 
-/// Picks `small` in CI and `long` under `SANDWARDEN_FAULTS_SCALE=long`.
-fn scale(small: usize, long: usize) -> usize {
-    if long_mode() { long } else { small }
-}
+/// The local runtime: sandboxes are process groups whose command lines name the data dir.
+struct Local<'a>(&'a Path);
 
-/// Every `sandwarden harness` process whose command line names `data` (its sandbox directory).
-fn harness_pids(data: &Path) -> Vec<i32> {
-    let needle = data.to_string_lossy().to_string();
-    let mut out = Vec::new();
-    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" harness ") && cmd.contains(&needle) && alive(pid) {
-            out.push(pid);
-        }
+impl Backend for Local<'_> {
+    fn kill(&self, sandbox: &str) {
+        let pid = sandbox_pid(self.0, sandbox).expect("the sandbox runs");
+        kill_group(pid, nix::sys::signal::Signal::SIGKILL);
     }
-    out
-}
 
-/// The harness process of sandbox `sandbox` (its `--workdir` is `DATA/sandboxes/<id>`).
-fn sandbox_pid(data: &Path, sandbox: &str) -> Option<i32> {
-    let needle = format!("{}/sandboxes/{sandbox} ", data.to_string_lossy());
-    harness_pids(data).into_iter().find(|pid| {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| {
-                format!("{} ", String::from_utf8_lossy(&c).replace('\0', " ")).contains(&needle)
-            })
-            .unwrap_or(false)
-    })
-}
-
-/// Which sandbox serves session `id`: the echo agent's HOME is `DATA/homes/<sandbox id>`.
-async fn sandbox_of(api: &Api, id: &str) -> String {
-    let (status, reply) = api.say(id, "/env HOME").await;
-    assert_eq!(status, 200, "{reply}");
-    let home = reply["text"].as_str().expect("HOME").trim().to_string();
-    home.rsplit('/').next().expect("sandbox id").to_string()
-}
-
-/// Waits (bounded, 10 s) until `cond` holds; false if it never did.
-async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    for _ in 0..400 {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    cond()
-}
-
-fn kill_group(pid: i32, sig: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
-}
-
-/// How one request for a turn ended, as the client saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Seen {
-    /// Answered with a finished turn (or, async, a turn id to follow).
-    Completed,
-    /// Accepted, then failed with a reason.
-    Failed,
-    /// Refused before a turn began (e.g. 409 session_not_usable).
-    Refused,
-}
-
-/// One turn request in one of the three response modes; returns the turn id when one began.
-async fn turn(api: &Api, id: &str, mode: usize, text: &str) -> (Seen, Option<String>) {
-    match mode % 3 {
-        0 => {
-            let (status, body) = api.say(id, text).await;
-            let turn_id = body["turn_id"].as_str().map(String::from);
-            match status {
-                200 => {
-                    assert_eq!(body["text"], text_reply(text), "{body}");
-                    (Seen::Completed, turn_id)
-                }
-                409 => (Seen::Refused, None),
-                502 | 504 => {
-                    // A problem (`type`, `detail`) naming the turn that failed.
-                    assert!(
-                        body["type"].as_str().is_some_and(|t| !t.is_empty())
-                            && body["detail"].as_str().is_some_and(|d| !d.is_empty()),
-                        "a failed turn says why: {body}"
-                    );
-                    (Seen::Failed, turn_id)
-                }
-                _ => panic!("unexpected answer {status}: {body}"),
-            }
-        }
-        1 => {
-            let (status, events) = sse_turn(api, id, text).await;
-            match status {
-                409 => return (Seen::Refused, None),
-                502 => {
-                    assert_eq!(events[0]["type"], "harness_unreachable", "{events:?}");
-                    let turn_id = events[0]["turn_id"].as_str().map(String::from);
-                    return (Seen::Failed, turn_id);
-                }
-                _ => assert_eq!(status, 200, "{events:?}"),
-            }
-            let turn_id = events
-                .iter()
-                .find_map(|e| e["turn_id"].as_str().map(String::from));
-            let last = events.last().cloned().unwrap_or_default();
-            match last["type"].as_str() {
-                Some("done") => (Seen::Completed, turn_id),
-                Some("error") => {
-                    assert!(
-                        last["data"]["code"].as_str().is_some_and(|c| !c.is_empty()),
-                        "{last}"
-                    );
-                    (Seen::Failed, turn_id)
-                }
-                _ => panic!("the stream ended without done or error: {events:?}"),
-            }
-        }
-        _ => {
-            let (status, accepted) = api
-                .call(
-                    "POST",
-                    &format!("/v1/sessions/{id}/messages"),
-                    Some(json!({"text": text, "async": true})),
-                )
-                .await;
-            match status {
-                409 => return (Seen::Refused, None),
-                // The sandbox was found gone when the turn was dialled: failed at once.
-                502 => {
-                    assert_eq!(accepted["type"], "harness_unreachable", "{accepted}");
-                    let turn_id = accepted["turn_id"].as_str().map(String::from);
-                    return (Seen::Failed, turn_id);
-                }
-                _ => assert_eq!(status, 202, "{accepted}"),
-            }
-            let turn_id = accepted["turn_id"].as_str().expect("turn id").to_string();
-            let t = api.finished_turn(id, &turn_id).await;
-            match t["status"].as_str() {
-                Some("completed") => (Seen::Completed, Some(turn_id)),
-                Some("failed") => {
-                    assert_failed_with_reason(&t);
-                    (Seen::Failed, Some(turn_id))
-                }
-                _ => panic!("the turn did not end: {t}"),
-            }
-        }
-    }
-}
-
-/// What the echo agent answers to `text` (`/slow N word` streams N lines `word i`).
-fn text_reply(text: &str) -> String {
-    match text.strip_prefix("/slow ") {
-        Some(rest) => {
-            let (n, word) = rest.split_once(' ').expect("/slow N word");
-            let n: usize = n.parse().expect("N");
-            (0..n).map(|i| format!("{word} {i}\n")).collect()
-        }
-        None => text.to_string(),
-    }
-}
-
-fn assert_failed_with_reason(body: &Value) {
-    let error = &body["error"];
-    assert!(
-        error["code"].as_str().is_some_and(|c| !c.is_empty())
-            && error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "a failed turn says why: {body}"
-    );
-}
-
-/// A streamed turn: the status and, for 200, every event until the stream ends.
-async fn sse_turn(api: &Api, id: &str, text: &str) -> (u16, Vec<Value>) {
-    use eventsource_stream::Eventsource;
-    let resp = api
-        .http
-        .post(format!("{}/v1/sessions/{id}/messages", api.base))
-        .bearer_auth(&api.key)
-        .json(&json!({"text": text, "stream": true}))
-        .send()
-        .await
-        .expect("sse request");
-    let status = resp.status().as_u16();
-    if status != 200 {
-        let body = resp.json::<Value>().await.unwrap_or_default();
-        return (status, vec![body]);
-    }
-    let mut stream = resp.bytes_stream().eventsource();
-    let mut out = Vec::new();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
-            Ok(Some(Ok(e))) => out.push(serde_json::from_str(&e.data).unwrap_or_default()),
-            Ok(Some(Err(e))) => panic!("the stream broke after {out:?}: {e}"),
-            Ok(None) => break,
-            Err(_) => panic!("SSE stalled after {} events", out.len()),
-        }
-    }
-    (status, out)
-}
-
-/// Every stored event of a session, paging through `since`.
-async fn all_events(api: &Api, id: &str) -> Vec<Value> {
-    let mut out: Vec<Value> = Vec::new();
-    let mut since = 0;
-    for _ in 0..10_000 {
-        let (status, page) = api
-            .call(
-                "GET",
-                &format!("/v1/sessions/{id}/events?since={since}&limit=1000"),
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{page}");
-        let events = page["events"].as_array().expect("events").clone();
-        if events.is_empty() {
-            return out;
-        }
-        since = events.last().and_then(|e| e["seq"].as_i64()).expect("seq");
-        out.extend(events);
-    }
-    panic!("more events than expected");
-}
-
-/// What a scenario's audit counted.
-#[derive(Debug, Default)]
-struct Figures {
-    sessions: usize,
-    ready: usize,
-    dead: usize,
-    turns: usize,
-    completed: usize,
-    failed: usize,
-    events: usize,
-}
-
-/// The end-of-scenario check (see the module doc). `accepted` lists, per session, the turn ids
-/// the client was given; `sandboxes` maps sessions to their sandbox ids; `pool` is how many warm
-/// sandboxes may outlive every session.
-async fn audit(
-    api: &Api,
-    data: &Path,
-    accepted: &BTreeMap<String, Vec<String>>,
-    sandboxes: &BTreeMap<String, String>,
-    pool: usize,
-) -> Figures {
-    let mut f = Figures::default();
-    for (id, sandbox) in sandboxes {
-        f.sessions += 1;
-        let (status, s) = api
-            .call(
-                "GET",
-                &format!("/v1/sessions/{id}?wait=true&timeout=30"),
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{s}");
-        // History: no message twice, and every turn the client was given is in it.
-        let (_, history) = api
-            .call("GET", &format!("/v1/sessions/{id}/messages"), None)
-            .await;
-        let messages = history["messages"].as_array().expect("messages");
-        let ids: BTreeSet<&str> = messages.iter().filter_map(|m| m["id"].as_str()).collect();
+    fn assert_claims(&self, sandboxes: &BTreeMap<String, String>) {
+        let distinct: BTreeSet<&String> = sandboxes.values().collect();
         assert_eq!(
-            ids.len(),
-            messages.len(),
-            "a message stored twice: {history}"
+            distinct.len(),
+            sandboxes.len(),
+            "a sandbox serves two sessions: {sandboxes:?}"
         );
-        let mut turns: BTreeSet<String> = messages
-            .iter()
-            .filter_map(|m| m["turn_id"].as_str().map(String::from))
-            .collect();
-        let mut user_messages: HashMap<String, usize> = HashMap::new();
-        for m in messages.iter().filter(|m| m["role"] == "user") {
-            if let Some(t) = m["turn_id"].as_str() {
-                *user_messages.entry(t.to_string()).or_default() += 1;
-            }
-        }
-        for t in accepted.get(id).into_iter().flatten() {
-            assert_eq!(
-                user_messages.get(t),
-                Some(&1),
-                "accepted turn {t} has its user message once: {history}"
-            );
-            turns.insert(t.clone());
-        }
-        // Events: seq 1..=n without gaps; each turn ends with exactly one done or error.
-        let events = all_events(api, id).await;
-        f.events += events.len();
-        let seqs: Vec<i64> = events.iter().filter_map(|e| e["seq"].as_i64()).collect();
-        let expected: Vec<i64> = (1..=events.len() as i64).collect();
-        assert_eq!(seqs, expected, "session {id}: event seqs are 1..=n");
-        let mut ends: HashMap<String, usize> = HashMap::new();
-        for e in &events {
-            if matches!(e["type"].as_str(), Some("done" | "error"))
-                && let Some(t) = e["turn_id"].as_str()
-            {
-                *ends.entry(t.to_string()).or_default() += 1;
-            }
-        }
-        // Every turn ended, once.
-        for t in &turns {
-            f.turns += 1;
-            let turn = api.finished_turn(id, t).await;
-            match turn["status"].as_str() {
-                Some("completed" | "cancelled") => f.completed += 1,
-                Some("failed") => {
-                    assert_failed_with_reason(&turn);
-                    f.failed += 1;
-                }
-                _ => panic!("turn {t} of {id} did not end: {turn}"),
-            }
-            assert_eq!(
-                ends.get(t),
-                Some(&1),
-                "turn {t} of {id} has one done or error event: {turn}"
+        for (id, sandbox) in sandboxes {
+            assert!(
+                sandbox_pid(self.0, sandbox).is_some(),
+                "{id}'s sandbox {sandbox} runs"
             );
         }
-        // The status matches the sandbox.
-        match s["status"].as_str() {
-            Some("ready") => {
-                f.ready += 1;
-                let (status, reply) = api.say(id, "audit").await;
-                assert_eq!(
-                    (status, reply["text"].as_str()),
-                    (200, Some("audit")),
-                    "{reply}"
-                );
-                assert!(sandbox_pid(data, sandbox).is_some(), "{id}'s sandbox runs");
-            }
-            Some("dead") => {
-                f.dead += 1;
-                assert!(
-                    s["failure_reason"].as_str().is_some_and(|r| !r.is_empty()),
-                    "a dead session says why: {s}"
-                );
-                assert!(
-                    eventually(|| sandbox_pid(data, sandbox).is_none()).await,
-                    "dead session {id}'s sandbox {sandbox} is gone"
-                );
-            }
-            _ => panic!("session {id} is neither ready nor dead: {s}"),
-        }
     }
-    // No sandbox outlives its session: delete them all; only the warm pool may remain.
-    for id in sandboxes.keys() {
-        let (status, s) = api
-            .call("DELETE", &format!("/v1/sessions/{id}"), None)
-            .await;
-        assert_eq!(status, 200, "{s}");
+
+    async fn audit(
+        &self,
+        api: &Api,
+        accepted: &BTreeMap<String, Vec<String>>,
+        sandboxes: &BTreeMap<String, String>,
+        pool: usize,
+    ) -> Figures {
+        audit(api, self.0, accepted, sandboxes, pool).await
     }
-    let left = || harness_pids(data).len() <= pool;
-    assert!(
-        eventually(left).await,
-        "sandboxes leaked: {} harness processes, pool {pool}",
-        harness_pids(data).len()
-    );
-    f
 }
 
-/// Creates `n` sessions of `harness` concurrently and waits until all are ready; returns their
-/// ids and sandboxes.
-async fn ready_sessions(api: &Arc<Api>, harness: &str, n: usize) -> BTreeMap<String, String> {
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let api = api.clone();
-            let harness = harness.to_string();
-            tokio::spawn(async move {
-                let id = api.ready(&harness).await;
-                let sandbox = sandbox_of(&api, &id).await;
-                (id, sandbox)
-            })
-        })
-        .collect();
-    let mut out = BTreeMap::new();
-    for t in tasks {
-        let (id, sandbox) = t.await.expect("create task");
-        out.insert(id, sandbox);
+/// The Kubernetes runtime: sandboxes are Sandboxes whose Pods the stand-in kubelet runs.
+impl Backend for kube::Kube {
+    fn kill(&self, sandbox: &str) {
+        let pid = self.kubelet.pid(sandbox).expect("the Pod's process");
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
     }
-    out
+
+    fn assert_claims(&self, sandboxes: &BTreeMap<String, String>) {
+        self.assert_accounted_for(sandboxes);
+        for (id, sandbox) in sandboxes {
+            assert!(self.runs(sandbox), "{id}'s Pod {sandbox} runs");
+        }
+    }
+
+    async fn audit(
+        &self,
+        api: &Api,
+        accepted: &BTreeMap<String, Vec<String>>,
+        sandboxes: &BTreeMap<String, String>,
+        pool: usize,
+    ) -> Figures {
+        let f = audit_store(api, accepted, sandboxes, &|sandbox| self.runs(sandbox)).await;
+        self.assert_nothing_leaked(sandboxes, pool).await;
+        f
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sessions_survive_sandboxes_killed_at_random() {
-    let sessions = scale(40, 200);
-    let turns_each = scale(3, 6);
-    let kills = scale(8, 40);
     // No warm pool: every harness process under the data dir belongs to a session.
     let serve = Serve::start(&["--pool", "echo=0"]);
     let api = Arc::new(serve.client());
+    let sessions = scale(40, 200);
     let sandboxes = ready_sessions(&api, "echo", sessions).await;
     assert_eq!(harness_pids(&serve.data).len(), sessions);
+    let load = (scale(3, 6), scale(8, 40));
+    concurrent_kills(&api, &Local(&serve.data), sandboxes, load, "sqlite").await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_concurrent_sessions_survive_sandboxes_killed_at_random() {
+    let Some(db) = postgres_database().await else {
+        return;
+    };
+    // 200 cold starts at once (long mode) on a loaded machine outwait the default 3 s for one
+    // of the pool's 16 connections; an operator expecting such bursts raises it.
+    let serve = Serve::start_with_env(
+        &["--pool", "echo=0", "--store-acquire-timeout", "15"],
+        &[("SANDWARDEN_STORE", db)],
+    );
+    let api = Arc::new(serve.client());
+    let sessions = scale(40, 200);
+    let sandboxes = ready_sessions(&api, "echo", sessions).await;
+    assert_eq!(harness_pids(&serve.data).len(), sessions);
+    let load = (scale(3, 6), scale(8, 40));
+    concurrent_kills(&api, &Local(&serve.data), sandboxes, load, "postgres").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kubernetes_concurrent_sessions_survive_pods_killed_at_random() {
+    let k = kube::Kube::start(0).await;
+    let sandboxes = ready_sessions(&k.api, "echo", scale(12, 60)).await;
+    let load = (scale(3, 6), scale(3, 15));
+    concurrent_kills(&k.api, &k, sandboxes, load, "kubernetes").await;
+}
+
+/// Sessions take turns in every mode (`turns_each` each) while `kills` of their sandboxes,
+/// chosen at random, are SIGKILLed at random moments.
+async fn concurrent_kills(
+    api: &Arc<Api>,
+    backend: &impl Backend,
+    sandboxes: BTreeMap<String, String>,
+    (turns_each, kills): (usize, usize),
+    label: &str,
+) {
+    let sessions = sandboxes.len();
+    backend.assert_claims(&sandboxes);
     // The victims, chosen at random, die while the load runs.
     let ids: Vec<String> = sandboxes.keys().cloned().collect();
     let victims: BTreeSet<String> = {
@@ -437,22 +168,11 @@ async fn concurrent_sessions_survive_sandboxes_killed_at_random() {
             (id, seen)
         }));
     }
-    let killer = {
-        let data = serve.data.clone();
-        let victims: Vec<(String, String)> = victims
-            .iter()
-            .map(|v| (v.clone(), sandboxes[v].clone()))
-            .collect();
-        tokio::spawn(async move {
-            for (_, sandbox) in victims {
-                let delay = rand::random_range(0..200);
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                let pid = sandbox_pid(&data, &sandbox).expect("victim runs");
-                kill_group(pid, nix::sys::signal::Signal::SIGKILL);
-            }
-        })
-    };
-    killer.await.expect("killer");
+    for v in &victims {
+        let delay = rand::random_range(0..200);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        backend.kill(&sandboxes[v]);
+    }
     let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut outcomes: BTreeMap<Seen, usize> = BTreeMap::new();
     for task in load {
@@ -475,10 +195,10 @@ async fn concurrent_sessions_survive_sandboxes_killed_at_random() {
             "{s}"
         );
     }
-    let f = audit(&api, &serve.data, &accepted, &sandboxes, 0).await;
+    let f = backend.audit(api, &accepted, &sandboxes, 0).await;
     assert_eq!((f.dead, f.ready), (kills, sessions - kills), "{f:?}");
     eprintln!(
-        "FIGURES concurrent_kills: sessions {sessions} turns/session {turns_each} kills {kills} outcomes {outcomes:?} audit {f:?}"
+        "FIGURES concurrent_kills ({label}): sessions {sessions} turns/session {turns_each} kills {kills} outcomes {outcomes:?} audit {f:?}"
     );
 }
 
@@ -518,13 +238,30 @@ async fn warm_sandboxes_ready(data: &Path, n: usize) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_creates_drains_the_warm_pool_and_falls_back_to_cold_starts() {
-    let burst = scale(20, 60);
     let serve = Serve::start(&["--pool", "echo=2"]);
     let api = Arc::new(serve.client());
     assert!(
         warm_sandboxes_ready(&serve.data, 2).await,
         "the pool filled"
     );
+    pool_burst(&api, &Local(&serve.data), scale(20, 60), 2, "local").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kubernetes_a_burst_of_creates_drains_the_warm_pool_and_falls_back_to_cold_starts() {
+    let k = kube::Kube::start(2).await;
+    pool_burst(&k.api, &k, scale(10, 40), 2, "kubernetes").await;
+}
+
+/// `burst` concurrent creates against a full warm pool of `pool`: some claim warm sandboxes, the
+/// rest start cold, all become ready on distinct sandboxes.
+async fn pool_burst(
+    api: &Arc<Api>,
+    backend: &impl Backend,
+    burst: usize,
+    pool: usize,
+    label: &str,
+) {
     let creates: Vec<_> = (0..burst)
         .map(|_| {
             let api = api.clone();
@@ -550,18 +287,15 @@ async fn a_burst_of_creates_drains_the_warm_pool_and_falls_back_to_cold_starts()
     for id in &ids {
         let s = api.wait_status(id, "ready").await;
         assert_eq!(s["status"], "ready");
-        sandboxes.insert(id.clone(), sandbox_of(&api, id).await);
+        sandboxes.insert(id.clone(), sandbox_of(api, id).await);
     }
-    let distinct: BTreeSet<&String> = sandboxes.values().collect();
-    assert_eq!(
-        distinct.len(),
-        burst,
-        "no sandbox claimed twice: {sandboxes:?}"
-    );
-    let f = audit(&api, &serve.data, &BTreeMap::new(), &sandboxes, 2).await;
+    assert_eq!(sandboxes.len(), burst);
+    // No sandbox claimed twice.
+    backend.assert_claims(&sandboxes);
+    let f = backend.audit(api, &BTreeMap::new(), &sandboxes, pool).await;
     assert_eq!(f.ready, burst, "{f:?}");
     eprintln!(
-        "FIGURES pool_burst: burst {burst} pool 2 warm {warm} cold {} audit {f:?}",
+        "FIGURES pool_burst ({label}): burst {burst} pool {pool} warm {warm} cold {} audit {f:?}",
         burst - warm
     );
 }
@@ -867,28 +601,6 @@ async fn a_store_that_cannot_be_written_answers_503_and_recovers_intact() {
     );
 }
 
-/// Counts webhook POSTs per `X-Sandwarden-Delivery` id; answers 200.
-async fn hook_counter() -> (String, Arc<std::sync::Mutex<HashMap<String, usize>>>) {
-    let got: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
-    let seen = got.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: axum::http::HeaderMap| {
-            let seen = seen.clone();
-            async move {
-                let id = headers
-                    .get("x-sandwarden-delivery")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("none")
-                    .to_string();
-                *seen.lock().expect("lock").entry(id).or_default() += 1;
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    (common::serve_hook(app).await, got)
-}
-
 /// Types `line` into a terminal and reads until `want` appears (bounded).
 async fn tty_roundtrip(tty_url: &str, line: &str, want: &str) {
     use tokio_tungstenite::tungstenite::Message;
@@ -910,10 +622,24 @@ async fn tty_roundtrip(tty_url: &str, line: &str, want: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals() {
+    serve_crash(&[], "sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals() {
+    let Some(db) = postgres_database().await else {
+        return;
+    };
+    serve_crash(&[("SANDWARDEN_STORE", db)], "postgres").await;
+}
+
+/// `serve` SIGKILLed with turns and webhooks in flight, then restarted on the same data dir and
+/// store (`env`): sessions adopted, webhooks delivered, streams resumed, the terminal re-attached.
+async fn serve_crash(env: &[(&str, String)], store: &str) {
     let n = scale(10, 50);
     let dir = data_dir_with_quick_template();
     let _sweep = Sweep(dir.path().to_path_buf());
-    let mut serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
+    let mut serve = Serve::start_in_with_env(dir.path(), &["--pool", "echo=0"], env);
     let api = Arc::new(serve.client());
     let sandboxes = ready_sessions(&api, "echo", n).await;
     let ids: Vec<String> = sandboxes.keys().cloned().collect();
@@ -957,7 +683,7 @@ async fn serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals()
     tokio::time::sleep(Duration::from_millis(300)).await;
     serve.kill();
 
-    let serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
+    let serve = Serve::start_in_with_env(dir.path(), &["--pool", "echo=0"], env);
     let api = Arc::new(serve.client());
     for id in &ids {
         let s = api.wait_status(id, "ready").await;
@@ -1002,20 +728,7 @@ async fn serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals()
     );
 
     // The event stream resumes from the last id read before the crash, gap-free.
-    let total = all_events(&api, followed).await.len() as i64;
-    let resumed = api
-        .sse(
-            &format!("/v1/sessions/{followed}/events"),
-            None,
-            Some(&seen_before.to_string()),
-            (total - seen_before) as usize,
-        )
-        .await;
-    let seqs: Vec<i64> = resumed
-        .iter()
-        .map(|(_, _, e)| e["seq"].as_i64().expect("seq"))
-        .collect();
-    assert_eq!(seqs, ((seen_before + 1)..=total).collect::<Vec<_>>());
+    let seqs = assert_resumes(&api, followed, seen_before).await;
 
     // The terminal re-attaches to the same shell.
     let (_, s) = api
@@ -1031,8 +744,225 @@ async fn serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals()
     let f = audit(&api, dir.path(), &accepted, &sandboxes, 0).await;
     assert_eq!(f.ready, n, "{f:?}");
     eprintln!(
-        "FIGURES serve_crash: sessions {n}+1 terminal, in-flight turns {} webhooks delivered {delivered} resumed events {} audit {f:?}",
+        "FIGURES serve_crash ({store}): sessions {n}+1 terminal, in-flight turns {} webhooks delivered {delivered} resumed events {} audit {f:?}",
         hooked.len(),
         seqs.len()
+    );
+}
+
+/// The session's event stream, resumed with `Last-Event-ID: seen`, gives every later event in
+/// order and nothing else; returns their seqs.
+async fn assert_resumes(api: &Api, id: &str, seen: i64) -> Vec<i64> {
+    let total = all_events(api, id).await.len() as i64;
+    let resumed = api
+        .sse(
+            &format!("/v1/sessions/{id}/events"),
+            None,
+            Some(&seen.to_string()),
+            (total - seen) as usize,
+        )
+        .await;
+    let seqs: Vec<i64> = resumed
+        .iter()
+        .map(|(_, _, e)| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, ((seen + 1)..=total).collect::<Vec<_>>());
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kubernetes_serve_killed_mid_load_keeps_sessions_their_pods_and_history() {
+    let n = scale(6, 30);
+    let mut k = kube::Kube::start(0).await;
+    let sandboxes = ready_sessions(&k.api, "echo", n).await;
+    k.assert_claims(&sandboxes);
+    let pids: BTreeMap<&String, Option<i32>> =
+        sandboxes.values().map(|s| (s, k.kubelet.pid(s))).collect();
+    let ids: Vec<String> = sandboxes.keys().cloned().collect();
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for id in &ids {
+        let (status, reply) = k.api.say(id, &format!("before {id}")).await;
+        assert_eq!(status, 200, "{reply}");
+        accepted
+            .entry(id.clone())
+            .or_default()
+            .extend(reply["turn_id"].as_str().map(String::from));
+    }
+    let followed = ids[0].clone();
+    let seen_before = all_events(&k.api, &followed).await.len() as i64;
+
+    // Slow turns in flight when serve dies.
+    let mut in_flight = Vec::new();
+    for id in &ids {
+        let turn_id = k.api.post_async(id, json!({"text": "/slow 30 w"})).await;
+        accepted
+            .entry(id.clone())
+            .or_default()
+            .push(turn_id.clone());
+        in_flight.push((id.clone(), turn_id));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    k.crash_and_restart();
+    let api = k.api.clone();
+
+    // Every session is adopted on the Pod it had, with its history; the interrupted turns
+    // ended with a reason.
+    for id in &ids {
+        let s = api.wait_status(id, "ready").await;
+        assert_eq!(s["status"], "ready", "adopted after the crash: {s}");
+        let texts = api.history_texts(id).await;
+        assert!(
+            texts.contains(&format!("before {id}")),
+            "history kept: {texts:?}"
+        );
+    }
+    let mut interrupted = 0;
+    for (id, turn_id) in &in_flight {
+        let t = api.finished_turn(id, turn_id).await;
+        match t["status"].as_str() {
+            Some("completed") => {}
+            Some("failed") => {
+                assert_failed_with_reason(&t);
+                interrupted += 1;
+            }
+            _ => panic!("the turn did not end: {t}"),
+        }
+    }
+    for (sandbox, pid) in &pids {
+        assert_eq!(
+            &k.kubelet.pid(sandbox),
+            pid,
+            "{sandbox} kept its Pod's process"
+        );
+    }
+    k.assert_claims(&sandboxes);
+    let seqs = assert_resumes(&api, &followed, seen_before).await;
+    let f = k.audit(&api, &accepted, &sandboxes, 0).await;
+    assert_eq!(f.ready, n, "{f:?}");
+    eprintln!(
+        "FIGURES serve_crash (kubernetes): sessions {n}, in-flight turns {} (interrupted {interrupted}), resumed events {} audit {f:?}",
+        in_flight.len(),
+        seqs.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_database_stopped_mid_load_answers_503_and_loses_nothing() {
+    let Some(cluster) = OwnCluster::new() else {
+        return;
+    };
+    let server = cluster.start();
+    let db = sandwarden::store::Store::scratch_database(&server)
+        .await
+        .expect("database");
+    let serve = Serve::start_with_env(
+        &["--pool", "echo=0", "--store-acquire-timeout", "1"],
+        &[("SANDWARDEN_STORE", db)],
+    );
+    let api = Arc::new(serve.client());
+    let sessions = scale(8, 40);
+    let mut sandboxes = ready_sessions(&api, "echo", sessions).await;
+    // A session outside the load, to be refused while the database is down.
+    let probe = api.ready("echo").await;
+
+    // Every session takes turns in rotating modes until the database has been back a while,
+    // asking again after each 503 with a new text (so a refused message can be told apart from
+    // a kept one).
+    let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for (i, id) in sandboxes.keys().enumerate() {
+        let (api, id, over) = (api.clone(), id.clone(), over.clone());
+        load.push(tokio::spawn(async move {
+            let (mut seen, mut refused) = (Vec::new(), Vec::new());
+            for j in 0..1000 {
+                if over.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let text = format!("/slow 3 s{i}t{j}");
+                let (outcome, turn_id) = turn(&api, &id, i + j, &text).await;
+                if outcome == Seen::Unavailable && turn_id.is_none() {
+                    refused.push(text);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                } else {
+                    seen.push((outcome, turn_id));
+                }
+            }
+            (id, seen, refused)
+        }));
+    }
+    // The database stops under the load, stays down a while, and comes back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| cluster.ctl(&["stop"]));
+    let resp = api
+        .http
+        .get(serve.url(&format!(
+            "/v1/sessions/{}",
+            sandboxes.keys().next().expect("a session")
+        )))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(
+        resp.headers().get("retry-after").is_some(),
+        "503 says when to retry: {:?}",
+        resp.headers()
+    );
+    let (status, p) = api.say(&probe, "while down").await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (503, Some("store_unavailable")),
+        "{p}"
+    );
+    let (status, p) = api
+        .call("POST", "/v1/sessions", Some(json!({"harness": "echo"})))
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (503, Some("store_unavailable")),
+        "{p}"
+    );
+    tokio::time::sleep(Duration::from_millis(scale(1500, 5000) as u64)).await;
+    tokio::task::block_in_place(|| cluster.start());
+    tokio::time::sleep(Duration::from_millis(scale(1500, 5000) as u64)).await;
+    over.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let mut accepted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut outcomes: BTreeMap<Seen, usize> = BTreeMap::new();
+    let mut refused_total = 0;
+    for task in load {
+        let (id, seen, refused) = task.await.expect("load task");
+        assert!(
+            seen.iter().all(|(o, _)| *o != Seen::Refused),
+            "{id}: {seen:?}"
+        );
+        for (outcome, turn_id) in seen {
+            *outcomes.entry(outcome).or_default() += 1;
+            accepted.entry(id.clone()).or_default().extend(turn_id);
+        }
+        // Nothing of a refused message was kept.
+        let texts = api.history_texts(&id).await;
+        for r in &refused {
+            assert!(!texts.contains(r), "refused {r:?} was stored: {texts:?}");
+        }
+        refused_total += refused.len();
+    }
+    let texts = api.history_texts(&probe).await;
+    assert!(
+        texts.is_empty(),
+        "the refused message was not kept: {texts:?}"
+    );
+    let (_, list) = api.call("GET", "/v1/sessions", None).await;
+    assert_eq!(
+        list["sessions"].as_array().map(Vec::len),
+        Some(sessions + 1),
+        "no session from the refused create: {list}"
+    );
+    sandboxes.insert(probe.clone(), sandbox_of(&api, &probe).await);
+    let f = audit(&api, &serve.data, &accepted, &sandboxes, 0).await;
+    assert_eq!(f.ready, sessions + 1, "{f:?}");
+    eprintln!(
+        "FIGURES database_stopped (postgres): sessions {sessions} outcomes {outcomes:?} refused with 503 {refused_total} audit {f:?}"
     );
 }

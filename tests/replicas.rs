@@ -421,54 +421,11 @@ async fn a_turn_running_on_one_replica_is_cancelled_through_the_other() {
     assert_eq!(finished["status"], "cancelled", "{finished}");
 }
 
-/// A PostgreSQL cluster of this test's own (scripts/start-postgres on another port), so stopping
-/// it does not disturb the other tests.
-struct OwnCluster {
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl OwnCluster {
-    fn ctl(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/start-postgres"
-        ))
-        .args(args)
-        .env("SANDWARDEN_TEST_POSTGRES_PORT", self.port.to_string())
-        .env("SANDWARDEN_TEST_POSTGRES_DIR", self.dir.path().join("pg"))
-        .output()
-        .expect("scripts/start-postgres");
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-
-    fn start(&self) -> String {
-        let line = self.ctl(&[]);
-        line.trim()
-            .trim_start_matches("export SANDWARDEN_TEST_POSTGRES=")
-            .to_string()
-    }
-}
-
 #[tokio::test]
 async fn the_database_going_away_mid_turn_answers_503_then_recovers_with_nothing_lost() {
-    if common::postgres_server().is_none() {
+    let Some(cluster) = common::OwnCluster::new() else {
         return;
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    // As root the cluster's owner (postgres) must reach its directory.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
-    let cluster = OwnCluster { port, dir };
+    };
     let server = cluster.start();
     let db = sandwarden::store::Store::scratch_database(&server)
         .await

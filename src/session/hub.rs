@@ -66,9 +66,13 @@ impl Hub {
     }
 
     /// Sets the session's last seq as the store has it when a turn starts here (the previous
-    /// turn may have run on another replica).
+    /// turn may have run on another replica). Never backwards: events this replica numbered may
+    /// still be queued for the store, which then reads an older last seq, and reusing their seqs
+    /// would lose the later events (a duplicate seq is not inserted).
     pub async fn set_seq(&self, session_id: &str, last: i64) {
-        *self.channel(session_id).seq.lock().await = Some(last);
+        let ch = self.channel(session_id);
+        let mut seq = ch.seq.lock().await;
+        *seq = Some(seq.map_or(last, |s| s.max(last)));
     }
 
     /// Fans out events `first..=last` of a session that another replica committed, read from the
@@ -208,5 +212,18 @@ mod tests {
         );
         // The events may still be queued for the writer: numbering must not start over.
         assert_eq!(publish(&hub, "ses_a").await, 4);
+    }
+
+    #[tokio::test]
+    async fn a_stale_last_seq_from_the_store_does_not_reuse_seqs_handed_out_here() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub = Hub::new(Store::open(dir.path()).await.expect("store"));
+        assert_eq!(publish(&hub, "ses_1").await, 1);
+        // A turn starts and reads the store before the queued event 1 was written.
+        hub.set_seq("ses_1", 0).await;
+        assert_eq!(publish(&hub, "ses_1").await, 2, "seq 1 is taken");
+        // Another replica went further: its seqs are taken too.
+        hub.set_seq("ses_1", 7).await;
+        assert_eq!(publish(&hub, "ses_1").await, 8);
     }
 }

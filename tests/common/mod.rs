@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod fake_model;
+pub mod kube;
+pub mod load;
 
 use sandwarden::event::{EventType, Part, TurnEvent, TurnRequest};
 use sandwarden::harness_client::HarnessClient;
@@ -457,10 +459,10 @@ impl Api {
             .collect()
     }
 
-    /// Waits (bounded) until the session has `status`.
+    /// Waits (bounded, 60 s: cold starts under load are slow) until the session has `status`.
     pub async fn wait_status(&self, id: &str, status: &str) -> serde_json::Value {
         let mut last = serde_json::Value::Null;
-        for _ in 0..200 {
+        for _ in 0..1200 {
             let (_, s) = self.call("GET", &format!("/v1/sessions/{id}"), None).await;
             if s["status"] == status {
                 return s;
@@ -547,4 +549,69 @@ pub async fn serve_hook(app: axum::Router) -> String {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}/hook")
+}
+
+/// A PostgreSQL cluster of this test's own (scripts/start-postgres on another port), so stopping
+/// it does not disturb the other tests.
+pub struct OwnCluster {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl OwnCluster {
+    /// On a free port, in a fresh directory; `None` (skipped, saying so) without a test
+    /// PostgreSQL (see `postgres_server`). Not started yet.
+    pub fn new() -> Option<OwnCluster> {
+        postgres_server()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // As root the cluster's owner (postgres) must reach its directory.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .expect("chmod");
+        Some(OwnCluster { port, dir })
+    }
+
+    /// Runs scripts/start-postgres for this cluster with `args` (`stop`); returns its output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/start-postgres"
+        ))
+        .args(args)
+        .env("SANDWARDEN_TEST_POSTGRES_PORT", self.port.to_string())
+        .env("SANDWARDEN_TEST_POSTGRES_DIR", self.dir.path().join("pg"))
+        .output()
+        .expect("scripts/start-postgres");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Starts (or restarts) the cluster; returns its server URL.
+    pub fn start(&self) -> String {
+        let line = self.ctl(&[]);
+        line.trim()
+            .trim_start_matches("export SANDWARDEN_TEST_POSTGRES=")
+            .to_string()
+    }
+}
+
+impl Drop for OwnCluster {
+    /// Stops the cluster, also when a test fails while it runs.
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/start-postgres"
+        ))
+        .arg("stop")
+        .env("SANDWARDEN_TEST_POSTGRES_PORT", self.port.to_string())
+        .env("SANDWARDEN_TEST_POSTGRES_DIR", self.dir.path().join("pg"))
+        .output();
+    }
 }
