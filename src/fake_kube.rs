@@ -33,6 +33,8 @@ struct Change {
 #[derive(Default)]
 struct State {
     objects: BTreeMap<Key, Value>,
+    /// The uids of `objects`, for the garbage collector's owner check.
+    uids: std::collections::HashSet<String>,
     resource_version: u64,
     writes: Vec<String>,
     history: std::collections::VecDeque<Change>,
@@ -572,8 +574,24 @@ impl State {
         } else {
             "ADDED"
         };
+        if let Some(uid) = object["metadata"]["uid"].as_str() {
+            self.uids.insert(uid.to_string());
+        }
         self.objects.insert(key.clone(), object.clone());
-        self.record(key, kind, object.clone());
+        self.record(key.clone(), kind, object.clone());
+        // As the garbage collector would, soon after: an object whose owners are all gone (made
+        // from a stale cache after its owner was deleted) is deleted.
+        let orphaned = object["metadata"]["ownerReferences"]
+            .as_array()
+            .is_some_and(|refs| {
+                !refs.is_empty()
+                    && refs
+                        .iter()
+                        .all(|r| r["uid"].as_str().is_none_or(|u| !self.uids.contains(u)))
+            });
+        if orphaned {
+            self.delete(&key);
+        }
         object
     }
 
@@ -595,6 +613,9 @@ impl State {
     /// Returns the deleted object.
     fn delete(&mut self, key: &Key) -> Option<Value> {
         let mut object = self.objects.remove(key)?;
+        if let Some(uid) = object["metadata"]["uid"].as_str() {
+            self.uids.remove(uid);
+        }
         self.resource_version += 1;
         object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
         self.record(key.clone(), "DELETED", object.clone());
@@ -808,5 +829,14 @@ mod tests {
         }
         assert_eq!(deleted, ["owner", "child"]);
         assert!(fake.list("api/v1/configmaps", "ns").is_empty());
+
+        // A dependent made after its owner was deleted (from a stale cache) is collected too.
+        api.create(&PostParams::default(), &child)
+            .await
+            .expect("create the late child");
+        assert!(
+            fake.list("api/v1/configmaps", "ns").is_empty(),
+            "an object whose owners are all gone is garbage"
+        );
     }
 }

@@ -259,18 +259,29 @@ impl Orchestrator {
     /// After a failure on a live-looking connection: is the harness really gone? Probes with a
     /// fresh connection, and marks the session dead if it cannot connect.
     pub async fn probe_dead(&self, session: &Session) -> bool {
+        /// Health checks before a harness whose connections break is taken for alive.
+        const PROBES: u32 = 3;
+        const PROBE_PAUSE: Duration = Duration::from_millis(50);
         let (Some(id), Some(endpoint)) = (&session.sandbox_id, &session.endpoint) else {
             return false;
         };
         let fresh = HarnessClient::new(endpoint.as_str(), self.tokens.for_sandbox(id));
-        match fresh.health().await {
-            Err(e) if e.is_connect() => {
-                self.mark_dead(session, &format!("its harness could not be reached ({e})"))
-                    .await;
-                true
+        for attempt in 1..=PROBES {
+            match fresh.health().await {
+                Err(e) if e.is_connect() => {
+                    self.mark_dead(session, &format!("its harness could not be reached ({e})"))
+                        .await;
+                    return true;
+                }
+                // A connection that breaks: a killed harness's port can still take connections
+                // for a moment while the process ends, so look again before saying it lives.
+                Err(ClientError::Transport(e)) if !e.is_timeout() && attempt < PROBES => {
+                    tokio::time::sleep(PROBE_PAUSE).await;
+                }
+                _ => return false,
             }
-            _ => false,
         }
+        false
     }
 
     fn session_client(&self, s: &Session) -> Option<HarnessClient> {

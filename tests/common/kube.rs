@@ -236,7 +236,10 @@ pub fn serve(c: &Cluster, data: &std::path::Path, identity: &str) -> (Server, Ap
             .env("KUBECONFIG", &c.kubeconfig)
             .env("POD_NAME", identity)
             .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-            .env("SANDWARDEN_LOG", "warn"),
+            .env(
+                "SANDWARDEN_LOG",
+                std::env::var("SANDWARDEN_TEST_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
         "sandwarden serve --runtime kubernetes",
     );
     let api = Api {
