@@ -77,8 +77,11 @@ async fn reconcile_sandbox(s: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action,
 }
 
 async fn reconcile_pool(pool: Arc<SandboxWarmPool>, ctx: Arc<Context>) -> Result<Action, Failed> {
-    // Sizing from a cache that has not finished its first list would over-create.
-    if ctx.sandboxes.wait_until_ready().await.is_err() {
+    // Sizing from a cache that has not finished its first list would over-create. Bounded, so
+    // a cache that never becomes ready shows in the log instead of stalling this reconcile.
+    let ready = tokio::time::timeout(Duration::from_secs(5), ctx.sandboxes.wait_until_ready());
+    if !matches!(ready.await, Ok(Ok(()))) {
+        tracing::warn!(pool = %pool.name_any(), "the Sandbox cache is not ready; sizing the pool later");
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let key = ObjectRef::from_obj(pool.as_ref());
