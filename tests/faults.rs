@@ -685,15 +685,7 @@ async fn serve_crash(env: &[(&str, String)], store: &str) {
 
     let serve = Serve::start_in_with_env(dir.path(), &["--pool", "echo=0"], env);
     let api = Arc::new(serve.client());
-    for id in &ids {
-        let s = api.wait_status(id, "ready").await;
-        assert_eq!(s["status"], "ready", "adopted after the crash: {s}");
-        let texts = api.history_texts(id).await;
-        assert!(
-            texts.contains(&format!("before {id}")),
-            "history kept: {texts:?}"
-        );
-    }
+    assert_adopted_with_history(&api, &ids).await;
     // Every webhook is delivered, and each POST is backed by a recorded attempt.
     let mut delivered = 0;
     for (id, turn_id) in &hooked {
@@ -807,15 +799,7 @@ async fn on_kubernetes_serve_killed_mid_load_keeps_sessions_their_pods_and_histo
 
     // Every session is adopted on the Pod it had, with its history; the interrupted turns
     // ended with a reason.
-    for id in &ids {
-        let s = api.wait_status(id, "ready").await;
-        assert_eq!(s["status"], "ready", "adopted after the crash: {s}");
-        let texts = api.history_texts(id).await;
-        assert!(
-            texts.contains(&format!("before {id}")),
-            "history kept: {texts:?}"
-        );
-    }
+    assert_adopted_with_history(&api, &ids).await;
     let mut interrupted = 0;
     for (id, turn_id) in &in_flight {
         let t = api.finished_turn(id, turn_id).await;
@@ -965,4 +949,18 @@ async fn on_postgres_the_database_stopped_mid_load_answers_503_and_loses_nothing
     eprintln!(
         "FIGURES database_stopped (postgres): sessions {sessions} outcomes {outcomes:?} refused with 503 {refused_total} audit {f:?}"
     );
+}
+
+/// After serve crashed and came back: every session is `ready` again with its history (each
+/// had a turn saying `before <id>`).
+async fn assert_adopted_with_history(api: &Api, ids: &[String]) {
+    for id in ids {
+        let s = api.wait_status(id, "ready").await;
+        assert_eq!(s["status"], "ready", "adopted after the crash: {s}");
+        let texts = api.history_texts(id).await;
+        assert!(
+            texts.contains(&format!("before {id}")),
+            "history kept: {texts:?}"
+        );
+    }
 }
