@@ -357,6 +357,10 @@ async fn sessions_run_in_containers_through_the_public_api() {
 /// host's loopback), its port also published on 127.0.0.1 for the test to read its request log.
 /// Returns (base URL for harnesses, URL for the test).
 async fn fake_model_container(docker: &Docker, id: &str) -> (String, String) {
+    // On a fresh engine no serve may have made the network yet (the tests run in parallel).
+    sandwarden::runtime::docker::ensure_network(docker)
+        .await
+        .expect("the sandbox network");
     let port = "8000/tcp".to_string();
     docker
         .create_container(

@@ -60,6 +60,30 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
     )
 }
 
+/// Makes sure the network every sandbox joins exists on `docker` (idempotent; another server on
+/// the same engine may create it at the same time).
+pub async fn ensure_network(docker: &Docker) -> Result<(), String> {
+    if docker.inspect_network(NETWORK, None).await.is_ok() {
+        return Ok(());
+    }
+    let request = NetworkCreateRequest {
+        name: NETWORK.into(),
+        labels: Some(HashMap::from([(
+            "app.kubernetes.io/managed-by".to_string(),
+            "sandwarden".to_string(),
+        )])),
+        ..Default::default()
+    };
+    match docker.create_network(request).await {
+        Ok(_) => Ok(()),
+        // Created meanwhile by another server on the same engine.
+        Err(_) if docker.inspect_network(NETWORK, None).await.is_ok() => Ok(()),
+        Err(e) => Err(format!(
+            "cannot create the sandbox network {NETWORK:?}: {e}"
+        )),
+    }
+}
+
 impl DockerRuntime {
     /// Connects to the engine named by `DOCKER_HOST` (or the default socket), checks it answers,
     /// makes sure the sandbox network exists, and starts reporting container deaths on `exits`.
@@ -87,35 +111,13 @@ impl DockerRuntime {
                 .build()
                 .unwrap_or_default(),
         };
-        runtime.ensure_network().await?;
+        ensure_network(&runtime.docker).await?;
         tokio::spawn(watch_deaths(
             runtime.docker.clone(),
             runtime.owner.clone(),
             exits,
         ));
         Ok(runtime)
-    }
-
-    async fn ensure_network(&self) -> Result<(), String> {
-        if self.docker.inspect_network(NETWORK, None).await.is_ok() {
-            return Ok(());
-        }
-        let request = NetworkCreateRequest {
-            name: NETWORK.into(),
-            labels: Some(HashMap::from([(
-                "app.kubernetes.io/managed-by".to_string(),
-                "sandwarden".to_string(),
-            )])),
-            ..Default::default()
-        };
-        match self.docker.create_network(request).await {
-            Ok(_) => Ok(()),
-            // Created meanwhile by another server on the same engine.
-            Err(_) if self.docker.inspect_network(NETWORK, None).await.is_ok() => Ok(()),
-            Err(e) => Err(format!(
-                "cannot create the sandbox network {NETWORK:?}: {e}"
-            )),
-        }
     }
 
     fn labels(&self, id: &str, t: &Template) -> HashMap<String, String> {
