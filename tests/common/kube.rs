@@ -124,7 +124,11 @@ impl Kubelet {
                                 .envs(env_of(&fake, &container, &workdir)),
                             "a Pod's harness",
                         );
-                        procs_now.insert(name, child);
+                        // A Pod recreated under the same name between two polls: its old
+                        // process goes, or it would outlive the test unseen.
+                        if let Some(mut old) = procs_now.insert(name, child) {
+                            terminate(&mut old);
+                        }
                         pod["status"] = json!({"phase": "Running", "podIP": ip,
                             "conditions": [{"type": "Ready", "status": "True"}]});
                         fake.put(PODS, pod);
