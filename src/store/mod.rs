@@ -446,6 +446,13 @@ impl EventQueue {
         if first { Queued::First } else { Queued::Behind }
     }
 
+    /// Returns events taken for a commit that did not happen, ahead of any queued since.
+    fn put_back(&self, mut events: Vec<Event>) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        events.append(&mut q);
+        *q = events;
+    }
+
     fn take(&self) -> Vec<Event> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -458,6 +465,8 @@ pub struct Store {
     writer: flume::Sender<Write>,
     /// SQLite only: events on their way to the writer (see `EventQueue`).
     queued: Option<Arc<EventQueue>>,
+    /// SQLite only: the writer, for writes committed on the caller's thread when it is idle.
+    inline: Option<Arc<sqlite::Writer>>,
     replica: Arc<str>,
     notices: Option<broadcast::Sender<Notice>>,
 }
@@ -498,21 +507,22 @@ impl Store {
     /// migrator's advisory lock, so replicas starting together apply each migration once).
     pub async fn connect(location: &Location, options: &Options) -> Result<Store> {
         let (tx, rx) = flume::bounded(1024);
-        let (db, notices, queued) = match location {
+        let (db, notices, queued, inline) = match location {
             Location::Sqlite(dir) => {
                 let queued = Arc::new(EventQueue::default());
-                let pool = sqlite::open(dir, rx, queued.clone()).await?;
-                (Db::Sqlite(pool), None, Some(queued))
+                let (pool, writer) = sqlite::open(dir, rx, queued.clone()).await?;
+                (Db::Sqlite(pool), None, Some(queued), Some(writer))
             }
             Location::Postgres(url) => {
                 let (pool, notices) = postgres::open(url, options, rx).await?;
-                (Db::Postgres(pool), Some(notices), None)
+                (Db::Postgres(pool), Some(notices), None, None)
             }
         };
         Ok(Store {
             db,
             writer: tx,
             queued,
+            inline,
             replica: options.replica.as_str().into(),
             notices,
         })
@@ -804,10 +814,7 @@ impl Store {
             return Ok(postgres::begin(pool, &begin).await?);
         }
         let (tx, rx) = oneshot::channel();
-        self.writer
-            .send_async(Write::Begin(Box::new(begin), tx))
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
+        self.send(Write::Begin(Box::new(begin), tx)).await?;
         let session = rx
             .await
             .map_err(|_| StoreError::WriterGone)?
@@ -904,10 +911,8 @@ impl Store {
     /// before it, so the turn's events are durable when this returns.
     pub async fn finish_turn(&self, turn: &Turn, reply: Option<&Message>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.writer
-            .send_async(Write::Finish(Box::new((turn.clone(), reply.cloned())), tx))
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
+        self.send(Write::Finish(Box::new((turn.clone(), reply.cloned())), tx))
+            .await?;
         rx.await
             .map_err(|_| StoreError::WriterGone)?
             .map_err(StoreError::Write)
@@ -957,6 +962,22 @@ impl Store {
     }
 
     // ---- events
+
+    /// Hands a turn's start or end to the writer: committed here and now when the SQLite
+    /// writer is idle, else queued for its thread.
+    async fn send(&self, w: Write) -> Result<()> {
+        let w = match &self.inline {
+            Some(writer) => match writer.try_inline(w, &self.writer) {
+                Ok(()) => return Ok(()),
+                Err(w) => w,
+            },
+            None => w,
+        };
+        self.writer
+            .send_async(w)
+            .await
+            .map_err(|_| StoreError::WriterGone)
+    }
 
     /// Queues events for the batching writer; `flush` waits until everything queued is durable.
     pub async fn append_events(&self, events: Vec<Event>) -> Result<()> {
@@ -1698,5 +1719,40 @@ mod tests {
         assert_eq!(sandboxes.len(), 1);
         assert!(store.owns(&sandboxes[0]), "its sandbox is its own");
         assert!(store.orphaned_turns().await.expect("orphans").is_empty());
+    }
+
+    /// A turn's start committed on the caller's thread must not wait there for SQLite's lock:
+    /// with another connection holding it, the start goes to the writer's thread, and this
+    /// (single-threaded) runtime keeps running the task that lets the lock go.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_start_never_waits_for_the_lock_on_the_callers_thread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = seeded(Store::open(dir.path()).await.expect("open")).await;
+        let holder = rusqlite::Connection::open(dir.path().join("sandwarden.db")).expect("open");
+        holder
+            .execute_batch("BEGIN IMMEDIATE; UPDATE sessions SET title = 'held' WHERE id = 's2'")
+            .expect("lock");
+        let (t, user) = turn("s1", "turn-1");
+        let tried = std::time::Instant::now();
+        let start = tokio::spawn({
+            let store = store.clone();
+            async move { store.begin_turn("t1", &t, &user, None).await }
+        });
+        // Runs once the start has been tried and is waiting: had the start held the thread in
+        // SQLite's busy wait (5 s), this would run only after it.
+        let released = tokio::spawn(async move {
+            let held_for = tried.elapsed();
+            holder.execute_batch("COMMIT").expect("unlock");
+            held_for
+        });
+        let held_for = released.await.expect("release task");
+        assert!(
+            held_for < Duration::from_secs(2),
+            "the caller's thread was held for {held_for:?}"
+        );
+        let begun = start.await.expect("start task").expect("begin");
+        assert_eq!(begun.expect("ready session").session.status, "running");
+        let turn = store.get_turn("s1", "turn-1").await.expect("read");
+        assert_eq!(turn.expect("recorded").status, "running");
     }
 }
