@@ -214,7 +214,8 @@ impl WettyClient {
             match v.get(0).and_then(|n| n.as_str()) {
                 Some("data") => {
                     let data = v.get(1).and_then(|d| d.as_str()).unwrap_or_default();
-                    self.uncommitted += data.len();
+                    // wetty counts JavaScript string lengths: UTF-16 code units.
+                    self.uncommitted += data.encode_utf16().count();
                     if self.uncommitted >= WETTY_COMMIT_EVERY {
                         let commit = format!("42[\"commit\",{}]", self.uncommitted);
                         self.ws.send(Message::Text(commit.into())).await?;
@@ -263,14 +264,10 @@ impl WettyClient {
         self.input("go\n").await?;
         let mut total = 0u64;
         let mut last = t0;
-        loop {
-            match self.next_event().await? {
-                WettyEvent::Data(d) => {
-                    total += d.len() as u64;
-                    last = Instant::now();
-                }
-                WettyEvent::Logout => break,
-            }
+        // Until `logout`: the program has ended.
+        while let WettyEvent::Data(d) = self.next_event().await? {
+            total += d.len() as u64;
+            last = Instant::now();
         }
         // wetty batches output for 2 ms before sending it, so the last batch may follow `logout`.
         while let Ok(Ok(WettyEvent::Data(d))) =
@@ -424,6 +421,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         None => None,
     };
     let (mut d_rates, mut s_rates, mut w_rates) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU seconds of wetty's node and of this process (the client) during wetty's runs.
+    let mut wetty_cpu = (0.0, 0.0);
+    let cpu_now = |w: &Wetty| {
+        (
+            crate::procfs::cpu_seconds(w.child.id()),
+            crate::procfs::cpu_seconds(std::process::id()),
+        )
+    };
     for _ in 0..3 {
         let (started, mut ws) = attach_direct(&writer(bytes)).await?;
         d_rates.push(ws_throughput(&mut ws).await?);
@@ -435,7 +440,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             let mut c = WettyClient::connect(w).await?;
             // wetty says `login` once the program runs; its `read` then waits for "go".
             tokio::time::sleep(Duration::from_millis(200)).await;
+            let (node0, client0) = cpu_now(w);
             w_rates.push(c.throughput().await?);
+            let (node1, client1) = cpu_now(w);
+            wetty_cpu.0 += node1 - node0;
+            wetty_cpu.1 += client1 - client0;
         }
     }
     drop(wetty_writer);
@@ -456,9 +465,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
              Through serve: {:.0}% of the direct rate (target ≥ 100 MB/s). wetty: {:.0}% of \
              the rate through serve. wetty sends output as JSON strings in socket.io events, so \
              each NUL byte of `/dev/zero` is 6 bytes (`\\u0000`) on its wire; the harness sends \
-             binary frames.\n\n",
+             binary frames. During wetty's runs node used {:.1} CPU-s and this benchmark's \
+             client (JSON decoding included) {:.1} CPU-s.\n\n",
             100.0 * s / d.max(1e-9),
-            100.0 * w / s.max(1e-9)
+            100.0 * w / s.max(1e-9),
+            wetty_cpu.0,
+            wetty_cpu.1
         ));
     } else {
         out.push_str(&format!(
