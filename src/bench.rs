@@ -56,6 +56,12 @@ pub struct BenchArgs {
     /// Idle sessions (each its own sandbox process), event streams and terminals (`bench density`).
     #[arg(long, env = "SANDWARDEN_BENCH_SESSIONS", default_value_t = 1000)]
     pub sessions: usize,
+    /// Seconds a program floods a viewer that reads nothing (`bench tty`).
+    #[arg(long, env = "SANDWARDEN_BENCH_FLOOD_SECS", default_value_t = 6)]
+    pub flood_secs: u64,
+    /// wetty's `build/main.js` (`bench tty`): adds wetty, run by `node`, as a third path.
+    #[arg(long, env = "SANDWARDEN_BENCH_WETTY")]
+    pub wetty: Option<PathBuf>,
     /// Replace this benchmark's section of this Markdown file with the results (e.g.
     /// docs/benchmarks.md).
     #[arg(long, env = "SANDWARDEN_BENCH_WRITE")]
@@ -412,11 +418,23 @@ async fn harness_throughput(program: &str) -> anyhow::Result<f64> {
     let client = HarnessClient::new(format!("http://{}", started.addr), TOKEN);
     wait_ready(&client).await?;
     let (mut ws, _) = tokio_tungstenite::connect_async(client.tty_request()?).await?;
+    ws_throughput(&mut ws).await
+}
+
+/// Longest a throughput run may wait for the program's next output before giving up on it.
+const OUTPUT_STALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// Sends "go" to a terminal program waiting for a line (`read x; head -c N /dev/zero`), then
+/// counts the bytes of its output until it exits or the socket closes: MB/s.
+pub(crate) async fn ws_throughput(ws: &mut Ws) -> anyhow::Result<f64> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = Instant::now();
     ws.send(Message::Binary(b"go\n".to_vec().into())).await?;
     let mut total = 0u64;
-    while let Some(msg) = ws.next().await {
+    while let Some(msg) = tokio::time::timeout(OUTPUT_STALL_LIMIT, ws.next())
+        .await
+        .context("the program's output stalled")?
+    {
         match msg? {
             Message::Binary(b) => total += b.len() as u64,
             Message::Text(t) if t.contains("\"exit\"") => break,
