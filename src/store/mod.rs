@@ -463,9 +463,8 @@ impl EventQueue {
 pub struct Store {
     db: Db,
     writer: flume::Sender<Write>,
-    /// SQLite only: events on their way to the writer (see `EventQueue`).
-    queued: Option<Arc<EventQueue>>,
-    /// SQLite only: the writer, for writes committed on the caller's thread when it is idle.
+    /// SQLite only: the writer, for writes committed on the caller's thread when it is idle,
+    /// and its queue of events (see `EventQueue`).
     inline: Option<Arc<sqlite::Writer>>,
     replica: Arc<str>,
     notices: Option<broadcast::Sender<Notice>>,
@@ -507,21 +506,19 @@ impl Store {
     /// migrator's advisory lock, so replicas starting together apply each migration once).
     pub async fn connect(location: &Location, options: &Options) -> Result<Store> {
         let (tx, rx) = flume::bounded(1024);
-        let (db, notices, queued, inline) = match location {
+        let (db, notices, inline) = match location {
             Location::Sqlite(dir) => {
-                let queued = Arc::new(EventQueue::default());
-                let (pool, writer) = sqlite::open(dir, rx, queued.clone()).await?;
-                (Db::Sqlite(pool), None, Some(queued), Some(writer))
+                let (pool, writer) = sqlite::open(dir, rx).await?;
+                (Db::Sqlite(pool), None, Some(writer))
             }
             Location::Postgres(url) => {
                 let (pool, notices) = postgres::open(url, options, rx).await?;
-                (Db::Postgres(pool), Some(notices), None, None)
+                (Db::Postgres(pool), Some(notices), None)
             }
         };
         Ok(Store {
             db,
             writer: tx,
-            queued,
             inline,
             replica: options.replica.as_str().into(),
             notices,
@@ -981,9 +978,9 @@ impl Store {
 
     /// Queues events for the batching writer; `flush` waits until everything queued is durable.
     pub async fn append_events(&self, events: Vec<Event>) -> Result<()> {
-        let events = match &self.queued {
+        let events = match &self.inline {
             None => events,
-            Some(queue) => match queue.push(events) {
+            Some(writer) => match writer.queued.push(events) {
                 Queued::Behind => return Ok(()),
                 // An empty write wakes the writer, which takes the queue with its batch.
                 Queued::First => Vec::new(),

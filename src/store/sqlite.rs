@@ -33,7 +33,6 @@ const UNSAVED_LIMIT: usize = 100_000;
 pub(super) async fn open(
     data_dir: &Path,
     rx: flume::Receiver<Write>,
-    queued: Arc<EventQueue>,
 ) -> Result<(SqlitePool, Arc<Writer>)> {
     std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
         path: data_dir.display().to_string(),
@@ -72,7 +71,7 @@ pub(super) async fn open(
             conn,
             unsaved: Vec::new(),
         }),
-        queued,
+        queued: EventQueue::default(),
         wal_frames: AtomicI64::new(0),
     });
     let thread = writer.clone();
@@ -123,7 +122,8 @@ fn writer_connection(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
 /// for the thread, which commits whatever is queued as one transaction (a group commit).
 pub(super) struct Writer {
     state: Mutex<WriterState>,
-    queued: Arc<EventQueue>,
+    /// Events on their way to the writer: appends push here, every commit takes them all.
+    pub(super) queued: EventQueue,
     /// The WAL's length in frames, as the last background checkpoint found it.
     wal_frames: AtomicI64,
 }
