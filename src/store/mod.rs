@@ -1718,6 +1718,86 @@ mod tests {
         assert!(store.orphaned_turns().await.expect("orphans").is_empty());
     }
 
+    /// Migration 0005 rebuilds `messages` without `AUTOINCREMENT`: the history written before it
+    /// keeps its order, and messages written after it come after it, even when the newest old
+    /// message had been deleted (its `seq` may be handed out again, still past every stored one).
+    #[tokio::test]
+    async fn an_sqlite_store_from_before_lean_messages_keeps_its_history_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sandwarden.db");
+        {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.expect("old store");
+            let mut old = sqlx::migrate!("src/store/migrations/sqlite");
+            old.migrations = Cow::Owned(old.migrations[..4].to_vec());
+            old.run(&pool).await.expect("old migrations");
+            let s = session("s1", "api");
+            sqlx::query(
+                "INSERT INTO sessions (id, tenant, harness, kind, status, idle_timeout_s, \
+                 created_at, updated_at, last_active_at, sandbox_id, endpoint) \
+                 VALUES (?, ?, ?, ?, 'ready', 60, ?, ?, ?, 'sbx-s1', 'http://127.0.0.1:1')",
+            )
+            .bind(&s.id)
+            .bind(&s.tenant)
+            .bind(&s.harness)
+            .bind(&s.kind)
+            .bind(&s.created_at)
+            .bind(&s.updated_at)
+            .bind(&s.last_active_at)
+            .execute(&pool)
+            .await
+            .expect("session");
+            for (id, role) in [("m-b", "user"), ("m-a", "assistant"), ("m-gone", "user")] {
+                sqlx::query(
+                    "INSERT INTO messages (id, session_id, turn_id, role, text, parts, created_at) \
+                     VALUES (?, 's1', 'old-turn', ?, 'x', '[]', ?)",
+                )
+                .bind(id)
+                .bind(role)
+                .bind(now())
+                .execute(&pool)
+                .await
+                .expect("message");
+            }
+            sqlx::query("DELETE FROM messages WHERE id = 'm-gone'")
+                .execute(&pool)
+                .await
+                .expect("delete");
+            pool.close().await;
+        }
+        let store = Store::open(dir.path()).await.expect("upgraded");
+        let (t, user) = turn("s1", "new-turn");
+        assert!(
+            store
+                .begin_turn("t1", &t, &user, None)
+                .await
+                .expect("begin")
+                .is_some()
+        );
+        let mut done = t.clone();
+        done.status = "completed".into();
+        done.finished_at = Some(now());
+        let reply = Message {
+            id: "m-reply".into(),
+            role: "assistant".into(),
+            ..user.clone()
+        };
+        store
+            .finish_turn(&done, Some(&reply))
+            .await
+            .expect("finish");
+        let ids: Vec<String> = store
+            .list_messages("s1", None)
+            .await
+            .expect("history")
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, ["m-b", "m-a", "msg-new-turn", "m-reply"]);
+    }
+
     /// A turn's start committed on the caller's thread must not wait there for SQLite's lock:
     /// with another connection holding it, the start goes to the writer's thread, and this
     /// (single-threaded) runtime keeps running the task that lets the lock go.
