@@ -142,10 +142,12 @@ pub(crate) fn start_harness_with_env(
     args: &[&str],
     env: &[(String, String)],
 ) -> anyhow::Result<Started> {
-    let me = std::env::current_exe().context("finding this binary")?;
+    // The program local sandboxes run: the slim binary when it is from this build.
+    let program =
+        crate::harness::binary::HarnessProgram::for_this_binary().context("finding this binary")?;
     let t0 = Instant::now();
-    let mut child = Command::new(me)
-        .arg("harness")
+    let mut child = Command::new(&program.path)
+        .args(&program.leading)
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))

@@ -13,7 +13,7 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(
     name = "sandwarden",
-    version,
+    version = crate::harness::binary::BUILD_ID,
     about = "Run AI coding agents in sandboxes behind one API"
 )]
 pub struct Cli {
@@ -229,6 +229,17 @@ fn init_tracing() {
         .try_init();
 }
 
+/// `sandwarden harness` and the `sandwarden-harness` binary.
+pub fn run_harness(args: HarnessArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let config = args.into_config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::harness::run(config))
+}
+
 fn client_rt() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -244,15 +255,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(crate::serve::run(*args))
         }
-        Command::Harness(args) => {
-            init_tracing();
-            let config = args.into_config()?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            rt.block_on(crate::harness::run(config))
-        }
+        Command::Harness(args) => run_harness(*args),
         Command::Session { conn, command } => {
             client_rt()?.block_on(crate::client::session(&conn, command))
         }

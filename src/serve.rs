@@ -373,7 +373,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 tokens.clone(),
                 exits_tx,
                 isolation,
-            )) as Arc<dyn crate::runtime::Runtime>
+            )?) as Arc<dyn crate::runtime::Runtime>
         }
         RuntimeKind::Kubernetes => match &kubernetes {
             Some(k) => Arc::new(KubernetesRuntime::start(

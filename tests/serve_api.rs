@@ -54,6 +54,35 @@ async fn a_unary_message_returns_one_json_reply() {
     assert_eq!(history["messages"].as_array().map(Vec::len), Some(10));
 }
 
+/// Local sandboxes run the slim `sandwarden-harness` of this build (cargo builds it beside
+/// `sandwarden`), and the echo agent it starts as `sandwarden echo-agent` is the full binary.
+#[tokio::test]
+async fn local_sandboxes_run_the_slim_harness_binary() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (status, reply) = api.say(&id, "ping").await;
+    assert_eq!(status, 200, "{reply}");
+    let harnesses =
+        sandwarden::procfs::pids_matching(&["harness --listen", &serve.data.to_string_lossy()]);
+    assert!(!harnesses.is_empty(), "no harness process found");
+    for pid in harnesses {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+        assert_eq!(
+            exe.file_name().and_then(|n| n.to_str()),
+            Some("sandwarden-harness"),
+            "{}",
+            exe.display()
+        );
+        let agents = children(pid);
+        assert!(!agents.is_empty(), "harness {pid} runs no agent");
+        for agent in agents {
+            let exe = std::fs::read_link(format!("/proc/{agent}/exe")).expect("exe");
+            assert_eq!(exe.file_name().and_then(|n| n.to_str()), Some("sandwarden"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_streamed_message_is_sse_ending_in_done() {
     let serve = Serve::start(&[]);

@@ -5,6 +5,7 @@
 //! the orchestrator.
 
 pub mod acp;
+pub mod binary;
 pub mod bind;
 pub mod config;
 pub mod map;

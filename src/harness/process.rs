@@ -16,15 +16,16 @@ const STDERR_TAIL_LINES: usize = 40;
 const STDERR_LINE_MAX: usize = 400;
 
 /// Splits a command line the way a POSIX shell would (quotes, escapes), without running a shell.
-/// The program `sandwarden` means this very binary, so `sandwarden echo-agent` works uninstalled.
+/// The program `sandwarden` means this build's binary, so `sandwarden echo-agent` works
+/// uninstalled (`binary::sandwarden_exe`).
 pub fn parse_command_line(line: &str) -> anyhow::Result<Vec<String>> {
     let mut argv = shell_words::split(line)
         .map_err(|e| anyhow::anyhow!("cannot parse the command line {line:?}: {e}"))?;
     anyhow::ensure!(!argv.is_empty(), "the command line is empty");
     if argv[0] == "sandwarden"
-        && let Ok(me) = std::env::current_exe()
+        && let Some(exe) = super::binary::sandwarden_exe()
     {
-        argv[0] = me.display().to_string();
+        argv[0] = exe.display().to_string();
     }
     Ok(argv)
 }

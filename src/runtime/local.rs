@@ -9,6 +9,7 @@
 //! network is shared, since `serve` reaches the harness on a loopback port.
 
 use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
+use crate::harness::binary::HarnessProgram;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::path::PathBuf;
@@ -83,6 +84,8 @@ pub struct LocalRuntime {
     tokens: Tokens,
     exits: mpsc::UnboundedSender<String>,
     isolation: Isolation,
+    /// The harness server's program: the slim `sandwarden-harness` of this build when present.
+    program: HarnessProgram,
 }
 
 /// The variable every sandbox process is started with, naming its sandbox.
@@ -102,14 +105,17 @@ impl LocalRuntime {
         tokens: Tokens,
         exits: mpsc::UnboundedSender<String>,
         isolation: Isolation,
-    ) -> Self {
-        LocalRuntime {
+    ) -> std::io::Result<Self> {
+        let program = HarnessProgram::for_this_binary()?;
+        tracing::info!(program = %program.path.display(), "local sandboxes run this harness");
+        Ok(LocalRuntime {
             root: data_dir.join("sandboxes"),
             homes: data_dir.join("homes"),
             tokens,
             exits,
             isolation,
-        }
+            program,
+        })
     }
 
     /// The program to start: the harness itself, or bubblewrap around it.
@@ -118,18 +124,22 @@ impl LocalRuntime {
         workdir: &std::path::Path,
         home: &std::path::Path,
     ) -> std::io::Result<tokio::process::Command> {
-        let me = std::env::current_exe()?;
+        let program = &self.program.path;
         if self.isolation != Isolation::Bwrap {
-            return Ok(tokio::process::Command::new(me));
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(&self.program.leading);
+            return Ok(cmd);
         }
         let mut cmd = tokio::process::Command::new("bwrap");
         cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-            .args(["--tmpfs", "/tmp"])
-            // Visible again over the private /tmp, wherever it was built.
-            .arg("--ro-bind")
-            .arg(&me)
-            .arg(&me)
-            .arg("--bind")
+            .args(["--tmpfs", "/tmp"]);
+        // Visible again over the private /tmp, wherever they were built: the harness, and the
+        // `sandwarden` binary an agent's command line may name (the echo agent).
+        let me = std::env::current_exe()?;
+        for binary in std::collections::BTreeSet::from([program, &me]) {
+            cmd.arg("--ro-bind").arg(binary).arg(binary);
+        }
+        cmd.arg("--bind")
             .arg(workdir)
             .arg(workdir)
             .arg("--bind")
@@ -145,7 +155,8 @@ impl LocalRuntime {
                 "--die-with-parent",
             ])
             .arg("--")
-            .arg(me);
+            .arg(program)
+            .args(&self.program.leading);
         Ok(cmd)
     }
 }
@@ -176,7 +187,7 @@ impl Runtime for LocalRuntime {
                 workdir.display()
             ))
         })?;
-        cmd.args(t.harness_args("127.0.0.1:0", workdir_str))
+        cmd.args(t.harness_flags("127.0.0.1:0", workdir_str))
             .env_clear()
             .envs(std::env::vars().filter(|(k, _)| {
                 !k.starts_with("SANDWARDEN_") && !RELOCATING_VARS.contains(&k.as_str())
@@ -311,7 +322,8 @@ mod tests {
             Tokens::new(b"secret".to_vec()),
             exits,
             Isolation::None,
-        );
+        )
+        .expect("runtime");
 
         // Another group that got the number of a sandbox whose processes are gone.
         let mut other = sleeper(None);

@@ -19,7 +19,8 @@ pub fn scale(small: usize, long: usize) -> usize {
     if long_mode() { long } else { small }
 }
 
-/// Every `sandwarden harness` process whose command line names `data` (its sandbox directory).
+/// Every harness server (`sandwarden harness` or `sandwarden-harness`) whose command line names
+/// `data` (its sandbox directory).
 pub fn harness_pids(data: &Path) -> Vec<i32> {
     let needle = data.to_string_lossy().to_string();
     let mut out = Vec::new();
@@ -31,7 +32,7 @@ pub fn harness_pids(data: &Path) -> Vec<i32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(" harness ") && cmd.contains(&needle) && alive(pid) {
+        if cmd.contains("harness --listen") && cmd.contains(&needle) && alive(pid) {
             out.push(pid);
         }
     }

@@ -346,7 +346,7 @@ impl Drop for Serve {
 
 /// Sandboxes outlive `serve` by design; tests stop the ones under their data dir.
 pub fn kill_sandboxes_under(data: &std::path::Path) {
-    sandwarden::procfs::kill_groups_matching(&[" harness ", &data.to_string_lossy()]);
+    sandwarden::procfs::kill_groups_matching(&["harness --listen", &data.to_string_lossy()]);
 }
 
 /// A small JSON client for the public API.
