@@ -213,10 +213,24 @@ pub(crate) fn fmt_us(us: u64) -> String {
 async fn harness(args: &BenchArgs) -> anyhow::Result<String> {
     let mut out = String::new();
     let machine = machine_line();
+    let program = crate::harness::binary::HarnessProgram::for_this_binary()?;
     out.push_str(&format!(
         "Command: `sandwarden bench harness --starts {} --round-trips {} --bytes {}` \
-         (release build). Machine: {machine}.\n\n",
-        args.starts, args.round_trips, args.bytes
+         (release build). Machine: {machine}. The harness server measured is the program local \
+         sandboxes run: `{}`.\n\n",
+        args.starts,
+        args.round_trips,
+        args.bytes,
+        std::iter::once(
+            program
+                .path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        )
+        .chain(program.leading.iter().map(|a| a.as_str().into()))
+        .collect::<Vec<_>>()
+        .join(" "),
     ));
 
     // 1. Start time and idle memory.

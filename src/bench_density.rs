@@ -220,7 +220,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
 
     out.push_str(&format!(
         "### The sandboxes: {n} harness servers\n\n\
-         Each sandbox is a `sandwarden harness` process (the table) and the `sh` it runs under a \
+         Each sandbox is a harness server process (the table; `sandwarden-harness` when built) and the `sh` it runs under a \
          PTY. PSS divides each shared page among the processes mapping it, so it is each \
          process's fair share of the machine's memory; RSS counts the shared binary in full in \
          every process.\n\n\

@@ -286,10 +286,14 @@ impl FakeKube {
     /// Forgets the change history, as etcd compaction does after other writes: every watch
     /// resuming from a resource version it holds gets `410 Gone` and must list again.
     pub fn compact(&self) {
-        let mut s = lock(&self.state);
-        s.history.clear();
-        s.resource_version += 1; // an unrelated write, past every version a client holds
-        s.compacted = s.resource_version;
+        {
+            let mut s = lock(&self.state);
+            s.history.clear();
+            s.resource_version += 1; // an unrelated write, past every version a client holds
+            s.compacted = s.resource_version;
+        }
+        // Open watches behind the compaction find out now, as they would at their next event.
+        self.changed.notify_waiters();
     }
 
     /// Ends every open watch; clients reconnect from their last resource version.
@@ -324,13 +328,16 @@ impl FakeKube {
         selectors: Selectors,
         timeout: Duration,
     ) -> Response<Body> {
+        let expired = |seen: u64| {
+            json!({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("too old resource version: {seen}"), "reason": "Expired", "code": 410,
+            }})
+        };
         let gone = lock(&self.state).compacted > since;
         let mut lines: Vec<Value> = Vec::new();
         if gone {
-            lines.push(json!({"type": "ERROR", "object": {
-                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("too old resource version: {since}"), "reason": "Expired", "code": 410,
-            }}));
+            lines.push(expired(since));
         }
         let me = self.clone();
         let collection = target.collection.clone();
@@ -349,11 +356,19 @@ impl FakeKube {
                 let woken = me.changed.notified();
                 tokio::pin!(woken);
                 woken.as_mut().enable();
-                let batch: Vec<Change> = {
+                let batch: Option<Vec<Change>> = {
                     let s = lock(&me.state);
-                    // The history is in resource-version order: start past what was seen.
-                    let from = s.history.partition_point(|c| c.rv <= seen);
-                    s.history.range(from..).cloned().collect()
+                    // Changes after `seen` were compacted away while this watch lagged: as the
+                    // API server does, it ends with 410 rather than skip them.
+                    (s.compacted <= seen).then(|| {
+                        // The history is in resource-version order: start past what was seen.
+                        let from = s.history.partition_point(|c| c.rv <= seen);
+                        s.history.range(from..).cloned().collect()
+                    })
+                };
+                let Some(batch) = batch else {
+                    yield Ok(bytes::Bytes::from(format!("{}\n", expired(seen))));
+                    return;
                 };
                 for c in batch {
                     seen = c.rv;
@@ -816,6 +831,49 @@ mod tests {
         }
         relisted.sort();
         assert_eq!(relisted, ["child", "owner"]);
+
+        // Compacted under an open watch (one that has delivered an event), which is not
+        // dropped: it ends with 410 instead of resuming past the changes it never saw, so the
+        // watcher lists again.
+        let mut late = ConfigMap::default();
+        late.metadata.name = Some("late".into());
+        api.create(&PostParams::default(), &late)
+            .await
+            .expect("create late");
+        match events.next().await.expect("event").expect("ok") {
+            watcher::Event::Apply(cm) => assert_eq!(cm.metadata.name.as_deref(), Some("late")),
+            other => panic!("expected the late one's creation, got {other:?}"),
+        }
+        fake.compact();
+        late.metadata.name = Some("later".into());
+        api.create(&PostParams::default(), &late)
+            .await
+            .expect("create later");
+        let relist = async {
+            let mut names = Vec::new();
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(watcher::Event::InitApply(cm)) => {
+                        names.push(cm.metadata.name.unwrap_or_default())
+                    }
+                    Ok(watcher::Event::InitDone) => return names,
+                    _ => {}
+                }
+            }
+            names
+        };
+        let mut relisted = tokio::time::timeout(Duration::from_secs(10), relist)
+            .await
+            .expect("the open watch ended with 410 and the watcher listed again");
+        relisted.sort();
+        assert_eq!(relisted, ["child", "late", "later", "owner"]);
+        for name in ["late", "later"] {
+            api.delete(name, &Default::default()).await.expect("delete");
+            match events.next().await.expect("event").expect("ok") {
+                watcher::Event::Delete(cm) => assert_eq!(cm.metadata.name.as_deref(), Some(name)),
+                other => panic!("expected {name}'s deletion, got {other:?}"),
+            }
+        }
 
         // Deleting the owner takes its dependents along, and the watch reports both.
         api.delete("owner", &Default::default())
