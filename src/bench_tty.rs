@@ -535,6 +535,13 @@ async fn flood_section(
     let direct_client = HarnessClient::new(format!("http://{}", direct_yes.addr), TOKEN);
     let before = sandbox_harnesses(serve);
     let bridged_ws = attach_session(http, serve, "yes").await?;
+    // serve's end of the unread viewer's connection, to see whether (and when) serve lets go.
+    let bridged_socket = match bridged_ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => {
+            crate::procfs::tcp_inode(tcp.peer_addr()?.port(), tcp.local_addr()?.port())
+        }
+        _ => None,
+    };
     let sandbox_pid = sandbox_harnesses(serve)
         .into_iter()
         .find(|p| !before.contains(p));
@@ -562,6 +569,7 @@ async fn flood_section(
         tracks.push(Track::new("wetty (node) with the unread viewer", wetty_pid));
     }
     let mut direct_dropped_at = None;
+    let mut serve_dropped_at = None;
     let mut wetty_dropped_at = None;
     // node-pty starts the program just after the socket.io connection; seen once, then gone.
     let mut wetty_program_seen = false;
@@ -577,6 +585,12 @@ async fn flood_section(
             && h.viewers == Some(0)
         {
             direct_dropped_at = Some(t0.elapsed());
+        }
+        if serve_dropped_at.is_none()
+            && let Some(inode) = &bridged_socket
+            && !crate::procfs::holds_socket(serve.child.id(), inode)
+        {
+            serve_dropped_at = Some(t0.elapsed());
         }
         // wetty kills the program when it drops the viewer (socket.io's ping timeout).
         if let Some(pid) = wetty_pid
@@ -643,6 +657,18 @@ async fn flood_section(
                 t.as_secs_f64()
             ),
             None => "still had its unread viewer at the end".into(),
+        }
+    ));
+    out.push_str(&format!(
+        " serve {}.",
+        match (&bridged_socket, serve_dropped_at) {
+            (None, _) => "had a viewer connection this benchmark could not find".into(),
+            (Some(_), Some(t)) => format!(
+                "let its unread viewer go after {:.1} s (its `--client-timeout`, 30 s by \
+                 default, after the harness had let serve go as a slow viewer)",
+                t.as_secs_f64()
+            ),
+            (Some(_), None) => "still held its unread viewer at the end".into(),
         }
     ));
     if wetty_pid.is_some() {

@@ -171,6 +171,27 @@ pub fn children(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The inode of the IPv4 TCP socket on this machine with local port `local_port` and remote
+/// port `peer_port` (from /proc/net/tcp), to tell whether a process still holds a connection.
+pub fn tcp_inode(local_port: u16, peer_port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+        (port(cols.get(1)?)? == local_port && port(cols.get(2)?)? == peer_port)
+            .then(|| cols.get(9).map(|s| s.to_string()))?
+    })
+}
+
+/// Whether process `pid` has the socket `inode` (see `tcp_inode`) open.
+pub fn holds_socket(pid: u32, inode: &str) -> bool {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == want))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,8 +102,9 @@ pub struct ServeArgs {
     /// longer (crashed, or removed) are ended as interrupted by another replica.
     #[arg(long, env = "SANDWARDEN_REPLICA_LEASE", default_value_t = 15)]
     pub replica_lease: u64,
-    /// Seconds a client may take to send a request's headers, or pause within its body; slower
-    /// clients are disconnected (headers) or answered 408 (body).
+    /// Seconds a client may take to send a request's headers, or pause within its body, or leave
+    /// a terminal's output unread; slower clients are disconnected (headers, terminals) or
+    /// answered 408 (body).
     #[arg(long, env = "SANDWARDEN_CLIENT_TIMEOUT", default_value_t = 30)]
     pub client_timeout: u64,
 }
@@ -402,6 +403,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         allowed_origins: args.allowed_origins.clone(),
         webhook_lease: Duration::from_secs(args.webhook_lease.max(1)),
         replica_lease: Duration::from_secs(args.replica_lease.max(2)),
+        client_timeout: Duration::from_secs(args.client_timeout.max(1)),
     };
     let orch = Orchestrator::new(
         store,

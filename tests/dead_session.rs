@@ -106,6 +106,7 @@ async fn a_connect_failure_answers_502_and_marks_the_session_dead_in_that_reques
         allowed_origins: vec![],
         webhook_lease: std::time::Duration::from_secs(30),
         replica_lease: std::time::Duration::from_secs(15),
+        client_timeout: std::time::Duration::from_secs(30),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let orch = Orchestrator::new(

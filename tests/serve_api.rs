@@ -733,6 +733,62 @@ async fn a_terminal_session_attaches_over_websocket() {
     assert!(tokio_tungstenite::connect_async(&forged).await.is_err());
 }
 
+/// A viewer that stops reading while the program floods it is let go after `--client-timeout`:
+/// serve closes its connection rather than stay blocked on it for as long as it is connected.
+#[tokio::test]
+async fn a_terminal_viewer_that_stops_reading_is_let_go() {
+    let serve = Serve::start(&["--client-timeout", "1"]);
+    let api = serve.client();
+    let id = api.ready("sh").await;
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    let tty_url = s["tty_url"].as_str().expect("tty_url").to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(&tty_url)
+        .await
+        .expect("attach");
+    let (client_port, serve_port) = match ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => (
+            tcp.local_addr().expect("local").port(),
+            tcp.peer_addr().expect("peer").port(),
+        ),
+        _ => panic!("a plain TCP connection"),
+    };
+    let inode = sandwarden::procfs::tcp_inode(serve_port, client_port)
+        .expect("serve's end of the connection");
+    assert!(
+        sandwarden::procfs::holds_socket(serve.pid() as u32, &inode),
+        "serve holds the viewer"
+    );
+    ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        b"exec yes flood\n".to_vec().into(),
+    ))
+    .await
+    .expect("send");
+    // From here on nothing is read. Bounded: 200 polls, 100 ms apart.
+    let mut held = true;
+    for _ in 0..200 {
+        held = sandwarden::procfs::holds_socket(serve.pid() as u32, &inode);
+        if !held {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !held,
+        "serve still holds a viewer that has read nothing for 20 s"
+    );
+    // Reading again, the viewer finds the output it was sent, then the end.
+    let drained = async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), drained)
+        .await
+        .expect("the connection ends once the backlog is read");
+}
+
 #[tokio::test]
 async fn idle_sessions_are_reaped() {
     let serve = Serve::start(&[]);

@@ -13,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
+
+/// How long the close frame to a viewer being let go may take (it is behind unread output).
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
 
 /// WebSocket read buffer per side of the bridge. Terminal frames are small; the 128 KiB default
@@ -157,7 +160,13 @@ pub async fn attach(
                     }
                 })
             });
-            pump(socket, upstream, orch.shutdown.clone()).await;
+            pump(
+                socket,
+                upstream,
+                orch.config.client_timeout,
+                orch.shutdown.clone(),
+            )
+            .await;
             if let Some(task) = keep_active {
                 task.abort();
             }
@@ -170,10 +179,14 @@ pub async fn attach(
 type Upstream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Copies frames both ways until either side closes; a close is passed on with its code.
+/// Copies frames both ways until either side closes; a close is passed on with its code. A
+/// client that leaves output unread for `stall` is let go (1013, as the harness does with a
+/// viewer that falls behind): otherwise its connection, and this task, would stay blocked on it
+/// for as long as it stays connected, and serve would still count it as a viewer.
 async fn pump(
     client: WebSocket,
     upstream: Upstream,
+    stall: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let (mut c_tx, mut c_rx) = client.split();
@@ -207,7 +220,19 @@ async fn pump(
                         break;
                     }
                 };
-                if c_tx.send(msg).await.is_err() { break; }
+                tokio::select! {
+                    sent = tokio::time::timeout(stall, c_tx.send(msg)) => match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            tracing::info!("letting go of a terminal viewer that stopped reading");
+                            let close = AxMessage::Close(Some(CloseFrame { code: 1013, reason: "too slow: re-attach to replay the screen".into() }));
+                            let _ = tokio::time::timeout(CLOSE_GRACE, c_tx.send(close)).await;
+                            break;
+                        }
+                    },
+                    () = shutdown.cancelled() => break,
+                }
             }
             () = shutdown.cancelled() => {
                 let _ = c_tx.send(AxMessage::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;

@@ -103,6 +103,9 @@ pub struct Config {
     /// How long a replica's heartbeat in the store lasts; a running turn of a replica silent for
     /// longer is ended by another.
     pub replica_lease: Duration,
+    /// How long a client may leave data unread before it is disconnected (a terminal viewer
+    /// that stops reading), as for a request's headers (`--client-timeout`).
+    pub client_timeout: Duration,
 }
 
 struct RunningTurn {
