@@ -3,12 +3,11 @@
 //! latency of a message and of a keystroke through a container, and `serve`'s memory per container.
 //! Needs a container engine (`DOCKER_HOST`) and the images `harness-images/build.sh base echo shell`.
 
-use crate::bench::{Ws, drain_ws, fmt_us, histogram, machine_line, row, ws_round_trip};
+use crate::bench::{Ws, drain_ws, fmt_added, histogram, machine_line, row, ws_round_trip};
 use crate::bench_serve::{
     KEY, Serve, create, delete_session, start_serve_with, unary_turn, wait_ready_session,
 };
 use anyhow::Context;
-use hdrhistogram::Histogram;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -119,10 +118,6 @@ pub async fn run(args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
         done += block;
     }
     drop((l_ws, d_ws));
-    let added = |a: &Histogram<u64>, b: &Histogram<u64>, q: f64| {
-        a.value_at_quantile(q)
-            .saturating_sub(b.value_at_quantile(q))
-    };
     out.push_str(
         "### Message and terminal latency: container vs local process, both through `serve`\n\n",
     );
@@ -138,10 +133,10 @@ pub async fn run(args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
     }
     out.push_str(&format!(
         "\nAdded by the container: message p50 {}, p99 {}; keystroke p50 {}, p99 {}.\n\n",
-        fmt_us(added(&d_msg, &l_msg, 0.5)),
-        fmt_us(added(&d_msg, &l_msg, 0.99)),
-        fmt_us(added(&d_key, &l_key, 0.5)),
-        fmt_us(added(&d_key, &l_key, 0.99)),
+        fmt_added(&d_msg, &l_msg, 0.5),
+        fmt_added(&d_msg, &l_msg, 0.99),
+        fmt_added(&d_key, &l_key, 0.5),
+        fmt_added(&d_key, &l_key, 0.99),
     ));
 
     // Claims: warm (pool of 1, refilled between claims) and cold (no pool), containers only.

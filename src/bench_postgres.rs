@@ -3,7 +3,7 @@
 //! long an event takes to reach an SSE client on another replica than the one running the turn.
 
 use crate::bench::{
-    BenchArgs, TOKEN, fmt_us, histogram, machine_line, row, start_harness, wait_ready,
+    BenchArgs, TOKEN, fmt_added, histogram, machine_line, row, start_harness, wait_ready,
 };
 use crate::bench_serve::{KEY, Serve, create, start_serve_env, unary_turn, wait_ready_session};
 use crate::harness_client::HarnessClient;
@@ -138,12 +138,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     out.push('\n');
     out.push_str(&row("through serve, PostgreSQL store: unary message", &p));
     out.push_str("\n\n");
-    let added = |a: &Histogram<u64>, q: f64| {
-        fmt_us(
-            a.value_at_quantile(q)
-                .saturating_sub(d.value_at_quantile(q)),
-        )
-    };
+    let added = |a: &Histogram<u64>, q: f64| fmt_added(a, &d, q);
     out.push_str(&format!(
         "Added over the harness directly: SQLite p50 {}, p99 {}; PostgreSQL p50 {}, p99 {}. \
          A PostgreSQL turn makes two statements on its path, each one round trip: the start \

@@ -3,7 +3,8 @@
 //! latency. (serve's memory at scale is `bench density`'s.)
 
 use crate::bench::{
-    BenchArgs, TOKEN, fmt_us, histogram, load_average, machine_line, row, start_harness, wait_ready,
+    BenchArgs, TOKEN, fmt_added, fmt_us, histogram, load_average, machine_line, row, start_harness,
+    wait_ready,
 };
 use crate::harness_client::HarnessClient;
 use anyhow::Context;
@@ -386,10 +387,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         }
         done += block;
     }
-    let added = |a: &Histogram<u64>, b: &Histogram<u64>, q: f64| {
-        a.value_at_quantile(q)
-            .saturating_sub(b.value_at_quantile(q))
-    };
     out.push_str("### Message path: the harness directly vs through `serve` vs through nginx\n\n");
     out.push_str("| path | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n");
     let mut rows = vec![
@@ -421,23 +418,23 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     out.push_str(&format!(
         "Added by serve on a short unary turn: p50 {}, p99 {}, p99.9 {} (targets 100 µs / 500 µs). \
          Added to the first SSE event: p50 {}, p99 {}, p99.9 {} (target 200 µs). Ratio of p50 turn times: {:.2}×.\n\n",
-        fmt_us(added(&s_unary, &d_full, 0.5)),
-        fmt_us(added(&s_unary, &d_full, 0.99)),
-        fmt_us(added(&s_unary, &d_full, 0.999)),
-        fmt_us(added(&s_first, &d_first, 0.5)),
-        fmt_us(added(&s_first, &d_first, 0.99)),
-        fmt_us(added(&s_first, &d_first, 0.999)),
+        fmt_added(&s_unary, &d_full, 0.5),
+        fmt_added(&s_unary, &d_full, 0.99),
+        fmt_added(&s_unary, &d_full, 0.999),
+        fmt_added(&s_first, &d_first, 0.5),
+        fmt_added(&s_first, &d_first, 0.99),
+        fmt_added(&s_first, &d_first, 0.999),
         s_unary.value_at_quantile(0.5) as f64 / d_full.value_at_quantile(0.5).max(1) as f64,
     ));
     if nginx.is_some() {
         out.push_str(&format!(
             "Added by nginx on the same turn: p50 {}, p99 {}, p99.9 {}; to the first event: p50 {}, p99 {}, p99.9 {}.\n\n",
-            fmt_us(added(&n_full, &d_full, 0.5)),
-            fmt_us(added(&n_full, &d_full, 0.99)),
-            fmt_us(added(&n_full, &d_full, 0.999)),
-            fmt_us(added(&n_first, &d_first, 0.5)),
-            fmt_us(added(&n_first, &d_first, 0.99)),
-            fmt_us(added(&n_first, &d_first, 0.999)),
+            fmt_added(&n_full, &d_full, 0.5),
+            fmt_added(&n_full, &d_full, 0.99),
+            fmt_added(&n_full, &d_full, 0.999),
+            fmt_added(&n_first, &d_first, 0.5),
+            fmt_added(&n_first, &d_first, 0.99),
+            fmt_added(&n_first, &d_first, 0.999),
         ));
     }
 

@@ -5,7 +5,7 @@
 //! programs as a third path, driven by the same client over socket.io's WebSocket transport.
 
 use crate::bench::{
-    BenchArgs, ECHO_PROGRAM, TOKEN, Ws, drain_ws, fmt_us, histogram, load_average, machine_line,
+    BenchArgs, ECHO_PROGRAM, TOKEN, Ws, drain_ws, fmt_added, histogram, load_average, machine_line,
     row, start_harness, wait_ready, ws_round_trip, ws_throughput,
 };
 use crate::bench_serve::{KEY, Serve, create, start_serve_with, wait_ready_session};
@@ -383,11 +383,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         done += block;
     }
     drop((direct, bridged, direct_harness, wetty_echo));
-    let added = |other: &hdrhistogram::Histogram<u64>, q: f64| {
-        other
-            .value_at_quantile(q)
-            .saturating_sub(lat.direct.value_at_quantile(q))
-    };
+    let added = |other: &hdrhistogram::Histogram<u64>, q: f64| fmt_added(other, &lat.direct, q);
     out.push_str("### Keystroke echo round trip (one byte, `stty raw; cat`)\n\n");
     out.push_str("| path | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n");
     out.push_str(&row("harness WebSocket directly", &lat.direct));
@@ -400,9 +396,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     }
     out.push_str(&format!(
         "\nAdded by serve: p50 {}, p99 {}, p99.9 {} (target: p99 ≤ 1 ms added).",
-        fmt_us(added(&lat.serve, 0.5)),
-        fmt_us(added(&lat.serve, 0.99)),
-        fmt_us(added(&lat.serve, 0.999)),
+        added(&lat.serve, 0.5),
+        added(&lat.serve, 0.99),
+        added(&lat.serve, 0.999),
     ));
     if let Some(h) = &lat.wetty {
         let ratio =
