@@ -17,6 +17,7 @@ use crate::problem::Problem;
 use crate::runtime::{Runtime, Sandbox, Template, Tokens};
 use crate::store::{self, SandboxRow, Session, SessionFilter, Store};
 use axum::http::StatusCode;
+use backon::{ExponentialBuilder, Retryable};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -159,6 +160,19 @@ pub fn store_error(e: store::StoreError) -> Problem {
             "store_error",
             "the session store failed this request; the server log has the cause",
         )
+    }
+}
+
+/// Why a store failure stopped a sandbox, in words for the session's `failure_reason`: the
+/// kind of failure, not the database's own message (the server log has that).
+fn store_reason(e: &store::StoreError) -> String {
+    tracing::error!(error = %e, source = ?std::error::Error::source(e), "store failure");
+    if e.is_unavailable() {
+        "the session store was unavailable (unreachable, or no free connection in time); \
+         create the session again"
+            .into()
+    } else {
+        "the session store refused the sandbox's record (the server log has the cause)".into()
     }
 }
 
@@ -661,17 +675,29 @@ impl Orchestrator {
             }
         };
         let ready = async {
-            self.store
-                .insert_sandbox(&SandboxRow {
-                    id: sandbox.id.clone(),
-                    template: t.name.clone(),
-                    endpoint: sandbox.endpoint.clone(),
-                    pid: sandbox.pid,
-                    session_id: None,
-                    owner: self.sandbox_owner(),
+            let row = SandboxRow {
+                id: sandbox.id.clone(),
+                template: t.name.clone(),
+                endpoint: sandbox.endpoint.clone(),
+                pid: sandbox.pid,
+                session_id: None,
+                owner: self.sandbox_owner(),
+            };
+            // A burst of cold starts can find the store's connections all busy for a moment:
+            // the sandbox is already running, so wait for the store rather than fail the session.
+            (|| self.store.insert_sandbox(&row))
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_delay(Duration::from_secs(2))
+                        .with_max_times(5),
+                )
+                .when(store::StoreError::is_unavailable)
+                .notify(|e, after| {
+                    tracing::warn!(error = %e, retry_in = ?after, "recording a new sandbox waits for the store");
                 })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| store_reason(&e))?;
             let client = self.client_for(&sandbox.id, &sandbox.endpoint);
             if !bind.is_empty() {
                 client.bind(bind).await.map_err(|e| e.to_string())?;
