@@ -33,6 +33,9 @@ const READ_CHUNK: usize = 32 * 1024;
 /// After the program exits, how long to wait for its last output before closing viewers.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 
+/// How long a stop waits for the viewers' close frames to go out.
+const VIEWER_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// WebSocket close codes.
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -136,6 +139,9 @@ pub struct Terminal {
     inner: Mutex<Inner>,
     status: watch::Sender<TermStatus>,
     shutdown: CancellationToken,
+    /// The viewers' WebSocket tasks: a stop waits (bounded) for them to send their close frame
+    /// before the process exits.
+    viewer_tasks: tokio_util::task::TaskTracker,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -178,6 +184,7 @@ impl Terminal {
             }),
             cfg,
             status,
+            viewer_tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
         });
         if term.cfg.start == StartMode::Boot {
@@ -438,6 +445,11 @@ impl Terminal {
 
     /// Serves one viewer until it leaves, the program ends, or the server shuts down.
     pub async fn serve_viewer(self: Arc<Self>, socket: WebSocket) {
+        let tasks = self.viewer_tasks.clone();
+        tasks.track_future(self.run_viewer(socket)).await;
+    }
+
+    async fn run_viewer(self: Arc<Self>, socket: WebSocket) {
         let mut at = self.attach();
         let (mut sink, mut stream) = socket.split();
         let id = at.id;
@@ -466,6 +478,14 @@ impl Terminal {
         }
         if replay_ok {
             loop {
+                // Woken after a stop began (the program may be gone already): the viewer
+                // learns that the server is going away, not that the program exited.
+                if self.shutdown.is_cancelled() {
+                    let _ = sink
+                        .send(close_with(CLOSE_GOING_AWAY, "server shutting down"))
+                        .await;
+                    break;
+                }
                 tokio::select! {
                     frame = at.rx.recv() => match frame {
                         Some(Frame::Data(data)) => {
@@ -581,6 +601,10 @@ impl Terminal {
         if let Some(child) = child {
             child.hang_up(self.cfg.shutdown_grace).await;
         }
+        // The viewers are told (1001) by their own tasks; without this wait the process could
+        // exit before a busy machine ran them, and a viewer would see its connection just drop.
+        self.viewer_tasks.close();
+        let _ = tokio::time::timeout(VIEWER_CLOSE_WAIT, self.viewer_tasks.wait()).await;
     }
 }
 
