@@ -772,6 +772,28 @@ mod tests {
         assert_eq!(got.metadata.name.as_deref(), Some("b"));
     }
 
+    /// The names a watcher's next full list delivers (up to its `InitDone`), sorted.
+    async fn relisted(
+        events: &mut (
+                 impl futures::Stream<
+            Item = kube::runtime::watcher::Result<kube::runtime::watcher::Event<ConfigMap>>,
+        > + Unpin
+             ),
+    ) -> Vec<String> {
+        use futures::StreamExt;
+        use kube::runtime::watcher::Event;
+        let mut names = Vec::new();
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(Event::InitApply(cm)) => names.push(cm.metadata.name.unwrap_or_default()),
+                Ok(Event::InitDone) => break,
+                _ => {}
+            }
+        }
+        names.sort();
+        names
+    }
+
     #[tokio::test]
     async fn watches_resume_relist_after_410_and_deletes_cascade() {
         use futures::StreamExt;
@@ -819,18 +841,7 @@ mod tests {
         // still sees everything.
         fake.compact();
         fake.drop_watches();
-        let mut relisted = Vec::new();
-        while let Some(ev) = events.next().await {
-            match ev {
-                Ok(watcher::Event::InitApply(cm)) => {
-                    relisted.push(cm.metadata.name.unwrap_or_default())
-                }
-                Ok(watcher::Event::InitDone) => break,
-                _ => {}
-            }
-        }
-        relisted.sort();
-        assert_eq!(relisted, ["child", "owner"]);
+        assert_eq!(relisted(&mut events).await, ["child", "owner"]);
 
         // Compacted under an open watch (one that has delivered an event), which is not
         // dropped: it ends with 410 instead of resuming past the changes it never saw, so the
@@ -849,24 +860,10 @@ mod tests {
         api.create(&PostParams::default(), &late)
             .await
             .expect("create later");
-        let relist = async {
-            let mut names = Vec::new();
-            while let Some(ev) = events.next().await {
-                match ev {
-                    Ok(watcher::Event::InitApply(cm)) => {
-                        names.push(cm.metadata.name.unwrap_or_default())
-                    }
-                    Ok(watcher::Event::InitDone) => return names,
-                    _ => {}
-                }
-            }
-            names
-        };
-        let mut relisted = tokio::time::timeout(Duration::from_secs(10), relist)
+        let again = tokio::time::timeout(Duration::from_secs(10), relisted(&mut events))
             .await
             .expect("the open watch ended with 410 and the watcher listed again");
-        relisted.sort();
-        assert_eq!(relisted, ["child", "late", "later", "owner"]);
+        assert_eq!(again, ["child", "late", "later", "owner"]);
         for name in ["late", "later"] {
             api.delete(name, &Default::default()).await.expect("delete");
             match events.next().await.expect("event").expect("ok") {

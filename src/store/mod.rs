@@ -1663,34 +1663,45 @@ mod tests {
         );
     }
 
+    /// An SQLite store in `dir` with the schema an earlier release left (its first `migrations`
+    /// migrations) and session `s1` of tenant `t1` in `status`.
+    async fn old_sqlite_store(
+        dir: &std::path::Path,
+        migrations: usize,
+        status: &str,
+    ) -> SqlitePool {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.join("sandwarden.db"))
+            .create_if_missing(true);
+        let pool = SqlitePool::connect_with(options).await.expect("old store");
+        let mut old = sqlx::migrate!("src/store/migrations/sqlite");
+        old.migrations = Cow::Owned(old.migrations[..migrations].to_vec());
+        old.run(&pool).await.expect("old migrations");
+        let s = session("s1", "api");
+        sqlx::query(
+            "INSERT INTO sessions (id, tenant, harness, kind, status, idle_timeout_s, \
+             created_at, updated_at, last_active_at) VALUES (?, ?, ?, ?, ?, 60, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.tenant)
+        .bind(&s.harness)
+        .bind(&s.kind)
+        .bind(status)
+        .bind(&s.created_at)
+        .bind(&s.updated_at)
+        .bind(&s.last_active_at)
+        .execute(&pool)
+        .await
+        .expect("session");
+        pool
+    }
+
     #[tokio::test]
     async fn an_sqlite_store_from_before_replicas_keeps_its_turns_and_sandboxes_as_its_own() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("sandwarden.db");
         {
             // The schema as the previous release left it: the first two migrations only.
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&path)
-                .create_if_missing(true);
-            let pool = SqlitePool::connect_with(options).await.expect("old store");
-            let mut old = sqlx::migrate!("src/store/migrations/sqlite");
-            old.migrations = Cow::Owned(old.migrations[..2].to_vec());
-            old.run(&pool).await.expect("old migrations");
-            let s = session("s1", "api");
-            sqlx::query(
-                "INSERT INTO sessions (id, tenant, harness, kind, status, idle_timeout_s, \
-                 created_at, updated_at, last_active_at) VALUES (?, ?, ?, ?, 'running', 60, ?, ?, ?)",
-            )
-            .bind(&s.id)
-            .bind(&s.tenant)
-            .bind(&s.harness)
-            .bind(&s.kind)
-            .bind(&s.created_at)
-            .bind(&s.updated_at)
-            .bind(&s.last_active_at)
-            .execute(&pool)
-            .await
-            .expect("session");
+            let pool = old_sqlite_store(dir.path(), 2, "running").await;
             sqlx::query(
                 "INSERT INTO turns (id, session_id, status, mode, created_at) \
                  VALUES ('old-turn', 's1', 'running', 'sync', ?)",
@@ -1724,31 +1735,8 @@ mod tests {
     #[tokio::test]
     async fn an_sqlite_store_from_before_lean_messages_keeps_its_history_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("sandwarden.db");
         {
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&path)
-                .create_if_missing(true);
-            let pool = SqlitePool::connect_with(options).await.expect("old store");
-            let mut old = sqlx::migrate!("src/store/migrations/sqlite");
-            old.migrations = Cow::Owned(old.migrations[..4].to_vec());
-            old.run(&pool).await.expect("old migrations");
-            let s = session("s1", "api");
-            sqlx::query(
-                "INSERT INTO sessions (id, tenant, harness, kind, status, idle_timeout_s, \
-                 created_at, updated_at, last_active_at, sandbox_id, endpoint) \
-                 VALUES (?, ?, ?, ?, 'ready', 60, ?, ?, ?, 'sbx-s1', 'http://127.0.0.1:1')",
-            )
-            .bind(&s.id)
-            .bind(&s.tenant)
-            .bind(&s.harness)
-            .bind(&s.kind)
-            .bind(&s.created_at)
-            .bind(&s.updated_at)
-            .bind(&s.last_active_at)
-            .execute(&pool)
-            .await
-            .expect("session");
+            let pool = old_sqlite_store(dir.path(), 4, "ready").await;
             for (id, role) in [("m-b", "user"), ("m-a", "assistant"), ("m-gone", "user")] {
                 sqlx::query(
                     "INSERT INTO messages (id, session_id, turn_id, role, text, parts, created_at) \
