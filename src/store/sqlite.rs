@@ -21,6 +21,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// WAL length (in 4 KiB frames) past which the writer completes a checkpoint itself, so the WAL
 /// starts over (`finish_checkpoint`): about 16 MiB.
 const RESTART_FRAMES: i64 = 4096;
+/// The WAL file's size once a checkpoint has started it over (`journal_size_limit`, bytes): a
+/// burst that grew it far past `RESTART_FRAMES` does not leave that much disk taken for good.
+const WAL_SIZE_LIMIT: i64 = RESTART_FRAMES * 4096;
 /// How long events alone wait for company before they are committed.
 const EVENTS_LINGER: Duration = Duration::from_millis(2);
 /// How often events that could not be written are tried again when nothing else is written.
@@ -52,7 +55,8 @@ pub(super) async fn open(
         .busy_timeout(Duration::from_secs(5))
         // Checkpoints run in the background (below), not inside whichever commit crosses
         // the WAL threshold: that commit would otherwise pay for syncing the database file.
-        .pragma("wal_autocheckpoint", "0");
+        .pragma("wal_autocheckpoint", "0")
+        .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
         .connect_with(options)
@@ -112,6 +116,7 @@ fn writer_connection(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "wal_autocheckpoint", "0")?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
 }
@@ -554,6 +559,28 @@ mod tests {
         }
         insert(&conn, 1);
         wal_length(&conn)
+    }
+
+    #[test]
+    fn a_wal_that_grew_past_the_limit_is_cut_back_when_it_starts_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("wal.db");
+        let conn = writer_connection(&db).expect("open");
+        conn.execute("CREATE TABLE t (v TEXT)", []).expect("create");
+        // One transaction of ≈ 22 MiB: the WAL file grows past the limit.
+        conn.execute_batch("BEGIN").expect("begin");
+        insert(&conn, 40_000);
+        conn.execute_batch("COMMIT").expect("commit");
+        let wal = dir.path().join("wal.db-wal");
+        let size = || std::fs::metadata(&wal).expect("wal file").len();
+        assert!(size() > WAL_SIZE_LIMIT as u64, "grown: {}", size());
+        finish_checkpoint(&conn, &AtomicI64::new(RESTART_FRAMES));
+        insert(&conn, 1);
+        assert!(
+            size() <= WAL_SIZE_LIMIT as u64,
+            "the WAL file is {} bytes after it started over",
+            size()
+        );
     }
 
     #[test]
