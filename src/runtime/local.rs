@@ -301,7 +301,18 @@ mod tests {
         if let Some((k, v)) = env {
             cmd.env(k, v);
         }
-        cmd.spawn().expect("sleep")
+        let child = cmd.spawn().expect("sleep");
+        // `spawn` returns once the exec has begun, before the kernel has laid out the new
+        // program's environment: until then /proc/PID/environ reads empty. Bounded: 200 × 10 ms.
+        for _ in 0..200 {
+            if std::fs::read(format!("/proc/{}/environ", child.id()))
+                .is_ok_and(|env| !env.is_empty())
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
     }
 
     fn recorded(id: &str, pid: u32) -> Sandbox {
