@@ -224,24 +224,12 @@ pub(crate) fn fmt_us(us: u64) -> String {
 async fn harness(args: &BenchArgs) -> anyhow::Result<String> {
     let mut out = String::new();
     let machine = machine_line();
-    let program = crate::harness::binary::HarnessProgram::for_this_binary()?;
+    let server = crate::harness::binary::HarnessProgram::for_this_binary()?.name();
     out.push_str(&format!(
         "Command: `sandwarden bench harness --starts {} --round-trips {} --bytes {}` \
          (release build). Machine: {machine}. The harness server measured is the program local \
          sandboxes run: `{}`.\n\n",
-        args.starts,
-        args.round_trips,
-        args.bytes,
-        std::iter::once(
-            program
-                .path
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-        )
-        .chain(program.leading.iter().map(|a| a.as_str().into()))
-        .collect::<Vec<_>>()
-        .join(" "),
+        args.starts, args.round_trips, args.bytes, server,
     ));
 
     // 1. Start time and idle memory.
@@ -329,7 +317,7 @@ async fn harness(args: &BenchArgs) -> anyhow::Result<String> {
     out.push_str("| path | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n");
     out.push_str(&row("PTY master directly (baseline)", &via_direct));
     out.push('\n');
-    out.push_str(&row("WebSocket through `sandwarden harness`", &via_harness));
+    out.push_str(&row(&format!("WebSocket through `{server}`"), &via_harness));
     out.push_str("\n\n");
     let added = |q: f64| fmt_added(&via_harness, &via_direct, q);
     out.push_str(&format!(
@@ -353,9 +341,7 @@ async fn harness(args: &BenchArgs) -> anyhow::Result<String> {
     out.push_str("### PTY throughput to one client (median of 3 runs)\n\n");
     out.push_str("| path | MB/s |\n|---|---|\n");
     out.push_str(&format!("| PTY master directly (baseline) | {d:.0} |\n"));
-    out.push_str(&format!(
-        "| WebSocket through `sandwarden harness` | {h:.0} |\n\n"
-    ));
+    out.push_str(&format!("| WebSocket through `{server}` | {h:.0} |\n\n"));
     out.push_str(&format!(
         "Through the harness: {:.0}% of reading the PTY directly (target: over 100 MB/s). The \
          baseline is a plain read loop; the harness also takes whatever output is already \

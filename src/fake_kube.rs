@@ -774,11 +774,10 @@ mod tests {
 
     /// The names a watcher's next full list delivers (up to its `InitDone`), sorted.
     async fn relisted(
-        events: &mut (
-                 impl futures::Stream<
-            Item = kube::runtime::watcher::Result<kube::runtime::watcher::Event<ConfigMap>>,
-        > + Unpin
-             ),
+        events: &mut futures::stream::BoxStream<
+            '_,
+            kube::runtime::watcher::Result<kube::runtime::watcher::Event<ConfigMap>>,
+        >,
     ) -> Vec<String> {
         use futures::StreamExt;
         use kube::runtime::watcher::Event;

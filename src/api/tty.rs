@@ -13,10 +13,10 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
 
 /// How long the close frame to a viewer being let go may take (it is behind unread output).
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
 
 /// WebSocket read buffer per side of the bridge. Terminal frames are small; the 128 KiB default
 /// would cost a quarter MiB per attached terminal.

@@ -50,9 +50,23 @@ impl HarnessProgram {
         }
     }
 
-    /// `beside` this very binary.
+    /// `beside` this very binary, found once per process (it runs the slim binary to ask).
     pub fn for_this_binary() -> std::io::Result<HarnessProgram> {
-        Ok(HarnessProgram::beside(&std::env::current_exe()?))
+        static FOUND: std::sync::OnceLock<HarnessProgram> = std::sync::OnceLock::new();
+        if let Some(found) = FOUND.get() {
+            return Ok(found.clone());
+        }
+        let found = HarnessProgram::beside(&std::env::current_exe()?);
+        Ok(FOUND.get_or_init(|| found).clone())
+    }
+
+    /// How a person would type it: `sandwarden-harness` or `sandwarden harness`.
+    pub fn name(&self) -> String {
+        let file = self.path.file_name().unwrap_or_default().to_string_lossy();
+        std::iter::once(file.as_ref())
+            .chain(self.leading.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 

@@ -478,8 +478,8 @@ impl Terminal {
         }
         if replay_ok {
             loop {
-                // Woken after a stop began (the program may be gone already): the viewer
-                // learns that the server is going away, not that the program exited.
+                // A stop began (woken by it, or by the program it ended): the viewer learns
+                // that the server is going away, not that the program exited.
                 if self.shutdown.is_cancelled() {
                     let _ = sink
                         .send(close_with(CLOSE_GOING_AWAY, "server shutting down"))
@@ -539,10 +539,8 @@ impl Terminal {
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                         Some(Ok(_)) => {} // ping/pong frames are answered by the WebSocket layer
                     },
-                    () = self.shutdown.cancelled() => {
-                        let _ = sink.send(close_with(CLOSE_GOING_AWAY, "server shutting down")).await;
-                        break;
-                    }
+                    // The loop's top says so and ends.
+                    () = self.shutdown.cancelled() => {}
                 }
             }
         }
