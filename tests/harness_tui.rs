@@ -77,13 +77,33 @@ async fn typed_input_reaches_the_program_and_its_output_comes_back() {
 async fn resize_is_seen_by_the_program() {
     let h = Harness::tui(BASH, &[]);
     let mut ws = attach(&h).await;
+    // As a terminal client does: the shell is up (its prompt shown) before the viewer resizes.
+    read_until(&mut ws, "bash-").await;
     ws.send(Message::Text(
         r#"{"type":"resize","cols":133,"rows":37}"#.into(),
     ))
     .await
     .expect("resize");
     type_line(&mut ws, "stty size").await;
-    read_until(&mut ws, "37 133").await;
+    let seen = read_until(&mut ws, "size\r\n").await;
+    let mut output = seen.output;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !output.contains("37 133") && !output.contains("40 120") {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => output.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    if !output.contains("37 133") {
+        // Was the resize lost, or applied after the input that followed it?
+        type_line(&mut ws, "stty size").await;
+        let again = read_until(&mut ws, "37 133").await;
+        panic!(
+            "the resize was applied after the input sent behind it: {output:?} then {:?}; controls {:?}",
+            again.output, seen.controls
+        );
+    }
 }
 
 #[tokio::test]
