@@ -50,7 +50,7 @@ pub struct BenchArgs {
     /// SANDWARDEN_TEST_POSTGRES, as scripts/start-postgres prints).
     #[arg(long, env = "SANDWARDEN_BENCH_POSTGRES", hide_env_values = true)]
     pub postgres: Option<String>,
-    /// Sandboxes in the namespace (`bench controller`).
+    /// Sandboxes in the namespace (`bench controller`, `bench claims`).
     #[arg(long, default_value_t = 10_000)]
     pub sandboxes: usize,
     /// Idle sessions (each its own sandbox process), event streams and terminals (`bench density`).

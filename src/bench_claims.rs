@@ -8,6 +8,8 @@ use crate::bench::{fmt_us, histogram, machine_line, row};
 use crate::crd::{Sandbox, SandboxSpec, TemplateRef};
 use crate::fake_kube::FakeKube;
 use crate::runtime::kubernetes::{Reservations, claim};
+use hdrhistogram::Histogram;
+use kube::ResourceExt;
 use kube::api::Api;
 use serde_json::json;
 use std::sync::Arc;
@@ -19,22 +21,30 @@ const SANDBOXES: &str = "apis/sandwarden.dev/v1alpha1/sandboxes";
 
 fn seed_pool(fake: &FakeKube, n: usize) {
     for i in 0..n {
-        let sandbox = Sandbox::new(
-            &format!("sbx-{i:04}"),
-            SandboxSpec {
-                template_ref: TemplateRef {
-                    name: "echo".into(),
-                },
-                env: Default::default(),
-                shutdown_time: None,
-            },
-        );
-        let mut s = serde_json::to_value(sandbox).unwrap_or_default();
-        s["metadata"]["namespace"] = json!(NS);
-        s["metadata"]["labels"] = json!({"sandwarden.dev/template": "echo"});
-        s["status"] = json!({"phase": "Ready"});
-        fake.put(SANDBOXES, s);
+        fake.put(SANDBOXES, sandbox_json(&format!("sbx-{i:04}"), None));
     }
+}
+
+/// A Ready Sandbox of the `echo` template, claimed by `claimed_by` if given.
+fn sandbox_json(name: &str, claimed_by: Option<&str>) -> serde_json::Value {
+    let sandbox = Sandbox::new(
+        name,
+        SandboxSpec {
+            template_ref: TemplateRef {
+                name: "echo".into(),
+            },
+            env: Default::default(),
+            shutdown_time: None,
+        },
+    );
+    let mut s = serde_json::to_value(sandbox).unwrap_or_default();
+    s["metadata"]["namespace"] = json!(NS);
+    s["metadata"]["labels"] = json!({"sandwarden.dev/template": "echo"});
+    s["status"] = json!({"phase": "Ready", "endpoint": "http://127.0.0.1:9"});
+    if let Some(claimer) = claimed_by {
+        s["status"]["claimedBy"] = json!(claimer);
+    }
+    s
 }
 
 /// The cache a claimer picks from: the pool as the fake holds it now (a watch cache that is
@@ -47,7 +57,110 @@ fn cached_candidates(fake: &FakeKube, n: usize) -> Vec<Sandbox> {
         .collect()
 }
 
-pub async fn run(_args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
+/// Picking a claim's candidates among `total` Sandboxes of which `warm` are warm: the warm index
+/// against a scan of the watch cache (how a claim picked before the index), side by side in
+/// alternation; then claims through `serve`'s Kubernetes runtime over the same namespace.
+async fn at_scale(total: usize, warm: usize) -> anyhow::Result<String> {
+    use crate::runtime::Runtime;
+    use crate::runtime::kubernetes::{KubernetesRuntime, WarmIndex};
+    use kube::runtime::{reflector, watcher};
+
+    let objects: Vec<serde_json::Value> = (0..total)
+        .map(|i| {
+            let name = format!("sbx-{i:05}");
+            let claimer = (i >= warm).then(|| format!("ses_{i}"));
+            sandbox_json(&name, claimer.as_deref())
+        })
+        .collect();
+
+    let (cache, mut writer) = reflector::store::<Sandbox>();
+    let mut index = WarmIndex::default();
+    for o in &objects {
+        let event = watcher::Event::Apply(serde_json::from_value::<Sandbox>(o.clone())?);
+        writer.apply_watcher_event(&event);
+        index.observe(&event);
+    }
+    let scan = |template: &str| -> Vec<Sandbox> {
+        cache
+            .state()
+            .iter()
+            .filter(|s| {
+                let m = crate::controller::warm_pool::member(s);
+                s.labels()
+                    .get("sandwarden.dev/template")
+                    .map(String::as_str)
+                    == Some(template)
+                    && m.ready
+                    && !m.claimed
+                    && !m.deleting
+            })
+            .map(|s| s.as_ref().clone())
+            .collect()
+    };
+    let (mut by_index, mut by_scan) = (histogram()?, histogram()?);
+    for _ in 0..1000 {
+        let t0 = Instant::now();
+        let picked = index.candidates("echo").len();
+        by_index.saturating_record(t0.elapsed().as_nanos() as u64);
+        let t0 = Instant::now();
+        let scanned = scan("echo").len();
+        by_scan.saturating_record(t0.elapsed().as_nanos() as u64);
+        anyhow::ensure!(
+            picked == warm && scanned == warm,
+            "the index found {picked} and the scan {scanned} warm sandboxes of {warm}"
+        );
+    }
+
+    let fake = FakeKube::new();
+    for o in objects {
+        fake.put(SANDBOXES, o);
+    }
+    let (exits, _exits) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_watch = stop.clone().drop_guard();
+    let runtime = KubernetesRuntime::start(fake.client(), NS, exits, stop);
+    let template: crate::runtime::Template = serde_json::from_value(
+        json!({"name": "echo", "kind": "api", "command": "sandwarden echo-agent"}),
+    )?;
+    // Waits for the watch's first list (the runtime's orphan sweep reads the same cache).
+    runtime.owned().await;
+    let mut claims = histogram()?;
+    let mut owners = std::collections::BTreeSet::new();
+    for k in 0..warm {
+        let t0 = Instant::now();
+        let won = runtime.claim(&template, &format!("ses_new_{k}")).await;
+        claims.record(t0.elapsed().as_micros() as u64)?;
+        let won =
+            won.ok_or_else(|| anyhow::anyhow!("claim {k} of {warm} found no warm sandbox"))?;
+        anyhow::ensure!(owners.insert(won.id.clone()), "{} claimed twice", won.id);
+    }
+    anyhow::ensure!(
+        runtime.claim(&template, "ses_one_too_many").await.is_none(),
+        "a claim succeeded with the pool drained"
+    );
+    let ns =
+        |h: &Histogram<u64>, q: f64| format!("{:.1} µs", h.value_at_quantile(q) as f64 / 1000.0);
+    Ok(format!(
+        "### Picking candidates at scale: {total} Sandboxes in the namespace, {warm} of them warm\n\n\
+         The rest are claimed (one per live session). 1000 picks each, alternating:\n\n\
+         | pick | p50 | p99 |\n|---|---|---|\n\
+         | warm index (per template, kept from the watch) | {} | {} |\n\
+         | scan of the watch cache (how a claim picked before the index) | {} | {} |\n\n\
+         The scan takes {:.0}× the index's time at p50. Claims through `serve`'s Kubernetes runtime \
+         (watch cache, warm index, one status patch each, no injected latency), one after another \
+         until the pool is drained, after the watch's first list is in:\n\n\
+         | claim | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n{}\n",
+        ns(&by_index, 0.5),
+        ns(&by_index, 0.99),
+        ns(&by_scan, 0.5),
+        ns(&by_scan, 0.99),
+        by_scan.value_at_quantile(0.5) as f64 / by_index.value_at_quantile(0.5).max(1) as f64,
+        row("claim through the runtime", &claims),
+    ))
+}
+
+pub async fn run(args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
+    let scale = at_scale(args.sandboxes, 300).await?;
     let pool = 300;
     let claimers = 50;
     // Two `serve` replicas: claims within one never collide; across the two they can.
@@ -136,5 +249,6 @@ pub async fn run(_args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
         writes as f64 / f64::from(won.max(1)),
         fmt_us(hist.value_at_quantile(0.5)),
         latency.as_millis(),
-    ))
+    ) + "\n"
+        + &scale)
 }

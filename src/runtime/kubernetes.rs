@@ -15,7 +15,8 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use std::collections::{BTreeMap, HashSet};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -89,14 +90,14 @@ pub async fn candidates(api: &Api<Sandbox>, template: &str) -> Result<Vec<Sandbo
 /// with one status patch carrying the `resourceVersion` it was seen at. A conflict means another
 /// server won that one (or it changed), so another is tried; after three the caller reads its
 /// cache again. One write per claim when servers do not collide.
-pub async fn claim(
+pub async fn claim<S: Borrow<Sandbox>>(
     api: &Api<Sandbox>,
-    candidates: &[Sandbox],
+    candidates: &[S],
     claimer: &str,
     seed: usize,
     reservations: &Reservations,
 ) -> Result<Claimed, kube::Error> {
-    let members: Vec<Member> = candidates.iter().map(member).collect();
+    let members: Vec<Member> = candidates.iter().map(|s| member(s.borrow())).collect();
     let mut conflicts = 0;
     let mut tried = 0;
     for name in claim_order(&members, seed) {
@@ -105,7 +106,8 @@ pub async fn claim(
         }
         let Some(seen) = candidates
             .iter()
-            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .map(Borrow::borrow)
+            .find(|s: &&Sandbox| s.metadata.name.as_deref() == Some(name))
         else {
             continue;
         };
@@ -138,6 +140,103 @@ pub async fn claim(
     })
 }
 
+/// The warm candidates of each template (ready, unclaimed, not being deleted), kept from the
+/// Sandbox watch's events, so a claim reads its template's few candidates instead of scanning
+/// every Sandbox of the namespace (most of them claimed, at one per live session).
+#[derive(Debug)]
+pub struct WarmIndex {
+    /// Template → name → the Sandbox as last seen.
+    warm: HashMap<String, BTreeMap<String, Arc<Sandbox>>>,
+    /// While the watch lists again (after a restart, or a 410 Gone): the new list, which takes
+    /// the old one's place when it is complete, as the watch cache's own store does.
+    relisting: Option<HashMap<String, BTreeMap<String, Arc<Sandbox>>>>,
+    /// True once the first complete list is in.
+    listed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for WarmIndex {
+    fn default() -> Self {
+        WarmIndex {
+            warm: HashMap::new(),
+            relisting: None,
+            listed: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl WarmIndex {
+    /// Takes in one watch event (after the watch cache has).
+    pub fn observe(&mut self, event: &watcher::Event<Sandbox>) {
+        match event {
+            watcher::Event::Apply(s) => {
+                let name = s.name_any();
+                for sandboxes in self.warm.values_mut() {
+                    sandboxes.remove(&name);
+                }
+                self.warm.retain(|_, sandboxes| !sandboxes.is_empty());
+                if let Some(template) = warm_template(s) {
+                    self.warm
+                        .entry(template)
+                        .or_default()
+                        .insert(name, Arc::new(s.clone()));
+                }
+            }
+            watcher::Event::Delete(s) => {
+                let name = s.name_any();
+                for sandboxes in self.warm.values_mut() {
+                    sandboxes.remove(&name);
+                }
+                self.warm.retain(|_, sandboxes| !sandboxes.is_empty());
+            }
+            watcher::Event::Init => self.relisting = Some(HashMap::new()),
+            watcher::Event::InitApply(s) => {
+                if let (Some(list), Some(template)) = (self.relisting.as_mut(), warm_template(s)) {
+                    list.entry(template)
+                        .or_default()
+                        .insert(s.name_any(), Arc::new(s.clone()));
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(list) = self.relisting.take() {
+                    self.warm = list;
+                }
+                self.listed.send_replace(true);
+            }
+        }
+    }
+
+    /// The warm candidates of `template`.
+    pub fn candidates(&self, template: &str) -> Vec<Arc<Sandbox>> {
+        self.warm
+            .get(template)
+            .map(|sandboxes| sandboxes.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many warm candidates it holds, over every template.
+    pub fn len(&self) -> usize {
+        self.warm.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Says when the first complete list is in.
+    pub fn listed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.listed.subscribe()
+    }
+}
+
+/// The template a Sandbox is a warm candidate of, if it is one.
+fn warm_template(s: &Sandbox) -> Option<String> {
+    let m = member(s);
+    if !m.ready || m.claimed || m.deleting {
+        return None;
+    }
+    s.labels().get("sandwarden.dev/template").cloned()
+}
+
 /// How long a cold sandbox may take to become Ready (image pulls included).
 const COLD_READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// A claimed sandbox no session records, claimed longer ago than this, is an orphan (a claim in
@@ -164,6 +263,7 @@ pub struct KubernetesRuntime {
     api: Api<Sandbox>,
     namespace: String,
     cache: Store<Sandbox>,
+    warm: Arc<Mutex<WarmIndex>>,
     reservations: Reservations,
 }
 
@@ -177,11 +277,14 @@ impl KubernetesRuntime {
     ) -> Self {
         let api: Api<Sandbox> = Api::namespaced(client, namespace);
         let claimed = |s: &Sandbox| s.status.as_ref().is_some_and(|st| st.claimed_by.is_some());
-        let cache = cached_watch(
-            api.clone(),
-            "Sandboxes",
-            stop,
-            move |_, event| match event {
+        let warm = Arc::new(Mutex::new(WarmIndex::default()));
+        let index = warm.clone();
+        let cache = cached_watch(api.clone(), "Sandboxes", stop, move |_, event| {
+            index
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(&event);
+            match event {
                 watcher::Event::Apply(s) => {
                     let failed =
                         s.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Failed");
@@ -193,21 +296,27 @@ impl KubernetesRuntime {
                     let _ = exits.send(s.name_any());
                 }
                 _ => {}
-            },
-        );
+            }
+        });
         KubernetesRuntime {
             api,
             namespace: namespace.to_string(),
             cache,
+            warm,
             reservations: Reservations::default(),
         }
     }
 
-    /// Waits (bounded) for the first list of the watch.
+    /// Waits (bounded) for the first list of the watch, in the cache and the warm index.
     async fn cache_ready(&self) -> bool {
-        tokio::time::timeout(Duration::from_secs(10), self.cache.wait_until_ready())
+        let mut listed = self.warm_index().listed();
+        tokio::time::timeout(Duration::from_secs(10), listed.wait_for(|l| *l))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    fn warm_index(&self) -> std::sync::MutexGuard<'_, WarmIndex> {
+        self.warm.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One Sandbox from the watch cache, by key (the supervisor asks for every session's).
@@ -294,19 +403,7 @@ impl Runtime for KubernetesRuntime {
         if !self.cache_ready().await {
             return None;
         }
-        let candidates: Vec<Sandbox> = self
-            .cache
-            .state()
-            .iter()
-            .filter(|s| {
-                let m = member(s);
-                s.labels().get("sandwarden.dev/template") == Some(&template.name)
-                    && m.ready
-                    && !m.claimed
-                    && !m.deleting
-            })
-            .map(|s| s.as_ref().clone())
-            .collect();
+        let candidates = self.warm_index().candidates(&template.name);
         if candidates.is_empty() {
             return None;
         }
@@ -321,7 +418,13 @@ impl Runtime for KubernetesRuntime {
         {
             Ok(Claimed {
                 sandbox: Some(won), ..
-            }) => sandbox_of(&won, &template.name),
+            }) => {
+                // Out of the index now, not when the watch shows the claim: this server's next
+                // claim would only lose a conflict on it.
+                self.warm_index()
+                    .observe(&watcher::Event::Apply(won.clone()));
+                sandbox_of(&won, &template.name)
+            }
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(error = %e, template = %template.name, "claiming a warm sandbox failed; starting one");
@@ -432,5 +535,92 @@ impl Runtime for KubernetesRuntime {
             })
             .map(|s| s.name_any())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::SandboxStatus;
+
+    fn sandbox(name: &str, template: &str, phase: &str, claimed: bool) -> Sandbox {
+        let mut s = Sandbox::new(
+            name,
+            SandboxSpec {
+                template_ref: TemplateRef {
+                    name: template.into(),
+                },
+                env: Default::default(),
+                shutdown_time: None,
+            },
+        );
+        s.metadata.labels = Some(BTreeMap::from([(
+            "sandwarden.dev/template".to_string(),
+            template.to_string(),
+        )]));
+        s.status = Some(SandboxStatus {
+            phase: Some(phase.into()),
+            claimed_by: claimed.then(|| "ses_1".to_string()),
+            ..Default::default()
+        });
+        s
+    }
+
+    fn names(index: &WarmIndex, template: &str) -> Vec<String> {
+        index
+            .candidates(template)
+            .iter()
+            .map(|s| s.name_any())
+            .collect()
+    }
+
+    #[test]
+    fn the_warm_index_holds_ready_unclaimed_sandboxes_by_template() {
+        let mut index = WarmIndex::default();
+        let apply = |index: &mut WarmIndex, s: Sandbox| index.observe(&watcher::Event::Apply(s));
+        apply(&mut index, sandbox("a", "echo", "Pending", false));
+        assert!(index.is_empty(), "not ready yet");
+        apply(&mut index, sandbox("a", "echo", "Ready", false));
+        apply(&mut index, sandbox("b", "echo", "Ready", false));
+        apply(&mut index, sandbox("c", "other", "Ready", false));
+        assert_eq!(names(&index, "echo"), ["a", "b"]);
+        assert_eq!(names(&index, "other"), ["c"]);
+        apply(&mut index, sandbox("a", "echo", "Ready", true));
+        assert_eq!(names(&index, "echo"), ["b"], "claimed");
+        let mut going = sandbox("b", "echo", "Ready", false);
+        going.metadata.deletion_timestamp = Some(Time(k8s_openapi::chrono::Utc::now()));
+        apply(&mut index, going);
+        assert!(names(&index, "echo").is_empty(), "being deleted");
+        index.observe(&watcher::Event::Delete(sandbox(
+            "c", "other", "Ready", false,
+        )));
+        assert!(index.is_empty());
+        assert!(index.candidates("nope").is_empty());
+    }
+
+    #[test]
+    fn a_relist_replaces_the_warm_index_when_it_is_complete() {
+        let mut index = WarmIndex::default();
+        let listed = index.listed();
+        index.observe(&watcher::Event::Init);
+        index.observe(&watcher::Event::InitApply(sandbox(
+            "a", "echo", "Ready", false,
+        )));
+        assert!(!*listed.borrow(), "not listed before InitDone");
+        index.observe(&watcher::Event::InitDone);
+        assert!(*listed.borrow());
+        assert_eq!(names(&index, "echo"), ["a"]);
+        // The watch lists again (say after a 410): "a" was claimed and "b" came meanwhile. Until
+        // the list is complete, claims still see the old candidates.
+        index.observe(&watcher::Event::Init);
+        index.observe(&watcher::Event::InitApply(sandbox(
+            "a", "echo", "Ready", true,
+        )));
+        index.observe(&watcher::Event::InitApply(sandbox(
+            "b", "echo", "Ready", false,
+        )));
+        assert_eq!(names(&index, "echo"), ["a"]);
+        index.observe(&watcher::Event::InitDone);
+        assert_eq!(names(&index, "echo"), ["b"]);
     }
 }
