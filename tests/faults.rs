@@ -556,6 +556,12 @@ async fn a_store_that_cannot_be_written_answers_503_and_recovers_intact() {
         (503, Some("store_unavailable")),
         "{p}"
     );
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("cannot write its data dir")),
+        "{p}"
+    );
     for (i, id) in ids.iter().enumerate() {
         let (status, p) = api.say(id, &format!("during {i}")).await;
         assert_eq!(

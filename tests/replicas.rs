@@ -459,6 +459,12 @@ async fn the_database_going_away_mid_turn_answers_503_then_recovers_with_nothing
     );
     let problem: serde_json::Value = resp.json().await.expect("problem");
     assert_eq!(problem["type"], "store_unavailable", "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("cannot be reached")),
+        "{problem}"
+    );
     let (status, problem) = api.say(&id, "refused").await;
     assert_eq!(status, 503, "{problem}");
 
@@ -566,4 +572,108 @@ async fn a_turn_whose_replica_dies_is_ended_by_the_other_and_the_session_takes_t
     let kinds: Vec<&str> = events.iter().map(|(_, k)| k.as_str()).collect();
     assert!(kinds.contains(&"error"), "{kinds:?}");
     assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
+}
+
+/// Every pooled connection held (by requests waiting on a table lock taken from outside): the
+/// requests that cannot get one answer `503` naming that cause, a cold start whose sandbox record
+/// cannot get one fails with the same cause, and once the lock goes everything answers again.
+#[tokio::test]
+async fn a_store_with_every_connection_busy_says_so_and_recovers() {
+    let Some(db) = common::postgres_database().await else {
+        return;
+    };
+    let serve = Serve::start_with_env(
+        &[
+            "--store-max-connections",
+            "2",
+            "--store-acquire-timeout",
+            "1",
+            "--store-statement-timeout",
+            "60",
+        ],
+        &[("SANDWARDEN_STORE", db.clone())],
+    );
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let locker = sqlx::PgPool::connect(&db).await.expect("connect");
+    let busy = "every connection to the session store stayed busy";
+
+    // Reads block on a locked `sessions` table, holding both connections; the rest wait for one.
+    let mut lock = locker.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let reads = futures::future::join_all((0..6).map(|_| api.call("GET", "/v1/sessions", None)));
+    let (answers, ()) = tokio::join!(reads, async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        lock.rollback().await.expect("unlock");
+    });
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s == 503).collect();
+    assert!(!refused.is_empty(), "{answers:?}");
+    for (_, problem) in &refused {
+        assert_eq!(problem["type"], "store_unavailable", "{problem}");
+        assert!(
+            problem["detail"].as_str().is_some_and(|d| d.contains(busy)),
+            "{problem}"
+        );
+    }
+    assert!(
+        answers.iter().all(|(s, _)| *s == 200 || *s == 503),
+        "{answers:?}"
+    );
+    assert_eq!(api.say(&id, "after").await.0, 200);
+
+    // Cold starts whose sandbox records block on a locked `sandboxes` table: two hold both
+    // connections, the third cannot record its sandbox and fails saying why (or, if its create
+    // came too late for a connection, the create itself says so).
+    let mut lock = locker.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE sandboxes IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let creates = futures::future::join_all((0..3).map(|_| {
+        api.call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": "echo-cold"})),
+        )
+    }))
+    .await;
+    // Retried for about 3 s after each 1 s wait for a connection; then the session fails.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    lock.rollback().await.expect("unlock");
+    let mut failed_busy = 0;
+    for (status, body) in &creates {
+        if *status == 503 {
+            assert!(
+                body["detail"].as_str().is_some_and(|d| d.contains(busy)),
+                "{body}"
+            );
+            continue;
+        }
+        assert_eq!(*status, 201, "{body}");
+        let sid = body["id"].as_str().expect("id");
+        let (_, s) = api
+            .call(
+                "GET",
+                &format!("/v1/sessions/{sid}?wait=true&timeout=30"),
+                None,
+            )
+            .await;
+        match s["status"].as_str() {
+            Some("ready") => {}
+            Some("failed") => {
+                let reason = s["failure_reason"].as_str().unwrap_or_default();
+                assert!(reason.contains(busy), "{s}");
+                failed_busy += 1;
+            }
+            _ => panic!("neither ready nor failed: {s}"),
+        }
+    }
+    assert!(
+        failed_busy >= 1 || creates.iter().any(|(s, _)| *s == 503),
+        "{creates:?}"
+    );
+    assert_eq!(api.say(&id, "still here").await.0, 200);
 }

@@ -148,11 +148,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// values); the log does.
 pub fn store_error(e: store::StoreError) -> Problem {
     tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store failure");
-    if e.is_unavailable() {
+    if let Some(why) = e.unavailable() {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            "the session store cannot be reached right now; retry shortly",
+            why.detail(),
         )
     } else {
         Problem::new(
@@ -167,10 +167,8 @@ pub fn store_error(e: store::StoreError) -> Problem {
 /// kind of failure, not the database's own message (the server log has that).
 fn store_reason(e: &store::StoreError) -> String {
     tracing::error!(error = %e, source = ?std::error::Error::source(e), "store failure");
-    if e.is_unavailable() {
-        "the session store was unavailable (unreachable, or no free connection in time); \
-         create the session again"
-            .into()
+    if let Some(why) = e.unavailable() {
+        format!("recording the new sandbox failed: {}", why.detail())
     } else {
         "the session store refused the sandbox's record (the server log has the cause)".into()
     }

@@ -37,40 +37,130 @@ pub enum StoreError {
     Conflict,
     #[error("--store {0:?} is neither a postgres:// URL nor a path to an SQLite data dir")]
     Location(String),
+    #[error(
+        "no store connection within the acquire timeout ({})",
+        if *.all_in_use { "every one in use" } else { "a new one could not be opened" }
+    )]
+    NoConnection { all_in_use: bool },
 }
 
 impl StoreError {
     /// Whether the database could not be reached (down, restarting, no free connection), as
     /// opposed to a query it refused: worth retrying shortly.
     pub fn is_unavailable(&self) -> bool {
+        self.unavailable().is_some()
+    }
+
+    /// A pool timeout told apart, from the pool's state just after it: with every connection
+    /// open and in use the store is busy; with fewer, new ones could not be opened (the database
+    /// is unreachable or refusing them).
+    fn after_acquire(self, open: u32, max: u32) -> StoreError {
         match self {
-            StoreError::Open { .. } | StoreError::WriterGone => true,
-            StoreError::Query(e) => transient(e),
+            StoreError::Query(sqlx::Error::PoolTimedOut) => StoreError::NoConnection {
+                all_in_use: open >= max,
+            },
+            other => other,
+        }
+    }
+
+    /// Why the database could not be used, when that is the failure (not a query it refused).
+    pub fn unavailable(&self) -> Option<Unavailable> {
+        match self {
+            StoreError::NoConnection { all_in_use: true } => Some(Unavailable::Busy),
+            StoreError::NoConnection { all_in_use: false } => Some(Unavailable::Unreachable),
+            StoreError::Open { source, .. } => {
+                Some(unavailable(source).unwrap_or(Unavailable::Unreachable))
+            }
+            StoreError::WriterGone => Some(Unavailable::Stopping),
+            StoreError::Query(e) => unavailable(e),
             StoreError::Write(w) => w.unavailable,
-            _ => false,
+            _ => None,
         }
     }
 }
 
-/// Errors that say the database is unreachable or going away, not that a query was wrong.
-pub(crate) fn transient(e: &sqlx::Error) -> bool {
+/// Why the store cannot serve a request now; each is worth retrying, and each says what would
+/// fix it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every pooled connection stayed in use for the whole acquire timeout.
+    Busy,
+    /// No connection within the acquire timeout, for a reason not known here (all in use, or
+    /// none could be opened).
+    NoConnection,
+    /// The database could not be reached, or it is starting, stopping or refusing connections.
+    Unreachable,
+    /// SQLite: another connection held the lock longer than the busy timeout.
+    Locked,
+    /// SQLite: the data dir cannot be written (full, read-only or failing).
+    CannotWrite,
+    /// The store's writer has stopped: the server is shutting down.
+    Stopping,
+}
+
+impl Unavailable {
+    /// What a client (and an operator reading the session) is told.
+    pub fn detail(self) -> &'static str {
+        match self {
+            Unavailable::Busy => {
+                "every connection to the session store stayed busy for the acquire timeout; retry \
+                 shortly (an operator can raise --store-max-connections or \
+                 --store-acquire-timeout, or the database's capacity)"
+            }
+            Unavailable::NoConnection => {
+                "no connection to the session store came free or could be opened within the \
+                 acquire timeout; retry shortly"
+            }
+            Unavailable::Unreachable => {
+                "the session store cannot be reached right now; retry shortly"
+            }
+            Unavailable::Locked => {
+                "the session store stayed locked by another writer past its busy timeout; retry \
+                 shortly"
+            }
+            Unavailable::CannotWrite => {
+                "the session store cannot write its data dir (full, read-only or failing); retry \
+                 once an operator has freed it"
+            }
+            Unavailable::Stopping => {
+                "the session store is stopping with the server; retry shortly (another replica \
+                 answers if there is one)"
+            }
+        }
+    }
+}
+
+/// Errors that say the database is unreachable, busy or unwritable, not that a query was wrong.
+pub(crate) fn unavailable(e: &sqlx::Error) -> Option<Unavailable> {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(d) => d.code().is_some_and(|c| match c.parse::<u32>() {
-            // SQLite's numeric codes, with their extended codes: SQLITE_BUSY (5) and
-            // SQLITE_LOCKED (6) outlasted the busy timeout; SQLITE_READONLY (8), SQLITE_IOERR
-            // (10), SQLITE_FULL (13) and SQLITE_CANTOPEN (14) say the data dir cannot be written
-            // now (full, read-only, failing), which an operator fixes and the caller retries.
-            Ok(n) if c.len() < 5 => matches!(n & 0xff, 5 | 6 | 8 | 10 | 13 | 14),
-            // PostgreSQL's SQLSTATE: class 08 (connection exception), 57P0x (shutting down,
-            // cannot connect now), 53300 (too many connections).
-            _ => c.starts_with("08") || c.starts_with("57P") || c == "53300",
-        }),
-        _ => false,
+        sqlx::Error::PoolTimedOut => Some(Unavailable::NoConnection),
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => Some(Unavailable::Unreachable),
+        sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => Some(Unavailable::Stopping),
+        sqlx::Error::Database(d) => {
+            let c = d.code()?;
+            match c.parse::<u32>() {
+                // SQLite's numeric codes, with their extended codes.
+                Ok(n) if c.len() < 5 => sqlite_unavailable(n),
+                // PostgreSQL's SQLSTATE: class 08 (connection exception), 57P0x (shutting
+                // down, cannot connect now), 53300 (too many connections).
+                _ if c.starts_with("08") || c.starts_with("57P") => Some(Unavailable::Unreachable),
+                _ if c == "53300" => Some(Unavailable::Busy),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// SQLite's primary result code (the low byte of an extended one) when it says the store cannot
+/// be written now: SQLITE_BUSY (5) and SQLITE_LOCKED (6) outlasted the busy timeout;
+/// SQLITE_READONLY (8), SQLITE_IOERR (10), SQLITE_FULL (13) and SQLITE_CANTOPEN (14) are an
+/// operator's to fix.
+pub(crate) fn sqlite_unavailable(code: u32) -> Option<Unavailable> {
+    match code & 0xff {
+        5 | 6 => Some(Unavailable::Locked),
+        8 | 10 | 13 | 14 => Some(Unavailable::CannotWrite),
+        _ => None,
     }
 }
 
@@ -213,14 +303,14 @@ struct Begin {
 #[derive(Debug, Clone)]
 pub struct WriteFailed {
     message: String,
-    unavailable: bool,
+    unavailable: Option<Unavailable>,
 }
 
 impl From<&sqlx::Error> for WriteFailed {
     fn from(e: &sqlx::Error) -> Self {
         WriteFailed {
             message: e.to_string(),
-            unavailable: transient(e),
+            unavailable: unavailable(e),
         }
     }
 }
@@ -331,11 +421,16 @@ enum Db {
 
 /// Runs `$body` with `$pool` bound to whichever pool the store has: the same query text and
 /// binds, typed for each backend.
+/// A pool timeout comes out as `NoConnection`, saying whether every connection was in use.
 macro_rules! on_db {
     ($store:expr, |$pool:ident| $body:expr) => {
         match &$store.db {
-            Db::Sqlite($pool) => $body,
-            Db::Postgres($pool) => $body,
+            Db::Sqlite($pool) => async { Ok($body) }.await.map_err(|e: StoreError| {
+                e.after_acquire($pool.size(), $pool.options().get_max_connections())
+            })?,
+            Db::Postgres($pool) => async { Ok($body) }.await.map_err(|e: StoreError| {
+                e.after_acquire($pool.size(), $pool.options().get_max_connections())
+            })?,
         }
     };
 }
@@ -1633,12 +1728,48 @@ mod tests {
 
     #[test]
     fn only_an_unreachable_busy_or_unwritable_database_counts_as_unavailable() {
-        assert!(transient(&sqlx::Error::PoolTimedOut));
-        assert!(transient(&sqlx::Error::Io(std::io::Error::from(
-            std::io::ErrorKind::ConnectionRefused
-        ))));
-        assert!(!transient(&sqlx::Error::RowNotFound));
-        assert!(StoreError::WriterGone.is_unavailable());
+        let timed_out = || StoreError::Query(sqlx::Error::PoolTimedOut);
+        assert_eq!(timed_out().unavailable(), Some(Unavailable::NoConnection));
+        assert_eq!(
+            timed_out().after_acquire(16, 16).unavailable(),
+            Some(Unavailable::Busy)
+        );
+        assert_eq!(
+            timed_out().after_acquire(0, 16).unavailable(),
+            Some(Unavailable::Unreachable)
+        );
+        assert!(matches!(
+            StoreError::Conflict.after_acquire(16, 16),
+            StoreError::Conflict
+        ));
+        for why in [
+            Unavailable::Busy,
+            Unavailable::NoConnection,
+            Unavailable::Unreachable,
+            Unavailable::Locked,
+            Unavailable::CannotWrite,
+            Unavailable::Stopping,
+        ] {
+            assert!(!why.detail().contains("  "), "{:?}", why.detail());
+        }
+        assert_eq!(
+            unavailable(&sqlx::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused
+            ))),
+            Some(Unavailable::Unreachable)
+        );
+        assert_eq!(unavailable(&sqlx::Error::RowNotFound), None);
+        assert_eq!(sqlite_unavailable(13), Some(Unavailable::CannotWrite));
+        assert_eq!(sqlite_unavailable(5 | (3 << 8)), Some(Unavailable::Locked));
+        assert_eq!(
+            sqlite_unavailable(19),
+            None,
+            "a constraint is the query's fault"
+        );
+        assert_eq!(
+            StoreError::WriterGone.unavailable(),
+            Some(Unavailable::Stopping)
+        );
         assert!(!StoreError::Conflict.is_unavailable());
     }
 

@@ -291,7 +291,7 @@ where
             .with_max_delay(Duration::from_secs(2))
             .without_max_times(),
     )
-    .when(super::transient)
+    .when(|e| super::unavailable(e).is_some())
     .notify(|e, after| {
         tracing::warn!(error = %e, retry_in = ?after, "the database is unreachable; holding turn writes");
     })

@@ -3,8 +3,8 @@
 //! statements, so SQLite's single writer lock is never contended and no statement is parsed twice.
 
 use super::{
-    Begin, Event, EventQueue, Message, Result, Session, StoreError, Turn, Write, WriteFailed, json,
-    now,
+    Begin, Event, EventQueue, Message, Result, Session, StoreError, Turn, Unavailable, Write,
+    WriteFailed, json, now,
 };
 use rusqlite::OptionalExtension;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -296,22 +296,20 @@ fn finish_checkpoint(conn: &rusqlite::Connection, wal_frames: &AtomicI64) {
     }
 }
 
-/// Whether a failed write says the data dir cannot be written now (and the caller may retry):
-/// SQLITE_BUSY (5) and SQLITE_LOCKED (6) outlasted the busy timeout; SQLITE_READONLY (8),
-/// SQLITE_IOERR (10), SQLITE_FULL (13) and SQLITE_CANTOPEN (14) are an operator's to fix.
-fn transient(e: &rusqlite::Error) -> bool {
+/// Why a failed write means the data dir cannot be written now (and the caller may retry).
+fn unavailable(e: &rusqlite::Error) -> Option<Unavailable> {
     match e {
         rusqlite::Error::SqliteFailure(f, _) => {
-            matches!(f.extended_code & 0xff, 5 | 6 | 8 | 10 | 13 | 14)
+            super::sqlite_unavailable(u32::try_from(f.extended_code).unwrap_or(0))
         }
-        _ => false,
+        _ => None,
     }
 }
 
 fn failed(e: &rusqlite::Error) -> WriteFailed {
     WriteFailed {
         message: e.to_string(),
-        unavailable: transient(e),
+        unavailable: unavailable(e),
     }
 }
 
@@ -319,7 +317,7 @@ fn failed(e: &rusqlite::Error) -> WriteFailed {
 /// when a row was refused), up to `UNSAVED_LIMIT` events.
 fn keep_unsaved(unsaved: &mut Vec<Event>, w: &Write, e: &rusqlite::Error) {
     let Write::Events(events) = w else { return };
-    if !transient(e) {
+    if unavailable(e).is_none() {
         return;
     }
     if unsaved.len() + events.len() > UNSAVED_LIMIT {
