@@ -8,7 +8,8 @@
 # directory with only a `package` file is built from agent-cli/Dockerfile with that npm package
 # at the version harnesses/package.json pins (the same pins as the local templates).
 #   --binary PATH     the sandwarden binary to put in the base image (default target/release/sandwarden);
-#                     it is built on the host (Debian 12) and copied in: Dockerfile.prebuilt.
+#                     it is built on the host (Debian 12) and copied in: Dockerfile.prebuilt, with
+#                     sandwarden-harness from beside it (the same build makes both).
 #   --from-source     build the base from source in a Rust image instead (base/Dockerfile).
 #   --bootstrap-base  where no registry is reachable: create docker.io/library/debian:bookworm-slim
 #                     locally with debootstrap (root, Debian's debootstrap package) if it is missing.
@@ -71,9 +72,12 @@ build_base() {
     return
   fi
   [ -x "$binary" ] || { echo "no sandwarden binary at $binary: run cargo build --release, or pass --binary PATH" >&2; exit 1; }
+  harness="$(dirname "$binary")/sandwarden-harness"
+  [ -x "$harness" ] || { echo "no sandwarden-harness beside $binary: run cargo build (it builds both binaries)" >&2; exit 1; }
   ctx=$(mktemp -d)
   trap 'rm -rf "$ctx"' RETURN
   strip -o "$ctx/sandwarden" "$binary" 2>/dev/null || cp "$binary" "$ctx/sandwarden"
+  strip -o "$ctx/sandwarden-harness" "$harness" 2>/dev/null || cp "$harness" "$ctx/sandwarden-harness"
   cp "$here/base/Dockerfile.prebuilt" "$ctx/Dockerfile"
   "$engine" build -q -t "sandwarden/harness-base:$version" "$ctx" >/dev/null
 }

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 pub struct SandboxTemplateSpec {
     /// `api`: an ACP agent over stdio; `tui`: a program under a PTY.
     pub kind: HarnessKind,
-    /// The agent's or program's command line, run by `sandwarden harness` in the Pod.
+    /// The agent's or program's command line, run by the harness server in the Pod.
     #[x_kube(validation = Rule::new("self.size() > 0 && self.size() <= 4096").message("command must be 1 to 4096 characters"))]
     pub command: String,
     /// The harness image (default `sandwarden/harness-<template name>:<version>`).

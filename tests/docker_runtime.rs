@@ -370,6 +370,8 @@ async fn fake_model_container(docker: &Docker, id: &str) -> (String, String) {
             }),
             bollard::models::ContainerCreateBody {
                 image: Some(format!("sandwarden/harness-base:{VERSION}")),
+                // The image's entrypoint is the harness server; the fake model is `sandwarden`'s.
+                entrypoint: Some(vec!["/usr/local/bin/sandwarden".into()]),
                 cmd: Some(
                     ["fake-model", "--listen", "0.0.0.0:8000", "--in-container"]
                         .map(String::from)

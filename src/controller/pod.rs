@@ -63,7 +63,7 @@ fn fill_harness(c: &mut Container, template: &SandboxTemplate, sandbox: &Sandbox
     c.args = Some(
         template
             .to_template()
-            .harness_args(&format!("0.0.0.0:{}", template.spec.port), WORKDIR),
+            .harness_flags(&format!("0.0.0.0:{}", template.spec.port), WORKDIR),
     );
     let port = ContainerPort {
         name: Some("harness".into()),
@@ -348,7 +348,7 @@ mod tests {
             Some(format!("sandwarden/harness-echo:{}", env!("CARGO_PKG_VERSION")).as_str())
         );
         let args = c.args.clone().unwrap_or_default();
-        assert_eq!(&args[..3], ["harness", "--listen", "0.0.0.0:7000"]);
+        assert_eq!(&args[..2], ["--listen", "0.0.0.0:7000"]);
         assert!(
             args.windows(2)
                 .any(|w| w == ["--agent", "sandwarden echo-agent"])

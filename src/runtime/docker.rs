@@ -144,7 +144,7 @@ impl DockerRuntime {
             "SANDWARDEN_LOG={}",
             std::env::var("SANDWARDEN_SANDBOX_LOG").unwrap_or_else(|_| "warn".into())
         ));
-        let cmd = t.harness_args(&format!("0.0.0.0:{HARNESS_PORT}"), WORKDIR);
+        let cmd = t.harness_flags(&format!("0.0.0.0:{HARNESS_PORT}"), WORKDIR);
         let memory = i64::try_from(c.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
         ContainerCreateBody {
             image: Some(t.image()),

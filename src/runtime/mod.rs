@@ -84,15 +84,10 @@ impl Default for ContainerSpec {
 }
 
 impl Template {
-    /// The `sandwarden harness` arguments that run this template, listening on `listen` with
-    /// `workdir` as the working directory (the images' entrypoint is `sandwarden`).
-    pub fn harness_args(&self, listen: &str, workdir: &str) -> Vec<String> {
-        let mut args = vec!["harness".to_string()];
-        args.extend(self.harness_flags(listen, workdir));
-        args
-    }
-
-    /// The harness server's own flags for this template (every runtime starts the same ones).
+    /// The harness server's own flags for this template, listening on `listen` with `workdir` as
+    /// the working directory. Every runtime starts the same ones: local sandboxes after the
+    /// harness program, containers and Pods as the arguments to the images' entrypoint
+    /// (`sandwarden-harness`).
     pub fn harness_flags(&self, listen: &str, workdir: &str) -> Vec<String> {
         let agent_or_command = if self.kind == "api" {
             "--agent"

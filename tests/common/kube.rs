@@ -116,8 +116,9 @@ impl Kubelet {
                                 }
                             })
                             .collect();
+                        // The images' entrypoint, given the Pod's args.
                         let (child, _addr) = spawn_listening(
-                            Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+                            Command::new(env!("CARGO_BIN_EXE_sandwarden-harness"))
                                 .args(&args)
                                 .env_clear()
                                 .env("PATH", &path)
