@@ -51,6 +51,41 @@ pub struct FakeKube {
     changed: Arc<tokio::sync::Notify>,
     /// Bumped to end every open watch (as an API server restart or a load balancer would).
     generation: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Lists held back by tests (`hold_lists`).
+    holds: Arc<Mutex<Vec<ListHold>>>,
+}
+
+/// Lists of one collection, with or without a label selector, held back until released: lets a
+/// test choose which of a controller's caches fills first. Watches are never held.
+#[derive(Clone)]
+pub struct ListHold {
+    collection: String,
+    labelled: bool,
+    released: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Lists waiting on this hold so far.
+    parked: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl ListHold {
+    /// Waits until a list is being held.
+    pub async fn parked(&self) {
+        let mut rx = self.parked.subscribe();
+        let _ = rx.wait_for(|n| *n > 0).await;
+    }
+
+    /// Lets every held list, and every later one, through.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    async fn pass(&self) {
+        let mut rx = self.released.subscribe();
+        if *rx.borrow() {
+            return;
+        }
+        self.parked.send_modify(|n| *n += 1);
+        let _ = rx.wait_for(|released| *released).await;
+    }
 }
 
 impl Default for FakeKube {
@@ -60,6 +95,7 @@ impl Default for FakeKube {
             latency: Duration::ZERO,
             changed: Arc::default(),
             generation: Arc::new(tokio::sync::watch::channel(0).0),
+            holds: Arc::default(),
         }
     }
 }
@@ -217,6 +253,22 @@ impl FakeKube {
     pub fn with_latency(mut self, latency: Duration) -> FakeKube {
         self.latency = latency;
         self
+    }
+
+    /// Holds back every list (not watch) of `collection`, with a label selector (`labelled`) or
+    /// without, until the returned hold is released.
+    pub fn hold_lists(&self, collection: &str, labelled: bool) -> ListHold {
+        let hold = ListHold {
+            collection: collection.to_string(),
+            labelled,
+            released: Arc::new(tokio::sync::watch::channel(false).0),
+            parked: Arc::new(tokio::sync::watch::channel(0).0),
+        };
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hold.clone());
+        hold
     }
 
     /// A `kube::Client` talking to this fake.
@@ -427,6 +479,19 @@ impl FakeKube {
                 .and_then(|v| v.parse().ok())
                 .map_or(Duration::from_secs(290), Duration::from_secs);
             return self.watch(&target, since, Selectors::of(query), timeout);
+        }
+        if parts.method == Method::GET && target.name.is_none() {
+            let labelled = query_param(query, "labelSelector").is_some_and(|l| !l.is_empty());
+            let hold = self
+                .holds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|h| h.collection == target.collection && h.labelled == labelled)
+                .cloned();
+            if let Some(hold) = hold {
+                hold.pass().await;
+            }
         }
         let content_type = parts
             .headers

@@ -11,6 +11,7 @@ use sandwarden::crd::{Sandbox, SandboxSpec, SandboxTemplate, SandboxTemplateSpec
 use sandwarden::fake_kube::FakeKube;
 use sandwarden::runtime::Tokens;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 const NS: &str = "agents";
 const SANDBOXES: &str = "apis/sandwarden.dev/v1alpha1/sandboxes";
@@ -590,4 +591,39 @@ async fn one_leader_at_a_time_and_a_successor_when_it_stops() {
         stop.cancel();
         task.await.expect("stops");
     }
+}
+
+#[tokio::test]
+async fn a_pool_is_sized_as_soon_as_the_sandbox_cache_fills_even_when_it_fills_last() {
+    // The order a loaded machine once produced: the pool's own lists finish first, its
+    // reconcile starts and waits for the Sandbox cache, the Sandbox controller wakes (its Pods
+    // listed) before its Sandboxes are listed, and only then the Sandbox list completes.
+    let fake = setup(true);
+    fake.remove(SANDBOXES, NS, "sbx-1");
+    fake.put(POOLS, pool_json(2));
+    let sandbox_list = fake.hold_lists(SANDBOXES, false);
+    let pod_list = fake.hold_lists(PODS, true);
+    let (stop, task) = start_controllers(&fake);
+    sandbox_list.parked().await;
+    pod_list.parked().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pod_list.release();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let released = std::time::Instant::now();
+    sandbox_list.release();
+    until("the pool's two members created", || {
+        (sandbox_posts(&fake) == 2)
+            .then_some(())
+            .ok_or(format!("{} created", sandbox_posts(&fake)))
+    })
+    .await;
+    // The pool is sized from the filled cache at once; it used to wait for a 5 s guard (and
+    // before that guard, for good). Seconds of slack for a loaded machine, not a benchmark.
+    let waited = released.elapsed();
+    assert!(
+        waited < Duration::from_secs(4),
+        "the pool was sized {waited:?} after the Sandbox cache filled"
+    );
+    stop.cancel();
+    task.await.expect("controllers stop");
 }

@@ -77,8 +77,9 @@ async fn reconcile_sandbox(s: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action,
 }
 
 async fn reconcile_pool(pool: Arc<SandboxWarmPool>, ctx: Arc<Context>) -> Result<Action, Failed> {
-    // Sizing from a cache that has not finished its first list would over-create. Bounded, so
-    // a cache that never becomes ready shows in the log instead of stalling this reconcile.
+    // Sizing from a cache that has not finished its first list would over-create. `run` starts
+    // this controller only once the cache is ready, so this returns at once; bounded all the
+    // same, so a cache that is somehow not ready shows in the log instead of stalling.
     let ready = tokio::time::timeout(Duration::from_secs(5), ctx.sandboxes.wait_until_ready());
     if !matches!(ready.await, Ok(Ok(()))) {
         tracing::warn!(pool = %pool.name_any(), "the Sandbox cache is not ready; sizing the pool later");
@@ -139,10 +140,24 @@ pub async fn run(
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(reconcile_sandbox, retry, ctx.clone())
         .for_each(|_| async {});
-    let pool_run = Controller::new(pools, watcher::Config::default())
-        .owns(sandboxes, watcher::Config::default().labels(MANAGED))
-        .graceful_shutdown_on(stop.cancelled_owned())
-        .run(reconcile_pool, retry, ctx)
-        .for_each(|_| async {});
+    // The pools are sized from the Sandbox cache, so their controller starts once that cache
+    // has its first list, and the wait happens here, in the task that also runs the Sandbox
+    // controller. kube-runtime's readiness signal wakes only the task that polled it last (a
+    // oneshot receiver keeps one waker), and the Sandbox controller polls it on every wake-up:
+    // a pool reconcile waiting on it in its own task was never woken, and the pool was not
+    // sized until a timeout (docs/reliability.md).
+    let ready = ctx.sandboxes.clone();
+    let pool_run = async move {
+        tokio::select! {
+            r = ready.wait_until_ready() => if r.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+        Controller::new(pools, watcher::Config::default())
+            .owns(sandboxes, watcher::Config::default().labels(MANAGED))
+            .graceful_shutdown_on(stop.cancelled_owned())
+            .run(reconcile_pool, retry, ctx)
+            .for_each(|_| async {})
+            .await;
+    };
     tokio::join!(sandbox_run, pool_run);
 }
