@@ -572,9 +572,9 @@ mod tests {
         let db = dir.path().join("wal.db");
         let conn = writer_connection(&db).expect("open");
         conn.execute("CREATE TABLE t (v TEXT)", []).expect("create");
-        // One transaction of ≈ 22 MiB: the WAL file grows past the limit.
+        // One transaction of ≈ 80 MiB: the WAL file grows past the limit (64 MiB).
         conn.execute_batch("BEGIN").expect("begin");
-        insert(&conn, 40_000);
+        insert(&conn, 140_000);
         conn.execute_batch("COMMIT").expect("commit");
         let wal = dir.path().join("wal.db-wal");
         let size = || std::fs::metadata(&wal).expect("wal file").len();
