@@ -481,13 +481,17 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     }
     // The WAL starts over once a checkpoint has copied it all; under a steady load that needs
     // the writer's own checkpoint (store/sqlite.rs), or the file grows for as long as the load
-    // lasts. With it, the file's size is about what a second of the load writes.
+    // lasts. With it, the file stays at its high-water mark, at most the size limit.
     let wal = std::fs::metadata(serve.dir.join("sandwarden.db-wal")).map_or(0, |m| m.len());
+    let mib = |bytes: i64| bytes / (1024 * 1024);
     out.push_str(&format!(
         "SQLite WAL file after the load: {:.1} MiB (the writer starts it over once it passes \
-         16 MiB, after the next background checkpoint, every 200 ms; the file is cut back to \
-         64 MiB only when it grew past that).\n\n",
-        wal as f64 / (1024.0 * 1024.0)
+         {} MiB, after the next background checkpoint, every {} ms; the file is cut back to \
+         {} MiB only when it grew past that).\n\n",
+        wal as f64 / (1024.0 * 1024.0),
+        mib(crate::store::RESTART_FRAMES * 4096),
+        crate::store::CHECKPOINT_EVERY.as_millis(),
+        mib(crate::store::WAL_SIZE_LIMIT),
     ));
     drop(nginx);
     drop(direct);

@@ -20,17 +20,17 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the background checkpoint runs. Short, so each pass copies little and its sync of
 /// the database file is small: at a 1 s period under a sustained load the WAL reached 85 MiB
 /// and the sync after copying it stalled the next commits for 50–120 ms.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// WAL length (in 4 KiB frames) past which the writer completes a checkpoint itself, so the WAL
 /// starts over (`finish_checkpoint`): about 16 MiB.
-const RESTART_FRAMES: i64 = 4096;
+pub(crate) const RESTART_FRAMES: i64 = 4096;
 /// The WAL file's size once a checkpoint has started it over (`journal_size_limit`, bytes): a
 /// burst that grew it far past this does not leave that much disk taken for good. Four times
 /// `RESTART_FRAMES`, so a WAL that starts over at its usual length is rewritten in place rather
 /// than cut back each time: cutting it frees blocks the next commits allocate again, and on this
 /// project's machines (ext4 mounted with `discard`) each cut took 4–7 ms on the writer's thread
 /// and the commits around it stalled (docs/benchmarks.md, "WAL checkpoints and tail latency").
-const WAL_SIZE_LIMIT: i64 = 4 * RESTART_FRAMES * 4096;
+pub(crate) const WAL_SIZE_LIMIT: i64 = 4 * RESTART_FRAMES * 4096;
 /// How long events alone wait for company before they are committed.
 const EVENTS_LINGER: Duration = Duration::from_millis(2);
 /// How often events that could not be written are tried again when nothing else is written.
@@ -94,8 +94,8 @@ pub(super) async fn open(
     Ok((pool, writer))
 }
 
-/// Copies the WAL into the database file every `CHECKPOINT_EVERY`, off the request path. PASSIVE: it never
-/// waits for, nor blocks, readers and the writer. It publishes the WAL's length in frames, so the
+/// Copies the WAL into the database file every `CHECKPOINT_EVERY`, off the request path.
+/// PASSIVE: it never waits for, nor blocks, readers and the writer. It publishes the WAL's length in frames, so the
 /// writer knows when to finish a checkpoint itself (see `RESTART_FRAMES`).
 async fn checkpoint(pool: SqlitePool, writer: Arc<Writer>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
