@@ -454,12 +454,6 @@ impl Terminal {
         let (mut sink, mut stream) = socket.split();
         let id = at.id;
         tracing::debug!(viewer = id, replay = at.replay.len(), "viewer attached");
-        let close_with = |code: u16, reason: &'static str| {
-            Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            }))
-        };
         let mut replay_ok = true;
         for chunk in at.replay.chunks(READ_CHUNK) {
             if sink
@@ -472,8 +466,7 @@ impl Terminal {
             }
         }
         if let (true, Some(exit)) = (replay_ok, at.exited) {
-            let _ = sink.send(exit_message(exit)).await;
-            let _ = sink.send(close_with(CLOSE_NORMAL, "program exited")).await;
+            self.tell_exit(&mut sink, exit).await;
             return;
         }
         if replay_ok {
@@ -482,7 +475,7 @@ impl Terminal {
                 // that the server is going away, not that the program exited.
                 if self.shutdown.is_cancelled() {
                     let _ = sink
-                        .send(close_with(CLOSE_GOING_AWAY, "server shutting down"))
+                        .send(close_frame(CLOSE_GOING_AWAY, "server shutting down"))
                         .await;
                     break;
                 }
@@ -510,18 +503,16 @@ impl Terminal {
                                 break;
                             }
                             if let Some(exit) = exit {
-                                let _ = sink.send(exit_message(exit)).await;
-                                let _ = sink.send(close_with(CLOSE_NORMAL, "program exited")).await;
+                                self.tell_exit(&mut sink, exit).await;
                                 break;
                             }
                         }
                         Some(Frame::Exit(exit)) => {
-                            let _ = sink.send(exit_message(exit)).await;
-                            let _ = sink.send(close_with(CLOSE_NORMAL, "program exited")).await;
+                            self.tell_exit(&mut sink, exit).await;
                             break;
                         }
                         None => {
-                            let _ = sink.send(close_with(CLOSE_TRY_AGAIN_LATER, "too slow: re-attach to replay the screen")).await;
+                            let _ = sink.send(close_frame(CLOSE_TRY_AGAIN_LATER, "too slow: re-attach to replay the screen")).await;
                             break;
                         }
                     },
@@ -546,6 +537,22 @@ impl Terminal {
         }
         self.detach(id);
         tracing::debug!(viewer = id, "viewer detached");
+    }
+
+    /// Tells a viewer the program ended: with its exit status and 1000, or, when a stop ended
+    /// it (the exit can reach the viewer before its task sees the stop), with 1001.
+    async fn tell_exit<S>(&self, sink: &mut S, exit: ExitStatus)
+    where
+        S: futures::Sink<Message> + Unpin,
+    {
+        if self.shutdown.is_cancelled() {
+            let _ = sink
+                .send(close_frame(CLOSE_GOING_AWAY, "server shutting down"))
+                .await;
+            return;
+        }
+        let _ = sink.send(exit_message(exit)).await;
+        let _ = sink.send(close_frame(CLOSE_NORMAL, "program exited")).await;
     }
 
     async fn control(&self, at: &Attachment, text: &str) -> Option<Message> {
@@ -604,6 +611,13 @@ impl Terminal {
         self.viewer_tasks.close();
         let _ = tokio::time::timeout(VIEWER_CLOSE_WAIT, self.viewer_tasks.wait()).await;
     }
+}
+
+fn close_frame(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
 }
 
 fn exit_message(exit: ExitStatus) -> Message {
