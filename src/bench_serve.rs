@@ -489,7 +489,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
          {} MiB, after the next background checkpoint, every {} ms; the file is cut back to \
          {} MiB only when it grew past that).\n\n",
         wal as f64 / (1024.0 * 1024.0),
-        mib(crate::store::RESTART_FRAMES * 4096),
+        mib(crate::store::RESTART_FRAMES * crate::store::PAGE_BYTES),
         crate::store::CHECKPOINT_EVERY.as_millis(),
         mib(crate::store::WAL_SIZE_LIMIT),
     ));

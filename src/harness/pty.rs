@@ -372,17 +372,21 @@ impl Terminal {
                 return;
             }
             g.writer = None;
+            // A stop ended the program (it raises the token before it hangs up): that is not
+            // an exit to report. The viewers stay attached and hear of the stop (1001) from
+            // their own tasks, which it woke; an exit queued here could reach one first.
+            if self.shutdown.is_cancelled() {
+                return;
+            }
             std::mem::take(&mut g.viewers)
         };
-        if !self.shutdown.is_cancelled() {
-            tracing::info!(%exit, "program exited");
-            self.set_status(
-                generation,
-                Phase::Exited,
-                Some(format!("the program exited ({exit})")),
-                Some(exit),
-            );
-        }
+        tracing::info!(%exit, "program exited");
+        self.set_status(
+            generation,
+            Phase::Exited,
+            Some(format!("the program exited ({exit})")),
+            Some(exit),
+        );
         for v in viewers {
             let _ = tokio::time::timeout(SLOW_VIEWER_GRACE, v.tx.send(Frame::Exit(exit))).await;
         }
@@ -466,13 +470,13 @@ impl Terminal {
             }
         }
         if let (true, Some(exit)) = (replay_ok, at.exited) {
-            self.tell_exit(&mut sink, exit).await;
+            tell_exit(&mut sink, exit).await;
             return;
         }
         if replay_ok {
             loop {
-                // A stop began (woken by it, or by the program it ended): the viewer learns
-                // that the server is going away, not that the program exited.
+                // A stop began (woken by it, or by output written before it): the viewer
+                // learns that the server is going away; `finish` reports no exit a stop caused.
                 if self.shutdown.is_cancelled() {
                     let _ = sink
                         .send(close_frame(CLOSE_GOING_AWAY, "server shutting down"))
@@ -503,12 +507,12 @@ impl Terminal {
                                 break;
                             }
                             if let Some(exit) = exit {
-                                self.tell_exit(&mut sink, exit).await;
+                                tell_exit(&mut sink, exit).await;
                                 break;
                             }
                         }
                         Some(Frame::Exit(exit)) => {
-                            self.tell_exit(&mut sink, exit).await;
+                            tell_exit(&mut sink, exit).await;
                             break;
                         }
                         None => {
@@ -537,22 +541,6 @@ impl Terminal {
         }
         self.detach(id);
         tracing::debug!(viewer = id, "viewer detached");
-    }
-
-    /// Tells a viewer the program ended: with its exit status and 1000, or, when a stop ended
-    /// it (the exit can reach the viewer before its task sees the stop), with 1001.
-    async fn tell_exit<S>(&self, sink: &mut S, exit: ExitStatus)
-    where
-        S: futures::Sink<Message> + Unpin,
-    {
-        if self.shutdown.is_cancelled() {
-            let _ = sink
-                .send(close_frame(CLOSE_GOING_AWAY, "server shutting down"))
-                .await;
-            return;
-        }
-        let _ = sink.send(exit_message(exit)).await;
-        let _ = sink.send(close_frame(CLOSE_NORMAL, "program exited")).await;
     }
 
     async fn control(&self, at: &Attachment, text: &str) -> Option<Message> {
@@ -611,6 +599,12 @@ impl Terminal {
         self.viewer_tasks.close();
         let _ = tokio::time::timeout(VIEWER_CLOSE_WAIT, self.viewer_tasks.wait()).await;
     }
+}
+
+/// Tells a viewer the program ended: its exit status, then a normal close.
+async fn tell_exit<S: futures::Sink<Message> + Unpin>(sink: &mut S, exit: ExitStatus) {
+    let _ = sink.send(exit_message(exit)).await;
+    let _ = sink.send(close_frame(CLOSE_NORMAL, "program exited")).await;
 }
 
 fn close_frame(code: u16, reason: &'static str) -> Message {

@@ -21,8 +21,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// the database file is small: at a 1 s period under a sustained load the WAL reached 85 MiB
 /// and the sync after copying it stalled the next commits for 50–120 ms.
 pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-/// WAL length (in 4 KiB frames) past which the writer completes a checkpoint itself, so the WAL
-/// starts over (`finish_checkpoint`): about 16 MiB.
+/// SQLite's default page size, which the store keeps: the size of a WAL frame's page.
+pub(crate) const PAGE_BYTES: i64 = 4096;
+/// WAL length (in frames, a page each) past which the writer completes a checkpoint itself, so
+/// the WAL starts over (`finish_checkpoint`): about 16 MiB.
 pub(crate) const RESTART_FRAMES: i64 = 4096;
 /// The WAL file's size once a checkpoint has started it over (`journal_size_limit`, bytes): a
 /// burst that grew it far past this does not leave that much disk taken for good. Four times
@@ -30,7 +32,7 @@ pub(crate) const RESTART_FRAMES: i64 = 4096;
 /// than cut back each time: cutting it frees blocks the next commits allocate again, and on this
 /// project's machines (ext4 mounted with `discard`) each cut took 4–7 ms on the writer's thread
 /// and the commits around it stalled (docs/benchmarks.md, "WAL checkpoints and tail latency").
-pub(crate) const WAL_SIZE_LIMIT: i64 = 4 * RESTART_FRAMES * 4096;
+pub(crate) const WAL_SIZE_LIMIT: i64 = 4 * RESTART_FRAMES * PAGE_BYTES;
 /// How long events alone wait for company before they are committed.
 const EVENTS_LINGER: Duration = Duration::from_millis(2);
 /// How often events that could not be written are tried again when nothing else is written.
@@ -95,8 +97,9 @@ pub(super) async fn open(
 }
 
 /// Copies the WAL into the database file every `CHECKPOINT_EVERY`, off the request path.
-/// PASSIVE: it never waits for, nor blocks, readers and the writer. It publishes the WAL's length in frames, so the
-/// writer knows when to finish a checkpoint itself (see `RESTART_FRAMES`).
+/// PASSIVE: it never waits for, nor blocks, readers and the writer. It publishes the WAL's
+/// length in frames, so the writer knows when to finish a checkpoint itself (see
+/// `RESTART_FRAMES`).
 async fn checkpoint(pool: SqlitePool, writer: Arc<Writer>) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -543,10 +546,16 @@ mod tests {
             .expect("checkpoint")
     }
 
+    /// Bytes of text in each row `insert` writes.
+    const ROW_BYTES: usize = 512;
+
     fn insert(conn: &rusqlite::Connection, n: usize) {
         for i in 0..n {
-            conn.execute("INSERT INTO t (v) VALUES (?1)", [format!("{i:0>512}")])
-                .expect("insert");
+            conn.execute(
+                "INSERT INTO t (v) VALUES (?1)",
+                [format!("{i:0>ROW_BYTES$}")],
+            )
+            .expect("insert");
         }
     }
 
@@ -572,9 +581,10 @@ mod tests {
         let db = dir.path().join("wal.db");
         let conn = writer_connection(&db).expect("open");
         conn.execute("CREATE TABLE t (v TEXT)", []).expect("create");
-        // One transaction of ≈ 80 MiB: the WAL file grows past the limit (64 MiB).
+        // One transaction with a limit's worth of text (and the pages' own overhead besides):
+        // the WAL file grows past the limit.
         conn.execute_batch("BEGIN").expect("begin");
-        insert(&conn, 140_000);
+        insert(&conn, WAL_SIZE_LIMIT as usize / ROW_BYTES);
         conn.execute_batch("COMMIT").expect("commit");
         let wal = dir.path().join("wal.db-wal");
         let size = || std::fs::metadata(&wal).expect("wal file").len();
