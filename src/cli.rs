@@ -64,6 +64,19 @@ pub enum Command {
     /// Point an agent CLI at the model in its environment (OPENAI_* or ANTHROPIC_*), then run it.
     /// The built-in templates use this; see docs/harnesses.md.
     Launch(crate::launch::LaunchArgs),
+    /// Used by `serve`: starts a local sandbox's first process inside its cgroups and limits.
+    #[command(hide = true)]
+    SandboxExec {
+        /// A `cgroup.procs` file to join (repeatable).
+        #[arg(long = "join")]
+        join: Vec<PathBuf>,
+        /// This user's process limit (RLIMIT_NPROC) from here on.
+        #[arg(long)]
+        nproc: Option<u64>,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Write the CustomResourceDefinitions (generated from the Rust types) as YAML files.
     Crd {
         /// The directory to write them to (the repository keeps them in crds/).
@@ -88,9 +101,10 @@ pub enum StartArg {
 
 #[derive(Debug, clap::Args)]
 pub struct HarnessArgs {
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed on stdout).
+    /// Address to listen on: HOST:PORT (port 0 picks a free port) or unix:PATH; the address is
+    /// printed on stdout.
     #[arg(long, env = "SANDWARDEN_LISTEN", default_value = "127.0.0.1:7600")]
-    pub listen: SocketAddr,
+    pub listen: crate::harness::ListenAddr,
     /// Bearer token every request must carry. Prefer the environment variable or --token-file:
     /// a flag is visible to other users in `ps`.
     #[arg(long, env = "SANDWARDEN_TOKEN", hide_env_values = true)]
@@ -137,6 +151,23 @@ pub struct HarnessArgs {
     /// On SIGTERM, how long the agent's process group gets before SIGKILL, in seconds.
     #[arg(long, env = "SANDWARDEN_SHUTDOWN_GRACE", default_value_t = 5)]
     pub shutdown_grace: u64,
+    /// A sandbox whose network is its own reaches out only through this Unix socket, an egress
+    /// proxy outside the sandbox that applies the egress policy (a local sandbox under bubblewrap).
+    #[arg(long, env = "SANDWARDEN_EGRESS_SOCKET")]
+    pub egress_socket: Option<PathBuf>,
+    /// With --egress-socket: listen on this loopback address inside the sandbox and carry each
+    /// connection to the same address outside (repeatable; e.g. a model server on 127.0.0.1).
+    #[arg(
+        long = "egress-forward",
+        env = "SANDWARDEN_EGRESS_FORWARD",
+        value_delimiter = ',',
+        requires = "egress_socket"
+    )]
+    pub egress_forwards: Vec<SocketAddr>,
+    /// With --egress-socket: an HTTP proxy (CONNECT, or absolute-form http://) on this loopback
+    /// address inside the sandbox; HTTPS_PROXY should name it.
+    #[arg(long, env = "SANDWARDEN_EGRESS_PROXY", requires = "egress_socket")]
+    pub egress_proxy: Option<SocketAddr>,
 }
 
 impl HarnessArgs {
@@ -200,6 +231,13 @@ impl HarnessArgs {
             replay_bytes: self.replay_bytes,
             tty_size,
             shutdown_grace: Duration::from_secs(self.shutdown_grace),
+            egress: self
+                .egress_socket
+                .map(|socket| crate::harness::egress::Relay {
+                    socket,
+                    forwards: self.egress_forwards,
+                    proxy: self.egress_proxy,
+                }),
         })
     }
 }
@@ -285,6 +323,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(rt.block_on(crate::fake_model::run(args))?)
         }
         Command::Launch(args) => Ok(crate::launch::run(args)?),
+        Command::SandboxExec { join, nproc, argv } => Err(anyhow::anyhow!(
+            "sandbox-exec: {}",
+            crate::runtime::cgroup::sandbox_exec(&join, nproc, &argv)
+        )),
         Command::Crd { dir } => {
             std::fs::create_dir_all(&dir)?;
             for (name, yaml) in crate::crd::crds()? {

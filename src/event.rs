@@ -282,6 +282,19 @@ pub struct BindRequest {
     pub cwd: Option<String>,
 }
 
+/// A non-empty relative path that stays inside the directory it is relative to: no `..`, no
+/// root, no NUL.
+pub fn is_inside(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\0')
+        && std::path::Path::new(path).components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+}
+
 impl BindRequest {
     /// Checks names, paths and contents (what needs no sandbox); the message says what to fix.
     pub fn validate(&self) -> Result<(), String> {
@@ -302,15 +315,7 @@ impl BindRequest {
             }
         }
         for (i, file) in self.files.iter().enumerate() {
-            let rel = std::path::Path::new(&file.path);
-            let plain = !file.path.is_empty()
-                && rel.components().all(|c| {
-                    matches!(
-                        c,
-                        std::path::Component::Normal(_) | std::path::Component::CurDir
-                    )
-                });
-            if !plain {
+            if !is_inside(&file.path) {
                 return Err(format!(
                     "files[{i}].path {:?} must be a relative path inside the working directory (no '..', not absolute)",
                     file.path
@@ -338,9 +343,12 @@ impl BindRequest {
             }
         }
         if let Some(cwd) = &self.cwd
-            && (cwd.contains('\0') || cwd.is_empty())
+            && !is_inside(cwd)
         {
-            return Err("`cwd` must be a non-empty path".into());
+            return Err(
+                "`cwd` must be a relative path inside the sandbox's working directory (no '..', not absolute), e.g. \"src/app\""
+                    .into(),
+            );
         }
         Ok(())
     }

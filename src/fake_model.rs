@@ -1522,7 +1522,7 @@ pub async fn run(args: FakeModelArgs) -> Result<(), FakeModelError> {
             addr: args.listen,
             source,
         })?;
-    crate::harness::announce(addr);
+    crate::harness::announce(&addr.to_string());
     tracing::info!(%addr, "fake model listening");
     let shutdown = CancellationToken::new();
     crate::harness::cancel_on_signals(shutdown.clone()).map_err(FakeModelError::Signals)?;

@@ -38,15 +38,73 @@ impl ClientError {
 }
 
 /// The HTTP client settings for talking to harnesses: short connect timeout, no Nagle delay.
-pub fn http_client() -> reqwest::Client {
+fn http_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // Drop idle connections before the harness does (it closes a connection that sends no
         // request head for `--client-timeout`, 30 s by default), so a request never races a close.
         .pool_idle_timeout(Duration::from_secs(15))
-        .build()
-        .unwrap_or_default()
+}
+
+/// A client with the harness settings, for harnesses on TCP (one per process is plenty).
+pub fn http_client() -> reqwest::Client {
+    http_builder().build().unwrap_or_default()
+}
+
+/// The prefix of a harness endpoint that is a Unix socket: `unix:/path/to/harness.sock`.
+const UNIX: &str = "unix:";
+
+/// A connection to a harness, over TCP or a Unix socket.
+pub enum HarnessIo {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl tokio::io::AsyncRead for HarnessIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HarnessIo::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            HarnessIo::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for HarnessIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            HarnessIo::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            HarnessIo::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HarnessIo::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            HarnessIo::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HarnessIo::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            HarnessIo::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// An answer that was not a success: its problem document, or one describing the body.
@@ -58,32 +116,49 @@ fn refused(status: reqwest::StatusCode, body: &[u8]) -> ClientError {
 
 #[derive(Clone)]
 pub struct HarnessClient {
+    /// The endpoint as given: `http://host:port` or `unix:PATH`.
+    endpoint: String,
+    /// What request URLs start with (`http://sandbox` for a Unix socket).
     base: String,
     token: String,
     http: reqwest::Client,
 }
 
 impl HarnessClient {
-    /// `base` is `http://host:port`.
-    pub fn new(base: impl Into<String>, token: impl Into<String>) -> Self {
-        Self::with_http(http_client(), base, token)
+    /// `endpoint` is `http://host:port` or `unix:PATH` (a local sandbox's socket).
+    pub fn new(endpoint: impl Into<String>, token: impl Into<String>) -> Self {
+        Self::with_http(http_client(), endpoint, token)
     }
 
-    /// A client sharing `http`'s connection pool (one per process is plenty).
+    /// A client sharing `http`'s connection pool for a TCP endpoint; a Unix socket gets a pool
+    /// of its own (the socket is a setting of the pool).
     pub fn with_http(
         http: reqwest::Client,
-        base: impl Into<String>,
+        endpoint: impl Into<String>,
         token: impl Into<String>,
     ) -> Self {
+        let endpoint = endpoint.into().trim_end_matches('/').to_string();
+        let (base, http) = match endpoint.strip_prefix(UNIX) {
+            Some(path) => (
+                "http://sandbox".to_string(),
+                http_builder()
+                    .unix_socket(std::path::Path::new(path))
+                    .build()
+                    .unwrap_or(http),
+            ),
+            None => (endpoint.clone(), http),
+        };
         HarnessClient {
-            base: base.into().trim_end_matches('/').to_string(),
+            endpoint,
+            base,
             token: token.into(),
             http,
         }
     }
 
+    /// The endpoint this client was made for.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.endpoint
     }
 
     fn url(&self, path: &str) -> String {
@@ -206,5 +281,44 @@ impl HarnessClient {
         })?;
         req.headers_mut().insert("authorization", value);
         Ok(req)
+    }
+
+    /// Opens the terminal WebSocket, over TCP or the sandbox's Unix socket. A failure to
+    /// connect at all is `Error::Io`, as `connect_async` reports it.
+    pub async fn tty_connect(
+        &self,
+        config: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    ) -> Result<tokio_tungstenite::WebSocketStream<HarnessIo>, tokio_tungstenite::tungstenite::Error>
+    {
+        use tokio_tungstenite::tungstenite::Error;
+        let request = self.tty_request()?;
+        let io = match self.endpoint.strip_prefix(UNIX) {
+            Some(path) => HarnessIo::Unix(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(Error::Io)?,
+            ),
+            None => {
+                let authority = request
+                    .uri()
+                    .authority()
+                    .map(|a| a.as_str().to_string())
+                    .ok_or(Error::Url(
+                        tokio_tungstenite::tungstenite::error::UrlError::NoHostName,
+                    ))?;
+                let tcp = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::net::TcpStream::connect(authority),
+                )
+                .await
+                .map_err(|_| Error::Io(std::io::ErrorKind::TimedOut.into()))?
+                .map_err(Error::Io)?;
+                let _ = tcp.set_nodelay(true);
+                HarnessIo::Tcp(tcp)
+            }
+        };
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(request, io, Some(config)).await?;
+        Ok(ws)
     }
 }

@@ -10,7 +10,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -35,11 +35,45 @@ impl ClientLimits {
     }
 }
 
+/// Where a server takes connections: a TCP port, or a Unix socket (a local sandbox's harness,
+/// which has no network of its own that `serve` could reach).
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Listener::Tcp(l)
+    }
+}
+
+impl From<UnixListener> for Listener {
+    fn from(l: UnixListener) -> Self {
+        Listener::Unix(l)
+    }
+}
+
+/// An accepted connection of either kind.
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(tcp, _)| Accepted::Tcp(tcp)),
+            Listener::Unix(l) => l.accept().await.map(|(unix, _)| Accepted::Unix(unix)),
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown`, then lets open requests finish (the caller bounds
-/// how long it waits). Accepted sockets send small writes at once (`TCP_NODELAY`): SSE events
+/// how long it waits). Accepted TCP sockets send small writes at once (`TCP_NODELAY`): SSE events
 /// and terminal echo must not wait for Nagle's algorithm and the peer's delayed ACK.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     app: Router,
     limits: ClientLimits,
     shutdown: CancellationToken,
@@ -54,10 +88,11 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.headers);
     let graceful = GracefulShutdown::new();
+    let listener = listener.into();
     loop {
-        let tcp = tokio::select! {
+        let accepted = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: wait a moment rather than spin.
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -67,23 +102,31 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::trace!(error = %e, "setting TCP_NODELAY failed");
-        }
         let service = TowerToHyperService::new(
             app.clone()
                 .map_request(|req: Request<Incoming>| req.map(axum::body::Body::new)),
         );
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::trace!(error = %e, "connection ended with an error");
+        match accepted {
+            Accepted::Tcp(tcp) => {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::trace!(error = %e, "setting TCP_NODELAY failed");
+                }
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                tokio::spawn(finish(graceful.watch(conn.into_owned())));
             }
-        });
+            Accepted::Unix(unix) => {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(unix), service);
+                tokio::spawn(finish(graceful.watch(conn.into_owned())));
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Runs one connection to its end; how it ended matters only when tracing.
+async fn finish<E: std::fmt::Display>(conn: impl std::future::Future<Output = Result<(), E>>) {
+    if let Err(e) = conn.await {
+        tracing::trace!(error = %e, "connection ended with an error");
+    }
 }

@@ -21,6 +21,7 @@ pub mod client;
 pub mod controller;
 pub mod crd;
 pub mod echo_agent;
+pub mod egress;
 pub mod event;
 pub mod fake_kube;
 pub mod fake_model;

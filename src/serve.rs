@@ -43,10 +43,24 @@ pub struct ServeArgs {
     /// Where sandboxes run.
     #[arg(long, env = "SANDWARDEN_RUNTIME", value_enum, default_value = "local")]
     pub runtime: RuntimeKind,
-    /// How local sandboxes are confined: `none` (plain processes), `bwrap` (bubblewrap: a
-    /// read-only file system but for the sandbox's directory, own PID namespace), or `auto`.
-    #[arg(long, env = "SANDWARDEN_ISOLATION", value_enum, default_value = "none")]
+    /// How local sandboxes are confined: `auto` (bubblewrap where it works, else plain
+    /// processes with a warning), `bwrap` (refuse to start without it), or `none` (plain
+    /// processes, no boundary at all). docs/security.md says what each holds.
+    #[arg(long, env = "SANDWARDEN_ISOLATION", value_enum, default_value = "auto")]
     pub isolation: Isolation,
+    /// Lets sandboxes reach HOST[:PORT] although it is a loopback, private or link-local
+    /// address (a model server on the LAN or on this machine; repeatable). A loopback address
+    /// with a port is reachable inside a local sandbox at the same address.
+    #[arg(
+        long = "egress-allow",
+        env = "SANDWARDEN_EGRESS_ALLOW",
+        value_delimiter = ','
+    )]
+    pub egress_allow: Vec<String>,
+    /// Gives every local sandbox this variable of serve's environment (repeatable). Nothing
+    /// else of it reaches a sandbox but the locale and time zone.
+    #[arg(long = "pass-env", env = "SANDWARDEN_PASS_ENV", value_delimiter = ',')]
+    pub pass_env: Vec<String>,
     /// A JSON file with an array of templates that add to or replace the built-in ones by name.
     #[arg(long, env = "SANDWARDEN_TEMPLATES")]
     pub templates: Option<PathBuf>,
@@ -107,6 +121,15 @@ pub struct ServeArgs {
     /// answered 408 (body).
     #[arg(long, env = "SANDWARDEN_CLIENT_TIMEOUT", default_value_t = 30)]
     pub client_timeout: u64,
+}
+
+/// Creates the data dir (and its parents) and makes it readable by this user only.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the data dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making the data dir {} private (0700)", dir.display()))
 }
 
 fn default_data_dir() -> PathBuf {
@@ -324,14 +347,20 @@ pub const LEASE: &str = "sandwarden-controller";
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Settings are checked before anything is created.
-    let isolation = args
-        .isolation
-        .resolve()
-        .await
-        .map_err(|m| anyhow::anyhow!(m))?;
+    let egress =
+        crate::egress::EgressPolicy::parse(&args.egress_allow).map_err(|m| anyhow::anyhow!(m))?;
+    let isolation = match args.runtime {
+        RuntimeKind::Local => args
+            .isolation
+            .resolve()
+            .await
+            .map_err(|m| anyhow::anyhow!(m))?,
+        _ => Isolation::None,
+    };
+    // Everything serve writes (the store, the secret, sandboxes' directories) is its own.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    create_private_dir(&data_dir)?;
     let mut templates = load_templates(&args)?;
     let kubernetes = match args.runtime {
         RuntimeKind::Kubernetes => {
@@ -368,12 +397,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let runtime = match args.runtime {
         RuntimeKind::Local => {
-            tracing::info!(?isolation, "local sandboxes");
+            tracing::info!(isolation = isolation.name(), "local sandboxes");
+            if isolation == Isolation::None {
+                tracing::warn!(
+                    "local sandboxes are plain processes (--isolation none): an agent can read and \
+                     do whatever this user can, including other sessions' data"
+                );
+            }
             Arc::new(LocalRuntime::new(
                 &data_dir,
                 tokens.clone(),
                 exits_tx,
                 isolation,
+                crate::runtime::local::LocalOptions {
+                    pass_env: args.pass_env.clone(),
+                    egress,
+                },
             )?) as Arc<dyn crate::runtime::Runtime>
         }
         RuntimeKind::Kubernetes => match &kubernetes {
@@ -419,7 +458,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     orch.sync().await;
     let background = tokio::spawn(orch.clone().run_background(exits_rx));
 
-    crate::harness::announce(addr);
+    crate::harness::announce(&addr.to_string());
     tracing::info!(%addr, data_dir = %data_dir.display(), runtime = ?args.runtime, "sandwarden serve listening");
     crate::harness::cancel_on_signals(shutdown.clone())?;
 

@@ -21,6 +21,9 @@ struct Unwatched {
 
 #[async_trait::async_trait]
 impl Runtime for Unwatched {
+    fn isolation(&self) -> &'static str {
+        "none"
+    }
     fn name(&self) -> &'static str {
         "unwatched"
     }

@@ -168,6 +168,7 @@ fn check_id(id: &str) -> Result<(), Problem> {
 /// A session as the API shows it: the stored fields plus `tty_url` for terminal sessions.
 fn view(orch: &Orchestrator, s: &Session) -> Value {
     let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+    v["isolation"] = Value::String(orch.runtime.isolation().into());
     if let Some(url) = orch.tty_url(s) {
         v["tty_url"] = Value::String(url);
     }

@@ -111,17 +111,8 @@ pub async fn attach(
         return Err(crate::session::not_found(&id));
     };
     let client = orch.client_for(sandbox_id, endpoint);
-    let request = client
-        .tty_request()
-        .map_err(|e| Problem::new(StatusCode::BAD_GATEWAY, "harness_error", e.to_string()))?;
-    let upstream = match tokio_tungstenite::connect_async_with_config(
-        request,
-        Some(ws_config()),
-        true,
-    )
-    .await
-    {
-        Ok((upstream, _)) => upstream,
+    let upstream = match client.tty_connect(ws_config()).await {
+        Ok(upstream) => upstream,
         Err(tokio_tungstenite::tungstenite::Error::Io(e)) => {
             orch.mark_dead(&session, &format!("its harness could not be reached ({e})"))
                 .await;
@@ -176,8 +167,7 @@ pub async fn attach(
         .into_response())
 }
 
-type Upstream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Upstream = tokio_tungstenite::WebSocketStream<crate::harness_client::HarnessIo>;
 
 /// Copies frames both ways until either side closes; a close is passed on with its code. A
 /// client that leaves output unread for `stall` is let go (1013, as the harness does with a

@@ -8,6 +8,7 @@ pub mod acp;
 pub mod binary;
 pub mod bind;
 pub mod config;
+pub mod egress;
 pub mod map;
 pub mod process;
 pub mod pty;
@@ -33,10 +34,34 @@ pub enum StartMode {
     Bind,
 }
 
+/// Where the harness server listens: a TCP address (containers, Pods), or a Unix socket (a local
+/// sandbox, whose network namespace `serve` cannot reach).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a socket path, e.g. unix:/run/harness.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("{s:?} is neither HOST:PORT (e.g. 127.0.0.1:7600) nor unix:PATH"))
+    }
+}
+
 /// Everything the harness server needs, checked by the CLI layer.
 #[derive(Clone)]
 pub struct HarnessConfig {
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     pub token: String,
     pub kind: Kind,
     pub argv: Vec<String>,
@@ -51,6 +76,8 @@ pub struct HarnessConfig {
     pub replay_bytes: usize,
     pub tty_size: (u16, u16),
     pub shutdown_grace: Duration,
+    /// The sandbox's way out, when its network is its own (a local sandbox under bubblewrap).
+    pub egress: Option<egress::Relay>,
 }
 
 impl std::fmt::Debug for HarnessConfig {
@@ -84,12 +111,32 @@ impl Driver {
 
 /// Runs the server until SIGTERM/SIGINT; a second signal exits at once.
 pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    announce(addr);
-    tracing::info!(%addr, kind = ?cfg.kind, "harness server listening");
+    let listener: crate::http::Listener = match &cfg.listen {
+        ListenAddr::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            let addr = listener.local_addr()?;
+            announce(&addr.to_string());
+            tracing::info!(%addr, kind = ?cfg.kind, "harness server listening");
+            listener.into()
+        }
+        ListenAddr::Unix(path) => {
+            let listener = tokio::net::UnixListener::bind(path).map_err(|e| {
+                anyhow::anyhow!("cannot listen on the socket {}: {e}", path.display())
+            })?;
+            let shown = format!("unix:{}", path.display());
+            announce(&shown);
+            tracing::info!(addr = %shown, kind = ?cfg.kind, "harness server listening");
+            listener.into()
+        }
+    };
+    if let Some(relay) = &cfg.egress {
+        relay
+            .start()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open the sandbox's way out: {e}"))?;
+    }
 
     let shutdown = CancellationToken::new();
     let cfg = Arc::new(cfg);
@@ -130,16 +177,12 @@ pub fn no_delay(
     })
 }
 
-/// One machine-readable line on stdout, so whoever started us learns the port. If nobody reads
-/// it any more (the parent went away), that is not our failure.
-pub fn announce(addr: SocketAddr) {
+/// One machine-readable line on stdout, so whoever started us learns the address. If nobody
+/// reads it any more (the parent went away), that is not our failure.
+pub fn announce(addr: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "{}",
-        serde_json::json!({ "listening": addr.to_string() })
-    );
+    let _ = writeln!(out, "{}", serde_json::json!({ "listening": addr }));
     let _ = out.flush();
 }
 

@@ -138,15 +138,19 @@ impl GroupHandle {
 pub fn resolve_dir(base: &std::path::Path, cwd: Option<&str>) -> Result<PathBuf, String> {
     let dir = match cwd {
         None => return Ok(base.to_path_buf()),
-        Some(c) if std::path::Path::new(c).is_absolute() => PathBuf::from(c),
+        Some(c) if !crate::event::is_inside(c) => {
+            return Err(format!(
+                "`cwd` {c:?} must be a relative path inside the working directory (no '..', not absolute)"
+            ));
+        }
         Some(c) => base.join(c),
     };
     if dir.is_dir() {
         Ok(dir)
     } else {
         Err(format!(
-            "`cwd` {} is not a directory in the sandbox; create it with `files` or pick another",
-            dir.display()
+            "`cwd` {:?} is not a directory in the sandbox; create it with `files` or pick another",
+            cwd.unwrap_or_default()
         ))
     }
 }

@@ -333,6 +333,10 @@ impl Runtime for DockerRuntime {
         "docker"
     }
 
+    fn isolation(&self) -> &'static str {
+        "container"
+    }
+
     async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
         let name = container_name(id);
         let created = self

@@ -395,6 +395,10 @@ impl Runtime for KubernetesRuntime {
         "kubernetes"
     }
 
+    fn isolation(&self) -> &'static str {
+        "pod"
+    }
+
     fn shared(&self) -> bool {
         true
     }

@@ -1,18 +1,28 @@
-//! The local runtime: each sandbox is a `sandwarden harness` child process on a loopback port,
-//! with its own token and working directory under the data dir.
+//! The local runtime: each sandbox is a `sandwarden harness` child process reached over a Unix
+//! socket, with its own token, working directory and HOME under the data dir.
 //!
-//! Sandboxes lead their own process group and outlive a restart of `serve`, which adopts them again
-//! from the store. Exits of children started here are reported at once on a channel.
+//! Sandboxes lead their own process group. Exits of children started here are reported at once
+//! on a channel. Plain sandboxes (`--isolation none`) outlive a restart of `serve`, which adopts
+//! them again from the store; confined ones end with `serve`.
 //!
-//! With `--isolation bwrap` each sandbox runs under bubblewrap: the file system is read-only except
-//! the sandbox's own working directory and HOME and a private `/tmp`, with its own PID, IPC and UTS namespaces. The
-//! network is shared, since `serve` reaches the harness on a loopback port.
+//! Under bubblewrap (the default where it works) a sandbox is built for itself alone: a file
+//! system of the system's directories read-only, its own working dir, HOME and `/tmp`, and nothing
+//! else of the host or the data dir; its own PID, network, IPC and UTS namespaces; no capability
+//! and no way to gain one (a user of its own when `serve` runs as root, a user namespace when it
+//! does not); memory, process and CPU limits from cgroups where `serve` may make them. Its only
+//! way out is the egress proxy's socket (`crate::egress`). docs/security.md is the threat model.
 
+use super::cgroup::Cgroups;
 use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
+use crate::egress::EgressPolicy;
 use crate::harness::binary::HarnessProgram;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -23,46 +33,91 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How local sandboxes are confined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Isolation {
-    /// Plain child processes (the default): the agent can do what the user running `serve` can.
+    /// Plain child processes: the agent can do what the user running `serve` can.
     None,
     /// Under bubblewrap (`bwrap`, Debian package `bubblewrap`); `serve` refuses to start if it
     /// does not work here.
     Bwrap,
-    /// bubblewrap when it is installed and works here, plain processes otherwise.
+    /// bubblewrap when it works here, plain processes (with a warning) otherwise.
     Auto,
 }
 
 impl Isolation {
-    /// Settles `auto` and checks `bwrap` by running a trivial sandbox; the error says how to fix it.
+    /// The name reported at start and on every session.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::None => "none",
+            Isolation::Bwrap => "bwrap",
+            Isolation::Auto => "auto",
+        }
+    }
+
+    /// Settles `auto` and checks `bwrap` by starting a sandbox built as real ones are (every
+    /// namespace, and the user switch when `serve` runs as root); the error says how to fix it.
     pub async fn resolve(self) -> Result<Isolation, String> {
         if self == Isolation::None {
             return Ok(self);
         }
-        let probe = tokio::process::Command::new("bwrap")
-            .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-            .args(["--unshare-pid", "--die-with-parent", "--", "true"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .await;
-        let problem = match probe {
-            Ok(out) if out.status.success() => return Ok(Isolation::Bwrap),
-            Ok(out) => format!(
-                "bwrap cannot create a sandbox here: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => format!("bwrap cannot be run ({e}); install the bubblewrap package"),
+        let problem = match probe().await {
+            Ok(()) => return Ok(Isolation::Bwrap),
+            Err(problem) => problem,
         };
         match self {
             Isolation::Auto => {
-                tracing::info!(reason = %problem, "local sandboxes run without bubblewrap");
+                tracing::warn!(
+                    reason = %problem,
+                    "SANDBOXES ARE NOT ISOLATED: bubblewrap cannot confine them here, so every agent \
+                     runs as a plain process that can read and do whatever this user can (install \
+                     the bubblewrap package, or use --runtime docker)"
+                );
                 Ok(Isolation::None)
             }
             _ => Err(format!(
                 "{problem} (or start serve with --isolation none to run sandboxes as plain processes)"
             )),
         }
+    }
+}
+
+/// Starts `true` in a sandbox confined as real ones are.
+async fn probe() -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!(
+        "sandwarden-probe-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    private_dir(&dir).map_err(|e| format!("cannot make a probe directory: {e}"))?;
+    let as_root = nix::unistd::geteuid().is_root();
+    let confinement = Confinement {
+        as_root,
+        uid: if as_root { PROBE_UID } else { 0 },
+        workdir: &dir,
+        home: &dir,
+        sockets: &dir,
+        egress: None,
+        binds: &[],
+    };
+    let mut args = confinement.bwrap_args();
+    args.push("true".into());
+    let out = tokio::process::Command::new("bwrap")
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match out {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "bwrap cannot create a sandbox here: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!(
+            "bwrap cannot be run ({e}); install the bubblewrap package"
+        )),
     }
 }
 
@@ -76,16 +131,221 @@ const RELOCATING_VARS: &[&str] = &[
     "OPENCODE_CONFIG_CONTENT",
 ];
 
+/// Variables of the operator's that every sandbox gets when set: the locale and the time zone.
+/// Nothing else of the operator's environment reaches a sandbox unless `--pass-env` names it.
+const BASE_VARS: &[&str] = &["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ"];
+
+/// The host's directories a confined sandbox sees, read-only (those that exist).
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+];
+
+/// Where a confined sandbox finds things, inside.
+const WORKDIR_INSIDE: &str = "/work";
+const HOME_INSIDE: &str = "/home/sandbox";
+const BIN_INSIDE: &str = "/opt/sandwarden/bin";
+const PATH_INSIDE: &str = "/opt/sandwarden/path";
+const SOCKETS_INSIDE: &str = "/run/sandwarden/harness";
+const EGRESS_INSIDE: &str = "/run/sandwarden/egress";
+/// The harness's socket, in `SOCKETS_INSIDE` and in the sandbox's sockets dir outside.
+const HARNESS_SOCKET: &str = "harness.sock";
+const EGRESS_SOCKET: &str = "egress.sock";
+/// The HTTP proxy's address inside a confined sandbox (`HTTPS_PROXY`).
+const PROXY_INSIDE: &str = "127.0.0.1:3128";
+
+/// Users that confined sandboxes run as when `serve` runs as root: one per sandbox, picked from
+/// this range by the sandbox id, far above any real user or subordinate-id range.
+const UID_BASE: u32 = 3_000_000_000;
+const UID_RANGE: u32 = 1_000_000_000;
+const PROBE_UID: u32 = UID_BASE;
+
+/// The user a sandbox runs as when `serve` runs as root.
+fn sandbox_uid(id: &str) -> u32 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    UID_BASE + n % UID_RANGE
+}
+
+/// What one confined sandbox is built from (host paths), as bubblewrap's arguments.
+struct Confinement<'a> {
+    /// `serve` runs as root: bubblewrap runs privileged and the harness as `uid`, with no
+    /// capability left; otherwise bubblewrap makes a user namespace and drops every capability.
+    as_root: bool,
+    uid: u32,
+    workdir: &'a Path,
+    home: &'a Path,
+    /// Where the harness makes its socket.
+    sockets: &'a Path,
+    /// The egress proxy's socket's directory (mounted read-only).
+    egress: Option<&'a Path>,
+    /// Further read-only binds: (host path, path inside).
+    binds: &'a [(PathBuf, PathBuf)],
+}
+
+impl Confinement<'_> {
+    /// Everything up to and including the program to run (the caller appends it and its args).
+    fn bwrap_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |parts: &[&dyn AsRef<std::ffi::OsStr>]| {
+            a.extend(parts.iter().map(|p| p.as_ref().to_os_string()));
+        };
+        for dir in SYSTEM_DIRS {
+            let path = Path::new(dir);
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    if let Ok(target) = std::fs::read_link(path) {
+                        push(&[&"--symlink", &target, &path]);
+                    }
+                }
+                Ok(m) if m.is_dir() => push(&[&"--ro-bind", &path, &path]),
+                _ => {}
+            }
+        }
+        push(&[&"--proc", &"/proc", &"--dev", &"/dev"]);
+        push(&[&"--tmpfs", &"/tmp", &"--tmpfs", &"/var/tmp"]);
+        // The directories above the mounts below: bubblewrap makes them 0700 otherwise, which
+        // the sandbox's user could not pass through.
+        for dir in [
+            "/run",
+            "/run/sandwarden",
+            "/opt",
+            "/opt/sandwarden",
+            BIN_INSIDE,
+            PATH_INSIDE,
+            "/home",
+        ] {
+            push(&[&"--perms", &"0755", &"--dir", &dir]);
+        }
+        push(&[&"--bind", &self.workdir, &WORKDIR_INSIDE]);
+        push(&[&"--bind", &self.home, &HOME_INSIDE]);
+        push(&[&"--bind", &self.sockets, &SOCKETS_INSIDE]);
+        if let Some(egress) = self.egress {
+            push(&[&"--ro-bind", &egress, &EGRESS_INSIDE]);
+        }
+        for (host, inside) in self.binds {
+            push(&[&"--ro-bind", host, inside]);
+        }
+        push(&[&"--chdir", &WORKDIR_INSIDE, &"--hostname", &"sandbox"]);
+        push(&[
+            &"--unshare-pid",
+            &"--unshare-net",
+            &"--unshare-ipc",
+            &"--unshare-uts",
+            &"--unshare-cgroup-try",
+            // Killing bwrap (the group leader `destroy` signals) ends everything inside.
+            &"--die-with-parent",
+            // No TIOCSTI into a terminal outside.
+            &"--new-session",
+        ]);
+        if self.as_root {
+            // bubblewrap keeps no capability by default; setpriv needs these three to become
+            // the sandbox's user, and drops them with every other one as it does.
+            push(&[
+                &"--cap-add",
+                &"CAP_SETUID",
+                &"--cap-add",
+                &"CAP_SETGID",
+                &"--cap-add",
+                &"CAP_SETPCAP",
+                &"--",
+                &"setpriv",
+            ]);
+            let id = self.uid.to_string();
+            push(&[
+                &format!("--reuid={id}"),
+                &format!("--regid={id}"),
+                &"--clear-groups",
+                &"--no-new-privs",
+                &"--inh-caps=-all",
+                &"--bounding-set=-all",
+                &"--",
+            ]);
+        } else {
+            push(&[
+                &"--unshare-user",
+                &"--disable-userns",
+                &"--cap-drop",
+                &"ALL",
+                &"--",
+            ]);
+        }
+        a
+    }
+}
+
+/// The sandbox's `PATH` and the binds it needs: this build's binaries first, then the
+/// operator's `PATH`, where a directory outside the system's is mounted read-only under
+/// `/opt/sandwarden/path/N` (a `node_modules/.bin` with its whole `node_modules`, which its
+/// links point into). The sandbox sees those directories and nothing else around them.
+fn sandbox_path(operator_path: &str) -> (String, Vec<(PathBuf, PathBuf)>) {
+    let mut entries = vec![BIN_INSIDE.to_string()];
+    let mut binds = Vec::new();
+    for (i, entry) in operator_path.split(':').enumerate() {
+        let dir = Path::new(entry);
+        if !dir.is_absolute() || !dir.is_dir() {
+            continue;
+        }
+        if SYSTEM_DIRS.iter().any(|s| dir.starts_with(s)) {
+            entries.push(entry.to_string());
+            continue;
+        }
+        let Ok(real) = dir.canonicalize() else {
+            continue;
+        };
+        let inside = PathBuf::from(PATH_INSIDE).join(i.to_string());
+        match real.parent() {
+            Some(modules)
+                if real.file_name().is_some_and(|n| n == ".bin")
+                    && modules.file_name().is_some_and(|n| n == "node_modules") =>
+            {
+                entries.push(inside.join(".bin").display().to_string());
+                binds.push((modules.to_path_buf(), inside));
+            }
+            _ => {
+                entries.push(inside.display().to_string());
+                binds.push((real, inside));
+            }
+        }
+    }
+    (entries.join(":"), binds)
+}
+
+/// Settings for the local runtime besides where its data lives.
+#[derive(Debug, Clone, Default)]
+pub struct LocalOptions {
+    /// Operator variables every sandbox gets (`--pass-env`).
+    pub pass_env: Vec<String>,
+    /// Where confined sandboxes may connect.
+    pub egress: EgressPolicy,
+}
+
 pub struct LocalRuntime {
     root: PathBuf,
     /// Each sandbox's HOME, `data_dir/homes/<id>`: the CLIs write their config, caches and
     /// transcripts there, never in the operator's home nor in the session's working directory.
     homes: PathBuf,
+    /// Where each sandbox's harness makes its socket, `data_dir/sockets/<id>/`.
+    sockets: PathBuf,
+    /// Where `serve` moves each harness's socket once it listens, `data_dir/run/<id>.sock`: a
+    /// directory no sandbox sees, so none can swap the socket `serve` dials for a link.
+    run: PathBuf,
+    /// The egress proxy's socket per sandbox, `data_dir/egress/<id>/`.
+    egress_dir: PathBuf,
     tokens: Tokens,
     exits: mpsc::UnboundedSender<String>,
     isolation: Isolation,
     /// The harness server's program: the slim `sandwarden-harness` of this build when present.
     program: HarnessProgram,
+    /// This build's `sandwarden` (the echo agent's, and `sandbox-exec`'s, binary).
+    me: PathBuf,
+    as_root: bool,
+    cgroups: Option<Cgroups>,
+    /// A confined sandbox's PATH and the binds behind it.
+    path: (String, Vec<(PathBuf, PathBuf)>),
+    options: LocalOptions,
+    egress: Arc<EgressPolicy>,
+    proxies: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 /// The variable every sandbox process is started with, naming its sandbox.
@@ -96,69 +356,331 @@ fn mark(id: &str) -> String {
     format!("{SANDBOX_VAR}={id}")
 }
 
+/// Creates `dir` (and its parents) readable by its owner only.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The longest path a Unix socket address holds (`sun_path`, with its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 impl LocalRuntime {
     /// Sandboxes live under `data_dir/sandboxes/<id>`; the id of every child that exits is sent
-    /// on `exits`.
-    /// `isolation` has been resolved (`Isolation::resolve`).
+    /// on `exits`. `isolation` has been resolved (`Isolation::resolve`).
     pub fn new(
-        data_dir: &std::path::Path,
+        data_dir: &Path,
         tokens: Tokens,
         exits: mpsc::UnboundedSender<String>,
         isolation: Isolation,
+        options: LocalOptions,
     ) -> std::io::Result<Self> {
         let program = HarnessProgram::for_this_binary()?;
         tracing::info!(program = %program.path.display(), "local sandboxes run this harness");
+        let run = data_dir.join("run");
+        // `run/<sandbox id>.sock` must fit a socket address: ids are at most 64 characters.
+        if run.as_os_str().len() + 1 + 64 + 5 > MAX_SOCKET_PATH {
+            return Err(std::io::Error::other(format!(
+                "the data dir {} is too long for the sandboxes' sockets (at most {} characters); choose a shorter --data-dir",
+                data_dir.display(),
+                MAX_SOCKET_PATH - 70 - "/run".len()
+            )));
+        }
+        let as_root = nix::unistd::geteuid().is_root();
+        let cgroups = if isolation == Isolation::Bwrap || as_root {
+            match Cgroups::detect() {
+                Ok(c) => {
+                    tracing::info!(cgroups = %c.describe(), "local sandboxes get memory, process and CPU limits");
+                    Some(c)
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        reason = %why,
+                        "local sandboxes get no memory or CPU limits: serve cannot make cgroups here \
+                         (run it as root, or where it owns a delegated cgroup v2 subtree){}",
+                        if as_root { "; processes are still limited per sandbox user" } else { "" }
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        for dir in ["sandboxes", "homes", "sockets", "run", "egress"] {
+            private_dir(&data_dir.join(dir))?;
+        }
+        let path = sandbox_path(&std::env::var("PATH").unwrap_or_default());
+        for name in &options.pass_env {
+            if std::env::var_os(name).is_none() {
+                tracing::warn!(variable = %name, "--pass-env names a variable that is not set; sandboxes will not get it");
+            }
+        }
         Ok(LocalRuntime {
             root: data_dir.join("sandboxes"),
             homes: data_dir.join("homes"),
+            sockets: data_dir.join("sockets"),
+            run,
+            egress_dir: data_dir.join("egress"),
             tokens,
             exits,
             isolation,
             program,
+            me: std::env::current_exe()?,
+            as_root,
+            cgroups,
+            path,
+            egress: Arc::new(options.egress.clone()),
+            options,
+            proxies: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The program to start: the harness itself, or bubblewrap around it.
+    fn confined(&self) -> bool {
+        self.isolation == Isolation::Bwrap
+    }
+
+    /// The environment a sandbox starts with: the base set, what `--pass-env` names, the
+    /// template's, the way out, and its own credential. Nothing else of `serve`'s.
+    fn environment(&self, t: &Template, id: &str, home: &Path) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = Vec::new();
+        let operator = |name: &str| std::env::var(name).ok().map(|v| (name.to_string(), v));
+        env.extend(BASE_VARS.iter().filter_map(|n| operator(n)));
+        if !env.iter().any(|(k, _)| k == "LANG") {
+            env.push(("LANG".into(), "C.UTF-8".into()));
+        }
+        let path = if self.confined() {
+            self.path.0.clone()
+        } else {
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())
+        };
+        env.push(("PATH".into(), path));
+        env.push(("HOME".into(), home.display().to_string()));
+        for (var, sub) in [
+            ("XDG_CONFIG_HOME", ".config"),
+            ("XDG_DATA_HOME", ".local/share"),
+            ("XDG_STATE_HOME", ".local/state"),
+            ("XDG_CACHE_HOME", ".cache"),
+        ] {
+            env.push((var.into(), home.join(sub).display().to_string()));
+        }
+        env.extend(
+            self.options
+                .pass_env
+                .iter()
+                .filter(|n| !n.starts_with("SANDWARDEN_") && !RELOCATING_VARS.contains(&n.as_str()))
+                .filter_map(|n| operator(n)),
+        );
+        env.extend(t.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if self.confined() {
+            let proxy = format!("http://{PROXY_INSIDE}");
+            for var in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
+                env.push((var.into(), proxy.clone()));
+            }
+            for var in ["NO_PROXY", "no_proxy"] {
+                env.push((var.into(), "localhost,127.0.0.1,::1".into()));
+            }
+        }
+        env.push(("SANDWARDEN_TOKEN".into(), self.tokens.for_sandbox(id)));
+        // Tells this sandbox's processes from later ones that reuse their numbers (`mark`).
+        env.push((SANDBOX_VAR.into(), id.into()));
+        env.push((
+            "SANDWARDEN_LOG".into(),
+            std::env::var("SANDWARDEN_SANDBOX_LOG").unwrap_or_else(|_| "warn".into()),
+        ));
+        env
+    }
+
+    /// The harness program's path and the `sandwarden` binary's, as the sandbox sees them, and
+    /// the binds that put them there.
+    fn binaries(&self) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
+        if !self.confined() {
+            return (self.program.path.clone(), Vec::new());
+        }
+        let inside = |host: &Path| {
+            PathBuf::from(BIN_INSIDE)
+                .join(host.file_name().unwrap_or_else(|| "sandwarden".as_ref()))
+        };
+        let harness = inside(&self.program.path);
+        let mut binds = vec![(self.program.path.clone(), harness.clone())];
+        if self.program.path != self.me {
+            binds.push((
+                self.me.clone(),
+                PathBuf::from(BIN_INSIDE).join("sandwarden"),
+            ));
+        }
+        (harness, binds)
+    }
+
+    /// Starts the egress proxy for sandbox `id` on a socket in its own directory; returns the
+    /// directory (mounted read-only into the sandbox).
+    fn open_egress(&self, id: &str, uid: Option<u32>) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.egress_dir.join(id);
+        private_dir(&dir)?;
+        // The sandbox's user passes through the directory to reach the socket, which is its own.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+        let listener = crate::egress::bind(&dir.join(EGRESS_SOCKET), uid)?;
+        let task = crate::egress::serve(listener, id.to_string(), self.egress.clone());
+        if let Some(old) = lock(&self.proxies).insert(id.to_string(), task) {
+            old.abort();
+        }
+        Ok(dir)
+    }
+
+    /// The harness's socket, moved out of the sandbox's reach: `run/<id>.sock`. Refuses
+    /// anything but a socket of the sandbox's own user (a link put in its place, say).
+    fn take_socket(&self, id: &str, uid: u32) -> Result<PathBuf, RuntimeError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let made = self.sockets.join(id).join(HARNESS_SOCKET);
+        let socket = self.run.join(format!("{id}.sock"));
+        std::fs::rename(&made, &socket).map_err(|e| {
+            RuntimeError::Start(format!("the harness's socket could not be taken over: {e}"))
+        })?;
+        let meta = std::fs::symlink_metadata(&socket)?;
+        if !meta.file_type().is_socket() || meta.uid() != uid {
+            let _ = std::fs::remove_file(&socket);
+            return Err(RuntimeError::Start(
+                "the sandbox put something other than its harness's socket in its place".into(),
+            ));
+        }
+        Ok(socket)
+    }
+
+    /// Makes the sandbox's directories, owned by `uid` when `serve` runs as root.
+    fn make_dirs(&self, id: &str, uid: Option<u32>) -> std::io::Result<[PathBuf; 3]> {
+        let dirs = [
+            self.root.join(id),
+            self.homes.join(id),
+            self.sockets.join(id),
+        ];
+        for dir in &dirs {
+            private_dir(dir)?;
+            if let Some(uid) = uid {
+                std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// The command that starts sandbox `id`: `sandbox-exec` (cgroups, process limit), then
+    /// bubblewrap (when confined), then the harness with `flags`.
     fn command(
         &self,
-        workdir: &std::path::Path,
-        home: &std::path::Path,
+        t: &Template,
+        id: &str,
+        dirs: &[PathBuf; 3],
+        uid: u32,
+        egress: Option<&Path>,
     ) -> std::io::Result<tokio::process::Command> {
-        let program = &self.program.path;
-        if self.isolation != Isolation::Bwrap {
-            let mut cmd = tokio::process::Command::new(program);
-            cmd.args(&self.program.leading);
-            return Ok(cmd);
+        let (harness, mut binds) = self.binaries();
+        let confined = self.confined();
+        let (workdir, home, socket) = if confined {
+            (
+                PathBuf::from(WORKDIR_INSIDE),
+                PathBuf::from(HOME_INSIDE),
+                Path::new(SOCKETS_INSIDE).join(HARNESS_SOCKET),
+            )
+        } else {
+            (
+                dirs[0].clone(),
+                dirs[1].clone(),
+                dirs[2].join(HARNESS_SOCKET),
+            )
+        };
+        let workdir_str = workdir.to_str().ok_or_else(|| {
+            std::io::Error::other(format!(
+                "the sandbox directory {} is not valid UTF-8; choose a --data-dir with a UTF-8 path",
+                workdir.display()
+            ))
+        })?;
+        let mut argv: Vec<OsString> = Vec::new();
+        let procs = match &self.cgroups {
+            Some(c) => c.create(id, &t.container)?,
+            None => Vec::new(),
+        };
+        argv.push(self.me.clone().into());
+        argv.push("sandbox-exec".into());
+        for p in &procs {
+            argv.push("--join".into());
+            argv.push(p.into());
         }
-        let mut cmd = tokio::process::Command::new("bwrap");
-        cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-            .args(["--tmpfs", "/tmp"]);
-        // Visible again over the private /tmp, wherever they were built: the harness, and the
-        // `sandwarden` binary an agent's command line may name (the echo agent).
-        let me = std::env::current_exe()?;
-        for binary in std::collections::BTreeSet::from([program, &me]) {
-            cmd.arg("--ro-bind").arg(binary).arg(binary);
+        if confined && self.as_root {
+            argv.push("--nproc".into());
+            argv.push(t.container.pids.to_string().into());
         }
-        cmd.arg("--bind")
-            .arg(workdir)
-            .arg(workdir)
-            .arg("--bind")
-            .arg(home)
-            .arg(home)
-            .arg("--chdir")
-            .arg(workdir)
-            // Killing bwrap (the group leader `destroy` signals) ends everything inside.
-            .args([
-                "--unshare-pid",
-                "--unshare-ipc",
-                "--unshare-uts",
-                "--die-with-parent",
-            ])
-            .arg("--")
-            .arg(program)
-            .args(&self.program.leading);
+        argv.push("--".into());
+        if confined {
+            binds.extend(self.path.1.iter().cloned());
+            let confinement = Confinement {
+                as_root: self.as_root,
+                uid,
+                workdir: &dirs[0],
+                home: &dirs[1],
+                sockets: &dirs[2],
+                egress,
+                binds: &binds,
+            };
+            argv.push("bwrap".into());
+            argv.extend(confinement.bwrap_args());
+        }
+        argv.push(harness.into());
+        argv.extend(self.program.leading.iter().map(OsString::from));
+        argv.extend(
+            t.harness_flags(&format!("unix:{}", socket.display()), workdir_str)
+                .into_iter()
+                .map(OsString::from),
+        );
+        if egress.is_some() {
+            argv.push("--egress-socket".into());
+            argv.push(Path::new(EGRESS_INSIDE).join(EGRESS_SOCKET).into());
+            argv.push("--egress-proxy".into());
+            argv.push(PROXY_INSIDE.into());
+            for forward in self.egress.loopback_forwards() {
+                if forward != PROXY_INSIDE.parse::<SocketAddr>().unwrap_or(forward) {
+                    argv.push("--egress-forward".into());
+                    argv.push(forward.to_string().into());
+                }
+            }
+        }
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(self.environment(t, id, &home))
+            .current_dir(&dirs[0]);
         Ok(cmd)
     }
+}
+
+impl LocalRuntime {
+    /// Ends what is left of sandbox `id`: its egress proxy, any process in its cgroups, its
+    /// directories and sockets.
+    async fn clean_up(&self, id: &str) {
+        if let Some(proxy) = lock(&self.proxies).remove(id) {
+            proxy.abort();
+        }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove(id).await;
+        }
+        for (base, dir) in [
+            (&self.root, self.root.join(id)),
+            (&self.homes, self.homes.join(id)),
+            (&self.sockets, self.sockets.join(id)),
+            (&self.egress_dir, self.egress_dir.join(id)),
+        ] {
+            if dir.starts_with(base) && dir != *base {
+                let _ = tokio::fs::remove_dir_all(dir).await;
+            }
+        }
+        let _ = tokio::fs::remove_file(self.run.join(format!("{id}.sock"))).await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn signal_group(pid: i64, signal: Signal) {
@@ -175,84 +697,82 @@ impl Runtime for LocalRuntime {
         "local"
     }
 
+    fn isolation(&self) -> &'static str {
+        self.isolation.name()
+    }
+
     async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
-        let workdir = self.root.join(id);
-        std::fs::create_dir_all(&workdir)?;
-        let home = self.homes.join(id);
-        std::fs::create_dir_all(&home)?;
-        let mut cmd = self.command(&workdir, &home)?;
-        let workdir_str = workdir.to_str().ok_or_else(|| {
-            RuntimeError::Start(format!(
-                "the sandbox directory {} is not valid UTF-8; choose a --data-dir with a UTF-8 path",
-                workdir.display()
-            ))
-        })?;
-        cmd.args(t.harness_flags("127.0.0.1:0", workdir_str))
-            .env_clear()
-            .envs(std::env::vars().filter(|(k, _)| {
-                !k.starts_with("SANDWARDEN_") && !RELOCATING_VARS.contains(&k.as_str())
-            }))
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", home.join(".config"))
-            .env("XDG_DATA_HOME", home.join(".local/share"))
-            .env("XDG_STATE_HOME", home.join(".local/state"))
-            .env("XDG_CACHE_HOME", home.join(".cache"))
-            .envs(&t.env)
-            .env("SANDWARDEN_TOKEN", self.tokens.for_sandbox(id))
-            // Tells this sandbox's processes from later ones that reuse their numbers (`mark`).
-            .env(SANDBOX_VAR, id)
-            .env(
-                "SANDWARDEN_LOG",
-                std::env::var("SANDWARDEN_SANDBOX_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .current_dir(&workdir)
-            .stdin(std::process::Stdio::null())
+        let confined = self.confined();
+        let owner = (confined && self.as_root).then(|| sandbox_uid(id));
+        let uid = owner.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+        let dirs = self.make_dirs(id, owner)?;
+        let egress = if confined {
+            Some(self.open_egress(id, owner)?)
+        } else {
+            None
+        };
+        let mut cmd = self.command(t, id, &dirs, uid, egress.as_deref())?;
+        cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             // Its own process group: a Ctrl-C to `serve` does not reach it, and stopping the group
             // stops the agent too.
             .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RuntimeError::Start(e.to_string()))?;
-        let pid = child.id().map(i64::from);
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| RuntimeError::Start("no stdout".into()))?;
-        let mut line = String::new();
-        let read = tokio::time::timeout(LISTEN_TIMEOUT, async {
-            BufReader::new(stdout).read_line(&mut line).await
-        })
-        .await;
-        let addr = match read {
-            Ok(Ok(_)) => serde_json::from_str::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v["listening"].as_str().map(String::from)),
-            _ => None,
-        };
-        let Some(addr) = addr else {
-            let _ = child.start_kill();
-            return Err(match read {
-                Err(_) => RuntimeError::StartTimeout(LISTEN_TIMEOUT.as_secs()),
-                _ => RuntimeError::Start(format!(
-                    "the harness did not report its address (it printed {:?})",
-                    line.trim()
-                )),
+        let started = async {
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| RuntimeError::Start(e.to_string()))?;
+            let pid = child.id().map(i64::from);
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| RuntimeError::Start("no stdout".into()))?;
+            let mut line = String::new();
+            let read = tokio::time::timeout(LISTEN_TIMEOUT, async {
+                BufReader::new(stdout).read_line(&mut line).await
+            })
+            .await;
+            let listening = match read {
+                Ok(Ok(_)) => serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .is_some_and(|v| v["listening"].is_string()),
+                _ => false,
+            };
+            if !listening {
+                let _ = child.start_kill();
+                return Err(match read {
+                    Err(_) => RuntimeError::StartTimeout(LISTEN_TIMEOUT.as_secs()),
+                    _ => RuntimeError::Start(format!(
+                        "the harness did not report its address (it printed {:?})",
+                        line.trim()
+                    )),
+                });
+            }
+            let socket = match self.take_socket(id, uid) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    let _ = child.start_kill();
+                    return Err(e);
+                }
+            };
+            let exits = self.exits.clone();
+            let sandbox_id = id.to_string();
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+                let _ = exits.send(sandbox_id);
             });
+            Ok(Sandbox {
+                id: id.to_string(),
+                template: t.name.clone(),
+                endpoint: format!("unix:{}", socket.display()),
+                pid,
+            })
         };
-        let exits = self.exits.clone();
-        let sandbox_id = id.to_string();
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-            let _ = exits.send(sandbox_id);
-        });
-        Ok(Sandbox {
-            id: id.to_string(),
-            template: t.name.clone(),
-            endpoint: format!("http://{addr}"),
-            pid,
-        })
+        let started = started.await;
+        if started.is_err() {
+            self.clean_up(id).await;
+        }
+        started
     }
 
     async fn destroy(&self, sandbox: &Sandbox) {
@@ -272,14 +792,7 @@ impl Runtime for LocalRuntime {
                 signal_group(pid, Signal::SIGKILL);
             }
         }
-        for (base, dir) in [
-            (&self.root, self.root.join(&sandbox.id)),
-            (&self.homes, self.homes.join(&sandbox.id)),
-        ] {
-            if dir.starts_with(base) && dir != *base {
-                let _ = tokio::fs::remove_dir_all(dir).await;
-            }
-        }
+        self.clean_up(&sandbox.id).await;
     }
 
     async fn alive(&self, sandbox: &Sandbox) -> bool {
@@ -333,6 +846,7 @@ mod tests {
             Tokens::new(b"secret".to_vec()),
             exits,
             Isolation::None,
+            LocalOptions::default(),
         )
         .expect("runtime");
 

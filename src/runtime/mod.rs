@@ -3,6 +3,7 @@
 //!
 //! A runtime knows templates and processes (or containers, Pods); it must not know sessions.
 
+pub mod cgroup;
 pub mod docker;
 pub mod kubernetes;
 pub mod local;
@@ -50,7 +51,8 @@ pub struct Template {
     /// Non-secret environment for every sandbox of this template.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// How the docker runtime runs it (ignored by the local runtime).
+    /// How the docker runtime runs it; its memory, CPU and process limits bound local
+    /// sandboxes too (through cgroups, where `serve` may make them).
     #[serde(default)]
     pub container: ContainerSpec,
 }
@@ -333,6 +335,9 @@ impl Tokens {
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// How its sandboxes are confined, as each session reports it (`isolation`): `bwrap` or
+    /// `none` for local sandboxes, `container`, `pod`.
+    fn isolation(&self) -> &'static str;
     /// Starts a sandbox of `template`; returns once its harness server listens.
     async fn create(&self, id: &str, template: &Template) -> Result<Sandbox, RuntimeError>;
     /// Hands over a ready sandbox of `template` that the runtime keeps warm itself (Kubernetes:

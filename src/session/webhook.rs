@@ -4,6 +4,7 @@
 use super::Orchestrator;
 use super::message::WebhookSpec;
 use super::turn::Outcome;
+use crate::egress::is_private;
 use crate::store::{self, Delivery};
 use backon::{ExponentialBuilder, Retryable};
 use hmac::{Hmac, Mac};
@@ -13,53 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const ATTEMPTS: usize = 6;
-
-/// Addresses a webhook must not reach by default: loopback, private, link-local (cloud metadata),
-/// shared, reserved, unspecified and multicast ranges, and IPv6 forms that carry one of those
-/// IPv4 addresses inside (mapped, compatible, NAT64, 6to4).
-pub fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || (o[0] == 100 && (64..128).contains(&o[1])) // shared (carrier-grade NAT)
-                || (o[0] == 198 && (o[1] == 18 || o[1] == 19)) // benchmarking
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
-                || o[0] >= 240 // reserved
-                || o[0] == 0
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            let o = v6.octets();
-            let embedded =
-                |a: usize| IpAddr::V4(std::net::Ipv4Addr::new(o[a], o[a + 1], o[a + 2], o[a + 3]));
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_private(IpAddr::V4(v4));
-            }
-            // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) carry the address last.
-            if (s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified())
-                || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
-            {
-                return is_private(embedded(12));
-            }
-            // 6to4 (2002:a.b.c.d::/48) carries it after the prefix.
-            if s[0] == 0x2002 && is_private(embedded(2)) {
-                return true;
-            }
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local
-                || (s[0] & 0xffc0) == 0xfe80 // link-local
-                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed by some)
-        }
-    }
-}
 
 /// Resolves webhook hosts at connect time and refuses names with a private address among
 /// theirs: `check_target` looked the name up before, but it could be re-pointed at a private
