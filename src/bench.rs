@@ -93,6 +93,9 @@ pub enum Scenario {
     /// Density: `serve`'s memory with many idle sessions, open event streams and attached
     /// terminals (each session its own local sandbox), and the sandboxes' harness servers.
     Density,
+    /// Local sandboxes' start (warm claim, cold start) with `--isolation none` and `bwrap`
+    /// side by side: what confinement costs.
+    Isolation,
     /// The PostgreSQL store: message path against SQLite and the harness directly, and event
     /// fan-out delay between two replicas.
     Postgres,
@@ -108,6 +111,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Controller => (crate::bench_controller::run(&args).await?, "controller"),
         Scenario::Harnesses => (crate::bench_harnesses::run(&args).await?, "harnesses"),
         Scenario::Postgres => (crate::bench_postgres::run(&args).await?, "postgres"),
+        Scenario::Isolation => (crate::bench_isolation::run(&args).await?, "isolation"),
         Scenario::Density => (crate::bench_density::run(&args).await?, "density"),
     };
     println!("{report}");

@@ -157,7 +157,7 @@ impl HarnessClient {
     }
 
     /// The endpoint this client was made for.
-    pub fn base(&self) -> &str {
+    pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 

@@ -12,6 +12,7 @@ pub mod bench_controller;
 pub mod bench_density;
 pub mod bench_docker;
 pub mod bench_harnesses;
+mod bench_isolation;
 mod bench_nginx;
 pub mod bench_postgres;
 pub mod bench_serve;

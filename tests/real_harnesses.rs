@@ -89,7 +89,14 @@ impl Rig {
             serde_json::to_string(&[template]).expect("json"),
         )
         .expect("templates");
-        let serve = Serve::start_in_with_env(data.path(), &[], &[("PATH", search_path())]);
+        // Sandboxes reach nothing on this machine's loopback but the fake model, allowed here as
+        // an operator allows a local model server.
+        let allow = fake.base.trim_start_matches("http://").to_string();
+        let serve = Serve::start_in_with_env(
+            data.path(),
+            &["--egress-allow", &allow],
+            &[("PATH", search_path())],
+        );
         let api = serve.client();
         Rig {
             fake,

@@ -202,10 +202,7 @@ mod tests {
             let _ = conn.write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n").await;
         });
         let target: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-        let err = connect_through(&socket, target)
-            .await
-            .err()
-            .expect("refused");
+        let err = connect_through(&socket, target).await.expect_err("refused");
         assert!(err.to_string().contains("403 Forbidden"), "{err}");
     }
 }

@@ -44,8 +44,16 @@ fn make_dir(path: &Path) -> std::io::Result<()> {
 
 impl Cgroups {
     /// The trees this process may make sandboxes' groups in; the error says why there are none.
+    /// A group is made and removed to be sure (the parent may exist, made by another user).
     pub fn detect() -> Result<Cgroups, String> {
-        Self::detect_at(Path::new(ROOT))
+        let cgroups = Self::detect_at(Path::new(ROOT))?;
+        let probe = format!("probe-{}", std::process::id());
+        let made = cgroups.groups(&probe).iter().try_for_each(|g| make_dir(g));
+        for g in cgroups.groups(&probe) {
+            let _ = std::fs::remove_dir(g);
+        }
+        made.map_err(|e| e.to_string())?;
+        Ok(cgroups)
     }
 
     fn detect_at(root: &Path) -> Result<Cgroups, String> {

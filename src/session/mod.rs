@@ -258,7 +258,7 @@ impl Orchestrator {
     pub fn client_for(&self, sandbox_id: &str, endpoint: &str) -> HarnessClient {
         let mut clients = lock(&self.clients);
         if let Some(c) = clients.get(sandbox_id)
-            && c.base() == endpoint
+            && c.endpoint() == endpoint
         {
             return c.clone();
         }

@@ -1,0 +1,638 @@
+//! The sandbox boundary, tried as an attacker would: two tenants share one `serve` (local runtime,
+//! bubblewrap), and from inside tenant A's terminal session every attack of the threat model is
+//! run with the tools a shell has (cat, ls, mount, bash's /dev/tcp). Each must fail, and a positive
+//! control shows the same setup could succeed (A's own files, the allowed model address).
+//!
+//! The suite runs twice: with `serve` as root (as on these machines and in CI) and as an
+//! unprivileged user (bubblewrap then builds a user namespace).
+
+mod common;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Whether bubblewrap works here; when it must (`SANDWARDEN_REQUIRE_BWRAP=1`, set by scripts/test
+/// after installing it), its absence fails the test instead of skipping it.
+fn bwrap_works() -> bool {
+    let works = Command::new("bwrap")
+        .args(["--ro-bind", "/", "/", "--unshare-pid", "--", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        assert!(
+            std::env::var("SANDWARDEN_REQUIRE_BWRAP").as_deref() != Ok("1"),
+            "bubblewrap is required (SANDWARDEN_REQUIRE_BWRAP=1) but `bwrap` does not work here"
+        );
+        eprintln!(
+            "\n*** SKIPPED: bubblewrap is not installed; the sandbox boundary is not tested ***\n"
+        );
+    }
+    works
+}
+
+/// The operator's secrets in `serve`'s environment; no sandbox may see them.
+const OPERATOR_SECRET: &str = "aws-secret-never-in-a-sandbox-5d1f";
+const DATABASE_SECRET: &str = "postgres://op:db-password-never-in-a-sandbox@10.0.0.9/prod";
+
+/// A `serve` run for these tests, as root or as `user`.
+struct Server {
+    child: Child,
+    base: String,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(user: Option<u32>, allowed: &str) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("data dir");
+        let templates = dir.path().join("templates.json");
+        std::fs::write(
+            &templates,
+            r#"[{"name":"sh","kind":"tui","command":"bash --noprofile --norc","pool":0},
+                {"name":"echo","kind":"api","command":"sandwarden echo-agent","pool":0}]"#,
+        )
+        .expect("templates");
+        let bin = env!("CARGO_BIN_EXE_sandwarden");
+        let mut cmd = match user {
+            None => Command::new(bin),
+            Some(uid) => {
+                for path in [dir.path(), &data, &templates] {
+                    std::os::unix::fs::chown(path, Some(uid), Some(uid)).expect("chown");
+                }
+                let mut cmd = Command::new("setpriv");
+                cmd.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "--",
+                    bin,
+                ]);
+                cmd
+            }
+        };
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--isolation", "bwrap"])
+            .args(["--egress-allow", allowed])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--templates")
+            .arg(&templates)
+            .env("HOME", dir.path())
+            .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+            .env("SANDWARDEN_LOG", "warn")
+            .env("AWS_SECRET_ACCESS_KEY", OPERATOR_SECRET)
+            .env("DATABASE_URL", DATABASE_SECRET);
+        let (child, addr) = spawn_listening(&mut cmd, "sandwarden serve");
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            data,
+            _dir: dir,
+        }
+    }
+
+    fn admin(&self) -> Api {
+        Api {
+            base: self.base.clone(),
+            key: ADMIN_KEY.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The pid of `serve` itself (under setpriv it is the same process, exec'd).
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        signal(self.child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_sandboxes_under(&self.data);
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A terminal session's shell, driven as a person (or a hostile agent) at its prompt would.
+struct Shell {
+    ws: Ws,
+    n: usize,
+}
+
+impl Shell {
+    async fn attach(tty_url: &str) -> Shell {
+        let (mut ws, _) = tokio_tungstenite::connect_async(tty_url)
+            .await
+            .expect("attach to the terminal");
+        ws.send(Message::Text(
+            json!({"type": "resize", "cols": 400, "rows": 50})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .expect("resize");
+        Shell { ws, n: 0 }
+    }
+
+    /// Runs `cmd` and returns what it printed and its exit status.
+    async fn run(&mut self, cmd: &str) -> (String, i32) {
+        self.n += 1;
+        let end = format!("@@{}", self.n);
+        let line = format!("{cmd}; echo \"@@rc=$?@@{}\"\n", self.n);
+        self.ws
+            .send(Message::Binary(line.into_bytes().into()))
+            .await
+            .expect("type");
+        let mut out = String::new();
+        let re = regex_lite(&end);
+        loop {
+            if let Some((before, rc)) = re(&out) {
+                return (plain(&before), rc);
+            }
+            match tokio::time::timeout(Duration::from_secs(20), self.ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => out.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Ok(_))) => {}
+                other => {
+                    panic!("the terminal ended while running {cmd:?}: {other:?} after {out:?}")
+                }
+            }
+        }
+    }
+}
+
+/// Terminal output without escape sequences (bracketed paste, colours) or carriage returns.
+fn plain(out: &str) -> String {
+    let mut text = String::with_capacity(out.len());
+    let mut chars = out.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() || c == '~' {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => {}
+            c => text.push(c),
+        }
+    }
+    text
+}
+
+/// Finds `@@rc=<digits>@@<end>` (the typed command shows `$?` there, never digits) and returns
+/// the output before it and the status.
+fn regex_lite(end: &str) -> impl Fn(&str) -> Option<(String, i32)> + '_ {
+    move |out: &str| {
+        let mut from = 0;
+        while let Some(i) = out[from..].find("@@rc=") {
+            let start = from + i;
+            let rest = &out[start + 5..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if !digits.is_empty() && rest[digits.len()..].starts_with(&format!("@@{}", &end[2..])) {
+                return Some((out[..start].to_string(), digits.parse().unwrap_or(-1)));
+            }
+            from = start + 5;
+        }
+        None
+    }
+}
+
+/// A loopback service on the host that no sandbox may reach; counts the connections it gets.
+async fn forbidden_service() -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nLEAKED")
+                .await;
+        }
+    });
+    (port, hits)
+}
+
+/// The allowed "model server" on the host's loopback: answers every request with `model-ok`.
+async fn allowed_service() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nmodel-ok")
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// A bash one-liner that sends one HTTP request to HOST:PORT over /dev/tcp and prints the
+/// answer's first line (no curl needed in the sandbox).
+fn http_get(host: &str, port: u16, request_target: &str) -> String {
+    format!(
+        "timeout 5 bash -c 'exec 3<>/dev/tcp/{host}/{port} && printf \"GET {request_target} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n\" >&3 && cat <&3' 2>&1 | tr -d '\\r' | head -5"
+    )
+}
+
+/// Every process's command line on the host, for finding what a sandbox left behind.
+fn host_processes_with(needle: &str) -> Vec<i32> {
+    sandwarden::procfs::pids_matching(&[needle])
+}
+
+async fn tty_url(api: &Api, id: &str) -> String {
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    s["tty_url"].as_str().expect("tty_url").to_string()
+}
+
+/// The sandbox directory holding `marker` (written by the session whose dir it is).
+fn sandbox_dir_with(data: &Path, marker: &str) -> PathBuf {
+    std::fs::read_dir(data.join("sandboxes"))
+        .expect("sandboxes dir")
+        .flatten()
+        .map(|d| d.path())
+        .find(|d| d.join(marker).exists())
+        .expect("the session's sandbox directory")
+}
+
+async fn attack_from_a_tenants_shell(user: Option<u32>) {
+    let (forbidden_port, hits) = forbidden_service().await;
+    let model_port = allowed_service().await;
+    let server = Server::start(user, &format!("127.0.0.1:{model_port}"));
+    let admin = server.admin();
+    let data = server.data.clone();
+
+    // Two tenants: B, the victim, with an API session and a terminal; A, the attacker.
+    let mut tenants = Vec::new();
+    for tenant in ["victim-b", "attacker-a"] {
+        let (status, k) = admin
+            .call("POST", "/v1/api-keys", Some(json!({"tenant": tenant})))
+            .await;
+        assert_eq!(status, 201, "{k}");
+        tenants.push(admin.with_key(k["key"].as_str().expect("key")));
+    }
+    let (victim, attacker) = (&tenants[0], &tenants[1]);
+    let victim_echo = victim.ready("echo").await;
+    let (_, reply) = victim.say(&victim_echo, "victim's private prompt").await;
+    assert_eq!(reply["text"], "victim's private prompt");
+    let victim_sh = victim.ready("sh").await;
+    let mut victim_shell = Shell::attach(&tty_url(victim, &victim_sh).await).await;
+    let (_, rc) = victim_shell.run("echo victim-data > victim-marker").await;
+    assert_eq!(rc, 0);
+    let victim_dir = sandbox_dir_with(&data, "victim-marker");
+
+    let attacker_sh = attacker.ready("sh").await;
+    let (_, s) = attacker
+        .call("GET", &format!("/v1/sessions/{attacker_sh}"), None)
+        .await;
+    assert_eq!(
+        s["isolation"], "bwrap",
+        "each session says its isolation: {s}"
+    );
+    let mut sh = Shell::attach(&tty_url(attacker, &attacker_sh).await).await;
+
+    // Positive control: the sandbox's own files.
+    let (out, rc) = sh
+        .run("echo attacker-own > attacker-marker && cat attacker-marker")
+        .await;
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.lines().any(|l| l == "attacker-own"), "{out}");
+    let attacker_dir = sandbox_dir_with(&data, "attacker-marker");
+
+    // 1. No file of the data dir but its own; nothing of /root; no writes outside its dirs.
+    let secret = std::fs::read_to_string(data.join("secret")).expect("the server secret");
+    let d = data.display();
+    for path in [
+        format!("{d}/secret"),
+        format!("{d}/sandwarden.db"),
+        format!("{}/victim-marker", victim_dir.display()),
+    ] {
+        let (out, rc) = sh.run(&format!("cat {path}")).await;
+        assert_ne!(rc, 0, "{path} must not be readable: {out}");
+        assert!(
+            !out.contains(secret.trim()) && !out.contains("victim-data"),
+            "{out}"
+        );
+    }
+    for dir in [
+        format!("{d}"),
+        format!("{d}/sandboxes"),
+        format!("{d}/run"),
+        "/root".into(),
+    ] {
+        let (out, rc) = sh.run(&format!("ls {dir}")).await;
+        assert_ne!(rc, 0, "{dir} must not be listable: {out}");
+    }
+    let (out, rc) = sh.run("cat /etc/shadow").await;
+    assert_ne!(rc, 0, "/etc/shadow: {out}");
+    for path in [
+        "/usr/escape",
+        "/etc/escape",
+        &format!("{}/pwned", victim_dir.display()),
+    ] {
+        let (out, rc) = sh.run(&format!("touch {path}")).await;
+        assert_ne!(rc, 0, "writing {path} must fail: {out}");
+        assert!(!Path::new(path).exists());
+    }
+
+    // 2. No capability, and no way to gain one.
+    let (out, _) = sh
+        .run("grep -E 'CapEff|CapBnd|NoNewPrivs' /proc/self/status")
+        .await;
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(
+        out.contains("CapBnd:\t0000000000000000") || user.is_some(),
+        "{out}"
+    );
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    let (out, rc) = sh.run("mount -o remount,bind,rw /").await;
+    assert_ne!(rc, 0, "a remount must fail: {out}");
+    let (out, _) = sh.run("id -u").await;
+    assert!(!out.lines().any(|l| l.trim() == "0"), "not root: {out}");
+
+    // 3. No other process: not serve's environment, not another sandbox's.
+    let (out, rc) = sh.run(&format!("cat /proc/{}/environ", server.pid())).await;
+    assert!(rc != 0 || !out.contains(ADMIN_KEY), "{out}");
+    assert!(
+        !out.contains(ADMIN_KEY) && !out.contains(OPERATOR_SECRET),
+        "{out}"
+    );
+    let (out, _) = sh.run("ls /proc | grep -cE '^[0-9]+$'").await;
+    let count: usize = out
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap_or(usize::MAX);
+    assert!(
+        count < 20,
+        "only the sandbox's own processes: {count} in {out}"
+    );
+    let (out, _) = sh.run("cat /proc/*/cmdline | tr '\\0' ' '").await;
+    assert!(!out.contains("victim") && !out.contains("serve"), "{out}");
+
+    // 4. Only the environment its template gives it, plus the documented base.
+    let (out, _) = sh.run("env | cut -d= -f1 | sort | tr '\\n' ' '").await;
+    let names = out.lines().last().unwrap_or_default().to_string();
+    let (env_out, _) = sh.run("env").await;
+    for leaked in [
+        OPERATOR_SECRET,
+        DATABASE_SECRET,
+        ADMIN_KEY,
+        "AWS_SECRET_ACCESS_KEY",
+        "DATABASE_URL",
+    ] {
+        assert!(
+            !env_out.contains(leaked),
+            "{leaked} reached the sandbox: {env_out}"
+        );
+    }
+    let allowed = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "LC_MESSAGES",
+        "TZ",
+        "TERM",
+        "PWD",
+        "OLDPWD",
+        "SHLVL",
+        "_",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "XDG_STATE_HOME",
+        "XDG_CACHE_HOME",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "COLUMNS",
+        "LINES",
+    ];
+    for name in names.split_whitespace() {
+        assert!(
+            allowed.contains(&name),
+            "{name} is not in the documented base: {names}"
+        );
+    }
+
+    // 5. The network: not the host's loopback, not serve, not link-local; the allowed model is.
+    let (out, _) = sh.run(&http_get("127.0.0.1", forbidden_port, "/")).await;
+    assert!(!out.contains("LEAKED"), "{out}");
+    let serve_port = server.base.rsplit(':').next().expect("port").to_string();
+    let (out, _) = sh
+        .run(&http_get(
+            "127.0.0.1",
+            serve_port.parse().expect("port"),
+            "/healthz",
+        ))
+        .await;
+    assert!(!out.contains("200 OK"), "serve's port from inside: {out}");
+    for target in [
+        format!("http://127.0.0.1:{forbidden_port}/"),
+        format!("http://127.0.0.1:{serve_port}/healthz"),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://10.0.0.9/".to_string(),
+    ] {
+        let (out, _) = sh.run(&http_get("127.0.0.1", 3128, &target)).await;
+        assert!(
+            out.contains("403 Forbidden"),
+            "the proxy must refuse {target}: {out}"
+        );
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the host's loopback service was reached"
+    );
+    let (out, _) = sh
+        .run(&http_get("127.0.0.1", model_port, "/v1/models"))
+        .await;
+    assert!(
+        out.contains("model-ok"),
+        "the allowed model address must work: {out}"
+    );
+    let (out, _) = sh
+        .run(&http_get(
+            "127.0.0.1",
+            3128,
+            &format!("http://127.0.0.1:{model_port}/"),
+        ))
+        .await;
+    assert!(out.contains("model-ok"), "and through the proxy: {out}");
+
+    // 6. Its credential is its own: none in its environment, and A's tty token opens only A.
+    let (out, _) = sh.run("echo \"tok=[$SANDWARDEN_TOKEN]\"").await;
+    assert!(out.contains("tok=[]"), "{out}");
+    let a_url = tty_url(attacker, &attacker_sh).await;
+    let forged = a_url.replace(&attacker_sh, &victim_sh);
+    assert!(
+        tokio_tungstenite::connect_async(&forged).await.is_err(),
+        "A's terminal token must not open B's terminal"
+    );
+    let (status, _) = attacker
+        .call("GET", &format!("/v1/sessions/{victim_sh}"), None)
+        .await;
+    assert_eq!(status, 404);
+
+    // 8. Bounded: with serve as root, a process limit per sandbox user and cgroup limits.
+    if user.is_none() {
+        let (out, _) = sh.run("ulimit -u").await;
+        assert!(out.lines().any(|l| l.trim() == "512"), "{out}");
+        let sandbox_id = attacker_dir
+            .file_name()
+            .expect("id")
+            .to_string_lossy()
+            .to_string();
+        let pids = PathBuf::from("/sys/fs/cgroup/pids/sandwarden").join(&sandbox_id);
+        if Path::new("/sys/fs/cgroup/pids/sandwarden").is_dir() {
+            assert_eq!(
+                std::fs::read_to_string(pids.join("pids.max"))
+                    .expect("pids.max")
+                    .trim(),
+                "512"
+            );
+        }
+    }
+
+    // 7. It dies whole: a detached process does not outlive its session.
+    let (out, rc) = sh
+        .run("setsid nohup sleep 9797 >/dev/null 2>&1 & echo detached")
+        .await;
+    assert_eq!(rc, 0, "{out}");
+    let mut started = false;
+    for _ in 0..200 {
+        started = !host_processes_with("sleep 9797").is_empty();
+        if started {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started, "the detached process runs before the delete");
+    drop(sh);
+    let (status, _) = attacker
+        .call("DELETE", &format!("/v1/sessions/{attacker_sh}"), None)
+        .await;
+    assert!(status == 200 || status == 204, "{status}");
+    let mut left = Vec::new();
+    for _ in 0..200 {
+        left = host_processes_with("sleep 9797");
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(left.is_empty(), "left after delete: {left:?}");
+    assert!(!attacker_dir.exists(), "its directory is removed");
+
+    // The victim is untouched and still served.
+    let (out, rc) = victim_shell.run("cat victim-marker; ls").await;
+    assert_eq!(rc, 0);
+    assert!(
+        out.contains("victim-data") && !out.contains("pwned"),
+        "{out}"
+    );
+    let (_, reply) = victim.say(&victim_echo, "still mine").await;
+    assert_eq!(reply["text"], "still mine");
+}
+
+#[tokio::test]
+async fn a_tenants_shell_cannot_cross_the_boundary_with_serve_as_root() {
+    if !bwrap_works() || !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    attack_from_a_tenants_shell(None).await;
+}
+
+#[tokio::test]
+async fn a_tenants_shell_cannot_cross_the_boundary_with_serve_as_an_unprivileged_user() {
+    if !bwrap_works() || !nix::unistd::geteuid().is_root() {
+        // The test switches serve to another user, which takes root.
+        return;
+    }
+    attack_from_a_tenants_shell(Some(65534)).await;
+}
+
+#[tokio::test]
+async fn a_working_directory_outside_the_sandbox_is_refused_without_naming_host_paths() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let data = serve.data.display().to_string();
+    for cwd in ["../..", "/", "/etc", "a/../../b", ""] {
+        let (status, p) = api
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(json!({"harness": "echo", "cwd": cwd})),
+            )
+            .await;
+        assert_eq!(status, 422, "cwd {cwd:?}: {p}");
+        let detail = p["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("relative path inside"), "{detail}");
+        assert!(!detail.contains(&data), "no host path: {detail}");
+    }
+    // A relative cwd the files create is fine.
+    let (status, s) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": "echo", "cwd": "proj", "files": [{"path": "proj/a.txt", "content": "x"}]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+}
+
+#[tokio::test]
+async fn everything_serve_writes_in_its_data_dir_is_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let _ = api.say(&id, "written").await;
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&serve.data), 0o700, "the data dir");
+    for entry in std::fs::read_dir(&serve.data).expect("data dir").flatten() {
+        let path = entry.path();
+        if path.file_name().is_some_and(|n| n == "templates.json") {
+            continue; // written by the test
+        }
+        let m = mode(&path);
+        assert_eq!(m & 0o077, 0, "{} is {m:o}", path.display());
+    }
+}
