@@ -2,7 +2,7 @@
 //!
 //! `main.rs` only parses arguments; everything else lives here so tests can reach it. Layers, top
 //! to bottom (imports point down): `cli` → `api` → `session` → `runtime`, `store`,
-//! `harness_client` → `pool`, `metrics`, `event`, `problem`. The in-sandbox `harness` server depends
+//! `harness_client` → `egress`, `pool`, `metrics`, `event`, `problem`. The in-sandbox `harness` server depends
 //! only on `event` and `problem`.
 
 pub mod api;

@@ -1,5 +1,5 @@
 //! Secrets given to a session (per-session env, a webhook token) reach the agent and the receiver
-//! and nothing else: not serve's or the harness's logs (at debug level), not the store, not the
+//! and nothing else: not serve's or the harness's logs (at trace level), nor a sandbox's token, not the store, not the
 //! events, not any answer of the API, including the errors for a bad request that carried them.
 
 mod common;
@@ -32,8 +32,8 @@ impl LoggedServe {
             .arg("--data-dir")
             .arg(data.path())
             .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-            .env("SANDWARDEN_LOG", "debug")
-            .env("SANDWARDEN_SANDBOX_LOG", "debug")
+            .env("SANDWARDEN_LOG", "trace")
+            .env("SANDWARDEN_SANDBOX_LOG", "trace")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -95,8 +95,8 @@ fn files_under(dir: &Path, skip: &[&str]) -> Vec<PathBuf> {
             }
             if path.is_dir() {
                 todo.push(path);
-            } else {
-                out.push(path);
+            } else if path.is_file() {
+                out.push(path); // not the sandboxes' sockets
             }
         }
     }
@@ -244,21 +244,35 @@ async fn session_secrets_never_reach_logs_store_events_or_answers() {
         assert_absent(&format!("an answer: {a}"), a.as_bytes(), &never_shown);
     }
 
+    // Every sandbox's bearer token, from the server secret and the sandbox ids: none may be
+    // logged or stored either.
+    let secret_hex = std::fs::read_to_string(serve.data.path().join("secret")).expect("secret");
+    let keyring = sandwarden::runtime::Tokens::new(hex::decode(secret_hex.trim()).expect("hex"));
+    let sandbox_tokens: Vec<String> = std::fs::read_dir(serve.data.path().join("sandboxes"))
+        .expect("sandboxes dir")
+        .flatten()
+        .map(|d| keyring.for_sandbox(&d.file_name().to_string_lossy()))
+        .collect();
+    assert!(!sandbox_tokens.is_empty(), "the sandboxes are found");
+    let tokens: Vec<&str> = sandbox_tokens.iter().map(String::as_str).collect();
+
     // The logs and the store, after a clean stop (every line written, the WAL checkpointed or
     // not: both are read). Sandbox directories and homes belong to the agent.
     serve.stop();
     let stderr = std::fs::read(serve.logs.path().join("stderr")).expect("stderr");
     assert!(
-        String::from_utf8_lossy(&stderr).contains("DEBUG"),
-        "the logs are at debug level, or this proves little"
+        String::from_utf8_lossy(&stderr).contains("TRACE"),
+        "the logs are at trace level, or this proves little"
     );
     assert_absent(
         "serve's stderr (with the sandboxes')",
         &stderr,
         &all_secrets,
     );
+    assert_absent("serve's stderr (with the sandboxes')", &stderr, &tokens);
     let stdout = std::fs::read(serve.logs.path().join("stdout")).expect("stdout");
     assert_absent("serve's stdout", &stdout, &all_secrets);
+    assert_absent("serve's stdout", &stdout, &tokens);
     let stored = files_under(serve.data.path(), &["sandboxes", "homes"]);
     assert!(
         stored.iter().any(|p| p.ends_with("sandwarden.db")),
@@ -269,6 +283,7 @@ async fn session_secrets_never_reach_logs_store_events_or_answers() {
         let bytes = std::fs::read(&path).expect("read a stored file");
         // The agent's answer to `/env SHOWN_TOKEN` is in the history, by request.
         assert_absent(&path.display().to_string(), &bytes, &never_shown);
+        assert_absent(&path.display().to_string(), &bytes, &tokens);
         agent_answer_found |= bytes.windows(shown.len()).any(|w| w == shown.as_bytes());
     }
     assert!(
