@@ -566,3 +566,183 @@ async fn the_image_matrix_runs_by_flag() {
         }
     }
 }
+
+/// Writes `templates` (JSON) into a fresh data dir for `serve --runtime docker`.
+fn data_dir_with(templates: serde_json::Value) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("templates.json"), templates.to_string()).expect("templates");
+    dir
+}
+
+/// A template of the echo agent's image under another name (`start`, `pool`, `command` given).
+fn echo_image_template(name: &str, command: &str, start: &str, pool: usize) -> serde_json::Value {
+    json!({"name": name, "kind": "api", "command": command, "start": start, "pool": pool,
+           "container": {"image": format!("sandwarden/harness-echo:{VERSION}")}})
+}
+
+/// Polls the session until it leaves `creating`, for at most `within`; returns it as last seen.
+async fn settled(api: &Api, id: &str, within: Duration) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+        if s["status"] != "creating" || tokio::time::Instant::now() >= deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn create_with_env(api: &Api, harness: &str, env: serde_json::Value) -> serde_json::Value {
+    let (status, s) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": harness, "env": env})),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+    s
+}
+
+/// What the echo agent of session `id` reads in its environment variable `name`.
+async fn agent_env(api: &Api, id: &str, name: &str) -> String {
+    let (status, reply) = api.say(id, &format!("/env {name}")).await;
+    assert_eq!(status, 200, "{reply}");
+    reply["text"].as_str().unwrap_or_default().to_string()
+}
+
+/// Waits until a container of `template` that was not there `before` has printed its harness's
+/// listen line; returns its sandbox id.
+async fn listening_container(docker: &Docker, before: &[String], template: &str) -> String {
+    for _ in 0..600 {
+        for id in sandbox_ids(docker).await {
+            if before.contains(&id) || template_of(docker, &id).await.as_deref() != Some(template) {
+                continue;
+            }
+            let mut logs = docker.logs(
+                &container_name(&id),
+                Some(bollard::query_parameters::LogsOptions {
+                    stdout: true,
+                    ..Default::default()
+                }),
+            );
+            let mut out = String::new();
+            while let Ok(Some(Ok(chunk))) =
+                tokio::time::timeout(Duration::from_secs(2), logs.next()).await
+            {
+                out.push_str(&chunk.to_string());
+            }
+            if out.contains("listening") {
+                return id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no container of {template} started its harness");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_start_with_session_env_becomes_ready_and_its_agent_sees_the_env() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: sandbox_ids(&docker).await,
+    };
+    // With env the session layer starts the template as `start: bind`: the harness waits in
+    // `standby` (503 on /healthz) for the bind that starts the agent with the session's values.
+    let dir = data_dir_with(json!([echo_image_template(
+        "echo-cold",
+        "sandwarden echo-agent",
+        "boot",
+        0
+    )]));
+    let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+    let value = format!("cold-{}", uuid::Uuid::new_v4().simple());
+    let created = create_with_env(&api, "echo-cold", json!({"GREETING": value})).await;
+    assert_eq!(created["status"], "creating", "a cold start: {created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let s = settled(&api, &id, Duration::from_secs(40)).await;
+    assert_eq!(
+        s["status"], "ready",
+        "the cold start with env is ready: {s}"
+    );
+    assert_eq!(agent_env(&api, &id, "GREETING").await, value);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bind_template_fills_its_warm_pool_and_a_claim_binds_the_session_env() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let before = sandbox_ids(&docker).await;
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: before.clone(),
+    };
+    let dir = data_dir_with(json!([echo_image_template(
+        "echo-bind",
+        "sandwarden echo-agent",
+        "bind",
+        1
+    )]));
+    let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+    listening_container(&docker, &before, "echo-bind").await;
+    // The pool records the sandbox once serve has seen its harness answer (in `standby`); until
+    // then a create is a cold start, which this test does not want: it is deleted and retried.
+    let value = format!("warm-{}", uuid::Uuid::new_v4().simple());
+    let mut warm = None;
+    let mut last = serde_json::Value::Null;
+    for _ in 0..60 {
+        let s = create_with_env(&api, "echo-bind", json!({"GREETING": value})).await;
+        let id = s["id"].as_str().expect("id").to_string();
+        if s["status"] == "ready" {
+            warm = Some(id);
+            break;
+        }
+        let _ = api
+            .call("DELETE", &format!("/v1/sessions/{id}"), None)
+            .await;
+        last = s;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let id = warm.unwrap_or_else(|| panic!("no create was a warm claim; last: {last}"));
+    assert_eq!(
+        agent_env(&api, &id, "GREETING").await,
+        value,
+        "the warm sandbox's agent started with the session's env"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_harness_that_fails_to_start_fails_the_session_at_once_with_its_reason() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: sandbox_ids(&docker).await,
+    };
+    let missing = "/nonexistent/agent-for-the-failure-test";
+    let dir = data_dir_with(json!([echo_image_template("broken", missing, "boot", 0)]));
+    let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+    let id = api.create("broken").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // Well inside the 60 s a harness that never answers is given.
+    let s = settled(&api, &id, Duration::from_secs(25)).await;
+    assert_eq!(s["status"], "failed", "{s}");
+    let reason = s["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(missing),
+        "the harness's reason reaches the session: {s}"
+    );
+}
