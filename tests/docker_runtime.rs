@@ -746,3 +746,103 @@ async fn a_harness_that_fails_to_start_fails_the_session_at_once_with_its_reason
         "the harness's reason reaches the session: {s}"
     );
 }
+
+/// The `SANDWARDEN_TOKEN` a container was started with.
+async fn token_of(docker: &Docker, sandbox_id: &str) -> Option<String> {
+    docker
+        .inspect_container(&container_name(sandbox_id), None::<InspectContainerOptions>)
+        .await
+        .ok()?
+        .config?
+        .env?
+        .into_iter()
+        .find_map(|e| e.strip_prefix("SANDWARDEN_TOKEN=").map(String::from))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandbox_tokens_never_reach_serves_logs_even_at_trace() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let before = sandbox_ids(&docker).await;
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: before.clone(),
+    };
+    let dir = data_dir_with(json!([
+        {"name": "echo", "kind": "api", "command": "sandwarden echo-agent", "pool": 1},
+    ]));
+    let logs = tempfile::tempdir().expect("log dir");
+    let stderr = std::fs::File::create(logs.path().join("stderr")).expect("stderr file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--runtime", "docker"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--templates")
+        .arg(dir.path().join("templates.json"))
+        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+        .env("SANDWARDEN_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("listen line");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
+    let api = Api {
+        base: format!("http://{}", v["listening"].as_str().expect("address")),
+        key: ADMIN_KEY.to_string(),
+        http: reqwest::Client::new(),
+    };
+    let rest = std::thread::spawn(move || {
+        let mut all = line.into_bytes();
+        let _ = stdout.read_to_end(&mut all);
+        all
+    });
+
+    // Containers created, inspected, bound and talked to: a plain session and one with env (each
+    // a warm claim or a cold start, as the pool allows).
+    let plain = api.ready("echo").await;
+    let (status, reply) = api.say(&plain, "hello").await;
+    assert_eq!(status, 200, "{reply}");
+    let bound = create_with_env(&api, "echo", json!({"GREETING": "hi"})).await;
+    let bound = bound["id"].as_str().expect("id").to_string();
+    let s = settled(&api, &bound, Duration::from_secs(40)).await;
+    assert_eq!(s["status"], "ready", "{s}");
+    assert_eq!(agent_env(&api, &bound, "GREETING").await, "hi");
+
+    let mut tokens = Vec::new();
+    for id in sandbox_ids(&docker).await {
+        if !before.contains(&id)
+            && let Some(token) = token_of(&docker, &id).await
+        {
+            tokens.push(token);
+        }
+    }
+    assert!(
+        tokens.len() >= 2 && tokens.iter().all(|t| t.len() >= 16),
+        "every sandbox has its token: {tokens:?}"
+    );
+    terminate(&mut child);
+    let out = rest.join().expect("stdout reader");
+    let err = std::fs::read(logs.path().join("stderr")).expect("stderr");
+    // A positive control: serve did log below info, so a token in a record would have shown.
+    let err_text = String::from_utf8_lossy(&err);
+    assert!(
+        err_text.contains("DEBUG"),
+        "serve logged at debug: {}",
+        &err_text[..err_text.len().min(2000)]
+    );
+    for (place, hay) in [("serve's stderr", &err), ("serve's stdout", &out)] {
+        for token in &tokens {
+            let found = hay.windows(token.len()).any(|w| w == token.as_bytes());
+            assert!(!found, "a sandbox token leaked into {place}");
+        }
+    }
+}
