@@ -253,18 +253,7 @@ fn parse_size(s: &str) -> anyhow::Result<(u16, u16)> {
 }
 
 fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("SANDWARDEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Logs go to stderr: stdout carries machine-readable output (the harness's listen line).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // A log write that fails (stderr a file on a full disk) is dropped: reporting it goes
-        // through eprintln!, which panics the task that logged, e.g. a request's handler.
-        .log_internal_errors(false)
-        .try_init();
+    crate::logs::init();
 }
 
 /// `sandwarden harness` and the `sandwarden-harness` binary.

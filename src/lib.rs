@@ -30,6 +30,7 @@ pub mod harness;
 pub mod harness_client;
 pub mod http;
 pub mod launch;
+pub mod logs;
 pub mod metrics;
 pub mod pool;
 pub mod problem;

@@ -566,3 +566,283 @@ async fn the_image_matrix_runs_by_flag() {
         }
     }
 }
+
+/// Writes `templates` (JSON) into a fresh data dir for `serve --runtime docker`.
+fn data_dir_with(templates: serde_json::Value) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("templates.json"), templates.to_string()).expect("templates");
+    dir
+}
+
+/// A template of the echo agent's image under another name (`start`, `pool`, `command` given).
+fn echo_image_template(name: &str, command: &str, start: &str, pool: usize) -> serde_json::Value {
+    json!({"name": name, "kind": "api", "command": command, "start": start, "pool": pool,
+           "container": {"image": format!("sandwarden/harness-echo:{VERSION}")}})
+}
+
+/// Polls the session until it leaves `creating`, for at most `within`; returns it as last seen.
+async fn settled(api: &Api, id: &str, within: Duration) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+        if s["status"] != "creating" || tokio::time::Instant::now() >= deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn create_with_env(api: &Api, harness: &str, env: serde_json::Value) -> serde_json::Value {
+    let (status, s) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": harness, "env": env})),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+    s
+}
+
+/// What the echo agent of session `id` reads in its environment variable `name`.
+async fn agent_env(api: &Api, id: &str, name: &str) -> String {
+    let (status, reply) = api.say(id, &format!("/env {name}")).await;
+    assert_eq!(status, 200, "{reply}");
+    reply["text"].as_str().unwrap_or_default().to_string()
+}
+
+/// Waits until a container of `template` that was not there `before` has printed its harness's
+/// listen line; returns its sandbox id.
+async fn listening_container(docker: &Docker, before: &[String], template: &str) -> String {
+    for _ in 0..600 {
+        for id in sandbox_ids(docker).await {
+            if before.contains(&id) || template_of(docker, &id).await.as_deref() != Some(template) {
+                continue;
+            }
+            let mut logs = docker.logs(
+                &container_name(&id),
+                Some(bollard::query_parameters::LogsOptions {
+                    stdout: true,
+                    ..Default::default()
+                }),
+            );
+            let mut out = String::new();
+            while let Ok(Some(Ok(chunk))) =
+                tokio::time::timeout(Duration::from_secs(2), logs.next()).await
+            {
+                out.push_str(&chunk.to_string());
+            }
+            if out.contains("listening") {
+                return id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no container of {template} started its harness");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_start_with_session_env_becomes_ready_and_its_agent_sees_the_env() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: sandbox_ids(&docker).await,
+    };
+    // With env the session layer starts the template as `start: bind`: the harness waits in
+    // `standby` (503 on /healthz) for the bind that starts the agent with the session's values.
+    let dir = data_dir_with(json!([echo_image_template(
+        "echo-cold",
+        "sandwarden echo-agent",
+        "boot",
+        0
+    )]));
+    let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+    let value = format!("cold-{}", uuid::Uuid::new_v4().simple());
+    let created = create_with_env(&api, "echo-cold", json!({"GREETING": value})).await;
+    assert_eq!(created["status"], "creating", "a cold start: {created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let s = settled(&api, &id, Duration::from_secs(40)).await;
+    assert_eq!(
+        s["status"], "ready",
+        "the cold start with env is ready: {s}"
+    );
+    assert_eq!(agent_env(&api, &id, "GREETING").await, value);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bind_template_fills_its_warm_pool_and_a_claim_binds_the_session_env() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let before = sandbox_ids(&docker).await;
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: before.clone(),
+    };
+    let dir = data_dir_with(json!([echo_image_template(
+        "echo-bind",
+        "sandwarden echo-agent",
+        "bind",
+        1
+    )]));
+    let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+    listening_container(&docker, &before, "echo-bind").await;
+    // The pool records the sandbox once serve has seen its harness answer (in `standby`); until
+    // then a create is a cold start, which this test does not want: it is deleted and retried.
+    let value = format!("warm-{}", uuid::Uuid::new_v4().simple());
+    let mut warm = None;
+    let mut last = serde_json::Value::Null;
+    for _ in 0..60 {
+        let s = create_with_env(&api, "echo-bind", json!({"GREETING": value})).await;
+        let id = s["id"].as_str().expect("id").to_string();
+        if s["status"] == "ready" {
+            warm = Some(id);
+            break;
+        }
+        let _ = api
+            .call("DELETE", &format!("/v1/sessions/{id}"), None)
+            .await;
+        last = s;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let id = warm.unwrap_or_else(|| panic!("no create was a warm claim; last: {last}"));
+    assert_eq!(
+        agent_env(&api, &id, "GREETING").await,
+        value,
+        "the warm sandbox's agent started with the session's env"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_harness_that_fails_to_start_fails_the_session_at_once_with_its_reason() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: sandbox_ids(&docker).await,
+    };
+    let missing = "/nonexistent/agent-for-the-failure-test";
+    let dir = data_dir_with(json!([echo_image_template("broken", missing, "boot", 0)]));
+    let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let api = serve.client();
+    let id = api.create("broken").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // Well inside the 60 s a harness that never answers is given.
+    let s = settled(&api, &id, Duration::from_secs(25)).await;
+    assert_eq!(s["status"], "failed", "{s}");
+    let reason = s["failure_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(missing),
+        "the harness's reason reaches the session: {s}"
+    );
+}
+
+/// The `SANDWARDEN_TOKEN` a container was started with.
+async fn token_of(docker: &Docker, sandbox_id: &str) -> Option<String> {
+    docker
+        .inspect_container(&container_name(sandbox_id), None::<InspectContainerOptions>)
+        .await
+        .ok()?
+        .config?
+        .env?
+        .into_iter()
+        .find_map(|e| e.strip_prefix("SANDWARDEN_TOKEN=").map(String::from))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandbox_tokens_never_reach_serves_logs_even_at_trace() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let before = sandbox_ids(&docker).await;
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: before.clone(),
+    };
+    let dir = data_dir_with(json!([
+        {"name": "echo", "kind": "api", "command": "sandwarden echo-agent", "pool": 1},
+    ]));
+    let logs = tempfile::tempdir().expect("log dir");
+    let stderr = std::fs::File::create(logs.path().join("stderr")).expect("stderr file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--runtime", "docker"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--templates")
+        .arg(dir.path().join("templates.json"))
+        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+        .env("SANDWARDEN_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn serve");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("listen line");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
+    let api = Api {
+        base: format!("http://{}", v["listening"].as_str().expect("address")),
+        key: ADMIN_KEY.to_string(),
+        http: reqwest::Client::new(),
+    };
+    let rest = std::thread::spawn(move || {
+        let mut all = line.into_bytes();
+        let _ = stdout.read_to_end(&mut all);
+        all
+    });
+
+    // Containers created, inspected, bound and talked to: a plain session and one with env (each
+    // a warm claim or a cold start, as the pool allows).
+    let plain = api.ready("echo").await;
+    let (status, reply) = api.say(&plain, "hello").await;
+    assert_eq!(status, 200, "{reply}");
+    let bound = create_with_env(&api, "echo", json!({"GREETING": "hi"})).await;
+    let bound = bound["id"].as_str().expect("id").to_string();
+    let s = settled(&api, &bound, Duration::from_secs(40)).await;
+    assert_eq!(s["status"], "ready", "{s}");
+    assert_eq!(agent_env(&api, &bound, "GREETING").await, "hi");
+
+    let mut tokens = Vec::new();
+    for id in sandbox_ids(&docker).await {
+        if !before.contains(&id)
+            && let Some(token) = token_of(&docker, &id).await
+        {
+            tokens.push(token);
+        }
+    }
+    assert!(
+        tokens.len() >= 2 && tokens.iter().all(|t| t.len() >= 16),
+        "every sandbox has its token: {tokens:?}"
+    );
+    terminate(&mut child);
+    let out = rest.join().expect("stdout reader");
+    let err = std::fs::read(logs.path().join("stderr")).expect("stderr");
+    // A positive control: serve did log below info, so a token in a record would have shown.
+    let err_text = String::from_utf8_lossy(&err);
+    assert!(
+        err_text.contains("DEBUG"),
+        "serve logged at debug: {}",
+        &err_text[..err_text.len().min(2000)]
+    );
+    for (place, hay) in [("serve's stderr", &err), ("serve's stdout", &out)] {
+        for token in &tokens {
+            let found = hay.windows(token.len()).any(|w| w == token.as_bytes());
+            assert!(!found, "a sandbox token leaked into {place}");
+        }
+    }
+}

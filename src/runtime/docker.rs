@@ -7,6 +7,8 @@
 //! templates and containers; it must not know sessions.
 
 use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
+use crate::event::Phase;
+use crate::harness_client::HarnessClient;
 use backon::{ExponentialBuilder, Retryable};
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding};
@@ -32,6 +34,8 @@ pub const LABEL_TEMPLATE: &str = "sandwarden.dev/template";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT_S: i32 = 3;
+/// The longest failure reason taken from a harness.
+const REASON_MAX_CHARS: usize = 1024;
 
 pub struct DockerRuntime {
     docker: Docker,
@@ -219,20 +223,31 @@ impl DockerRuntime {
             })
     }
 
-    /// Waits until the harness answers its health check, or the container stops.
+    /// Waits until the harness server answers its health check with a health body, in any phase
+    /// but `failed`: a `start: bind` harness waits in `standby` (answering 503) for the bind that
+    /// starts its agent, and a booting agent is `starting`; the session layer waits for the phase
+    /// it needs. A harness that reports `failed` fails the start at once with its reason, and a
+    /// container that stops fails it with what the container printed.
     async fn wait_ready(&self, id: &str, name: &str, endpoint: &str) -> Result<(), RuntimeError> {
-        let token = self.tokens.for_sandbox(id);
+        let client =
+            HarnessClient::with_http(self.http.clone(), endpoint, self.tokens.for_sandbox(id));
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         loop {
-            let answered = self
-                .http
-                .get(format!("{endpoint}/healthz"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if answered {
-                return Ok(());
+            match client.health().await {
+                Ok(health) if health.phase == Phase::Failed => {
+                    // The sandbox's words, kept short: they end up in the session's record.
+                    let reason: String = health
+                        .reason
+                        .as_deref()
+                        .unwrap_or("it gave no reason")
+                        .chars()
+                        .take(REASON_MAX_CHARS)
+                        .collect();
+                    return Err(RuntimeError::Start(format!("the harness failed: {reason}")));
+                }
+                Ok(_) => return Ok(()),
+                // Not listening yet, or not the harness (no health body): ask again.
+                Err(_) => {}
             }
             if !self.running(name).await.unwrap_or(true) {
                 return Err(RuntimeError::Start(format!(
