@@ -509,7 +509,7 @@ mod tests {
             ("169.254.169.254", 80),
             ("10.1.2.3", 443),
             ("[::1]", 8080),
-            ("localhost", 8080),
+            ("localhost", 8081),
         ] {
             let err = p.resolve(host, port).await.expect_err(host);
             assert!(err.contains("--egress-allow"), "{err}");

@@ -89,6 +89,7 @@ async fn probe() -> Result<(), String> {
     private_dir(&dir).map_err(|e| format!("cannot make a probe directory: {e}"))?;
     let as_root = nix::unistd::geteuid().is_root();
     let confinement = Confinement {
+        hostname: "probe",
         as_root,
         uid: if as_root { PROBE_UID } else { 0 },
         workdir: &dir,
@@ -169,6 +170,7 @@ fn sandbox_uid(id: &str) -> u32 {
 
 /// What one confined sandbox is built from (host paths), as bubblewrap's arguments.
 struct Confinement<'a> {
+    hostname: &'a str,
     /// `serve` runs as root: bubblewrap runs privileged and the harness as `uid`, with no
     /// capability left; otherwise bubblewrap makes a user namespace and drops every capability.
     as_root: bool,
@@ -226,15 +228,16 @@ impl Confinement<'_> {
         for (host, inside) in self.binds {
             push(&[&"--ro-bind", host, inside]);
         }
-        push(&[&"--chdir", &WORKDIR_INSIDE, &"--hostname", &"sandbox"]);
+        // The host name is the sandbox's id: nothing secret, and it tells sandboxes apart.
+        push(&[&"--chdir", &WORKDIR_INSIDE, &"--hostname", &self.hostname]);
+        // Not `--die-with-parent`: a sandbox outlives a restart of `serve`, which adopts it.
+        // Killing bwrap's process group (`destroy`) ends its PID namespace and all inside.
         push(&[
             &"--unshare-pid",
             &"--unshare-net",
             &"--unshare-ipc",
             &"--unshare-uts",
             &"--unshare-cgroup-try",
-            // Killing bwrap (the group leader `destroy` signals) ends everything inside.
-            &"--die-with-parent",
             // No TIOCSTI into a terminal outside.
             &"--new-session",
         ]);
@@ -616,6 +619,7 @@ impl LocalRuntime {
         if confined {
             binds.extend(self.path.1.iter().cloned());
             let confinement = Confinement {
+                hostname: id,
                 as_root: self.as_root,
                 uid,
                 workdir: &dirs[0],
@@ -773,6 +777,17 @@ impl Runtime for LocalRuntime {
             self.clean_up(id).await;
         }
         started
+    }
+
+    async fn adopt(&self, sandbox: &Sandbox) {
+        // The adopted sandbox's way out died with the last `serve`: a new proxy on the same
+        // socket path, which its mount of the directory shows it.
+        if self.confined() {
+            let owner = self.as_root.then(|| sandbox_uid(&sandbox.id));
+            if let Err(e) = self.open_egress(&sandbox.id, owner) {
+                tracing::warn!(sandbox = %sandbox.id, error = %e, "the adopted sandbox's egress proxy could not be opened");
+            }
+        }
     }
 
     async fn destroy(&self, sandbox: &Sandbox) {

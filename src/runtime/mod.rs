@@ -351,6 +351,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// Takes back a sandbox a previous `serve` started that still runs (after a restart).
+    async fn adopt(&self, _sandbox: &Sandbox) {}
     /// Stops a sandbox and removes what it left (idempotent).
     async fn destroy(&self, sandbox: &Sandbox);
     /// Whether the sandbox still runs, by a cheap check (no request to the harness).

@@ -945,6 +945,9 @@ impl Orchestrator {
                     .health()
                     .await
                     .is_ok();
+            if alive {
+                self.runtime.adopt(&sandbox).await;
+            }
             match (&row.session_id, alive) {
                 (None, true) => lock(&self.pool).adopt(&row.template, sandbox),
                 (None, false) => self.discard(sandbox).await,

@@ -36,7 +36,22 @@ pub fn harness_pids(data: &Path) -> Vec<i32> {
             out.push(pid);
         }
     }
+    // Under bubblewrap its command line is bwrap's, which runs twice (outside, and as PID 1
+    // inside): one sandbox is the process whose parent is not one of them.
+    let all = out.clone();
+    out.retain(|pid| parent(*pid).is_none_or(|p| !all.contains(&p)));
     out
+}
+
+fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name's closing parenthesis: state, then the parent's pid.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The harness process of sandbox `sandbox` (its `--workdir` is `DATA/sandboxes/<id>`).
@@ -51,12 +66,22 @@ pub fn sandbox_pid(data: &Path, sandbox: &str) -> Option<i32> {
     })
 }
 
-/// Which sandbox serves session `id`: the echo agent's HOME is `DATA/homes/<sandbox id>`.
+/// Which sandbox serves session `id`: a plain sandbox's HOME is `DATA/homes/<sandbox id>`; a
+/// confined one's host name is its id.
 pub async fn sandbox_of(api: &Api, id: &str) -> String {
     let (status, reply) = api.say(id, "/env HOME").await;
     assert_eq!(status, 200, "{reply}");
     let home = reply["text"].as_str().expect("HOME").trim().to_string();
-    home.rsplit('/').next().expect("sandbox id").to_string()
+    if home != "/home/sandbox" {
+        return home.rsplit('/').next().expect("sandbox id").to_string();
+    }
+    let (status, reply) = api.say(id, "/cat /proc/sys/kernel/hostname").await;
+    assert_eq!(status, 200, "{reply}");
+    reply["text"]
+        .as_str()
+        .expect("host name")
+        .trim()
+        .to_string()
 }
 
 /// Waits (bounded, 10 s) until `cond` holds; false if it never did.
@@ -70,8 +95,19 @@ pub async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Signals `pid`'s process group and every process below `pid`: a confined sandbox's harness
+/// runs in a session of its own under bubblewrap.
 pub fn kill_group(pid: i32, sig: nix::sys::signal::Signal) {
+    let mut below = vec![pid];
+    let mut i = 0;
+    while i < below.len() {
+        below.extend(super::children(below[i]));
+        i += 1;
+    }
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+    for p in below.into_iter().skip(1) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+    }
 }
 
 /// How one request for a turn ended, as the client saw it.
