@@ -79,8 +79,33 @@ impl Isolation {
     }
 }
 
+/// `name` on `serve`'s `PATH`, as an absolute path.
+fn find_program(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_absolute() && p.is_file())
+    })
+}
+
+/// bubblewrap, and (when `serve` runs as root) util-linux's setpriv, which must be where a
+/// sandbox sees it: under a system directory.
+fn confinement_programs() -> Result<(PathBuf, PathBuf), String> {
+    let bwrap = find_program("bwrap").ok_or_else(|| {
+        "bwrap cannot be run (it is not on PATH); install the bubblewrap package".to_string()
+    })?;
+    let setpriv = find_program("setpriv")
+        .filter(|p| SYSTEM_DIRS.iter().any(|d| p.starts_with(d)))
+        .ok_or_else(|| {
+            "setpriv (util-linux) is not in a system directory on PATH; install util-linux"
+                .to_string()
+        })?;
+    Ok((bwrap, setpriv))
+}
+
 /// Starts `true` in a sandbox confined as real ones are.
 async fn probe() -> Result<(), String> {
+    let (bwrap, setpriv) = confinement_programs()?;
     let dir = std::env::temp_dir().join(format!(
         "sandwarden-probe-{}-{}",
         std::process::id(),
@@ -90,6 +115,7 @@ async fn probe() -> Result<(), String> {
     let as_root = nix::unistd::geteuid().is_root();
     let confinement = Confinement {
         hostname: "probe",
+        setpriv: &setpriv,
         as_root,
         uid: if as_root { PROBE_UID } else { 0 },
         workdir: &dir,
@@ -100,7 +126,7 @@ async fn probe() -> Result<(), String> {
     };
     let mut args = confinement.bwrap_args();
     args.push("true".into());
-    let out = tokio::process::Command::new("bwrap")
+    let out = tokio::process::Command::new(&bwrap)
         .args(args)
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
@@ -171,6 +197,7 @@ fn sandbox_uid(id: &str) -> u32 {
 /// What one confined sandbox is built from (host paths), as bubblewrap's arguments.
 struct Confinement<'a> {
     hostname: &'a str,
+    setpriv: &'a Path,
     /// `serve` runs as root: bubblewrap runs privileged and the harness as `uid`, with no
     /// capability left; otherwise bubblewrap makes a user namespace and drops every capability.
     as_root: bool,
@@ -252,7 +279,7 @@ impl Confinement<'_> {
                 &"--cap-add",
                 &"CAP_SETPCAP",
                 &"--",
-                &"setpriv",
+                &self.setpriv,
             ]);
             let id = self.uid.to_string();
             push(&[
@@ -343,6 +370,8 @@ pub struct LocalRuntime {
     /// This build's `sandwarden` (the echo agent's, and `sandbox-exec`'s, binary).
     me: PathBuf,
     as_root: bool,
+    /// bubblewrap's and setpriv's paths (when confined).
+    programs: (PathBuf, PathBuf),
     cgroups: Option<Cgroups>,
     /// A confined sandbox's PATH and the binds behind it.
     path: (String, Vec<(PathBuf, PathBuf)>),
@@ -394,6 +423,11 @@ impl LocalRuntime {
             )));
         }
         let as_root = nix::unistd::geteuid().is_root();
+        let programs = if isolation == Isolation::Bwrap {
+            confinement_programs().map_err(std::io::Error::other)?
+        } else {
+            (PathBuf::new(), PathBuf::new())
+        };
         let cgroups = if isolation == Isolation::Bwrap || as_root {
             match Cgroups::detect() {
                 Ok(c) => {
@@ -434,6 +468,7 @@ impl LocalRuntime {
             program,
             me: std::env::current_exe()?,
             as_root,
+            programs,
             cgroups,
             path,
             egress: Arc::new(options.egress.clone()),
@@ -620,6 +655,7 @@ impl LocalRuntime {
             binds.extend(self.path.1.iter().cloned());
             let confinement = Confinement {
                 hostname: id,
+                setpriv: &self.programs.1,
                 as_root: self.as_root,
                 uid,
                 workdir: &dirs[0],
@@ -628,7 +664,7 @@ impl LocalRuntime {
                 egress,
                 binds: &binds,
             };
-            argv.push("bwrap".into());
+            argv.push(self.programs.0.clone().into());
             argv.extend(confinement.bwrap_args());
         }
         argv.push(harness.into());
