@@ -70,6 +70,8 @@ struct Rig {
     serve: Serve,
     api: Api,
     data: tempfile::TempDir,
+    /// Whether sessions run under bubblewrap, where their working directory is `/work`.
+    confined: std::sync::atomic::AtomicBool,
 }
 
 impl Rig {
@@ -103,6 +105,7 @@ impl Rig {
             serve,
             api,
             data,
+            confined: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -132,6 +135,10 @@ impl Rig {
             )
             .await;
         assert_eq!(s["status"], "ready", "{s}");
+        self.confined.store(
+            s["isolation"] == "bwrap",
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let workdir = std::fs::read_dir(self.data.path().join("sandboxes"))
             .expect("sandboxes dir")
             .flatten()
@@ -159,8 +166,37 @@ impl Rig {
                     .map(|c| String::from_utf8_lossy(&c).contains(&needle))
                     .unwrap_or(false)
             })
+            .expect("the session's sandbox process");
+        // Under bubblewrap the harness runs below bwrap (outside) and bwrap (PID 1 inside).
+        let mut tree = vec![harness];
+        let mut i = 0;
+        while i < tree.len() {
+            tree.extend(children(tree[i]));
+            i += 1;
+        }
+        let harness = tree
+            .into_iter()
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
+                    !argv0.ends_with(b"bwrap") && String::from_utf8_lossy(&c).contains("--listen")
+                })
+            })
             .expect("the session's harness process");
         *children(harness).first().expect("the agent process")
+    }
+
+    /// `host`, a path in a session's working directory, as the agent sees it: under bubblewrap
+    /// the working directory is `/work`.
+    fn seen_by_agent(&self, workdir: &std::path::Path, host: &std::path::Path) -> String {
+        if !self.confined.load(std::sync::atomic::Ordering::Relaxed) {
+            return host.display().to_string();
+        }
+        let rest = host.strip_prefix(workdir).unwrap_or(host);
+        std::path::Path::new("/work")
+            .join(rest)
+            .display()
+            .to_string()
     }
 
     /// The text of every request the fake model received (bodies, as JSON text).
@@ -305,7 +341,7 @@ async fn api_scenarios(case: &ApiCase) {
 
     // 4. A tool call that writes a file in the session's working directory.
     let target = workdir.join("written-by-agent.txt");
-    let mut msg = json!({"text": format!("WRITEFILE {} contents from {h}", target.display())});
+    let mut msg = json!({"text": format!("WRITEFILE {} contents from {h}", rig.seen_by_agent(&workdir, &target))});
     merge(&mut msg, (case.write_options)());
     let (status, reply) = api
         .call("POST", &format!("/v1/sessions/{id}/messages"), Some(msg))
@@ -352,7 +388,7 @@ async fn api_scenarios(case: &ApiCase) {
     // 6. A permission request surfaces as input_required and is approved through the API.
     let (id2, workdir2) = rig.session(h, (case.ask_session)()).await;
     let target = workdir2.join("approved.txt");
-    let mut msg = json!({"text": format!("WRITEFILE {} approved by the API", target.display())});
+    let mut msg = json!({"text": format!("WRITEFILE {} approved by the API", rig.seen_by_agent(&workdir2, &target))});
     merge(&mut msg, (case.ask_options)());
     let turn = api.post_async(&id2, msg).await;
     let asked = wait_for_event(&rig, &id2, &turn, "input_required").await;

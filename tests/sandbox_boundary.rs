@@ -331,6 +331,11 @@ async fn attack_from_a_tenants_shell(user: Option<u32>) {
     assert_eq!(rc, 0, "{out}");
     assert!(out.lines().any(|l| l == "attacker-own"), "{out}");
     let attacker_dir = sandbox_dir_with(&data, "attacker-marker");
+    let (out, rc) = sh
+        .run("echo t > /tmp/own-tmp && cat /tmp/own-tmp && ls /tmp")
+        .await;
+    assert_eq!(rc, 0, "its private /tmp is writable: {out}");
+    assert!(!Path::new("/tmp/own-tmp").exists(), "and private");
 
     // 1. No file of the data dir but its own; nothing of /root; no writes outside its dirs.
     let secret = std::fs::read_to_string(data.join("secret")).expect("the server secret");

@@ -232,7 +232,10 @@ impl Confinement<'_> {
             }
         }
         push(&[&"--proc", &"/proc", &"--dev", &"/dev"]);
-        push(&[&"--tmpfs", &"/tmp", &"--tmpfs", &"/var/tmp"]);
+        // A private /tmp and /var/tmp the sandbox's user may write (sticky, as on a host).
+        for tmp in ["/tmp", "/var/tmp"] {
+            push(&[&"--perms", &"1777", &"--tmpfs", &tmp]);
+        }
         // The directories above the mounts below: bubblewrap makes them 0700 otherwise, which
         // the sandbox's user could not pass through.
         for dir in [
@@ -253,6 +256,12 @@ impl Confinement<'_> {
             push(&[&"--ro-bind", &egress, &EGRESS_INSIDE]);
         }
         for (host, inside) in self.binds {
+            if let Some(parent) = inside.parent()
+                && parent.starts_with(PATH_INSIDE)
+                && parent != Path::new(PATH_INSIDE)
+            {
+                push(&[&"--perms", &"0755", &"--dir", &parent]);
+            }
             push(&[&"--ro-bind", host, inside]);
         }
         // The host name is the sandbox's id: nothing secret, and it tells sandboxes apart.
@@ -307,7 +316,7 @@ impl Confinement<'_> {
 /// The sandbox's `PATH` and the binds it needs: this build's binaries first, then the
 /// operator's `PATH`, where a directory outside the system's is mounted read-only under
 /// `/opt/sandwarden/path/N` (a `node_modules/.bin` with its whole `node_modules`, which its
-/// links point into). The sandbox sees those directories and nothing else around them.
+/// links point into, at `/opt/sandwarden/path/N/node_modules`). The sandbox sees those directories and nothing else around them.
 fn sandbox_path(operator_path: &str) -> (String, Vec<(PathBuf, PathBuf)>) {
     let mut entries = vec![BIN_INSIDE.to_string()];
     let mut binds = Vec::new();
@@ -325,10 +334,12 @@ fn sandbox_path(operator_path: &str) -> (String, Vec<(PathBuf, PathBuf)>) {
         };
         let inside = PathBuf::from(PATH_INSIDE).join(i.to_string());
         match real.parent() {
+            // Mounted under its own name: node looks for packages in directories so named.
             Some(modules)
                 if real.file_name().is_some_and(|n| n == ".bin")
                     && modules.file_name().is_some_and(|n| n == "node_modules") =>
             {
+                let inside = inside.join("node_modules");
                 entries.push(inside.join(".bin").display().to_string());
                 binds.push((modules.to_path_buf(), inside));
             }
