@@ -4,14 +4,26 @@
 //! Their `debug` and `trace` output prints what goes over the wire: bollard prints every container
 //! definition it sends and every inspect answer it decodes, both with the sandbox's
 //! `SANDWARDEN_TOKEN` in the environment; reqwest's verbose connections print raw bytes with the
-//! `Authorization` header. No level may put a sandbox token in the logs, so this module must not
+//! `Authorization` header; the ACP and WebSocket libraries print the messages and terminal bytes
+//! they carry, which hold whatever a session's agent says (secrets it was handed among them). No level may put a sandbox token in the logs, so this module must not
 //! let an operator's filter lift that cap.
 
 use tracing::{Level, Metadata};
 
 /// The libraries (log targets, with their submodules) whose `debug` and `trace` records may carry
 /// request or response bodies or headers.
-const WIRE_LOGGING_TARGETS: &[&str] = &["bollard", "hyper", "hyper_util", "h2", "reqwest"];
+/// agent-client-protocol prints every JSON-RPC message (prompts, the agent's answers), and
+/// tungstenite every terminal frame, at `trace`.
+const WIRE_LOGGING_TARGETS: &[&str] = &[
+    "bollard",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+    "agent_client_protocol",
+    "tungstenite",
+    "tokio_tungstenite",
+];
 
 /// Whether a record at `level` from `target` may be written at all: anything at `info` or above,
 /// and anything from a target that is not a wire-logging library.

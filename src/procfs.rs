@@ -171,6 +171,18 @@ pub fn children(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Every process below `pid`, children first.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut tree = children(pid);
+    let mut i = 0;
+    while i < tree.len() {
+        let below = children(tree[i]);
+        tree.extend(below);
+        i += 1;
+    }
+    tree
+}
+
 /// The inode of the IPv4 TCP socket on this machine with local port `local_port` and remote
 /// port `peer_port` (from /proc/net/tcp), to tell whether a process still holds a connection.
 pub fn tcp_inode(local_port: u16, peer_port: u16) -> Option<String> {

@@ -537,13 +537,17 @@ async fn attack_from_a_tenants_shell(user: Option<u32>) {
     }
 
     // 7. It dies whole: a detached process does not outlive its session.
+    // A number of its own per run (the two runs of this suite go at once).
+    let sleeper = format!("sleep {}", 9000 + user.unwrap_or(0) % 1000);
     let (out, rc) = sh
-        .run("setsid nohup sleep 9797 >/dev/null 2>&1 & echo detached")
+        .run(&format!(
+            "setsid nohup {sleeper} >/dev/null 2>&1 & echo detached"
+        ))
         .await;
     assert_eq!(rc, 0, "{out}");
     let mut started = false;
     for _ in 0..200 {
-        started = !host_processes_with("sleep 9797").is_empty();
+        started = !host_processes_with(&sleeper).is_empty();
         if started {
             break;
         }
@@ -557,7 +561,7 @@ async fn attack_from_a_tenants_shell(user: Option<u32>) {
     assert!(status == 200 || status == 204, "{status}");
     let mut left = Vec::new();
     for _ in 0..200 {
-        left = host_processes_with("sleep 9797");
+        left = host_processes_with(&sleeper);
         if left.is_empty() {
             break;
         }

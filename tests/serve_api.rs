@@ -63,10 +63,28 @@ async fn local_sandboxes_run_the_slim_harness_binary() {
     let id = api.ready("echo").await;
     let (status, reply) = api.say(&id, "ping").await;
     assert_eq!(status, 200, "{reply}");
-    let harnesses =
-        sandwarden::procfs::pids_matching(&["harness --listen", &serve.data.to_string_lossy()]);
+    let exe_name = |pid: u32| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
+    };
+    // Under bubblewrap the sandbox's command line is bwrap's; the harness runs below it.
+    let harnesses: Vec<u32> =
+        sandwarden::procfs::pids_matching(&["harness --listen", &serve.data.to_string_lossy()])
+            .into_iter()
+            .flat_map(|pid| {
+                let pid = pid as u32;
+                std::iter::once(pid).chain(sandwarden::procfs::descendants(pid))
+            })
+            .filter(|pid| {
+                exe_name(*pid).as_deref() != Some("bwrap")
+                    && std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--listen"))
+            })
+            .collect();
     assert!(!harnesses.is_empty(), "no harness process found");
     for pid in harnesses {
+        let pid = pid as i32;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
         assert_eq!(
             exe.file_name().and_then(|n| n.to_str()),

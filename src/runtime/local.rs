@@ -734,6 +734,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn signal_each(pids: &[u32], signal: Signal) {
+    for &pid in pids {
+        if let Ok(pid) = i32::try_from(pid)
+            && pid > 0
+        {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+        }
+    }
+}
+
 fn signal_group(pid: i64, signal: Signal) {
     if let Ok(pid) = i32::try_from(pid)
         && pid > 0
@@ -844,7 +854,20 @@ impl Runtime for LocalRuntime {
         if let Some(pid) = sandbox.pid
             && crate::procfs::group_runs_with_env(pid, &mark)
         {
+            // Under bubblewrap the harness leads a session of its own below bwrap's PID 1 in
+            // the sandbox: it and PID 1 are found by the mark their environment carries. When
+            // PID 1 ends, the kernel ends everything else in the sandbox's PID namespace.
+            let marked = || {
+                u32::try_from(pid)
+                    .map(crate::procfs::descendants)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|p| crate::procfs::runs_with_env(i64::from(*p), &mark))
+                    .collect::<Vec<u32>>()
+            };
+            let inside = marked();
             signal_group(pid, Signal::SIGTERM);
+            signal_each(&inside, Signal::SIGTERM);
             let deadline = tokio::time::Instant::now() + STOP_GRACE;
             while crate::procfs::runs_with_env(pid, &mark) && tokio::time::Instant::now() < deadline
             {
@@ -853,6 +876,13 @@ impl Runtime for LocalRuntime {
             if crate::procfs::group_runs_with_env(pid, &mark) {
                 signal_group(pid, Signal::SIGKILL);
             }
+            signal_each(
+                &inside
+                    .into_iter()
+                    .filter(|p| crate::procfs::runs_with_env(i64::from(*p), &mark))
+                    .collect::<Vec<u32>>(),
+                Signal::SIGKILL,
+            );
         }
         self.clean_up(&sandbox.id).await;
     }
