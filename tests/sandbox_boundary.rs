@@ -10,15 +10,11 @@ mod common;
 
 use common::shell::*;
 use common::*;
-use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message;
 
 /// Whether bubblewrap works here; when it must (`SANDWARDEN_REQUIRE_BWRAP=1`, set by scripts/test
 /// after installing it), its absence fails the test instead of skipping it.
