@@ -50,7 +50,7 @@ pub struct ServeArgs {
     pub isolation: Isolation,
     /// Lets sandboxes reach HOST[:PORT] although it is a loopback, private or link-local
     /// address (a model server on the LAN or on this machine; repeatable). A loopback address
-    /// with a port is reachable inside a local sandbox at the same address.
+    /// with a port is reachable inside a sandbox (local or container) at the same address.
     #[arg(
         long = "egress-allow",
         env = "SANDWARDEN_EGRESS_ALLOW",
@@ -425,7 +425,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             None => anyhow::bail!("the Kubernetes client is missing"),
         },
         RuntimeKind::Docker => Arc::new(
-            DockerRuntime::connect(tokens.clone(), exits_tx)
+            DockerRuntime::connect(tokens.clone(), exits_tx, &data_dir, egress)
                 .await
                 .map_err(|m| anyhow::anyhow!(m))?,
         ),

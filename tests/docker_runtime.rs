@@ -12,6 +12,8 @@ use bollard::Docker;
 use bollard::query_parameters::{
     InspectContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
 };
+use common::fake_model::FakeModel;
+use common::shell::*;
 use common::*;
 use futures::{SinkExt, StreamExt};
 use sandwarden::runtime::docker::{LABEL_OWNER, LABEL_SANDBOX, container_name};
@@ -353,73 +355,6 @@ async fn sessions_run_in_containers_through_the_public_api() {
     assert!(left.is_empty(), "no container is leaked: {left:?}");
 }
 
-/// The fake model as a container on the sandbox network (harness containers cannot reach the
-/// host's loopback), its port also published on 127.0.0.1 for the test to read its request log.
-/// Returns (base URL for harnesses, URL for the test).
-async fn fake_model_container(docker: &Docker, id: &str) -> (String, String) {
-    // On a fresh engine no serve may have made the network yet (the tests run in parallel).
-    sandwarden::runtime::docker::ensure_network(docker)
-        .await
-        .expect("the sandbox network");
-    let port = "8000/tcp".to_string();
-    docker
-        .create_container(
-            Some(bollard::query_parameters::CreateContainerOptions {
-                name: Some(container_name(id)),
-                ..Default::default()
-            }),
-            bollard::models::ContainerCreateBody {
-                image: Some(format!("sandwarden/harness-base:{VERSION}")),
-                // The image's entrypoint is the harness server; the fake model is `sandwarden`'s.
-                entrypoint: Some(vec!["/usr/local/bin/sandwarden".into()]),
-                cmd: Some(
-                    ["fake-model", "--listen", "0.0.0.0:8000", "--in-container"]
-                        .map(String::from)
-                        .to_vec(),
-                ),
-                labels: Some(HashMap::from([(LABEL_SANDBOX.to_string(), id.to_string())])),
-                exposed_ports: Some(vec![port.clone()]),
-                host_config: Some(bollard::models::HostConfig {
-                    network_mode: Some(sandwarden::runtime::docker::NETWORK.into()),
-                    port_bindings: Some(HashMap::from([(
-                        port.clone(),
-                        Some(vec![bollard::models::PortBinding {
-                            host_ip: Some("127.0.0.1".into()),
-                            host_port: Some(String::new()),
-                        }]),
-                    )])),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("fake model container");
-    docker
-        .start_container(&container_name(id), None)
-        .await
-        .expect("start the fake model");
-    let info = docker
-        .inspect_container(&container_name(id), None::<InspectContainerOptions>)
-        .await
-        .expect("inspect");
-    let net = info.network_settings.expect("network settings");
-    let ip = net
-        .networks
-        .and_then(|n| n.get(sandwarden::runtime::docker::NETWORK).cloned())
-        .and_then(|n| n.ip_address)
-        .expect("an address on the sandbox network");
-    let host_port = net
-        .ports
-        .and_then(|p| p.get(&port).cloned().flatten())
-        .and_then(|b| b.into_iter().find_map(|b| b.host_port))
-        .expect("published port");
-    (
-        format!("http://{ip}:8000"),
-        format!("http://127.0.0.1:{host_port}"),
-    )
-}
-
 /// Whether `image` exists; when it does not, skip loudly, or fail if `required`.
 async fn image_or_skip(docker: &Docker, image: &str, required: bool) -> bool {
     if docker.inspect_image(image).await.is_ok() {
@@ -448,7 +383,8 @@ fn model_env(template: &str, url: &str) -> Vec<(String, String)> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-/// Starts `serve --runtime docker` with the built-in `template` pointed at a fake model container,
+/// Starts `serve --runtime docker` with the built-in `template` pointed at a fake model on the
+/// host's loopback (allowed with `--egress-allow`, reached through the container's egress relay),
 /// waits for a session, and checks one exchange: a turn's reply for API harnesses, the program's
 /// screen for terminal ones.
 async fn drive_image(docker: &Docker, template: &str) {
@@ -457,20 +393,23 @@ async fn drive_image(docker: &Docker, template: &str) {
         docker: docker.clone(),
         before: before.clone(),
     };
-    let fake_id = format!("fake-model-{}-{template}", std::process::id());
-    let (model_url, log_url) = fake_model_container(docker, &fake_id).await;
+    let model = FakeModel::start(&[]);
+    let allow = model.base.trim_start_matches("http://").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut t = sandwarden::runtime::builtin_templates()
         .into_iter()
         .find(|t| t.name == template)
         .expect("a built-in template");
-    t.env.extend(model_env(template, &model_url));
+    t.env.extend(model_env(template, &model.base));
     std::fs::write(
         dir.path().join("templates.json"),
         serde_json::to_string(&[&t]).expect("template JSON"),
     )
     .expect("templates");
-    let serve = Serve::start_in(dir.path(), &["--runtime", "docker"]);
+    let serve = Serve::start_in(
+        dir.path(),
+        &["--runtime", "docker", "--egress-allow", &allow],
+    );
     let api = serve.client();
     let id = api.create(template).await["id"]
         .as_str()
@@ -508,13 +447,7 @@ async fn drive_image(docker: &Docker, template: &str) {
         text.contains("Hello from the fake model"),
         "{template}: {reply}"
     );
-    let requests: serde_json::Value = reqwest::get(format!("{log_url}/_fake/requests"))
-        .await
-        .expect("request log")
-        .json()
-        .await
-        .expect("JSON");
-    let asked = requests.to_string();
+    let asked = serde_json::Value::from(model.requests().await).to_string();
     assert!(
         asked.contains("hello from a container"),
         "{template}: the prompt reached the model: {asked}"
@@ -845,4 +778,186 @@ async fn sandbox_tokens_never_reach_serves_logs_even_at_trace() {
             assert!(!found, "a sandbox token leaked into {place}");
         }
     }
+}
+
+/// The `tty_url` of session `id`.
+async fn tty_of(api: &Api, id: &str) -> String {
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    s["tty_url"].as_str().expect("tty_url").to_string()
+}
+
+/// The network boundary, tried from a tenant's terminal in a container: two tenants share one
+/// `serve --runtime docker`; from A's shell, the host's loopback, serve, link-local and private
+/// addresses and B's container are out of reach, directly and through the egress proxy, and the
+/// address the operator allows is reachable both ways (the positive control).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_container_reaches_only_what_the_egress_policy_allows() {
+    let _one_at_a_time = ENGINE.lock().await;
+    let Some(docker) = engine().await else {
+        return;
+    };
+    let _cleanup = Cleanup {
+        docker: docker.clone(),
+        before: sandbox_ids(&docker).await,
+    };
+    let (forbidden_port, hits) = forbidden_service().await;
+    let model_port = allowed_service().await;
+    let dir = data_dir_with(json!([
+        {"name": "sh", "kind": "tui", "command": "bash --noprofile --norc", "pool": 0,
+         "container": {"image": format!("sandwarden/harness-shell:{VERSION}")}},
+    ]));
+    let allow = format!("127.0.0.1:{model_port}");
+    let serve = Serve::start_in(
+        dir.path(),
+        &["--runtime", "docker", "--egress-allow", &allow],
+    );
+    let admin = serve.client();
+    let mut tenants = Vec::new();
+    for tenant in ["victim-b", "attacker-a"] {
+        let (status, k) = admin
+            .call("POST", "/v1/api-keys", Some(json!({"tenant": tenant})))
+            .await;
+        assert_eq!(status, 201, "{k}");
+        tenants.push(admin.with_key(k["key"].as_str().expect("key")));
+    }
+    let (victim, attacker) = (&tenants[0], &tenants[1]);
+
+    // B runs a service on its own loopback (the fake model of the image's sandwarden binary).
+    let victim_sh = victim.ready("sh").await;
+    let mut victim_shell = Shell::attach(&tty_of(victim, &victim_sh).await).await;
+    let victim_port = 18_181;
+    let (out, rc) = victim_shell
+        .run(&format!(
+            "(sandwarden fake-model --listen 127.0.0.1:{victim_port} >/dev/null 2>&1 &) ; sleep 1; {}",
+            http_get("127.0.0.1", victim_port, "/_fake/requests")
+        ))
+        .await;
+    assert!(
+        rc == 0 && out.contains("200 OK"),
+        "B reaches its own service: {out}"
+    );
+
+    let attacker_sh = attacker.ready("sh").await;
+    let (_, s) = attacker
+        .call("GET", &format!("/v1/sessions/{attacker_sh}"), None)
+        .await;
+    assert_eq!(s["isolation"], "container", "{s}");
+    let mut sh = Shell::attach(&tty_of(attacker, &attacker_sh).await).await;
+
+    // Loopback is its only interface.
+    let (out, _) = sh.run("cat /proc/net/dev").await;
+    let interfaces: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+        .filter(|name| !name.is_empty() && !name.contains(' '))
+        .collect();
+    assert_eq!(interfaces, ["lo"], "{out}");
+    let (out, rc) = sh.run("command -v ip >/dev/null && ip -o addr").await;
+    if rc == 0 {
+        assert!(
+            out.lines()
+                .all(|l| l.trim().is_empty() || l.contains(" lo ")),
+            "{out}"
+        );
+    }
+    let (out, _) = sh.run("echo \"proxy=[$HTTPS_PROXY]\"").await;
+    assert!(out.contains("proxy=[http://127.0.0.1:3128]"), "{out}");
+
+    // Not the host's loopback, not serve, not link-local or private, not B; the proxy refuses
+    // each by address.
+    let serve_port: u16 = serve
+        .url("")
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("serve's port");
+    for (host, port) in [
+        ("127.0.0.1", forbidden_port),
+        ("127.0.0.1", serve_port),
+        ("127.0.0.1", victim_port),
+        ("169.254.169.254", 80),
+        ("10.0.0.9", 80),
+    ] {
+        let (out, _) = sh.run(&http_get(host, port, "/")).await;
+        // The typed command shows too; an answer is a line of its own.
+        assert!(
+            !out.lines().any(|l| l.trim_start().starts_with("HTTP/")),
+            "{host}:{port} answered from inside A: {out}"
+        );
+    }
+    for target in [
+        format!("http://127.0.0.1:{forbidden_port}/"),
+        format!("http://127.0.0.1:{serve_port}/healthz"),
+        format!("http://127.0.0.1:{victim_port}/_fake/requests"),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://10.0.0.9/".to_string(),
+    ] {
+        let (out, _) = sh.run(&http_get("127.0.0.1", 3128, &target)).await;
+        assert!(
+            out.contains("403 Forbidden"),
+            "the proxy must refuse {target}: {out}"
+        );
+    }
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the host's loopback service was reached"
+    );
+
+    // Positive control: the allowed address, directly (the relay) and through the proxy.
+    let (out, _) = sh
+        .run(&http_get("127.0.0.1", model_port, "/v1/models"))
+        .await;
+    assert!(out.contains("model-ok"), "the allowed address: {out}");
+    let (out, _) = sh
+        .run(&http_get(
+            "127.0.0.1",
+            3128,
+            &format!("http://127.0.0.1:{model_port}/"),
+        ))
+        .await;
+    assert!(out.contains("model-ok"), "and through the proxy: {out}");
+
+    // B is untouched: its service answers it still, and serve still reaches its harness.
+    let (out, _) = victim_shell
+        .run(&http_get("127.0.0.1", victim_port, "/_fake/requests"))
+        .await;
+    assert!(out.contains("200 OK"), "{out}");
+
+    // Deleting A's session removes its container, its sockets and its way out; B's (and the
+    // built-in echo pool's) stay.
+    let names = |sub: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join(sub))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        name.trim_end_matches(".sock").to_string()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let before = names("run");
+    assert_eq!(before, names("sockets"));
+    assert_eq!(before, names("egress"));
+    drop(sh);
+    let (status, _) = attacker
+        .call("DELETE", &format!("/v1/sessions/{attacker_sh}"), None)
+        .await;
+    assert!(status == 200 || status == 204, "{status}");
+    let after = names("run");
+    let gone: Vec<&String> = before.iter().filter(|id| !after.contains(id)).collect();
+    assert_eq!(gone.len(), 1, "A's socket is removed: {before:?} {after:?}");
+    assert_eq!(after, names("sockets"), "and its socket directory");
+    assert_eq!(after, names("egress"), "and its egress directory");
+    assert!(
+        !sandbox_ids(&docker).await.contains(gone[0]),
+        "and its container"
+    );
+    let (out, _) = victim_shell.run("echo still-here").await;
+    assert!(out.contains("still-here"), "{out}");
 }

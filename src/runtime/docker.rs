@@ -2,29 +2,35 @@
 //! Engine API (Docker, or Podman's compatible socket) with bollard.
 //!
 //! Containers carry labels naming the server that owns them (a digest of its secret), the sandbox
-//! and the template, so a restarted `serve` finds its containers again. The harness port is
-//! published on 127.0.0.1 only. The engine's event stream reports deaths at once. The runtime knows
-//! templates and containers; it must not know sessions.
+//! and the template, so a restarted `serve` finds its containers again. The engine's event stream
+//! reports deaths at once. The runtime knows templates and containers; it must not know sessions.
+//!
+//! Each container holds the network boundary of a confined local sandbox (`super::sandbox_net`):
+//! network mode `none` (loopback only), the harness on a Unix socket in a directory of the
+//! container's user that `serve` takes over once it appears, and the egress proxy's socket,
+//! mounted read-only, as its one way out. docs/security.md is the threat model.
 
+use super::sandbox_net::{
+    EGRESS_INSIDE, EgressProxies, HARNESS_SOCKET, SOCKETS_INSIDE, SocketDirs, egress_flags,
+    private_dir, proxy_env,
+};
 use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
+use crate::egress::EgressPolicy;
 use crate::event::Phase;
 use crate::harness_client::HarnessClient;
 use backon::{ExponentialBuilder, Retryable};
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
     CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
     LogsOptions, RemoveContainerOptions,
 };
 use futures::StreamExt;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// The port the harness listens on inside every container.
-pub const HARNESS_PORT: u16 = 7000;
-/// The network every sandbox joins.
-pub const NETWORK: &str = "sandwarden";
 /// Where the sandbox's writable working directory (a volume) is mounted; also its HOME.
 pub const WORKDIR: &str = "/work";
 
@@ -43,6 +49,33 @@ pub struct DockerRuntime {
     /// The value of the owner label on this server's containers.
     owner: String,
     http: reqwest::Client,
+    /// Each container's harness socket directory (`DATA_DIR/sockets/<id>`), where `serve` moves
+    /// the socket (`DATA_DIR/run/<id>.sock`), and its egress socket's (`DATA_DIR/egress/<id>`).
+    net: SocketDirs,
+    proxies: EgressProxies,
+}
+
+/// The numeric user and group of a template's `container.user` (`uid:gid`, or `uid`): the owner
+/// of the container's socket directory, and of the harness's socket `serve` takes over.
+fn container_ids(user: &str) -> Result<(u32, u32), RuntimeError> {
+    let (uid, gid) = user.split_once(':').unwrap_or((user, user));
+    match (uid.trim().parse(), gid.trim().parse()) {
+        (Ok(uid), Ok(gid)) => Ok((uid, gid)),
+        _ => Err(RuntimeError::Start(format!(
+            "the docker runtime needs a numeric container.user (\"uid:gid\", e.g. \"10001:10001\"), not {user:?}"
+        ))),
+    }
+}
+
+/// A bind mount of `source` (a host directory) at `target`.
+fn bind(source: &Path, target: &str, read_only: bool) -> Mount {
+    Mount {
+        target: Some(target.into()),
+        source: Some(source.display().to_string()),
+        typ: Some(MountType::BIND),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
 }
 
 /// The container name of a sandbox.
@@ -64,37 +97,21 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
     )
 }
 
-/// Makes sure the network every sandbox joins exists on `docker` (idempotent; another server on
-/// the same engine may create it at the same time).
-pub async fn ensure_network(docker: &Docker) -> Result<(), String> {
-    if docker.inspect_network(NETWORK, None).await.is_ok() {
-        return Ok(());
-    }
-    let request = NetworkCreateRequest {
-        name: NETWORK.into(),
-        labels: Some(HashMap::from([(
-            "app.kubernetes.io/managed-by".to_string(),
-            "sandwarden".to_string(),
-        )])),
-        ..Default::default()
-    };
-    match docker.create_network(request).await {
-        Ok(_) => Ok(()),
-        // Created meanwhile by another server on the same engine.
-        Err(_) if docker.inspect_network(NETWORK, None).await.is_ok() => Ok(()),
-        Err(e) => Err(format!(
-            "cannot create the sandbox network {NETWORK:?}: {e}"
-        )),
-    }
-}
-
 impl DockerRuntime {
     /// Connects to the engine named by `DOCKER_HOST` (or the default socket), checks it answers,
-    /// makes sure the sandbox network exists, and starts reporting container deaths on `exits`.
+    /// and starts reporting container deaths on `exits`. Sandboxes' sockets live under
+    /// `data_dir`; their egress proxies decide by `egress`.
     pub async fn connect(
         tokens: Tokens,
         exits: mpsc::UnboundedSender<String>,
+        data_dir: &Path,
+        egress: EgressPolicy,
     ) -> Result<DockerRuntime, String> {
+        // The engine mounts the sockets' directories by absolute path.
+        let data_dir = data_dir
+            .canonicalize()
+            .map_err(|e| format!("cannot use the data dir {}: {e}", data_dir.display()))?;
+        let net = SocketDirs::create(&data_dir).map_err(|e| e.to_string())?;
         let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "the default socket".into());
         let docker = Docker::connect_with_defaults()
             .map_err(|e| format!("cannot use the container engine at {host}: {e}"))?;
@@ -114,8 +131,9 @@ impl DockerRuntime {
                 .timeout(Duration::from_secs(2))
                 .build()
                 .unwrap_or_default(),
+            proxies: EgressProxies::new(net.egress.clone(), egress),
+            net,
         };
-        ensure_network(&runtime.docker).await?;
         tokio::spawn(watch_deaths(
             runtime.docker.clone(),
             runtime.owner.clone(),
@@ -137,18 +155,27 @@ impl DockerRuntime {
     }
 
     /// The container's definition: the template's image, command, env and limits, with the
-    /// secure defaults of `ContainerSpec`.
-    fn definition(&self, id: &str, t: &Template) -> ContainerCreateBody {
+    /// secure defaults of `ContainerSpec`; loopback only, with the harness's socket directory
+    /// `sockets` and the egress proxy's `egress` mounted.
+    fn definition(
+        &self,
+        id: &str,
+        t: &Template,
+        sockets: &Path,
+        egress: &Path,
+    ) -> ContainerCreateBody {
         let c = &t.container;
-        let port = format!("{HARNESS_PORT}/tcp");
         let mut env: Vec<String> = t.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.extend(proxy_env().into_iter().map(|(k, v)| format!("{k}={v}")));
         env.push(format!("SANDWARDEN_TOKEN={}", self.tokens.for_sandbox(id)));
         env.push(format!("HOME={WORKDIR}"));
         env.push(format!(
             "SANDWARDEN_LOG={}",
             std::env::var("SANDWARDEN_SANDBOX_LOG").unwrap_or_else(|_| "warn".into())
         ));
-        let cmd = t.harness_flags(&format!("0.0.0.0:{HARNESS_PORT}"), WORKDIR);
+        let listen = format!("unix:{SOCKETS_INSIDE}/{HARNESS_SOCKET}");
+        let mut cmd = t.harness_flags(&listen, WORKDIR);
+        cmd.extend(egress_flags(self.proxies.policy()));
         let memory = i64::try_from(c.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
         ContainerCreateBody {
             image: Some(t.image()),
@@ -157,19 +184,16 @@ impl DockerRuntime {
             user: Some(c.user.clone()),
             working_dir: Some(WORKDIR.into()),
             labels: Some(self.labels(id, t)),
-            exposed_ports: Some(vec![port.clone()]),
             // An anonymous volume: writable even with a read-only root, removed with the container.
             volumes: Some(vec![WORKDIR.into()]),
             stop_timeout: Some(i64::from(STOP_TIMEOUT_S)),
             host_config: Some(HostConfig {
-                port_bindings: Some(HashMap::from([(
-                    port,
-                    Some(vec![PortBinding {
-                        host_ip: Some("127.0.0.1".into()),
-                        host_port: Some(String::new()),
-                    }]),
-                )])),
-                network_mode: Some(NETWORK.into()),
+                // Loopback only: the egress socket is the one way out.
+                network_mode: Some("none".into()),
+                mounts: Some(vec![
+                    bind(sockets, SOCKETS_INSIDE, false),
+                    bind(egress, EGRESS_INSIDE, true),
+                ]),
                 cap_drop: Some(vec!["ALL".into()]),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 readonly_rootfs: Some(c.read_only),
@@ -206,35 +230,31 @@ impl DockerRuntime {
         out.trim().to_string()
     }
 
-    /// The host port published for the harness, once the container runs.
-    async fn published_port(&self, name: &str) -> Result<u16, RuntimeError> {
-        let info = self
-            .docker
-            .inspect_container(name, None::<InspectContainerOptions>)
-            .await
-            .map_err(|e| engine_error("inspecting the container failed", e))?;
-        info.network_settings
-            .and_then(|n| n.ports)
-            .and_then(|p| p.get(&format!("{HARNESS_PORT}/tcp")).cloned().flatten())
-            .and_then(|bindings| bindings.into_iter().find_map(|b| b.host_port))
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| {
-                RuntimeError::Start("the engine published no port for the harness".into())
-            })
-    }
-
-    /// Waits until the harness server answers its health check with a health body, in any phase
-    /// but `failed`: a `start: bind` harness waits in `standby` (answering 503) for the bind that
-    /// starts its agent, and a booting agent is `starting`; the session layer waits for the phase
-    /// it needs. A harness that reports `failed` fails the start at once with its reason, and a
-    /// container that stops fails it with what the container printed.
-    async fn wait_ready(&self, id: &str, name: &str, endpoint: &str) -> Result<(), RuntimeError> {
-        let client =
-            HarnessClient::with_http(self.http.clone(), endpoint, self.tokens.for_sandbox(id));
+    /// Waits until the harness has made its socket, takes the socket over (it must be the
+    /// container user `uid`'s), then waits until the harness answers its health check over it
+    /// with a health body, in any phase but `failed`: a `start: bind` harness waits in `standby`
+    /// (answering 503) for the bind that starts its agent, and a booting agent is `starting`; the
+    /// session layer waits for the phase it needs. A harness that reports `failed` fails the
+    /// start at once with its reason, and a container that stops fails it with what the container
+    /// printed. Returns the endpoint (`unix:DATA_DIR/run/<id>.sock`).
+    async fn wait_ready(&self, id: &str, name: &str, uid: u32) -> Result<String, RuntimeError> {
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let mut client = None;
         loop {
-            match client.health().await {
-                Ok(health) if health.phase == Phase::Failed => {
+            if client.is_none() && self.net.harness_made(id) {
+                let socket = self.net.take_socket(id, uid)?;
+                client = Some(HarnessClient::with_http(
+                    self.http.clone(),
+                    format!("unix:{}", socket.display()),
+                    self.tokens.for_sandbox(id),
+                ));
+            }
+            let health = match &client {
+                Some(client) => Some(client.health().await),
+                None => None,
+            };
+            match health {
+                Some(Ok(health)) if health.phase == Phase::Failed => {
                     // The sandbox's words, kept short: they end up in the session's record.
                     let reason: String = health
                         .reason
@@ -245,9 +265,11 @@ impl DockerRuntime {
                         .collect();
                     return Err(RuntimeError::Start(format!("the harness failed: {reason}")));
                 }
-                Ok(_) => return Ok(()),
+                Some(Ok(_)) => {
+                    return Ok(client.map(|c| c.endpoint().to_string()).unwrap_or_default());
+                }
                 // Not listening yet, or not the harness (no health body): ask again.
-                Err(_) => {}
+                _ => {}
             }
             if !self.running(name).await.unwrap_or(true) {
                 return Err(RuntimeError::Start(format!(
@@ -276,6 +298,29 @@ impl DockerRuntime {
             Err(bollard::errors::Error::JsonDataError { .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Makes sandbox `id`'s socket directory, owned by the container's user, and starts its
+    /// egress proxy; returns both directories (to mount) and the user.
+    fn open_net(&self, id: &str, t: &Template) -> Result<(PathBuf, PathBuf, u32), RuntimeError> {
+        let (uid, gid) = container_ids(&t.container.user)?;
+        let sockets = self.net.harness_dir(id);
+        private_dir(&sockets)?;
+        std::os::unix::fs::chown(&sockets, Some(uid), Some(gid)).map_err(|e| {
+            RuntimeError::Start(format!(
+                "cannot give the container's user {uid}:{gid} its socket directory ({e}); \
+                 serve --runtime docker runs as root"
+            ))
+        })?;
+        let egress = self.proxies.open(id, Some(uid))?;
+        Ok((sockets, egress, uid))
+    }
+
+    /// Ends what is left of sandbox `id` besides its container: its egress proxy, its socket
+    /// directories and its harness's socket.
+    async fn clean_up(&self, id: &str) {
+        self.proxies.close(id);
+        self.net.remove(id).await;
     }
 
     async fn remove(&self, name: &str) {
@@ -354,6 +399,13 @@ impl Runtime for DockerRuntime {
 
     async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
         let name = container_name(id);
+        let (sockets, egress, uid) = match self.open_net(id, t) {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.clean_up(id).await;
+                return Err(e);
+            }
+        };
         let created = self
             .docker
             .create_container(
@@ -361,10 +413,11 @@ impl Runtime for DockerRuntime {
                     name: Some(name.clone()),
                     ..Default::default()
                 }),
-                self.definition(id, t),
+                self.definition(id, t, &sockets, &egress),
             )
             .await;
         if let Err(e) = created {
+            self.clean_up(id).await;
             let hint = if is_not_found(&e) {
                 format!(
                     " (build it with `harness-images/build.sh {}`, or set the template's container.image)",
@@ -383,10 +436,7 @@ impl Runtime for DockerRuntime {
                 .start_container(&name, None)
                 .await
                 .map_err(|e| engine_error("starting the container failed", e))?;
-            let port = self.published_port(&name).await?;
-            let endpoint = format!("http://127.0.0.1:{port}");
-            self.wait_ready(id, &name, &endpoint).await?;
-            Ok::<_, RuntimeError>(endpoint)
+            self.wait_ready(id, &name, uid).await
         }
         .await;
         match started {
@@ -398,13 +448,40 @@ impl Runtime for DockerRuntime {
             }),
             Err(e) => {
                 self.remove(&name).await;
+                self.clean_up(id).await;
                 Err(e)
             }
         }
     }
 
+    async fn adopt(&self, sandbox: &Sandbox) {
+        // The adopted container's way out died with the last `serve`: a new proxy on the same
+        // socket path, which its mount of the directory shows it, owned by the container's user.
+        let name = container_name(&sandbox.id);
+        let user = match self
+            .docker
+            .inspect_container(&name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => info.config.and_then(|c| c.user).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(sandbox = %sandbox.id, error = %e, "cannot inspect the adopted container");
+                return;
+            }
+        };
+        let opened = container_ids(&user).and_then(|(uid, _)| {
+            self.proxies
+                .open(&sandbox.id, Some(uid))
+                .map_err(Into::into)
+        });
+        if let Err(e) = opened {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "the adopted container's egress proxy could not be opened");
+        }
+    }
+
     async fn destroy(&self, sandbox: &Sandbox) {
         self.remove(&container_name(&sandbox.id)).await;
+        self.clean_up(&sandbox.id).await;
     }
 
     async fn alive(&self, sandbox: &Sandbox) -> bool {

@@ -13,16 +13,17 @@
 //! way out is the egress proxy's socket (`crate::egress`). docs/security.md is the threat model.
 
 use super::cgroup::Cgroups;
+use super::sandbox_net::{
+    EGRESS_INSIDE, EgressProxies, HARNESS_SOCKET, SOCKETS_INSIDE, SocketDirs, egress_flags,
+    private_dir, proxy_env,
+};
 use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
 use crate::egress::EgressPolicy;
 use crate::harness::binary::HarnessProgram;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use std::collections::HashMap;
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -172,13 +173,6 @@ const WORKDIR_INSIDE: &str = "/work";
 const HOME_INSIDE: &str = "/home/sandbox";
 const BIN_INSIDE: &str = "/opt/sandwarden/bin";
 const PATH_INSIDE: &str = "/opt/sandwarden/path";
-const SOCKETS_INSIDE: &str = "/run/sandwarden/harness";
-const EGRESS_INSIDE: &str = "/run/sandwarden/egress";
-/// The harness's socket, in `SOCKETS_INSIDE` and in the sandbox's sockets dir outside.
-const HARNESS_SOCKET: &str = "harness.sock";
-const EGRESS_SOCKET: &str = "egress.sock";
-/// The HTTP proxy's address inside a confined sandbox (`HTTPS_PROXY`).
-const PROXY_INSIDE: &str = "127.0.0.1:3128";
 
 /// Users that confined sandboxes run as when `serve` runs as root: one per sandbox, picked from
 /// this range by the sandbox id, far above any real user or subordinate-id range.
@@ -366,13 +360,11 @@ pub struct LocalRuntime {
     /// Each sandbox's HOME, `data_dir/homes/<id>`: the CLIs write their config, caches and
     /// transcripts there, never in the operator's home nor in the session's working directory.
     homes: PathBuf,
-    /// Where each sandbox's harness makes its socket, `data_dir/sockets/<id>/`.
-    sockets: PathBuf,
-    /// Where `serve` moves each harness's socket once it listens, `data_dir/run/<id>.sock`: a
-    /// directory no sandbox sees, so none can swap the socket `serve` dials for a link.
-    run: PathBuf,
-    /// The egress proxy's socket per sandbox, `data_dir/egress/<id>/`.
-    egress_dir: PathBuf,
+    /// Where each sandbox's harness makes its socket (`data_dir/sockets/<id>/`), where `serve`
+    /// moves it once it listens (`data_dir/run/<id>.sock`: a directory no sandbox sees, so none
+    /// can swap the socket `serve` dials for a link), and its egress proxy's socket
+    /// (`data_dir/egress/<id>/`).
+    net: SocketDirs,
     tokens: Tokens,
     exits: mpsc::UnboundedSender<String>,
     isolation: Isolation,
@@ -387,8 +379,7 @@ pub struct LocalRuntime {
     /// A confined sandbox's PATH and the binds behind it.
     path: (String, Vec<(PathBuf, PathBuf)>),
     options: LocalOptions,
-    egress: Arc<EgressPolicy>,
-    proxies: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    proxies: EgressProxies,
 }
 
 /// The variable every sandbox process is started with, naming its sandbox.
@@ -398,19 +389,6 @@ const SANDBOX_VAR: &str = "SANDWARDEN_SANDBOX";
 fn mark(id: &str) -> String {
     format!("{SANDBOX_VAR}={id}")
 }
-
-/// Creates `dir` (and its parents) readable by its owner only.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// The longest path a Unix socket address holds (`sun_path`, with its terminating NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 impl LocalRuntime {
     /// Sandboxes live under `data_dir/sandboxes/<id>`; the id of every child that exits is sent
@@ -424,15 +402,7 @@ impl LocalRuntime {
     ) -> std::io::Result<Self> {
         let program = HarnessProgram::for_this_binary()?;
         tracing::info!(program = %program.path.display(), "local sandboxes run this harness");
-        let run = data_dir.join("run");
-        // `run/<sandbox id>.sock` must fit a socket address: ids are at most 64 characters.
-        if run.as_os_str().len() + 1 + 64 + 5 > MAX_SOCKET_PATH {
-            return Err(std::io::Error::other(format!(
-                "the data dir {} is too long for the sandboxes' sockets (at most {} characters); choose a shorter --data-dir",
-                data_dir.display(),
-                MAX_SOCKET_PATH - 70 - "/run".len()
-            )));
-        }
+        let net = SocketDirs::create(data_dir)?;
         let as_root = nix::unistd::geteuid().is_root();
         let programs = if isolation == Isolation::Bwrap {
             confinement_programs().map_err(std::io::Error::other)?
@@ -458,7 +428,7 @@ impl LocalRuntime {
         } else {
             None
         };
-        for dir in ["sandboxes", "homes", "sockets", "run", "egress"] {
+        for dir in ["sandboxes", "homes"] {
             private_dir(&data_dir.join(dir))?;
         }
         let path = sandbox_path(&std::env::var("PATH").unwrap_or_default());
@@ -470,9 +440,8 @@ impl LocalRuntime {
         Ok(LocalRuntime {
             root: data_dir.join("sandboxes"),
             homes: data_dir.join("homes"),
-            sockets: data_dir.join("sockets"),
-            run,
-            egress_dir: data_dir.join("egress"),
+            proxies: EgressProxies::new(net.egress.clone(), options.egress.clone()),
+            net,
             tokens,
             exits,
             isolation,
@@ -482,9 +451,7 @@ impl LocalRuntime {
             programs,
             cgroups,
             path,
-            egress: Arc::new(options.egress.clone()),
             options,
-            proxies: Mutex::new(HashMap::new()),
         })
     }
 
@@ -525,13 +492,7 @@ impl LocalRuntime {
         );
         env.extend(t.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         if self.confined() {
-            let proxy = format!("http://{PROXY_INSIDE}");
-            for var in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
-                env.push((var.into(), proxy.clone()));
-            }
-            for var in ["NO_PROXY", "no_proxy"] {
-                env.push((var.into(), "localhost,127.0.0.1,::1".into()));
-            }
+            env.extend(proxy_env());
         }
         env.push(("SANDWARDEN_TOKEN".into(), self.tokens.for_sandbox(id)));
         // Tells this sandbox's processes from later ones that reuse their numbers (`mark`).
@@ -564,47 +525,12 @@ impl LocalRuntime {
         (harness, binds)
     }
 
-    /// Starts the egress proxy for sandbox `id` on a socket in its own directory; returns the
-    /// directory (mounted read-only into the sandbox).
-    fn open_egress(&self, id: &str, uid: Option<u32>) -> std::io::Result<PathBuf> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = self.egress_dir.join(id);
-        private_dir(&dir)?;
-        // The sandbox's user passes through the directory to reach the socket, which is its own.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
-        let listener = crate::egress::bind(&dir.join(EGRESS_SOCKET), uid)?;
-        let task = crate::egress::serve(listener, id.to_string(), self.egress.clone());
-        if let Some(old) = lock(&self.proxies).insert(id.to_string(), task) {
-            old.abort();
-        }
-        Ok(dir)
-    }
-
-    /// The harness's socket, moved out of the sandbox's reach: `run/<id>.sock`. Refuses
-    /// anything but a socket of the sandbox's own user (a link put in its place, say).
-    fn take_socket(&self, id: &str, uid: u32) -> Result<PathBuf, RuntimeError> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let made = self.sockets.join(id).join(HARNESS_SOCKET);
-        let socket = self.run.join(format!("{id}.sock"));
-        std::fs::rename(&made, &socket).map_err(|e| {
-            RuntimeError::Start(format!("the harness's socket could not be taken over: {e}"))
-        })?;
-        let meta = std::fs::symlink_metadata(&socket)?;
-        if !meta.file_type().is_socket() || meta.uid() != uid {
-            let _ = std::fs::remove_file(&socket);
-            return Err(RuntimeError::Start(
-                "the sandbox put something other than its harness's socket in its place".into(),
-            ));
-        }
-        Ok(socket)
-    }
-
     /// Makes the sandbox's directories, owned by `uid` when `serve` runs as root.
     fn make_dirs(&self, id: &str, uid: Option<u32>) -> std::io::Result<[PathBuf; 3]> {
         let dirs = [
             self.root.join(id),
             self.homes.join(id),
-            self.sockets.join(id),
+            self.net.harness_dir(id),
         ];
         for dir in &dirs {
             private_dir(dir)?;
@@ -686,16 +612,11 @@ impl LocalRuntime {
                 .map(OsString::from),
         );
         if egress.is_some() {
-            argv.push("--egress-socket".into());
-            argv.push(Path::new(EGRESS_INSIDE).join(EGRESS_SOCKET).into());
-            argv.push("--egress-proxy".into());
-            argv.push(PROXY_INSIDE.into());
-            for forward in self.egress.loopback_forwards() {
-                if forward != PROXY_INSIDE.parse::<SocketAddr>().unwrap_or(forward) {
-                    argv.push("--egress-forward".into());
-                    argv.push(forward.to_string().into());
-                }
-            }
+            argv.extend(
+                egress_flags(self.proxies.policy())
+                    .into_iter()
+                    .map(OsString::from),
+            );
         }
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -710,28 +631,20 @@ impl LocalRuntime {
     /// Ends what is left of sandbox `id`: its egress proxy, any process in its cgroups, its
     /// directories and sockets.
     async fn clean_up(&self, id: &str) {
-        if let Some(proxy) = lock(&self.proxies).remove(id) {
-            proxy.abort();
-        }
+        self.proxies.close(id);
         if let Some(cgroups) = &self.cgroups {
             cgroups.remove(id).await;
         }
         for (base, dir) in [
             (&self.root, self.root.join(id)),
             (&self.homes, self.homes.join(id)),
-            (&self.sockets, self.sockets.join(id)),
-            (&self.egress_dir, self.egress_dir.join(id)),
         ] {
             if dir.starts_with(base) && dir != *base {
                 let _ = tokio::fs::remove_dir_all(dir).await;
             }
         }
-        let _ = tokio::fs::remove_file(self.run.join(format!("{id}.sock"))).await;
+        self.net.remove(id).await;
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn signal_each(pids: &[u32], signal: Signal) {
@@ -768,7 +681,7 @@ impl Runtime for LocalRuntime {
         let uid = owner.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
         let dirs = self.make_dirs(id, owner)?;
         let egress = if confined {
-            Some(self.open_egress(id, owner)?)
+            Some(self.proxies.open(id, owner)?)
         } else {
             None
         };
@@ -809,7 +722,7 @@ impl Runtime for LocalRuntime {
                     )),
                 });
             }
-            let socket = match self.take_socket(id, uid) {
+            let socket = match self.net.take_socket(id, uid) {
                 Ok(socket) => socket,
                 Err(e) => {
                     let _ = child.start_kill();
@@ -841,7 +754,7 @@ impl Runtime for LocalRuntime {
         // socket path, which its mount of the directory shows it.
         if self.confined() {
             let owner = self.as_root.then(|| sandbox_uid(&sandbox.id));
-            if let Err(e) = self.open_egress(&sandbox.id, owner) {
+            if let Err(e) = self.proxies.open(&sandbox.id, owner) {
                 tracing::warn!(sandbox = %sandbox.id, error = %e, "the adopted sandbox's egress proxy could not be opened");
             }
         }

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod docker;
 pub mod kubernetes;
 pub mod local;
+pub mod sandbox_net;
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};

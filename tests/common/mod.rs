@@ -4,6 +4,7 @@
 pub mod fake_model;
 pub mod kube;
 pub mod load;
+pub mod shell;
 
 use sandwarden::event::{EventType, Part, TurnEvent, TurnRequest};
 use sandwarden::harness_client::HarnessClient;
