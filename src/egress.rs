@@ -278,7 +278,9 @@ pub fn serve(
 }
 
 /// Binds the proxy's socket at `path` (replacing a stale one), connectable by the sandbox's
-/// user only: `owner` when `serve` runs as root and the sandbox as another user.
+/// user: `owner`, when the sandbox runs as another user than `serve`. As root `serve` gives it
+/// the socket; otherwise (a container's user, `serve` not root) the socket is open to all, and
+/// the data dir above it (0700) keeps everyone on the host but `serve`'s user out.
 pub fn bind(path: &Path, owner: Option<u32>) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     match std::fs::remove_file(path) {
@@ -286,10 +288,16 @@ pub fn bind(path: &Path, owner: Option<u32>) -> std::io::Result<UnixListener> {
         _ => {}
     }
     let listener = UnixListener::bind(path)?;
-    if let Some(uid) = owner {
-        std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let me = nix::unistd::geteuid();
+    let mode = match owner {
+        Some(uid) if me.is_root() => {
+            std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
+            0o600
+        }
+        Some(uid) if uid != me.as_raw() => 0o666,
+        _ => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 

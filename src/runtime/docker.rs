@@ -306,12 +306,18 @@ impl DockerRuntime {
         let (uid, gid) = container_ids(&t.container.user)?;
         let sockets = self.net.harness_dir(id);
         private_dir(&sockets)?;
-        std::os::unix::fs::chown(&sockets, Some(uid), Some(gid)).map_err(|e| {
-            RuntimeError::Start(format!(
-                "cannot give the container's user {uid}:{gid} its socket directory ({e}); \
-                 serve --runtime docker runs as root"
-            ))
-        })?;
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&sockets, Some(uid), Some(gid)).map_err(|e| {
+                RuntimeError::Start(format!(
+                    "cannot give the container's user {uid}:{gid} its socket directory ({e})"
+                ))
+            })?;
+        } else {
+            // `serve` cannot give the directory away: the container's user may write it, and
+            // the data dir above it (0700) keeps everyone else on the host out.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o777))?;
+        }
         let egress = self.proxies.open(id, Some(uid))?;
         Ok((sockets, egress, uid))
     }
