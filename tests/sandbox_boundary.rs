@@ -504,3 +504,27 @@ async fn everything_serve_writes_in_its_data_dir_is_its_own() {
         assert_eq!(m & 0o077, 0, "{} is {m:o}", path.display());
     }
 }
+
+#[tokio::test]
+async fn only_the_variables_the_operator_names_reach_a_sandbox() {
+    let serve = Serve::start_with_env(
+        &["--pass-env", "OPERATOR_SHARED"],
+        &[
+            ("OPERATOR_SHARED", "shared-with-sandboxes-7c1".into()),
+            ("AWS_SECRET_ACCESS_KEY", OPERATOR_SECRET.into()),
+        ],
+    );
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (status, reply) = api.say(&id, "/env OPERATOR_SHARED").await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["text"], "shared-with-sandboxes-7c1",
+        "named with --pass-env"
+    );
+    let (_, reply) = api.say(&id, "/env AWS_SECRET_ACCESS_KEY").await;
+    assert!(
+        !reply.to_string().contains(OPERATOR_SECRET),
+        "not named, not passed: {reply}"
+    );
+}
