@@ -73,6 +73,9 @@ pub enum Command {
         /// This user's process limit (RLIMIT_NPROC) from here on.
         #[arg(long)]
         nproc: Option<u64>,
+        /// Stay as the program's parent (bubblewrap with --die-with-parent) instead of becoming it.
+        #[arg(long)]
+        stay: bool,
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
@@ -312,9 +315,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(rt.block_on(crate::fake_model::run(args))?)
         }
         Command::Launch(args) => Ok(crate::launch::run(args)?),
-        Command::SandboxExec { join, nproc, argv } => Err(anyhow::anyhow!(
+        Command::SandboxExec {
+            join,
+            nproc,
+            stay,
+            argv,
+        } => Err(anyhow::anyhow!(
             "sandbox-exec: {}",
-            crate::runtime::cgroup::sandbox_exec(&join, nproc, &argv)
+            crate::runtime::cgroup::sandbox_exec(&join, nproc, stay, &argv)
         )),
         Command::Crd { dir } => {
             std::fs::create_dir_all(&dir)?;

@@ -167,7 +167,8 @@ impl Rig {
                     .unwrap_or(false)
             })
             .expect("the session's sandbox process");
-        // Under bubblewrap the harness runs below bwrap (outside) and bwrap (PID 1 inside).
+        // Under bubblewrap the harness runs below `sandbox-exec`, bwrap (outside) and bwrap
+        // (PID 1 inside).
         let mut tree = vec![harness];
         let mut i = 0;
         while i < tree.len() {
@@ -179,7 +180,10 @@ impl Rig {
             .find(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                     let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
-                    !argv0.ends_with(b"bwrap") && String::from_utf8_lossy(&c).contains("--listen")
+                    let line = String::from_utf8_lossy(&c);
+                    !argv0.ends_with(b"bwrap")
+                        && line.contains("--listen")
+                        && !line.contains("sandbox-exec")
                 })
             })
             .expect("the session's harness process");

@@ -68,7 +68,8 @@ async fn local_sandboxes_run_the_slim_harness_binary() {
             .ok()
             .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
     };
-    // Under bubblewrap the sandbox's command line is bwrap's; the harness runs below it.
+    // Under bubblewrap the sandbox's command line is `sandwarden sandbox-exec`'s and bwrap's;
+    // the harness runs below them.
     let harnesses: Vec<u32> =
         sandwarden::procfs::pids_matching(&["harness --listen", &serve.data.to_string_lossy()])
             .into_iter()
@@ -78,8 +79,10 @@ async fn local_sandboxes_run_the_slim_harness_binary() {
             })
             .filter(|pid| {
                 exe_name(*pid).as_deref() != Some("bwrap")
-                    && std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--listen"))
+                    && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        let c = String::from_utf8_lossy(&c);
+                        c.contains("--listen") && !c.contains("sandbox-exec")
+                    })
             })
             .collect();
     assert!(!harnesses.is_empty(), "no harness process found");

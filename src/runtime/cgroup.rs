@@ -186,9 +186,20 @@ impl Cgroups {
 }
 
 /// `sandwarden sandbox-exec`: joins `procs` (cgroup.procs files), sets `nproc` as this user's
-/// process limit if given, then becomes `argv` (bubblewrap, or the harness itself). It runs
-/// outside the sandbox, before anything of the sandbox runs.
-pub fn sandbox_exec(procs: &[PathBuf], nproc: Option<u64>, argv: &[String]) -> std::io::Error {
+/// process limit if given, then runs `argv` (bubblewrap, or the harness itself). It runs outside
+/// the sandbox, before anything of the sandbox runs.
+///
+/// With `stay`, it stays as the program's parent instead of becoming it, and ends with it:
+/// bubblewrap, started with `--die-with-parent`, then ends the whole sandbox when this process
+/// is killed (what `serve` does to a sandbox's process group), yet lives on when `serve` stops
+/// (a restart adopts it). Termination signals are swallowed here: the sandbox's harness gets its
+/// own from `serve` and stops gracefully, which ends bubblewrap and then this process.
+pub fn sandbox_exec(
+    procs: &[PathBuf],
+    nproc: Option<u64>,
+    stay: bool,
+    argv: &[String],
+) -> std::io::Error {
     use std::os::unix::process::CommandExt;
     let me = std::process::id().to_string();
     for file in procs {
@@ -208,7 +219,36 @@ pub fn sandbox_exec(procs: &[PathBuf], nproc: Option<u64>, argv: &[String]) -> s
     let Some((program, args)) = argv.split_first() else {
         return std::io::Error::other("sandbox-exec needs a program to run");
     };
-    std::process::Command::new(program).args(args).exec()
+    if !stay {
+        return std::process::Command::new(program).args(args).exec();
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return e,
+    };
+    let code = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Handlers, not "ignore": the program starts with the default dispositions again.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut child = tokio::process::Command::new(program).args(args).spawn()?;
+        loop {
+            tokio::select! {
+                status = child.wait() => return Ok::<_, std::io::Error>(status?.code().unwrap_or(1)),
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {}
+            }
+        }
+    });
+    match code {
+        Ok(code) => std::process::exit(code),
+        Err(e) => e,
+    }
 }
 
 #[cfg(test)]

@@ -260,9 +260,10 @@ impl Confinement<'_> {
         }
         // The host name is the sandbox's id: nothing secret, and it tells sandboxes apart.
         push(&[&"--chdir", &WORKDIR_INSIDE, &"--hostname", &self.hostname]);
-        // Not `--die-with-parent`: a sandbox outlives a restart of `serve`, which adopts it.
-        // Killing bwrap's process group (`destroy`) ends its PID namespace and all inside.
+        // bwrap's parent is `sandbox-exec --stay`, which outlives `serve` (a restart adopts the
+        // sandbox) and dies with the sandbox's process group: then bwrap ends everything inside.
         push(&[
+            &"--die-with-parent",
             &"--unshare-pid",
             &"--unshare-net",
             &"--unshare-ipc",
@@ -587,6 +588,9 @@ impl LocalRuntime {
             argv.push("--nproc".into());
             argv.push(t.container.pids.to_string().into());
         }
+        if confined {
+            argv.push("--stay".into());
+        }
         argv.push("--".into());
         if confined {
             binds.extend(self.path.1.iter().cloned());
@@ -767,20 +771,27 @@ impl Runtime for LocalRuntime {
         if let Some(pid) = sandbox.pid
             && crate::procfs::group_runs_with_env(pid, &mark)
         {
-            // Under bubblewrap the harness leads a session of its own below bwrap's PID 1 in
-            // the sandbox: it and PID 1 are found by the mark their environment carries. When
-            // PID 1 ends, the kernel ends everything else in the sandbox's PID namespace.
-            let marked = || {
-                u32::try_from(pid)
-                    .map(crate::procfs::descendants)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|p| crate::procfs::runs_with_env(i64::from(*p), &mark))
-                    .collect::<Vec<u32>>()
-            };
-            let inside = marked();
-            signal_group(pid, Signal::SIGTERM);
-            signal_each(&inside, Signal::SIGTERM);
+            // Under bubblewrap the harness leads a session of its own below bwrap (outside) and
+            // bwrap's PID 1 (inside), all found by the mark their environment carries. The
+            // harness alone is asked to stop: it ends its agent, then bwrap's PID 1 ends and the
+            // kernel ends everything else in the sandbox's PID namespace. A signal to bwrap
+            // would end the sandbox at once (`--die-with-parent` ends it with bwrap).
+            let inside: Vec<u32> = u32::try_from(pid)
+                .map(crate::procfs::descendants)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| crate::procfs::runs_with_env(i64::from(*p), &mark))
+                .collect();
+            if self.confined() {
+                let is_bwrap = |p: &u32| {
+                    std::fs::read_link(format!("/proc/{p}/exe"))
+                        .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "bwrap"))
+                };
+                let harness: Vec<u32> = inside.iter().copied().filter(|p| !is_bwrap(p)).collect();
+                signal_each(&harness, Signal::SIGTERM);
+            } else {
+                signal_group(pid, Signal::SIGTERM);
+            }
             let deadline = tokio::time::Instant::now() + STOP_GRACE;
             while crate::procfs::runs_with_env(pid, &mark) && tokio::time::Instant::now() < deadline
             {

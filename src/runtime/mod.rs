@@ -22,7 +22,8 @@ pub enum RuntimeError {
     Start(String),
     #[error("the sandbox did not start listening within {0} s")]
     StartTimeout(u64),
-    #[error("sandbox I/O failed")]
+    /// The cause is shown too: it is what a failed session's `failure_reason` says.
+    #[error("sandbox I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }
 

@@ -19,7 +19,7 @@ pub const SOCKETS_INSIDE: &str = "/run/sandwarden/harness";
 /// Where the egress proxy's socket's directory is mounted (read-only), inside a sandbox.
 pub const EGRESS_INSIDE: &str = "/run/sandwarden/egress";
 /// The harness's socket, in `SOCKETS_INSIDE` and in the sandbox's sockets dir outside.
-pub const HARNESS_SOCKET: &str = "harness.sock";
+pub const HARNESS_SOCKET: &str = "h.sock";
 /// The egress proxy's socket, in `EGRESS_INSIDE` and in the sandbox's egress dir outside.
 pub const EGRESS_SOCKET: &str = "egress.sock";
 /// The HTTP proxy's address inside a sandbox (`HTTPS_PROXY`).
@@ -27,6 +27,8 @@ pub const PROXY_INSIDE: &str = "127.0.0.1:3128";
 
 /// The longest path a Unix socket address holds (`sun_path`, with its terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// A sandbox id's length: `sbx_` and 32 hex digits (as `session` makes them).
+const SANDBOX_ID_LEN: usize = 36;
 
 /// Creates `dir` (and its parents) readable by its owner only.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
@@ -53,12 +55,14 @@ impl SocketDirs {
     /// socket path fits a socket address.
     pub fn create(data_dir: &Path) -> std::io::Result<SocketDirs> {
         let run = data_dir.join("run");
-        // `run/<sandbox id>.sock` must fit a socket address: ids are at most 64 characters.
-        if run.as_os_str().len() + 1 + 64 + 5 > MAX_SOCKET_PATH {
+        // `sockets/<sandbox id>/h.sock` (where a plain sandbox's harness makes it) and
+        // `run/<sandbox id>.sock` must fit a socket address.
+        let longest =
+            MAX_SOCKET_PATH - "/sockets/".len() - SANDBOX_ID_LEN - 1 - HARNESS_SOCKET.len();
+        if data_dir.as_os_str().len() > longest {
             return Err(std::io::Error::other(format!(
-                "the data dir {} is too long for the sandboxes' sockets (at most {} characters); choose a shorter --data-dir",
+                "the data dir {} is too long for the sandboxes' sockets (at most {longest} characters); choose a shorter --data-dir",
                 data_dir.display(),
-                MAX_SOCKET_PATH - 70 - "/run".len()
             )));
         }
         let dirs = SocketDirs {
