@@ -21,7 +21,7 @@ pub const EGRESS_INSIDE: &str = "/run/sandwarden/egress";
 /// The harness's socket, in `SOCKETS_INSIDE` and in the sandbox's sockets dir outside.
 pub const HARNESS_SOCKET: &str = "h.sock";
 /// The egress proxy's socket, in `EGRESS_INSIDE` and in the sandbox's egress dir outside.
-pub const EGRESS_SOCKET: &str = "egress.sock";
+pub const EGRESS_SOCKET: &str = "e.sock";
 /// The HTTP proxy's address inside a sandbox (`HTTPS_PROXY`).
 pub const PROXY_INSIDE: &str = "127.0.0.1:3128";
 
@@ -55,10 +55,13 @@ impl SocketDirs {
     /// socket path fits a socket address.
     pub fn create(data_dir: &Path) -> std::io::Result<SocketDirs> {
         let run = data_dir.join("run");
-        // `sockets/<sandbox id>/h.sock` (where a plain sandbox's harness makes it) and
-        // `run/<sandbox id>.sock` must fit a socket address.
-        let longest =
-            MAX_SOCKET_PATH - "/sockets/".len() - SANDBOX_ID_LEN - 1 - HARNESS_SOCKET.len();
+        // `sockets/<sandbox id>/h.sock` (where a harness makes it), `egress/<sandbox id>/e.sock`
+        // and `run/<sandbox id>.sock` must fit a socket address.
+        let longest = MAX_SOCKET_PATH
+            - SANDBOX_ID_LEN
+            - 1
+            - ("/sockets/".len() + HARNESS_SOCKET.len())
+                .max("/egress/".len() + EGRESS_SOCKET.len());
         if data_dir.as_os_str().len() > longest {
             return Err(std::io::Error::other(format!(
                 "the data dir {} is too long for the sandboxes' sockets (at most {longest} characters); choose a shorter --data-dir",
@@ -225,7 +228,7 @@ mod tests {
             egress_flags(&policy),
             [
                 "--egress-socket",
-                "/run/sandwarden/egress/egress.sock",
+                "/run/sandwarden/egress/e.sock",
                 "--egress-proxy",
                 "127.0.0.1:3128",
                 "--egress-forward",
