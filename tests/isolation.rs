@@ -9,26 +9,6 @@ use futures::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Whether bubblewrap works here; when it must (`SANDWARDEN_REQUIRE_BWRAP=1`, set by
-/// scripts/test after installing it), its absence fails the test instead of skipping it.
-fn bwrap_works() -> bool {
-    let works = std::process::Command::new("bwrap")
-        .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-        .args(["--unshare-pid", "--", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !works {
-        assert!(
-            std::env::var("SANDWARDEN_REQUIRE_BWRAP").as_deref() != Ok("1"),
-            "bubblewrap is required (SANDWARDEN_REQUIRE_BWRAP=1) but `bwrap` does not work here"
-        );
-        eprintln!(
-            "\n*** SKIPPED: bubblewrap (`bwrap`) is not installed or cannot create sandboxes here; install the bubblewrap package to run the isolation tests ***\n"
-        );
-    }
-    works
-}
-
 /// Types `line` into the terminal and returns the output up to the end of the line that follows
 /// the echo of `marker` (write markers split by quotes, `out""side=`, so the command's echo does not match).
 async fn run<S>(ws: &mut S, line: &str, marker: &str) -> String

@@ -169,14 +169,10 @@ impl Rig {
             .expect("the session's sandbox process");
         // Under bubblewrap the harness runs below `sandbox-exec`, bwrap (outside) and bwrap
         // (PID 1 inside).
-        let mut tree = vec![harness];
-        let mut i = 0;
-        while i < tree.len() {
-            tree.extend(children(tree[i]));
-            i += 1;
-        }
+        let mut tree = std::iter::once(harness as u32)
+            .chain(sandwarden::procfs::descendants(harness as u32))
+            .map(|p| p as i32);
         let harness = tree
-            .into_iter()
             .find(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                     let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();

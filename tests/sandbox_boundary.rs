@@ -16,25 +16,6 @@ use std::process::{Child, Command};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// Whether bubblewrap works here; when it must (`SANDWARDEN_REQUIRE_BWRAP=1`, set by scripts/test
-/// after installing it), its absence fails the test instead of skipping it.
-fn bwrap_works() -> bool {
-    let works = Command::new("bwrap")
-        .args(["--ro-bind", "/", "/", "--unshare-pid", "--", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !works {
-        assert!(
-            std::env::var("SANDWARDEN_REQUIRE_BWRAP").as_deref() != Ok("1"),
-            "bubblewrap is required (SANDWARDEN_REQUIRE_BWRAP=1) but `bwrap` does not work here"
-        );
-        eprintln!(
-            "\n*** SKIPPED: bubblewrap is not installed; the sandbox boundary is not tested ***\n"
-        );
-    }
-    works
-}
-
 /// The operator's secrets in `serve`'s environment; no sandbox may see them.
 const OPERATOR_SECRET: &str = "aws-secret-never-in-a-sandbox-5d1f";
 const DATABASE_SECRET: &str = "postgres://op:db-password-never-in-a-sandbox@10.0.0.9/prod";

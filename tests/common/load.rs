@@ -98,14 +98,11 @@ pub async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
 /// Signals `pid`'s process group and every process below `pid`: a confined sandbox's harness
 /// runs in a session of its own under bubblewrap.
 pub fn kill_group(pid: i32, sig: nix::sys::signal::Signal) {
-    let mut below = vec![pid];
-    let mut i = 0;
-    while i < below.len() {
-        below.extend(super::children(below[i]));
-        i += 1;
-    }
+    let below = u32::try_from(pid)
+        .map(sandwarden::procfs::descendants)
+        .unwrap_or_default();
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
-    for p in below.into_iter().skip(1) {
+    for p in below.into_iter().filter_map(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
     }
 }

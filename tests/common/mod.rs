@@ -616,3 +616,23 @@ impl Drop for OwnCluster {
         .output();
     }
 }
+
+/// Whether bubblewrap works here; when it must (`SANDWARDEN_REQUIRE_BWRAP=1`, set by
+/// scripts/test after installing it), its absence fails the test instead of skipping it.
+pub fn bwrap_works() -> bool {
+    let works = Command::new("bwrap")
+        .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
+        .args(["--unshare-pid", "--", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        assert!(
+            std::env::var("SANDWARDEN_REQUIRE_BWRAP").as_deref() != Ok("1"),
+            "bubblewrap is required (SANDWARDEN_REQUIRE_BWRAP=1) but `bwrap` does not work here"
+        );
+        eprintln!(
+            "\n*** SKIPPED: bubblewrap (`bwrap`) is not installed or cannot create sandboxes here; install the bubblewrap package to run the isolation tests ***\n"
+        );
+    }
+    works
+}
