@@ -80,13 +80,22 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
 
     // Warm-up: one session through every path, then deleted, so what serve sets up once (store
     // connections, thread stacks, the first use of each code path) is in the empty reading.
-    {
+    let isolation = {
         let id = ready_session(&http, &base).await?;
+        let session: serde_json::Value = http
+            .get(format!("{base}/v1/sessions/{id}"))
+            .bearer_auth(KEY)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let isolation = session["isolation"].as_str().unwrap_or("none").to_string();
         let stream = open_stream(&http, &base, &id).await?;
         let ws = attach(&http, &base, &id).await?;
         drop((stream, ws));
         delete_session(&http, &base, &id).await;
-    }
+        isolation
+    };
     let empty = reading(pid).await;
 
     // N idle sessions.
@@ -221,11 +230,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     out.push_str(&format!(
         "### The sandboxes: {n} harness servers\n\n\
          Each sandbox is a harness server process (the table; `sandwarden-harness` when built) and the `sh` it runs under a \
-         PTY. PSS divides each shared page among the processes mapping it, so it is each \
-         process's fair share of the machine's memory; RSS counts the shared binary in full in \
-         every process.\n\n\
-         | harness server | RSS (median) | PSS (median) | private (median) | whole sandbox PSS (harness + `sh`), total |\n\
-         |---|---|---|---|---|\n{}\n{}\n\n",
+         PTY; confined ({isolation}), also the processes that hold it: `sandwarden sandbox-exec --stay` \
+         (bubblewrap's parent) and bubblewrap's two. PSS divides each shared page among the processes \
+         mapping it, so it is each process's fair share of the machine's memory; RSS counts the \
+         shared binary in full in every process.\n\n\
+         | harness server | RSS (median) | PSS (median) | private (median) | whole sandbox PSS, total | confinement PSS per sandbox |\n\
+         |---|---|---|---|---|---|\n{}\n{}\n\n",
         harness_idle.row("idle"),
         harness_attached.row("with a terminal attached through serve"),
     ));
@@ -345,32 +355,57 @@ async fn attach(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<
     Ok(ws)
 }
 
-/// The memory of every sandbox under one `serve`: each harness server, and the total PSS of each
-/// sandbox's processes (the harness and its children).
+/// The memory of every sandbox under one `serve`: each harness server, the total PSS of each
+/// sandbox's processes, and the part of it that is confinement (`sandbox-exec`, bubblewrap).
 struct Sandboxes {
     harness: Vec<Memory>,
     total_pss: u64,
+    confinement_pss: u64,
 }
 
 fn sandbox_memory(sandboxes_dir: &str) -> Sandboxes {
-    let mut harness = Vec::new();
-    let mut total_pss = 0;
-    for pid in crate::procfs::pids_matching(&[sandboxes_dir, "harness --listen"]) {
-        let Ok(pid) = u32::try_from(pid) else {
+    let needles = [sandboxes_dir, "harness --listen"];
+    let matches = |pid: u32| crate::procfs::command_matches(i64::from(pid), &needles);
+    let mut out = Sandboxes {
+        harness: Vec::new(),
+        total_pss: 0,
+        confinement_pss: 0,
+    };
+    // A sandbox's root is the first process of its chain whose command line names it (its
+    // parent is `serve`); under bubblewrap the chain is sandbox-exec → bwrap → bwrap → harness,
+    // and the harness server is the last process of it whose command line starts a harness.
+    let roots = crate::procfs::pids_matching(&needles)
+        .into_iter()
+        .filter_map(|pid| u32::try_from(pid).ok())
+        .filter(|pid| !crate::procfs::parent(*pid).is_some_and(matches));
+    for root in roots {
+        let tree: Vec<u32> = std::iter::once(root)
+            .chain(crate::procfs::descendants(root))
+            .collect();
+        let Some(harness) = tree.iter().copied().find(|pid| {
+            crate::procfs::command_matches(i64::from(*pid), &["harness --listen"])
+                && !crate::procfs::children(*pid)
+                    .into_iter()
+                    .any(|c| crate::procfs::command_matches(i64::from(c), &["harness --listen"]))
+        }) else {
             continue;
         };
-        let Some(m) = crate::procfs::memory(pid) else {
+        let Some(m) = crate::procfs::memory(harness) else {
             continue;
         };
-        harness.push(m);
-        total_pss += m.pss;
-        total_pss += crate::procfs::children(pid)
-            .into_iter()
-            .filter_map(crate::procfs::memory)
-            .map(|c| c.pss)
-            .sum::<u64>();
+        out.harness.push(m);
+        let below: Vec<u32> = std::iter::once(harness)
+            .chain(crate::procfs::descendants(harness))
+            .collect();
+        for pid in tree {
+            let pss = crate::procfs::memory(pid).map_or(0, |m| m.pss);
+            out.total_pss += pss;
+            if !below.contains(&pid) {
+                out.confinement_pss += pss;
+            }
+        }
     }
-    Sandboxes { harness, total_pss }
+    out
 }
 
 impl Sandboxes {
@@ -383,13 +418,14 @@ impl Sandboxes {
     fn row(&self, state: &str) -> String {
         let count = self.harness.len().max(1) as f64;
         format!(
-            "| {state} ({} processes) | {} | {} | {} | {:.2} GiB ({:.1} MiB per sandbox) |",
+            "| {state} ({} processes) | {} | {} | {} | {:.2} GiB ({:.1} MiB per sandbox) | {:.0} KiB |",
             self.harness.len(),
             mib(self.median(|m| m.rss)),
             mib(self.median(|m| m.pss)),
             mib(self.median(|m| m.private)),
             self.total_pss as f64 / 1024.0 / 1024.0,
             self.total_pss as f64 / 1024.0 / count,
+            self.confinement_pss as f64 / count,
         )
     }
 }

@@ -110,6 +110,30 @@ fn process_group(pid: i64) -> Option<i64> {
         .ok()
 }
 
+/// The parent of `pid`, from /proc/PID/stat.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `pid`'s command line with its arguments joined by spaces (empty when it cannot be read).
+pub fn command_line(pid: i64) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmd| String::from_utf8_lossy(&cmd).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Whether `pid`'s command line contains all of `needles`.
+pub fn command_matches(pid: i64, needles: &[&str]) -> bool {
+    let cmd = command_line(pid);
+    !cmd.is_empty() && needles.iter().all(|n| cmd.contains(n))
+}
+
 /// Every process whose command line contains all of `needles`.
 pub fn pids_matching(needles: &[&str]) -> Vec<i32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -118,12 +142,7 @@ pub fn pids_matching(needles: &[&str]) -> Vec<i32> {
     procs
         .flatten()
         .filter_map(|p| p.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
-                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-                needles.iter().all(|n| cmd.contains(n))
-            })
-        })
+        .filter(|pid| command_matches(i64::from(*pid), needles))
         .collect()
 }
 
