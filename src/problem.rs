@@ -43,9 +43,15 @@ impl Problem {
         }))
     }
 
-    /// Adds a machine-readable field next to the standard ones.
+    /// Adds a machine-readable field next to the standard ones. A standard member's name
+    /// (`type`, `title`, `status`, `detail`) is never overwritten nor repeated: such a field is
+    /// named `extra_NAME` instead, so `status` is always the HTTP status.
     pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
-        self.0.extra.insert(key.to_string(), value.into());
+        let key = match key {
+            "type" | "title" | "status" | "detail" => format!("extra_{key}"),
+            _ => key.to_string(),
+        };
+        self.0.extra.insert(key, value.into());
         self
     }
 

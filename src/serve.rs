@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// longer (crashed, or removed) are ended as interrupted by another replica.
     #[arg(long, env = "SANDWARDEN_REPLICA_LEASE", default_value_t = 15)]
     pub replica_lease: u64,
+    /// Record this server's secret as the one the store checks every replica against,
+    /// replacing the one it was set up with (see docs/replicas.md: changing the secret).
+    #[arg(long, env = "SANDWARDEN_ACCEPT_NEW_SECRET")]
+    pub accept_new_secret: bool,
     /// Seconds a client may take to send a request's headers, or pause within its body, or leave
     /// a terminal's output unread; slower clients are disconnected (headers, terminals) or
     /// answered 408 (body).
@@ -130,6 +134,52 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating the data dir {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making the data dir {} private (0700)", dir.display()))
+}
+
+/// Holds `DIR/serve.lock` for as long as this `serve` runs: two servers on one data dir would
+/// share its store, sockets and replica id and number one session's events twice. The lock is
+/// the kernel's (`flock`), so it goes with the process however that ends; the file names the
+/// holder's pid for the message a second server gives.
+pub struct DataDirLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+impl DataDirLock {
+    pub fn take(dir: &Path) -> anyhow::Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join("serve.lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                lock.set_len(0)?;
+                lock.rewind()?;
+                lock.write_all(std::process::id().to_string().as_bytes())?;
+                Ok(DataDirLock(lock))
+            }
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                anyhow::bail!(
+                    "another sandwarden serve{} is using the data dir {}: stop it first, or give                      this one its own --data-dir (every replica needs its own data dir, even when                      they share a PostgreSQL store)",
+                    if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {holder})")
+                    },
+                    dir.display()
+                )
+            }
+            Err((_, e)) => Err(anyhow::anyhow!(
+                "locking {} failed: {e}; the data dir must be on a file system that supports                  flock (a local disk, not NFS)",
+                path.display()
+            )),
+        }
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -361,6 +411,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     create_private_dir(&data_dir)?;
+    let _lock = DataDirLock::take(&data_dir)?;
     let mut templates = load_templates(&args)?;
     let kubernetes = match args.runtime {
         RuntimeKind::Kubernetes => {
@@ -386,6 +437,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store at {}", location.display()))?;
     tracing::info!(store = %location.display(), replica = %options.replica, "store open");
+    if let Some(stored) = store
+        .check_secret_fingerprint(&tokens.fingerprint(), args.accept_new_secret)
+        .await?
+    {
+        anyhow::bail!(
+            "this server's secret is not the one the store {} was set up with (fingerprint {} \
+             here, {stored} in the store): sandboxes, terminal links and sealed webhook tokens \
+             made under the other one would fail. Give every replica the same secret \
+             (SANDWARDEN_SECRET, or the data dir's `secret` file); to replace the secret on \
+             purpose, stop every replica and start one with --accept-new-secret (running \
+             sandboxes then need restarting)",
+            location.display(),
+            tokens.fingerprint(),
+        );
+    }
     ensure_admin_key(&store).await?;
 
     let listener = tokio::net::TcpListener::bind(args.listen)

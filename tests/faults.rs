@@ -626,6 +626,74 @@ async fn tty_roundtrip(tty_url: &str, line: &str, want: &str) {
     }
 }
 
+/// `serve` SIGKILLed five times while its sessions send bursts of short turns, each with its
+/// own text: after every restart each turn the store shows as ended has its last event (`done`
+/// or `error`) stored, so an SSE reader sees every turn end, and the store is intact. (Before
+/// the turn's end and its `done` were one commit, 4 runs in 5 left a completed turn without it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_killed_during_bursts_leaves_no_ended_turn_without_its_last_event() {
+    let dir = data_dir_with_quick_template();
+    let _sweep = Sweep(dir.path().to_path_buf());
+    let mut ids: Vec<String> = Vec::new();
+    let mut ended = 0;
+    for round in 0..=5 {
+        let mut serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
+        let api = Arc::new(serve.client());
+        if ids.is_empty() {
+            ids = ready_sessions(&api, "echo", 4).await.into_keys().collect();
+        }
+        // What the previous round's crash left, read while this serve has the store open.
+        let mut conn = read_store(dir.path()).await;
+        let missing: Vec<(String, String)> = sqlx::query_as(
+            "SELECT t.id, t.status FROM turns t WHERE t.status <> 'running' AND NOT EXISTS \
+             (SELECT 1 FROM events e WHERE e.session_id = t.session_id AND e.turn_id = t.id \
+              AND e.type IN ('done', 'error'))",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("query turns");
+        ended =
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM turns WHERE status <> 'running'")
+                .fetch_one(&mut conn)
+                .await
+                .expect("count turns");
+        assert!(
+            missing.is_empty(),
+            "after crash {round}: ended turns without their last event: {missing:?}"
+        );
+        drop(conn);
+        assert_eq!(integrity(dir.path()).await, "ok", "after crash {round}");
+        if round == 5 {
+            break;
+        }
+        let load: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let (api, id) = (api.clone(), id.clone());
+                tokio::spawn(async move {
+                    let url = format!("{}/v1/sessions/{id}/messages", api.base);
+                    for k in 0.. {
+                        let text = format!("round {round} turn {k} of {id}");
+                        let sent = api.http.post(&url).bearer_auth(&api.key);
+                        // Refused or cut off when serve dies: the next round goes on.
+                        if sent.json(&json!({ "text": text })).send().await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let pause = 150 + rand::random::<u64>() % 450;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        serve.kill();
+        for task in load {
+            task.abort();
+        }
+    }
+    assert!(ended > 0, "no turn ended in five rounds");
+    eprintln!("FIGURES crash_bursts: 5 SIGKILLs, {ended} ended turns, each with its last event");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_killed_mid_load_resumes_sessions_streams_webhooks_and_terminals() {
     serve_crash(&[], "sqlite").await;

@@ -300,6 +300,12 @@ impl Tokens {
         mac.finalize().into_bytes().into()
     }
 
+    /// What tells two secrets apart without revealing either: a keyed digest of a fixed
+    /// string, shortened (stored, so every replica can check it has the same secret).
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&self.digest("fingerprint", "server secret")[..12])
+    }
+
     /// A keyed digest of `purpose` and `value`, in hex (tokens, tty attach tokens).
     pub fn derive(&self, purpose: &str, value: &str) -> String {
         hex::encode(self.digest(purpose, value))

@@ -133,6 +133,29 @@ impl Hub {
         ts: String,
         data: serde_json::Value,
     ) -> Result<Event, StoreError> {
+        let store = self.store.clone();
+        self.publish_with(session_id, turn_id, kind, ts, data, |event| async move {
+            store.append_events(vec![event]).await
+        })
+        .await
+    }
+
+    /// Numbers one event, has `record` make it durable (with whatever else must commit with it,
+    /// such as the end of the turn it closes), then fans it out. When `record` fails the seq is
+    /// not used and nothing is fanned out.
+    pub async fn publish_with<F, Fut>(
+        &self,
+        session_id: &str,
+        turn_id: Option<&str>,
+        kind: &str,
+        ts: String,
+        data: serde_json::Value,
+        record: F,
+    ) -> Result<Event, StoreError>
+    where
+        F: FnOnce(Event) -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
         let ch = self.channel(session_id);
         let mut seq = ch.seq.lock().await;
         let last = match *seq {
@@ -152,7 +175,7 @@ impl Hub {
             ts,
             data,
         };
-        self.store.append_events(vec![event.clone()]).await?;
+        record(event.clone()).await?;
         *seq = Some(event.seq);
         // Nobody listening is fine.
         let _ = ch.tx.send(Arc::new(event.clone()));

@@ -992,16 +992,20 @@ impl Orchestrator {
         t.status = "failed".into();
         t.error = Some(error.clone());
         t.finished_at = Some(store::now());
-        let _ = self.store.finish_turn(&t, None).await;
         // Its event stream ends as every turn's does, for readers resuming it; numbered after
         // what the store has (the turn may have run on another replica).
         if let Ok(last) = self.store.last_seq(&t.session_id).await {
             self.hub.set_seq(&t.session_id, last).await;
         }
-        let _ = self
-            .hub
-            .publish(&t.session_id, Some(&t.id), "error", store::now(), error)
-            .await;
+        self.end_turn(
+            &t,
+            None,
+            crate::event::EventType::Error,
+            store::now(),
+            error,
+            || {},
+        )
+        .await;
         let _ = self
             .store
             .transition(&t.session_id, &["running", "input_required"], "ready", None)

@@ -133,7 +133,7 @@ impl Outcome {
             session_id: turn.session_id,
             turn_id: turn.id,
             status: turn.status,
-            stop_reason: None,
+            stop_reason: turn.stop_reason,
             text: turn.text.unwrap_or_default(),
             parts,
             messages,
@@ -212,7 +212,7 @@ impl Orchestrator {
                         .unwrap_or_default()
                 ),
             )
-            .with("status", other.to_string()),
+            .with("session_status", other.to_string()),
         }
     }
 
@@ -260,6 +260,7 @@ impl Orchestrator {
                 error: None,
                 created_at: now.clone(),
                 finished_at: None,
+                stop_reason: None,
             };
             let user = Message {
                 id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
@@ -315,8 +316,7 @@ impl Orchestrator {
                 "harness_unreachable",
                 "the session has no sandbox".into(),
             );
-            let _ = self.store.finish_turn(&turn, None).await;
-            self.publish_failure(&session.id, &turn).await;
+            self.record_failure(&turn).await;
             self.notify(&session.id);
             return Err(not_found(&session.id));
         };
@@ -333,8 +333,7 @@ impl Orchestrator {
             Ok(dialled) => dialled,
             Err(_) => {
                 fail(&mut turn, error_code::TIMEOUT, HARNESS_SILENT.into());
-                let _ = self.store.finish_turn(&turn, None).await;
-                self.publish_failure(&session.id, &turn).await;
+                self.record_failure(&turn).await;
                 self.metrics.turn("failed");
                 self.notify(&session.id);
                 self.cancel_in_background(client);
@@ -383,7 +382,7 @@ impl Orchestrator {
                                 "harness_unreachable",
                                 "the session's sandbox could not be reached; the session is now dead, create a new one",
                             )
-                            .with("status", "dead"),
+                            .with("session_status", "dead"),
                             "harness_unreachable",
                         )
                     }
@@ -407,8 +406,7 @@ impl Orchestrator {
                 };
                 fail(&mut turn, code, problem.detail.clone());
                 // Also returns a running session to `ready` (a dead one stays dead).
-                let _ = self.store.finish_turn(&turn, None).await;
-                self.publish_failure(&session.id, &turn).await;
+                self.record_failure(&turn).await;
                 self.metrics.turn("failed");
                 self.notify(&session.id);
                 return Err(problem.with("turn_id", turn_id.to_string()));
@@ -449,16 +447,66 @@ impl Orchestrator {
         });
     }
 
-    /// Ends the event stream of a turn that failed before the harness took it, as every turn's
-    /// stream ends: with an `error` event, so readers following the session see why.
-    async fn publish_failure(&self, session_id: &str, turn: &Turn) {
+    /// Records a turn that failed before the harness took it, and ends its event stream as
+    /// every turn's ends: with an `error` event, so readers following the session see why.
+    async fn record_failure(&self, turn: &Turn) {
         let error = turn.error.clone().unwrap_or(Value::Null);
-        if let Err(e) = self
+        self.end_turn(turn, None, EventType::Error, store::now(), error, || {})
+            .await;
+    }
+
+    /// Records a turn's end and its last event (`done` or `error`) in one commit, so a turn the
+    /// store shows as ended always has that event, then fans the event out. `committed` runs
+    /// between the two (so a client that acts on the event finds the turn over). Should the
+    /// commit fail, the end and the event are handed to the store separately, as any event is.
+    pub(super) async fn end_turn(
+        &self,
+        turn: &Turn,
+        reply: Option<&Message>,
+        kind: EventType,
+        ts: String,
+        data: Value,
+        committed: impl FnOnce(),
+    ) {
+        let store = &self.store;
+        let committed = std::sync::Mutex::new(Some(committed));
+        let run_committed = || {
+            let f = committed.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(f) = f {
+                f();
+            }
+        };
+        let recorded = self
             .hub
-            .publish(session_id, Some(&turn.id), "error", store::now(), error)
-            .await
-        {
-            tracing::error!(error = %e, turn_id = %turn.id, "recording a failed turn's event failed");
+            .publish_with(
+                &turn.session_id,
+                Some(&turn.id),
+                kind.as_str(),
+                ts.clone(),
+                data.clone(),
+                |event| async {
+                    let event = event;
+                    let stored = store.finish_turn(turn, reply, Some(&event)).await;
+                    if stored.is_ok() {
+                        run_committed();
+                    }
+                    stored
+                },
+            )
+            .await;
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, turn_id = %turn.id, "recording the turn's end with its last event failed; recording them apart");
+            if let Err(e) = self.store.finish_turn(turn, reply, None).await {
+                tracing::error!(error = %e, turn_id = %turn.id, "recording the turn's end failed");
+            }
+            run_committed();
+            if let Err(e) = self
+                .hub
+                .publish(&turn.session_id, Some(&turn.id), kind.as_str(), ts, data)
+                .await
+            {
+                tracing::error!(error = %e, turn_id = %turn.id, "recording the turn's last event failed");
+            }
         }
     }
 
@@ -563,6 +611,7 @@ impl Orchestrator {
             .cloned()
             .unwrap_or_else(|| json!({"input_tokens":0,"output_tokens":0,"total_tokens":0}));
         turn.status = status.into();
+        turn.stop_reason = stop_reason.clone();
         turn.text = Some(reply.text.clone());
         turn.usage = Some(usage.clone());
         turn.error = (kind == EventType::Error).then(|| data.clone());
@@ -577,17 +626,10 @@ impl Orchestrator {
             metadata: json!({}),
             created_at: store::now(),
         });
-        if let Err(e) = self.store.finish_turn(&turn, assistant.as_ref()).await {
-            tracing::error!(error = %e, turn_id = %turn.id, "recording the turn's end failed");
-        }
-        self.unlock_turn(&session.id, &turn.id);
-        if let Err(e) = self
-            .hub
-            .publish(&session.id, Some(&turn.id), kind.as_str(), ts, data.clone())
-            .await
-        {
-            tracing::error!(error = %e, "recording the turn's last event failed");
-        }
+        self.end_turn(&turn, assistant.as_ref(), kind, ts, data.clone(), || {
+            self.unlock_turn(&session.id, &turn.id)
+        })
+        .await;
         self.metrics.turn(status);
         self.metrics
             .turn_duration
@@ -756,7 +798,7 @@ impl Orchestrator {
                 "harness_unreachable",
                 "the session's sandbox could not be reached; the session is now dead, create a new one",
             )
-            .with("status", "dead");
+            .with("session_status", "dead");
         }
         Problem::new(
             StatusCode::BAD_GATEWAY,

@@ -205,6 +205,8 @@ pub struct Turn {
     pub error: Option<serde_json::Value>,
     pub created_at: String,
     pub finished_at: Option<String>,
+    /// Why the agent ended the turn (`end_turn`, `cancelled`, …), when it said.
+    pub stop_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -321,8 +323,9 @@ type Done = oneshot::Sender<Result<(), WriteFailed>>;
 enum Write {
     Events(Vec<Event>),
     Flush(Done),
-    /// A turn's end, committed with the events queued before it (one commit, in order).
-    Finish(Box<(Turn, Option<Message>)>, Done),
+    /// A turn's end and its last event, committed with the events queued before it (one
+    /// commit, in order).
+    Finish(Box<(Turn, Option<Message>, Option<Event>)>, Done),
     /// A turn's start: answered with the session it moved to `running`, if it was `ready`.
     Begin(
         Box<Begin>,
@@ -475,6 +478,7 @@ macro_rules! turn_row {
             error: opt_json(r.get("error")),
             created_at: r.get("created_at"),
             finished_at: r.get("finished_at"),
+            stop_reason: r.get("stop_reason"),
         }
     }};
 }
@@ -663,6 +667,29 @@ impl Store {
     }
 
     // ---- API keys
+
+    /// Checks this replica's server-secret fingerprint against the one the store was set up
+    /// with, recording it when the store has none yet (or when `replace`, for an operator who
+    /// changes the secret on purpose). Returns the stored fingerprint when it differs.
+    pub async fn check_secret_fingerprint(
+        &self,
+        fingerprint: &str,
+        replace: bool,
+    ) -> Result<Option<String>> {
+        let upsert = if replace {
+            "INSERT INTO settings (name, value) VALUES ('secret_fingerprint', ?) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+        } else {
+            "INSERT INTO settings (name, value) VALUES ('secret_fingerprint', ?) \
+             ON CONFLICT (name) DO NOTHING"
+        };
+        self.execute(upsert, &[Some(fingerprint)]).await?;
+        let sql = self.sql("SELECT value FROM settings WHERE name = 'secret_fingerprint'");
+        let stored: Option<String> = on_db!(self, |pool| sqlx::query_scalar(&sql)
+            .fetch_optional(pool)
+            .await?);
+        Ok(stored.filter(|s| s != fingerprint))
+    }
 
     pub async fn insert_key(&self, tenant: &str, key_hash: &str, admin: bool) -> Result<String> {
         let id = format!("key_{}", uuid::Uuid::now_v7().simple());
@@ -1000,13 +1027,22 @@ impl Store {
         Ok(())
     }
 
-    /// Ends a turn with its outcome and, when there is one, the assistant's message; a running
-    /// session becomes `ready`. Committed by the event writer together with the events queued
-    /// before it, so the turn's events are durable when this returns.
-    pub async fn finish_turn(&self, turn: &Turn, reply: Option<&Message>) -> Result<()> {
+    /// Ends a turn with its outcome, the assistant's message when there is one, and the turn's
+    /// last event (`done` or `error`) when given; a running session becomes `ready`. Committed by
+    /// the event writer in one transaction with the events queued before it, so a turn that reads
+    /// as ended always has its events, its last one included.
+    pub async fn finish_turn(
+        &self,
+        turn: &Turn,
+        reply: Option<&Message>,
+        last: Option<&Event>,
+    ) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(Write::Finish(Box::new((turn.clone(), reply.cloned())), tx))
-            .await?;
+        self.send(Write::Finish(
+            Box::new((turn.clone(), reply.cloned(), last.cloned())),
+            tx,
+        ))
+        .await?;
         rx.await
             .map_err(|_| StoreError::WriterGone)?
             .map_err(StoreError::Write)
@@ -1346,6 +1382,7 @@ mod tests {
             error: None,
             created_at: ts.clone(),
             finished_at: None,
+            stop_reason: None,
         };
         let user = Message {
             id: format!("msg-{id}"),
@@ -1477,7 +1514,7 @@ mod tests {
         let mut done = t.clone();
         done.status = "completed".into();
         done.finished_at = Some(now());
-        store.finish_turn(&done, None).await.expect("finish");
+        store.finish_turn(&done, None, None).await.expect("finish");
         let s = store
             .get_session("t1", "s1")
             .await
@@ -1600,7 +1637,7 @@ mod tests {
         let mut done = t.clone();
         done.status = "completed".into();
         done.finished_at = Some(now());
-        store.finish_turn(&done, None).await.expect("finish");
+        store.finish_turn(&done, None, None).await.expect("finish");
         let claimed = store.claim_deliveries(lease, false).await.expect("claim");
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].sealed_token.as_deref(), Some("sealed"));
@@ -1906,7 +1943,7 @@ mod tests {
             ..user.clone()
         };
         store
-            .finish_turn(&done, Some(&reply))
+            .finish_turn(&done, Some(&reply), None)
             .await
             .expect("finish");
         let ids: Vec<String> = store

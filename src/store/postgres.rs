@@ -223,7 +223,7 @@ async fn finish(
         Some(_) => format!(
             "WITH {EVENTS}, \
              t AS (UPDATE turns SET status = $9, text = $10, usage = $11, error = $12, \
-               finished_at = $13 WHERE id = $14), \
+               finished_at = $13, stop_reason = $26 WHERE id = $14), \
              m AS (INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
                SELECT $15, $16, $17, $18, $19, $20, $21, $22 WHERE $15::text IS NOT NULL \
                ON CONFLICT (id) DO NOTHING), \
@@ -272,7 +272,8 @@ async fn finish(
             .bind(reply.map(|m| m.created_at.clone()))
             .bind(now())
             .bind(&turn.session_id)
-            .bind(CHANGES_CHANNEL);
+            .bind(CHANGES_CHANNEL)
+            .bind(&turn.stop_reason);
     }
     q.execute(pool).await?;
     Ok(())
@@ -325,14 +326,16 @@ async fn write(pool: PgPool, rx: flume::Receiver<Write>, me: String) {
             if let Write::Finish(end, _) = w {
                 let result = match &stored {
                     Err(e) => Err(e.clone()),
-                    Ok(()) => persist(|| {
-                        finish(&pool, pending, Some((&end.0, end.1.as_ref())), &me)
-                    })
-                    .await
-                    .map_err(|e| {
-                        tracing::error!(error = %e, turn_id = %end.0.id, "ending a turn failed");
-                        WriteFailed::from(&e)
-                    }),
+                    Ok(()) => {
+                        let with_last: Vec<&Event> =
+                            pending.iter().copied().chain(end.2.as_ref()).collect();
+                        persist(|| finish(&pool, &with_last, Some((&end.0, end.1.as_ref())), &me))
+                            .await
+                            .map_err(|e| {
+                                tracing::error!(error = %e, turn_id = %end.0.id, "ending a turn failed");
+                                WriteFailed::from(&e)
+                            })
+                    }
                 };
                 if !pending.is_empty() {
                     stored = result.clone();

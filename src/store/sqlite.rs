@@ -384,7 +384,11 @@ fn commit_in(tx: rusqlite::Transaction<'_>, batch: &[Write]) -> rusqlite::Result
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for w in batch {
-            let Write::Events(events) = w else { continue };
+            let events = match w {
+                Write::Events(events) => events.as_slice(),
+                Write::Finish(end, _) => end.2.as_slice(),
+                Write::Flush(_) | Write::Begin(..) => continue,
+            };
             for e in events {
                 insert.execute(rusqlite::params![
                     e.session_id,
@@ -489,8 +493,8 @@ fn finish(
     reply: Option<&Message>,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "UPDATE turns SET status = ?1, text = ?2, usage = ?3, error = ?4, finished_at = ?5 \
-         WHERE id = ?6",
+        "UPDATE turns SET status = ?1, text = ?2, usage = ?3, error = ?4, finished_at = ?5, \
+         stop_reason = ?7 WHERE id = ?6",
     )?
     .execute(rusqlite::params![
         turn.status,
@@ -498,7 +502,8 @@ fn finish(
         turn.usage.as_ref().map(|u| u.to_string()),
         turn.error.as_ref().map(|e| e.to_string()),
         turn.finished_at,
-        turn.id
+        turn.id,
+        turn.stop_reason,
     ])?;
     if let Some(m) = reply {
         insert_message(tx, m)?;
