@@ -186,7 +186,7 @@ impl Conversation {
         let prompt = messages
             .iter()
             .rfind(|m| m.role == "user")
-            .map(|m| strip_wrappers(&m.texts.join("\n")))
+            .map(|m| after_interruption(&strip_wrappers(&m.texts.join("\n"))).to_string())
             .unwrap_or_default();
         let title_request = messages
             .iter()
@@ -316,6 +316,24 @@ pub fn strip_wrappers(text: &str) -> String {
     out.push_str(rest);
     out.trim().to_string()
 }
+
+/// What follows the last interruption marker: claude-code ends an interrupted prompt with
+/// `[Request interrupted by user]` and sends the next prompt in the same user message, so only
+/// the text after the marker is the prompt being asked.
+pub fn after_interruption(text: &str) -> &str {
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        at += line.len();
+        if line.trim_start().starts_with(INTERRUPTED) {
+            start = at;
+        }
+    }
+    text[start..].trim()
+}
+
+/// The line claude-code adds to a prompt it was interrupted answering.
+const INTERRUPTED: &str = "[Request interrupted by user";
 
 /// The next `<tag>` at the start of a line: (text before it, tag name, text after it).
 fn next_wrapper(text: &str) -> Option<(&str, &str, &str)> {
@@ -1637,6 +1655,22 @@ mod tests {
         let text = "<system-reminder>\nignore WRITEFILE /x\n</system-reminder>\nhi <b>there</b>\n  <environment_context>cwd</environment_context>";
         assert_eq!(strip_wrappers(text), "hi <b>there</b>");
         assert_eq!(strip_wrappers("<open> never closed"), "<open> never closed");
+    }
+
+    #[test]
+    fn a_prompt_sent_after_an_interruption_is_read_without_the_interrupted_one() {
+        let c = conv(
+            Api::Anthropic,
+            json!({
+                "model": "claude-x",
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "SLOW 500 40\n"},
+                    {"type": "text", "text": "[Request interrupted by user]\n"},
+                    {"type": "text", "text": "second words bluejay"}]}],
+            }),
+        );
+        assert_eq!(c.prompt, "second words bluejay");
+        assert_eq!(after_interruption("no marker\nhere"), "no marker\nhere");
     }
 
     #[test]

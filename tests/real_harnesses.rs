@@ -236,8 +236,6 @@ struct ApiCase {
     /// permission first.
     ask_session: fn() -> Value,
     ask_options: fn() -> Value,
-    /// The adapter answers the first turn after a cancel with an immediate empty reply.
-    stale_turn_after_cancel: bool,
 }
 
 fn opencode_env(fake: &FakeModel) -> Vec<(&'static str, String)> {
@@ -362,7 +360,8 @@ async fn api_scenarios(case: &ApiCase) {
         .collect();
     assert!(kinds.iter().any(|k| k == "tool_use"), "{h}: {kinds:?}");
 
-    // 5. Cancel a slow turn; the session stays usable.
+    // 5. Cancel a slow turn (A); the next turns (B, C) each hold their own prompt's answer, never
+    //    an empty one nor another prompt's.
     let turn = api.post_async(&id, json!({"text": "SLOW 500 40"})).await;
     wait_for_event(&rig, &id, &turn, "text").await;
     let (status, c) = api
@@ -375,15 +374,22 @@ async fn api_scenarios(case: &ApiCase) {
         "{h}: {ended}"
     );
     api.wait_status(&id, "ready").await;
-    let (mut status, mut reply) = api.say(&id, "after cancel egret").await;
-    if case.stale_turn_after_cancel && status == 200 && text_of(&reply).is_empty() {
-        // claude-agent-acp 0.23.1 ends the first prompt after an interrupt at once, empty (it
-        // reads the interrupted query's trailing result); the next one is answered normally.
-        assert_eq!(reply["status"], "completed", "{h}: {reply}");
-        (status, reply) = api.say(&id, "after cancel egret").await;
-    }
-    assert_eq!(status, 200, "{h}: {reply}");
-    assert!(text_of(&reply).contains("egret"), "{h}: {reply}");
+    let (status, b) = api.say(&id, "after cancel egret").await;
+    assert_eq!(status, 200, "{h}: {b}");
+    let (status, c) = api.say(&id, "then cormorant").await;
+    assert_eq!(status, 200, "{h}: {c}");
+    let (b, c) = (text_of(&b), text_of(&c));
+    let saw = || async { tail(&rig.model_saw().await, 3000).to_string() };
+    assert!(
+        b.contains("You said: after cancel egret") && !b.contains("tick"),
+        "{h}: turn B holds {b:?}, not its own answer alone; C holds {c:?}\nthe model saw: {}",
+        saw().await
+    );
+    assert!(
+        c.contains("You said: then cormorant") && !c.contains("egret") && !c.contains("tick"),
+        "{h}: turn C holds {c:?}, not its own answer alone; B holds {b:?}\nthe model saw: {}",
+        saw().await
+    );
 
     // 6. A permission request surfaces as input_required and is approved through the API.
     let (id2, workdir2) = rig.session(h, (case.ask_session)()).await;
@@ -477,7 +483,6 @@ async fn opencode_runs_behind_the_api() {
         write_options: none,
         ask_session: || json!({"env": {"OPENCODE_PERMISSION": r#"{"edit":"ask","bash":"ask"}"#}}),
         ask_options: none,
-        stale_turn_after_cancel: false,
     })
     .await;
 }
@@ -491,7 +496,6 @@ async fn claude_agent_sdk_runs_behind_the_api() {
         write_options: || json!({"agent": "acceptEdits"}),
         ask_session: none,
         ask_options: none,
-        stale_turn_after_cancel: true,
     })
     .await;
 }
@@ -509,7 +513,6 @@ async fn codex_runs_behind_the_api() {
                               "content": "approval_policy = \"untrusted\"\n"}]})
         },
         ask_options: none,
-        stale_turn_after_cancel: false,
     })
     .await;
 }

@@ -67,6 +67,16 @@ struct ActiveTurn {
     cancel: CancellationToken,
 }
 
+/// The `session/prompt` the agent has not answered yet. Every update the agent sends belongs to
+/// it, also after its turn was ended for the client (a cancel that outlived its grace), until the
+/// agent answers it: only then may another prompt be sent.
+struct InFlight {
+    turn_id: String,
+    sink: Arc<Sink>,
+    /// Updates routed to it, to spot an answer that carried none.
+    updates: u64,
+}
+
 struct PendingInput {
     turn_id: String,
     responder: Responder<RequestPermissionResponse>,
@@ -78,6 +88,7 @@ struct Inner {
     live: Option<Live>,
     child: Option<GroupHandle>,
     turn: Option<ActiveTurn>,
+    prompt: Option<InFlight>,
     inputs: HashMap<String, PendingInput>,
     env: BTreeMap<String, String>,
     cwd: PathBuf,
@@ -91,6 +102,8 @@ pub struct ApiAgent {
     cfg: Arc<HarnessConfig>,
     inner: Mutex<Inner>,
     status: watch::Sender<Status>,
+    /// Whether a prompt is in flight (`Inner::prompt`), for a next turn that waits for it.
+    prompt_busy: watch::Sender<bool>,
     shutdown: CancellationToken,
 }
 
@@ -112,7 +125,10 @@ impl Sink {
     pub async fn emit(&self, kind: EventType, data: Value) {
         let mut state = self.state.lock().await;
         let (next, tx) = &mut *state;
-        let Some(sender) = tx.as_ref() else { return };
+        let Some(sender) = tx.as_ref() else {
+            tracing::debug!(turn_id = %self.turn_id, event = kind.as_str(), "an event after the turn's end was dropped");
+            return;
+        };
         let event = TurnEvent {
             turn_id: self.turn_id.clone(),
             index: *next,
@@ -163,6 +179,7 @@ impl ApiAgent {
                 live: None,
                 child: None,
                 turn: None,
+                prompt: None,
                 inputs: HashMap::new(),
                 env: BTreeMap::new(),
                 cwd: cfg.workdir.clone(),
@@ -172,6 +189,7 @@ impl ApiAgent {
             }),
             cfg,
             status,
+            prompt_busy: watch::channel(false).0,
             shutdown,
         });
         if agent.cfg.start == StartMode::Boot {
@@ -209,6 +227,8 @@ impl ApiAgent {
             g.live = None;
             (g.generation, g.env.clone(), g.cwd.clone())
         };
+        // The old process's unanswered prompt, if any, will never be answered.
+        self.end_prompt(None);
         self.status.send_replace(Status {
             phase: Phase::Starting,
             reason: None,
@@ -434,8 +454,57 @@ impl ApiAgent {
         tracing::info!(generation, "agent ready");
     }
 
-    fn current_sink(&self) -> Option<Arc<Sink>> {
-        lock(&self.inner).turn.as_ref().map(|t| t.sink.clone())
+    /// The sink of the prompt in flight, which every update belongs to.
+    fn prompt_sink(&self) -> Option<Arc<Sink>> {
+        let mut g = lock(&self.inner);
+        let p = g.prompt.as_mut()?;
+        p.updates += 1;
+        Some(p.sink.clone())
+    }
+
+    /// The agent answered the prompt of `turn_id` (any prompt when `None`): updates stop going
+    /// to it and the next prompt may be sent. Returns how many updates it received.
+    fn end_prompt(&self, turn_id: Option<&str>) -> Option<u64> {
+        let ended = {
+            let mut g = lock(&self.inner);
+            if g.prompt
+                .as_ref()
+                .is_some_and(|p| turn_id.is_none_or(|id| p.turn_id == id))
+            {
+                g.prompt.take()
+            } else {
+                None
+            }
+        };
+        if ended.is_some() {
+            self.prompt_busy.send_replace(false);
+        }
+        ended.map(|p| p.updates)
+    }
+
+    /// Waits (at most the cancel grace) until no prompt is in flight. A cancelled turn whose
+    /// agent has not answered its prompt yet still owns the agent's updates; a prompt sent now
+    /// would have its answer mixed with them.
+    async fn wait_prompt_answered(&self) -> Result<(), Problem> {
+        let mut busy = self.prompt_busy.subscribe();
+        let answered = tokio::time::timeout(self.cfg.cancel_grace, busy.wait_for(|b| !*b)).await;
+        if matches!(answered, Ok(Ok(_))) {
+            return Ok(());
+        }
+        let turn_id = lock(&self.inner)
+            .prompt
+            .as_ref()
+            .map(|p| p.turn_id.clone())
+            .unwrap_or_default();
+        Err(Problem::new(
+            StatusCode::CONFLICT,
+            "turn_in_progress",
+            format!(
+                "the agent has not yet stopped cancelled turn {turn_id} (its prompt is unanswered after {} s); retry later",
+                self.cfg.cancel_grace.as_secs()
+            ),
+        )
+        .with("turn_id", turn_id))
     }
 
     async fn on_update(&self, n: SessionNotification) {
@@ -453,8 +522,14 @@ impl ApiAgent {
         let Some((kind, data)) = map::map_update(&n.update) else {
             return;
         };
-        if let Some(sink) = self.current_sink() {
-            sink.emit(kind, data).await;
+        match self.prompt_sink() {
+            Some(sink) => sink.emit(kind, data).await,
+            None => {
+                tracing::debug!(
+                    event = kind.as_str(),
+                    "an update with no prompt in flight was dropped"
+                )
+            }
         }
     }
 
@@ -533,6 +608,7 @@ impl ApiAgent {
             .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_turn", m))?;
         loop {
             self.wait_ready().await?;
+            self.wait_prompt_answered().await?;
             let (tx, rx) = mpsc::channel(TURN_EVENT_BUFFER);
             let turn_id = req
                 .turn_id
@@ -557,6 +633,10 @@ impl ApiAgent {
                     // Restarted or died between the wait and now: wait again.
                     continue;
                 };
+                if g.prompt.is_some() {
+                    // Another turn's prompt went out between the wait and now.
+                    continue;
+                }
                 let blocks = prompt_blocks(&req.parts, &live.caps).map_err(|m| {
                     Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unsupported_part", m)
                 })?;
@@ -569,6 +649,12 @@ impl ApiAgent {
                     sink: sink.clone(),
                     cancel: cancel.clone(),
                 });
+                g.prompt = Some(InFlight {
+                    turn_id: turn_id.clone(),
+                    sink: sink.clone(),
+                    updates: 0,
+                });
+                self.prompt_busy.send_replace(true);
                 ((live, blocks, changes), g.generation)
             };
             let limit = req
@@ -601,6 +687,7 @@ impl ApiAgent {
         let started = Instant::now();
         let mut status_rx = self.status.subscribe();
         if let Err(message) = self.configure(&live, changes).await {
+            self.end_prompt(Some(&turn_id));
             self.finish_turn(&turn_id);
             let data = json!({ "code": error_code::AGENT_ERROR, "message": message,
                                "duration_ms": started.elapsed().as_millis() as u64 });
@@ -643,6 +730,20 @@ impl ApiAgent {
             }
         };
         let duration_ms = started.elapsed().as_millis() as u64;
+        // Past the grace the client hears `cancelled`, but the prompt stays in flight until the
+        // agent answers it: its late updates must not reach the next turn.
+        let unanswered = matches!(outcome, Outcome::GraceExpired);
+        if !unanswered {
+            let updates = self.end_prompt(Some(&turn_id));
+            if let (Outcome::Response(Ok(resp)), Some(0)) = (&outcome, updates)
+                && cancelling.is_none()
+                && map::usage(resp).total_tokens == 0
+            {
+                // The signature of an agent that ended this prompt on a leftover of the
+                // previous (cancelled) one (docs/harness.md, "Cancelling").
+                tracing::warn!(turn_id = %turn_id, "the agent answered the prompt at once with nothing: no update and no token used");
+            }
+        }
         let (kind, data) = match outcome {
             Outcome::Response(Ok(resp)) if cancelling == Some(error_code::TIMEOUT) => {
                 let _ = resp;
@@ -704,6 +805,21 @@ impl ApiAgent {
         self.finish_turn(&turn_id);
         sink.emit(kind, data).await;
         tracing::info!(turn_id = %turn_id, duration_ms, outcome = kind.as_str(), "turn ended");
+        if unanswered {
+            // Bounded by the turn's limit: an agent that never answers must not lock the
+            // session for good (the next prompt then risks its late updates, said in the log).
+            let answered = tokio::select! {
+                r = &mut response => r.is_ok(),
+                () = tokio::time::sleep(limit) => {
+                    tracing::warn!(turn_id = %turn_id, "the agent never answered the cancelled prompt; sending the next one anyway");
+                    false
+                }
+                () = self.shutdown.cancelled() => false,
+                _ = status_rx.wait_for(|s| s.generation != generation || s.phase == Phase::Failed) => false,
+            };
+            tracing::info!(turn_id = %turn_id, answered, "the cancelled prompt is over");
+            self.end_prompt(Some(&turn_id));
+        }
     }
 
     /// Applies a turn's settings before its prompt, one request at a time, each within the boot
