@@ -44,7 +44,7 @@ struct Reading {
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let n = args.sessions;
     anyhow::ensure!(n > 0, "--sessions must be at least 1");
-    let (nofile, nofile_hard) = raise_nofile(n as u64 * FDS_PER_SESSION + 1024)?;
+    let (nofile, nofile_hard) = crate::serve::raise_nofile(n as u64 * FDS_PER_SESSION + 1024)?;
     anyhow::ensure!(
         nofile >= n as u64 * FDS_PER_SESSION / 2,
         "the open-file limit is {nofile} (hard {nofile_hard}), too few for {n} sessions \
@@ -250,18 +250,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     drop(streams);
     drop(serve);
     Ok(out)
-}
-
-/// Raises this process's soft open-file limit towards `want` (never past the hard limit); the
-/// `serve` it starts inherits it. Returns the soft and hard limits now.
-fn raise_nofile(want: u64) -> anyhow::Result<(u64, u64)> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
-    let new = want.min(hard).max(soft);
-    if new > soft {
-        setrlimit(Resource::RLIMIT_NOFILE, new, hard).context("raising RLIMIT_NOFILE")?;
-    }
-    Ok((new, hard))
 }
 
 fn read_number(path: &str) -> Option<u64> {

@@ -168,6 +168,9 @@ impl TurnRequest {
                         {\"parts\":[{\"type\":\"text\",\"text\":\"hello\"}]}"
                 .into());
         }
+        if self.parts.len() > MAX_PARTS {
+            return Err(too_many_parts());
+        }
         if let Some(id) = &self.turn_id {
             validate_id("turn_id", id)?;
         }
@@ -217,6 +220,114 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Ids chosen by callers end up in URLs and logs: keep them short and plain.
+/// The most parts one message may have (text, images, files): a message of many tiny parts
+/// costs far more memory than its bytes.
+pub const MAX_PARTS: usize = 256;
+
+fn too_many_parts() -> String {
+    format!(
+        "a message has at most {MAX_PARTS} parts; join texts into one part, or send fewer files"
+    )
+}
+
+/// Most members of one JSON object in a message body.
+const MAX_MEMBERS: usize = 1024;
+
+/// Any JSON value whose arrays have at most `MAX_PARTS` elements and whose objects at most
+/// `MAX_MEMBERS` members: one past the bound is refused as it is read, before the rest is
+/// parsed (a body of 400,000 tiny parts would otherwise take 70 times its size in memory).
+pub struct Capped(pub serde_json::Value);
+
+impl<'de> Deserialize<'de> for Capped {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        use serde_json::Value;
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Capped;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E: Error>(self, v: bool) -> Result<Capped, E> {
+                Ok(Capped(Value::Bool(v)))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<Capped, E> {
+                Ok(Capped(v.into()))
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<Capped, E> {
+                Ok(Capped(v.into()))
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<Capped, E> {
+                Ok(Capped(v.into()))
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Capped, E> {
+                Ok(Capped(Value::String(v.to_string())))
+            }
+            fn visit_string<E: Error>(self, v: String) -> Result<Capped, E> {
+                Ok(Capped(Value::String(v)))
+            }
+            fn visit_unit<E: Error>(self) -> Result<Capped, E> {
+                Ok(Capped(Value::Null))
+            }
+            fn visit_none<E: Error>(self) -> Result<Capped, E> {
+                Ok(Capped(Value::Null))
+            }
+            fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Capped, D2::Error> {
+                Capped::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Capped, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Capped(v)) = seq.next_element()? {
+                    if out.len() == MAX_PARTS {
+                        return Err(A::Error::custom(too_many_parts()));
+                    }
+                    out.push(v);
+                }
+                Ok(Capped(Value::Array(out)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Capped, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some((k, Capped(v))) = map.next_entry::<String, Capped>()? {
+                    if out.len() == MAX_MEMBERS {
+                        return Err(A::Error::custom(format!(
+                            "an object in a message has at most {MAX_MEMBERS} members"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(Capped(Value::Object(out)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// An optional JSON value read as `Capped` (`message`, `content`).
+pub fn capped<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    Ok(Option::<Capped>::deserialize(d)?.map(|c| c.0))
+}
+
+/// An optional JSON array of parts read as `Capped`.
+pub fn capped_parts<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<serde_json::Value>>, D::Error> {
+    match capped(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Array(parts)) => Ok(Some(parts)),
+        Some(_) => Err(serde::de::Error::custom(
+            "`parts` must be an array of parts, e.g. [{\"type\":\"text\",\"text\":\"hello\"}]",
+        )),
+    }
+}
+
 pub fn validate_id(field: &str, id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
         && id.len() <= 128

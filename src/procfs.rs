@@ -1,12 +1,20 @@
 //! Facts about local processes read from /proc: liveness, resident memory, and finding processes
 //! by command line. Used by the local runtime, the benchmarks and the tests.
 
-/// Whether `pid` runs. A zombie (exited, not yet reaped) counts as gone.
+/// Whether `pid` runs. A zombie (exited, not yet reaped) counts as gone. Only the kernel's
+/// "no such process" says gone: a check that fails for a reason of its own (no file descriptor
+/// left to read /proc with, say) says the process runs, so an overloaded `serve` never declares
+/// live sandboxes dead.
 pub fn alive(pid: i64) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+    if pid <= 0 {
+        return false;
+    }
+    if let Err(nix::errno::Errno::ESRCH) =
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+    {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -14,8 +22,15 @@ pub fn alive(pid: i64) -> bool {
             .rsplit(')')
             .next()
             .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
+        Err(e) => !gone(&e),
     }
+}
+
+/// Whether a failed read of /proc/PID/… means the process is gone (rather than that the read
+/// itself failed).
+fn gone(e: &std::io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(nix::errno::Errno::ENOENT as i32) || code == Some(nix::errno::Errno::ESRCH as i32)
 }
 
 /// Resident memory of `pid` in KiB (0 when it cannot be read).
@@ -74,11 +89,28 @@ fn parse_smaps_rollup(text: &str) -> Memory {
 
 /// Whether `pid` runs with `var` (`NAME=value`) in the environment it was started with. A pid
 /// is reused once its process is reaped, so this tells a sandbox's process from a newer one that
-/// happens to have the same number.
+/// happens to have the same number. `None` when that cannot be read now (the process runs, but
+/// its environment could not be read: out of file descriptors, say).
+pub fn env_check(pid: i64, var: &str) -> Option<bool> {
+    if !alive(pid) {
+        return Some(false);
+    }
+    match std::fs::read(format!("/proc/{pid}/environ")) {
+        Ok(env) => Some(env.split(|b| *b == 0).any(|v| v == var.as_bytes())),
+        Err(e) if gone(&e) => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// Whether `pid` surely runs with `var` (see `env_check`): what must hold before it is signalled.
 pub fn runs_with_env(pid: i64, var: &str) -> bool {
-    alive(pid)
-        && std::fs::read(format!("/proc/{pid}/environ"))
-            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == var.as_bytes()))
+    env_check(pid, var) == Some(true)
+}
+
+/// Whether `pid` may still run with `var`: false only when it surely does not (gone, or another
+/// process), never because the check itself failed. What liveness checks use.
+pub fn may_run_with_env(pid: i64, var: &str) -> bool {
+    env_check(pid, var) != Some(false)
 }
 
 /// Whether any live process of process group `pgid` runs with `var` in its environment: the

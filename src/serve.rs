@@ -182,6 +182,18 @@ impl DataDirLock {
     }
 }
 
+/// Raises this process's soft open-file limit towards `want` (never past the hard limit);
+/// processes it starts inherit it. Returns the soft and hard limits now.
+pub fn raise_nofile(want: u64) -> anyhow::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    let new = want.min(hard).max(soft);
+    if new > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, new, hard).context("raising RLIMIT_NOFILE")?;
+    }
+    Ok((new, hard))
+}
+
 fn default_data_dir() -> PathBuf {
     dirs::data_local_dir()
         .unwrap_or_else(std::env::temp_dir)
@@ -407,6 +419,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map_err(|m| anyhow::anyhow!(m))?,
         _ => Isolation::None,
     };
+    // Every connection is a file descriptor: take all the kernel allows (the soft limit is
+    // often 1024 of a hard 1,048,576), so a flood meets the per-tenant caps, not the limit.
+    match raise_nofile(u64::MAX) {
+        Ok((soft, _)) => tracing::info!(open_files = soft, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     // Everything serve writes (the store, the secret, sandboxes' directories) is its own.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);

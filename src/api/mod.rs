@@ -226,14 +226,7 @@ async fn list_sessions(
 ) -> Result<Response, Problem> {
     let Query(q) =
         query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "`limit` is between 1 and 500",
-        ));
-    }
+    let limit = page_limit(q.limit, 50, 500)?;
     if let Some(s) = &q.status
         && !crate::session::STATUSES.contains(&s.as_str())
     {
@@ -268,6 +261,19 @@ async fn list_sessions(
     };
     let items: Vec<Value> = sessions.iter().map(|s| view(&orch, s)).collect();
     Ok(Json(json!({ "sessions": items, "next_cursor": next_cursor })).into_response())
+}
+
+/// A page size from the query: `default` when absent, else between 1 and `max`.
+fn page_limit(given: Option<i64>, default: i64, max: i64) -> Result<i64, Problem> {
+    let limit = given.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("`limit` is between 1 and {max}"),
+        ));
+    }
+    Ok(limit)
 }
 
 fn encode_cursor(created_at: &str, id: &str) -> String {
@@ -430,14 +436,46 @@ fn sse(stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static
     response
 }
 
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// A page of the history, oldest first: `limit` messages (100 by default, at most 500) and no
+/// more than `HISTORY_PAGE_BYTES` of them; `next_cursor` fetches the next page.
 async fn get_messages(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     check_id(&id)?;
-    let messages = orch.history(&caller.tenant, &id).await?;
-    Ok(Json(json!({ "session_id": id, "messages": messages })).into_response())
+    let Query(q) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let limit = page_limit(q.limit, 100, 500)?;
+    let after = match &q.cursor {
+        None => 0,
+        Some(c) => decode_cursor(c)
+            .filter(|(kind, _)| kind == "messages")
+            .and_then(|(_, seq)| seq.parse::<i64>().ok())
+            .ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_cursor",
+                    "`cursor` is not one this route gave out; start without it",
+                )
+            })?,
+    };
+    let (messages, next) = orch.history(&caller.tenant, &id, after, limit).await?;
+    let next_cursor = next.map(|seq| encode_cursor("messages", &seq.to_string()));
+    Ok(Json(json!({
+        "session_id": id,
+        "messages": messages,
+        "has_more": next_cursor.is_some(),
+        "next_cursor": next_cursor,
+    }))
+    .into_response())
 }
 
 async fn get_turn(
@@ -540,14 +578,7 @@ async fn get_events(
             Follow::Since(since),
         )));
     }
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-            "`limit` is between 1 and 1000",
-        ));
-    }
+    let limit = page_limit(q.limit, 100, 1000)?;
     let events = orch
         .hub
         .history(&session.id, since, limit)

@@ -815,7 +815,7 @@ impl Runtime for LocalRuntime {
         let mark = mark(&sandbox.id);
         sandbox
             .pid
-            .is_some_and(|pid| crate::procfs::runs_with_env(pid, &mark))
+            .is_some_and(|pid| crate::procfs::may_run_with_env(pid, &mark))
     }
 }
 

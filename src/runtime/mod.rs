@@ -177,6 +177,11 @@ impl Template {
         if self.turn_timeout_s == 0 || self.idle_timeout_s == 0 {
             return Err(format!("template {n}: timeouts must be at least 1 second"));
         }
+        if self.turn_timeout_s > MAX_IDLE_TIMEOUT_S || self.idle_timeout_s > MAX_IDLE_TIMEOUT_S {
+            return Err(format!(
+                "template {n}: timeouts are at most {MAX_IDLE_TIMEOUT_S} seconds (30 days)"
+            ));
+        }
         let c = &self.container;
         if !(16..=1024 * 1024).contains(&c.memory_mib)
             || !(0.01..=256.0).contains(&c.cpus)
@@ -279,6 +284,10 @@ pub struct Sandbox {
 pub struct Tokens {
     secret: Vec<u8>,
 }
+
+/// The longest a session may sit idle before it is reaped, and the longest turn timeout a
+/// template may set: 30 days, in seconds.
+pub const MAX_IDLE_TIMEOUT_S: u64 = 30 * 24 * 3600;
 
 impl Tokens {
     pub fn new(secret: Vec<u8>) -> Self {

@@ -22,8 +22,11 @@ pub struct WebhookSpec {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct MessageRequest {
     pub text: Option<String>,
+    #[serde(default, deserialize_with = "crate::event::capped_parts")]
     pub parts: Option<Vec<Value>>,
+    #[serde(default, deserialize_with = "crate::event::capped")]
     pub message: Option<Value>,
+    #[serde(default, deserialize_with = "crate::event::capped")]
     pub content: Option<Value>,
     pub role: Option<String>,
     pub base64_image: Option<String>,
@@ -37,6 +40,7 @@ pub struct MessageRequest {
     pub agent: Option<String>,
     pub participant_name: Option<String>,
     pub participant_type: Option<String>,
+    #[serde(default, deserialize_with = "crate::event::capped")]
     pub metadata: Option<Value>,
 }
 

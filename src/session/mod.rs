@@ -411,8 +411,13 @@ impl Orchestrator {
             }
             _ => {}
         }
-        if req.idle_timeout_s == Some(0) {
-            return Err(invalid("`idle_timeout_s` must be at least 1".into()));
+        if let Some(t) = req.idle_timeout_s
+            && !(1..=crate::runtime::MAX_IDLE_TIMEOUT_S).contains(&t)
+        {
+            return Err(invalid(format!(
+                "`idle_timeout_s` is between 1 and {} (30 days); {t} is outside",
+                crate::runtime::MAX_IDLE_TIMEOUT_S
+            )));
         }
         let bind = req.bind();
         bind.validate().map_err(invalid)?;

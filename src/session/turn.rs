@@ -83,6 +83,10 @@ impl Reply {
     }
 }
 
+/// The most text and parts one page of history carries (at least one message, whatever its
+/// size): a client paging through a long history never makes `serve` hold it all at once.
+pub const HISTORY_PAGE_BYTES: i64 = 4 * 1024 * 1024;
+
 fn problem_for_failed(o: &Outcome) -> Problem {
     let code = o
         .error
@@ -808,10 +812,17 @@ impl Orchestrator {
     }
 
     /// The user-visible history of a session.
-    pub async fn history(&self, tenant: &str, session_id: &str) -> Result<Vec<Message>, Problem> {
+    /// A page of the session's history (see `Store::message_page`).
+    pub async fn history(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<(Vec<Message>, Option<i64>), Problem> {
         let s = self.get(tenant, session_id).await?;
         self.store
-            .list_messages(&s.id, None)
+            .message_page(&s.id, after, limit, HISTORY_PAGE_BYTES)
             .await
             .map_err(store_error)
     }

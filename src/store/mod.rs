@@ -1091,6 +1091,55 @@ impl Store {
             .collect()))
     }
 
+    /// One page of a session's history, oldest first: the messages after `after` (a message's
+    /// place in the history, as the last page's `next` gave it), at most `limit` of them and no
+    /// more than `max_bytes` of text and parts together, but always at least one. Returns the
+    /// page and, when more follow, where the next page starts.
+    pub async fn message_page(
+        &self,
+        session_id: &str,
+        after: i64,
+        limit: i64,
+        max_bytes: i64,
+    ) -> Result<(Vec<Message>, Option<i64>)> {
+        let sizes = self.sql(
+            "SELECT seq, CAST(LENGTH(text) + LENGTH(parts) + LENGTH(metadata) AS BIGINT) \
+             FROM messages \
+             WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        );
+        let rows: Vec<(i64, i64)> = on_db!(self, |pool| sqlx::query_as(&sizes)
+            .bind(session_id)
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(pool)
+            .await?);
+        let (mut total, mut last) = (0, None);
+        for (i, (seq, bytes)) in rows.iter().enumerate() {
+            if i as i64 == limit || (i > 0 && total + bytes > max_bytes) {
+                break;
+            }
+            total += bytes;
+            last = Some(*seq);
+        }
+        let Some(last) = last else {
+            return Ok((Vec::new(), None));
+        };
+        let more = rows.last().is_some_and(|(seq, _)| *seq > last);
+        let page = self.sql(
+            "SELECT * FROM messages WHERE session_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+        );
+        let messages = on_db!(self, |pool| sqlx::query(&page)
+            .bind(session_id)
+            .bind(after)
+            .bind(last)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| message_row!(r))
+            .collect());
+        Ok((messages, more.then_some(last)))
+    }
+
     // ---- events
 
     /// Hands a turn's start or end to the writer: committed here and now when the SQLite
@@ -1473,6 +1522,8 @@ mod tests {
     on_both_backends!(a_failing_write_fails_alone_when_batched_with_others);
     on_both_backends!(a_status_changes_once_when_raced);
     on_both_backends!(events_are_stored_in_order_and_listed_after_a_seq);
+    on_both_backends!(history_pages_stop_at_the_count_or_the_size);
+    on_both_backends!(the_secret_fingerprint_is_kept_until_replaced);
     on_both_backends!(a_delivery_is_claimed_once_until_its_lease_runs_out);
 
     async fn a_turn_begins_only_on_a_ready_api_session_of_the_tenant(store: Store) {
@@ -1572,6 +1623,80 @@ mod tests {
         );
         let s = store.get_session_any("s1").await.expect("get").expect("s1");
         assert_eq!(s.status, "dead");
+    }
+
+    async fn history_pages_stop_at_the_count_or_the_size(store: Store) {
+        for i in 0..5 {
+            let (mut t, mut user) = turn("s1", &format!("page-{i}"));
+            user.text = if i == 2 {
+                "y".repeat(1000)
+            } else {
+                format!("m{i}")
+            };
+            store
+                .begin_turn("t1", &t, &user, None)
+                .await
+                .expect("begin");
+            t.status = "completed".into();
+            t.stop_reason = Some(format!("reason-{i}"));
+            store.finish_turn(&t, None, None).await.expect("finish");
+        }
+        let texts = |page: &[Message]| page.iter().map(|m| m.text.len()).collect::<Vec<_>>();
+        let (page, next) = store.message_page("s1", 0, 2, 1 << 20).await.expect("page");
+        assert_eq!(texts(&page), [2, 2]);
+        let next = next.expect("more follow");
+        // By size: the long message is alone on its page (but a page is never empty).
+        let (page, next) = store.message_page("s1", next, 10, 500).await.expect("page");
+        assert_eq!(texts(&page), [1000]);
+        let (page, next) = store
+            .message_page("s1", next.expect("more"), 10, 500)
+            .await
+            .expect("page");
+        assert_eq!((texts(&page), next), (vec![2, 2], None));
+        let t = store
+            .get_turn("s1", "page-4")
+            .await
+            .expect("get")
+            .expect("turn");
+        assert_eq!(t.stop_reason.as_deref(), Some("reason-4"));
+    }
+
+    async fn the_secret_fingerprint_is_kept_until_replaced(store: Store) {
+        assert_eq!(
+            store
+                .check_secret_fingerprint("aaa", false)
+                .await
+                .expect("first"),
+            None
+        );
+        assert_eq!(
+            store
+                .check_secret_fingerprint("aaa", false)
+                .await
+                .expect("same"),
+            None
+        );
+        assert_eq!(
+            store
+                .check_secret_fingerprint("bbb", false)
+                .await
+                .expect("other"),
+            Some("aaa".to_string())
+        );
+        assert_eq!(
+            store
+                .check_secret_fingerprint("bbb", true)
+                .await
+                .expect("replace"),
+            None
+        );
+        assert_eq!(
+            store
+                .check_secret_fingerprint("aaa", false)
+                .await
+                .expect("old"),
+            Some("bbb".to_string())
+        );
     }
 
     async fn events_are_stored_in_order_and_listed_after_a_seq(store: Store) {

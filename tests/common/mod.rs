@@ -449,15 +449,37 @@ impl Api {
 
     /// The texts of a session's durable history, in order.
     pub async fn history_texts(&self, id: &str) -> Vec<String> {
-        let (_, history) = self
-            .call("GET", &format!("/v1/sessions/{id}/messages"), None)
-            .await;
-        history["messages"]
-            .as_array()
-            .expect("messages")
+        self.history(id, 100)
+            .await
             .iter()
             .filter_map(|m| m["text"].as_str().map(String::from))
             .collect()
+    }
+
+    /// A session's whole history, read page by page (`limit` messages a page at most).
+    pub async fn history(&self, id: &str, limit: usize) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..10_000 {
+            let path = match &cursor {
+                None => format!("/v1/sessions/{id}/messages?limit={limit}"),
+                Some(c) => format!("/v1/sessions/{id}/messages?limit={limit}&cursor={c}"),
+            };
+            let (status, page) = self.call("GET", &path, None).await;
+            assert_eq!(status, 200, "{page}");
+            out.extend(
+                page["messages"]
+                    .as_array()
+                    .expect("messages")
+                    .iter()
+                    .cloned(),
+            );
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return out,
+            }
+        }
+        panic!("the history of {id} did not end");
     }
 
     /// Waits (bounded, 60 s: cold starts under load are slow) until the session has `status`.
