@@ -32,6 +32,13 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::client::SessionCommand,
     },
+    /// Manage API keys (admin key): create one for a tenant, list them, revoke one.
+    Keys {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        #[command(subcommand)]
+        command: crate::client::KeysCommand,
+    },
     /// Send one message and print the reply as it streams.
     Send {
         #[command(flatten)]
@@ -288,6 +295,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Harness(args) => run_harness(*args),
         Command::Session { conn, command } => {
             client_rt()?.block_on(crate::client::session(&conn, command))
+        }
+        Command::Keys { conn, command } => {
+            client_rt()?.block_on(crate::client::keys(&conn, command))
         }
         Command::Send { conn, id, text } => {
             client_rt()?.block_on(crate::client::send(&conn, &id, &text))

@@ -60,6 +60,27 @@ pub enum SessionCommand {
     Delete { id: String },
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key for a tenant and print it (shown only now; the server keeps its hash).
+    Create {
+        /// The tenant the key acts for (letters, digits, `-`, `_`, `.`).
+        #[arg(long)]
+        tenant: String,
+    },
+    /// List API keys: id, tenant, created, last used, revoked (never the keys themselves).
+    List {
+        /// Only this tenant's keys.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke an API key at once (on every replica); its requests are refused from then on.
+    Revoke {
+        /// The key's id (`key_…`, as `keys list` shows it).
+        id: String,
+    },
+}
+
 pub struct Client {
     base: String,
     key: String,
@@ -202,6 +223,61 @@ pub async fn session(conn: &Connection, cmd: SessionCommand) -> anyhow::Result<(
             print_json(
                 &c.call(Method::DELETE, &format!("/v1/sessions/{id}"), None)
                     .await?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `sandwarden keys …`: the admin's key lifecycle (needs the admin key).
+pub async fn keys(conn: &Connection, cmd: KeysCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let c = Client::new(conn)?;
+    match cmd {
+        KeysCommand::Create { tenant } => {
+            let k = c
+                .call(
+                    Method::POST,
+                    "/v1/api-keys",
+                    Some(json!({ "tenant": tenant })),
+                )
+                .await?;
+            eprintln!(
+                "created key {} for tenant {} (shown only now; the server keeps only its hash):",
+                k["id"].as_str().unwrap_or(""),
+                k["tenant"].as_str().unwrap_or("")
+            );
+            println!("{}", k["key"].as_str().unwrap_or(""));
+        }
+        KeysCommand::List { tenant } => {
+            let path = match &tenant {
+                Some(t) => format!("/v1/api-keys?tenant={t}"),
+                None => "/v1/api-keys".to_string(),
+            };
+            let list = c.call(Method::GET, &path, None).await?;
+            println!("ID\tTENANT\tADMIN\tCREATED\tLAST USED\tREVOKED");
+            for k in list["api_keys"].as_array().into_iter().flatten() {
+                let field = |name: &str| k[name].as_str().unwrap_or("-").to_string();
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    field("id"),
+                    field("tenant"),
+                    if k["admin"] == true { "admin" } else { "-" },
+                    field("created_at"),
+                    field("last_used_at"),
+                    field("revoked_at"),
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            let k = c
+                .call(Method::DELETE, &format!("/v1/api-keys/{id}"), None)
+                .await?;
+            println!(
+                "revoked {} (tenant {}) at {}",
+                k["id"].as_str().unwrap_or(""),
+                k["tenant"].as_str().unwrap_or(""),
+                k["revoked_at"].as_str().unwrap_or("")
             );
         }
     }

@@ -300,7 +300,9 @@ fn load_templates(args: &ServeArgs) -> anyhow::Result<BTreeMap<String, Template>
     Ok(templates)
 }
 
-/// Makes sure an admin key exists: SANDWARDEN_API_KEY if set, else a generated one printed once.
+/// Makes sure an admin key exists: SANDWARDEN_API_KEY if set (retiring any earlier key from
+/// the environment: changing the variable and restarting rotates the admin key), else a
+/// generated one printed once.
 async fn ensure_admin_key(store: &Store) -> anyhow::Result<()> {
     match std::env::var("SANDWARDEN_API_KEY") {
         Ok(key) if !key.is_empty() => {
@@ -308,15 +310,21 @@ async fn ensure_admin_key(store: &Store) -> anyhow::Result<()> {
                 key.len() >= 16,
                 "SANDWARDEN_API_KEY must be at least 16 characters"
             );
-            store
-                .insert_key("default", &api::hash_key(&key), true)
-                .await?;
+            let hash = api::hash_key(&key);
+            store.insert_key("default", &hash, true, "env").await?;
+            let retired = store.retire_env_keys(&hash).await?;
+            if retired > 0 {
+                tracing::info!(
+                    retired,
+                    "SANDWARDEN_API_KEY changed: the earlier admin key no longer works"
+                );
+            }
         }
         _ => {
             if !store.has_admin_key().await? {
                 let key = api::new_key();
                 store
-                    .insert_key("default", &api::hash_key(&key), true)
+                    .insert_key("default", &api::hash_key(&key), true, "generated")
                     .await?;
                 eprintln!(
                     "sandwarden: created the admin API key (shown only now; only its hash is stored):\n\n    export SANDWARDEN_API_KEY={key}\n"

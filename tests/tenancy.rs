@@ -277,3 +277,203 @@ async fn history_is_paged_by_count_and_by_size() {
         .await;
     assert_eq!(status, 400);
 }
+
+/// Runs the CLI against `serve` with `key`; returns (exit code, stdout, stderr).
+fn cli(serve: &Serve, key: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+        .args(args)
+        .env("SANDWARDEN_URL", &serve.base)
+        .env("SANDWARDEN_API_KEY", key)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the CLI");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An admin's key lifecycle through the CLI (`keys create|list|revoke`) and the API: a
+/// tenant's key works until revoked, then is refused at once; listing shows keys without the
+/// keys; only the admin may do any of it; the admin reads and deletes a tenant's sessions with
+/// `?tenant=`, which a tenant's key may not use for another tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_listed_and_revoked_and_the_admin_acts_for_any_tenant() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let (code, acme_key, err) = cli(&serve, ADMIN_KEY, &["keys", "create", "--tenant", "acme"]);
+    assert_eq!(code, 0, "{err}");
+    let acme_key = acme_key.trim().to_string();
+    let (code, umbra_key, err) = cli(&serve, ADMIN_KEY, &["keys", "create", "--tenant", "umbra"]);
+    assert_eq!(code, 0, "{err}");
+    let umbra_key = umbra_key.trim().to_string();
+    let acme = admin.with_key(&acme_key);
+    let id = acme.ready("echo").await;
+    let (status, reply) = acme.say(&id, "acme says heron").await;
+    assert_eq!(
+        (status, reply["text"].as_str()),
+        (200, Some("acme says heron"))
+    );
+
+    // Listing: every key, marked, never a key or a hash.
+    let (status, list) = admin.call("GET", "/v1/api-keys", None).await;
+    assert_eq!(status, 200, "{list}");
+    let text = list.to_string();
+    assert!(
+        !text.contains(&acme_key) && !text.contains("key_hash"),
+        "{text}"
+    );
+    let acme_id = list["api_keys"]
+        .as_array()
+        .expect("api_keys")
+        .iter()
+        .find(|k| k["tenant"] == "acme")
+        .and_then(|k| k["id"].as_str())
+        .expect("acme's key listed")
+        .to_string();
+    let (code, table, _) = cli(&serve, ADMIN_KEY, &["keys", "list", "--tenant", "acme"]);
+    assert!(
+        code == 0 && table.contains(&acme_id) && !table.contains(&acme_key),
+        "{table}"
+    );
+    for (method, path) in [
+        ("GET", "/v1/api-keys".to_string()),
+        ("DELETE", format!("/v1/api-keys/{acme_id}")),
+    ] {
+        let (status, p) = acme.call(method, &path, None).await;
+        assert_eq!(
+            (status, p["type"].as_str()),
+            (403, Some("forbidden")),
+            "{method} {path}: {p}"
+        );
+    }
+
+    // The admin acts for acme; umbra may not.
+    let (_, listed) = admin.call("GET", "/v1/sessions?tenant=acme", None).await;
+    assert_eq!(
+        listed["sessions"][0]["id"].as_str(),
+        Some(id.as_str()),
+        "{listed}"
+    );
+    let (_, mine) = admin.call("GET", "/v1/sessions", None).await;
+    assert_eq!(mine["sessions"].as_array().map(Vec::len), Some(0), "{mine}");
+    let umbra = admin.with_key(&umbra_key);
+    let (status, _) = umbra.call("GET", "/v1/sessions?tenant=acme", None).await;
+    assert_eq!(status, 403);
+    let (status, _) = umbra.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(status, 404, "another tenant's session is not found");
+
+    // Revoked: refused from the next request on, and shown as revoked.
+    let (code, out, err) = cli(&serve, ADMIN_KEY, &["keys", "revoke", &acme_id]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (status, p) = acme.call("GET", "/v1/sessions", None).await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (401, Some("unauthorized")),
+        "{p}"
+    );
+    let (_, list) = admin.call("GET", "/v1/api-keys?tenant=acme", None).await;
+    assert!(list["api_keys"][0]["revoked_at"].is_string(), "{list}");
+    assert!(list["api_keys"][0]["last_used_at"].is_string(), "{list}");
+    let (status, _) = admin
+        .call("DELETE", &format!("/v1/sessions/{id}?tenant=acme"), None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, p) = admin
+        .call("DELETE", "/v1/api-keys/key_nonesuch", None)
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (404, Some("key_not_found")),
+        "{p}"
+    );
+}
+
+/// Rotating the admin key: restarted with a new SANDWARDEN_API_KEY, `serve` no longer takes
+/// the old one; the last valid admin key cannot be revoked through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_admin_key_from_the_environment_retires_the_old_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = ("old-admin-key-0123456789", "new-admin-key-9876543210");
+    let mut serve =
+        Serve::start_in_with_env(dir.path(), &[], &[("SANDWARDEN_API_KEY", old.into())]);
+    let (status, list) = serve
+        .client()
+        .with_key(old)
+        .call("GET", "/v1/api-keys", None)
+        .await;
+    assert_eq!(status, 200);
+    let admin_id = list["api_keys"][0]["id"].as_str().expect("id").to_string();
+    let (status, p) = serve
+        .client()
+        .with_key(old)
+        .call("DELETE", &format!("/v1/api-keys/{admin_id}"), None)
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (409, Some("last_admin_key")),
+        "{p}"
+    );
+    serve.stop();
+    let serve = Serve::start_in_with_env(dir.path(), &[], &[("SANDWARDEN_API_KEY", new.into())]);
+    let (status, _) = serve
+        .client()
+        .with_key(old)
+        .call("GET", "/v1/sessions", None)
+        .await;
+    assert_eq!(status, 401, "the old admin key is retired");
+    let (status, _) = serve
+        .client()
+        .with_key(new)
+        .call("GET", "/v1/sessions", None)
+        .await;
+    assert_eq!(status, 200);
+    drop(serve);
+    kill_sandboxes_under(dir.path());
+}
+
+/// A key revoked through one replica is refused by the other too (its cache is dropped on the
+/// store's notice), within a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_on_one_replica_is_refused_by_the_other() {
+    let Some(db) = postgres_database().await else {
+        return;
+    };
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let env = [("SANDWARDEN_STORE", db), ("SANDWARDEN_SECRET", secret)];
+    let a = Serve::start_with_env(&[], &env);
+    let b = Serve::start_with_env(&[], &env);
+    let (_, k) = a
+        .client()
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "acme"})),
+        )
+        .await;
+    let key = k["key"].as_str().expect("key").to_string();
+    let on_b = b.client().with_key(&key);
+    let (status, _) = on_b.call("GET", "/v1/sessions", None).await;
+    assert_eq!(status, 200, "b knows the key (and caches it)");
+    let id = k["id"].as_str().expect("id");
+    let (status, _) = a
+        .client()
+        .call("DELETE", &format!("/v1/api-keys/{id}"), None)
+        .await;
+    assert_eq!(status, 200);
+    let started = std::time::Instant::now();
+    let mut refused = false;
+    while started.elapsed() < std::time::Duration::from_secs(5) {
+        if on_b.call("GET", "/v1/sessions", None).await.0 == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(refused, "b still takes the revoked key after 5 s");
+    eprintln!(
+        "FIGURES revoke_across_replicas: refused by the other replica after {:?}",
+        started.elapsed()
+    );
+}

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine;
 use futures::Stream;
@@ -36,6 +36,8 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 pub struct Caller {
     pub tenant: String,
     pub admin: bool,
+    /// The id of the key the request came with.
+    pub key_id: String,
 }
 
 pub type AppState = Arc<Orchestrator>;
@@ -56,7 +58,8 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/sessions/{id}/turns/{turn_id}", get(get_turn))
         .route("/v1/sessions/{id}/cancel", post(cancel))
         .route("/v1/sessions/{id}/inputs/{request_id}", post(answer_input))
-        .route("/v1/api-keys", post(create_key))
+        .route("/v1/api-keys", post(create_key).get(list_keys))
+        .route("/v1/api-keys/{id}", delete(revoke_key))
         .layer(middleware::from_fn_with_state(orch.clone(), require_key));
     Router::new()
         .merge(v1)
@@ -110,13 +113,21 @@ pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Cal
         ));
     };
     let hash = hash_key(key);
-    if let Some((tenant, admin)) = orch.cached_key(&hash) {
-        return Ok(Caller { tenant, admin });
+    if let Some(key) = orch.cached_key(&hash) {
+        return Ok(Caller {
+            tenant: key.tenant,
+            admin: key.admin,
+            key_id: key.id,
+        });
     }
     match orch.store.find_key(&hash).await.map_err(store_error)? {
-        Some((tenant, admin)) => {
-            orch.cache_key(hash, tenant.clone(), admin);
-            Ok(Caller { tenant, admin })
+        Some(key) => {
+            orch.cache_key(hash, &key);
+            Ok(Caller {
+                tenant: key.tenant,
+                admin: key.admin,
+                key_id: key.id,
+            })
         }
         None => Err(Problem::new(
             StatusCode::UNAUTHORIZED,
@@ -213,6 +224,7 @@ async fn create_session(
 
 #[derive(Deserialize)]
 struct ListQuery {
+    tenant: Option<String>,
     status: Option<String>,
     harness: Option<String>,
     limit: Option<i64>,
@@ -252,7 +264,8 @@ async fn list_sessions(
         after,
         limit: limit + 1,
     };
-    let mut sessions = orch.list(&caller.tenant, &filter).await?;
+    let tenant = acting_tenant(&caller, q.tenant)?;
+    let mut sessions = orch.list(&tenant, &filter).await?;
     let next_cursor = if sessions.len() as i64 > limit {
         sessions.truncate(limit as usize);
         sessions.last().map(|s| encode_cursor(&s.created_at, &s.id))
@@ -291,6 +304,7 @@ fn decode_cursor(c: &str) -> Option<(String, String)> {
 
 #[derive(Deserialize)]
 struct WaitQuery {
+    tenant: Option<String>,
     wait: Option<bool>,
     timeout: Option<f64>,
 }
@@ -319,9 +333,10 @@ async fn get_session(
     check_id(&id)?;
     let Query(q) =
         query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let tenant = acting_tenant(&caller, q.tenant.clone())?;
     let session = match wait_for(&q)? {
-        Some(t) => orch.wait(&caller.tenant, &id, t).await?,
-        None => orch.get(&caller.tenant, &id).await?,
+        Some(t) => orch.wait(&tenant, &id, t).await?,
+        None => orch.get(&tenant, &id).await?,
     };
     Ok(Json(view(&orch, &session)).into_response())
 }
@@ -330,9 +345,13 @@ async fn delete_session(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     check_id(&id)?;
-    let session = orch.delete(&caller.tenant, &id).await?;
+    let Query(q) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let tenant = acting_tenant(&caller, q.tenant)?;
+    let session = orch.delete(&tenant, &id).await?;
     Ok(Json(view(&orch, &session)).into_response())
 }
 
@@ -695,25 +714,47 @@ struct KeyRequest {
     tenant: String,
 }
 
+/// The tenant a request acts for: the caller's own, or with `?tenant=` (admin keys only) any
+/// tenant's, so an operator can list, read and delete every tenant's sessions.
+fn acting_tenant(caller: &Caller, asked: Option<String>) -> Result<String, Problem> {
+    match asked {
+        None => Ok(caller.tenant.clone()),
+        Some(t) if t == caller.tenant => Ok(t),
+        Some(t) => {
+            require_admin(caller, "act for another tenant (`?tenant=`)")?;
+            validate_id("tenant", &t)
+                .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_tenant", m))?;
+            Ok(t)
+        }
+    }
+}
+
+/// Refuses a request that only an admin key may make.
+fn require_admin(caller: &Caller, what: &str) -> Result<(), Problem> {
+    if caller.admin {
+        Ok(())
+    } else {
+        Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("only an admin key can {what}"),
+        ))
+    }
+}
+
 async fn create_key(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Result<Json<KeyRequest>, JsonRejection>,
 ) -> Result<Response, Problem> {
-    if !caller.admin {
-        return Err(Problem::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only an admin key can create API keys",
-        ));
-    }
+    require_admin(&caller, "create API keys")?;
     let Json(req) = body?;
     validate_id("tenant", &req.tenant)
         .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_tenant", m))?;
     let key = new_key();
     let id = orch
         .store
-        .insert_key(&req.tenant, &hash_key(&key), false)
+        .insert_key(&req.tenant, &hash_key(&key), false, "api")
         .await
         .map_err(store_error)?;
     Ok((
@@ -721,6 +762,67 @@ async fn create_key(
         Json(json!({ "id": id, "tenant": req.tenant, "key": key })),
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+struct TenantQuery {
+    tenant: Option<String>,
+}
+
+/// Every key (never the key itself, nor its hash), revoked ones marked; `?tenant=` for one.
+async fn list_keys(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    require_admin(&caller, "list API keys")?;
+    let Query(q) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let keys = orch
+        .store
+        .list_keys(q.tenant.as_deref())
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!({ "api_keys": keys })).into_response())
+}
+
+/// Revokes a key at once, on every replica. The last valid admin key cannot be revoked.
+async fn revoke_key(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    require_admin(&caller, "revoke API keys")?;
+    validate_id("key id", &id)
+        .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
+    let not_found = || {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("no API key {id:?}; GET /v1/api-keys lists them"),
+        )
+    };
+    orch.store
+        .get_key(&id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(not_found)?;
+    if !orch.store.revoke_key(&id).await.map_err(store_error)? {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "last_admin_key",
+            "this is the only valid admin key; set a new SANDWARDEN_API_KEY and restart to \
+             rotate it instead",
+        ));
+    }
+    orch.forget_keys();
+    let key = orch
+        .store
+        .get_key(&id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(not_found)?;
+    Ok(Json(json!(key)).into_response())
 }
 
 /// A new random API key (shown once; only its hash is stored).

@@ -109,6 +109,18 @@ pub struct Config {
     pub client_timeout: Duration,
 }
 
+/// An API key seen valid (see `Orchestrator::cached_key`).
+#[derive(Clone)]
+pub struct CachedKey {
+    pub id: String,
+    pub tenant: String,
+    pub admin: bool,
+    touched: Instant,
+}
+
+/// How often a key in use has its `last_used_at` written.
+const KEY_TOUCH_EVERY: Duration = Duration::from_secs(60);
+
 struct RunningTurn {
     turn_id: String,
 }
@@ -126,8 +138,9 @@ pub struct Orchestrator {
     pool_wake: Notify,
     clients: Mutex<HashMap<String, HarnessClient>>,
     http: reqwest::Client,
-    /// API keys seen valid, by hash (keys are never revoked yet, so entries stay true).
-    keys: Mutex<HashMap<String, (String, bool)>>,
+    /// API keys seen valid, by hash; emptied when a key is revoked (here or, through the
+    /// store's notices, on another replica) and when notices may have been missed.
+    keys: Mutex<HashMap<String, CachedKey>>,
     /// Templates whose warm start failed since the pool loop last looked (for backoff).
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
@@ -246,12 +259,36 @@ impl Orchestrator {
         self.synced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub fn cached_key(&self, hash: &str) -> Option<(String, bool)> {
-        lock(&self.keys).get(hash).cloned()
+    /// A key seen valid, by hash. Its `last_used_at` is brought up to date about once a minute.
+    pub fn cached_key(&self, hash: &str) -> Option<CachedKey> {
+        let mut keys = lock(&self.keys);
+        let key = keys.get_mut(hash)?;
+        if key.touched.elapsed() > KEY_TOUCH_EVERY {
+            key.touched = Instant::now();
+            let (store, id) = (self.store.clone(), key.id.clone());
+            tokio::spawn(async move { store.touch_key(&id).await });
+        }
+        Some(key.clone())
     }
 
-    pub fn cache_key(&self, hash: String, tenant: String, admin: bool) {
-        lock(&self.keys).insert(hash, (tenant, admin));
+    /// Remembers a key just found valid in the store (and records its use).
+    pub fn cache_key(&self, hash: String, key: &store::ApiKey) {
+        let (store, id) = (self.store.clone(), key.id.clone());
+        tokio::spawn(async move { store.touch_key(&id).await });
+        lock(&self.keys).insert(
+            hash,
+            CachedKey {
+                id: key.id.clone(),
+                tenant: key.tenant.clone(),
+                admin: key.admin,
+                touched: Instant::now(),
+            },
+        );
+    }
+
+    /// Forgets every cached key: one was revoked.
+    pub fn forget_keys(&self) {
+        lock(&self.keys).clear();
     }
 
     /// The client of a sandbox's harness; one per sandbox so connections are reused.
@@ -335,10 +372,14 @@ impl Orchestrator {
                     first,
                     last,
                 }) => self.hub.feed(&session_id, first, last).await,
+                Ok(store::Notice::Changed(what)) if what == store::KEYS_CHANGED => {
+                    self.forget_keys();
+                }
                 Ok(store::Notice::Changed(session_id)) => {
                     let _ = self.changed.send(session_id);
                 }
                 Ok(store::Notice::Lost) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.forget_keys();
                     self.hub.feed_all().await;
                     let _ = self.changed.send(ANY_SESSION.to_string());
                 }

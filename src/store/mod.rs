@@ -464,6 +464,39 @@ macro_rules! session_row {
     }};
 }
 
+/// What `Notice::Changed` carries when API keys were revoked (no session id looks like it).
+pub const KEYS_CHANGED: &str = "!keys";
+
+/// An API key as the store keeps it: its hash, never the key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub tenant: String,
+    #[serde(skip)]
+    pub key_hash: String,
+    pub admin: bool,
+    pub origin: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+macro_rules! key_row {
+    ($r:expr) => {{
+        let r = $r;
+        ApiKey {
+            id: r.get("id"),
+            tenant: r.get("tenant"),
+            key_hash: r.get("key_hash"),
+            admin: r.get("admin"),
+            origin: r.get("origin"),
+            created_at: r.get("created_at"),
+            last_used_at: r.get("last_used_at"),
+            revoked_at: r.get("revoked_at"),
+        }
+    }};
+}
+
 macro_rules! turn_row {
     ($r:expr) => {{
         let r = $r;
@@ -691,36 +724,105 @@ impl Store {
         Ok(stored.filter(|s| s != fingerprint))
     }
 
-    pub async fn insert_key(&self, tenant: &str, key_hash: &str, admin: bool) -> Result<String> {
+    /// Records a key (by its hash) for `tenant`; `origin` is `env`, `generated` or `api`. A key
+    /// already known is made valid again (the environment's key is valid while it is set).
+    /// Returns the key's id.
+    pub async fn insert_key(
+        &self,
+        tenant: &str,
+        key_hash: &str,
+        admin: bool,
+        origin: &str,
+    ) -> Result<String> {
         let id = format!("key_{}", uuid::Uuid::now_v7().simple());
         let sql = self.sql(
-            "INSERT INTO api_keys (id, tenant, key_hash, admin, created_at) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (key_hash) DO NOTHING",
+            "INSERT INTO api_keys (id, tenant, key_hash, admin, created_at, origin) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (key_hash) DO UPDATE SET revoked_at = NULL RETURNING id",
         );
-        on_db!(self, |pool| sqlx::query(&sql)
+        Ok(on_db!(self, |pool| sqlx::query_scalar(&sql)
             .bind(&id)
             .bind(tenant)
             .bind(key_hash)
             .bind(admin)
             .bind(now())
-            .execute(pool)
-            .await?
-            .rows_affected());
-        Ok(id)
+            .bind(origin)
+            .fetch_one(pool)
+            .await?))
     }
 
-    /// The tenant and admin flag of a key, by its hash.
-    pub async fn find_key(&self, key_hash: &str) -> Result<Option<(String, bool)>> {
-        let sql = self.sql("SELECT tenant, admin FROM api_keys WHERE key_hash = ?");
+    /// Revokes every key from the environment but the one with `keep_hash`: the admin key was
+    /// rotated. Returns how many were revoked.
+    pub async fn retire_env_keys(&self, keep_hash: &str) -> Result<u64> {
+        self.execute(
+            "UPDATE api_keys SET revoked_at = ? \
+             WHERE origin = 'env' AND key_hash <> ? AND revoked_at IS NULL",
+            &[Some(&now()), Some(keep_hash)],
+        )
+        .await
+    }
+
+    /// A valid (unrevoked) key by its hash.
+    pub async fn find_key(&self, key_hash: &str) -> Result<Option<ApiKey>> {
+        let sql = self.sql("SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL");
         Ok(on_db!(self, |pool| sqlx::query(&sql)
             .bind(key_hash)
             .fetch_optional(pool)
             .await?
-            .map(|r| (r.get("tenant"), r.get::<bool, _>("admin")))))
+            .map(|r| key_row!(r))))
+    }
+
+    /// Every key (revoked ones too), of one tenant or of all, oldest first.
+    pub async fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKey>> {
+        let sql = self
+            .sql("SELECT * FROM api_keys WHERE (? IS NULL OR tenant = ?) ORDER BY created_at, id");
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(tenant)
+            .bind(tenant)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| key_row!(r))
+            .collect()))
+    }
+
+    pub async fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        let sql = self.sql("SELECT * FROM api_keys WHERE id = ?");
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+            .map(|r| key_row!(r))))
+    }
+
+    /// Revokes a key (kept, marked) unless it is the last valid admin key; tells the other
+    /// replicas, which drop it from their caches. Returns whether it is revoked now (false: it
+    /// is the last admin key, and stays valid).
+    pub async fn revoke_key(&self, id: &str) -> Result<bool> {
+        let n = self
+            .execute(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? \
+                 AND (NOT admin OR revoked_at IS NOT NULL OR \
+                      (SELECT COUNT(*) FROM api_keys WHERE admin AND revoked_at IS NULL) > 1)",
+                &[Some(&now()), Some(id)],
+            )
+            .await?;
+        self.announce(KEYS_CHANGED);
+        Ok(n == 1)
+    }
+
+    /// Records that a key was used (at most about once a minute per key and replica).
+    pub async fn touch_key(&self, id: &str) -> Result<()> {
+        self.execute(
+            "UPDATE api_keys SET last_used_at = ? WHERE id = ?",
+            &[Some(&now()), Some(id)],
+        )
+        .await?;
+        Ok(())
     }
 
     pub async fn has_admin_key(&self) -> Result<bool> {
-        let sql = "SELECT COUNT(*) FROM api_keys WHERE admin";
+        let sql = "SELECT COUNT(*) FROM api_keys WHERE admin AND revoked_at IS NULL";
         let n: i64 = on_db!(self, |pool| sqlx::query_scalar(sql).fetch_one(pool).await?);
         Ok(n > 0)
     }
