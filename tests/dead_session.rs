@@ -85,7 +85,12 @@ async fn a_connect_failure_answers_502_and_marks_the_session_dead_in_that_reques
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).await.expect("store");
     store
-        .insert_key("default", &sandwarden::api::hash_key(ADMIN_KEY), true, "env")
+        .insert_key(
+            "default",
+            &sandwarden::api::hash_key(ADMIN_KEY),
+            true,
+            "env",
+        )
         .await
         .expect("key");
     let tokens = Tokens::new(b"test-secret".to_vec());

@@ -430,7 +430,8 @@ async fn the_database_going_away_mid_turn_answers_503_then_recovers_with_nothing
     let db = sandwarden::store::Store::scratch_database(&server)
         .await
         .expect("database");
-    let env = [("SANDWARDEN_STORE", db)];
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let env = [("SANDWARDEN_STORE", db), ("SANDWARDEN_SECRET", secret)];
     let serve = Serve::start_with_env(&["--store-acquire-timeout", "1"], &env);
     let other = Serve::start_with_env(&["--store-acquire-timeout", "1"], &env);
     let api = serve.client();

@@ -123,6 +123,16 @@ const KEY_TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 struct RunningTurn {
     turn_id: String,
+    /// The harness is done; the turn's end is being recorded (waiting for the store).
+    ending: bool,
+}
+
+/// Whether a session's turn lock is free, held by a running turn, or held by a turn whose end
+/// is being recorded.
+pub(crate) enum TurnLock {
+    Taken,
+    Running(String),
+    Ending(String),
 }
 
 pub struct Orchestrator {
@@ -861,18 +871,31 @@ impl Orchestrator {
     // ---- turn lock
 
     /// Takes the session's turn lock, or names the turn holding it.
-    fn lock_turn(&self, session_id: &str, turn_id: &str) -> Result<(), String> {
+    fn lock_turn(&self, session_id: &str, turn_id: &str) -> TurnLock {
         let mut turns = lock(&self.turns);
-        if let Some(running) = turns.get(session_id) {
-            return Err(running.turn_id.clone());
+        match turns.get(session_id) {
+            Some(t) if t.ending => TurnLock::Ending(t.turn_id.clone()),
+            Some(t) => TurnLock::Running(t.turn_id.clone()),
+            None => {
+                turns.insert(
+                    session_id.to_string(),
+                    RunningTurn {
+                        turn_id: turn_id.to_string(),
+                        ending: false,
+                    },
+                );
+                TurnLock::Taken
+            }
         }
-        turns.insert(
-            session_id.to_string(),
-            RunningTurn {
-                turn_id: turn_id.to_string(),
-            },
-        );
-        Ok(())
+    }
+
+    /// The harness has ended the turn; only recording it is left.
+    fn turn_ending(&self, session_id: &str, turn_id: &str) {
+        if let Some(t) = lock(&self.turns).get_mut(session_id)
+            && t.turn_id == turn_id
+        {
+            t.ending = true;
+        }
     }
 
     fn unlock_turn(&self, session_id: &str, turn_id: &str) {

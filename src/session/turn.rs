@@ -87,6 +87,10 @@ impl Reply {
 /// size): a client paging through a long history never makes `serve` hold it all at once.
 pub const HISTORY_PAGE_BYTES: i64 = 4 * 1024 * 1024;
 
+/// How long a message waits for the previous turn's end to be recorded before it is answered
+/// `503` (the store is slow or down).
+const ENDING_WAIT: Duration = Duration::from_secs(2);
+
 fn problem_for_failed(o: &Outcome) -> Problem {
     let code = o
         .error
@@ -175,10 +179,31 @@ impl Orchestrator {
                 })?;
         }
         let turn_id = format!("turn_{}", uuid::Uuid::now_v7().simple());
-        if let Err(running) = self.lock_turn(session_id, &turn_id) {
-            // Only the session's owner learns that a turn runs on it.
-            self.get(tenant, session_id).await?;
-            return Err(turn_in_progress(Some(running)));
+        let waited = Instant::now();
+        loop {
+            match self.lock_turn(session_id, &turn_id) {
+                super::TurnLock::Taken => break,
+                super::TurnLock::Running(running) => {
+                    // Only the session's owner learns that a turn runs on it.
+                    self.get(tenant, session_id).await?;
+                    return Err(turn_in_progress(Some(running)));
+                }
+                // The previous turn is over but not yet recorded: that is the store's delay,
+                // not a turn in progress. Wait for it a little, then say so.
+                super::TurnLock::Ending(ending) => {
+                    if waited.elapsed() >= ENDING_WAIT {
+                        self.get(tenant, session_id).await?;
+                        return Err(Problem::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "store_unavailable",
+                            "the previous turn has ended but the store has not yet taken its \
+                             end; retry in a moment",
+                        )
+                        .with("previous_turn_id", ending));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
         }
         let started = self
             .record_and_dial(tenant, session_id, &turn_id, &req, parts, mode)
@@ -630,6 +655,7 @@ impl Orchestrator {
             metadata: json!({}),
             created_at: store::now(),
         });
+        self.turn_ending(&session.id, &turn.id);
         self.end_turn(&turn, assistant.as_ref(), kind, ts, data.clone(), || {
             self.unlock_turn(&session.id, &turn.id)
         })
