@@ -116,6 +116,20 @@ pub struct ServeArgs {
     /// longer (crashed, or removed) are ended as interrupted by another replica.
     #[arg(long, env = "SANDWARDEN_REPLICA_LEASE", default_value_t = 15)]
     pub replica_lease: u64,
+    /// Live sessions a tenant may hold, unless its key says otherwise (0: no limit).
+    #[arg(long, env = "SANDWARDEN_TENANT_SESSIONS", default_value_t = 100)]
+    pub tenant_sessions: u64,
+    /// Turns a tenant may run at once on this replica, unless its key says otherwise (0: no
+    /// limit).
+    #[arg(long, env = "SANDWARDEN_TENANT_TURNS", default_value_t = 50)]
+    pub tenant_turns: u64,
+    /// Event streams and terminals a tenant may hold open at once on this replica, unless its
+    /// key says otherwise (0: no limit).
+    #[arg(long, env = "SANDWARDEN_TENANT_STREAMS", default_value_t = 500)]
+    pub tenant_streams: u64,
+    /// Live sessions of all tenants together (0: no limit).
+    #[arg(long, env = "SANDWARDEN_MAX_SESSIONS", default_value_t = 2000)]
+    pub max_sessions: u64,
     /// Record this server's secret as the one the store checks every replica against,
     /// replacing the one it was set up with (see docs/replicas.md: changing the secret).
     #[arg(long, env = "SANDWARDEN_ACCEPT_NEW_SECRET")]
@@ -180,6 +194,11 @@ impl DataDirLock {
             )),
         }
     }
+}
+
+/// A limit from a flag: 0 means none.
+fn nonzero(n: u64) -> Option<u64> {
+    (n > 0).then_some(n)
 }
 
 /// Raises this process's soft open-file limit towards `want` (never past the hard limit);
@@ -311,7 +330,9 @@ async fn ensure_admin_key(store: &Store) -> anyhow::Result<()> {
                 "SANDWARDEN_API_KEY must be at least 16 characters"
             );
             let hash = api::hash_key(&key);
-            store.insert_key("default", &hash, true, "env").await?;
+            store
+                .insert_key("default", &hash, true, "env", &Default::default())
+                .await?;
             let retired = store.retire_env_keys(&hash).await?;
             if retired > 0 {
                 tracing::info!(
@@ -324,7 +345,13 @@ async fn ensure_admin_key(store: &Store) -> anyhow::Result<()> {
             if !store.has_admin_key().await? {
                 let key = api::new_key();
                 store
-                    .insert_key("default", &api::hash_key(&key), true, "generated")
+                    .insert_key(
+                        "default",
+                        &api::hash_key(&key),
+                        true,
+                        "generated",
+                        &Default::default(),
+                    )
                     .await?;
                 eprintln!(
                     "sandwarden: created the admin API key (shown only now; only its hash is stored):\n\n    export SANDWARDEN_API_KEY={key}\n"
@@ -535,6 +562,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         webhook_lease: Duration::from_secs(args.webhook_lease.max(1)),
         replica_lease: Duration::from_secs(args.replica_lease.max(2)),
         client_timeout: Duration::from_secs(args.client_timeout.max(1)),
+        default_limits: crate::session::quota::Limits {
+            live_sessions: nonzero(args.tenant_sessions),
+            concurrent_turns: nonzero(args.tenant_turns),
+            open_streams: nonzero(args.tenant_streams),
+            message_parts: None,
+            message_bytes: None,
+        },
+        max_live_sessions: nonzero(args.max_sessions),
     };
     let orch = Orchestrator::new(
         store,

@@ -477,3 +477,165 @@ async fn a_key_revoked_on_one_replica_is_refused_by_the_other() {
         started.elapsed()
     );
 }
+
+/// Quotas set on a tenant's key: over a limit the request is answered `429 quota_exceeded`
+/// naming the limit, the use and the maximum, and changes nothing; other tenants are not
+/// held back; `PATCH` changes a limit from the next request on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_quota_is_refused_and_others_are_not() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let limits = serde_json::json!({
+        "live_sessions": 2, "concurrent_turns": 1, "open_streams": 1, "message_parts": 2
+    });
+    let (status, k) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "tight", "limits": limits})),
+        )
+        .await;
+    assert_eq!(status, 201, "{k}");
+    let tight = admin.with_key(k["key"].as_str().expect("key"));
+    let key_id = k["id"].as_str().expect("id").to_string();
+    let (_, other) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "roomy"})),
+        )
+        .await;
+    let roomy = admin.with_key(other["key"].as_str().expect("key"));
+
+    // live_sessions: two, then refused, with nothing created.
+    let (a, b) = (tight.ready("echo").await, tight.ready("echo").await);
+    let (status, p) = tight
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(serde_json::json!({"harness": "echo"})),
+        )
+        .await;
+    assert_eq!(
+        (
+            status,
+            p["type"].as_str(),
+            p["limit"].as_str(),
+            p["used"].as_u64(),
+            p["max"].as_u64()
+        ),
+        (
+            429,
+            Some("quota_exceeded"),
+            Some("live_sessions"),
+            Some(2),
+            Some(2)
+        ),
+        "{p}"
+    );
+    let (_, list) = tight.call("GET", "/v1/sessions", None).await;
+    assert_eq!(list["sessions"].as_array().map(Vec::len), Some(2), "{list}");
+    roomy.ready("echo").await;
+
+    // message_parts.
+    let parts: Vec<_> = (0..3)
+        .map(|i| serde_json::json!({"type": "text", "text": format!("part {i}")}))
+        .collect();
+    let (status, p) = tight
+        .call(
+            "POST",
+            &format!("/v1/sessions/{a}/messages"),
+            Some(serde_json::json!({"parts": parts})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["limit"].as_str()),
+        (429, Some("message_parts")),
+        "{p}"
+    );
+    assert!(tight.history_texts(&a).await.is_empty(), "nothing recorded");
+
+    // concurrent_turns: a slow turn on one session holds the other back.
+    let slow = tight
+        .post_async(&a, serde_json::json!({"text": "/slow 3 kestrel"}))
+        .await;
+    let (status, p) = tight.say(&b, "while kestrel runs").await;
+    assert_eq!(
+        (status, p["limit"].as_str()),
+        (429, Some("concurrent_turns")),
+        "{p}"
+    );
+    let (status, _) = roomy
+        .say(&roomy.ready("echo").await, "roomy is not held back")
+        .await;
+    assert_eq!(status, 200);
+    tight.finished_turn(&a, &slow).await;
+    let (status, reply) = tight.say(&b, "after kestrel").await;
+    assert_eq!(
+        (status, reply["text"].as_str()),
+        (200, Some("after kestrel"))
+    );
+
+    // open_streams: one event stream open, the second refused until the first closes.
+    let url = serve.url(&format!("/v1/sessions/{a}/events"));
+    let key = k["key"].as_str().expect("key").to_string();
+    let open = || {
+        reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(&key)
+            .header("accept", "text/event-stream")
+            .send()
+    };
+    let first = open().await.expect("first stream");
+    assert_eq!(first.status().as_u16(), 200);
+    let second = open().await.expect("second stream");
+    assert_eq!(second.status().as_u16(), 429);
+    drop(first);
+    let mut reopened = 0;
+    for _ in 0..100 {
+        let r = open().await.expect("stream");
+        reopened = r.status().as_u16();
+        if reopened == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        reopened, 200,
+        "the slot came back when the first stream closed"
+    );
+
+    // PATCH raises a limit from the next request on; limits of 0 are refused.
+    let (status, p) = admin
+        .call(
+            "PATCH",
+            &format!("/v1/api-keys/{key_id}"),
+            Some(serde_json::json!({"limits": {"live_sessions": 0}})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (422, Some("invalid_limits")),
+        "{p}"
+    );
+    let (status, changed) = admin
+        .call(
+            "PATCH",
+            &format!("/v1/api-keys/{key_id}"),
+            Some(serde_json::json!({"limits": {"live_sessions": 3}})),
+        )
+        .await;
+    assert_eq!(
+        (status, changed["limits"]["live_sessions"].as_u64()),
+        (200, Some(3)),
+        "{changed}"
+    );
+    let (status, p) = tight
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(serde_json::json!({"harness": "echo"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{p}");
+}

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -38,6 +38,8 @@ pub struct Caller {
     pub admin: bool,
     /// The id of the key the request came with.
     pub key_id: String,
+    /// The tenant's quotas: its key's, else the server's defaults.
+    pub limits: crate::session::quota::Limits,
 }
 
 pub type AppState = Arc<Orchestrator>;
@@ -59,7 +61,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/sessions/{id}/cancel", post(cancel))
         .route("/v1/sessions/{id}/inputs/{request_id}", post(answer_input))
         .route("/v1/api-keys", post(create_key).get(list_keys))
-        .route("/v1/api-keys/{id}", delete(revoke_key))
+        .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
         .layer(middleware::from_fn_with_state(orch.clone(), require_key));
     Router::new()
         .merge(v1)
@@ -113,17 +115,20 @@ pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Cal
         ));
     };
     let hash = hash_key(key);
+    let defaults = &orch.config.default_limits;
     if let Some(key) = orch.cached_key(&hash) {
         return Ok(Caller {
             tenant: key.tenant,
             admin: key.admin,
             key_id: key.id,
+            limits: key.limits.or(defaults),
         });
     }
     match orch.store.find_key(&hash).await.map_err(store_error)? {
         Some(key) => {
             orch.cache_key(hash, &key);
             Ok(Caller {
+                limits: key.limits.or(defaults),
                 tenant: key.tenant,
                 admin: key.admin,
                 key_id: key.id,
@@ -209,7 +214,9 @@ async fn create_session(
                 "Idempotency-Key must be ASCII",
             )
         })?;
-    let (session, created) = orch.create(&caller.tenant, req, key).await?;
+    let (session, created) = orch
+        .create(&caller.tenant, req, key, caller.limits.live_sessions)
+        .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -386,7 +393,18 @@ async fn post_message(
     } else {
         "json"
     };
-    let started = orch.start_turn(&caller.tenant, &id, req, mode).await?;
+    // A streamed reply holds one of the tenant's stream slots while it is open.
+    let slot = if mode == "stream" {
+        Some(
+            orch.streams
+                .open(&caller.tenant, caller.limits.open_streams)?,
+        )
+    } else {
+        None
+    };
+    let started = orch
+        .start_turn(&caller.tenant, &id, req, mode, &caller.limits)
+        .await?;
     match mode {
         "async" => {
             let location = format!("/v1/sessions/{id}/turns/{}", started.turn_id);
@@ -410,7 +428,7 @@ async fn post_message(
                 started.events,
                 Follow::Turn(started.turn_id.clone()),
             );
-            let mut response = sse(stream);
+            let mut response = sse(holding(stream, slot));
             if let Ok(v) = HeaderValue::from_str(&started.turn_id) {
                 response.headers_mut().insert("x-turn-id", v);
             }
@@ -439,6 +457,17 @@ async fn post_message(
             Ok(Json(outcome.into_reply()?).into_response())
         }
     }
+}
+
+/// `stream`, holding `slot` (a tenant's stream quota) until it ends or its reader goes away.
+fn holding<T>(
+    stream: impl Stream<Item = T> + Send + 'static,
+    slot: Option<crate::session::quota::StreamSlot>,
+) -> impl Stream<Item = T> + Send + 'static {
+    stream.map(move |item| {
+        let _held = &slot;
+        item
+    })
 }
 
 fn sse(stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static) -> Response {
@@ -589,12 +618,13 @@ async fn get_events(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/event-stream"));
     if wants_sse {
+        let slot = orch
+            .streams
+            .open(&caller.tenant, caller.limits.open_streams)?;
         let rx = orch.hub.subscribe(&session.id);
-        return Ok(sse(event_stream(
-            orch.clone(),
-            session.id,
-            rx,
-            Follow::Since(since),
+        return Ok(sse(holding(
+            event_stream(orch.clone(), session.id, rx, Follow::Since(since)),
+            Some(slot),
         )));
     }
     let limit = page_limit(q.limit, 100, 1000)?;
@@ -712,6 +742,46 @@ fn event_stream(
 #[serde(deny_unknown_fields)]
 struct KeyRequest {
     tenant: String,
+    limits: Option<crate::session::quota::Limits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyChange {
+    limits: crate::session::quota::Limits,
+}
+
+/// Replaces a key's limits (`{"limits": {...}}`; left out: the server's default), in force on
+/// every replica from the next request.
+async fn change_key(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<KeyChange>, JsonRejection>,
+) -> Result<Response, Problem> {
+    require_admin(&caller, "change API keys")?;
+    validate_id("key id", &id)
+        .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
+    let Json(change) = body?;
+    change
+        .limits
+        .validate()
+        .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limits", m))?;
+    if !orch
+        .store
+        .set_key_limits(&id, &change.limits)
+        .await
+        .map_err(store_error)?
+    {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("no API key {id:?}; GET /v1/api-keys lists them"),
+        ));
+    }
+    orch.forget_keys();
+    let key = orch.store.get_key(&id).await.map_err(store_error)?;
+    Ok(Json(json!(key)).into_response())
 }
 
 /// The tenant a request acts for: the caller's own, or with `?tenant=` (admin keys only) any
@@ -751,15 +821,19 @@ async fn create_key(
     let Json(req) = body?;
     validate_id("tenant", &req.tenant)
         .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_tenant", m))?;
+    let limits = req.limits.unwrap_or_default();
+    limits
+        .validate()
+        .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limits", m))?;
     let key = new_key();
     let id = orch
         .store
-        .insert_key(&req.tenant, &hash_key(&key), false, "api")
+        .insert_key(&req.tenant, &hash_key(&key), false, "api", &limits)
         .await
         .map_err(store_error)?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": id, "tenant": req.tenant, "key": key })),
+        Json(json!({ "id": id, "tenant": req.tenant, "key": key, "limits": limits })),
     )
         .into_response())
 }

@@ -59,6 +59,9 @@ pub async fn attach(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, Problem> {
     super::check_id(&id)?;
+    // Terminals opened with a tty token count against the server's default limit; with a key,
+    // against the key's.
+    let mut max_streams = orch.config.default_limits.open_streams;
     let session = match &q.token {
         Some(token) => {
             if !orch.check_tty_token(&id, token) {
@@ -76,6 +79,7 @@ pub async fn attach(
         }
         None => {
             let caller = caller_from(&orch, &headers).await?;
+            max_streams = caller.limits.open_streams;
             orch.get(&caller.tenant, &id).await?
         }
     };
@@ -110,6 +114,7 @@ pub async fn attach(
     let (Some(sandbox_id), Some(endpoint)) = (&session.sandbox_id, &session.endpoint) else {
         return Err(crate::session::not_found(&id));
     };
+    let slot = orch.streams.open(&session.tenant, max_streams)?;
     let client = orch.client_for(sandbox_id, endpoint);
     let upstream = match client.tty_connect(ws_config()).await {
         Ok(upstream) => upstream,
@@ -136,6 +141,7 @@ pub async fn attach(
         .read_buffer_size(WS_BUFFER)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
+            let _slot = slot;
             orch.viewer_attached(&session_id);
             let _ = orch.store.touch(&session_id).await;
             // The replica that owns the sandbox reaps idle sessions and cannot see viewers

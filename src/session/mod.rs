@@ -6,6 +6,7 @@
 
 pub mod hub;
 pub mod message;
+pub mod quota;
 pub mod turn;
 pub mod webhook;
 
@@ -107,6 +108,10 @@ pub struct Config {
     /// How long a client may leave data unread before it is disconnected (a terminal viewer
     /// that stops reading), as for a request's headers (`--client-timeout`).
     pub client_timeout: Duration,
+    /// Every tenant's quotas where its key sets none.
+    pub default_limits: quota::Limits,
+    /// Live sessions of all tenants together.
+    pub max_live_sessions: Option<u64>,
 }
 
 /// An API key seen valid (see `Orchestrator::cached_key`).
@@ -115,6 +120,7 @@ pub struct CachedKey {
     pub id: String,
     pub tenant: String,
     pub admin: bool,
+    pub limits: quota::Limits,
     touched: Instant,
 }
 
@@ -123,6 +129,7 @@ const KEY_TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 struct RunningTurn {
     turn_id: String,
+    tenant: String,
     /// The harness is done; the turn's end is being recorded (waiting for the store).
     ending: bool,
 }
@@ -133,6 +140,8 @@ pub(crate) enum TurnLock {
     Taken,
     Running(String),
     Ending(String),
+    /// The tenant already runs this many turns (its `concurrent_turns` limit).
+    Quota(u64),
 }
 
 pub struct Orchestrator {
@@ -148,6 +157,8 @@ pub struct Orchestrator {
     pool_wake: Notify,
     clients: Mutex<HashMap<String, HarnessClient>>,
     http: reqwest::Client,
+    /// Open event streams and terminals per tenant (their quota).
+    pub streams: quota::Streams,
     /// API keys seen valid, by hash; emptied when a key is revoked (here or, through the
     /// store's notices, on another replica) and when notices may have been missed.
     keys: Mutex<HashMap<String, CachedKey>>,
@@ -234,6 +245,7 @@ impl Orchestrator {
             clients: Mutex::new(HashMap::new()),
             http: crate::harness_client::http_client(),
             keys: Mutex::new(HashMap::new()),
+            streams: quota::Streams::default(),
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
             viewers: Mutex::new(HashMap::new()),
@@ -291,6 +303,7 @@ impl Orchestrator {
                 id: key.id.clone(),
                 tenant: key.tenant.clone(),
                 admin: key.admin,
+                limits: key.limits.clone(),
                 touched: Instant::now(),
             },
         );
@@ -428,6 +441,7 @@ impl Orchestrator {
         tenant: &str,
         req: CreateRequest,
         idempotency_key: Option<String>,
+        max_live: Option<u64>,
     ) -> Result<(Session, bool), Problem> {
         let started = Instant::now();
         let invalid =
@@ -491,6 +505,7 @@ impl Orchestrator {
             ));
         }
 
+        self.check_live_sessions(tenant, max_live).await?;
         let now = store::now();
         let mut session = Session {
             id: req
@@ -871,22 +886,67 @@ impl Orchestrator {
     // ---- turn lock
 
     /// Takes the session's turn lock, or names the turn holding it.
-    fn lock_turn(&self, session_id: &str, turn_id: &str) -> TurnLock {
+    fn lock_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: &str,
+        max_turns: Option<u64>,
+    ) -> TurnLock {
         let mut turns = lock(&self.turns);
         match turns.get(session_id) {
             Some(t) if t.ending => TurnLock::Ending(t.turn_id.clone()),
             Some(t) => TurnLock::Running(t.turn_id.clone()),
             None => {
+                if let Some(max) = max_turns {
+                    let running = turns.values().filter(|t| t.tenant == tenant).count() as u64;
+                    if running >= max {
+                        return TurnLock::Quota(running);
+                    }
+                }
                 turns.insert(
                     session_id.to_string(),
                     RunningTurn {
                         turn_id: turn_id.to_string(),
+                        tenant: tenant.to_string(),
                         ending: false,
                     },
                 );
                 TurnLock::Taken
             }
         }
+    }
+
+    /// Refuses a new session when the tenant, or the server, holds as many live sessions as
+    /// it may.
+    async fn check_live_sessions(&self, tenant: &str, max: Option<u64>) -> Result<(), Problem> {
+        if let Some(max) = max {
+            let used = self
+                .store
+                .live_sessions(Some(tenant))
+                .await
+                .map_err(store_error)?;
+            if used >= max {
+                return Err(quota::exceeded(
+                    "live_sessions",
+                    used,
+                    max,
+                    "delete a session you no longer need first",
+                ));
+            }
+        }
+        if let Some(max) = self.config.max_live_sessions {
+            let used = self.store.live_sessions(None).await.map_err(store_error)?;
+            if used >= max {
+                return Err(quota::exceeded(
+                    "server_live_sessions",
+                    used,
+                    max,
+                    "the server holds as many sessions as it may for all tenants; retry later",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The harness has ended the turn; only recording it is left.

@@ -167,10 +167,12 @@ impl Orchestrator {
         session_id: &str,
         req: MessageRequest,
         mode: &str,
+        limits: &super::quota::Limits,
     ) -> Result<Started, Problem> {
         let parts = req
             .parts()
             .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_message", m))?;
+        super::quota::check_message(&parts, limits)?;
         if let Some(hook) = &req.webhook {
             super::webhook::check_target(&hook.url, self.config.allow_private_webhooks)
                 .await
@@ -181,8 +183,16 @@ impl Orchestrator {
         let turn_id = format!("turn_{}", uuid::Uuid::now_v7().simple());
         let waited = Instant::now();
         loop {
-            match self.lock_turn(session_id, &turn_id) {
+            match self.lock_turn(tenant, session_id, &turn_id, limits.concurrent_turns) {
                 super::TurnLock::Taken => break,
+                super::TurnLock::Quota(used) => {
+                    return Err(super::quota::exceeded(
+                        "concurrent_turns",
+                        used,
+                        limits.concurrent_turns.unwrap_or(used),
+                        "wait for a running turn to end",
+                    ));
+                }
                 super::TurnLock::Running(running) => {
                     // Only the session's owner learns that a turn runs on it.
                     self.get(tenant, session_id).await?;

@@ -479,6 +479,8 @@ pub struct ApiKey {
     pub created_at: String,
     pub last_used_at: Option<String>,
     pub revoked_at: Option<String>,
+    /// The tenant's quotas as set on this key (unset ones: the server's defaults).
+    pub limits: crate::session::quota::Limits,
 }
 
 macro_rules! key_row {
@@ -493,6 +495,7 @@ macro_rules! key_row {
             created_at: r.get("created_at"),
             last_used_at: r.get("last_used_at"),
             revoked_at: r.get("revoked_at"),
+            limits: serde_json::from_str(&r.get::<String, _>("limits")).unwrap_or_default(),
         }
     }};
 }
@@ -733,11 +736,13 @@ impl Store {
         key_hash: &str,
         admin: bool,
         origin: &str,
+        limits: &crate::session::quota::Limits,
     ) -> Result<String> {
         let id = format!("key_{}", uuid::Uuid::now_v7().simple());
+        let limits = serde_json::to_string(limits).unwrap_or_else(|_| "{}".into());
         let sql = self.sql(
-            "INSERT INTO api_keys (id, tenant, key_hash, admin, created_at, origin) \
-             VALUES (?, ?, ?, ?, ?, ?) \
+            "INSERT INTO api_keys (id, tenant, key_hash, admin, created_at, origin, limits) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (key_hash) DO UPDATE SET revoked_at = NULL RETURNING id",
         );
         Ok(on_db!(self, |pool| sqlx::query_scalar(&sql)
@@ -747,6 +752,7 @@ impl Store {
             .bind(admin)
             .bind(now())
             .bind(origin)
+            .bind(&limits)
             .fetch_one(pool)
             .await?))
     }
@@ -809,6 +815,38 @@ impl Store {
             .await?;
         self.announce(KEYS_CHANGED);
         Ok(n == 1)
+    }
+
+    /// Replaces a key's limits; tells the other replicas (their caches drop the key). Returns
+    /// whether the key exists.
+    pub async fn set_key_limits(
+        &self,
+        id: &str,
+        limits: &crate::session::quota::Limits,
+    ) -> Result<bool> {
+        let limits = serde_json::to_string(limits).unwrap_or_else(|_| "{}".into());
+        let n = self
+            .execute(
+                "UPDATE api_keys SET limits = ? WHERE id = ?",
+                &[Some(&limits), Some(id)],
+            )
+            .await?;
+        self.announce(KEYS_CHANGED);
+        Ok(n == 1)
+    }
+
+    /// How many sessions are live (not deleted, failed or dead): of `tenant`, or of everyone.
+    pub async fn live_sessions(&self, tenant: Option<&str>) -> Result<u64> {
+        let sql = self.sql(
+            "SELECT COUNT(*) FROM sessions WHERE (? IS NULL OR tenant = ?) \
+             AND status IN ('creating', 'ready', 'running', 'input_required')",
+        );
+        let n: i64 = on_db!(self, |pool| sqlx::query_scalar(&sql)
+            .bind(tenant)
+            .bind(tenant)
+            .fetch_one(pool)
+            .await?);
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Records that a key was used (at most about once a minute per key and replica).

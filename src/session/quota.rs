@@ -1,0 +1,211 @@
+//! Per-tenant quotas: what one tenant may hold at once (live sessions, running turns, open event
+//! streams and terminals) and send (parts and bytes per message). A key carries its tenant's
+//! limits; what it leaves unset comes from `serve`'s defaults, and the server-wide cap on live
+//! sessions bounds every tenant together. Over a limit the request is answered
+//! `429 quota_exceeded`, naming the limit, the use and the maximum, and changes nothing.
+
+use crate::problem::Problem;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A tenant's limits as set on its key (`POST`/`PATCH /v1/api-keys`); unset ones take the
+/// server's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Sessions not yet deleted, failed or dead (creating, ready, running, input_required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_sessions: Option<u64>,
+    /// Turns running at once (on this replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_turns: Option<u64>,
+    /// Event streams (SSE) and attached terminals open at once (on this replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_streams: Option<u64>,
+    /// Parts in one message (at most 256 for everyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_parts: Option<u64>,
+    /// Bytes of text and inline data in one message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_bytes: Option<u64>,
+}
+
+impl Limits {
+    /// Checks limits a client sent: every one at least 1.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in self.fields() {
+            if v == Some(0) {
+                return Err(format!(
+                    "limits.{name} must be at least 1 (leave it out for the server's default)"
+                ));
+            }
+        }
+        if self
+            .message_parts
+            .is_some_and(|n| n > crate::event::MAX_PARTS as u64)
+        {
+            return Err(format!(
+                "limits.message_parts is at most {}",
+                crate::event::MAX_PARTS
+            ));
+        }
+        Ok(())
+    }
+
+    fn fields(&self) -> [(&'static str, Option<u64>); 5] {
+        [
+            ("live_sessions", self.live_sessions),
+            ("concurrent_turns", self.concurrent_turns),
+            ("open_streams", self.open_streams),
+            ("message_parts", self.message_parts),
+            ("message_bytes", self.message_bytes),
+        ]
+    }
+
+    /// These limits, with the unset ones taken from `defaults`.
+    pub fn or(&self, defaults: &Limits) -> Limits {
+        Limits {
+            live_sessions: self.live_sessions.or(defaults.live_sessions),
+            concurrent_turns: self.concurrent_turns.or(defaults.concurrent_turns),
+            open_streams: self.open_streams.or(defaults.open_streams),
+            message_parts: self.message_parts.or(defaults.message_parts),
+            message_bytes: self.message_bytes.or(defaults.message_bytes),
+        }
+    }
+}
+
+/// Checks a message's parts against the tenant's per-message limits.
+pub fn check_message(parts: &[crate::event::Part], limits: &Limits) -> Result<(), Problem> {
+    use crate::event::Part;
+    let n = parts.len() as u64;
+    if let Some(max) = limits.message_parts
+        && n > max
+    {
+        return Err(exceeded("message_parts", n, max, "send fewer parts"));
+    }
+    let bytes: usize = parts
+        .iter()
+        .map(|p| match p {
+            Part::Text { text } => text.len(),
+            Part::Image { data, url, .. } => {
+                data.as_ref().map_or(0, String::len) + url.as_ref().map_or(0, String::len)
+            }
+            Part::File {
+                text, data, url, ..
+            } => [text, data, url]
+                .iter()
+                .map(|f| f.as_ref().map_or(0, String::len))
+                .sum(),
+        })
+        .sum();
+    if let Some(max) = limits.message_bytes
+        && bytes as u64 > max
+    {
+        return Err(exceeded(
+            "message_bytes",
+            bytes as u64,
+            max,
+            "send a smaller message",
+        ));
+    }
+    Ok(())
+}
+
+/// `429 quota_exceeded` for `limit`, with the use and the maximum.
+pub fn exceeded(limit: &str, used: u64, max: u64, hint: &str) -> Problem {
+    Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota_exceeded",
+        format!("over this tenant's {limit} limit ({used} of {max}): {hint}"),
+    )
+    .with("limit", limit)
+    .with("used", used)
+    .with("max", max)
+}
+
+/// Open event streams and terminals per tenant, on this replica.
+#[derive(Default, Clone)]
+pub struct Streams(Arc<Mutex<HashMap<String, u64>>>);
+
+impl Streams {
+    /// Takes one of the tenant's stream slots, held until the returned guard drops; refused
+    /// when it already holds `max`.
+    pub fn open(&self, tenant: &str, max: Option<u64>) -> Result<StreamSlot, Problem> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(tenant.to_string()).or_insert(0);
+        if let Some(max) = max
+            && *n >= max
+        {
+            return Err(exceeded(
+                "open_streams",
+                *n,
+                max,
+                "close an event stream or a terminal first",
+            ));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            streams: self.clone(),
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+/// One open stream or terminal of a tenant; gives its slot back when dropped.
+pub struct StreamSlot {
+    streams: Streams,
+    tenant: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.streams.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_slots_are_counted_per_tenant_and_given_back() {
+        let streams = Streams::default();
+        let a1 = streams.open("a", Some(2)).expect("first");
+        let _a2 = streams.open("a", Some(2)).expect("second");
+        let refused = streams.open("a", Some(2)).err().expect("third refused");
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.extra["used"], 2);
+        let _b = streams.open("b", Some(1)).expect("another tenant");
+        drop(a1);
+        let _a3 = streams.open("a", Some(2)).expect("a slot came back");
+    }
+
+    #[test]
+    fn limits_take_defaults_and_refuse_zero() {
+        let mine = Limits {
+            live_sessions: Some(3),
+            ..Limits::default()
+        };
+        let defaults = Limits {
+            live_sessions: Some(50),
+            concurrent_turns: Some(20),
+            ..Limits::default()
+        };
+        let l = mine.or(&defaults);
+        assert_eq!((l.live_sessions, l.concurrent_turns), (Some(3), Some(20)));
+        let zero = Limits {
+            open_streams: Some(0),
+            ..Limits::default()
+        };
+        assert!(zero.validate().is_err());
+        assert!(serde_json::from_str::<Limits>(r#"{"sessions": 3}"#).is_err());
+    }
+}
