@@ -79,6 +79,24 @@ pub mod error_code {
     pub const SHUTDOWN: &str = "shutdown";
 }
 
+/// `text` cut to at most `max` bytes on a character boundary, with `…` marking a cut: for text
+/// that comes from a sandbox (stderr lines, reasons) and is kept or shown.
+pub fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+/// The harness's problem type for a turn sent to an agent that could not start or has died
+/// (`503`, with its reason in `detail`): the orchestrator takes it to mean the session is dead.
+pub const AGENT_FAILED: &str = "agent_failed";
+
 /// One part of a user message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

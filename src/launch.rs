@@ -54,6 +54,21 @@ pub enum LaunchError {
     },
 }
 
+impl LaunchError {
+    /// The exit status `sandwarden launch` ends with, as a shell would: 127 when the program was
+    /// not found, 126 when it was found but could not be run; the harness server reads 127 as
+    /// "the agent CLI is not installed" and reports this error's line as the reason.
+    pub fn exit_code(&self) -> Option<u8> {
+        match self {
+            LaunchError::Exec { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Some(127)
+            }
+            LaunchError::Exec { .. } => Some(126),
+            _ => None,
+        }
+    }
+}
+
 /// Default endpoint when only a key and a model are given.
 const OPENAI_DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 /// The provider id the generated configs use.

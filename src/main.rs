@@ -14,7 +14,13 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sandwarden: {e:#}");
-            std::process::ExitCode::FAILURE
+            // `launch` that could not run its program exits as a shell would (127: not found).
+            e.downcast_ref::<sandwarden::launch::LaunchError>()
+                .and_then(sandwarden::launch::LaunchError::exit_code)
+                .map_or(
+                    std::process::ExitCode::FAILURE,
+                    std::process::ExitCode::from,
+                )
         }
     }
 }

@@ -761,11 +761,7 @@ async fn a_terminal_viewer_that_stops_reading_is_let_go() {
     let serve = Serve::start(&["--client-timeout", "1"]);
     let api = serve.client();
     let id = api.ready("sh").await;
-    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
-    let tty_url = s["tty_url"].as_str().expect("tty_url").to_string();
-    let (mut ws, _) = tokio_tungstenite::connect_async(&tty_url)
-        .await
-        .expect("attach");
+    let (_, mut ws) = api.attach_tty(&id).await;
     let (client_port, serve_port) = match ws.get_ref() {
         tokio_tungstenite::MaybeTlsStream::Plain(tcp) => (
             tcp.local_addr().expect("local").port(),

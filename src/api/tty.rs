@@ -98,11 +98,7 @@ pub async fn attach(
         ));
     }
     if !LIVE.contains(&session.status.as_str()) {
-        return Err(Problem::new(
-            StatusCode::CONFLICT,
-            "session_not_usable",
-            format!("the session is {}; create a new session", session.status),
-        ));
+        return Err(crate::session::turn::not_usable(&session));
     }
     let ws = ws.map_err(|e| {
         Problem::new(
@@ -128,6 +124,13 @@ pub async fn attach(
             ));
         }
         Err(e) => {
+            // Refused because its program could not be run or has ended: the session is dead.
+            if orch.check_agent(&session).await {
+                let dead = orch.store.get_session_any(&session.id).await;
+                if let Ok(Some(dead)) = dead {
+                    return Err(crate::session::turn::not_usable(&dead));
+                }
+            }
             return Err(Problem::new(
                 StatusCode::BAD_GATEWAY,
                 "harness_error",
@@ -167,6 +170,8 @@ pub async fn attach(
             if let Some(task) = keep_active {
                 task.abort();
             }
+            // The terminal closes when its program ends: then the session is dead.
+            orch.check_agent(&session).await;
             let _ = orch.store.touch(&session_id).await;
             orch.viewer_detached(&session_id);
         })

@@ -7,7 +7,7 @@
 use super::bind::{self, CheckedBind};
 use super::config::{self, Change, Choices};
 use super::map;
-use super::process::{GroupHandle, StderrTail, child_env};
+use super::process::{GroupHandle, StderrTail, child_env, not_found_reason};
 use super::{HarnessConfig, StartMode};
 use crate::event::{
     Decision, EventType, ExitStatus, Health, InputAnswer, Part, Phase, TurnEvent, TurnRequest,
@@ -299,11 +299,14 @@ impl ApiAgent {
         let _ = tokio::time::timeout(Duration::from_millis(300), stderr_task).await;
         conn_task.abort();
         let exit = status.ok().map(ExitStatus::from);
-        let reason = match exit {
-            Some(e) => format!("the agent exited ({e})"),
-            None => "the agent exited (status unknown)".to_string(),
+        let lines = tail.lines();
+        // 127: the agent CLI is not installed; its own line says which and how to install it.
+        let reason = match (not_found_reason(exit, &lines), exit) {
+            (Some(line), _) => line,
+            (None, Some(e)) => format!("the agent exited ({e})"),
+            (None, None) => "the agent exited (status unknown)".to_string(),
         };
-        self.fail(generation, reason, exit, tail.lines());
+        self.fail(generation, reason, exit, lines);
     }
 
     /// Marks `generation` failed, keeping the first reason if it already failed, and drops the
@@ -420,13 +423,20 @@ impl ApiAgent {
                 s.generation == generation && s.phase == Phase::Starting
             };
             if starting {
+                // A closed transport is usually the agent's exit: when it exits soon, its exit
+                // (status, stderr, "cannot run …") is the reason, reported by `run_generation`.
+                let child = lock(&self.inner).child.clone();
+                if let Some(child) = &child
+                    && child.wait_exit(EXIT_REPORT_WAIT).await
+                {
+                    return;
+                }
                 self.fail(
                     generation,
                     format!("the ACP handshake failed: {e}"),
                     None,
                     Vec::new(),
                 );
-                let child = lock(&self.inner).child.clone();
                 if let Some(child) = child {
                     child.stop(self.cfg.shutdown_grace).await;
                 }
@@ -1018,7 +1028,7 @@ pub fn shutting_down() -> Problem {
 fn failed_problem(s: &Status) -> Problem {
     let mut p = Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "agent_failed",
+        crate::event::AGENT_FAILED,
         s.reason
             .clone()
             .unwrap_or_else(|| "the agent is not running".into()),

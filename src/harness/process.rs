@@ -2,6 +2,7 @@
 //!
 //! Knows nothing about ACP or PTYs; it starts, watches and stops processes.
 
+use crate::event::clip;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
@@ -40,6 +41,69 @@ pub fn child_env(bound: &BTreeMap<String, String>) -> Vec<(String, String)> {
     env.into_iter().collect()
 }
 
+/// The exit code of a program that could not be run because it (or the program it runs, for
+/// `sandwarden launch`) was not found: the shell's convention, which `launch` follows.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// Why a program could not be run, when it exited `EXIT_NOT_FOUND`: the line of its last output
+/// that says so ("cannot run …" from `sandwarden launch`, "… not found" from a shell), else its
+/// last line, else a sentence. `None` for any other exit. `lines` is output of the sandbox, so
+/// the answer is one bounded line.
+pub fn not_found_reason(
+    exit: Option<crate::event::ExitStatus>,
+    lines: &[String],
+) -> Option<String> {
+    if exit?.code? != EXIT_NOT_FOUND {
+        return None;
+    }
+    let lines: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let said = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("cannot run") || l.contains("not found"))
+        .or(lines.last());
+    Some(match said {
+        Some(line) => {
+            let line = line.strip_prefix("sandwarden: ").unwrap_or(line);
+            clip(line.to_string(), STDERR_LINE_MAX)
+        }
+        None => format!("the program was not found (exit code {EXIT_NOT_FOUND})"),
+    })
+}
+
+/// The text lines of terminal output, without escape sequences and control characters, for
+/// reading a message out of it (`not_found_reason`).
+pub fn terminal_lines(output: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(output);
+    let mut lines = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // CSI (ESC [ … final byte) and other two-byte escapes.
+            '\u{1b}' => {
+                if chars.next_if_eq(&'[').is_some() {
+                    while chars.next().is_some_and(|c| !('@'..='~').contains(&c)) {}
+                } else {
+                    chars.next();
+                }
+            }
+            '\n' | '\r' => lines.push(String::new()),
+            c if c.is_control() => {}
+            c => {
+                if let Some(line) = lines.last_mut() {
+                    line.push(c);
+                }
+            }
+        }
+    }
+    lines.retain(|l| !l.trim().is_empty());
+    lines
+}
+
 /// The last lines a process wrote to stderr, kept in a bounded buffer.
 #[derive(Clone, Default)]
 pub struct StderrTail(Arc<Mutex<VecDeque<String>>>);
@@ -49,15 +113,7 @@ impl StderrTail {
     pub async fn collect(self, stream: impl AsyncRead + Unpin) {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let mut line = line;
-            if line.len() > STDERR_LINE_MAX {
-                let mut cut = STDERR_LINE_MAX;
-                while !line.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                line.truncate(cut);
-                line.push('…');
-            }
+            let line = clip(line, STDERR_LINE_MAX);
             let mut tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
             if tail.len() == STDERR_TAIL_LINES {
                 tail.pop_front();
@@ -98,7 +154,8 @@ impl GroupHandle {
         let _ = killpg(Pid::from_raw(self.pid), signal);
     }
 
-    async fn wait_exit(&self, within: Duration) -> bool {
+    /// Waits up to `within` for the child to be reaped; whether it was.
+    pub async fn wait_exit(&self, within: Duration) -> bool {
         let mut exited = self.exited.clone();
         tokio::time::timeout(within, exited.wait_for(|e| *e))
             .await
@@ -177,6 +234,38 @@ mod tests {
         let env = child_env(&bound);
         assert!(env.iter().all(|(k, _)| !k.starts_with("SANDWARDEN_")));
         assert!(env.contains(&("SECRET".to_string(), "v".to_string())));
+    }
+
+    #[test]
+    fn a_program_not_found_is_told_by_its_own_line() {
+        let exit = |code| {
+            Some(crate::event::ExitStatus {
+                code: Some(code),
+                signal: None,
+            })
+        };
+        let launch = vec![
+            "sandwarden: cannot run \"opencode\": No such file or directory (os error 2). Install the harness CLIs".to_string(),
+        ];
+        assert_eq!(
+            not_found_reason(exit(127), &launch).as_deref(),
+            Some(
+                "cannot run \"opencode\": No such file or directory (os error 2). Install the harness CLIs"
+            )
+        );
+        assert_eq!(not_found_reason(exit(1), &launch), None);
+        let shell = terminal_lines(
+            b"\x1b[1;31mwelcome\x1b[0m\r\nbash: line 1: nosuch: command not found\r\n",
+        );
+        assert_eq!(
+            shell,
+            vec!["welcome", "bash: line 1: nosuch: command not found"]
+        );
+        assert_eq!(
+            not_found_reason(exit(127), &shell).as_deref(),
+            Some("bash: line 1: nosuch: command not found")
+        );
+        assert!(not_found_reason(exit(127), &[]).is_some_and(|r| r.contains("127")));
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 //! one stuck client cannot stall the program for long. It must not know about ACP or turns.
 
 use super::bind::{self, CheckedBind};
-use super::process::{GroupHandle, child_env};
+use super::process::{GroupHandle, child_env, not_found_reason, terminal_lines};
 use super::{HarnessConfig, StartMode};
 use crate::event::{Control, ExitStatus, Health, Phase};
 use crate::problem::Problem;
@@ -32,6 +32,9 @@ const VIEWER_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 32 * 1024;
 /// After the program exits, how long to wait for its last output before closing viewers.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// A program that exits 127 (not found) within this long of its start could not be run.
+const NOT_FOUND_WINDOW: Duration = Duration::from_secs(5);
 
 /// How long a stop waits for the viewers' close frames to go out.
 const VIEWER_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -284,8 +287,10 @@ impl Terminal {
         let (drained_tx, drained_rx) = oneshot::channel();
         tokio::spawn(self.clone().pump(generation, reader, drained_tx));
         let me = self.clone();
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             let status = child.wait().await;
+            let ran = started.elapsed();
             let _ = exited_tx.send(true);
             let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, drained_rx).await;
             // Whatever the program left behind in its group goes with it.
@@ -294,7 +299,7 @@ impl Terminal {
                 code: None,
                 signal: None,
             });
-            me.finish(generation, exit).await;
+            me.finish(generation, exit, ran).await;
         });
     }
 
@@ -365,8 +370,11 @@ impl Terminal {
         }
     }
 
-    async fn finish(&self, generation: u64, exit: ExitStatus) {
-        let viewers = {
+    /// The program ended after running `ran`. One that exits 127 (not found) within
+    /// `NOT_FOUND_WINDOW` could not be run: the terminal is `failed`, with the line it printed
+    /// ("cannot run …") as the reason; any other end is `exited`.
+    async fn finish(&self, generation: u64, exit: ExitStatus, ran: Duration) {
+        let (viewers, output) = {
             let mut g = lock(&self.inner);
             if g.generation != generation {
                 return;
@@ -378,15 +386,24 @@ impl Terminal {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            std::mem::take(&mut g.viewers)
+            (std::mem::take(&mut g.viewers), g.ring.snapshot())
         };
         tracing::info!(%exit, "program exited");
-        self.set_status(
-            generation,
-            Phase::Exited,
-            Some(format!("the program exited ({exit})")),
-            Some(exit),
-        );
+        let not_found = (ran < NOT_FOUND_WINDOW)
+            .then(|| not_found_reason(Some(exit), &terminal_lines(&output)))
+            .flatten();
+        match not_found {
+            Some(reason) => {
+                tracing::warn!(%reason, "the program could not be run");
+                self.set_status(generation, Phase::Failed, Some(reason), Some(exit));
+            }
+            None => self.set_status(
+                generation,
+                Phase::Exited,
+                Some(format!("the program exited ({exit})")),
+                Some(exit),
+            ),
+        }
         for v in viewers {
             let _ = tokio::time::timeout(SLOW_VIEWER_GRACE, v.tx.send(Frame::Exit(exit))).await;
         }

@@ -4,6 +4,7 @@
 //! It talks to sandboxes through the runtime trait and the harness client; it must not know HTTP
 //! routing (it returns `Problem`s, which the API layer renders).
 
+pub mod exit;
 pub mod hub;
 pub mod message;
 pub mod quota;
@@ -877,6 +878,7 @@ impl Orchestrator {
         if changed {
             tracing::warn!(session_id = %session.id, %reason, "session dead");
             self.metrics.dead_sessions.inc();
+            self.publish_dead(&session.id, reason).await;
             self.release(session).await;
             self.notify(&session.id);
         }

@@ -4,7 +4,7 @@
 
 use super::message::MessageRequest;
 use super::{Orchestrator, not_found, store_error};
-use crate::event::{EventType, TurnEvent, TurnRequest, error_code};
+use crate::event::{AGENT_FAILED, EventType, TurnEvent, TurnRequest, error_code};
 use crate::harness_client::ClientError;
 use crate::problem::Problem;
 use crate::store::{self, Message, Session, Turn};
@@ -117,6 +117,25 @@ fn problem_for_failed(o: &Outcome) -> Problem {
 }
 
 /// `409 turn_in_progress`, naming the running turn when known.
+/// The answer to using a session that is dead, failed or deleted: `409 session_not_usable`
+/// naming its status and why.
+pub fn not_usable(session: &Session) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "session_not_usable",
+        format!(
+            "the session is {}{}; create a new session",
+            session.status,
+            session
+                .failure_reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ),
+    )
+    .with("session_status", session.status.clone())
+}
+
 fn turn_in_progress(running: Option<String>) -> Problem {
     let p = Problem::new(
         StatusCode::CONFLICT,
@@ -226,7 +245,7 @@ impl Orchestrator {
 
     /// Why a session that is not `ready` takes no message.
     fn refusal(&self, session: &Session) -> Problem {
-        if session.kind == "tui" {
+        if session.kind == "tui" && super::LIVE.contains(&session.status.as_str()) {
             let mut p = Problem::new(
                 StatusCode::CONFLICT,
                 "tui_session",
@@ -239,19 +258,7 @@ impl Orchestrator {
         }
         match session.status.as_str() {
             "running" | "input_required" => turn_in_progress(None),
-            other => Problem::new(
-                StatusCode::CONFLICT,
-                "session_not_usable",
-                format!(
-                    "the session is {other}{}; create a new session",
-                    session
-                        .failure_reason
-                        .as_deref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
-                ),
-            )
-            .with("session_status", other.to_string()),
+            _ => not_usable(session),
         }
     }
 
@@ -402,6 +409,17 @@ impl Orchestrator {
                     &p.kind,
                     p.detail.clone(),
                 ));
+            }
+            // The agent died while no turn ran: the session is dead, and this message is
+            // refused as any message to a dead session is, leaving no trace.
+            Err(ClientError::Refused(p)) if p.kind == AGENT_FAILED => {
+                self.agent_ended(session, &p.detail).await;
+                if let Err(e) = self.store.discard_turn(&session.id, turn_id).await {
+                    tracing::error!(error = %e, turn_id, "discarding a turn for a dead agent failed");
+                }
+                self.notify(&session.id);
+                let now = self.get(tenant, &session.id).await?;
+                return Err(self.refusal(&now));
             }
             Err(e) => {
                 let unreachable = match &e {
@@ -674,6 +692,10 @@ impl Orchestrator {
         self.metrics
             .turn_duration
             .observe(started.elapsed().as_secs_f64());
+        if kind == EventType::Error && data["code"] == error_code::AGENT_EXITED {
+            let reason = data["message"].as_str().unwrap_or_default();
+            self.agent_ended(&session, reason).await;
+        }
         self.notify_here(&session.id);
         let mut messages = vec![user];
         messages.extend(assistant);

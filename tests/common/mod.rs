@@ -416,6 +416,16 @@ impl Api {
         id
     }
 
+    /// Attaches to a terminal session through a fresh `tty_url`; returns the URL too.
+    pub async fn attach_tty(&self, id: &str) -> (String, shell::Ws) {
+        let (_, s) = self.call("GET", &format!("/v1/sessions/{id}"), None).await;
+        let tty_url = s["tty_url"].as_str().expect("tty_url").to_string();
+        let (ws, _) = tokio_tungstenite::connect_async(&tty_url)
+            .await
+            .expect("attach");
+        (tty_url, ws)
+    }
+
     pub async fn say(&self, id: &str, text: &str) -> (u16, serde_json::Value) {
         self.call(
             "POST",
