@@ -116,7 +116,6 @@ fn problem_for_failed(o: &Outcome) -> Problem {
         .with("text", o.text.clone())
 }
 
-/// `409 turn_in_progress`, naming the running turn when known.
 /// The answer to using a session that is dead, failed or deleted: `409 session_not_usable`
 /// naming its status and why.
 pub fn not_usable(session: &Session) -> Problem {
@@ -136,6 +135,7 @@ pub fn not_usable(session: &Session) -> Problem {
     .with("session_status", session.status.clone())
 }
 
+/// `409 turn_in_progress`, naming the running turn when known.
 fn turn_in_progress(running: Option<String>) -> Problem {
     let p = Problem::new(
         StatusCode::CONFLICT,
