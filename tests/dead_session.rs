@@ -90,6 +90,7 @@ async fn a_connect_failure_answers_502_and_marks_the_session_dead_in_that_reques
             &sandwarden::api::hash_key(ADMIN_KEY),
             true,
             "env",
+            &Default::default(),
         )
         .await
         .expect("key");
@@ -115,6 +116,8 @@ async fn a_connect_failure_answers_502_and_marks_the_session_dead_in_that_reques
         webhook_lease: std::time::Duration::from_secs(30),
         replica_lease: std::time::Duration::from_secs(15),
         client_timeout: std::time::Duration::from_secs(30),
+        default_limits: Default::default(),
+        max_live_sessions: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let orch = Orchestrator::new(
