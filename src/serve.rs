@@ -568,6 +568,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             open_streams: nonzero(args.tenant_streams),
             message_parts: None,
             message_bytes: None,
+            budget: None,
         },
         max_live_sessions: nonzero(args.max_sessions),
     };

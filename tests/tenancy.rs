@@ -639,3 +639,93 @@ async fn a_tenant_over_its_quota_is_refused_and_others_are_not() {
         .await;
     assert_eq!(status, 201, "{p}");
 }
+
+/// A token budget on a tenant's key, counted from the agent's reported usage: turns run until
+/// it is used up, then the next is refused `402 budget_exhausted` before anything runs;
+/// `GET /v1/usage` shows the accounting per tenant and session (a tenant sees only its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_past_its_token_budget_is_refused_and_usage_is_accounted() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let (_, k) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "frugal", "limits": {"budget": {"tokens": 12}}})),
+        )
+        .await;
+    let frugal = admin.with_key(k["key"].as_str().expect("key"));
+    let (_, other) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "lavish"})),
+        )
+        .await;
+    let lavish = admin.with_key(other["key"].as_str().expect("key"));
+    let id = frugal.ready("echo").await;
+    // The echo agent reports one input token per word and one output token per word echoed:
+    // three words cost six tokens.
+    let (status, _) = frugal.say(&id, "one two three").await;
+    assert_eq!(status, 200);
+    let (status, _) = frugal.say(&id, "four five six").await;
+    assert_eq!(status, 200);
+    let (status, p) = frugal.say(&id, "seven eight nine").await;
+    assert_eq!(
+        (
+            status,
+            p["type"].as_str(),
+            p["budget"].as_str(),
+            p["used"].as_u64(),
+            p["max"].as_u64()
+        ),
+        (
+            402,
+            Some("budget_exhausted"),
+            Some("tokens"),
+            Some(12),
+            Some(12)
+        ),
+        "{p}"
+    );
+    let texts = frugal.history_texts(&id).await;
+    assert!(
+        !texts.iter().any(|t| t.contains("seven")),
+        "nothing of the refused turn: {texts:?}"
+    );
+    let lavish_id = lavish.ready("echo").await;
+    assert_eq!(lavish.say(&lavish_id, "not held back").await.0, 200);
+
+    let (status, usage) = frugal.call("GET", "/v1/usage", None).await;
+    assert_eq!(status, 200, "{usage}");
+    let tenants = usage["tenants"].as_array().expect("tenants");
+    assert_eq!(tenants.len(), 1, "a tenant sees only its own: {usage}");
+    assert_eq!(tenants[0]["tenant"], "frugal");
+    assert_eq!(
+        (
+            tenants[0]["input_tokens"].as_i64(),
+            tenants[0]["output_tokens"].as_i64(),
+            tenants[0]["turns"].as_i64()
+        ),
+        (Some(6), Some(6), Some(2)),
+        "{usage}"
+    );
+    assert_eq!(
+        tenants[0]["sessions"][0]["session_id"].as_str(),
+        Some(id.as_str())
+    );
+    let (_, all) = admin.call("GET", "/v1/usage?since=2000-01-01", None).await;
+    let names: Vec<&str> = all["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .filter_map(|t| t["tenant"].as_str())
+        .collect();
+    assert_eq!(names, ["frugal", "lavish"], "{all}");
+    let (_, none) = admin.call("GET", "/v1/usage?since=2999-01-01", None).await;
+    assert_eq!(none["tenants"].as_array().map(Vec::len), Some(0), "{none}");
+    let (status, _) = frugal.call("GET", "/v1/usage?tenant=lavish", None).await;
+    assert_eq!(status, 403);
+    let (status, _) = admin.call("GET", "/v1/usage?since=yesterday", None).await;
+    assert_eq!(status, 400);
+}

@@ -61,6 +61,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/sessions/{id}/cancel", post(cancel))
         .route("/v1/sessions/{id}/inputs/{request_id}", post(answer_input))
         .route("/v1/api-keys", post(create_key).get(list_keys))
+        .route("/v1/usage", get(usage))
         .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
         .layer(middleware::from_fn_with_state(orch.clone(), require_key));
     Router::new()
@@ -797,6 +798,62 @@ fn acting_tenant(caller: &Caller, asked: Option<String>) -> Result<String, Probl
             Ok(t)
         }
     }
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    tenant: Option<String>,
+    since: Option<String>,
+}
+
+/// What tenants' turns used from a day on (`?since=YYYY-MM-DD`, UTC; default: all), per tenant
+/// and session: a tenant's key sees its own, the admin key every tenant's (or `?tenant=`'s).
+async fn usage(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) =
+        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let since = q.since.unwrap_or_else(|| "0000-01-01".into());
+    let is_day = since.len() == 10
+        && since.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    if !is_day {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "`since` is a day, YYYY-MM-DD (UTC)",
+        ));
+    }
+    let tenant = match q.tenant {
+        None if caller.admin => None,
+        asked => Some(acting_tenant(&caller, asked)?),
+    };
+    let rows = orch
+        .store
+        .usage(tenant.as_deref(), &since)
+        .await
+        .map_err(store_error)?;
+    let mut tenants: Vec<Value> = Vec::new();
+    // Rows come ordered by tenant: one entry per run of a tenant's sessions.
+    for sessions in rows.chunk_by(|a, b| a.tenant == b.tenant) {
+        let sum = |f: fn(&crate::store::Usage) -> i64| sessions.iter().map(f).sum::<i64>();
+        tenants.push(json!({
+            "tenant": sessions[0].tenant,
+            "input_tokens": sum(|u| u.input_tokens),
+            "output_tokens": sum(|u| u.output_tokens),
+            "turns": sum(|u| u.turns),
+            "turn_seconds": sessions.iter().map(|u| u.turn_seconds).sum::<f64>(),
+            "sessions": sessions,
+        }));
+    }
+    Ok(Json(json!({ "since": since, "tenants": tenants })).into_response())
 }
 
 /// Refuses a request that only an admin key may make.

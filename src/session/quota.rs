@@ -30,6 +30,52 @@ pub struct Limits {
     /// Bytes of text and inline data in one message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_bytes: Option<u64>,
+    /// What the tenant's turns may use in all, counted from the agents' reported usage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// A tenant's budget: tokens (input and output together) and turn time, over all its turns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_seconds: Option<u64>,
+}
+
+/// Refuses a turn when the tenant has used its budget: `402 budget_exhausted`, before anything
+/// runs.
+pub fn check_budget(budget: &Budget, used: &crate::store::Usage) -> Result<(), Problem> {
+    let tokens = (used.input_tokens + used.output_tokens).max(0) as u64;
+    let spent = [
+        ("tokens", budget.tokens, tokens),
+        (
+            "turn_seconds",
+            budget.turn_seconds,
+            used.turn_seconds as u64,
+        ),
+    ];
+    for (name, max, used) in spent {
+        if let Some(max) = max
+            && used >= max
+        {
+            return Err(Problem::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "budget_exhausted",
+                format!(
+                    "this tenant's budget of {max} {} is used up ({used}); an admin can raise it \
+                     with PATCH /v1/api-keys/{{id}}",
+                    name.replace('_', " ")
+                ),
+            )
+            .with("budget", name)
+            .with("used", used)
+            .with("max", max));
+        }
+    }
+    Ok(())
 }
 
 impl Limits {
@@ -41,6 +87,11 @@ impl Limits {
                     "limits.{name} must be at least 1 (leave it out for the server's default)"
                 ));
             }
+        }
+        if let Some(b) = &self.budget
+            && (b.tokens == Some(0) || b.turn_seconds == Some(0))
+        {
+            return Err("limits.budget's tokens and turn_seconds must be at least 1".into());
         }
         if self
             .message_parts
@@ -72,6 +123,7 @@ impl Limits {
             open_streams: self.open_streams.or(defaults.open_streams),
             message_parts: self.message_parts.or(defaults.message_parts),
             message_bytes: self.message_bytes.or(defaults.message_bytes),
+            budget: self.budget.clone().or_else(|| defaults.budget.clone()),
         }
     }
 }

@@ -192,6 +192,10 @@ impl Orchestrator {
             .parts()
             .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_message", m))?;
         super::quota::check_message(&parts, limits)?;
+        if let Some(budget) = &limits.budget {
+            let used = self.store.tenant_usage(tenant).await.map_err(store_error)?;
+            super::quota::check_budget(budget, &used)?;
+        }
         if let Some(hook) = &req.webhook {
             super::webhook::check_target(&hook.url, self.config.allow_private_webhooks)
                 .await

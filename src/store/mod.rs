@@ -464,6 +464,57 @@ macro_rules! session_row {
     }};
 }
 
+/// What one ended turn adds to its tenant's usage.
+pub(crate) struct TurnUsage {
+    /// The UTC day it ended, `YYYY-MM-DD`.
+    pub day: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub turn_ms: i64,
+}
+
+impl TurnUsage {
+    pub fn of(turn: &Turn) -> TurnUsage {
+        let tokens = |name: &str| {
+            turn.usage
+                .as_ref()
+                .and_then(|u| u[name].as_i64())
+                .unwrap_or(0)
+                .max(0)
+        };
+        let at = |t: &str| humantime::parse_rfc3339_weak(t).ok();
+        let end = turn.finished_at.as_deref().and_then(at);
+        let turn_ms = match (at(&turn.created_at), end) {
+            (Some(a), Some(b)) => b
+                .duration_since(a)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            _ => 0,
+        };
+        let mut day =
+            humantime::format_rfc3339_seconds(end.unwrap_or_else(std::time::SystemTime::now))
+                .to_string();
+        day.truncate(10);
+        TurnUsage {
+            day,
+            input_tokens: tokens("input_tokens"),
+            output_tokens: tokens("output_tokens"),
+            turn_ms,
+        }
+    }
+}
+
+/// A tenant's use, in total or of one session, over some days.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Usage {
+    pub tenant: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub turns: i64,
+    pub turn_seconds: f64,
+}
+
 /// What `Notice::Changed` carries when API keys were revoked (no session id looks like it).
 pub const KEYS_CHANGED: &str = "!keys";
 
@@ -833,6 +884,56 @@ impl Store {
             .await?;
         self.announce(KEYS_CHANGED);
         Ok(n == 1)
+    }
+
+    /// Usage per tenant and session from day `since` (`YYYY-MM-DD`, UTC) on: of one tenant,
+    /// or of all.
+    pub async fn usage(&self, tenant: Option<&str>, since: &str) -> Result<Vec<Usage>> {
+        let sql = self.sql(
+            "SELECT tenant, session_id, CAST(SUM(input_tokens) AS BIGINT) AS i, \
+             CAST(SUM(output_tokens) AS BIGINT) AS o, CAST(SUM(turns) AS BIGINT) AS n, \
+             CAST(SUM(turn_ms) AS BIGINT) AS ms FROM usage_daily \
+             WHERE (? IS NULL OR tenant = ?) AND day >= ? \
+             GROUP BY tenant, session_id ORDER BY tenant, session_id",
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(tenant)
+            .bind(tenant)
+            .bind(since)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| Usage {
+                tenant: r.get("tenant"),
+                session_id: Some(r.get("session_id")),
+                input_tokens: r.get("i"),
+                output_tokens: r.get("o"),
+                turns: r.get("n"),
+                turn_seconds: r.get::<i64, _>("ms") as f64 / 1000.0,
+            })
+            .collect()))
+    }
+
+    /// A tenant's use over all its turns (what budgets are checked against).
+    pub async fn tenant_usage(&self, tenant: &str) -> Result<Usage> {
+        let sql = self.sql(
+            "SELECT CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS i, \
+             CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS o, \
+             CAST(COALESCE(SUM(turns), 0) AS BIGINT) AS n, \
+             CAST(COALESCE(SUM(turn_ms), 0) AS BIGINT) AS ms \
+             FROM usage_daily WHERE tenant = ?",
+        );
+        Ok(on_db!(self, |pool| {
+            let r = sqlx::query(&sql).bind(tenant).fetch_one(pool).await?;
+            Usage {
+                tenant: tenant.to_string(),
+                session_id: None,
+                input_tokens: r.get("i"),
+                output_tokens: r.get("o"),
+                turns: r.get("n"),
+                turn_seconds: r.get::<i64, _>("ms") as f64 / 1000.0,
+            }
+        }))
     }
 
     /// How many sessions are live (not deleted, failed or dead): of `tenant`, or of everyone.
@@ -1663,6 +1764,7 @@ mod tests {
     on_both_backends!(a_status_changes_once_when_raced);
     on_both_backends!(events_are_stored_in_order_and_listed_after_a_seq);
     on_both_backends!(history_pages_stop_at_the_count_or_the_size);
+    on_both_backends!(a_turns_usage_is_counted_once_for_its_tenant);
     on_both_backends!(the_secret_fingerprint_is_kept_until_replaced);
     on_both_backends!(a_delivery_is_claimed_once_until_its_lease_runs_out);
 
@@ -1799,6 +1901,37 @@ mod tests {
             .expect("get")
             .expect("turn");
         assert_eq!(t.stop_reason.as_deref(), Some("reason-4"));
+    }
+
+    async fn a_turns_usage_is_counted_once_for_its_tenant(store: Store) {
+        let (mut t, user) = turn("s2", "used-1");
+        store
+            .begin_turn("t1", &t, &user, None)
+            .await
+            .expect("begin")
+            .expect("began");
+        t.status = "completed".into();
+        t.usage = Some(json!({"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}));
+        t.finished_at = Some(now());
+        store.finish_turn(&t, None, None).await.expect("finish");
+        // A retried end (after an unknown outcome) adds nothing.
+        store.finish_turn(&t, None, None).await.expect("again");
+        let used = store.tenant_usage("t1").await.expect("usage");
+        assert_eq!(
+            (used.input_tokens, used.output_tokens, used.turns),
+            (3, 4, 1)
+        );
+        assert_eq!(store.tenant_usage("nobody").await.expect("none").turns, 0);
+        let rows = store.usage(None, "2000-01-01").await.expect("rows");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].session_id.as_deref(), Some("s2"));
+        assert!(
+            store
+                .usage(Some("t1"), "2999-01-01")
+                .await
+                .expect("later")
+                .is_empty()
+        );
     }
 
     async fn the_secret_fingerprint_is_kept_until_replaced(store: Store) {

@@ -222,6 +222,13 @@ async fn finish(
         None => format!("WITH {EVENTS} {NOTIFY}"),
         Some(_) => format!(
             "WITH {EVENTS}, \
+             u AS (INSERT INTO usage_daily (tenant, session_id, day, input_tokens, output_tokens, turns, turn_ms) \
+               SELECT s.tenant, s.id, $27, $28, $29, 1, $30 FROM sessions s JOIN turns tt ON tt.session_id = s.id \
+               WHERE tt.id = $14 AND tt.status = 'running' \
+               ON CONFLICT (tenant, session_id, day) DO UPDATE SET \
+                 input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
+                 output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
+                 turns = usage_daily.turns + 1, turn_ms = usage_daily.turn_ms + excluded.turn_ms), \
              t AS (UPDATE turns SET status = $9, text = $10, usage = $11, error = $12, \
                finished_at = $13, stop_reason = $26 WHERE id = $14), \
              m AS (INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
@@ -274,6 +281,12 @@ async fn finish(
             .bind(&turn.session_id)
             .bind(CHANGES_CHANNEL)
             .bind(&turn.stop_reason);
+        let used = super::TurnUsage::of(turn);
+        q = q
+            .bind(used.day)
+            .bind(used.input_tokens)
+            .bind(used.output_tokens)
+            .bind(used.turn_ms);
     }
     q.execute(pool).await?;
     Ok(())

@@ -492,6 +492,24 @@ fn finish(
     turn: &Turn,
     reply: Option<&Message>,
 ) -> rusqlite::Result<()> {
+    // Counted once: only while the turn is still running (a retried end adds nothing).
+    let used = super::TurnUsage::of(turn);
+    tx.prepare_cached(
+        "INSERT INTO usage_daily (tenant, session_id, day, input_tokens, output_tokens, turns, turn_ms) \
+         SELECT s.tenant, s.id, ?2, ?3, ?4, 1, ?5 FROM sessions s JOIN turns t ON t.session_id = s.id \
+         WHERE t.id = ?1 AND t.status = 'running' \
+         ON CONFLICT (tenant, session_id, day) DO UPDATE SET \
+           input_tokens = input_tokens + excluded.input_tokens, \
+           output_tokens = output_tokens + excluded.output_tokens, \
+           turns = turns + 1, turn_ms = turn_ms + excluded.turn_ms",
+    )?
+    .execute(rusqlite::params![
+        turn.id,
+        used.day,
+        used.input_tokens,
+        used.output_tokens,
+        used.turn_ms
+    ])?;
     tx.prepare_cached(
         "UPDATE turns SET status = ?1, text = ?2, usage = ?3, error = ?4, finished_at = ?5, \
          stop_reason = ?7 WHERE id = ?6",
