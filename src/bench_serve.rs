@@ -92,6 +92,16 @@ pub(crate) fn start_serve_args(
         .args(extra)
         .arg("--data-dir")
         .arg(&dir)
+        // Benchmarks measure capacity: no tenant quota stands in their way.
+        .envs(
+            [
+                "SANDWARDEN_TENANT_SESSIONS",
+                "SANDWARDEN_TENANT_TURNS",
+                "SANDWARDEN_TENANT_STREAMS",
+                "SANDWARDEN_MAX_SESSIONS",
+            ]
+            .map(|k| (k, "0")),
+        )
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("SANDWARDEN_API_KEY", KEY)
         .env("SANDWARDEN_LOG", "warn")

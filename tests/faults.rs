@@ -98,8 +98,9 @@ impl Backend for kube::Kube {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sessions_survive_sandboxes_killed_at_random() {
-    // No warm pool: every harness process under the data dir belongs to a session.
-    let serve = Serve::start(&["--pool", "echo=0"]);
+    // No warm pool: every harness process under the data dir belongs to a session. One tenant
+    // holds them all (200 in long mode, past the default quota of 100).
+    let serve = Serve::start(&["--pool", "echo=0", "--tenant-sessions", "0"]);
     let api = Arc::new(serve.client());
     let sessions = scale(40, 200);
     let sandboxes = ready_sessions(&api, "echo", sessions).await;
@@ -116,7 +117,14 @@ async fn on_postgres_concurrent_sessions_survive_sandboxes_killed_at_random() {
     // 200 cold starts at once (long mode) on a loaded machine outwait the default 3 s for one
     // of the pool's 16 connections; an operator expecting such bursts raises it.
     let serve = Serve::start_with_env(
-        &["--pool", "echo=0", "--store-acquire-timeout", "15"],
+        &[
+            "--pool",
+            "echo=0",
+            "--store-acquire-timeout",
+            "15",
+            "--tenant-sessions",
+            "0",
+        ],
         &[("SANDWARDEN_STORE", db)],
     );
     let api = Arc::new(serve.client());
