@@ -714,6 +714,12 @@ async fn a_tenant_past_its_token_budget_is_refused_and_usage_is_accounted() {
         tenants[0]["sessions"][0]["session_id"].as_str(),
         Some(id.as_str())
     );
+    assert!(
+        tenants[0]["sandbox_seconds"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0),
+        "the session's sandbox time is counted: {usage}"
+    );
     let (_, all) = admin.call("GET", "/v1/usage?since=2000-01-01", None).await;
     let names: Vec<&str> = all["tenants"]
         .as_array()

@@ -850,6 +850,7 @@ async fn usage(
             "output_tokens": sum(|u| u.output_tokens),
             "turns": sum(|u| u.turns),
             "turn_seconds": sessions.iter().map(|u| u.turn_seconds).sum::<f64>(),
+            "sandbox_seconds": sessions.iter().map(|u| u.sandbox_seconds).sum::<f64>(),
             "sessions": sessions,
         }));
     }

@@ -513,6 +513,8 @@ pub struct Usage {
     pub output_tokens: i64,
     pub turns: i64,
     pub turn_seconds: f64,
+    /// How long its sandboxes ran (live, or until the session ended) within the period.
+    pub sandbox_seconds: f64,
 }
 
 /// What `Notice::Changed` carries when API keys were revoked (no session id looks like it).
@@ -896,7 +898,7 @@ impl Store {
              WHERE (? IS NULL OR tenant = ?) AND day >= ? \
              GROUP BY tenant, session_id ORDER BY tenant, session_id",
         );
-        Ok(on_db!(self, |pool| sqlx::query(&sql)
+        let turns: Vec<Usage> = on_db!(self, |pool| sqlx::query(&sql)
             .bind(tenant)
             .bind(tenant)
             .bind(since)
@@ -910,8 +912,61 @@ impl Store {
                 output_tokens: r.get("o"),
                 turns: r.get("n"),
                 turn_seconds: r.get::<i64, _>("ms") as f64 / 1000.0,
+                sandbox_seconds: 0.0,
             })
-            .collect()))
+            .collect());
+        let mut by_session: std::collections::BTreeMap<(String, String), Usage> = turns
+            .into_iter()
+            .map(|u| {
+                (
+                    (u.tenant.clone(), u.session_id.clone().unwrap_or_default()),
+                    u,
+                )
+            })
+            .collect();
+        // Sandbox time: every session live in the period, from its start (or the period's) to
+        // now, or to when it ended.
+        let sessions = self.sql(
+            "SELECT tenant, id, status, created_at, updated_at FROM sessions \
+             WHERE (? IS NULL OR tenant = ?) AND (updated_at >= ? OR \
+             status IN ('creating', 'ready', 'running', 'input_required'))",
+        );
+        let rows: Vec<(String, String, String, String, String)> =
+            on_db!(self, |pool| sqlx::query_as(&sessions)
+                .bind(tenant)
+                .bind(tenant)
+                .bind(since)
+                .fetch_all(pool)
+                .await?);
+        let at = |t: &str| humantime::parse_rfc3339_weak(t).ok();
+        let from = at(&format!("{since}T00:00:00Z"));
+        let now = std::time::SystemTime::now();
+        for (tenant, id, status, created, updated) in rows {
+            let live = matches!(
+                status.as_str(),
+                "creating" | "ready" | "running" | "input_required"
+            );
+            let end = if live { Some(now) } else { at(&updated) };
+            let start = match (at(&created), from) {
+                (Some(c), Some(f)) => Some(c.max(f)),
+                (c, _) => c,
+            };
+            let seconds = match (start, end) {
+                (Some(s), Some(e)) => e.duration_since(s).map_or(0.0, |d| d.as_secs_f64()),
+                _ => 0.0,
+            };
+            let key = (tenant.clone(), id.clone());
+            if seconds <= 0.0 && !by_session.contains_key(&key) {
+                continue;
+            }
+            let entry = by_session.entry(key).or_insert_with(|| Usage {
+                tenant,
+                session_id: Some(id),
+                ..Usage::default()
+            });
+            entry.sandbox_seconds = seconds;
+        }
+        Ok(by_session.into_values().collect())
     }
 
     /// A tenant's use over all its turns (what budgets are checked against).
@@ -932,6 +987,7 @@ impl Store {
                 output_tokens: r.get("o"),
                 turns: r.get("n"),
                 turn_seconds: r.get::<i64, _>("ms") as f64 / 1000.0,
+                sandbox_seconds: 0.0,
             }
         }))
     }
@@ -1923,8 +1979,14 @@ mod tests {
         );
         assert_eq!(store.tenant_usage("nobody").await.expect("none").turns, 0);
         let rows = store.usage(None, "2000-01-01").await.expect("rows");
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].session_id.as_deref(), Some("s2"));
+        let s2 = rows
+            .iter()
+            .find(|u| u.session_id.as_deref() == Some("s2"))
+            .expect("s2's usage");
+        assert_eq!((s2.turns, s2.input_tokens), (1, 3));
+        // Every live session has run its sandbox for some time; only s2 took a turn.
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert!(rows.iter().all(|u| u.sandbox_seconds > 0.0), "{rows:?}");
         assert!(
             store
                 .usage(Some("t1"), "2999-01-01")
