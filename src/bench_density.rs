@@ -82,13 +82,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     // connections, thread stacks, the first use of each code path) is in the empty reading.
     let isolation = {
         let id = ready_session(&http, &base).await?;
-        let session: serde_json::Value = http
-            .get(format!("{base}/v1/sessions/{id}"))
-            .bearer_auth(KEY)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let session = get_session(&http, &base, &id).await?;
         let isolation = session["isolation"].as_str().unwrap_or("none").to_string();
         let stream = open_stream(&http, &base, &id).await?;
         let ws = attach(&http, &base, &id).await?;
@@ -325,15 +319,24 @@ async fn open_stream(
     Ok(r)
 }
 
-/// The session's terminal, attached through serve by its `tty_url`.
-async fn attach(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<Ws> {
-    let s: serde_json::Value = http
+/// The session as `GET /v1/sessions/{id}` shows it.
+async fn get_session(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+) -> anyhow::Result<serde_json::Value> {
+    Ok(http
         .get(format!("{base}/v1/sessions/{id}"))
         .bearer_auth(KEY)
         .send()
         .await?
         .json()
-        .await?;
+        .await?)
+}
+
+/// The session's terminal, attached through serve by its `tty_url`.
+async fn attach(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<Ws> {
+    let s = get_session(http, base, id).await?;
     let url = s["tty_url"]
         .as_str()
         .with_context(|| format!("no tty_url on session {id}: {s}"))?;

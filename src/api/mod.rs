@@ -244,8 +244,7 @@ async fn list_sessions(
     Extension(caller): Extension<Caller>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let Query(q) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let q = query_of(query)?;
     let limit = page_limit(q.limit, 50, 500)?;
     if let Some(s) = &q.status
         && !crate::session::STATUSES.contains(&s.as_str())
@@ -282,6 +281,15 @@ async fn list_sessions(
     };
     let items: Vec<Value> = sessions.iter().map(|s| view(&orch, s)).collect();
     Ok(Json(json!({ "sessions": items, "next_cursor": next_cursor })).into_response())
+}
+
+/// A route's query string, or `400 invalid_query` saying what is wrong with it.
+fn query_of<T>(
+    query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, Problem> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))
 }
 
 /// A page size from the query: `default` when absent, else between 1 and `max`.
@@ -339,8 +347,7 @@ async fn get_session(
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     check_id(&id)?;
-    let Query(q) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let q = query_of(query)?;
     let tenant = acting_tenant(&caller, q.tenant.clone())?;
     let session = match wait_for(&q)? {
         Some(t) => orch.wait(&tenant, &id, t).await?,
@@ -356,8 +363,7 @@ async fn delete_session(
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     check_id(&id)?;
-    let Query(q) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let q = query_of(query)?;
     let tenant = acting_tenant(&caller, q.tenant)?;
     let session = orch.delete(&tenant, &id).await?;
     Ok(Json(view(&orch, &session)).into_response())
@@ -500,8 +506,7 @@ async fn get_messages(
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     check_id(&id)?;
-    let Query(q) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let q = query_of(query)?;
     let limit = page_limit(q.limit, 100, 500)?;
     let after = match &q.cursor {
         None => 0,
@@ -536,8 +541,7 @@ async fn get_turn(
     check_id(&id)?;
     validate_id("turn id", &turn_id)
         .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
-    let Query(q) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let q = query_of(query)?;
     let view = match wait_for(&q)? {
         Some(t) => orch.wait_turn(&caller.tenant, &id, &turn_id, t).await?,
         None => orch.turn_view(&caller.tenant, &id, &turn_id).await?,
@@ -589,8 +593,7 @@ async fn get_events(
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     check_id(&id)?;
-    let Query(q) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let q = query_of(query)?;
     let session = orch.get(&caller.tenant, &id).await?;
     let last_event_id = headers
         .get("last-event-id")
@@ -813,8 +816,7 @@ async fn usage(
     Extension(caller): Extension<Caller>,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let Query(q) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let q = query_of(query)?;
     let since = q.since.unwrap_or_else(|| "0000-01-01".into());
     let is_day = since.len() == 10
         && since.bytes().enumerate().all(|(i, b)| {
@@ -908,8 +910,7 @@ async fn list_keys(
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     require_admin(&caller, "list API keys")?;
-    let Query(q) =
-        query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let q = query_of(query)?;
     let keys = orch
         .store
         .list_keys(q.tenant.as_deref())

@@ -133,7 +133,8 @@ impl Hub {
         ts: String,
         data: serde_json::Value,
     ) -> Result<Event, StoreError> {
-        let store = self.store.clone();
+        // On every event's path: the store is borrowed, not cloned.
+        let store = &self.store;
         self.publish_with(session_id, turn_id, kind, ts, data, |event| async move {
             store.append_events(vec![event]).await
         })
