@@ -127,6 +127,15 @@ pub struct ServeArgs {
     /// key says otherwise (0: no limit).
     #[arg(long, env = "SANDWARDEN_TENANT_STREAMS", default_value_t = 500)]
     pub tenant_streams: u64,
+    /// MiB of memory a tenant's live sandboxes may be given together (each counts its
+    /// template's `container.memory_mib`), unless its key says otherwise (0: no limit beyond
+    /// the session quota).
+    #[arg(
+        long,
+        env = "SANDWARDEN_TENANT_SANDBOX_MEMORY_MIB",
+        default_value_t = 0
+    )]
+    pub tenant_sandbox_memory_mib: u64,
     /// Live sessions of all tenants together (0: no limit).
     #[arg(long, env = "SANDWARDEN_MAX_SESSIONS", default_value_t = 2000)]
     pub max_sessions: u64,
@@ -568,6 +577,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             open_streams: nonzero(args.tenant_streams),
             message_parts: None,
             message_bytes: None,
+            sandbox_memory_mib: nonzero(args.tenant_sandbox_memory_mib),
             budget: None,
         },
         max_live_sessions: nonzero(args.max_sessions),

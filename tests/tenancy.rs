@@ -735,3 +735,166 @@ async fn a_tenant_past_its_token_budget_is_refused_and_usage_is_accounted() {
     let (status, _) = admin.call("GET", "/v1/usage?since=yesterday", None).await;
     assert_eq!(status, 400);
 }
+
+/// Creates a key for `tenant` with the admin's client and returns a client with it.
+async fn tenant_client(admin: &Api, tenant: &str) -> Api {
+    let (status, k) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": tenant})),
+        )
+        .await;
+    assert_eq!(status, 201, "{k}");
+    admin.with_key(k["key"].as_str().expect("key"))
+}
+
+/// An id a client picks is a name within its tenant: two tenants may pick the same one, neither
+/// learns that the other did (no `409` across tenants, no way to reach the other's session), and
+/// each reaches its own by the name or by the id the server derived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_ids_a_client_picks_are_scoped_to_its_tenant() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let acme = tenant_client(&admin, "acme").await;
+    let umbra = tenant_client(&admin, "umbra").await;
+    let pick = serde_json::json!({"harness": "echo", "id": "build-42"});
+
+    let mut ids = Vec::new();
+    for (who, text) in [(&acme, "acme's own words"), (&umbra, "umbra's own words")] {
+        let (status, s) = who.call("POST", "/v1/sessions", Some(pick.clone())).await;
+        assert_eq!(status, 201, "{s}");
+        assert_eq!(s["name"], "build-42", "{s}");
+        let id = s["id"].as_str().expect("id").to_string();
+        assert!(id.starts_with("ses_"), "{s}");
+        let (_, s) = who
+            .call("GET", "/v1/sessions/build-42?wait=true&timeout=30", None)
+            .await;
+        assert_eq!(
+            (s["status"].as_str(), s["id"].as_str()),
+            (Some("ready"), Some(id.as_str()))
+        );
+        let (status, reply) = who.say("build-42", text).await;
+        assert_eq!(
+            (status, reply["text"].as_str()),
+            (200, Some(text)),
+            "{reply}"
+        );
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1], "one name, two tenants, two sessions");
+
+    // Each one's history holds its own words only, by name and by id.
+    assert_eq!(
+        acme.history_texts(&ids[0]).await,
+        ["acme's own words", "acme's own words"]
+    );
+    assert_eq!(
+        umbra.history_texts("build-42").await,
+        ["umbra's own words", "umbra's own words"]
+    );
+    // The other's id is not found; the name again, in its own namespace, is taken.
+    let (status, _) = umbra
+        .call("GET", &format!("/v1/sessions/{}", ids[0]), None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, p) = acme.call("POST", "/v1/sessions", Some(pick.clone())).await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (409, Some("session_exists")),
+        "{p}"
+    );
+    assert!(
+        p["detail"].as_str().is_some_and(|d| d.contains("build-42")),
+        "{p}"
+    );
+    // Ids the server makes cannot be picked.
+    let (status, p) = acme
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(serde_json::json!({"harness": "echo", "id": ids[1]})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (422, Some("invalid_session")),
+        "{p}"
+    );
+    // The admin reaches a tenant's session by its name with `?tenant=`, and deletes it.
+    let (status, s) = admin
+        .call("DELETE", "/v1/sessions/build-42?tenant=umbra", None)
+        .await;
+    assert_eq!(
+        (status, s["id"].as_str()),
+        (200, Some(ids[1].as_str())),
+        "{s}"
+    );
+    let (_, s) = acme.call("GET", "/v1/sessions/build-42", None).await;
+    assert_eq!(s["status"], "ready", "acme's is untouched: {s}");
+}
+
+/// `limits.sandbox_memory_mib`: a tenant's live sandboxes together may be given that much memory
+/// (each counts its template's limit, 2048 MiB for echo); past it a create is refused, naming the
+/// use, and creates nothing; other tenants are not held back, and a delete makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_past_its_sandbox_memory_quota_is_refused_and_others_are_not() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let (status, k) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "lean", "limits": {"sandbox_memory_mib": 5000}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{k}");
+    let lean = admin.with_key(k["key"].as_str().expect("key"));
+    let other = tenant_client(&admin, "ample").await;
+
+    let first = lean.ready("echo").await;
+    lean.ready("echo").await;
+    let (status, p) = lean
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(serde_json::json!({"harness": "echo"})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str(), p["limit"].as_str()),
+        (429, Some("quota_exceeded"), Some("sandbox_memory_mib")),
+        "{p}"
+    );
+    assert_eq!(
+        (p["used"].as_u64(), p["max"].as_u64()),
+        (Some(4096), Some(5000)),
+        "{p}"
+    );
+    let (_, listed) = lean.call("GET", "/v1/sessions", None).await;
+    assert_eq!(
+        listed["sessions"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+
+    for _ in 0..3 {
+        other.ready("echo").await;
+    }
+    let (status, _) = lean
+        .call("DELETE", &format!("/v1/sessions/{first}"), None)
+        .await;
+    assert_eq!(status, 200);
+    let id = lean.ready("echo").await;
+    let (status, reply) = lean.say(&id, "room again").await;
+    assert_eq!((status, reply["text"].as_str()), (200, Some("room again")));
+
+    let (status, p) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "zero", "limits": {"sandbox_memory_mib": 0}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+}

@@ -177,9 +177,12 @@ async fn metrics(State(orch): State<AppState>) -> Response {
         .into_response()
 }
 
-fn check_id(id: &str) -> Result<(), Problem> {
+/// The session a URL's `{id}` names for `tenant`: its id, or the name the tenant picked for it
+/// (see `session::scoped_id`).
+fn session_path(tenant: &str, id: &str) -> Result<String, Problem> {
     validate_id("session id", id)
-        .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))
+        .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
+    Ok(crate::session::scoped_id(tenant, id))
 }
 
 /// A session as the API shows it: the stored fields plus `tty_url` for terminal sessions.
@@ -216,7 +219,7 @@ async fn create_session(
             )
         })?;
     let (session, created) = orch
-        .create(&caller.tenant, req, key, caller.limits.live_sessions)
+        .create(&caller.tenant, req, key, &caller.limits)
         .await?;
     let status = if created {
         StatusCode::CREATED
@@ -346,9 +349,9 @@ async fn get_session(
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
     let q = query_of(query)?;
     let tenant = acting_tenant(&caller, q.tenant.clone())?;
+    let id = session_path(&tenant, &id)?;
     let session = match wait_for(&q)? {
         Some(t) => orch.wait(&tenant, &id, t).await?,
         None => orch.get(&tenant, &id).await?,
@@ -362,9 +365,9 @@ async fn delete_session(
     Path(id): Path<String>,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
     let q = query_of(query)?;
     let tenant = acting_tenant(&caller, q.tenant)?;
+    let id = session_path(&tenant, &id)?;
     let session = orch.delete(&tenant, &id).await?;
     Ok(Json(view(&orch, &session)).into_response())
 }
@@ -378,7 +381,7 @@ async fn post_message(
     headers: HeaderMap,
     body: Result<Json<MessageRequest>, JsonRejection>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
+    let id = session_path(&caller.tenant, &id)?;
     let Json(req) = body?;
     let prefer_async = headers
         .get_all("prefer")
@@ -505,7 +508,7 @@ async fn get_messages(
     Path(id): Path<String>,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
+    let id = session_path(&caller.tenant, &id)?;
     let q = query_of(query)?;
     let limit = page_limit(q.limit, 100, 500)?;
     let after = match &q.cursor {
@@ -538,7 +541,7 @@ async fn get_turn(
     Path((id, turn_id)): Path<(String, String)>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
+    let id = session_path(&caller.tenant, &id)?;
     validate_id("turn id", &turn_id)
         .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
     let q = query_of(query)?;
@@ -554,7 +557,7 @@ async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
+    let id = session_path(&caller.tenant, &id)?;
     let v = orch.cancel(&caller.tenant, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(v)).into_response())
 }
@@ -565,7 +568,7 @@ async fn answer_input(
     Path((id, request_id)): Path<(String, String)>,
     body: Result<Json<InputAnswer>, JsonRejection>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
+    let id = session_path(&caller.tenant, &id)?;
     validate_id("request id", &request_id)
         .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
     let Json(answer) = body?;
@@ -592,7 +595,7 @@ async fn get_events(
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    check_id(&id)?;
+    let id = session_path(&caller.tenant, &id)?;
     let q = query_of(query)?;
     let session = orch.get(&caller.tenant, &id).await?;
     let last_event_id = headers

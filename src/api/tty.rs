@@ -58,7 +58,9 @@ pub async fn attach(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, Problem> {
-    super::check_id(&id)?;
+    // A tty token is for the session's id; with a key, the tenant's name for it works too.
+    crate::event::validate_id("session id", &id)
+        .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
     // Terminals opened with a tty token count against the server's default limit; with a key,
     // against the key's.
     let mut max_streams = orch.config.default_limits.open_streams;
@@ -80,7 +82,8 @@ pub async fn attach(
         None => {
             let caller = caller_from(&orch, &headers).await?;
             max_streams = caller.limits.open_streams;
-            orch.get(&caller.tenant, &id).await?
+            orch.get(&caller.tenant, &super::session_path(&caller.tenant, &id)?)
+                .await?
         }
     };
     if !origin_allowed(&headers, &orch.config.allowed_origins) {

@@ -54,6 +54,25 @@ const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 /// missed), so every waiter re-reads.
 const ANY_SESSION: &str = "*";
 
+/// How every session id the server makes begins; ids a client picks may not.
+pub const GENERATED_ID_PREFIX: &str = "ses_";
+
+/// The session id that `given` (from a URL or a create request) means for `tenant`. An id the
+/// server made stands for itself; any other is a name the tenant picked, and its id is derived
+/// from the tenant and the name. So each tenant has its own namespace of names, and a name
+/// another tenant took is neither refused nor found (no way to learn it exists).
+pub fn scoped_id(tenant: &str, given: &str) -> String {
+    if given.starts_with(GENERATED_ID_PREFIX) {
+        return given.to_string();
+    }
+    let digest = Sha256::new()
+        .chain_update(tenant.as_bytes())
+        .chain_update([0])
+        .chain_update(given.as_bytes())
+        .finalize();
+    format!("{GENERATED_ID_PREFIX}{}", hex::encode(&digest[..16]))
+}
+
 /// `POST /v1/sessions`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -442,7 +461,7 @@ impl Orchestrator {
         tenant: &str,
         req: CreateRequest,
         idempotency_key: Option<String>,
-        max_live: Option<u64>,
+        limits: &quota::Limits,
     ) -> Result<(Session, bool), Problem> {
         let started = Instant::now();
         let invalid =
@@ -459,8 +478,14 @@ impl Orchestrator {
                 ),
             ));
         };
-        if let Some(id) = &req.id {
-            validate_id("id", id).map_err(invalid)?;
+        if let Some(name) = &req.id {
+            validate_id("id", name).map_err(invalid)?;
+            if name.starts_with(GENERATED_ID_PREFIX) {
+                return Err(invalid(format!(
+                    "ids starting with {GENERATED_ID_PREFIX:?} are the server's; pick another \
+                     id or leave `id` out"
+                )));
+            }
         }
         if let Some(key) = &idempotency_key {
             validate_id("Idempotency-Key", key).map_err(invalid)?;
@@ -506,13 +531,19 @@ impl Orchestrator {
             ));
         }
 
-        self.check_live_sessions(tenant, max_live).await?;
+        self.check_live_sessions(tenant, limits.live_sessions)
+            .await?;
+        if let Some(max) = limits.sandbox_memory_mib {
+            self.check_sandbox_memory(tenant, &template, max, &templates)
+                .await?;
+        }
         let now = store::now();
         let mut session = Session {
-            id: req
-                .id
-                .clone()
-                .unwrap_or_else(|| format!("ses_{}", uuid::Uuid::now_v7().simple())),
+            id: match &req.id {
+                Some(name) => scoped_id(tenant, name),
+                None => format!("{GENERATED_ID_PREFIX}{}", uuid::Uuid::now_v7().simple()),
+            },
+            name: req.id.clone(),
             tenant: tenant.to_string(),
             harness: template.name.clone(),
             kind: template.kind.clone(),
@@ -546,8 +577,8 @@ impl Orchestrator {
                     StatusCode::CONFLICT,
                     "session_exists",
                     format!(
-                        "a session with id {:?} already exists; pick another id",
-                        session.id
+                        "you already have a session with id {:?}; pick another id",
+                        session.name.as_deref().unwrap_or(&session.id)
                     ),
                 ));
             }
@@ -947,6 +978,48 @@ impl Orchestrator {
                     "the server holds as many sessions as it may for all tenants; retry later",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a session of `template` when the tenant's live sandboxes together with it would
+    /// be given more than `max` MiB of memory.
+    async fn check_sandbox_memory(
+        &self,
+        tenant: &str,
+        template: &Template,
+        max: u64,
+        templates: &BTreeMap<String, Template>,
+    ) -> Result<(), Problem> {
+        let per_harness = self
+            .store
+            .live_per_harness(tenant)
+            .await
+            .map_err(store_error)?;
+        // A session whose template is gone counts as the default size.
+        let used: u64 = per_harness
+            .iter()
+            .map(|(harness, n)| {
+                let mib = templates
+                    .get(harness)
+                    .map_or(crate::runtime::ContainerSpec::default().memory_mib, |t| {
+                        t.container.memory_mib
+                    });
+                n.saturating_mul(mib)
+            })
+            .sum();
+        let wanted = template.container.memory_mib;
+        if used.saturating_add(wanted) > max {
+            return Err(quota::exceeded(
+                "sandbox_memory_mib",
+                used,
+                max,
+                &format!(
+                    "a {:?} sandbox needs {wanted} MiB more; delete a session you no longer need \
+                     first",
+                    template.name
+                ),
+            ));
         }
         Ok(())
     }

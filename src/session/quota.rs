@@ -30,6 +30,10 @@ pub struct Limits {
     /// Bytes of text and inline data in one message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_bytes: Option<u64>,
+    /// MiB of memory the tenant's live sandboxes may be given together: each sandbox counts
+    /// its template's memory limit (`container.memory_mib`), which every runtime enforces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_memory_mib: Option<u64>,
     /// What the tenant's turns may use in all, counted from the agents' reported usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
@@ -105,13 +109,14 @@ impl Limits {
         Ok(())
     }
 
-    fn fields(&self) -> [(&'static str, Option<u64>); 5] {
+    fn fields(&self) -> [(&'static str, Option<u64>); 6] {
         [
             ("live_sessions", self.live_sessions),
             ("concurrent_turns", self.concurrent_turns),
             ("open_streams", self.open_streams),
             ("message_parts", self.message_parts),
             ("message_bytes", self.message_bytes),
+            ("sandbox_memory_mib", self.sandbox_memory_mib),
         ]
     }
 
@@ -123,6 +128,7 @@ impl Limits {
             open_streams: self.open_streams.or(defaults.open_streams),
             message_parts: self.message_parts.or(defaults.message_parts),
             message_bytes: self.message_bytes.or(defaults.message_bytes),
+            sandbox_memory_mib: self.sandbox_memory_mib.or(defaults.sandbox_memory_mib),
             budget: self.budget.clone().or_else(|| defaults.budget.clone()),
         }
     }

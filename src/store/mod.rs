@@ -170,6 +170,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     pub id: String,
+    /// The id the client picked at create, if it did: a name within its tenant, which `id` is
+    /// derived from (see `session::scoped_id`).
+    pub name: Option<String>,
     #[serde(skip)]
     pub tenant: String,
     pub harness: String,
@@ -444,6 +447,7 @@ macro_rules! session_row {
         let r = $r;
         Session {
             id: r.get("id"),
+            name: r.get("name"),
             tenant: r.get("tenant"),
             harness: r.get("harness"),
             kind: r.get("kind"),
@@ -1007,6 +1011,24 @@ impl Store {
     }
 
     /// Records that a key was used (at most about once a minute per key and replica).
+    /// `tenant`'s live sessions, counted per harness (template).
+    pub async fn live_per_harness(&self, tenant: &str) -> Result<Vec<(String, u64)>> {
+        let sql = self.sql(
+            "SELECT harness, COUNT(*) AS n FROM sessions WHERE tenant = ? \
+             AND status IN ('creating', 'ready', 'running', 'input_required') GROUP BY harness",
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(tenant)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| (
+                r.get::<String, _>("harness"),
+                u64::try_from(r.get::<i64, _>("n")).unwrap_or(0)
+            ))
+            .collect()))
+    }
+
     pub async fn touch_key(&self, id: &str) -> Result<()> {
         self.execute(
             "UPDATE api_keys SET last_used_at = ? WHERE id = ?",
@@ -1026,13 +1048,14 @@ impl Store {
 
     pub async fn insert_session(&self, s: &Session) -> Result<()> {
         let sql = self.sql(
-            "INSERT INTO sessions (id, tenant, harness, kind, status, phase, failure_reason, title, \
-             metadata, sandbox_id, endpoint, idle_timeout_s, idempotency_key, request_hash, \
-             created_at, updated_at, last_active_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sessions (id, name, tenant, harness, kind, status, phase, failure_reason, \
+             title, metadata, sandbox_id, endpoint, idle_timeout_s, idempotency_key, \
+             request_hash, created_at, updated_at, last_active_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         );
         let result = on_db!(self, |pool| sqlx::query(&sql)
             .bind(&s.id)
+            .bind(&s.name)
             .bind(&s.tenant)
             .bind(&s.harness)
             .bind(&s.kind)
@@ -1696,6 +1719,7 @@ mod tests {
         let ts = now();
         Session {
             id: id.into(),
+            name: None,
             tenant: "t1".into(),
             harness: "echo".into(),
             kind: kind.into(),

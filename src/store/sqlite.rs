@@ -540,6 +540,7 @@ fn finish(
 fn session_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Session> {
     Ok(Session {
         id: r.get("id")?,
+        name: r.get("name")?,
         tenant: r.get("tenant")?,
         harness: r.get("harness")?,
         kind: r.get("kind")?,
