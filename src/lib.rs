@@ -1,9 +1,11 @@
 //! sandwarden: runs AI coding agents in sandboxes and gives clients one API to reach them.
 //!
 //! `main.rs` only parses arguments; everything else lives here so tests can reach it. Layers, top
-//! to bottom (imports point down): `cli` → `api` → `session` → `runtime`, `store`,
-//! `harness_client` → `egress`, `pool`, `metrics`, `event`, `problem`. The in-sandbox `harness` server depends
-//! only on `event` and `problem`.
+//! to bottom (imports point down): `cli` → `api` → `session` → `runtime`, `store` → `egress`,
+//! `pool`, `metrics` → the vocabulary (`sandwarden-proto`: `event`, `problem`, `harness_client`,
+//! `http`, `logs`). The in-sandbox server (`sandwarden-harness`, with the echo agent and
+//! `launch`) is its own crate and depends on the vocabulary alone; this crate links it for the
+//! `sandwarden harness`, `echo-agent` and `launch` commands.
 
 pub mod api;
 pub mod bench;
@@ -21,21 +23,19 @@ pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod crd;
-pub mod echo_agent;
 pub mod egress;
-pub mod event;
 pub mod fake_kube;
 pub mod fake_model;
-pub mod harness;
-pub mod harness_client;
-pub mod http;
-pub mod launch;
-pub mod logs;
 pub mod metrics;
 pub mod pool;
-pub mod problem;
 pub mod procfs;
 pub mod runtime;
 pub mod serve;
 pub mod session;
 pub mod store;
+
+// The vocabulary and the harness server live in their own crates (crates/proto, crates/harness);
+// these names keep their paths in the orchestrator.
+pub use sandwarden_harness as harness;
+pub use sandwarden_harness::{echo_agent, launch};
+pub use sandwarden_proto::{event, harness_client, http, logs, problem};

@@ -596,9 +596,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     orch.sync().await;
     let background = tokio::spawn(orch.clone().run_background(exits_rx));
 
-    crate::harness::announce(&addr.to_string());
+    crate::http::announce(&addr.to_string());
     tracing::info!(%addr, data_dir = %data_dir.display(), runtime = ?args.runtime, "sandwarden serve listening");
-    crate::harness::cancel_on_signals(shutdown.clone())?;
+    crate::http::cancel_on_signals(shutdown.clone())?;
 
     let app = api::router(orch.clone());
     let stopping = shutdown.clone();

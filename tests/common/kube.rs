@@ -118,7 +118,7 @@ impl Kubelet {
                             .collect();
                         // The images' entrypoint, given the Pod's args.
                         let (child, _addr) = spawn_listening(
-                            Command::new(env!("CARGO_BIN_EXE_sandwarden-harness"))
+                            Command::new(super::harness_exe())
                                 .args(&args)
                                 .env_clear()
                                 .env("PATH", &path)

@@ -14,6 +14,52 @@ use std::time::Duration;
 
 pub const TOKEN: &str = "test-token-0123456789";
 
+/// The slim `sandwarden-harness` of this build, beside `sandwarden` in the same target dir. It is
+/// another package's binary (crates/harness), which cargo builds for `cargo build` and `cargo
+/// test` of the workspace but not for `cargo test --test NAME` alone: when it is missing or from
+/// other sources (its `--version` is the build id `sandwarden` carries too), it is built here,
+/// once per test binary, so `serve` in these tests runs it as it would in production.
+pub fn harness_exe() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let sandwarden = std::path::Path::new(env!("CARGO_BIN_EXE_sandwarden"));
+            let harness = sandwarden.with_file_name("sandwarden-harness");
+            let version = |exe: &std::path::Path| {
+                Command::new(exe).arg("--version").output().ok().map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .last()
+                        .map(String::from)
+                })
+            };
+            if version(&harness).flatten() != version(sandwarden).flatten() {
+                let release = sandwarden
+                    .parent()
+                    .and_then(|d| d.file_name())
+                    .is_some_and(|d| d == "release");
+                let mut build =
+                    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+                build.args([
+                    "build",
+                    "-p",
+                    "sandwarden-harness",
+                    "--bin",
+                    "sandwarden-harness",
+                ]);
+                if release {
+                    build.arg("--release");
+                }
+                let status = build
+                    .status()
+                    .expect("run cargo build -p sandwarden-harness");
+                assert!(status.success(), "cargo build -p sandwarden-harness failed");
+            }
+            harness
+        })
+        .clone()
+}
+
 /// Spawns `cmd` (stdout piped) and reads the `{"listening": ADDR}` line every sandwarden server
 /// prints first; returns the child and ADDR.
 pub fn spawn_listening(cmd: &mut Command, what: &str) -> (Child, String) {
@@ -265,6 +311,7 @@ impl Serve {
         allow_private: bool,
         env: &[(&str, String)],
     ) -> Serve {
+        harness_exe();
         let templates = data.join("templates.json");
         if !templates.exists() {
             std::fs::write(

@@ -130,3 +130,62 @@ async fn finish<E: std::fmt::Display>(conn: impl std::future::Future<Output = Re
         tracing::trace!(error = %e, "connection ended with an error");
     }
 }
+
+/// Accepted connections send small writes at once: SSE events and terminal echo must not wait
+/// for Nagle's algorithm and the peer's delayed ACK (a 40 ms stall per event otherwise).
+pub fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::trace!(error = %e, "setting TCP_NODELAY failed");
+        }
+    })
+}
+
+/// One machine-readable line on stdout, so whoever started us learns the address. If nobody
+/// reads it any more (the parent went away), that is not our failure.
+pub fn announce(addr: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::json!({ "listening": addr }));
+    let _ = out.flush();
+}
+
+/// The first SIGTERM/SIGINT cancels `shutdown` (a graceful stop); a second exits at once.
+pub fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    let mut signals = Signals::new()?;
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+        signals.next().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+/// SIGTERM and SIGINT, registered once so a second signal is never confused with the first.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}

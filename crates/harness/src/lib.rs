@@ -1,18 +1,25 @@
 //! `sandwarden harness`: the small server inside every sandbox.
 //!
 //! It drives one agent over ACP (api kind) or one program under a PTY (tui kind) and exposes both
-//! behind a bearer token. It depends only on the shared vocabulary (`event`, `problem`), never on
-//! the orchestrator.
+//! behind a bearer token. It depends only on the shared vocabulary (`sandwarden-proto`), never on
+//! the orchestrator: the compiler holds it to that. `echo_agent` and `launch` run inside the
+//! sandbox too.
 
 pub mod acp;
+pub mod args;
 pub mod binary;
 pub mod bind;
 pub mod config;
+pub mod echo_agent;
 pub mod egress;
+pub mod launch;
 pub mod map;
 pub mod process;
 pub mod pty;
 pub mod routes;
+
+use sandwarden_proto::http::{announce, cancel_on_signals};
+pub(crate) use sandwarden_proto::{event, http, problem};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -162,63 +169,4 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("connections still open after shutdown; closing them"),
     }
     Ok(())
-}
-
-/// Accepted connections send small writes at once: SSE events and terminal echo must not wait
-/// for Nagle's algorithm and the peer's delayed ACK (a 40 ms stall per event otherwise).
-pub fn no_delay(
-    listener: tokio::net::TcpListener,
-) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
-    use axum::serve::ListenerExt;
-    listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::trace!(error = %e, "setting TCP_NODELAY failed");
-        }
-    })
-}
-
-/// One machine-readable line on stdout, so whoever started us learns the address. If nobody
-/// reads it any more (the parent went away), that is not our failure.
-pub fn announce(addr: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", serde_json::json!({ "listening": addr }));
-    let _ = out.flush();
-}
-
-/// The first SIGTERM/SIGINT cancels `shutdown` (a graceful stop); a second exits at once.
-pub fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
-    let mut signals = Signals::new()?;
-    tokio::spawn(async move {
-        signals.next().await;
-        tracing::info!("shutting down");
-        shutdown.cancel();
-        signals.next().await;
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(130);
-    });
-    Ok(())
-}
-
-/// SIGTERM and SIGINT, registered once so a second signal is never confused with the first.
-pub struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    pub fn new() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    pub async fn next(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
-    }
 }

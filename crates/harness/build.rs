@@ -1,6 +1,7 @@
-//! Gives each build of the sources an identity, `SANDWARDEN_BUILD_ID`, that `sandwarden` and
-//! `sandwarden-harness` both carry: `sandwarden` starts the slim harness binary next to it only
-//! when that binary was built from the same sources (see `src/harness/binary.rs`).
+//! Gives each build of the harness server's sources (this crate and the vocabulary it links) an
+//! identity, `SANDWARDEN_BUILD_ID`, that `sandwarden` and `sandwarden-harness` both carry through
+//! this crate: `sandwarden` starts the slim harness binary next to it only when that binary was
+//! built from the same sources (see `src/binary.rs`).
 
 use std::hash::{DefaultHasher, Hasher};
 use std::path::{Path, PathBuf};
@@ -21,8 +22,19 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn main() {
     let mut paths = Vec::new();
-    files(Path::new("src"), &mut paths);
-    paths.extend(["Cargo.toml", "Cargo.lock", "build.rs"].map(PathBuf::from));
+    let watched = [
+        "src",
+        "../proto/src",
+        "Cargo.toml",
+        "../proto/Cargo.toml",
+        "../../Cargo.toml",
+        "../../Cargo.lock",
+        "build.rs",
+    ];
+    for dir in ["src", "../proto/src"] {
+        files(Path::new(dir), &mut paths);
+    }
+    paths.extend(watched[2..].iter().map(PathBuf::from));
     paths.sort();
     // A fixed-key SipHash: the same sources give the same id, build after build.
     let mut hash = DefaultHasher::new();
@@ -35,7 +47,7 @@ fn main() {
         std::env::var("CARGO_PKG_VERSION").unwrap_or_default(),
         hash.finish()
     );
-    for watched in ["src", "Cargo.toml", "Cargo.lock", "build.rs"] {
-        println!("cargo:rerun-if-changed={watched}");
+    for path in watched {
+        println!("cargo:rerun-if-changed={path}");
     }
 }

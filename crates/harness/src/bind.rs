@@ -30,7 +30,7 @@ pub fn check(req: &BindRequest, workdir: &Path) -> Result<CheckedBind, String> {
         };
         files.push((workdir.join(&file.path), bytes, file.mode.unwrap_or(0o644)));
     }
-    let cwd = crate::harness::process::resolve_dir(workdir, req.cwd.as_deref()).or_else(|e| {
+    let cwd = crate::process::resolve_dir(workdir, req.cwd.as_deref()).or_else(|e| {
         // A cwd that one of the files creates is fine.
         let wanted = req.cwd.as_deref().map(|c| workdir.join(c));
         match wanted {

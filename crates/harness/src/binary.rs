@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// This build's identity (the package version and a hash of its sources, from `build.rs`);
-/// `sandwarden-harness --version` prints it.
+/// This build's identity: the package version and a hash of this crate's and the vocabulary's
+/// sources (from `build.rs`); `sandwarden-harness --version` prints it.
 pub const BUILD_ID: &str = env!("SANDWARDEN_BUILD_ID");
 
 /// The slim binary's file name.
