@@ -5,8 +5,8 @@
 //! latency, conflicts and writes per claim, next to agent-sandbox's published figures.
 
 use crate::bench::{fmt_us, histogram, machine_line, row};
-use crate::crd::{Sandbox, SandboxSpec, TemplateRef};
 use crate::fake_kube::FakeKube;
+use crate::k8s::crd::{Sandbox, SandboxSpec, TemplateRef};
 use crate::runtime::kubernetes::{Reservations, claim};
 use hdrhistogram::Histogram;
 use kube::ResourceExt;
@@ -85,7 +85,7 @@ async fn at_scale(total: usize, warm: usize) -> anyhow::Result<String> {
             .state()
             .iter()
             .filter(|s| {
-                let m = crate::controller::warm_pool::member(s);
+                let m = crate::k8s::member::member(s);
                 s.labels()
                     .get("sandwarden.dev/template")
                     .map(String::as_str)
@@ -119,7 +119,7 @@ async fn at_scale(total: usize, warm: usize) -> anyhow::Result<String> {
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop_watch = stop.clone().drop_guard();
     let runtime = KubernetesRuntime::start(fake.client(), NS, exits, stop);
-    let template: crate::runtime::Template = serde_json::from_value(
+    let template: crate::template::Template = serde_json::from_value(
         json!({"name": "echo", "kind": "api", "command": "sandwarden echo-agent"}),
     )?;
     // Waits for the watch's first list (the runtime's orphan sweep reads the same cache).

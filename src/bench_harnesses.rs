@@ -147,8 +147,8 @@ fn template(
     name: &str,
     pool: usize,
     fake: &str,
-) -> anyhow::Result<crate::runtime::Template> {
-    let mut t = crate::runtime::builtin_templates()
+) -> anyhow::Result<crate::template::Template> {
+    let mut t = crate::template::builtin_templates()
         .into_iter()
         .find(|t| t.name == cli.harness)
         .with_context(|| format!("no built-in template {}", cli.harness))?;
@@ -159,7 +159,7 @@ fn template(
     Ok(t)
 }
 
-fn serve_with(templates: &[crate::runtime::Template], path: &str) -> anyhow::Result<Serve> {
+fn serve_with(templates: &[crate::template::Template], path: &str) -> anyhow::Result<Serve> {
     start_serve_env(
         0,
         "local",

@@ -154,7 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         )),
         Command::Crd { dir } => {
             std::fs::create_dir_all(&dir)?;
-            for (name, yaml) in crate::crd::crds()? {
+            for (name, yaml) in crate::k8s::crd::crds()? {
                 let path = dir.join(name);
                 std::fs::write(&path, yaml)?;
                 println!("wrote {}", path.display());

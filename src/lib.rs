@@ -22,10 +22,10 @@ mod bench_tty;
 pub mod cli;
 pub mod client;
 pub mod controller;
-pub mod crd;
 pub mod egress;
 pub mod fake_kube;
 pub mod fake_model;
+pub mod k8s;
 pub mod metrics;
 pub mod pool;
 pub mod procfs;
@@ -33,6 +33,8 @@ pub mod runtime;
 pub mod serve;
 pub mod session;
 pub mod store;
+pub mod template;
+pub mod tokens;
 
 // The vocabulary and the harness server live in their own crates (crates/proto, crates/harness);
 // these names keep their paths in the orchestrator.

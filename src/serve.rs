@@ -3,13 +3,14 @@
 
 use crate::api;
 use crate::controller::leader::{Elector, Timings};
-use crate::crd::SandboxTemplate;
+use crate::k8s::crd::SandboxTemplate;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::kubernetes::KubernetesRuntime;
 use crate::runtime::local::{Isolation, LocalRuntime};
-use crate::runtime::{Template, Tokens, builtin_templates};
 use crate::session::{Config, Orchestrator};
 use crate::store::{Location, Store};
+use crate::template::{Template, builtin_templates};
+use crate::tokens::Tokens;
 use anyhow::Context;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -429,7 +430,7 @@ impl Kubernetes {
         );
         let elector = Elector::new(
             kube::Api::namespaced(self.client.clone(), &self.namespace),
-            LEASE,
+            crate::k8s::labels::LEASE,
             &self.identity,
             Timings::default(),
         );
@@ -447,9 +448,6 @@ impl Kubernetes {
         }));
     }
 }
-
-/// The Lease the replicas elect a controller leader with.
-pub const LEASE: &str = "sandwarden-controller";
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Settings are checked before anything is created.

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{CustomResourceExt, ResourceExt};
-use sandwarden::crd::{Sandbox, SandboxTemplate, SandboxWarmPool};
+use sandwarden::k8s::crd::{Sandbox, SandboxTemplate, SandboxWarmPool};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -226,7 +226,7 @@ async fn the_controller_runs_sandboxes_and_keeps_a_pool_on_a_real_api_server() {
         sandwarden::controller::run(
             client,
             &ns,
-            sandwarden::runtime::Tokens::new(b"cluster-suite".to_vec()),
+            sandwarden::tokens::Tokens::new(b"cluster-suite".to_vec()),
             "cluster-suite",
             leader,
         )

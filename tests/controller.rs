@@ -7,9 +7,11 @@
 
 use kube::api::Api;
 use sandwarden::controller::sandbox::reconcile;
-use sandwarden::crd::{Sandbox, SandboxSpec, SandboxTemplate, SandboxTemplateSpec, TemplateRef};
 use sandwarden::fake_kube::FakeKube;
-use sandwarden::runtime::Tokens;
+use sandwarden::k8s::crd::{
+    Sandbox, SandboxSpec, SandboxTemplate, SandboxTemplateSpec, TemplateRef,
+};
+use sandwarden::tokens::Tokens;
 use serde_json::{Value, json};
 use std::time::Duration;
 

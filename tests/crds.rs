@@ -4,7 +4,7 @@
 #[test]
 fn the_committed_crds_match_the_rust_types() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
-    let generated = sandwarden::crd::crds().expect("generate the CRDs");
+    let generated = sandwarden::k8s::crd::crds().expect("generate the CRDs");
     // Three CRDs and the kustomization.yaml listing them.
     assert_eq!(generated.len(), 4);
     for (name, yaml) in &generated {

@@ -5,9 +5,11 @@
 mod common;
 
 use common::*;
-use sandwarden::runtime::{Runtime, RuntimeError, Sandbox, Template, Tokens, builtin_templates};
+use sandwarden::runtime::{Runtime, RuntimeError, Sandbox};
 use sandwarden::session::{Config, Orchestrator};
 use sandwarden::store::Store;
+use sandwarden::template::{Template, builtin_templates};
+use sandwarden::tokens::Tokens;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};

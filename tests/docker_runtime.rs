@@ -16,7 +16,8 @@ use common::fake_model::FakeModel;
 use common::shell::*;
 use common::*;
 use futures::{SinkExt, StreamExt};
-use sandwarden::runtime::docker::{LABEL_OWNER, LABEL_SANDBOX, container_name};
+use sandwarden::k8s::labels::{OWNER as LABEL_OWNER, SANDBOX as LABEL_SANDBOX};
+use sandwarden::runtime::docker::container_name;
 use serde_json::json;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -396,7 +397,7 @@ async fn drive_image(docker: &Docker, template: &str) {
     let model = FakeModel::start(&[]);
     let allow = model.base.trim_start_matches("http://").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut t = sandwarden::runtime::builtin_templates()
+    let mut t = sandwarden::template::builtin_templates()
         .into_iter()
         .find(|t| t.name == template)
         .expect("a built-in template");

@@ -214,8 +214,7 @@ async fn concurrent_kills(
 /// `ready`, asked with the token serve derives for it from `DATA/secret`.
 async fn warm_sandboxes_ready(data: &Path, n: usize) -> bool {
     let secret = std::fs::read_to_string(data.join("secret")).expect("the server secret");
-    let tokens =
-        sandwarden::runtime::Tokens::new(hex::decode(secret.trim()).expect("a hex secret"));
+    let tokens = sandwarden::tokens::Tokens::new(hex::decode(secret.trim()).expect("a hex secret"));
     for _ in 0..200 {
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT id, endpoint FROM sandboxes WHERE session_id IS NULL")

@@ -283,7 +283,7 @@ fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
 fn check_custom_resource(schemas: &BTreeMap<String, Value>, doc: &Value) -> Result<(), String> {
     use k8s_openapi::api::core::v1::PodTemplateSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use sandwarden::crd::{Sandbox, SandboxTemplate, SandboxWarmPool};
+    use sandwarden::k8s::crd::{Sandbox, SandboxTemplate, SandboxWarmPool};
     let errors = schema_errors(schemas, doc);
     if !errors.is_empty() {
         return Err(errors.join("; "));
@@ -562,7 +562,7 @@ fn the_default_templates_run_what_the_local_built_in_templates_run() {
             )
         })
         .collect();
-    let builtins = sandwarden::runtime::builtin_templates();
+    let builtins = sandwarden::template::builtin_templates();
     assert_eq!(
         templates.keys().collect::<Vec<_>>(),
         {
@@ -673,7 +673,7 @@ fn restricted_violations(
 #[test]
 fn the_default_templates_make_pods_the_namespace_admits_and_the_network_policy_reaches() {
     use sandwarden::controller::pod::desired_pod;
-    use sandwarden::crd::{Sandbox, SandboxSpec, SandboxTemplate, TemplateRef};
+    use sandwarden::k8s::crd::{Sandbox, SandboxSpec, SandboxTemplate, TemplateRef};
     let docs = manifest_docs();
     let policy = docs
         .iter()

@@ -78,7 +78,7 @@ impl Rig {
     fn start(harness: &str, env: impl Fn(&FakeModel) -> Vec<(&'static str, String)>) -> Rig {
         let fake = FakeModel::start(&[]);
         let data = tempfile::tempdir().expect("tempdir");
-        let mut template = sandwarden::runtime::builtin_templates()
+        let mut template = sandwarden::template::builtin_templates()
             .into_iter()
             .find(|t| t.name == harness)
             .expect("a built-in template");

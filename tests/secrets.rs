@@ -247,7 +247,7 @@ async fn session_secrets_never_reach_logs_store_events_or_answers() {
     // Every sandbox's bearer token, from the server secret and the sandbox ids: none may be
     // logged or stored either.
     let secret_hex = std::fs::read_to_string(serve.data.path().join("secret")).expect("secret");
-    let keyring = sandwarden::runtime::Tokens::new(hex::decode(secret_hex.trim()).expect("hex"));
+    let keyring = sandwarden::tokens::Tokens::new(hex::decode(secret_hex.trim()).expect("hex"));
     let sandbox_tokens: Vec<String> = std::fs::read_dir(serve.data.path().join("sandboxes"))
         .expect("sandboxes dir")
         .flatten()

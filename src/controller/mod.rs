@@ -9,12 +9,11 @@ pub mod sandbox;
 pub mod warm_pool;
 
 /// The field manager of every server-side apply the controller makes.
-pub const FIELD_MANAGER: &str = "sandwarden-controller";
-
 pub mod leader;
 
-use crate::crd::{Sandbox, SandboxWarmPool};
-use crate::runtime::Tokens;
+use crate::k8s::crd::{Sandbox, SandboxWarmPool};
+use crate::k8s::labels::{FIELD_MANAGER, MANAGED};
+use crate::tokens::Tokens;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -27,9 +26,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// The label selecting everything the controller made (Pods, Secrets, pool members).
-pub const MANAGED: &str = "app.kubernetes.io/managed-by=sandwarden";
 
 /// What the reconcilers share.
 struct Context {

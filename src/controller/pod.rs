@@ -2,7 +2,8 @@
 //! `SandboxTemplate` (with the secure defaults the template leaves out), and the sandbox's status
 //! as read from the Pod observed. No I/O.
 
-use crate::crd::{Sandbox, SandboxTemplate};
+use crate::k8s::crd::{Sandbox, SandboxTemplate};
+use crate::k8s::labels;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, Pod,
     PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
@@ -28,9 +29,9 @@ pub fn labels(sandbox: &str, template: &str) -> BTreeMap<String, String> {
         ("app.kubernetes.io/name".into(), "sandwarden-sandbox".into()),
         ("app.kubernetes.io/instance".into(), sandbox.to_string()),
         ("app.kubernetes.io/component".into(), "harness".into()),
-        ("app.kubernetes.io/managed-by".into(), "sandwarden".into()),
-        ("sandwarden.dev/sandbox".into(), sandbox.to_string()),
-        ("sandwarden.dev/template".into(), template.to_string()),
+        (labels::MANAGED_BY.into(), labels::MANAGER.into()),
+        (labels::SANDBOX.into(), sandbox.to_string()),
+        (labels::TEMPLATE.into(), template.to_string()),
     ])
 }
 
@@ -297,7 +298,7 @@ pub fn observe(pod: Option<&Pod>, port: i32) -> Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{SandboxSpec, SandboxTemplateSpec, TemplateRef};
+    use crate::k8s::crd::{SandboxSpec, SandboxTemplateSpec, TemplateRef};
     use k8s_openapi::api::core::v1::{
         ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodStatus,
     };
@@ -387,13 +388,11 @@ mod tests {
         );
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         assert_eq!(
-            labels.get("sandwarden.dev/template").map(String::as_str),
+            labels.get(labels::TEMPLATE).map(String::as_str),
             Some("echo")
         );
         assert_eq!(
-            labels
-                .get("app.kubernetes.io/managed-by")
-                .map(String::as_str),
+            labels.get(labels::MANAGED_BY).map(String::as_str),
             Some("sandwarden")
         );
     }

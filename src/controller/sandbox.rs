@@ -3,9 +3,9 @@
 //! created once, status as a merge patch). Level-triggered: every pass starts from what exists, so
 //! a restart or a lost watch event loses nothing.
 
-use super::FIELD_MANAGER;
 use super::pod::{TOKEN_KEY, desired_pod, labels, observe, owner_reference, token_secret_name};
-use crate::crd::{FailurePolicy, Sandbox, SandboxStatus, SandboxTemplate};
+use crate::k8s::crd::{FailurePolicy, Sandbox, SandboxStatus, SandboxTemplate};
+use crate::k8s::labels::FIELD_MANAGER;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use k8s_openapi::chrono::{DateTime, Utc};

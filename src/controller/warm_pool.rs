@@ -3,26 +3,14 @@
 //! slow cache or a restart never over-creates; the pool's status; the choice of a claim
 //! candidate), then one reconcile pass that applies them.
 
-use crate::crd::{Sandbox, SandboxSpec, SandboxWarmPool};
+use crate::k8s::crd::{Sandbox, SandboxSpec, SandboxWarmPool};
+use crate::k8s::labels::POOL_LABEL;
+use crate::k8s::member::{Member, member};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-/// The label naming the pool a sandbox belongs to (until it is claimed).
-pub const POOL_LABEL: &str = "sandwarden.dev/pool";
-
-/// A pool's sandbox as the cache shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    pub name: String,
-    pub ready: bool,
-    /// Claimed by a session: no longer the pool's to count or delete.
-    pub claimed: bool,
-    /// Being deleted (a deletion timestamp).
-    pub deleting: bool,
-}
 
 /// Writes the controller made that the cache may not show yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -91,35 +79,6 @@ pub fn counts(members: &[Member]) -> (i32, i32) {
     )
 }
 
-/// The order in which a claimer tries ready, unclaimed sandboxes: a permutation drawn from `seed`
-/// (random per claim), so concurrent claimers spread over the pool instead of walking the same
-/// sequence, and the loser of a race lands somewhere else next.
-pub fn claim_order(members: &[Member], seed: usize) -> Vec<&str> {
-    use std::hash::{Hash, Hasher};
-    let mut ready: Vec<(u64, &str)> = members
-        .iter()
-        .filter(|m| m.ready && !m.claimed && !m.deleting)
-        .map(|m| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (seed, &m.name).hash(&mut h);
-            (h.finish(), m.name.as_str())
-        })
-        .collect();
-    ready.sort_unstable();
-    ready.into_iter().map(|(_, name)| name).collect()
-}
-
-/// A pool member as the pure functions see it.
-pub fn member(s: &Sandbox) -> Member {
-    let status = s.status.clone().unwrap_or_default();
-    Member {
-        name: s.name_any(),
-        ready: status.phase.as_deref() == Some("Ready"),
-        claimed: status.claimed_by.is_some(),
-        deleting: s.metadata.deletion_timestamp.is_some(),
-    }
-}
-
 /// The members of `pool` in the cache: sandboxes it owns.
 fn members_of(pool: &SandboxWarmPool, cache: &Store<Sandbox>) -> Vec<std::sync::Arc<Sandbox>> {
     let uid = pool.metadata.uid.clone();
@@ -152,10 +111,10 @@ fn new_member(pool: &SandboxWarmPool, name: String) -> Sandbox {
     let template = pool.spec.template_ref.name.clone();
     let mut labels = std::collections::BTreeMap::new();
     labels.insert(POOL_LABEL.to_string(), pool.name_any());
-    labels.insert("sandwarden.dev/template".to_string(), template);
+    labels.insert(crate::k8s::labels::TEMPLATE.to_string(), template);
     labels.insert(
-        "app.kubernetes.io/managed-by".to_string(),
-        "sandwarden".to_string(),
+        crate::k8s::labels::MANAGED_BY.to_string(),
+        crate::k8s::labels::MANAGER.to_string(),
     );
     Sandbox {
         metadata: ObjectMeta {
@@ -253,7 +212,7 @@ pub async fn reconcile(
         PoolOp::Nothing => {}
     }
     let (replicas, ready) = counts(&members);
-    let status = crate::crd::SandboxWarmPoolStatus {
+    let status = crate::k8s::crd::SandboxWarmPoolStatus {
         replicas,
         ready_replicas: ready,
         selector: format!("{POOL_LABEL}={name}"),
@@ -280,6 +239,7 @@ pub async fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::member::claim_order;
 
     fn m(name: &str, ready: bool, claimed: bool) -> Member {
         Member {

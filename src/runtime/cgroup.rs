@@ -6,7 +6,7 @@
 //!
 //! It knows paths and numbers only; which sandbox gets which limits is the runtime's business.
 
-use super::ContainerSpec;
+use crate::template::ContainerSpec;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -14,10 +14,13 @@ use super::sandbox_net::{
     EGRESS_INSIDE, EgressProxies, HARNESS_SOCKET, SOCKETS_INSIDE, SocketDirs, egress_flags,
     private_dir, proxy_env,
 };
-use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
+use super::{Runtime, RuntimeError, Sandbox};
 use crate::egress::EgressPolicy;
 use crate::event::Phase;
 use crate::harness_client::HarnessClient;
+use crate::k8s::labels;
+use crate::template::Template;
+use crate::tokens::Tokens;
 use backon::{ExponentialBuilder, Retryable};
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
@@ -33,10 +36,6 @@ use tokio::sync::mpsc;
 
 /// Where the sandbox's writable working directory (a volume) is mounted; also its HOME.
 pub const WORKDIR: &str = "/work";
-
-pub const LABEL_OWNER: &str = "sandwarden.dev/owner";
-pub const LABEL_SANDBOX: &str = "sandwarden.dev/sandbox";
-pub const LABEL_TEMPLATE: &str = "sandwarden.dev/template";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT_S: i32 = 3;
@@ -146,11 +145,11 @@ impl DockerRuntime {
         HashMap::from([
             ("app.kubernetes.io/name".into(), "sandwarden-sandbox".into()),
             ("app.kubernetes.io/component".into(), "harness".into()),
-            ("app.kubernetes.io/managed-by".into(), "sandwarden".into()),
+            (labels::MANAGED_BY.into(), labels::MANAGER.into()),
             ("app.kubernetes.io/instance".into(), id.to_string()),
-            (LABEL_OWNER.into(), self.owner.clone()),
-            (LABEL_SANDBOX.into(), id.to_string()),
-            (LABEL_TEMPLATE.into(), t.name.clone()),
+            (labels::OWNER.into(), self.owner.clone()),
+            (labels::SANDBOX.into(), id.to_string()),
+            (labels::TEMPLATE.into(), t.name.clone()),
         ])
     }
 
@@ -358,7 +357,10 @@ async fn watch_deaths(docker: Docker, owner: String, exits: mpsc::UnboundedSende
             "event".to_string(),
             vec!["die".into(), "oom".into(), "destroy".into()],
         ),
-        ("label".to_string(), vec![format!("{LABEL_OWNER}={owner}")]),
+        (
+            "label".to_string(),
+            vec![format!("{}={owner}", labels::OWNER)],
+        ),
     ]);
     loop {
         let mut events = docker.events(Some(EventsOptions {
@@ -370,7 +372,7 @@ async fn watch_deaths(docker: Docker, owner: String, exits: mpsc::UnboundedSende
             let sandbox = event
                 .actor
                 .and_then(|a| a.attributes)
-                .and_then(|a| a.get(LABEL_SANDBOX).cloned());
+                .and_then(|a| a.get(labels::SANDBOX).cloned());
             if let Some(id) = sandbox
                 && exits.send(id).is_err()
             {
@@ -504,7 +506,7 @@ impl Runtime for DockerRuntime {
     async fn owned(&self) -> Vec<String> {
         let filters = HashMap::from([(
             "label".to_string(),
-            vec![format!("{LABEL_OWNER}={}", self.owner)],
+            vec![format!("{}={}", labels::OWNER, self.owner)],
         )]);
         // Retried: a listing fails as a whole while any container is in Podman's transient
         // `stopped` state, which bollard cannot read.
@@ -527,7 +529,7 @@ impl Runtime for DockerRuntime {
         match listed {
             Ok(containers) => containers
                 .into_iter()
-                .filter_map(|c| c.labels.and_then(|l| l.get(LABEL_SANDBOX).cloned()))
+                .filter_map(|c| c.labels.and_then(|l| l.get(labels::SANDBOX).cloned()))
                 .collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "listing containers failed");

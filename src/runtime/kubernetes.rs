@@ -6,9 +6,12 @@
 //!
 //! It knows Sandboxes and who claimed them (an opaque claimer id); it must not know sessions.
 
-use super::{Runtime, RuntimeError, Template};
-use crate::controller::warm_pool::{Member, claim_order, member};
-use crate::crd::{Sandbox, SandboxSpec, SandboxTemplate, TemplateRef};
+use super::{Runtime, RuntimeError};
+use crate::k8s::labels;
+
+use crate::k8s::crd::{Sandbox, SandboxSpec, SandboxTemplate, TemplateRef};
+use crate::k8s::member::{Member, claim_order, member};
+use crate::template::Template;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
@@ -73,7 +76,7 @@ pub struct Claimed {
 /// watch cache; this is the uncached form).
 pub async fn candidates(api: &Api<Sandbox>, template: &str) -> Result<Vec<Sandbox>, kube::Error> {
     let list = api
-        .list(&ListParams::default().labels(&format!("sandwarden.dev/template={template}")))
+        .list(&ListParams::default().labels(&format!("{}={template}", labels::TEMPLATE)))
         .await?;
     Ok(list
         .items
@@ -234,7 +237,7 @@ fn warm_template(s: &Sandbox) -> Option<String> {
     if !m.ready || m.claimed || m.deleting {
         return None;
     }
-    s.labels().get("sandwarden.dev/template").cloned()
+    s.labels().get(labels::TEMPLATE).cloned()
 }
 
 /// How long a cold sandbox may take to become Ready (image pulls included).
@@ -440,11 +443,8 @@ impl Runtime for KubernetesRuntime {
     async fn create(&self, id: &str, template: &Template) -> Result<super::Sandbox, RuntimeError> {
         let name = resource_name(id);
         let mut labels = BTreeMap::new();
-        labels.insert("sandwarden.dev/template".to_string(), template.name.clone());
-        labels.insert(
-            "app.kubernetes.io/managed-by".to_string(),
-            "sandwarden".to_string(),
-        );
+        labels.insert(labels::TEMPLATE.to_string(), template.name.clone());
+        labels.insert(labels::MANAGED_BY.to_string(), "sandwarden".to_string());
         let sandbox = Sandbox {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -545,7 +545,7 @@ impl Runtime for KubernetesRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::SandboxStatus;
+    use crate::k8s::crd::SandboxStatus;
 
     fn sandbox(name: &str, template: &str, phase: &str, claimed: bool) -> Sandbox {
         let mut s = Sandbox::new(
@@ -559,7 +559,7 @@ mod tests {
             },
         );
         s.metadata.labels = Some(BTreeMap::from([(
-            "sandwarden.dev/template".to_string(),
+            labels::TEMPLATE.to_string(),
             template.to_string(),
         )]));
         s.status = Some(SandboxStatus {

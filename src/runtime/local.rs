@@ -17,9 +17,11 @@ use super::sandbox_net::{
     EGRESS_INSIDE, EgressProxies, HARNESS_SOCKET, SOCKETS_INSIDE, SocketDirs, egress_flags,
     private_dir, proxy_env,
 };
-use super::{Runtime, RuntimeError, Sandbox, Template, Tokens};
+use super::{Runtime, RuntimeError, Sandbox};
 use crate::egress::EgressPolicy;
 use crate::harness::binary::HarnessProgram;
+use crate::template::Template;
+use crate::tokens::Tokens;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::ffi::OsString;

@@ -16,8 +16,10 @@ use crate::harness_client::{ClientError, HarnessClient};
 use crate::metrics::Metrics;
 use crate::pool::PoolIndex;
 use crate::problem::Problem;
-use crate::runtime::{Runtime, Sandbox, Template, Tokens};
+use crate::runtime::{Runtime, Sandbox};
 use crate::store::{self, SandboxRow, Session, SessionFilter, Store};
+use crate::template::Template;
+use crate::tokens::Tokens;
 use axum::http::StatusCode;
 use backon::{ExponentialBuilder, Retryable};
 use serde::Deserialize;
@@ -503,11 +505,11 @@ impl Orchestrator {
             _ => {}
         }
         if let Some(t) = req.idle_timeout_s
-            && !(1..=crate::runtime::MAX_IDLE_TIMEOUT_S).contains(&t)
+            && !(1..=crate::template::MAX_IDLE_TIMEOUT_S).contains(&t)
         {
             return Err(invalid(format!(
                 "`idle_timeout_s` is between 1 and {} (30 days); {t} is outside",
-                crate::runtime::MAX_IDLE_TIMEOUT_S
+                crate::template::MAX_IDLE_TIMEOUT_S
             )));
         }
         let bind = req.bind();
@@ -1002,7 +1004,7 @@ impl Orchestrator {
             .map(|(harness, n)| {
                 let mib = templates
                     .get(harness)
-                    .map_or(crate::runtime::ContainerSpec::default().memory_mib, |t| {
+                    .map_or(crate::template::ContainerSpec::default().memory_mib, |t| {
                         t.container.memory_mib
                     });
                 n.saturating_mul(mib)

@@ -226,9 +226,9 @@ pub struct SandboxWarmPoolStatus {
 impl SandboxTemplate {
     /// The template as the API layer and every runtime know it (one harness command line for
     /// all of them). Its warm pool is a `SandboxWarmPool`, not the API's own.
-    pub fn to_template(&self) -> crate::runtime::Template {
+    pub fn to_template(&self) -> crate::template::Template {
         let spec = &self.spec;
-        crate::runtime::Template {
+        crate::template::Template {
             name: self.metadata.name.clone().unwrap_or_default(),
             kind: match spec.kind {
                 HarnessKind::Api => "api".into(),
