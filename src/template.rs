@@ -3,6 +3,7 @@
 //! from them and the orchestrator creates sessions from them; a template knows nothing of
 //! either.
 
+use sandwarden_proto::kind::{HarnessKind, StartMode};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -17,13 +18,13 @@ pub const MAX_IDLE_TIMEOUT_S: u64 = 30 * 24 * 3600;
 pub struct Template {
     pub name: String,
     /// `api` (ACP agent over stdio) or `tui` (program under a PTY).
-    pub kind: String,
+    pub kind: HarnessKind,
     /// The agent's or program's command line.
     pub command: String,
     /// `boot`: start the agent with the sandbox (fastest first turn); `bind`: start it when a
     /// session claims the sandbox (per-session env reaches it without a restart).
-    #[serde(default = "default_start")]
-    pub start: String,
+    #[serde(default)]
+    pub start: StartMode,
     /// Warm sandboxes kept ready for new sessions.
     #[serde(default)]
     pub pool: usize,
@@ -76,22 +77,21 @@ impl Template {
     /// harness program, containers and Pods as the arguments to the images' entrypoint
     /// (`sandwarden-harness`).
     pub fn harness_flags(&self, listen: &str, workdir: &str) -> Vec<String> {
-        let agent_or_command = if self.kind == "api" {
-            "--agent"
-        } else {
-            "--command"
+        let agent_or_command = match self.kind {
+            HarnessKind::Api => "--agent",
+            HarnessKind::Tui => "--command",
         };
         [
             "--listen",
             listen,
             "--kind",
-            &self.kind,
+            self.kind.as_str(),
             agent_or_command,
             &self.command,
             "--workdir",
             workdir,
             "--start",
-            &self.start,
+            self.start.as_str(),
             "--turn-timeout",
             &self.turn_timeout_s.to_string(),
         ]
@@ -111,9 +111,6 @@ impl Template {
     }
 }
 
-fn default_start() -> String {
-    "boot".into()
-}
 fn default_idle() -> u64 {
     3600
 }
@@ -122,12 +119,12 @@ fn default_turn_timeout() -> u64 {
 }
 
 impl Template {
-    fn new(name: &str, kind: &str, command: &str, pool: usize) -> Template {
+    fn new(name: &str, kind: HarnessKind, command: &str, pool: usize) -> Template {
         Template {
             name: name.into(),
-            kind: kind.into(),
+            kind,
             command: command.into(),
-            start: default_start(),
+            start: StartMode::Boot,
             pool,
             idle_timeout_s: default_idle(),
             turn_timeout_s: default_turn_timeout(),
@@ -146,12 +143,6 @@ impl Template {
     pub fn validate(&self) -> Result<(), String> {
         let n = &self.name;
         crate::event::validate_id("template name", n)?;
-        if self.kind != "api" && self.kind != "tui" {
-            return Err(format!("template {n}: kind must be \"api\" or \"tui\""));
-        }
-        if self.start != "boot" && self.start != "bind" {
-            return Err(format!("template {n}: start must be \"boot\" or \"bind\""));
-        }
         crate::harness::process::parse_command_line(&self.command)
             .map_err(|e| format!("template {n}: command: {e}"))?;
         if self.pool > 100 {
@@ -207,18 +198,18 @@ pub fn builtin_templates() -> Vec<Template> {
         ("IS_SANDBOX", "1"),
     ];
     vec![
-        Template::new("echo", "api", "sandwarden echo-agent", 1),
-        Template::new("shell", "tui", &shell, 0),
+        Template::new("echo", HarnessKind::Api, "sandwarden echo-agent", 1),
+        Template::new("shell", HarnessKind::Tui, &shell, 0),
         Template::new(
             "opencode",
-            "api",
+            HarnessKind::Api,
             "sandwarden launch opencode -- opencode acp",
             0,
         )
         .with_env(&opencode_env),
         Template::new(
             "claude-agent-sdk",
-            "api",
+            HarnessKind::Api,
             "sandwarden launch claude -- claude-agent-acp",
             0,
         )
@@ -228,14 +219,14 @@ pub fn builtin_templates() -> Vec<Template> {
         // isolation boundary, so commands run unconfined inside it.
         Template::new(
             "codex",
-            "api",
+            HarnessKind::Api,
             "sandwarden launch codex -- codex-acp -c sandbox_mode=\"danger-full-access\"",
             0,
         ),
         // Permissions are skipped inside the sandbox (see IS_SANDBOX above).
         Template::new(
             "claude-code",
-            "tui",
+            HarnessKind::Tui,
             "sandwarden launch claude -- claude --dangerously-skip-permissions",
             0,
         )
@@ -244,7 +235,7 @@ pub fn builtin_templates() -> Vec<Template> {
         // for updates.
         Template::new(
             "codex-tui",
-            "tui",
+            HarnessKind::Tui,
             "sandwarden launch codex -- codex --disable daemon_auto_start --disable in_app_updates",
             0,
         ),
@@ -261,7 +252,7 @@ mod tests {
             assert_eq!(t.validate(), Ok(()), "{}", t.name);
         }
         let mut bad = builtin_templates()[0].clone();
-        bad.kind = "gui".into();
+        bad.command = "\"unclosed".into();
         assert!(bad.validate().is_err());
     }
 }

@@ -6,6 +6,7 @@
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
+pub use sandwarden_proto::kind::{HarnessKind, StartMode};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -60,23 +61,6 @@ pub struct SandboxTemplateSpec {
     #[serde(default)]
     #[schemars(schema_with = "pod_template_schema")]
     pub pod_template: PodTemplateSpec,
-}
-
-/// Harness kinds.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum HarnessKind {
-    Api,
-    Tui,
-}
-
-/// When the agent starts.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum StartMode {
-    #[default]
-    Boot,
-    Bind,
 }
 
 /// What happens to a sandbox whose Pod failed or vanished.
@@ -230,15 +214,9 @@ impl SandboxTemplate {
         let spec = &self.spec;
         crate::template::Template {
             name: self.metadata.name.clone().unwrap_or_default(),
-            kind: match spec.kind {
-                HarnessKind::Api => "api".into(),
-                HarnessKind::Tui => "tui".into(),
-            },
+            kind: spec.kind,
             command: spec.command.clone(),
-            start: match spec.start {
-                StartMode::Boot => "boot".into(),
-                StartMode::Bind => "bind".into(),
-            },
+            start: spec.start,
             pool: 0,
             idle_timeout_s: u64::try_from(spec.idle_timeout_seconds).unwrap_or(1),
             turn_timeout_s: u64::try_from(spec.turn_timeout_seconds).unwrap_or(1),

@@ -548,7 +548,7 @@ impl Orchestrator {
             name: req.id.clone(),
             tenant: tenant.to_string(),
             harness: template.name.clone(),
-            kind: template.kind.clone(),
+            kind: template.kind.to_string(),
             status: "creating".into(),
             phase: Some("creating".into()),
             failure_reason: None,
@@ -716,7 +716,7 @@ impl Orchestrator {
     ) {
         if !bind.is_empty() {
             // Start the agent once, with the session's values, instead of twice.
-            template.start = "bind".into();
+            template.start = sandwarden_proto::kind::StartMode::Bind;
         }
         let result = match self.provision(&template, &bind, Phase::Ready).await {
             Ok(sandbox) => match self
@@ -1355,7 +1355,7 @@ impl Orchestrator {
     }
 
     async fn start_warm(&self, t: &Template) -> bool {
-        let want = if t.start == "bind" {
+        let want = if t.start == sandwarden_proto::kind::StartMode::Bind {
             Phase::Standby
         } else {
             Phase::Ready

@@ -2,26 +2,11 @@
 //! set by a `SANDWARDEN_*` environment variable, and `into_config` checks them into a
 //! `HarnessConfig` whose errors name the flag to fix.
 
-use crate::{HarnessConfig, Kind, StartMode};
+use crate::{HarnessConfig, HarnessKind, StartMode};
 use anyhow::Context;
-use clap::ValueEnum;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KindArg {
-    Api,
-    Tui,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StartArg {
-    /// Start the agent as soon as the server starts (fastest first turn).
-    Boot,
-    /// Wait for `POST /v1/bind` (per-session env and files reach a warm sandbox).
-    Bind,
-}
 
 #[derive(Debug, clap::Args)]
 pub struct HarnessArgs {
@@ -38,7 +23,7 @@ pub struct HarnessArgs {
     pub token_file: Option<PathBuf>,
     /// `api`: an ACP agent over stdio; `tui`: a program under a PTY.
     #[arg(long, env = "SANDWARDEN_KIND", value_enum)]
-    pub kind: KindArg,
+    pub kind: HarnessKind,
     /// The ACP agent's command line (api kind), e.g. "sandwarden echo-agent" or "opencode acp".
     #[arg(long, env = "SANDWARDEN_AGENT")]
     pub agent: Option<String>,
@@ -50,7 +35,7 @@ pub struct HarnessArgs {
     pub workdir: Option<PathBuf>,
     /// When to start the agent or program.
     #[arg(long, env = "SANDWARDEN_START", value_enum, default_value = "boot")]
-    pub start: StartArg,
+    pub start: StartMode,
     /// Longest a turn may run, in seconds; a request may ask for less.
     #[arg(long, env = "SANDWARDEN_TURN_TIMEOUT", default_value_t = 1800)]
     pub turn_timeout: u64,
@@ -112,12 +97,12 @@ impl HarnessArgs {
             "the token must be at least 8 characters long"
         );
         let (kind, line) = match (self.kind, self.agent, self.command) {
-            (KindArg::Api, Some(agent), None) => (Kind::Api, agent),
-            (KindArg::Tui, None, Some(command)) => (Kind::Tui, command),
-            (KindArg::Api, _, _) => {
+            (HarnessKind::Api, Some(agent), None) => (HarnessKind::Api, agent),
+            (HarnessKind::Tui, None, Some(command)) => (HarnessKind::Tui, command),
+            (HarnessKind::Api, _, _) => {
                 anyhow::bail!("--kind api needs --agent \"CMD ARGS\" (and no --command)")
             }
-            (KindArg::Tui, _, _) => {
+            (HarnessKind::Tui, _, _) => {
                 anyhow::bail!("--kind tui needs --command \"CMD ARGS\" (and no --agent)")
             }
         };
@@ -143,10 +128,7 @@ impl HarnessArgs {
             kind,
             argv,
             workdir,
-            start: match self.start {
-                StartArg::Boot => StartMode::Boot,
-                StartArg::Bind => StartMode::Bind,
-            },
+            start: self.start,
             turn_timeout: Duration::from_secs(self.turn_timeout),
             boot_timeout: Duration::from_secs(self.boot_timeout),
             cancel_grace: Duration::from_secs(self.cancel_grace),

@@ -19,6 +19,7 @@ pub mod pty;
 pub mod routes;
 
 use sandwarden_proto::http::{announce, cancel_on_signals};
+pub use sandwarden_proto::kind::{HarnessKind, StartMode};
 pub(crate) use sandwarden_proto::{event, http, problem};
 
 use std::net::SocketAddr;
@@ -26,20 +27,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Api,
-    Tui,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartMode {
-    /// Start the agent with the server.
-    Boot,
-    /// Start it at `POST /v1/bind` (or at the first turn/attach if no bind comes).
-    Bind,
-}
 
 /// Where the harness server listens: a TCP address (containers, Pods), or a Unix socket (a local
 /// sandbox, whose network namespace `serve` cannot reach).
@@ -70,7 +57,7 @@ impl std::str::FromStr for ListenAddr {
 pub struct HarnessConfig {
     pub listen: ListenAddr,
     pub token: String,
-    pub kind: Kind,
+    pub kind: HarnessKind,
     pub argv: Vec<String>,
     pub workdir: PathBuf,
     pub start: StartMode,
@@ -148,8 +135,8 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let cfg = Arc::new(cfg);
     let driver = match cfg.kind {
-        Kind::Api => Driver::Api(acp::ApiAgent::new(cfg.clone(), shutdown.clone())),
-        Kind::Tui => Driver::Tui(pty::Terminal::new(cfg.clone(), shutdown.clone())),
+        HarnessKind::Api => Driver::Api(acp::ApiAgent::new(cfg.clone(), shutdown.clone())),
+        HarnessKind::Tui => Driver::Tui(pty::Terminal::new(cfg.clone(), shutdown.clone())),
     };
     let app = routes::router(cfg.clone(), driver.clone());
 

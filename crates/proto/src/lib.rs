@@ -6,6 +6,7 @@
 //! - `problem`: the one error shape every HTTP answer uses;
 //! - `harness_client`: the orchestrator's client of a harness server, whose `health()` is the
 //!   readiness probe;
+//! - `kind`: the harness kind (`api`, `tui`) and start mode (`boot`, `bind`);
 //! - `http`: the accept loop (bounded slow clients), the listen line and signals;
 //! - `logs`: log output, with the wire-logging libraries capped so no level logs a secret.
 //!
@@ -15,5 +16,6 @@
 pub mod event;
 pub mod harness_client;
 pub mod http;
+pub mod kind;
 pub mod logs;
 pub mod problem;
