@@ -254,7 +254,33 @@ async fn session_secrets_never_reach_logs_store_events_or_answers() {
         .map(|d| keyring.for_sandbox(&d.file_name().to_string_lossy()))
         .collect();
     assert!(!sandbox_tokens.is_empty(), "the sandboxes are found");
-    let tokens: Vec<&str> = sandbox_tokens.iter().map(String::as_str).collect();
+    // A terminal attached with its `tty_url`: the token in the URL's query must not reach the
+    // logs either (the request's span names the path, never the query).
+    let api = Api {
+        base: serve.base.clone(),
+        key: ADMIN_KEY.to_string(),
+        http: reqwest::Client::new(),
+    };
+    let shell = api.ready("shell").await;
+    let (tty_url, mut ws) = api.attach_tty(&shell).await;
+    let tty_token = tty_url
+        .split_once("token=")
+        .map(|(_, t)| t.split('&').next().unwrap_or(t).to_string())
+        .expect("a token in the tty_url");
+    {
+        use futures::SinkExt;
+        ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+            b"echo attached\n".to_vec().into(),
+        ))
+        .await
+        .expect("type into the terminal");
+        let _ = ws.close(None).await;
+    }
+    let tokens: Vec<&str> = sandbox_tokens
+        .iter()
+        .map(String::as_str)
+        .chain([tty_token.as_str()])
+        .collect();
 
     // The logs and the store, after a clean stop (every line written, the WAL checkpointed or
     // not: both are read). Sandbox directories and homes belong to the agent.

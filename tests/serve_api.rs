@@ -1016,3 +1016,45 @@ async fn pending_webhooks_resume_after_serve_crashes_without_storing_the_token()
     drop(serve);
     kill_sandboxes_under(dir.path());
 }
+
+/// Every answer names its request in `X-Request-Id`: a fresh id per request, or the client's own
+/// when it sent a usable one (a malformed one is replaced, never echoed).
+#[tokio::test]
+async fn every_answer_carries_its_request_id() {
+    let serve = Serve::start(&[]);
+    let http = reqwest::Client::new();
+    let id_of = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for path in ["/healthz", "/v1/sessions", "/v1/nowhere"] {
+        let r = http
+            .get(serve.url(path))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .expect("request");
+        let id = id_of(&r).unwrap_or_else(|| panic!("{path}: no x-request-id"));
+        assert!(seen.insert(id), "{path}: an id used twice");
+    }
+    let r = http
+        .get(serve.url("/v1/sessions"))
+        .bearer_auth(ADMIN_KEY)
+        .header("x-request-id", "client-trace-7f3a")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(id_of(&r).as_deref(), Some("client-trace-7f3a"));
+    let r = http
+        .get(serve.url("/v1/sessions"))
+        .header("x-request-id", "no spaces, please")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 401);
+    let id = id_of(&r).expect("an id on a refused request too");
+    assert!(id != "no spaces, please" && !id.is_empty(), "{id}");
+}

@@ -86,7 +86,36 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(orch.clone(), count_requests))
+        .layer(middleware::from_fn(request_span))
         .with_state(orch)
+}
+
+/// The header carrying a request's id: the client's, when it sent a usable one, else a new one;
+/// the answer always has it, and every log line written while the request runs names it.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Runs each request in a `request` span (its id, method and path; never the query string,
+/// where a terminal's token travels) and returns the id in `X-Request-Id`.
+async fn request_span(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| validate_id("request id", v).is_ok() && v.len() <= 64)
+        .map(String::from)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    let mut response = next.run(req).instrument(span).await;
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
 }
 
 async fn count_requests(State(orch): State<AppState>, req: Request, next: Next) -> Response {

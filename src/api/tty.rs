@@ -163,11 +163,14 @@ pub async fn attach(
                     }
                 })
             });
-            pump(
-                socket,
-                upstream,
-                orch.config.client_timeout,
-                orch.shutdown.clone(),
+            tracing::Instrument::instrument(
+                pump(
+                    socket,
+                    upstream,
+                    orch.config.client_timeout,
+                    orch.shutdown.clone(),
+                ),
+                tracing::info_span!("terminal", session_id = %session_id),
             )
             .await;
             if let Some(task) = keep_active {

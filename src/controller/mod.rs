@@ -40,6 +40,7 @@ struct Context {
 #[error(transparent)]
 struct Failed(#[from] sandbox::Error);
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(sandbox = %s.name_any()))]
 async fn reconcile_sandbox(s: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action, Failed> {
     let token = ctx.tokens.for_sandbox(&s.name_any());
     let pass = sandbox::reconcile(&ctx.client, &s, &token).await?;
@@ -72,6 +73,7 @@ async fn reconcile_sandbox(s: Arc<Sandbox>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::requeue(pass.requeue))
 }
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(pool = %pool.name_any()))]
 async fn reconcile_pool(pool: Arc<SandboxWarmPool>, ctx: Arc<Context>) -> Result<Action, Failed> {
     // Sizing from a cache that has not finished its first list would over-create. `run` starts
     // this controller only once the cache is ready, so this returns at once; bounded all the

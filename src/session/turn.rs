@@ -477,10 +477,16 @@ impl Orchestrator {
         let me = self.clone();
         let s = session.clone();
         let webhook = delivery.map(|d| (d, req.webhook.as_ref().and_then(|h| h.token.clone())));
-        tokio::spawn(async move {
-            let outcome = me.drive(s, turn, user, stream, webhook, deadline).await;
-            let _ = done_tx.send(Some(outcome));
-        });
+        // The turn outlives the request that started it (async turns, a client that goes):
+        // its own span, with the session and turn, follows it to its end.
+        let span = tracing::info_span!("turn", session_id = %session.id, turn_id = %turn_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let outcome = me.drive(s, turn, user, stream, webhook, deadline).await;
+                let _ = done_tx.send(Some(outcome));
+            },
+            span,
+        ));
         Ok(Started {
             session: session.clone(),
             turn_id: turn_id.to_string(),
