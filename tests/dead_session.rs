@@ -6,14 +6,11 @@ mod common;
 
 use common::*;
 use sandwarden::runtime::{Runtime, RuntimeError, Sandbox};
-use sandwarden::session::{Config, Orchestrator};
-use sandwarden::store::Store;
-use sandwarden::template::{Template, builtin_templates};
+use sandwarden::template::Template;
 use sandwarden::tokens::Tokens;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// Starts real harness processes but cannot see them exit.
 struct Unwatched {
@@ -85,52 +82,19 @@ impl Drop for Unwatched {
 #[tokio::test]
 async fn a_connect_failure_answers_502_and_marks_the_session_dead_in_that_request() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).await.expect("store");
-    store
-        .insert_key(
-            "default",
-            &sandwarden::api::hash_key(ADMIN_KEY),
-            true,
-            "env",
-            &Default::default(),
-        )
-        .await
-        .expect("key");
+    let store = in_process::store_with_keys(dir.path(), &[("default", ADMIN_KEY, true)]).await;
     let tokens = Tokens::new(b"test-secret".to_vec());
     let runtime = Arc::new(Unwatched {
         tokens: tokens.clone(),
         children: Mutex::new(Vec::new()),
     });
-    let mut templates = std::collections::BTreeMap::new();
-    for mut t in builtin_templates() {
-        t.pool = 0;
-        templates.insert(t.name.clone(), t);
-    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let config = Config {
-        public_url: base.clone(),
-        allow_private_webhooks: true,
-        tty_token_ttl: Duration::from_secs(60),
-        allowed_origins: vec![],
-        webhook_lease: std::time::Duration::from_secs(30),
-        replica_lease: std::time::Duration::from_secs(15),
-        client_timeout: std::time::Duration::from_secs(30),
-        default_limits: Default::default(),
-        max_live_sessions: None,
-    };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let orch = Orchestrator::new(
-        store,
-        runtime.clone(),
-        tokens,
-        templates,
-        config,
-        shutdown.clone(),
-    );
-    orch.sync().await;
+    let templates = in_process::templates(&["echo"]);
+    let orch = in_process::orchestrator(store, runtime.clone(), tokens, templates, &base).await;
+    let shutdown = orch.shutdown.clone();
     let app = sandwarden::api::router(orch);
     tokio::spawn(async move { axum::serve(listener, app).await });
     let api = Api {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_model;
+pub mod in_process;
 pub mod kube;
 pub mod load;
 pub mod shell;

@@ -105,6 +105,15 @@ impl Driver {
 
 /// Runs the server until SIGTERM/SIGINT; a second signal exits at once.
 pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone())?;
+    serve(cfg, shutdown).await
+}
+
+/// Runs the server until `shutdown` is cancelled, then stops the agent or program and gives
+/// open responses a moment. `run` cancels it on a signal; a test hosting the server in its own
+/// process cancels it itself.
+pub async fn serve(cfg: HarnessConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener: crate::http::Listener = match &cfg.listen {
         ListenAddr::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -132,15 +141,12 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot open the sandbox's way out: {e}"))?;
     }
 
-    let shutdown = CancellationToken::new();
     let cfg = Arc::new(cfg);
     let driver = match cfg.kind {
         HarnessKind::Api => Driver::Api(acp::ApiAgent::new(cfg.clone(), shutdown.clone())),
         HarnessKind::Tui => Driver::Tui(pty::Terminal::new(cfg.clone(), shutdown.clone())),
     };
     let app = routes::router(cfg.clone(), driver.clone());
-
-    cancel_on_signals(shutdown.clone())?;
 
     let limits = crate::http::ClientLimits {
         headers: cfg.client_timeout,
