@@ -32,6 +32,7 @@ pub mod procfs;
 pub mod runtime;
 pub mod serve;
 pub mod session;
+pub mod status;
 pub mod store;
 pub mod template;
 pub mod tokens;

@@ -279,12 +279,17 @@ async fn list_sessions(
     let q = query_of(query)?;
     let limit = page_limit(q.limit, 50, 500)?;
     if let Some(s) = &q.status
-        && !crate::session::STATUSES.contains(&s.as_str())
+        && crate::status::SessionStatus::parse(s).is_none()
     {
         return Err(Problem::new(
             StatusCode::BAD_REQUEST,
             "invalid_query",
-            format!("`status` is one of {}", crate::session::STATUSES.join(", ")),
+            format!(
+                "`status` is one of {}",
+                crate::status::SessionStatus::ALL
+                    .map(|s| s.as_str())
+                    .join(", ")
+            ),
         ));
     }
     let after = match &q.cursor {

@@ -5,7 +5,6 @@
 
 use super::{AppState, caller_from};
 use crate::problem::Problem;
-use crate::session::LIVE;
 use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -100,7 +99,7 @@ pub async fn attach(
             "this session runs an API agent; send it messages with POST /v1/sessions/{id}/messages",
         ));
     }
-    if !LIVE.contains(&session.status.as_str()) {
+    if !session.status.is_live() {
         return Err(crate::session::turn::not_usable(&session));
     }
     let ws = ws.map_err(|e| {

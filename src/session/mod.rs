@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::pool::PoolIndex;
 use crate::problem::Problem;
 use crate::runtime::{Runtime, Sandbox};
+use crate::status::SessionStatus;
 use crate::store::{self, SandboxRow, Session, SessionFilter, Store};
 use crate::template::Template;
 use crate::tokens::Tokens;
@@ -30,25 +31,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// Every session status, in lifecycle order.
-pub const STATUSES: &[&str] = &[
-    "creating",
-    "ready",
-    "running",
-    "input_required",
-    "failed",
-    "dead",
-    "deleted",
-];
-/// Statuses a session can be deleted from (all but `deleted`).
-const DELETABLE: &[&str] = match STATUSES.split_last() {
-    Some((_, rest)) => rest,
-    None => &[],
-};
-/// Statuses in which a session holds a live sandbox.
-pub const LIVE: &[&str] = &["ready", "running", "input_required"];
-/// Statuses in which a session's sandbox must be kept (a `creating` one is being attached).
-const SUPERVISED: &[&str] = &["creating", "ready", "running", "input_required"];
 /// How long a cold sandbox may take to become ready.
 const COLD_START_TIMEOUT: Duration = Duration::from_secs(120);
 const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
@@ -435,7 +417,7 @@ impl Orchestrator {
 
     /// The `tty_url` of a TUI session: a short-lived token so a browser can attach without the key.
     pub fn tty_url(&self, s: &Session) -> Option<String> {
-        if s.kind != "tui" || !LIVE.contains(&s.status.as_str()) {
+        if s.kind != "tui" || !s.status.is_live() {
             return None;
         }
         let exp = unix_now() + self.config.tty_token_ttl.as_secs();
@@ -549,7 +531,7 @@ impl Orchestrator {
             tenant: tenant.to_string(),
             harness: template.name.clone(),
             kind: template.kind.to_string(),
-            status: "creating".into(),
+            status: SessionStatus::Creating,
             phase: Some("creating".into()),
             failure_reason: None,
             title: req.title.clone(),
@@ -701,7 +683,12 @@ impl Orchestrator {
             .await
             .map_err(|e| AttachError::Lost(e.to_string()))?;
         self.store
-            .transition(&session.id, &["creating"], "ready", None)
+            .transition(
+                &session.id,
+                &[SessionStatus::Creating],
+                SessionStatus::Ready,
+                None,
+            )
             .await
             .map_err(|e| AttachError::Lost(e.to_string()))?;
         Ok(())
@@ -746,7 +733,12 @@ impl Orchestrator {
                 let reason = format!("the sandbox could not start: {reason}");
                 let _ = self
                     .store
-                    .transition(&session.id, &["creating"], "failed", Some(&reason))
+                    .transition(
+                        &session.id,
+                        &[SessionStatus::Creating],
+                        SessionStatus::Failed,
+                        Some(&reason),
+                    )
                     .await;
             }
         }
@@ -843,7 +835,7 @@ impl Orchestrator {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let s = self.get(tenant, id).await?;
-            if s.status != "creating" && s.status != "running" {
+            if s.status != SessionStatus::Creating && s.status != SessionStatus::Running {
                 return Ok(s);
             }
             if !changed(&mut changes, id, deadline).await {
@@ -871,9 +863,9 @@ impl Orchestrator {
     /// Deletes a session (idempotent): stops its sandbox; history stays readable.
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<Session, Problem> {
         let s = self.get(tenant, id).await?;
-        if s.status != "deleted" {
+        if s.status != SessionStatus::Deleted {
             self.store
-                .transition(id, DELETABLE, "deleted", None)
+                .transition(id, &SessionStatus::DELETABLE, SessionStatus::Deleted, None)
                 .await
                 .map_err(store_error)?;
             self.release(&s).await;
@@ -902,8 +894,13 @@ impl Orchestrator {
             .store
             .transition(
                 &session.id,
-                &["creating", "ready", "running", "input_required"],
-                "dead",
+                &[
+                    SessionStatus::Creating,
+                    SessionStatus::Ready,
+                    SessionStatus::Running,
+                    SessionStatus::InputRequired,
+                ],
+                SessionStatus::Dead,
                 Some(reason),
             )
             .await
@@ -1169,7 +1166,11 @@ impl Orchestrator {
                 }
             }
         }
-        if let Ok(creating) = self.store.sessions_with_status(&["creating"]).await {
+        if let Ok(creating) = self
+            .store
+            .sessions_with_status(&[SessionStatus::Creating])
+            .await
+        {
             // With a shared store another replica may be creating a session right now: only
             // those older than any cold start are abandoned.
             let stuck_before =
@@ -1183,8 +1184,8 @@ impl Orchestrator {
                     .store
                     .transition(
                         &s.id,
-                        &["creating"],
-                        "failed",
+                        &[SessionStatus::Creating],
+                        SessionStatus::Failed,
                         Some("the server restarted while the sandbox was starting"),
                     )
                     .await;
@@ -1214,7 +1215,12 @@ impl Orchestrator {
         .await;
         let _ = self
             .store
-            .transition(&t.session_id, &["running", "input_required"], "ready", None)
+            .transition(
+                &t.session_id,
+                &[SessionStatus::Running, SessionStatus::InputRequired],
+                SessionStatus::Ready,
+                None,
+            )
             .await;
         self.notify(&t.session_id);
     }
@@ -1254,7 +1260,11 @@ impl Orchestrator {
         let Ok(rows) = self.store.list_sandboxes().await else {
             return;
         };
-        let Ok(mut live) = self.store.sessions_with_status(SUPERVISED).await else {
+        let Ok(mut live) = self
+            .store
+            .sessions_with_status(&SessionStatus::SUPERVISED)
+            .await
+        else {
             return;
         };
         // This replica's sandboxes whose session ended on another replica are stopped here.
@@ -1273,7 +1283,7 @@ impl Orchestrator {
             tracing::info!(sandbox = %row.id, "stopping a sandbox whose session ended elsewhere");
             self.discard(Sandbox::from(row)).await;
         }
-        live.retain(|s| s.status != "creating");
+        live.retain(|s| s.status != SessionStatus::Creating);
         let sandboxes: HashMap<String, (bool, Sandbox)> = rows
             .into_iter()
             .map(|r| (r.id.clone(), (self.store.owns(&r), Sandbox::from(r))))
@@ -1300,11 +1310,19 @@ impl Orchestrator {
                 .and_then(|t| now.duration_since(t).ok())
                 .unwrap_or_default();
             let watched = lock(&self.viewers).contains_key(&s.id);
-            if s.status == "ready" && !watched && idle_for.as_secs() as i64 > s.idle_timeout_s {
+            if s.status == SessionStatus::Ready
+                && !watched
+                && idle_for.as_secs() as i64 > s.idle_timeout_s
+            {
                 let reason = format!("reaped after {} s idle", s.idle_timeout_s);
                 if self
                     .store
-                    .transition(&s.id, &["ready"], "deleted", Some(&reason))
+                    .transition(
+                        &s.id,
+                        &[SessionStatus::Ready],
+                        SessionStatus::Deleted,
+                        Some(&reason),
+                    )
                     .await
                     .unwrap_or(false)
                 {

@@ -7,6 +7,7 @@ use super::{Orchestrator, not_found, store_error};
 use crate::event::{AGENT_FAILED, EventType, TurnEvent, TurnRequest, error_code};
 use crate::harness_client::ClientError;
 use crate::problem::Problem;
+use crate::status::SessionStatus;
 use crate::store::{self, Message, Session, Turn};
 use axum::http::StatusCode;
 use futures::StreamExt;
@@ -132,7 +133,7 @@ pub fn not_usable(session: &Session) -> Problem {
                 .unwrap_or_default()
         ),
     )
-    .with("session_status", session.status.clone())
+    .with("session_status", session.status.as_str())
 }
 
 /// `409 turn_in_progress`, naming the running turn when known.
@@ -249,7 +250,7 @@ impl Orchestrator {
 
     /// Why a session that is not `ready` takes no message.
     fn refusal(&self, session: &Session) -> Problem {
-        if session.kind == "tui" && super::LIVE.contains(&session.status.as_str()) {
+        if session.kind == "tui" && session.status.is_live() {
             let mut p = Problem::new(
                 StatusCode::CONFLICT,
                 "tui_session",
@@ -260,8 +261,8 @@ impl Orchestrator {
             }
             return p;
         }
-        match session.status.as_str() {
-            "running" | "input_required" => turn_in_progress(None),
+        match session.status {
+            SessionStatus::Running | SessionStatus::InputRequired => turn_in_progress(None),
             _ => not_usable(session),
         }
     }
@@ -338,13 +339,16 @@ impl Orchestrator {
                 break (begun.session, turn, user);
             }
             let session = self.get(tenant, session_id).await?;
-            if session.status == "creating" && !waited {
+            if session.status == SessionStatus::Creating && !waited {
                 waited = true;
                 self.wait(tenant, session_id, super::COLD_START_TIMEOUT)
                     .await?;
                 continue;
             }
-            if matches!(session.status.as_str(), "running" | "input_required") {
+            if matches!(
+                session.status,
+                SessionStatus::Running | SessionStatus::InputRequired
+            ) {
                 // Held by a turn this replica may not know of (another replica runs it).
                 let running = self.store.running_turn(session_id).await.ok().flatten();
                 return Err(turn_in_progress(running));
@@ -610,14 +614,24 @@ impl Orchestrator {
                 waiting_input = true;
                 let _ = self
                     .store
-                    .transition(&session.id, &["running"], "input_required", None)
+                    .transition(
+                        &session.id,
+                        &[SessionStatus::Running],
+                        SessionStatus::InputRequired,
+                        None,
+                    )
                     .await;
                 self.notify(&session.id);
             } else if waiting_input {
                 waiting_input = false;
                 let _ = self
                     .store
-                    .transition(&session.id, &["input_required"], "running", None)
+                    .transition(
+                        &session.id,
+                        &[SessionStatus::InputRequired],
+                        SessionStatus::Running,
+                        None,
+                    )
                     .await;
                 self.notify(&session.id);
             }

@@ -7,6 +7,7 @@
 //! It stores what it is given and answers queries; it holds no session logic and must never be
 //! handed per-session env or secrets.
 
+pub use crate::status::SessionStatus;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row, SqlitePool};
 use std::borrow::Cow;
@@ -177,7 +178,7 @@ pub struct Session {
     pub tenant: String,
     pub harness: String,
     pub kind: String,
-    pub status: String,
+    pub status: SessionStatus,
     pub phase: Option<String>,
     pub failure_reason: Option<String>,
     pub title: Option<String>,
@@ -442,6 +443,18 @@ macro_rules! on_db {
 }
 
 /// A `Session` from a row of `sessions` (of either backend).
+/// A session's stored status word. The store holds only the words this code writes; any other (a
+/// row edited by hand) reads as `dead`, so such a session is never served.
+pub(crate) fn stored_status(word: &str) -> SessionStatus {
+    SessionStatus::parse(word).unwrap_or_else(|| {
+        tracing::error!(
+            status = word,
+            "a session with an unknown stored status; treated as dead"
+        );
+        SessionStatus::Dead
+    })
+}
+
 macro_rules! session_row {
     ($r:expr) => {{
         let r = $r;
@@ -451,7 +464,7 @@ macro_rules! session_row {
             tenant: r.get("tenant"),
             harness: r.get("harness"),
             kind: r.get("kind"),
-            status: r.get("status"),
+            status: crate::store::stored_status(&r.get::<String, _>("status")),
             phase: r.get("phase"),
             failure_reason: r.get("failure_reason"),
             title: r.get("title"),
@@ -1059,7 +1072,7 @@ impl Store {
             .bind(&s.tenant)
             .bind(&s.harness)
             .bind(&s.kind)
-            .bind(&s.status)
+            .bind(s.status.as_str())
             .bind(&s.phase)
             .bind(&s.failure_reason)
             .bind(&s.title)
@@ -1140,7 +1153,7 @@ impl Store {
     }
 
     /// Sessions in any of `statuses`, across tenants (for supervision and reaping).
-    pub async fn sessions_with_status(&self, statuses: &[&str]) -> Result<Vec<Session>> {
+    pub async fn sessions_with_status(&self, statuses: &[SessionStatus]) -> Result<Vec<Session>> {
         let text = format!(
             "SELECT * FROM sessions WHERE status IN ({})",
             placeholders(statuses.len())
@@ -1149,7 +1162,7 @@ impl Store {
         Ok(on_db!(self, |pool| {
             let mut q = sqlx::query(&sql);
             for s in statuses {
-                q = q.bind(*s);
+                q = q.bind(s.as_str());
             }
             q.fetch_all(pool)
                 .await?
@@ -1164,8 +1177,8 @@ impl Store {
     pub async fn transition(
         &self,
         id: &str,
-        from: &[&str],
-        to: &str,
+        from: &[SessionStatus],
+        to: SessionStatus,
         failure_reason: Option<&str>,
     ) -> Result<bool> {
         let ts = now();
@@ -1177,13 +1190,13 @@ impl Store {
         let sql = self.sql(&text);
         let changed = on_db!(self, |pool| {
             let mut q = sqlx::query(&sql)
-                .bind(to)
+                .bind(to.as_str())
                 .bind(failure_reason)
-                .bind(to)
+                .bind(to.as_str())
                 .bind(&ts)
                 .bind(id);
             for f in from {
-                q = q.bind(*f);
+                q = q.bind(f.as_str());
             }
             q.execute(pool).await?.rows_affected()
         });
@@ -1723,7 +1736,7 @@ mod tests {
             tenant: "t1".into(),
             harness: "echo".into(),
             kind: kind.into(),
-            status: "ready".into(),
+            status: SessionStatus::Ready,
             phase: Some("ready".into()),
             failure_reason: None,
             title: None,
@@ -1861,7 +1874,7 @@ mod tests {
         );
         let begun = store.begin_turn("t1", &t, &m, None).await.expect("begin");
         let begun = begun.expect("began");
-        assert_eq!(begun.session.status, "running");
+        assert_eq!(begun.session.status, SessionStatus::Running);
         if store.is_shared() {
             assert_eq!(begun.last_seq, Some(0));
         }
@@ -1893,7 +1906,7 @@ mod tests {
             .await
             .expect("get")
             .expect("session");
-        assert_eq!(s.status, "ready");
+        assert_eq!(s.status, SessionStatus::Ready);
         assert!(
             store
                 .begin_turn("t1", &t2, &m2, None)
@@ -1930,21 +1943,25 @@ mod tests {
             .await
             .expect("get")
             .expect("s3");
-        assert_eq!(s3.status, "ready", "the failed start was rolled back");
+        assert_eq!(
+            s3.status,
+            SessionStatus::Ready,
+            "the failed start was rolled back"
+        );
     }
 
     async fn a_status_changes_once_when_raced(store: Store) {
-        let live = ["ready", "running"];
+        let live = [SessionStatus::Ready, SessionStatus::Running];
         let (a, b) = tokio::join!(
-            store.transition("s1", &live, "dead", Some("one")),
-            store.transition("s1", &live, "dead", Some("two")),
+            store.transition("s1", &live, SessionStatus::Dead, Some("one")),
+            store.transition("s1", &live, SessionStatus::Dead, Some("two")),
         );
         assert!(
             a.expect("first") ^ b.expect("second"),
             "exactly one transition"
         );
         let s = store.get_session_any("s1").await.expect("get").expect("s1");
-        assert_eq!(s.status, "dead");
+        assert_eq!(s.status, SessionStatus::Dead);
     }
 
     async fn history_pages_stop_at_the_count_or_the_size(store: Store) {
@@ -2470,7 +2487,10 @@ mod tests {
             "the caller's thread was held for {held_for:?}"
         );
         let begun = start.await.expect("start task").expect("begin");
-        assert_eq!(begun.expect("ready session").session.status, "running");
+        assert_eq!(
+            begun.expect("ready session").session.status,
+            SessionStatus::Running
+        );
         let turn = store.get_turn("s1", "turn-1").await.expect("read");
         assert_eq!(turn.expect("recorded").status, "running");
     }

@@ -544,7 +544,7 @@ fn session_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Session> {
         tenant: r.get("tenant")?,
         harness: r.get("harness")?,
         kind: r.get("kind")?,
-        status: r.get("status")?,
+        status: super::stored_status(&r.get::<_, String>("status")?),
         phase: r.get("phase")?,
         failure_reason: r.get("failure_reason")?,
         title: r.get("title")?,

@@ -1,0 +1,108 @@
+//! A session's status, one type for the store's rows, the orchestrator's decisions and the API:
+//! the words are the API's (`input_required`), the variants what the code compares.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a session is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// Its sandbox is being started or attached.
+    Creating,
+    Ready,
+    /// A turn is running.
+    Running,
+    /// A running turn waits for the client's answer.
+    InputRequired,
+    /// It never became ready (see `failure_reason`).
+    Failed,
+    /// Its sandbox was lost, or its agent or terminal program ended.
+    Dead,
+    /// Deleted, or reaped after `idle_timeout_s` idle.
+    Deleted,
+}
+
+impl SessionStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [SessionStatus; 7] = [
+        SessionStatus::Creating,
+        SessionStatus::Ready,
+        SessionStatus::Running,
+        SessionStatus::InputRequired,
+        SessionStatus::Failed,
+        SessionStatus::Dead,
+        SessionStatus::Deleted,
+    ];
+    /// The statuses in which a session holds a live sandbox.
+    pub const LIVE: [SessionStatus; 3] = [
+        SessionStatus::Ready,
+        SessionStatus::Running,
+        SessionStatus::InputRequired,
+    ];
+    /// The statuses in which a session's sandbox must be kept (a `creating` one is being
+    /// attached).
+    pub const SUPERVISED: [SessionStatus; 4] = [
+        SessionStatus::Creating,
+        SessionStatus::Ready,
+        SessionStatus::Running,
+        SessionStatus::InputRequired,
+    ];
+    /// The statuses a session can be deleted from (all but `deleted`).
+    pub const DELETABLE: [SessionStatus; 6] = [
+        SessionStatus::Creating,
+        SessionStatus::Ready,
+        SessionStatus::Running,
+        SessionStatus::InputRequired,
+        SessionStatus::Failed,
+        SessionStatus::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Creating => "creating",
+            SessionStatus::Ready => "ready",
+            SessionStatus::Running => "running",
+            SessionStatus::InputRequired => "input_required",
+            SessionStatus::Failed => "failed",
+            SessionStatus::Dead => "dead",
+            SessionStatus::Deleted => "deleted",
+        }
+    }
+
+    /// Whether the session holds a live sandbox.
+    pub fn is_live(self) -> bool {
+        Self::LIVE.contains(&self)
+    }
+
+    /// The status a stored or asked-for word names, if any.
+    pub fn parse(word: &str) -> Option<SessionStatus> {
+        Self::ALL.into_iter().find(|s| s.as_str() == word)
+    }
+}
+
+impl std::fmt::Display for SessionStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_reads_back_from_its_word_and_its_json() {
+        for s in SessionStatus::ALL {
+            assert_eq!(SessionStatus::parse(s.as_str()), Some(s));
+            let json = serde_json::to_string(&s).expect("json");
+            assert_eq!(json, format!("\"{s}\""));
+        }
+        assert_eq!(SessionStatus::parse("idle"), None);
+        assert!(
+            SessionStatus::DELETABLE
+                .iter()
+                .all(|s| *s != SessionStatus::Deleted)
+        );
+        assert!(SessionStatus::LIVE.iter().all(|s| s.is_live()));
+    }
+}
