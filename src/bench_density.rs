@@ -275,9 +275,7 @@ async fn reading(pid: u32) -> Reading {
         tokio::time::sleep(SAMPLE_GAP).await;
     }
     samples.sort_by_key(|m| m.rss);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let fds = crate::procfs::open_files(pid);
     Reading {
         mem: samples[SAMPLES / 2],
         fds,

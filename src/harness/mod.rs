@@ -151,6 +151,8 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
     let limits = crate::http::ClientLimits {
         headers: cfg.client_timeout,
         body_idle: cfg.client_timeout,
+        // serve is the only client, and holds few connections to a sandbox.
+        max_connections: None,
     };
     let server = tokio::spawn(crate::http::serve(listener, app, limits, shutdown.clone()));
     shutdown.cancelled().await;
