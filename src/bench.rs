@@ -109,6 +109,9 @@ pub enum Scenario {
     /// serve's peak memory for the largest history page the bounds allow, fetched by several
     /// clients at once.
     History,
+    /// One process of `bench flood`'s client (started by it).
+    #[value(hide = true)]
+    FloodWorker,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -125,8 +128,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Density => (crate::bench_density::run(&args).await?, "density"),
         Scenario::Flood => (crate::bench_flood::run(&args).await?, "flood"),
         Scenario::History => (crate::bench_history::run(&args).await?, "history"),
+        Scenario::FloodWorker => (crate::bench_flood::worker().await?, "flood-worker"),
     };
-    println!("{report}");
+    // A flood worker has said what it had to on its own.
+    if !report.is_empty() {
+        println!("{report}");
+    }
     if let Some(path) = &args.write {
         write_section(path, section, &report)?;
         eprintln!("wrote the {section} section of {}", path.display());

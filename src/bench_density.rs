@@ -323,13 +323,7 @@ async fn get_session(
     base: &str,
     id: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    Ok(http
-        .get(format!("{base}/v1/sessions/{id}"))
-        .bearer_auth(KEY)
-        .send()
-        .await?
-        .json()
-        .await?)
+    crate::bench_serve::get_session_as(http, base, KEY, id).await
 }
 
 /// The session's terminal, attached through serve by its `tty_url`.

@@ -5,7 +5,7 @@
 //! memory are sampled throughout. The flood's client (`hold`) is also the tests' (tests/tenancy.rs).
 
 use crate::bench::{BenchArgs, fmt_us, histogram, load_average, machine_line, row};
-use crate::bench_serve::{KEY, start_serve_args};
+use crate::bench_serve::{KEY, get_session_as as session, start_serve_args, unary_turn_as};
 use anyhow::Context;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Flood connections being opened at once.
-const IN_FLIGHT: usize = 1000;
+/// Flood connections being opened at once by each flood worker process.
+const IN_FLIGHT: usize = 400;
 /// The steady tenant's messages before measuring, then in the quiet and the after phases.
 const WARM_UP: usize = 100;
 const QUIET: usize = 2000;
@@ -206,39 +206,9 @@ async fn echo_session(http: &reqwest::Client, base: &str, key: &str) -> anyhow::
     Ok(id)
 }
 
-async fn session(
-    http: &reqwest::Client,
-    base: &str,
-    key: &str,
-    id: &str,
-) -> anyhow::Result<serde_json::Value> {
-    Ok(http
-        .get(format!("{base}/v1/sessions/{id}"))
-        .bearer_auth(key)
-        .send()
-        .await?
-        .json()
-        .await?)
-}
-
 /// One unary message of the steady tenant: microseconds from the POST to the whole reply.
 async fn say(http: &reqwest::Client, base: &str, key: &str, id: &str) -> anyhow::Result<u64> {
-    let t0 = Instant::now();
-    let r = http
-        .post(format!("{base}/v1/sessions/{id}/messages"))
-        .bearer_auth(key)
-        .json(&json!({"text": "steady"}))
-        .send()
-        .await?;
-    let status = r.status();
-    let body = r.bytes().await?;
-    let took = t0.elapsed().as_micros() as u64;
-    anyhow::ensure!(
-        status.is_success(),
-        "the steady tenant's message failed: {status} {}",
-        String::from_utf8_lossy(&body)
-    );
-    Ok(took)
+    Ok(unary_turn_as(http, base, key, id, "steady").await?.0)
 }
 
 /// serve's descriptors and resident memory, at their peaks while sampled.
@@ -261,22 +231,79 @@ fn sample(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Peaks> {
     })
 }
 
-/// This process keeps every flood connection: it needs `want` open files. Raised to the hard
-/// limit, and past it when allowed (root, or CAP_SYS_RESOURCE); serve, already started, keeps
-/// the machine's limit.
-fn files_for_flood(want: u64) -> anyhow::Result<u64> {
-    use nix::sys::resource::{Resource, setrlimit};
-    let (soft, hard) = crate::serve::raise_nofile(want)?;
-    if soft >= want {
-        return Ok(soft);
+/// Most flood connections one process keeps: a process may not hold more descriptors than its
+/// hard limit (often 20,000 or less, and raising it needs privileges), so a larger flood is
+/// spread over worker processes (`sandwarden bench flood-worker`).
+const PER_WORKER: usize = 8000;
+
+/// What a worker is told, in `SANDWARDEN_FLOOD_WORKER`: `ADDR PATH KEY COUNT`.
+const WORKER_ENV: &str = "SANDWARDEN_FLOOD_WORKER";
+
+/// A flood worker: opens its share of the flood, prints how the connections were answered (one
+/// JSON line: outcome → [connections, closed by serve]), then keeps them all until its stdin
+/// closes.
+pub async fn worker() -> anyhow::Result<String> {
+    use std::io::Write;
+    let task = std::env::var(WORKER_ENV).with_context(|| format!("{WORKER_ENV} is unset"))?;
+    let fields: Vec<&str> = task.split(' ').collect();
+    let [addr, path, key, count] = fields[..] else {
+        anyhow::bail!("{WORKER_ENV} must be `ADDR PATH KEY COUNT`");
+    };
+    let count: usize = count.parse().context("COUNT")?;
+    crate::serve::raise_nofile(count as u64 + IN_FLIGHT as u64 + 256)?;
+    let held = flood(addr, path, key, true, count, IN_FLIGHT).await;
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{}", serde_json::to_string(&outcomes(&held))?)?;
+    stdout.flush()?;
+    let mut rest = Vec::new();
+    tokio::io::stdin().read_to_end(&mut rest).await?;
+    drop(held);
+    Ok(String::new())
+}
+
+/// The flood over `workers` processes; returns once every connection is answered, with the
+/// outcomes, and the workers, which keep their connections until dropped.
+async fn flood_in_workers(
+    addr: &str,
+    path: &str,
+    key: &str,
+    n: usize,
+) -> anyhow::Result<(BTreeMap<String, (usize, usize)>, Vec<tokio::process::Child>)> {
+    use tokio::io::AsyncBufReadExt;
+    let workers = n.div_ceil(PER_WORKER);
+    let mut children = Vec::new();
+    for w in 0..workers {
+        let share = n / workers + usize::from(w < n % workers);
+        children.push(
+            tokio::process::Command::new(std::env::current_exe()?)
+                .args(["bench", "flood-worker"])
+                .env(WORKER_ENV, format!("{addr} {path} {key} {share}"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a flood worker")?,
+        );
     }
-    setrlimit(Resource::RLIMIT_NOFILE, want, want.max(hard)).with_context(|| {
-        format!(
-            "this process needs {want} open files to keep the flood's connections (its hard limit \
-             is {hard}): run as root, raise `ulimit -Hn`, or pass a smaller --connections"
-        )
-    })?;
-    Ok(want)
+    let reports = children.iter_mut().map(|child| async move {
+        let stdout = child.stdout.take().context("a worker's stdout")?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .await?;
+        let got: BTreeMap<String, (usize, usize)> =
+            serde_json::from_str(&line).with_context(|| format!("a flood worker said {line:?}"))?;
+        anyhow::Ok(got)
+    });
+    let mut all = BTreeMap::new();
+    for got in futures::future::join_all(reports).await {
+        for (name, (count, closed)) in got? {
+            let entry: &mut (usize, usize) = all.entry(name).or_default();
+            entry.0 += count;
+            entry.1 += closed;
+        }
+    }
+    Ok((all, children))
 }
 
 fn mib(kib: u64) -> String {
@@ -297,7 +324,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let pid = serve.child.id();
     let base = serve.base.clone();
     let addr = base.trim_start_matches("http://").to_string();
-    let files = files_for_flood(n as u64 + IN_FLIGHT as u64 + 1024)?;
     let serve_limit = std::fs::read_to_string(format!("/proc/{pid}/limits"))
         .ok()
         .and_then(|l| {
@@ -308,12 +334,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         .unwrap_or_else(|| "unknown".into());
     let mut out = format!(
         "Command: `sandwarden bench flood --connections {n}` (release build; {IN_FLIGHT} flood \
-         connections being opened at once, this process keeping every one; serve with its default \
+         connections being opened at once per worker process, every one kept; serve with its default \
          caps: `--tenant-streams 500 --tenant-connections 1000 --tenant-requests 500`, \
          `--max-connections` three quarters of its open-file limit). Machine: {}; load average at \
-         the start {}; serve's open-file limit {serve_limit}, this process's {files}.\n\n",
+         the start {}; serve's open-file limit {serve_limit}; the flood's client: {} worker \
+         processes of at most {PER_WORKER} connections each.\n\n",
         machine_line(),
         load_average(),
+        n.div_ceil(PER_WORKER),
     );
 
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
@@ -337,39 +365,42 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let flooding = Arc::new(AtomicBool::new(true));
     let t0 = Instant::now();
     let events = format!("/v1/sessions/{target}/events");
-    let flood_run = {
+    // The flood and the health checks are tasks of their own, so that this one, which times
+    // the steady tenant, is not also the one polling the flood's connections.
+    let flood_run = tokio::spawn({
         let flooding = flooding.clone();
         let (addr, events, key) = (addr.clone(), events.clone(), flood_key.clone());
         async move {
-            let held = flood(&addr, &events, &key, true, n, IN_FLIGHT).await;
+            let held = flood_in_workers(&addr, &events, &key, n).await;
             flooding.store(false, Ordering::Relaxed);
             (held, t0.elapsed())
         }
-    };
-    let steady_run = async {
-        let mut during = histogram()?;
-        while flooding.load(Ordering::Relaxed) {
-            during.record(say(&http, &base, &steady_key, &own).await?)?;
-        }
-        anyhow::Ok(during)
-    };
-    let health_run = async {
-        let mut answered = histogram()?;
-        let mut failed = 0usize;
-        while flooding.load(Ordering::Relaxed) {
-            let t = Instant::now();
-            let h = hold(&addr, "/healthz", "", false).await;
-            if h.status == Some(200) {
-                answered.record(t.elapsed().as_micros() as u64)?;
-            } else {
-                failed += 1;
+    });
+    let health_run = tokio::spawn({
+        let (flooding, addr) = (flooding.clone(), addr.clone());
+        async move {
+            let mut answered = histogram()?;
+            let mut failed = 0usize;
+            while flooding.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let h = hold(&addr, "/healthz", "", false).await;
+                if h.status == Some(200) {
+                    answered.record(t.elapsed().as_micros() as u64)?;
+                } else {
+                    failed += 1;
+                }
+                tokio::time::sleep(HEALTH_EVERY).await;
             }
-            tokio::time::sleep(HEALTH_EVERY).await;
+            anyhow::Ok((answered, failed))
         }
-        anyhow::Ok((answered, failed))
-    };
-    let ((held, flood_wall), during, health) = tokio::join!(flood_run, steady_run, health_run);
-    let (during, (health, health_failed)) = (during?, health?);
+    });
+    let mut during = histogram()?;
+    while flooding.load(Ordering::Relaxed) {
+        during.record(say(&http, &base, &steady_key, &own).await?)?;
+    }
+    let (held, flood_wall) = flood_run.await?;
+    let (outcomes, workers) = held?;
+    let (health, health_failed) = health_run.await??;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fds_held = crate::procfs::open_files(pid);
     let mut after = histogram()?;
@@ -410,7 +441,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
          |\n|---|---|---|\n",
         flood_wall.as_secs_f64()
     ));
-    for (name, (count, closed)) in outcomes(&held) {
+    for (name, (count, closed)) in outcomes {
         out.push_str(&format!("| {name} | {count} | {closed} |\n"));
     }
     out.push_str(&format!(
@@ -436,5 +467,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         fmt_us(health.max()),
         statuses.join(", "),
     ));
+    drop(workers);
     Ok(out)
 }

@@ -32,6 +32,12 @@ pub struct ClientLimits {
     /// Most connections open at once; at the cap no more are accepted until one closes (new ones
     /// wait in the kernel's listen backlog). `None`: no cap.
     pub max_connections: Option<usize>,
+    /// Most connections accepted but not yet settled (their first request answered, or let
+    /// through by the app, see `ConnectionState::settle`); at the cap no more are accepted until
+    /// one settles or closes. A flood of new connections then waits in the kernel's backlog
+    /// instead of filling the runtime's queue ahead of established connections' requests.
+    /// `None`: no cap.
+    pub max_unsettled: Option<usize>,
 }
 
 impl ClientLimits {
@@ -42,6 +48,7 @@ impl ClientLimits {
             headers: d,
             body_idle: d,
             max_connections: None,
+            max_unsettled: None,
         }
     }
 }
@@ -50,12 +57,24 @@ impl ClientLimits {
 /// carries the same one as an extension, and it is dropped when the socket closes (after a
 /// WebSocket upgrade too).
 #[derive(Clone, Default)]
-pub struct ConnectionState(Arc<Mutex<Option<Box<dyn Any + Send>>>>);
+pub struct ConnectionState {
+    kept: Arc<Mutex<Option<Box<dyn Any + Send>>>>,
+    unsettled: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+}
 
 impl ConnectionState {
     /// Runs `f` on what is kept for this connection (`None` until the app keeps something).
     pub fn with<R>(&self, f: impl FnOnce(&mut Option<Box<dyn Any + Send>>) -> R) -> R {
-        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut self.kept.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The connection is known now (the app let its request through, or it was answered): it
+    /// no longer counts under `ClientLimits::max_unsettled`.
+    pub fn settle(&self) {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 
@@ -176,12 +195,20 @@ pub async fn serve(
     let connections = TaskTracker::new();
     let listener = listener.into();
     let cap = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let unsettled = limits.max_unsettled.map(|n| Arc::new(Semaphore::new(n)));
     let mut warned: Option<std::time::Instant> = None;
     loop {
         let permit = match &cap {
             None => None,
             Some(cap) => tokio::select! {
                 permit = room(cap, &mut warned) => permit,
+                () = shutdown.cancelled() => break,
+            },
+        };
+        let new_one = match &unsettled {
+            None => None,
+            Some(unsettled) => tokio::select! {
+                permit = unsettled.clone().acquire_owned() => permit.ok(),
                 () = shutdown.cancelled() => break,
             },
         };
@@ -202,14 +229,23 @@ pub async fn serve(
         {
             tracing::trace!(error = %e, "setting TCP_NODELAY failed");
         }
-        let state = ConnectionState::default();
-        let for_requests = state.clone();
-        let service =
-            TowerToHyperService::new(app.clone().map_request(move |req: Request<Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(for_requests.clone());
-                req
-            }));
+        let state = ConnectionState {
+            unsettled: Arc::new(Mutex::new(new_one)),
+            ..ConnectionState::default()
+        };
+        let (for_requests, for_responses) = (state.clone(), state.clone());
+        let service = TowerToHyperService::new(
+            app.clone()
+                .map_request(move |req: Request<Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(for_requests.clone());
+                    req
+                })
+                .map_response(move |response| {
+                    for_responses.settle();
+                    response
+                }),
+        );
         let io = Held {
             io: accepted,
             _permit: permit,

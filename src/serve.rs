@@ -251,6 +251,11 @@ fn connection_cap(given: Option<u64>, open_files: u64) -> u64 {
     }
 }
 
+/// New connections serve works on at once before their first request is let through or
+/// answered (`http::ClientLimits::max_unsettled`): a flood of new connections waits in the
+/// listen backlog, and established connections' requests do not queue behind it.
+const UNSETTLED_CONNECTIONS: usize = 64;
+
 /// Fewest file descriptors kept for serve's own use when the limit allows it.
 const RESERVED_FILES: u64 = 256;
 
@@ -647,6 +652,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let stopping = shutdown.clone();
     let limits = crate::http::ClientLimits {
         max_connections: nonzero(max_connections).map(|n| n as usize),
+        max_unsettled: Some(UNSETTLED_CONNECTIONS),
         ..crate::http::ClientLimits::seconds(args.client_timeout)
     };
     let server = tokio::spawn(crate::http::serve(listener, app, limits, stopping));

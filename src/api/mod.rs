@@ -183,6 +183,11 @@ async fn require_key(State(gate): State<Gate>, mut req: Request, next: Next) -> 
         Ok(slot) => slot,
         Err(p) => return p.into_response(),
     };
+    if let Some(conn) = req.extensions().get::<ConnectionState>() {
+        // Within its tenant's caps: a long request (a turn, a long-poll) does not hold up
+        // accepting new connections.
+        conn.settle();
+    }
     req.extensions_mut().insert(caller);
     next.run(req).await
 }

@@ -153,6 +153,7 @@ pub async fn run(cfg: HarnessConfig) -> anyhow::Result<()> {
         body_idle: cfg.client_timeout,
         // serve is the only client, and holds few connections to a sandbox.
         max_connections: None,
+        max_unsettled: None,
     };
     let server = tokio::spawn(crate::http::serve(listener, app, limits, shutdown.clone()));
     shutdown.cancelled().await;
