@@ -5,7 +5,9 @@
 //! memory are sampled throughout. The flood's client (`hold`) is also the tests' (tests/tenancy.rs).
 
 use crate::bench::{BenchArgs, fmt_us, histogram, load_average, machine_line, row};
-use crate::bench_serve::{KEY, get_session_as as session, start_serve_args, unary_turn_as};
+use crate::bench_serve::{
+    KEY, create_as, get_session_as as session, start_serve_args, unary_turn_as,
+};
 use anyhow::Context;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -189,14 +191,7 @@ async fn tenant_key(http: &reqwest::Client, base: &str, tenant: &str) -> anyhow:
 
 /// A new `echo` session of the key's tenant, once it is ready.
 async fn echo_session(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<String> {
-    let v: serde_json::Value = http
-        .post(format!("{base}/v1/sessions"))
-        .bearer_auth(key)
-        .json(&json!({"harness": "echo"}))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let v = create_as(http, base, key, "echo").await?;
     let id = v["id"]
         .as_str()
         .with_context(|| format!("no session id in {v}"))?

@@ -6,7 +6,7 @@
 //! before and at its peak (`VmHWM`, reset after the filling).
 
 use crate::bench::{BenchArgs, load_average, machine_line};
-use crate::bench_serve::{KEY, start_serve_args, wait_ready_session};
+use crate::bench_serve::{KEY, create, start_serve_args, wait_ready_session};
 use anyhow::Context;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -48,14 +48,7 @@ pub async fn run(_args: &BenchArgs) -> anyhow::Result<String> {
     let pid = serve.child.id();
     let base = serve.base.clone();
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
-    let s: serde_json::Value = http
-        .post(format!("{base}/v1/sessions"))
-        .bearer_auth(KEY)
-        .json(&json!({"harness": "echo"}))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let s = create(&http, &base, "echo").await?;
     let id = s["id"].as_str().context("session id")?.to_string();
     wait_ready_session(&http, &base, &id).await?;
 

@@ -121,9 +121,19 @@ pub(crate) async fn create(
     base: &str,
     harness: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    create_as(http, base, KEY, harness).await
+}
+
+/// `create` with another key (a tenant's).
+pub(crate) async fn create_as(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    harness: &str,
+) -> anyhow::Result<serde_json::Value> {
     let v: serde_json::Value = http
         .post(format!("{base}/v1/sessions"))
-        .bearer_auth(KEY)
+        .bearer_auth(key)
         .json(&json!({"harness": harness}))
         .send()
         .await?
