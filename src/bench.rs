@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// Seconds a program floods a viewer that reads nothing (`bench tty`).
     #[arg(long, env = "SANDWARDEN_BENCH_FLOOD_SECS", default_value_t = 6)]
     pub flood_secs: u64,
+    /// Connections the flooding tenant opens and keeps (`bench flood`).
+    #[arg(long, env = "SANDWARDEN_BENCH_CONNECTIONS", default_value_t = 20_000)]
+    pub connections: usize,
     /// wetty's `build/main.js` (`bench tty`): adds wetty, run by `node`, as a third path.
     #[arg(long, env = "SANDWARDEN_BENCH_WETTY")]
     pub wetty: Option<PathBuf>,
@@ -99,6 +102,16 @@ pub enum Scenario {
     /// The PostgreSQL store: message path against SQLite and the harness directly, and event
     /// fan-out delay between two replicas.
     Postgres,
+    /// Issue 18's descriptor flood: one tenant opens `--connections` event streams and keeps
+    /// them all; another tenant's message latency quiet and during it; serve's descriptors and
+    /// memory.
+    Flood,
+    /// serve's peak memory for the largest history page the bounds allow, fetched by several
+    /// clients at once.
+    History,
+    /// One process of `bench flood`'s client (started by it).
+    #[value(hide = true)]
+    FloodWorker,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -113,8 +126,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Postgres => (crate::bench_postgres::run(&args).await?, "postgres"),
         Scenario::Isolation => (crate::bench_isolation::run(&args).await?, "isolation"),
         Scenario::Density => (crate::bench_density::run(&args).await?, "density"),
+        Scenario::Flood => (crate::bench_flood::run(&args).await?, "flood"),
+        Scenario::History => (crate::bench_history::run(&args).await?, "history"),
+        Scenario::FloodWorker => (crate::bench_flood::worker().await?, "flood-worker"),
     };
-    println!("{report}");
+    // A flood worker has said what it had to on its own.
+    if !report.is_empty() {
+        println!("{report}");
+    }
     if let Some(path) = &args.write {
         write_section(path, section, &report)?;
         eprintln!("wrote the {section} section of {}", path.display());

@@ -275,9 +275,7 @@ async fn reading(pid: u32) -> Reading {
         tokio::time::sleep(SAMPLE_GAP).await;
     }
     samples.sort_by_key(|m| m.rss);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let fds = crate::procfs::open_files(pid);
     Reading {
         mem: samples[SAMPLES / 2],
         fds,
@@ -325,13 +323,7 @@ async fn get_session(
     base: &str,
     id: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    Ok(http
-        .get(format!("{base}/v1/sessions/{id}"))
-        .bearer_auth(KEY)
-        .send()
-        .await?
-        .json()
-        .await?)
+    crate::bench_serve::get_session_as(http, base, KEY, id).await
 }
 
 /// The session's terminal, attached through serve by its `tty_url`.

@@ -121,9 +121,19 @@ pub(crate) async fn create(
     base: &str,
     harness: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    create_as(http, base, KEY, harness).await
+}
+
+/// `create` with another key (a tenant's).
+pub(crate) async fn create_as(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    harness: &str,
+) -> anyhow::Result<serde_json::Value> {
     let v: serde_json::Value = http
         .post(format!("{base}/v1/sessions"))
-        .bearer_auth(KEY)
+        .bearer_auth(key)
         .json(&json!({"harness": harness}))
         .send()
         .await?
@@ -177,10 +187,21 @@ pub(crate) async fn unary_turn(
     id: &str,
     text: &str,
 ) -> anyhow::Result<(u64, bytes::Bytes)> {
+    unary_turn_as(http, base, KEY, id, text).await
+}
+
+/// `unary_turn` with another key (a tenant's).
+pub(crate) async fn unary_turn_as(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    id: &str,
+    text: &str,
+) -> anyhow::Result<(u64, bytes::Bytes)> {
     let t0 = Instant::now();
     let r = http
         .post(format!("{base}/v1/sessions/{id}/messages"))
-        .bearer_auth(KEY)
+        .bearer_auth(key)
         .json(&json!({ "text": text }))
         .send()
         .await?;
@@ -193,6 +214,22 @@ pub(crate) async fn unary_turn(
         String::from_utf8_lossy(&body)
     );
     Ok((took, body))
+}
+
+/// The session as `GET /v1/sessions/{id}` shows it to `key` (`id` may carry a query).
+pub(crate) async fn get_session_as(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    id: &str,
+) -> anyhow::Result<serde_json::Value> {
+    Ok(http
+        .get(format!("{base}/v1/sessions/{id}"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .json()
+        .await?)
 }
 
 /// Reads an SSE response until the event `until`, returning the time to the first event.

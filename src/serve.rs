@@ -137,6 +137,20 @@ pub struct ServeArgs {
         default_value_t = 0
     )]
     pub tenant_sandbox_memory_mib: u64,
+    /// Client connections counted against a tenant at once on this replica (from a
+    /// connection's first request with the tenant's key until it closes), unless its key says
+    /// otherwise (0: no limit). Over it the request is answered 429 and the connection closed.
+    #[arg(long, env = "SANDWARDEN_TENANT_CONNECTIONS", default_value_t = 1000)]
+    pub tenant_connections: u64,
+    /// Requests of a tenant being answered at once on this replica (an event stream counts only
+    /// until its headers), unless its key says otherwise (0: no limit).
+    #[arg(long, env = "SANDWARDEN_TENANT_REQUESTS", default_value_t = 500)]
+    pub tenant_requests: u64,
+    /// Client connections of everyone together (default: three quarters of the open-file
+    /// limit, the rest kept for the store, sandboxes and logs; 0: no cap). At the cap no more are
+    /// accepted until one closes; new ones wait in the listen backlog.
+    #[arg(long, env = "SANDWARDEN_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
     /// Live sessions of all tenants together (0: no limit).
     #[arg(long, env = "SANDWARDEN_MAX_SESSIONS", default_value_t = 2000)]
     pub max_sessions: u64,
@@ -222,6 +236,38 @@ pub fn raise_nofile(want: u64) -> anyhow::Result<(u64, u64)> {
     }
     Ok((new, hard))
 }
+
+/// The cap on client connections (0: none): as given, else three quarters of the open-file
+/// limit, keeping the rest for what serve opens itself (the store, sandboxes' pipes and
+/// sockets, logs, webhooks). A cap past the limit is lowered to it, with a warning: beyond it
+/// accepting would fail anyway, and the store with it.
+fn connection_cap(given: Option<u64>, open_files: u64) -> u64 {
+    let reserve = (open_files / 4).max(RESERVED_FILES.min(open_files / 2));
+    let most = open_files.saturating_sub(reserve);
+    match given {
+        None => most,
+        Some(0) => 0,
+        Some(n) if n > most => {
+            tracing::warn!(
+                given = n,
+                used = most,
+                open_files,
+                "--max-connections is more than the open-file limit leaves for connections; \
+                 raise the hard limit (ulimit -Hn) to allow more"
+            );
+            most
+        }
+        Some(n) => n,
+    }
+}
+
+/// New connections serve works on at once before their first request is let through or
+/// answered (`http::ClientLimits::max_unsettled`): a flood of new connections waits in the
+/// listen backlog, and established connections' requests do not queue behind it.
+const UNSETTLED_CONNECTIONS: usize = 64;
+
+/// Fewest file descriptors kept for serve's own use when the limit allows it.
+const RESERVED_FILES: u64 = 256;
 
 fn default_data_dir() -> PathBuf {
     dirs::data_local_dir()
@@ -463,10 +509,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     // Every connection is a file descriptor: take all the kernel allows (the soft limit is
     // often 1024 of a hard 1,048,576), so a flood meets the per-tenant caps, not the limit.
-    match raise_nofile(u64::MAX) {
-        Ok((soft, _)) => tracing::info!(open_files = soft, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
-    }
+    let open_files = match raise_nofile(u64::MAX) {
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(soft, _)| soft)
+        }
+    };
+    let max_connections = connection_cap(args.max_connections, open_files);
+    tracing::info!(
+        open_files,
+        max_connections,
+        "open-file limit and connection cap"
+    );
     // Everything serve writes (the store, the secret, sandboxes' directories) is its own.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -573,6 +629,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             live_sessions: nonzero(args.tenant_sessions),
             concurrent_turns: nonzero(args.tenant_turns),
             open_streams: nonzero(args.tenant_streams),
+            open_connections: nonzero(args.tenant_connections),
+            concurrent_requests: nonzero(args.tenant_requests),
             message_parts: None,
             message_bytes: None,
             sandbox_memory_mib: nonzero(args.tenant_sandbox_memory_mib),
@@ -600,7 +658,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let app = api::router(orch.clone());
     let stopping = shutdown.clone();
-    let limits = crate::http::ClientLimits::seconds(args.client_timeout);
+    let limits = crate::http::ClientLimits {
+        max_connections: nonzero(max_connections).map(|n| n as usize),
+        max_unsettled: Some(UNSETTLED_CONNECTIONS),
+        ..crate::http::ClientLimits::seconds(args.client_timeout)
+    };
     let server = tokio::spawn(crate::http::serve(listener, app, limits, stopping));
     shutdown.cancelled().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), background).await;

@@ -4,7 +4,9 @@
 mod common;
 
 use common::*;
+use sandwarden::bench_flood::{Held, flood, hold};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Runs `sandwarden serve` on `data` expecting it to refuse to start: returns its exit status
 /// and what it wrote on stderr.
@@ -736,17 +738,9 @@ async fn a_tenant_past_its_token_budget_is_refused_and_usage_is_accounted() {
     assert_eq!(status, 400);
 }
 
-/// Creates a key for `tenant` with the admin's client and returns a client with it.
+/// Creates a key for `tenant` (the server's default limits) and returns a client with it.
 async fn tenant_client(admin: &Api, tenant: &str) -> Api {
-    let (status, k) = admin
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(serde_json::json!({"tenant": tenant})),
-        )
-        .await;
-    assert_eq!(status, 201, "{k}");
-    admin.with_key(k["key"].as_str().expect("key"))
+    tenant_with(admin, tenant, serde_json::json!({})).await.0
 }
 
 /// An id a client picks is a name within its tenant: two tenants may pick the same one, neither
@@ -897,4 +891,313 @@ async fn a_tenant_past_its_sandbox_memory_quota_is_refused_and_others_are_not() 
         )
         .await;
     assert_eq!(status, 422, "{p}");
+}
+
+/// A key for a new tenant with `limits`, and a client that uses it.
+async fn tenant_with(admin: &Api, tenant: &str, limits: serde_json::Value) -> (Api, String) {
+    let (status, k) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": tenant, "limits": limits})),
+        )
+        .await;
+    assert_eq!(status, 201, "{k}");
+    let key = k["key"].as_str().expect("key").to_string();
+    (admin.with_key(&key), key)
+}
+
+/// serve's open file descriptors, and its soft limit on them.
+fn descriptors(pid: i32) -> (usize, u64) {
+    let open = sandwarden::procfs::open_files(pid as u32);
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .expect("serve's open-file limit");
+    (open, soft)
+}
+
+/// Issue 18's descriptor flood at CI scale: one tenant opens thousands of connections (event
+/// streams, then ordinary requests) and never hangs up, while another tenant talks to its session.
+/// The flooder gets its streams and connections up to its caps and `429` beyond them, each refusal
+/// closing the connection; serve never holds more connections than `--max-connections`, so its
+/// descriptors stay below its limit; `/healthz` answers, the other tenant's messages all succeed
+/// and no session dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_connection_flood_is_refused_and_others_are_served() {
+    const STREAMS: usize = 20;
+    const CONNECTIONS: usize = 60;
+    const MAX_CONNECTIONS: usize = 150;
+    const SSE_FLOOD: usize = 2000;
+    const PLAIN_FLOOD: usize = 1000;
+    // This process keeps every flood connection's socket.
+    let (files, hard) = sandwarden::serve::raise_nofile(4096).expect("open-file limit");
+    assert!(
+        files as usize > SSE_FLOOD + PLAIN_FLOOD + 200,
+        "the test needs about {} open files (hard limit {hard}): raise `ulimit -Hn`",
+        SSE_FLOOD + PLAIN_FLOOD + 200
+    );
+    let serve = Serve::start(&["--max-connections", &MAX_CONNECTIONS.to_string()]);
+    let addr = serve.base.trim_start_matches("http://").to_string();
+    let admin = serve.client();
+    let limits = serde_json::json!({
+        "open_streams": STREAMS, "open_connections": CONNECTIONS, "concurrent_requests": 20
+    });
+    let (flooder, flood_key) = tenant_with(&admin, "flooder", limits).await;
+    let (steady, _) = tenant_with(&admin, "steady", serde_json::json!({})).await;
+    let target = flooder.ready("echo").await;
+    let own = steady.ready("echo").await;
+    let (status, _) = steady.say(&own, "before").await;
+    assert_eq!(status, 200);
+    let pid = serve.pid();
+    let (before, soft) = descriptors(pid);
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(descriptors(pid).0);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        })
+    };
+    let talker = {
+        let (done, steady, own) = (done.clone(), steady.with_key(&steady.key), own.clone());
+        async move {
+            let mut replies = Vec::new();
+            for i in 0..10_000 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) && i >= 20 {
+                    break;
+                }
+                let text = format!("during the flood {i}");
+                let (status, reply) = steady.say(&own, &text).await;
+                replies.push((status, reply["text"].as_str() == Some(text.as_str())));
+            }
+            replies
+        }
+    };
+    let flooding = async {
+        let events = format!("/v1/sessions/{target}/events");
+        let streams = flood(&addr, &events, &flood_key, true, SSE_FLOOD, 300).await;
+        let session = format!("/v1/sessions/{target}");
+        let plain = flood(&addr, &session, &flood_key, false, PLAIN_FLOOD, 300).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (streams, plain)
+    };
+    let (replies, (streams, plain)) = tokio::join!(talker, flooding);
+    let peak = sampler.join().expect("sampler");
+
+    // The other tenant was served all along.
+    assert!(
+        replies
+            .iter()
+            .all(|&(status, echoed)| status == 200 && echoed),
+        "every message of the other tenant succeeds: {:?}",
+        replies
+            .iter()
+            .filter(|r| r.0 != 200)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    let fresh = reqwest::Client::new();
+    let health = fresh
+        .get(serve.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+
+    // The flooder got up to its caps, and 429 naming a limit beyond them, each refusal closing
+    // its connection.
+    let refused = |held: &[Held], limit: &str| {
+        held.iter()
+            .filter(|h| h.status == Some(429) && h.limit.as_deref() == Some(limit))
+            .count()
+    };
+    for (name, held) in [("streams", &streams), ("requests", &plain)] {
+        for h in held.iter().filter(|h| h.status != Some(200)) {
+            assert_eq!(
+                h.status,
+                Some(429),
+                "{name}: only 200 or 429 ({:?})",
+                h.error
+            );
+            assert!(h.closes, "{name}: a refusal closes the connection");
+            assert!(
+                matches!(
+                    h.limit.as_deref(),
+                    Some("open_streams" | "open_connections" | "concurrent_requests")
+                ),
+                "{name}: refused for {:?}",
+                h.limit
+            );
+        }
+    }
+    let ok = |held: &[Held]| held.iter().filter(|h| h.status == Some(200)).count();
+    assert_eq!(ok(&streams), STREAMS, "streams up to open_streams");
+    assert!(refused(&streams, "open_streams") > 0);
+    assert_eq!(
+        ok(&plain),
+        CONNECTIONS - STREAMS,
+        "kept connections up to open_connections (the streams hold the rest)"
+    );
+    assert!(refused(&plain, "open_connections") > 0);
+
+    // Descriptors: never past the connection cap (plus what serve holds of its own), and the
+    // refused connections, still open on this side, hold none in serve.
+    assert!(
+        peak < soft as usize,
+        "serve's descriptors peaked at {peak}, its limit is {soft}"
+    );
+    assert!(
+        peak <= before + MAX_CONNECTIONS + 64,
+        "serve held {peak} descriptors at the peak ({before} before, cap {MAX_CONNECTIONS})"
+    );
+    let (after, _) = descriptors(pid);
+    assert!(
+        after <= before + CONNECTIONS + 16,
+        "{after} descriptors with the flood held ({before} before): refused connections were \
+         not closed"
+    );
+
+    // No session of either tenant died (the flooder's key has no connection to spare: the admin
+    // looks).
+    for (tenant, id) in [("flooder", &target), ("steady", &own)] {
+        let (_, s) = admin
+            .call("GET", &format!("/v1/sessions/{id}?tenant={tenant}"), None)
+            .await;
+        assert_eq!(s["status"], "ready", "{s}");
+    }
+
+    // Once the flooder hangs up, its slots come back.
+    drop((streams, plain));
+    let mut reopened = None;
+    for _ in 0..200 {
+        let h = hold(
+            &addr,
+            &format!("/v1/sessions/{target}/events"),
+            &flood_key,
+            true,
+        )
+        .await;
+        if h.status == Some(200) {
+            reopened = Some(h);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reopened.is_some(), "a stream opens once the flood has gone");
+}
+
+/// `concurrent_requests`: with two long-polls of a tenant in flight a third request is refused
+/// (`429`, the connection closed), another tenant is not; once they are answered the tenant's
+/// requests pass again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_requests_in_flight_are_capped() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let (busy, _) = tenant_with(
+        &admin,
+        "busy",
+        serde_json::json!({"concurrent_requests": 2}),
+    )
+    .await;
+    let id = busy.ready("echo").await;
+    busy.post_async(&id, serde_json::json!({"text": "/slow 300 osprey"}))
+        .await;
+    let polls: Vec<_> = (0..2)
+        .map(|_| {
+            let (api, id) = (busy.with_key(&busy.key), id.clone());
+            tokio::spawn(async move {
+                api.call(
+                    "GET",
+                    &format!("/v1/sessions/{id}?wait=true&timeout=60"),
+                    None,
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut refused = None;
+    for _ in 0..500 {
+        let resp = reqwest::Client::new()
+            .get(serve.url(&format!("/v1/sessions/{id}")))
+            .bearer_auth(&busy.key)
+            .send()
+            .await
+            .expect("sent");
+        if resp.status().as_u16() == 429 {
+            refused = Some(resp);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = refused.expect("a third request in flight is refused");
+    assert_eq!(
+        refused
+            .headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
+    let p: serde_json::Value = refused.json().await.expect("problem");
+    assert_eq!(
+        (p["limit"].as_str(), p["used"].as_u64(), p["max"].as_u64()),
+        (Some("concurrent_requests"), Some(2), Some(2)),
+        "{p}"
+    );
+    let (status, _) = admin.call("GET", "/v1/sessions", None).await;
+    assert_eq!(status, 200, "another tenant is not held back");
+
+    // Deleting the session answers the long-polls; then the tenant's requests pass again.
+    let (status, _) = admin
+        .call("DELETE", &format!("/v1/sessions/{id}?tenant=busy"), None)
+        .await;
+    assert_eq!(status, 200);
+    for poll in polls {
+        let (status, _) = poll.await.expect("long-poll");
+        assert_eq!(status, 200);
+    }
+    let (status, p) = busy.call("GET", "/v1/sessions", None).await;
+    assert_eq!(status, 200, "{p}");
+}
+
+/// A connection that sends no request, and a keep-alive connection left idle after one, are
+/// closed by serve after `--client-timeout`, so neither holds a descriptor for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let serve = Serve::start(&["--client-timeout", "1"]);
+    let addr = serve.base.trim_start_matches("http://").to_string();
+    let mut silent = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    idle.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !answer.ends_with(b"ok") {
+        let n = idle.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "answered: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    for (name, socket) in [("silent", &mut silent), ("idle", &mut idle)] {
+        let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("the {name} connection was still open after 20 s"));
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the {name} connection is closed"
+        );
+    }
 }

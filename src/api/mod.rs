@@ -4,8 +4,10 @@
 mod tty;
 
 use crate::event::{InputAnswer, validate_id};
+use crate::http::ConnectionState;
 use crate::problem::Problem;
 use crate::session::message::MessageRequest;
+use crate::session::quota::{Held, Slot};
 use crate::session::{CreateRequest, Orchestrator, store_error};
 use crate::store::{Event, Session, SessionFilter};
 use axum::extract::rejection::JsonRejection;
@@ -49,6 +51,17 @@ pub fn hash_key(key: &str) -> String {
 }
 
 pub fn router(orch: Arc<Orchestrator>) -> Router {
+    let gate = Gate {
+        orch: orch.clone(),
+        connections: Held::new(
+            "open_connections",
+            "close idle connections or reuse fewer (a connection counts until it closes)",
+        ),
+        requests: Held::new(
+            "concurrent_requests",
+            "wait for answers before sending more requests",
+        ),
+    };
     let v1 = Router::new()
         .route("/v1/sessions", post(create_session).get(list_sessions))
         .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
@@ -63,7 +76,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/api-keys", post(create_key).get(list_keys))
         .route("/v1/usage", get(usage))
         .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
-        .layer(middleware::from_fn_with_state(orch.clone(), require_key));
+        .layer(middleware::from_fn_with_state(gate, require_key));
     Router::new()
         .merge(v1)
         .route("/v1/sessions/{id}/tty", get(tty::attach))
@@ -85,6 +98,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::map_response(close_when_refused))
         .layer(middleware::from_fn_with_state(orch.clone(), count_requests))
         .layer(middleware::from_fn(request_span))
         .with_state(orch)
@@ -172,14 +186,71 @@ pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Cal
     }
 }
 
-async fn require_key(State(orch): State<AppState>, mut req: Request, next: Next) -> Response {
-    match caller_from(&orch, req.headers()).await {
-        Ok(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        Err(p) => p.into_response(),
+/// What keyed requests pass before their handler: the caller's key, then the tenant's caps on
+/// connections and on requests in flight (this replica's counts).
+#[derive(Clone)]
+struct Gate {
+    orch: AppState,
+    connections: Held,
+    requests: Held,
+}
+
+async fn require_key(State(gate): State<Gate>, mut req: Request, next: Next) -> Response {
+    let caller = match caller_from(&gate.orch, req.headers()).await {
+        Ok(caller) => caller,
+        Err(p) => return p.into_response(),
+    };
+    if let Some(conn) = req.extensions().get::<ConnectionState>()
+        && let Err(p) = attribute(conn, &caller, &gate.connections)
+    {
+        return p.into_response();
     }
+    let _in_flight = match gate
+        .requests
+        .take(&caller.tenant, caller.limits.concurrent_requests)
+    {
+        Ok(slot) => slot,
+        Err(p) => return p.into_response(),
+    };
+    if let Some(conn) = req.extensions().get::<ConnectionState>() {
+        // Within its tenant's caps: a long request (a turn, a long-poll) does not hold up
+        // accepting new connections.
+        conn.settle();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+/// Counts the connection against the caller's tenant from its first keyed request until it
+/// closes; a request with another tenant's key moves it (a proxy may carry several tenants).
+/// Refused when the tenant already holds its `open_connections`.
+fn attribute(conn: &ConnectionState, caller: &Caller, connections: &Held) -> Result<(), Problem> {
+    conn.with(|kept| {
+        let counted_for = kept
+            .as_ref()
+            .and_then(|k| k.downcast_ref::<Slot>())
+            .map(Slot::tenant);
+        if counted_for == Some(caller.tenant.as_str()) {
+            return Ok(());
+        }
+        let slot = connections.take(&caller.tenant, caller.limits.open_connections)?;
+        *kept = Some(Box::new(slot));
+        Ok(())
+    })
+}
+
+/// A refused caller (no valid key, or over a quota) loses its connection: an idle keep-alive
+/// connection of a client told to back off would hold a file descriptor for nothing.
+async fn close_when_refused(mut response: Response) -> Response {
+    if matches!(
+        response.status(),
+        StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+    ) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 async fn readyz(State(orch): State<AppState>) -> Response {
@@ -506,7 +577,7 @@ async fn post_message(
 /// `stream`, holding `slot` (a tenant's stream quota) until it ends or its reader goes away.
 fn holding<T>(
     stream: impl Stream<Item = T> + Send + 'static,
-    slot: Option<crate::session::quota::StreamSlot>,
+    slot: Option<Slot>,
 ) -> impl Stream<Item = T> + Send + 'static {
     stream.map(move |item| {
         let _held = &slot;

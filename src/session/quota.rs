@@ -1,5 +1,5 @@
 //! Per-tenant quotas: what one tenant may hold at once (live sessions, running turns, open event
-//! streams and terminals) and send (parts and bytes per message). A key carries its tenant's
+//! streams and terminals, connections, requests in flight) and send (parts and bytes per message). A key carries its tenant's
 //! limits; what it leaves unset comes from `serve`'s defaults, and the server-wide cap on live
 //! sessions bounds every tenant together. Over a limit the request is answered
 //! `429 quota_exceeded`, naming the limit, the use and the maximum, and changes nothing.
@@ -24,6 +24,14 @@ pub struct Limits {
     /// Event streams (SSE) and attached terminals open at once (on this replica).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_streams: Option<u64>,
+    /// Client connections counted against the tenant at once (on this replica): a connection
+    /// counts from its first request with the tenant's key until it closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_connections: Option<u64>,
+    /// Requests being answered at once (on this replica), until their response's headers; an
+    /// event stream's body counts under `open_streams` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_requests: Option<u64>,
     /// Parts in one message (at most 256 for everyone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_parts: Option<u64>,
@@ -109,11 +117,13 @@ impl Limits {
         Ok(())
     }
 
-    fn fields(&self) -> [(&'static str, Option<u64>); 6] {
+    fn fields(&self) -> [(&'static str, Option<u64>); 8] {
         [
             ("live_sessions", self.live_sessions),
             ("concurrent_turns", self.concurrent_turns),
             ("open_streams", self.open_streams),
+            ("open_connections", self.open_connections),
+            ("concurrent_requests", self.concurrent_requests),
             ("message_parts", self.message_parts),
             ("message_bytes", self.message_bytes),
             ("sandbox_memory_mib", self.sandbox_memory_mib),
@@ -126,6 +136,8 @@ impl Limits {
             live_sessions: self.live_sessions.or(defaults.live_sessions),
             concurrent_turns: self.concurrent_turns.or(defaults.concurrent_turns),
             open_streams: self.open_streams.or(defaults.open_streams),
+            open_connections: self.open_connections.or(defaults.open_connections),
+            concurrent_requests: self.concurrent_requests.or(defaults.concurrent_requests),
             message_parts: self.message_parts.or(defaults.message_parts),
             message_bytes: self.message_bytes.or(defaults.message_bytes),
             sandbox_memory_mib: self.sandbox_memory_mib.or(defaults.sandbox_memory_mib),
@@ -183,49 +195,86 @@ pub fn exceeded(limit: &str, used: u64, max: u64, hint: &str) -> Problem {
     .with("max", max)
 }
 
-/// Open event streams and terminals per tenant, on this replica.
-#[derive(Default, Clone)]
-pub struct Streams(Arc<Mutex<HashMap<String, u64>>>);
+/// What tenants hold at once of one kind (event streams, connections, requests in flight), per
+/// tenant, on this replica: each held one is a `Slot`, given back when it drops.
+#[derive(Clone)]
+pub struct Held {
+    /// The limit it counts against, as the 429 names it.
+    limit: &'static str,
+    /// What a refused client should do.
+    hint: &'static str,
+    counts: Arc<Mutex<HashMap<String, u64>>>,
+}
 
-impl Streams {
-    /// Takes one of the tenant's stream slots, held until the returned guard drops; refused
-    /// when it already holds `max`.
-    pub fn open(&self, tenant: &str, max: Option<u64>) -> Result<StreamSlot, Problem> {
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(tenant.to_string()).or_insert(0);
+impl Held {
+    pub fn new(limit: &'static str, hint: &'static str) -> Held {
+        Held {
+            limit,
+            hint,
+            counts: Arc::default(),
+        }
+    }
+
+    /// Takes one of the tenant's slots, held until the returned guard drops; refused with
+    /// `429 quota_exceeded` when it already holds `max`.
+    pub fn take(&self, tenant: &str, max: Option<u64>) -> Result<Slot, Problem> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(tenant.to_string()).or_insert(0);
         if let Some(max) = max
             && *n >= max
         {
-            return Err(exceeded(
-                "open_streams",
-                *n,
-                max,
-                "close an event stream or a terminal first",
-            ));
+            return Err(exceeded(self.limit, *n, max, self.hint));
         }
         *n += 1;
-        Ok(StreamSlot {
-            streams: self.clone(),
+        Ok(Slot {
+            held: self.clone(),
             tenant: tenant.to_string(),
         })
     }
 }
 
-/// One open stream or terminal of a tenant; gives its slot back when dropped.
-pub struct StreamSlot {
-    streams: Streams,
+/// One thing a tenant holds (a stream, a connection, a request); gives its slot back when dropped.
+pub struct Slot {
+    held: Held,
     tenant: String,
 }
 
-impl Drop for StreamSlot {
+impl Slot {
+    /// The tenant this slot is counted against.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.streams.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.tenant) {
+        let mut counts = self.held.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.tenant) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                open.remove(&self.tenant);
+                counts.remove(&self.tenant);
             }
         }
+    }
+}
+
+/// Open event streams and terminals per tenant, on this replica (`open_streams`).
+#[derive(Clone)]
+pub struct Streams(Held);
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams(Held::new(
+            "open_streams",
+            "close an event stream or a terminal first",
+        ))
+    }
+}
+
+impl Streams {
+    /// Takes one of the tenant's stream slots; refused when it already holds `max`.
+    pub fn open(&self, tenant: &str, max: Option<u64>) -> Result<Slot, Problem> {
+        self.0.take(tenant, max)
     }
 }
 
@@ -244,6 +293,22 @@ mod tests {
         let _b = streams.open("b", Some(1)).expect("another tenant");
         drop(a1);
         let _a3 = streams.open("a", Some(2)).expect("a slot came back");
+    }
+
+    #[test]
+    fn each_kind_of_slot_is_refused_under_its_own_limit() {
+        let connections = Held::new("open_connections", "close some");
+        let requests = Held::new("concurrent_requests", "wait");
+        let c = connections.take("a", Some(1)).expect("a connection");
+        assert_eq!(c.tenant(), "a");
+        let _r = requests
+            .take("a", Some(1))
+            .expect("a request, counted apart");
+        let refused = connections.take("a", Some(1)).err().expect("refused");
+        assert_eq!(refused.extra["limit"], "open_connections");
+        let refused = requests.take("a", Some(1)).err().expect("refused");
+        assert_eq!(refused.extra["limit"], "concurrent_requests");
+        assert!(connections.take("a", None).is_ok(), "no limit, no refusal");
     }
 
     #[test]

@@ -151,6 +151,9 @@ pub async fn serve(cfg: HarnessConfig, shutdown: CancellationToken) -> anyhow::R
     let limits = crate::http::ClientLimits {
         headers: cfg.client_timeout,
         body_idle: cfg.client_timeout,
+        // serve is the only client, and holds few connections to a sandbox.
+        max_connections: None,
+        max_unsettled: None,
     };
     let server = tokio::spawn(crate::http::serve(listener, app, limits, shutdown.clone()));
     shutdown.cancelled().await;

@@ -1,17 +1,24 @@
 //! The HTTP/1.1 accept loop both servers (`serve` and the in-sandbox `harness`) run, with bounds
 //! on slow and hostile clients that `axum::serve` does not set: a deadline for a request's
-//! headers (slowloris) and for each piece of its body. It knows nothing of routes or sessions.
+//! headers (slowloris, and idle keep-alive connections), for each piece of its body, and a cap on
+//! open connections. It knows nothing of routes or sessions: what the app keeps per connection
+//! (serve: the tenant it counts against) is an opaque `ConnectionState`.
 
 use axum::Router;
 use axum::http::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use std::any::Any;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 /// How long a client may take over things it alone controls.
@@ -22,16 +29,113 @@ pub struct ClientLimits {
     pub headers: Duration,
     /// Longest pause between two pieces of a request body; the request then fails with 408.
     pub body_idle: Duration,
+    /// Most connections open at once; at the cap no more are accepted until one closes (new ones
+    /// wait in the kernel's listen backlog). `None`: no cap.
+    pub max_connections: Option<usize>,
+    /// Most connections accepted but not yet settled (their first request answered, or let
+    /// through by the app, see `ConnectionState::settle`); at the cap no more are accepted until
+    /// one settles or closes. A flood of new connections then waits in the kernel's backlog
+    /// instead of filling the runtime's queue ahead of established connections' requests.
+    /// `None`: no cap.
+    pub max_unsettled: Option<usize>,
 }
 
 impl ClientLimits {
-    /// Both bounds set to `secs` seconds (at least one).
+    /// Both time bounds set to `secs` seconds (at least one), no cap on connections.
     pub fn seconds(secs: u64) -> Self {
         let d = Duration::from_secs(secs.max(1));
         ClientLimits {
             headers: d,
             body_idle: d,
+            max_connections: None,
+            max_unsettled: None,
         }
+    }
+}
+
+/// What the app keeps about one connection while it is open: every request on the connection
+/// carries the same one as an extension, and it is dropped when the socket closes (after a
+/// WebSocket upgrade too).
+#[derive(Clone, Default)]
+pub struct ConnectionState {
+    kept: Arc<Mutex<Option<Box<dyn Any + Send>>>>,
+    unsettled: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
+impl ConnectionState {
+    /// Runs `f` on what is kept for this connection (`None` until the app keeps something).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Option<Box<dyn Any + Send>>) -> R) -> R {
+        f(&mut self.kept.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The connection is known now (the app let its request through, or it was answered): it
+    /// no longer counts under `ClientLimits::max_unsettled`.
+    pub fn settle(&self) {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
+
+/// An accepted socket with what lives exactly as long as it: its place under the connection cap
+/// and the app's state for it.
+struct Held {
+    io: Accepted,
+    _permit: Option<OwnedSemaphorePermit>,
+    _state: ConnectionState,
+}
+
+/// Runs `$call` on the accepted socket, whichever kind it is.
+macro_rules! on_socket {
+    ($held:expr, |$io:ident| $call:expr) => {
+        match &mut $held.io {
+            Accepted::Tcp($io) => $call,
+            Accepted::Unix($io) => $call,
+        }
+    };
+}
+
+impl AsyncRead for Held {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        on_socket!(self, |io| Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Held {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        on_socket!(self, |io| Pin::new(io).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        on_socket!(self, |io| Pin::new(io).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Accepted::Tcp(io) => io.is_write_vectored(),
+            Accepted::Unix(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        on_socket!(self, |io| Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        on_socket!(self, |io| Pin::new(io).poll_shutdown(cx))
     }
 }
 
@@ -81,15 +185,33 @@ pub async fn serve(
     let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
         limits.body_idle,
     ));
-    // HTTP/1.1 only, as before: the header deadline below is an HTTP/1 setting.
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    // HTTP/1.1 only. hyper's own HTTP/1 connection, not hyper-util's `auto` one: `auto` first
+    // reads the request's opening bytes to tell the HTTP version, with no deadline, so a
+    // connection that sent nothing was never closed; here the header deadline runs from the start.
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.headers);
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     let listener = listener.into();
+    let cap = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let unsettled = limits.max_unsettled.map(|n| Arc::new(Semaphore::new(n)));
+    let mut warned: Option<std::time::Instant> = None;
     loop {
+        let permit = match &cap {
+            None => None,
+            Some(cap) => tokio::select! {
+                permit = room(cap, &mut warned) => permit,
+                () = shutdown.cancelled() => break,
+            },
+        };
+        let new_one = match &unsettled {
+            None => None,
+            Some(unsettled) => tokio::select! {
+                permit = unsettled.clone().acquire_owned() => permit.ok(),
+                () = shutdown.cancelled() => break,
+            },
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -102,33 +224,72 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
+        if let Accepted::Tcp(tcp) = &accepted
+            && let Err(e) = tcp.set_nodelay(true)
+        {
+            tracing::trace!(error = %e, "setting TCP_NODELAY failed");
+        }
+        let state = ConnectionState {
+            unsettled: Arc::new(Mutex::new(new_one)),
+            ..ConnectionState::default()
+        };
+        let (for_requests, for_responses) = (state.clone(), state.clone());
         let service = TowerToHyperService::new(
             app.clone()
-                .map_request(|req: Request<Incoming>| req.map(axum::body::Body::new)),
+                .map_request(move |req: Request<Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(for_requests.clone());
+                    req
+                })
+                .map_response(move |response| {
+                    for_responses.settle();
+                    response
+                }),
         );
-        match accepted {
-            Accepted::Tcp(tcp) => {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::trace!(error = %e, "setting TCP_NODELAY failed");
+        let io = Held {
+            io: accepted,
+            _permit: permit,
+            _state: state,
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = stop.cancelled() => {
+                    // Let the request in progress finish, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                tokio::spawn(finish(graceful.watch(conn.into_owned())));
+            };
+            if let Err(e) = ended {
+                tracing::trace!(error = %e, "connection ended with an error");
             }
-            Accepted::Unix(unix) => {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(unix), service);
-                tokio::spawn(finish(graceful.watch(conn.into_owned())));
-            }
-        }
+        });
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
 }
 
-/// Runs one connection to its end; how it ended matters only when tracing.
-async fn finish<E: std::fmt::Display>(conn: impl std::future::Future<Output = Result<(), E>>) {
-    if let Err(e) = conn.await {
-        tracing::trace!(error = %e, "connection ended with an error");
+/// A place under the connection cap: at once when there is one, else once a connection closes
+/// (saying so at most every 10 s). Meanwhile nothing is accepted, so new connections wait in the
+/// kernel's backlog instead of failing for want of file descriptors.
+async fn room(
+    cap: &Arc<Semaphore>,
+    warned: &mut Option<std::time::Instant>,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = cap.clone().try_acquire_owned() {
+        return Some(permit);
     }
+    if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+        tracing::warn!("at the connection cap (--max-connections): waiting for one to close");
+        *warned = Some(std::time::Instant::now());
+    }
+    cap.clone().acquire_owned().await.ok()
 }
 
 /// Accepted connections send small writes at once: SSE events and terminal echo must not wait

@@ -1,0 +1,467 @@
+//! `sandwarden bench flood`: issue 18's descriptor flood, measured. One release `serve` with its
+//! default caps; tenant `flooder` opens `--connections` connections, each asking for its session's
+//! event stream, and keeps every one, answered or refused; tenant `steady` sends messages to its
+//! echo session, quiet and then during the flood, side by side in one run. serve's descriptors and
+//! memory are sampled throughout. The flood's client (`hold`) is also the tests' (tests/tenancy.rs).
+
+use crate::bench::{BenchArgs, fmt_us, histogram, load_average, machine_line, row};
+use crate::bench_serve::{
+    KEY, create_as, get_session_as as session, start_serve_args, unary_turn_as,
+};
+use anyhow::Context;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Flood connections being opened at once by each flood worker process.
+const IN_FLIGHT: usize = 400;
+/// The steady tenant's messages before measuring, then in the quiet and the after phases.
+const WARM_UP: usize = 100;
+const QUIET: usize = 2000;
+const AFTER: usize = 500;
+/// How often a fresh connection asks for `/healthz` during the flood.
+const HEALTH_EVERY: Duration = Duration::from_millis(50);
+/// How often serve's descriptors and memory are read.
+const SAMPLE_EVERY: Duration = Duration::from_millis(5);
+/// Longest wait for one flood connection's answer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(120);
+/// Most bytes read of an answer's head, or of a refusal's body.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// One request on a connection of its own, kept open whatever the answer, as a flooder that never
+/// hangs up keeps it.
+pub struct Held {
+    /// The answer's status; `None` when the connection failed or closed before one.
+    pub status: Option<u16>,
+    /// A refusal's `limit` (from the 429's problem body).
+    pub limit: Option<String>,
+    /// Whether the answer said the server closes the connection (`Connection: close`), and it
+    /// did (end of file after a refusal's body).
+    pub closes: bool,
+    /// What went wrong when there was no answer.
+    pub error: Option<String>,
+    _socket: Option<TcpStream>,
+}
+
+/// `GET path` with `key` (and `Accept: text/event-stream` when `sse`) on a new connection to
+/// `addr`; reads the answer's head, and a refusal's body to the end; keeps the socket.
+pub async fn hold(addr: &str, path: &str, key: &str, sse: bool) -> Held {
+    let mut socket = None;
+    match tokio::time::timeout(ANSWER_WITHIN, ask(addr, path, key, sse, &mut socket)).await {
+        Ok(Ok((status, limit, closes))) => Held {
+            status: Some(status),
+            limit,
+            closes,
+            error: None,
+            _socket: socket,
+        },
+        Ok(Err(e)) => Held {
+            status: None,
+            limit: None,
+            closes: false,
+            error: Some(e.to_string()),
+            _socket: socket,
+        },
+        Err(_) => Held {
+            status: None,
+            limit: None,
+            closes: false,
+            error: Some(format!("no answer within {ANSWER_WITHIN:?}")),
+            _socket: socket,
+        },
+    }
+}
+
+async fn ask(
+    addr: &str,
+    path: &str,
+    key: &str,
+    sse: bool,
+    kept: &mut Option<TcpStream>,
+) -> std::io::Result<(u16, Option<String>, bool)> {
+    let socket = kept.insert(TcpStream::connect(addr).await?);
+    let accept = if sse {
+        "Accept: text/event-stream\r\n"
+    } else {
+        ""
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n{accept}\r\n"
+    );
+    socket.write_all(request.as_bytes()).await?;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = socket.read(&mut chunk).await?;
+        if n == 0 || got.len() > MAX_ANSWER {
+            return Err(std::io::Error::other(
+                "the connection closed before a whole answer",
+            ));
+        }
+        got.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {head:?}")))?;
+    let mut closes = head.contains("\r\nconnection: close\r\n");
+    let mut limit = None;
+    if status == 429 {
+        // The problem body, then (when the server closes) the end of the stream.
+        let mut ended = false;
+        while got.len() <= MAX_ANSWER {
+            let n = socket.read(&mut chunk).await?;
+            if n == 0 {
+                ended = true;
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+            if !closes && serde_json::from_slice::<serde_json::Value>(&got[head_end..]).is_ok() {
+                break;
+            }
+        }
+        closes &= ended;
+        let problem: serde_json::Value =
+            serde_json::from_slice(&got[head_end..]).unwrap_or_default();
+        limit = problem["limit"].as_str().map(String::from);
+    }
+    Ok((status, limit, closes))
+}
+
+/// `count` connections from `hold`, `in_flight` being opened at once; all kept.
+pub async fn flood(
+    addr: &str,
+    path: &str,
+    key: &str,
+    sse: bool,
+    count: usize,
+    in_flight: usize,
+) -> Vec<Held> {
+    futures::stream::iter(0..count)
+        .map(|_| hold(addr, path, key, sse))
+        .buffer_unordered(in_flight.max(1))
+        .collect()
+        .await
+}
+
+/// How the flood's connections were answered: by status and refusal limit, with a count each.
+fn outcomes(held: &[Held]) -> BTreeMap<String, (usize, usize)> {
+    let mut by = BTreeMap::new();
+    for h in held {
+        let name = match (h.status, &h.limit, &h.error) {
+            (Some(200), ..) => "200, event stream open".to_string(),
+            (Some(s), Some(limit), _) => format!("{s} quota_exceeded, limit `{limit}`"),
+            (Some(s), None, _) => format!("{s}"),
+            (None, _, Some(e)) => format!("no answer: {e}"),
+            (None, _, None) => "no answer".to_string(),
+        };
+        let entry: &mut (usize, usize) = by.entry(name).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(h.closes);
+    }
+    by
+}
+
+/// A tenant's key, made with the admin key.
+async fn tenant_key(http: &reqwest::Client, base: &str, tenant: &str) -> anyhow::Result<String> {
+    let v: serde_json::Value = http
+        .post(format!("{base}/v1/api-keys"))
+        .bearer_auth(KEY)
+        .json(&json!({ "tenant": tenant }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["key"]
+        .as_str()
+        .with_context(|| format!("no key in {v}"))?
+        .to_string())
+}
+
+/// A new `echo` session of the key's tenant, once it is ready.
+async fn echo_session(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<String> {
+    let v = create_as(http, base, key, "echo").await?;
+    let id = v["id"]
+        .as_str()
+        .with_context(|| format!("no session id in {v}"))?
+        .to_string();
+    let s = session(http, base, key, &format!("{id}?wait=true&timeout=60")).await?;
+    anyhow::ensure!(s["status"] == "ready", "session did not become ready: {s}");
+    Ok(id)
+}
+
+/// One unary message of the steady tenant: microseconds from the POST to the whole reply.
+async fn say(http: &reqwest::Client, base: &str, key: &str, id: &str) -> anyhow::Result<u64> {
+    Ok(unary_turn_as(http, base, key, id, "steady").await?.0)
+}
+
+/// serve's descriptors and resident memory, at their peaks while sampled.
+#[derive(Default, Clone, Copy)]
+struct Peaks {
+    fds: usize,
+    rss_kib: u64,
+}
+
+/// Reads serve's descriptors and memory every `SAMPLE_EVERY` until `stop`.
+fn sample(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Peaks> {
+    std::thread::spawn(move || {
+        let mut peaks = Peaks::default();
+        while !stop.load(Ordering::Relaxed) {
+            peaks.fds = peaks.fds.max(crate::procfs::open_files(pid));
+            peaks.rss_kib = peaks.rss_kib.max(crate::procfs::rss_kib(pid));
+            std::thread::sleep(SAMPLE_EVERY);
+        }
+        peaks
+    })
+}
+
+/// Most flood connections one process keeps: a process may not hold more descriptors than its
+/// hard limit (often 20,000 or less, and raising it needs privileges), so a larger flood is
+/// spread over worker processes (`sandwarden bench flood-worker`).
+const PER_WORKER: usize = 8000;
+
+/// What a worker is told, in `SANDWARDEN_FLOOD_WORKER`: `ADDR PATH KEY COUNT`.
+const WORKER_ENV: &str = "SANDWARDEN_FLOOD_WORKER";
+
+/// A flood worker: opens its share of the flood, prints how the connections were answered (one
+/// JSON line: outcome → [connections, closed by serve]), then keeps them all until its stdin
+/// closes.
+pub async fn worker() -> anyhow::Result<String> {
+    use std::io::Write;
+    let task = std::env::var(WORKER_ENV).with_context(|| format!("{WORKER_ENV} is unset"))?;
+    let fields: Vec<&str> = task.split(' ').collect();
+    let [addr, path, key, count] = fields[..] else {
+        anyhow::bail!("{WORKER_ENV} must be `ADDR PATH KEY COUNT`");
+    };
+    let count: usize = count.parse().context("COUNT")?;
+    crate::serve::raise_nofile(count as u64 + IN_FLIGHT as u64 + 256)?;
+    let held = flood(addr, path, key, true, count, IN_FLIGHT).await;
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{}", serde_json::to_string(&outcomes(&held))?)?;
+    stdout.flush()?;
+    let mut rest = Vec::new();
+    tokio::io::stdin().read_to_end(&mut rest).await?;
+    drop(held);
+    Ok(String::new())
+}
+
+/// The flood over `workers` processes; returns once every connection is answered, with the
+/// outcomes, and the workers, which keep their connections until dropped.
+async fn flood_in_workers(
+    addr: &str,
+    path: &str,
+    key: &str,
+    n: usize,
+) -> anyhow::Result<(BTreeMap<String, (usize, usize)>, Vec<tokio::process::Child>)> {
+    use tokio::io::AsyncBufReadExt;
+    let workers = n.div_ceil(PER_WORKER);
+    let mut children = Vec::new();
+    for w in 0..workers {
+        let share = n / workers + usize::from(w < n % workers);
+        children.push(
+            tokio::process::Command::new(std::env::current_exe()?)
+                .args(["bench", "flood-worker"])
+                .env(WORKER_ENV, format!("{addr} {path} {key} {share}"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a flood worker")?,
+        );
+    }
+    let reports = children.iter_mut().map(|child| async move {
+        let stdout = child.stdout.take().context("a worker's stdout")?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .await?;
+        let got: BTreeMap<String, (usize, usize)> =
+            serde_json::from_str(&line).with_context(|| format!("a flood worker said {line:?}"))?;
+        anyhow::Ok(got)
+    });
+    let mut all = BTreeMap::new();
+    for got in futures::future::join_all(reports).await {
+        for (name, (count, closed)) in got? {
+            let entry: &mut (usize, usize) = all.entry(name).or_default();
+            entry.0 += count;
+            entry.1 += closed;
+        }
+    }
+    Ok((all, children))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
+    let n = args.connections;
+    anyhow::ensure!(n > 0, "--connections must be at least 1");
+    // serve with its default caps (the bench harness lifts them for the other scenarios).
+    let defaults = [
+        ("SANDWARDEN_TENANT_STREAMS", "500"),
+        ("SANDWARDEN_TENANT_CONNECTIONS", "1000"),
+        ("SANDWARDEN_TENANT_REQUESTS", "500"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let serve = start_serve_args(|_| Ok(vec!["--pool".into(), "echo=2".into()]), &defaults)?;
+    let pid = serve.child.id();
+    let base = serve.base.clone();
+    let addr = base.trim_start_matches("http://").to_string();
+    let serve_limit = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mut out = format!(
+        "Command: `sandwarden bench flood --connections {n}` (release build; {IN_FLIGHT} flood \
+         connections being opened at once per worker process, every one kept; serve with its default \
+         caps: `--tenant-streams 500 --tenant-connections 1000 --tenant-requests 500`, \
+         `--max-connections` three quarters of its open-file limit). Machine: {}; load average at \
+         the start {}; serve's open-file limit {serve_limit}; the flood's client: {} worker \
+         processes of at most {PER_WORKER} connections each.\n\n",
+        machine_line(),
+        load_average(),
+        n.div_ceil(PER_WORKER),
+    );
+
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let flood_key = tenant_key(&http, &base, "flooder").await?;
+    let steady_key = tenant_key(&http, &base, "steady").await?;
+    let target = echo_session(&http, &base, &flood_key).await?;
+    let own = echo_session(&http, &base, &steady_key).await?;
+    for _ in 0..WARM_UP {
+        say(&http, &base, &steady_key, &own).await?;
+    }
+    let mut quiet = histogram()?;
+    for _ in 0..QUIET {
+        quiet.record(say(&http, &base, &steady_key, &own).await?)?;
+    }
+    let fds_before = crate::procfs::open_files(pid);
+    let rss_before = crate::procfs::rss_kib(pid);
+
+    // The flood, with the steady tenant's messages and fresh `/healthz` connections alongside.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample(pid, stop.clone());
+    let flooding = Arc::new(AtomicBool::new(true));
+    let t0 = Instant::now();
+    let events = format!("/v1/sessions/{target}/events");
+    // The flood and the health checks are tasks of their own, so that this one, which times
+    // the steady tenant, is not also the one polling the flood's connections.
+    let flood_run = tokio::spawn({
+        let flooding = flooding.clone();
+        let (addr, events, key) = (addr.clone(), events.clone(), flood_key.clone());
+        async move {
+            let held = flood_in_workers(&addr, &events, &key, n).await;
+            flooding.store(false, Ordering::Relaxed);
+            (held, t0.elapsed())
+        }
+    });
+    let health_run = tokio::spawn({
+        let (flooding, addr) = (flooding.clone(), addr.clone());
+        async move {
+            let mut answered = histogram()?;
+            let mut failed = 0usize;
+            while flooding.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let h = hold(&addr, "/healthz", "", false).await;
+                if h.status == Some(200) {
+                    answered.record(t.elapsed().as_micros() as u64)?;
+                } else {
+                    failed += 1;
+                }
+                tokio::time::sleep(HEALTH_EVERY).await;
+            }
+            anyhow::Ok((answered, failed))
+        }
+    });
+    let mut during = histogram()?;
+    while flooding.load(Ordering::Relaxed) {
+        during.record(say(&http, &base, &steady_key, &own).await?)?;
+    }
+    let (held, flood_wall) = flood_run.await?;
+    let (outcomes, workers) = held?;
+    let (health, health_failed) = health_run.await??;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fds_held = crate::procfs::open_files(pid);
+    let mut after = histogram()?;
+    for _ in 0..AFTER {
+        after.record(say(&http, &base, &steady_key, &own).await?)?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let peaks = sampler.join().unwrap_or_default();
+    let hwm = crate::procfs::peak_rss_kib(pid);
+    let mut statuses = Vec::new();
+    for (key, id) in [(&flood_key, &target), (&steady_key, &own)] {
+        let s = session(&http, &base, key, id).await?;
+        statuses.push(s["status"].as_str().unwrap_or("unknown").to_string());
+    }
+
+    out.push_str("### The other tenant's messages (unary echo turns, one at a time)\n\n");
+    out.push_str("| phase | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n");
+    out.push_str(&row("quiet, before the flood", &quiet));
+    out.push('\n');
+    out.push_str(&row(
+        &format!("during the flood ({n} connections opened)"),
+        &during,
+    ));
+    out.push('\n');
+    out.push_str(&row("after, the flood's connections still held", &after));
+    out.push_str("\n\n");
+    let ratio = |h: &Histogram<u64>| {
+        h.value_at_quantile(0.99) as f64 / quiet.value_at_quantile(0.99).max(1) as f64
+    };
+    out.push_str(&format!(
+        "p99 during the flood / quiet p99: **{:.2}×** (target: at most 2×); after: {:.2}×.\n\n",
+        ratio(&during),
+        ratio(&after),
+    ));
+    out.push_str(&format!(
+        "### The flood\n\n{n} connections asking for one session's event stream, all opened in \
+         {:.1} s and kept by the client.\n\n| answer | connections | of them closed by serve \
+         |\n|---|---|---|\n",
+        flood_wall.as_secs_f64()
+    ));
+    for (name, (count, closed)) in outcomes {
+        out.push_str(&format!("| {name} | {count} | {closed} |\n"));
+    }
+    out.push_str(&format!(
+        "\n| serve | value |\n|---|---|\n\
+         | open descriptors before the flood | {fds_before} |\n\
+         | open descriptors at the peak (sampled every {} ms) | {} |\n\
+         | open descriptors with the flood's connections held, 1 s after | {fds_held} |\n\
+         | open-file limit | {serve_limit} |\n\
+         | resident memory before the flood | {} |\n\
+         | resident memory at the peak (sampled) | {} |\n\
+         | VmHWM (peak since start) | {} |\n\
+         | `/healthz` on a fresh connection every {} ms during the flood | {} answered (p50 {}, \
+         max {}), {health_failed} failed |\n\
+         | sessions after (flooder's, steady's) | {} |\n\n",
+        SAMPLE_EVERY.as_millis(),
+        peaks.fds,
+        mib(rss_before),
+        mib(peaks.rss_kib),
+        mib(hwm),
+        HEALTH_EVERY.as_millis(),
+        health.len(),
+        fmt_us(health.value_at_quantile(0.5)),
+        fmt_us(health.max()),
+        statuses.join(", "),
+    ));
+    drop(workers);
+    Ok(out)
+}
