@@ -33,29 +33,13 @@ impl SessionStatus {
         SessionStatus::Dead,
         SessionStatus::Deleted,
     ];
-    /// The statuses in which a session holds a live sandbox.
-    pub const LIVE: [SessionStatus; 3] = [
-        SessionStatus::Ready,
-        SessionStatus::Running,
-        SessionStatus::InputRequired,
-    ];
     /// The statuses in which a session's sandbox must be kept (a `creating` one is being
-    /// attached).
-    pub const SUPERVISED: [SessionStatus; 4] = [
-        SessionStatus::Creating,
-        SessionStatus::Ready,
-        SessionStatus::Running,
-        SessionStatus::InputRequired,
-    ];
-    /// The statuses a session can be deleted from (all but `deleted`).
-    pub const DELETABLE: [SessionStatus; 6] = [
-        SessionStatus::Creating,
-        SessionStatus::Ready,
-        SessionStatus::Running,
-        SessionStatus::InputRequired,
-        SessionStatus::Failed,
-        SessionStatus::Dead,
-    ];
+    /// attached): the first four.
+    pub const SUPERVISED: &'static [SessionStatus] = Self::ALL.split_at(4).0;
+    /// The statuses in which a session holds a live sandbox: the supervised ones but `creating`.
+    pub const LIVE: &'static [SessionStatus] = Self::SUPERVISED.split_at(1).1;
+    /// The statuses a session can be deleted from: all but `deleted`, the last.
+    pub const DELETABLE: &'static [SessionStatus] = Self::ALL.split_at(Self::ALL.len() - 1).0;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -103,6 +87,15 @@ mod tests {
                 .iter()
                 .all(|s| *s != SessionStatus::Deleted)
         );
-        assert!(SessionStatus::LIVE.iter().all(|s| s.is_live()));
+        assert_eq!(
+            SessionStatus::LIVE,
+            [
+                SessionStatus::Ready,
+                SessionStatus::Running,
+                SessionStatus::InputRequired
+            ]
+        );
+        assert_eq!(SessionStatus::SUPERVISED[0], SessionStatus::Creating);
+        assert_eq!(SessionStatus::DELETABLE.len(), 6);
     }
 }

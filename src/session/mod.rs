@@ -865,7 +865,7 @@ impl Orchestrator {
         let s = self.get(tenant, id).await?;
         if s.status != SessionStatus::Deleted {
             self.store
-                .transition(id, &SessionStatus::DELETABLE, SessionStatus::Deleted, None)
+                .transition(id, SessionStatus::DELETABLE, SessionStatus::Deleted, None)
                 .await
                 .map_err(store_error)?;
             self.release(&s).await;
@@ -1262,7 +1262,7 @@ impl Orchestrator {
         };
         let Ok(mut live) = self
             .store
-            .sessions_with_status(&SessionStatus::SUPERVISED)
+            .sessions_with_status(SessionStatus::SUPERVISED)
             .await
         else {
             return;
