@@ -4,10 +4,10 @@
 //! `bench harness` measures the in-sandbox server: start to listening and to ready, idle memory,
 //! PTY keystroke echo round trip and PTY throughput, each against the PTY used directly.
 
-use crate::harness_client::HarnessClient;
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use sandwarden_proto::harness_client::HarnessClient;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -166,8 +166,8 @@ pub(crate) fn start_harness_with_env(
     env: &[(String, String)],
 ) -> anyhow::Result<Started> {
     // The program local sandboxes run: the slim binary when it is from this build.
-    let program =
-        crate::harness::binary::HarnessProgram::for_this_binary().context("finding this binary")?;
+    let program = sandwarden_harness::binary::HarnessProgram::for_this_binary()
+        .context("finding this binary")?;
     let t0 = Instant::now();
     let mut child = Command::new(&program.path)
         .args(&program.leading)
@@ -201,7 +201,7 @@ pub(crate) fn start_harness_with_env(
 pub(crate) async fn wait_ready(client: &HarnessClient) -> anyhow::Result<()> {
     for _ in 0..20_000 {
         if let Ok(h) = client.health().await
-            && h.phase == crate::event::Phase::Ready
+            && h.phase == sandwarden_proto::event::Phase::Ready
         {
             return Ok(());
         }
@@ -247,7 +247,7 @@ pub(crate) fn fmt_us(us: u64) -> String {
 async fn harness(args: &BenchArgs) -> anyhow::Result<String> {
     let mut out = String::new();
     let machine = machine_line();
-    let server = crate::harness::binary::HarnessProgram::for_this_binary()?.name();
+    let server = sandwarden_harness::binary::HarnessProgram::for_this_binary()?.name();
     out.push_str(&format!(
         "Command: `sandwarden bench harness --starts {} --round-trips {} --bytes {}` \
          (release build). Machine: {machine}. The harness server measured is the program local \
@@ -382,7 +382,7 @@ struct DirectPty {
 
 impl DirectPty {
     fn spawn(line: &str) -> anyhow::Result<Self> {
-        let argv = crate::harness::process::parse_command_line(line)?;
+        let argv = sandwarden_harness::process::parse_command_line(line)?;
         let (pty, pts) = pty_process::open()?;
         pty.resize(pty_process::Size::new(40, 120))?;
         let child = pty_process::Command::new(&argv[0])

@@ -11,10 +11,10 @@ use crate::bench::{BenchArgs, TOKEN, histogram, machine_line, start_harness_with
 use crate::bench_serve::{
     KEY, Serve, create, delete_session, start_serve_env, unary_turn, wait_ready_session,
 };
-use crate::harness_client::HarnessClient;
 use anyhow::Context;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use sandwarden_proto::harness_client::HarnessClient;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -371,7 +371,13 @@ fn sandbox_agent_binary(args: &BenchArgs, path: &str) -> anyhow::Result<PathBuf>
 fn peer_env(fake: &str, path: &str, home: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let t = template(&CLIS[0], "opencode", 0, fake)?;
     let mut env: Vec<(String, String)> = t.env.clone().into_iter().collect();
-    let plan = crate::launch::plan(crate::launch::Preset::Opencode, &t.env, home, home, None)?;
+    let plan = sandwarden_harness::launch::plan(
+        sandwarden_harness::launch::Preset::Opencode,
+        &t.env,
+        home,
+        home,
+        None,
+    )?;
     for (file, content) in &plan.files {
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;

@@ -22,7 +22,7 @@ const ROUNDS: usize = 3;
 
 /// A message of `MAX_PARTS` text parts filling `BODY` bytes of JSON.
 fn largest_message() -> serde_json::Value {
-    let parts = crate::event::MAX_PARTS;
+    let parts = sandwarden_proto::event::MAX_PARTS;
     let per_part = (BODY - parts * 32) / parts;
     let parts: Vec<_> = (0..parts)
         .map(|i| {
@@ -109,7 +109,7 @@ pub async fn run(_args: &BenchArgs) -> anyhow::Result<String> {
          | 2 s after | {} |\n\n",
         machine_line(),
         load_average(),
-        crate::event::MAX_PARTS,
+        sandwarden_proto::event::MAX_PARTS,
         body.len() as f64 / 1024.0 / 1024.0,
         fill.as_secs_f64(),
         page_bytes as f64 / 1024.0 / 1024.0,

@@ -6,10 +6,10 @@ use crate::bench::{
     BenchArgs, TOKEN, fmt_added, histogram, machine_line, row, start_harness, wait_ready,
 };
 use crate::bench_serve::{KEY, Serve, create, start_serve_env, unary_turn, wait_ready_session};
-use crate::harness_client::HarnessClient;
 use anyhow::Context;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use sandwarden_proto::harness_client::HarnessClient;
 use serde_json::json;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

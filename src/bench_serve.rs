@@ -6,10 +6,10 @@ use crate::bench::{
     BenchArgs, TOKEN, fmt_added, fmt_us, histogram, load_average, machine_line, row, start_harness,
     wait_ready,
 };
-use crate::harness_client::HarnessClient;
 use anyhow::Context;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use sandwarden_proto::harness_client::HarnessClient;
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

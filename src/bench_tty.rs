@@ -9,9 +9,9 @@ use crate::bench::{
     row, start_harness, wait_ready, ws_round_trip, ws_throughput,
 };
 use crate::bench_serve::{KEY, Serve, create, start_serve_with, wait_ready_session};
-use crate::harness_client::HarnessClient;
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
+use sandwarden_proto::harness_client::HarnessClient;
 use serde_json::json;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

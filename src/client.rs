@@ -309,7 +309,7 @@ async fn stream_turn(c: &Client, id: &str, text: &str) -> anyhow::Result<()> {
             v["type"].as_str().unwrap_or("error")
         );
     }
-    let mut events = crate::event::without_bom(resp.bytes_stream()).eventsource();
+    let mut events = sandwarden_proto::event::without_bom(resp.bytes_stream()).eventsource();
     let mut out = std::io::stdout();
     while let Some(event) = events.next().await {
         let event = event.map_err(|e| anyhow::anyhow!("the event stream broke: {e}"))?;

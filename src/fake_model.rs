@@ -1505,7 +1505,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), FakeModelError> {
     let stopping = shutdown.clone();
-    let server = axum::serve(crate::http::no_delay(listener), app)
+    let server = axum::serve(sandwarden_proto::http::no_delay(listener), app)
         .with_graceful_shutdown(async move { stopping.cancelled().await });
     let server = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
@@ -1540,10 +1540,10 @@ pub async fn run(args: FakeModelArgs) -> Result<(), FakeModelError> {
             addr: args.listen,
             source,
         })?;
-    crate::http::announce(&addr.to_string());
+    sandwarden_proto::http::announce(&addr.to_string());
     tracing::info!(%addr, "fake model listening");
     let shutdown = CancellationToken::new();
-    crate::http::cancel_on_signals(shutdown.clone()).map_err(FakeModelError::Signals)?;
+    sandwarden_proto::http::cancel_on_signals(shutdown.clone()).map_err(FakeModelError::Signals)?;
     serve(listener, fake.router(args.max_body_bytes), shutdown).await
 }
 

@@ -38,9 +38,3 @@ pub mod status;
 pub mod store;
 pub mod template;
 pub mod tokens;
-
-// The vocabulary and the harness server live in their own crates (crates/proto, crates/harness);
-// these names keep their paths in the orchestrator.
-pub use sandwarden_harness as harness;
-pub use sandwarden_harness::{echo_agent, launch};
-pub use sandwarden_proto::{event, harness_client, http, logs, problem};

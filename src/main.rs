@@ -15,8 +15,8 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("sandwarden: {e:#}");
             // `launch` that could not run its program exits as a shell would (127: not found).
-            e.downcast_ref::<sandwarden::launch::LaunchError>()
-                .and_then(sandwarden::launch::LaunchError::exit_code)
+            e.downcast_ref::<sandwarden_harness::launch::LaunchError>()
+                .and_then(sandwarden_harness::launch::LaunchError::exit_code)
                 .map_or(
                     std::process::ExitCode::FAILURE,
                     std::process::ExitCode::from,

@@ -652,18 +652,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     orch.sync().await;
     let background = tokio::spawn(orch.clone().run_background(exits_rx));
 
-    crate::http::announce(&addr.to_string());
+    sandwarden_proto::http::announce(&addr.to_string());
     tracing::info!(%addr, data_dir = %data_dir.display(), runtime = ?args.runtime, "sandwarden serve listening");
-    crate::http::cancel_on_signals(shutdown.clone())?;
+    sandwarden_proto::http::cancel_on_signals(shutdown.clone())?;
 
     let app = api::router(orch.clone());
     let stopping = shutdown.clone();
-    let limits = crate::http::ClientLimits {
+    let limits = sandwarden_proto::http::ClientLimits {
         max_connections: nonzero(max_connections).map(|n| n as usize),
         max_unsettled: Some(UNSETTLED_CONNECTIONS),
-        ..crate::http::ClientLimits::seconds(args.client_timeout)
+        ..sandwarden_proto::http::ClientLimits::seconds(args.client_timeout)
     };
-    let server = tokio::spawn(crate::http::serve(listener, app, limits, stopping));
+    let server = tokio::spawn(sandwarden_proto::http::serve(
+        listener, app, limits, stopping,
+    ));
     shutdown.cancelled().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), background).await;
     match tokio::time::timeout(Duration::from_secs(5), server).await {

@@ -142,8 +142,8 @@ impl Template {
     /// Checks a template from a config file; the message names the template and the field.
     pub fn validate(&self) -> Result<(), String> {
         let n = &self.name;
-        crate::event::validate_id("template name", n)?;
-        crate::harness::process::parse_command_line(&self.command)
+        sandwarden_proto::event::validate_id("template name", n)?;
+        sandwarden_harness::process::parse_command_line(&self.command)
             .map_err(|e| format!("template {n}: command: {e}"))?;
         if self.pool > 100 {
             return Err(format!("template {n}: pool is at most 100"));

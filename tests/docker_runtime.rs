@@ -425,7 +425,7 @@ async fn drive_image(docker: &Docker, template: &str) {
         .await
         .1;
     assert_eq!(ready["status"], "ready", "{template}: {ready}");
-    if t.kind == sandwarden::harness::HarnessKind::Tui {
+    if t.kind == sandwarden_harness::HarnessKind::Tui {
         let url = ready["tty_url"].as_str().expect("tty_url").to_string();
         let (mut ws, _) = tokio_tungstenite::connect_async(&url)
             .await

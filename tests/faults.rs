@@ -223,7 +223,7 @@ async fn warm_sandboxes_ready(data: &Path, n: usize) -> bool {
                 .unwrap_or_default();
         let mut ready = 0;
         for (id, endpoint) in &rows {
-            let client = sandwarden::harness_client::HarnessClient::new(
+            let client = sandwarden_proto::harness_client::HarnessClient::new(
                 endpoint.as_str(),
                 tokens.for_sandbox(id),
             );

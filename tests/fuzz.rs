@@ -12,10 +12,12 @@ use axum::response::sse::{Event, Sse};
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sandwarden::event::{BindRequest, Control, EventType, InputAnswer, TurnEvent, TurnRequest};
-use sandwarden::harness::map::{input_required, map_update};
-use sandwarden::harness::pty::{ControlAsk, read_control};
 use sandwarden::session::message::MessageRequest;
+use sandwarden_harness::map::{input_required, map_update};
+use sandwarden_harness::pty::{ControlAsk, read_control};
+use sandwarden_proto::event::{
+    BindRequest, Control, EventType, InputAnswer, TurnEvent, TurnRequest,
+};
 use serde_json::{Value, json};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
@@ -281,7 +283,7 @@ fn fuzz_message_bodies() {
                 let _ = turn.validate();
             }
             if let Ok(bind) = serde_json::from_slice::<BindRequest>(input) {
-                let _ = sandwarden::harness::bind::check(&bind, workdir.path());
+                let _ = sandwarden_harness::bind::check(&bind, workdir.path());
             }
             let _ = serde_json::from_slice::<InputAnswer>(input);
         },
@@ -330,7 +332,7 @@ fn sse_round_trip(events: &[TurnEvent], cuts: &[usize]) -> Vec<TurnEvent> {
         }
         chunks.push(Ok(bytes.slice(from..)));
         use eventsource_stream::Eventsource;
-        sandwarden::event::without_bom(futures::stream::iter(chunks))
+        sandwarden_proto::event::without_bom(futures::stream::iter(chunks))
             .eventsource()
             .map(|e| {
                 let e = e.expect("a well-formed stream decodes");
@@ -395,8 +397,8 @@ fn fuzz_event_sse_codec() {
                     .chunks(7)
                     .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
                     .collect();
-                let mut s =
-                    sandwarden::event::without_bom(futures::stream::iter(chunks)).eventsource();
+                let mut s = sandwarden_proto::event::without_bom(futures::stream::iter(chunks))
+                    .eventsource();
                 while let Some(e) = s.next().await {
                     if let Ok(e) = e {
                         let _ = serde_json::from_str::<TurnEvent>(&e.data);

@@ -5,10 +5,10 @@ mod common;
 
 use common::*;
 use futures::StreamExt;
-use sandwarden::event::{BindFile, BindRequest, Decision, EventType, InputAnswer, TurnEvent};
-use sandwarden::harness_client::ClientError;
+use sandwarden_proto::event::{BindFile, BindRequest, Decision, EventType, InputAnswer, TurnEvent};
+use sandwarden_proto::harness_client::ClientError;
 
-fn refused(e: ClientError) -> sandwarden::problem::Problem {
+fn refused(e: ClientError) -> sandwarden_proto::problem::Problem {
     match e {
         ClientError::Refused(p) => p,
         other => panic!("expected a problem answer, got {other:?}"),

@@ -9,10 +9,10 @@ mod common;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{ADMIN_KEY, in_process};
-use sandwarden::harness::{HarnessConfig, ListenAddr, StartMode};
 use sandwarden::runtime::{Runtime, RuntimeError, Sandbox};
 use sandwarden::template::Template;
 use sandwarden::tokens::Tokens;
+use sandwarden_harness::{HarnessConfig, ListenAddr, StartMode};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -71,7 +71,7 @@ impl Runtime for InProcess {
             egress: None,
         };
         let stop = CancellationToken::new();
-        tokio::spawn(sandwarden::harness::serve(config, stop.clone()));
+        tokio::spawn(sandwarden_harness::serve(config, stop.clone()));
         for _ in 0..200 {
             if socket.exists() {
                 break;

@@ -3,9 +3,6 @@
 
 mod tty;
 
-use crate::event::{InputAnswer, validate_id};
-use crate::http::ConnectionState;
-use crate::problem::Problem;
 use crate::session::message::MessageRequest;
 use crate::session::quota::{Held, Slot};
 use crate::session::{CreateRequest, Orchestrator, store_error};
@@ -20,6 +17,9 @@ use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine;
 use futures::{Stream, StreamExt};
+use sandwarden_proto::event::{InputAnswer, validate_id};
+use sandwarden_proto::http::ConnectionState;
+use sandwarden_proto::problem::Problem;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

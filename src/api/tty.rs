@@ -4,12 +4,12 @@
 //! upgrades must come from an allowed Origin. Frames pass through unchanged both ways.
 
 use super::{AppState, caller_from};
-use crate::problem::Problem;
 use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
+use sandwarden_proto::problem::Problem;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
@@ -58,7 +58,7 @@ pub async fn attach(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, Problem> {
     // A tty token is for the session's id; with a key, the tenant's name for it works too.
-    crate::event::validate_id("session id", &id)
+    sandwarden_proto::event::validate_id("session id", &id)
         .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
     // Terminals opened with a tty token count against the server's default limit; with a key,
     // against the key's.
@@ -183,7 +183,7 @@ pub async fn attach(
         .into_response())
 }
 
-type Upstream = tokio_tungstenite::WebSocketStream<crate::harness_client::HarnessIo>;
+type Upstream = tokio_tungstenite::WebSocketStream<sandwarden_proto::harness_client::HarnessIo>;
 
 /// Copies frames both ways until either side closes; a close is passed on with its code. A
 /// client that leaves output unread for `stall` is let go (1013, as the harness does with a

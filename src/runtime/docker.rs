@@ -16,8 +16,6 @@ use super::sandbox_net::{
 };
 use super::{Runtime, RuntimeError, Sandbox};
 use crate::egress::EgressPolicy;
-use crate::event::Phase;
-use crate::harness_client::HarnessClient;
 use crate::k8s::labels;
 use crate::template::Template;
 use crate::tokens::Tokens;
@@ -29,6 +27,8 @@ use bollard::query_parameters::{
     LogsOptions, RemoveContainerOptions,
 };
 use futures::StreamExt;
+use sandwarden_proto::event::Phase;
+use sandwarden_proto::harness_client::HarnessClient;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

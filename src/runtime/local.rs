@@ -19,11 +19,11 @@ use super::sandbox_net::{
 };
 use super::{Runtime, RuntimeError, Sandbox};
 use crate::egress::EgressPolicy;
-use crate::harness::binary::HarnessProgram;
 use crate::template::Template;
 use crate::tokens::Tokens;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use sandwarden_harness::binary::HarnessProgram;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

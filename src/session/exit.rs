@@ -6,8 +6,8 @@
 //! poll. It must not know HTTP routing.
 
 use super::Orchestrator;
-use crate::event::Phase;
 use crate::store::Session;
+use sandwarden_proto::event::Phase;
 use serde_json::json;
 
 /// The event type that tells a session's readers it died; `data: {reason}`, no `turn_id`.
@@ -19,7 +19,7 @@ impl Orchestrator {
     /// The session's agent or program ended, as its harness said: the session is dead, with that
     /// reason. Whether this call made the transition.
     pub async fn agent_ended(&self, session: &Session, reason: &str) -> bool {
-        let mut reason = crate::event::clip(reason.trim().to_string(), REASON_MAX);
+        let mut reason = sandwarden_proto::event::clip(reason.trim().to_string(), REASON_MAX);
         if reason.is_empty() {
             reason = "its agent ended".into();
         }

@@ -1,7 +1,7 @@
 //! The message endpoint's body: every seed shape (`text`; `parts[]`; `message`; `content` + `role`)
 //! normalized to parts, plus the turn options. Pure: parsing and checks only.
 
-use crate::event::Part;
+use sandwarden_proto::event::Part;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -22,11 +22,11 @@ pub struct WebhookSpec {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct MessageRequest {
     pub text: Option<String>,
-    #[serde(default, deserialize_with = "crate::event::capped_parts")]
+    #[serde(default, deserialize_with = "sandwarden_proto::event::capped_parts")]
     pub parts: Option<Vec<Value>>,
-    #[serde(default, deserialize_with = "crate::event::capped")]
+    #[serde(default, deserialize_with = "sandwarden_proto::event::capped")]
     pub message: Option<Value>,
-    #[serde(default, deserialize_with = "crate::event::capped")]
+    #[serde(default, deserialize_with = "sandwarden_proto::event::capped")]
     pub content: Option<Value>,
     pub role: Option<String>,
     pub base64_image: Option<String>,
@@ -40,14 +40,14 @@ pub struct MessageRequest {
     pub agent: Option<String>,
     pub participant_name: Option<String>,
     pub participant_type: Option<String>,
-    #[serde(default, deserialize_with = "crate::event::capped")]
+    #[serde(default, deserialize_with = "sandwarden_proto::event::capped")]
     pub metadata: Option<Value>,
 }
 
 impl MessageRequest {
     /// The agent settings this message asks for.
-    pub fn turn_options(&self) -> crate::event::TurnOptions {
-        crate::event::TurnOptions {
+    pub fn turn_options(&self) -> sandwarden_proto::event::TurnOptions {
+        sandwarden_proto::event::TurnOptions {
             model: self.model.clone(),
             thinking: self.thinking,
             agent: self.agent.clone(),
@@ -108,7 +108,7 @@ impl MessageRequest {
         if let Some(img) = &self.base64_image {
             parts.push(image_from_data_or_url(img, None));
         }
-        let checked = crate::event::TurnRequest {
+        let checked = sandwarden_proto::event::TurnRequest {
             turn_id: None,
             parts,
             timeout_s: None,

@@ -11,11 +11,8 @@ pub mod quota;
 pub mod turn;
 pub mod webhook;
 
-use crate::event::{BindFile, BindRequest, Phase, validate_id};
-use crate::harness_client::{ClientError, HarnessClient};
 use crate::metrics::Metrics;
 use crate::pool::PoolIndex;
-use crate::problem::Problem;
 use crate::runtime::{Runtime, Sandbox};
 use crate::status::SessionStatus;
 use crate::store::{self, SandboxRow, Session, SessionFilter, Store};
@@ -23,6 +20,9 @@ use crate::template::Template;
 use crate::tokens::Tokens;
 use axum::http::StatusCode;
 use backon::{ExponentialBuilder, Retryable};
+use sandwarden_proto::event::{BindFile, BindRequest, Phase, validate_id};
+use sandwarden_proto::harness_client::{ClientError, HarnessClient};
+use sandwarden_proto::problem::Problem;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -247,7 +247,7 @@ impl Orchestrator {
             pool: Mutex::new(PoolIndex::default()),
             pool_wake: Notify::new(),
             clients: Mutex::new(HashMap::new()),
-            http: crate::harness_client::http_client(),
+            http: sandwarden_proto::harness_client::http_client(),
             keys: Mutex::new(HashMap::new()),
             streams: quota::Streams::default(),
             pool_failures: Mutex::new(Vec::new()),
@@ -435,7 +435,8 @@ impl Orchestrator {
             return false;
         };
         let want = self.tokens.derive("tty", &format!("{session_id}.{exp}"));
-        exp_n >= unix_now() && crate::event::constant_time_eq(want.as_bytes(), mac.as_bytes())
+        exp_n >= unix_now()
+            && sandwarden_proto::event::constant_time_eq(want.as_bytes(), mac.as_bytes())
     }
 
     // ---- sessions
@@ -1207,7 +1208,7 @@ impl Orchestrator {
         self.end_turn(
             &t,
             None,
-            crate::event::EventType::Error,
+            sandwarden_proto::event::EventType::Error,
             store::now(),
             error,
             || {},

@@ -4,8 +4,8 @@
 //! sessions bounds every tenant together. Over a limit the request is answered
 //! `429 quota_exceeded`, naming the limit, the use and the maximum, and changes nothing.
 
-use crate::problem::Problem;
 use axum::http::StatusCode;
+use sandwarden_proto::problem::Problem;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -107,11 +107,11 @@ impl Limits {
         }
         if self
             .message_parts
-            .is_some_and(|n| n > crate::event::MAX_PARTS as u64)
+            .is_some_and(|n| n > sandwarden_proto::event::MAX_PARTS as u64)
         {
             return Err(format!(
                 "limits.message_parts is at most {}",
-                crate::event::MAX_PARTS
+                sandwarden_proto::event::MAX_PARTS
             ));
         }
         Ok(())
@@ -147,8 +147,11 @@ impl Limits {
 }
 
 /// Checks a message's parts against the tenant's per-message limits.
-pub fn check_message(parts: &[crate::event::Part], limits: &Limits) -> Result<(), Problem> {
-    use crate::event::Part;
+pub fn check_message(
+    parts: &[sandwarden_proto::event::Part],
+    limits: &Limits,
+) -> Result<(), Problem> {
+    use sandwarden_proto::event::Part;
     let n = parts.len() as u64;
     if let Some(max) = limits.message_parts
         && n > max

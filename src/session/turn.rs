@@ -4,13 +4,13 @@
 
 use super::message::MessageRequest;
 use super::{Orchestrator, not_found, store_error};
-use crate::event::{AGENT_FAILED, EventType, TurnEvent, TurnRequest, error_code};
-use crate::harness_client::ClientError;
-use crate::problem::Problem;
 use crate::status::SessionStatus;
 use crate::store::{self, Message, Session, Turn};
 use axum::http::StatusCode;
 use futures::StreamExt;
+use sandwarden_proto::event::{AGENT_FAILED, EventType, TurnEvent, TurnRequest, error_code};
+use sandwarden_proto::harness_client::ClientError;
+use sandwarden_proto::problem::Problem;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -105,7 +105,7 @@ fn problem_for_failed(o: &Outcome) -> Problem {
         .and_then(|e| e["message"].as_str())
         .unwrap_or("the turn failed")
         .to_string();
-    let status = if code == crate::event::error_code::TIMEOUT {
+    let status = if code == sandwarden_proto::event::error_code::TIMEOUT {
         StatusCode::GATEWAY_TIMEOUT
     } else {
         StatusCode::BAD_GATEWAY
@@ -276,7 +276,7 @@ impl Orchestrator {
         session_id: &str,
         turn_id: &str,
         req: &MessageRequest,
-        parts: Vec<crate::event::Part>,
+        parts: Vec<sandwarden_proto::event::Part>,
         mode: &str,
     ) -> Result<Started, Problem> {
         let options = json!({
@@ -287,7 +287,7 @@ impl Orchestrator {
         let text: String = parts
             .iter()
             .filter_map(|p| match p {
-                crate::event::Part::Text { text } => Some(text.as_str()),
+                sandwarden_proto::event::Part::Text { text } => Some(text.as_str()),
                 _ => None,
             })
             .collect::<Vec<_>>()
@@ -512,7 +512,7 @@ impl Orchestrator {
     }
 
     /// Asks the harness to cancel its turn, without waiting (it may never answer).
-    fn cancel_in_background(&self, client: crate::harness_client::HarnessClient) {
+    fn cancel_in_background(&self, client: sandwarden_proto::harness_client::HarnessClient) {
         tokio::spawn(async move {
             let _ = tokio::time::timeout(DEADLINE_GRACE, client.cancel()).await;
         });
@@ -857,7 +857,7 @@ impl Orchestrator {
         tenant: &str,
         session_id: &str,
         request_id: &str,
-        answer: &crate::event::InputAnswer,
+        answer: &sandwarden_proto::event::InputAnswer,
     ) -> Result<Value, Problem> {
         let session = self.get(tenant, session_id).await?;
         let client = self

@@ -7,8 +7,8 @@ pub mod kube;
 pub mod load;
 pub mod shell;
 
-use sandwarden::event::{EventType, Part, TurnEvent, TurnRequest};
-use sandwarden::harness_client::HarnessClient;
+use sandwarden_proto::event::{EventType, Part, TurnEvent, TurnRequest};
+use sandwarden_proto::harness_client::HarnessClient;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
