@@ -263,8 +263,12 @@ fn connection_cap(given: Option<u64>, open_files: u64) -> u64 {
 
 /// New connections serve works on at once before their first request is let through or
 /// answered (`http::ClientLimits::max_unsettled`): a flood of new connections waits in the
-/// listen backlog, and established connections' requests do not queue behind it.
-const UNSETTLED_CONNECTIONS: usize = 64;
+/// listen backlog, and established connections' requests do not queue behind it. 16, not 64:
+/// `bench flood --connections 20000` on a 2-core machine with other jobs running (load 2.7-7), four
+/// runs each, gave the other tenant's p99 during the flood 10.7-27.0 ms (3.0-6.2x quiet) at 16
+/// against 21.0-57.4 ms (6.2-12.3x) at 64, the flood taking 6.6-14.5 s against 5.0-6.1 s; 4 and 1
+/// were no better than 16 (8.7-27.5 ms). None meets the 2x target on that machine.
+const UNSETTLED_CONNECTIONS: usize = 16;
 
 /// Fewest file descriptors kept for serve's own use when the limit allows it.
 const RESERVED_FILES: u64 = 256;
