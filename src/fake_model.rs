@@ -1299,7 +1299,13 @@ impl FakeModel {
             let mut line = entry.to_string();
             line.push('\n');
             let mut file = log.lock().await;
-            if let Err(e) = file.write_all(line.as_bytes()).await {
+            // tokio's file hands a write to a blocking thread and returns: the flush waits until
+            // the line is in the file, so a reader who got the answer also finds its line.
+            let written = match file.write_all(line.as_bytes()).await {
+                Ok(()) => file.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 tracing::warn!(error = %e, "appending to the request log failed");
             }
         }
