@@ -37,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Events buffered per turn between the agent and a slow reader; past that the agent waits.
 const TURN_EVENT_BUFFER: usize = 256;
+/// Longest a turn waits, each time round, for a reaped agent's failure to be recorded (that
+/// waits up to 300 ms for its last stderr lines).
+const AGENT_FAILURE_GRACE: Duration = Duration::from_secs(1);
 /// After the prompt fails on a closed connection, how long to wait for the exit to be reaped
 /// so the error can carry the exit status and stderr.
 const EXIT_REPORT_WAIT: Duration = Duration::from_secs(1);
@@ -578,6 +581,12 @@ impl ApiAgent {
         }
     }
 
+    /// Waits up to `within` for the agent's failure to be recorded.
+    async fn wait_failed(&self, within: Duration) {
+        let mut rx = self.status.subscribe();
+        let _ = tokio::time::timeout(within, rx.wait_for(|s| s.phase == Phase::Failed)).await;
+    }
+
     /// Waits until the agent is ready (starting it if it waits for a bind), or says why not.
     async fn wait_ready(self: &Arc<Self>) -> Result<(), Problem> {
         let mut rx = self.status.subscribe();
@@ -619,6 +628,16 @@ impl ApiAgent {
         loop {
             self.wait_ready().await?;
             self.wait_prompt_answered().await?;
+            let reaped = lock(&self.inner)
+                .child
+                .as_ref()
+                .is_some_and(GroupHandle::has_exited);
+            if reaped {
+                // Reaped, and its failure is being recorded (after its last stderr lines): a
+                // prompt now would go to no one. Wait for the failure, then refuse as for it.
+                self.wait_failed(AGENT_FAILURE_GRACE).await;
+                continue;
+            }
             let (tx, rx) = mpsc::channel(TURN_EVENT_BUFFER);
             let turn_id = req
                 .turn_id

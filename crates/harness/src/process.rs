@@ -154,6 +154,11 @@ impl GroupHandle {
         let _ = killpg(Pid::from_raw(self.pid), signal);
     }
 
+    /// Whether the child has been reaped.
+    pub fn has_exited(&self) -> bool {
+        *self.exited.borrow()
+    }
+
     /// Waits up to `within` for the child to be reaped; whether it was.
     pub async fn wait_exit(&self, within: Duration) -> bool {
         let mut exited = self.exited.clone();
