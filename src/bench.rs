@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// Connections the flooding tenant opens and keeps (`bench flood`).
     #[arg(long, env = "SANDWARDEN_BENCH_CONNECTIONS", default_value_t = 20_000)]
     pub connections: usize,
+    /// Niceness of the flood's client processes (`bench flood`; 0: as serve). On one machine
+    /// the flood's client takes CPU serve and the other tenant would have on their own
+    /// machines; 19 gives them that CPU first, standing in for a client elsewhere.
+    #[arg(long, env = "SANDWARDEN_BENCH_FLOOD_NICE", default_value_t = 0)]
+    pub flood_nice: u8,
     /// wetty's `build/main.js` (`bench tty`): adds wetty, run by `node`, as a third path.
     #[arg(long, env = "SANDWARDEN_BENCH_WETTY")]
     pub wetty: Option<PathBuf>,

@@ -263,14 +263,23 @@ async fn flood_in_workers(
     path: &str,
     key: &str,
     n: usize,
+    nice: u8,
 ) -> anyhow::Result<(BTreeMap<String, (usize, usize)>, Vec<tokio::process::Child>)> {
     use tokio::io::AsyncBufReadExt;
     let workers = n.div_ceil(PER_WORKER);
     let mut children = Vec::new();
     for w in 0..workers {
         let share = n / workers + usize::from(w < n % workers);
+        let exe = std::env::current_exe()?;
+        let mut command = if nice == 0 {
+            tokio::process::Command::new(exe)
+        } else {
+            let mut c = tokio::process::Command::new("nice");
+            c.args(["-n", &nice.to_string()]).arg(exe);
+            c
+        };
         children.push(
-            tokio::process::Command::new(std::env::current_exe()?)
+            command
                 .args(["bench", "flood-worker"])
                 .env(WORKER_ENV, format!("{addr} {path} {key} {share}"))
                 .stdin(std::process::Stdio::piped())
@@ -307,6 +316,7 @@ fn mib(kib: u64) -> String {
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let n = args.connections;
+    let nice = args.flood_nice;
     anyhow::ensure!(n > 0, "--connections must be at least 1");
     // serve with its default caps (the bench harness lifts them for the other scenarios).
     let defaults = [
@@ -333,7 +343,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
          caps: `--tenant-streams 500 --tenant-connections 1000 --tenant-requests 500`, \
          `--max-connections` three quarters of its open-file limit). Machine: {}; load average at \
          the start {}; serve's open-file limit {serve_limit}; the flood's client: {} worker \
-         processes of at most {PER_WORKER} connections each.\n\n",
+         processes of at most {PER_WORKER} connections each, at niceness {nice}.\n\n",
         machine_line(),
         load_average(),
         n.div_ceil(PER_WORKER),
@@ -366,7 +376,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         let flooding = flooding.clone();
         let (addr, events, key) = (addr.clone(), events.clone(), flood_key.clone());
         async move {
-            let held = flood_in_workers(&addr, &events, &key, n).await;
+            let held = flood_in_workers(&addr, &events, &key, n, nice).await;
             flooding.store(false, Ordering::Relaxed);
             (held, t0.elapsed())
         }

@@ -146,6 +146,16 @@ pub struct ServeArgs {
     /// until its headers), unless its key says otherwise (0: no limit).
     #[arg(long, env = "SANDWARDEN_TENANT_REQUESTS", default_value_t = 500)]
     pub tenant_requests: u64,
+    /// MiB of history and event pages a tenant may have being answered at once on this
+    /// replica (a page counts twice its stored size until its answer is sent), unless its key
+    /// says otherwise (0: no limit). Over it the request is answered 429.
+    #[arg(long, env = "SANDWARDEN_TENANT_ANSWER_MIB", default_value_t = 128)]
+    pub tenant_answer_mib: u64,
+    /// MiB of history and event pages being answered at once, all tenants together (0: no
+    /// cap). A page that does not fit waits for others to be sent, as long as a client may pause
+    /// (`--client-timeout`), then is answered 503.
+    #[arg(long, env = "SANDWARDEN_ANSWER_MEMORY_MIB", default_value_t = 512)]
+    pub answer_memory_mib: u64,
     /// Client connections of everyone together (default: three quarters of the open-file
     /// limit, the rest kept for the store, sandboxes and logs; 0: no cap). At the cap no more are
     /// accepted until one closes; new ones wait in the listen backlog.
@@ -638,9 +648,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             message_parts: None,
             message_bytes: None,
             sandbox_memory_mib: nonzero(args.tenant_sandbox_memory_mib),
+            answer_mib: nonzero(args.tenant_answer_mib),
             budget: None,
         },
         max_live_sessions: nonzero(args.max_sessions),
+        answer_memory_mib: nonzero(args.answer_memory_mib),
     };
     let orch = Orchestrator::new(
         store,

@@ -451,15 +451,7 @@ async fn the_database_going_away_mid_turn_answers_503_then_recovers_with_nothing
         .send()
         .await
         .expect("request");
-    assert_eq!(resp.status().as_u16(), 503);
-    assert_eq!(
-        resp.headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()),
-        Some("1")
-    );
-    let problem: serde_json::Value = resp.json().await.expect("problem");
-    assert_eq!(problem["type"], "store_unavailable", "{problem}");
+    let problem = common::expect_retry_later(resp, "store_unavailable").await;
     assert!(
         problem["detail"]
             .as_str()

@@ -1201,3 +1201,172 @@ async fn silent_and_idle_connections_are_closed() {
         );
     }
 }
+
+/// Opens a raw connection asking for `path` with `key` and reads only the answer's headers,
+/// leaving its body unread (so serve cannot finish sending it); returns the connection and the
+/// status line.
+async fn unread_answer(serve: &Serve, key: &str, path: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = serve.url("").trim_start_matches("http://").to_string();
+    let addr = addr.trim_end_matches('/');
+    // A small receive buffer: serve's socket takes little of the answer before it blocks.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut conn = socket
+        .connect(addr.parse().expect("serve's address"))
+        .await
+        .expect("connect");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.expect("request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut byte))
+            .await
+            .expect("headers in time")
+            .expect("read");
+        assert_eq!(
+            n,
+            1,
+            "closed before the headers: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (conn, status)
+}
+
+/// History and event pages count against the memory for answers, per tenant (`answer_mib`,
+/// refused with 429 naming it) and server-wide (`--answer-memory-mib`, waited for, then 503),
+/// from before they are read until their answer has been sent; a page a client has not read
+/// keeps its share, and closing the connection gives it back. Event pages are bounded by size
+/// as history pages are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_in_flight_are_bounded_per_tenant_and_in_all() {
+    let serve = Serve::start(&[
+        "--answer-memory-mib",
+        "66",
+        "--tenant-answer-mib",
+        "40",
+        "--client-timeout",
+        "3",
+    ]);
+    let admin = serve.client();
+    let mut tenants = Vec::new();
+    // Each tenant's history: its own 8 MiB message and the echo of it (16 MiB of JSON per
+    // page of one message, counting 32 MiB), and a small one for the third tenant.
+    for (tenant, fill, size) in [
+        ("avocet", 'a', 8 << 20),
+        ("bittern", 'b', 8 << 20),
+        ("crake", 'c', 1 << 20),
+    ] {
+        let (api, key) = tenant_with(&admin, tenant, serde_json::json!({})).await;
+        let id = api.ready("echo").await;
+        let text = format!("{tenant} {}", fill.to_string().repeat(size));
+        let (status, _) = api.say(&id, &text).await;
+        assert_eq!(status, 200);
+        tenants.push((api, key, id, text));
+    }
+    let page = |id: &str| format!("/v1/sessions/{id}/messages?limit=1");
+    let (avocet, bittern, crake) = (&tenants[0], &tenants[1], &tenants[2]);
+
+    // avocet's first page, unread: it holds 32 of its 40 MiB, so a second page is refused.
+    let (held_a, status) = unread_answer(&serve, &avocet.1, &page(&avocet.2)).await;
+    assert!(status.contains(" 200 "), "{status}");
+    let (status, p) = avocet.0.call("GET", &page(&avocet.2), None).await;
+    assert_eq!(
+        (status, p["limit"].as_str()),
+        (429, Some("answer_mib")),
+        "{p}"
+    );
+    assert_eq!(p["max"], 40, "{p}");
+    assert!(
+        p["used"].as_u64().is_some_and(|u| (32..=34).contains(&u)),
+        "{p}"
+    );
+
+    // bittern has its own allowance: 64 of the server's 66 MiB are now held.
+    let (held_b, status) = unread_answer(&serve, &bittern.1, &page(&bittern.2)).await;
+    assert!(status.contains(" 200 "), "{status}");
+    // crake's small page does not fit in what is left: it waits for memory, not refused...
+    let waiting = {
+        let (api, id) = (crake.0.with_key(&crake.1), crake.2.clone());
+        tokio::spawn(async move {
+            api.call("GET", &format!("/v1/sessions/{id}/messages?limit=1"), None)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "crake's page waits for the server's memory"
+    );
+    // ...and is answered, in full and its own, once avocet's connection goes.
+    drop(held_a);
+    let (status, got) = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("answered once memory came back")
+        .expect("joined");
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["messages"][0]["text"].as_str(), Some(crake.3.as_str()));
+
+    // With the server's memory held again, a page waits no longer than --client-timeout, then
+    // is answered 503 with Retry-After; nothing is lost.
+    let (held_a, _) = unread_answer(&serve, &avocet.1, &page(&avocet.2)).await;
+    let resp = reqwest::Client::new()
+        .get(serve.url(&page(&crake.2)))
+        .bearer_auth(&crake.1)
+        .send()
+        .await
+        .expect("sent");
+    expect_retry_later(resp, "server_busy").await;
+    drop((held_a, held_b));
+
+    // Once answers are sent, each tenant reads its whole history, its own text only.
+    for (api, _, id, text) in &tenants {
+        let all = api.history(id, 1).await;
+        let texts: Vec<&str> = all
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(texts, [text.as_str(), text.as_str()]);
+    }
+
+    // Event pages are bounded by size: avocet's two 8 MiB echoes never share a page, and
+    // following `next_since` reads every event once.
+    let (status, _) = avocet
+        .0
+        .say(&avocet.2, &format!("avocet again {}", "z".repeat(8 << 20)))
+        .await;
+    assert_eq!(status, 200);
+    let (mut since, mut seqs, mut pages) = (0, Vec::new(), 0);
+    loop {
+        let (status, p) = avocet
+            .0
+            .call(
+                "GET",
+                &format!("/v1/sessions/{}/events?since={since}&limit=1000", avocet.2),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{p}");
+        let events = p["events"].as_array().cloned().unwrap_or_default();
+        let bytes: usize = events.iter().map(|e| e["data"].to_string().len()).sum();
+        assert!(
+            events.len() == 1 || bytes <= 5 << 20,
+            "a page past the size bound: {bytes}"
+        );
+        seqs.extend(events.iter().filter_map(|e| e["seq"].as_i64()));
+        pages += 1;
+        since = p["next_since"].as_i64().expect("next_since");
+        if p["has_more"] != true {
+            break;
+        }
+    }
+    let want: Vec<i64> = (1..=seqs.len() as i64).collect();
+    assert_eq!(seqs, want, "every event once, in order");
+    assert!(pages >= 2, "the two echoes are on different pages");
+}

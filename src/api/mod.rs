@@ -20,7 +20,7 @@ use futures::{Stream, StreamExt};
 use sandwarden_proto::event::{InputAnswer, validate_id};
 use sandwarden_proto::http::ConnectionState;
 use sandwarden_proto::problem::Problem;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
@@ -575,12 +575,13 @@ async fn post_message(
 }
 
 /// `stream`, holding `slot` (a tenant's stream quota) until it ends or its reader goes away.
-fn holding<T>(
+/// `stream`, keeping `held` (a quota slot, a share of memory) until the stream is dropped.
+fn holding<T, H: Send + 'static>(
     stream: impl Stream<Item = T> + Send + 'static,
-    slot: Option<Slot>,
+    held: H,
 ) -> impl Stream<Item = T> + Send + 'static {
     stream.map(move |item| {
-        let _held = &slot;
+        let _held = &held;
         item
     })
 }
@@ -629,15 +630,56 @@ async fn get_messages(
                 )
             })?,
     };
-    let (messages, next) = orch.history(&caller.tenant, &id, after, limit).await?;
-    let next_cursor = next.map(|seq| encode_cursor("messages", &seq.to_string()));
-    Ok(Json(json!({
-        "session_id": id,
-        "messages": messages,
-        "has_more": next_cursor.is_some(),
-        "next_cursor": next_cursor,
-    }))
-    .into_response())
+    let page = orch
+        .history(&caller.tenant, &caller.limits, &id, after, limit)
+        .await?;
+    let next_cursor = page
+        .next
+        .map(|seq| encode_cursor("messages", &seq.to_string()));
+    #[derive(Serialize)]
+    struct MessagesPage<'a> {
+        session_id: &'a str,
+        messages: &'a [crate::store::Message],
+        has_more: bool,
+        next_cursor: Option<String>,
+    }
+    let answer = MessagesPage {
+        session_id: &id,
+        messages: &page.items,
+        has_more: next_cursor.is_some(),
+        next_cursor: next_cursor.clone(),
+    };
+    Ok(json_holding(&answer, page.admitted))
+}
+
+/// A JSON answer whose body keeps `held` (a page's share of the answer memory) until it has
+/// been sent, serialized straight from `value` (no intermediate `Value`).
+fn json_holding<H: Send + 'static>(value: &impl Serialize, held: H) -> Response {
+    let bytes = match serde_json::to_vec(value) {
+        Ok(bytes) => bytes::Bytes::from(bytes),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding an answer failed");
+            return Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding_failed",
+                "the answer could not be encoded; the server log has the cause",
+            )
+            .into_response();
+        }
+    };
+    let len = bytes.len();
+    let body = axum::body::Body::from_stream(holding(
+        futures::stream::once(async move { Ok::<_, Infallible>(bytes) }),
+        held,
+    ));
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    response
 }
 
 async fn get_turn(
@@ -702,6 +744,21 @@ async fn get_events(
 ) -> Result<Response, Problem> {
     let id = session_path(&caller.tenant, &id)?;
     let q = query_of(query)?;
+    let wants_sse = q.stream == Some(true)
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/event-stream"));
+    // A stream's slot is taken before anything is read, so a tenant over its quota costs the
+    // store nothing.
+    let slot = if wants_sse {
+        Some(
+            orch.streams
+                .open(&caller.tenant, caller.limits.open_streams)?,
+        )
+    } else {
+        None
+    };
     let session = orch.get(&caller.tenant, &id).await?;
     let last_event_id = headers
         .get("last-event-id")
@@ -724,32 +781,31 @@ async fn get_events(
             "`since` is a seq, 0 or more",
         ));
     }
-    let wants_sse = q.stream == Some(true)
-        || headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/event-stream"));
-    if wants_sse {
-        let slot = orch
-            .streams
-            .open(&caller.tenant, caller.limits.open_streams)?;
+    if let Some(slot) = slot {
         let rx = orch.hub.subscribe(&session.id);
         return Ok(sse(holding(
             event_stream(orch.clone(), session.id, rx, Follow::Since(since)),
-            Some(slot),
+            slot,
         )));
     }
     let limit = page_limit(q.limit, 100, 1000)?;
-    let events = orch
-        .hub
-        .history(&session.id, since, limit)
-        .await
-        .map_err(store_error)?;
-    let next = events.last().map_or(since, |e| e.seq);
-    Ok(
-        Json(json!({ "session_id": session.id, "events": events, "next_since": next }))
-            .into_response(),
-    )
+    let page = orch
+        .event_page(&caller.tenant, &caller.limits, &session.id, since, limit)
+        .await?;
+    #[derive(Serialize)]
+    struct EventsPage<'a> {
+        session_id: &'a str,
+        events: &'a [Event],
+        next_since: i64,
+        has_more: bool,
+    }
+    let answer = EventsPage {
+        session_id: &session.id,
+        events: &page.items,
+        next_since: page.items.last().map_or(since, |e| e.seq),
+        has_more: page.next.is_some(),
+    };
+    Ok(json_holding(&answer, page.admitted))
 }
 
 /// What an event stream follows: one turn to its end, or the whole session from a seq on.
@@ -821,8 +877,8 @@ fn event_stream(
             if st.catch_up {
                 st.catch_up = false;
                 match st.orch.hub.history(&st.session_id, st.last, 1000).await {
-                    Ok(events) => {
-                        st.catch_up = events.len() == 1000;
+                    Ok((events, more)) => {
+                        st.catch_up = more;
                         st.backlog.extend(events.into_iter().map(Arc::new));
                     }
                     Err(e) => {

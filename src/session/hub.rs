@@ -4,7 +4,10 @@
 //! here too (`feed`), and the seq is set from the store when a turn starts (`set_seq`): the
 //! previous turn may have run elsewhere.
 
-use crate::store::{Event, Store, StoreError};
+use crate::store::{Event, PageCut, Store, StoreError};
+
+/// The most event data one page holds (but a page always holds at least one event).
+pub const EVENTS_PAGE_BYTES: i64 = 4 * 1024 * 1024;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
@@ -188,15 +191,35 @@ impl Hub {
         self.channel(session_id).tx.subscribe()
     }
 
-    /// Stored events after `since`, including any still queued for writing.
+    /// Where a page of stored events after `since` ends (at most `limit` of them and
+    /// `EVENTS_PAGE_BYTES` of data, but at least one), counting any still queued for writing.
+    pub async fn cut(
+        &self,
+        session_id: &str,
+        since: i64,
+        limit: i64,
+    ) -> Result<Option<PageCut>, StoreError> {
+        self.store.flush().await?;
+        self.store
+            .event_cut(session_id, since, limit, EVENTS_PAGE_BYTES)
+            .await
+    }
+
+    /// A page of stored events after `since` (see `cut`), and whether more follow.
     pub async fn history(
         &self,
         session_id: &str,
         since: i64,
         limit: i64,
-    ) -> Result<Vec<Event>, StoreError> {
-        self.store.flush().await?;
-        self.store.list_events(session_id, since, limit).await
+    ) -> Result<(Vec<Event>, bool), StoreError> {
+        let Some(cut) = self.cut(session_id, since, limit).await? else {
+            return Ok((Vec::new(), false));
+        };
+        let events = self
+            .store
+            .events_through(session_id, since, cut.last)
+            .await?;
+        Ok((events, cut.more))
     }
 }
 

@@ -116,6 +116,9 @@ pub struct Config {
     pub default_limits: quota::Limits,
     /// Live sessions of all tenants together.
     pub max_live_sessions: Option<u64>,
+    /// MiB of history and event pages being answered at once, all tenants together
+    /// (`--answer-memory-mib`; see `quota::Answers`).
+    pub answer_memory_mib: Option<u64>,
 }
 
 /// An API key seen valid (see `Orchestrator::cached_key`).
@@ -163,6 +166,8 @@ pub struct Orchestrator {
     http: reqwest::Client,
     /// Open event streams and terminals per tenant (their quota).
     pub streams: quota::Streams,
+    /// Memory for history and event pages being answered, per tenant and in all.
+    answers: quota::Answers,
     /// API keys seen valid, by hash; emptied when a key is revoked (here or, through the
     /// store's notices, on another replica) and when notices may have been missed.
     keys: Mutex<HashMap<String, CachedKey>>,
@@ -237,6 +242,7 @@ impl Orchestrator {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Orchestrator {
+            answers: quota::Answers::new(config.answer_memory_mib, config.client_timeout),
             hub: hub::Hub::new(store.clone()),
             store,
             runtime,

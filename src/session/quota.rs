@@ -9,6 +9,7 @@ use sandwarden_proto::problem::Problem;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A tenant's limits as set on its key (`POST`/`PATCH /v1/api-keys`); unset ones take the
 /// server's defaults.
@@ -42,6 +43,10 @@ pub struct Limits {
     /// its template's memory limit (`container.memory_mib`), which every runtime enforces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_memory_mib: Option<u64>,
+    /// MiB of history and event pages being answered at once (on this replica): each page
+    /// counts twice its stored size, from before it is read until its answer is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_mib: Option<u64>,
     /// What the tenant's turns may use in all, counted from the agents' reported usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
@@ -117,7 +122,7 @@ impl Limits {
         Ok(())
     }
 
-    fn fields(&self) -> [(&'static str, Option<u64>); 8] {
+    fn fields(&self) -> [(&'static str, Option<u64>); 9] {
         [
             ("live_sessions", self.live_sessions),
             ("concurrent_turns", self.concurrent_turns),
@@ -127,6 +132,7 @@ impl Limits {
             ("message_parts", self.message_parts),
             ("message_bytes", self.message_bytes),
             ("sandbox_memory_mib", self.sandbox_memory_mib),
+            ("answer_mib", self.answer_mib),
         ]
     }
 
@@ -141,6 +147,7 @@ impl Limits {
             message_parts: self.message_parts.or(defaults.message_parts),
             message_bytes: self.message_bytes.or(defaults.message_bytes),
             sandbox_memory_mib: self.sandbox_memory_mib.or(defaults.sandbox_memory_mib),
+            answer_mib: self.answer_mib.or(defaults.answer_mib),
             budget: self.budget.clone().or_else(|| defaults.budget.clone()),
         }
     }
@@ -221,25 +228,38 @@ impl Held {
     /// Takes one of the tenant's slots, held until the returned guard drops; refused with
     /// `429 quota_exceeded` when it already holds `max`.
     pub fn take(&self, tenant: &str, max: Option<u64>) -> Result<Slot, Problem> {
+        self.take_n(tenant, 1, max)
+    }
+
+    /// Takes `amount` of the tenant's allowance at once, held until the returned guard drops;
+    /// refused with `429 quota_exceeded` when that would bring it past `max`.
+    pub fn take_n(&self, tenant: &str, amount: u64, max: Option<u64>) -> Result<Slot, Problem> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = counts.entry(tenant.to_string()).or_insert(0);
         if let Some(max) = max
-            && *n >= max
+            && n.saturating_add(amount) > max
         {
-            return Err(exceeded(self.limit, *n, max, self.hint));
+            let used = *n;
+            if used == 0 {
+                counts.remove(tenant);
+            }
+            return Err(exceeded(self.limit, used, max, self.hint));
         }
-        *n += 1;
+        *n += amount;
         Ok(Slot {
             held: self.clone(),
             tenant: tenant.to_string(),
+            amount,
         })
     }
 }
 
-/// One thing a tenant holds (a stream, a connection, a request); gives its slot back when dropped.
+/// One thing a tenant holds (a stream, a connection, a request, bytes being answered); gives
+/// its share back when dropped.
 pub struct Slot {
     held: Held,
     tenant: String,
+    amount: u64,
 }
 
 impl Slot {
@@ -253,7 +273,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.held.counts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = counts.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
+            *n = n.saturating_sub(self.amount);
             if *n == 0 {
                 counts.remove(&self.tenant);
             }
@@ -278,6 +298,96 @@ impl Streams {
     /// Takes one of the tenant's stream slots; refused when it already holds `max`.
     pub fn open(&self, tenant: &str, max: Option<u64>) -> Result<Slot, Problem> {
         self.0.take(tenant, max)
+    }
+}
+
+/// Memory for history and event pages being answered, on this replica: a page is admitted
+/// before it is read, counting twice its stored bytes (the rows read and the JSON written from
+/// them are both in memory for a while), and keeps its share until its answer has been sent.
+/// Each tenant may hold `answer_mib` (429 over it); everyone together `--answer-memory-mib`,
+/// for which a page waits as long as a client may pause (`--client-timeout`; 503 after that).
+#[derive(Clone)]
+pub struct Answers {
+    /// Server-wide, in KiB; `None`: no cap.
+    server: Option<(Arc<Semaphore>, u64)>,
+    /// How long a page waits for the server's memory.
+    wait: std::time::Duration,
+    /// Per tenant, in KiB.
+    tenants: Held,
+}
+
+/// A page's share of the answer memory, given back when dropped (with the answer's body).
+pub struct Admitted {
+    _server: Option<OwnedSemaphorePermit>,
+    _tenant: Slot,
+}
+
+impl Answers {
+    /// `server_mib`: the cap for everyone together (`None`: none), waited for up to `wait`.
+    pub fn new(server_mib: Option<u64>, wait: std::time::Duration) -> Answers {
+        let server = server_mib.map(|mib| {
+            let kib = mib.saturating_mul(1024).min(Semaphore::MAX_PERMITS as u64);
+            (Arc::new(Semaphore::new(kib as usize)), kib)
+        });
+        Answers {
+            server,
+            wait,
+            tenants: Held::new("answer_mib", "fetch fewer or smaller pages at once"),
+        }
+    }
+
+    /// Admits a page of `stored_bytes` for `tenant`, whose allowance is `tenant_mib`. A page
+    /// larger than an allowance on its own is admitted when nothing else holds it (it counts as
+    /// the whole allowance), so every page can be fetched.
+    pub async fn admit(
+        &self,
+        tenant: &str,
+        stored_bytes: i64,
+        tenant_mib: Option<u64>,
+    ) -> Result<Admitted, Problem> {
+        let tenant_kib = tenant_mib.map(|m| m.saturating_mul(1024));
+        let mut kib = (stored_bytes.max(0) as u64)
+            .saturating_mul(2)
+            .div_ceil(1024)
+            .max(1);
+        if let Some(max) = tenant_kib {
+            kib = kib.min(max);
+        }
+        if let Some((_, total)) = &self.server {
+            kib = kib.min(*total);
+        }
+        let slot = self.tenants.take_n(tenant, kib, tenant_kib).map_err(|p| {
+            let used = p.extra.get("used").and_then(|v| v.as_u64()).unwrap_or(0);
+            exceeded(
+                "answer_mib",
+                used.div_ceil(1024),
+                tenant_mib.unwrap_or(0),
+                "fetch fewer or smaller pages at once (a page counts twice its size until its \
+                 answer is sent)",
+            )
+        })?;
+        let server = match &self.server {
+            None => None,
+            Some((sem, _)) => {
+                let wanted = u32::try_from(kib).unwrap_or(u32::MAX);
+                match tokio::time::timeout(self.wait, sem.clone().acquire_many_owned(wanted)).await
+                {
+                    Ok(Ok(permit)) => Some(permit),
+                    _ => {
+                        return Err(Problem::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "server_busy",
+                            "serve is answering as many large pages as its memory for answers \
+                             allows (--answer-memory-mib); retry shortly",
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(Admitted {
+            _server: server,
+            _tenant: slot,
+        })
     }
 }
 
@@ -312,6 +422,44 @@ mod tests {
         let refused = requests.take("a", Some(1)).err().expect("refused");
         assert_eq!(refused.extra["limit"], "concurrent_requests");
         assert!(connections.take("a", None).is_ok(), "no limit, no refusal");
+    }
+
+    #[tokio::test]
+    async fn answer_memory_is_held_per_tenant_and_waited_for_server_wide() {
+        let answers = Answers::new(Some(3), std::time::Duration::from_secs(30));
+        let mib = 1024 * 1024 / 2; // stored bytes counting 1 MiB
+        let a = answers.admit("a", mib, Some(2)).await.expect("1 of a's 2");
+        let _a2 = answers.admit("a", mib, Some(2)).await.expect("2 of a's 2");
+        let refused = answers
+            .admit("a", 1, Some(2))
+            .await
+            .err()
+            .expect("a is full");
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.extra["limit"], "answer_mib");
+        assert_eq!(
+            (&refused.extra["used"], &refused.extra["max"]),
+            (&2.into(), &2.into())
+        );
+        let b = answers
+            .admit("b", mib, Some(2))
+            .await
+            .expect("b has its own");
+        // The server's 3 MiB are taken: b's next page waits until one is answered.
+        let answers2 = answers.clone();
+        let waiting = tokio::spawn(async move { answers2.admit("b", mib, Some(2)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "waits for the server's memory");
+        drop(a);
+        waiting
+            .await
+            .expect("joined")
+            .expect("admitted once a's page was sent");
+        drop(b);
+        // A page past a tenant's whole allowance gets through alone, counting as all of it.
+        let huge = answers.admit("c", 100 * mib, Some(1)).await.expect("alone");
+        assert!(answers.admit("c", 1, Some(1)).await.is_err());
+        drop(huge);
     }
 
     #[test]

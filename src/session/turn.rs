@@ -3,9 +3,9 @@
 //! machinery serves the three response modes (JSON, SSE, async).
 
 use super::message::MessageRequest;
-use super::{Orchestrator, not_found, store_error};
+use super::{Orchestrator, not_found, quota, store_error};
 use crate::status::SessionStatus;
-use crate::store::{self, Message, Session, Turn};
+use crate::store::{self, Event, Message, Session, Turn};
 use axum::http::StatusCode;
 use futures::StreamExt;
 use sandwarden_proto::event::{AGENT_FAILED, EventType, TurnEvent, TurnRequest, error_code};
@@ -893,19 +893,92 @@ impl Orchestrator {
         )
     }
 
-    /// The user-visible history of a session.
-    /// A page of the session's history (see `Store::message_page`).
+    /// A page of the session's history (see `Store::message_cut`), admitted to the answer
+    /// memory before it is read (see `quota::Answers`).
     pub async fn history(
         &self,
         tenant: &str,
+        limits: &quota::Limits,
         session_id: &str,
         after: i64,
         limit: i64,
-    ) -> Result<(Vec<Message>, Option<i64>), Problem> {
+    ) -> Result<Page<Message>, Problem> {
         let s = self.get(tenant, session_id).await?;
-        self.store
-            .message_page(&s.id, after, limit, HISTORY_PAGE_BYTES)
+        let cut = self
+            .store
+            .message_cut(&s.id, after, limit, HISTORY_PAGE_BYTES)
             .await
-            .map_err(store_error)
+            .map_err(store_error)?;
+        self.admitted_page(tenant, limits, cut, |last| {
+            self.store.messages_through(&s.id, after, last)
+        })
+        .await
+    }
+
+    /// A page of the session's events after `since` (see `Hub::cut`), admitted to the answer
+    /// memory before it is read.
+    pub async fn event_page(
+        &self,
+        tenant: &str,
+        limits: &quota::Limits,
+        session_id: &str,
+        since: i64,
+        limit: i64,
+    ) -> Result<Page<Event>, Problem> {
+        let cut = self
+            .hub
+            .cut(session_id, since, limit)
+            .await
+            .map_err(store_error)?;
+        self.admitted_page(tenant, limits, cut, |last| {
+            self.store.events_through(session_id, since, last)
+        })
+        .await
+    }
+
+    /// Admits a page the store has cut to the answer memory, then has `read` read it up to its
+    /// last seq.
+    async fn admitted_page<T, Fut>(
+        &self,
+        tenant: &str,
+        limits: &quota::Limits,
+        cut: Option<store::PageCut>,
+        read: impl FnOnce(i64) -> Fut,
+    ) -> Result<Page<T>, Problem>
+    where
+        Fut: std::future::Future<Output = Result<Vec<T>, store::StoreError>>,
+    {
+        let Some(cut) = cut else {
+            return Ok(Page::empty());
+        };
+        let admitted = self
+            .answers
+            .admit(tenant, cut.bytes, limits.answer_mib)
+            .await?;
+        let items = read(cut.last).await.map_err(store_error)?;
+        Ok(Page {
+            items,
+            next: cut.next(),
+            admitted: Some(admitted),
+        })
+    }
+}
+
+/// A page of history or events, with its share of the answer memory: keep `admitted` until the
+/// answer has been sent.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Where the next page starts, when more follow.
+    pub next: Option<i64>,
+    pub admitted: Option<quota::Admitted>,
+}
+
+impl<T> Page<T> {
+    fn empty() -> Page<T> {
+        Page {
+            items: Vec::new(),
+            next: None,
+            admitted: None,
+        }
     }
 }

@@ -520,6 +520,41 @@ impl TurnUsage {
     }
 }
 
+/// Where a page of a session's history or events ends, chosen from the rows' sizes before
+/// any row is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageCut {
+    /// The page's last seq.
+    pub last: i64,
+    /// The page's stored size in bytes.
+    pub bytes: i64,
+    /// Whether more rows follow.
+    pub more: bool,
+}
+
+impl PageCut {
+    /// Cuts `rows` (seq and size, in order, up to `limit + 1` of them) after `limit` rows or
+    /// before `max_bytes` would be passed, keeping at least one.
+    fn of(rows: &[(i64, i64)], limit: i64, max_bytes: i64) -> Option<PageCut> {
+        let (mut bytes, mut last) = (0, None);
+        for (i, (seq, size)) in rows.iter().enumerate() {
+            if i as i64 == limit || (i > 0 && bytes + size > max_bytes) {
+                break;
+            }
+            bytes += size;
+            last = Some(*seq);
+        }
+        let last = last?;
+        let more = rows.last().is_some_and(|(seq, _)| *seq > last);
+        Some(PageCut { last, bytes, more })
+    }
+
+    /// Where the next page starts, when more follow.
+    pub fn next(&self) -> Option<i64> {
+        self.more.then_some(self.last)
+    }
+}
+
 /// A tenant's use, in total or of one session, over some days.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Usage {
@@ -1424,17 +1459,18 @@ impl Store {
             .collect()))
     }
 
-    /// One page of a session's history, oldest first: the messages after `after` (a message's
-    /// place in the history, as the last page's `next` gave it), at most `limit` of them and no
-    /// more than `max_bytes` of text and parts together, but always at least one. Returns the
-    /// page and, when more follow, where the next page starts.
-    pub async fn message_page(
+    /// Where one page of a session's history ends, oldest first: the messages after `after` (a
+    /// message's place in the history, as the last page's `next` gave it), at most `limit` of
+    /// them and no more than `max_bytes` of text, parts and metadata together, but always at
+    /// least one. `None` when no message follows `after`. Read the page with
+    /// `messages_through`.
+    pub async fn message_cut(
         &self,
         session_id: &str,
         after: i64,
         limit: i64,
         max_bytes: i64,
-    ) -> Result<(Vec<Message>, Option<i64>)> {
+    ) -> Result<Option<PageCut>> {
         let sizes = self.sql(
             "SELECT seq, CAST(LENGTH(text) + LENGTH(parts) + LENGTH(metadata) AS BIGINT) \
              FROM messages \
@@ -1446,22 +1482,20 @@ impl Store {
             .bind(limit + 1)
             .fetch_all(pool)
             .await?);
-        let (mut total, mut last) = (0, None);
-        for (i, (seq, bytes)) in rows.iter().enumerate() {
-            if i as i64 == limit || (i > 0 && total + bytes > max_bytes) {
-                break;
-            }
-            total += bytes;
-            last = Some(*seq);
-        }
-        let Some(last) = last else {
-            return Ok((Vec::new(), None));
-        };
-        let more = rows.last().is_some_and(|(seq, _)| *seq > last);
+        Ok(PageCut::of(&rows, limit, max_bytes))
+    }
+
+    /// The messages after `after` up to and including `last`, oldest first.
+    pub async fn messages_through(
+        &self,
+        session_id: &str,
+        after: i64,
+        last: i64,
+    ) -> Result<Vec<Message>> {
         let page = self.sql(
             "SELECT * FROM messages WHERE session_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
         );
-        let messages = on_db!(self, |pool| sqlx::query(&page)
+        Ok(on_db!(self, |pool| sqlx::query(&page)
             .bind(session_id)
             .bind(after)
             .bind(last)
@@ -1469,8 +1503,26 @@ impl Store {
             .await?
             .iter()
             .map(|r| message_row!(r))
-            .collect());
-        Ok((messages, more.then_some(last)))
+            .collect()))
+    }
+
+    /// One page of a session's history (see `message_cut`) and, when more follow, where the
+    /// next page starts.
+    pub async fn message_page(
+        &self,
+        session_id: &str,
+        after: i64,
+        limit: i64,
+        max_bytes: i64,
+    ) -> Result<(Vec<Message>, Option<i64>)> {
+        let Some(cut) = self
+            .message_cut(session_id, after, limit, max_bytes)
+            .await?
+        else {
+            return Ok((Vec::new(), None));
+        };
+        let messages = self.messages_through(session_id, after, cut.last).await?;
+        Ok((messages, cut.next()))
     }
 
     // ---- events
@@ -1540,6 +1592,49 @@ impl Store {
             .bind(session_id)
             .bind(since)
             .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| event_row!(r))
+            .collect()))
+    }
+
+    /// Where one page of a session's events ends: the events after `since`, at most `limit`
+    /// and no more than `max_bytes` of data together, but always at least one. Read the page
+    /// with `events_through`.
+    pub async fn event_cut(
+        &self,
+        session_id: &str,
+        since: i64,
+        limit: i64,
+        max_bytes: i64,
+    ) -> Result<Option<PageCut>> {
+        let sizes = self.sql(
+            "SELECT seq, CAST(LENGTH(data) AS BIGINT) FROM events \
+             WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        );
+        let rows: Vec<(i64, i64)> = on_db!(self, |pool| sqlx::query_as(&sizes)
+            .bind(session_id)
+            .bind(since)
+            .bind(limit + 1)
+            .fetch_all(pool)
+            .await?);
+        Ok(PageCut::of(&rows, limit, max_bytes))
+    }
+
+    /// The events after `since` up to and including `last`, in order.
+    pub async fn events_through(
+        &self,
+        session_id: &str,
+        since: i64,
+        last: i64,
+    ) -> Result<Vec<Event>> {
+        let sql = self
+            .sql("SELECT * FROM events WHERE session_id = ? AND seq > ? AND seq <= ? ORDER BY seq");
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(session_id)
+            .bind(since)
+            .bind(last)
             .fetch_all(pool)
             .await?
             .iter()

@@ -58,6 +58,7 @@ pub async fn orchestrator(
         client_timeout: Duration::from_secs(30),
         default_limits: Default::default(),
         max_live_sessions: None,
+        answer_memory_mib: None,
     };
     let orch = Orchestrator::new(
         store,

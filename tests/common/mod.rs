@@ -716,3 +716,18 @@ pub fn bwrap_works() -> bool {
     }
     works
 }
+
+/// Asserts `resp` is `503` with `Retry-After: 1` and problem type `kind`; returns the problem.
+#[allow(dead_code)]
+pub async fn expect_retry_later(resp: reqwest::Response, kind: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let problem: serde_json::Value = resp.json().await.expect("problem");
+    assert_eq!(problem["type"], kind, "{problem}");
+    problem
+}
