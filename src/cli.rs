@@ -60,10 +60,6 @@ pub enum Command {
     Harness(Box<sandwarden_harness::args::HarnessArgs>),
     /// A deterministic ACP agent over stdio, for tests and for trying sandwarden without a model key.
     EchoAgent,
-    /// Measure the harness server or the orchestrator, side by side with their baselines.
-    Bench(crate::bench::BenchArgs),
-    /// A scriptable fake model server (Anthropic, OpenAI Chat and Responses APIs) on loopback.
-    FakeModel(crate::fake_model::FakeModelArgs),
     /// Point an agent CLI at the model in its environment (OPENAI_* or ANTHROPIC_*), then run it.
     /// The built-in templates use this; see docs/harnesses.md.
     Launch(sandwarden_harness::launch::LaunchArgs),
@@ -127,20 +123,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(sandwarden_harness::echo_agent::run())
-        }
-        Command::Bench(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(crate::bench::run(args))
-        }
-        Command::FakeModel(args) => {
-            init_tracing();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            Ok(rt.block_on(crate::fake_model::run(args))?)
         }
         Command::Launch(args) => Ok(sandwarden_harness::launch::run(args)?),
         Command::SandboxExec {

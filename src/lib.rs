@@ -8,25 +8,10 @@
 //! `sandwarden harness`, `echo-agent` and `launch` commands.
 
 pub mod api;
-pub mod bench;
-pub mod bench_claims;
-pub mod bench_controller;
-pub mod bench_density;
-pub mod bench_docker;
-pub mod bench_flood;
-pub mod bench_harnesses;
-mod bench_history;
-mod bench_isolation;
-mod bench_nginx;
-pub mod bench_postgres;
-pub mod bench_serve;
-mod bench_tty;
 pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod egress;
-pub mod fake_kube;
-pub mod fake_model;
 pub mod k8s;
 pub mod metrics;
 pub mod pool;

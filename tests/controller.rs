@@ -7,11 +7,11 @@
 
 use kube::api::Api;
 use sandwarden::controller::sandbox::reconcile;
-use sandwarden::fake_kube::FakeKube;
 use sandwarden::k8s::crd::{
     Sandbox, SandboxSpec, SandboxTemplate, SandboxTemplateSpec, TemplateRef,
 };
 use sandwarden::tokens::Tokens;
+use sandwarden_testkit::fake_kube::FakeKube;
 use serde_json::{Value, json};
 use std::time::Duration;
 

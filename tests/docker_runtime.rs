@@ -823,18 +823,22 @@ async fn a_tenants_container_reaches_only_what_the_egress_policy_allows() {
     }
     let (victim, attacker) = (&tenants[0], &tenants[1]);
 
-    // B runs a service on its own loopback (the fake model of the image's sandwarden binary).
+    // B runs a service on its own loopback (a harness server of the image's, with a token of
+    // its own; any HTTP answer, even its 401, shows the service is reached).
     let victim_sh = victim.ready("sh").await;
     let mut victim_shell = Shell::attach(&tty_of(victim, &victim_sh).await).await;
     let victim_port = 18_181;
     let (out, rc) = victim_shell
         .run(&format!(
-            "(sandwarden fake-model --listen 127.0.0.1:{victim_port} >/dev/null 2>&1 &) ; sleep 1; {}",
-            http_get("127.0.0.1", victim_port, "/_fake/requests")
+            "(SANDWARDEN_TOKEN=victim-b-0123456789abcdef sandwarden-harness --listen \
+             127.0.0.1:{victim_port} --kind tui --command sh --workdir /tmp >/dev/null 2>&1 &) ; \
+             sleep 1; {}",
+            http_get("127.0.0.1", victim_port, "/healthz")
         ))
         .await;
+    let answered = |out: &str| out.lines().any(|l| l.trim_start().starts_with("HTTP/1.1 "));
     assert!(
-        rc == 0 && out.contains("200 OK"),
+        rc == 0 && answered(&out),
         "B reaches its own service: {out}"
     );
 
@@ -890,7 +894,7 @@ async fn a_tenants_container_reaches_only_what_the_egress_policy_allows() {
     for target in [
         format!("http://127.0.0.1:{forbidden_port}/"),
         format!("http://127.0.0.1:{serve_port}/healthz"),
-        format!("http://127.0.0.1:{victim_port}/_fake/requests"),
+        format!("http://127.0.0.1:{victim_port}/healthz"),
         "http://169.254.169.254/latest/meta-data/".to_string(),
         "http://10.0.0.9/".to_string(),
     ] {
@@ -922,9 +926,9 @@ async fn a_tenants_container_reaches_only_what_the_egress_policy_allows() {
 
     // B is untouched: its service answers it still, and serve still reaches its harness.
     let (out, _) = victim_shell
-        .run(&http_get("127.0.0.1", victim_port, "/_fake/requests"))
+        .run(&http_get("127.0.0.1", victim_port, "/healthz"))
         .await;
-    assert!(out.contains("200 OK"), "{out}");
+    assert!(answered(&out), "{out}");
 
     // Deleting A's session removes its container, its sockets and its way out; B's (and the
     // built-in echo pool's) stay.

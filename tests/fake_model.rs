@@ -1,4 +1,4 @@
-//! `sandwarden fake-model` end to end: the real binary on 127.0.0.1:0, driven with reqwest the
+//! `sandwarden-fake-model` end to end: the real binary on 127.0.0.1:0, driven with reqwest the
 //! way the agent CLIs drive it (see docs/fake-model.md).
 
 mod common;
@@ -593,8 +593,8 @@ async fn every_request_is_logged_with_keys_redacted() {
 
 #[test]
 fn refuses_to_listen_beyond_loopback() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-        .args(["fake-model", "--listen", "0.0.0.0:0"])
+    let out = std::process::Command::new(common::fake_model_exe())
+        .args(["--listen", "0.0.0.0:0"])
         .output()
         .expect("run");
     assert!(!out.status.success());

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use sandwarden::bench_flood::{Held, flood, hold};
+use sandwarden_testkit::flood::{Held, flood, hold};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 

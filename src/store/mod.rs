@@ -659,7 +659,7 @@ macro_rules! event_row {
 mod postgres;
 mod sqlite;
 /// The SQLite store's WAL settings, for the benchmark that reports the WAL's size.
-pub(crate) use sqlite::{CHECKPOINT_EVERY, PAGE_BYTES, RESTART_FRAMES, WAL_SIZE_LIMIT};
+pub use sqlite::{CHECKPOINT_EVERY, PAGE_BYTES, RESTART_FRAMES, WAL_SIZE_LIMIT};
 
 /// Events waiting for the SQLite writer, which takes them all into each batch it commits: a
 /// turn's events wake the writer once (when the queue was empty), not once each.

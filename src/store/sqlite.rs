@@ -20,19 +20,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the background checkpoint runs. Short, so each pass copies little and its sync of
 /// the database file is small: at a 1 s period under a sustained load the WAL reached 85 MiB
 /// and the sync after copying it stalled the next commits for 50–120 ms.
-pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// SQLite's default page size, which the store keeps: the size of a WAL frame's page.
-pub(crate) const PAGE_BYTES: i64 = 4096;
+pub const PAGE_BYTES: i64 = 4096;
 /// WAL length (in frames, a page each) past which the writer completes a checkpoint itself, so
 /// the WAL starts over (`finish_checkpoint`): about 16 MiB.
-pub(crate) const RESTART_FRAMES: i64 = 4096;
+pub const RESTART_FRAMES: i64 = 4096;
 /// The WAL file's size once a checkpoint has started it over (`journal_size_limit`, bytes): a
 /// burst that grew it far past this does not leave that much disk taken for good. Four times
 /// `RESTART_FRAMES`, so a WAL that starts over at its usual length is rewritten in place rather
 /// than cut back each time: cutting it frees blocks the next commits allocate again, and on this
 /// project's machines (ext4 mounted with `discard`) each cut took 4–7 ms on the writer's thread
 /// and the commits around it stalled (docs/benchmarks.md, "WAL checkpoints and tail latency").
-pub(crate) const WAL_SIZE_LIMIT: i64 = 4 * RESTART_FRAMES * PAGE_BYTES;
+pub const WAL_SIZE_LIMIT: i64 = 4 * RESTART_FRAMES * PAGE_BYTES;
 /// How long events alone wait for company before they are committed.
 const EVENTS_LINGER: Duration = Duration::from_millis(2);
 /// How often events that could not be written are tried again when nothing else is written.

@@ -1,4 +1,4 @@
-//! A real `sandwarden fake-model` process on 127.0.0.1:0, for tests that drive model clients.
+//! A real `sandwarden-fake-model` process on 127.0.0.1:0, for tests that drive model clients.
 
 use std::process::{Child, Command};
 
@@ -12,11 +12,11 @@ impl FakeModel {
     /// Starts the fake with `extra` flags and waits for its listen line.
     pub fn start(extra: &[&str]) -> FakeModel {
         let (child, addr) = super::spawn_listening(
-            Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-                .args(["fake-model", "--listen", "127.0.0.1:0"])
+            Command::new(super::fake_model_exe())
+                .args(["--listen", "127.0.0.1:0"])
                 .args(extra)
                 .env("SANDWARDEN_LOG", "warn"),
-            "sandwarden fake-model",
+            "sandwarden-fake-model",
         );
         let base = format!("http://{addr}");
         FakeModel { child, base }

@@ -4,7 +4,7 @@
 //! loopback address (127.0.0.N, the Pod IP) with the Pod's env and token Secret.
 
 use super::{ADMIN_KEY, Api, spawn_listening, terminate};
-use sandwarden::fake_kube::FakeKube;
+use sandwarden_testkit::fake_kube::FakeKube;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command};

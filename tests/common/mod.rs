@@ -35,30 +35,44 @@ pub fn harness_exe() -> std::path::PathBuf {
                 })
             };
             if version(&harness).flatten() != version(sandwarden).flatten() {
-                let release = sandwarden
-                    .parent()
-                    .and_then(|d| d.file_name())
-                    .is_some_and(|d| d == "release");
-                let mut build =
-                    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-                build.args([
-                    "build",
-                    "-p",
-                    "sandwarden-harness",
-                    "--bin",
-                    "sandwarden-harness",
-                ]);
-                if release {
-                    build.arg("--release");
-                }
-                let status = build
-                    .status()
-                    .expect("run cargo build -p sandwarden-harness");
-                assert!(status.success(), "cargo build -p sandwarden-harness failed");
+                build_workspace_bin("sandwarden-harness", "sandwarden-harness");
             }
             harness
         })
         .clone()
+}
+
+/// `sandwarden-fake-model` (crates/testkit) of this build, beside `sandwarden`: built here, once
+/// per test binary (cargo does nothing when it is up to date), as `cargo test --test NAME` alone
+/// does not build other packages' binaries.
+#[allow(dead_code)]
+pub fn fake_model_exe() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            build_workspace_bin("sandwarden-testkit", "sandwarden-fake-model");
+            std::path::Path::new(env!("CARGO_BIN_EXE_sandwarden"))
+                .with_file_name("sandwarden-fake-model")
+        })
+        .clone()
+}
+
+/// `cargo build -p PACKAGE --bin BIN` in the profile `sandwarden` was built in.
+fn build_workspace_bin(package: &str, bin: &str) {
+    let sandwarden = std::path::Path::new(env!("CARGO_BIN_EXE_sandwarden"));
+    let release = sandwarden
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|d| d == "release");
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.args(["build", "-p", package, "--bin", bin]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
+    assert!(status.success(), "cargo build -p {package} failed");
 }
 
 /// Spawns `cmd` (stdout piped) and reads the `{"listening": ADDR}` line every sandwarden server

@@ -112,10 +112,10 @@ impl Nginx {
     /// CPU seconds used so far by the master and its workers.
     pub(crate) fn cpu_seconds(&self) -> f64 {
         let master = self.child.id();
-        crate::procfs::cpu_seconds(master)
-            + crate::procfs::children(master)
+        sandwarden::procfs::cpu_seconds(master)
+            + sandwarden::procfs::children(master)
                 .into_iter()
-                .map(crate::procfs::cpu_seconds)
+                .map(sandwarden::procfs::cpu_seconds)
                 .sum::<f64>()
     }
 }

@@ -1,4 +1,4 @@
-//! `sandwarden bench`: measurements taken side by side in one run, reported as percentiles and
+//! `sandwarden-bench`: measurements taken side by side in one run, reported as percentiles and
 //! ratios (timings on shared machines are noisy; never assert on them in tests).
 //!
 //! `bench harness` measures the in-sandbox server: start to listening and to ready, idle memory,
@@ -122,18 +122,18 @@ pub enum Scenario {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (report, section) = match args.scenario {
         Scenario::Harness => (harness(&args).await?, "harness"),
-        Scenario::Serve => (crate::bench_serve::run(&args).await?, "serve"),
-        Scenario::Tty => (crate::bench_tty::run(&args).await?, "tty"),
-        Scenario::Docker => (crate::bench_docker::run(&args).await?, "docker"),
-        Scenario::Claims => (crate::bench_claims::run(&args).await?, "claims"),
-        Scenario::Controller => (crate::bench_controller::run(&args).await?, "controller"),
-        Scenario::Harnesses => (crate::bench_harnesses::run(&args).await?, "harnesses"),
-        Scenario::Postgres => (crate::bench_postgres::run(&args).await?, "postgres"),
-        Scenario::Isolation => (crate::bench_isolation::run(&args).await?, "isolation"),
-        Scenario::Density => (crate::bench_density::run(&args).await?, "density"),
-        Scenario::Flood => (crate::bench_flood::run(&args).await?, "flood"),
-        Scenario::History => (crate::bench_history::run(&args).await?, "history"),
-        Scenario::FloodWorker => (crate::bench_flood::worker().await?, "flood-worker"),
+        Scenario::Serve => (crate::serve::run(&args).await?, "serve"),
+        Scenario::Tty => (crate::tty::run(&args).await?, "tty"),
+        Scenario::Docker => (crate::docker::run(&args).await?, "docker"),
+        Scenario::Claims => (crate::claims::run(&args).await?, "claims"),
+        Scenario::Controller => (crate::controller::run(&args).await?, "controller"),
+        Scenario::Harnesses => (crate::harnesses::run(&args).await?, "harnesses"),
+        Scenario::Postgres => (crate::postgres::run(&args).await?, "postgres"),
+        Scenario::Isolation => (crate::isolation::run(&args).await?, "isolation"),
+        Scenario::Density => (crate::density::run(&args).await?, "density"),
+        Scenario::Flood => (crate::flood::run(&args).await?, "flood"),
+        Scenario::History => (crate::history::run(&args).await?, "history"),
+        Scenario::FloodWorker => (crate::flood::worker().await?, "flood-worker"),
     };
     // A flood worker has said what it had to on its own.
     if !report.is_empty() {
@@ -144,6 +144,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("wrote the {section} section of {}", path.display());
     }
     Ok(())
+}
+
+/// A binary of this build beside `sandwarden-bench` (`sandwarden`, `sandwarden-fake-model`).
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("finding this binary")?;
+    let path = me.with_file_name(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: build the whole workspace first (`cargo build --release`)",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// A `sandwarden harness` child started for measuring.
@@ -171,8 +183,7 @@ pub(crate) fn start_harness_with_env(
     env: &[(String, String)],
 ) -> anyhow::Result<Started> {
     // The program local sandboxes run: the slim binary when it is from this build.
-    let program = sandwarden_harness::binary::HarnessProgram::for_this_binary()
-        .context("finding this binary")?;
+    let program = sandwarden_harness::binary::HarnessProgram::beside(&sibling("sandwarden")?);
     let t0 = Instant::now();
     let mut child = Command::new(&program.path)
         .args(&program.leading)
@@ -254,7 +265,7 @@ async fn harness(args: &BenchArgs) -> anyhow::Result<String> {
     let machine = machine_line();
     let server = sandwarden_harness::binary::HarnessProgram::for_this_binary()?.name();
     out.push_str(&format!(
-        "Command: `sandwarden bench harness --starts {} --round-trips {} --bytes {}` \
+        "Command: `sandwarden-bench harness --starts {} --round-trips {} --bytes {}` \
          (release build). Machine: {machine}. The harness server measured is the program local \
          sandboxes run: `{}`.\n\n",
         args.starts, args.round_trips, args.bytes, server,
@@ -279,7 +290,7 @@ async fn harness(args: &BenchArgs) -> anyhow::Result<String> {
         wait_ready(&client).await?;
         let ready_after = t0.elapsed().as_micros() as u64;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let rss = crate::procfs::rss_kib(started.child.id());
+        let rss = sandwarden::procfs::rss_kib(started.child.id());
         if api {
             ready_api.record(ready_after)?;
             rss_api.push(rss);

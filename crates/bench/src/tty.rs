@@ -1,4 +1,4 @@
-//! `sandwarden bench tty`: the terminal bridge in `serve` (`GET /v1/sessions/{id}/tty`, reached
+//! `sandwarden-bench tty`: the terminal bridge in `serve` (`GET /v1/sessions/{id}/tty`, reached
 //! by the session's `tty_url`) against the harness WebSocket reached directly, in one run:
 //! keystroke echo round trip, output throughput, and memory while a program floods a viewer
 //! that does not read. With `--wetty PATH`, wetty (node-pty and socket.io) runs the same
@@ -8,7 +8,7 @@ use crate::bench::{
     BenchArgs, ECHO_PROGRAM, TOKEN, Ws, drain_ws, fmt_added, histogram, load_average, machine_line,
     row, start_harness, wait_ready, ws_round_trip, ws_throughput,
 };
-use crate::bench_serve::{KEY, Serve, create, start_serve_with, wait_ready_session};
+use crate::serve::{KEY, Serve, create, start_serve_with, wait_ready_session};
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
 use sandwarden_proto::harness_client::HarnessClient;
@@ -59,7 +59,7 @@ async fn attach_direct(program: &str) -> anyhow::Result<(crate::bench::Started, 
 /// `sandwarden harness` under serve's data dir.
 fn sandbox_harnesses(serve: &Serve) -> Vec<u32> {
     let dir = serve.dir.to_string_lossy();
-    crate::procfs::pids_matching(&[&dir, "harness"])
+    sandwarden::procfs::pids_matching(&[&dir, "harness"])
         .into_iter()
         .filter_map(|p| u32::try_from(p).ok())
         .filter(|&p| p != serve.child.id())
@@ -293,7 +293,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let flood = Duration::from_secs(args.flood_secs.max(1));
     let wetty_js = args.wetty.as_deref();
     let mut out = format!(
-        "Command: `sandwarden bench tty --round-trips {round_trips} --bytes {bytes} --flood-secs {}{}` \
+        "Command: `sandwarden-bench tty --round-trips {round_trips} --bytes {bytes} --flood-secs {}{}` \
          (release build). Machine: {}; load average at the start {}.\n\n",
         flood.as_secs(),
         if wetty_js.is_some() {
@@ -421,8 +421,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let mut wetty_cpu = (0.0, 0.0);
     let cpu_now = |w: &Wetty| {
         (
-            crate::procfs::cpu_seconds(w.child.id()),
-            crate::procfs::cpu_seconds(std::process::id()),
+            sandwarden::procfs::cpu_seconds(w.child.id()),
+            sandwarden::procfs::cpu_seconds(std::process::id()),
         )
     };
     for _ in 0..3 {
@@ -499,7 +499,7 @@ impl Track {
 
     fn sample(&mut self) {
         if let Some(pid) = self.pid {
-            self.samples.push(crate::procfs::rss_kib(pid));
+            self.samples.push(sandwarden::procfs::rss_kib(pid));
         }
     }
 }
@@ -534,7 +534,7 @@ async fn flood_section(
     // serve's end of the unread viewer's connection, to see whether (and when) serve lets go.
     let bridged_socket = match bridged_ws.get_ref() {
         tokio_tungstenite::MaybeTlsStream::Plain(tcp) => {
-            crate::procfs::tcp_inode(tcp.peer_addr()?.port(), tcp.local_addr()?.port())
+            sandwarden::procfs::tcp_inode(tcp.peer_addr()?.port(), tcp.local_addr()?.port())
         }
         _ => None,
     };
@@ -584,7 +584,7 @@ async fn flood_section(
         }
         if serve_dropped_at.is_none()
             && let Some(inode) = &bridged_socket
-            && !crate::procfs::holds_socket(serve.child.id(), inode)
+            && !sandwarden::procfs::holds_socket(serve.child.id(), inode)
         {
             serve_dropped_at = Some(t0.elapsed());
         }
@@ -592,7 +592,7 @@ async fn flood_section(
         if let Some(pid) = wetty_pid
             && wetty_dropped_at.is_none()
         {
-            let runs = !crate::procfs::children(pid).is_empty();
+            let runs = !sandwarden::procfs::children(pid).is_empty();
             if runs {
                 wetty_program_seen = true;
             } else if wetty_program_seen {

@@ -1,16 +1,16 @@
-//! `sandwarden bench claims`: the Kubernetes claim path against the in-memory API server with an
+//! `sandwarden-bench claims`: the Kubernetes claim path against the in-memory API server with an
 //! injected per-request latency (a real apiserver's round trip): a burst of concurrent claimers
 //! draining a warm pool, each choosing from a cache of candidates (as `serve` does from its watch
 //! cache) and winning a sandbox with one compare-and-set write. Reports claims/s, per-claim
 //! latency, conflicts and writes per claim, next to agent-sandbox's published figures.
 
 use crate::bench::{fmt_us, histogram, machine_line, row};
-use crate::fake_kube::FakeKube;
-use crate::k8s::crd::{Sandbox, SandboxSpec, TemplateRef};
-use crate::runtime::kubernetes::{Reservations, claim};
 use hdrhistogram::Histogram;
 use kube::ResourceExt;
 use kube::api::Api;
+use sandwarden::k8s::crd::{Sandbox, SandboxSpec, TemplateRef};
+use sandwarden::runtime::kubernetes::{Reservations, claim};
+use sandwarden_testkit::fake_kube::FakeKube;
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,9 +61,9 @@ fn cached_candidates(fake: &FakeKube, n: usize) -> Vec<Sandbox> {
 /// against a scan of the watch cache (how a claim picked before the index), side by side in
 /// alternation; then claims through `serve`'s Kubernetes runtime over the same namespace.
 async fn at_scale(total: usize, warm: usize) -> anyhow::Result<String> {
-    use crate::runtime::Runtime;
-    use crate::runtime::kubernetes::{KubernetesRuntime, WarmIndex};
     use kube::runtime::{reflector, watcher};
+    use sandwarden::runtime::Runtime;
+    use sandwarden::runtime::kubernetes::{KubernetesRuntime, WarmIndex};
 
     let objects: Vec<serde_json::Value> = (0..total)
         .map(|i| {
@@ -85,7 +85,7 @@ async fn at_scale(total: usize, warm: usize) -> anyhow::Result<String> {
             .state()
             .iter()
             .filter(|s| {
-                let m = crate::k8s::member::member(s);
+                let m = sandwarden::k8s::member::member(s);
                 s.labels()
                     .get("sandwarden.dev/template")
                     .map(String::as_str)
@@ -119,7 +119,7 @@ async fn at_scale(total: usize, warm: usize) -> anyhow::Result<String> {
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop_watch = stop.clone().drop_guard();
     let runtime = KubernetesRuntime::start(fake.client(), NS, exits, stop);
-    let template: crate::template::Template = serde_json::from_value(
+    let template: sandwarden::template::Template = serde_json::from_value(
         json!({"name": "echo", "kind": "api", "command": "sandwarden echo-agent"}),
     )?;
     // Waits for the watch's first list (the runtime's orphan sweep reads the same cache).
@@ -232,7 +232,7 @@ pub async fn run(args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
         );
     }
     Ok(format!(
-        "Command: `sandwarden bench claims` (release build). Machine: {}.\n\n\
+        "Command: `sandwarden-bench claims` (release build). Machine: {}.\n\n\
          {claimers} concurrent claimers, split across two replicas, drain a warm pool of {pool} ready Sandboxes on the in-memory API \
          server with {} ms injected per request; each picks from its cache in a randomized order and claims \
          with one status patch carrying the resourceVersion it saw.\n\n\

@@ -1,4 +1,4 @@
-//! `sandwarden fake-model`: a scriptable stand-in for the Anthropic Messages, OpenAI Chat
+//! `sandwarden-fake-model`: a scriptable stand-in for the Anthropic Messages, OpenAI Chat
 //! Completions and OpenAI Responses APIs on loopback, so real agent CLIs run offline in tests.
 //!
 //! It answers from the conversation alone (directives in the last user message, see
@@ -1528,7 +1528,7 @@ pub async fn serve(
     }
 }
 
-/// `sandwarden fake-model`: binds, prints the listen line, serves until SIGTERM/SIGINT.
+/// `sandwarden-fake-model`: binds, prints the listen line, serves until SIGTERM/SIGINT.
 pub async fn run(args: FakeModelArgs) -> Result<(), FakeModelError> {
     if !args.listen.ip().is_loopback() && !args.in_container {
         return Err(FakeModelError::NotLoopback(args.listen));

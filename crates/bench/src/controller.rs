@@ -1,12 +1,12 @@
-//! `sandwarden bench controller`: what the controller and the claim cache cost with many
+//! `sandwarden-bench controller`: what the controller and the claim cache cost with many
 //! Sandboxes. A real `serve --runtime kubernetes` (leading, so running the controllers) against
 //! the in-memory API server over HTTP, first with an empty namespace, then with N Sandboxes of a
 //! template: the time until every one has its Pod, the time until every one is Ready once its
 //! Pod is, and the server's resident memory at rest in each case (both watch caches hold every
 //! Sandbox).
 
-use crate::bench_serve::{Serve, start_serve_args};
-use crate::fake_kube::FakeKube;
+use crate::serve::{Serve, start_serve_args};
+use sandwarden_testkit::fake_kube::FakeKube;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -49,10 +49,10 @@ async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) -> anyhow:
 
 /// Resident memory once it has stopped moving (within 1% over a second).
 async fn settled_rss(pid: u32) -> u64 {
-    let mut last = crate::procfs::rss_kib(pid);
+    let mut last = sandwarden::procfs::rss_kib(pid);
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = crate::procfs::rss_kib(pid);
+        let now = sandwarden::procfs::rss_kib(pid);
         if now.abs_diff(last) * 100 <= last {
             return now;
         }
@@ -118,7 +118,7 @@ pub async fn run(args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
     let per = (rss_full.saturating_sub(rss_empty)) as f64 / n.max(1) as f64;
     let mut out = String::new();
     out.push_str(&format!(
-        "Controller at scale: `sandwarden bench controller --sandboxes {n}` ({}). One `serve --runtime kubernetes` (the Lease holder) against the in-memory API server over HTTP on loopback, no injected latency.\n\n",
+        "Controller at scale: `sandwarden-bench controller --sandboxes {n}` ({}). One `serve --runtime kubernetes` (the Lease holder) against the in-memory API server over HTTP on loopback, no injected latency.\n\n",
         crate::bench::machine_line()
     ));
     out.push_str("| measure | value |\n|---|---|\n");

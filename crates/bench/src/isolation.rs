@@ -4,7 +4,7 @@
 //! the same creates alternate between them: warm claims from a pool, and cold starts.
 
 use crate::bench::{histogram, row};
-use crate::bench_serve::{Serve, create, start_serve_env, wait_ready_session};
+use crate::serve::{Serve, create, start_serve_env, wait_ready_session};
 use anyhow::Context;
 use std::time::{Duration, Instant};
 

@@ -1,4 +1,4 @@
-//! `sandwarden bench density`: `serve`'s memory at scale. One release `serve` on the local
+//! `sandwarden-bench density`: `serve`'s memory at scale. One release `serve` on the local
 //! runtime; N terminal sessions, each its own sandbox (a `sandwarden harness` process running
 //! `sh` under a PTY), created with bounded concurrency. serve's memory is read from /proc at rest
 //! in these states, each adding to the one before: empty, N idle sessions, one open event stream
@@ -7,10 +7,10 @@
 //! connections to the harnesses have closed. The sandboxes' harness servers are read too.
 
 use crate::bench::{BenchArgs, Ws, load_average, machine_line};
-use crate::bench_serve::{KEY, create, delete_session, start_serve_with, wait_ready_session};
-use crate::procfs::Memory;
+use crate::serve::{KEY, create, delete_session, start_serve_with, wait_ready_session};
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
+use sandwarden::procfs::Memory;
 use std::time::{Duration, Instant};
 
 /// Session creations (create, then wait for `ready`) and attaches in flight at once.
@@ -44,7 +44,7 @@ struct Reading {
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let n = args.sessions;
     anyhow::ensure!(n > 0, "--sessions must be at least 1");
-    let (nofile, nofile_hard) = crate::serve::raise_nofile(n as u64 * FDS_PER_SESSION + 1024)?;
+    let (nofile, nofile_hard) = sandwarden::serve::raise_nofile(n as u64 * FDS_PER_SESSION + 1024)?;
     anyhow::ensure!(
         nofile >= n as u64 * FDS_PER_SESSION / 2,
         "the open-file limit is {nofile} (hard {nofile_hard}), too few for {n} sessions \
@@ -64,7 +64,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     }
     let available_before = meminfo_kib("MemAvailable:");
     let mut out = format!(
-        "Command: `sandwarden bench density --sessions {n}` (release build; {CONCURRENCY} creations \
+        "Command: `sandwarden-bench density --sessions {n}` (release build; {CONCURRENCY} creations \
          in flight). Machine: {}, {:.1} GiB RAM, {:.1} GiB available at the start; load average \
          at the start {}; open-file limit {nofile}.\n\n",
         machine_line(),
@@ -271,11 +271,11 @@ async fn reading(pid: u32) -> Reading {
     tokio::time::sleep(SETTLE).await;
     let mut samples = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {
-        samples.push(crate::procfs::memory(pid).unwrap_or_default());
+        samples.push(sandwarden::procfs::memory(pid).unwrap_or_default());
         tokio::time::sleep(SAMPLE_GAP).await;
     }
     samples.sort_by_key(|m| m.rss);
-    let fds = crate::procfs::open_files(pid);
+    let fds = sandwarden::procfs::open_files(pid);
     Reading {
         mem: samples[SAMPLES / 2],
         fds,
@@ -323,7 +323,7 @@ async fn get_session(
     base: &str,
     id: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    crate::bench_serve::get_session_as(http, base, KEY, id).await
+    crate::serve::get_session_as(http, base, KEY, id).await
 }
 
 /// The session's terminal, attached through serve by its `tty_url`.
@@ -348,7 +348,7 @@ struct Sandboxes {
 
 fn sandbox_memory(sandboxes_dir: &str) -> Sandboxes {
     let needles = [sandboxes_dir, "harness --listen"];
-    let matches = |pid: u32| crate::procfs::command_matches(i64::from(pid), &needles);
+    let matches = |pid: u32| sandwarden::procfs::command_matches(i64::from(pid), &needles);
     let mut out = Sandboxes {
         harness: Vec::new(),
         total_pss: 0,
@@ -357,31 +357,31 @@ fn sandbox_memory(sandboxes_dir: &str) -> Sandboxes {
     // A sandbox's root is the first process of its chain whose command line names it (its
     // parent is `serve`); under bubblewrap the chain is sandbox-exec → bwrap → bwrap → harness,
     // and the harness server is the last process of it whose command line starts a harness.
-    let roots = crate::procfs::pids_matching(&needles)
+    let roots = sandwarden::procfs::pids_matching(&needles)
         .into_iter()
         .filter_map(|pid| u32::try_from(pid).ok())
-        .filter(|pid| !crate::procfs::parent(*pid).is_some_and(matches));
+        .filter(|pid| !sandwarden::procfs::parent(*pid).is_some_and(matches));
     for root in roots {
         let tree: Vec<u32> = std::iter::once(root)
-            .chain(crate::procfs::descendants(root))
+            .chain(sandwarden::procfs::descendants(root))
             .collect();
         let Some(harness) = tree.iter().copied().find(|pid| {
-            crate::procfs::command_matches(i64::from(*pid), &["harness --listen"])
-                && !crate::procfs::children(*pid)
-                    .into_iter()
-                    .any(|c| crate::procfs::command_matches(i64::from(c), &["harness --listen"]))
+            sandwarden::procfs::command_matches(i64::from(*pid), &["harness --listen"])
+                && !sandwarden::procfs::children(*pid).into_iter().any(|c| {
+                    sandwarden::procfs::command_matches(i64::from(c), &["harness --listen"])
+                })
         }) else {
             continue;
         };
-        let Some(m) = crate::procfs::memory(harness) else {
+        let Some(m) = sandwarden::procfs::memory(harness) else {
             continue;
         };
         out.harness.push(m);
         let below: Vec<u32> = std::iter::once(harness)
-            .chain(crate::procfs::descendants(harness))
+            .chain(sandwarden::procfs::descendants(harness))
             .collect();
         for pid in tree {
-            let pss = crate::procfs::memory(pid).map_or(0, |m| m.pss);
+            let pss = sandwarden::procfs::memory(pid).map_or(0, |m| m.pss);
             out.total_pss += pss;
             if !below.contains(&pid) {
                 out.confinement_pss += pss;

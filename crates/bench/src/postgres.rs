@@ -1,11 +1,11 @@
-//! `sandwarden bench postgres`: what the PostgreSQL store costs on the message path, against the
+//! `sandwarden-bench postgres`: what the PostgreSQL store costs on the message path, against the
 //! SQLite store and the harness reached directly (interleaved in one run, same client), and how
 //! long an event takes to reach an SSE client on another replica than the one running the turn.
 
 use crate::bench::{
     BenchArgs, TOKEN, fmt_added, histogram, machine_line, row, start_harness, wait_ready,
 };
-use crate::bench_serve::{KEY, Serve, create, start_serve_env, unary_turn, wait_ready_session};
+use crate::serve::{KEY, Serve, create, start_serve_env, unary_turn, wait_ready_session};
 use anyhow::Context;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -74,9 +74,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let turns = (args.round_trips / 5).max(200);
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
-    let db = crate::store::Store::scratch_database(&server).await?;
+    let db = sandwarden::store::Store::scratch_database(&server).await?;
     let mut out = format!(
-        "Command: `sandwarden bench postgres --round-trips {}` (release build; {turns} turns per path; \
+        "Command: `sandwarden-bench postgres --round-trips {}` (release build; {turns} turns per path; \
          PostgreSQL {} on loopback, a fresh database, fsync={}, synchronous_commit={}). Machine: {}; \
          load average at the start {} (other work shares the cores).\n\n",
         args.round_trips,

@@ -1,4 +1,4 @@
-//! `sandwarden bench serve`: the orchestrator's cost on the message path, measured against the
+//! `sandwarden-bench serve`: the orchestrator's cost on the message path, measured against the
 //! harness server reached directly, with the same HTTP client, interleaved in one run; warm claim
 //! latency. (serve's memory at scale is `bench density`'s.)
 
@@ -29,7 +29,7 @@ impl Drop for Serve {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
         // Claimed sandboxes outlive `serve` by design; the benchmark stops its own.
-        crate::procfs::kill_groups_matching(&[&self.dir.to_string_lossy()]);
+        sandwarden::procfs::kill_groups_matching(&[&self.dir.to_string_lossy()]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -87,7 +87,7 @@ pub(crate) fn start_serve_args(
     ));
     std::fs::create_dir_all(&dir)?;
     let extra = args(&dir)?;
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = Command::new(crate::bench::sibling("sandwarden")?)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(extra)
         .arg("--data-dir")
@@ -353,7 +353,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     // Enough turns that the proxies' CPU time is well above /proc's 10 ms resolution.
     let load_per_client = (turns / 2).max(25);
     let mut out = format!(
-        "Command: `sandwarden bench serve --round-trips {}` (release build; {turns} turns per path; \
+        "Command: `sandwarden-bench serve --round-trips {}` (release build; {turns} turns per path; \
          load: {LOAD_ROUNDS} alternating rounds of {LOAD_CLIENTS} clients × {load_per_client} turns per proxy). \
          Machine: {}; load average at the start {}.\n\n",
         args.round_trips,
@@ -372,7 +372,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     }
     let direct_base = format!("http://{}", direct[0].addr);
     let addrs: Vec<String> = direct.iter().map(|h| h.addr.clone()).collect();
-    let nginx = match crate::bench_nginx::start(&addrs) {
+    let nginx = match crate::nginx::start(&addrs) {
         Ok(n) => Some(n),
         Err(e) => {
             out.push_str(&format!(
@@ -490,13 +490,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let serve_pid = serve.child.id();
     let (mut through_serve, mut through_nginx) = (Load::default(), Load::default());
     for _ in 0..LOAD_ROUNDS {
-        let cpu0 = crate::procfs::cpu_seconds(serve_pid);
+        let cpu0 = sandwarden::procfs::cpu_seconds(serve_pid);
         let (h, wall) = closed_loop(LOAD_CLIENTS, load_per_client, |i| {
             let (http, base, sid) = (&http, &serve.base, &sids[i]);
             async move { Ok(unary_turn(http, base, sid, "ping").await?.0) }
         })
         .await?;
-        through_serve.add(h, wall, crate::procfs::cpu_seconds(serve_pid) - cpu0)?;
+        through_serve.add(h, wall, sandwarden::procfs::cpu_seconds(serve_pid) - cpu0)?;
         if let Some(n) = &nginx {
             let cpu0 = n.cpu_seconds();
             let (h, wall) = closed_loop(LOAD_CLIENTS, load_per_client, |i| {
@@ -536,9 +536,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
          {} MiB, after the next background checkpoint, every {} ms; the file is cut back to \
          {} MiB only when it grew past that).\n\n",
         wal as f64 / (1024.0 * 1024.0),
-        mib(crate::store::RESTART_FRAMES * crate::store::PAGE_BYTES),
-        crate::store::CHECKPOINT_EVERY.as_millis(),
-        mib(crate::store::WAL_SIZE_LIMIT),
+        mib(sandwarden::store::RESTART_FRAMES * sandwarden::store::PAGE_BYTES),
+        sandwarden::store::CHECKPOINT_EVERY.as_millis(),
+        mib(sandwarden::store::WAL_SIZE_LIMIT),
     ));
     drop(nginx);
     drop(direct);

@@ -1,4 +1,4 @@
-//! `sandwarden bench history`: serve's peak memory for the largest answer the bounds allow. A
+//! `sandwarden-bench history`: serve's peak memory for the largest answer the bounds allow. A
 //! history page holds at most 4 MiB of messages but always at least one, so the largest page is
 //! one message of the largest size a request may carry (the 16 MiB body bound, in 256 parts,
 //! the most a message has). One echo session's history is filled with such messages; then
@@ -8,7 +8,7 @@
 //! so the server-wide bound is what holds the peak when many fetch at once.
 
 use crate::bench::{BenchArgs, load_average, machine_line};
-use crate::bench_serve::{KEY, create, start_serve_args, wait_ready_session};
+use crate::serve::{KEY, create, start_serve_args, wait_ready_session};
 use anyhow::Context;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -86,15 +86,15 @@ pub async fn run(_args: &BenchArgs) -> anyhow::Result<String> {
     let fill = t0.elapsed();
     // Let the filling's buffers go back before reading the resting memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = crate::procfs::rss_kib(pid);
-    let before_anon = crate::procfs::rss_anon_kib(pid);
+    let before = sandwarden::procfs::rss_kib(pid);
+    let before_anon = sandwarden::procfs::rss_anon_kib(pid);
 
     let page = format!("{base}/v1/sessions/{id}/messages?limit=1");
     let mut page_bytes = 0;
     let mut rows = String::new();
     for at_once in AT_ONCE {
         reset_peak(pid)?;
-        let start = crate::procfs::rss_kib(pid);
+        let start = sandwarden::procfs::rss_kib(pid);
         let t0 = Instant::now();
         let mut refused = 0;
         for _ in 0..ROUNDS {
@@ -117,9 +117,9 @@ pub async fn run(_args: &BenchArgs) -> anyhow::Result<String> {
             }
         }
         let fetch = t0.elapsed();
-        let peak = crate::procfs::peak_rss_kib(pid);
+        let peak = sandwarden::procfs::peak_rss_kib(pid);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let settled = crate::procfs::rss_kib(pid);
+        let settled = sandwarden::procfs::rss_kib(pid);
         let added = peak.saturating_sub(start);
         rows += &format!(
             "| {at_once} | {:.1} s | {refused} | {} | {} | {} ({:.1}× the answer) | {} |\n",
@@ -133,7 +133,7 @@ pub async fn run(_args: &BenchArgs) -> anyhow::Result<String> {
     }
 
     Ok(format!(
-        "Command: `sandwarden bench history` (release build). Machine: {}; load average at the \
+        "Command: `sandwarden-bench history` (release build). Machine: {}; load average at the \
          start {}.\n\n\
          The largest page: one message of {} parts in a {:.1} MiB request body ({MESSAGES} sent, \
          each echoed, in {:.1} s); the page's answer is {:.1} MiB of JSON, counting {:.0} MiB of \

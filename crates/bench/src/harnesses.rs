@@ -1,4 +1,4 @@
-//! `sandwarden bench harnesses`: the real agent CLIs (opencode, claude-agent-sdk, codex) behind
+//! `sandwarden-bench harnesses`: the real agent CLIs (opencode, claude-agent-sdk, codex) behind
 //! `serve` (local runtime) with the fake model answering: cold starts, warm claim → first event,
 //! turn times; then one opencode ACP turn through sandwarden against the same agent driven through
 //! the peer product sandbox-agent 0.4.2, interleaved, and both servers' start time and idle memory.
@@ -8,7 +8,7 @@
 //! benchmark fails and says how to install it; it never reports figures it did not measure.
 
 use crate::bench::{BenchArgs, TOKEN, histogram, machine_line, start_harness_with_env, wait_ready};
-use crate::bench_serve::{
+use crate::serve::{
     KEY, Serve, create, delete_session, start_serve_env, unary_turn, wait_ready_session,
 };
 use anyhow::Context;
@@ -119,15 +119,15 @@ fn scratch_dir(what: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn start_fake_model() -> anyhow::Result<(Guarded, String)> {
-    let mut child = Command::new(std::env::current_exe().context("finding this binary")?)
-        .args(["fake-model", "--listen", "127.0.0.1:0"])
+    let mut child = Command::new(crate::bench::sibling("sandwarden-fake-model")?)
+        .args(["--listen", "127.0.0.1:0"])
         .env("SANDWARDEN_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .process_group(0)
         .spawn()
-        .context("starting sandwarden fake-model")?;
+        .context("starting sandwarden-fake-model")?;
     let stdout = child.stdout.take().context("fake-model stdout")?;
     let guard = Guarded {
         child,
@@ -147,8 +147,8 @@ fn template(
     name: &str,
     pool: usize,
     fake: &str,
-) -> anyhow::Result<crate::template::Template> {
-    let mut t = crate::template::builtin_templates()
+) -> anyhow::Result<sandwarden::template::Template> {
+    let mut t = sandwarden::template::builtin_templates()
         .into_iter()
         .find(|t| t.name == cli.harness)
         .with_context(|| format!("no built-in template {}", cli.harness))?;
@@ -159,7 +159,7 @@ fn template(
     Ok(t)
 }
 
-fn serve_with(templates: &[crate::template::Template], path: &str) -> anyhow::Result<Serve> {
+fn serve_with(templates: &[sandwarden::template::Template], path: &str) -> anyhow::Result<Serve> {
     start_serve_env(
         0,
         "local",
@@ -509,7 +509,7 @@ fn descendants_rss_kib(pid: u32) -> u64 {
     while let Some(parent) = family.pop() {
         for &p in &pids {
             if parent_of(p) == Some(parent) {
-                total += crate::procfs::rss_kib(p);
+                total += sandwarden::procfs::rss_kib(p);
                 family.push(p);
             }
         }
@@ -585,9 +585,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         .map(|p| format!(" --sandbox-agent {}", p.display()))
         .unwrap_or_default();
     let mut out = format!(
-        "Command: `sandwarden bench harnesses --cold-starts {} --warm-claims {} --turns {}{peer_flag}` \
+        "Command: `sandwarden-bench harnesses --cold-starts {} --warm-claims {} --turns {}{peer_flag}` \
          (release build, run from the project root after scripts/install-harnesses; sandbox-agent \
-         from npm `{PEER_PACKAGE}`). CLIs: {}. Model: `sandwarden fake-model` on loopback. \
+         from npm `{PEER_PACKAGE}`). CLIs: {}. Model: `sandwarden-fake-model` on loopback. \
          Machine: {}.\n\n",
         args.cold_starts,
         args.warm_claims,
@@ -658,7 +658,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         let p = start_peer(&peer_bin, &env, &http).await?;
         peer_starts.record(p.started_after)?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        peer_idle.push(crate::procfs::rss_kib(p.guard.child.id()));
+        peer_idle.push(sandwarden::procfs::rss_kib(p.guard.child.id()));
     }
     peer_idle.sort_unstable();
     let mut peer = start_peer(&peer_bin, &env, &http).await?;
@@ -726,7 +726,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         }
     }
     let peer_pid = peer.guard.child.id();
-    let peer_busy = crate::procfs::rss_kib(peer_pid);
+    let peer_busy = sandwarden::procfs::rss_kib(peer_pid);
     let peer_agent = descendants_rss_kib(peer_pid);
     drop(peer);
     drop(serve);
@@ -771,7 +771,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         .await?;
         echo_ready.record(t0.elapsed().as_micros() as u64)?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        echo_rss.push(crate::procfs::rss_kib(started.child.id()));
+        echo_rss.push(sandwarden::procfs::rss_kib(started.child.id()));
     }
     echo_rss.sort_unstable();
     let oc_home = scratch_dir("harness-home")?;
@@ -795,7 +795,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     .context("the harness with opencode did not become ready")?;
     let oc_ready = t0.elapsed().as_micros() as u64;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let oc_rss = crate::procfs::rss_kib(started.child.id());
+    let oc_rss = sandwarden::procfs::rss_kib(started.child.id());
     let oc_agent = descendants_rss_kib(started.child.id());
     drop(started);
     let _ = std::fs::remove_dir_all(&oc_home);

@@ -1,23 +1,21 @@
-//! `sandwarden bench flood`: issue 18's descriptor flood, measured. One release `serve` with its
+//! `sandwarden-bench flood`: issue 18's descriptor flood, measured. One release `serve` with its
 //! default caps; tenant `flooder` opens `--connections` connections, each asking for its session's
 //! event stream, and keeps every one, answered or refused; tenant `steady` sends messages to its
 //! echo session, quiet and then during the flood, side by side in one run. serve's descriptors and
-//! memory are sampled throughout. The flood's client (`hold`) is also the tests' (tests/tenancy.rs).
+//! memory are sampled throughout. The flood's client is the test kit's (`sandwarden_testkit::flood`),
+//! which tests/tenancy.rs uses too.
 
 use crate::bench::{BenchArgs, fmt_us, histogram, load_average, machine_line, row};
-use crate::bench_serve::{
-    KEY, create_as, get_session_as as session, start_serve_args, unary_turn_as,
-};
+use crate::serve::{KEY, create_as, get_session_as as session, start_serve_args, unary_turn_as};
 use anyhow::Context;
-use futures::StreamExt;
 use hdrhistogram::Histogram;
+use sandwarden_testkit::flood::{flood, hold, outcomes};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
 /// Flood connections being opened at once by each flood worker process.
 const IN_FLIGHT: usize = 400;
@@ -29,149 +27,6 @@ const AFTER: usize = 500;
 const HEALTH_EVERY: Duration = Duration::from_millis(50);
 /// How often serve's descriptors and memory are read.
 const SAMPLE_EVERY: Duration = Duration::from_millis(5);
-/// Longest wait for one flood connection's answer.
-const ANSWER_WITHIN: Duration = Duration::from_secs(120);
-/// Most bytes read of an answer's head, or of a refusal's body.
-const MAX_ANSWER: usize = 64 * 1024;
-
-/// One request on a connection of its own, kept open whatever the answer, as a flooder that never
-/// hangs up keeps it.
-pub struct Held {
-    /// The answer's status; `None` when the connection failed or closed before one.
-    pub status: Option<u16>,
-    /// A refusal's `limit` (from the 429's problem body).
-    pub limit: Option<String>,
-    /// Whether the answer said the server closes the connection (`Connection: close`), and it
-    /// did (end of file after a refusal's body).
-    pub closes: bool,
-    /// What went wrong when there was no answer.
-    pub error: Option<String>,
-    _socket: Option<TcpStream>,
-}
-
-/// `GET path` with `key` (and `Accept: text/event-stream` when `sse`) on a new connection to
-/// `addr`; reads the answer's head, and a refusal's body to the end; keeps the socket.
-pub async fn hold(addr: &str, path: &str, key: &str, sse: bool) -> Held {
-    let mut socket = None;
-    match tokio::time::timeout(ANSWER_WITHIN, ask(addr, path, key, sse, &mut socket)).await {
-        Ok(Ok((status, limit, closes))) => Held {
-            status: Some(status),
-            limit,
-            closes,
-            error: None,
-            _socket: socket,
-        },
-        Ok(Err(e)) => Held {
-            status: None,
-            limit: None,
-            closes: false,
-            error: Some(e.to_string()),
-            _socket: socket,
-        },
-        Err(_) => Held {
-            status: None,
-            limit: None,
-            closes: false,
-            error: Some(format!("no answer within {ANSWER_WITHIN:?}")),
-            _socket: socket,
-        },
-    }
-}
-
-async fn ask(
-    addr: &str,
-    path: &str,
-    key: &str,
-    sse: bool,
-    kept: &mut Option<TcpStream>,
-) -> std::io::Result<(u16, Option<String>, bool)> {
-    let socket = kept.insert(TcpStream::connect(addr).await?);
-    let accept = if sse {
-        "Accept: text/event-stream\r\n"
-    } else {
-        ""
-    };
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n{accept}\r\n"
-    );
-    socket.write_all(request.as_bytes()).await?;
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = socket.read(&mut chunk).await?;
-        if n == 0 || got.len() > MAX_ANSWER {
-            return Err(std::io::Error::other(
-                "the connection closed before a whole answer",
-            ));
-        }
-        got.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line in {head:?}")))?;
-    let mut closes = head.contains("\r\nconnection: close\r\n");
-    let mut limit = None;
-    if status == 429 {
-        // The problem body, then (when the server closes) the end of the stream.
-        let mut ended = false;
-        while got.len() <= MAX_ANSWER {
-            let n = socket.read(&mut chunk).await?;
-            if n == 0 {
-                ended = true;
-                break;
-            }
-            got.extend_from_slice(&chunk[..n]);
-            if !closes && serde_json::from_slice::<serde_json::Value>(&got[head_end..]).is_ok() {
-                break;
-            }
-        }
-        closes &= ended;
-        let problem: serde_json::Value =
-            serde_json::from_slice(&got[head_end..]).unwrap_or_default();
-        limit = problem["limit"].as_str().map(String::from);
-    }
-    Ok((status, limit, closes))
-}
-
-/// `count` connections from `hold`, `in_flight` being opened at once; all kept.
-pub async fn flood(
-    addr: &str,
-    path: &str,
-    key: &str,
-    sse: bool,
-    count: usize,
-    in_flight: usize,
-) -> Vec<Held> {
-    futures::stream::iter(0..count)
-        .map(|_| hold(addr, path, key, sse))
-        .buffer_unordered(in_flight.max(1))
-        .collect()
-        .await
-}
-
-/// How the flood's connections were answered: by status and refusal limit, with a count each.
-fn outcomes(held: &[Held]) -> BTreeMap<String, (usize, usize)> {
-    let mut by = BTreeMap::new();
-    for h in held {
-        let name = match (h.status, &h.limit, &h.error) {
-            (Some(200), ..) => "200, event stream open".to_string(),
-            (Some(s), Some(limit), _) => format!("{s} quota_exceeded, limit `{limit}`"),
-            (Some(s), None, _) => format!("{s}"),
-            (None, _, Some(e)) => format!("no answer: {e}"),
-            (None, _, None) => "no answer".to_string(),
-        };
-        let entry: &mut (usize, usize) = by.entry(name).or_default();
-        entry.0 += 1;
-        entry.1 += usize::from(h.closes);
-    }
-    by
-}
 
 /// A tenant's key, made with the admin key.
 async fn tenant_key(http: &reqwest::Client, base: &str, tenant: &str) -> anyhow::Result<String> {
@@ -218,8 +73,8 @@ fn sample(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Peaks> {
     std::thread::spawn(move || {
         let mut peaks = Peaks::default();
         while !stop.load(Ordering::Relaxed) {
-            peaks.fds = peaks.fds.max(crate::procfs::open_files(pid));
-            peaks.rss_kib = peaks.rss_kib.max(crate::procfs::rss_kib(pid));
+            peaks.fds = peaks.fds.max(sandwarden::procfs::open_files(pid));
+            peaks.rss_kib = peaks.rss_kib.max(sandwarden::procfs::rss_kib(pid));
             std::thread::sleep(SAMPLE_EVERY);
         }
         peaks
@@ -228,7 +83,7 @@ fn sample(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Peaks> {
 
 /// Most flood connections one process keeps: a process may not hold more descriptors than its
 /// hard limit (often 20,000 or less, and raising it needs privileges), so a larger flood is
-/// spread over worker processes (`sandwarden bench flood-worker`).
+/// spread over worker processes (`sandwarden-bench flood-worker`).
 const PER_WORKER: usize = 8000;
 
 /// What a worker is told, in `SANDWARDEN_FLOOD_WORKER`: `ADDR PATH KEY COUNT`.
@@ -245,7 +100,7 @@ pub async fn worker() -> anyhow::Result<String> {
         anyhow::bail!("{WORKER_ENV} must be `ADDR PATH KEY COUNT`");
     };
     let count: usize = count.parse().context("COUNT")?;
-    crate::serve::raise_nofile(count as u64 + IN_FLIGHT as u64 + 256)?;
+    sandwarden::serve::raise_nofile(count as u64 + IN_FLIGHT as u64 + 256)?;
     let held = flood(addr, path, key, true, count, IN_FLIGHT).await;
     let mut stdout = std::io::stdout();
     writeln!(stdout, "{}", serde_json::to_string(&outcomes(&held))?)?;
@@ -280,7 +135,7 @@ async fn flood_in_workers(
         };
         children.push(
             command
-                .args(["bench", "flood-worker"])
+                .arg("flood-worker")
                 .env(WORKER_ENV, format!("{addr} {path} {key} {share}"))
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
@@ -338,7 +193,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         })
         .unwrap_or_else(|| "unknown".into());
     let mut out = format!(
-        "Command: `sandwarden bench flood --connections {n}` (release build; {IN_FLIGHT} flood \
+        "Command: `sandwarden-bench flood --connections {n}` (release build; {IN_FLIGHT} flood \
          connections being opened at once per worker process, every one kept; serve with its default \
          caps: `--tenant-streams 500 --tenant-connections 1000 --tenant-requests 500`, \
          `--max-connections` three quarters of its open-file limit). Machine: {}; load average at \
@@ -361,8 +216,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     for _ in 0..QUIET {
         quiet.record(say(&http, &base, &steady_key, &own).await?)?;
     }
-    let fds_before = crate::procfs::open_files(pid);
-    let rss_before = crate::procfs::rss_kib(pid);
+    let fds_before = sandwarden::procfs::open_files(pid);
+    let rss_before = sandwarden::procfs::rss_kib(pid);
 
     // The flood, with the steady tenant's messages and fresh `/healthz` connections alongside.
     let stop = Arc::new(AtomicBool::new(false));
@@ -407,14 +262,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let (outcomes, workers) = held?;
     let (health, health_failed) = health_run.await??;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let fds_held = crate::procfs::open_files(pid);
+    let fds_held = sandwarden::procfs::open_files(pid);
     let mut after = histogram()?;
     for _ in 0..AFTER {
         after.record(say(&http, &base, &steady_key, &own).await?)?;
     }
     stop.store(true, Ordering::Relaxed);
     let peaks = sampler.join().unwrap_or_default();
-    let hwm = crate::procfs::peak_rss_kib(pid);
+    let hwm = sandwarden::procfs::peak_rss_kib(pid);
     let mut statuses = Vec::new();
     for (key, id) in [(&flood_key, &target), (&steady_key, &own)] {
         let s = session(&http, &base, key, id).await?;

@@ -1,10 +1,10 @@
-//! `sandwarden bench docker`: container sandboxes (`serve --runtime docker`) next to local-process
+//! `sandwarden-bench docker`: container sandboxes (`serve --runtime docker`) next to local-process
 //! sandboxes, measured in one run with the same client: warm claims and cold starts, the added
 //! latency of a message and of a keystroke through a container, and `serve`'s memory per container.
 //! Needs a container engine (`DOCKER_HOST`) and the images `harness-images/build.sh base echo shell`.
 
 use crate::bench::{Ws, drain_ws, fmt_added, histogram, machine_line, row, ws_round_trip};
-use crate::bench_serve::{
+use crate::serve::{
     KEY, Serve, create, delete_session, start_serve_with, unary_turn, wait_ready_session,
 };
 use anyhow::Context;
@@ -70,7 +70,7 @@ pub async fn run(args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
     let local = start_serve_with(1, "local", &templates(false))?;
     let docker = start_serve_with(1, "docker", &templates(true))?;
     let mut out = format!(
-        "Command: `DOCKER_HOST=… sandwarden bench docker --round-trips {}` (release build; engine: {}). Machine: {}.\n\n",
+        "Command: `DOCKER_HOST=… sandwarden-bench docker --round-trips {}` (release build; engine: {}). Machine: {}.\n\n",
         args.round_trips,
         std::env::var("DOCKER_HOST").unwrap_or_else(|_| "/var/run/docker.sock".into()),
         machine_line()
@@ -176,14 +176,14 @@ pub async fn run(args: &crate::bench::BenchArgs) -> anyhow::Result<String> {
     // Memory of serve per container sandbox (the containers' own memory is the engine's).
     let pid = docker.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = crate::procfs::rss_kib(pid);
+    let before = sandwarden::procfs::rss_kib(pid);
     let n = 20;
     let mut ids = Vec::new();
     for _ in 0..n {
         ids.push(ready_session(&http, &docker, "echo-cold").await?);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = crate::procfs::rss_kib(pid);
+    let after = sandwarden::procfs::rss_kib(pid);
     out.push_str(&format!(
         "### Memory of `serve` per container sandbox\n\n{n} idle container sessions: `serve` RSS {:.1} MiB → {:.1} MiB, {:.0} KiB per container sandbox.\n",
         before as f64 / 1024.0,
