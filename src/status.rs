@@ -1,5 +1,6 @@
-//! A session's status, one type for the store's rows, the orchestrator's decisions and the API:
-//! the words are the API's (`input_required`), the variants what the code compares.
+//! A session's and a turn's status, one type each for the store's rows, the orchestrator's
+//! decisions and the API: the words are the API's (`input_required`), the variants what the code
+//! compares.
 
 use serde::{Deserialize, Serialize};
 
@@ -70,9 +71,60 @@ impl std::fmt::Display for SessionStatus {
     }
 }
 
+/// Where a turn is: running, then how it ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnStatus {
+    Running,
+    /// The agent ended it (its `done`).
+    Completed,
+    /// The client cancelled it and the agent stopped.
+    Cancelled,
+    /// It failed: the agent or the sandbox failed, or its replica went away (`error.code`).
+    Failed,
+}
+
+impl TurnStatus {
+    pub const ALL: [TurnStatus; 4] = [
+        TurnStatus::Running,
+        TurnStatus::Completed,
+        TurnStatus::Cancelled,
+        TurnStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnStatus::Running => "running",
+            TurnStatus::Completed => "completed",
+            TurnStatus::Cancelled => "cancelled",
+            TurnStatus::Failed => "failed",
+        }
+    }
+
+    /// The status a stored word names, if any.
+    pub fn parse(word: &str) -> Option<TurnStatus> {
+        Self::ALL.into_iter().find(|s| s.as_str() == word)
+    }
+}
+
+impl std::fmt::Display for TurnStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_turn_status_reads_back_from_its_word_and_its_json() {
+        for s in TurnStatus::ALL {
+            assert_eq!(TurnStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_string(&s).expect("json"), format!("\"{s}\""));
+        }
+        assert_eq!(TurnStatus::parse("done"), None);
+    }
 
     #[test]
     fn every_status_reads_back_from_its_word_and_its_json() {

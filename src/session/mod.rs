@@ -1203,7 +1203,7 @@ impl Orchestrator {
     /// Ends a turn nobody runs any more as failed, with a reason; its session takes turns again.
     async fn end_interrupted(&self, mut t: store::Turn, why: &str) {
         let error = serde_json::json!({"code": "interrupted", "message": why});
-        t.status = "failed".into();
+        t.status = crate::status::TurnStatus::Failed;
         t.error = Some(error.clone());
         t.finished_at = Some(store::now());
         // Its event stream ends as every turn's does, for readers resuming it; numbered after

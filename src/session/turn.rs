@@ -4,7 +4,7 @@
 
 use super::message::MessageRequest;
 use super::{Orchestrator, not_found, quota, store_error};
-use crate::status::SessionStatus;
+use crate::status::{SessionStatus, TurnStatus};
 use crate::store::{self, Event, Message, Session, Turn};
 use axum::http::StatusCode;
 use futures::StreamExt;
@@ -31,7 +31,7 @@ pub struct Outcome {
     pub session_id: String,
     pub turn_id: String,
     /// `completed`, `cancelled` or `failed`.
-    pub status: String,
+    pub status: TurnStatus,
     pub stop_reason: Option<String>,
     pub text: String,
     pub parts: Vec<Value>,
@@ -172,7 +172,7 @@ impl Outcome {
 
     /// The JSON reply of a unary message, or the problem for a failed turn.
     pub fn into_reply(self: Arc<Self>) -> Result<Value, Problem> {
-        if self.status == "failed" {
+        if self.status == TurnStatus::Failed {
             return Err(problem_for_failed(&self));
         }
         Ok(serde_json::to_value(&*self).unwrap_or(Value::Null))
@@ -303,7 +303,7 @@ impl Orchestrator {
             let turn = Turn {
                 id: turn_id.to_string(),
                 session_id: session_id.to_string(),
-                status: "running".into(),
+                status: TurnStatus::Running,
                 mode: mode.into(),
                 options: options.clone(),
                 text: None,
@@ -356,7 +356,7 @@ impl Orchestrator {
             return Err(self.refusal(&session));
         };
         let fail = |turn: &mut Turn, code: &str, message: String| {
-            turn.status = "failed".into();
+            turn.status = TurnStatus::Failed;
             turn.error = Some(json!({ "code": code, "message": message }));
             turn.finished_at = Some(store::now());
         };
@@ -683,15 +683,15 @@ impl Orchestrator {
         };
         let stop_reason = data["stop_reason"].as_str().map(String::from);
         let status = match (kind, stop_reason.as_deref()) {
-            (EventType::Done, Some("cancelled")) => "cancelled",
-            (EventType::Done, _) => "completed",
-            _ => "failed",
+            (EventType::Done, Some("cancelled")) => TurnStatus::Cancelled,
+            (EventType::Done, _) => TurnStatus::Completed,
+            _ => TurnStatus::Failed,
         };
         let usage = data
             .get("usage")
             .cloned()
             .unwrap_or_else(|| json!({"input_tokens":0,"output_tokens":0,"total_tokens":0}));
-        turn.status = status.into();
+        turn.status = status;
         turn.stop_reason = stop_reason.clone();
         turn.text = Some(reply.text.clone());
         turn.usage = Some(usage.clone());
@@ -712,7 +712,7 @@ impl Orchestrator {
             self.unlock_turn(&session.id, &turn.id)
         })
         .await;
-        self.metrics.turn(status);
+        self.metrics.turn(status.as_str());
         self.metrics
             .turn_duration
             .observe(started.elapsed().as_secs_f64());
@@ -726,7 +726,7 @@ impl Orchestrator {
         let outcome = Arc::new(Outcome {
             session_id: session.id.clone(),
             turn_id: turn.id.clone(),
-            status: status.into(),
+            status,
             stop_reason,
             text: reply.text,
             parts: reply.parts,
@@ -784,7 +784,7 @@ impl Orchestrator {
     /// The outcome of an ended turn, rebuilt from the store (to resume its webhook).
     pub async fn stored_outcome(&self, session_id: &str, turn_id: &str) -> Option<Outcome> {
         let turn = self.store.get_turn(session_id, turn_id).await.ok()??;
-        if turn.status == "running" {
+        if turn.status == TurnStatus::Running {
             return None;
         }
         let messages = self

@@ -7,7 +7,7 @@
 //! It stores what it is given and answers queries; it holds no session logic and must never be
 //! handed per-session env or secrets.
 
-pub use crate::status::SessionStatus;
+pub use crate::status::{SessionStatus, TurnStatus};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row, SqlitePool};
 use std::borrow::Cow;
@@ -201,7 +201,7 @@ pub struct Session {
 pub struct Turn {
     pub id: String,
     pub session_id: String,
-    pub status: String,
+    pub status: TurnStatus,
     pub mode: String,
     pub options: serde_json::Value,
     pub text: Option<String>,
@@ -455,6 +455,17 @@ pub(crate) fn stored_status(word: &str) -> SessionStatus {
     })
 }
 
+/// A turn's stored status word; any other (a row edited by hand) reads as `failed`.
+pub(crate) fn stored_turn_status(word: &str) -> TurnStatus {
+    TurnStatus::parse(word).unwrap_or_else(|| {
+        tracing::error!(
+            status = word,
+            "a turn with an unknown stored status; treated as failed"
+        );
+        TurnStatus::Failed
+    })
+}
+
 macro_rules! session_row {
     ($r:expr) => {{
         let r = $r;
@@ -611,7 +622,7 @@ macro_rules! turn_row {
         Turn {
             id: r.get("id"),
             session_id: r.get("session_id"),
-            status: r.get("status"),
+            status: stored_turn_status(r.get("status")),
             mode: r.get("mode"),
             options: json(&r.get::<String, _>("options")),
             text: r.get("text"),
@@ -1852,7 +1863,7 @@ mod tests {
         let turn = Turn {
             id: id.into(),
             session_id: session_id.into(),
-            status: "running".into(),
+            status: TurnStatus::Running,
             mode: "sync".into(),
             options: json!({}),
             text: None,
@@ -1993,7 +2004,7 @@ mod tests {
         );
 
         let mut done = t.clone();
-        done.status = "completed".into();
+        done.status = TurnStatus::Completed;
         done.finished_at = Some(now());
         store.finish_turn(&done, None, None).await.expect("finish");
         let s = store
@@ -2071,7 +2082,7 @@ mod tests {
                 .begin_turn("t1", &t, &user, None)
                 .await
                 .expect("begin");
-            t.status = "completed".into();
+            t.status = TurnStatus::Completed;
             t.stop_reason = Some(format!("reason-{i}"));
             store.finish_turn(&t, None, None).await.expect("finish");
         }
@@ -2102,7 +2113,7 @@ mod tests {
             .await
             .expect("begin")
             .expect("began");
-        t.status = "completed".into();
+        t.status = TurnStatus::Completed;
         t.usage = Some(json!({"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}));
         t.finished_at = Some(now());
         store.finish_turn(&t, None, None).await.expect("finish");
@@ -2231,7 +2242,7 @@ mod tests {
             "not while its turn runs"
         );
         let mut done = t.clone();
-        done.status = "completed".into();
+        done.status = TurnStatus::Completed;
         done.finished_at = Some(now());
         store.finish_turn(&done, None, None).await.expect("finish");
         let claimed = store.claim_deliveries(lease, false).await.expect("claim");
@@ -2531,7 +2542,7 @@ mod tests {
                 .is_some()
         );
         let mut done = t.clone();
-        done.status = "completed".into();
+        done.status = TurnStatus::Completed;
         done.finished_at = Some(now());
         let reply = Message {
             id: "m-reply".into(),
@@ -2587,6 +2598,6 @@ mod tests {
             SessionStatus::Running
         );
         let turn = store.get_turn("s1", "turn-1").await.expect("read");
-        assert_eq!(turn.expect("recorded").status, "running");
+        assert_eq!(turn.expect("recorded").status, TurnStatus::Running);
     }
 }

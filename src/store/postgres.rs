@@ -171,7 +171,7 @@ pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Begun>, sql
     .bind(&t.session_id)
     .bind(&b.tenant)
     .bind(&t.id)
-    .bind(&t.status)
+    .bind(t.status.as_str())
     .bind(&t.mode)
     .bind(t.options.to_string())
     .bind(&b.replica)
@@ -263,7 +263,7 @@ async fn finish(
         .bind(me);
     if let Some((turn, reply)) = end {
         q = q
-            .bind(&turn.status)
+            .bind(turn.status.as_str())
             .bind(&turn.text)
             .bind(turn.usage.as_ref().map(|u| u.to_string()))
             .bind(turn.error.as_ref().map(|e| e.to_string()))

@@ -456,7 +456,7 @@ fn begin(tx: &rusqlite::Transaction<'_>, b: &Begin) -> rusqlite::Result<Option<S
     .execute(rusqlite::params![
         t.id,
         t.session_id,
-        t.status,
+        t.status.as_str(),
         t.mode,
         t.options.to_string(),
         t.created_at,
@@ -515,7 +515,7 @@ fn finish(
          stop_reason = ?7 WHERE id = ?6",
     )?
     .execute(rusqlite::params![
-        turn.status,
+        turn.status.as_str(),
         turn.text,
         turn.usage.as_ref().map(|u| u.to_string()),
         turn.error.as_ref().map(|e| e.to_string()),
