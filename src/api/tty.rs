@@ -4,7 +4,7 @@
 //! upgrades must come from an allowed Origin. Frames pass through unchanged both ways.
 
 use super::{AppState, caller_from};
-use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -162,10 +162,12 @@ pub async fn attach(
                     }
                 })
             });
+            let (c_tx, c_rx) = socket.split();
+            let (u_tx, u_rx) = upstream.split();
             tracing::Instrument::instrument(
                 pump(
-                    socket,
-                    upstream,
+                    Client { tx: c_tx, rx: c_rx },
+                    Client { tx: u_tx, rx: u_rx },
                     orch.config.client_timeout,
                     orch.shutdown.clone(),
                 ),
@@ -183,20 +185,30 @@ pub async fn attach(
         .into_response())
 }
 
-type Upstream = tokio_tungstenite::WebSocketStream<sandwarden_proto::harness_client::HarnessIo>;
+/// One side of the bridge: where frames go to it, and where its frames come from (the halves of
+/// a WebSocket; channels in the tests).
+struct Client<Tx, Rx> {
+    tx: Tx,
+    rx: Rx,
+}
 
 /// Copies frames both ways until either side closes; a close is passed on with its code. A
 /// client that leaves output unread for `stall` is let go (1013, as the harness does with a
 /// viewer that falls behind): otherwise its connection, and this task, would stay blocked on it
 /// for as long as it stays connected, and serve would still count it as a viewer.
-async fn pump(
-    client: WebSocket,
-    upstream: Upstream,
+async fn pump<CTx, CRx, CErr, UTx, URx, UErr>(
+    client: Client<CTx, CRx>,
+    upstream: Client<UTx, URx>,
     stall: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
-) {
-    let (mut c_tx, mut c_rx) = client.split();
-    let (mut u_tx, mut u_rx) = upstream.split();
+) where
+    CTx: futures::Sink<AxMessage> + Unpin,
+    CRx: futures::Stream<Item = Result<AxMessage, CErr>> + Unpin,
+    UTx: futures::Sink<TMessage> + Unpin,
+    URx: futures::Stream<Item = Result<TMessage, UErr>> + Unpin,
+{
+    let (mut c_tx, mut c_rx) = (client.tx, client.rx);
+    let (mut u_tx, mut u_rx) = (upstream.tx, upstream.rx);
     loop {
         tokio::select! {
             from_client = c_rx.next() => {
@@ -245,5 +257,143 @@ async fn pump(
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::channel::mpsc;
+    use std::convert::Infallible;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    /// A bridge over channels: the client's and the harness's ends, and the pump's task.
+    struct Bridge {
+        /// What the client sends, and what reaches it.
+        client_in: mpsc::Sender<AxMessage>,
+        client_out: mpsc::Receiver<AxMessage>,
+        /// What the harness sends, and what reaches it.
+        harness_in: mpsc::Sender<TMessage>,
+        harness_out: mpsc::Receiver<TMessage>,
+        pump: tokio::task::JoinHandle<()>,
+        shutdown: CancellationToken,
+    }
+
+    /// `room` frames fit in the client's outgoing channel before the pump waits on it.
+    fn bridge(room: usize, stall: Duration) -> Bridge {
+        let (client_in, c_rx) = mpsc::channel::<AxMessage>(8);
+        let (c_tx, client_out) = mpsc::channel::<AxMessage>(room);
+        let (harness_in, u_rx) = mpsc::channel::<TMessage>(8);
+        let (u_tx, harness_out) = mpsc::channel::<TMessage>(8);
+        let shutdown = CancellationToken::new();
+        let pump = tokio::spawn(pump(
+            Client {
+                tx: c_tx,
+                rx: c_rx.map(Ok::<_, Infallible>),
+            },
+            Client {
+                tx: u_tx,
+                rx: u_rx.map(Ok::<_, Infallible>),
+            },
+            stall,
+            shutdown.clone(),
+        ));
+        Bridge {
+            client_in,
+            client_out,
+            harness_in,
+            harness_out,
+            pump,
+            shutdown,
+        }
+    }
+
+    fn close_code(m: &AxMessage) -> Option<u16> {
+        match m {
+            AxMessage::Close(Some(f)) => Some(f.code),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_pass_both_ways_and_a_clients_close_reaches_the_harness() {
+        let mut b = bridge(8, Duration::from_secs(30));
+        b.client_in
+            .send(AxMessage::Binary(b"ls\r".to_vec().into()))
+            .await
+            .expect("send");
+        let got = b.harness_out.next().await.expect("to the harness");
+        assert_eq!(got, TMessage::Binary(b"ls\r".to_vec().into()));
+        b.harness_in
+            .send(TMessage::Text("{\"type\":\"resize\"}".into()))
+            .await
+            .expect("send");
+        b.harness_in
+            .send(TMessage::Binary(b"a.txt\r\n".to_vec().into()))
+            .await
+            .expect("send");
+        let text = b.client_out.next().await.expect("to the client");
+        assert_eq!(text, AxMessage::Text("{\"type\":\"resize\"}".into()));
+        let bytes = b.client_out.next().await.expect("to the client");
+        assert_eq!(bytes, AxMessage::Binary(b"a.txt\r\n".to_vec().into()));
+        b.client_in
+            .send(AxMessage::Close(Some(CloseFrame {
+                code: 1000,
+                reason: "bye".into(),
+            })))
+            .await
+            .expect("close");
+        match b.harness_out.next().await {
+            Some(TMessage::Close(Some(f))) => assert_eq!(u16::from(f.code), 1000),
+            other => panic!("the close is passed on: {other:?}"),
+        }
+        b.pump.await.expect("the pump ends");
+    }
+
+    #[tokio::test]
+    async fn a_lost_harness_connection_closes_the_client_with_1011() {
+        let mut b = bridge(8, Duration::from_secs(30));
+        drop(b.harness_in);
+        let got = b.client_out.next().await.expect("a close");
+        assert_eq!(close_code(&got), Some(1011), "{got:?}");
+        b.pump.await.expect("the pump ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_viewer_that_stops_reading_is_let_go_after_the_stall() {
+        let stall = Duration::from_secs(30);
+        let mut b = bridge(0, stall);
+        let started = tokio::time::Instant::now();
+        // The client reads nothing: the first frame fills its channel, the next waits for it.
+        for i in 0..3u8 {
+            if b.harness_in
+                .send(TMessage::Binary(vec![i].into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        b.pump.await.expect("the pump lets go");
+        let waited = started.elapsed();
+        assert!(
+            waited >= stall && waited < stall + CLOSE_GRACE + Duration::from_secs(1),
+            "let go after {waited:?}"
+        );
+        // What it had read before it stopped is there; nothing after.
+        assert_eq!(
+            b.client_out.next().await,
+            Some(AxMessage::Binary(vec![0].into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn shutting_down_closes_the_client_with_1001() {
+        let mut b = bridge(8, Duration::from_secs(30));
+        b.shutdown.cancel();
+        let got = b.client_out.next().await.expect("a close");
+        assert_eq!(close_code(&got), Some(1001), "{got:?}");
+        b.pump.await.expect("the pump ends");
     }
 }

@@ -462,6 +462,28 @@ mod tests {
         drop(huge);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_page_waits_for_the_servers_memory_as_long_as_allowed_then_is_503() {
+        let wait = std::time::Duration::from_secs(30);
+        let answers = Answers::new(Some(1), wait);
+        let held = answers.admit("a", 512 * 1024, None).await.expect("1 MiB");
+        let started = tokio::time::Instant::now();
+        let refused = answers.admit("b", 1, Some(1)).await.err().expect("no room");
+        assert_eq!(
+            (refused.status, refused.kind.as_str()),
+            (503, "server_busy")
+        );
+        assert_eq!(started.elapsed(), wait, "waited exactly the allowed time");
+        // The refused wait kept nothing: once a's page is sent, b's whole 1 MiB fits at once.
+        drop(held);
+        let started = tokio::time::Instant::now();
+        answers
+            .admit("b", 512 * 1024, Some(1))
+            .await
+            .expect("b's whole allowance");
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+    }
+
     #[test]
     fn limits_take_defaults_and_refuse_zero() {
         let mine = Limits {
