@@ -628,13 +628,14 @@ impl ApiAgent {
         loop {
             self.wait_ready().await?;
             self.wait_prompt_answered().await?;
-            let reaped = lock(&self.inner)
+            let ended = lock(&self.inner)
                 .child
                 .as_ref()
-                .is_some_and(GroupHandle::has_exited);
-            if reaped {
-                // Reaped, and its failure is being recorded (after its last stderr lines): a
-                // prompt now would go to no one. Wait for the failure, then refuse as for it.
+                .is_some_and(GroupHandle::has_ended);
+            if ended {
+                // Dead (reaped, or a zombie about to be), and its failure is being recorded
+                // (after its last stderr lines): a prompt now would go to no one. Wait for the
+                // failure, then refuse as for it.
                 self.wait_failed(AGENT_FAILURE_GRACE).await;
                 continue;
             }

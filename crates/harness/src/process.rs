@@ -159,6 +159,23 @@ impl GroupHandle {
         *self.exited.borrow()
     }
 
+    /// Whether the child has ended: reaped, or dead and not yet reaped (a zombie, or no longer
+    /// in /proc), so that anything sent to it now would go to no one. A failure of its own to
+    /// read /proc says it has not.
+    pub fn has_ended(&self) -> bool {
+        if self.has_exited() {
+            return true;
+        }
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            // The state follows the command name, which may itself hold ") ".
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
+    }
+
     /// Waits up to `within` for the child to be reaped; whether it was.
     pub async fn wait_exit(&self, within: Duration) -> bool {
         let mut exited = self.exited.clone();
@@ -220,6 +237,26 @@ pub fn resolve_dir(base: &std::path::Path, cwd: Option<&str>) -> Result<PathBuf,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_killed_child_not_yet_reaped_has_ended() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let (_tx, exited) = watch::channel(false);
+        let handle = GroupHandle::new(pid, exited);
+        assert!(!handle.has_ended(), "running");
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        // Not reaped (nobody waits yet): a zombie, which has ended all the same.
+        let ended = (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            handle.has_ended()
+        });
+        assert!(ended && !handle.has_exited());
+        let _ = child.wait();
+    }
 
     #[test]
     fn parses_quotes_and_resolves_self() {
