@@ -5,6 +5,7 @@ mod tty;
 
 use crate::session::message::MessageRequest;
 use crate::session::quota::{Held, Slot};
+use crate::session::view::{MessageView, SessionView};
 use crate::session::{CreateRequest, Orchestrator, store_error};
 use crate::store::{Event, Session, SessionFilter};
 use axum::extract::rejection::JsonRejection;
@@ -286,16 +287,13 @@ fn session_path(tenant: &str, id: &str) -> Result<String, Problem> {
 }
 
 /// A session as the API shows it: the stored fields plus `tty_url` for terminal sessions.
-fn view(orch: &Orchestrator, s: &Session) -> Value {
-    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
-    v["isolation"] = Value::String(orch.runtime.isolation().into());
-    if let Some(url) = orch.tty_url(s) {
-        v["tty_url"] = Value::String(url);
-    }
-    if let Some(turn) = orch.running_turn(&s.id) {
-        v["turn_id"] = Value::String(turn);
-    }
-    v
+fn view(orch: &Orchestrator, s: &Session) -> SessionView {
+    SessionView::new(
+        s,
+        orch.runtime.isolation(),
+        orch.tty_url(s),
+        orch.running_turn(&s.id),
+    )
 }
 
 // ---- sessions
@@ -387,7 +385,7 @@ async fn list_sessions(
     } else {
         None
     };
-    let items: Vec<Value> = sessions.iter().map(|s| view(&orch, s)).collect();
+    let items: Vec<SessionView> = sessions.iter().map(|s| view(&orch, s)).collect();
     Ok(Json(json!({ "sessions": items, "next_cursor": next_cursor })).into_response())
 }
 
@@ -639,7 +637,7 @@ async fn get_messages(
     #[derive(Serialize)]
     struct MessagesPage<'a> {
         session_id: &'a str,
-        messages: &'a [crate::store::Message],
+        messages: &'a [MessageView],
         has_more: bool,
         next_cursor: Option<String>,
     }

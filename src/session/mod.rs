@@ -9,6 +9,7 @@ pub mod hub;
 pub mod message;
 pub mod quota;
 pub mod turn;
+pub mod view;
 pub mod webhook;
 
 use crate::metrics::Metrics;

@@ -3,6 +3,7 @@
 //! machinery serves the three response modes (JSON, SSE, async).
 
 use super::message::MessageRequest;
+use super::view::{DeliveryView, MessageView};
 use super::{Orchestrator, not_found, quota, store_error};
 use crate::status::{SessionStatus, TurnStatus};
 use crate::store::{self, Event, Message, Session, Turn};
@@ -35,7 +36,7 @@ pub struct Outcome {
     pub stop_reason: Option<String>,
     pub text: String,
     pub parts: Vec<Value>,
-    pub messages: Vec<Message>,
+    pub messages: Vec<MessageView>,
     pub usage: Value,
     pub error: Option<Value>,
 }
@@ -164,7 +165,7 @@ impl Outcome {
             stop_reason: turn.stop_reason,
             text: turn.text.unwrap_or_default(),
             parts,
-            messages,
+            messages: messages.into_iter().map(MessageView::from).collect(),
             usage: turn.usage.unwrap_or(Value::Null),
             error: turn.error,
         }
@@ -730,7 +731,7 @@ impl Orchestrator {
             stop_reason,
             text: reply.text,
             parts: reply.parts,
-            messages,
+            messages: messages.into_iter().map(MessageView::from).collect(),
             usage,
             error: turn.error.clone(),
         });
@@ -777,6 +778,8 @@ impl Orchestrator {
         view["mode"] = json!(mode);
         view["created_at"] = json!(created_at);
         view["finished_at"] = json!(finished_at);
+        let deliveries: Vec<DeliveryView> =
+            deliveries.into_iter().map(DeliveryView::from).collect();
         view["webhook_deliveries"] = json!(deliveries);
         Ok(view)
     }
@@ -902,15 +905,17 @@ impl Orchestrator {
         session_id: &str,
         after: i64,
         limit: i64,
-    ) -> Result<Page<Message>, Problem> {
+    ) -> Result<Page<MessageView>, Problem> {
         let s = self.get(tenant, session_id).await?;
         let cut = self
             .store
             .message_cut(&s.id, after, limit, HISTORY_PAGE_BYTES)
             .await
             .map_err(store_error)?;
-        self.admitted_page(tenant, limits, cut, |last| {
-            self.store.messages_through(&s.id, after, last)
+        let id = s.id.as_str();
+        self.admitted_page(tenant, limits, cut, |last| async move {
+            let messages = self.store.messages_through(id, after, last).await?;
+            Ok(messages.into_iter().map(MessageView::from).collect())
         })
         .await
     }

@@ -167,14 +167,13 @@ pub(crate) fn sqlite_unavailable(code: u32) -> Option<Unavailable> {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A session as stored and as the API shows it (the API adds `tty_url`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A session as stored (the API shows `session::view::SessionView`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Session {
     pub id: String,
     /// The id the client picked at create, if it did: a name within its tenant, which `id` is
     /// derived from (see `session::scoped_id`).
     pub name: Option<String>,
-    #[serde(skip)]
     pub tenant: String,
     pub harness: String,
     pub kind: String,
@@ -183,14 +182,10 @@ pub struct Session {
     pub failure_reason: Option<String>,
     pub title: Option<String>,
     pub metadata: serde_json::Value,
-    #[serde(skip)]
     pub sandbox_id: Option<String>,
-    #[serde(skip)]
     pub endpoint: Option<String>,
     pub idle_timeout_s: i64,
-    #[serde(skip)]
     pub idempotency_key: Option<String>,
-    #[serde(skip)]
     pub request_hash: Option<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -213,10 +208,9 @@ pub struct Turn {
     pub stop_reason: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub id: String,
-    #[serde(skip)]
     pub session_id: String,
     pub turn_id: String,
     pub role: String,
@@ -240,7 +234,7 @@ pub struct Event {
 }
 
 /// A webhook delivery: what clients see, plus what a restart needs to resume it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Delivery {
     pub id: String,
     pub turn_id: String,
@@ -252,13 +246,10 @@ pub struct Delivery {
     pub last_error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
-    #[serde(skip)]
     pub include_messages: bool,
     /// The client's token, sealed under the server secret; `None` once the delivery ended.
-    #[serde(skip)]
     pub sealed_token: Option<String>,
     /// The payload, fixed at the first attempt so every retry sends the same bytes.
-    #[serde(skip)]
     pub body: Option<String>,
 }
 
