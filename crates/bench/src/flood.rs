@@ -3,7 +3,7 @@
 //! event stream, and keeps every one, answered or refused; tenant `steady` sends messages to its
 //! echo session, quiet and then during the flood, side by side in one run. serve's descriptors and
 //! memory are sampled throughout. The flood's client is the test kit's (`sandwarden_testkit::flood`),
-//! which tests/tenancy.rs uses too.
+//! which tests/light/tenancy.rs uses too.
 
 use crate::bench::{BenchArgs, fmt_us, histogram, load_average, machine_line, row};
 use crate::serve::{KEY, create_as, get_session_as as session, start_serve_args, unary_turn_as};

@@ -575,7 +575,7 @@ pub struct Health {
 /// Drops a UTF-8 byte-order mark from the start of an SSE byte stream, however it is split
 /// across chunks. eventsource-stream 0.2.3 (the latest) panics on one: it slices one byte off a
 /// three-byte character. The stream comes from another process (a sandbox, a server), so its
-/// first bytes are outside input. Found by tests/fuzz.rs (`sse_decode`).
+/// first bytes are outside input. Found by tests/light/fuzz.rs (`sse_decode`).
 pub fn without_bom<S, E>(stream: S) -> impl futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin
 where
     S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,

@@ -1,5 +1,5 @@
 //! A flooding client: connections of their own, each asking once and kept open whatever the
-//! answer, as a tenant that never hangs up keeps them (`bench flood`, tests/tenancy.rs).
+//! answer, as a tenant that never hangs up keeps them (`bench flood`, tests/light/tenancy.rs).
 
 use futures::StreamExt;
 use std::collections::BTreeMap;

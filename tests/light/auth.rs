@@ -2,9 +2,7 @@
 //! another tenant's key on every `/v1` route; for terminals, a missing, forged, expired or other
 //! session's token, and browser upgrades from a disallowed Origin.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

@@ -4,11 +4,9 @@
 //! its own. This is the middle of the test pyramid: fast enough to try a route's every answer,
 //! real enough that a session, a turn and the store are the product's own.
 
-mod common;
-
+use crate::common::{ADMIN_KEY, in_process};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{ADMIN_KEY, in_process};
 use sandwarden::runtime::{Runtime, RuntimeError, Sandbox};
 use sandwarden::template::Template;
 use sandwarden::tokens::Tokens;

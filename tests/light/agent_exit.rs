@@ -1,10 +1,8 @@
 //! An agent or terminal program that ends, or that was never installed: the session says so.
 //! Real `serve`, real harness servers and agents, driven through the public API and `tty_url`.
 
-mod common;
-
-use common::load::{sandbox_of, sandbox_pid};
-use common::*;
+use crate::common::load::{sandbox_of, sandbox_pid};
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::time::Duration;
@@ -165,7 +163,7 @@ async fn an_agent_that_dies_between_turns_makes_the_next_message_find_the_sessio
         .expect("its echo agent runs");
     signal(agent, nix::sys::signal::Signal::SIGKILL);
     // The harness reaps it and reports it failed.
-    assert!(common::load::eventually(|| !alive(agent)).await);
+    assert!(crate::common::load::eventually(|| !alive(agent)).await);
 
     // At once, without waiting for the harness to record the failure (it waits for the last
     // stderr lines): the message is refused as to any dead session, and leaves no trace.

@@ -1,9 +1,7 @@
 //! `sandwarden-fake-model` end to end: the real binary on 127.0.0.1:0, driven with reqwest the
 //! way the agent CLIs drive it (see docs/fake-model.md).
 
-mod common;
-
-use common::fake_model::FakeModel;
+use crate::common::fake_model::FakeModel;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -593,7 +591,7 @@ async fn every_request_is_logged_with_keys_redacted() {
 
 #[test]
 fn refuses_to_listen_beyond_loopback() {
-    let out = std::process::Command::new(common::fake_model_exe())
+    let out = std::process::Command::new(crate::common::fake_model_exe())
         .args(["--listen", "0.0.0.0:0"])
         .output()
         .expect("run");

@@ -1,9 +1,7 @@
 //! The orchestrator through its public surface: a real `sandwarden serve` on 127.0.0.1:0 with real
 //! harness processes, reached with real HTTP and WebSocket clients.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use std::sync::{Arc, Mutex};
@@ -215,7 +213,7 @@ async fn receiver(
             },
         ),
     );
-    (common::serve_hook(app).await, got)
+    (crate::common::serve_hook(app).await, got)
 }
 
 #[tokio::test]

@@ -1,8 +1,6 @@
 //! The CLI client against a real `sandwarden serve`: the commands a person types.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::Write;
 use std::process::{Command, Stdio};
 

@@ -2,9 +2,7 @@
 //! (as a remote one's can). Real harness processes, a real API server on 127.0.0.1:0; the only
 //! stand-in is the runtime's liveness check, which always says "alive".
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sandwarden::runtime::{Runtime, RuntimeError, Sandbox};
 use sandwarden::template::Template;
 use sandwarden::tokens::Tokens;

@@ -5,9 +5,7 @@
 //! real: `serve`, its controller (elected through the Lease), the claim path, the harness and
 //! echo agent processes and every HTTP call between them.
 
-mod common;
-
-use common::kube::*;
+use crate::common::kube::*;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -81,7 +79,7 @@ async fn sessions_claim_warm_pods_late_bind_and_die_with_their_pod() {
     let pid = kubelet
         .pid(&sandbox_name)
         .expect("the claimed Pod's process");
-    common::signal(pid, nix::sys::signal::Signal::SIGKILL);
+    crate::common::signal(pid, nix::sys::signal::Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;

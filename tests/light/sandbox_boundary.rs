@@ -6,10 +6,8 @@
 //! The suite runs twice: with `serve` as root (as on these machines and in CI) and as an
 //! unprivileged user (bubblewrap then builds a user namespace).
 
-mod common;
-
-use common::shell::*;
-use common::*;
+use crate::common::shell::*;
+use crate::common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

@@ -2,9 +2,7 @@
 //! and nothing else: not serve's or the harness's logs (at trace level), nor a sandbox's token, not the store, not the
 //! events, not any answer of the API, including the errors for a bad request that carried them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -335,5 +333,5 @@ async fn hook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Option<Stri
             }
         }),
     );
-    (common::serve_hook(app).await, got)
+    (crate::common::serve_hook(app).await, got)
 }

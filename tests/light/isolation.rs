@@ -2,9 +2,7 @@
 //! runs, the terminal works, writes outside the sandbox's directory fail, and deleting the
 //! session leaves no process behind.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;

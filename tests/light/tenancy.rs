@@ -1,9 +1,7 @@
 //! Sharing one service safely (issue 18): one `serve` per data dir, bounds on what a request
 //! may ask for, and answers that say which status is whose.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use sandwarden_testkit::flood::{Held, flood, hold};
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -1,9 +1,7 @@
 //! The API kind through its real surface: a `sandwarden harness` process on 127.0.0.1:0 driving
 //! a real `sandwarden echo-agent` over ACP, reached with a real HTTP client.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use sandwarden_proto::event::{BindFile, BindRequest, Decision, EventType, InputAnswer, TurnEvent};
 use sandwarden_proto::harness_client::ClientError;

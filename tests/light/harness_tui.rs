@@ -1,9 +1,7 @@
 //! The TUI kind through its real surface: a real `bash` (or `yes`) under the harness server's PTY,
 //! reached with a real WebSocket client.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;

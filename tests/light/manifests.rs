@@ -149,7 +149,7 @@ fn yaml_blocks(origin: &str, markdown: &str) -> Vec<Doc> {
     docs
 }
 
-/// The CRDs in `crds/` (tests/crds.rs keeps them equal to what the Rust types generate), by kind.
+/// The CRDs in `crds/` (tests/light/crds.rs keeps them equal to what the Rust types generate), by kind.
 fn crd_schemas() -> BTreeMap<String, Value> {
     let mut schemas = BTreeMap::new();
     for name in ["sandboxtemplates", "sandboxes", "sandboxwarmpools"] {

@@ -2,9 +2,7 @@
 //! get oversized, deeply nested, malformed and slowly sent requests. Each is refused with a clear
 //! problem (or the connection is closed in bounded time), and the server keeps working after.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -378,7 +376,7 @@ async fn receiver(
             }
         }),
     );
-    (common::serve_hook(app).await, hits)
+    (crate::common::serve_hook(app).await, hits)
 }
 
 #[tokio::test]
