@@ -1,0 +1,500 @@
+//! Creating a session: the tenant's quotas checked, a warm sandbox claimed or a cold one
+//! started, the session's values bound into it, and the session recorded.
+
+use super::*;
+
+/// `POST /v1/sessions`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub harness: String,
+    pub id: Option<String>,
+    pub title: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub files: Vec<BindFile>,
+    pub cwd: Option<String>,
+    pub idle_timeout_s: Option<u64>,
+}
+
+impl CreateRequest {
+    /// A digest of what identifies the request for `Idempotency-Key`, without secret values.
+    fn fingerprint(&self) -> String {
+        let shape = serde_json::json!({
+            "harness": self.harness, "id": self.id, "title": self.title, "metadata": self.metadata,
+            "env": self.env.keys().collect::<Vec<_>>(),
+            "files": self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            "cwd": self.cwd, "idle_timeout_s": self.idle_timeout_s,
+        });
+        hex::encode(Sha256::digest(shape.to_string().as_bytes()))
+    }
+
+    fn bind(&self) -> BindRequest {
+        BindRequest {
+            env: self.env.clone(),
+            files: self.files.clone(),
+            cwd: self.cwd.clone(),
+        }
+    }
+}
+
+enum AttachError {
+    /// The harness refused the bind (bad values); nothing changed there.
+    Refused(Problem),
+    /// The sandbox could not be used.
+    Lost(String),
+}
+
+impl Orchestrator {
+    pub async fn create(
+        self: &Arc<Self>,
+        tenant: &str,
+        req: CreateRequest,
+        idempotency_key: Option<String>,
+        limits: &quota::Limits,
+    ) -> Result<(Session, bool), Problem> {
+        let started = Instant::now();
+        let invalid =
+            |m: String| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_session", m);
+        let templates = self.templates();
+        let Some(template) = templates.get(&req.harness).cloned() else {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_harness",
+                format!(
+                    "no harness {:?}; available: {}",
+                    req.harness,
+                    templates.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        };
+        if let Some(name) = &req.id {
+            validate_id("id", name).map_err(invalid)?;
+            if name.starts_with(GENERATED_ID_PREFIX) {
+                return Err(invalid(format!(
+                    "ids starting with {GENERATED_ID_PREFIX:?} are the server's; pick another \
+                     id or leave `id` out"
+                )));
+            }
+        }
+        if let Some(key) = &idempotency_key {
+            validate_id("Idempotency-Key", key).map_err(invalid)?;
+        }
+        if req.title.as_ref().is_some_and(|t| t.len() > 500) {
+            return Err(invalid("`title` is at most 500 characters".into()));
+        }
+        match &req.metadata {
+            Some(m) if !m.is_object() => {
+                return Err(invalid("`metadata` must be a JSON object".into()));
+            }
+            Some(m) if m.to_string().len() > 16 * 1024 => {
+                return Err(invalid("`metadata` is at most 16 KiB of JSON".into()));
+            }
+            _ => {}
+        }
+        if let Some(t) = req.idle_timeout_s
+            && !(1..=crate::template::MAX_IDLE_TIMEOUT_S).contains(&t)
+        {
+            return Err(invalid(format!(
+                "`idle_timeout_s` is between 1 and {} (30 days); {t} is outside",
+                crate::template::MAX_IDLE_TIMEOUT_S
+            )));
+        }
+        let bind = req.bind();
+        bind.validate().map_err(invalid)?;
+
+        let fingerprint = req.fingerprint();
+        if let Some(key) = &idempotency_key
+            && let Some(existing) = self
+                .store
+                .find_idempotent(tenant, key)
+                .await
+                .map_err(store_error)?
+        {
+            if existing.request_hash.as_deref() == Some(fingerprint.as_str()) {
+                return Ok((existing, false));
+            }
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request; use a new key",
+            ));
+        }
+
+        self.check_live_sessions(tenant, limits.live_sessions)
+            .await?;
+        if let Some(max) = limits.sandbox_memory_mib {
+            self.check_sandbox_memory(tenant, &template, max, &templates)
+                .await?;
+        }
+        let now = store::now();
+        let mut session = Session {
+            id: match &req.id {
+                Some(name) => scoped_id(tenant, name),
+                None => format!("{GENERATED_ID_PREFIX}{}", uuid::Uuid::now_v7().simple()),
+            },
+            name: req.id.clone(),
+            tenant: tenant.to_string(),
+            harness: template.name.clone(),
+            kind: template.kind.to_string(),
+            status: SessionStatus::Creating,
+            phase: Some("creating".into()),
+            failure_reason: None,
+            title: req.title.clone(),
+            metadata: req
+                .metadata
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({})),
+            sandbox_id: None,
+            endpoint: None,
+            idle_timeout_s: req.idle_timeout_s.unwrap_or(template.idle_timeout_s) as i64,
+            idempotency_key: idempotency_key.clone(),
+            request_hash: Some(fingerprint),
+            created_at: now.clone(),
+            updated_at: now.clone(),
+            last_active_at: now,
+        };
+        match self.store.insert_session(&session).await {
+            Ok(()) => {}
+            Err(store::StoreError::Conflict) => {
+                // Either the id is taken or a concurrent request with the same key won the race.
+                if let Some(key) = &idempotency_key
+                    && let Ok(Some(existing)) = self.store.find_idempotent(tenant, key).await
+                {
+                    return Ok((existing, false));
+                }
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "session_exists",
+                    format!(
+                        "you already have a session with id {:?}; pick another id",
+                        session.name.as_deref().unwrap_or(&session.id)
+                    ),
+                ));
+            }
+            Err(e) => return Err(store_error(e)),
+        }
+
+        // Warm claim: a ready sandbox of the template, bound to this session's values.
+        loop {
+            let claimed = lock(&self.pool).claim(&template.name);
+            let Some(sandbox) = claimed else { break };
+            self.pool_wake.notify_one();
+            match self.attach_sandbox(&session, &sandbox, &bind).await {
+                Ok(()) => return self.claimed_warm(session, started).await,
+                Err(AttachError::Refused(p)) => {
+                    // The bind was refused and changed nothing: the sandbox stays warm, and the
+                    // refused request leaves no session behind.
+                    lock(&self.pool).adopt(&template.name, sandbox);
+                    let _ = self.store.forget_creating(&session.id).await;
+                    return Err(p);
+                }
+                Err(AttachError::Lost(reason)) => {
+                    tracing::warn!(sandbox = %sandbox.id, %reason, "warm sandbox unusable; trying another");
+                    self.discard(sandbox).await;
+                }
+            }
+        }
+
+        // A sandbox the runtime keeps warm itself (Kubernetes: a SandboxWarmPool member).
+        if let Some(sandbox) = self.runtime.claim(&template, &session.id).await {
+            let row = SandboxRow {
+                id: sandbox.id.clone(),
+                template: template.name.clone(),
+                endpoint: sandbox.endpoint.clone(),
+                pid: None,
+                session_id: None,
+                owner: self.sandbox_owner(),
+            };
+            let attached = match self.store.insert_sandbox(&row).await {
+                Ok(()) => self.attach_sandbox(&session, &sandbox, &bind).await,
+                Err(e) => Err(AttachError::Lost(e.to_string())),
+            };
+            match attached {
+                Ok(()) => return self.claimed_warm(session, started).await,
+                Err(AttachError::Refused(p)) => {
+                    // Claimed for this request only: it goes (its pool makes another).
+                    self.discard(sandbox).await;
+                    let _ = self.store.forget_creating(&session.id).await;
+                    return Err(p);
+                }
+                Err(AttachError::Lost(reason)) => {
+                    tracing::warn!(sandbox = %sandbox.id, %reason, "claimed sandbox unusable; starting one");
+                    self.discard(sandbox).await;
+                }
+            }
+        }
+
+        // Cold start in the background; the session is `creating` until it is ready.
+        self.metrics.claim("cold");
+        let me = self.clone();
+        let cold = session.clone();
+        tokio::spawn(async move {
+            me.cold_start(cold, template, bind, started).await;
+        });
+        session.phase = Some("starting_sandbox".into());
+        Ok((session, true))
+    }
+
+    /// The answer to a create that a warm sandbox served: the session as stored now (`ready`).
+    async fn claimed_warm(
+        &self,
+        session: Session,
+        started: Instant,
+    ) -> Result<(Session, bool), Problem> {
+        self.metrics.claim("warm");
+        self.metrics
+            .claim_duration
+            .observe(started.elapsed().as_secs_f64());
+        let fresh = self
+            .store
+            .get_session_any(&session.id)
+            .await
+            .map_err(store_error)?;
+        self.notify(&session.id);
+        Ok((fresh.unwrap_or(session), true))
+    }
+
+    /// Binds a sandbox to a session and records it; the session becomes `ready`.
+    async fn attach_sandbox(
+        &self,
+        session: &Session,
+        sandbox: &Sandbox,
+        bind: &BindRequest,
+    ) -> Result<(), AttachError> {
+        let client = self.client_for(&sandbox.id, &sandbox.endpoint);
+        if !bind.is_empty() {
+            match client.bind(bind).await {
+                Ok(_) => {}
+                Err(ClientError::Refused(p)) if p.status == 422 => {
+                    return Err(AttachError::Refused(Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_session",
+                        p.detail.clone(),
+                    )));
+                }
+                Err(e) => return Err(AttachError::Lost(e.to_string())),
+            }
+        }
+        let claimed = self
+            .store
+            .claim_sandbox(&sandbox.id, &session.id)
+            .await
+            .map_err(|e| AttachError::Lost(e.to_string()))?;
+        if !claimed {
+            return Err(AttachError::Lost("already claimed".into()));
+        }
+        self.store
+            .set_sandbox(&session.id, &sandbox.id, &sandbox.endpoint)
+            .await
+            .map_err(|e| AttachError::Lost(e.to_string()))?;
+        self.store
+            .transition(
+                &session.id,
+                &[SessionStatus::Creating],
+                SessionStatus::Ready,
+                None,
+            )
+            .await
+            .map_err(|e| AttachError::Lost(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn cold_start(
+        self: Arc<Self>,
+        session: Session,
+        mut template: Template,
+        bind: BindRequest,
+        started: Instant,
+    ) {
+        if !bind.is_empty() {
+            // Start the agent once, with the session's values, instead of twice.
+            template.start = sandwarden_proto::kind::StartMode::Bind;
+        }
+        let result = match self.provision(&template, &bind, Phase::Ready).await {
+            Ok(sandbox) => match self
+                .attach_sandbox(&session, &sandbox, &BindRequest::default())
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.discard(sandbox).await;
+                    Err(match e {
+                        AttachError::Refused(p) => p.detail.clone(),
+                        AttachError::Lost(r) => r,
+                    })
+                }
+            },
+            Err(reason) => Err(reason),
+        };
+        match result {
+            Ok(()) => {
+                self.metrics
+                    .claim_duration
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::info!(session_id = %session.id, "cold sandbox ready");
+            }
+            Err(reason) => {
+                tracing::warn!(session_id = %session.id, %reason, "cold start failed");
+                let reason = format!("the sandbox could not start: {reason}");
+                let _ = self
+                    .store
+                    .transition(
+                        &session.id,
+                        &[SessionStatus::Creating],
+                        SessionStatus::Failed,
+                        Some(&reason),
+                    )
+                    .await;
+            }
+        }
+        self.notify(&session.id);
+    }
+
+    /// Starts a sandbox of `t`, records it, hands it `bind` (if any) and waits until its harness
+    /// reports `want`. On any failure the sandbox is stopped and forgotten.
+    pub(super) async fn provision(
+        &self,
+        t: &Template,
+        bind: &BindRequest,
+        want: Phase,
+    ) -> Result<Sandbox, String> {
+        let id = format!("sbx_{}", uuid::Uuid::now_v7().simple());
+        let sandbox = match self.runtime.create(&id, t).await {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                // Whatever it left (a working directory) goes too.
+                self.runtime
+                    .destroy(&Sandbox {
+                        id,
+                        template: t.name.clone(),
+                        endpoint: String::new(),
+                        pid: None,
+                    })
+                    .await;
+                return Err(e.to_string());
+            }
+        };
+        let ready = async {
+            let row = SandboxRow {
+                id: sandbox.id.clone(),
+                template: t.name.clone(),
+                endpoint: sandbox.endpoint.clone(),
+                pid: sandbox.pid,
+                session_id: None,
+                owner: self.sandbox_owner(),
+            };
+            // A burst of cold starts can find the store's connections all busy for a moment:
+            // the sandbox is already running, so wait for the store rather than fail the session.
+            (|| self.store.insert_sandbox(&row))
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(100))
+                        .with_max_delay(Duration::from_secs(2))
+                        .with_max_times(5),
+                )
+                .when(store::StoreError::is_unavailable)
+                .notify(|e, after| {
+                    tracing::warn!(error = %e, retry_in = ?after, "recording a new sandbox waits for the store");
+                })
+                .await
+                .map_err(|e| store_reason(&e))?;
+            let client = self.client_for(&sandbox.id, &sandbox.endpoint);
+            if !bind.is_empty() {
+                client.bind(bind).await.map_err(|e| e.to_string())?;
+            }
+            wait_healthy(&client, &[want], COLD_START_TIMEOUT).await
+        }
+        .await;
+        match ready {
+            Ok(()) => Ok(sandbox),
+            Err(reason) => {
+                self.discard(sandbox).await;
+                Err(reason)
+            }
+        }
+    }
+
+    /// Stops a sandbox and forgets it.
+    pub(super) async fn discard(&self, sandbox: Sandbox) {
+        lock(&self.clients).remove(&sandbox.id);
+        self.runtime.destroy(&sandbox).await;
+        let _ = self.store.delete_sandbox(&sandbox.id).await;
+    }
+
+    /// Refuses a new session when the tenant, or the server, holds as many live sessions as
+    /// it may.
+    async fn check_live_sessions(&self, tenant: &str, max: Option<u64>) -> Result<(), Problem> {
+        if let Some(max) = max {
+            let used = self
+                .store
+                .live_sessions(Some(tenant))
+                .await
+                .map_err(store_error)?;
+            if used >= max {
+                return Err(quota::exceeded(
+                    "live_sessions",
+                    used,
+                    max,
+                    "delete a session you no longer need first",
+                ));
+            }
+        }
+        if let Some(max) = self.config.max_live_sessions {
+            let used = self.store.live_sessions(None).await.map_err(store_error)?;
+            if used >= max {
+                return Err(quota::exceeded(
+                    "server_live_sessions",
+                    used,
+                    max,
+                    "the server holds as many sessions as it may for all tenants; retry later",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a session of `template` when the tenant's live sandboxes together with it would
+    /// be given more than `max` MiB of memory.
+    async fn check_sandbox_memory(
+        &self,
+        tenant: &str,
+        template: &Template,
+        max: u64,
+        templates: &BTreeMap<String, Template>,
+    ) -> Result<(), Problem> {
+        let per_harness = self
+            .store
+            .live_per_harness(tenant)
+            .await
+            .map_err(store_error)?;
+        // A session whose template is gone counts as the default size.
+        let used: u64 = per_harness
+            .iter()
+            .map(|(harness, n)| {
+                let mib = templates
+                    .get(harness)
+                    .map_or(crate::template::ContainerSpec::default().memory_mib, |t| {
+                        t.container.memory_mib
+                    });
+                n.saturating_mul(mib)
+            })
+            .sum();
+        let wanted = template.container.memory_mib;
+        if used.saturating_add(wanted) > max {
+            return Err(quota::exceeded(
+                "sandbox_memory_mib",
+                used,
+                max,
+                &format!(
+                    "a {:?} sandbox needs {wanted} MiB more; delete a session you no longer need \
+                     first",
+                    template.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
