@@ -116,13 +116,15 @@ pub async fn attach(
     let client = orch.client_for(sandbox_id, endpoint);
     let upstream = match client.tty_connect(ws_config()).await {
         Ok(upstream) => upstream,
+        // The same rule as on the message path: probe the harness, dead if it cannot connect.
         Err(tokio_tungstenite::tungstenite::Error::Io(e)) => {
-            orch.mark_dead(&session, &format!("its harness could not be reached ({e})"))
-                .await;
+            if orch.probe_dead(&session).await {
+                return Err(crate::session::liveness::unreachable_problem());
+            }
             return Err(Problem::new(
                 StatusCode::BAD_GATEWAY,
-                "harness_unreachable",
-                "the session's sandbox could not be reached; the session is now dead, create a new one",
+                "harness_error",
+                format!("the session's terminal could not be opened ({e}); try again"),
             ));
         }
         Err(e) => {

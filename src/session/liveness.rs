@@ -1,8 +1,36 @@
-//! The one rule for a session whose sandbox cannot be reached: probe it, and mark it dead.
+//! The one rule for a session whose sandbox cannot be reached, on every path (a message, an
+//! answer to the agent, a terminal, a turn whose connection broke): a connection that cannot be
+//! made marks the session dead at once; any other failure but the harness's own refusal is
+//! probed with a fresh connection, which marks it dead if it cannot connect.
 
 use super::*;
 
+/// `502 harness_unreachable`: what a client is told when the rule found the session dead.
+pub fn unreachable_problem() -> Problem {
+    Problem::new(
+        StatusCode::BAD_GATEWAY,
+        "harness_unreachable",
+        "the session's sandbox could not be reached; the session is now dead, create a new one",
+    )
+    .with("session_status", "dead")
+}
+
 impl Orchestrator {
+    /// Applies the rule after `e` on a request to the session's harness; whether the session is
+    /// now dead.
+    pub async fn unreachable(&self, session: &Session, e: &ClientError) -> bool {
+        match e {
+            // The harness answered: it is there.
+            ClientError::Refused(_) => false,
+            _ if e.is_connect() => {
+                self.mark_dead(session, &format!("its harness could not be reached ({e})"))
+                    .await;
+                true
+            }
+            _ => self.probe_dead(session).await,
+        }
+    }
+
     /// After a failure on a live-looking connection: is the harness really gone? Probes with a
     /// fresh connection, and marks the session dead if it cannot connect.
     pub async fn probe_dead(&self, session: &Session) -> bool {

@@ -11,7 +11,7 @@
 mod create;
 pub mod exit;
 pub mod hub;
-mod liveness;
+pub mod liveness;
 pub mod message;
 pub mod quota;
 mod supervise;

@@ -2,6 +2,7 @@
 //! numbered, stored and fanned out; the outcome is stored with the assistant's message. One
 //! machinery serves the three response modes (JSON, SSE, async).
 
+use super::liveness::unreachable_problem;
 use super::message::MessageRequest;
 use super::view::{DeliveryView, MessageView};
 use super::{Orchestrator, not_found, quota, store_error};
@@ -431,27 +432,9 @@ impl Orchestrator {
                 return Err(self.refusal(&now));
             }
             Err(e) => {
-                let unreachable = match &e {
-                    ClientError::Connect { .. } => {
-                        let reason = format!("its harness could not be reached ({e})");
-                        self.mark_dead(session, &reason).await;
-                        true
-                    }
-                    ClientError::Refused(_) => false,
-                    _ => self.probe_dead(session).await,
-                };
+                let unreachable = self.unreachable(session, &e).await;
                 let (problem, code) = match &e {
-                    _ if unreachable => {
-                        (
-                            Problem::new(
-                                StatusCode::BAD_GATEWAY,
-                                "harness_unreachable",
-                                "the session's sandbox could not be reached; the session is now dead, create a new one",
-                            )
-                            .with("session_status", "dead"),
-                            "harness_unreachable",
-                        )
-                    }
+                    _ if unreachable => (unreachable_problem(), "harness_unreachable"),
                     ClientError::Refused(p) => (
                         Problem::new(
                             StatusCode::BAD_GATEWAY,
@@ -672,13 +655,7 @@ impl Orchestrator {
                 // The harness went away mid-turn: say so in the stream, and find out whether the
                 // sandbox is gone.
                 let data = json!({ "code": "harness_lost", "message": "the connection to the harness was lost during the turn" });
-                if let Some(client) = self.session_client(&session)
-                    && let Err(e) = client.health().await
-                    && e.is_connect()
-                {
-                    self.mark_dead(&session, "its harness stopped answering during a turn")
-                        .await;
-                }
+                self.probe_dead(&session).await;
                 (EventType::Error, store::now(), data)
             }
         };
@@ -874,20 +851,8 @@ impl Orchestrator {
     }
 
     async fn harness_problem(&self, session: &Session, e: ClientError) -> Problem {
-        let unreachable = if e.is_connect() {
-            self.mark_dead(session, &format!("its harness could not be reached ({e})"))
-                .await;
-            true
-        } else {
-            self.probe_dead(session).await
-        };
-        if unreachable {
-            return Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "harness_unreachable",
-                "the session's sandbox could not be reached; the session is now dead, create a new one",
-            )
-            .with("session_status", "dead");
+        if self.unreachable(session, &e).await {
+            return unreachable_problem();
         }
         Problem::new(
             StatusCode::BAD_GATEWAY,
