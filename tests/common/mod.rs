@@ -42,19 +42,42 @@ pub fn harness_exe() -> std::path::PathBuf {
         .clone()
 }
 
-/// `sandwarden-fake-model` (crates/testkit) of this build, beside `sandwarden`: built here, once
-/// per test binary (cargo does nothing when it is up to date), as `cargo test --test NAME` alone
-/// does not build other packages' binaries.
+/// `sandwarden-fake-model` (crates/testkit) of this build, beside `sandwarden`. `cargo test` of
+/// the workspace builds it; `cargo test --test NAME` alone does not, so it is built here, once per
+/// test binary, when it is missing or older than the test kit's sources. (Building it with `-p`
+/// when it is up to date is not free: cargo then resolves the package's features alone and
+/// rebuilds its dependencies, a minute on 2 cores.)
 #[allow(dead_code)]
 pub fn fake_model_exe() -> std::path::PathBuf {
     static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            build_workspace_bin("sandwarden-testkit", "sandwarden-fake-model");
-            std::path::Path::new(env!("CARGO_BIN_EXE_sandwarden"))
-                .with_file_name("sandwarden-fake-model")
+            let exe = std::path::Path::new(env!("CARGO_BIN_EXE_sandwarden"))
+                .with_file_name("sandwarden-fake-model");
+            let built = std::fs::metadata(&exe).and_then(|m| m.modified()).ok();
+            let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/testkit");
+            if built.is_none_or(|b| newest_change(&sources).is_some_and(|s| s > b)) {
+                build_workspace_bin("sandwarden-testkit", "sandwarden-fake-model");
+            }
+            exe
         })
         .clone()
+}
+
+/// The latest modification time of a file under `dir`.
+#[allow(dead_code)]
+fn newest_change(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let time = if path.is_dir() {
+            newest_change(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(time);
+    }
+    newest
 }
 
 /// `cargo build -p PACKAGE --bin BIN` in the profile `sandwarden` was built in.
