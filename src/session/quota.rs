@@ -229,11 +229,12 @@ impl Held {
     /// `429 quota_exceeded` when it already holds `max`.
     pub fn take(&self, tenant: &str, max: Option<u64>) -> Result<Slot, Problem> {
         self.take_n(tenant, 1, max)
+            .map_err(|used| exceeded(self.limit, used, max.unwrap_or(0), self.hint))
     }
 
     /// Takes `amount` of the tenant's allowance at once, held until the returned guard drops;
-    /// refused with `429 quota_exceeded` when that would bring it past `max`.
-    pub fn take_n(&self, tenant: &str, amount: u64, max: Option<u64>) -> Result<Slot, Problem> {
+    /// refused, with what the tenant holds, when that would bring it past `max`.
+    fn take_n(&self, tenant: &str, amount: u64, max: Option<u64>) -> Result<Slot, u64> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = counts.entry(tenant.to_string()).or_insert(0);
         if let Some(max) = max
@@ -243,7 +244,7 @@ impl Held {
             if used == 0 {
                 counts.remove(tenant);
             }
-            return Err(exceeded(self.limit, used, max, self.hint));
+            return Err(used);
         }
         *n += amount;
         Ok(Slot {
@@ -356,16 +357,18 @@ impl Answers {
         if let Some((_, total)) = &self.server {
             kib = kib.min(*total);
         }
-        let slot = self.tenants.take_n(tenant, kib, tenant_kib).map_err(|p| {
-            let used = p.extra.get("used").and_then(|v| v.as_u64()).unwrap_or(0);
-            exceeded(
-                "answer_mib",
-                used.div_ceil(1024),
-                tenant_mib.unwrap_or(0),
-                "fetch fewer or smaller pages at once (a page counts twice its size until its \
+        let slot = self
+            .tenants
+            .take_n(tenant, kib, tenant_kib)
+            .map_err(|used_kib| {
+                exceeded(
+                    "answer_mib",
+                    used_kib.div_ceil(1024),
+                    tenant_mib.unwrap_or(0),
+                    "fetch fewer or smaller pages at once (a page counts twice its size until its \
                  answer is sent)",
-            )
-        })?;
+                )
+            })?;
         let server = match &self.server {
             None => None,
             Some((sem, _)) => {

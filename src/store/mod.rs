@@ -1508,25 +1508,6 @@ impl Store {
             .collect()))
     }
 
-    /// One page of a session's history (see `message_cut`) and, when more follow, where the
-    /// next page starts.
-    pub async fn message_page(
-        &self,
-        session_id: &str,
-        after: i64,
-        limit: i64,
-        max_bytes: i64,
-    ) -> Result<(Vec<Message>, Option<i64>)> {
-        let Some(cut) = self
-            .message_cut(session_id, after, limit, max_bytes)
-            .await?
-        else {
-            return Ok((Vec::new(), None));
-        };
-        let messages = self.messages_through(session_id, after, cut.last).await?;
-        Ok((messages, cut.next()))
-    }
-
     // ---- events
 
     /// Hands a turn's start or end to the writer: committed here and now when the SQLite
@@ -2061,6 +2042,24 @@ mod tests {
         assert_eq!(s.status, SessionStatus::Dead);
     }
 
+    /// One page of the history as the API reads it: cut by count and size, then read.
+    async fn read_page(
+        store: &Store,
+        session_id: &str,
+        after: i64,
+        limit: i64,
+        max_bytes: i64,
+    ) -> Result<(Vec<Message>, Option<i64>)> {
+        let Some(cut) = store
+            .message_cut(session_id, after, limit, max_bytes)
+            .await?
+        else {
+            return Ok((Vec::new(), None));
+        };
+        let messages = store.messages_through(session_id, after, cut.last).await?;
+        Ok((messages, cut.next()))
+    }
+
     async fn history_pages_stop_at_the_count_or_the_size(store: Store) {
         for i in 0..5 {
             let (mut t, mut user) = turn("s1", &format!("page-{i}"));
@@ -2078,14 +2077,13 @@ mod tests {
             store.finish_turn(&t, None, None).await.expect("finish");
         }
         let texts = |page: &[Message]| page.iter().map(|m| m.text.len()).collect::<Vec<_>>();
-        let (page, next) = store.message_page("s1", 0, 2, 1 << 20).await.expect("page");
+        let (page, next) = read_page(&store, "s1", 0, 2, 1 << 20).await.expect("page");
         assert_eq!(texts(&page), [2, 2]);
         let next = next.expect("more follow");
         // By size: the long message is alone on its page (but a page is never empty).
-        let (page, next) = store.message_page("s1", next, 10, 500).await.expect("page");
+        let (page, next) = read_page(&store, "s1", next, 10, 500).await.expect("page");
         assert_eq!(texts(&page), [1000]);
-        let (page, next) = store
-            .message_page("s1", next.expect("more"), 10, 500)
+        let (page, next) = read_page(&store, "s1", next.expect("more"), 10, 500)
             .await
             .expect("page");
         assert_eq!((texts(&page), next), (vec![2, 2], None));
