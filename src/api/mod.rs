@@ -1,12 +1,13 @@
 //! The public API under `/v1`: routes, API-key auth, problem+json errors, SSE and the terminal
 //! bridge. Handlers translate HTTP to the orchestrator and back; they hold no state of their own.
 
+mod error;
 mod tty;
 
 use crate::session::message::MessageRequest;
 use crate::session::quota::{Held, Slot};
 use crate::session::view::{MessageView, SessionView};
-use crate::session::{CreateRequest, Orchestrator, store_error};
+use crate::session::{CreateRequest, Orchestrator};
 use crate::store::{Event, Session, SessionFilter};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -169,7 +170,7 @@ pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Cal
             limits: key.limits.or(defaults),
         });
     }
-    match orch.store.find_key(&hash).await.map_err(store_error)? {
+    match orch.store.find_key(&hash).await? {
         Some(key) => {
             orch.cache_key(hash, &key);
             Ok(Caller {
@@ -211,7 +212,7 @@ async fn require_key(State(gate): State<Gate>, mut req: Request, next: Next) -> 
         .take(&caller.tenant, caller.limits.concurrent_requests)
     {
         Ok(slot) => slot,
-        Err(p) => return p.into_response(),
+        Err(e) => return Problem::from(e).into_response(),
     };
     if let Some(conn) = req.extensions().get::<ConnectionState>() {
         // Within its tenant's caps: a long request (a turn, a long-poll) does not hold up
@@ -933,12 +934,7 @@ async fn change_key(
         .limits
         .validate()
         .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limits", m))?;
-    if !orch
-        .store
-        .set_key_limits(&id, &change.limits)
-        .await
-        .map_err(store_error)?
-    {
+    if !orch.store.set_key_limits(&id, &change.limits).await? {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
             "key_not_found",
@@ -946,7 +942,7 @@ async fn change_key(
         ));
     }
     orch.forget_keys();
-    let key = orch.store.get_key(&id).await.map_err(store_error)?;
+    let key = orch.store.get_key(&id).await?;
     Ok(Json(json!(key)).into_response())
 }
 
@@ -999,11 +995,7 @@ async fn usage(
         None if caller.admin => None,
         asked => Some(acting_tenant(&caller, asked)?),
     };
-    let rows = orch
-        .store
-        .usage(tenant.as_deref(), &since)
-        .await
-        .map_err(store_error)?;
+    let rows = orch.store.usage(tenant.as_deref(), &since).await?;
     let mut tenants: Vec<Value> = Vec::new();
     // Rows come ordered by tenant: one entry per run of a tenant's sessions.
     for sessions in rows.chunk_by(|a, b| a.tenant == b.tenant) {
@@ -1051,8 +1043,7 @@ async fn create_key(
     let id = orch
         .store
         .insert_key(&req.tenant, &hash_key(&key), false, "api", &limits)
-        .await
-        .map_err(store_error)?;
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "id": id, "tenant": req.tenant, "key": key, "limits": limits })),
@@ -1073,11 +1064,7 @@ async fn list_keys(
 ) -> Result<Response, Problem> {
     require_admin(&caller, "list API keys")?;
     let q = query_of(query)?;
-    let keys = orch
-        .store
-        .list_keys(q.tenant.as_deref())
-        .await
-        .map_err(store_error)?;
+    let keys = orch.store.list_keys(q.tenant.as_deref()).await?;
     Ok(Json(json!({ "api_keys": keys })).into_response())
 }
 
@@ -1097,12 +1084,8 @@ async fn revoke_key(
             format!("no API key {id:?}; GET /v1/api-keys lists them"),
         )
     };
-    orch.store
-        .get_key(&id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(not_found)?;
-    if !orch.store.revoke_key(&id).await.map_err(store_error)? {
+    orch.store.get_key(&id).await?.ok_or_else(not_found)?;
+    if !orch.store.revoke_key(&id).await? {
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "last_admin_key",
@@ -1111,12 +1094,7 @@ async fn revoke_key(
         ));
     }
     orch.forget_keys();
-    let key = orch
-        .store
-        .get_key(&id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(not_found)?;
+    let key = orch.store.get_key(&id).await?.ok_or_else(not_found)?;
     Ok(Json(json!(key)).into_response())
 }
 

@@ -4,6 +4,7 @@
 //! upgrades must come from an allowed Origin. Frames pass through unchanged both ways.
 
 use super::{AppState, caller_from};
+use crate::session::SessionError;
 use axum::extract::ws::{CloseFrame, Message as AxMessage, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -74,9 +75,8 @@ pub async fn attach(
             }
             orch.store
                 .get_session_any(&id)
-                .await
-                .map_err(crate::session::store_error)?
-                .ok_or_else(|| crate::session::not_found(&id))?
+                .await?
+                .ok_or_else(|| SessionError::NotFound(id.clone()))?
         }
         None => {
             let caller = caller_from(&orch, &headers).await?;
@@ -100,7 +100,7 @@ pub async fn attach(
         ));
     }
     if !session.status.is_live() {
-        return Err(crate::session::turn::not_usable(&session));
+        return Err(crate::session::turn::not_usable(&session).into());
     }
     let ws = ws.map_err(|e| {
         Problem::new(
@@ -110,7 +110,7 @@ pub async fn attach(
         )
     })?;
     let (Some(sandbox_id), Some(endpoint)) = (&session.sandbox_id, &session.endpoint) else {
-        return Err(crate::session::not_found(&id));
+        return Err(SessionError::NotFound(id).into());
     };
     let slot = orch.streams.open(&session.tenant, max_streams)?;
     let client = orch.client_for(sandbox_id, endpoint);
@@ -119,7 +119,7 @@ pub async fn attach(
         // The same rule as on the message path: probe the harness, dead if it cannot connect.
         Err(tokio_tungstenite::tungstenite::Error::Io(e)) => {
             if orch.probe_dead(&session).await {
-                return Err(crate::session::liveness::unreachable_problem());
+                return Err(SessionError::Unreachable { turn_id: None }.into());
             }
             return Err(Problem::new(
                 StatusCode::BAD_GATEWAY,
@@ -132,7 +132,7 @@ pub async fn attach(
             if orch.check_agent(&session).await {
                 let dead = orch.store.get_session_any(&session.id).await;
                 if let Ok(Some(dead)) = dead {
-                    return Err(crate::session::turn::not_usable(&dead));
+                    return Err(crate::session::turn::not_usable(&dead).into());
                 }
             }
             return Err(Problem::new(

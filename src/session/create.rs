@@ -42,7 +42,7 @@ impl CreateRequest {
 
 enum AttachError {
     /// The harness refused the bind (bad values); nothing changed there.
-    Refused(Problem),
+    Refused(SessionError),
     /// The sandbox could not be used.
     Lost(String),
 }
@@ -54,14 +54,12 @@ impl Orchestrator {
         req: CreateRequest,
         idempotency_key: Option<String>,
         limits: &quota::Limits,
-    ) -> Result<(Session, bool), Problem> {
+    ) -> Result<(Session, bool), SessionError> {
         let started = Instant::now();
-        let invalid =
-            |m: String| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_session", m);
+        let invalid = |m: String| SessionError::invalid("invalid_session", m);
         let templates = self.templates();
         let Some(template) = templates.get(&req.harness).cloned() else {
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+            return Err(SessionError::invalid(
                 "unknown_harness",
                 format!(
                     "no harness {:?}; available: {}",
@@ -107,20 +105,12 @@ impl Orchestrator {
 
         let fingerprint = req.fingerprint();
         if let Some(key) = &idempotency_key
-            && let Some(existing) = self
-                .store
-                .find_idempotent(tenant, key)
-                .await
-                .map_err(store_error)?
+            && let Some(existing) = self.store.find_idempotent(tenant, key).await?
         {
             if existing.request_hash.as_deref() == Some(fingerprint.as_str()) {
                 return Ok((existing, false));
             }
-            return Err(Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different request; use a new key",
-            ));
+            return Err(SessionError::IdempotencyKeyReused);
         }
 
         self.check_live_sessions(tenant, limits.live_sessions)
@@ -165,16 +155,11 @@ impl Orchestrator {
                 {
                     return Ok((existing, false));
                 }
-                return Err(Problem::new(
-                    StatusCode::CONFLICT,
-                    "session_exists",
-                    format!(
-                        "you already have a session with id {:?}; pick another id",
-                        session.name.as_deref().unwrap_or(&session.id)
-                    ),
+                return Err(SessionError::Exists(
+                    session.name.clone().unwrap_or(session.id),
                 ));
             }
-            Err(e) => return Err(store_error(e)),
+            Err(e) => return Err(e.into()),
         }
 
         // Warm claim: a ready sandbox of the template, bound to this session's values.
@@ -243,16 +228,12 @@ impl Orchestrator {
         &self,
         session: Session,
         started: Instant,
-    ) -> Result<(Session, bool), Problem> {
+    ) -> Result<(Session, bool), SessionError> {
         self.metrics.claim("warm");
         self.metrics
             .claim_duration
             .observe(started.elapsed().as_secs_f64());
-        let fresh = self
-            .store
-            .get_session_any(&session.id)
-            .await
-            .map_err(store_error)?;
+        let fresh = self.store.get_session_any(&session.id).await?;
         self.notify(&session.id);
         Ok((fresh.unwrap_or(session), true))
     }
@@ -268,9 +249,8 @@ impl Orchestrator {
         if !bind.is_empty() {
             match client.bind(bind).await {
                 Ok(_) => {}
-                Err(ClientError::Refused(p)) if p.status == 422 => {
-                    return Err(AttachError::Refused(Problem::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
+                Err(ClientError::Refused(p)) if p.is_invalid_request() => {
+                    return Err(AttachError::Refused(SessionError::invalid(
                         "invalid_session",
                         p.detail.clone(),
                     )));
@@ -322,7 +302,7 @@ impl Orchestrator {
                 Err(e) => {
                     self.discard(sandbox).await;
                     Err(match e {
-                        AttachError::Refused(p) => p.detail.clone(),
+                        AttachError::Refused(e) => e.to_string(),
                         AttachError::Lost(r) => r,
                     })
                 }
@@ -426,15 +406,15 @@ impl Orchestrator {
 
     /// Refuses a new session when the tenant, or the server, holds as many live sessions as
     /// it may.
-    async fn check_live_sessions(&self, tenant: &str, max: Option<u64>) -> Result<(), Problem> {
+    async fn check_live_sessions(
+        &self,
+        tenant: &str,
+        max: Option<u64>,
+    ) -> Result<(), SessionError> {
         if let Some(max) = max {
-            let used = self
-                .store
-                .live_sessions(Some(tenant))
-                .await
-                .map_err(store_error)?;
+            let used = self.store.live_sessions(Some(tenant)).await?;
             if used >= max {
-                return Err(quota::exceeded(
+                return Err(SessionError::quota(
                     "live_sessions",
                     used,
                     max,
@@ -443,9 +423,9 @@ impl Orchestrator {
             }
         }
         if let Some(max) = self.config.max_live_sessions {
-            let used = self.store.live_sessions(None).await.map_err(store_error)?;
+            let used = self.store.live_sessions(None).await?;
             if used >= max {
-                return Err(quota::exceeded(
+                return Err(SessionError::quota(
                     "server_live_sessions",
                     used,
                     max,
@@ -464,12 +444,8 @@ impl Orchestrator {
         template: &Template,
         max: u64,
         templates: &BTreeMap<String, Template>,
-    ) -> Result<(), Problem> {
-        let per_harness = self
-            .store
-            .live_per_harness(tenant)
-            .await
-            .map_err(store_error)?;
+    ) -> Result<(), SessionError> {
+        let per_harness = self.store.live_per_harness(tenant).await?;
         // A session whose template is gone counts as the default size.
         let used: u64 = per_harness
             .iter()
@@ -484,11 +460,11 @@ impl Orchestrator {
             .sum();
         let wanted = template.container.memory_mib;
         if used.saturating_add(wanted) > max {
-            return Err(quota::exceeded(
+            return Err(SessionError::quota(
                 "sandbox_memory_mib",
                 used,
                 max,
-                &format!(
+                format!(
                     "a {:?} sandbox needs {wanted} MiB more; delete a session you no longer need \
                      first",
                     template.name

@@ -5,16 +5,6 @@
 
 use super::*;
 
-/// `502 harness_unreachable`: what a client is told when the rule found the session dead.
-pub fn unreachable_problem() -> Problem {
-    Problem::new(
-        StatusCode::BAD_GATEWAY,
-        "harness_unreachable",
-        "the session's sandbox could not be reached; the session is now dead, create a new one",
-    )
-    .with("session_status", "dead")
-}
-
 impl Orchestrator {
     /// Applies the rule after `e` on a request to the session's harness; whether the session is
     /// now dead.

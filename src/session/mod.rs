@@ -6,9 +6,10 @@
 //! `Orchestrator` itself, reads, deletes and the bookkeeping of running turns and viewers.
 //!
 //! It talks to sandboxes through the runtime trait and the harness client; it must not know HTTP
-//! routing (it returns `Problem`s, which the API layer renders).
+//! routing: it returns `SessionError`s, which the API layer (`api::error`) alone maps to HTTP.
 
 mod create;
+pub mod error;
 pub mod exit;
 pub mod hub;
 pub mod liveness;
@@ -20,6 +21,7 @@ pub mod view;
 pub mod webhook;
 
 pub use create::CreateRequest;
+pub use error::SessionError;
 
 use crate::metrics::Metrics;
 use crate::pool::PoolIndex;
@@ -28,11 +30,9 @@ use crate::status::SessionStatus;
 use crate::store::{self, SandboxRow, Session, SessionFilter, Store};
 use crate::template::Template;
 use crate::tokens::Tokens;
-use axum::http::StatusCode;
 use backon::{ExponentialBuilder, Retryable};
 use sandwarden_proto::event::{BindFile, BindRequest, Phase, validate_id};
 use sandwarden_proto::harness_client::{ClientError, HarnessClient};
-use sandwarden_proto::problem::Problem;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -159,26 +159,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A store failure as the API reports it: `503` (with `Retry-After`) while the database cannot
-/// be reached, `500` for anything else. The detail never carries the cause (it may name hosts or
-/// values); the log does.
-pub fn store_error(e: store::StoreError) -> Problem {
-    tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store failure");
-    if let Some(why) = e.unavailable() {
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            why.detail(),
-        )
-    } else {
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store_error",
-            "the session store failed this request; the server log has the cause",
-        )
-    }
-}
-
 /// Why a store failure stopped a sandbox, in words for the session's `failure_reason`: the
 /// kind of failure, not the database's own message (the server log has that).
 fn store_reason(e: &store::StoreError) -> String {
@@ -188,14 +168,6 @@ fn store_reason(e: &store::StoreError) -> String {
     } else {
         "the session store refused the sandbox's record (the server log has the cause)".into()
     }
-}
-
-pub fn not_found(id: &str) -> Problem {
-    Problem::new(
-        StatusCode::NOT_FOUND,
-        "session_not_found",
-        format!("no session {id:?}; list yours with GET /v1/sessions"),
-    )
 }
 
 fn unix_now() -> u64 {
@@ -359,12 +331,11 @@ impl Orchestrator {
 
     // ---- sessions
 
-    pub async fn get(&self, tenant: &str, id: &str) -> Result<Session, Problem> {
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<Session, SessionError> {
         self.store
             .get_session(tenant, id)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| not_found(id))
+            .await?
+            .ok_or_else(|| SessionError::NotFound(id.to_string()))
     }
 
     /// Long-poll: returns when the session is no longer `creating`/`running` or at `timeout`.
@@ -373,7 +344,7 @@ impl Orchestrator {
         tenant: &str,
         id: &str,
         timeout: Duration,
-    ) -> Result<Session, Problem> {
+    ) -> Result<Session, SessionError> {
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -396,21 +367,20 @@ impl Orchestrator {
         &self,
         tenant: &str,
         filter: &SessionFilter,
-    ) -> Result<Vec<Session>, Problem> {
+    ) -> Result<Vec<Session>, SessionError> {
         self.store
             .list_sessions(tenant, filter)
             .await
-            .map_err(store_error)
+            .map_err(SessionError::from)
     }
 
     /// Deletes a session (idempotent): stops its sandbox; history stays readable.
-    pub async fn delete(&self, tenant: &str, id: &str) -> Result<Session, Problem> {
+    pub async fn delete(&self, tenant: &str, id: &str) -> Result<Session, SessionError> {
         let s = self.get(tenant, id).await?;
         if s.status != SessionStatus::Deleted {
             self.store
                 .transition(id, SessionStatus::DELETABLE, SessionStatus::Deleted, None)
-                .await
-                .map_err(store_error)?;
+                .await?;
             self.release(&s).await;
             self.hub.forget(id);
             self.notify(id);

@@ -4,8 +4,7 @@
 //! sessions bounds every tenant together. Over a limit the request is answered
 //! `429 quota_exceeded`, naming the limit, the use and the maximum, and changes nothing.
 
-use axum::http::StatusCode;
-use sandwarden_proto::problem::Problem;
+use super::SessionError;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,7 +63,7 @@ pub struct Budget {
 
 /// Refuses a turn when the tenant has used its budget: `402 budget_exhausted`, before anything
 /// runs.
-pub fn check_budget(budget: &Budget, used: &crate::store::Usage) -> Result<(), Problem> {
+pub fn check_budget(budget: &Budget, used: &crate::store::Usage) -> Result<(), SessionError> {
     let tokens = (used.input_tokens + used.output_tokens).max(0) as u64;
     let spent = [
         ("tokens", budget.tokens, tokens),
@@ -78,18 +77,11 @@ pub fn check_budget(budget: &Budget, used: &crate::store::Usage) -> Result<(), P
         if let Some(max) = max
             && used >= max
         {
-            return Err(Problem::new(
-                StatusCode::PAYMENT_REQUIRED,
-                "budget_exhausted",
-                format!(
-                    "this tenant's budget of {max} {} is used up ({used}); an admin can raise it \
-                     with PATCH /v1/api-keys/{{id}}",
-                    name.replace('_', " ")
-                ),
-            )
-            .with("budget", name)
-            .with("used", used)
-            .with("max", max));
+            return Err(SessionError::Budget {
+                budget: name,
+                used,
+                max,
+            });
         }
     }
     Ok(())
@@ -157,13 +149,18 @@ impl Limits {
 pub fn check_message(
     parts: &[sandwarden_proto::event::Part],
     limits: &Limits,
-) -> Result<(), Problem> {
+) -> Result<(), SessionError> {
     use sandwarden_proto::event::Part;
     let n = parts.len() as u64;
     if let Some(max) = limits.message_parts
         && n > max
     {
-        return Err(exceeded("message_parts", n, max, "send fewer parts"));
+        return Err(SessionError::quota(
+            "message_parts",
+            n,
+            max,
+            "send fewer parts",
+        ));
     }
     let bytes: usize = parts
         .iter()
@@ -183,7 +180,7 @@ pub fn check_message(
     if let Some(max) = limits.message_bytes
         && bytes as u64 > max
     {
-        return Err(exceeded(
+        return Err(SessionError::quota(
             "message_bytes",
             bytes as u64,
             max,
@@ -191,18 +188,6 @@ pub fn check_message(
         ));
     }
     Ok(())
-}
-
-/// `429 quota_exceeded` for `limit`, with the use and the maximum.
-pub fn exceeded(limit: &str, used: u64, max: u64, hint: &str) -> Problem {
-    Problem::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "quota_exceeded",
-        format!("over this tenant's {limit} limit ({used} of {max}): {hint}"),
-    )
-    .with("limit", limit)
-    .with("used", used)
-    .with("max", max)
 }
 
 /// What tenants hold at once of one kind (event streams, connections, requests in flight), per
@@ -227,9 +212,9 @@ impl Held {
 
     /// Takes one of the tenant's slots, held until the returned guard drops; refused with
     /// `429 quota_exceeded` when it already holds `max`.
-    pub fn take(&self, tenant: &str, max: Option<u64>) -> Result<Slot, Problem> {
+    pub fn take(&self, tenant: &str, max: Option<u64>) -> Result<Slot, SessionError> {
         self.take_n(tenant, 1, max)
-            .map_err(|used| exceeded(self.limit, used, max.unwrap_or(0), self.hint))
+            .map_err(|used| SessionError::quota(self.limit, used, max.unwrap_or(0), self.hint))
     }
 
     /// Takes `amount` of the tenant's allowance at once, held until the returned guard drops;
@@ -297,7 +282,7 @@ impl Default for Streams {
 
 impl Streams {
     /// Takes one of the tenant's stream slots; refused when it already holds `max`.
-    pub fn open(&self, tenant: &str, max: Option<u64>) -> Result<Slot, Problem> {
+    pub fn open(&self, tenant: &str, max: Option<u64>) -> Result<Slot, SessionError> {
         self.0.take(tenant, max)
     }
 }
@@ -345,7 +330,7 @@ impl Answers {
         tenant: &str,
         stored_bytes: i64,
         tenant_mib: Option<u64>,
-    ) -> Result<Admitted, Problem> {
+    ) -> Result<Admitted, SessionError> {
         let tenant_kib = tenant_mib.map(|m| m.saturating_mul(1024));
         let mut kib = (stored_bytes.max(0) as u64)
             .saturating_mul(2)
@@ -361,7 +346,7 @@ impl Answers {
             .tenants
             .take_n(tenant, kib, tenant_kib)
             .map_err(|used_kib| {
-                exceeded(
+                SessionError::quota(
                     "answer_mib",
                     used_kib.div_ceil(1024),
                     tenant_mib.unwrap_or(0),
@@ -377,12 +362,7 @@ impl Answers {
                 {
                     Ok(Ok(permit)) => Some(permit),
                     _ => {
-                        return Err(Problem::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "server_busy",
-                            "serve is answering as many large pages as its memory for answers \
-                             allows (--answer-memory-mib); retry shortly",
-                        ));
+                        return Err(SessionError::AnswersBusy);
                     }
                 }
             }
@@ -404,8 +384,18 @@ mod tests {
         let a1 = streams.open("a", Some(2)).expect("first");
         let _a2 = streams.open("a", Some(2)).expect("second");
         let refused = streams.open("a", Some(2)).err().expect("third refused");
-        assert_eq!(refused.status, 429);
-        assert_eq!(refused.extra["used"], 2);
+        assert!(
+            matches!(
+                refused,
+                SessionError::Quota {
+                    limit: "open_streams",
+                    used: 2,
+                    max: 2,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
         let _b = streams.open("b", Some(1)).expect("another tenant");
         drop(a1);
         let _a3 = streams.open("a", Some(2)).expect("a slot came back");
@@ -421,9 +411,21 @@ mod tests {
             .take("a", Some(1))
             .expect("a request, counted apart");
         let refused = connections.take("a", Some(1)).err().expect("refused");
-        assert_eq!(refused.extra["limit"], "open_connections");
+        assert!(matches!(
+            refused,
+            SessionError::Quota {
+                limit: "open_connections",
+                ..
+            }
+        ));
         let refused = requests.take("a", Some(1)).err().expect("refused");
-        assert_eq!(refused.extra["limit"], "concurrent_requests");
+        assert!(matches!(
+            refused,
+            SessionError::Quota {
+                limit: "concurrent_requests",
+                ..
+            }
+        ));
         assert!(connections.take("a", None).is_ok(), "no limit, no refusal");
     }
 
@@ -438,11 +440,17 @@ mod tests {
             .await
             .err()
             .expect("a is full");
-        assert_eq!(refused.status, 429);
-        assert_eq!(refused.extra["limit"], "answer_mib");
-        assert_eq!(
-            (&refused.extra["used"], &refused.extra["max"]),
-            (&2.into(), &2.into())
+        assert!(
+            matches!(
+                refused,
+                SessionError::Quota {
+                    limit: "answer_mib",
+                    used: 2,
+                    max: 2,
+                    ..
+                }
+            ),
+            "{refused:?}"
         );
         let b = answers
             .admit("b", mib, Some(2))
@@ -472,10 +480,7 @@ mod tests {
         let held = answers.admit("a", 512 * 1024, None).await.expect("1 MiB");
         let started = tokio::time::Instant::now();
         let refused = answers.admit("b", 1, Some(1)).await.err().expect("no room");
-        assert_eq!(
-            (refused.status, refused.kind.as_str()),
-            (503, "server_busy")
-        );
+        assert!(matches!(refused, SessionError::AnswersBusy), "{refused:?}");
         assert_eq!(started.elapsed(), wait, "waited exactly the allowed time");
         // The refused wait kept nothing: once a's page is sent, b's whole 1 MiB fits at once.
         drop(held);

@@ -2,17 +2,14 @@
 //! numbered, stored and fanned out; the outcome is stored with the assistant's message. One
 //! machinery serves the three response modes (JSON, SSE, async).
 
-use super::liveness::unreachable_problem;
 use super::message::MessageRequest;
 use super::view::{DeliveryView, MessageView};
-use super::{Orchestrator, not_found, quota, store_error};
+use super::{Orchestrator, SessionError, quota};
 use crate::status::{SessionStatus, TurnStatus};
 use crate::store::{self, Event, Message, Session, Turn};
-use axum::http::StatusCode;
 use futures::StreamExt;
 use sandwarden_proto::event::{AGENT_FAILED, EventType, TurnEvent, TurnRequest, error_code};
 use sandwarden_proto::harness_client::ClientError;
-use sandwarden_proto::problem::Problem;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -94,60 +91,33 @@ pub const HISTORY_PAGE_BYTES: i64 = 4 * 1024 * 1024;
 /// `503` (the store is slow or down).
 const ENDING_WAIT: Duration = Duration::from_secs(2);
 
-fn problem_for_failed(o: &Outcome) -> Problem {
+/// The error for a turn that ran and failed.
+fn failed(o: &Outcome) -> SessionError {
     let code = o
         .error
         .as_ref()
         .and_then(|e| e["code"].as_str())
-        .unwrap_or("turn_failed")
-        .to_string();
-    let message = o
-        .error
-        .as_ref()
-        .and_then(|e| e["message"].as_str())
-        .unwrap_or("the turn failed")
-        .to_string();
-    let status = if code == sandwarden_proto::event::error_code::TIMEOUT {
-        StatusCode::GATEWAY_TIMEOUT
-    } else {
-        StatusCode::BAD_GATEWAY
-    };
-    Problem::new(status, "turn_failed", message)
-        .with("turn_id", o.turn_id.clone())
-        .with("session_id", o.session_id.clone())
-        .with("error", o.error.clone().unwrap_or(Value::Null))
-        .with("text", o.text.clone())
+        .unwrap_or("turn_failed");
+    SessionError::TurnFailed(Box::new(super::error::FailedTurn {
+        timed_out: code == sandwarden_proto::event::error_code::TIMEOUT,
+        message: o
+            .error
+            .as_ref()
+            .and_then(|e| e["message"].as_str())
+            .unwrap_or("the turn failed")
+            .to_string(),
+        session_id: o.session_id.clone(),
+        turn_id: o.turn_id.clone(),
+        error: o.error.clone().unwrap_or(Value::Null),
+        text: o.text.clone(),
+    }))
 }
 
-/// The answer to using a session that is dead, failed or deleted: `409 session_not_usable`
-/// naming its status and why.
-pub fn not_usable(session: &Session) -> Problem {
-    Problem::new(
-        StatusCode::CONFLICT,
-        "session_not_usable",
-        format!(
-            "the session is {}{}; create a new session",
-            session.status,
-            session
-                .failure_reason
-                .as_deref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
-        ),
-    )
-    .with("session_status", session.status.as_str())
-}
-
-/// `409 turn_in_progress`, naming the running turn when known.
-fn turn_in_progress(running: Option<String>) -> Problem {
-    let p = Problem::new(
-        StatusCode::CONFLICT,
-        "turn_in_progress",
-        "a turn is running on this session; wait for it to finish or cancel it",
-    );
-    match running {
-        Some(t) => p.with("turn_id", t),
-        None => p,
+/// Using a session that is dead, failed or deleted: its status and why.
+pub fn not_usable(session: &Session) -> SessionError {
+    SessionError::NotUsable {
+        status: session.status,
+        reason: session.failure_reason.clone(),
     }
 }
 
@@ -173,9 +143,9 @@ impl Outcome {
     }
 
     /// The JSON reply of a unary message, or the problem for a failed turn.
-    pub fn into_reply(self: Arc<Self>) -> Result<Value, Problem> {
+    pub fn into_reply(self: Arc<Self>) -> Result<Value, SessionError> {
         if self.status == TurnStatus::Failed {
-            return Err(problem_for_failed(&self));
+            return Err(failed(&self));
         }
         Ok(serde_json::to_value(&*self).unwrap_or(Value::Null))
     }
@@ -190,21 +160,19 @@ impl Orchestrator {
         req: MessageRequest,
         mode: &str,
         limits: &super::quota::Limits,
-    ) -> Result<Started, Problem> {
+    ) -> Result<Started, SessionError> {
         let parts = req
             .parts()
-            .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_message", m))?;
+            .map_err(|m| SessionError::invalid("invalid_message", m))?;
         super::quota::check_message(&parts, limits)?;
         if let Some(budget) = &limits.budget {
-            let used = self.store.tenant_usage(tenant).await.map_err(store_error)?;
+            let used = self.store.tenant_usage(tenant).await?;
             super::quota::check_budget(budget, &used)?;
         }
         if let Some(hook) = &req.webhook {
             super::webhook::check_target(&hook.url, self.config.allow_private_webhooks)
                 .await
-                .map_err(|m| {
-                    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_webhook", m)
-                })?;
+                .map_err(|m| SessionError::invalid("invalid_webhook", m))?;
         }
         let turn_id = format!("turn_{}", uuid::Uuid::now_v7().simple());
         let waited = Instant::now();
@@ -212,7 +180,7 @@ impl Orchestrator {
             match self.lock_turn(tenant, session_id, &turn_id, limits.concurrent_turns) {
                 super::TurnLock::Taken => break,
                 super::TurnLock::Quota(used) => {
-                    return Err(super::quota::exceeded(
+                    return Err(SessionError::quota(
                         "concurrent_turns",
                         used,
                         limits.concurrent_turns.unwrap_or(used),
@@ -222,20 +190,18 @@ impl Orchestrator {
                 super::TurnLock::Running(running) => {
                     // Only the session's owner learns that a turn runs on it.
                     self.get(tenant, session_id).await?;
-                    return Err(turn_in_progress(Some(running)));
+                    return Err(SessionError::TurnInProgress {
+                        turn_id: Some(running),
+                    });
                 }
                 // The previous turn is over but not yet recorded: that is the store's delay,
                 // not a turn in progress. Wait for it a little, then say so.
                 super::TurnLock::Ending(ending) => {
                     if waited.elapsed() >= ENDING_WAIT {
                         self.get(tenant, session_id).await?;
-                        return Err(Problem::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "store_unavailable",
-                            "the previous turn has ended but the store has not yet taken its \
-                             end; retry in a moment",
-                        )
-                        .with("previous_turn_id", ending));
+                        return Err(SessionError::PreviousTurnUnrecorded {
+                            previous_turn_id: ending,
+                        });
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -251,20 +217,16 @@ impl Orchestrator {
     }
 
     /// Why a session that is not `ready` takes no message.
-    fn refusal(&self, session: &Session) -> Problem {
+    fn refusal(&self, session: &Session) -> SessionError {
         if session.kind == "tui" && session.status.is_live() {
-            let mut p = Problem::new(
-                StatusCode::CONFLICT,
-                "tui_session",
-                "this session runs a terminal program; attach to its tty_url over WebSocket instead of sending messages",
-            );
-            if let Some(url) = self.tty_url(session) {
-                p = p.with("tty_url", url);
-            }
-            return p;
+            return SessionError::Terminal {
+                tty_url: self.tty_url(session),
+            };
         }
         match session.status {
-            SessionStatus::Running | SessionStatus::InputRequired => turn_in_progress(None),
+            SessionStatus::Running | SessionStatus::InputRequired => {
+                SessionError::TurnInProgress { turn_id: None }
+            }
             _ => not_usable(session),
         }
     }
@@ -280,7 +242,7 @@ impl Orchestrator {
         req: &MessageRequest,
         parts: Vec<sandwarden_proto::event::Part>,
         mode: &str,
-    ) -> Result<Started, Problem> {
+    ) -> Result<Started, SessionError> {
         let options = json!({
             "model": req.model, "thinking": req.thinking, "agent": req.agent,
             "participant_name": req.participant_name, "participant_type": req.participant_type,
@@ -331,8 +293,7 @@ impl Orchestrator {
             let begun = self
                 .store
                 .begin_turn(tenant, &turn, &user, delivery.as_ref())
-                .await
-                .map_err(store_error)?;
+                .await?;
             if let Some(begun) = begun {
                 if let Some(last) = begun.last_seq {
                     // The session's last turn may have run on another replica.
@@ -353,7 +314,7 @@ impl Orchestrator {
             ) {
                 // Held by a turn this replica may not know of (another replica runs it).
                 let running = self.store.running_turn(session_id).await.ok().flatten();
-                return Err(turn_in_progress(running));
+                return Err(SessionError::TurnInProgress { turn_id: running });
             }
             return Err(self.refusal(&session));
         };
@@ -374,7 +335,7 @@ impl Orchestrator {
             );
             self.record_failure(&turn).await;
             self.notify(&session.id);
-            return Err(not_found(&session.id));
+            return Err(SessionError::NotFound(session.id.clone()));
         };
         let request = TurnRequest {
             turn_id: Some(turn_id.to_string()),
@@ -393,32 +354,31 @@ impl Orchestrator {
                 self.metrics.turn("failed");
                 self.notify(&session.id);
                 self.cancel_in_background(client);
-                return Err(Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "turn_failed",
-                    HARNESS_SILENT,
-                )
-                .with("turn_id", turn_id.to_string())
-                .with("session_id", session.id.clone())
-                .with("error", turn.error.clone().unwrap_or(Value::Null)));
+                return Err(SessionError::TurnFailed(Box::new(
+                    super::error::FailedTurn {
+                        timed_out: true,
+                        message: HARNESS_SILENT.into(),
+                        session_id: session.id.clone(),
+                        turn_id: turn_id.to_string(),
+                        error: turn.error.clone().unwrap_or(Value::Null),
+                        text: String::new(),
+                    },
+                )));
             }
         };
         let stream = match dialled {
             Ok(stream) => stream,
             // The harness found the request itself unusable (an option or a part the agent does
             // not offer): the client's mistake, so it leaves no trace.
-            Err(ClientError::Refused(p))
-                if p.status == StatusCode::UNPROCESSABLE_ENTITY.as_u16() =>
-            {
+            Err(ClientError::Refused(p)) if p.is_invalid_request() => {
                 if let Err(e) = self.store.discard_turn(&session.id, turn_id).await {
                     tracing::error!(error = %e, turn_id, "discarding a refused turn failed");
                 }
                 self.notify(&session.id);
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &p.kind,
-                    p.detail.clone(),
-                ));
+                return Err(SessionError::Invalid {
+                    code: p.kind.clone().into(),
+                    detail: p.detail.clone(),
+                });
             }
             // The agent died while no turn ran: the session is dead, and this message is
             // refused as any message to a dead session is, leaving no trace.
@@ -432,33 +392,17 @@ impl Orchestrator {
                 return Err(self.refusal(&now));
             }
             Err(e) => {
-                let unreachable = self.unreachable(session, &e).await;
-                let (problem, code) = match &e {
-                    _ if unreachable => (unreachable_problem(), "harness_unreachable"),
-                    ClientError::Refused(p) => (
-                        Problem::new(
-                            StatusCode::BAD_GATEWAY,
-                            "harness_error",
-                            format!("the harness refused the turn: {}", p.detail),
-                        )
-                        .with("harness_error", p.kind.clone()),
-                        "harness_error",
-                    ),
-                    other => (
-                        Problem::new(
-                            StatusCode::BAD_GATEWAY,
-                            "harness_error",
-                            format!("the harness failed: {other}"),
-                        ),
-                        "harness_error",
-                    ),
+                let error = self.harness_failure(session, e).await;
+                let code = match error {
+                    SessionError::Unreachable { .. } => "harness_unreachable",
+                    _ => "harness_error",
                 };
-                fail(&mut turn, code, problem.detail.clone());
+                fail(&mut turn, code, error.to_string());
                 // Also returns a running session to `ready` (a dead one stays dead).
                 self.record_failure(&turn).await;
                 self.metrics.turn("failed");
                 self.notify(&session.id);
-                return Err(problem.with("turn_id", turn_id.to_string()));
+                return Err(error.in_turn(turn_id));
             }
         };
         let (done_tx, done) = watch::channel(None);
@@ -726,26 +670,15 @@ impl Orchestrator {
         tenant: &str,
         session_id: &str,
         turn_id: &str,
-    ) -> Result<Value, Problem> {
+    ) -> Result<Value, SessionError> {
         let _ = self.get(tenant, session_id).await?;
         let turn = self
             .store
             .get_turn(session_id, turn_id)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| {
-                Problem::new(
-                    StatusCode::NOT_FOUND,
-                    "turn_not_found",
-                    format!("no turn {turn_id:?} in this session"),
-                )
-            })?;
-        let messages = self
-            .store
-            .list_messages(session_id, Some(turn_id))
-            .await
-            .map_err(store_error)?;
-        let deliveries = self.store.deliveries(turn_id).await.map_err(store_error)?;
+            .await?
+            .ok_or_else(|| SessionError::TurnNotFound(turn_id.to_string()))?;
+        let messages = self.store.list_messages(session_id, Some(turn_id)).await?;
+        let deliveries = self.store.deliveries(turn_id).await?;
         let (mode, created_at, finished_at) = (
             turn.mode.clone(),
             turn.created_at.clone(),
@@ -782,7 +715,7 @@ impl Orchestrator {
         session_id: &str,
         turn_id: &str,
         timeout: Duration,
-    ) -> Result<Value, Problem> {
+    ) -> Result<Value, SessionError> {
         let mut changes = self.changes();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -797,37 +730,29 @@ impl Orchestrator {
     }
 
     /// Cancels the session's running turn through its harness.
-    pub async fn cancel(&self, tenant: &str, session_id: &str) -> Result<Value, Problem> {
+    pub async fn cancel(&self, tenant: &str, session_id: &str) -> Result<Value, SessionError> {
         let session = self.get(tenant, session_id).await?;
         // A turn another replica runs is cancelled the same way: through the sandbox's harness,
         // which any replica can reach at the endpoint in the store.
         let running = match self.running_turn(&session.id) {
             Some(t) => Some(t),
-            None => self
-                .store
-                .running_turn(&session.id)
-                .await
-                .map_err(store_error)?,
+            None => self.store.running_turn(&session.id).await?,
         };
         let Some(turn_id) = running else {
-            return Err(Problem::new(
-                StatusCode::CONFLICT,
-                "no_turn_running",
-                "no turn is running on this session",
-            ));
+            return Err(SessionError::NoTurnRunning);
         };
         let client = self
             .session_client(&session)
-            .ok_or_else(|| not_found(session_id))?;
+            .ok_or_else(|| SessionError::NotFound(session_id.to_string()))?;
         match client.cancel().await {
             Ok(_) => {
                 Ok(json!({ "session_id": session.id, "turn_id": turn_id, "cancelling": true }))
             }
-            Err(ClientError::Refused(p)) if p.status == 409 => {
+            Err(ClientError::Refused(p)) if p.kind == sandwarden_proto::event::NO_TURN_RUNNING => {
                 // The turn ended between our check and the harness's.
                 Ok(json!({ "session_id": session.id, "turn_id": turn_id, "cancelling": false }))
             }
-            Err(e) => Err(self.harness_problem(&session, e).await),
+            Err(e) => Err(self.harness_failure(&session, e).await),
         }
     }
 
@@ -838,27 +763,35 @@ impl Orchestrator {
         session_id: &str,
         request_id: &str,
         answer: &sandwarden_proto::event::InputAnswer,
-    ) -> Result<Value, Problem> {
+    ) -> Result<Value, SessionError> {
         let session = self.get(tenant, session_id).await?;
         let client = self
             .session_client(&session)
-            .ok_or_else(|| not_found(session_id))?;
+            .ok_or_else(|| SessionError::NotFound(session_id.to_string()))?;
         match client.answer(request_id, answer).await {
             Ok(v) => Ok(v),
-            Err(ClientError::Refused(p)) if p.status < 500 => Err(p),
-            Err(e) => Err(self.harness_problem(&session, e).await),
+            Err(ClientError::Refused(p)) if p.status < 500 => Err(SessionError::HarnessRefused(p)),
+            Err(e) => Err(self.harness_failure(&session, e).await),
         }
     }
 
-    async fn harness_problem(&self, session: &Session, e: ClientError) -> Problem {
+    /// What a failed request to the session's harness means, after the dead rule.
+    async fn harness_failure(&self, session: &Session, e: ClientError) -> SessionError {
         if self.unreachable(session, &e).await {
-            return unreachable_problem();
+            return SessionError::Unreachable { turn_id: None };
         }
-        Problem::new(
-            StatusCode::BAD_GATEWAY,
-            "harness_error",
-            format!("the harness failed: {e}"),
-        )
+        match e {
+            ClientError::Refused(p) => SessionError::Harness {
+                detail: format!("the harness refused the request: {}", p.detail),
+                refused: Some(p.kind.clone()),
+                turn_id: None,
+            },
+            other => SessionError::Harness {
+                detail: format!("the harness failed: {other}"),
+                refused: None,
+                turn_id: None,
+            },
+        }
     }
 
     /// A page of the session's history (see `Store::message_cut`), admitted to the answer
@@ -870,13 +803,12 @@ impl Orchestrator {
         session_id: &str,
         after: i64,
         limit: i64,
-    ) -> Result<Page<MessageView>, Problem> {
+    ) -> Result<Page<MessageView>, SessionError> {
         let s = self.get(tenant, session_id).await?;
         let cut = self
             .store
             .message_cut(&s.id, after, limit, HISTORY_PAGE_BYTES)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let id = s.id.as_str();
         self.admitted_page(tenant, limits, cut, |last| async move {
             let messages = self.store.messages_through(id, after, last).await?;
@@ -894,12 +826,8 @@ impl Orchestrator {
         session_id: &str,
         since: i64,
         limit: i64,
-    ) -> Result<Page<Event>, Problem> {
-        let cut = self
-            .hub
-            .cut(session_id, since, limit)
-            .await
-            .map_err(store_error)?;
+    ) -> Result<Page<Event>, SessionError> {
+        let cut = self.hub.cut(session_id, since, limit).await?;
         self.admitted_page(tenant, limits, cut, |last| {
             self.store.events_through(session_id, since, last)
         })
@@ -914,7 +842,7 @@ impl Orchestrator {
         limits: &quota::Limits,
         cut: Option<store::PageCut>,
         read: impl FnOnce(i64) -> Fut,
-    ) -> Result<Page<T>, Problem>
+    ) -> Result<Page<T>, SessionError>
     where
         Fut: std::future::Future<Output = Result<Vec<T>, store::StoreError>>,
     {
@@ -925,7 +853,7 @@ impl Orchestrator {
             .answers
             .admit(tenant, cut.bytes, limits.answer_mib)
             .await?;
-        let items = read(cut.last).await.map_err(store_error)?;
+        let items = read(cut.last).await?;
         Ok(Page {
             items,
             next: cut.next(),

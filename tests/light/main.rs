@@ -25,4 +25,5 @@ mod routes;
 mod sandbox_boundary;
 mod secrets;
 mod serve_api;
+mod session_logic;
 mod tenancy;

@@ -4,100 +4,16 @@
 //! its own. This is the middle of the test pyramid: fast enough to try a route's every answer,
 //! real enough that a session, a turn and the store are the product's own.
 
-use crate::common::{ADMIN_KEY, in_process};
+use crate::common::ADMIN_KEY;
+use crate::common::in_process::{self, InProcess};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use sandwarden::runtime::{Runtime, RuntimeError, Sandbox};
-use sandwarden::template::Template;
 use sandwarden::tokens::Tokens;
-use sandwarden_harness::{HarnessConfig, ListenAddr, StartMode};
 use serde_json::{Value, json};
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
+use std::sync::Arc;
 use tower::ServiceExt;
 
 const ACME_KEY: &str = "acme-key-for-route-tests-0123456789";
-
-/// Sandboxes as tasks of this process: each one a harness server on its own socket, stopped by
-/// cancelling its token.
-struct InProcess {
-    tokens: Tokens,
-    dir: PathBuf,
-    running: Mutex<HashMap<String, CancellationToken>>,
-}
-
-#[async_trait::async_trait]
-impl Runtime for InProcess {
-    fn name(&self) -> &'static str {
-        "in-process"
-    }
-
-    fn isolation(&self) -> &'static str {
-        "none"
-    }
-
-    async fn create(&self, id: &str, t: &Template) -> Result<Sandbox, RuntimeError> {
-        let socket = self.dir.join(format!("{id}.sock"));
-        let workdir = self.dir.join(id);
-        std::fs::create_dir_all(&workdir)?;
-        // The echo agent is this build's `sandwarden echo-agent`; any other template runs its
-        // own command line.
-        let argv = match t.command.strip_prefix("sandwarden ") {
-            Some(rest) => std::iter::once(env!("CARGO_BIN_EXE_sandwarden").to_string())
-                .chain(rest.split_whitespace().map(String::from))
-                .collect(),
-            None => t.command.split_whitespace().map(String::from).collect(),
-        };
-        let config = HarnessConfig {
-            listen: ListenAddr::Unix(socket.clone()),
-            token: self.tokens.for_sandbox(id),
-            kind: t.kind,
-            argv,
-            workdir,
-            start: StartMode::Boot,
-            turn_timeout: Duration::from_secs(t.turn_timeout_s),
-            boot_timeout: Duration::from_secs(30),
-            cancel_grace: Duration::from_secs(2),
-            max_request_bytes: 16 * 1024 * 1024,
-            client_timeout: Duration::from_secs(30),
-            replay_bytes: 64 * 1024,
-            tty_size: (80, 24),
-            shutdown_grace: Duration::from_secs(1),
-            egress: None,
-        };
-        let stop = CancellationToken::new();
-        tokio::spawn(sandwarden_harness::serve(config, stop.clone()));
-        for _ in 0..200 {
-            if socket.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.running
-            .lock()
-            .expect("lock")
-            .insert(id.to_string(), stop);
-        Ok(Sandbox {
-            id: id.into(),
-            template: t.name.clone(),
-            endpoint: format!("unix:{}", socket.display()),
-            pid: None,
-        })
-    }
-
-    async fn destroy(&self, sandbox: &Sandbox) {
-        if let Some(stop) = self.running.lock().expect("lock").remove(&sandbox.id) {
-            stop.cancel();
-        }
-    }
-
-    async fn alive(&self, sandbox: &Sandbox) -> bool {
-        self.running.lock().expect("lock").contains_key(&sandbox.id)
-    }
-}
 
 /// The router over a fresh store and the in-process runtime, with the admin key and acme's.
 struct App {
@@ -115,12 +31,7 @@ impl App {
         )
         .await;
         let tokens = Tokens::new(b"route-test-secret".to_vec());
-        let runtime = Arc::new(InProcess {
-            tokens: tokens.clone(),
-            dir: dir.path().join("sandboxes"),
-            running: Mutex::new(HashMap::new()),
-        });
-        std::fs::create_dir_all(&runtime.dir).expect("sandboxes dir");
+        let runtime = Arc::new(InProcess::new(tokens.clone(), dir.path().join("sandboxes")));
         let templates = in_process::templates(&["echo"]);
         let orch = in_process::orchestrator(
             store,
@@ -257,7 +168,7 @@ async fn a_session_answers_its_own_messages_and_no_other_tenants() {
         (200, Some("deleted")),
         "{s}"
     );
-    let sandboxes = app.runtime.running.lock().expect("lock").len();
+    let sandboxes = app.runtime.running();
     assert_eq!(sandboxes, 1, "the admin's sandbox alone is left");
 }
 

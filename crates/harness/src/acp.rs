@@ -942,7 +942,7 @@ impl ApiAgent {
             }
             None => Err(Problem::new(
                 StatusCode::CONFLICT,
-                "no_turn_running",
+                sandwarden_proto::event::NO_TURN_RUNNING,
                 "no turn is running, so there is nothing to cancel",
             )),
         }

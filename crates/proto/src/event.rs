@@ -97,6 +97,9 @@ pub fn clip(mut text: String, max: usize) -> String {
 /// (`503`, with its reason in `detail`): the orchestrator takes it to mean the session is dead.
 pub const AGENT_FAILED: &str = "agent_failed";
 
+/// The harness's problem type for a cancel that found no turn running (`409`).
+pub const NO_TURN_RUNNING: &str = "no_turn_running";
+
 /// One part of a user message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

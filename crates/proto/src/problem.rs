@@ -55,6 +55,11 @@ impl Problem {
         self
     }
 
+    /// Whether the answerer found the request itself unusable (`422`): the caller's mistake.
+    pub fn is_invalid_request(&self) -> bool {
+        self.status == StatusCode::UNPROCESSABLE_ENTITY.as_u16()
+    }
+
     pub fn status(&self) -> StatusCode {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
