@@ -38,6 +38,12 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks one; the address is printed on stdout as JSON).
     #[arg(long, env = "SANDWARDEN_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// A second address serving only /healthz, /readyz and /metrics, for Kubernetes probes and
+    /// scrapers: new connections there are accepted at once while a flood of API connections
+    /// waits in `--listen`'s backlog (see --refused-pace-ms). Printed as `probes` in the listen
+    /// line. Unset: the probes are on `--listen` only.
+    #[arg(long, env = "SANDWARDEN_PROBE_LISTEN")]
+    pub probe_listen: Option<SocketAddr>,
     /// Where the store, the server secret and sandbox working directories live.
     #[arg(long, env = "SANDWARDEN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -161,6 +167,12 @@ pub struct ServeArgs {
     /// accepted until one closes; new ones wait in the listen backlog.
     #[arg(long, env = "SANDWARDEN_MAX_CONNECTIONS")]
     pub max_connections: Option<u64>,
+    /// While at least three in four new connections are refused (401, 429), accept at most one
+    /// per this many milliseconds (0: as fast as they come). A flood of connections that will
+    /// only be told no then waits in the listen backlog instead of taking the CPU from other
+    /// tenants' requests; established connections are not slowed.
+    #[arg(long, env = "SANDWARDEN_REFUSED_PACE_MS", default_value_t = 1)]
+    pub refused_pace_ms: u64,
     /// Live sessions of all tenants together (0: no limit).
     #[arg(long, env = "SANDWARDEN_MAX_SESSIONS", default_value_t = 2000)]
     pub max_sessions: u64,
@@ -279,6 +291,9 @@ fn connection_cap(given: Option<u64>, open_files: u64) -> u64 {
 /// against 21.0-57.4 ms (6.2-12.3x) at 64, the flood taking 6.6-14.5 s against 5.0-6.1 s; 4 and 1
 /// were no better than 16 (8.7-27.5 ms). None meets the 2x target on that machine.
 const UNSETTLED_CONNECTIONS: usize = 16;
+
+/// Connections `--probe-listen` holds at once.
+const PROBE_CONNECTIONS: usize = 64;
 
 /// Fewest file descriptors kept for serve's own use when the limit allows it.
 const RESERVED_FILES: u64 = 256;
@@ -584,10 +599,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     ensure_admin_key(&store).await?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let listener = sandwarden_proto::http::listen_tcp(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let probe_listener = match args.probe_listen {
+        Some(at) => Some(
+            sandwarden_proto::http::listen_tcp(at)
+                .with_context(|| format!("cannot listen on {at} (--probe-listen)"))?,
+        ),
+        None => None,
+    };
+    let probe_addr = probe_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()?;
 
     let shutdown = CancellationToken::new();
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -668,7 +693,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     orch.sync().await;
     let background = tokio::spawn(orch.clone().run_background(exits_rx));
 
-    sandwarden_proto::http::announce(&addr.to_string());
+    sandwarden_proto::http::announce_with(
+        &addr.to_string(),
+        probe_addr.map(|a| a.to_string()).as_deref(),
+    );
     tracing::info!(%addr, data_dir = %data_dir.display(), runtime = ?args.runtime, "sandwarden serve listening");
     sandwarden_proto::http::cancel_on_signals(shutdown.clone())?;
 
@@ -677,8 +705,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let limits = sandwarden_proto::http::ClientLimits {
         max_connections: nonzero(max_connections).map(|n| n as usize),
         max_unsettled: Some(UNSETTLED_CONNECTIONS),
+        refused_pace: (args.refused_pace_ms > 0)
+            .then(|| Duration::from_millis(args.refused_pace_ms)),
         ..sandwarden_proto::http::ClientLimits::seconds(args.client_timeout)
     };
+    if let Some(probe_listener) = probe_listener {
+        // Probes and scrapers hold a connection or two each: a small cap, no pacing.
+        let probe_limits = sandwarden_proto::http::ClientLimits {
+            max_connections: Some(PROBE_CONNECTIONS),
+            ..sandwarden_proto::http::ClientLimits::seconds(args.client_timeout)
+        };
+        tokio::spawn(sandwarden_proto::http::serve(
+            probe_listener,
+            api::probe_router(orch.clone()),
+            probe_limits,
+            shutdown.clone(),
+        ));
+    }
     let server = tokio::spawn(sandwarden_proto::http::serve(
         listener, app, limits, stopping,
     ));

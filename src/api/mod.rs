@@ -106,6 +106,16 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .with_state(orch)
 }
 
+/// Only the probes and metrics (`/healthz`, `/readyz`, `/metrics`), for `serve --probe-listen`:
+/// a listener of their own, which a flood of API connections does not queue behind.
+pub fn probe_router(orch: Arc<Orchestrator>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(orch)
+}
+
 /// The header carrying a request's id: the client's, when it sent a usable one, else a new one;
 /// the answer always has it, and every log line written while the request runs names it.
 pub const REQUEST_ID: &str = "x-request-id";

@@ -101,6 +101,16 @@ fn build_workspace_bin(package: &str, bin: &str) {
 /// Spawns `cmd` (stdout piped) and reads the `{"listening": ADDR}` line every sandwarden server
 /// prints first; returns the child and ADDR.
 pub fn spawn_listening(cmd: &mut Command, what: &str) -> (Child, String) {
+    let (child, line) = spawn_listening_line(cmd, what);
+    let addr = line["listening"]
+        .as_str()
+        .expect("listening address")
+        .to_string();
+    (child, addr)
+}
+
+/// `spawn_listening`, returning the whole listen line.
+pub fn spawn_listening_line(cmd: &mut Command, what: &str) -> (Child, serde_json::Value) {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -113,11 +123,7 @@ pub fn spawn_listening(cmd: &mut Command, what: &str) -> (Child, String) {
         .read_line(&mut line)
         .expect("read listen line");
     let v: serde_json::Value = serde_json::from_str(&line).expect("listen line is JSON");
-    let addr = v["listening"]
-        .as_str()
-        .expect("listening address")
-        .to_string();
-    (child, addr)
+    (child, v)
 }
 
 pub struct Harness {
@@ -293,6 +299,8 @@ pub const ADMIN_KEY: &str = "admin-key-for-tests-0123456789";
 pub struct Serve {
     child: Child,
     pub base: String,
+    /// `http://` and the probes' own address, when serve was given `--probe-listen`.
+    pub probes: Option<String>,
     pub data: std::path::PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -359,7 +367,7 @@ impl Serve {
             )
             .expect("templates");
         }
-        let (child, addr) = spawn_listening(
+        let (child, line) = spawn_listening_line(
             Command::new(env!("CARGO_BIN_EXE_sandwarden"))
                 .arg("serve")
                 .args(["--listen", "127.0.0.1:0"])
@@ -374,10 +382,11 @@ impl Serve {
                 .envs(env.iter().map(|(k, v)| (k, v))),
             "sandwarden serve",
         );
-        let base = format!("http://{addr}");
+        let base = format!("http://{}", line["listening"].as_str().expect("address"));
         Serve {
             child,
             base,
+            probes: line["probes"].as_str().map(|a| format!("http://{a}")),
             data: data.to_path_buf(),
             _dir: None,
         }

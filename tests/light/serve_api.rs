@@ -1056,3 +1056,37 @@ async fn every_answer_carries_its_request_id() {
     let id = id_of(&r).expect("an id on a refused request too");
     assert!(id != "no spaces, please" && !id.is_empty(), "{id}");
 }
+
+#[tokio::test]
+async fn the_probe_listener_serves_the_probes_and_metrics_and_nothing_else() {
+    let serve = Serve::start(&["--probe-listen", "127.0.0.1:0"]);
+    let probes = serve
+        .probes
+        .clone()
+        .expect("the listen line names the probes' address");
+    assert_ne!(probes, serve.base);
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let (http, url) = (http.clone(), format!("{probes}{path}"));
+        async move {
+            let r = http
+                .get(url)
+                .bearer_auth(ADMIN_KEY)
+                .send()
+                .await
+                .expect("probe");
+            (r.status().as_u16(), r.text().await.expect("body"))
+        }
+    };
+    assert_eq!(get("/healthz").await, (200, "ok".to_string()));
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("sandwarden_"), "{metrics}");
+    // The API is on --listen only, even with the admin key.
+    let (status, body) = get("/v1/sessions").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = serve.client().call("GET", "/v1/sessions", None).await;
+    assert_eq!(status, 200);
+}

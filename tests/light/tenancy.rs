@@ -938,8 +938,14 @@ async fn a_tenants_connection_flood_is_refused_and_others_are_served() {
         "the test needs about {} open files (hard limit {hard}): raise `ulimit -Hn`",
         SSE_FLOOD + PLAIN_FLOOD + 200
     );
-    let serve = Serve::start(&["--max-connections", &MAX_CONNECTIONS.to_string()]);
+    let serve = Serve::start(&[
+        "--max-connections",
+        &MAX_CONNECTIONS.to_string(),
+        "--probe-listen",
+        "127.0.0.1:0",
+    ]);
     let addr = serve.base.trim_start_matches("http://").to_string();
+    let probes = serve.probes.clone().expect("the probes' address");
     let admin = serve.client();
     let limits = serde_json::json!({
         "open_streams": STREAMS, "open_connections": CONNECTIONS, "concurrent_requests": 20
@@ -988,8 +994,30 @@ async fn a_tenants_connection_flood_is_refused_and_others_are_served() {
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         (streams, plain)
     };
-    let (replies, (streams, plain)) = tokio::join!(talker, flooding);
+    // The probes' listener answers all along, each probe on a fresh connection.
+    let probing = {
+        let (done, probes) = (done.clone(), probes.clone());
+        async move {
+            let mut answers = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || answers.is_empty() {
+                let fresh = reqwest::Client::new();
+                let status = fresh
+                    .get(format!("{probes}/healthz"))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16());
+                answers.push(status.map_err(|e| e.to_string()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answers
+        }
+    };
+    let (replies, (streams, plain), probed) = tokio::join!(talker, flooding, probing);
     let peak = sampler.join().expect("sampler");
+    assert!(
+        probed.iter().all(|a| a.as_ref().is_ok_and(|&s| s == 200)),
+        "every probe answered during the flood: {probed:?}"
+    );
 
     // The other tenant was served all along.
     assert!(

@@ -165,6 +165,27 @@ async fn flood_in_workers(
     Ok((all, children))
 }
 
+/// `/healthz` on a fresh connection to `addr` every `HEALTH_EVERY` while `flooding`: the
+/// answered ones' times, and how many failed.
+async fn health_checks(
+    addr: String,
+    flooding: Arc<AtomicBool>,
+) -> anyhow::Result<(Histogram<u64>, usize)> {
+    let mut answered = histogram()?;
+    let mut failed = 0usize;
+    while flooding.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let h = hold(&addr, "/healthz", "", false).await;
+        if h.status == Some(200) {
+            answered.record(t.elapsed().as_micros() as u64)?;
+        } else {
+            failed += 1;
+        }
+        tokio::time::sleep(HEALTH_EVERY).await;
+    }
+    Ok((answered, failed))
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
@@ -180,7 +201,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         ("SANDWARDEN_TENANT_REQUESTS", "500"),
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));
-    let serve = start_serve_args(|_| Ok(vec!["--pool".into(), "echo=2".into()]), &defaults)?;
+    let serve = start_serve_args(
+        |_| {
+            Ok(["--pool", "echo=2", "--probe-listen", "127.0.0.1:0"]
+                .map(String::from)
+                .to_vec())
+        },
+        &defaults,
+    )?;
+    let probes = serve.probes.clone().context("no probes address")?;
     let pid = serve.child.id();
     let base = serve.base.clone();
     let addr = base.trim_start_matches("http://").to_string();
@@ -236,24 +265,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             (held, t0.elapsed())
         }
     });
-    let health_run = tokio::spawn({
-        let (flooding, addr) = (flooding.clone(), addr.clone());
-        async move {
-            let mut answered = histogram()?;
-            let mut failed = 0usize;
-            while flooding.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let h = hold(&addr, "/healthz", "", false).await;
-                if h.status == Some(200) {
-                    answered.record(t.elapsed().as_micros() as u64)?;
-                } else {
-                    failed += 1;
-                }
-                tokio::time::sleep(HEALTH_EVERY).await;
-            }
-            anyhow::Ok((answered, failed))
-        }
-    });
+    let health_run = tokio::spawn(health_checks(addr.clone(), flooding.clone()));
+    let probes_run = tokio::spawn(health_checks(probes, flooding.clone()));
     let mut during = histogram()?;
     while flooding.load(Ordering::Relaxed) {
         during.record(say(&http, &base, &steady_key, &own).await?)?;
@@ -261,6 +274,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let (held, flood_wall) = flood_run.await?;
     let (outcomes, workers) = held?;
     let (health, health_failed) = health_run.await??;
+    let (probed, probes_failed) = probes_run.await??;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fds_held = sandwarden::procfs::open_files(pid);
     let mut after = histogram()?;
@@ -315,6 +329,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
          | VmHWM (peak since start) | {} |\n\
          | `/healthz` on a fresh connection every {} ms during the flood | {} answered (p50 {}, \
          max {}), {health_failed} failed |\n\
+         | the same on `--probe-listen` | {} answered (p50 {}, max {}), {probes_failed} failed |\n\
          | sessions after (flooder's, steady's) | {} |\n\n",
         SAMPLE_EVERY.as_millis(),
         peaks.fds,
@@ -325,6 +340,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         health.len(),
         fmt_us(health.value_at_quantile(0.5)),
         fmt_us(health.max()),
+        probed.len(),
+        fmt_us(probed.value_at_quantile(0.5)),
+        fmt_us(probed.max()),
         statuses.join(", "),
     ));
     drop(workers);

@@ -20,6 +20,8 @@ pub(crate) const KEY: &str = "bench-admin-key-0123456789";
 pub(crate) struct Serve {
     pub(crate) child: Child,
     pub(crate) base: String,
+    /// The probes' own address (`--probe-listen`), when given one.
+    pub(crate) probes: Option<String>,
     pub(crate) dir: std::path::PathBuf,
 }
 
@@ -113,7 +115,13 @@ pub(crate) fn start_serve_args(
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
     let v: serde_json::Value = serde_json::from_str(&line).context("listen line")?;
     let base = format!("http://{}", v["listening"].as_str().context("address")?);
-    Ok(Serve { child, base, dir })
+    let probes = v["probes"].as_str().map(String::from);
+    Ok(Serve {
+        child,
+        base,
+        probes,
+        dir,
+    })
 }
 
 pub(crate) async fn create(

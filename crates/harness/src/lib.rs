@@ -154,6 +154,7 @@ pub async fn serve(cfg: HarnessConfig, shutdown: CancellationToken) -> anyhow::R
         // serve is the only client, and holds few connections to a sandbox.
         max_connections: None,
         max_unsettled: None,
+        refused_pace: None,
     };
     let server = tokio::spawn(crate::http::serve(listener, app, limits, shutdown.clone()));
     shutdown.cancelled().await;

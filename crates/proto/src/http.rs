@@ -5,7 +5,7 @@
 //! (serve: the tenant it counts against) is an opaque `ConnectionState`.
 
 use axum::Router;
-use axum::http::Request;
+use axum::http::{Request, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -38,6 +38,11 @@ pub struct ClientLimits {
     /// instead of filling the runtime's queue ahead of established connections' requests.
     /// `None`: no cap.
     pub max_unsettled: Option<usize>,
+    /// While most new connections are refused (see `Intake`), at most one is accepted per this
+    /// long: a flood of connections that will only be told no waits in the kernel's backlog,
+    /// where it costs no CPU, instead of taking the cores from established connections' requests.
+    /// `None`: accept as fast as connections come.
+    pub refused_pace: Option<Duration>,
 }
 
 impl ClientLimits {
@@ -49,7 +54,38 @@ impl ClientLimits {
             body_idle: d,
             max_connections: None,
             max_unsettled: None,
+            refused_pace: None,
         }
+    }
+}
+
+/// How the first answers of recent new connections went: refused (`401` or `429`, the
+/// connection closed with it) or not. A window over about the last `INTAKE_WINDOW`
+/// connections, halved as it fills so older ones weigh less.
+#[derive(Default)]
+struct Intake {
+    counts: Mutex<(u32, u32)>,
+}
+
+/// Connections `Intake` looks back over.
+const INTAKE_WINDOW: u32 = 256;
+/// Fewest recent connections `Intake` judges by: a few refusals on a quiet server pace nothing.
+const INTAKE_MIN: u32 = 64;
+
+impl Intake {
+    fn record(&self, refused: bool) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.0 += u32::from(refused);
+        c.1 += 1;
+        if c.1 >= INTAKE_WINDOW {
+            *c = (c.0 / 2, c.1 / 2);
+        }
+    }
+
+    /// Whether at least three in four recent new connections were refused.
+    fn mostly_refused(&self) -> bool {
+        let (refused, all) = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        all >= INTAKE_MIN && refused * 4 >= all * 3
     }
 }
 
@@ -60,6 +96,8 @@ impl ClientLimits {
 pub struct ConnectionState {
     kept: Arc<Mutex<Option<Box<dyn Any + Send>>>>,
     unsettled: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    /// Where the connection's first answer is counted, until it has been.
+    first_answer: Arc<Mutex<Option<Arc<Intake>>>>,
 }
 
 impl ConnectionState {
@@ -75,6 +113,19 @@ impl ConnectionState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+    }
+
+    /// The connection's response: settles it, and counts its first as `refused` or not.
+    fn answered(&self, refused: bool) {
+        self.settle();
+        let first = self
+            .first_answer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(intake) = first {
+            intake.record(refused);
+        }
     }
 }
 
@@ -196,8 +247,17 @@ pub async fn serve(
     let listener = listener.into();
     let cap = limits.max_connections.map(|n| Arc::new(Semaphore::new(n)));
     let unsettled = limits.max_unsettled.map(|n| Arc::new(Semaphore::new(n)));
+    let intake = Arc::new(Intake::default());
     let mut warned: Option<std::time::Instant> = None;
     loop {
+        if let Some(pace) = limits.refused_pace
+            && intake.mostly_refused()
+        {
+            tokio::select! {
+                () = tokio::time::sleep(pace) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
         let permit = match &cap {
             None => None,
             Some(cap) => tokio::select! {
@@ -231,6 +291,7 @@ pub async fn serve(
         }
         let state = ConnectionState {
             unsettled: Arc::new(Mutex::new(new_one)),
+            first_answer: Arc::new(Mutex::new(Some(intake.clone()))),
             ..ConnectionState::default()
         };
         let (for_requests, for_responses) = (state.clone(), state.clone());
@@ -241,8 +302,15 @@ pub async fn serve(
                     req.extensions_mut().insert(for_requests.clone());
                     req
                 })
-                .map_response(move |response| {
-                    for_responses.settle();
+                .map_response(move |response: axum::response::Response| {
+                    let refused = matches!(
+                        response.status(),
+                        StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+                    ) && response
+                        .headers()
+                        .get(header::CONNECTION)
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                    for_responses.answered(refused);
                     response
                 }),
         );
@@ -273,6 +341,24 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Most connections the kernel holds for `serve` before it accepts them (it caps this at
+/// `net.core.somaxconn`). A flood waits here while serve paces or caps its accepts; with too
+/// short a queue, the kernel drops the flood's handshakes and clients retry after backing off
+/// for seconds (a new client's connection among them).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with `LISTEN_BACKLOG` (tokio's `bind` gives 1,024).
+pub fn listen_tcp(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A place under the connection cap: at once when there is one, else once a connection closes
@@ -308,9 +394,18 @@ pub fn no_delay(
 /// One machine-readable line on stdout, so whoever started us learns the address. If nobody
 /// reads it any more (the parent went away), that is not our failure.
 pub fn announce(addr: &str) {
+    announce_with(addr, None);
+}
+
+/// The listen line with the probes' own address too, when they have one.
+pub fn announce_with(addr: &str, probes: Option<&str>) {
     use std::io::Write;
+    let mut line = serde_json::json!({ "listening": addr });
+    if let Some(probes) = probes {
+        line["probes"] = probes.into();
+    }
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", serde_json::json!({ "listening": addr }));
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
@@ -348,5 +443,46 @@ impl Signals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intake_paces_only_while_most_new_connections_are_refused() {
+        let intake = Intake::default();
+        for _ in 0..INTAKE_MIN - 1 {
+            intake.record(true);
+        }
+        assert!(!intake.mostly_refused(), "too few to judge by");
+        intake.record(true);
+        assert!(intake.mostly_refused(), "all refused");
+        // Connections let through outweigh the refusals again: pacing stops.
+        for _ in 0..INTAKE_MIN {
+            intake.record(false);
+        }
+        assert!(!intake.mostly_refused(), "half let through");
+        // A long quiet stretch fills the window and halves it; old refusals fade.
+        for _ in 0..4 * INTAKE_WINDOW {
+            intake.record(false);
+        }
+        let (refused, all) = *intake.counts.lock().expect("lock");
+        assert!(all < INTAKE_WINDOW && refused < 4, "{refused} of {all}");
+    }
+
+    #[test]
+    fn a_connection_counts_once_at_its_first_answer() {
+        let intake = Arc::new(Intake::default());
+        let state = ConnectionState {
+            first_answer: Arc::new(Mutex::new(Some(intake.clone()))),
+            ..ConnectionState::default()
+        };
+        // Let through before its handler refused it: the answer is what counts.
+        state.settle();
+        state.answered(true);
+        state.answered(false);
+        assert_eq!(*intake.counts.lock().expect("lock"), (1, 1));
     }
 }
