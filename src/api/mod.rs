@@ -548,6 +548,7 @@ async fn post_message(
         "stream" => {
             let stream = event_stream(
                 orch.clone(),
+                &caller,
                 id.clone(),
                 started.events,
                 Follow::Turn(started.turn_id.clone()),
@@ -793,7 +794,7 @@ async fn get_events(
     if let Some(slot) = slot {
         let rx = orch.hub.subscribe(&session.id);
         return Ok(sse(holding(
-            event_stream(orch.clone(), session.id, rx, Follow::Since(since)),
+            event_stream(orch.clone(), &caller, session.id, rx, Follow::Since(since)),
             slot,
         )));
     }
@@ -825,6 +826,11 @@ enum Follow {
 
 struct StreamState {
     orch: Arc<Orchestrator>,
+    /// Whose answer memory a page read from the store counts against, and its limits.
+    tenant: String,
+    limits: crate::session::quota::Limits,
+    /// The share of the answer memory the events in `backlog` read from the store hold.
+    admitted: Option<crate::session::quota::Admitted>,
     session_id: String,
     rx: broadcast::Receiver<Arc<Event>>,
     last: i64,
@@ -836,9 +842,13 @@ struct StreamState {
 }
 
 /// Session events as SSE: stored history first (when resuming), then live events; a subscriber
-/// that falls behind the live buffer catches up from the store. Gap-free by `seq`.
+/// that falls behind the live buffer catches up from the store. Gap-free by `seq`. Each page
+/// read from the store counts against the caller's answer memory (`quota::Answers`) until it
+/// has been sent; a page refused there ends the stream (the client resumes with
+/// `Last-Event-ID`).
 fn event_stream(
     orch: Arc<Orchestrator>,
+    caller: &Caller,
     session_id: String,
     rx: broadcast::Receiver<Arc<Event>>,
     follow: Follow,
@@ -849,6 +859,9 @@ fn event_stream(
     };
     let state = StreamState {
         orch,
+        tenant: caller.tenant.clone(),
+        limits: caller.limits.clone(),
+        admitted: None,
         session_id,
         rx,
         last,
@@ -883,15 +896,22 @@ fn event_stream(
                     .unwrap_or_default();
                 return Some((Ok(sse), st));
             }
+            // Everything read from the store has been sent: its share goes back.
+            st.admitted = None;
             if st.catch_up {
                 st.catch_up = false;
-                match st.orch.hub.history(&st.session_id, st.last, 1000).await {
-                    Ok((events, more)) => {
-                        st.catch_up = more;
-                        st.backlog.extend(events.into_iter().map(Arc::new));
+                let page = st
+                    .orch
+                    .event_page(&st.tenant, &st.limits, &st.session_id, st.last, 1000)
+                    .await;
+                match page {
+                    Ok(page) => {
+                        st.catch_up = page.next.is_some();
+                        st.admitted = page.admitted;
+                        st.backlog.extend(page.items.into_iter().map(Arc::new));
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "reading events for a stream failed");
+                        tracing::warn!(error = %e, "an event stream could not read its next page; ending it");
                         return None;
                     }
                 }

@@ -204,23 +204,6 @@ impl Hub {
             .event_cut(session_id, since, limit, EVENTS_PAGE_BYTES)
             .await
     }
-
-    /// A page of stored events after `since` (see `cut`), and whether more follow.
-    pub async fn history(
-        &self,
-        session_id: &str,
-        since: i64,
-        limit: i64,
-    ) -> Result<(Vec<Event>, bool), StoreError> {
-        let Some(cut) = self.cut(session_id, since, limit).await? else {
-            return Ok((Vec::new(), false));
-        };
-        let events = self
-            .store
-            .events_through(session_id, since, cut.last)
-            .await?;
-        Ok((events, cut.more))
-    }
 }
 
 #[cfg(test)]

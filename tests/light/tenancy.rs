@@ -1395,4 +1395,40 @@ async fn large_answers_in_flight_are_bounded_per_tenant_and_in_all() {
     let want: Vec<i64> = (1..=seqs.len() as i64).collect();
     assert_eq!(seqs, want, "every event once, in order");
     assert!(pages >= 2, "the two echoes are on different pages");
+
+    // An event stream resuming from the start reads the same pages from the store, and they
+    // count too: with avocet's unread page holding 32 of its 40 MiB, the stream ends before the
+    // first 8 MiB event (the client resumes later with Last-Event-ID)...
+    let stream_body = |limit: usize| {
+        let (key, id, url) = (avocet.1.clone(), avocet.2.clone(), serve.base.clone());
+        async move {
+            let mut resp = reqwest::Client::new()
+                .get(format!("{url}/v1/sessions/{id}/events?since=0"))
+                .bearer_auth(key)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .expect("stream");
+            assert_eq!(resp.status().as_u16(), 200);
+            let mut got = 0usize;
+            while got < limit {
+                match tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await {
+                    Ok(Ok(Some(chunk))) => got += chunk.len(),
+                    Ok(Ok(None) | Err(_)) => return (got, true),
+                    Err(_) => panic!("the stream stalled after {got} bytes"),
+                }
+            }
+            (got, false)
+        }
+    };
+    let (held_a, _) = unread_answer(&serve, &avocet.1, &page(&avocet.2)).await;
+    let (got, ended) = stream_body(8 << 20).await;
+    assert!(
+        ended && got < 1 << 20,
+        "the stream ended before the large event: {got} bytes"
+    );
+    // ...and once the page is read (its connection gone), the stream carries it.
+    drop(held_a);
+    let (got, ended) = stream_body(8 << 20).await;
+    assert!(!ended && got >= 8 << 20, "{got} bytes, ended: {ended}");
 }
