@@ -67,6 +67,13 @@ pub struct BenchArgs {
     /// machines; 19 gives them that CPU first, standing in for a client elsewhere.
     #[arg(long, env = "SANDWARDEN_BENCH_FLOOD_NICE", default_value_t = 0)]
     pub flood_nice: u8,
+    /// Unary turns sent to each server (`bench peers`).
+    #[arg(long, env = "SANDWARDEN_BENCH_PEER_TURNS", default_value_t = 1000)]
+    pub peer_turns: usize,
+    /// Where `bench peers` keeps the peers' virtualenvs (made once, from PyPI) and scratch
+    /// folders (default: the temp dir's sandwarden-bench-peers).
+    #[arg(long, env = "SANDWARDEN_BENCH_PEERS_DIR")]
+    pub peers_dir: Option<PathBuf>,
     /// wetty's `build/main.js` (`bench tty`): adds wetty, run by `node`, as a third path.
     #[arg(long, env = "SANDWARDEN_BENCH_WETTY")]
     pub wetty: Option<PathBuf>,
@@ -114,6 +121,9 @@ pub enum Scenario {
     /// serve's peak memory for the largest history page the bounds allow, fetched by several
     /// clients at once.
     History,
+    /// The seed platforms' own open servers beside serve (Karta's dev server from PyPI; Motus
+    /// where Python 3.12 is on PATH): the same unary turn, interleaved; CPU, memory, start.
+    Peers,
     /// One process of `bench flood`'s client (started by it).
     #[value(hide = true)]
     FloodWorker,
@@ -133,6 +143,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Density => (crate::density::run(&args).await?, "density"),
         Scenario::Flood => (crate::flood::run(&args).await?, "flood"),
         Scenario::History => (crate::history::run(&args).await?, "history"),
+        Scenario::Peers => (crate::peers::run(&args).await?, "peers"),
         Scenario::FloodWorker => (crate::flood::worker().await?, "flood-worker"),
     };
     // A flood worker has said what it had to on its own.

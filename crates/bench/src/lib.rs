@@ -11,6 +11,7 @@ pub mod harnesses;
 pub mod history;
 pub mod isolation;
 pub mod nginx;
+pub mod peers;
 pub mod postgres;
 pub mod serve;
 pub mod tty;

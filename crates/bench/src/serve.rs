@@ -36,7 +36,7 @@ impl Drop for Serve {
     }
 }
 
-fn start_serve(pool: usize) -> anyhow::Result<Serve> {
+pub(crate) fn start_serve(pool: usize) -> anyhow::Result<Serve> {
     start_serve_with(
         pool,
         "local",

@@ -1,0 +1,339 @@
+//! `sandwarden-bench peers`: `serve` beside the seed platforms' own open servers, the same unary
+//! turn sent to each by the same client, interleaved in one run. Karta's dev server
+//! (`karta-runtime dev-serve`, from PyPI, with its stub harness) runs from a virtualenv this
+//! benchmark makes once; Motus' server needs Python 3.12 or later and is run only when such a
+//! Python is on PATH. A benchmark, not a test: it downloads from PyPI.
+
+use crate::bench::{BenchArgs, fmt_us, histogram, load_average, machine_line, row};
+use crate::serve::{create, start_serve, unary_turn, wait_ready_session};
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The Karta release measured (its dev server and stub harness).
+const KARTA: &str = "karta-runtime==0.6.76";
+/// The Motus release whose server `bench peers` would run beside serve.
+const MOTUS: &str = "lithosai-motus==0.4.3";
+/// Turns sent to each server before measuring.
+const WARM_UP: usize = 50;
+
+/// A peer server process, stopped when dropped.
+struct Peer {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// The virtualenv at `dir` with `package` installed: made with `python` and pip the first
+/// time, reused after.
+fn venv(python: &str, dir: &Path, package: &str, program: &str) -> anyhow::Result<PathBuf> {
+    let bin = dir.join("bin");
+    let marker = dir.join(format!(".installed-{package}"));
+    if marker.exists() && bin.join(program).exists() {
+        return Ok(bin);
+    }
+    let made = Command::new(python)
+        .args(["-m", "venv"])
+        .arg(dir)
+        .status()
+        .with_context(|| format!("running {python} -m venv"))?;
+    anyhow::ensure!(made.success(), "{python} -m venv {} failed", dir.display());
+    eprintln!("installing {package} from PyPI into {}", dir.display());
+    let installed = Command::new(bin.join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", package])
+        .status()
+        .context("running pip")?;
+    anyhow::ensure!(installed.success(), "pip install {package} failed");
+    std::fs::write(&marker, "")?;
+    Ok(bin)
+}
+
+/// A free port on 127.0.0.1 (bound and let go; the peer binds it next).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Polls `url` until it answers 200; the time that took.
+async fn until_ok(http: &reqwest::Client, url: &str, started: Instant) -> anyhow::Result<Duration> {
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{url} did not answer within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Karta's dev server with its stub harness on a free port, in a scratch agent folder, with an
+/// environment of its own (no control plane, no API keys: its documented open dev mode).
+async fn start_karta(
+    http: &reqwest::Client,
+    bin: &Path,
+    scratch: &Path,
+) -> anyhow::Result<(Peer, Duration)> {
+    let (agent, home, tmp) = (
+        scratch.join("agent"),
+        scratch.join("home"),
+        scratch.join("tmp"),
+    );
+    for d in [&agent, &home, &tmp] {
+        std::fs::create_dir_all(d)?;
+    }
+    let port = free_port()?;
+    let started = Instant::now();
+    let child = Command::new(bin.join("karta-runtime"))
+        .arg("dev-serve")
+        .arg(&agent)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .env_clear()
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .env("HOME", &home)
+        .env("TMPDIR", &tmp)
+        .env("KARTA_USE_STUB_HARNESS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting karta-runtime dev-serve")?;
+    let peer = Peer {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let ready = until_ok(http, &format!("{}/healthz", peer.base), started).await?;
+    Ok((peer, ready))
+}
+
+/// One unary turn on a Karta session: microseconds, and the reply's text.
+async fn karta_turn(
+    http: &reqwest::Client,
+    base: &str,
+    session: &str,
+    text: &str,
+) -> anyhow::Result<(u64, String)> {
+    let t0 = Instant::now();
+    let r = http
+        .post(format!("{base}/v1/sessions/{session}/messages"))
+        .json(&json!({ "text": text }))
+        .send()
+        .await?;
+    let status = r.status();
+    let body: serde_json::Value = r.json().await?;
+    let took = t0.elapsed().as_micros() as u64;
+    anyhow::ensure!(status.is_success(), "Karta turn failed: {status} {body}");
+    Ok((took, body["text"].as_str().unwrap_or_default().to_string()))
+}
+
+/// `pid`, every process below it, and the processes whose command line names `dir` (serve's
+/// sandboxes run on their own, outside its process tree).
+fn processes(pid: u32, dir: Option<&Path>) -> Vec<u32> {
+    let mut all: Vec<u32> = std::iter::once(pid)
+        .chain(sandwarden::procfs::descendants(pid))
+        .collect();
+    if let Some(dir) = dir {
+        for sandbox in sandwarden::procfs::pids_matching(&[&dir.to_string_lossy()]) {
+            if let Ok(sandbox) = u32::try_from(sandbox) {
+                all.push(sandbox);
+                all.extend(sandwarden::procfs::descendants(sandbox));
+            }
+        }
+    }
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .map(|&p| sandwarden::procfs::cpu_seconds(p))
+        .sum()
+}
+
+fn rss_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|&p| sandwarden::procfs::rss_kib(p)).sum()
+}
+
+/// A Python of at least 3.12 that runs, for Motus: on PATH, else one of pyenv's versions
+/// (pyenv's shims exist on PATH even when they cannot run that version).
+fn python_312() -> Option<String> {
+    let runs = |python: &str| {
+        Command::new(python)
+            .args(["-c", "import sys; sys.exit(sys.version_info < (3, 12))"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let on_path = ["python3.14", "python3.13", "python3.12"].map(String::from);
+    let pyenv = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")))
+        .and_then(|root| std::fs::read_dir(root.join("versions")).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin/python3").to_string_lossy().into_owned());
+    on_path.into_iter().chain(pyenv).find(|p| runs(p))
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
+    let turns = args.peer_turns.max(100);
+    let scratch = args
+        .peers_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("sandwarden-bench-peers"));
+    std::fs::create_dir_all(&scratch)?;
+    let karta_bin = venv(
+        "python3",
+        &scratch.join("karta-venv"),
+        KARTA,
+        "karta-runtime",
+    )?;
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let mut out = format!(
+        "Command: `sandwarden-bench peers --peer-turns {turns}` (release build; {turns} unary \
+         turns to each server after {WARM_UP} to warm up, interleaved one by one, one keep-alive \
+         client each). Machine: {}; load average at the start {}.\n\n\
+         - **sandwarden**: `serve` with its defaults (SQLite, API key, every turn durable before \
+         the harness is dialled and before the reply), the `echo` template's sandbox (harness \
+         server and echo agent, local processes).\n\
+         - **Karta** (`{KARTA}`, PyPI): `karta-runtime dev-serve` with \
+         `KARTA_USE_STUB_HARNESS=1` (its stub answers in-process), no API key (its open dev \
+         mode), sessions in memory.\n",
+        machine_line(),
+        load_average(),
+    );
+    match python_312() {
+        Some(python) => out.push_str(&format!(
+            "- **Motus** (`{MOTUS}`): {python} is on PATH, but this scenario does not run Motus' \
+             server yet.\n\n"
+        )),
+        None => out.push_str(&format!(
+            "- **Motus** (`{MOTUS}`): not run. It needs Python 3.12 or later and this machine has \
+             none (Debian 12 ships 3.11; uv's Python downloads come from GitHub, which is not \
+             reachable here).\n\n"
+        )),
+    }
+
+    // serve, timed from the spawn to its first `/readyz` 200 and to a ready session.
+    let started = Instant::now();
+    // No warm pool: the one sandbox measured is the session's own.
+    let serve = start_serve(0)?;
+    let serve_ready = until_ok(&http, &format!("{}/readyz", serve.base), started).await?;
+    let created = create(&http, &serve.base, "echo").await?;
+    let session = created["id"].as_str().context("session id")?.to_string();
+    wait_ready_session(&http, &serve.base, &session).await?;
+    let serve_pid = serve.child.id();
+
+    let (karta, karta_ready) = start_karta(&http, &karta_bin, &scratch).await?;
+    let karta_pid = karta.child.id();
+    let k: serde_json::Value = http
+        .post(format!("{}/v1/sessions", karta.base))
+        .json(&json!({}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let karta_session = k["id"]
+        .as_str()
+        .with_context(|| format!("no Karta session id in {k}"))?
+        .to_string();
+
+    // Each reply must answer its own prompt, so neither side is timed on errors.
+    let serve_turn = async |i: usize| -> anyhow::Result<u64> {
+        let text = format!("peers serve turn {i}");
+        let (us, body) = unary_turn(&http, &serve.base, &session, &text).await?;
+        let reply: serde_json::Value = serde_json::from_slice(&body)?;
+        anyhow::ensure!(
+            reply["text"].as_str().is_some_and(|t| t.contains(&text)),
+            "serve answered another prompt: {reply}"
+        );
+        Ok(us)
+    };
+    let karta_turn_checked = async |i: usize| -> anyhow::Result<u64> {
+        let text = format!("peers karta turn {i}");
+        let (us, reply) = karta_turn(&http, &karta.base, &karta_session, &text).await?;
+        anyhow::ensure!(
+            reply.contains(&text),
+            "Karta answered another prompt: {reply}"
+        );
+        Ok(us)
+    };
+    for i in 0..WARM_UP {
+        serve_turn(i).await?;
+        karta_turn_checked(i).await?;
+    }
+    let (mut on_serve, mut on_karta) = (histogram()?, histogram()?);
+    let serve_all = processes(serve_pid, Some(&serve.dir));
+    let karta_all = processes(karta_pid, None);
+    let (serve_cpu0, karta_cpu0) = (cpu_of(&serve_all), cpu_of(&karta_all));
+    let serve_own0 = sandwarden::procfs::cpu_seconds(serve_pid);
+    for i in WARM_UP..WARM_UP + turns {
+        // Alternate which goes first, so neither always runs right after the other.
+        if i % 2 == 0 {
+            on_serve.record(serve_turn(i).await?)?;
+            on_karta.record(karta_turn_checked(i).await?)?;
+        } else {
+            on_karta.record(karta_turn_checked(i).await?)?;
+            on_serve.record(serve_turn(i).await?)?;
+        }
+    }
+    let serve_cpu = cpu_of(&serve_all) - serve_cpu0;
+    let karta_cpu = cpu_of(&karta_all) - karta_cpu0;
+    let serve_own = sandwarden::procfs::cpu_seconds(serve_pid) - serve_own0;
+    let (serve_rss, serve_own_rss, karta_rss) = (
+        rss_of(&serve_all),
+        sandwarden::procfs::rss_kib(serve_pid),
+        rss_of(&karta_all),
+    );
+
+    out.push_str("### One unary turn, the same client, interleaved\n\n");
+    out.push_str("| server | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n");
+    out.push_str(&row("sandwarden serve (echo sandbox)", &on_serve));
+    out.push('\n');
+    out.push_str(&row("Karta dev-serve (stub harness)", &on_karta));
+    out.push_str("\n\n");
+    let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64;
+    out.push_str(&format!(
+        "serve / Karta: p50 **{:.2}×**, p99 **{:.2}×** (target: at most 1× each).\n\n",
+        q(&on_serve, 0.5) / q(&on_karta, 0.5).max(1.0),
+        q(&on_serve, 0.99) / q(&on_karta, 0.99).max(1.0),
+    ));
+    let per_turn = |secs: f64| format!("{:.2} ms", secs * 1000.0 / turns as f64);
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    out.push_str(&format!(
+        "| | sandwarden | Karta |\n|---|---|---|\n\
+         | CPU per turn (server and what it runs: serve + harness + echo agent; Karta's one \
+         process) | {} (serve alone {}) | {} |\n\
+         | resident memory after the run | {} (serve alone {}) | {} |\n\
+         | start: spawn → first 200 from `/readyz` (serve) or `/healthz` (Karta) | {} | {} |\n\n",
+        per_turn(serve_cpu),
+        per_turn(serve_own),
+        per_turn(karta_cpu),
+        mib(serve_rss),
+        mib(serve_own_rss),
+        mib(karta_rss),
+        fmt_us(serve_ready.as_micros() as u64),
+        fmt_us(karta_ready.as_micros() as u64),
+    ));
+    drop(karta);
+    drop(serve);
+    Ok(out)
+}
