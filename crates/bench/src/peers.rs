@@ -5,7 +5,7 @@
 //! Python is on PATH. A benchmark, not a test: it downloads from PyPI.
 
 use crate::bench::{BenchArgs, fmt_us, histogram, load_average, machine_line, row};
-use crate::serve::{create, start_serve, unary_turn, wait_ready_session};
+use crate::serve::{Serve, create, start_serve, start_serve_env, unary_turn, wait_ready_session};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -193,6 +193,113 @@ fn python_312() -> Option<String> {
     on_path.into_iter().chain(pyenv).find(|p| runs(p))
 }
 
+/// How to send one server a unary turn.
+enum Protocol {
+    /// sandwarden's `POST /v1/sessions/{id}/messages` with the bench's key.
+    Sandwarden,
+    /// Karta's `POST /v1/sessions/{id}/messages`, no key.
+    Karta,
+}
+
+/// A server under test: its process (kept running while this lives), a session on it, and
+/// what was measured.
+struct UnderTest {
+    name: String,
+    protocol: Protocol,
+    base: String,
+    session: String,
+    /// The server's own process, and it with what it runs (sandboxes, children).
+    pid: u32,
+    pids: Vec<u32>,
+    ready: Duration,
+    latency: Histogram<u64>,
+    cpu_before: f64,
+    own_before: f64,
+    _process: Box<dyn std::any::Any>,
+}
+
+impl UnderTest {
+    /// One unary turn with a prompt of its own: microseconds, checked to answer that prompt.
+    async fn turn(&self, http: &reqwest::Client, i: usize) -> anyhow::Result<u64> {
+        let text = format!("peers turn {i} for {}", self.name);
+        let (us, reply) = match self.protocol {
+            Protocol::Sandwarden => {
+                let (us, body) = unary_turn(http, &self.base, &self.session, &text).await?;
+                let reply: serde_json::Value = serde_json::from_slice(&body)?;
+                (us, reply["text"].as_str().unwrap_or_default().to_string())
+            }
+            Protocol::Karta => karta_turn(http, &self.base, &self.session, &text).await?,
+        };
+        anyhow::ensure!(
+            reply.contains(&text),
+            "{} answered another prompt: {reply}",
+            self.name
+        );
+        Ok(us)
+    }
+}
+
+/// A started serve with a ready echo session on it.
+async fn sandwarden_under_test(
+    http: &reqwest::Client,
+    serve: Serve,
+    name: &str,
+    started: Instant,
+) -> anyhow::Result<UnderTest> {
+    let ready = until_ok(http, &format!("{}/readyz", serve.base), started).await?;
+    let created = create(http, &serve.base, "echo").await?;
+    let session = created["id"].as_str().context("session id")?.to_string();
+    wait_ready_session(http, &serve.base, &session).await?;
+    let pid = serve.child.id();
+    Ok(UnderTest {
+        name: name.into(),
+        protocol: Protocol::Sandwarden,
+        base: serve.base.clone(),
+        session,
+        pid,
+        pids: processes(pid, Some(&serve.dir)),
+        ready,
+        latency: histogram()?,
+        cpu_before: 0.0,
+        own_before: 0.0,
+        _process: Box::new(serve),
+    })
+}
+
+/// Karta's dev server with a session on it.
+async fn karta_under_test(
+    http: &reqwest::Client,
+    bin: &Path,
+    scratch: &Path,
+) -> anyhow::Result<UnderTest> {
+    let (karta, ready) = start_karta(http, bin, scratch).await?;
+    let k: serde_json::Value = http
+        .post(format!("{}/v1/sessions", karta.base))
+        .json(&json!({}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let session = k["id"]
+        .as_str()
+        .with_context(|| format!("no Karta session id in {k}"))?
+        .to_string();
+    let pid = karta.child.id();
+    Ok(UnderTest {
+        name: "Karta dev-serve, stub harness".into(),
+        protocol: Protocol::Karta,
+        base: karta.base.clone(),
+        session,
+        pid,
+        pids: processes(pid, None),
+        ready,
+        latency: histogram()?,
+        cpu_before: 0.0,
+        own_before: 0.0,
+        _process: Box::new(karta),
+    })
+}
+
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let turns = args.peer_turns.max(100);
     let scratch = args
@@ -232,108 +339,101 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         )),
     }
 
-    // serve, timed from the spawn to its first `/readyz` 200 and to a ready session.
+    let mut servers = Vec::new();
+    // serve, timed from the spawn to its first `/readyz` 200; no warm pool, so the one sandbox
+    // measured is the session's own.
     let started = Instant::now();
-    // No warm pool: the one sandbox measured is the session's own.
     let serve = start_serve(0)?;
-    let serve_ready = until_ok(&http, &format!("{}/readyz", serve.base), started).await?;
-    let created = create(&http, &serve.base, "echo").await?;
-    let session = created["id"].as_str().context("session id")?.to_string();
-    wait_ready_session(&http, &serve.base, &session).await?;
-    let serve_pid = serve.child.id();
-
-    let (karta, karta_ready) = start_karta(&http, &karta_bin, &scratch).await?;
-    let karta_pid = karta.child.id();
-    let k: serde_json::Value = http
-        .post(format!("{}/v1/sessions", karta.base))
-        .json(&json!({}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let karta_session = k["id"]
-        .as_str()
-        .with_context(|| format!("no Karta session id in {k}"))?
-        .to_string();
-
-    // Each reply must answer its own prompt, so neither side is timed on errors.
-    let serve_turn = async |i: usize| -> anyhow::Result<u64> {
-        let text = format!("peers serve turn {i}");
-        let (us, body) = unary_turn(&http, &serve.base, &session, &text).await?;
-        let reply: serde_json::Value = serde_json::from_slice(&body)?;
-        anyhow::ensure!(
-            reply["text"].as_str().is_some_and(|t| t.contains(&text)),
-            "serve answered another prompt: {reply}"
-        );
-        Ok(us)
-    };
-    let karta_turn_checked = async |i: usize| -> anyhow::Result<u64> {
-        let text = format!("peers karta turn {i}");
-        let (us, reply) = karta_turn(&http, &karta.base, &karta_session, &text).await?;
-        anyhow::ensure!(
-            reply.contains(&text),
-            "Karta answered another prompt: {reply}"
-        );
-        Ok(us)
-    };
-    for i in 0..WARM_UP {
-        serve_turn(i).await?;
-        karta_turn_checked(i).await?;
+    servers.push(sandwarden_under_test(&http, serve, "sandwarden serve, SQLite", started).await?);
+    let postgres = args
+        .postgres
+        .clone()
+        .or_else(|| std::env::var("SANDWARDEN_TEST_POSTGRES").ok());
+    match &postgres {
+        Some(server) => {
+            let db = sandwarden::store::Store::scratch_database(server).await?;
+            let started = Instant::now();
+            let serve = start_serve_env(
+                0,
+                "local",
+                "[]",
+                &[("SANDWARDEN_STORE".into(), db)],
+            )?;
+            servers.push(
+                sandwarden_under_test(&http, serve, "sandwarden serve, PostgreSQL", started)
+                    .await?,
+            );
+        }
+        None => out.push_str(
+            "- **sandwarden on PostgreSQL**: not run (no `--postgres URL` or              SANDWARDEN_TEST_POSTGRES).\n",
+        ),
     }
-    let (mut on_serve, mut on_karta) = (histogram()?, histogram()?);
-    let serve_all = processes(serve_pid, Some(&serve.dir));
-    let karta_all = processes(karta_pid, None);
-    let (serve_cpu0, karta_cpu0) = (cpu_of(&serve_all), cpu_of(&karta_all));
-    let serve_own0 = sandwarden::procfs::cpu_seconds(serve_pid);
-    for i in WARM_UP..WARM_UP + turns {
-        // Alternate which goes first, so neither always runs right after the other.
-        if i % 2 == 0 {
-            on_serve.record(serve_turn(i).await?)?;
-            on_karta.record(karta_turn_checked(i).await?)?;
-        } else {
-            on_karta.record(karta_turn_checked(i).await?)?;
-            on_serve.record(serve_turn(i).await?)?;
+    servers.push(karta_under_test(&http, &karta_bin, &scratch).await?);
+    out.push('\n');
+
+    // Each reply must answer its own prompt, so no server is timed on errors.
+    for i in 0..WARM_UP {
+        for s in &servers {
+            s.turn(&http, i).await?;
         }
     }
-    let serve_cpu = cpu_of(&serve_all) - serve_cpu0;
-    let karta_cpu = cpu_of(&karta_all) - karta_cpu0;
-    let serve_own = sandwarden::procfs::cpu_seconds(serve_pid) - serve_own0;
-    let (serve_rss, serve_own_rss, karta_rss) = (
-        rss_of(&serve_all),
-        sandwarden::procfs::rss_kib(serve_pid),
-        rss_of(&karta_all),
-    );
+    for s in &mut servers {
+        s.cpu_before = cpu_of(&s.pids);
+        s.own_before = sandwarden::procfs::cpu_seconds(s.pid);
+    }
+    let n = servers.len();
+    for i in WARM_UP..WARM_UP + turns {
+        // Rotate which goes first, so none always runs right after another.
+        for k in 0..n {
+            let s = &mut servers[(i + k) % n];
+            let us = s.turn(&http, i).await?;
+            s.latency.record(us)?;
+        }
+    }
 
     out.push_str("### One unary turn, the same client, interleaved\n\n");
     out.push_str("| server | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n");
-    out.push_str(&row("sandwarden serve (echo sandbox)", &on_serve));
+    for s in &servers {
+        out.push_str(&row(&s.name, &s.latency));
+        out.push('\n');
+    }
     out.push('\n');
-    out.push_str(&row("Karta dev-serve (stub harness)", &on_karta));
-    out.push_str("\n\n");
     let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64;
-    out.push_str(&format!(
-        "serve / Karta: p50 **{:.2}×**, p99 **{:.2}×** (target: at most 1× each).\n\n",
-        q(&on_serve, 0.5) / q(&on_karta, 0.5).max(1.0),
-        q(&on_serve, 0.99) / q(&on_karta, 0.99).max(1.0),
-    ));
+    let karta = servers.last().context("Karta")?;
+    for s in &servers[..n - 1] {
+        out.push_str(&format!(
+            "{} / Karta: p50 **{:.2}×**, p99 **{:.2}×**.\n",
+            s.name,
+            q(&s.latency, 0.5) / q(&karta.latency, 0.5).max(1.0),
+            q(&s.latency, 0.99) / q(&karta.latency, 0.99).max(1.0),
+        ));
+    }
+    out.push_str(
+        "\nTargets (issue 23): on SQLite at or below 1× Karta at p50 and p99; on PostgreSQL \
+         within 1.5× of that.\n\n",
+    );
     let per_turn = |secs: f64| format!("{:.2} ms", secs * 1000.0 / turns as f64);
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
-    out.push_str(&format!(
-        "| | sandwarden | Karta |\n|---|---|---|\n\
-         | CPU per turn (server and what it runs: serve + harness + echo agent; Karta's one \
-         process) | {} (serve alone {}) | {} |\n\
-         | resident memory after the run | {} (serve alone {}) | {} |\n\
-         | start: spawn → first 200 from `/readyz` (serve) or `/healthz` (Karta) | {} | {} |\n\n",
-        per_turn(serve_cpu),
-        per_turn(serve_own),
-        per_turn(karta_cpu),
-        mib(serve_rss),
-        mib(serve_own_rss),
-        mib(karta_rss),
-        fmt_us(serve_ready.as_micros() as u64),
-        fmt_us(karta_ready.as_micros() as u64),
-    ));
-    drop(karta);
-    drop(serve);
+    out.push_str(
+        "| server | CPU per turn (the server and what it runs) | of it, the server process \
+         alone | resident memory after the run (the server alone) | start: spawn → first 200 \
+         |\n|---|---|---|---|---|\n",
+    );
+    for s in &servers {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} ({}) | {} |\n",
+            s.name,
+            per_turn(cpu_of(&s.pids) - s.cpu_before),
+            per_turn(sandwarden::procfs::cpu_seconds(s.pid) - s.own_before),
+            mib(rss_of(&s.pids)),
+            mib(sandwarden::procfs::rss_kib(s.pid)),
+            fmt_us(s.ready.as_micros() as u64),
+        ));
+    }
+    out.push_str(
+        "\nsandwarden's CPU and memory count serve, the sandbox's harness server and the echo \
+         agent (and bubblewrap); Karta's stub harness runs inside its one process. Start: to \
+         the first `/readyz` 200 for serve, `/healthz` for Karta.\n",
+    );
     Ok(out)
 }
