@@ -141,6 +141,121 @@ async fn karta_turn(
     Ok((took, body["text"].as_str().unwrap_or_default().to_string()))
 }
 
+/// The echo agent Motus' server runs: Motus has no built-in stub, so this is the smallest
+/// agent its server takes (a function of the message and the history).
+const MOTUS_ECHO_AGENT: &str = r#"from motus.models import ChatMessage
+
+
+def echo(message: ChatMessage, state: list[ChatMessage]):
+    reply = ChatMessage.assistant_message(content=f"echo: {message.content}")
+    return reply, state + [message, reply]
+"#;
+/// Motus' server (`motus serve start`) with the echo agent, one worker, on a free port.
+async fn start_motus(
+    http: &reqwest::Client,
+    bin: &Path,
+    scratch: &Path,
+) -> anyhow::Result<(Peer, Duration)> {
+    let (agent, home) = (scratch.join("motus-agent"), scratch.join("motus-home"));
+    for d in [&agent, &home] {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(agent.join("echo_agent.py"), MOTUS_ECHO_AGENT)?;
+    let port = free_port()?;
+    let started = Instant::now();
+    let child = Command::new(bin.join("motus"))
+        .args(["serve", "start", "echo_agent:echo", "--host", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "--workers", "1"])
+        .args(["--log-level", "warning"])
+        .current_dir(&agent)
+        .env_clear()
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .env("HOME", &home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting motus serve")?;
+    let peer = Peer {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let ready = until_ok(http, &format!("{}/health", peer.base), started).await?;
+    Ok((peer, ready))
+}
+
+/// One turn on a Motus session, as its client does it: the message (202), then long-polls
+/// until the session is no longer `running`; microseconds, and the reply's text.
+async fn motus_turn(
+    http: &reqwest::Client,
+    base: &str,
+    session: &str,
+    text: &str,
+) -> anyhow::Result<(u64, String)> {
+    let t0 = Instant::now();
+    let r = http
+        .post(format!("{base}/sessions/{session}/messages"))
+        .json(&json!({ "content": text }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status().as_u16() == 202,
+        "Motus refused the message: {}",
+        r.status()
+    );
+    loop {
+        let v: serde_json::Value = http
+            .get(format!("{base}/sessions/{session}?wait=true&timeout=30"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        match v["status"].as_str() {
+            Some("running") => continue,
+            Some("idle") => {
+                let took = t0.elapsed().as_micros() as u64;
+                let reply = v["response"]["content"].as_str().unwrap_or_default();
+                return Ok((took, reply.to_string()));
+            }
+            _ => anyhow::bail!("Motus turn failed: {v}"),
+        }
+    }
+}
+
+/// Motus' server with a session on it.
+async fn motus_under_test(
+    http: &reqwest::Client,
+    bin: &Path,
+    scratch: &Path,
+) -> anyhow::Result<UnderTest> {
+    let (motus, ready) = start_motus(http, bin, scratch).await?;
+    let v: serde_json::Value = http
+        .post(format!("{}/sessions", motus.base))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let session = v["session_id"]
+        .as_str()
+        .with_context(|| format!("no Motus session id in {v}"))?
+        .to_string();
+    let pid = motus.child.id();
+    Ok(UnderTest {
+        name: "Motus serve, echo agent".into(),
+        protocol: Protocol::Motus,
+        base: motus.base.clone(),
+        session,
+        pid,
+        pids: Vec::new(),
+        dir: None,
+        ready,
+        latency: histogram()?,
+        cpu_before: 0.0,
+        own_before: 0.0,
+        _process: Box::new(motus),
+    })
+}
+
 /// `pid`, every process below it, and the processes whose command line names `dir` (serve's
 /// sandboxes run on their own, outside its process tree).
 fn processes(pid: u32, dir: Option<&Path>) -> Vec<u32> {
@@ -199,6 +314,9 @@ enum Protocol {
     Sandwarden,
     /// Karta's `POST /v1/sessions/{id}/messages`, no key.
     Karta,
+    /// Motus': `POST /sessions/{id}/messages` (202), then `GET /sessions/{id}?wait=true` while
+    /// it is `running` (it has no synchronous reply).
+    Motus,
 }
 
 /// A server under test: its process (kept running while this lives), a session on it, and
@@ -211,6 +329,8 @@ struct UnderTest {
     /// The server's own process, and it with what it runs (sandboxes, children).
     pid: u32,
     pids: Vec<u32>,
+    /// A directory the command lines of processes it runs outside its tree name.
+    dir: Option<PathBuf>,
     ready: Duration,
     latency: Histogram<u64>,
     cpu_before: f64,
@@ -229,6 +349,7 @@ impl UnderTest {
                 (us, reply["text"].as_str().unwrap_or_default().to_string())
             }
             Protocol::Karta => karta_turn(http, &self.base, &self.session, &text).await?,
+            Protocol::Motus => motus_turn(http, &self.base, &self.session, &text).await?,
         };
         anyhow::ensure!(
             reply.contains(&text),
@@ -257,7 +378,8 @@ async fn sandwarden_under_test(
         base: serve.base.clone(),
         session,
         pid,
-        pids: processes(pid, Some(&serve.dir)),
+        pids: Vec::new(),
+        dir: Some(serve.dir.clone()),
         ready,
         latency: histogram()?,
         cpu_before: 0.0,
@@ -291,7 +413,8 @@ async fn karta_under_test(
         base: karta.base.clone(),
         session,
         pid,
-        pids: processes(pid, None),
+        pids: Vec::new(),
+        dir: None,
         ready,
         latency: histogram()?,
         cpu_before: 0.0,
@@ -327,17 +450,24 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         machine_line(),
         load_average(),
     );
-    match python_312() {
-        Some(python) => out.push_str(&format!(
-            "- **Motus** (`{MOTUS}`): {python} is on PATH, but this scenario does not run Motus' \
-             server yet.\n\n"
-        )),
-        None => out.push_str(&format!(
-            "- **Motus** (`{MOTUS}`): not run. It needs Python 3.12 or later and this machine has \
-             none (Debian 12 ships 3.11; uv's Python downloads come from GitHub, which is not \
-             reachable here).\n\n"
-        )),
-    }
+    let motus_bin = match python_312() {
+        Some(python) => {
+            out.push_str(&format!(
+                "- **Motus** (`{MOTUS}`, PyPI, on {python}): `motus serve start` with an echo \
+                 agent of a few lines (Motus has no stub), one worker; a turn is its client's \
+                 `POST …/messages` (202) and `GET /sessions/{{id}}?wait=true` until it is no \
+                 longer `running`.\n"
+            ));
+            Some(venv(&python, &scratch.join("motus-venv"), MOTUS, "motus")?)
+        }
+        None => {
+            out.push_str(&format!(
+                "- **Motus** (`{MOTUS}`): not run. It needs Python 3.12 or later and none was \
+                 found (on PATH or in pyenv).\n"
+            ));
+            None
+        }
+    };
 
     let mut servers = Vec::new();
     // serve, timed from the spawn to its first `/readyz` 200; no warm pool, so the one sandbox
@@ -365,9 +495,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             );
         }
         None => out.push_str(
-            "- **sandwarden on PostgreSQL**: not run (no `--postgres URL` or              SANDWARDEN_TEST_POSTGRES).\n",
+            "- **sandwarden on PostgreSQL**: not run (no `--postgres URL` or SANDWARDEN_TEST_POSTGRES).\n",
         ),
     }
+    if let Some(bin) = &motus_bin {
+        servers.push(motus_under_test(&http, bin, &scratch).await?);
+    }
+    // Karta last: the ratios are taken against it.
     servers.push(karta_under_test(&http, &karta_bin, &scratch).await?);
     out.push('\n');
 
@@ -378,6 +512,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         }
     }
     for s in &mut servers {
+        // After the warm-up: what each runs for its turns has started by now.
+        s.pids = processes(s.pid, s.dir.as_deref());
         s.cpu_before = cpu_of(&s.pids);
         s.own_before = sandwarden::procfs::cpu_seconds(s.pid);
     }
@@ -400,7 +536,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     out.push('\n');
     let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64;
     let karta = servers.last().context("Karta")?;
-    for s in &servers[..n - 1] {
+    for s in servers[..n - 1]
+        .iter()
+        .filter(|s| matches!(s.protocol, Protocol::Sandwarden))
+    {
         out.push_str(&format!(
             "{} / Karta: p50 **{:.2}×**, p99 **{:.2}×**.\n",
             s.name,
@@ -432,8 +571,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     }
     out.push_str(
         "\nsandwarden's CPU and memory count serve, the sandbox's harness server and the echo \
-         agent (and bubblewrap); Karta's stub harness runs inside its one process. Start: to \
-         the first `/readyz` 200 for serve, `/healthz` for Karta.\n",
+         agent (and bubblewrap); Karta's stub harness runs inside its one process; Motus' count \
+         its forkserver and the process each turn runs in (their CPU once they exit). Start: to \
+         the first `/readyz` 200 for serve, `/healthz` for Karta, `/health` for Motus.\n",
     );
     Ok(out)
 }
