@@ -19,6 +19,8 @@ const KARTA: &str = "karta-runtime==0.6.76";
 const MOTUS: &str = "lithosai-motus==0.4.3";
 /// Turns sent to each server before measuring.
 const WARM_UP: usize = 50;
+/// Most turns measured on Motus (about 0.1 s each).
+const MOTUS_TURNS: usize = 300;
 
 /// A peer server process, stopped when dropped.
 struct Peer {
@@ -250,8 +252,9 @@ async fn motus_under_test(
         dir: None,
         ready,
         latency: histogram()?,
-        cpu_before: 0.0,
-        own_before: 0.0,
+        turns: 0,
+        cpu: 0.0,
+        own_cpu: 0.0,
         _process: Box::new(motus),
     })
 }
@@ -333,8 +336,10 @@ struct UnderTest {
     dir: Option<PathBuf>,
     ready: Duration,
     latency: Histogram<u64>,
-    cpu_before: f64,
-    own_before: f64,
+    /// Turns measured, and the CPU seconds they took: with what it runs, and its own.
+    turns: usize,
+    cpu: f64,
+    own_cpu: f64,
     _process: Box<dyn std::any::Any>,
 }
 
@@ -360,6 +365,41 @@ impl UnderTest {
     }
 }
 
+/// Turns with prompts of their own to `servers`, after `WARM_UP` each, interleaved one by one
+/// (rotating which goes first, so none always runs right after another); each reply must answer
+/// its own prompt, so no server is timed on errors.
+async fn measure(
+    http: &reqwest::Client,
+    servers: &mut [UnderTest],
+    turns: usize,
+) -> anyhow::Result<()> {
+    for i in 0..WARM_UP {
+        for s in servers.iter() {
+            s.turn(http, i).await?;
+        }
+    }
+    let mut before = Vec::new();
+    for s in servers.iter_mut() {
+        // After the warm-up: what each runs for its turns has started by now.
+        s.pids = processes(s.pid, s.dir.as_deref());
+        before.push((cpu_of(&s.pids), cpu_of(&[s.pid])));
+    }
+    let n = servers.len();
+    for i in WARM_UP..WARM_UP + turns {
+        for k in 0..n {
+            let s = &mut servers[(i + k) % n];
+            let us = s.turn(http, i).await?;
+            s.latency.record(us)?;
+        }
+    }
+    for (s, (all, own)) in servers.iter_mut().zip(before) {
+        s.turns = turns;
+        s.cpu = cpu_of(&s.pids) - all;
+        s.own_cpu = cpu_of(&[s.pid]) - own;
+    }
+    Ok(())
+}
+
 /// A started serve with a ready echo session on it.
 async fn sandwarden_under_test(
     http: &reqwest::Client,
@@ -382,8 +422,9 @@ async fn sandwarden_under_test(
         dir: Some(serve.dir.clone()),
         ready,
         latency: histogram()?,
-        cpu_before: 0.0,
-        own_before: 0.0,
+        turns: 0,
+        cpu: 0.0,
+        own_cpu: 0.0,
         _process: Box::new(serve),
     })
 }
@@ -417,8 +458,9 @@ async fn karta_under_test(
         dir: None,
         ready,
         latency: histogram()?,
-        cpu_before: 0.0,
-        own_before: 0.0,
+        turns: 0,
+        cpu: 0.0,
+        own_cpu: 0.0,
         _process: Box::new(karta),
     })
 }
@@ -498,36 +540,29 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             "- **sandwarden on PostgreSQL**: not run (no `--postgres URL` or SANDWARDEN_TEST_POSTGRES).\n",
         ),
     }
-    if let Some(bin) = &motus_bin {
-        servers.push(motus_under_test(&http, bin, &scratch).await?);
-    }
     // Karta last: the ratios are taken against it.
     servers.push(karta_under_test(&http, &karta_bin, &scratch).await?);
     out.push('\n');
-
-    // Each reply must answer its own prompt, so no server is timed on errors.
-    for i in 0..WARM_UP {
-        for s in &servers {
-            s.turn(&http, i).await?;
-        }
-    }
-    for s in &mut servers {
-        // After the warm-up: what each runs for its turns has started by now.
-        s.pids = processes(s.pid, s.dir.as_deref());
-        s.cpu_before = cpu_of(&s.pids);
-        s.own_before = sandwarden::procfs::cpu_seconds(s.pid);
-    }
+    measure(&http, &mut servers, turns).await?;
     let n = servers.len();
-    for i in WARM_UP..WARM_UP + turns {
-        // Rotate which goes first, so none always runs right after another.
-        for k in 0..n {
-            let s = &mut servers[(i + k) % n];
-            let us = s.turn(&http, i).await?;
-            s.latency.record(us)?;
-        }
+    // Motus after the others, alone: each of its turns starts a Python process, which would
+    // take the cores from the turn interleaved after it.
+    if let Some(bin) = &motus_bin {
+        let mut motus = motus_under_test(&http, bin, &scratch).await?;
+        measure(
+            &http,
+            std::slice::from_mut(&mut motus),
+            turns.min(MOTUS_TURNS),
+        )
+        .await?;
+        servers.insert(n - 1, motus);
     }
 
-    out.push_str("### One unary turn, the same client, interleaved\n\n");
+    out.push_str(&format!(
+        "### One unary turn, the same client, interleaved (Motus: {} turns after the others, \
+         alone)\n\n",
+        turns.min(MOTUS_TURNS)
+    ));
     out.push_str("| server | p50 | p99 | p99.9 | samples |\n|---|---|---|---|---|\n");
     for s in &servers {
         out.push_str(&row(&s.name, &s.latency));
@@ -536,7 +571,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     out.push('\n');
     let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64;
     let karta = servers.last().context("Karta")?;
-    for s in servers[..n - 1]
+    for s in servers[..servers.len() - 1]
         .iter()
         .filter(|s| matches!(s.protocol, Protocol::Sandwarden))
     {
@@ -551,7 +586,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         "\nTargets (issue 23): on SQLite at or below 1× Karta at p50 and p99; on PostgreSQL \
          within 1.5× of that.\n\n",
     );
-    let per_turn = |secs: f64| format!("{:.2} ms", secs * 1000.0 / turns as f64);
+    let per_turn = |secs: f64, turns: usize| format!("{:.2} ms", secs * 1000.0 / turns as f64);
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
     out.push_str(
         "| server | CPU per turn (the server and what it runs) | of it, the server process \
@@ -562,8 +597,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         out.push_str(&format!(
             "| {} | {} | {} | {} ({}) | {} |\n",
             s.name,
-            per_turn(cpu_of(&s.pids) - s.cpu_before),
-            per_turn(sandwarden::procfs::cpu_seconds(s.pid) - s.own_before),
+            per_turn(s.cpu, s.turns),
+            per_turn(s.own_cpu, s.turns),
             mib(rss_of(&s.pids)),
             mib(sandwarden::procfs::rss_kib(s.pid)),
             fmt_us(s.ready.as_micros() as u64),
