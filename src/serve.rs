@@ -294,6 +294,8 @@ const UNSETTLED_CONNECTIONS: usize = 16;
 
 /// Connections `--probe-listen` holds at once.
 const PROBE_CONNECTIONS: usize = 64;
+/// Seconds a connection to `--probe-listen` has to send its request's headers.
+const PROBE_CLIENT_TIMEOUT_S: u64 = 2;
 
 /// Fewest file descriptors kept for serve's own use when the limit allows it.
 const RESERVED_FILES: u64 = 256;
@@ -710,10 +712,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ..sandwarden_proto::http::ClientLimits::seconds(args.client_timeout)
     };
     if let Some(probe_listener) = probe_listener {
-        // Probes and scrapers hold a connection or two each: a small cap, no pacing.
+        // Probes and scrapers hold a connection or two each and send their request at once: a
+        // small cap, a short deadline (so idle sockets cannot hold the cap), no pacing.
         let probe_limits = sandwarden_proto::http::ClientLimits {
             max_connections: Some(PROBE_CONNECTIONS),
-            ..sandwarden_proto::http::ClientLimits::seconds(args.client_timeout)
+            ..sandwarden_proto::http::ClientLimits::seconds(PROBE_CLIENT_TIMEOUT_S)
         };
         tokio::spawn(sandwarden_proto::http::serve(
             probe_listener,

@@ -7,7 +7,7 @@ mod tty;
 use crate::session::message::MessageRequest;
 use crate::session::quota::{Held, Slot};
 use crate::session::view::{MessageView, SessionView};
-use crate::session::{CreateRequest, Orchestrator};
+use crate::session::{CreateRequest, Orchestrator, SessionError};
 use crate::store::{Event, Session, SessionFilter};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -841,11 +841,14 @@ struct StreamState {
     finished: bool,
 }
 
+/// How long a turn's event stream waits before it asks again for answer memory it was refused.
+const TURN_STREAM_RETRY: Duration = Duration::from_millis(250);
+
 /// Session events as SSE: stored history first (when resuming), then live events; a subscriber
 /// that falls behind the live buffer catches up from the store. Gap-free by `seq`. Each page
 /// read from the store counts against the caller's answer memory (`quota::Answers`) until it
-/// has been sent; a page refused there ends the stream (the client resumes with
-/// `Last-Event-ID`).
+/// has been sent; a page refused there ends a session's stream (the client resumes with
+/// `Last-Event-ID`), while a turn's stream, which cannot be resumed, waits and asks again.
 fn event_stream(
     orch: Arc<Orchestrator>,
     caller: &Caller,
@@ -909,6 +912,17 @@ fn event_stream(
                         st.catch_up = page.next.is_some();
                         st.admitted = page.admitted;
                         st.backlog.extend(page.items.into_iter().map(Arc::new));
+                    }
+                    // A stream of one turn cannot be resumed: it waits for memory and tries
+                    // again. A session's stream ends; its client resumes with Last-Event-ID.
+                    Err(e) if st.turn.is_some() && !matches!(e, SessionError::Store(_)) => {
+                        tracing::debug!(error = %e, "a turn's stream waits to read its next page");
+                        st.catch_up = true;
+                        let shutdown = st.orch.shutdown.clone();
+                        tokio::select! {
+                            () = tokio::time::sleep(TURN_STREAM_RETRY) => {}
+                            () = shutdown.cancelled() => return None,
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "an event stream could not read its next page; ending it");

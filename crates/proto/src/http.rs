@@ -61,11 +61,16 @@ impl ClientLimits {
 
 /// How the first answers of recent new connections went: refused (`401` or `429`, the
 /// connection closed with it) or not. A window over about the last `INTAKE_WINDOW`
-/// connections, halved as it fills so older ones weigh less.
+/// connections, halved as it fills so older ones weigh less, and started over after
+/// `INTAKE_QUIET` without a new connection (a flood that stopped paces nothing after it).
 #[derive(Default)]
 struct Intake {
     counts: Mutex<(u32, u32)>,
+    last: Mutex<Option<std::time::Instant>>,
 }
+
+/// A pause in new connections after which `Intake` forgets what came before it.
+const INTAKE_QUIET: Duration = Duration::from_secs(2);
 
 /// Connections `Intake` looks back over.
 const INTAKE_WINDOW: u32 = 256;
@@ -74,7 +79,16 @@ const INTAKE_MIN: u32 = 64;
 
 impl Intake {
     fn record(&self, refused: bool) {
+        self.record_at(refused, std::time::Instant::now());
+    }
+
+    fn record_at(&self, refused: bool, now: std::time::Instant) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| now.saturating_duration_since(at) > INTAKE_QUIET) {
+            *c = (0, 0);
+        }
+        *last = Some(now);
         c.0 += u32::from(refused);
         c.1 += 1;
         if c.1 >= INTAKE_WINDOW {
@@ -470,6 +484,22 @@ mod tests {
         }
         let (refused, all) = *intake.counts.lock().expect("lock");
         assert!(all < INTAKE_WINDOW && refused < 4, "{refused} of {all}");
+    }
+
+    #[test]
+    fn a_pause_in_new_connections_starts_the_window_over() {
+        let intake = Intake::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..INTAKE_MIN {
+            intake.record_at(true, t0);
+        }
+        assert!(intake.mostly_refused());
+        intake.record_at(false, t0 + INTAKE_QUIET + Duration::from_millis(1));
+        assert!(
+            !intake.mostly_refused(),
+            "the flood before the pause is forgotten"
+        );
+        assert_eq!(*intake.counts.lock().expect("lock"), (0, 1));
     }
 
     #[test]
