@@ -211,25 +211,35 @@ pub fn kill_groups_matching(needles: &[&str]) {
 }
 
 /// CPU time (user + system) `pid` has used so far, in seconds; 0 when it cannot be read.
-/// /proc reports it in USER_HZ ticks, which Linux fixes at 100 per second for user space.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    cpu_ticks(pid, 2)
+}
+
+/// `cpu_seconds` plus what `pid`'s children that have exited and been waited for used.
+pub fn cpu_seconds_with_reaped(pid: u32) -> f64 {
+    cpu_ticks(pid, 4)
+}
+
+/// The first `fields` of utime, stime, cutime and cstime of `pid`, summed, in seconds. /proc
+/// reports them in USER_HZ ticks, which Linux fixes at 100 per second for user space.
+fn cpu_ticks(pid: u32, fields: usize) -> f64 {
     const USER_HZ: f64 = 100.0;
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
     // Fields after the command name (which may hold spaces, so split after its closing paren):
-    // state is the first, utime the 12th and stime the 13th.
-    let fields: Vec<&str> = stat
+    // state is the first; utime, stime, cutime and cstime are the 12th to the 15th.
+    let ticks: u64 = stat
         .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) as f64 / USER_HZ
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(fields)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    ticks as f64 / USER_HZ
 }
 
 /// The direct children of `pid` (e.g. nginx's workers under its master).

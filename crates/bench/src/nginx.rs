@@ -37,7 +37,7 @@ fn binary() -> Option<std::path::PathBuf> {
 }
 
 /// A free port on 127.0.0.1 (released before nginx binds it; a small race on a quiet machine).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }

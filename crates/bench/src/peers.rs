@@ -241,22 +241,13 @@ async fn motus_under_test(
         .as_str()
         .with_context(|| format!("no Motus session id in {v}"))?
         .to_string();
-    let pid = motus.child.id();
-    Ok(UnderTest {
-        name: "Motus serve, echo agent".into(),
-        protocol: Protocol::Motus,
-        base: motus.base.clone(),
-        session,
-        pid,
-        pids: Vec::new(),
-        dir: None,
+    UnderTest::peer(
+        "Motus serve, echo agent",
+        Protocol::Motus,
+        motus,
         ready,
-        latency: histogram()?,
-        turns: 0,
-        cpu: 0.0,
-        own_cpu: 0.0,
-        _process: Box::new(motus),
-    })
+        session,
+    )
 }
 
 /// `pid`, every process below it, and the processes whose command line names `dir` (serve's
@@ -344,6 +335,31 @@ struct UnderTest {
 }
 
 impl UnderTest {
+    /// A peer server (its process and what it starts) with `session` on it.
+    fn peer(
+        name: &str,
+        protocol: Protocol,
+        peer: Peer,
+        ready: Duration,
+        session: String,
+    ) -> anyhow::Result<UnderTest> {
+        Ok(UnderTest {
+            name: name.into(),
+            protocol,
+            base: peer.base.clone(),
+            session,
+            pid: peer.child.id(),
+            pids: Vec::new(),
+            dir: None,
+            ready,
+            latency: histogram()?,
+            turns: 0,
+            cpu: 0.0,
+            own_cpu: 0.0,
+            _process: Box::new(peer),
+        })
+    }
+
     /// One unary turn with a prompt of its own: microseconds, checked to answer that prompt.
     async fn turn(&self, http: &reqwest::Client, i: usize) -> anyhow::Result<u64> {
         let text = format!("peers turn {i} for {}", self.name);
@@ -447,22 +463,13 @@ async fn karta_under_test(
         .as_str()
         .with_context(|| format!("no Karta session id in {k}"))?
         .to_string();
-    let pid = karta.child.id();
-    Ok(UnderTest {
-        name: "Karta dev-serve, stub harness".into(),
-        protocol: Protocol::Karta,
-        base: karta.base.clone(),
-        session,
-        pid,
-        pids: Vec::new(),
-        dir: None,
+    UnderTest::peer(
+        "Karta dev-serve, stub harness",
+        Protocol::Karta,
+        karta,
         ready,
-        latency: histogram()?,
-        turns: 0,
-        cpu: 0.0,
-        own_cpu: 0.0,
-        _process: Box::new(karta),
-    })
+        session,
+    )
 }
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {

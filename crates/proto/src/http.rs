@@ -65,8 +65,14 @@ impl ClientLimits {
 /// `INTAKE_QUIET` without a new connection (a flood that stopped paces nothing after it).
 #[derive(Default)]
 struct Intake {
-    counts: Mutex<(u32, u32)>,
-    last: Mutex<Option<std::time::Instant>>,
+    window: Mutex<Window>,
+}
+
+#[derive(Default)]
+struct Window {
+    refused: u32,
+    all: u32,
+    last: Option<std::time::Instant>,
 }
 
 /// A pause in new connections after which `Intake` forgets what came before it.
@@ -83,23 +89,30 @@ impl Intake {
     }
 
     fn record_at(&self, refused: bool, now: std::time::Instant) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|at| now.saturating_duration_since(at) > INTAKE_QUIET) {
-            *c = (0, 0);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.last
+            .is_some_and(|at| now.saturating_duration_since(at) > INTAKE_QUIET)
+        {
+            *w = Window::default();
         }
-        *last = Some(now);
-        c.0 += u32::from(refused);
-        c.1 += 1;
-        if c.1 >= INTAKE_WINDOW {
-            *c = (c.0 / 2, c.1 / 2);
+        w.last = Some(now);
+        w.refused += u32::from(refused);
+        w.all += 1;
+        if w.all >= INTAKE_WINDOW {
+            (w.refused, w.all) = (w.refused / 2, w.all / 2);
         }
     }
 
     /// Whether at least three in four recent new connections were refused.
     fn mostly_refused(&self) -> bool {
-        let (refused, all) = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        all >= INTAKE_MIN && refused * 4 >= all * 3
+        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.all >= INTAKE_MIN && w.refused * 4 >= w.all * 3
+    }
+
+    #[cfg(test)]
+    fn counts(&self) -> (u32, u32) {
+        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        (w.refused, w.all)
     }
 }
 
@@ -129,8 +142,9 @@ impl ConnectionState {
             .take();
     }
 
-    /// The connection's response: settles it, and counts its first as `refused` or not.
-    fn answered(&self, refused: bool) {
+    /// The connection's response: settles it, and counts its first as `refused()` or not
+    /// (asked of the first alone).
+    fn answered(&self, refused: impl FnOnce() -> bool) {
         self.settle();
         let first = self
             .first_answer
@@ -138,7 +152,7 @@ impl ConnectionState {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(intake) = first {
-            intake.record(refused);
+            intake.record(refused());
         }
     }
 }
@@ -317,14 +331,7 @@ pub async fn serve(
                     req
                 })
                 .map_response(move |response: axum::response::Response| {
-                    let refused = matches!(
-                        response.status(),
-                        StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
-                    ) && response
-                        .headers()
-                        .get(header::CONNECTION)
-                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                    for_responses.answered(refused);
+                    for_responses.answered(|| refuses(&response));
                     response
                 }),
         );
@@ -362,6 +369,17 @@ pub async fn serve(
 /// short a queue, the kernel drops the flood's handshakes and clients retry after backing off
 /// for seconds (a new client's connection among them).
 pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Whether `response` refuses its client: `401` or `429`, closing the connection with it.
+fn refuses(response: &axum::response::Response) -> bool {
+    matches!(
+        response.status(),
+        StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+    ) && response
+        .headers()
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+}
 
 /// A TCP listener on `addr` with `LISTEN_BACKLOG` (tokio's `bind` gives 1,024).
 pub fn listen_tcp(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
@@ -482,7 +500,7 @@ mod tests {
         for _ in 0..4 * INTAKE_WINDOW {
             intake.record(false);
         }
-        let (refused, all) = *intake.counts.lock().expect("lock");
+        let (refused, all) = intake.counts();
         assert!(all < INTAKE_WINDOW && refused < 4, "{refused} of {all}");
     }
 
@@ -499,7 +517,7 @@ mod tests {
             !intake.mostly_refused(),
             "the flood before the pause is forgotten"
         );
-        assert_eq!(*intake.counts.lock().expect("lock"), (0, 1));
+        assert_eq!(intake.counts(), (0, 1));
     }
 
     #[test]
@@ -511,8 +529,8 @@ mod tests {
         };
         // Let through before its handler refused it: the answer is what counts.
         state.settle();
-        state.answered(true);
-        state.answered(false);
-        assert_eq!(*intake.counts.lock().expect("lock"), (1, 1));
+        state.answered(|| true);
+        state.answered(|| panic!("only the first answer is looked at"));
+        assert_eq!(intake.counts(), (1, 1));
     }
 }
