@@ -88,7 +88,7 @@ pub enum Command {
 }
 
 fn init_tracing() {
-    sandwarden_proto::logs::init();
+    sandwarden_proto::logs::init_with(Box::new(crate::metrics::step_timings()));
 }
 
 fn client_rt() -> std::io::Result<tokio::runtime::Runtime> {

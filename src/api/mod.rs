@@ -526,6 +526,8 @@ async fn post_message(
     } else {
         None
     };
+    // A unary message's whole time in serve after its key was checked, a step of the profile.
+    let _step = (mode == "json").then(|| crate::step!("message"));
     let started = orch
         .start_turn(&caller.tenant, &id, req, mode, &caller.limits)
         .await?;

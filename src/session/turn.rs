@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
+use tracing::Instrument;
 
 /// A template's turn limit when the session's template is gone (the templates' default).
 const DEFAULT_TURN_LIMIT: Duration = Duration::from_secs(1800);
@@ -293,6 +294,7 @@ impl Orchestrator {
             let begun = self
                 .store
                 .begin_turn(tenant, &turn, &user, delivery.as_ref())
+                .instrument(crate::step!("turn.begin"))
                 .await?;
             if let Some(begun) = begun {
                 if let Some(last) = begun.last_seq {
@@ -346,7 +348,8 @@ impl Orchestrator {
         // The harness enforces the template's turn timeout itself; this deadline, a little
         // later, covers a harness that cannot (stopped, or wedged) so the turn still ends.
         let deadline = tokio::time::Instant::now() + self.turn_deadline(&session.harness);
-        let dialled = match tokio::time::timeout_at(deadline, client.turn(&request)).await {
+        let dial = client.turn(&request).instrument(crate::step!("turn.dial"));
+        let dialled = match tokio::time::timeout_at(deadline, dial).await {
             Ok(dialled) => dialled,
             Err(_) => {
                 fail(&mut turn, error_code::TIMEOUT, HARNESS_SILENT.into());
@@ -485,7 +488,10 @@ impl Orchestrator {
                 data.clone(),
                 |event| async {
                     let event = event;
-                    let stored = store.finish_turn(turn, reply, Some(&event)).await;
+                    let stored = store
+                        .finish_turn(turn, reply, Some(&event))
+                        .instrument(crate::step!("turn.finish"))
+                        .await;
                     if stored.is_ok() {
                         run_committed();
                     }
@@ -525,6 +531,7 @@ impl Orchestrator {
         let mut terminal: Option<(EventType, String, Value)> = None;
         let mut waiting_input = false;
         let mut silent = false;
+        let harness_step = crate::step!("turn.harness");
         loop {
             let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
                 silent = true;
@@ -584,6 +591,7 @@ impl Orchestrator {
                 tracing::error!(error = %e, "recording an event failed");
             }
         }
+        drop(harness_step);
         let (kind, ts, data) = match terminal {
             Some(t) => t,
             // Past the deadline without a word: the harness is alive but not answering (a

@@ -852,6 +852,17 @@ async fn ops_endpoints() {
         metrics.contains("sandwarden_turn_duration_seconds"),
         "{metrics}"
     );
+    // The message path's step spans, one of each for the one unary message.
+    for step in [
+        "message",
+        "turn.begin",
+        "turn.dial",
+        "turn.harness",
+        "turn.finish",
+    ] {
+        let count = format!("sandwarden_step_duration_seconds_count{{step=\"{step}\"}} 1\n");
+        assert!(metrics.contains(&count), "no {count:?} in {metrics}");
+    }
 }
 
 #[tokio::test]

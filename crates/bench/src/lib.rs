@@ -14,4 +14,5 @@ pub mod nginx;
 pub mod peers;
 pub mod postgres;
 pub mod serve;
+pub mod steps;
 pub mod tty;

@@ -412,6 +412,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             harness_turn(&http, &base, &body_direct).await?;
         }
     }
+    let steps_before = crate::steps::scrape(&http, &serve.base).await?;
     let block = 20;
     let mut done = 0;
     while done < turns {
@@ -493,10 +494,23 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         ));
     }
 
+    let steps_after = crate::steps::scrape(&http, &serve.base).await?;
+    out.push_str(&format!(
+        "### Where serve's time goes: its step spans, the turns above\n\n\
+         From serve's own `sandwarden_step_duration_seconds` (its spans of target \
+         `sandwarden::steps`), read before and after the {turns} unary and {turns} SSE turns \
+         above. `message` is a unary message's whole time in serve after its key is checked; \
+         `turn.begin` the commit of the user's turn; `turn.dial` until the harness answers the \
+         turn's POST; `turn.harness` its events up to the last; `turn.finish` the commit of the \
+         outcome with the `done` event. The turn steps count SSE turns too.\n\n{}\n",
+        crate::steps::table(&steps_before, &steps_after)
+    ));
+
     // Throughput per core: the same closed-loop load through serve and through nginx, in
     // alternating rounds, each proxy's CPU time read from /proc around its rounds.
     let serve_pid = serve.child.id();
     let (mut through_serve, mut through_nginx) = (Load::default(), Load::default());
+    let steps_before = crate::steps::scrape(&http, &serve.base).await?;
     for _ in 0..LOAD_ROUNDS {
         let cpu0 = sandwarden::procfs::cpu_seconds(serve_pid);
         let (h, wall) = closed_loop(LOAD_CLIENTS, load_per_client, |i| {
@@ -515,6 +529,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
             through_nginx.add(h, wall, n.cpu_seconds() - cpu0)?;
         }
     }
+    let steps_after = crate::steps::scrape(&http, &serve.base).await?;
     out.push_str(&format!(
         "### Throughput per core: {LOAD_CLIENTS} concurrent clients, closed loop\n\n\
          Each client has its own echo sandbox (a harness serves one turn at a time). The proxy's \
@@ -534,6 +549,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     } else {
         out.push('\n');
     }
+    out.push_str(&format!(
+        "serve's steps under this load (its spans, as above):\n\n{}\n",
+        crate::steps::table(&steps_before, &steps_after)
+    ));
     // The WAL starts over once a checkpoint has copied it all; under a steady load that needs
     // the writer's own checkpoint (store/sqlite.rs), or the file grows for as long as the load
     // lasts. With it, the file stays at its high-water mark, at most the size limit.

@@ -39,6 +39,14 @@ pub fn may_log(target: &str, level: Level) -> bool {
 /// Logs to stderr (stdout carries machine-readable output, such as the harness's listen line),
 /// filtered by `SANDWARDEN_LOG` (default `info`) and by `may_log`.
 pub fn init() {
+    init_with(Box::new(tracing_subscriber::layer::Identity::new()));
+}
+
+/// `init`, with `extra` beside the log output (a layer with a filter of its own, such as one that
+/// turns spans into metrics).
+pub fn init_with(
+    extra: Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>,
+) {
     use tracing_subscriber::Layer;
     use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, filter_fn};
     use tracing_subscriber::layer::SubscriberExt;
@@ -57,7 +65,10 @@ pub fn init() {
         // through eprintln!, which panics the task that logged, e.g. a request's handler.
         .log_internal_errors(false)
         .with_filter(filter);
-    let _ = tracing_subscriber::registry().with(output).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(extra)
+        .with(output)
+        .try_init();
 }
 
 #[cfg(test)]
