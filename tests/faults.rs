@@ -633,59 +633,118 @@ async fn tty_roundtrip(tty_url: &str, line: &str, want: &str) {
     }
 }
 
+/// A turn whose reply a client got: the session, the turn, the text sent and the answer.
+type Acknowledged = (String, String, String, String);
+
 /// `serve` SIGKILLed five times while its sessions send bursts of short turns, each with its
 /// own text: after every restart each turn the store shows as ended has its last event (`done`
 /// or `error`) stored, so an SSE reader sees every turn end, and the store is intact. (Before
 /// the turn's end and its `done` were one commit, 4 runs in 5 left a completed turn without it.)
+/// And every turn a client was answered `200` for is in the history after the restarts, read
+/// through the API: its own prompt, its own answer, and its `done` event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_killed_during_bursts_leaves_no_ended_turn_without_its_last_event() {
+    crash_bursts(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_serve_killed_during_bursts_keeps_every_acknowledged_turn_and_its_done() {
+    let Some(db) = postgres_database().await else {
+        return;
+    };
+    crash_bursts(Some(&db)).await;
+}
+
+/// Turns the store shows as ended without their last event (`done` or `error`), and how many
+/// turns ended, read from the store itself (`postgres`, or the data dir's SQLite file).
+async fn ended_turns(data: &Path, postgres: Option<&str>) -> (Vec<(String, String)>, i64) {
+    use sqlx::Connection;
+    const MISSING: &str = "SELECT t.id, t.status FROM turns t WHERE t.status <> 'running' AND \
+        NOT EXISTS (SELECT 1 FROM events e WHERE e.session_id = t.session_id \
+        AND e.turn_id = t.id AND e.type IN ('done', 'error'))";
+    const ENDED: &str = "SELECT COUNT(*) FROM turns WHERE status <> 'running'";
+    match postgres {
+        None => {
+            let mut conn = read_store(data).await;
+            let missing = sqlx::query_as(MISSING).fetch_all(&mut conn).await;
+            let ended = sqlx::query_scalar(ENDED).fetch_one(&mut conn).await;
+            (missing.expect("query turns"), ended.expect("count turns"))
+        }
+        Some(url) => {
+            let mut conn = sqlx::PgConnection::connect(url).await.expect("postgres");
+            let missing = sqlx::query_as(MISSING).fetch_all(&mut conn).await;
+            let ended = sqlx::query_scalar(ENDED).fetch_one(&mut conn).await;
+            (missing.expect("query turns"), ended.expect("count turns"))
+        }
+    }
+}
+
+/// The crash check on the SQLite store (`postgres` None) or on PostgreSQL.
+async fn crash_bursts(postgres: Option<&str>) {
     let dir = data_dir_with_quick_template();
     let _sweep = Sweep(dir.path().to_path_buf());
+    let env: Vec<(&str, String)> = postgres
+        .map(|db| ("SANDWARDEN_STORE", db.to_string()))
+        .into_iter()
+        .collect();
     let mut ids: Vec<String> = Vec::new();
     let mut ended = 0;
+    let acknowledged: Arc<std::sync::Mutex<Vec<Acknowledged>>> = Arc::default();
     for round in 0..=5 {
-        let mut serve = Serve::start_in(dir.path(), &["--pool", "echo=0"]);
+        let mut serve = Serve::start_in_with_env(dir.path(), &["--pool", "echo=0"], &env);
         let api = Arc::new(serve.client());
         if ids.is_empty() {
             ids = ready_sessions(&api, "echo", 4).await.into_keys().collect();
         }
         // What the previous round's crash left, read while this serve has the store open.
-        let mut conn = read_store(dir.path()).await;
-        let missing: Vec<(String, String)> = sqlx::query_as(
-            "SELECT t.id, t.status FROM turns t WHERE t.status <> 'running' AND NOT EXISTS \
-             (SELECT 1 FROM events e WHERE e.session_id = t.session_id AND e.turn_id = t.id \
-              AND e.type IN ('done', 'error'))",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .expect("query turns");
-        ended =
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM turns WHERE status <> 'running'")
-                .fetch_one(&mut conn)
-                .await
-                .expect("count turns");
+        let missing;
+        (missing, ended) = ended_turns(dir.path(), postgres).await;
         assert!(
             missing.is_empty(),
             "after crash {round}: ended turns without their last event: {missing:?}"
         );
-        drop(conn);
-        assert_eq!(integrity(dir.path()).await, "ok", "after crash {round}");
+        if postgres.is_none() {
+            assert_eq!(integrity(dir.path()).await, "ok", "after crash {round}");
+        }
         if round == 5 {
+            let acknowledged = acknowledged.lock().expect("acknowledged").clone();
+            assert_acknowledged_kept(&api, &ids, &acknowledged).await;
+            eprintln!(
+                "FIGURES crash_acknowledged ({}): {} acknowledged turns, each in the history \
+                 with its prompt, answer and done",
+                postgres.map_or("sqlite", |_| "postgres"),
+                acknowledged.len()
+            );
             break;
         }
         let load: Vec<_> = ids
             .iter()
             .map(|id| {
-                let (api, id) = (api.clone(), id.clone());
+                let (api, id, acknowledged) = (api.clone(), id.clone(), acknowledged.clone());
                 tokio::spawn(async move {
                     let url = format!("{}/v1/sessions/{id}/messages", api.base);
                     for k in 0.. {
                         let text = format!("round {round} turn {k} of {id}");
                         let sent = api.http.post(&url).bearer_auth(&api.key);
                         // Refused or cut off when serve dies: the next round goes on.
-                        if sent.json(&json!({ "text": text })).send().await.is_err() {
+                        let Ok(reply) = sent.json(&json!({ "text": text })).send().await else {
                             break;
+                        };
+                        if reply.status() != 200 {
+                            continue;
                         }
+                        // An answer cut off by the kill was never acknowledged.
+                        let Ok(body) = reply.json::<serde_json::Value>().await else {
+                            break;
+                        };
+                        let turn_id = body["turn_id"].as_str().unwrap_or_default().to_string();
+                        let answer = body["text"].as_str().unwrap_or_default().to_string();
+                        acknowledged.lock().expect("acknowledged").push((
+                            id.clone(),
+                            turn_id,
+                            text,
+                            answer,
+                        ));
                     }
                 })
             })
@@ -698,7 +757,43 @@ async fn serve_killed_during_bursts_leaves_no_ended_turn_without_its_last_event(
         }
     }
     assert!(ended > 0, "no turn ended in five rounds");
-    eprintln!("FIGURES crash_bursts: 5 SIGKILLs, {ended} ended turns, each with its last event");
+    let store = postgres.map_or("sqlite", |_| "postgres");
+    eprintln!(
+        "FIGURES crash_bursts ({store}): 5 SIGKILLs, {ended} ended turns, each with its last event"
+    );
+}
+
+/// Every acknowledged turn, read back through the API: its user message holds the prompt sent,
+/// its assistant message the answer the client got (the echo of that prompt), and a `done`
+/// event of that turn is among the session's events.
+async fn assert_acknowledged_kept(api: &Api, ids: &[String], acknowledged: &[Acknowledged]) {
+    assert!(!acknowledged.is_empty(), "no turn was acknowledged");
+    for id in ids {
+        let history = api.history(id, 500).await;
+        let done: BTreeSet<String> = all_events(api, id)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "done")
+            .filter_map(|e| e["turn_id"].as_str().map(String::from))
+            .collect();
+        for (_, turn_id, text, answer) in acknowledged.iter().filter(|a| &a.0 == id) {
+            let of_turn = |role: &str| {
+                history
+                    .iter()
+                    .filter(|m| m["turn_id"] == turn_id.as_str() && m["role"] == role)
+                    .filter_map(|m| m["text"].as_str())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(of_turn("user"), [text.as_str()], "turn {turn_id} of {id}");
+            assert!(answer.contains(text.as_str()), "{turn_id}: {answer:?}");
+            assert_eq!(
+                of_turn("assistant"),
+                [answer.as_str()],
+                "turn {turn_id} of {id}"
+            );
+            assert!(done.contains(turn_id), "turn {turn_id} of {id} has no done");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
