@@ -152,6 +152,15 @@ pub struct ServeArgs {
     /// until its headers), unless its key says otherwise (0: no limit).
     #[arg(long, env = "SANDWARDEN_TENANT_REQUESTS", default_value_t = 500)]
     pub tenant_requests: u64,
+    /// Requests a second each API key may send, sustained, on this replica, unless its key
+    /// says otherwise (0: no limit). Over it the request is answered 429 `rate_limited` with
+    /// `Retry-After`.
+    #[arg(long, env = "SANDWARDEN_KEY_REQUEST_RATE", default_value_t = 100)]
+    pub key_request_rate: u64,
+    /// Requests each key may send at once above its rate before it is held to it (0: twice the
+    /// rate).
+    #[arg(long, env = "SANDWARDEN_KEY_REQUEST_BURST", default_value_t = 0)]
+    pub key_request_burst: u64,
     /// MiB of history and event pages a tenant may have being answered at once on this
     /// replica (a page counts twice its stored size until its answer is sent), unless its key
     /// says otherwise (0: no limit). Over it the request is answered 429.
@@ -676,6 +685,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             message_bytes: None,
             sandbox_memory_mib: nonzero(args.tenant_sandbox_memory_mib),
             answer_mib: nonzero(args.tenant_answer_mib),
+            request_rate: nonzero(args.key_request_rate),
+            request_burst: nonzero(args.key_request_burst),
             budget: None,
         },
         max_live_sessions: nonzero(args.max_sessions),

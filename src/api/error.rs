@@ -84,6 +84,23 @@ impl From<SessionError> for Problem {
             .with("limit", limit)
             .with("used", used)
             .with("max", max),
+            E::RateLimited {
+                rate,
+                burst,
+                retry_after_s,
+            } => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "this key sent requests faster than its limit of {rate} a second (bursts of \
+                     {burst}): wait {retry_after_s} s (Retry-After) and send fewer; an admin can \
+                     raise `limits.request_rate` with PATCH /v1/api-keys/{{id}}"
+                ),
+            )
+            .with("limit", "request_rate")
+            .with("max", rate)
+            .with("burst", burst)
+            .with("retry_after_s", retry_after_s),
             E::Budget { budget, used, max } => Problem::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "budget_exhausted",

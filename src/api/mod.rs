@@ -5,7 +5,7 @@ mod error;
 mod tty;
 
 use crate::session::message::MessageRequest;
-use crate::session::quota::{Held, Slot};
+use crate::session::quota::{Held, Rates, Slot};
 use crate::session::view::{MessageView, SessionView};
 use crate::session::{CreateRequest, Orchestrator, SessionError};
 use crate::store::{Event, Session, SessionFilter};
@@ -55,6 +55,7 @@ pub fn hash_key(key: &str) -> String {
 pub fn router(orch: Arc<Orchestrator>) -> Router {
     let gate = Gate {
         orch: orch.clone(),
+        rates: Rates::default(),
         connections: Held::new(
             "open_connections",
             "close idle connections or reuse fewer (a connection counts until it closes)",
@@ -198,11 +199,12 @@ pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Cal
     }
 }
 
-/// What keyed requests pass before their handler: the caller's key, then the tenant's caps on
-/// connections and on requests in flight (this replica's counts).
+/// What keyed requests pass before their handler: the caller's key, its request rate, then the
+/// tenant's caps on connections and on requests in flight (this replica's counts).
 #[derive(Clone)]
 struct Gate {
     orch: AppState,
+    rates: Rates,
     connections: Held,
     requests: Held,
 }
@@ -212,6 +214,9 @@ async fn require_key(State(gate): State<Gate>, mut req: Request, next: Next) -> 
         Ok(caller) => caller,
         Err(p) => return p.into_response(),
     };
+    if let Err(e) = gate.rates.take(&caller.key_id, &caller.limits) {
+        return Problem::from(e).into_response();
+    }
     if let Some(conn) = req.extensions().get::<ConnectionState>()
         && let Err(p) = attribute(conn, &caller, &gate.connections)
     {

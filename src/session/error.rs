@@ -55,6 +55,14 @@ pub enum SessionError {
         max: u64,
         hint: String,
     },
+    /// The key sent its burst of requests faster than its rate refills it.
+    #[error("over this key's request rate ({rate} a second, bursts of {burst})")]
+    RateLimited {
+        rate: u64,
+        burst: u64,
+        /// Whole seconds until the key may send again.
+        retry_after_s: u64,
+    },
     /// The tenant's budget of `budget` is used up.
     #[error("the {budget} budget is used up ({used} of {max})")]
     Budget {

@@ -46,6 +46,13 @@ pub struct Limits {
     /// counts twice its stored size, from before it is read until its answer is sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer_mib: Option<u64>,
+    /// Requests a second this key may send, sustained (this replica's count, per key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_rate: Option<u64>,
+    /// Requests this key may send at once above `request_rate` before it is held to it (the
+    /// bucket's size; default: twice the rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_burst: Option<u64>,
     /// What the tenant's turns may use in all, counted from the agents' reported usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
@@ -114,7 +121,7 @@ impl Limits {
         Ok(())
     }
 
-    fn fields(&self) -> [(&'static str, Option<u64>); 9] {
+    fn fields(&self) -> [(&'static str, Option<u64>); 11] {
         [
             ("live_sessions", self.live_sessions),
             ("concurrent_turns", self.concurrent_turns),
@@ -125,6 +132,8 @@ impl Limits {
             ("message_bytes", self.message_bytes),
             ("sandbox_memory_mib", self.sandbox_memory_mib),
             ("answer_mib", self.answer_mib),
+            ("request_rate", self.request_rate),
+            ("request_burst", self.request_burst),
         ]
     }
 
@@ -140,6 +149,8 @@ impl Limits {
             message_bytes: self.message_bytes.or(defaults.message_bytes),
             sandbox_memory_mib: self.sandbox_memory_mib.or(defaults.sandbox_memory_mib),
             answer_mib: self.answer_mib.or(defaults.answer_mib),
+            request_rate: self.request_rate.or(defaults.request_rate),
+            request_burst: self.request_burst.or(defaults.request_burst),
             budget: self.budget.clone().or_else(|| defaults.budget.clone()),
         }
     }
@@ -267,6 +278,71 @@ impl Drop for Slot {
     }
 }
 
+/// Requests per key over time, on this replica (`request_rate`, `request_burst`): a token
+/// bucket per key, holding up to the burst and refilled at the rate. A request that finds it
+/// empty is refused with how long until the next one may come.
+#[derive(Clone, Default)]
+pub struct Rates {
+    buckets: Arc<Mutex<HashMap<String, Bucket>>>,
+}
+
+struct Bucket {
+    /// Requests the key may send now (fractions accrue between requests).
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    at: std::time::Instant,
+}
+
+/// Buckets kept before full ones (keys quiet long enough to have refilled) are forgotten.
+const RATE_BUCKETS_KEPT: usize = 10_000;
+
+impl Rates {
+    /// Counts one request of `key_id` against its limits; refused with `RateLimited` when it
+    /// has sent its burst and the rate has not yet given it another.
+    pub fn take(&self, key_id: &str, limits: &Limits) -> Result<(), SessionError> {
+        self.take_at(key_id, limits, std::time::Instant::now())
+    }
+
+    fn take_at(
+        &self,
+        key_id: &str,
+        limits: &Limits,
+        now: std::time::Instant,
+    ) -> Result<(), SessionError> {
+        let Some(rate) = limits.request_rate else {
+            return Ok(());
+        };
+        let burst = limits
+            .request_burst
+            .unwrap_or(rate.saturating_mul(2))
+            .max(1);
+        let (rate_f, burst_f) = (rate as f64, burst as f64);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= RATE_BUCKETS_KEPT && !buckets.contains_key(key_id) {
+            buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate_f < burst_f
+            });
+        }
+        let bucket = buckets.entry(key_id.to_string()).or_insert(Bucket {
+            tokens: burst_f,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate_f).min(burst_f);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = (1.0 - bucket.tokens) / rate_f;
+        Err(SessionError::RateLimited {
+            rate,
+            burst,
+            retry_after_s: (wait.ceil() as u64).max(1),
+        })
+    }
+}
+
 /// Open event streams and terminals per tenant, on this replica (`open_streams`).
 #[derive(Clone)]
 pub struct Streams(Held);
@@ -377,6 +453,61 @@ impl Answers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keys_rate_allows_its_burst_then_refills_at_the_rate() {
+        let rates = Rates::default();
+        let limits = Limits {
+            request_rate: Some(4),
+            request_burst: Some(3),
+            ..Limits::default()
+        };
+        let t0 = std::time::Instant::now();
+        for _ in 0..3 {
+            rates.take_at("k1", &limits, t0).expect("within the burst");
+        }
+        let refused = rates
+            .take_at("k1", &limits, t0)
+            .expect_err("past the burst");
+        assert!(
+            matches!(
+                refused,
+                SessionError::RateLimited {
+                    rate: 4,
+                    burst: 3,
+                    retry_after_s: 1
+                }
+            ),
+            "{refused:?}"
+        );
+        // Another key has its own bucket.
+        rates.take_at("k2", &limits, t0).expect("another key");
+        // A quarter of a second gives one request back, not two.
+        let later = t0 + std::time::Duration::from_millis(250);
+        rates.take_at("k1", &limits, later).expect("refilled one");
+        assert!(rates.take_at("k1", &limits, later).is_err());
+        // A long pause refills no more than the burst.
+        let much_later = t0 + std::time::Duration::from_secs(60);
+        for _ in 0..3 {
+            rates
+                .take_at("k1", &limits, much_later)
+                .expect("a whole burst");
+        }
+        assert!(rates.take_at("k1", &limits, much_later).is_err());
+        // Without a rate nothing is counted; the burst defaults to twice the rate.
+        let unlimited = Limits::default();
+        for _ in 0..1000 {
+            rates.take_at("k3", &unlimited, t0).expect("no rate");
+        }
+        let doubled = Limits {
+            request_rate: Some(2),
+            ..Limits::default()
+        };
+        for _ in 0..4 {
+            rates.take_at("k4", &doubled, t0).expect("twice the rate");
+        }
+        assert!(rates.take_at("k4", &doubled, t0).is_err());
+    }
 
     #[test]
     fn stream_slots_are_counted_per_tenant_and_given_back() {

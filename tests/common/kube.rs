@@ -241,6 +241,8 @@ pub fn serve(c: &Cluster, data: &std::path::Path, identity: &str) -> (Server, Ap
             .env("KUBECONFIG", &c.kubeconfig)
             .env("POD_NAME", identity)
             .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+            // As `Serve`: the load scenarios send hundreds of requests a second with one key.
+            .env("SANDWARDEN_KEY_REQUEST_RATE", "0")
             .env(
                 "SANDWARDEN_LOG",
                 std::env::var("SANDWARDEN_TEST_SERVE_LOG").unwrap_or_else(|_| "warn".into()),

@@ -905,6 +905,11 @@ async fn tenant_with(admin: &Api, tenant: &str, limits: serde_json::Value) -> (A
     (admin.with_key(&key), key)
 }
 
+/// A response header's value, when it is text.
+fn header<'a>(resp: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
 /// serve's open file descriptors, and its soft limit on them.
 fn descriptors(pid: i32) -> (usize, u64) {
     let open = sandwarden::procfs::open_files(pid as u32);
@@ -1165,13 +1170,7 @@ async fn a_tenants_requests_in_flight_are_capped() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let refused = refused.expect("a third request in flight is refused");
-    assert_eq!(
-        refused
-            .headers()
-            .get("connection")
-            .and_then(|v| v.to_str().ok()),
-        Some("close")
-    );
+    assert_eq!(header(&refused, "connection"), Some("close"));
     let p: serde_json::Value = refused.json().await.expect("problem");
     assert_eq!(
         (p["limit"].as_str(), p["used"].as_u64(), p["max"].as_u64()),
@@ -1192,6 +1191,104 @@ async fn a_tenants_requests_in_flight_are_capped() {
     }
     let (status, p) = busy.call("GET", "/v1/sessions", None).await;
     assert_eq!(status, 200, "{p}");
+}
+
+/// A key sending requests faster than its rate is refused `429 rate_limited` with `Retry-After`
+/// once its burst is spent, changing nothing; another key of the same tenant and another tenant
+/// are served meanwhile; the rate refills; an admin raises one key's rate with `PATCH`, and
+/// `0` is refused as a limit. (A client polling in a tight loop, as `motus serve chat` does
+/// against a status it does not know, can no longer take the server's CPU.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_request_rate_is_refused_with_retry_after_and_others_are_not() {
+    let serve = Serve::start(&["--key-request-rate", "5", "--key-request-burst", "8"]);
+    let admin = serve.client();
+    let (poller, _) = tenant_with(&admin, "poller", serde_json::json!({})).await;
+    let (sibling, _) = tenant_with(&admin, "poller", serde_json::json!({})).await;
+    let (other, _) = tenant_with(&admin, "other", serde_json::json!({})).await;
+    // A tight loop of distinct requests: the burst passes, then the bucket is empty.
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    let mut refused = None;
+    for k in 0..12 {
+        let resp = http
+            .get(serve.url(&format!("/v1/sessions?limit={}", k + 1)))
+            .bearer_auth(&poller.key)
+            .send()
+            .await
+            .expect("sent");
+        statuses.push(resp.status().as_u16());
+        if resp.status().as_u16() == 429 && refused.is_none() {
+            refused = Some(resp);
+        }
+    }
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    // 8 at once, and at most one more refilled while the loop ran (5 a second).
+    assert!((8..=9).contains(&passed), "{statuses:?}");
+    let refused = refused.expect("a request past the burst is refused");
+    assert_eq!(header(&refused, "retry-after"), Some("1"));
+    assert_eq!(header(&refused, "connection"), Some("close"));
+    let p: serde_json::Value = refused.json().await.expect("problem");
+    assert_eq!(p["type"], "rate_limited", "{p}");
+    assert_eq!(p["status"], 429, "{p}");
+    assert_eq!(
+        (p["limit"].as_str(), p["max"].as_u64(), p["burst"].as_u64()),
+        (Some("request_rate"), Some(5), Some(8)),
+        "{p}"
+    );
+    assert!(p["detail"].as_str().unwrap_or("").contains("PATCH"), "{p}");
+    // Refused means nothing happened: a create past the rate makes no session.
+    let (status, p) = poller
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(serde_json::json!({"harness": "echo"})),
+        )
+        .await;
+    assert_eq!(status, 429, "{p}");
+    let (status, list) = admin.call("GET", "/v1/sessions?tenant=poller", None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["sessions"].as_array().map(Vec::len), Some(0), "{list}");
+    // The rate is per key: the same tenant's other key and another tenant are served.
+    assert_eq!(sibling.call("GET", "/v1/sessions", None).await.0, 200);
+    assert_eq!(other.call("GET", "/v1/sessions", None).await.0, 200);
+    // After the wait it said, the key is served again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(poller.call("GET", "/v1/sessions", None).await.0, 200);
+
+    // An admin raises one key's rate; 0 is not a limit.
+    let (status, keys) = admin.call("GET", "/v1/api-keys", None).await;
+    assert_eq!(status, 200, "{keys}");
+    let id = keys["api_keys"]
+        .as_array()
+        .and_then(|ks| {
+            ks.iter()
+                .find(|k| k["tenant"] == "other")
+                .and_then(|k| k["id"].as_str())
+        })
+        .expect("other's key id")
+        .to_string();
+    let (status, p) = admin
+        .call(
+            "PATCH",
+            &format!("/v1/api-keys/{id}"),
+            Some(serde_json::json!({"limits": {"request_rate": 0}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+    let (status, p) = admin
+        .call(
+            "PATCH",
+            &format!("/v1/api-keys/{id}"),
+            Some(serde_json::json!({"limits": {"request_rate": 1000, "request_burst": 100}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{p}");
+    for k in 0..40 {
+        let (status, p) = other
+            .call("GET", &format!("/v1/sessions?limit={}", k % 50 + 1), None)
+            .await;
+        assert_eq!(status, 200, "request {k} at the raised rate: {p}");
+    }
 }
 
 /// A connection that sends no request, and a keep-alive connection left idle after one, are

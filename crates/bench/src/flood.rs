@@ -226,7 +226,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let mut out = format!(
         "Command: `sandwarden-bench flood --connections {n}` (release build; {IN_FLIGHT} flood \
          connections being opened at once per worker process, every one kept; serve with its default \
-         caps: `--tenant-streams 500 --tenant-connections 1000 --tenant-requests 500`, \
+         caps: `--tenant-streams 500 --tenant-connections 1000 --tenant-requests 500`, no \
+         request rate (`--key-request-rate 0`: it would refuse the flood before these caps), \
          `--max-connections` three quarters of its open-file limit). Machine: {}; load average at \
          the start {}; serve's open-file limit {serve_limit}; the flood's client: {} worker \
          processes of at most {PER_WORKER} connections each, at niceness {nice}.\n\n",

@@ -101,6 +101,7 @@ pub(crate) fn start_serve_args(
                 "SANDWARDEN_TENANT_TURNS",
                 "SANDWARDEN_TENANT_STREAMS",
                 "SANDWARDEN_MAX_SESSIONS",
+                "SANDWARDEN_KEY_REQUEST_RATE",
             ]
             .map(|k| (k, "0")),
         )

@@ -74,7 +74,12 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(seconds) = self.extra.get("retry_after_s").and_then(|v| v.as_u64()) {
+            // A wait the problem names itself (a rate limit) is also said as HTTP says it.
+            if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
             // Unavailability here is short-lived (a restarting database, a server starting).
             response
                 .headers_mut()
