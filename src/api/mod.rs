@@ -75,6 +75,11 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/sessions/{id}/events", get(get_events))
         .route("/v1/sessions/{id}/turns/{turn_id}", get(get_turn))
         .route("/v1/sessions/{id}/cancel", post(cancel))
+        .route("/v1/sessions/{id}/files", get(list_files))
+        .route(
+            "/v1/sessions/{id}/files/{*path}",
+            get(read_file).put(write_file),
+        )
         .route("/v1/sessions/{id}/inputs/{request_id}", post(answer_input))
         .route("/v1/api-keys", post(create_key).get(list_keys))
         .route("/v1/usage", get(usage))
@@ -1105,6 +1110,69 @@ async fn create_key(
 #[derive(Deserialize)]
 struct TenantQuery {
     tenant: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilesQuery {
+    tenant: Option<String>,
+    under: Option<String>,
+}
+
+/// `GET /v1/sessions/{id}/files[?under=DIR]`: the working directory's entries.
+async fn list_files(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<FilesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let tenant = acting_tenant(&caller, q.tenant)?;
+    let id = session_path(&tenant, &id)?;
+    let listing = orch.list_files(&tenant, &id, q.under.as_deref()).await?;
+    Ok(Json(listing).into_response())
+}
+
+/// `GET /v1/sessions/{id}/files/{path}`: a file's bytes, streamed from the sandbox.
+async fn read_file(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let tenant = acting_tenant(&caller, query_of(query)?.tenant)?;
+    let id = session_path(&tenant, &id)?;
+    let file = orch.read_file(&tenant, &id, &path).await?;
+    let length = file.content_length();
+    let mut response = axum::body::Body::from_stream(file.bytes_stream()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(n) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    Ok(response)
+}
+
+/// `PUT /v1/sessions/{id}/files/{path}`: writes the body as the file, whole.
+async fn write_file(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, path)): Path<(String, String)>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> Result<Response, Problem> {
+    let tenant = acting_tenant(&caller, query_of(query)?.tenant)?;
+    let id = session_path(&tenant, &id)?;
+    let (created, written) = orch.write_file(&tenant, &id, &path, body).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(written)).into_response())
 }
 
 /// Every key (never the key itself, nor its hash), revoked ones marked; `?tenant=` for one.

@@ -11,6 +11,7 @@
 mod create;
 pub mod error;
 pub mod exit;
+mod files;
 pub mod hub;
 pub mod liveness;
 pub mod message;

@@ -784,7 +784,7 @@ impl Orchestrator {
     }
 
     /// What a failed request to the session's harness means, after the dead rule.
-    async fn harness_failure(&self, session: &Session, e: ClientError) -> SessionError {
+    pub(super) async fn harness_failure(&self, session: &Session, e: ClientError) -> SessionError {
         if self.unreachable(session, &e).await {
             return SessionError::Unreachable { turn_id: None };
         }

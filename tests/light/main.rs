@@ -14,6 +14,7 @@ mod controller;
 mod crds;
 mod dead_session;
 mod fake_model;
+mod files;
 mod fuzz;
 mod harness_api;
 mod harness_tui;

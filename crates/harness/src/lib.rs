@@ -12,6 +12,7 @@ pub mod bind;
 pub mod config;
 pub mod echo_agent;
 pub mod egress;
+pub mod files;
 pub mod launch;
 pub mod map;
 pub mod process;

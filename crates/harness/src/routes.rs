@@ -8,7 +8,7 @@ use crate::problem::Problem;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -40,6 +40,8 @@ pub fn router(cfg: Arc<HarnessConfig>, driver: Driver) -> Router {
         .route("/v1/inputs/{request_id}", post(answer_input))
         .route("/v1/bind", post(bind))
         .route("/v1/tty", get(tty))
+        .route("/v1/files", get(list_files))
+        .route("/v1/files/{*path}", get(read_file).put(write_file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(cfg.max_request_bytes))
@@ -79,7 +81,8 @@ async fn not_found() -> Problem {
         StatusCode::NOT_FOUND,
         "not_found",
         "no such route; see GET /healthz, POST /v1/turns, POST /v1/turns/cancel, \
-         POST /v1/inputs/{request_id}, POST /v1/bind, GET /v1/tty",
+         POST /v1/inputs/{request_id}, POST /v1/bind, GET /v1/tty, GET /v1/files, \
+         GET|PUT /v1/files/{path}",
     )
 }
 
@@ -206,6 +209,46 @@ async fn tty(
     Ok(ws
         .max_message_size(MAX_WS_MESSAGE)
         .on_upgrade(move |socket| term.serve_viewer(socket)))
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    under: Option<String>,
+}
+
+async fn list_files(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, Problem> {
+    let listing = super::files::list(state.cfg.workdir.clone(), q.under).await?;
+    Ok(Json(listing).into_response())
+}
+
+async fn read_file(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+) -> Result<Response, Problem> {
+    let bytes = super::files::read(state.cfg.workdir.clone(), path).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn write_file(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+    body: bytes::Bytes,
+) -> Result<Response, Problem> {
+    let size = body.len();
+    let created = super::files::write(state.cfg.workdir.clone(), path.clone(), body).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({ "path": path, "size": size })),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

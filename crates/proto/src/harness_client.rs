@@ -264,6 +264,49 @@ impl HarnessClient {
         resp.json().await.map_err(ClientError::Transport)
     }
 
+    /// `/v1/files/PATH` with each of `path`'s segments percent-encoded.
+    fn file_url(&self, path: &str) -> String {
+        let mut url = match reqwest::Url::parse(&self.url("/v1/files")) {
+            Ok(url) => url,
+            Err(_) => return self.url("/v1/files/"),
+        };
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.extend(path.split('/'));
+        }
+        url.into()
+    }
+
+    /// The sandbox's working directory, listed (`under`: a directory in it).
+    pub async fn list_files(&self, under: Option<&str>) -> Result<serde_json::Value, ClientError> {
+        let mut url = self.url("/v1/files");
+        if let Some(under) = under
+            && let Ok(mut parsed) = reqwest::Url::parse(&url)
+        {
+            parsed.query_pairs_mut().append_pair("under", under);
+            url = parsed.into();
+        }
+        let resp = self.send(self.http.get(&url), &url).await?;
+        resp.json().await.map_err(ClientError::Transport)
+    }
+
+    /// A file of the working directory: the answer, its body not yet read.
+    pub async fn read_file(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let url = self.file_url(path);
+        self.send(self.http.get(&url), &url).await
+    }
+
+    /// Writes a file of the working directory; whether it is new, and the harness's answer.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        bytes: bytes::Bytes,
+    ) -> Result<(bool, serde_json::Value), ClientError> {
+        let url = self.file_url(path);
+        let resp = self.send(self.http.put(&url).body(bytes), &url).await?;
+        let created = resp.status() == reqwest::StatusCode::CREATED;
+        Ok((created, resp.json().await.map_err(ClientError::Transport)?))
+    }
+
     /// A WebSocket handshake request for `GET /v1/tty`, carrying the token.
     pub fn tty_request(
         &self,

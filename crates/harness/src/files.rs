@@ -1,0 +1,338 @@
+//! The sandbox's working directory over HTTP: list, read and write files (`GET /v1/files`,
+//! `GET`/`PUT /v1/files/{path}`), for clients that hand an agent its inputs or collect what it
+//! wrote.
+//!
+//! Every path is resolved inside the working directory by cap-std, which refuses any path that
+//! would leave it, through `..` or through a symbolic link (one the agent planted pointing at
+//! `/proc/…` included): the server never reads or writes for a client what lies outside, even
+//! though it runs with the agent's own rights in the sandbox.
+
+use crate::event::is_inside;
+use crate::problem::Problem;
+use axum::http::StatusCode;
+use cap_std::fs::Dir;
+use serde::Serialize;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+/// Largest file `GET /v1/files/{path}` reads (a larger one is refused, not cut).
+pub const MAX_READ_BYTES: u64 = 16 * 1024 * 1024;
+/// Most entries one listing holds, and how deep it goes.
+const MAX_ENTRIES: usize = 10_000;
+const MAX_DEPTH: usize = 32;
+
+/// One entry of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// Relative to the working directory, `/`-separated.
+    pub path: String,
+    /// `file`, `dir` or `symlink` (a link is listed, never followed).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Bytes, for a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// `GET /v1/files`'s answer.
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    pub files: Vec<Entry>,
+    /// Whether entries were left out past `MAX_ENTRIES` or `MAX_DEPTH`.
+    pub truncated: bool,
+}
+
+/// A path a client named, checked: relative, with no `..`, no NUL.
+fn checked(path: &str) -> Result<PathBuf, Problem> {
+    if !is_inside(path) {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_path",
+            format!(
+                "{path:?} is not a path inside the working directory: give a relative path \
+                 without `..`"
+            ),
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn open(workdir: &Path) -> Result<Dir, Problem> {
+    Dir::open_ambient_dir(workdir, cap_std::ambient_authority()).map_err(|e| {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "workdir_unavailable",
+            format!("the working directory cannot be opened: {e}"),
+        )
+    })
+}
+
+/// An I/O error on `path` as the client should read it.
+fn failed(path: &Path, e: &std::io::Error) -> Problem {
+    let shown = path.display();
+    match e.kind() {
+        ErrorKind::NotFound => Problem::new(
+            StatusCode::NOT_FOUND,
+            "file_not_found",
+            format!("{shown} does not exist in the working directory (list it with GET …/files)"),
+        ),
+        ErrorKind::PermissionDenied => Problem::new(
+            StatusCode::FORBIDDEN,
+            "path_not_allowed",
+            format!(
+                "{shown} cannot be reached: it leads out of the working directory (through a \
+                 symbolic link, say) or is not readable"
+            ),
+        ),
+        ErrorKind::AlreadyExists => Problem::new(
+            StatusCode::CONFLICT,
+            "not_a_directory",
+            format!(
+                "{shown} exists and is not a directory (a file, or a symbolic link, which is \
+                 never followed)"
+            ),
+        ),
+        ErrorKind::IsADirectory | ErrorKind::NotADirectory => Problem::new(
+            StatusCode::CONFLICT,
+            "not_a_file",
+            format!("{shown} is a directory or lies under a file: {e}"),
+        ),
+        _ => Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "file_error",
+            format!("{shown}: {e}"),
+        ),
+    }
+}
+
+/// Runs blocking file work off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Problem> + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "file_error",
+            format!("the file operation stopped: {e}"),
+        )
+    })?
+}
+
+/// The bytes of the file at `path`.
+pub async fn read(workdir: PathBuf, path: String) -> Result<Vec<u8>, Problem> {
+    let path = checked(&path)?;
+    blocking(move || {
+        let dir = open(&workdir)?;
+        let meta = dir.metadata(&path).map_err(|e| failed(&path, &e))?;
+        if meta.is_dir() {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "not_a_file",
+                format!(
+                    "{} is a directory: list it with GET …/files?under={}",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+        if meta.len() > MAX_READ_BYTES {
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "file_too_large",
+                format!(
+                    "{} holds {} bytes; files of at most {MAX_READ_BYTES} bytes are read",
+                    path.display(),
+                    meta.len()
+                ),
+            )
+            .with("size", meta.len())
+            .with("max", MAX_READ_BYTES));
+        }
+        dir.read(&path).map_err(|e| failed(&path, &e))
+    })
+    .await
+}
+
+/// Writes `bytes` to `path` (its directories made as needed), whole or not at all: written to a
+/// file beside it, then renamed over it. Returns whether the file is new.
+pub async fn write(workdir: PathBuf, path: String, bytes: bytes::Bytes) -> Result<bool, Problem> {
+    let path = checked(&path)?;
+    blocking(move || {
+        let dir = open(&workdir)?;
+        let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            return Err(failed_name(&path));
+        };
+        let parent = path.parent().unwrap_or(Path::new(""));
+        if !parent.as_os_str().is_empty() {
+            dir.create_dir_all(parent).map_err(|e| failed(parent, &e))?;
+        }
+        let existed = match dir.symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "not_a_file",
+                    format!("{} is a directory", path.display()),
+                ));
+            }
+            Ok(_) => true,
+            Err(e) if e.kind() == ErrorKind::NotFound => false,
+            Err(e) => return Err(failed(&path, &e)),
+        };
+        let staged = parent.join(format!(".{name}.{}.part", uuid::Uuid::new_v4().simple()));
+        let written = dir
+            .write(&staged, &bytes)
+            .and_then(|()| dir.rename(&staged, &dir, &path));
+        if let Err(e) = written {
+            let _ = dir.remove_file(&staged);
+            return Err(failed(&path, &e));
+        }
+        Ok(!existed)
+    })
+    .await
+}
+
+fn failed_name(path: &Path) -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_path",
+        format!("{} names no file", path.display()),
+    )
+}
+
+/// Every entry under `under` (the working directory itself for `None`), depth first, sorted;
+/// symbolic links are listed, not followed.
+pub async fn list(workdir: PathBuf, under: Option<String>) -> Result<Listing, Problem> {
+    let start = match under.as_deref() {
+        None | Some("") | Some(".") => PathBuf::new(),
+        Some(p) => checked(p)?,
+    };
+    blocking(move || {
+        let root = open(&workdir)?;
+        let dir = if start.as_os_str().is_empty() {
+            root
+        } else {
+            root.open_dir(&start).map_err(|e| failed(&start, &e))?
+        };
+        let mut listing = Listing {
+            files: Vec::new(),
+            truncated: false,
+        };
+        walk(&dir, &start, 0, &mut listing);
+        listing.files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(listing)
+    })
+    .await
+}
+
+fn walk(dir: &Dir, at: &Path, depth: usize, listing: &mut Listing) {
+    let Ok(entries) = dir.entries() else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if listing.files.len() >= MAX_ENTRIES {
+            listing.truncated = true;
+            return;
+        }
+        let path = at.join(entry.file_name());
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let shown = path.to_string_lossy().into_owned();
+        if kind.is_symlink() {
+            listing.files.push(Entry {
+                path: shown,
+                kind: "symlink",
+                size: None,
+            });
+        } else if kind.is_dir() {
+            listing.files.push(Entry {
+                path: shown,
+                kind: "dir",
+                size: None,
+            });
+            if depth + 1 >= MAX_DEPTH {
+                listing.truncated = true;
+                continue;
+            }
+            if let Ok(sub) = entry.open_dir() {
+                walk(&sub, &path, depth + 1, listing);
+            }
+        } else {
+            listing.files.push(Entry {
+                path: shown,
+                kind: "file",
+                size: entry.metadata().ok().map(|m| m.len()),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_reads_and_lists_inside_and_refuses_the_way_out() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::write(outside.path().join("secret"), "outside").expect("write");
+        let wd = work.path().to_path_buf();
+        assert!(
+            write(wd.clone(), "in/a.txt".into(), "alpha".into())
+                .await
+                .expect("new")
+        );
+        assert!(
+            !write(wd.clone(), "in/a.txt".into(), "beta".into())
+                .await
+                .expect("replaced")
+        );
+        assert_eq!(
+            read(wd.clone(), "in/a.txt".into()).await.expect("read"),
+            b"beta"
+        );
+        // A link out, as an agent could plant one: listed, never followed.
+        std::os::unix::fs::symlink(outside.path(), work.path().join("out")).expect("symlink");
+        std::os::unix::fs::symlink("/proc/self/environ", work.path().join("env")).expect("link");
+        for bad in ["out/secret", "env"] {
+            let e = read(wd.clone(), bad.into()).await.expect_err(bad);
+            assert_eq!(e.status, 403, "{bad}: {e:?}");
+        }
+        let e = write(wd.clone(), "out/planted".into(), "x".into())
+            .await
+            .expect_err("write through a link");
+        assert_eq!(e.status, 409, "{e:?}");
+        assert!(!outside.path().join("planted").exists());
+        for bad in ["../x", "/etc/passwd", ""] {
+            let e = read(wd.clone(), bad.into()).await.expect_err(bad);
+            assert_eq!(e.status, 422, "{bad}: {e:?}");
+        }
+        let e = read(wd.clone(), "missing".into())
+            .await
+            .expect_err("missing");
+        assert_eq!(e.status, 404);
+        let e = read(wd.clone(), "in".into())
+            .await
+            .expect_err("a directory");
+        assert_eq!(e.status, 409);
+        let listing = list(wd.clone(), None).await.expect("list");
+        let shown: Vec<(&str, &str)> = listing
+            .files
+            .iter()
+            .map(|e| (e.path.as_str(), e.kind))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("env", "symlink"),
+                ("in", "dir"),
+                ("in/a.txt", "file"),
+                ("out", "symlink")
+            ]
+        );
+        let under = list(wd.clone(), Some("in".into())).await.expect("under");
+        assert_eq!(under.files.len(), 1);
+        assert_eq!(under.files[0].size, Some(4));
+        assert!(!listing.truncated);
+    }
+}

@@ -1,0 +1,169 @@
+//! A session's files over HTTP (`GET /v1/sessions/{id}/files`, `GET`/`PUT …/files/{path}`):
+//! what a client writes is what the program in the sandbox reads in its working directory, what
+//! the program writes the client reads back, and no path, `..` or a link the program planted,
+//! reaches anything outside it.
+
+use crate::common::shell::Shell;
+use crate::common::*;
+use serde_json::Value;
+
+/// A file's bytes and status through the API.
+async fn get_file(serve: &Serve, key: &str, id: &str, path: &str) -> (u16, Vec<u8>) {
+    let resp = reqwest::Client::new()
+        .get(serve.url(&format!("/v1/sessions/{id}/files/{path}")))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("sent");
+    let status = resp.status().as_u16();
+    (status, resp.bytes().await.expect("body").to_vec())
+}
+
+async fn put_file(serve: &Serve, key: &str, id: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .put(serve.url(&format!("/v1/sessions/{id}/files/{path}")))
+        .bearer_auth(key)
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_files_are_its_sandboxs_working_directory_and_nothing_else() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let key = api.key.clone();
+    let id = api.ready("sh").await;
+
+    // The client writes; the program in the sandbox reads the same bytes where it runs.
+    let (status, put) = put_file(
+        &serve,
+        &key,
+        &id,
+        "notes/plan-7f3.txt",
+        b"osprey plan 7f3\n".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 201, "{put}");
+    assert_eq!(put["size"], 16, "{put}");
+    let (status, put) = put_file(
+        &serve,
+        &key,
+        &id,
+        "notes/plan-7f3.txt",
+        b"heron plan 7f4\n".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "a second write replaces the file: {put}");
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    let mut shell = Shell::attach(s["tty_url"].as_str().expect("tty_url")).await;
+    let (out, rc) = shell.run("cat notes/plan-7f3.txt").await;
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        out.contains("heron plan 7f4") && !out.contains("osprey"),
+        "{out}"
+    );
+
+    // The program writes (bytes that are not text among them); the client reads them back.
+    let (out, rc) = shell
+        .run("printf 'kestrel\\001\\377end' > made-by-program.bin && ln -s /etc/hostname leak && ln -s / root-link")
+        .await;
+    assert_eq!(rc, 0, "{out}");
+    let (status, bytes) = get_file(&serve, &key, &id, "made-by-program.bin").await;
+    assert_eq!(status, 200);
+    assert_eq!(bytes, b"kestrel\x01\xffend");
+
+    // The listing: entries with their kinds and sizes, links listed, not followed.
+    let (status, listing) = api
+        .call("GET", &format!("/v1/sessions/{id}/files"), None)
+        .await;
+    assert_eq!(status, 200, "{listing}");
+    let entry = |path: &str| {
+        listing["files"]
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["path"] == path).cloned())
+            .unwrap_or_else(|| panic!("no {path} in {listing}"))
+    };
+    assert_eq!(entry("notes")["type"], "dir");
+    assert_eq!(entry("notes/plan-7f3.txt")["size"], 15);
+    assert_eq!(entry("made-by-program.bin")["size"], 12);
+    assert_eq!(entry("leak")["type"], "symlink");
+    let (status, under) = api
+        .call("GET", &format!("/v1/sessions/{id}/files?under=notes"), None)
+        .await;
+    assert_eq!(status, 200, "{under}");
+    assert_eq!(under["files"].as_array().map(Vec::len), Some(1), "{under}");
+
+    // No way out: `..`, a link the program planted, a write through a link.
+    for (path, want) in [
+        ("..%2Fescape", 422),
+        ("notes%2F..%2F..%2Fescape", 422),
+        ("leak", 403),
+        ("root-link/etc/passwd", 403),
+        ("missing.txt", 404),
+        ("notes", 409),
+    ] {
+        let (status, body) = get_file(&serve, &key, &id, path).await;
+        assert_eq!(status, want, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    let (status, put) = put_file(&serve, &key, &id, "root-link/tmp/planted", b"x".to_vec()).await;
+    assert_eq!(status, 403, "{put}");
+    let (status, put) = put_file(&serve, &key, &id, "..%2Fplanted", b"x".to_vec()).await;
+    assert_eq!(status, 422, "{put}");
+    let (out, rc) = shell
+        .run("test -e /tmp/planted || test -e ../planted")
+        .await;
+    assert_eq!(rc, 1, "nothing was written outside: {out}");
+
+    // Another tenant's key finds no such session.
+    let (status, other_key) = api
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "other"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{other_key}");
+    let other = other_key["key"].as_str().expect("key");
+    let (status, _) = get_file(&serve, other, &id, "notes/plan-7f3.txt").await;
+    assert_eq!(status, 404);
+    let (status, _) = put_file(&serve, other, &id, "intruder.txt", b"x".to_vec()).await;
+    assert_eq!(status, 404);
+
+    // A deleted session has no files to reach.
+    let (status, _) = api
+        .call("DELETE", &format!("/v1/sessions/{id}"), None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = get_file(&serve, &key, &id, "made-by-program.bin").await;
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+}
+
+/// An API session too: what the client writes, the agent reads in its working directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_sessions_agent_reads_the_files_a_client_wrote() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (status, put) = put_file(
+        &serve,
+        &api.key,
+        &id,
+        "input/brief-91c.md",
+        b"grebe brief 91c".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 201, "{put}");
+    let (status, reply) = api.say(&id, "/cat input/brief-91c.md").await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("grebe brief 91c"),
+        "{reply}"
+    );
+}
