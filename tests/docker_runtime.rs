@@ -241,6 +241,42 @@ async fn sessions_run_in_containers_through_the_public_api() {
         "{reply}"
     );
 
+    // The session's files are the container's working directory: a client's file is read by
+    // the agent in the container and comes back whole; `..` is refused.
+    let (status, put) = api
+        .call_bytes(
+            "PUT",
+            &format!("/v1/sessions/{echo}/files/in/cormorant-5e.txt"),
+            b"cormorant 5e".to_vec(),
+        )
+        .await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&put));
+    let (status, reply) = api.say(&echo, "/cat in/cormorant-5e.txt").await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cormorant 5e"),
+        "{reply}"
+    );
+    let (status, got) = api
+        .call_bytes(
+            "GET",
+            &format!("/v1/sessions/{echo}/files/in/cormorant-5e.txt"),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!((status, got.as_slice()), (200, &b"cormorant 5e"[..]));
+    let (status, _) = api
+        .call_bytes(
+            "GET",
+            &format!("/v1/sessions/{echo}/files/..%2Fetc%2Fpasswd"),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 422);
+
     // A terminal in a container: typed input reaches bash as the template's user.
     let sh = api.ready("sh").await;
     let (_, s) = api.call("GET", &format!("/v1/sessions/{sh}"), None).await;

@@ -524,6 +524,21 @@ impl Api {
         (tty_url, ws)
     }
 
+    /// A request with a raw body (empty for none), answered with its status and raw body.
+    pub async fn call_bytes(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .body(body)
+            .send()
+            .await
+            .expect("sent");
+        let status = resp.status().as_u16();
+        (status, resp.bytes().await.expect("body").to_vec())
+    }
+
     pub async fn say(&self, id: &str, text: &str) -> (u16, serde_json::Value) {
         self.call(
             "POST",

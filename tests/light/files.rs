@@ -7,56 +7,39 @@ use crate::common::shell::Shell;
 use crate::common::*;
 use serde_json::Value;
 
-/// A file's bytes and status through the API.
-async fn get_file(serve: &Serve, key: &str, id: &str, path: &str) -> (u16, Vec<u8>) {
-    let resp = reqwest::Client::new()
-        .get(serve.url(&format!("/v1/sessions/{id}/files/{path}")))
-        .bearer_auth(key)
-        .send()
-        .await
-        .expect("sent");
-    let status = resp.status().as_u16();
-    (status, resp.bytes().await.expect("body").to_vec())
+/// A file's status and bytes through the API.
+async fn get_file(api: &Api, id: &str, path: &str) -> (u16, Vec<u8>) {
+    api.call_bytes(
+        "GET",
+        &format!("/v1/sessions/{id}/files/{path}"),
+        Vec::new(),
+    )
+    .await
 }
 
-async fn put_file(serve: &Serve, key: &str, id: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .put(serve.url(&format!("/v1/sessions/{id}/files/{path}")))
-        .bearer_auth(key)
-        .body(body)
-        .send()
-        .await
-        .expect("sent");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or_default())
+/// Writes a file through the API: the status and the answer.
+async fn put_file(api: &Api, id: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let (status, answer) = api
+        .call_bytes(
+            "PUT",
+            &format!("/v1/sessions/{id}/files/{path}"),
+            body.to_vec(),
+        )
+        .await;
+    (status, serde_json::from_slice(&answer).unwrap_or_default())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sessions_files_are_its_sandboxs_working_directory_and_nothing_else() {
     let serve = Serve::start(&[]);
     let api = serve.client();
-    let key = api.key.clone();
     let id = api.ready("sh").await;
 
     // The client writes; the program in the sandbox reads the same bytes where it runs.
-    let (status, put) = put_file(
-        &serve,
-        &key,
-        &id,
-        "notes/plan-7f3.txt",
-        b"osprey plan 7f3\n".to_vec(),
-    )
-    .await;
+    let (status, put) = put_file(&api, &id, "notes/plan-7f3.txt", b"osprey plan 7f3\n").await;
     assert_eq!(status, 201, "{put}");
     assert_eq!(put["size"], 16, "{put}");
-    let (status, put) = put_file(
-        &serve,
-        &key,
-        &id,
-        "notes/plan-7f3.txt",
-        b"heron plan 7f4\n".to_vec(),
-    )
-    .await;
+    let (status, put) = put_file(&api, &id, "notes/plan-7f3.txt", b"heron plan 7f4\n").await;
     assert_eq!(status, 200, "a second write replaces the file: {put}");
     let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
     let mut shell = Shell::attach(s["tty_url"].as_str().expect("tty_url")).await;
@@ -72,7 +55,7 @@ async fn a_sessions_files_are_its_sandboxs_working_directory_and_nothing_else() 
         .run("printf 'kestrel\\001\\377end' > made-by-program.bin && ln -s /etc/hostname leak && ln -s / root-link")
         .await;
     assert_eq!(rc, 0, "{out}");
-    let (status, bytes) = get_file(&serve, &key, &id, "made-by-program.bin").await;
+    let (status, bytes) = get_file(&api, &id, "made-by-program.bin").await;
     assert_eq!(status, 200);
     assert_eq!(bytes, b"kestrel\x01\xffend");
 
@@ -106,12 +89,12 @@ async fn a_sessions_files_are_its_sandboxs_working_directory_and_nothing_else() 
         ("missing.txt", 404),
         ("notes", 409),
     ] {
-        let (status, body) = get_file(&serve, &key, &id, path).await;
+        let (status, body) = get_file(&api, &id, path).await;
         assert_eq!(status, want, "{path}: {}", String::from_utf8_lossy(&body));
     }
-    let (status, put) = put_file(&serve, &key, &id, "root-link/tmp/planted", b"x".to_vec()).await;
+    let (status, put) = put_file(&api, &id, "root-link/tmp/planted", b"x").await;
     assert_eq!(status, 403, "{put}");
-    let (status, put) = put_file(&serve, &key, &id, "..%2Fplanted", b"x".to_vec()).await;
+    let (status, put) = put_file(&api, &id, "..%2Fplanted", b"x").await;
     assert_eq!(status, 422, "{put}");
     let (out, rc) = shell
         .run("test -e /tmp/planted || test -e ../planted")
@@ -127,10 +110,10 @@ async fn a_sessions_files_are_its_sandboxs_working_directory_and_nothing_else() 
         )
         .await;
     assert_eq!(status, 201, "{other_key}");
-    let other = other_key["key"].as_str().expect("key");
-    let (status, _) = get_file(&serve, other, &id, "notes/plan-7f3.txt").await;
+    let other = api.with_key(other_key["key"].as_str().expect("key"));
+    let (status, _) = get_file(&other, &id, "notes/plan-7f3.txt").await;
     assert_eq!(status, 404);
-    let (status, _) = put_file(&serve, other, &id, "intruder.txt", b"x".to_vec()).await;
+    let (status, _) = put_file(&other, &id, "intruder.txt", b"x").await;
     assert_eq!(status, 404);
 
     // A deleted session has no files to reach.
@@ -138,7 +121,7 @@ async fn a_sessions_files_are_its_sandboxs_working_directory_and_nothing_else() 
         .call("DELETE", &format!("/v1/sessions/{id}"), None)
         .await;
     assert_eq!(status, 200);
-    let (status, body) = get_file(&serve, &key, &id, "made-by-program.bin").await;
+    let (status, body) = get_file(&api, &id, "made-by-program.bin").await;
     assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
 }
 
@@ -148,14 +131,7 @@ async fn an_api_sessions_agent_reads_the_files_a_client_wrote() {
     let serve = Serve::start(&[]);
     let api = serve.client();
     let id = api.ready("echo").await;
-    let (status, put) = put_file(
-        &serve,
-        &api.key,
-        &id,
-        "input/brief-91c.md",
-        b"grebe brief 91c".to_vec(),
-    )
-    .await;
+    let (status, put) = put_file(&api, &id, "input/brief-91c.md", b"grebe brief 91c").await;
     assert_eq!(status, 201, "{put}");
     let (status, reply) = api.say(&id, "/cat input/brief-91c.md").await;
     assert_eq!(status, 200, "{reply}");
