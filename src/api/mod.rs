@@ -73,6 +73,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
             post(post_message).get(get_messages),
         )
         .route("/v1/sessions/{id}/events", get(get_events))
+        .route("/v1/sessions/{id}/turns", get(list_turns))
         .route("/v1/sessions/{id}/turns/{turn_id}", get(get_turn))
         .route("/v1/sessions/{id}/cancel", post(cancel))
         .route("/v1/sessions/{id}/files", get(list_files))
@@ -382,16 +383,7 @@ async fn list_sessions(
             ),
         ));
     }
-    let after = match &q.cursor {
-        None => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_cursor",
-                "`cursor` is not one this server gave out; start without it",
-            )
-        })?),
-    };
+    let after = after_cursor(q.cursor.as_deref())?;
     let filter = SessionFilter {
         status: q.status,
         harness: q.harness,
@@ -434,6 +426,21 @@ fn page_limit(given: Option<i64>, default: i64, max: i64) -> Result<i64, Problem
 
 fn encode_cursor(created_at: &str, id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}|{id}"))
+}
+
+/// Where a page starts, from the `cursor` a previous page gave out.
+fn after_cursor(cursor: Option<&str>) -> Result<Option<(String, String)>, Problem> {
+    cursor
+        .map(|c| {
+            decode_cursor(c).ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_cursor",
+                    "`cursor` is not one this server gave out; start without it",
+                )
+            })
+        })
+        .transpose()
 }
 
 fn decode_cursor(c: &str) -> Option<(String, String)> {
@@ -702,6 +709,41 @@ fn json_holding<H: Send + 'static>(value: &impl Serialize, held: H) -> Response 
     );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     response
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TurnsQuery {
+    tenant: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/sessions/{id}/turns`: the session's turns, oldest first, paged.
+async fn list_turns(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<TurnsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let tenant = acting_tenant(&caller, q.tenant)?;
+    let id = session_path(&tenant, &id)?;
+    let limit = page_limit(q.limit, 50, 500)?;
+    let after = after_cursor(q.cursor.as_deref())?;
+    let mut turns = orch.list_turns(&tenant, &id, after, limit + 1).await?;
+    let next_cursor = if turns.len() as i64 > limit {
+        turns.truncate(limit as usize);
+        turns.last().and_then(|t| {
+            Some(encode_cursor(
+                t["created_at"].as_str()?,
+                t["turn_id"].as_str()?,
+            ))
+        })
+    } else {
+        None
+    };
+    Ok(Json(json!({ "turns": turns, "next_cursor": next_cursor })).into_response())
 }
 
 async fn get_turn(

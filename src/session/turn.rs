@@ -673,6 +673,29 @@ impl Orchestrator {
     }
 
     /// A turn's outcome from the store (for the turn resource and after restarts).
+    /// A page of a session's turns, oldest first (see `Store::list_turns`): each as its own
+    /// resource shows it, without the text and messages.
+    pub async fn list_turns(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<Value>, SessionError> {
+        let _ = self.get(tenant, session_id).await?;
+        let turns = self.store.list_turns(session_id, after, limit).await?;
+        Ok(turns
+            .into_iter()
+            .map(|t| {
+                json!({
+                    "turn_id": t.id, "session_id": t.session_id, "status": t.status,
+                    "stop_reason": t.stop_reason, "mode": t.mode, "usage": t.usage,
+                    "error": t.error, "created_at": t.created_at, "finished_at": t.finished_at,
+                })
+            })
+            .collect())
+    }
+
     pub async fn turn_view(
         &self,
         tenant: &str,

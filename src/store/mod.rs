@@ -1428,6 +1428,35 @@ impl Store {
             .map(|r| turn_row!(&r))))
     }
 
+    /// A page of a session's turns, oldest first: those created after `after` (`created_at`,
+    /// `id`), at most `limit`, without their text (a turn's text may be as large as its answer;
+    /// `get_turn` reads it).
+    pub async fn list_turns(
+        &self,
+        session_id: &str,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<Turn>> {
+        let (after_ts, after_id) = after.unwrap_or_default();
+        let sql = self.sql(
+            "SELECT id, session_id, status, mode, options, CAST(NULL AS TEXT) AS text, usage, \
+             error, created_at, finished_at, stop_reason FROM turns WHERE session_id = ? \
+             AND (created_at > ? OR (created_at = ? AND id > ?)) \
+             ORDER BY created_at, id LIMIT ?",
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(session_id)
+            .bind(&after_ts)
+            .bind(&after_ts)
+            .bind(&after_id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| turn_row!(r))
+            .collect()))
+    }
+
     /// Turns this replica was running when it stopped (other replicas' turns are theirs).
     pub async fn running_turns(&self) -> Result<Vec<Turn>> {
         let sql = self.sql(

@@ -215,6 +215,106 @@ async fn idle_timeouts_and_parts_past_their_bounds_are_refused() {
     assert_eq!(status, 200, "256 parts are within the bound: {reply}");
 }
 
+/// A session's turns are listed oldest first in pages (`limit`, `next_cursor`): every turn once,
+/// each with its own status and stop reason and without its text; a failed and a cancelled turn
+/// among them; another tenant finds no such session, and a cursor the server did not give is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_turns_are_listed_in_pages() {
+    turns_listed(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_sessions_turns_are_listed_in_pages() {
+    let Some(db) = postgres_database().await else {
+        return;
+    };
+    turns_listed(&[("SANDWARDEN_STORE", db)]).await;
+}
+
+async fn turns_listed(env: &[(&str, String)]) {
+    let serve = Serve::start_with_env(&[], env);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let (status, reply) = api.say(&id, &format!("turn list {i} plover")).await;
+        assert_eq!(status, 200, "{reply}");
+        sent.push((
+            reply["turn_id"].as_str().expect("turn_id").to_string(),
+            "completed",
+        ));
+    }
+    let (status, reply) = api.say(&id, "/fail the listed failure").await;
+    assert_eq!(status, 502, "{reply}");
+    sent.push((
+        reply["turn_id"].as_str().expect("turn_id").to_string(),
+        "failed",
+    ));
+    let slow = api
+        .post_async(&id, serde_json::json!({"text": "/slow 30 cancelled one"}))
+        .await;
+    let (status, _) = api
+        .call("POST", &format!("/v1/sessions/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 202);
+    api.finished_turn(&id, &slow).await;
+    sent.push((slow, "cancelled"));
+    for limit in [1, 2, 50] {
+        let mut got = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let (status, page) = api
+                .call(
+                    "GET",
+                    &format!("/v1/sessions/{id}/turns?limit={limit}{cursor}"),
+                    None,
+                )
+                .await;
+            assert_eq!(status, 200, "{page}");
+            let turns = page["turns"].as_array().expect("turns");
+            assert!(turns.len() <= limit, "{page}");
+            for t in turns {
+                assert!(t.get("text").is_none(), "{t}");
+                got.push((
+                    t["turn_id"].as_str().expect("turn_id").to_string(),
+                    t["status"].as_str().expect("status").to_string(),
+                ));
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => break,
+            }
+        }
+        let want: Vec<(String, String)> = sent
+            .iter()
+            .map(|(t, s)| (t.clone(), s.to_string()))
+            .collect();
+        assert_eq!(got, want, "paged by {limit}");
+    }
+    let (_, page) = api
+        .call("GET", &format!("/v1/sessions/{id}/turns"), None)
+        .await;
+    assert_eq!(page["turns"][0]["stop_reason"], "end_turn", "{page}");
+    let other = tenant_client(&api, "elsewhere").await;
+    let (status, _) = other
+        .call("GET", &format!("/v1/sessions/{id}/turns"), None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, p) = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}/turns?cursor=bm90LW91cnM"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, p["type"].as_str()),
+        (400, Some("invalid_cursor")),
+        "{p}"
+    );
+}
+
 /// The history comes in pages (`limit`, `next_cursor`), each also bounded in bytes, so reading
 /// a long history never makes `serve` hold it whole; paged through, it is complete and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
