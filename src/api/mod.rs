@@ -1172,7 +1172,19 @@ async fn list_files(
     let tenant = acting_tenant(&caller, q.tenant)?;
     let id = session_path(&tenant, &id)?;
     let listing = orch.list_files(&tenant, &id, q.under.as_deref()).await?;
-    Ok(Json(listing).into_response())
+    Ok(passed_through(listing, "application/json"))
+}
+
+/// A harness's answer body, streamed to the client as it arrives (serve holds a chunk at a time).
+fn passed_through(from: reqwest::Response, content_type: &'static str) -> Response {
+    let length = from.content_length();
+    let mut response = axum::body::Body::from_stream(from.bytes_stream()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(n) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    response
 }
 
 /// `GET /v1/sessions/{id}/files/{path}`: a file's bytes, streamed from the sandbox.
@@ -1185,29 +1197,22 @@ async fn read_file(
     let tenant = acting_tenant(&caller, query_of(query)?.tenant)?;
     let id = session_path(&tenant, &id)?;
     let file = orch.read_file(&tenant, &id, &path).await?;
-    let length = file.content_length();
-    let mut response = axum::body::Body::from_stream(file.bytes_stream()).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    if let Some(n) = length {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-    }
-    Ok(response)
+    Ok(passed_through(file, "application/octet-stream"))
 }
 
-/// `PUT /v1/sessions/{id}/files/{path}`: writes the body as the file, whole.
+/// `PUT /v1/sessions/{id}/files/{path}`: writes the body as the file, whole. The body is passed
+/// to the sandbox as it arrives (serve never holds it whole); the harness bounds it.
 async fn write_file(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((id, path)): Path<(String, String)>,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, Problem> {
     let tenant = acting_tenant(&caller, query_of(query)?.tenant)?;
     let id = session_path(&tenant, &id)?;
+    // The harness refuses a body past its own bound (413); serve holds a chunk at a time.
+    let body = reqwest::Body::wrap_stream(body.into_data_stream());
     let (created, written) = orch.write_file(&tenant, &id, &path, body).await?;
     let status = if created {
         StatusCode::CREATED

@@ -17,6 +17,9 @@ pub struct CreateRequest {
     pub files: Vec<BindFile>,
     pub cwd: Option<String>,
     pub idle_timeout_s: Option<u64>,
+    /// MCP servers for the agent (API sessions), handed over at binding and never stored.
+    #[serde(default)]
+    pub mcp_servers: Vec<sandwarden_proto::event::McpServerSpec>,
 }
 
 impl CreateRequest {
@@ -27,6 +30,7 @@ impl CreateRequest {
             "env": self.env.keys().collect::<Vec<_>>(),
             "files": self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
             "cwd": self.cwd, "idle_timeout_s": self.idle_timeout_s,
+            "mcp_servers": self.mcp_servers.iter().map(|m| &m.name).collect::<Vec<_>>(),
         });
         hex::encode(Sha256::digest(shape.to_string().as_bytes()))
     }
@@ -36,6 +40,7 @@ impl CreateRequest {
             env: self.env.clone(),
             files: self.files.clone(),
             cwd: self.cwd.clone(),
+            mcp_servers: self.mcp_servers.clone(),
         }
     }
 }
@@ -102,6 +107,10 @@ impl Orchestrator {
         }
         let bind = req.bind();
         bind.validate().map_err(invalid)?;
+        if template.kind == sandwarden_proto::kind::HarnessKind::Tui && !bind.mcp_servers.is_empty()
+        {
+            return Err(invalid(sandwarden_proto::event::TUI_MCP.into()));
+        }
 
         let fingerprint = req.fingerprint();
         if let Some(key) = &idempotency_key

@@ -24,10 +24,11 @@ impl Orchestrator {
         match self.session_client(&session) {
             Some(client) => Ok((session, client)),
             // Still `creating`: no sandbox yet.
-            None => Err(SessionError::NotUsable {
-                status: session.status,
-                reason: Some("the session has no sandbox yet; wait until it is ready".into()),
-            }),
+            None => Err(SessionError::invalid(
+                "session_not_ready",
+                "the session has no sandbox yet: wait until it is ready \
+                 (GET /v1/sessions/{id}?wait=true)",
+            )),
         }
     }
 
@@ -35,7 +36,11 @@ impl Orchestrator {
     /// working directory) as it came; anything else as any harness failure.
     async fn file_failure(&self, session: &Session, e: ClientError) -> SessionError {
         match e {
-            ClientError::Refused(p) if p.status < 500 => SessionError::HarnessRefused(p),
+            // Only the answers a files route gives about the path; a harness that claims
+            // anything else (a 401, a 429) is not passed on as if serve had said it.
+            ClientError::Refused(p) if matches!(p.status, 403 | 404 | 409 | 413 | 422) => {
+                SessionError::HarnessRefused(p)
+            }
             e => self.harness_failure(session, e).await,
         }
     }
@@ -46,13 +51,13 @@ impl Orchestrator {
         tenant: &str,
         session_id: &str,
         under: Option<&str>,
-    ) -> Result<Value, SessionError> {
+    ) -> Result<reqwest::Response, SessionError> {
         if let Some(under) = under.filter(|u| !u.is_empty() && *u != ".") {
             check_path(under)?;
         }
         let (session, client) = self.files_of(tenant, session_id).await?;
         match client.list_files(under).await {
-            Ok(v) => Ok(v),
+            Ok(resp) => Ok(resp),
             Err(e) => Err(self.file_failure(&session, e).await),
         }
     }
@@ -78,11 +83,11 @@ impl Orchestrator {
         tenant: &str,
         session_id: &str,
         path: &str,
-        bytes: bytes::Bytes,
+        body: reqwest::Body,
     ) -> Result<(bool, Value), SessionError> {
         check_path(path)?;
         let (session, client) = self.files_of(tenant, session_id).await?;
-        match client.write_file(path, bytes).await {
+        match client.write_file(path, body).await {
             Ok(written) => Ok(written),
             Err(e) => Err(self.file_failure(&session, e).await),
         }
@@ -91,13 +96,13 @@ impl Orchestrator {
 
 /// A path inside the working directory: relative, without `..` or NUL.
 fn check_path(path: &str) -> Result<(), SessionError> {
-    if is_inside(path) {
+    if is_inside(path) && !path.chars().any(char::is_control) {
         return Ok(());
     }
     Err(SessionError::invalid(
         "invalid_path",
         format!(
-            "{path:?} is not a path inside the session's working directory: give a relative path without `..`"
+            "{path:?} is not a path inside the session's working directory: give a relative path without `..` or control characters"
         ),
     ))
 }

@@ -80,6 +80,20 @@ async fn a_sessions_files_are_its_sandboxs_working_directory_and_nothing_else() 
     assert_eq!(status, 200, "{under}");
     assert_eq!(under["files"].as_array().map(Vec::len), Some(1), "{under}");
 
+    // What an agent could plant to hold or flood the server: a FIFO with no writer is refused
+    // at once (not waited on); a path with a control character is refused, not shortened.
+    let (out, rc) = shell.run("mkfifo stuck-pipe").await;
+    assert_eq!(rc, 0, "{out}");
+    let (status, body) = get_file(&api, &id, "stuck-pipe").await;
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    let (status, _) = put_file(&api, &id, "notes/a%0Ab", b"x").await;
+    assert_eq!(status, 422);
+    // A body past the 16 MiB bound is refused, and nothing is left behind.
+    let (status, _) = put_file(&api, &id, "too-big.bin", &vec![1u8; 17 << 20]).await;
+    assert_eq!(status, 413);
+    let (out, rc) = shell.run("ls -a | grep -q too-big").await;
+    assert_eq!(rc, 1, "no file and no part of one: {out}");
+
     // No way out: `..`, a link the program planted, a write through a link.
     for (path, want) in [
         ("..%2Fescape", 422),

@@ -119,6 +119,8 @@ async fn session_secrets_never_reach_logs_store_events_or_answers() {
     let shown = secret("shown");
     let hook_token = secret("hook");
     let rejected = secret("rejected");
+    let mcp_env = secret("mcp-env");
+    let mcp_header = secret("mcp-header");
     let mut serve = LoggedServe::start();
     let api = serve.client();
     let mut answers: Vec<String> = Vec::new();
@@ -127,7 +129,14 @@ async fn session_secrets_never_reach_logs_store_events_or_answers() {
         .call(
             "POST",
             "/v1/sessions",
-            Some(json!({"harness": "echo", "env": {"HIDDEN_TOKEN": hidden, "SHOWN_TOKEN": shown}})),
+            Some(json!({
+                "harness": "echo", "env": {"HIDDEN_TOKEN": hidden, "SHOWN_TOKEN": shown},
+                "mcp_servers": [
+                    {"name": "repo-tools", "command": "/usr/bin/true", "env": {"MCP_TOKEN": mcp_env}},
+                    {"name": "docs", "type": "http", "url": "http://127.0.0.1:9/mcp",
+                     "headers": {"Authorization": format!("Bearer {mcp_header}")}},
+                ],
+            })),
         )
         .await;
     assert_eq!(status, 201, "{s}");
@@ -142,6 +151,18 @@ async fn session_secrets_never_reach_logs_store_events_or_answers() {
         (200, Some(shown.as_str()))
     );
     let shown_turn = reply["turn_id"].as_str().expect("turn id").to_string();
+    // And its MCP servers, whose env and headers it was handed (the echo agent counts them).
+    let (status, reply) = api.say(&id, "/mcp").await;
+    assert_eq!(
+        (status, reply["text"].as_str()),
+        (
+            200,
+            Some(
+                "mcp: repo-tools stdio /usr/bin/true args=0 env=1; docs http http://127.0.0.1:9/mcp headers=1"
+            )
+        ),
+        "{reply}"
+    );
     let (status, reply) = api.say(&id, "plain").await;
     assert_eq!(status, 200, "{reply}");
     answers.push(reply.to_string());
@@ -223,8 +244,16 @@ async fn session_secrets_never_reach_logs_store_events_or_answers() {
         shown.as_str(),
         hook_token.as_str(),
         rejected.as_str(),
+        mcp_env.as_str(),
+        mcp_header.as_str(),
     ];
-    let never_shown = [hidden.as_str(), hook_token.as_str(), rejected.as_str()];
+    let never_shown = [
+        hidden.as_str(),
+        hook_token.as_str(),
+        rejected.as_str(),
+        mcp_env.as_str(),
+        mcp_header.as_str(),
+    ];
     for e in &events {
         let agent_output = e["turn_id"] == shown_turn.as_str()
             && ["text", "done", "message"].contains(&e["type"].as_str().unwrap_or(""));

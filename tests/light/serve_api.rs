@@ -1101,3 +1101,133 @@ async fn the_probe_listener_serves_the_probes_and_metrics_and_nothing_else() {
     let (status, _) = serve.client().call("GET", "/v1/sessions", None).await;
     assert_eq!(status, 200);
 }
+
+/// MCP servers given at create reach the agent's ACP session (`session/new`'s `mcpServers`),
+/// warm-claimed or cold-started, each session only its own; a transport the agent did not
+/// offer, a terminal session, and malformed servers are refused with what to fix, creating
+/// nothing.
+#[tokio::test]
+async fn mcp_servers_given_at_create_reach_the_agents_session() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let create = |body: serde_json::Value| {
+        let api = &api;
+        async move { api.call("POST", "/v1/sessions", Some(body)).await }
+    };
+    let (status, warm) = create(json!({"harness": "echo", "mcp_servers": [
+        {"name": "repo-tools", "command": "/usr/bin/true", "args": ["--root", "."]},
+        {"name": "docs", "type": "http", "url": "http://127.0.0.1:9/mcp"},
+    ]}))
+    .await;
+    assert_eq!(status, 201, "{warm}");
+    let warm = warm["id"].as_str().expect("id").to_string();
+    let (status, cold) = create(json!({"harness": "echo-cold", "mcp_servers": [
+        {"name": "only-cold", "type": "stdio", "command": "mcp-cold", "env": {"A": "1", "B": "2"}},
+    ]}))
+    .await;
+    assert_eq!(status, 201, "{cold}");
+    let cold = cold["id"].as_str().expect("id").to_string();
+    api.wait_status(&cold, "ready").await;
+    let plain = api.ready("echo").await;
+    for (id, want) in [
+        (
+            &warm,
+            "mcp: repo-tools stdio /usr/bin/true args=2 env=0; docs http http://127.0.0.1:9/mcp headers=0",
+        ),
+        (&cold, "mcp: only-cold stdio mcp-cold args=0 env=2"),
+        (&plain, "mcp: none"),
+    ] {
+        let (status, reply) = api.say(id, "/mcp").await;
+        assert_eq!(
+            (status, reply["text"].as_str()),
+            (200, Some(want)),
+            "{reply}"
+        );
+    }
+
+    let (_, before) = api.call("GET", "/v1/sessions", None).await;
+    let before = before["sessions"].as_array().map(Vec::len);
+    let many: Vec<serde_json::Value> = (0..21)
+        .map(|i| json!({"name": format!("s{i}"), "command": "x"}))
+        .collect();
+    for (body, says) in [
+        (
+            json!({"harness": "sh", "mcp_servers": [{"name": "t", "command": "x"}]}),
+            "terminal program",
+        ),
+        (
+            json!({"harness": "echo", "mcp_servers": [{"name": "a", "command": "x"}, {"name": "a", "command": "y"}]}),
+            "given twice",
+        ),
+        (
+            json!({"harness": "echo", "mcp_servers": [{"name": "a"}]}),
+            "needs `command`",
+        ),
+        (
+            json!({"harness": "echo", "mcp_servers": [{"name": "a", "type": "http", "url": "ftp://x"}]}),
+            "http:// or https://",
+        ),
+        (
+            json!({"harness": "echo", "mcp_servers": [{"name": "a", "type": "http", "url": "http://x", "command": "y"}]}),
+            "are for stdio servers",
+        ),
+        (
+            json!({"harness": "echo", "mcp_servers": many}),
+            "at most 20",
+        ),
+        (
+            json!({"harness": "echo", "mcp_servers": [{"name": "a", "command": "x", "cwd": "/"}]}),
+            "cwd",
+        ),
+    ] {
+        let (status, p) = create(body.clone()).await;
+        assert_eq!(status, 422, "{body}: {p}");
+        assert!(
+            p["detail"].as_str().unwrap_or("").contains(says),
+            "{body}: {p}"
+        );
+    }
+    let (_, after) = api.call("GET", "/v1/sessions", None).await;
+    assert_eq!(
+        after["sessions"].as_array().map(Vec::len),
+        before,
+        "nothing was created"
+    );
+
+    // A transport the agent did not offer in `initialize` (the echo agent takes http, not sse):
+    // refused at once when a warm sandbox's agent is there to ask, else the cold-started
+    // session fails with the same reason.
+    let (status, s) = create(json!({"harness": "echo", "mcp_servers": [
+        {"name": "feed", "type": "sse", "url": "http://127.0.0.1:9/sse"},
+    ]}))
+    .await;
+    let reason = match status {
+        422 => s["detail"].as_str().unwrap_or("").to_string(),
+        201 => {
+            let id = s["id"].as_str().expect("id");
+            let failed = api.wait_status(id, "failed").await;
+            failed["failure_reason"].as_str().unwrap_or("").to_string()
+        }
+        _ => panic!("{s}"),
+    };
+    assert!(
+        reason.contains("does not take sse"),
+        "{status}: {s} / {reason}"
+    );
+    // A template with no pool always starts cold: the session fails, saying why.
+    let (status, s) = create(json!({"harness": "echo-cold", "mcp_servers": [
+        {"name": "feed", "type": "sse", "url": "http://127.0.0.1:9/sse"},
+    ]}))
+    .await;
+    assert_eq!(status, 201, "{s}");
+    let failed = api
+        .wait_status(s["id"].as_str().expect("id"), "failed")
+        .await;
+    assert!(
+        failed["failure_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not take sse"),
+        "{failed}"
+    );
+}

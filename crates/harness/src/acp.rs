@@ -17,8 +17,9 @@ use crate::problem::Problem;
 use agent_client_protocol::schema::ProtocolVersion;
 use agent_client_protocol::v1::schema::{
     BlobResourceContents, CancelNotification, ContentBlock, EmbeddedResource,
-    EmbeddedResourceResource, ImageContent, Implementation, InitializeRequest, NewSessionRequest,
-    PermissionOption, PermissionOptionKind, PromptCapabilities, PromptRequest,
+    EmbeddedResourceResource, EnvVariable, HttpHeader, ImageContent, Implementation,
+    InitializeRequest, McpCapabilities, McpServer, McpServerHttp, McpServerSse, McpServerStdio,
+    NewSessionRequest, PermissionOption, PermissionOptionKind, PromptCapabilities, PromptRequest,
     RequestPermissionOutcome, RequestPermissionRequest, RequestPermissionResponse, ResourceLink,
     SelectedPermissionOutcome, SessionId, SessionNotification, SessionUpdate,
     SetSessionConfigOptionRequest, SetSessionModeRequest, TextContent, TextResourceContents,
@@ -62,6 +63,8 @@ struct Live {
     cx: ConnectionTo<Agent>,
     session: SessionId,
     caps: PromptCapabilities,
+    /// The MCP transports beyond stdio the agent said it takes.
+    mcp: McpCapabilities,
 }
 
 struct ActiveTurn {
@@ -95,6 +98,8 @@ struct Inner {
     inputs: HashMap<String, PendingInput>,
     env: BTreeMap<String, String>,
     cwd: PathBuf,
+    /// MCP servers given at binding, handed to the agent in `session/new`.
+    mcp_servers: Vec<crate::event::McpServerSpec>,
     bound: bool,
     used: bool,
     /// The settings the agent of the current generation offers, kept current from its updates.
@@ -186,6 +191,7 @@ impl ApiAgent {
                 inputs: HashMap::new(),
                 env: BTreeMap::new(),
                 cwd: cfg.workdir.clone(),
+                mcp_servers: Vec::new(),
                 bound: false,
                 used: false,
                 choices: Choices::default(),
@@ -354,7 +360,11 @@ impl ApiAgent {
         let on_permission = self.clone();
         let me = self.clone();
         let boot_timeout = self.cfg.boot_timeout;
-        let cwd = lock(&self.inner).cwd.clone();
+        let (cwd, mcp_specs) = {
+            let g = lock(&self.inner);
+            (g.cwd.clone(), g.mcp_servers.clone())
+        };
+        let mcp_servers: Vec<McpServer> = mcp_specs.iter().map(acp_mcp_server).collect();
         let result = Client
             .v1()
             .name("sandwarden-harness")
@@ -386,9 +396,21 @@ impl ApiAgent {
                                     boot_timeout.as_secs()
                                 ))
                             })??;
+                    // A cold start binds before the agent said what it takes: checked here.
+                    if let Err(p) = refuse_unsupported_mcp(
+                        &mcp_specs,
+                        &init.agent_capabilities.mcp_capabilities,
+                    ) {
+                        // The reason, before the agent's exit on the closed connection says less.
+                        me.fail(generation, p.detail.clone(), None, Vec::new());
+                        return Err(
+                            agent_client_protocol::Error::invalid_params().data(p.detail.clone())
+                        );
+                    }
                     let session = tokio::time::timeout(
                         boot_timeout,
-                        cx.send_request(NewSessionRequest::new(cwd)).block_task(),
+                        cx.send_request(NewSessionRequest::new(cwd).mcp_servers(mcp_servers))
+                            .block_task(),
                     )
                     .await
                     .map_err(|_| {
@@ -411,6 +433,7 @@ impl ApiAgent {
                             cx: cx.clone(),
                             session: session.session_id,
                             caps: init.agent_capabilities.prompt_capabilities.clone(),
+                            mcp: init.agent_capabilities.mcp_capabilities.clone(),
                         },
                         choices,
                         info,
@@ -994,6 +1017,9 @@ impl ApiAgent {
             if g.used || g.turn.is_some() {
                 return Err(already_used());
             }
+            if let Some(live) = &g.live {
+                refuse_unsupported_mcp(&checked.mcp_servers, &live.mcp)?;
+            }
             bind::write_files(&checked).map_err(|e| {
                 Problem::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -1003,6 +1029,7 @@ impl ApiAgent {
             })?;
             g.env = checked.env;
             g.cwd = checked.cwd;
+            g.mcp_servers = checked.mcp_servers;
             g.bound = true;
             // Supersede the running generation so its exit is not reported as a failure.
             g.generation += 1;
@@ -1274,6 +1301,58 @@ impl Drop for TurnStream {
             self.cancel.cancel();
         }
     }
+}
+
+/// A session's MCP server as ACP carries it.
+fn acp_mcp_server(spec: &crate::event::McpServerSpec) -> McpServer {
+    let headers = || {
+        spec.headers
+            .iter()
+            .map(|(k, v)| HttpHeader::new(k, v))
+            .collect::<Vec<_>>()
+    };
+    let url = spec.url.clone().unwrap_or_default();
+    match spec.kind.as_deref() {
+        Some("http") => McpServer::Http(McpServerHttp::new(&spec.name, url).headers(headers())),
+        Some("sse") => McpServer::Sse(McpServerSse::new(&spec.name, url).headers(headers())),
+        _ => McpServer::Stdio(
+            McpServerStdio::new(&spec.name, spec.command.clone().unwrap_or_default())
+                .args(spec.args.clone())
+                .env(
+                    spec.env
+                        .iter()
+                        .map(|(k, v)| EnvVariable::new(k, v))
+                        .collect(),
+                ),
+        ),
+    }
+}
+
+/// Refuses MCP servers over a transport the agent did not say it takes (`initialize`'s
+/// `mcpCapabilities`; every agent takes stdio).
+fn refuse_unsupported_mcp(
+    servers: &[crate::event::McpServerSpec],
+    caps: &McpCapabilities,
+) -> Result<(), Problem> {
+    for server in servers {
+        let (kind, taken) = match server.kind.as_deref() {
+            Some("http") => ("http", caps.http),
+            Some("sse") => ("sse", caps.sse),
+            _ => ("stdio", true),
+        };
+        if !taken {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_bind",
+                format!(
+                    "mcp_servers {:?}: this agent does not take {kind} MCP servers (its ACP \
+                     mcpCapabilities); give it a stdio server instead",
+                    server.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub struct CheckedBind {
     pub env: std::collections::BTreeMap<String, String>,
     pub files: Vec<(PathBuf, Vec<u8>, u32)>,
     pub cwd: PathBuf,
+    pub mcp_servers: Vec<crate::event::McpServerSpec>,
 }
 
 /// Checks a bind request against the sandbox's working directory. The message says what to fix.
@@ -42,6 +43,7 @@ pub fn check(req: &BindRequest, workdir: &Path) -> Result<CheckedBind, String> {
         env: req.env.clone(),
         files,
         cwd,
+        mcp_servers: req.mcp_servers.clone(),
     })
 }
 

@@ -16,6 +16,8 @@
 //! | `/cwd`         | replies with its working directory                                         |
 //! | `/cat PATH`    | replies with the contents of PATH                                          |
 //! | `/config`      | replies with its current settings, e.g. `model=echo-small thinking=off ...`|
+//! | `/mcp`         | replies with the MCP servers its session was given (names, transports, and  |
+//! |                | how many args, env vars and headers: never their values)                   |
 //!
 //! It offers three ACP session settings so clients' `model`, `thinking` and `agent` options can
 //! be tested: `model` (`echo-small`, `echo-large`), `thinking` (`off`, `low`, `high`) and `mode`
@@ -28,8 +30,8 @@ use agent_client_protocol::v1::ConnectionTo;
 use agent_client_protocol::v1::schema::Implementation;
 use agent_client_protocol::v1::schema::{
     AgentCapabilities, CancelNotification, ContentBlock, ContentChunk, InitializeRequest,
-    InitializeResponse, NewSessionRequest, NewSessionResponse, PermissionOption,
-    PermissionOptionKind, PromptCapabilities, PromptRequest, PromptResponse,
+    InitializeResponse, McpCapabilities, McpServer, NewSessionRequest, NewSessionResponse,
+    PermissionOption, PermissionOptionKind, PromptCapabilities, PromptRequest, PromptResponse,
     RequestPermissionOutcome, RequestPermissionRequest, SessionConfigKind, SessionConfigOption,
     SessionConfigOptionCategory, SessionConfigSelect, SessionConfigSelectOption,
     SessionNotification, SessionUpdate, SetSessionConfigOptionRequest,
@@ -61,6 +63,7 @@ pub enum Script {
     Cwd,
     Cat(String),
     Config,
+    Mcp,
 }
 
 impl Script {
@@ -107,6 +110,7 @@ impl Script {
             "/cwd" => Script::Cwd,
             "/cat" => Script::Cat(rest.to_string()),
             "/config" => Script::Config,
+            "/mcp" => Script::Mcp,
             _ => Script::Echo(text.to_string()),
         }
     }
@@ -184,6 +188,8 @@ struct State {
     running: Mutex<HashMap<String, CancellationToken>>,
     /// Each session's settings.
     settings: Mutex<HashMap<String, Settings>>,
+    /// The MCP servers each session was given, described.
+    mcp: Mutex<HashMap<String, String>>,
 }
 
 impl State {
@@ -242,7 +248,9 @@ pub async fn run() -> anyhow::Result<()> {
                     InitializeResponse::new(version)
                         .agent_capabilities(
                             AgentCapabilities::new()
-                                .prompt_capabilities(PromptCapabilities::new().image(true)),
+                                .prompt_capabilities(PromptCapabilities::new().image(true))
+                                // HTTP MCP servers but not SSE, so both answers can be tested.
+                                .mcp_capabilities(McpCapabilities::new().http(true)),
                         )
                         .agent_info(Implementation::new(
                             "sandwarden-echo-agent",
@@ -255,10 +263,11 @@ pub async fn run() -> anyhow::Result<()> {
         .on_receive_request(
             {
                 let state = state.clone();
-                async move |_req: NewSessionRequest, responder, _cx| {
+                async move |req: NewSessionRequest, responder, _cx| {
                     let n = state.next_session.fetch_add(1, Ordering::Relaxed);
                     let current = default_settings();
                     let id = format!("echo-{n}");
+                    lock(&state.mcp).insert(id.clone(), describe_mcp(&req.mcp_servers));
                     lock(&state.settings).insert(id.clone(), current.clone());
                     responder.respond(
                         NewSessionResponse::new(id).config_options(config_options(&current)),
@@ -291,8 +300,9 @@ pub async fn run() -> anyhow::Result<()> {
                 lock(&state.running).insert(session.clone(), cancel.clone());
                 // Prompts stream and may wait on the client: run them off the dispatch loop.
                 let settings = state.describe(&session);
+                let mcp = lock(&state.mcp).get(&session).cloned().unwrap_or_default();
                 cx.clone().spawn(async move {
-                    let result = prompt(&cx, req, &cancel, settings).await;
+                    let result = prompt(&cx, req, &cancel, settings, mcp).await;
                     lock(&state.running).remove(&session);
                     match result {
                         Ok(response) => responder.respond(response),
@@ -344,11 +354,36 @@ fn say(cx: &Cx, req: &PromptRequest, text: &str, n_chunks: usize) -> Result<(), 
     Ok(())
 }
 
+/// The MCP servers a session was given, as `/mcp` says them: `none`, or one entry each, in the
+/// order given, with counts instead of values.
+fn describe_mcp(servers: &[McpServer]) -> String {
+    if servers.is_empty() {
+        return "mcp: none".into();
+    }
+    let each: Vec<String> = servers
+        .iter()
+        .map(|s| match s {
+            McpServer::Stdio(s) => format!(
+                "{} stdio {} args={} env={}",
+                s.name,
+                s.command.display(),
+                s.args.len(),
+                s.env.len()
+            ),
+            McpServer::Http(s) => format!("{} http {} headers={}", s.name, s.url, s.headers.len()),
+            McpServer::Sse(s) => format!("{} sse {} headers={}", s.name, s.url, s.headers.len()),
+            _ => "unknown".into(),
+        })
+        .collect();
+    format!("mcp: {}", each.join("; "))
+}
+
 async fn prompt(
     cx: &Cx,
     req: PromptRequest,
     cancel: &CancellationToken,
     settings: String,
+    mcp: String,
 ) -> Result<PromptResponse, String> {
     let mut text = String::new();
     let mut images = 0;
@@ -501,6 +536,7 @@ async fn prompt(
                 .unwrap_or_default()
         }
         Script::Config => reply = settings,
+        Script::Mcp => reply = mcp,
         Script::Cat(path) => {
             reply =
                 std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?

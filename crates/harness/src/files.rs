@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 
 /// Largest file `GET /v1/files/{path}` reads (a larger one is refused, not cut).
 pub const MAX_READ_BYTES: u64 = 16 * 1024 * 1024;
-/// Most entries one listing holds, and how deep it goes.
+/// Most entries one listing holds, how many bytes of paths, and how deep it goes.
 const MAX_ENTRIES: usize = 10_000;
+const MAX_LISTING_BYTES: usize = 1024 * 1024;
 const MAX_DEPTH: usize = 32;
 
 /// One entry of a listing.
@@ -38,19 +39,22 @@ pub struct Entry {
 #[derive(Debug, Serialize)]
 pub struct Listing {
     pub files: Vec<Entry>,
-    /// Whether entries were left out past `MAX_ENTRIES` or `MAX_DEPTH`.
+    /// Whether entries were left out past `MAX_ENTRIES`, `MAX_LISTING_BYTES` or `MAX_DEPTH`.
     pub truncated: bool,
+    /// Bytes of paths so far.
+    #[serde(skip)]
+    bytes: usize,
 }
 
 /// A path a client named, checked: relative, with no `..`, no NUL.
 fn checked(path: &str) -> Result<PathBuf, Problem> {
-    if !is_inside(path) {
+    if !is_inside(path) || path.chars().any(char::is_control) {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_path",
             format!(
                 "{path:?} is not a path inside the working directory: give a relative path \
-                 without `..`"
+                 without `..` or control characters"
             ),
         ));
     }
@@ -118,12 +122,19 @@ async fn blocking<T: Send + 'static>(
     })?
 }
 
-/// The bytes of the file at `path`.
+/// The bytes of the file at `path`: a regular file of at most `MAX_READ_BYTES`, opened once
+/// (without blocking, so a FIFO an agent planted cannot hold the server) and read no further
+/// than the bound, so a file that grows while it is read is refused rather than followed.
 pub async fn read(workdir: PathBuf, path: String) -> Result<Vec<u8>, Problem> {
+    use cap_std::fs::OpenOptionsExt;
+    use std::io::Read;
     let path = checked(&path)?;
     blocking(move || {
         let dir = open(&workdir)?;
-        let meta = dir.metadata(&path).map_err(|e| failed(&path, &e))?;
+        let mut options = cap_std::fs::OpenOptions::new();
+        options.read(true).custom_flags(nix::libc::O_NONBLOCK);
+        let file = dir.open_with(&path, &options).map_err(|e| failed(&path, &e))?;
+        let meta = file.metadata().map_err(|e| failed(&path, &e))?;
         if meta.is_dir() {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
@@ -135,20 +146,40 @@ pub async fn read(workdir: PathBuf, path: String) -> Result<Vec<u8>, Problem> {
                 ),
             ));
         }
-        if meta.len() > MAX_READ_BYTES {
+        if !meta.is_file() {
             return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "not_a_file",
+                format!(
+                    "{} is not a regular file (a FIFO, a socket or a device): only files are read",
+                    path.display()
+                ),
+            ));
+        }
+        let too_large = |size: u64| {
+            Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "file_too_large",
                 format!(
-                    "{} holds {} bytes; files of at most {MAX_READ_BYTES} bytes are read",
-                    path.display(),
-                    meta.len()
+                    "{} holds {size} bytes or more; files of at most {MAX_READ_BYTES} bytes are read",
+                    path.display()
                 ),
             )
-            .with("size", meta.len())
-            .with("max", MAX_READ_BYTES));
+            .with("size", size)
+            .with("max", MAX_READ_BYTES)
+        };
+        if meta.len() > MAX_READ_BYTES {
+            return Err(too_large(meta.len()));
         }
-        dir.read(&path).map_err(|e| failed(&path, &e))
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.into_std()
+            .take(MAX_READ_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| failed(&path, &e))?;
+        if bytes.len() as u64 > MAX_READ_BYTES {
+            return Err(too_large(bytes.len() as u64));
+        }
+        Ok(bytes)
     })
     .await
 }
@@ -179,8 +210,16 @@ pub async fn write(workdir: PathBuf, path: String, bytes: bytes::Bytes) -> Resul
             Err(e) => return Err(failed(&path, &e)),
         };
         let staged = parent.join(format!(".{name}.{}.part", uuid::Uuid::new_v4().simple()));
+        // A replaced file keeps its permissions (an executable stays executable).
+        let kept = existed
+            .then(|| dir.metadata(&path).ok().map(|m| m.permissions()))
+            .flatten();
         let written = dir
             .write(&staged, &bytes)
+            .and_then(|()| match kept {
+                Some(perms) => dir.set_permissions(&staged, perms),
+                None => Ok(()),
+            })
             .and_then(|()| dir.rename(&staged, &dir, &path));
         if let Err(e) = written {
             let _ = dir.remove_file(&staged);
@@ -216,6 +255,7 @@ pub async fn list(workdir: PathBuf, under: Option<String>) -> Result<Listing, Pr
         let mut listing = Listing {
             files: Vec::new(),
             truncated: false,
+            bytes: 0,
         };
         walk(&dir, &start, 0, &mut listing);
         listing.files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -238,6 +278,11 @@ fn walk(dir: &Dir, at: &Path, depth: usize, listing: &mut Listing) {
             continue;
         };
         let shown = path.to_string_lossy().into_owned();
+        listing.bytes += shown.len();
+        if listing.bytes > MAX_LISTING_BYTES {
+            listing.truncated = true;
+            return;
+        }
         if kind.is_symlink() {
             listing.files.push(Entry {
                 path: shown,
@@ -311,6 +356,44 @@ mod tests {
             .await
             .expect_err("missing");
         assert_eq!(e.status, 404);
+        // A FIFO with no writer is refused at once, not waited on.
+        nix::unistd::mkfifo(
+            &work.path().join("pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .expect("mkfifo");
+        let e = read(wd.clone(), "pipe".into()).await.expect_err("a FIFO");
+        assert_eq!((e.status, e.kind.as_str()), (409, "not_a_file"), "{e:?}");
+        std::fs::remove_file(work.path().join("pipe")).expect("rm");
+        // Control characters are refused, not dropped on the way.
+        let e = read(wd.clone(), "in/a\ntxt".into())
+            .await
+            .expect_err("newline");
+        assert_eq!(e.status, 422);
+        // Past the bound: refused, not cut.
+        std::fs::write(
+            work.path().join("big"),
+            vec![7u8; MAX_READ_BYTES as usize + 1],
+        )
+        .expect("big");
+        let e = read(wd.clone(), "big".into()).await.expect_err("too large");
+        assert_eq!(e.status, 413);
+        std::fs::remove_file(work.path().join("big")).expect("rm");
+        // A replaced file keeps its mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            work.path().join("in/a.txt"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        write(wd.clone(), "in/a.txt".into(), "gamma".into())
+            .await
+            .expect("replaced");
+        let mode = std::fs::metadata(work.path().join("in/a.txt"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
         let e = read(wd.clone(), "in".into())
             .await
             .expect_err("a directory");
@@ -332,7 +415,7 @@ mod tests {
         );
         let under = list(wd.clone(), Some("in".into())).await.expect("under");
         assert_eq!(under.files.len(), 1);
-        assert_eq!(under.files[0].size, Some(4));
+        assert_eq!(under.files[0].size, Some(5));
         assert!(!listing.truncated);
     }
 }

@@ -580,6 +580,13 @@ impl Terminal {
 
     /// Late binding: restarts the program with per-session env, files and cwd before first use.
     pub async fn bind(self: &Arc<Self>, checked: CheckedBind) -> Result<Health, Problem> {
+        if !checked.mcp_servers.is_empty() {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_bind",
+                crate::event::TUI_MCP,
+            ));
+        }
         let old = {
             let mut g = lock(&self.inner);
             if g.used {

@@ -401,6 +401,92 @@ pub struct BindFile {
     pub mode: Option<u32>,
 }
 
+/// Why a terminal session takes no `mcp_servers`.
+pub const TUI_MCP: &str = "mcp_servers are handed to API agents over ACP; a terminal program \
+    reads its MCP configuration from its own files (write them with `files`)";
+
+/// Most MCP servers one session may be given.
+pub const MAX_MCP_SERVERS: usize = 20;
+
+/// An MCP server the agent is given when its session starts (ACP `session/new`'s `mcpServers`):
+/// a program the agent starts in the sandbox (`stdio`: `command`, `args`, `env`), or a server it
+/// reaches over the network (`http` or `sse`: `url`, `headers`), which the sandbox's egress policy
+/// governs as any connection. `env` values and `headers` may be secrets: never logged or stored.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerSpec {
+    pub name: String,
+    /// `stdio` (the default), `http` or `sse`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+impl McpServerSpec {
+    /// `stdio`, `http` or `sse`, checked against the fields given; the message says what to fix.
+    pub fn transport(&self) -> Result<&'static str, String> {
+        let name = &self.name;
+        let kind = match self.kind.as_deref() {
+            None | Some("stdio") => "stdio",
+            Some("http") => "http",
+            Some("sse") => "sse",
+            Some(other) => {
+                return Err(format!(
+                    "mcp_servers {name:?}: type {other:?} is not one of stdio, http, sse"
+                ));
+            }
+        };
+        if kind == "stdio" {
+            if self.command.as_deref().is_none_or(|c| c.trim().is_empty()) {
+                return Err(format!(
+                    "mcp_servers {name:?}: a stdio server needs `command` (or give `type` http \
+                     or sse with a `url`)"
+                ));
+            }
+            if self.url.is_some() || !self.headers.is_empty() {
+                return Err(format!(
+                    "mcp_servers {name:?}: `url` and `headers` are for http and sse servers"
+                ));
+            }
+        } else {
+            let url = self.url.as_deref().unwrap_or("");
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+                return Err(format!(
+                    "mcp_servers {name:?}: a {kind} server needs an http:// or https:// `url`"
+                ));
+            }
+            if self.command.is_some() || !self.args.is_empty() || !self.env.is_empty() {
+                return Err(format!(
+                    "mcp_servers {name:?}: `command`, `args` and `env` are for stdio servers"
+                ));
+            }
+        }
+        Ok(kind)
+    }
+}
+
+impl std::fmt::Debug for McpServerSpec {
+    // Env values and headers may be secrets: names only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpServerSpec")
+            .field("name", &self.name)
+            .field("type", &self.kind)
+            .field("command", &self.command)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// `POST /v1/bind`: per-session values handed to a warm sandbox at claim time. Never logged.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -412,6 +498,9 @@ pub struct BindRequest {
     /// Working directory for the agent; relative paths are under the server's workdir.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// MCP servers for the agent's session (API sandboxes only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mcp_servers: Vec<McpServerSpec>,
 }
 
 /// A non-empty relative path that stays inside the directory it is relative to: no `..`, no
@@ -482,11 +571,43 @@ impl BindRequest {
                     .into(),
             );
         }
+        if self.mcp_servers.len() > MAX_MCP_SERVERS {
+            return Err(format!(
+                "at most {MAX_MCP_SERVERS} mcp_servers per session ({} given)",
+                self.mcp_servers.len()
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for server in &self.mcp_servers {
+            let name = &server.name;
+            if name.trim().is_empty() || name.len() > 64 || name.contains('\0') {
+                return Err(format!(
+                    "mcp_servers name {name:?} is not valid: 1 to 64 characters, no NUL"
+                ));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(format!("mcp_servers name {name:?} is given twice"));
+            }
+            server.transport()?;
+            let texts = server.args.iter().chain(server.env.values());
+            if server
+                .env
+                .keys()
+                .chain(server.headers.keys())
+                .chain(texts)
+                .any(|t| t.contains('\0'))
+            {
+                return Err(format!("mcp_servers {name:?}: a value holds a NUL byte"));
+            }
+        }
         Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.env.is_empty() && self.files.is_empty() && self.cwd.is_none()
+        self.env.is_empty()
+            && self.files.is_empty()
+            && self.cwd.is_none()
+            && self.mcp_servers.is_empty()
     }
 }
 
@@ -500,6 +621,7 @@ impl std::fmt::Debug for BindRequest {
                 &self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
             )
             .field("cwd", &self.cwd)
+            .field("mcp_servers", &self.mcp_servers)
             .finish()
     }
 }

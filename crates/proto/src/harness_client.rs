@@ -52,6 +52,9 @@ pub fn http_client() -> reqwest::Client {
     http_builder().build().unwrap_or_default()
 }
 
+/// Longest a file request to a harness may take, its body included (16 MiB at a slow pace).
+pub const FILES_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The prefix of a harness endpoint that is a Unix socket: `unix:/path/to/harness.sock`.
 const UNIX: &str = "unix:";
 
@@ -276,8 +279,9 @@ impl HarnessClient {
         url.into()
     }
 
-    /// The sandbox's working directory, listed (`under`: a directory in it).
-    pub async fn list_files(&self, under: Option<&str>) -> Result<serde_json::Value, ClientError> {
+    /// The sandbox's working directory, listed (`under`: a directory in it): the answer, its
+    /// JSON body not yet read.
+    pub async fn list_files(&self, under: Option<&str>) -> Result<reqwest::Response, ClientError> {
         let mut url = self.url("/v1/files");
         if let Some(under) = under
             && let Ok(mut parsed) = reqwest::Url::parse(&url)
@@ -285,24 +289,27 @@ impl HarnessClient {
             parsed.query_pairs_mut().append_pair("under", under);
             url = parsed.into();
         }
-        let resp = self.send(self.http.get(&url), &url).await?;
-        resp.json().await.map_err(ClientError::Transport)
+        self.send(self.http.get(&url).timeout(FILES_TIMEOUT), &url)
+            .await
     }
 
     /// A file of the working directory: the answer, its body not yet read.
     pub async fn read_file(&self, path: &str) -> Result<reqwest::Response, ClientError> {
         let url = self.file_url(path);
-        self.send(self.http.get(&url), &url).await
+        self.send(self.http.get(&url).timeout(FILES_TIMEOUT), &url)
+            .await
     }
 
-    /// Writes a file of the working directory; whether it is new, and the harness's answer.
+    /// Writes a file of the working directory from `body` (passed through as it arrives);
+    /// whether it is new, and the harness's answer.
     pub async fn write_file(
         &self,
         path: &str,
-        bytes: bytes::Bytes,
+        body: reqwest::Body,
     ) -> Result<(bool, serde_json::Value), ClientError> {
         let url = self.file_url(path);
-        let resp = self.send(self.http.put(&url).body(bytes), &url).await?;
+        let req = self.http.put(&url).timeout(FILES_TIMEOUT).body(body);
+        let resp = self.send(req, &url).await?;
         let created = resp.status() == reqwest::StatusCode::CREATED;
         Ok((created, resp.json().await.map_err(ClientError::Transport)?))
     }
