@@ -159,6 +159,12 @@ fn parse_size(s: &str) -> anyhow::Result<(u16, u16)> {
 /// `sandwarden harness` and the `sandwarden-harness` binary.
 pub fn run_harness(args: HarnessArgs) -> anyhow::Result<()> {
     sandwarden_proto::logs::init();
+    // The agent runs as this process's user, in its sandbox: not dumpable, this process's
+    // /proc/PID/environ (its token) and memory need CAP_SYS_PTRACE, which the agent never holds.
+    // The agent's own process is dumpable again (exec resets it), as any program.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "could not make the harness undumpable");
+    }
     let config = args.into_config()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
