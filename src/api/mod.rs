@@ -1207,10 +1207,24 @@ async fn write_file(
     Extension(caller): Extension<Caller>,
     Path((id, path)): Path<(String, String)>,
     query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, Problem> {
     let tenant = acting_tenant(&caller, query_of(query)?.tenant)?;
     let id = session_path(&tenant, &id)?;
+    // A body said to be past the bound is refused before a byte of it goes to the sandbox.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "file_too_large",
+            format!("a file written through the API is at most {MAX_BODY} bytes"),
+        )
+        .with("max", MAX_BODY));
+    }
     // The harness refuses a body past its own bound (413); serve holds a chunk at a time.
     let body = reqwest::Body::wrap_stream(body.into_data_stream());
     let (created, written) = orch.write_file(&tenant, &id, &path, body).await?;

@@ -73,7 +73,36 @@ fn open(workdir: &Path) -> Result<Dir, Problem> {
 
 /// An I/O error on `path` as the client should read it.
 fn failed(path: &Path, e: &std::io::Error) -> Problem {
+    use nix::libc::{ELOOP, ENAMETOOLONG, ENXIO};
     let shown = path.display();
+    match e.raw_os_error() {
+        Some(ELOOP) => {
+            return Problem::new(
+                StatusCode::FORBIDDEN,
+                "path_not_allowed",
+                format!("{shown} cannot be reached: its symbolic links go round in a loop"),
+            );
+        }
+        Some(ENAMETOOLONG) => {
+            return Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_path",
+                format!(
+                    "{shown}: a name in it, or the whole path, is too long for the file system"
+                ),
+            );
+        }
+        Some(ENXIO) => {
+            return Problem::new(
+                StatusCode::CONFLICT,
+                "not_a_file",
+                format!(
+                    "{shown} is not a regular file (a socket or a device): only files are read"
+                ),
+            );
+        }
+        _ => {}
+    }
     match e.kind() {
         ErrorKind::NotFound => Problem::new(
             StatusCode::NOT_FOUND,
@@ -85,7 +114,7 @@ fn failed(path: &Path, e: &std::io::Error) -> Problem {
             "path_not_allowed",
             format!(
                 "{shown} cannot be reached: it leads out of the working directory (through a \
-                 symbolic link, say) or is not readable"
+                 symbolic link, say), or its permissions do not allow it"
             ),
         ),
         ErrorKind::AlreadyExists => Problem::new(
@@ -190,9 +219,9 @@ pub async fn write(workdir: PathBuf, path: String, bytes: bytes::Bytes) -> Resul
     let path = checked(&path)?;
     blocking(move || {
         let dir = open(&workdir)?;
-        let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        if path.file_name().is_none() {
             return Err(failed_name(&path));
-        };
+        }
         let parent = path.parent().unwrap_or(Path::new(""));
         if !parent.as_os_str().is_empty() {
             dir.create_dir_all(parent).map_err(|e| failed(parent, &e))?;
@@ -209,7 +238,8 @@ pub async fn write(workdir: PathBuf, path: String, bytes: bytes::Bytes) -> Resul
             Err(e) if e.kind() == ErrorKind::NotFound => false,
             Err(e) => return Err(failed(&path, &e)),
         };
-        let staged = parent.join(format!(".{name}.{}.part", uuid::Uuid::new_v4().simple()));
+        // A short name of its own, so any name the file system takes can be written.
+        let staged = parent.join(format!(".sw-{}.part", uuid::Uuid::new_v4().simple()));
         // A replaced file keeps its permissions (an executable stays executable).
         let kept = existed
             .then(|| dir.metadata(&path).ok().map(|m| m.permissions()))
@@ -379,6 +409,23 @@ mod tests {
         let e = read(wd.clone(), "big".into()).await.expect_err("too large");
         assert_eq!(e.status, 413);
         std::fs::remove_file(work.path().join("big")).expect("rm");
+        // Any name the file system takes can be written; one it does not is the client's to fix.
+        let long = "n".repeat(255);
+        write(wd.clone(), long.clone(), "long".into())
+            .await
+            .expect("a 255-byte name");
+        let e = write(wd.clone(), "n".repeat(256), "x".into())
+            .await
+            .expect_err("too long");
+        assert_eq!(e.status, 422, "{e:?}");
+        std::fs::remove_file(work.path().join(&long)).expect("rm");
+        // Links that go round in a loop.
+        std::os::unix::fs::symlink("loop-b", work.path().join("loop-a")).expect("link");
+        std::os::unix::fs::symlink("loop-a", work.path().join("loop-b")).expect("link");
+        let e = read(wd.clone(), "loop-a".into()).await.expect_err("a loop");
+        assert_eq!(e.status, 403, "{e:?}");
+        std::fs::remove_file(work.path().join("loop-a")).expect("rm");
+        std::fs::remove_file(work.path().join("loop-b")).expect("rm");
         // A replaced file keeps its mode.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(
