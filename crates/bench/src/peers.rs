@@ -60,13 +60,6 @@ fn venv(python: &str, dir: &Path, package: &str, program: &str) -> anyhow::Resul
     Ok(bin)
 }
 
-/// A free port on 127.0.0.1 (bound and let go; the peer binds it next).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Polls `url` until it answers 200; the time that took.
 async fn until_ok(http: &reqwest::Client, url: &str, started: Instant) -> anyhow::Result<Duration> {
     let deadline = started + Duration::from_secs(60);
@@ -84,6 +77,37 @@ async fn until_ok(http: &reqwest::Client, url: &str, started: Instant) -> anyhow
     }
 }
 
+/// `program` from the virtualenv's `bin`, in an environment of its own (PATH with `bin` first,
+/// `home` as HOME; the caller adds the rest), output discarded.
+fn peer_command(bin: &Path, program: &str, home: &Path) -> Command {
+    let mut command = Command::new(bin.join(program));
+    command
+        .env_clear()
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .env("HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+/// Starts a peer server listening on `port`; returns once `health` answers, with the time that
+/// took.
+async fn spawn_peer(
+    http: &reqwest::Client,
+    mut command: Command,
+    port: u16,
+    health: &str,
+) -> anyhow::Result<(Peer, Duration)> {
+    let started = Instant::now();
+    let peer = Peer {
+        child: command.spawn()?,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let ready = until_ok(http, &format!("{}{health}", peer.base), started).await?;
+    Ok((peer, ready))
+}
+
 /// Karta's dev server with its stub harness on a free port, in a scratch agent folder, with an
 /// environment of its own (no control plane, no API keys: its documented open dev mode).
 async fn start_karta(
@@ -99,28 +123,17 @@ async fn start_karta(
     for d in [&agent, &home, &tmp] {
         std::fs::create_dir_all(d)?;
     }
-    let port = free_port()?;
-    let started = Instant::now();
-    let child = Command::new(bin.join("karta-runtime"))
+    let port = crate::nginx::free_port()?;
+    let mut command = peer_command(bin, "karta-runtime", &home);
+    command
         .arg("dev-serve")
         .arg(&agent)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .env_clear()
-        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
-        .env("HOME", &home)
         .env("TMPDIR", &tmp)
-        .env("KARTA_USE_STUB_HARNESS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting karta-runtime dev-serve")?;
-    let peer = Peer {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let ready = until_ok(http, &format!("{}/healthz", peer.base), started).await?;
-    Ok((peer, ready))
+        .env("KARTA_USE_STUB_HARNESS", "1");
+    spawn_peer(http, command, port, "/healthz")
+        .await
+        .context("starting karta-runtime dev-serve")
 }
 
 /// One unary turn on a Karta session: microseconds, and the reply's text.
@@ -163,27 +176,16 @@ async fn start_motus(
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(agent.join("echo_agent.py"), MOTUS_ECHO_AGENT)?;
-    let port = free_port()?;
-    let started = Instant::now();
-    let child = Command::new(bin.join("motus"))
+    let port = crate::nginx::free_port()?;
+    let mut command = peer_command(bin, "motus", &home);
+    command
         .args(["serve", "start", "echo_agent:echo", "--host", "127.0.0.1"])
         .args(["--port", &port.to_string(), "--workers", "1"])
         .args(["--log-level", "warning"])
-        .current_dir(&agent)
-        .env_clear()
-        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
-        .env("HOME", &home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting motus serve")?;
-    let peer = Peer {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let ready = until_ok(http, &format!("{}/health", peer.base), started).await?;
-    Ok((peer, ready))
+        .current_dir(&agent);
+    spawn_peer(http, command, port, "/health")
+        .await
+        .context("starting motus serve")
 }
 
 /// One turn on a Motus session, as its client does it: the message (202), then long-polls
