@@ -734,12 +734,9 @@ async fn list_turns(
     let mut turns = orch.list_turns(&tenant, &id, after, limit + 1).await?;
     let next_cursor = if turns.len() as i64 > limit {
         turns.truncate(limit as usize);
-        turns.last().and_then(|t| {
-            Some(encode_cursor(
-                t["created_at"].as_str()?,
-                t["turn_id"].as_str()?,
-            ))
-        })
+        turns
+            .last()
+            .map(|t| encode_cursor(&t.created_at, &t.turn_id))
     } else {
         None
     };

@@ -32,20 +32,33 @@ impl Orchestrator {
         }
     }
 
-    /// A failed file request: the harness's own refusal (a missing file, a path out of the
-    /// working directory) as it came; anything else as any harness failure.
-    async fn file_failure(&self, session: &Session, e: ClientError) -> SessionError {
-        match e {
-            // Only the answers a files route gives about the path; a harness that claims
-            // anything else (a 401, a 429) is not passed on as if serve had said it.
-            ClientError::Refused(p) if matches!(p.status, 403 | 404 | 409 | 413 | 422) => {
-                SessionError::HarnessRefused(p)
+    /// Runs one file request on the harness of a live session of `tenant`. A refusal about the
+    /// path (a missing file, a path out of the working directory) is passed on as it came, but
+    /// only as one of the statuses the files routes give: a harness that claims anything else
+    /// (a 401, a 429) is not passed on as if serve had said it. Any other failure is any harness
+    /// failure's.
+    async fn on_files<T, F, Fut>(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        request: F,
+    ) -> Result<T, SessionError>
+    where
+        F: FnOnce(HarnessClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let (session, client) = self.files_of(tenant, session_id).await?;
+        match request(client).await {
+            Ok(answer) => Ok(answer),
+            Err(ClientError::Refused(p)) if matches!(p.status, 403 | 404 | 409 | 413 | 422) => {
+                Err(SessionError::HarnessRefused(p))
             }
-            e => self.harness_failure(session, e).await,
+            Err(e) => Err(self.harness_failure(&session, e).await),
         }
     }
 
-    /// The entries of the session's working directory (under `under`, a directory in it).
+    /// The entries of the session's working directory (under `under`, a directory in it): the
+    /// harness's answer, its JSON body still to be read.
     pub async fn list_files(
         &self,
         tenant: &str,
@@ -55,11 +68,10 @@ impl Orchestrator {
         if let Some(under) = under.filter(|u| !u.is_empty() && *u != ".") {
             check_path(under)?;
         }
-        let (session, client) = self.files_of(tenant, session_id).await?;
-        match client.list_files(under).await {
-            Ok(resp) => Ok(resp),
-            Err(e) => Err(self.file_failure(&session, e).await),
-        }
+        self.on_files(tenant, session_id, |client| async move {
+            client.list_files(under).await
+        })
+        .await
     }
 
     /// A file of the session's working directory, its body still to be read from the harness.
@@ -70,11 +82,10 @@ impl Orchestrator {
         path: &str,
     ) -> Result<reqwest::Response, SessionError> {
         check_path(path)?;
-        let (session, client) = self.files_of(tenant, session_id).await?;
-        match client.read_file(path).await {
-            Ok(resp) => Ok(resp),
-            Err(e) => Err(self.file_failure(&session, e).await),
-        }
+        self.on_files(tenant, session_id, |client| async move {
+            client.read_file(path).await
+        })
+        .await
     }
 
     /// Writes a file of the session's working directory, whole; whether it is new.
@@ -86,11 +97,10 @@ impl Orchestrator {
         body: reqwest::Body,
     ) -> Result<(bool, Value), SessionError> {
         check_path(path)?;
-        let (session, client) = self.files_of(tenant, session_id).await?;
-        match client.write_file(path, body).await {
-            Ok(written) => Ok(written),
-            Err(e) => Err(self.file_failure(&session, e).await),
-        }
+        self.on_files(tenant, session_id, |client| async move {
+            client.write_file(path, body).await
+        })
+        .await
     }
 }
 

@@ -323,10 +323,19 @@ impl Rates {
                 b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate_f < burst_f
             });
         }
-        let bucket = buckets.entry(key_id.to_string()).or_insert(Bucket {
-            tokens: burst_f,
-            at: now,
-        });
+        // Found without allocating (every keyed request comes here); made on a key's first.
+        if !buckets.contains_key(key_id) {
+            buckets.insert(
+                key_id.to_string(),
+                Bucket {
+                    tokens: burst_f,
+                    at: now,
+                },
+            );
+        }
+        let Some(bucket) = buckets.get_mut(key_id) else {
+            return Ok(());
+        };
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate_f).min(burst_f);
         bucket.at = now;

@@ -681,19 +681,10 @@ impl Orchestrator {
         session_id: &str,
         after: Option<(String, String)>,
         limit: i64,
-    ) -> Result<Vec<Value>, SessionError> {
+    ) -> Result<Vec<super::view::TurnSummary>, SessionError> {
         let _ = self.get(tenant, session_id).await?;
         let turns = self.store.list_turns(session_id, after, limit).await?;
-        Ok(turns
-            .into_iter()
-            .map(|t| {
-                json!({
-                    "turn_id": t.id, "session_id": t.session_id, "status": t.status,
-                    "stop_reason": t.stop_reason, "mode": t.mode, "usage": t.usage,
-                    "error": t.error, "created_at": t.created_at, "finished_at": t.finished_at,
-                })
-            })
-            .collect())
+        Ok(turns.into_iter().map(Into::into).collect())
     }
 
     pub async fn turn_view(

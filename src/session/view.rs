@@ -4,7 +4,8 @@
 //! column stays private until a view shows it.
 
 use crate::status::SessionStatus;
-use crate::store::{Delivery, Message, Session};
+use crate::status::TurnStatus;
+use crate::store::{Delivery, Message, Session, Turn};
 use serde::Serialize;
 
 /// A session as the API shows it.
@@ -116,6 +117,37 @@ impl From<Delivery> for DeliveryView {
             last_error: d.last_error,
             created_at: d.created_at,
             updated_at: d.updated_at,
+        }
+    }
+}
+
+/// A turn as a session's turn list shows it: without its text (as large as its answer; the
+/// turn's own resource and the history carry it).
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnSummary {
+    pub turn_id: String,
+    pub session_id: String,
+    pub status: TurnStatus,
+    pub stop_reason: Option<String>,
+    pub mode: String,
+    pub usage: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+impl From<Turn> for TurnSummary {
+    fn from(t: Turn) -> TurnSummary {
+        TurnSummary {
+            turn_id: t.id,
+            session_id: t.session_id,
+            status: t.status,
+            stop_reason: t.stop_reason,
+            mode: t.mode,
+            usage: t.usage,
+            error: t.error,
+            created_at: t.created_at,
+            finished_at: t.finished_at,
         }
     }
 }
