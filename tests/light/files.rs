@@ -127,15 +127,7 @@ async fn a_sessions_files_are_its_sandboxs_working_directory_and_nothing_else() 
     assert_eq!(rc, 1, "nothing was written outside: {out}");
 
     // Another tenant's key finds no such session.
-    let (status, other_key) = api
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(serde_json::json!({"tenant": "other"})),
-        )
-        .await;
-    assert_eq!(status, 201, "{other_key}");
-    let other = api.with_key(other_key["key"].as_str().expect("key"));
+    let other = crate::tenancy::tenant_client(&api, "other").await;
     let (status, _) = get_file(&other, &id, "notes/plan-7f3.txt").await;
     assert_eq!(status, 404);
     let (status, _) = put_file(&other, &id, "intruder.txt", b"x").await;

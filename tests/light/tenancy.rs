@@ -837,7 +837,7 @@ async fn a_tenant_past_its_token_budget_is_refused_and_usage_is_accounted() {
 }
 
 /// Creates a key for `tenant` (the server's default limits) and returns a client with it.
-async fn tenant_client(admin: &Api, tenant: &str) -> Api {
+pub(crate) async fn tenant_client(admin: &Api, tenant: &str) -> Api {
     tenant_with(admin, tenant, serde_json::json!({})).await.0
 }
 
