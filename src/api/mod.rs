@@ -1,6 +1,7 @@
 //! The public API under `/v1`: routes, API-key auth, problem+json errors, SSE and the terminal
 //! bridge. Handlers translate HTTP to the orchestrator and back; they hold no state of their own.
 
+mod anthropic;
 mod error;
 mod tty;
 
@@ -85,6 +86,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/api-keys", post(create_key).get(list_keys))
         .route("/v1/usage", get(usage))
         .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
+        .nest("/anthropic", anthropic::router())
         .layer(middleware::from_fn_with_state(gate, require_key));
     Router::new()
         .merge(v1)
@@ -107,10 +109,21 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(vendor_errors))
         .layer(middleware::map_response(close_when_refused))
         .layer(middleware::from_fn_with_state(orch.clone(), count_requests))
         .layer(middleware::from_fn(request_span))
         .with_state(orch)
+}
+
+/// Answers under a vendor API's mount carry that vendor's error shape, whoever refused the
+/// request (the key check, the rate limit, the route).
+async fn vendor_errors(req: Request, next: Next) -> Response {
+    if req.uri().path().starts_with("/anthropic/") {
+        anthropic::errors(req, next).await
+    } else {
+        next.run(req).await
+    }
 }
 
 /// Only the probes and metrics (`/healthz`, `/readyz`, `/metrics`), for `serve --probe-listen`:
@@ -302,7 +315,7 @@ async fn metrics(State(orch): State<AppState>) -> Response {
 
 /// The session a URL's `{id}` names for `tenant`: its id, or the name the tenant picked for it
 /// (see `session::scoped_id`).
-fn session_path(tenant: &str, id: &str) -> Result<String, Problem> {
+pub(crate) fn session_path(tenant: &str, id: &str) -> Result<String, Problem> {
     validate_id("session id", id)
         .map_err(|m| Problem::new(StatusCode::BAD_REQUEST, "invalid_id", m))?;
     Ok(crate::session::scoped_id(tenant, id))
@@ -605,7 +618,7 @@ async fn post_message(
 
 /// `stream`, holding `slot` (a tenant's stream quota) until it ends or its reader goes away.
 /// `stream`, keeping `held` (a quota slot, a share of memory) until the stream is dropped.
-fn holding<T, H: Send + 'static>(
+pub(crate) fn holding<T, H: Send + 'static>(
     stream: impl Stream<Item = T> + Send + 'static,
     held: H,
 ) -> impl Stream<Item = T> + Send + 'static {
@@ -615,7 +628,9 @@ fn holding<T, H: Send + 'static>(
     })
 }
 
-fn sse(stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static) -> Response {
+pub(crate) fn sse(
+    stream: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+) -> Response {
     let mut response = Sse::new(stream)
         .keep_alive(
             KeepAlive::new()
@@ -870,7 +885,7 @@ async fn get_events(
 }
 
 /// What an event stream follows: one turn to its end, or the whole session from a seq on.
-enum Follow {
+pub(crate) enum Follow {
     Turn(String),
     Since(i64),
 }
@@ -900,13 +915,13 @@ const TURN_STREAM_RETRY: Duration = Duration::from_millis(250);
 /// read from the store counts against the caller's answer memory (`quota::Answers`) until it
 /// has been sent; a page refused there ends a session's stream (the client resumes with
 /// `Last-Event-ID`), while a turn's stream, which cannot be resumed, waits and asks again.
-fn event_stream(
+pub(crate) fn native_events(
     orch: Arc<Orchestrator>,
     caller: &Caller,
     session_id: String,
     rx: broadcast::Receiver<Arc<Event>>,
     follow: Follow,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+) -> impl Stream<Item = Arc<Event>> + Send + 'static {
     let (turn, last, catch_up) = match follow {
         Follow::Turn(t) => (Some(t), 0, false),
         Follow::Since(s) => (None, s, true),
@@ -943,12 +958,7 @@ fn event_stream(
                 if st.turn.is_some() && (e.kind == "done" || e.kind == "error") {
                     st.finished = true;
                 }
-                let sse = SseEvent::default()
-                    .id(e.seq.to_string())
-                    .event(e.kind.clone())
-                    .json_data(&*e)
-                    .unwrap_or_default();
-                return Some((Ok(sse), st));
+                return Some((e, st));
             }
             // Everything read from the store has been sent: its share goes back.
             st.admitted = None;
@@ -995,6 +1005,23 @@ fn event_stream(
                 () = shutdown.cancelled() => return None,
             }
         }
+    })
+}
+
+/// Session events as native SSE frames (`id:` the seq, `event:` the type).
+fn event_stream(
+    orch: Arc<Orchestrator>,
+    caller: &Caller,
+    session_id: String,
+    rx: broadcast::Receiver<Arc<Event>>,
+    follow: Follow,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    native_events(orch, caller, session_id, rx, follow).map(|e| {
+        Ok(SseEvent::default()
+            .id(e.seq.to_string())
+            .event(e.kind.clone())
+            .json_data(&*e)
+            .unwrap_or_default())
     })
 }
 

@@ -233,6 +233,45 @@ pub struct Event {
     pub data: serde_json::Value,
 }
 
+/// An insert's outcome, a row that exists already being `Conflict`.
+fn unique(result: std::result::Result<(), sqlx::Error>) -> Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// An object a vendor-compatible API keeps (an agent, an environment, a session's record), one
+/// version of it: `body` is the object as that API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VendorObject {
+    pub tenant: String,
+    pub kind: String,
+    pub id: String,
+    pub version: i64,
+    pub body: serde_json::Value,
+    pub created_at: String,
+    pub archived_at: Option<String>,
+}
+
+type ObjectRow = (String, String, String, i64, String, String, Option<String>);
+
+impl From<ObjectRow> for VendorObject {
+    fn from((tenant, kind, id, version, body, created_at, archived_at): ObjectRow) -> Self {
+        VendorObject {
+            tenant,
+            kind,
+            id,
+            version,
+            // The store holds only bodies this code wrote; one edited by hand reads as null.
+            body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+            created_at,
+            archived_at,
+        }
+    }
+}
+
 /// A webhook delivery: what clients see, plus what a restart needs to resume it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Delivery {
@@ -1125,11 +1164,7 @@ impl Store {
             .execute(pool)
             .await
             .map(|_| ()));
-        match result {
-            Ok(()) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict),
-            Err(e) => Err(e.into()),
-        }
+        unique(result)
     }
 
     /// The one session matching `filter` (a `WHERE` clause with `?`s for `binds`), if any.
@@ -1652,6 +1687,159 @@ impl Store {
             .iter()
             .map(|r| event_row!(r))
             .collect()))
+    }
+
+    // ---- objects of the vendor-compatible APIs
+
+    /// Stores one version of a vendor object; `Conflict` when that version exists (two updates
+    /// raced: the loser retries on the newer version).
+    pub async fn put_object(&self, o: &VendorObject) -> Result<()> {
+        let sql = self.sql(
+            "INSERT INTO vendor_objects (tenant, kind, id, version, body, created_at, archived_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        );
+        let result = on_db!(self, |pool| sqlx::query(&sql)
+            .bind(&o.tenant)
+            .bind(&o.kind)
+            .bind(&o.id)
+            .bind(o.version)
+            .bind(o.body.to_string())
+            .bind(&o.created_at)
+            .bind(&o.archived_at)
+            .execute(pool)
+            .await
+            .map(|_| ()));
+        unique(result)
+    }
+
+    /// Replaces the body (and `archived_at`) of the stored version `o.version` of an object.
+    pub async fn update_object(&self, o: &VendorObject) -> Result<()> {
+        let sql = self.sql(
+            "UPDATE vendor_objects SET body = ?, archived_at = ? \
+             WHERE tenant = ? AND kind = ? AND id = ? AND version = ?",
+        );
+        on_db!(self, |pool| sqlx::query(&sql)
+            .bind(o.body.to_string())
+            .bind(&o.archived_at)
+            .bind(&o.tenant)
+            .bind(&o.kind)
+            .bind(&o.id)
+            .bind(o.version)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// An object of `tenant`: its newest version, or `version`.
+    pub async fn get_object(
+        &self,
+        tenant: &str,
+        kind: &str,
+        id: &str,
+        version: Option<i64>,
+    ) -> Result<Option<VendorObject>> {
+        let sql = self.sql(
+            "SELECT tenant, kind, id, version, body, created_at, archived_at FROM vendor_objects \
+             WHERE tenant = ? AND kind = ? AND id = ? AND (? IS NULL OR version = ?) \
+             ORDER BY version DESC LIMIT 1",
+        );
+        let row: Option<ObjectRow> = on_db!(self, |pool| sqlx::query_as(&sql)
+            .bind(tenant)
+            .bind(kind)
+            .bind(id)
+            .bind(version)
+            .bind(version)
+            .fetch_optional(pool)
+            .await?);
+        Ok(row.map(VendorObject::from))
+    }
+
+    /// Every version of an object, oldest first, at most `limit` after version `after`.
+    pub async fn object_versions(
+        &self,
+        tenant: &str,
+        kind: &str,
+        id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<VendorObject>> {
+        let sql = self.sql(
+            "SELECT tenant, kind, id, version, body, created_at, archived_at FROM vendor_objects \
+             WHERE tenant = ? AND kind = ? AND id = ? AND version > ? ORDER BY version LIMIT ?",
+        );
+        let rows: Vec<ObjectRow> = on_db!(self, |pool| sqlx::query_as(&sql)
+            .bind(tenant)
+            .bind(kind)
+            .bind(id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?);
+        Ok(rows.into_iter().map(VendorObject::from).collect())
+    }
+
+    /// A page of a tenant's objects of one kind (the newest version of each), by creation:
+    /// oldest first after `after` (`created_at`, `id`), or newest first before it when `desc`.
+    pub async fn list_objects(
+        &self,
+        tenant: &str,
+        kind: &str,
+        after: Option<(String, String)>,
+        desc: bool,
+        include_archived: bool,
+        limit: i64,
+    ) -> Result<Vec<VendorObject>> {
+        let (order, cmp, start) = if desc {
+            ("DESC", "<", "~")
+        } else {
+            ("", ">", "")
+        };
+        let (after_ts, after_id) = after.unwrap_or_else(|| (start.to_string(), String::new()));
+        let text = format!(
+            "SELECT tenant, kind, id, version, body, created_at, archived_at FROM vendor_objects v \
+             WHERE tenant = ? AND kind = ? AND (? OR archived_at IS NULL) \
+             AND version = (SELECT MAX(version) FROM vendor_objects w \
+                 WHERE w.tenant = v.tenant AND w.kind = v.kind AND w.id = v.id) \
+             AND (created_at {cmp} ? OR (created_at = ? AND id {cmp} ?)) \
+             ORDER BY created_at {order}, id {order} LIMIT ?"
+        );
+        let sql = self.sql(&text);
+        let rows: Vec<ObjectRow> = on_db!(self, |pool| sqlx::query_as(&sql)
+            .bind(tenant)
+            .bind(kind)
+            .bind(include_archived)
+            .bind(&after_ts)
+            .bind(&after_ts)
+            .bind(&after_id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?);
+        Ok(rows.into_iter().map(VendorObject::from).collect())
+    }
+
+    /// Deletes every version of an object; whether there was one.
+    pub async fn delete_object(&self, tenant: &str, kind: &str, id: &str) -> Result<bool> {
+        let sql = self.sql("DELETE FROM vendor_objects WHERE tenant = ? AND kind = ? AND id = ?");
+        let n = on_db!(self, |pool| sqlx::query(&sql)
+            .bind(tenant)
+            .bind(kind)
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(n > 0)
+    }
+
+    /// The `seq` of a turn's first event, if it has one yet.
+    pub async fn turn_first_seq(&self, session_id: &str, turn_id: &str) -> Result<Option<i64>> {
+        let sql = self.sql("SELECT MIN(seq) FROM events WHERE session_id = ? AND turn_id = ?");
+        let first: Option<i64> = on_db!(self, |pool| sqlx::query_scalar(&sql)
+            .bind(session_id)
+            .bind(turn_id)
+            .fetch_one(pool)
+            .await?);
+        Ok(first)
     }
 
     // ---- webhook deliveries

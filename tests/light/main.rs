@@ -28,3 +28,4 @@ mod secrets;
 mod serve_api;
 mod session_logic;
 mod tenancy;
+mod vendor_sdks;

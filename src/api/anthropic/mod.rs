@@ -1,0 +1,1545 @@
+//! Anthropic's Managed Agents API (`client.beta.agents`, `.environments`, `.sessions` of the
+//! official SDK), served under `/anthropic`: a client sets `base_url` to `http://HOST/anthropic`
+//! and its API key to a sandwarden key.
+//!
+//! Agents and environments are stored objects (agents versioned); an Anthropic session is a
+//! native session plus a stored record of the agent version and environment it was made from.
+//! Its events are the native event log translated (`translate`): the history and the live
+//! stream run the same translation, so an event has the same id in both.
+
+mod translate;
+
+use super::{AppState, Caller, session_path};
+use crate::session::SessionError;
+use crate::status::SessionStatus;
+use crate::store::{Event, StoreError, VendorObject};
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::Event as SseEvent;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures::StreamExt;
+use sandwarden_proto::problem::Problem;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use translate::{Out, Place, Translator};
+
+const ENVIRONMENT: &str = "anthropic.environment";
+const AGENT: &str = "anthropic.agent";
+const SESSION: &str = "anthropic.session";
+
+/// The metadata key naming the harness template an agent (or its environment) runs on.
+const HARNESS_KEY: &str = "sandwarden.harness";
+
+/// The routes, relative to the `/anthropic` mount.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/environments",
+            post(create_environment).get(list_of::<Environments>),
+        )
+        .route(
+            "/v1/environments/{id}",
+            get(get_of::<Environments>)
+                .post(update_environment)
+                .delete(delete_environment),
+        )
+        .route(
+            "/v1/environments/{id}/archive",
+            post(archive_of::<Environments>),
+        )
+        .route("/v1/agents", post(create_agent).get(list_of::<Agents>))
+        .route("/v1/agents/{id}", get(get_of::<Agents>).post(update_agent))
+        .route("/v1/agents/{id}/archive", post(archive_of::<Agents>))
+        .route("/v1/agents/{id}/versions", get(agent_versions))
+        .route("/v1/sessions", post(create_session).get(list_sessions))
+        .route(
+            "/v1/sessions/{id}",
+            get(get_session).post(update_session).delete(delete_session),
+        )
+        .route("/v1/sessions/{id}/archive", post(archive_session))
+        .route(
+            "/v1/sessions/{id}/events",
+            post(send_events).get(list_events),
+        )
+        .route("/v1/sessions/{id}/events/stream", get(stream_events))
+        .fallback(unsupported)
+}
+
+// ---- errors
+
+fn invalid(message: impl Into<String>) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+fn not_found(what: &str, id: &str) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        &format!("{}_not_found", what.replace(' ', "_")),
+        format!("no {what} {id:?}"),
+    )
+}
+
+async fn unsupported(req: Request) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not_supported",
+        format!(
+            "{} {} is not supported by sandwarden's Anthropic Managed Agents API: it serves \
+             environments, agents, sessions and their events (docs/anthropic.md lists what is \
+             mapped and what is refused)",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}
+
+/// Rewrites the problem documents the API answers under `/anthropic` (its own and the key
+/// check's) into Anthropic's error shape, which the SDK reads into its exception types. A
+/// `409` says `x-should-retry: false`: retrying a conflict unchanged cannot succeed.
+pub async fn errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if !is_problem {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Problem documents are small; one that cannot be read keeps its status with a generic body.
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let doc: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let mut status = parts.status;
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        status = StatusCode::BAD_REQUEST;
+    }
+    let kind = match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    };
+    let request_id = parts
+        .headers
+        .get(super::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let body = json!({
+        "type": "error",
+        "error": {
+            "type": kind,
+            "message": doc["detail"].as_str().unwrap_or("the request failed"),
+            "details": {"error_code": doc["type"]},
+        },
+        "request_id": request_id,
+    });
+    parts.status = status;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::CONFLICT {
+        parts
+            .headers
+            .insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
+/// The first version of a new object.
+fn first_version(tenant: &str, kind: &str, id: String, body: Value, now: String) -> VendorObject {
+    VendorObject {
+        tenant: tenant.to_string(),
+        kind: kind.to_string(),
+        id,
+        version: 1,
+        body,
+        created_at: now,
+        archived_at: None,
+    }
+}
+
+fn store_problem(e: StoreError) -> Problem {
+    Problem::from(SessionError::Store(e))
+}
+
+// ---- shared helpers
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A JSON body, with the parse error said in Anthropic's words.
+fn body_of<T: serde::de::DeserializeOwned>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Problem> {
+    body.map(|Json(b)| b)
+        .map_err(|e| invalid(format!("the request body: {}", e.body_text())))
+}
+
+/// `metadata`: at most 16 string pairs (`null` values delete keys on update).
+fn checked_metadata(given: Option<&Value>) -> Result<Map<String, Value>, Problem> {
+    let Some(given) = given.filter(|v| !v.is_null()) else {
+        return Ok(Map::new());
+    };
+    let map = given
+        .as_object()
+        .ok_or_else(|| invalid("`metadata` is an object of string values"))?;
+    if map.len() > 16 {
+        return Err(invalid("`metadata` holds at most 16 pairs"));
+    }
+    for (k, v) in map {
+        if !(v.is_string() || v.is_null()) || k.len() > 64 {
+            return Err(invalid(format!(
+                "`metadata.{k}`: keys are at most 64 bytes and values are strings"
+            )));
+        }
+    }
+    Ok(map.clone())
+}
+
+#[derive(Deserialize, Default)]
+struct PageQuery {
+    limit: Option<i64>,
+    page: Option<String>,
+    include_archived: Option<bool>,
+    order: Option<String>,
+}
+
+fn limit_of(given: Option<i64>, default: i64, max: i64) -> Result<i64, Problem> {
+    let limit = given.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(invalid(format!("`limit` is between 1 and {max}")));
+    }
+    Ok(limit)
+}
+
+fn query_of<T>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, Problem> {
+    q.map(|Query(q)| q)
+        .map_err(|e| invalid(format!("the query: {}", e.body_text())))
+}
+
+/// An object list's page token: the last object's creation time and id.
+fn object_cursor(page: Option<&str>) -> Result<Option<(String, String)>, Problem> {
+    page.map(|p| {
+        p.split_once('|')
+            .map(|(t, id)| (t.to_string(), id.to_string()))
+            .ok_or_else(|| invalid("`page` is a token from a previous page's `next_page`"))
+    })
+    .transpose()
+}
+
+/// A page of stored objects in Anthropic's list shape (`data`, `next_page`).
+async fn object_page(
+    orch: &AppState,
+    tenant: &str,
+    kind: &str,
+    q: &PageQuery,
+    default_desc: bool,
+) -> Result<(Vec<VendorObject>, Option<String>), Problem> {
+    let limit = limit_of(q.limit, 20, 100)?;
+    let desc = match q.order.as_deref() {
+        None => default_desc,
+        Some("desc") => true,
+        Some("asc") => false,
+        Some(_) => return Err(invalid("`order` is `asc` or `desc`")),
+    };
+    let mut objects = orch
+        .store
+        .list_objects(
+            tenant,
+            kind,
+            object_cursor(q.page.as_deref())?,
+            desc,
+            q.include_archived.unwrap_or(false),
+            limit + 1,
+        )
+        .await
+        .map_err(store_problem)?;
+    let next = if objects.len() as i64 > limit {
+        objects.truncate(limit as usize);
+        objects.last().map(|o| format!("{}|{}", o.created_at, o.id))
+    } else {
+        None
+    };
+    Ok((objects, next))
+}
+
+fn list_answer(data: Vec<Value>, next_page: Option<String>) -> Response {
+    Json(json!({"data": data, "next_page": next_page})).into_response()
+}
+
+async fn object(
+    orch: &AppState,
+    tenant: &str,
+    kind: &str,
+    id: &str,
+    version: Option<i64>,
+) -> Result<VendorObject, Problem> {
+    let what = kind.trim_start_matches("anthropic.");
+    orch.store
+        .get_object(tenant, kind, id, version)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found(what, id))
+}
+
+async fn archive(orch: &AppState, mut o: VendorObject) -> Result<Value, Problem> {
+    if o.archived_at.is_none() {
+        let now = crate::store::now();
+        o.body["archived_at"] = json!(now);
+        o.body["updated_at"] = json!(now);
+        o.archived_at = Some(now);
+        orch.store.update_object(&o).await.map_err(store_problem)?;
+    }
+    Ok(o.body)
+}
+
+/// A kind of stored object with the same list, retrieve and archive routes.
+trait Kind {
+    const NAME: &'static str;
+}
+
+struct Environments;
+impl Kind for Environments {
+    const NAME: &'static str = ENVIRONMENT;
+}
+
+struct Agents;
+impl Kind for Agents {
+    const NAME: &'static str = AGENT;
+}
+
+async fn list_of<K: Kind>(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let (objects, next) = object_page(&orch, &caller.tenant, K::NAME, &q, false).await?;
+    Ok(list_answer(
+        objects.into_iter().map(|o| o.body).collect(),
+        next,
+    ))
+}
+
+#[derive(Deserialize)]
+struct VersionQuery {
+    version: Option<i64>,
+}
+
+/// An object's newest version, or `?version=` (agents keep every version).
+async fn get_of<K: Kind>(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    Ok(Json(
+        object(&orch, &caller.tenant, K::NAME, &id, q.version)
+            .await?
+            .body,
+    )
+    .into_response())
+}
+
+async fn archive_of<K: Kind>(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let o = object(&orch, &caller.tenant, K::NAME, &id, None).await?;
+    Ok(Json(archive(&orch, o).await?).into_response())
+}
+
+// ---- environments
+
+#[derive(Deserialize)]
+struct EnvironmentBody {
+    name: Option<String>,
+    description: Option<String>,
+    config: Option<Value>,
+    metadata: Option<Value>,
+    scope: Option<String>,
+}
+
+/// An environment's `config`: a `cloud` container with unrestricted networking and no packages
+/// is what a sandwarden template is; the rest has no counterpart per session and is refused.
+fn checked_config(config: Option<&Value>) -> Result<Value, Problem> {
+    let default = json!({"type": "cloud", "networking": {"type": "unrestricted"},
+                         "packages": {}});
+    let Some(config) = config.filter(|c| !c.is_null()) else {
+        return Ok(default);
+    };
+    match config["type"].as_str() {
+        Some("cloud") => {}
+        Some("self_hosted") => {
+            return Err(invalid(
+                "self_hosted environments are not supported: sandwarden runs the sandbox itself \
+                 (use a `cloud` config)",
+            ));
+        }
+        _ => return Err(invalid("`config.type` is `cloud`")),
+    }
+    let networking = &config["networking"];
+    if !networking.is_null() && networking["type"].as_str() != Some("unrestricted") {
+        return Err(invalid(
+            "`config.networking`: only `unrestricted` is supported; a sandbox's egress is set by \
+             its template's egress policy (docs/security.md), not per environment",
+        ));
+    }
+    if let Some(packages) = config["packages"].as_object()
+        && packages.values().any(|v| {
+            v.as_array().is_some_and(|a| !a.is_empty())
+                || v.get("packages")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty())
+        })
+    {
+        return Err(invalid(
+            "`config.packages` is not supported: a sandbox has what its template's image \
+             provides (install packages there)",
+        ));
+    }
+    Ok(json!({"type": "cloud", "networking": {"type": "unrestricted"}, "packages": {}}))
+}
+
+async fn create_environment(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<EnvironmentBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    let name = b
+        .name
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| invalid("`name` is required"))?;
+    let now = crate::store::now();
+    let id = new_id("env");
+    let body = json!({
+        "type": "environment", "id": id, "name": name, "description": b.description,
+        "config": checked_config(b.config.as_ref())?,
+        "metadata": checked_metadata(b.metadata.as_ref())?,
+        "scope": b.scope.unwrap_or_else(|| "organization".into()),
+        "created_at": now, "updated_at": now, "archived_at": null,
+    });
+    let o = first_version(&caller.tenant, ENVIRONMENT, id, body, now);
+    orch.store.put_object(&o).await.map_err(store_problem)?;
+    Ok(Json(o.body).into_response())
+}
+
+async fn update_environment(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<EnvironmentBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    let mut o = object(&orch, &caller.tenant, ENVIRONMENT, &id, None).await?;
+    if let Some(name) = b.name {
+        o.body["name"] = json!(name);
+    }
+    if let Some(d) = b.description {
+        o.body["description"] = json!(d);
+    }
+    if b.config.is_some() {
+        o.body["config"] = checked_config(b.config.as_ref())?;
+    }
+    if b.metadata.is_some() {
+        o.body["metadata"] = merged_metadata(&o.body["metadata"], b.metadata.as_ref())?;
+    }
+    o.body["updated_at"] = json!(crate::store::now());
+    orch.store.update_object(&o).await.map_err(store_problem)?;
+    Ok(Json(o.body).into_response())
+}
+
+/// `metadata` patched: keys set to `null` are deleted.
+fn merged_metadata(old: &Value, patch: Option<&Value>) -> Result<Value, Problem> {
+    let patch = checked_metadata(patch)?;
+    let mut merged = old.as_object().cloned().unwrap_or_default();
+    for (k, v) in patch {
+        if v.is_null() {
+            merged.remove(&k);
+        } else {
+            merged.insert(k, v);
+        }
+    }
+    if merged.len() > 16 {
+        return Err(invalid("`metadata` holds at most 16 pairs"));
+    }
+    Ok(Value::Object(merged))
+}
+
+async fn delete_environment(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let found = orch
+        .store
+        .delete_object(&caller.tenant, ENVIRONMENT, &id)
+        .await
+        .map_err(store_problem)?;
+    if !found {
+        return Err(not_found("environment", &id));
+    }
+    Ok(Json(json!({"id": id, "type": "environment_deleted"})).into_response())
+}
+
+// ---- agents
+
+#[derive(Deserialize)]
+struct AgentBody {
+    name: Option<String>,
+    model: Option<Value>,
+    description: Option<String>,
+    system: Option<String>,
+    tools: Option<Vec<Value>>,
+    mcp_servers: Option<Vec<Value>>,
+    skills: Option<Vec<Value>>,
+    metadata: Option<Value>,
+    multiagent: Option<Value>,
+    execution_identity: Option<Value>,
+    version: Option<i64>,
+}
+
+/// The model as Anthropic's agent shows it (`{id, …}`), from a string or an object.
+fn checked_model(model: &Value) -> Result<Value, Problem> {
+    let id = match model {
+        Value::String(s) => s.clone(),
+        Value::Object(m) => m
+            .get("id")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| invalid("`model.id` is required"))?,
+        _ => return Err(invalid("`model` is a model id or `{id}`")),
+    };
+    if id.trim().is_empty() {
+        return Err(invalid("`model` is required"));
+    }
+    Ok(json!({"id": id, "speed": "standard"}))
+}
+
+/// What an agent may say here, each refusal naming why.
+fn checked_agent_fields(b: &AgentBody) -> Result<(), Problem> {
+    if b.system.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(invalid(
+            "`system` is not supported yet: the agent CLI behind the harness keeps its own \
+             system prompt (put standing instructions in the agent's project files, e.g. \
+             AGENTS.md or CLAUDE.md, through the session's files)",
+        ));
+    }
+    for tool in b.tools.iter().flatten() {
+        match tool["type"].as_str() {
+            Some("agent_toolset_20260401") => {
+                if tool.get("configs").is_some_and(|c| !c.is_null())
+                    || tool.get("default_config").is_some_and(|c| !c.is_null())
+                {
+                    return Err(invalid(
+                        "`tools[].configs` / `default_config` are not supported: the agent CLI's \
+                         own tools and permission policy apply, and every permission it asks \
+                         arrives as `agent.tool_use` with `evaluated_permission: ask`",
+                    ));
+                }
+            }
+            Some("custom") => {
+                return Err(invalid(
+                    "`custom` tools are not supported yet (client-defined tools need the MCP \
+                     bridge listed in docs/anthropic.md)",
+                ));
+            }
+            other => {
+                return Err(invalid(format!(
+                    "tools of type {} are not supported: only `agent_toolset_20260401`",
+                    other.unwrap_or("(none)")
+                )));
+            }
+        }
+    }
+    for server in b.mcp_servers.iter().flatten() {
+        if server["type"].as_str() != Some("url")
+            || server["name"].as_str().is_none()
+            || server["url"].as_str().is_none()
+        {
+            return Err(invalid(
+                "`mcp_servers[]` are `{type: \"url\", name, url}` (streamable HTTP)",
+            ));
+        }
+        if server
+            .get("authorization_token")
+            .is_some_and(|t| !t.is_null())
+        {
+            return Err(invalid(
+                "`mcp_servers[].authorization_token` is not supported: sandwarden stores no \
+                 credentials with an agent",
+            ));
+        }
+    }
+    if b.skills.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(invalid("`skills` are not supported"));
+    }
+    if b.multiagent.as_ref().is_some_and(|m| !m.is_null()) {
+        return Err(invalid("`multiagent` is not supported"));
+    }
+    if b.execution_identity.as_ref().is_some_and(|m| !m.is_null()) {
+        return Err(invalid("`execution_identity` is not supported"));
+    }
+    Ok(())
+}
+
+async fn create_agent(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<AgentBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    checked_agent_fields(&b)?;
+    let name = b
+        .name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| invalid("`name` is required"))?;
+    let model = checked_model(
+        b.model
+            .as_ref()
+            .ok_or_else(|| invalid("`model` is required"))?,
+    )?;
+    let now = crate::store::now();
+    let id = new_id("agent");
+    let body = json!({
+        "type": "agent", "id": id, "version": 1, "name": name,
+        "description": b.description, "model": model, "system": b.system,
+        "tools": b.tools.unwrap_or_default(), "mcp_servers": b.mcp_servers.unwrap_or_default(),
+        "skills": [], "metadata": checked_metadata(b.metadata.as_ref())?,
+        "multiagent": null, "execution_identity": null,
+        "created_at": now, "updated_at": now, "archived_at": null,
+    });
+    let o = first_version(&caller.tenant, AGENT, id, body, now);
+    orch.store.put_object(&o).await.map_err(store_problem)?;
+    Ok(Json(o.body).into_response())
+}
+
+/// A new version of the agent: the fields given replace the old ones (`metadata` is patched).
+/// `version`, when given, must be the current one.
+async fn update_agent(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<AgentBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    checked_agent_fields(&b)?;
+    let old = object(&orch, &caller.tenant, AGENT, &id, None).await?;
+    if let Some(v) = b.version
+        && v != old.version
+    {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "version_conflict",
+            format!(
+                "the agent is at version {}, not {v}: retrieve it and apply the change again",
+                old.version
+            ),
+        ));
+    }
+    let mut body = old.body.clone();
+    let version = old.version + 1;
+    if let Some(name) = &b.name {
+        body["name"] = json!(name);
+    }
+    if let Some(model) = &b.model {
+        body["model"] = checked_model(model)?;
+    }
+    if let Some(d) = &b.description {
+        body["description"] = json!(d);
+    }
+    if let Some(tools) = &b.tools {
+        body["tools"] = json!(tools);
+    }
+    if let Some(servers) = &b.mcp_servers {
+        body["mcp_servers"] = json!(servers);
+    }
+    if b.metadata.is_some() {
+        body["metadata"] = merged_metadata(&body["metadata"], b.metadata.as_ref())?;
+    }
+    let now = crate::store::now();
+    body["version"] = json!(version);
+    body["updated_at"] = json!(now);
+    let o = VendorObject {
+        version,
+        body: body.clone(),
+        ..old
+    };
+    match orch.store.put_object(&o).await {
+        Err(StoreError::Conflict) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "version_conflict",
+            "the agent changed meanwhile: retrieve it and apply the change again",
+        )),
+        other => other.map_err(store_problem),
+    }?;
+    Ok(Json(body).into_response())
+}
+
+async fn agent_versions(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    object(&orch, &caller.tenant, AGENT, &id, None).await?;
+    let limit = limit_of(q.limit, 20, 100)?;
+    let after = match q.page.as_deref() {
+        None => 0,
+        Some(p) => p
+            .parse()
+            .map_err(|_| invalid("`page` is a token from a previous page's `next_page`"))?,
+    };
+    let mut versions = orch
+        .store
+        .object_versions(&caller.tenant, AGENT, &id, after, limit + 1)
+        .await
+        .map_err(store_problem)?;
+    let next = if versions.len() as i64 > limit {
+        versions.truncate(limit as usize);
+        versions.last().map(|o| o.version.to_string())
+    } else {
+        None
+    };
+    Ok(list_answer(
+        versions.into_iter().map(|o| o.body).collect(),
+        next,
+    ))
+}
+
+// ---- sessions
+
+#[derive(Deserialize)]
+struct SessionBody {
+    agent: Option<Value>,
+    environment_id: Option<String>,
+    title: Option<String>,
+    metadata: Option<Value>,
+    #[serde(default)]
+    resources: Vec<Value>,
+    #[serde(default)]
+    initial_events: Vec<Value>,
+    #[serde(default)]
+    vault_ids: Vec<Value>,
+    budget: Option<Value>,
+}
+
+/// The session's status in Anthropic's words.
+fn status_word(s: SessionStatus) -> &'static str {
+    match s {
+        SessionStatus::Running => "running",
+        SessionStatus::Creating | SessionStatus::Ready | SessionStatus::InputRequired => "idle",
+        SessionStatus::Failed | SessionStatus::Dead | SessionStatus::Deleted => "terminated",
+    }
+}
+
+/// The Anthropic session: its record, with the native session's status and the usage of its
+/// turns.
+async fn session_view(orch: &AppState, record: &VendorObject) -> Result<Value, Problem> {
+    let native = orch
+        .store
+        .get_session(&record.tenant, &record.id)
+        .await
+        .map_err(store_problem)?;
+    let mut body = record.body.clone();
+    let Some(native) = native else {
+        body["status"] = json!("terminated");
+        return Ok(body);
+    };
+    let (mut input, mut output) = (0u64, 0u64);
+    let mut after = None;
+    loop {
+        let turns = orch
+            .store
+            .list_turns(&native.id, after.clone(), 500)
+            .await
+            .map_err(store_problem)?;
+        for t in &turns {
+            if let Some(u) = &t.usage {
+                input += u["input_tokens"].as_u64().unwrap_or(0);
+                output += u["output_tokens"].as_u64().unwrap_or(0);
+            }
+        }
+        match turns.last() {
+            Some(t) if turns.len() == 500 => after = Some((t.created_at.clone(), t.id.clone())),
+            _ => break,
+        }
+    }
+    body["status"] = json!(status_word(native.status));
+    body["updated_at"] = json!(native.updated_at);
+    body["usage"] = json!({"input_tokens": input, "output_tokens": output,
+                           "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0});
+    body["stats"] = json!({});
+    Ok(body)
+}
+
+/// The Anthropic session record of `id` (a native session made through this API).
+async fn session_record(
+    orch: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<VendorObject, Problem> {
+    let native_id = session_path(&caller.tenant, id)?;
+    orch.store
+        .get_object(&caller.tenant, SESSION, &native_id, None)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("session", id))
+}
+
+/// The agent version a session names: an id (its latest version) or `{type: "agent", id,
+/// version}`.
+async fn resolve_agent(orch: &AppState, tenant: &str, agent: &Value) -> Result<Value, Problem> {
+    let (id, version) = match agent {
+        Value::String(id) => (id.clone(), None),
+        Value::Object(a) => {
+            if a.get("type").and_then(Value::as_str) == Some("agent_with_overrides") {
+                return Err(invalid(
+                    "`agent_with_overrides` is not supported: create a new agent version instead",
+                ));
+            }
+            let id = a
+                .get("id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("`agent.id` is required"))?;
+            (id.to_string(), a.get("version").and_then(Value::as_i64))
+        }
+        _ => {
+            return Err(invalid(
+                "`agent` is an agent id or `{type: \"agent\", id, version}`",
+            ));
+        }
+    };
+    let o = object(orch, tenant, AGENT, &id, version).await?;
+    if o.archived_at.is_some() {
+        return Err(invalid(format!("agent {id:?} is archived")));
+    }
+    Ok(o.body)
+}
+
+async fn create_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<SessionBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    if !b.resources.is_empty() {
+        return Err(invalid(
+            "`resources` are not supported yet: write files with PUT /v1/sessions/{id}/files/{path} \
+             on the native API",
+        ));
+    }
+    if !b.vault_ids.is_empty() {
+        return Err(invalid("`vault_ids` are not supported"));
+    }
+    if b.budget.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(invalid(
+            "`budget` is not supported: a tenant's budget is set on its API key",
+        ));
+    }
+    let agent = resolve_agent(
+        &orch,
+        &caller.tenant,
+        b.agent
+            .as_ref()
+            .ok_or_else(|| invalid("`agent` is required"))?,
+    )
+    .await?;
+    let environment_id = b
+        .environment_id
+        .ok_or_else(|| invalid("`environment_id` is required"))?;
+    let environment = object(&orch, &caller.tenant, ENVIRONMENT, &environment_id, None).await?;
+    if environment.archived_at.is_some() {
+        return Err(invalid(format!(
+            "environment {environment_id:?} is archived"
+        )));
+    }
+    let harness = agent["metadata"][HARNESS_KEY]
+        .as_str()
+        .or(environment.body["metadata"][HARNESS_KEY].as_str())
+        .map(String::from)
+        .ok_or_else(|| {
+            let names: Vec<String> = orch.templates().keys().cloned().collect();
+            invalid(format!(
+                "say which harness runs this agent: set metadata {{\"{HARNESS_KEY}\": \"<template>\"}} \
+                 on the agent or the environment (templates here: {})",
+                names.join(", ")
+            ))
+        })?;
+    let initial: Vec<UserInput> = b
+        .initial_events
+        .iter()
+        .map(UserInput::parse)
+        .collect::<Result<_, _>>()?;
+    if initial.iter().any(|i| !matches!(i, UserInput::Message(_))) {
+        return Err(invalid("`initial_events` hold `user.message` events only"));
+    }
+    let mcp_servers = agent["mcp_servers"]
+        .as_array()
+        .map(|servers| {
+            servers
+                .iter()
+                .map(|s| sandwarden_proto::event::McpServerSpec {
+                    name: s["name"].as_str().unwrap_or_default().to_string(),
+                    kind: Some("http".into()),
+                    command: None,
+                    args: Vec::new(),
+                    env: Default::default(),
+                    url: s["url"].as_str().map(String::from),
+                    headers: Default::default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let metadata = checked_metadata(b.metadata.as_ref())?;
+    let request = crate::session::CreateRequest {
+        harness,
+        id: None,
+        title: b.title.clone(),
+        metadata: Some(
+            json!({"anthropic.agent_id": agent["id"], "anthropic.environment_id": environment_id}),
+        ),
+        env: Default::default(),
+        files: Vec::new(),
+        cwd: None,
+        idle_timeout_s: None,
+        mcp_servers,
+    };
+    let (session, _) = orch
+        .create(&caller.tenant, request, None, &caller.limits)
+        .await?;
+    let now = crate::store::now();
+    let body = json!({
+        "type": "session", "id": session.id, "status": "idle", "agent": agent,
+        "environment_id": environment_id, "title": b.title, "metadata": metadata,
+        "resources": [], "vault_ids": [], "budget": null, "outcome_evaluations": [],
+        "stats": {}, "usage": {"input_tokens": 0, "output_tokens": 0},
+        "created_at": now, "updated_at": now, "archived_at": null, "deployment_id": null,
+    });
+    let record = first_version(&caller.tenant, SESSION, session.id.clone(), body, now);
+    if let Err(e) = orch.store.put_object(&record).await {
+        // The native session must not outlive a record that was never written.
+        let _ = orch.delete(&caller.tenant, &session.id).await;
+        return Err(store_problem(e));
+    }
+    for input in initial {
+        if let UserInput::Message(content) = input {
+            send_message(&orch, &caller, &record, &content).await?;
+        }
+    }
+    Ok(Json(session_view(&orch, &record).await?).into_response())
+}
+
+async fn get_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let record = session_record(&orch, &caller, &id).await?;
+    Ok(Json(session_view(&orch, &record).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct SessionUpdate {
+    title: Option<String>,
+    metadata: Option<Value>,
+    agent: Option<Value>,
+    budget: Option<Value>,
+    vault_ids: Option<Value>,
+}
+
+async fn update_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<SessionUpdate>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    if b.agent.is_some() || b.budget.is_some() || b.vault_ids.is_some() {
+        return Err(invalid(
+            "only `title` and `metadata` of a session can change here (`agent`, `budget` and \
+             `vault_ids` are not supported)",
+        ));
+    }
+    let mut record = session_record(&orch, &caller, &id).await?;
+    if let Some(title) = b.title {
+        record.body["title"] = json!(title);
+    }
+    if b.metadata.is_some() {
+        record.body["metadata"] = merged_metadata(&record.body["metadata"], b.metadata.as_ref())?;
+    }
+    record.body["updated_at"] = json!(crate::store::now());
+    orch.store
+        .update_object(&record)
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(session_view(&orch, &record).await?).into_response())
+}
+
+#[derive(Deserialize, Default)]
+struct SessionListQuery {
+    limit: Option<i64>,
+    page: Option<String>,
+    include_archived: Option<bool>,
+    order: Option<String>,
+    agent_id: Option<String>,
+}
+
+async fn list_sessions(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<SessionListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let page = PageQuery {
+        limit: q.limit,
+        page: q.page,
+        include_archived: q.include_archived,
+        order: q.order,
+    };
+    let (records, next) = object_page(&orch, &caller.tenant, SESSION, &page, true).await?;
+    let mut data = Vec::with_capacity(records.len());
+    for r in records {
+        if q.agent_id
+            .as_deref()
+            .is_some_and(|a| r.body["agent"]["id"].as_str() != Some(a))
+        {
+            continue;
+        }
+        data.push(session_view(&orch, &r).await?);
+    }
+    Ok(Json(json!({"data": data, "next_page": next, "prev_page": null})).into_response())
+}
+
+/// Stops the native session (its sandbox goes; its history stays readable).
+async fn stop_native(orch: &AppState, caller: &Caller, id: &str) -> Result<(), Problem> {
+    match orch.delete(&caller.tenant, id).await {
+        Ok(_) | Err(SessionError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn archive_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let record = session_record(&orch, &caller, &id).await?;
+    stop_native(&orch, &caller, &record.id).await?;
+    let body = archive(&orch, record.clone()).await?;
+    let record = VendorObject { body, ..record };
+    Ok(Json(session_view(&orch, &record).await?).into_response())
+}
+
+/// Deletes the session: its sandbox stops and it is gone from this API (`404` from then on).
+async fn delete_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let record = session_record(&orch, &caller, &id).await?;
+    stop_native(&orch, &caller, &record.id).await?;
+    orch.store
+        .delete_object(&caller.tenant, SESSION, &record.id)
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(json!({"id": id, "type": "session_deleted"})).into_response())
+}
+
+// ---- events: input
+
+/// One input event a client sends.
+enum UserInput {
+    /// Native message parts.
+    Message(Vec<Value>),
+    Interrupt,
+    Confirmation {
+        tool_use_id: String,
+        allow: bool,
+    },
+}
+
+impl UserInput {
+    fn parse(e: &Value) -> Result<UserInput, Problem> {
+        match e["type"].as_str() {
+            Some("user.message") => {
+                let content = e["content"]
+                    .as_array()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| invalid("`user.message` needs `content` blocks"))?;
+                content
+                    .iter()
+                    .map(native_part)
+                    .collect::<Result<_, _>>()
+                    .map(UserInput::Message)
+            }
+            Some("user.interrupt") => Ok(UserInput::Interrupt),
+            Some("user.tool_confirmation") => {
+                let tool_use_id = e["tool_use_id"]
+                    .as_str()
+                    .ok_or_else(|| invalid("`user.tool_confirmation` needs `tool_use_id`"))?;
+                let allow = match e["result"].as_str() {
+                    Some("allow") => true,
+                    Some("deny") => false,
+                    _ => return Err(invalid("`result` is `allow` or `deny`")),
+                };
+                Ok(UserInput::Confirmation {
+                    tool_use_id: tool_use_id.to_string(),
+                    allow,
+                })
+            }
+            Some(
+                kind @ ("user.custom_tool_result"
+                | "user.tool_result"
+                | "user.define_outcome"
+                | "system.message"),
+            ) => Err(invalid(format!(
+                "`{kind}` events are not supported: custom tools, self-hosted tools, outcomes and \
+                 system messages have no counterpart here yet (docs/anthropic.md)"
+            ))),
+            other => Err(invalid(format!(
+                "unknown event type {}: send `user.message`, `user.interrupt` or \
+                 `user.tool_confirmation`",
+                other.unwrap_or("(none)")
+            ))),
+        }
+    }
+}
+
+/// An Anthropic content block as a native message part.
+fn native_part(block: &Value) -> Result<Value, Problem> {
+    let source = &block["source"];
+    let media = source["media_type"].as_str();
+    match block["type"].as_str() {
+        Some("text") => Ok(json!({"type": "text",
+            "text": block["text"].as_str().ok_or_else(|| invalid("a text block needs `text`"))?})),
+        Some(kind @ ("image" | "document")) => {
+            let part_type = if kind == "image" { "image" } else { "file" };
+            let mut part = match source["type"].as_str() {
+                Some("base64") => json!({"type": part_type, "data": source["data"]}),
+                Some("url") => json!({"type": part_type, "url": source["url"]}),
+                Some("text") if kind == "document" => {
+                    json!({"type": "file", "text": source["data"]})
+                }
+                Some("file") => {
+                    return Err(invalid(
+                        "content from the Files API (`source.type: file`) is not supported: send \
+                         it as base64",
+                    ));
+                }
+                _ => return Err(invalid(format!("a {kind} block needs a `source`"))),
+            };
+            if let Some(m) = media {
+                part["mime_type"] = json!(m);
+            }
+            if let Some(title) = block["title"].as_str() {
+                part["name"] = json!(title);
+            }
+            Ok(part)
+        }
+        other => Err(invalid(format!(
+            "content blocks are `text`, `image` or `document`, not {}",
+            other.unwrap_or("(none)")
+        ))),
+    }
+}
+
+/// Starts a turn with the message (the agent's model applied); the `user.message` event it
+/// will open, with its id.
+async fn send_message(
+    orch: &AppState,
+    caller: &Caller,
+    record: &VendorObject,
+    parts: &[Value],
+) -> Result<Value, Problem> {
+    let model = record.body["agent"]["model"]["id"].as_str();
+    let request: crate::session::message::MessageRequest =
+        serde_json::from_value(json!({"parts": parts, "async": true, "model": model}))
+            .map_err(|e| invalid(format!("the message: {e}")))?;
+    let started = orch
+        .start_turn(&caller.tenant, &record.id, request, "async", &caller.limits)
+        .await
+        .map_err(|e| match e {
+            SessionError::TurnInProgress { .. } => Problem::new(
+                StatusCode::CONFLICT,
+                "turn_in_progress",
+                "the agent is still working on the last message: wait for \
+                 `session.status_idle`, or send `user.interrupt`",
+            ),
+            other => other.into(),
+        })?;
+    Ok(json!({
+        "id": translate::user_message_id(&started.turn_id),
+        "type": "user.message",
+        "content": record_content(parts),
+        "processed_at": null,
+    }))
+}
+
+/// Native parts shown back as Anthropic content blocks.
+fn record_content(parts: &[Value]) -> Vec<Value> {
+    parts
+        .iter()
+        .map(|p| match p["type"].as_str() {
+            Some("text") => json!({"type": "text", "text": p["text"]}),
+            Some("image") => json!({"type": "image"}),
+            _ => json!({"type": "document"}),
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    events: Vec<Value>,
+}
+
+async fn send_events(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<SendBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    if b.events.is_empty() {
+        return Err(invalid("`events` holds at least one event"));
+    }
+    // Every event is checked before any is acted on.
+    let inputs: Vec<UserInput> = b
+        .events
+        .iter()
+        .map(UserInput::parse)
+        .collect::<Result<_, _>>()?;
+    let record = session_record(&orch, &caller, &id).await?;
+    let mut sent = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let event = match input {
+            UserInput::Message(parts) => send_message(&orch, &caller, &record, &parts).await?,
+            UserInput::Interrupt => {
+                match orch.cancel(&caller.tenant, &record.id).await {
+                    Ok(_) | Err(SessionError::NoTurnRunning) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                json!({"id": new_id("sevt"), "type": "user.interrupt", "processed_at": null})
+            }
+            UserInput::Confirmation { tool_use_id, allow } => {
+                confirm(&orch, &caller, &record.id, &tool_use_id, allow).await?;
+                json!({"id": new_id("sevt"), "type": "user.tool_confirmation",
+                       "tool_use_id": tool_use_id, "result": if allow { "allow" } else { "deny" },
+                       "processed_at": null})
+            }
+        };
+        sent.push(event);
+    }
+    Ok(Json(json!({"data": sent})).into_response())
+}
+
+/// Answers the permission request behind an `agent.tool_use` asked about. One answered
+/// already is not an error (a client retrying its confirmation).
+async fn confirm(
+    orch: &AppState,
+    caller: &Caller,
+    session_id: &str,
+    tool_use_id: &str,
+    allow: bool,
+) -> Result<(), Problem> {
+    let unknown = || {
+        invalid(format!(
+            "`tool_use_id` {tool_use_id:?} is not an `agent.tool_use` of this session awaiting \
+             confirmation (take it from `session.status_idle.stop_reason.event_ids`)"
+        ))
+    };
+    let seq = translate::seq_of_tool_use(tool_use_id).ok_or_else(unknown)?;
+    let event = orch
+        .store
+        .list_events(session_id, seq - 1, 1)
+        .await
+        .map_err(store_problem)?
+        .pop()
+        .filter(|e| e.seq == seq && e.kind == "input_required")
+        .ok_or_else(unknown)?;
+    let request_id = event.data["request_id"].as_str().ok_or_else(unknown)?;
+    let answer = sandwarden_proto::event::InputAnswer {
+        decision: Some(if allow {
+            sandwarden_proto::event::Decision::ApproveOnce
+        } else {
+            sandwarden_proto::event::Decision::Deny
+        }),
+        option_id: None,
+    };
+    match orch
+        .answer(&caller.tenant, session_id, request_id, &answer)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(SessionError::HarnessRefused(p)) if p.status == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+// ---- events: history and stream
+
+/// Native events read per store query while translating.
+const BATCH: i64 = 500;
+
+/// Feeds native events to the translator, looking up each turn's user message as it opens.
+struct Reader {
+    translator: Translator,
+    users: HashMap<String, crate::store::Message>,
+}
+
+impl Reader {
+    fn new(deltas: bool) -> Self {
+        Reader {
+            translator: Translator::new(deltas),
+            users: HashMap::new(),
+        }
+    }
+
+    async fn push(&mut self, orch: &AppState, e: &Event) -> Result<Vec<Out>, StoreError> {
+        let user = match &e.turn_id {
+            Some(turn) if self.translator.opens_turn(e) => {
+                self.users.clear();
+                if let Some(m) = orch
+                    .store
+                    .list_messages(&e.session_id, Some(turn))
+                    .await?
+                    .into_iter()
+                    .find(|m| m.role == "user")
+                {
+                    self.users.insert(turn.clone(), m);
+                }
+                self.users.get(turn)
+            }
+            _ => None,
+        };
+        Ok(self.translator.push(e, user))
+    }
+}
+
+/// Where translation must start to rebuild what the event at `seq` belongs to: just before its
+/// turn's first event (a turn's events are contiguous).
+async fn replay_start(orch: &AppState, session_id: &str, seq: i64) -> Result<i64, StoreError> {
+    if seq <= 0 {
+        return Ok(0);
+    }
+    let Some(e) = orch
+        .store
+        .list_events(session_id, seq - 1, 1)
+        .await?
+        .pop()
+        .filter(|e| e.seq == seq)
+    else {
+        return Ok(seq);
+    };
+    let Some(turn) = &e.turn_id else {
+        return Ok(seq);
+    };
+    Ok(orch
+        .store
+        .turn_first_seq(session_id, turn)
+        .await?
+        .map_or(seq, |first| first - 1))
+}
+
+fn place_token((seq, k): Place) -> String {
+    format!("{seq}.{k}")
+}
+
+fn parse_place(token: &str) -> Option<Place> {
+    let (seq, k) = token.split_once('.')?;
+    Some((seq.parse().ok()?, k.parse().ok()?))
+}
+
+/// The session's history, oldest first, paged by `page`/`next_page`. A turn still running shows
+/// what it has completed (a message appears once its text run has ended).
+async fn list_events(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let pairs = query_of(query)?;
+    // Arrays come as `types[]=a&types[]=b`, which a struct cannot take: read the pairs.
+    let (mut limit, mut page, mut types) = (None, None, Vec::new());
+    for (k, v) in pairs {
+        match k.as_str() {
+            "limit" => limit = Some(v.parse().map_err(|_| invalid("`limit` is a number"))?),
+            "page" => page = Some(v),
+            "order" if v != "asc" => {
+                return Err(invalid("events are listed oldest first only (`order=asc`)"));
+            }
+            "types[]" | "types" => types.push(v),
+            _ => {}
+        }
+    }
+    let limit = limit_of(limit, 20, 1000)?;
+    let after = page
+        .as_deref()
+        .map(|p| parse_place(p).ok_or_else(|| invalid("`page` is a token from `next_page`")))
+        .transpose()?;
+    let record = session_record(&orch, &caller, &id).await?;
+    let session_id = record.id;
+    let mut since = match after {
+        Some((seq, _)) => replay_start(&orch, &session_id, seq)
+            .await
+            .map_err(store_problem)?,
+        None => 0,
+    };
+    let mut reader = Reader::new(false);
+    let mut data: Vec<Value> = Vec::new();
+    let mut last: Option<Place> = None;
+    'read: loop {
+        let batch = orch
+            .store
+            .list_events(&session_id, since, BATCH)
+            .await
+            .map_err(store_problem)?;
+        let Some(tail) = batch.last() else { break };
+        since = tail.seq;
+        let full = batch.len() as i64 == BATCH;
+        for e in &batch {
+            for out in reader.push(&orch, e).await.map_err(store_problem)? {
+                if after.is_some_and(|a| out.place <= a) {
+                    continue;
+                }
+                if !types.is_empty() && !types.iter().any(|t| t == out.kind()) {
+                    continue;
+                }
+                last = Some(out.place);
+                data.push(out.event);
+                if data.len() as i64 == limit {
+                    break 'read;
+                }
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    let next_page = (data.len() as i64 == limit)
+        .then(|| last.map(place_token))
+        .flatten();
+    Ok(Json(json!({"data": data, "next_page": next_page})).into_response())
+}
+
+/// The live stream: events completed from now on, each as an SSE frame whose `event:` is its
+/// type (the SDK drops frames without one), with previews of `agent.message` when asked
+/// (`event_deltas[]=agent.message`). A turn running when the stream opens is replayed from its
+/// start, silently, so what it completes later is whole and carries its history id.
+async fn stream_events(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let pairs = query_of(query)?;
+    let deltas = pairs
+        .iter()
+        .any(|(k, v)| (k == "event_deltas[]" || k == "event_deltas") && v == "agent.message");
+    let slot = orch
+        .streams
+        .open(&caller.tenant, caller.limits.open_streams)?;
+    let record = session_record(&orch, &caller, &id).await?;
+    let session_id = record.id;
+    // Subscribed before the log is read, so nothing falls between the two.
+    let rx = orch.hub.subscribe(&session_id);
+    let now = orch
+        .store
+        .last_seq(&session_id)
+        .await
+        .map_err(store_problem)?;
+    let start = replay_start(&orch, &session_id, now)
+        .await
+        .map_err(store_problem)?;
+    // A finished turn needs no replay: its last event ended it.
+    let start = if start < now {
+        let last = orch
+            .store
+            .list_events(&session_id, now - 1, 1)
+            .await
+            .map_err(store_problem)?;
+        if last
+            .first()
+            .is_some_and(|e| e.kind == "done" || e.kind == "error")
+        {
+            now
+        } else {
+            start
+        }
+    } else {
+        start
+    };
+    let natives = Box::pin(super::native_events(
+        orch.clone(),
+        &caller,
+        session_id,
+        rx,
+        super::Follow::Since(start),
+    ));
+    let state = StreamState {
+        natives,
+        reader: Reader::new(deltas),
+        orch: orch.clone(),
+        pending: VecDeque::new(),
+        now,
+    };
+    let frames = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(out) = st.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(frame(&out)), st));
+            }
+            let e = st.natives.next().await?;
+            match st.reader.push(&st.orch, &e).await {
+                // What the replay of a running turn completes up to now is history already.
+                Ok(outs) => st
+                    .pending
+                    .extend(outs.into_iter().filter(|o| o.place.0 > st.now)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "an Anthropic event stream could not read the store; ending it");
+                    return None;
+                }
+            }
+        }
+    });
+    Ok(super::sse(super::holding(frames, slot)))
+}
+
+struct StreamState<S> {
+    natives: std::pin::Pin<Box<S>>,
+    reader: Reader,
+    orch: AppState,
+    pending: VecDeque<Out>,
+    now: i64,
+}
+
+fn frame(out: &Out) -> SseEvent {
+    let mut frame = SseEvent::default().event(out.kind());
+    if !out.preview {
+        frame = frame.id(out.id());
+    }
+    frame.json_data(&out.event).unwrap_or_default()
+}

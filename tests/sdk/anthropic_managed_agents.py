@@ -1,0 +1,286 @@
+"""Drives sandwarden through the official `anthropic` SDK's Managed Agents API, as a client would:
+only `base_url` and the API key point at sandwarden. Run by tests/light/vendor_sdks.rs with
+SANDWARDEN_URL (serve's base URL) and SANDWARDEN_KEY (a tenant's key); exits non-zero, saying
+what differed, on the first failed expectation. Every prompt carries its own nonce, so a turn
+holding another prompt's answer is caught."""
+
+import os
+import sys
+import time
+import uuid
+
+import anthropic
+
+BASE = os.environ["SANDWARDEN_URL"].rstrip("/") + "/anthropic"
+KEY = os.environ["SANDWARDEN_KEY"]
+client = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0, timeout=60)
+beta = client.beta
+
+seen_on_streams = {}
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAILED: {what}", file=sys.stderr)
+        sys.exit(1)
+
+
+def nonce():
+    return uuid.uuid4().hex[:10]
+
+
+def follow(stream, until_idle=True, on_event=None):
+    """Reads a stream until the session idles (any stop reason but requires_action, unless
+    until_idle is False, which stops at requires_action too). Returns the events read."""
+    events = []
+    for event in stream:
+        events.append(event)
+        if getattr(event, "id", None):
+            seen_on_streams.setdefault(event.id, event)
+        if on_event:
+            on_event(event)
+        if event.type == "session.status_idle":
+            if event.stop_reason.type != "requires_action" or not until_idle:
+                return events
+        if event.type == "session.status_terminated":
+            return events
+    check(False, "the stream ended before the session went idle")
+
+
+def turn(session_id, text, deltas=False):
+    """Sends one message with a stream open first (as the SDK's runner does); the events."""
+    kwargs = {"event_deltas": ["agent.message"]} if deltas else {}
+    with beta.sessions.events.stream(session_id, **kwargs) as stream:
+        sent = beta.sessions.events.send(
+            session_id,
+            events=[{"type": "user.message", "content": [{"type": "text", "text": text}]}],
+        )
+        check(len(sent.data) == 1 and sent.data[0].type == "user.message", f"send answer: {sent}")
+        return sent.data[0].id, follow(stream)
+
+
+def answer_text(events):
+    return "".join(
+        block.text
+        for e in events
+        if e.type == "agent.message"
+        for block in e.content
+        if block.type == "text"
+    )
+
+
+# ---- resources
+
+env = beta.environments.create(name=f"dev-{nonce()}")
+check(env.id.startswith("env_") and env.type == "environment", f"environment: {env}")
+check(beta.environments.retrieve(env.id).name == env.name, "environment retrieve")
+
+agent = beta.agents.create(
+    name="echo agent",
+    model="echo-small",
+    metadata={"sandwarden.harness": "echo"},
+)
+check(agent.version == 1 and agent.model.id == "echo-small", f"agent: {agent}")
+updated = beta.agents.update(agent.id, version=1, description="answers with what it is told")
+check(updated.version == 2, f"an update makes version 2: {updated}")
+check(beta.agents.retrieve(agent.id, version=1).description is None, "version 1 is kept")
+try:
+    beta.agents.update(agent.id, version=1, description="stale")
+    check(False, "an update naming an old version must conflict")
+except anthropic.ConflictError:
+    pass
+
+session = beta.sessions.create(agent=agent.id, environment_id=env.id, title="sdk flow")
+check(session.status == "idle", f"a new session is idle: {session.status}")
+check(session.agent.version == 2, "the session runs the agent's latest version")
+sid = session.id
+
+# ---- a plain turn, buffered and with previews
+
+n1 = nonce()
+user_id, events = turn(sid, f"hello {n1}")
+kinds = [e.type for e in events]
+check(kinds[0] == "user.message" and events[0].id == user_id, f"the turn opens with the message: {kinds}")
+check("session.status_running" in kinds, f"running before work: {kinds}")
+check(events[-1].stop_reason.type == "end_turn", f"ends end_turn: {events[-1]}")
+check(answer_text(events) == f"hello {n1}", f"the echo: {answer_text(events)!r}")
+
+n2 = nonce()
+_, events = turn(sid, f"/slow 3 piece-{n2}", deltas=True)
+starts = [e for e in events if e.type == "event_start"]
+deltas = [e for e in events if e.type == "event_delta"]
+messages = [e for e in events if e.type == "agent.message"]
+check(len(messages) == 1 and len(deltas) == 3, f"3 previews, 1 message: {[e.type for e in events]}")
+check(starts[0].event.id == messages[0].id, "the preview names the message it becomes")
+check("".join(d.delta.content.text for d in deltas) == answer_text(messages), "previews add up")
+check(all(f"piece-{n2}" in line for line in answer_text(events).splitlines()), answer_text(events))
+
+# ---- approvals: one allowed, one denied
+
+for verdict in ("allow", "deny"):
+    n = nonce()
+    with beta.sessions.events.stream(sid) as stream:
+        beta.sessions.events.send(
+            sid,
+            events=[{"type": "user.message", "content": [{"type": "text", "text": f"/ask may I {n}?"}]}],
+        )
+        events = follow(stream, until_idle=False)
+        idle = events[-1]
+        check(idle.stop_reason.type == "requires_action", f"asks: {idle}")
+        blocked = idle.stop_reason.event_ids
+        tool_use = [e for e in events if e.type == "agent.tool_use"]
+        check([t.id for t in tool_use] == blocked, f"blocked on its tool use: {blocked}")
+        check(tool_use[0].evaluated_permission == "ask", f"{tool_use[0]}")
+        check(beta.sessions.retrieve(sid).status == "idle", "idle while it waits")
+        beta.sessions.events.send(
+            sid,
+            events=[{"type": "user.tool_confirmation", "tool_use_id": blocked[0], "result": verdict}],
+        )
+        events = follow(stream)
+    result = [e for e in events if e.type == "agent.tool_result"]
+    check(result and result[0].tool_use_id == blocked[0], f"the result answers the call: {events}")
+    expected = "permission granted" if verdict == "allow" else "permission denied"
+    check(expected in answer_text(events), f"{verdict}: {answer_text(events)!r}")
+    check(result[0].is_error == (verdict == "deny"), f"{result[0]}")
+
+# ---- an interrupt
+
+with beta.sessions.events.stream(sid) as stream:
+    beta.sessions.events.send(
+        sid,
+        events=[{"type": "user.message", "content": [{"type": "text", "text": "/slow 60 long"}]}],
+    )
+    interrupted = []
+
+    def interrupt(event):
+        if event.type == "session.status_running" and not interrupted:
+            interrupted.append(True)
+            beta.sessions.events.send(sid, events=[{"type": "user.interrupt"}])
+
+    started = time.monotonic()
+    events = follow(stream, on_event=interrupt)
+check(interrupted and events[-1].type == "session.status_idle", f"{[e.type for e in events]}")
+check(time.monotonic() - started < 20, "the interrupt stopped the turn early")
+check(answer_text(events).count("long") < 60, "the turn did not run to its end")
+# Interrupting an idle session is no error.
+beta.sessions.events.send(sid, events=[{"type": "user.interrupt"}])
+
+# ---- a reconnect in the middle of a turn
+
+n5 = nonce()
+stream = beta.sessions.events.stream(sid)
+beta.sessions.events.send(
+    sid,
+    events=[{"type": "user.message", "content": [{"type": "text", "text": f"/slow 6 part-{n5}"}]}],
+)
+first = []
+for event in stream:
+    first.append(event)
+    if event.type == "session.status_running":
+        break
+stream.close()
+with beta.sessions.events.stream(sid) as stream:
+    history = list(beta.sessions.events.list(sid, limit=1000))
+    merged = {e.id: e for e in history}
+    rest = follow(stream)
+    for e in rest:
+        merged.setdefault(e.id, e)
+texts = [e for e in merged.values() if e.type == "agent.message" and f"part-{n5}" in answer_text([e])]
+check(len(texts) == 1, f"the message arrives once after the reconnect: {len(texts)}")
+check(answer_text(texts).count(f"part-{n5}") == 6, f"and whole: {answer_text(texts)!r}")
+
+# ---- history: paged, each event once, each turn holding its own prompt's answer
+
+paged = list(beta.sessions.events.list(sid, limit=3))
+ids = [e.id for e in paged]
+check(len(ids) == len(set(ids)), "no event twice in the history")
+whole = list(beta.sessions.events.list(sid, limit=1000))
+check([e.id for e in whole] == ids, "pages of 3 and one page of 1000 agree")
+for event_id, event in seen_on_streams.items():
+    if event.type in ("event_start", "event_delta"):
+        continue
+    check(event_id in ids, f"{event.type} {event_id} from a stream is in the history")
+prompts = [e for e in paged if e.type == "user.message"]
+check(len(prompts) == 6, f"six prompts: {len(prompts)}")
+# The answer to each prompt comes before the next prompt.
+current = None
+for e in paged:
+    if e.type == "user.message":
+        current = e.content[0].text
+    elif e.type == "agent.message" and current and current.startswith("hello "):
+        check(answer_text([e]) == current, f"{answer_text([e])!r} answers {current!r}")
+only_messages = list(beta.sessions.events.list(sid, types=["user.message"]))
+check([e.id for e in only_messages] == [e.id for e in prompts], "filtered by type")
+
+usage = beta.sessions.retrieve(sid).usage
+check(usage.output_tokens > 0, f"usage is carried: {usage}")
+
+# ---- refusals, read through the SDK's own exception types
+
+def refused(exc, call, what):
+    try:
+        call()
+    except exc as e:
+        check(e.body and e.body.get("type") == "error", f"{what}: Anthropic's error shape {e.body}")
+        return e
+    check(False, f"{what} must raise {exc.__name__}")
+
+
+refused(anthropic.NotFoundError, lambda: list(beta.sessions.threads.list(sid)), "threads")
+refused(
+    anthropic.BadRequestError,
+    lambda: beta.agents.create(
+        name="x", model="echo-small",
+        tools=[{"type": "custom", "name": "lookup", "input_schema": {"type": "object"}}],
+    ),
+    "custom tools",
+)
+refused(
+    anthropic.BadRequestError,
+    lambda: beta.agents.create(name="x", model="echo-small", system="be brief"),
+    "a system prompt",
+)
+refused(
+    anthropic.BadRequestError,
+    lambda: beta.environments.create(
+        name="x", config={"type": "cloud", "networking": {"type": "limited", "allowed_hosts": []}}
+    ),
+    "limited networking",
+)
+refused(
+    anthropic.BadRequestError,
+    lambda: beta.sessions.events.send(
+        sid, events=[{"type": "user.custom_tool_result", "custom_tool_use_id": "x", "content": []}]
+    ),
+    "a custom tool result",
+)
+refused(anthropic.NotFoundError, lambda: beta.sessions.retrieve("sesn_nope"), "an unknown session")
+unknown_model = beta.agents.create(
+    name="wrong model", model="claude-opus-4-1", metadata={"sandwarden.harness": "echo"}
+)
+other = beta.sessions.create(agent=unknown_model.id, environment_id=env.id)
+refused(
+    anthropic.BadRequestError,
+    lambda: beta.sessions.events.send(
+        other.id, events=[{"type": "user.message", "content": [{"type": "text", "text": "hi"}]}]
+    ),
+    "a model the agent does not offer",
+)
+bad = anthropic.Anthropic(base_url=BASE, api_key="sk-not-a-key", max_retries=0)
+refused(anthropic.AuthenticationError, lambda: bad.beta.sessions.retrieve(sid), "a wrong key")
+
+# ---- archive and delete
+
+archived = beta.sessions.archive(sid)
+check(archived.archived_at is not None and archived.status == "terminated", f"{archived}")
+check(beta.sessions.retrieve(sid).archived_at is not None, "the archive is kept")
+listed = [s.id for s in beta.sessions.list(include_archived=True)]
+check(sid in listed and other.id in listed, f"sessions listed: {listed}")
+check(sid not in [s.id for s in beta.sessions.list()], "archived sessions are left out by default")
+deleted = beta.sessions.delete(other.id)
+check(deleted.type == "session_deleted", f"{deleted}")
+refused(anthropic.NotFoundError, lambda: beta.sessions.retrieve(other.id), "a deleted session")
+check(beta.environments.delete(env.id).type == "environment_deleted", "environment deleted")
+
+print(f"session {sid}")
+print("anthropic managed agents: every step passed")
