@@ -1,9 +1,9 @@
 //! The public API under `/v1`: routes, API-key auth, problem+json errors, SSE and the terminal
 //! bridge. Handlers translate HTTP to the orchestrator and back; they hold no state of their own.
 
-mod anthropic;
 mod error;
 mod tty;
+mod vendor;
 
 use crate::session::message::MessageRequest;
 use crate::session::quota::{Held, Rates, Slot};
@@ -86,7 +86,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/api-keys", post(create_key).get(list_keys))
         .route("/v1/usage", get(usage))
         .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
-        .nest("/anthropic", anthropic::router())
+        .nest("/anthropic", vendor::anthropic::router())
         .layer(middleware::from_fn_with_state(gate, require_key));
     Router::new()
         .merge(v1)
@@ -120,7 +120,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
 /// request (the key check, the rate limit, the route).
 async fn vendor_errors(req: Request, next: Next) -> Response {
     if req.uri().path().starts_with("/anthropic/") {
-        anthropic::errors(req, next).await
+        vendor::anthropic::errors(req, next).await
     } else {
         next.run(req).await
     }

@@ -9,10 +9,11 @@
 
 mod translate;
 
-use super::{AppState, Caller, session_path};
+use super::*;
+use crate::api::session_path;
 use crate::session::SessionError;
 use crate::status::SessionStatus;
-use crate::store::{Event, StoreError, VendorObject};
+use crate::store::{StoreError, VendorObject};
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -21,13 +22,10 @@ use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use futures::StreamExt;
 use sandwarden_proto::problem::Problem;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
-use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
-use translate::{Out, Place, Translator};
+use serde_json::{Value, json};
+use translate::Translator;
 
 const ENVIRONMENT: &str = "anthropic.environment";
 const AGENT: &str = "anthropic.agent";
@@ -72,18 +70,6 @@ pub fn router() -> Router<AppState> {
 }
 
 // ---- errors
-
-fn invalid(message: impl Into<String>) -> Problem {
-    Problem::new(StatusCode::BAD_REQUEST, "invalid_request", message)
-}
-
-fn not_found(what: &str, id: &str) -> Problem {
-    Problem::new(
-        StatusCode::NOT_FOUND,
-        &format!("{}_not_found", what.replace(' ', "_")),
-        format!("no {what} {id:?}"),
-    )
-}
 
 async fn unsupported(req: Request) -> Problem {
     Problem::new(
@@ -135,7 +121,7 @@ pub async fn errors(req: Request, next: Next) -> Response {
     };
     let request_id = parts
         .headers
-        .get(super::REQUEST_ID)
+        .get(crate::api::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     let body = json!({
@@ -161,79 +147,12 @@ pub async fn errors(req: Request, next: Next) -> Response {
     Response::from_parts(parts, Body::from(body.to_string()))
 }
 
-/// The first version of a new object.
-fn first_version(tenant: &str, kind: &str, id: String, body: Value, now: String) -> VendorObject {
-    VendorObject {
-        tenant: tenant.to_string(),
-        kind: kind.to_string(),
-        id,
-        version: 1,
-        body,
-        created_at: now,
-        archived_at: None,
-    }
-}
-
-fn store_problem(e: StoreError) -> Problem {
-    Problem::from(SessionError::Store(e))
-}
-
-// ---- shared helpers
-
-fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
-}
-
-/// A JSON body, with the parse error said in Anthropic's words.
-fn body_of<T: serde::de::DeserializeOwned>(
-    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
-) -> Result<T, Problem> {
-    body.map(|Json(b)| b)
-        .map_err(|e| invalid(format!("the request body: {}", e.body_text())))
-}
-
-/// `metadata`: at most 16 string pairs (`null` values delete keys on update).
-fn checked_metadata(given: Option<&Value>) -> Result<Map<String, Value>, Problem> {
-    let Some(given) = given.filter(|v| !v.is_null()) else {
-        return Ok(Map::new());
-    };
-    let map = given
-        .as_object()
-        .ok_or_else(|| invalid("`metadata` is an object of string values"))?;
-    if map.len() > 16 {
-        return Err(invalid("`metadata` holds at most 16 pairs"));
-    }
-    for (k, v) in map {
-        if !(v.is_string() || v.is_null()) || k.len() > 64 {
-            return Err(invalid(format!(
-                "`metadata.{k}`: keys are at most 64 bytes and values are strings"
-            )));
-        }
-    }
-    Ok(map.clone())
-}
-
 #[derive(Deserialize, Default)]
 struct PageQuery {
     limit: Option<i64>,
     page: Option<String>,
     include_archived: Option<bool>,
     order: Option<String>,
-}
-
-fn limit_of(given: Option<i64>, default: i64, max: i64) -> Result<i64, Problem> {
-    let limit = given.unwrap_or(default);
-    if !(1..=max).contains(&limit) {
-        return Err(invalid(format!("`limit` is between 1 and {max}")));
-    }
-    Ok(limit)
-}
-
-fn query_of<T>(
-    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, Problem> {
-    q.map(|Query(q)| q)
-        .map_err(|e| invalid(format!("the query: {}", e.body_text())))
 }
 
 /// An object list's page token: the last object's creation time and id.
@@ -284,32 +203,6 @@ async fn object_page(
 
 fn list_answer(data: Vec<Value>, next_page: Option<String>) -> Response {
     Json(json!({"data": data, "next_page": next_page})).into_response()
-}
-
-async fn object(
-    orch: &AppState,
-    tenant: &str,
-    kind: &str,
-    id: &str,
-    version: Option<i64>,
-) -> Result<VendorObject, Problem> {
-    let what = kind.trim_start_matches("anthropic.");
-    orch.store
-        .get_object(tenant, kind, id, version)
-        .await
-        .map_err(store_problem)?
-        .ok_or_else(|| not_found(what, id))
-}
-
-async fn archive(orch: &AppState, mut o: VendorObject) -> Result<Value, Problem> {
-    if o.archived_at.is_none() {
-        let now = crate::store::now();
-        o.body["archived_at"] = json!(now);
-        o.body["updated_at"] = json!(now);
-        o.archived_at = Some(now);
-        orch.store.update_object(&o).await.map_err(store_problem)?;
-    }
-    Ok(o.body)
 }
 
 /// A kind of stored object with the same list, retrieve and archive routes.
@@ -469,23 +362,6 @@ async fn update_environment(
     o.body["updated_at"] = json!(crate::store::now());
     orch.store.update_object(&o).await.map_err(store_problem)?;
     Ok(Json(o.body).into_response())
-}
-
-/// `metadata` patched: keys set to `null` are deleted.
-fn merged_metadata(old: &Value, patch: Option<&Value>) -> Result<Value, Problem> {
-    let patch = checked_metadata(patch)?;
-    let mut merged = old.as_object().cloned().unwrap_or_default();
-    for (k, v) in patch {
-        if v.is_null() {
-            merged.remove(&k);
-        } else {
-            merged.insert(k, v);
-        }
-    }
-    if merged.len() > 16 {
-        return Err(invalid("`metadata` holds at most 16 pairs"));
-    }
-    Ok(Value::Object(merged))
 }
 
 async fn delete_environment(
@@ -1035,14 +911,6 @@ async fn list_sessions(
     Ok(Json(json!({"data": data, "next_page": next, "prev_page": null})).into_response())
 }
 
-/// Stops the native session (its sandbox goes; its history stays readable).
-async fn stop_native(orch: &AppState, caller: &Caller, id: &str) -> Result<(), Problem> {
-    match orch.delete(&caller.tenant, id).await {
-        Ok(_) | Err(SessionError::NotFound(_)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 async fn archive_session(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -1302,78 +1170,6 @@ async fn confirm(
 
 // ---- events: history and stream
 
-/// Native events read per store query while translating.
-const BATCH: i64 = 500;
-
-/// Feeds native events to the translator, looking up each turn's user message as it opens.
-struct Reader {
-    translator: Translator,
-    users: HashMap<String, crate::store::Message>,
-}
-
-impl Reader {
-    fn new(deltas: bool) -> Self {
-        Reader {
-            translator: Translator::new(deltas),
-            users: HashMap::new(),
-        }
-    }
-
-    async fn push(&mut self, orch: &AppState, e: &Event) -> Result<Vec<Out>, StoreError> {
-        let user = match &e.turn_id {
-            Some(turn) if self.translator.opens_turn(e) => {
-                self.users.clear();
-                if let Some(m) = orch
-                    .store
-                    .list_messages(&e.session_id, Some(turn))
-                    .await?
-                    .into_iter()
-                    .find(|m| m.role == "user")
-                {
-                    self.users.insert(turn.clone(), m);
-                }
-                self.users.get(turn)
-            }
-            _ => None,
-        };
-        Ok(self.translator.push(e, user))
-    }
-}
-
-/// Where translation must start to rebuild what the event at `seq` belongs to: just before its
-/// turn's first event (a turn's events are contiguous).
-async fn replay_start(orch: &AppState, session_id: &str, seq: i64) -> Result<i64, StoreError> {
-    if seq <= 0 {
-        return Ok(0);
-    }
-    let Some(e) = orch
-        .store
-        .list_events(session_id, seq - 1, 1)
-        .await?
-        .pop()
-        .filter(|e| e.seq == seq)
-    else {
-        return Ok(seq);
-    };
-    let Some(turn) = &e.turn_id else {
-        return Ok(seq);
-    };
-    Ok(orch
-        .store
-        .turn_first_seq(session_id, turn)
-        .await?
-        .map_or(seq, |first| first - 1))
-}
-
-fn place_token((seq, k): Place) -> String {
-    format!("{seq}.{k}")
-}
-
-fn parse_place(token: &str) -> Option<Place> {
-    let (seq, k) = token.split_once('.')?;
-    Some((seq.parse().ok()?, k.parse().ok()?))
-}
-
 /// The session's history, oldest first, paged by `page`/`next_page`. A turn still running shows
 /// what it has completed (a message appears once its text run has ended).
 async fn list_events(
@@ -1402,47 +1198,21 @@ async fn list_events(
         .map(|p| parse_place(p).ok_or_else(|| invalid("`page` is a token from `next_page`")))
         .transpose()?;
     let record = session_record(&orch, &caller, &id).await?;
-    let session_id = record.id;
-    let mut since = match after {
-        Some((seq, _)) => replay_start(&orch, &session_id, seq)
-            .await
-            .map_err(store_problem)?,
-        None => 0,
-    };
-    let mut reader = Reader::new(false);
-    let mut data: Vec<Value> = Vec::new();
-    let mut last: Option<Place> = None;
-    'read: loop {
-        let batch = orch
-            .store
-            .list_events(&session_id, since, BATCH)
-            .await
-            .map_err(store_problem)?;
-        let Some(tail) = batch.last() else { break };
-        since = tail.seq;
-        let full = batch.len() as i64 == BATCH;
-        for e in &batch {
-            for out in reader.push(&orch, e).await.map_err(store_problem)? {
-                if after.is_some_and(|a| out.place <= a) {
-                    continue;
-                }
-                if !types.is_empty() && !types.iter().any(|t| t == out.kind()) {
-                    continue;
-                }
-                last = Some(out.place);
-                data.push(out.event);
-                if data.len() as i64 == limit {
-                    break 'read;
-                }
-            }
-        }
-        if !full {
-            break;
-        }
-    }
-    let next_page = (data.len() as i64 == limit)
-        .then(|| last.map(place_token))
+    let keep = |o: &Out| types.is_empty() || types.iter().any(|t| t == o.kind());
+    let (outs, more) = history(
+        &orch,
+        &record.id,
+        after,
+        limit,
+        keep,
+        Translator::new(false),
+    )
+    .await
+    .map_err(store_problem)?;
+    let next_page = more
+        .then(|| outs.last().map(|o| place_token(o.place)))
         .flatten();
+    let data: Vec<Value> = outs.into_iter().map(|o| o.event).collect();
     Ok(Json(json!({"data": data, "next_page": next_page})).into_response())
 }
 
@@ -1464,82 +1234,21 @@ async fn stream_events(
         .streams
         .open(&caller.tenant, caller.limits.open_streams)?;
     let record = session_record(&orch, &caller, &id).await?;
-    let session_id = record.id;
-    // Subscribed before the log is read, so nothing falls between the two.
-    let rx = orch.hub.subscribe(&session_id);
-    let now = orch
-        .store
-        .last_seq(&session_id)
-        .await
-        .map_err(store_problem)?;
-    let start = replay_start(&orch, &session_id, now)
-        .await
-        .map_err(store_problem)?;
-    // A finished turn needs no replay: its last event ended it.
-    let start = if start < now {
-        let last = orch
-            .store
-            .list_events(&session_id, now - 1, 1)
-            .await
-            .map_err(store_problem)?;
-        if last
-            .first()
-            .is_some_and(|e| e.kind == "done" || e.kind == "error")
-        {
-            now
-        } else {
-            start
-        }
-    } else {
-        start
-    };
-    let natives = Box::pin(super::native_events(
-        orch.clone(),
+    live(
+        &orch,
         &caller,
-        session_id,
-        rx,
-        super::Follow::Since(start),
-    ));
-    let state = StreamState {
-        natives,
-        reader: Reader::new(deltas),
-        orch: orch.clone(),
-        pending: VecDeque::new(),
-        now,
-    };
-    let frames = futures::stream::unfold(state, |mut st| async move {
-        loop {
-            if let Some(out) = st.pending.pop_front() {
-                return Some((Ok::<_, Infallible>(frame(&out)), st));
-            }
-            let e = st.natives.next().await?;
-            match st.reader.push(&st.orch, &e).await {
-                // What the replay of a running turn completes up to now is history already.
-                Ok(outs) => st
-                    .pending
-                    .extend(outs.into_iter().filter(|o| o.place.0 > st.now)),
-                Err(err) => {
-                    tracing::warn!(error = %err, "an Anthropic event stream could not read the store; ending it");
-                    return None;
-                }
-            }
-        }
-    });
-    Ok(super::sse(super::holding(frames, slot)))
-}
-
-struct StreamState<S> {
-    natives: std::pin::Pin<Box<S>>,
-    reader: Reader,
-    orch: AppState,
-    pending: VecDeque<Out>,
-    now: i64,
+        record.id,
+        slot,
+        Translator::new(deltas),
+        frame,
+    )
+    .await
 }
 
 fn frame(out: &Out) -> SseEvent {
     let mut frame = SseEvent::default().event(out.kind());
     if !out.preview {
-        frame = frame.id(out.id());
+        frame = frame.id(translate::id_of(out));
     }
     frame.json_data(&out.event).unwrap_or_default()
 }

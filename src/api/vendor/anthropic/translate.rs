@@ -1,37 +1,14 @@
-//! The native event log read as Anthropic Managed Agents events.
-//!
-//! The translation is a pure function of the session's stored native events, read in `seq`
-//! order, so the Anthropic history needs no log of its own: the history route and the live
-//! stream run the same translator over the same events and give every event the same id. An
-//! event's place is where the translator emitted it, `(seq, k)`: the native event that completed
-//! it and its rank among what that native event completed. Everything the translator holds back
-//! (a run of text chunks, a tool call whose permission is not known yet) belongs to one turn, so
-//! replaying a turn from its first event rebuilds it.
+//! The native event log read as Anthropic Managed Agents events (see `vendor` for how a
+//! translation keeps its ids stable).
 
+use crate::api::vendor::{Out, Place, Translate};
 use crate::store::{Event, Message};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 
-/// Where an event was emitted: the native `seq` that completed it, and its rank there.
-pub type Place = (i64, u32);
-
-/// One translated event and its place.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Out {
-    pub place: Place,
-    /// Stream-only previews (`event_start`, `event_delta`) are not part of the history.
-    pub preview: bool,
-    pub event: Value,
-}
-
-impl Out {
-    pub fn kind(&self) -> &str {
-        self.event["type"].as_str().unwrap_or("")
-    }
-
-    pub fn id(&self) -> &str {
-        self.event["id"].as_str().unwrap_or("")
-    }
+/// An Anthropic event's id.
+pub fn id_of(out: &Out) -> &str {
+    out.event["id"].as_str().unwrap_or("")
 }
 
 /// The id of the `user.message` event that opens a turn (also what sending it answers).
@@ -153,14 +130,20 @@ impl Translator {
         id
     }
 
-    /// Whether `e` is the first event of a turn (it needs the turn's user message).
-    pub fn opens_turn(&self, e: &Event) -> bool {
+    fn turn_over(&mut self) {
+        self.text = None;
+        self.thinking = false;
+        self.calls.clear();
+        self.waiting = false;
+    }
+}
+
+impl Translate for Translator {
+    fn opens_turn(&self, e: &Event) -> bool {
         e.turn_id.is_some() && e.turn_id != self.turn
     }
 
-    /// Translates one native event. `user` is the turn's user message, given with the turn's
-    /// first event. Returns what it completed.
-    pub fn push(&mut self, e: &Event, user: Option<&Message>) -> Vec<Out> {
+    fn push(&mut self, e: &Event, user: Option<&Message>) -> Vec<Out> {
         self.place = (e.seq, 0);
         let ts = json!(e.ts);
         if e.turn_id.is_some() && e.turn_id != self.turn {
@@ -353,13 +336,6 @@ impl Translator {
         }
         std::mem::take(&mut self.out)
     }
-
-    fn turn_over(&mut self) {
-        self.text = None;
-        self.thinking = false;
-        self.calls.clear();
-        self.waiting = false;
-    }
 }
 
 /// Anthropic's tool name for an ACP tool kind (its built-in tool set's names where one fits).
@@ -478,13 +454,13 @@ mod tests {
             ]
         );
         assert_eq!(out[0].event["content"][0]["text"], "hello there");
-        assert_eq!(out[0].id(), "sevt_t1");
+        assert_eq!(id_of(&out[0]), "sevt_t1");
         assert_eq!(out[2].event["content"][0]["text"], "hello");
         // The message's id is where its run began; it is emitted where the run ended.
-        assert_eq!(out[2].id(), "sevt_2_0");
+        assert_eq!(id_of(&out[2]), "sevt_2_0");
         assert_eq!(out[2].place, (4, 0));
         assert_eq!(out[4].event["stop_reason"]["type"], "end_turn");
-        let ids: std::collections::HashSet<_> = out.iter().map(Out::id).collect();
+        let ids: std::collections::HashSet<_> = out.iter().map(id_of).collect();
         assert_eq!(ids.len(), out.len(), "every id is distinct");
     }
 
@@ -571,7 +547,7 @@ mod tests {
             out[3].event["stop_reason"]["event_ids"][0],
             tool_use.event["id"]
         );
-        assert_eq!(seq_of_tool_use(tool_use.id()), Some(2));
+        assert_eq!(seq_of_tool_use(id_of(tool_use)), Some(2));
         assert_eq!(out[5].event["tool_use_id"], tool_use.event["id"]);
     }
 

@@ -1,0 +1,371 @@
+//! What the vendor-compatible APIs share: their stored objects (`VendorObject`), the checks and
+//! errors of their requests, and the reading of a session's native event log through a
+//! vendor's translator, for its history and its live stream.
+//!
+//! A translator is a pure function of the stored native events read in `seq` order, so no vendor
+//! keeps a log of its own: the history and the live stream run the same translation and give an
+//! event the same id. An event's place is where the translator emitted it, `(seq, k)`: the native
+//! event that completed it and its rank among what that native event completed. What a
+//! translator holds back (a run of text, a tool call whose permission is not known) belongs to one
+//! turn, so replaying a turn from its first event rebuilds it.
+
+pub mod anthropic;
+
+use super::{AppState, Caller};
+use crate::session::SessionError;
+use crate::store::{Event, Message, StoreError, VendorObject};
+use axum::Json;
+use axum::extract::Query;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::response::sse::Event as SseEvent;
+use futures::StreamExt;
+use sandwarden_proto::problem::Problem;
+use serde_json::{Map, Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+
+/// Where an event was emitted: the native `seq` that completed it, and its rank there.
+pub type Place = (i64, u32);
+
+/// One translated event and its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Out {
+    pub place: Place,
+    /// Stream-only events (previews, deltas) are not part of the history.
+    pub preview: bool,
+    pub event: Value,
+}
+
+impl Out {
+    pub fn kind(&self) -> &str {
+        self.event["type"].as_str().unwrap_or("")
+    }
+}
+
+/// A vendor's reading of the native event log.
+pub trait Translate {
+    /// Whether `e` is the first event of a turn (it needs the turn's user message).
+    fn opens_turn(&self, e: &Event) -> bool;
+    /// Translates one native event (`user`: the turn's user message, with its first event);
+    /// what it completed.
+    fn push(&mut self, e: &Event, user: Option<&Message>) -> Vec<Out>;
+}
+
+/// Native events read per store query while translating.
+const BATCH: i64 = 500;
+
+fn invalid(message: impl Into<String>) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+fn not_found(what: &str, id: &str) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        &format!("{}_not_found", what.replace(' ', "_")),
+        format!("no {what} {id:?}"),
+    )
+}
+
+/// The first version of a new object.
+fn first_version(tenant: &str, kind: &str, id: String, body: Value, now: String) -> VendorObject {
+    VendorObject {
+        tenant: tenant.to_string(),
+        kind: kind.to_string(),
+        id,
+        version: 1,
+        body,
+        created_at: now,
+        archived_at: None,
+    }
+}
+
+fn store_problem(e: StoreError) -> Problem {
+    Problem::from(SessionError::Store(e))
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A JSON body, with the parse error said in Anthropic's words.
+fn body_of<T: serde::de::DeserializeOwned>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Problem> {
+    body.map(|Json(b)| b)
+        .map_err(|e| invalid(format!("the request body: {}", e.body_text())))
+}
+
+/// `metadata`: at most 16 string pairs (`null` values delete keys on update).
+fn checked_metadata(given: Option<&Value>) -> Result<Map<String, Value>, Problem> {
+    let Some(given) = given.filter(|v| !v.is_null()) else {
+        return Ok(Map::new());
+    };
+    let map = given
+        .as_object()
+        .ok_or_else(|| invalid("`metadata` is an object of string values"))?;
+    if map.len() > 16 {
+        return Err(invalid("`metadata` holds at most 16 pairs"));
+    }
+    for (k, v) in map {
+        if !(v.is_string() || v.is_null()) || k.len() > 64 {
+            return Err(invalid(format!(
+                "`metadata.{k}`: keys are at most 64 bytes and values are strings"
+            )));
+        }
+    }
+    Ok(map.clone())
+}
+
+fn limit_of(given: Option<i64>, default: i64, max: i64) -> Result<i64, Problem> {
+    let limit = given.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(invalid(format!("`limit` is between 1 and {max}")));
+    }
+    Ok(limit)
+}
+
+fn query_of<T>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, Problem> {
+    q.map(|Query(q)| q)
+        .map_err(|e| invalid(format!("the query: {}", e.body_text())))
+}
+
+async fn object(
+    orch: &AppState,
+    tenant: &str,
+    kind: &str,
+    id: &str,
+    version: Option<i64>,
+) -> Result<VendorObject, Problem> {
+    let what = kind.trim_start_matches("anthropic.");
+    orch.store
+        .get_object(tenant, kind, id, version)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found(what, id))
+}
+
+async fn archive(orch: &AppState, mut o: VendorObject) -> Result<Value, Problem> {
+    if o.archived_at.is_none() {
+        let now = crate::store::now();
+        o.body["archived_at"] = json!(now);
+        o.body["updated_at"] = json!(now);
+        o.archived_at = Some(now);
+        orch.store.update_object(&o).await.map_err(store_problem)?;
+    }
+    Ok(o.body)
+}
+
+/// `metadata` patched: keys set to `null` are deleted.
+fn merged_metadata(old: &Value, patch: Option<&Value>) -> Result<Value, Problem> {
+    let patch = checked_metadata(patch)?;
+    let mut merged = old.as_object().cloned().unwrap_or_default();
+    for (k, v) in patch {
+        if v.is_null() {
+            merged.remove(&k);
+        } else {
+            merged.insert(k, v);
+        }
+    }
+    if merged.len() > 16 {
+        return Err(invalid("`metadata` holds at most 16 pairs"));
+    }
+    Ok(Value::Object(merged))
+}
+
+/// Stops the native session (its sandbox goes; its history stays readable).
+async fn stop_native(orch: &AppState, caller: &Caller, id: &str) -> Result<(), Problem> {
+    match orch.delete(&caller.tenant, id).await {
+        Ok(_) | Err(SessionError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Feeds native events to the translator, looking up each turn's user message as it opens.
+struct Reader<T> {
+    translator: T,
+    users: HashMap<String, crate::store::Message>,
+}
+
+impl<T: Translate> Reader<T> {
+    fn new(translator: T) -> Self {
+        Reader {
+            translator,
+            users: HashMap::new(),
+        }
+    }
+
+    async fn push(&mut self, orch: &AppState, e: &Event) -> Result<Vec<Out>, StoreError> {
+        let user = match &e.turn_id {
+            Some(turn) if self.translator.opens_turn(e) => {
+                self.users.clear();
+                if let Some(m) = orch
+                    .store
+                    .list_messages(&e.session_id, Some(turn))
+                    .await?
+                    .into_iter()
+                    .find(|m| m.role == "user")
+                {
+                    self.users.insert(turn.clone(), m);
+                }
+                self.users.get(turn)
+            }
+            _ => None,
+        };
+        Ok(self.translator.push(e, user))
+    }
+}
+
+/// Where translation must start to rebuild what the event at `seq` belongs to: just before its
+/// turn's first event (a turn's events are contiguous).
+async fn replay_start(orch: &AppState, session_id: &str, seq: i64) -> Result<i64, StoreError> {
+    if seq <= 0 {
+        return Ok(0);
+    }
+    let Some(e) = orch
+        .store
+        .list_events(session_id, seq - 1, 1)
+        .await?
+        .pop()
+        .filter(|e| e.seq == seq)
+    else {
+        return Ok(seq);
+    };
+    let Some(turn) = &e.turn_id else {
+        return Ok(seq);
+    };
+    Ok(orch
+        .store
+        .turn_first_seq(session_id, turn)
+        .await?
+        .map_or(seq, |first| first - 1))
+}
+
+fn place_token((seq, k): Place) -> String {
+    format!("{seq}.{k}")
+}
+
+fn parse_place(token: &str) -> Option<Place> {
+    let (seq, k) = token.split_once('.')?;
+    Some((seq.parse().ok()?, k.parse().ok()?))
+}
+
+/// The translated history after `after` (the place of the last event a previous page ended
+/// with): at most `limit` events `keep` accepts, and whether more may follow.
+async fn history<T: Translate>(
+    orch: &AppState,
+    session_id: &str,
+    after: Option<Place>,
+    limit: i64,
+    keep: impl Fn(&Out) -> bool,
+    translator: T,
+) -> Result<(Vec<Out>, bool), StoreError> {
+    let mut since = match after {
+        Some((seq, _)) => replay_start(orch, session_id, seq).await?,
+        None => 0,
+    };
+    let mut reader = Reader::new(translator);
+    let mut outs = Vec::new();
+    loop {
+        let batch = orch.store.list_events(session_id, since, BATCH).await?;
+        let Some(tail) = batch.last() else { break };
+        since = tail.seq;
+        let full = batch.len() as i64 == BATCH;
+        for e in &batch {
+            for out in reader.push(orch, e).await? {
+                if out.preview || after.is_some_and(|a| out.place <= a) || !keep(&out) {
+                    continue;
+                }
+                outs.push(out);
+                if outs.len() as i64 == limit {
+                    return Ok((outs, true));
+                }
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok((outs, false))
+}
+
+/// The live stream of a session's translated events, from now on, as SSE (`frame` makes each
+/// frame). A turn running when the stream opens is replayed from its start without being sent,
+/// so what it completes afterwards is whole and carries its history id. Holds `slot` (the
+/// tenant's stream quota) while open.
+async fn live<T: Translate + Send + 'static>(
+    orch: &AppState,
+    caller: &Caller,
+    session_id: String,
+    slot: crate::session::quota::Slot,
+    translator: T,
+    frame: fn(&Out) -> SseEvent,
+) -> Result<Response, Problem> {
+    // Subscribed before the log is read, so nothing falls between the two.
+    let rx = orch.hub.subscribe(&session_id);
+    let now = orch
+        .store
+        .last_seq(&session_id)
+        .await
+        .map_err(store_problem)?;
+    let mut start = replay_start(orch, &session_id, now)
+        .await
+        .map_err(store_problem)?;
+    // A finished turn needs no replay: its last event ended it.
+    if start < now {
+        let last = orch
+            .store
+            .list_events(&session_id, now - 1, 1)
+            .await
+            .map_err(store_problem)?;
+        if last
+            .first()
+            .is_some_and(|e| e.kind == "done" || e.kind == "error")
+        {
+            start = now;
+        }
+    }
+    let natives = Box::pin(super::native_events(
+        orch.clone(),
+        caller,
+        session_id,
+        rx,
+        super::Follow::Since(start),
+    ));
+    let state = LiveState {
+        natives,
+        reader: Reader::new(translator),
+        orch: orch.clone(),
+        pending: VecDeque::new(),
+        now,
+    };
+    let frames = futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if let Some(out) = st.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(frame(&out)), st));
+            }
+            let e = st.natives.next().await?;
+            match st.reader.push(&st.orch, &e).await {
+                // What the replay of a running turn completes up to now is history already.
+                Ok(outs) => st
+                    .pending
+                    .extend(outs.into_iter().filter(|o| o.place.0 > st.now)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "a vendor event stream could not read the store; ending it");
+                    return None;
+                }
+            }
+        }
+    });
+    Ok(super::sse(super::holding(frames, slot)))
+}
+
+struct LiveState<S, T> {
+    natives: std::pin::Pin<Box<S>>,
+    reader: Reader<T>,
+    orch: AppState,
+    pending: VecDeque<Out>,
+    now: i64,
+}
