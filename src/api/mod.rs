@@ -87,6 +87,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
         .nest("/anthropic", vendor::anthropic::router())
+        .nest("/openai/v1", vendor::openai::router())
         .layer(middleware::from_fn_with_state(gate, require_key));
     Router::new()
         .merge(v1)
@@ -119,8 +120,11 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
 /// Answers under a vendor API's mount carry that vendor's error shape, whoever refused the
 /// request (the key check, the rate limit, the route).
 async fn vendor_errors(req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/anthropic/") {
+    let path = req.uri().path();
+    if path.starts_with("/anthropic/") {
         vendor::anthropic::errors(req, next).await
+    } else if path.starts_with("/openai/") {
+        vendor::openai::errors(req, next).await
     } else {
         next.run(req).await
     }

@@ -51,17 +51,16 @@ async fn run_client(serve: &Serve, script: &str, tenant: &str) -> Option<String>
     Some(stdout)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_anthropic_sdk_runs_a_managed_agent_session_end_to_end() {
-    let serve = Serve::start(&[]);
-    let Some(out) = run_client(&serve, "anthropic_managed_agents.py", "sdk-anthropic").await else {
-        return;
-    };
-    // Another tenant's key finds nothing of it, and is told so in Anthropic's shape.
-    let session = out
-        .lines()
+/// The session a client script names on its `session ID` line.
+fn client_session(out: &str) -> String {
+    out.lines()
         .find_map(|l| l.strip_prefix("session "))
-        .expect("the client names its session");
+        .expect("the client names its session")
+        .to_string()
+}
+
+/// Each `GET` of `paths` as a tenant of its own: status and body.
+async fn as_another_tenant(serve: &Serve, paths: &[String]) -> Vec<(u16, serde_json::Value)> {
     let api = serve.client();
     let (_, other) = api
         .call(
@@ -71,13 +70,54 @@ async fn the_anthropic_sdk_runs_a_managed_agent_session_end_to_end() {
         )
         .await;
     let other = api.with_key(other["key"].as_str().expect("key"));
-    for path in [
-        format!("/anthropic/v1/sessions/{session}"),
-        format!("/anthropic/v1/sessions/{session}/events"),
-    ] {
-        let (status, body) = other.call("GET", &path, None).await;
-        assert_eq!(status, 404, "{path}: {body}");
+    let mut answers = Vec::new();
+    for path in paths {
+        answers.push(other.call("GET", path, None).await);
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_sdk_runs_a_managed_agent_session_end_to_end() {
+    let serve = Serve::start(&[]);
+    let Some(out) = run_client(&serve, "anthropic_managed_agents.py", "sdk-anthropic").await else {
+        return;
+    };
+    // Another tenant's key finds nothing of it, and is told so in Anthropic's shape.
+    let session = client_session(&out);
+    for (status, body) in as_another_tenant(
+        &serve,
+        &[
+            format!("/anthropic/v1/sessions/{session}"),
+            format!("/anthropic/v1/sessions/{session}/events"),
+        ],
+    )
+    .await
+    {
+        assert_eq!(status, 404, "{body}");
         assert_eq!(body["type"], "error", "{body}");
+        assert_eq!(body["error"]["type"], "not_found_error", "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_runs_an_agents_session_end_to_end() {
+    let serve = Serve::start(&[]);
+    let Some(out) = run_client(&serve, "openai_agents.py", "sdk-openai").await else {
+        return;
+    };
+    let session = client_session(&out);
+    for (status, body) in as_another_tenant(
+        &serve,
+        &[
+            format!("/openai/v1/agents/sessions/{session}"),
+            format!("/openai/v1/agents/sessions/{session}/items"),
+            format!("/openai/v1/agents/sessions/{session}/turns"),
+        ],
+    )
+    .await
+    {
+        assert_eq!(status, 404, "{body}");
         assert_eq!(body["error"]["type"], "not_found_error", "{body}");
     }
 }

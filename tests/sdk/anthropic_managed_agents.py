@@ -5,11 +5,11 @@ what differed, on the first failed expectation. Every prompt carries its own non
 holding another prompt's answer is caught."""
 
 import os
-import sys
 import time
-import uuid
 
 import anthropic
+
+from common import check, nonce
 
 BASE = os.environ["SANDWARDEN_URL"].rstrip("/") + "/anthropic"
 KEY = os.environ["SANDWARDEN_KEY"]
@@ -17,16 +17,6 @@ client = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0, timeout=
 beta = client.beta
 
 seen_on_streams = {}
-
-
-def check(cond, what):
-    if not cond:
-        print(f"FAILED: {what}", file=sys.stderr)
-        sys.exit(1)
-
-
-def nonce():
-    return uuid.uuid4().hex[:10]
 
 
 def follow(stream, until_idle=True, on_event=None):

@@ -10,6 +10,7 @@
 //! turn, so replaying a turn from its first event rebuilds it.
 
 pub mod anthropic;
+pub mod openai;
 
 use super::{AppState, Caller};
 use crate::session::SessionError;
@@ -302,6 +303,7 @@ async fn live<T: Translate + Send + 'static>(
     slot: crate::session::quota::Slot,
     translator: T,
     frame: fn(&Out) -> SseEvent,
+    first: Vec<SseEvent>,
 ) -> Result<Response, Problem> {
     // Subscribed before the log is read, so nothing falls between the two.
     let rx = orch.hub.subscribe(&session_id);
@@ -341,6 +343,7 @@ async fn live<T: Translate + Send + 'static>(
         pending: VecDeque::new(),
         now,
     };
+    let first = futures::stream::iter(first.into_iter().map(Ok::<_, Infallible>));
     let frames = futures::stream::unfold(state, move |mut st| async move {
         loop {
             if let Some(out) = st.pending.pop_front() {
@@ -359,7 +362,7 @@ async fn live<T: Translate + Send + 'static>(
             }
         }
     });
-    Ok(super::sse(super::holding(frames, slot)))
+    Ok(super::sse(super::holding(first.chain(frames), slot)))
 }
 
 struct LiveState<S, T> {
@@ -368,4 +371,26 @@ struct LiveState<S, T> {
     orch: AppState,
     pending: VecDeque<Out>,
     now: i64,
+}
+
+/// The tokens a session's turns used: input and output.
+async fn session_usage(orch: &AppState, session_id: &str) -> Result<(u64, u64), StoreError> {
+    let (mut input, mut output) = (0u64, 0u64);
+    let mut after = None;
+    loop {
+        let turns = orch
+            .store
+            .list_turns(session_id, after.clone(), 500)
+            .await?;
+        for t in &turns {
+            if let Some(u) = &t.usage {
+                input += u["input_tokens"].as_u64().unwrap_or(0);
+                output += u["output_tokens"].as_u64().unwrap_or(0);
+            }
+        }
+        match turns.last() {
+            Some(t) if turns.len() == 500 => after = Some((t.created_at.clone(), t.id.clone())),
+            _ => return Ok((input, output)),
+        }
+    }
 }

@@ -646,25 +646,9 @@ async fn session_view(orch: &AppState, record: &VendorObject) -> Result<Value, P
         body["status"] = json!("terminated");
         return Ok(body);
     };
-    let (mut input, mut output) = (0u64, 0u64);
-    let mut after = None;
-    loop {
-        let turns = orch
-            .store
-            .list_turns(&native.id, after.clone(), 500)
-            .await
-            .map_err(store_problem)?;
-        for t in &turns {
-            if let Some(u) = &t.usage {
-                input += u["input_tokens"].as_u64().unwrap_or(0);
-                output += u["output_tokens"].as_u64().unwrap_or(0);
-            }
-        }
-        match turns.last() {
-            Some(t) if turns.len() == 500 => after = Some((t.created_at.clone(), t.id.clone())),
-            _ => break,
-        }
-    }
+    let (input, output) = session_usage(orch, &native.id)
+        .await
+        .map_err(store_problem)?;
     body["status"] = json!(status_word(native.status));
     body["updated_at"] = json!(native.updated_at);
     body["usage"] = json!({"input_tokens": input, "output_tokens": output,
@@ -1241,6 +1225,7 @@ async fn stream_events(
         slot,
         Translator::new(deltas),
         frame,
+        Vec::new(),
     )
     .await
 }

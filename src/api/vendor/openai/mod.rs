@@ -1,0 +1,1028 @@
+//! OpenAI's Agents sessions API (`client.beta.agents` of the official SDK), served under
+//! `/openai/v1`: a client sets `base_url` to `http://HOST/openai/v1` and its API key to a
+//! sandwarden key. Agents are stored objects; a session is a native session plus a stored
+//! record; its events, items and turns are the native log and turns translated (`translate`).
+
+mod translate;
+
+use super::*;
+use crate::api::session_path;
+use crate::session::SessionError;
+use crate::status::SessionStatus;
+use crate::store::{StoreError, VendorObject};
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::Event as SseEvent;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use sandwarden_proto::problem::Problem;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use translate::{Translator, unix};
+
+const AGENT: &str = "openai.agent";
+const SESSION: &str = "openai.session";
+/// An accepted input's `Idempotency-Key` (per session), so a retried input is not run twice.
+const INPUT: &str = "openai.input";
+
+/// The metadata key naming the harness template a session (or its agent) runs on.
+const HARNESS_KEY: &str = "sandwarden.harness";
+
+/// The routes, relative to the `/openai/v1` mount.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/agents", post(create_agent).get(list_agents))
+        .route(
+            "/agents/{id}",
+            get(get_agent).post(update_agent).delete(delete_agent),
+        )
+        .route("/agents/sessions", post(create_session).get(list_sessions))
+        .route(
+            "/agents/sessions/{id}",
+            get(get_session).post(update_session).delete(delete_session),
+        )
+        .route(
+            "/agents/sessions/{id}/events",
+            post(send_events).get(stream_events),
+        )
+        .route("/agents/sessions/{id}/items", get(list_items))
+        .route("/agents/sessions/{id}/turns", get(list_turns))
+        .route("/agents/sessions/{id}/turns/{turn_id}", get(get_turn))
+        .route(
+            "/agents/sessions/{id}/turns/{turn_id}/items",
+            get(turn_items),
+        )
+        .fallback(unsupported)
+}
+
+async fn unsupported(req: Request) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not_supported",
+        format!(
+            "{} {} is not supported by sandwarden's OpenAI Agents API: it serves agents, \
+             sessions, their events, items and turns (docs/openai.md lists what is mapped and \
+             what is refused)",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}
+
+/// Rewrites the problem documents answered under `/openai/` into OpenAI's error shape
+/// (`{"error": {message, type, param, code}}`). A `409` says `x-should-retry: false`.
+pub async fn errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if !is_problem {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let doc: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if parts.status == StatusCode::UNPROCESSABLE_ENTITY {
+        parts.status = StatusCode::BAD_REQUEST;
+    }
+    let kind = match parts.status.as_u16() {
+        400 | 413 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        429 => "rate_limit_error",
+        _ => "server_error",
+    };
+    let body = json!({"error": {
+        "message": doc["detail"].as_str().unwrap_or("the request failed"),
+        "type": kind, "param": doc["param"], "code": doc["type"],
+    }});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if parts.status == StatusCode::CONFLICT {
+        parts
+            .headers
+            .insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
+/// A cursor page in OpenAI's shape: `data`, `has_more`, and the first and last ids.
+fn cursor_page(data: Vec<Value>, has_more: bool) -> Response {
+    let first = data.first().map(|d| d["id"].clone());
+    let last = data.last().map(|d| d["id"].clone());
+    Json(json!({"object": "list", "data": data, "has_more": has_more,
+                "first_id": first, "last_id": last}))
+    .into_response()
+}
+
+#[derive(Deserialize, Default)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<i64>,
+    order: Option<String>,
+    agent_id: Option<String>,
+}
+
+fn descending(order: Option<&str>) -> Result<bool, Problem> {
+    match order {
+        None | Some("desc") => Ok(true),
+        Some("asc") => Ok(false),
+        Some(_) => Err(invalid("`order` is `asc` or `desc`")),
+    }
+}
+
+/// A page of stored objects after the object `after`, newest first unless `order=asc`.
+async fn object_list(
+    orch: &AppState,
+    tenant: &str,
+    kind: &str,
+    q: &ListQuery,
+) -> Result<(Vec<VendorObject>, bool), Problem> {
+    let limit = limit_of(q.limit, 20, 100)?;
+    let desc = descending(q.order.as_deref())?;
+    let cursor = match &q.after {
+        Some(after) => {
+            let o = object(orch, tenant, kind, after, None).await?;
+            Some((o.created_at, o.id))
+        }
+        None => None,
+    };
+    let mut objects = orch
+        .store
+        .list_objects(tenant, kind, cursor, desc, false, limit + 1)
+        .await
+        .map_err(store_problem)?;
+    let more = objects.len() as i64 > limit;
+    objects.truncate(limit as usize);
+    Ok((objects, more))
+}
+
+// ---- agents
+
+#[derive(Deserialize)]
+struct AgentBody {
+    model: Option<String>,
+    name: Option<String>,
+    instructions: Option<String>,
+    tools: Option<Vec<Value>>,
+    metadata: Option<Value>,
+}
+
+fn checked_agent(b: &AgentBody) -> Result<(), Problem> {
+    if b.instructions.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(invalid(
+            "`instructions` are not supported yet: the agent CLI behind the harness keeps its own \
+             (put standing instructions in the agent's project files, e.g. AGENTS.md)",
+        ));
+    }
+    if let Some(tool) = b.tools.iter().flatten().next() {
+        return Err(invalid(format!(
+            "tools of type {} are not supported yet: the agent CLI's own tools run in the \
+             sandbox (function tools need the client-tool bridge, docs/openai.md)",
+            tool["type"].as_str().unwrap_or("(none)")
+        )));
+    }
+    Ok(())
+}
+
+fn agent_view(id: &str, b: &AgentBody, now: &str) -> Result<Value, Problem> {
+    Ok(json!({
+        "object": "agent", "id": id, "model": b.model, "name": b.name,
+        "instructions": null, "tools": [], "metadata": checked_metadata(b.metadata.as_ref())?,
+        "reasoning": {}, "created_at": unix(now), "updated_at": unix(now),
+    }))
+}
+
+async fn create_agent(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<AgentBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    checked_agent(&b)?;
+    if b.model.as_deref().is_none_or(|m| m.trim().is_empty()) {
+        return Err(invalid("`model` is required"));
+    }
+    let now = crate::store::now();
+    let id = new_id("agent");
+    let o = first_version(
+        &caller.tenant,
+        AGENT,
+        id.clone(),
+        agent_view(&id, &b, &now)?,
+        now,
+    );
+    orch.store.put_object(&o).await.map_err(store_problem)?;
+    Ok(Json(o.body).into_response())
+}
+
+async fn get_agent(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    Ok(Json(object(&orch, &caller.tenant, AGENT, &id, None).await?.body).into_response())
+}
+
+async fn update_agent(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<AgentBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    checked_agent(&b)?;
+    let mut o = object(&orch, &caller.tenant, AGENT, &id, None).await?;
+    if let Some(model) = &b.model {
+        o.body["model"] = json!(model);
+    }
+    if let Some(name) = &b.name {
+        o.body["name"] = json!(name);
+    }
+    if b.metadata.is_some() {
+        o.body["metadata"] = merged_metadata(&o.body["metadata"], b.metadata.as_ref())?;
+    }
+    o.body["updated_at"] = json!(unix(&crate::store::now()));
+    orch.store.update_object(&o).await.map_err(store_problem)?;
+    Ok(Json(o.body).into_response())
+}
+
+async fn list_agents(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let (objects, more) = object_list(&orch, &caller.tenant, AGENT, &q).await?;
+    Ok(cursor_page(
+        objects.into_iter().map(|o| o.body).collect(),
+        more,
+    ))
+}
+
+async fn delete_agent(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    if !orch
+        .store
+        .delete_object(&caller.tenant, AGENT, &id)
+        .await
+        .map_err(store_problem)?
+    {
+        return Err(not_found("agent", &id));
+    }
+    Ok(Json(json!({"id": id, "object": "agent.deleted", "deleted": true})).into_response())
+}
+
+// ---- sessions
+
+#[derive(Deserialize)]
+struct SessionBody {
+    environment: Option<Value>,
+    agent_id: Option<String>,
+    agent: Option<AgentBody>,
+    input: Option<Value>,
+    metadata: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    review: Option<String>,
+    spend_control: Option<Value>,
+    #[serde(default)]
+    vault_ids: Vec<Value>,
+}
+
+/// What an `openai_hosted` environment says that a sandwarden session can honour: its `env`
+/// (the sandbox's environment variables) and inline `files` under `/workspace`.
+fn checked_environment(
+    env: &Value,
+) -> Result<(std::collections::BTreeMap<String, String>, Vec<Value>), Problem> {
+    match env["type"].as_str() {
+        Some("openai_hosted") => {}
+        Some(other) => {
+            return Err(invalid(format!(
+                "environments of type {other} are not supported: use `openai_hosted` (the \
+                 session's sandbox)"
+            )));
+        }
+        None => return Err(invalid("`environment.type` is required (`openai_hosted`)")),
+    }
+    for key in [
+        "environment_id",
+        "environment_template_id",
+        "packages",
+        "network",
+        "setup_commands",
+        "skills",
+        "plugins",
+        "capability_directories",
+        "desktop",
+    ] {
+        if env.get(key).is_some_and(|v| !v.is_null()) {
+            return Err(invalid(format!(
+                "`environment.{key}` is not supported: a sandbox is what its template makes it \
+                 (image, egress policy); only `env` and inline `files` apply per session"
+            )));
+        }
+    }
+    let mut vars = std::collections::BTreeMap::new();
+    if let Some(map) = env["env"].as_object() {
+        for (k, v) in map {
+            let v = v
+                .as_str()
+                .ok_or_else(|| invalid(format!("`environment.env.{k}` is a string")))?;
+            vars.insert(k.clone(), v.to_string());
+        }
+    }
+    let mut files = Vec::new();
+    for f in env["files"].as_array().into_iter().flatten() {
+        if f["type"].as_str() != Some("inline") {
+            return Err(invalid(
+                "`environment.files[]` are `inline` here (the Files API is not served)",
+            ));
+        }
+        let path = f["path"].as_str().unwrap_or("");
+        let relative = path
+            .strip_prefix("/workspace/")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "`environment.files[].path` {path:?} must be under /workspace/"
+                ))
+            })?;
+        files.push(json!({"path": relative, "content_base64": f["data"]}));
+    }
+    Ok((vars, files))
+}
+
+/// The session's status in OpenAI's words.
+fn status_word(s: SessionStatus) -> &'static str {
+    match s {
+        SessionStatus::Creating | SessionStatus::Ready => "idle",
+        SessionStatus::Running => "in_progress",
+        SessionStatus::InputRequired => "requires_action",
+        SessionStatus::Failed | SessionStatus::Dead | SessionStatus::Deleted => "failed",
+    }
+}
+
+/// The session object: its record, with the native status, pending approvals and usage.
+async fn session_view(orch: &AppState, record: &VendorObject) -> Result<Value, Problem> {
+    let mut body = record.body.clone();
+    let Some(native) = orch
+        .store
+        .get_session(&record.tenant, &record.id)
+        .await
+        .map_err(store_problem)?
+    else {
+        body["status"] = json!("failed");
+        return Ok(body);
+    };
+    body["status"] = json!(status_word(native.status));
+    body["last_active_at"] = json!(unix(&native.last_active_at));
+    if native.status == SessionStatus::InputRequired {
+        body["required_actions"] = pending_actions(orch, &native.id).await?;
+    }
+    let (input, output) = session_usage(orch, &native.id)
+        .await
+        .map_err(store_problem)?;
+    body["usage"] =
+        json!({"input_tokens": input, "output_tokens": output, "total_tokens": input + output});
+    Ok(body)
+}
+
+/// The approvals the running turn waits on, as `required_actions`.
+async fn pending_actions(orch: &AppState, session_id: &str) -> Result<Value, Problem> {
+    let Some(turn) = orch
+        .store
+        .running_turn(session_id)
+        .await
+        .map_err(store_problem)?
+    else {
+        return Ok(json!([]));
+    };
+    let (outs, _) = history(
+        orch,
+        session_id,
+        None,
+        i64::MAX,
+        |o: &Out| o.kind() == "agent.session.requires_action",
+        Translator::new(json!({"id": session_id})),
+    )
+    .await
+    .map_err(store_problem)?;
+    Ok(outs
+        .last()
+        .map(|o| o.event["session"]["required_actions"].clone())
+        .filter(|a| a[0]["turn_id"] == json!(turn))
+        .unwrap_or(json!([])))
+}
+
+async fn session_record(
+    orch: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<VendorObject, Problem> {
+    let native_id = session_path(&caller.tenant, id)?;
+    orch.store
+        .get_object(&caller.tenant, SESSION, &native_id, None)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("session", id))
+}
+
+/// An `input` (a string, or messages of `input_text`/`input_image` parts) as native parts.
+fn input_parts(input: &Value) -> Result<Vec<Value>, Problem> {
+    if let Some(text) = input.as_str() {
+        if text.is_empty() {
+            return Err(invalid("`input` is empty"));
+        }
+        return Ok(vec![json!({"type": "text", "text": text})]);
+    }
+    let messages = input
+        .as_array()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| invalid("`input` is a string or a list of user messages"))?;
+    let mut parts = Vec::new();
+    for m in messages {
+        if m["role"].as_str().is_some_and(|r| r != "user") {
+            return Err(invalid("input messages have `role: user`"));
+        }
+        let content = match &m["content"] {
+            Value::String(text) => vec![json!({"type": "input_text", "text": text})],
+            Value::Array(c) => c.clone(),
+            _ => return Err(invalid("a message's `content` is text or a list of parts")),
+        };
+        for c in content {
+            parts.push(match c["type"].as_str() {
+                Some("input_text") => json!({"type": "text", "text": c["text"]}),
+                Some("input_image") => json!({"type": "image", "url": c["image_url"]}),
+                other => {
+                    return Err(invalid(format!(
+                        "content parts are `input_text` or `input_image`, not {}",
+                        other.unwrap_or("(none)")
+                    )));
+                }
+            });
+        }
+    }
+    Ok(parts)
+}
+
+async fn create_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<SessionBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    if !b.vault_ids.is_empty() {
+        return Err(invalid("`vault_ids` are not supported"));
+    }
+    if b.review.as_deref().is_some_and(|r| r != "none") {
+        return Err(invalid("`review` is not supported (only `none`)"));
+    }
+    if b.spend_control.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(invalid(
+            "`spend_control` is not supported: a tenant's budget is set on its API key",
+        ));
+    }
+    let (env, files) = checked_environment(
+        b.environment
+            .as_ref()
+            .ok_or_else(|| invalid("`environment` is required"))?,
+    )?;
+    let stored = match &b.agent_id {
+        Some(id) => Some(object(&orch, &caller.tenant, AGENT, id, None).await?.body),
+        None => None,
+    };
+    if let Some(inline) = &b.agent {
+        checked_agent(inline)?;
+    }
+    let model = b
+        .agent
+        .as_ref()
+        .and_then(|a| a.model.clone())
+        .or_else(|| {
+            stored
+                .as_ref()
+                .and_then(|s| s["model"].as_str().map(String::from))
+        })
+        .ok_or_else(|| invalid("name the model: `agent.model`, or an `agent_id`"))?;
+    let metadata = checked_metadata(b.metadata.as_ref())?;
+    let harness = metadata
+        .get(HARNESS_KEY)
+        .and_then(Value::as_str)
+        .or_else(|| stored.as_ref().and_then(|s| s["metadata"][HARNESS_KEY].as_str()))
+        .map(String::from)
+        .ok_or_else(|| {
+            let names: Vec<String> = orch.templates().keys().cloned().collect();
+            invalid(format!(
+                "say which harness runs this session: metadata {{\"{HARNESS_KEY}\": \"<template>\"}} \
+                 on the session or its agent (templates here: {})",
+                names.join(", ")
+            ))
+        })?;
+    let first_input = b.input.as_ref().map(input_parts).transpose()?;
+    let request = crate::session::CreateRequest {
+        harness,
+        id: None,
+        title: None,
+        metadata: Some(json!({"openai.agent_id": b.agent_id})),
+        env,
+        files: serde_json::from_value(Value::Array(files))
+            .map_err(|e| invalid(format!("`environment.files`: {e}")))?,
+        cwd: None,
+        idle_timeout_s: None,
+        mcp_servers: Vec::new(),
+    };
+    let (session, _) = orch
+        .create(&caller.tenant, request, None, &caller.limits)
+        .await?;
+    let now = crate::store::now();
+    let agent_id = b.agent_id.clone().unwrap_or_else(|| new_id("agent"));
+    let name = stored.as_ref().map(|s| s["name"].clone());
+    let body = json!({
+        "object": "agent.session", "id": session.id, "status": "idle",
+        "agent": {"id": agent_id, "model": model, "name": name, "instructions": null,
+                  "tools": [], "reasoning": {}, "service_tier": "auto",
+                  "multi_agent": {}, "text": {}},
+        "environment": {"type": "openai_hosted", "id": null},
+        "metadata": metadata, "required_actions": [], "error": null, "vault_ids": [],
+        "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+        "spend_control": {"limit": null}, "review": "none",
+        "created_at": unix(&now), "last_active_at": unix(&now),
+    });
+    let record = first_version(&caller.tenant, SESSION, session.id.clone(), body, now);
+    if let Err(e) = orch.store.put_object(&record).await {
+        let _ = orch.delete(&caller.tenant, &session.id).await;
+        return Err(store_problem(e));
+    }
+    if b.stream {
+        // The stream is open before the input is sent, so it sees the whole turn.
+        let slot = orch
+            .streams
+            .open(&caller.tenant, caller.limits.open_streams)?;
+        let created = json!({"type": "agent.session.created", "event_id": new_id("evt"),
+                             "session": record.body});
+        let response = live(
+            &orch,
+            &caller,
+            record.id.clone(),
+            slot,
+            Translator::new(record.body.clone()),
+            frame,
+            vec![frame_of(&created)],
+        )
+        .await?;
+        if let Some(parts) = first_input {
+            send_message(&orch, &caller, &record, &parts).await?;
+        }
+        return Ok(response);
+    }
+    if let Some(parts) = first_input {
+        send_message(&orch, &caller, &record, &parts).await?;
+    }
+    Ok(Json(session_view(&orch, &record).await?).into_response())
+}
+
+async fn get_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let record = session_record(&orch, &caller, &id).await?;
+    Ok(Json(session_view(&orch, &record).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct SessionUpdate {
+    metadata: Option<Value>,
+    agent: Option<Value>,
+}
+
+async fn update_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<SessionUpdate>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    let mut record = session_record(&orch, &caller, &id).await?;
+    if let Some(agent) = &b.agent {
+        let model = agent
+            .get("model")
+            .and_then(Value::as_str)
+            .filter(|_| agent.as_object().is_some_and(|a| a.len() == 1))
+            .ok_or_else(|| {
+                invalid("of `agent`, only `model` can change here (applies to later turns)")
+            })?;
+        record.body["agent"]["model"] = json!(model);
+    }
+    if b.metadata.is_some() {
+        record.body["metadata"] = merged_metadata(&record.body["metadata"], b.metadata.as_ref())?;
+    }
+    orch.store
+        .update_object(&record)
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(session_view(&orch, &record).await?).into_response())
+}
+
+async fn list_sessions(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let (records, more) = object_list(&orch, &caller.tenant, SESSION, &q).await?;
+    let mut data = Vec::with_capacity(records.len());
+    for r in records {
+        if q.agent_id
+            .as_deref()
+            .is_some_and(|a| r.body["agent"]["id"].as_str() != Some(a))
+        {
+            continue;
+        }
+        data.push(session_view(&orch, &r).await?);
+    }
+    Ok(cursor_page(data, more))
+}
+
+/// Deletes the session: its sandbox stops and it is gone from this API.
+async fn delete_session(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let record = session_record(&orch, &caller, &id).await?;
+    stop_native(&orch, &caller, &record.id).await?;
+    orch.store
+        .delete_object(&caller.tenant, SESSION, &record.id)
+        .await
+        .map_err(store_problem)?;
+    Ok(Json(json!({"id": id, "object": "agent.session.deleted", "deleted": true})).into_response())
+}
+
+// ---- events
+
+/// Starts a turn with `parts` under the session's model.
+async fn send_message(
+    orch: &AppState,
+    caller: &Caller,
+    record: &VendorObject,
+    parts: &[Value],
+) -> Result<(), Problem> {
+    let model = record.body["agent"]["model"].as_str();
+    let request: crate::session::message::MessageRequest =
+        serde_json::from_value(json!({"parts": parts, "async": true, "model": model}))
+            .map_err(|e| invalid(format!("the input: {e}")))?;
+    orch.start_turn(&caller.tenant, &record.id, request, "async", &caller.limits)
+        .await
+        .map_err(|e| match e {
+            SessionError::TurnInProgress { .. } => Problem::new(
+                StatusCode::CONFLICT,
+                "turn_in_progress",
+                "a turn is in progress: wait for `agent.session.idle`, or send \
+                 `agent.session.input.cancel`",
+            ),
+            other => other.into(),
+        })?;
+    Ok(())
+}
+
+enum Input {
+    Message(Vec<Value>),
+    Cancel,
+    Approval { request_id: String, approve: bool },
+}
+
+fn parse_input(e: &Value) -> Result<Input, Problem> {
+    match e["type"].as_str() {
+        Some("agent.session.input.message") => Ok(Input::Message(input_parts(&e["input"])?)),
+        Some("agent.session.input.cancel") => Ok(Input::Cancel),
+        Some("agent.session.input.mcp_approval_request_result") => {
+            let request_id = e["request_id"]
+                .as_str()
+                .ok_or_else(|| invalid("`request_id` is required"))?;
+            let approve = match e["response"]["decision"].as_str() {
+                Some("approve") => true,
+                // `cancel` dismisses the request; the agent is told no.
+                Some("deny" | "cancel") => false,
+                _ => return Err(invalid("`response.decision` is approve, deny or cancel")),
+            };
+            Ok(Input::Approval {
+                request_id: request_id.to_string(),
+                approve,
+            })
+        }
+        Some(
+            kind @ ("agent.session.input.tool_result"
+            | "agent.session.input.computer_use_approval_request_result"),
+        ) => Err(invalid(format!(
+            "`{kind}` is not supported: function tools and computer use have no counterpart \
+                 here yet (docs/openai.md)"
+        ))),
+        other => Err(invalid(format!(
+            "unknown input type {}: send agent.session.input.message, .cancel or \
+             .mcp_approval_request_result",
+            other.unwrap_or("(none)")
+        ))),
+    }
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    events: Vec<Value>,
+}
+
+/// Input events: `202` once accepted. An `Idempotency-Key` seen before on this session is
+/// accepted again without acting twice.
+async fn send_events(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<SendBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Problem> {
+    let b = body_of(body)?;
+    if b.events.is_empty() {
+        return Err(invalid("`events` holds at least one event"));
+    }
+    let inputs: Vec<Input> = b.events.iter().map(parse_input).collect::<Result<_, _>>()?;
+    let record = session_record(&orch, &caller, &id).await?;
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 256)
+                .map(String::from)
+                .ok_or_else(|| invalid("`Idempotency-Key` is 1-256 visible ASCII characters"))
+        })
+        .transpose()?;
+    let claim = key.map(|k| {
+        let id = format!(
+            "{}:{}",
+            record.id,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(k.as_bytes()))
+        );
+        first_version(&caller.tenant, INPUT, id, json!({}), crate::store::now())
+    });
+    if let Some(claim) = &claim {
+        match orch.store.put_object(claim).await {
+            Err(StoreError::Conflict) => return Ok(StatusCode::ACCEPTED.into_response()),
+            other => other.map_err(store_problem)?,
+        }
+    }
+    if let Err(p) = act(&orch, &caller, &record, inputs).await {
+        // Not acted on: the same key may be tried again.
+        if let Some(claim) = &claim {
+            let _ = orch
+                .store
+                .delete_object(&claim.tenant, INPUT, &claim.id)
+                .await;
+        }
+        return Err(p);
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+async fn act(
+    orch: &AppState,
+    caller: &Caller,
+    record: &VendorObject,
+    inputs: Vec<Input>,
+) -> Result<(), Problem> {
+    for input in inputs {
+        match input {
+            Input::Message(parts) => send_message(orch, caller, record, &parts).await?,
+            Input::Cancel => match orch.cancel(&caller.tenant, &record.id).await {
+                Ok(_) | Err(SessionError::NoTurnRunning) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Input::Approval {
+                request_id,
+                approve,
+            } => {
+                validate_request_id(&request_id)?;
+                let answer = sandwarden_proto::event::InputAnswer {
+                    decision: Some(if approve {
+                        sandwarden_proto::event::Decision::ApproveOnce
+                    } else {
+                        sandwarden_proto::event::Decision::Deny
+                    }),
+                    option_id: None,
+                };
+                match orch
+                    .answer(&caller.tenant, &record.id, &request_id, &answer)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(SessionError::HarnessRefused(p)) if p.status == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_request_id(id: &str) -> Result<(), Problem> {
+    sandwarden_proto::event::validate_id("request id", id).map_err(invalid)
+}
+
+fn frame_of(event: &Value) -> SseEvent {
+    SseEvent::default()
+        .event(event["type"].as_str().unwrap_or("message"))
+        .json_data(event)
+        .unwrap_or_default()
+}
+
+fn frame(out: &Out) -> SseEvent {
+    frame_of(&out.event)
+}
+
+/// The live event stream (`GET …/events` with `Accept: text/event-stream`).
+async fn stream_events(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let slot = orch
+        .streams
+        .open(&caller.tenant, caller.limits.open_streams)?;
+    let record = session_record(&orch, &caller, &id).await?;
+    let translator = Translator::new(record.body.clone());
+    live(
+        &orch,
+        &caller,
+        record.id,
+        slot,
+        translator,
+        frame,
+        Vec::new(),
+    )
+    .await
+}
+
+// ---- history: items and turns
+
+/// Every item of the session in order (user messages as they opened turns, the rest as done).
+async fn items_of(
+    orch: &AppState,
+    record: &VendorObject,
+    turn: Option<&str>,
+) -> Result<Vec<Value>, Problem> {
+    let is_item = |o: &Out| {
+        let item = &o.event["item"];
+        (o.kind() == "agent.session.turn.item.done"
+            || (o.kind() == "agent.session.turn.item.added" && item["role"] == "user"))
+            && turn.is_none_or(|t| item["turn_id"].as_str() == Some(t))
+    };
+    let (outs, _) = history(
+        orch,
+        &record.id,
+        None,
+        i64::MAX,
+        is_item,
+        Translator::new(record.body.clone()),
+    )
+    .await
+    .map_err(store_problem)?;
+    Ok(outs.into_iter().map(|o| o.event["item"].clone()).collect())
+}
+
+/// A page of `all` (oldest first) after the element whose id is `after`, in `order`.
+fn page_after(
+    mut all: Vec<Value>,
+    q: &ListQuery,
+    default_desc: bool,
+) -> Result<(Vec<Value>, bool), Problem> {
+    let limit = limit_of(q.limit, 20, 100)?;
+    let desc = match q.order.as_deref() {
+        None => default_desc,
+        other => descending(other)?,
+    };
+    if desc {
+        all.reverse();
+    }
+    let start = match &q.after {
+        Some(after) => {
+            all.iter()
+                .position(|v| v["id"].as_str() == Some(after))
+                .ok_or_else(|| invalid(format!("`after` {after:?} is not an id of this list")))?
+                + 1
+        }
+        None => 0,
+    };
+    let rest: Vec<Value> = all.into_iter().skip(start).collect();
+    let more = rest.len() as i64 > limit;
+    Ok((rest.into_iter().take(limit as usize).collect(), more))
+}
+
+async fn list_items(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let record = session_record(&orch, &caller, &id).await?;
+    let (data, more) = page_after(items_of(&orch, &record, None).await?, &q, true)?;
+    Ok(cursor_page(data, more))
+}
+
+async fn turn_items(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, turn_id)): Path<(String, String)>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let record = session_record(&orch, &caller, &id).await?;
+    turn_of(&orch, &record, &turn_id).await?;
+    let (data, more) = page_after(items_of(&orch, &record, Some(&turn_id)).await?, &q, false)?;
+    Ok(cursor_page(data, more))
+}
+
+/// A native turn as OpenAI's `Turn`.
+fn turn_view(record: &VendorObject, t: &crate::store::Turn) -> Value {
+    let status = match t.status {
+        crate::status::TurnStatus::Running => "in_progress",
+        crate::status::TurnStatus::Completed => "completed",
+        crate::status::TurnStatus::Cancelled => "cancelled",
+        crate::status::TurnStatus::Failed => "failed",
+    };
+    let usage = t.usage.as_ref().map(|u| {
+        json!({"input_tokens": u["input_tokens"], "output_tokens": u["output_tokens"],
+               "total_tokens": u["total_tokens"]})
+    });
+    let error = t.error.as_ref().map(
+        |e| json!({"code": "server_error", "message": e["message"].as_str().unwrap_or("failed")}),
+    );
+    json!({
+        "object": "agent.session.turn", "id": t.id, "session_id": record.id,
+        "agent_id": record.body["agent"]["id"], "subagent_id": null, "status": status,
+        "created_at": unix(&t.created_at), "started_at": unix(&t.created_at),
+        "completed_at": t.finished_at.as_deref().map(unix), "usage": usage, "error": error,
+    })
+}
+
+async fn turn_of(
+    orch: &AppState,
+    record: &VendorObject,
+    turn_id: &str,
+) -> Result<crate::store::Turn, Problem> {
+    orch.store
+        .get_turn(&record.id, turn_id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| not_found("turn", turn_id))
+}
+
+async fn list_turns(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let record = session_record(&orch, &caller, &id).await?;
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let turns = orch
+            .store
+            .list_turns(&record.id, after.clone(), 500)
+            .await
+            .map_err(store_problem)?;
+        all.extend(turns.iter().map(|t| turn_view(&record, t)));
+        match turns.last() {
+            Some(t) if turns.len() == 500 => after = Some((t.created_at.clone(), t.id.clone())),
+            _ => break,
+        }
+    }
+    let (data, more) = page_after(all, &q, true)?;
+    Ok(cursor_page(data, more))
+}
+
+async fn get_turn(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, turn_id)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    let record = session_record(&orch, &caller, &id).await?;
+    let turn = turn_of(&orch, &record, &turn_id).await?;
+    Ok(Json(turn_view(&record, &turn)).into_response())
+}
