@@ -111,10 +111,22 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(vendor_errors))
+        // A bug that panics in a handler answers 500 (the connection and the server live on).
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::map_response(close_when_refused))
         .layer(middleware::from_fn_with_state(orch.clone(), count_requests))
         .layer(middleware::from_fn(request_span))
         .with_state(orch)
+}
+
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked; answered 500");
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "the server failed on this request; the server log has the cause",
+    )
+    .into_response()
 }
 
 /// Answers under a vendor API's mount carry that vendor's error shape, whoever refused the
@@ -161,9 +173,15 @@ async fn request_span(req: Request, next: Next) -> Response {
         method = %req.method(),
         path = %req.uri().path(),
     );
+    let value = header::HeaderValue::from_str(&id).ok();
+    let mut req = req;
+    if let Some(v) = &value {
+        // Inner layers (a vendor API's error shape) name the request by the same id.
+        req.headers_mut().insert(REQUEST_ID, v.clone());
+    }
     let mut response = next.run(req).instrument(span).await;
-    if let Ok(value) = header::HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID, value);
+    if let Some(v) = value {
+        response.headers_mut().insert(REQUEST_ID, v);
     }
     response
 }
@@ -702,7 +720,7 @@ async fn get_messages(
 
 /// A JSON answer whose body keeps `held` (a page's share of the answer memory) until it has
 /// been sent, serialized straight from `value` (no intermediate `Value`).
-fn json_holding<H: Send + 'static>(value: &impl Serialize, held: H) -> Response {
+pub(crate) fn json_holding<H: Send + 'static>(value: &impl Serialize, held: H) -> Response {
     let bytes = match serde_json::to_vec(value) {
         Ok(bytes) => bytes::Bytes::from(bytes),
         Err(e) => {

@@ -841,6 +841,23 @@ impl Orchestrator {
 
     /// A page of the session's events after `since` (see `Hub::cut`), admitted to the answer
     /// memory before it is read.
+    /// Admits an answer of `bytes` built from the store (a vendor API's history page) to the
+    /// tenant's and the server's answer memory, held until the answer has been sent.
+    pub async fn admit_answer(
+        &self,
+        tenant: &str,
+        limits: &quota::Limits,
+        bytes: usize,
+    ) -> Result<quota::Admitted, SessionError> {
+        self.answers
+            .admit(
+                tenant,
+                i64::try_from(bytes).unwrap_or(i64::MAX),
+                limits.answer_mib,
+            )
+            .await
+    }
+
     pub async fn event_page(
         &self,
         tenant: &str,

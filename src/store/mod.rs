@@ -1818,6 +1818,19 @@ impl Store {
         Ok(rows.into_iter().map(VendorObject::from).collect())
     }
 
+    /// How many objects of one kind a tenant keeps (each counted once, whatever its versions).
+    pub async fn count_objects(&self, tenant: &str, kind: &str) -> Result<i64> {
+        let sql = self.sql(
+            "SELECT COUNT(*) FROM vendor_objects WHERE tenant = ? AND kind = ? AND version = 1",
+        );
+        let n: i64 = on_db!(self, |pool| sqlx::query_scalar(&sql)
+            .bind(tenant)
+            .bind(kind)
+            .fetch_one(pool)
+            .await?);
+        Ok(n)
+    }
+
     /// Deletes every version of an object; whether there was one.
     pub async fn delete_object(&self, tenant: &str, kind: &str, id: &str) -> Result<bool> {
         let sql = self.sql("DELETE FROM vendor_objects WHERE tenant = ? AND kind = ? AND id = ?");

@@ -121,3 +121,158 @@ async fn the_openai_sdk_runs_an_agents_session_end_to_end() {
         assert_eq!(body["error"]["type"], "not_found_error", "{body}");
     }
 }
+
+/// What a hostile or careless client sends the vendor APIs is refused whole, in the vendor's
+/// error shape, and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vendor_api_refusals_change_nothing() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let post = |path: &str, body: serde_json::Value| {
+        let api = &api;
+        let path = path.to_string();
+        async move { api.call("POST", &path, Some(body)).await }
+    };
+    let (status, env) = post("/anthropic/v1/environments", json!({"name": "e"})).await;
+    assert_eq!(status, 200, "{env}");
+    let (status, agent) = post(
+        "/anthropic/v1/agents",
+        json!({"name": "a", "model": "echo-small", "metadata": {"sandwarden.harness": "echo"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{agent}");
+    let (env, agent) = (env["id"].clone(), agent["id"].clone());
+
+    // A first message the agent cannot take (a model it does not offer) leaves no session.
+    let (_, wrong) = post(
+        "/anthropic/v1/agents",
+        json!({"name": "w", "model": "no-such-model", "metadata": {"sandwarden.harness": "echo"}}),
+    )
+    .await;
+    let (status, body) = post(
+        "/anthropic/v1/sessions",
+        json!({"agent": wrong["id"], "environment_id": env, "initial_events": [
+            {"type": "user.message", "content": [{"type": "text", "text": "hi"}]}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert!(body["request_id"].is_string(), "{body}");
+    let (_, listed) = api
+        .call("GET", "/anthropic/v1/sessions?include_archived=true", None)
+        .await;
+    assert_eq!(listed["data"], json!([]), "{listed}");
+    let (_, native) = api.call("GET", "/v1/sessions?status=ready", None).await;
+    assert_eq!(native["sessions"], json!([]), "{native}");
+
+    let (status, session) = post(
+        "/anthropic/v1/sessions",
+        json!({"agent": agent, "environment_id": env}),
+    )
+    .await;
+    assert_eq!(status, 200, "{session}");
+    let events = format!(
+        "/anthropic/v1/sessions/{}/events",
+        session["id"].as_str().expect("id")
+    );
+    let text = |t: &str| json!({"type": "user.message", "content": [{"type": "text", "text": t}]});
+    for (body, what) in [
+        (
+            json!({"events": [text("one"), text("two")]}),
+            "two messages at once",
+        ),
+        (
+            json!({"events": [text("one"), {"type": "user.tool_confirmation",
+                "tool_use_id": "sevt_-9223372036854775808_0", "result": "allow"}]}),
+            "a tool use id no event can have",
+        ),
+        (
+            json!({"events": (0..51).map(|_| json!({"type": "user.interrupt"})).collect::<Vec<_>>()}),
+            "more than 50 events",
+        ),
+    ] {
+        let (status, answer) = post(&events, body).await;
+        assert_eq!(status, 400, "{what}: {answer}");
+        assert_eq!(answer["type"], "error", "{what}: {answer}");
+    }
+    let (_, history) = api.call("GET", &events, None).await;
+    assert_eq!(
+        history["data"],
+        json!([]),
+        "nothing was acted on: {history}"
+    );
+
+    // Objects are bounded; an archived agent is archived in every version.
+    let (status, body) = post(
+        "/anthropic/v1/agents",
+        json!({"name": "big", "model": "m", "metadata": {"k": "x".repeat(600)}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(
+        "/anthropic/v1/agents",
+        json!({"name": "big", "model": "m", "description": "x".repeat(5000)}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let agent_id = agent.as_str().expect("agent id");
+    let (status, _) = post(
+        &format!("/anthropic/v1/agents/{agent_id}"),
+        json!({"name": "b"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = post(
+        &format!("/anthropic/v1/agents/{agent_id}/archive"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = post(
+        "/anthropic/v1/sessions",
+        json!({"agent": {"type": "agent", "id": agent_id, "version": 1}, "environment_id": env}),
+    )
+    .await;
+    assert_eq!(status, 400, "an archived agent's old version: {body}");
+
+    // OpenAI: the same bounds, in its shape.
+    let (status, body) = post(
+        "/openai/v1/agents/sessions",
+        json!({"environment": {"type": "openai_hosted"}, "agent": {"model": "echo-small"},
+               "metadata": {"sandwarden.harness": "sh"}}),
+    )
+    .await;
+    assert_eq!(status, 400, "a terminal harness: {body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    let (status, s) = post(
+        "/openai/v1/agents/sessions",
+        json!({"environment": {"type": "openai_hosted"}, "agent": {"model": "echo-small"},
+               "metadata": {"sandwarden.harness": "echo"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{s}");
+    let input = |t: &str| {
+        json!({"type": "agent.session.input.message",
+               "input": [{"role": "user", "content": [{"type": "input_text", "text": t}]}]})
+    };
+    let (status, body) = post(
+        &format!(
+            "/openai/v1/agents/sessions/{}/events",
+            s["id"].as_str().expect("id")
+        ),
+        json!({"events": [input("one"), input("two")]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, turns) = api
+        .call(
+            "GET",
+            &format!(
+                "/openai/v1/agents/sessions/{}/turns",
+                s["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(turns["data"], json!([]), "{turns}");
+}

@@ -93,8 +93,8 @@ fn new_id(prefix: &str) -> String {
 fn body_of<T: serde::de::DeserializeOwned>(
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, Problem> {
-    body.map(|Json(b)| b)
-        .map_err(|e| invalid(format!("the request body: {}", e.body_text())))
+    // The native mapping: a body too large is 413, one that stalled 408, bad JSON 400/422.
+    body.map(|Json(b)| b).map_err(Problem::from)
 }
 
 /// `metadata`: at most 16 string pairs (`null` values delete keys on update).
@@ -109,9 +109,10 @@ fn checked_metadata(given: Option<&Value>) -> Result<Map<String, Value>, Problem
         return Err(invalid("`metadata` holds at most 16 pairs"));
     }
     for (k, v) in map {
-        if !(v.is_string() || v.is_null()) || k.len() > 64 {
+        let fits = v.as_str().is_some_and(|v| v.len() <= 512) || v.is_null();
+        if !fits || k.len() > 64 {
             return Err(invalid(format!(
-                "`metadata.{k}`: keys are at most 64 bytes and values are strings"
+                "`metadata.{k}`: keys are at most 64 bytes and values strings of at most 512"
             )));
         }
     }
@@ -253,43 +254,115 @@ fn parse_place(token: &str) -> Option<Place> {
     Some((seq.parse().ok()?, k.parse().ok()?))
 }
 
+/// The most a history answer holds (its events' JSON), like a native page.
+const PAGE_BYTES: usize = 4 << 20;
+
 /// The translated history after `after` (the place of the last event a previous page ended
-/// with): at most `limit` events `keep` accepts, and whether more may follow.
+/// with): at most `limit` events `keep` accepts and `max_bytes` of them, and whether more may
+/// follow. The native pages read count against the caller's answer memory while translated.
 async fn history<T: Translate>(
     orch: &AppState,
+    caller: &Caller,
     session_id: &str,
     after: Option<Place>,
-    limit: i64,
+    (limit, max_bytes): (usize, usize),
     keep: impl Fn(&Out) -> bool,
     translator: T,
-) -> Result<(Vec<Out>, bool), StoreError> {
+) -> Result<(Vec<Out>, bool), Problem> {
     let mut since = match after {
-        Some((seq, _)) => replay_start(orch, session_id, seq).await?,
+        Some((seq, _)) => replay_start(orch, session_id, seq)
+            .await
+            .map_err(store_problem)?,
         None => 0,
     };
     let mut reader = Reader::new(translator);
-    let mut outs = Vec::new();
+    let (mut outs, mut bytes) = (Vec::new(), 0usize);
     loop {
-        let batch = orch.store.list_events(session_id, since, BATCH).await?;
-        let Some(tail) = batch.last() else { break };
+        let page = orch
+            .event_page(&caller.tenant, &caller.limits, session_id, since, BATCH)
+            .await?;
+        let Some(tail) = page.items.last() else { break };
         since = tail.seq;
-        let full = batch.len() as i64 == BATCH;
-        for e in &batch {
-            for out in reader.push(orch, e).await? {
+        for e in &page.items {
+            for out in reader.push(orch, e).await.map_err(store_problem)? {
                 if out.preview || after.is_some_and(|a| out.place <= a) || !keep(&out) {
                     continue;
                 }
+                bytes += out.event.to_string().len();
+                if bytes > max_bytes && !outs.is_empty() {
+                    return Ok((outs, true));
+                }
                 outs.push(out);
-                if outs.len() as i64 == limit {
+                if outs.len() == limit {
                     return Ok((outs, true));
                 }
             }
         }
-        if !full {
+        if page.next.is_none() {
             break;
         }
     }
     Ok((outs, false))
+}
+
+/// `value` as JSON, its size counted against the caller's answer memory until it is sent.
+async fn admitted_json(
+    orch: &AppState,
+    caller: &Caller,
+    value: &Value,
+) -> Result<Response, Problem> {
+    let bytes = value.to_string().len();
+    let admitted = orch
+        .admit_answer(&caller.tenant, &caller.limits, bytes)
+        .await?;
+    Ok(super::json_holding(value, admitted))
+}
+
+/// The most objects of one kind a tenant keeps here, and versions of one agent.
+const MAX_OBJECTS: i64 = 10_000;
+const MAX_VERSIONS: i64 = 1_000;
+/// The most a stored object's JSON may take.
+const MAX_OBJECT_BYTES: usize = 64 << 10;
+
+/// Refuses a new object past the tenant's count, or one too large.
+async fn check_room(
+    orch: &AppState,
+    tenant: &str,
+    kind: &str,
+    body: &Value,
+) -> Result<(), Problem> {
+    check_size(body)?;
+    let n = orch
+        .store
+        .count_objects(tenant, kind)
+        .await
+        .map_err(store_problem)?;
+    if n >= MAX_OBJECTS {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "object_limit",
+            format!("a tenant keeps at most {MAX_OBJECTS} of these; delete or archive some first"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_size(body: &Value) -> Result<(), Problem> {
+    if body.to_string().len() > MAX_OBJECT_BYTES {
+        return Err(invalid(format!(
+            "the object is over {} KiB; send shorter fields",
+            MAX_OBJECT_BYTES >> 10
+        )));
+    }
+    Ok(())
+}
+
+/// A text field: at most `max` bytes.
+fn short(field: &str, value: Option<&str>, max: usize) -> Result<(), Problem> {
+    if value.is_some_and(|v| v.len() > max) {
+        return Err(invalid(format!("`{field}` is at most {max} bytes")));
+    }
+    Ok(())
 }
 
 /// The live stream of a session's translated events, from now on, as SSE (`frame` makes each

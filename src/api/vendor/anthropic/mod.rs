@@ -89,6 +89,11 @@ async fn unsupported(req: Request) -> Problem {
 /// check's) into Anthropic's error shape, which the SDK reads into its exception types. A
 /// `409` says `x-should-retry: false`: retrying a conflict unchanged cannot succeed.
 pub async fn errors(req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(crate::api::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
     let response = next.run(req).await;
     let is_problem = response
         .headers()
@@ -119,11 +124,6 @@ pub async fn errors(req: Request, next: Next) -> Response {
         504 => "timeout_error",
         _ => "api_error",
     };
-    let request_id = parts
-        .headers
-        .get(crate::api::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
     let body = json!({
         "type": "error",
         "error": {
@@ -321,6 +321,7 @@ async fn create_environment(
     body: Result<Json<EnvironmentBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, Problem> {
     let b = body_of(body)?;
+    checked_texts(b.name.as_deref(), b.description.as_deref())?;
     let name = b
         .name
         .filter(|n| !n.trim().is_empty())
@@ -334,6 +335,7 @@ async fn create_environment(
         "scope": b.scope.unwrap_or_else(|| "organization".into()),
         "created_at": now, "updated_at": now, "archived_at": null,
     });
+    check_room(&orch, &caller.tenant, ENVIRONMENT, &body).await?;
     let o = first_version(&caller.tenant, ENVIRONMENT, id, body, now);
     orch.store.put_object(&o).await.map_err(store_problem)?;
     Ok(Json(o.body).into_response())
@@ -346,6 +348,10 @@ async fn update_environment(
     body: Result<Json<EnvironmentBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, Problem> {
     let b = body_of(body)?;
+    checked_texts(b.name.as_deref(), b.description.as_deref())?;
+    if b.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(invalid("`name` cannot be empty"));
+    }
     let mut o = object(&orch, &caller.tenant, ENVIRONMENT, &id, None).await?;
     if let Some(name) = b.name {
         o.body["name"] = json!(name);
@@ -360,6 +366,7 @@ async fn update_environment(
         o.body["metadata"] = merged_metadata(&o.body["metadata"], b.metadata.as_ref())?;
     }
     o.body["updated_at"] = json!(crate::store::now());
+    check_size(&o.body)?;
     orch.store.update_object(&o).await.map_err(store_problem)?;
     Ok(Json(o.body).into_response())
 }
@@ -397,6 +404,21 @@ struct AgentBody {
     version: Option<i64>,
 }
 
+/// An agent's MCP servers as stored: `{type, name, url}` only.
+fn mcp_servers(given: Option<&[Value]>) -> Value {
+    given
+        .unwrap_or_default()
+        .iter()
+        .map(|s| json!({"type": "url", "name": s["name"], "url": s["url"]}))
+        .collect()
+}
+
+/// `name` and `description` within their bounds.
+fn checked_texts(name: Option<&str>, description: Option<&str>) -> Result<(), Problem> {
+    short("name", name, 256)?;
+    short("description", description, 2048)
+}
+
 /// The model as Anthropic's agent shows it (`{id, …}`), from a string or an object.
 fn checked_model(model: &Value) -> Result<Value, Problem> {
     let id = match model {
@@ -416,6 +438,14 @@ fn checked_model(model: &Value) -> Result<Value, Problem> {
 
 /// What an agent may say here, each refusal naming why.
 fn checked_agent_fields(b: &AgentBody) -> Result<(), Problem> {
+    checked_texts(b.name.as_deref(), b.description.as_deref())?;
+    if b.tools.as_ref().is_some_and(|t| t.len() > 20)
+        || b.mcp_servers.as_ref().is_some_and(|m| m.len() > 20)
+    {
+        return Err(invalid(
+            "an agent has at most 20 `tools` and 20 `mcp_servers`",
+        ));
+    }
     if b.system.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(invalid(
             "`system` is not supported yet: the agent CLI behind the harness keeps its own \
@@ -459,13 +489,18 @@ fn checked_agent_fields(b: &AgentBody) -> Result<(), Problem> {
                 "`mcp_servers[]` are `{type: \"url\", name, url}` (streamable HTTP)",
             ));
         }
-        if server
-            .get("authorization_token")
-            .is_some_and(|t| !t.is_null())
+        let url = server["url"].as_str().unwrap_or("");
+        let userinfo = url
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.split('/').next().unwrap_or("").contains('@'));
+        if userinfo
+            || server
+                .get("authorization_token")
+                .is_some_and(|t| !t.is_null())
         {
             return Err(invalid(
-                "`mcp_servers[].authorization_token` is not supported: sandwarden stores no \
-                 credentials with an agent",
+                "`mcp_servers[]` with credentials (`authorization_token`, a user in the URL) are \
+                 not supported: sandwarden stores no credentials with an agent",
             ));
         }
     }
@@ -503,11 +538,12 @@ async fn create_agent(
     let body = json!({
         "type": "agent", "id": id, "version": 1, "name": name,
         "description": b.description, "model": model, "system": b.system,
-        "tools": b.tools.unwrap_or_default(), "mcp_servers": b.mcp_servers.unwrap_or_default(),
+        "tools": b.tools.unwrap_or_default(), "mcp_servers": mcp_servers(b.mcp_servers.as_deref()),
         "skills": [], "metadata": checked_metadata(b.metadata.as_ref())?,
         "multiagent": null, "execution_identity": null,
         "created_at": now, "updated_at": now, "archived_at": null,
     });
+    check_room(&orch, &caller.tenant, AGENT, &body).await?;
     let o = first_version(&caller.tenant, AGENT, id, body, now);
     orch.store.put_object(&o).await.map_err(store_problem)?;
     Ok(Json(o.body).into_response())
@@ -536,6 +572,11 @@ async fn update_agent(
             ),
         ));
     }
+    if old.version >= MAX_VERSIONS {
+        return Err(invalid(format!(
+            "an agent keeps at most {MAX_VERSIONS} versions: create a new agent"
+        )));
+    }
     let mut body = old.body.clone();
     let version = old.version + 1;
     if let Some(name) = &b.name {
@@ -550,8 +591,8 @@ async fn update_agent(
     if let Some(tools) = &b.tools {
         body["tools"] = json!(tools);
     }
-    if let Some(servers) = &b.mcp_servers {
-        body["mcp_servers"] = json!(servers);
+    if b.mcp_servers.is_some() {
+        body["mcp_servers"] = mcp_servers(b.mcp_servers.as_deref());
     }
     if b.metadata.is_some() {
         body["metadata"] = merged_metadata(&body["metadata"], b.metadata.as_ref())?;
@@ -559,6 +600,7 @@ async fn update_agent(
     let now = crate::store::now();
     body["version"] = json!(version);
     body["updated_at"] = json!(now);
+    check_size(&body)?;
     let o = VendorObject {
         version,
         body: body.clone(),
@@ -694,11 +736,15 @@ async fn resolve_agent(orch: &AppState, tenant: &str, agent: &Value) -> Result<V
             ));
         }
     };
-    let o = object(orch, tenant, AGENT, &id, version).await?;
-    if o.archived_at.is_some() {
+    // Archiving marks the newest version: an older one named explicitly is archived too.
+    if object(orch, tenant, AGENT, &id, None)
+        .await?
+        .archived_at
+        .is_some()
+    {
         return Err(invalid(format!("agent {id:?} is archived")));
     }
-    Ok(o.body)
+    Ok(object(orch, tenant, AGENT, &id, version).await?.body)
 }
 
 async fn create_session(
@@ -750,11 +796,18 @@ async fn create_session(
                 names.join(", ")
             ))
         })?;
-    let initial: Vec<UserInput> = b
-        .initial_events
-        .iter()
-        .map(UserInput::parse)
-        .collect::<Result<_, _>>()?;
+    if orch
+        .templates()
+        .get(&harness)
+        .is_some_and(|t| t.kind == sandwarden_proto::kind::HarnessKind::Tui)
+    {
+        return Err(invalid(format!(
+            "harness {harness:?} runs a terminal program, not an agent this API can talk to: \
+             name an API harness"
+        )));
+    }
+    short("title", b.title.as_deref(), 512)?;
+    let initial = checked_inputs(&b.initial_events)?;
     if initial.iter().any(|i| !matches!(i, UserInput::Message(_))) {
         return Err(invalid("`initial_events` hold `user.message` events only"));
     }
@@ -801,14 +854,23 @@ async fn create_session(
         "created_at": now, "updated_at": now, "archived_at": null, "deployment_id": null,
     });
     let record = first_version(&caller.tenant, SESSION, session.id.clone(), body, now);
+    // (The native session quota bounds how many of these a tenant makes.)
     if let Err(e) = orch.store.put_object(&record).await {
         // The native session must not outlive a record that was never written.
         let _ = orch.delete(&caller.tenant, &session.id).await;
         return Err(store_problem(e));
     }
     for input in initial {
-        if let UserInput::Message(content) = input {
-            send_message(&orch, &caller, &record, &content).await?;
+        if let UserInput::Message(content) = input
+            && let Err(p) = send_message(&orch, &caller, &record, &content).await
+        {
+            // A session whose first message was refused is not left behind unseen.
+            let _ = orch.delete(&caller.tenant, &session.id).await;
+            let _ = orch
+                .store
+                .delete_object(&caller.tenant, SESSION, &session.id)
+                .await;
+            return Err(p);
         }
     }
     Ok(Json(session_view(&orch, &record).await?).into_response())
@@ -924,6 +986,29 @@ async fn delete_session(
 
 // ---- events: input
 
+/// The events of one request, every one checked before any is acted on: at most 50, and at
+/// most one message (a second could only meet the first's turn).
+fn checked_inputs(events: &[Value]) -> Result<Vec<UserInput>, Problem> {
+    if events.len() > 50 {
+        return Err(invalid("send at most 50 events at once"));
+    }
+    let inputs: Vec<UserInput> = events
+        .iter()
+        .map(UserInput::parse)
+        .collect::<Result<_, _>>()?;
+    if inputs
+        .iter()
+        .filter(|i| matches!(i, UserInput::Message(_)))
+        .count()
+        > 1
+    {
+        return Err(invalid(
+            "send one `user.message` at a time: the next waits for `session.status_idle`",
+        ));
+    }
+    Ok(inputs)
+}
+
 /// One input event a client sends.
 enum UserInput {
     /// Native message parts.
@@ -953,7 +1038,13 @@ impl UserInput {
             Some("user.tool_confirmation") => {
                 let tool_use_id = e["tool_use_id"]
                     .as_str()
-                    .ok_or_else(|| invalid("`user.tool_confirmation` needs `tool_use_id`"))?;
+                    .filter(|id| translate::seq_of_tool_use(id).is_some())
+                    .ok_or_else(|| {
+                        invalid(
+                            "`user.tool_confirmation` needs the `tool_use_id` of an \
+                             `agent.tool_use` (from `session.status_idle.stop_reason.event_ids`)",
+                        )
+                    })?;
                 let allow = match e["result"].as_str() {
                     Some("allow") => true,
                     Some("deny") => false,
@@ -1080,11 +1171,7 @@ async fn send_events(
         return Err(invalid("`events` holds at least one event"));
     }
     // Every event is checked before any is acted on.
-    let inputs: Vec<UserInput> = b
-        .events
-        .iter()
-        .map(UserInput::parse)
-        .collect::<Result<_, _>>()?;
+    let inputs = checked_inputs(&b.events)?;
     let record = session_record(&orch, &caller, &id).await?;
     let mut sent = Vec::with_capacity(inputs.len());
     for input in inputs {
@@ -1185,19 +1272,24 @@ async fn list_events(
     let keep = |o: &Out| types.is_empty() || types.iter().any(|t| t == o.kind());
     let (outs, more) = history(
         &orch,
+        &caller,
         &record.id,
         after,
-        limit,
+        (limit as usize, PAGE_BYTES),
         keep,
         Translator::new(false),
     )
-    .await
-    .map_err(store_problem)?;
+    .await?;
     let next_page = more
         .then(|| outs.last().map(|o| place_token(o.place)))
         .flatten();
     let data: Vec<Value> = outs.into_iter().map(|o| o.event).collect();
-    Ok(Json(json!({"data": data, "next_page": next_page})).into_response())
+    admitted_json(
+        &orch,
+        &caller,
+        &json!({"data": data, "next_page": next_page}),
+    )
+    .await
 }
 
 /// The live stream: events completed from now on, each as an SSE frame whose `event:` is its

@@ -26,7 +26,7 @@ pub fn seq_of_tool_use(id: &str) -> Option<i64> {
     let rest = id.strip_prefix("sevt_")?;
     let (seq, k) = rest.split_once('_')?;
     k.parse::<u32>().ok()?;
-    seq.parse().ok()
+    seq.parse().ok().filter(|seq| *seq >= 1)
 }
 
 struct TextRun {

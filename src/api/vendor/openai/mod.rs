@@ -118,12 +118,11 @@ pub async fn errors(req: Request, next: Next) -> Response {
 }
 
 /// A cursor page in OpenAI's shape: `data`, `has_more`, and the first and last ids.
-fn cursor_page(data: Vec<Value>, has_more: bool) -> Response {
+fn cursor_page(data: Vec<Value>, has_more: bool) -> Value {
     let first = data.first().map(|d| d["id"].clone());
     let last = data.last().map(|d| d["id"].clone());
-    Json(json!({"object": "list", "data": data, "has_more": has_more,
-                "first_id": first, "last_id": last}))
-    .into_response()
+    json!({"object": "list", "data": data, "has_more": has_more,
+           "first_id": first, "last_id": last})
 }
 
 #[derive(Deserialize, Default)]
@@ -180,6 +179,8 @@ struct AgentBody {
 }
 
 fn checked_agent(b: &AgentBody) -> Result<(), Problem> {
+    short("name", b.name.as_deref(), 256)?;
+    short("model", b.model.as_deref(), 256)?;
     if b.instructions.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(invalid(
             "`instructions` are not supported yet: the agent CLI behind the harness keeps its own \
@@ -216,13 +217,9 @@ async fn create_agent(
     }
     let now = crate::store::now();
     let id = new_id("agent");
-    let o = first_version(
-        &caller.tenant,
-        AGENT,
-        id.clone(),
-        agent_view(&id, &b, &now)?,
-        now,
-    );
+    let body = agent_view(&id, &b, &now)?;
+    check_room(&orch, &caller.tenant, AGENT, &body).await?;
+    let o = first_version(&caller.tenant, AGENT, id.clone(), body, now);
     orch.store.put_object(&o).await.map_err(store_problem)?;
     Ok(Json(o.body).into_response())
 }
@@ -254,6 +251,7 @@ async fn update_agent(
         o.body["metadata"] = merged_metadata(&o.body["metadata"], b.metadata.as_ref())?;
     }
     o.body["updated_at"] = json!(unix(&crate::store::now()));
+    check_size(&o.body)?;
     orch.store.update_object(&o).await.map_err(store_problem)?;
     Ok(Json(o.body).into_response())
 }
@@ -265,10 +263,11 @@ async fn list_agents(
 ) -> Result<Response, Problem> {
     let q = query_of(query)?;
     let (objects, more) = object_list(&orch, &caller.tenant, AGENT, &q).await?;
-    Ok(cursor_page(
+    Ok(Json(cursor_page(
         objects.into_iter().map(|o| o.body).collect(),
         more,
     ))
+    .into_response())
 }
 
 async fn delete_agent(
@@ -378,7 +377,11 @@ fn status_word(s: SessionStatus) -> &'static str {
 }
 
 /// The session object: its record, with the native status, pending approvals and usage.
-async fn session_view(orch: &AppState, record: &VendorObject) -> Result<Value, Problem> {
+async fn session_view(
+    orch: &AppState,
+    caller: &Caller,
+    record: &VendorObject,
+) -> Result<Value, Problem> {
     let mut body = record.body.clone();
     let Some(native) = orch
         .store
@@ -392,7 +395,7 @@ async fn session_view(orch: &AppState, record: &VendorObject) -> Result<Value, P
     body["status"] = json!(status_word(native.status));
     body["last_active_at"] = json!(unix(&native.last_active_at));
     if native.status == SessionStatus::InputRequired {
-        body["required_actions"] = pending_actions(orch, &native.id).await?;
+        body["required_actions"] = pending_actions(orch, caller, &native.id).await?;
     }
     let (input, output) = session_usage(orch, &native.id)
         .await
@@ -402,8 +405,13 @@ async fn session_view(orch: &AppState, record: &VendorObject) -> Result<Value, P
     Ok(body)
 }
 
-/// The approvals the running turn waits on, as `required_actions`.
-async fn pending_actions(orch: &AppState, session_id: &str) -> Result<Value, Problem> {
+/// The approvals the running turn waits on, as `required_actions`: its events translated from
+/// its first one.
+async fn pending_actions(
+    orch: &AppState,
+    caller: &Caller,
+    session_id: &str,
+) -> Result<Value, Problem> {
     let Some(turn) = orch
         .store
         .running_turn(session_id)
@@ -412,20 +420,27 @@ async fn pending_actions(orch: &AppState, session_id: &str) -> Result<Value, Pro
     else {
         return Ok(json!([]));
     };
+    let Some(first) = orch
+        .store
+        .turn_first_seq(session_id, &turn)
+        .await
+        .map_err(store_problem)?
+    else {
+        return Ok(json!([]));
+    };
     let (outs, _) = history(
         orch,
+        caller,
         session_id,
-        None,
-        i64::MAX,
+        Some((first, 0)),
+        (usize::MAX, ITEMS_BYTES),
         |o: &Out| o.kind() == "agent.session.requires_action",
         Translator::new(json!({"id": session_id})),
     )
-    .await
-    .map_err(store_problem)?;
+    .await?;
     Ok(outs
         .last()
         .map(|o| o.event["session"]["required_actions"].clone())
-        .filter(|a| a[0]["turn_id"] == json!(turn))
         .unwrap_or(json!([])))
 }
 
@@ -533,6 +548,16 @@ async fn create_session(
                 names.join(", ")
             ))
         })?;
+    if orch
+        .templates()
+        .get(&harness)
+        .is_some_and(|t| t.kind == sandwarden_proto::kind::HarnessKind::Tui)
+    {
+        return Err(invalid(format!(
+            "harness {harness:?} runs a terminal program, not an agent this API can talk to: \
+             name an API harness"
+        )));
+    }
     let first_input = b.input.as_ref().map(input_parts).transpose()?;
     let request = crate::session::CreateRequest {
         harness,
@@ -586,14 +611,14 @@ async fn create_session(
         )
         .await?;
         if let Some(parts) = first_input {
-            send_message(&orch, &caller, &record, &parts).await?;
+            first_turn(&orch, &caller, &record, &parts).await?;
         }
         return Ok(response);
     }
     if let Some(parts) = first_input {
-        send_message(&orch, &caller, &record, &parts).await?;
+        first_turn(&orch, &caller, &record, &parts).await?;
     }
-    Ok(Json(session_view(&orch, &record).await?).into_response())
+    Ok(Json(session_view(&orch, &caller, &record).await?).into_response())
 }
 
 async fn get_session(
@@ -602,7 +627,7 @@ async fn get_session(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let record = session_record(&orch, &caller, &id).await?;
-    Ok(Json(session_view(&orch, &record).await?).into_response())
+    Ok(Json(session_view(&orch, &caller, &record).await?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -636,7 +661,7 @@ async fn update_session(
         .update_object(&record)
         .await
         .map_err(store_problem)?;
-    Ok(Json(session_view(&orch, &record).await?).into_response())
+    Ok(Json(session_view(&orch, &caller, &record).await?).into_response())
 }
 
 async fn list_sessions(
@@ -654,9 +679,9 @@ async fn list_sessions(
         {
             continue;
         }
-        data.push(session_view(&orch, &r).await?);
+        data.push(session_view(&orch, &caller, &r).await?);
     }
-    Ok(cursor_page(data, more))
+    Ok(Json(cursor_page(data, more)).into_response())
 }
 
 /// Deletes the session: its sandbox stops and it is gone from this API.
@@ -699,6 +724,24 @@ async fn send_message(
             other => other.into(),
         })?;
     Ok(())
+}
+
+/// The session's first turn; a session whose first input was refused is not left behind.
+async fn first_turn(
+    orch: &AppState,
+    caller: &Caller,
+    record: &VendorObject,
+    parts: &[Value],
+) -> Result<(), Problem> {
+    let sent = send_message(orch, caller, record, parts).await;
+    if sent.is_err() {
+        let _ = orch.delete(&caller.tenant, &record.id).await;
+        let _ = orch
+            .store
+            .delete_object(&caller.tenant, SESSION, &record.id)
+            .await;
+    }
+    sent
 }
 
 enum Input {
@@ -759,7 +802,20 @@ async fn send_events(
     if b.events.is_empty() {
         return Err(invalid("`events` holds at least one event"));
     }
+    if b.events.len() > 50 {
+        return Err(invalid("send at most 50 events at once"));
+    }
     let inputs: Vec<Input> = b.events.iter().map(parse_input).collect::<Result<_, _>>()?;
+    if inputs
+        .iter()
+        .filter(|i| matches!(i, Input::Message(_)))
+        .count()
+        > 1
+    {
+        return Err(invalid(
+            "send one input message at a time: the next waits for `agent.session.idle`",
+        ));
+    }
     let record = session_record(&orch, &caller, &id).await?;
     let key = headers
         .get("idempotency-key")
@@ -879,8 +935,12 @@ async fn stream_events(
 // ---- history: items and turns
 
 /// Every item of the session in order (user messages as they opened turns, the rest as done).
+/// The most of a session's items (their JSON) the items list reads to answer.
+const ITEMS_BYTES: usize = 16 << 20;
+
 async fn items_of(
     orch: &AppState,
+    caller: &Caller,
     record: &VendorObject,
     turn: Option<&str>,
 ) -> Result<Vec<Value>, Problem> {
@@ -890,16 +950,27 @@ async fn items_of(
             || (o.kind() == "agent.session.turn.item.added" && item["role"] == "user"))
             && turn.is_none_or(|t| item["turn_id"].as_str() == Some(t))
     };
-    let (outs, _) = history(
+    let (outs, more) = history(
         orch,
+        caller,
         &record.id,
         None,
-        i64::MAX,
+        (usize::MAX, ITEMS_BYTES),
         is_item,
         Translator::new(record.body.clone()),
     )
-    .await
-    .map_err(store_problem)?;
+    .await?;
+    if more {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "history_too_large",
+            format!(
+                "this session's items are over {} MiB, more than this list reads at once: read \
+                 its history page by page from GET /v1/sessions/{{id}}/events",
+                ITEMS_BYTES >> 20
+            ),
+        ));
+    }
     Ok(outs.into_iter().map(|o| o.event["item"].clone()).collect())
 }
 
@@ -939,8 +1010,8 @@ async fn list_items(
 ) -> Result<Response, Problem> {
     let q = query_of(query)?;
     let record = session_record(&orch, &caller, &id).await?;
-    let (data, more) = page_after(items_of(&orch, &record, None).await?, &q, true)?;
-    Ok(cursor_page(data, more))
+    let (data, more) = page_after(items_of(&orch, &caller, &record, None).await?, &q, true)?;
+    admitted_json(&orch, &caller, &cursor_page(data, more)).await
 }
 
 async fn turn_items(
@@ -952,8 +1023,12 @@ async fn turn_items(
     let q = query_of(query)?;
     let record = session_record(&orch, &caller, &id).await?;
     turn_of(&orch, &record, &turn_id).await?;
-    let (data, more) = page_after(items_of(&orch, &record, Some(&turn_id)).await?, &q, false)?;
-    Ok(cursor_page(data, more))
+    let (data, more) = page_after(
+        items_of(&orch, &caller, &record, Some(&turn_id)).await?,
+        &q,
+        false,
+    )?;
+    admitted_json(&orch, &caller, &cursor_page(data, more)).await
 }
 
 /// A native turn as OpenAI's `Turn`.
@@ -1014,7 +1089,7 @@ async fn list_turns(
         }
     }
     let (data, more) = page_after(all, &q, true)?;
-    Ok(cursor_page(data, more))
+    Ok(Json(cursor_page(data, more)).into_response())
 }
 
 async fn get_turn(
