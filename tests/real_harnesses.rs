@@ -694,3 +694,59 @@ async fn codex_tui_runs_in_a_terminal() {
     })
     .await;
 }
+
+/// The official Anthropic and OpenAI SDKs (tests/sdk/real_agent.py) in front of claude-agent-sdk:
+/// a turn answered with its own prompt, a command allowed and one denied through each vendor's
+/// confirmation, an interrupt, through the vendor APIs alone.
+#[tokio::test]
+async fn claude_agent_sdk_behind_the_vendor_sdks() {
+    let _serial = SERIAL.lock().await;
+    if !installed("claude-agent-sdk", &["claude-agent-acp"]) {
+        return;
+    }
+    let python = std::env::var_os("SANDWARDEN_SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv/bin/python")
+        });
+    if !python.exists() {
+        assert!(
+            std::env::var_os("SANDWARDEN_REQUIRE_SDKS").is_none(),
+            "the vendor SDKs are required but {} is missing: run scripts/install-sdks",
+            python.display()
+        );
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: the vendor SDKs are not installed (scripts/install-sdks) !!!!!!!!\n"
+        );
+        return;
+    }
+    let rig = Rig::start("claude-agent-sdk", anthropic_env);
+    let (status, key) = rig
+        .api
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"tenant": "vendor-sdks"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{key}");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/real_agent.py");
+    let run = tokio::process::Command::new(&python)
+        .arg(&script)
+        .env("SANDWARDEN_URL", &rig.serve.base)
+        .env("SANDWARDEN_KEY", key["key"].as_str().expect("key"))
+        .env("SANDWARDEN_HARNESS", "claude-agent-sdk")
+        .env("SANDWARDEN_MODEL", "default")
+        .output();
+    let out = tokio::time::timeout(TEST_LIMIT, run)
+        .await
+        .expect("the SDK clients finished in time")
+        .expect("run the SDK clients");
+    assert!(
+        out.status.success(),
+        "claude-agent-sdk behind the vendor SDKs:\n{}\n{}\nthe model saw: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&rig.model_saw().await, 3000)
+    );
+}
