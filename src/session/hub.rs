@@ -4,7 +4,7 @@
 //! here too (`feed`), and the seq is set from the store when a turn starts (`set_seq`): the
 //! previous turn may have run elsewhere.
 
-use crate::store::{Event, PageCut, Store, StoreError};
+use crate::store::{Event, Message, PageCut, Store, StoreError};
 
 /// The most event data one page holds (but a page always holds at least one event).
 pub const EVENTS_PAGE_BYTES: i64 = 4 * 1024 * 1024;
@@ -23,7 +23,13 @@ struct Channel {
     /// Events go out shared: a slot holds a pointer, not a whole event (a slot of `Event` took
     /// 224 bytes), and each subscriber's receive clones the pointer, not the event's strings.
     tx: broadcast::Sender<Arc<Event>>,
+    /// The user message of the session's latest turn started here (when small), for readers
+    /// that show a turn's prompt with its first event without asking the store.
+    prompt: Mutex<Option<Arc<Message>>>,
 }
+
+/// The largest prompt a channel keeps (`Hub::prompt`); a larger one is read from the store.
+const PROMPT_KEPT_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct Hub {
@@ -46,6 +52,7 @@ impl Hub {
                 Arc::new(Channel {
                     seq: tokio::sync::Mutex::new(None),
                     tx: broadcast::channel(LIVE_BUFFER).0,
+                    prompt: Mutex::new(None),
                 })
             })
             .clone()
@@ -187,6 +194,21 @@ impl Hub {
     }
 
     /// Subscribes to live events. Subscribe first, then read history, so nothing falls between.
+    /// Keeps `message` as the session's latest turn's prompt (see `prompt`).
+    pub fn set_prompt(&self, message: &Message) {
+        let small = message.text.len() + message.parts.to_string().len() <= PROMPT_KEPT_BYTES;
+        let kept = small.then(|| Arc::new(message.clone()));
+        let channel = self.channel(&message.session_id);
+        *channel.prompt.lock().unwrap_or_else(|p| p.into_inner()) = kept;
+    }
+
+    /// The user message of `turn_id`, if it is the latest turn started here and was kept.
+    pub fn prompt(&self, session_id: &str, turn_id: &str) -> Option<Arc<Message>> {
+        let channel = self.existing(session_id)?;
+        let prompt = channel.prompt.lock().unwrap_or_else(|p| p.into_inner());
+        prompt.as_ref().filter(|m| m.turn_id == turn_id).cloned()
+    }
+
     pub fn subscribe(&self, session_id: &str) -> broadcast::Receiver<Arc<Event>> {
         self.channel(session_id).tx.subscribe()
     }

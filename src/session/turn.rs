@@ -301,6 +301,7 @@ impl Orchestrator {
                     // The session's last turn may have run on another replica.
                     self.hub.set_seq(session_id, last).await;
                 }
+                self.hub.set_prompt(&user);
                 break (begun.session, turn, user);
             }
             let session = self.get(tenant, session_id).await?;

@@ -67,7 +67,7 @@ pub struct BenchArgs {
     /// machines; 19 gives them that CPU first, standing in for a client elsewhere.
     #[arg(long, env = "SANDWARDEN_BENCH_FLOOD_NICE", default_value_t = 0)]
     pub flood_nice: u8,
-    /// Unary turns sent to each server (`bench peers`).
+    /// Unary turns sent to each server (`bench peers`), or per route (`bench vendors`).
     #[arg(long, env = "SANDWARDEN_BENCH_PEER_TURNS", default_value_t = 1000)]
     pub peer_turns: usize,
     /// Where `bench peers` keeps the peers' virtualenvs (made once, from PyPI) and scratch
@@ -124,6 +124,9 @@ pub enum Scenario {
     /// The seed platforms' own open servers beside serve (Karta's dev server from PyPI; Motus
     /// where Python 3.12 is on PATH): the same unary turn, interleaved; CPU, memory, start.
     Peers,
+    /// The vendor-compatible APIs through the official SDKs (from PyPI) beside the native API:
+    /// a message's post to its first streamed event.
+    Vendors,
     /// One process of `bench flood`'s client (started by it).
     #[value(hide = true)]
     FloodWorker,
@@ -144,6 +147,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Flood => (crate::flood::run(&args).await?, "flood"),
         Scenario::History => (crate::history::run(&args).await?, "history"),
         Scenario::Peers => (crate::peers::run(&args).await?, "peers"),
+        Scenario::Vendors => (crate::vendors::run(&args).await?, "vendors"),
         Scenario::FloodWorker => (crate::flood::worker().await?, "flood-worker"),
     };
     // A flood worker has said what it had to on its own.

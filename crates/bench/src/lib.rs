@@ -16,3 +16,4 @@ pub mod postgres;
 pub mod serve;
 pub mod steps;
 pub mod tty;
+pub mod vendors;

@@ -36,11 +36,17 @@ impl Drop for Peer {
     }
 }
 
-/// The virtualenv at `dir` with `package` installed: made with `python` and pip the first
+/// The virtualenv at `dir` with `packages` installed: made with `python` and pip the first
 /// time, reused after.
-fn venv(python: &str, dir: &Path, package: &str, program: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn venv(
+    python: &str,
+    dir: &Path,
+    packages: &[&str],
+    program: &str,
+) -> anyhow::Result<PathBuf> {
     let bin = dir.join("bin");
-    let marker = dir.join(format!(".installed-{package}"));
+    let package = packages.join(" ");
+    let marker = dir.join(format!(".installed-{}", packages.join("-")));
     if marker.exists() && bin.join(program).exists() {
         return Ok(bin);
     }
@@ -52,7 +58,8 @@ fn venv(python: &str, dir: &Path, package: &str, program: &str) -> anyhow::Resul
     anyhow::ensure!(made.success(), "{python} -m venv {} failed", dir.display());
     eprintln!("installing {package} from PyPI into {}", dir.display());
     let installed = Command::new(bin.join("pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", package])
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(packages)
         .status()
         .context("running pip")?;
     anyhow::ensure!(installed.success(), "pip install {package} failed");
@@ -484,7 +491,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let karta_bin = venv(
         "python3",
         &scratch.join("karta-venv"),
-        KARTA,
+        &[KARTA],
         "karta-runtime",
     )?;
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
@@ -509,7 +516,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
                  `POST …/messages` (202) and `GET /sessions/{{id}}?wait=true` until it is no \
                  longer `running`.\n"
             ));
-            Some(venv(&python, &scratch.join("motus-venv"), MOTUS, "motus")?)
+            Some(venv(
+                &python,
+                &scratch.join("motus-venv"),
+                &[MOTUS],
+                "motus",
+            )?)
         }
         None => {
             out.push_str(&format!(

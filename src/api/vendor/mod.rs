@@ -23,7 +23,7 @@ use axum::response::sse::Event as SseEvent;
 use futures::StreamExt;
 use sandwarden_proto::problem::Problem;
 use serde_json::{Map, Value, json};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 
 /// Where an event was emitted: the native `seq` that completed it, and its rank there.
@@ -188,31 +188,35 @@ async fn stop_native(orch: &AppState, caller: &Caller, id: &str) -> Result<(), P
 /// Feeds native events to the translator, looking up each turn's user message as it opens.
 struct Reader<T> {
     translator: T,
-    users: HashMap<String, crate::store::Message>,
+    /// The prompt of the turn being translated.
+    user: Option<std::sync::Arc<Message>>,
 }
 
 impl<T: Translate> Reader<T> {
     fn new(translator: T) -> Self {
         Reader {
             translator,
-            users: HashMap::new(),
+            user: None,
         }
     }
 
     async fn push(&mut self, orch: &AppState, e: &Event) -> Result<Vec<Out>, StoreError> {
         let user = match &e.turn_id {
             Some(turn) if self.translator.opens_turn(e) => {
-                self.users.clear();
-                if let Some(m) = orch
-                    .store
-                    .list_messages(&e.session_id, Some(turn))
-                    .await?
-                    .into_iter()
-                    .find(|m| m.role == "user")
-                {
-                    self.users.insert(turn.clone(), m);
-                }
-                self.users.get(turn)
+                // The hub keeps the prompt of a turn started here: a live stream shows it
+                // without waiting on the store.
+                let prompt = match orch.hub.prompt(&e.session_id, turn) {
+                    Some(m) => Some(m),
+                    None => orch
+                        .store
+                        .list_messages(&e.session_id, Some(turn))
+                        .await?
+                        .into_iter()
+                        .find(|m| m.role == "user")
+                        .map(std::sync::Arc::new),
+                };
+                self.user = prompt;
+                self.user.as_deref()
             }
             _ => None,
         };
