@@ -20,6 +20,9 @@ pub struct CreateRequest {
     /// MCP servers for the agent (API sessions), handed over at binding and never stored.
     #[serde(default)]
     pub mcp_servers: Vec<sandwarden_proto::event::McpServerSpec>,
+    /// Tools the client runs itself, offered to the agent (API sessions; never stored).
+    #[serde(default)]
+    pub client_tools: Vec<sandwarden_proto::event::ClientToolSpec>,
 }
 
 impl CreateRequest {
@@ -31,6 +34,7 @@ impl CreateRequest {
             "files": self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
             "cwd": self.cwd, "idle_timeout_s": self.idle_timeout_s,
             "mcp_servers": self.mcp_servers.iter().map(|m| &m.name).collect::<Vec<_>>(),
+            "client_tools": self.client_tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
         });
         hex::encode(Sha256::digest(shape.to_string().as_bytes()))
     }
@@ -41,6 +45,7 @@ impl CreateRequest {
             files: self.files.clone(),
             cwd: self.cwd.clone(),
             mcp_servers: self.mcp_servers.clone(),
+            client_tools: self.client_tools.clone(),
         }
     }
 }
@@ -110,6 +115,11 @@ impl Orchestrator {
         if template.kind == sandwarden_proto::kind::HarnessKind::Tui && !bind.mcp_servers.is_empty()
         {
             return Err(invalid(sandwarden_proto::event::TUI_MCP.into()));
+        }
+        if template.kind == sandwarden_proto::kind::HarnessKind::Tui
+            && !bind.client_tools.is_empty()
+        {
+            return Err(invalid(sandwarden_proto::event::TUI_CLIENT_TOOLS.into()));
         }
 
         let fingerprint = req.fingerprint();

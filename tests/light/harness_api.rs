@@ -193,8 +193,8 @@ async fn a_permission_request_round_trips() {
 
         // A refused answer changes nothing: the request stays open.
         let bad = InputAnswer {
-            decision: None,
             option_id: Some("maybe".into()),
+            ..Default::default()
         };
         let p = refused(
             h.client
@@ -211,7 +211,7 @@ async fn a_permission_request_round_trips() {
 
         let good = InputAnswer {
             decision: Some(decision),
-            option_id: None,
+            ..Default::default()
         };
         h.client
             .answer(&request_id, &good)
@@ -507,6 +507,7 @@ async fn late_binding_restarts_the_agent_with_session_env_and_files() {
         }],
         cwd: Some("proj".into()),
         mcp_servers: Vec::new(),
+        client_tools: Vec::new(),
     };
     h.client.bind(&bind).await.expect("bind");
     h.wait_phase("ready").await;

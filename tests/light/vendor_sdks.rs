@@ -276,3 +276,108 @@ async fn vendor_api_refusals_change_nothing() {
         .await;
     assert_eq!(turns["data"], json!([]), "{turns}");
 }
+
+/// Client tools on the native API: the agent calls a tool through the MCP server its harness
+/// hosts; the call is an `input_required` carrying `client_tool`, answered with `output`; the
+/// server answers no one without the session's token. Confined (bubblewrap, when here) and not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_tool_call_is_answered_through_the_native_api() {
+    client_tool_call(&[], false).await;
+    client_tool_call(&["--isolation", "none"], true).await;
+}
+
+/// `reachable`: the sandbox shares this machine's loopback, so the server must refuse (401).
+async fn client_tool_call(flags: &[&str], reachable: bool) {
+    let serve = Serve::start(flags);
+    let api = serve.client();
+    let (status, s) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(
+                json!({"harness": "echo", "client_tools": [{"name": "lookup",
+                "description": "looks a word up",
+                "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+    let id = s["id"].as_str().expect("id").to_string();
+    api.wait_status(&id, "ready").await;
+
+    let turn = api
+        .post_async(
+            &id,
+            json!({"text": r#"/calltool lookup {"q": "kestrel-4f1"}"#}),
+        )
+        .await;
+    let asked = loop {
+        let (_, e) = api
+            .call("GET", &format!("/v1/sessions/{id}/events?limit=1000"), None)
+            .await;
+        if let Some(asked) = e["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"] == "input_required" && e["turn_id"] == turn.as_str())
+        {
+            break asked.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(asked["data"]["client_tool"]["name"], "lookup", "{asked}");
+    assert_eq!(
+        asked["data"]["client_tool"]["input"]["q"], "kestrel-4f1",
+        "{asked}"
+    );
+    api.wait_status(&id, "input_required").await;
+    let request = asked["data"]["request_id"].as_str().expect("request id");
+    let answer = |body: serde_json::Value| {
+        let api = &api;
+        let path = format!("/v1/sessions/{id}/inputs/{request}");
+        async move { api.call("POST", &path, Some(body)).await }
+    };
+    // A permission's answer does not answer a tool call; nothing changes.
+    let (status, p) = answer(json!({"decision": "approve_once"})).await;
+    assert_eq!(status, 422, "{p}");
+    let (status, a) = answer(json!({"output": "osprey-4f1"})).await;
+    assert_eq!(status, 200, "{a}");
+    let done = api.finished_turn(&id, &turn).await;
+    assert_eq!(done["text"], "tool lookup answered: osprey-4f1", "{done}");
+    let (status, _) = answer(json!({"output": "twice"})).await;
+    assert_eq!(status, 404, "answered once");
+
+    // The tools' MCP server, on the sandbox's loopback, refuses a caller without the token.
+    let (_, mcp) = api.say(&id, "/mcp").await;
+    let mcp = mcp["text"].as_str().unwrap_or_default().to_string();
+    let url = mcp
+        .split_whitespace()
+        .find(|w| w.starts_with("http://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("the client tools' server: {mcp}"));
+    // Under bubblewrap the sandbox's loopback is its own: the server is not even reachable.
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "lookup", "arguments": {}}});
+    let tried = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .expect("client")
+        .post(url)
+        .json(&call)
+        .send()
+        .await;
+    match tried {
+        Ok(refused) => assert_eq!(refused.status().as_u16(), 401, "{url}"),
+        Err(e) => assert!(!reachable && e.is_connect(), "{url}: {e}"),
+    }
+
+    // A terminal session takes no client tools.
+    let (status, p) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": "sh", "client_tools": [{"name": "lookup"}]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+}

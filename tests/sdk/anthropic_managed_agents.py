@@ -155,6 +155,36 @@ check(answer_text(events).count("long") < 60, "the turn did not run to its end")
 # Interrupting an idle session is no error.
 beta.sessions.events.send(sid, events=[{"type": "user.interrupt"}])
 
+# ---- a client-defined (custom) tool: the agent calls it, the client answers
+
+tool_agent = beta.agents.create(
+    name="with a tool", model="echo-small", metadata={"sandwarden.harness": "echo"},
+    tools=[{"type": "custom", "name": "lookup", "description": "looks a word up",
+            "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}],
+)
+tool_session = beta.sessions.create(agent=tool_agent.id, environment_id=env.id).id
+main_session_seen = dict(seen_on_streams)
+for failing in (False, True):
+    n = nonce()
+    with beta.sessions.events.stream(tool_session) as stream:
+        beta.sessions.events.send(tool_session, events=[{"type": "user.message", "content": [
+            {"type": "text", "text": '/calltool lookup {"q": "osprey-%s"}' % n}]}])
+        events = follow(stream, until_idle=False)
+        idle = events[-1]
+        check(idle.stop_reason.type == "requires_action", f"the call waits: {idle}")
+        call = [e for e in events if e.type == "agent.custom_tool_use"]
+        check(len(call) == 1 and call[0].name == "lookup", f"{[e.type for e in events]}")
+        check(call[0].input == {"q": f"osprey-{n}"}, f"the call's input: {call[0].input}")
+        check(idle.stop_reason.event_ids == [call[0].id], "blocked on the call")
+        beta.sessions.events.send(tool_session, events=[{
+            "type": "user.custom_tool_result", "custom_tool_use_id": call[0].id,
+            "content": [{"type": "text", "text": f"heron-{n}"}], "is_error": failing}])
+        events = follow(stream)
+    verdict = "failed" if failing else "answered"
+    check(answer_text(events) == f"tool lookup {verdict}: heron-{n}", f"{answer_text(events)!r}")
+# The history checks below are of the first session's streams.
+seen_on_streams = main_session_seen
+
 # ---- a reconnect in the middle of a turn
 
 n5 = nonce()
@@ -221,9 +251,9 @@ refused(
     anthropic.BadRequestError,
     lambda: beta.agents.create(
         name="x", model="echo-small",
-        tools=[{"type": "custom", "name": "lookup", "input_schema": {"type": "object"}}],
+        tools=[{"type": "custom", "name": "look up!", "input_schema": {"type": "object"}}],
     ),
-    "custom tools",
+    "a custom tool with a name no tool may have",
 )
 refused(
     anthropic.BadRequestError,
@@ -242,7 +272,7 @@ refused(
     lambda: beta.sessions.events.send(
         sid, events=[{"type": "user.custom_tool_result", "custom_tool_use_id": "x", "content": []}]
     ),
-    "a custom tool result",
+    "a custom tool result for no call",
 )
 refused(anthropic.NotFoundError, lambda: beta.sessions.retrieve("sesn_nope"), "an unknown session")
 unknown_model = beta.agents.create(

@@ -137,6 +137,28 @@ with sessions.events.stream(sid) as stream:
     follow(stream)
 check(len(list(sessions.turns.list(sid))) == turns_before + 1, "one turn for one key")
 
+# ---- a client-defined function: the SDK's helper runs it and sends its result
+
+seen_calls = []
+
+
+def lookup(args):
+    seen_calls.append(args)
+    return f"heron-{args['q']}"
+
+
+fn_agent = agents.create(model="echo-small", metadata={"sandwarden.harness": "echo"}, tools=[{
+    "type": "function", "name": "lookup", "description": "looks a word up",
+    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}])
+fn_session = sessions.create(environment={"type": "openai_hosted"}, agent_id=fn_agent.id).id
+n5 = nonce()
+with sessions.stream(fn_session, input='/calltool lookup {"q": "%s"}' % n5,
+                     tool_handlers={"lookup": lookup}) as turn:
+    result = turn.get_final_result()
+check(seen_calls == [{"q": n5}], f"the handler ran once with the call's arguments: {seen_calls}")
+check(result.messages[-1].content[0].text == f"tool lookup answered: heron-{n5}",
+      f"{result.messages}")
+
 # ---- history: items and turns, paged; each turn holds its own prompt's answer
 
 items = list(sessions.items.list(sid, limit=2, order="asc"))
@@ -183,8 +205,7 @@ def refused(exc, call, what):
 
 
 refused(openai.BadRequestError, lambda: agents.create(
-    model="echo-small", tools=[{"type": "function", "name": "lookup", "parameters": {}}]),
-    "a function tool")
+    model="echo-small", tools=[{"type": "web_search"}]), "a hosted tool")
 refused(openai.BadRequestError, lambda: agents.create(model="echo-small", instructions="be brief"),
         "instructions")
 refused(openai.BadRequestError, lambda: sessions.create(
@@ -192,7 +213,7 @@ refused(openai.BadRequestError, lambda: sessions.create(
     "a network policy")
 refused(openai.BadRequestError, lambda: sessions.events.create(sid, events=[{
     "type": "agent.session.input.tool_result", "turn_id": "t", "call_id": "c", "success": True}]),
-    "a tool result")
+    "a tool result for no call")
 refused(openai.NotFoundError, lambda: sessions.retrieve("ses_nope"), "an unknown session")
 refused(openai.NotFoundError, lambda: list(sessions.artifacts.list(sid)), "artifacts")
 bad = openai.OpenAI(base_url=BASE, api_key="sk-not-a-key", max_retries=0)

@@ -85,8 +85,17 @@ struct InFlight {
 
 struct PendingInput {
     turn_id: String,
-    responder: Responder<RequestPermissionResponse>,
-    options: Vec<PermissionOption>,
+    waiter: Waiter,
+}
+
+/// Who waits on an `input_required`: the agent's permission request, or a call of a client tool
+/// (its MCP request, answered with the client's result; dropped, the call fails).
+enum Waiter {
+    Permission {
+        responder: Box<Responder<RequestPermissionResponse>>,
+        options: Vec<PermissionOption>,
+    },
+    Tool(tokio::sync::oneshot::Sender<(String, bool)>),
 }
 
 struct Inner {
@@ -100,6 +109,9 @@ struct Inner {
     cwd: PathBuf,
     /// MCP servers given at binding, handed to the agent in `session/new`.
     mcp_servers: Vec<crate::event::McpServerSpec>,
+    /// Tools the client runs, offered through `client_endpoint`'s MCP server.
+    client_tools: Vec<crate::event::ClientToolSpec>,
+    client_endpoint: Option<crate::client_tools::Endpoint>,
     bound: bool,
     used: bool,
     /// The settings the agent of the current generation offers, kept current from its updates.
@@ -192,6 +204,8 @@ impl ApiAgent {
                 env: BTreeMap::new(),
                 cwd: cfg.workdir.clone(),
                 mcp_servers: Vec::new(),
+                client_tools: Vec::new(),
+                client_endpoint: None,
                 bound: false,
                 used: false,
                 choices: Choices::default(),
@@ -362,7 +376,15 @@ impl ApiAgent {
         let boot_timeout = self.cfg.boot_timeout;
         let (cwd, mcp_specs) = {
             let g = lock(&self.inner);
-            (g.cwd.clone(), g.mcp_servers.clone())
+            let mut specs = g.mcp_servers.clone();
+            if let Some(endpoint) = g
+                .client_endpoint
+                .as_ref()
+                .filter(|_| !g.client_tools.is_empty())
+            {
+                specs.push(client_tools_server(endpoint));
+            }
+            (g.cwd.clone(), specs)
         };
         let mcp_servers: Vec<McpServer> = mcp_specs.iter().map(acp_mcp_server).collect();
         let result = Client
@@ -584,8 +606,10 @@ impl ApiAgent {
                         request_id,
                         PendingInput {
                             turn_id,
-                            responder,
-                            options: req.options,
+                            waiter: Waiter::Permission {
+                                responder: Box::new(responder),
+                                options: req.options,
+                            },
                         },
                     );
                     Some(sink)
@@ -940,9 +964,12 @@ impl ApiAgent {
             ids.iter().filter_map(|id| g.inputs.remove(id)).collect()
         };
         for p in pending {
-            let _ = p.responder.respond(RequestPermissionResponse::new(
-                RequestPermissionOutcome::Cancelled,
-            ));
+            // A tool call's sender dropped: its MCP request answers that the turn ended.
+            if let Waiter::Permission { responder, .. } = p.waiter {
+                let _ = responder.respond(RequestPermissionResponse::new(
+                    RequestPermissionOutcome::Cancelled,
+                ));
+            }
         }
     }
 
@@ -973,41 +1000,116 @@ impl ApiAgent {
 
     /// Answers an `input_required` event. Nothing changes when the answer is refused.
     pub fn answer_input(&self, request_id: &str, answer: &InputAnswer) -> Result<Value, Problem> {
-        let mut g = lock(&self.inner);
-        let Some(pending) = g.inputs.get(request_id) else {
-            return Err(Problem::new(
+        let not_found = || {
+            Problem::new(
                 StatusCode::NOT_FOUND,
                 "input_not_found",
                 format!(
                     "no open input request {request_id:?}: it was answered, withdrawn, or never existed"
                 ),
-            ));
+            )
         };
-        let option_id = choose_option(&pending.options, answer)
-            .map_err(|m| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_answer", m))?;
-        let Some(pending) = g.inputs.remove(request_id) else {
-            return Err(Problem::new(
-                StatusCode::NOT_FOUND,
-                "input_not_found",
-                "gone",
-            ));
+        let mut g = lock(&self.inner);
+        let invalid = |m: &str| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_answer", m);
+        let option_id = match &g.inputs.get(request_id).ok_or_else(not_found)?.waiter {
+            Waiter::Permission { options, .. } => {
+                if answer.output.is_some() {
+                    return Err(invalid(
+                        "this is a permission request: answer with `decision` or `option_id`, \
+                         not `output`",
+                    ));
+                }
+                Some(choose_option(options, answer).map_err(|m| invalid(&m))?)
+            }
+            Waiter::Tool(_) => {
+                if answer.output.is_none()
+                    || answer.decision.is_some()
+                    || answer.option_id.is_some()
+                {
+                    return Err(invalid(
+                        "this is a client tool call: answer with its result, `output` (and \
+                         `is_error` when the tool failed)",
+                    ));
+                }
+                None
+            }
         };
+        let pending = g.inputs.remove(request_id).ok_or_else(not_found)?;
         drop(g);
-        pending
-            .responder
-            .respond(RequestPermissionResponse::new(
-                RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(
-                    option_id.clone(),
-                )),
-            ))
-            .map_err(|e| {
-                Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "agent_unreachable",
-                    format!("the answer could not be delivered to the agent: {e}"),
-                )
-            })?;
-        Ok(json!({ "request_id": request_id, "option_id": option_id }))
+        match (pending.waiter, option_id) {
+            (Waiter::Permission { responder, .. }, Some(option_id)) => {
+                responder
+                    .respond(RequestPermissionResponse::new(
+                        RequestPermissionOutcome::Selected(SelectedPermissionOutcome::new(
+                            option_id.clone(),
+                        )),
+                    ))
+                    .map_err(|e| {
+                        Problem::new(
+                            StatusCode::BAD_GATEWAY,
+                            "agent_unreachable",
+                            format!("the answer could not be delivered to the agent: {e}"),
+                        )
+                    })?;
+                Ok(json!({ "request_id": request_id, "option_id": option_id }))
+            }
+            (Waiter::Tool(reply), _) => {
+                let output = answer.output.clone().unwrap_or_default();
+                reply.send((output, answer.is_error)).map_err(|_| {
+                    Problem::new(
+                        StatusCode::GONE,
+                        "input_not_found",
+                        "the agent stopped waiting for this tool call",
+                    )
+                })?;
+                Ok(json!({ "request_id": request_id, "is_error": answer.is_error }))
+            }
+            (Waiter::Permission { .. }, None) => Err(not_found()),
+        }
+    }
+
+    /// The client tools offered to the agent.
+    pub fn client_tools(&self) -> Vec<crate::event::ClientToolSpec> {
+        lock(&self.inner).client_tools.clone()
+    }
+
+    /// A client tool called by the agent: an `input_required` event for the running turn, then
+    /// the client's answer (text, whether it is an error). An error when no turn runs, the tool
+    /// is unknown, or the turn ends first.
+    pub async fn call_client_tool(
+        &self,
+        name: &str,
+        input: Value,
+    ) -> Result<(String, bool), String> {
+        let request_id = format!("tool-{}", uuid::Uuid::new_v4().simple());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = {
+            let mut g = lock(&self.inner);
+            if !g.client_tools.iter().any(|t| t.name == name) {
+                return Err(format!("no client tool {name:?}"));
+            }
+            let Some((turn_id, sink)) = g.turn.as_ref().map(|t| (t.id.clone(), t.sink.clone()))
+            else {
+                return Err("no turn is running: the client cannot answer now".into());
+            };
+            g.inputs.insert(
+                request_id.clone(),
+                PendingInput {
+                    turn_id,
+                    waiter: Waiter::Tool(tx),
+                },
+            );
+            sink
+        };
+        let data = json!({
+            "request_id": request_id,
+            "tool": {"id": request_id, "title": name, "kind": "client_tool", "input": input},
+            "options": [],
+            "client_tool": {"name": name, "input": input},
+        });
+        sink.emit(EventType::InputRequired, data).await;
+        rx.await
+            .map_err(|_| "the turn ended before the client answered this tool call".to_string())
     }
 
     /// Late binding: checks, writes files, and restarts the agent with the new env and cwd.
@@ -1027,9 +1129,21 @@ impl ApiAgent {
                     format!("writing the bound files failed: {e}"),
                 )
             })?;
+            if !checked.client_tools.is_empty()
+                && let Some(live) = &g.live
+                && !live.mcp.http
+            {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_bind",
+                    "client tools are offered over an HTTP MCP server, which this agent does not \
+                     take (its ACP mcpCapabilities)",
+                ));
+            }
             g.env = checked.env;
             g.cwd = checked.cwd;
             g.mcp_servers = checked.mcp_servers;
+            g.client_tools = checked.client_tools;
             g.bound = true;
             // Supersede the running generation so its exit is not reported as a failure.
             g.generation += 1;
@@ -1038,6 +1152,22 @@ impl ApiAgent {
         };
         if let Some(child) = old {
             child.stop(self.cfg.shutdown_grace).await;
+        }
+        let needs_endpoint = {
+            let g = lock(&self.inner);
+            !g.client_tools.is_empty() && g.client_endpoint.is_none()
+        };
+        if needs_endpoint {
+            let endpoint = crate::client_tools::start(self.clone())
+                .await
+                .map_err(|e| {
+                    Problem::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "bind_failed",
+                        format!("the client tools' MCP server could not listen: {e}"),
+                    )
+                })?;
+            lock(&self.inner).client_endpoint = Some(endpoint);
         }
         self.start();
         tracing::info!(
@@ -1303,6 +1433,23 @@ impl Drop for TurnStream {
     }
 }
 
+/// The MCP server of the session's client tools, as the agent is given it.
+fn client_tools_server(endpoint: &crate::client_tools::Endpoint) -> crate::event::McpServerSpec {
+    crate::event::McpServerSpec {
+        name: crate::event::CLIENT_TOOLS_SERVER.into(),
+        kind: Some("http".into()),
+        command: None,
+        args: Vec::new(),
+        env: Default::default(),
+        url: Some(endpoint.url.clone()),
+        headers: [(
+            "Authorization".to_string(),
+            format!("Bearer {}", endpoint.token),
+        )]
+        .into(),
+    }
+}
+
 /// A session's MCP server as ACP carries it.
 fn acp_mcp_server(spec: &crate::event::McpServerSpec) -> McpServer {
     let headers = || {
@@ -1371,6 +1518,7 @@ mod tests {
         InputAnswer {
             decision,
             option_id: option_id.map(String::from),
+            ..Default::default()
         }
     }
 

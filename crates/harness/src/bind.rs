@@ -15,6 +15,7 @@ pub struct CheckedBind {
     pub files: Vec<(PathBuf, Vec<u8>, u32)>,
     pub cwd: PathBuf,
     pub mcp_servers: Vec<crate::event::McpServerSpec>,
+    pub client_tools: Vec<crate::event::ClientToolSpec>,
 }
 
 /// Checks a bind request against the sandbox's working directory. The message says what to fix.
@@ -44,6 +45,7 @@ pub fn check(req: &BindRequest, workdir: &Path) -> Result<CheckedBind, String> {
         files,
         cwd,
         mcp_servers: req.mcp_servers.clone(),
+        client_tools: req.client_tools.clone(),
     })
 }
 

@@ -56,7 +56,10 @@ pub enum Script {
     Tool(String),
     Ask(String),
     Think(String),
-    Slow { chunks: u32, text: String },
+    Slow {
+        chunks: u32,
+        text: String,
+    },
     Fail(String),
     Crash(i32),
     Env(String),
@@ -64,6 +67,8 @@ pub enum Script {
     Cat(String),
     Config,
     Mcp,
+    /// Calls a client tool through the session's client-tools MCP server: name, JSON input.
+    CallTool(String, String),
 }
 
 impl Script {
@@ -111,6 +116,10 @@ impl Script {
             "/cat" => Script::Cat(rest.to_string()),
             "/config" => Script::Config,
             "/mcp" => Script::Mcp,
+            "/calltool" => {
+                let (name, input) = rest.split_once(char::is_whitespace).unwrap_or((rest, "{}"));
+                Script::CallTool(name.to_string(), input.trim().to_string())
+            }
             _ => Script::Echo(text.to_string()),
         }
     }
@@ -190,6 +199,15 @@ struct State {
     settings: Mutex<HashMap<String, Settings>>,
     /// The MCP servers each session was given, described.
     mcp: Mutex<HashMap<String, String>>,
+    /// Each session's client-tools MCP server: its URL and headers.
+    client_tools: Mutex<HashMap<String, ToolServer>>,
+}
+
+/// Where a session's client tools are called.
+#[derive(Clone, Default)]
+struct ToolServer {
+    url: String,
+    headers: Vec<(String, String)>,
 }
 
 impl State {
@@ -268,6 +286,22 @@ pub async fn run() -> anyhow::Result<()> {
                     let current = default_settings();
                     let id = format!("echo-{n}");
                     lock(&state.mcp).insert(id.clone(), describe_mcp(&req.mcp_servers));
+                    let tools = req.mcp_servers.iter().find_map(|s| match s {
+                        McpServer::Http(h) if h.name == crate::event::CLIENT_TOOLS_SERVER => {
+                            Some(ToolServer {
+                                url: h.url.clone(),
+                                headers: h
+                                    .headers
+                                    .iter()
+                                    .map(|x| (x.name.clone(), x.value.clone()))
+                                    .collect(),
+                            })
+                        }
+                        _ => None,
+                    });
+                    if let Some(tools) = tools {
+                        lock(&state.client_tools).insert(id.clone(), tools);
+                    }
                     lock(&state.settings).insert(id.clone(), current.clone());
                     responder.respond(
                         NewSessionResponse::new(id).config_options(config_options(&current)),
@@ -301,8 +335,9 @@ pub async fn run() -> anyhow::Result<()> {
                 // Prompts stream and may wait on the client: run them off the dispatch loop.
                 let settings = state.describe(&session);
                 let mcp = lock(&state.mcp).get(&session).cloned().unwrap_or_default();
+                let tools = lock(&state.client_tools).get(&session).cloned();
                 cx.clone().spawn(async move {
-                    let result = prompt(&cx, req, &cancel, settings, mcp).await;
+                    let result = prompt(&cx, req, &cancel, settings, (mcp, tools)).await;
                     lock(&state.running).remove(&session);
                     match result {
                         Ok(response) => responder.respond(response),
@@ -354,6 +389,91 @@ fn say(cx: &Cx, req: &PromptRequest, text: &str, n_chunks: usize) -> Result<(), 
     Ok(())
 }
 
+/// Calls `name` with `input` (JSON text) on the session's client-tools MCP server, as an MCP
+/// client does (`initialize`, then `tools/call`); what the client answered, as the reply.
+async fn call_client_tool(server: Option<&ToolServer>, name: &str, input: &str) -> String {
+    let Some(server) = server else {
+        return format!("tool {name}: this session has no client tools");
+    };
+    let input: serde_json::Value = match serde_json::from_str(input) {
+        Ok(v) => v,
+        Err(e) => return format!("tool {name}: the input is not JSON: {e}"),
+    };
+    let init = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-03-26", "capabilities": {},
+                   "clientInfo": {"name": "echo-agent", "version": "1"}}});
+    if let Err(e) = mcp_post(server, &init).await {
+        return format!("tool {name}: the MCP server did not answer: {e}");
+    }
+    let call = serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": name, "arguments": input}});
+    match mcp_post(server, &call).await {
+        Ok(answer) => {
+            let result = &answer["result"];
+            let text: String = result["content"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["text"].as_str())
+                .collect();
+            if result["isError"] == true {
+                format!("tool {name} failed: {text}")
+            } else if result.is_null() {
+                format!("tool {name}: {}", answer["error"]["message"])
+            } else {
+                format!("tool {name} answered: {text}")
+            }
+        }
+        Err(e) => format!("tool {name}: the call failed: {e}"),
+    }
+}
+
+/// One JSON-RPC request to an MCP server over plain HTTP/1.1 (the sandbox's loopback).
+async fn mcp_post(
+    server: &ToolServer,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = server
+        .url
+        .strip_prefix("http://")
+        .ok_or("only http:// servers")?;
+    let (host, path) = match rest.split_once('/') {
+        Some((h, p)) => (h, format!("/{p}")),
+        None => (rest, "/".to_string()),
+    };
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = body.to_string();
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\
+         Connection: close\r\n",
+        body.len()
+    );
+    for (k, v) in &server.headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or("no HTTP body")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or("").to_string());
+    }
+    serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))
+}
+
 /// The MCP servers a session was given, as `/mcp` says them: `none`, or one entry each, in the
 /// order given, with counts instead of values.
 fn describe_mcp(servers: &[McpServer]) -> String {
@@ -383,7 +503,7 @@ async fn prompt(
     req: PromptRequest,
     cancel: &CancellationToken,
     settings: String,
-    mcp: String,
+    (mcp, tools): (String, Option<ToolServer>),
 ) -> Result<PromptResponse, String> {
     let mut text = String::new();
     let mut images = 0;
@@ -537,6 +657,16 @@ async fn prompt(
         }
         Script::Config => reply = settings,
         Script::Mcp => reply = mcp,
+        Script::CallTool(name, input) => {
+            let called = call_client_tool(tools.as_ref(), &name, &input);
+            reply = tokio::select! {
+                answer = called => answer,
+                () = cancel.cancelled() => {
+                    stop = StopReason::Cancelled;
+                    format!("tool {name} was not answered: cancelled")
+                }
+            };
+        }
         Script::Cat(path) => {
             reply =
                 std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?

@@ -9,6 +9,7 @@ pub mod acp;
 pub mod args;
 pub mod binary;
 pub mod bind;
+pub mod client_tools;
 pub mod config;
 pub mod echo_agent;
 pub mod egress;

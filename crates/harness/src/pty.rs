@@ -587,6 +587,13 @@ impl Terminal {
                 crate::event::TUI_MCP,
             ));
         }
+        if !checked.client_tools.is_empty() {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_bind",
+                crate::event::TUI_CLIENT_TOOLS,
+            ));
+        }
         let old = {
             let mut g = lock(&self.inner);
             if g.used {

@@ -376,14 +376,77 @@ pub enum Decision {
     Deny,
 }
 
-/// `POST /v1/inputs/{request_id}`: either a decision or one of the offered option ids.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /v1/inputs/{request_id}`: a permission request's answer (a decision or one of the
+/// offered option ids), or a client tool call's result (`output`, with `is_error`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub option_id: Option<String>,
+    /// A client tool call's result, as text for the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Whether `output` reports the tool's failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_error: bool,
+}
+
+/// Most client tools one session may offer its agent.
+pub const MAX_CLIENT_TOOLS: usize = 32;
+
+/// The name of the MCP server a session's client tools are offered under.
+pub const CLIENT_TOOLS_SERVER: &str = "client";
+
+/// A tool the client defines and runs itself (Anthropic `custom`, OpenAI `function`): offered
+/// to the agent through an MCP server the harness hosts for the session. A call becomes an
+/// `input_required` event carrying `client_tool {name, input}`, answered with the result
+/// (`InputAnswer.output`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientToolSpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema of the tool's input (an object schema).
+    #[serde(default = "empty_object_schema")]
+    pub input_schema: serde_json::Value,
+}
+
+fn empty_object_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object"})
+}
+
+impl ClientToolSpec {
+    /// Checks the name (1-64 of `[A-Za-z0-9_-]`), the description and the schema's size.
+    pub fn validate(&self) -> Result<(), String> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(format!(
+                "client tool name {:?}: 1-64 letters, digits, '_' or '-'",
+                self.name
+            ));
+        }
+        if self.description.len() > 4096 {
+            return Err(format!(
+                "client tool {}: the description is over 4 KiB",
+                self.name
+            ));
+        }
+        if !self.input_schema.is_object() || self.input_schema.to_string().len() > 16 * 1024 {
+            return Err(format!(
+                "client tool {}: input_schema is a JSON Schema object of at most 16 KiB",
+                self.name
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A file written into the sandbox by late binding.
@@ -404,6 +467,10 @@ pub struct BindFile {
 /// Why a terminal session takes no `mcp_servers`.
 pub const TUI_MCP: &str = "mcp_servers are handed to API agents over ACP; a terminal program \
     reads its MCP configuration from its own files (write them with `files`)";
+
+/// Why a terminal session takes no client tools.
+pub const TUI_CLIENT_TOOLS: &str = "client_tools are offered to API agents through an MCP server; \
+    a terminal program has no turn for a client to answer a call in";
 
 /// Most MCP servers one session may be given.
 pub const MAX_MCP_SERVERS: usize = 20;
@@ -501,6 +568,9 @@ pub struct BindRequest {
     /// MCP servers for the agent's session (API sandboxes only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mcp_servers: Vec<McpServerSpec>,
+    /// Tools the client runs itself, offered to the agent (API sandboxes only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_tools: Vec<ClientToolSpec>,
 }
 
 /// A non-empty relative path that stays inside the directory it is relative to: no `..`, no
@@ -600,6 +670,24 @@ impl BindRequest {
                 return Err(format!("mcp_servers {name:?}: a value holds a NUL byte"));
             }
         }
+        if !self.client_tools.is_empty() && names.contains(CLIENT_TOOLS_SERVER) {
+            return Err(format!(
+                "mcp_servers name {CLIENT_TOOLS_SERVER:?} is taken by the client tools: rename it"
+            ));
+        }
+        if self.client_tools.len() > MAX_CLIENT_TOOLS {
+            return Err(format!(
+                "at most {MAX_CLIENT_TOOLS} client_tools per session ({} given)",
+                self.client_tools.len()
+            ));
+        }
+        let mut tools = std::collections::BTreeSet::new();
+        for tool in &self.client_tools {
+            tool.validate()?;
+            if !tools.insert(tool.name.as_str()) {
+                return Err(format!("client tool {:?} is given twice", tool.name));
+            }
+        }
         Ok(())
     }
 
@@ -608,6 +696,7 @@ impl BindRequest {
             && self.files.is_empty()
             && self.cwd.is_none()
             && self.mcp_servers.is_empty()
+            && self.client_tools.is_empty()
     }
 }
 
@@ -622,6 +711,14 @@ impl std::fmt::Debug for BindRequest {
             )
             .field("cwd", &self.cwd)
             .field("mcp_servers", &self.mcp_servers)
+            .field(
+                "client_tools",
+                &self
+                    .client_tools
+                    .iter()
+                    .map(|t| &t.name)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -57,7 +57,7 @@ pub trait Translate {
 const BATCH: i64 = 500;
 
 fn invalid(message: impl Into<String>) -> Problem {
-    Problem::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    Problem::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
 }
 
 fn not_found(what: &str, id: &str) -> Problem {

@@ -404,6 +404,19 @@ struct AgentBody {
     version: Option<i64>,
 }
 
+/// A `custom` tool (the client runs it) as the native session's client tool.
+fn custom_tool(tool: &Value) -> sandwarden_proto::event::ClientToolSpec {
+    sandwarden_proto::event::ClientToolSpec {
+        name: tool["name"].as_str().unwrap_or_default().to_string(),
+        description: tool["description"].as_str().unwrap_or_default().to_string(),
+        input_schema: if tool["input_schema"].is_null() {
+            json!({"type": "object"})
+        } else {
+            tool["input_schema"].clone()
+        },
+    }
+}
+
 /// An agent's MCP servers as stored: `{type, name, url}` only.
 fn mcp_servers(given: Option<&[Value]>) -> Value {
     given
@@ -467,10 +480,7 @@ fn checked_agent_fields(b: &AgentBody) -> Result<(), Problem> {
                 }
             }
             Some("custom") => {
-                return Err(invalid(
-                    "`custom` tools are not supported yet (client-defined tools need the MCP \
-                     bridge listed in docs/anthropic.md)",
-                ));
+                custom_tool(tool).validate().map_err(invalid)?;
             }
             other => {
                 return Err(invalid(format!(
@@ -841,6 +851,13 @@ async fn create_session(
         cwd: None,
         idle_timeout_s: None,
         mcp_servers,
+        client_tools: agent["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["type"] == "custom")
+            .map(custom_tool)
+            .collect(),
     };
     let (session, _) = orch
         .create(&caller.tenant, request, None, &caller.limits)
@@ -1018,6 +1035,11 @@ enum UserInput {
         tool_use_id: String,
         allow: bool,
     },
+    ToolResult {
+        custom_tool_use_id: String,
+        output: String,
+        is_error: bool,
+    },
 }
 
 impl UserInput {
@@ -1035,6 +1057,35 @@ impl UserInput {
                     .map(UserInput::Message)
             }
             Some("user.interrupt") => Ok(UserInput::Interrupt),
+            Some("user.custom_tool_result") => {
+                let id = e["custom_tool_use_id"]
+                    .as_str()
+                    .filter(|id| translate::seq_of_tool_use(id).is_some())
+                    .ok_or_else(|| {
+                        invalid(
+                            "`user.custom_tool_result` needs the `custom_tool_use_id` of an \
+                             `agent.custom_tool_use`",
+                        )
+                    })?;
+                let output = match &e["content"] {
+                    Value::String(text) => text.clone(),
+                    Value::Array(blocks) => blocks
+                        .iter()
+                        .map(|b| match b["type"].as_str() {
+                            Some("text") => Ok(b["text"].as_str().unwrap_or("").to_string()),
+                            _ => Err(invalid("a custom tool result's content is text blocks")),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join("\n"),
+                    Value::Null => String::new(),
+                    _ => return Err(invalid("`content` is a list of text blocks")),
+                };
+                Ok(UserInput::ToolResult {
+                    custom_tool_use_id: id.to_string(),
+                    output,
+                    is_error: e["is_error"].as_bool().unwrap_or(false),
+                })
+            }
             Some("user.tool_confirmation") => {
                 let tool_use_id = e["tool_use_id"]
                     .as_str()
@@ -1055,15 +1106,12 @@ impl UserInput {
                     allow,
                 })
             }
-            Some(
-                kind @ ("user.custom_tool_result"
-                | "user.tool_result"
-                | "user.define_outcome"
-                | "system.message"),
-            ) => Err(invalid(format!(
-                "`{kind}` events are not supported: custom tools, self-hosted tools, outcomes and \
-                 system messages have no counterpart here yet (docs/anthropic.md)"
-            ))),
+            Some(kind @ ("user.tool_result" | "user.define_outcome" | "system.message")) => {
+                Err(invalid(format!(
+                    "`{kind}` events are not supported: self-hosted tools, outcomes and system \
+                 messages have no counterpart here yet (docs/anthropic.md)"
+                )))
+            }
             other => Err(invalid(format!(
                 "unknown event type {}: send `user.message`, `user.interrupt` or \
                  `user.tool_confirmation`",
@@ -1184,8 +1232,31 @@ async fn send_events(
                 }
                 json!({"id": new_id("sevt"), "type": "user.interrupt", "processed_at": null})
             }
+            UserInput::ToolResult {
+                custom_tool_use_id,
+                output,
+                is_error,
+            } => {
+                let answer = sandwarden_proto::event::InputAnswer {
+                    output: Some(output),
+                    is_error,
+                    ..Default::default()
+                };
+                answer_request(&orch, &caller, &record.id, &custom_tool_use_id, &answer).await?;
+                json!({"id": new_id("sevt"), "type": "user.custom_tool_result",
+                       "custom_tool_use_id": custom_tool_use_id, "is_error": is_error,
+                       "processed_at": null})
+            }
             UserInput::Confirmation { tool_use_id, allow } => {
-                confirm(&orch, &caller, &record.id, &tool_use_id, allow).await?;
+                let answer = sandwarden_proto::event::InputAnswer {
+                    decision: Some(if allow {
+                        sandwarden_proto::event::Decision::ApproveOnce
+                    } else {
+                        sandwarden_proto::event::Decision::Deny
+                    }),
+                    ..Default::default()
+                };
+                answer_request(&orch, &caller, &record.id, &tool_use_id, &answer).await?;
                 json!({"id": new_id("sevt"), "type": "user.tool_confirmation",
                        "tool_use_id": tool_use_id, "result": if allow { "allow" } else { "deny" },
                        "processed_at": null})
@@ -1196,22 +1267,23 @@ async fn send_events(
     Ok(Json(json!({"data": sent})).into_response())
 }
 
-/// Answers the permission request behind an `agent.tool_use` asked about. One answered
-/// already is not an error (a client retrying its confirmation).
-async fn confirm(
+/// Answers the request behind an `agent.tool_use` asked about or an `agent.custom_tool_use`
+/// (`event_id`): the native `input_required` its id names. One answered already is not an error
+/// (a client retrying).
+async fn answer_request(
     orch: &AppState,
     caller: &Caller,
     session_id: &str,
-    tool_use_id: &str,
-    allow: bool,
+    event_id: &str,
+    answer: &sandwarden_proto::event::InputAnswer,
 ) -> Result<(), Problem> {
     let unknown = || {
         invalid(format!(
-            "`tool_use_id` {tool_use_id:?} is not an `agent.tool_use` of this session awaiting \
-             confirmation (take it from `session.status_idle.stop_reason.event_ids`)"
+            "{event_id:?} is not an event of this session awaiting an answer (take it from \
+             `session.status_idle.stop_reason.event_ids`)"
         ))
     };
-    let seq = translate::seq_of_tool_use(tool_use_id).ok_or_else(unknown)?;
+    let seq = translate::seq_of_tool_use(event_id).ok_or_else(unknown)?;
     let event = orch
         .store
         .list_events(session_id, seq - 1, 1)
@@ -1220,17 +1292,13 @@ async fn confirm(
         .pop()
         .filter(|e| e.seq == seq && e.kind == "input_required")
         .ok_or_else(unknown)?;
+    // A confirmation answers a permission request; a tool result, a client tool call.
+    if event.data["client_tool"].is_object() != answer.output.is_some() {
+        return Err(unknown());
+    }
     let request_id = event.data["request_id"].as_str().ok_or_else(unknown)?;
-    let answer = sandwarden_proto::event::InputAnswer {
-        decision: Some(if allow {
-            sandwarden_proto::event::Decision::ApproveOnce
-        } else {
-            sandwarden_proto::event::Decision::Deny
-        }),
-        option_id: None,
-    };
     match orch
-        .answer(&caller.tenant, session_id, request_id, &answer)
+        .answer(&caller.tenant, session_id, request_id, answer)
         .await
     {
         Ok(_) => Ok(()),

@@ -237,6 +237,23 @@ impl Translate for Translator {
                     self.tool_use(&call_id, "allow", &ts);
                 }
             }
+            "input_required" if data["client_tool"].is_object() => {
+                // A custom tool the client runs: the session waits on its result.
+                self.close_runs(&ts);
+                let call = &data["client_tool"];
+                let id = self.emit(json!({
+                    "type": "agent.custom_tool_use",
+                    "name": call["name"],
+                    "input": if call["input"].is_object() { call["input"].clone() } else { json!({}) },
+                    "processed_at": ts,
+                }));
+                self.waiting = true;
+                self.emit(json!({
+                    "type": "session.status_idle",
+                    "stop_reason": {"type": "requires_action", "event_ids": [id]},
+                    "processed_at": ts,
+                }));
+            }
             "input_required" => {
                 self.close_runs(&ts);
                 let tool = &data["tool"];
@@ -549,6 +566,33 @@ mod tests {
         );
         assert_eq!(seq_of_tool_use(id_of(tool_use)), Some(2));
         assert_eq!(out[5].event["tool_use_id"], tool_use.event["id"]);
+    }
+
+    #[test]
+    fn a_client_tool_call_is_a_custom_tool_use_the_session_waits_on() {
+        let events = [
+            ev(
+                1,
+                "t1",
+                "input_required",
+                json!({"request_id": "tool-1", "options": [],
+                "tool": {"id": "tool-1", "title": "lookup", "kind": "client_tool"},
+                "client_tool": {"name": "lookup", "input": {"q": "osprey"}}}),
+            ),
+            ev(2, "t1", "text", json!({"text": "found"})),
+            ev(3, "t1", "done", json!({"stop_reason": "end_turn"})),
+        ];
+        let out = run(&events, false);
+        let call = out
+            .iter()
+            .find(|o| o.kind() == "agent.custom_tool_use")
+            .expect("custom tool use");
+        assert_eq!(call.event["name"], "lookup");
+        assert_eq!(call.event["input"]["q"], "osprey");
+        assert_eq!(seq_of_tool_use(id_of(call)), Some(1));
+        let idle = &out[3];
+        assert_eq!(idle.event["stop_reason"]["event_ids"][0], call.event["id"]);
+        assert!(!out.iter().any(|o| o.kind() == "agent.tool_use"));
     }
 
     #[test]

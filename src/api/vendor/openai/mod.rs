@@ -187,20 +187,53 @@ fn checked_agent(b: &AgentBody) -> Result<(), Problem> {
              (put standing instructions in the agent's project files, e.g. AGENTS.md)",
         ));
     }
-    if let Some(tool) = b.tools.iter().flatten().next() {
-        return Err(invalid(format!(
-            "tools of type {} are not supported yet: the agent CLI's own tools run in the \
-             sandbox (function tools need the client-tool bridge, docs/openai.md)",
-            tool["type"].as_str().unwrap_or("(none)")
-        )));
+    if b.tools.as_ref().is_some_and(|t| t.len() > 32) {
+        return Err(invalid("an agent has at most 32 tools"));
+    }
+    for tool in b.tools.iter().flatten() {
+        if tool["type"].as_str() != Some("function") {
+            return Err(invalid(format!(
+                "tools of type {} are not supported: the agent CLI's own tools run in the \
+                 sandbox, and `function` tools are the client's",
+                tool["type"].as_str().unwrap_or("(none)")
+            )));
+        }
+        function_tool(tool).validate().map_err(invalid)?;
     }
     Ok(())
+}
+
+/// A `function` tool (the client runs it) as the native session's client tool.
+fn function_tool(tool: &Value) -> sandwarden_proto::event::ClientToolSpec {
+    sandwarden_proto::event::ClientToolSpec {
+        name: tool["name"].as_str().unwrap_or_default().to_string(),
+        description: tool["description"].as_str().unwrap_or_default().to_string(),
+        input_schema: if tool["parameters"].is_null() {
+            json!({"type": "object"})
+        } else {
+            tool["parameters"].clone()
+        },
+    }
+}
+
+/// An agent's function tools as stored.
+fn function_tools(tools: Option<&[Value]>) -> Value {
+    tools
+        .unwrap_or_default()
+        .iter()
+        .map(|t| {
+            let spec = function_tool(t);
+            json!({"type": "function", "name": spec.name, "description": spec.description,
+                   "parameters": spec.input_schema})
+        })
+        .collect()
 }
 
 fn agent_view(id: &str, b: &AgentBody, now: &str) -> Result<Value, Problem> {
     Ok(json!({
         "object": "agent", "id": id, "model": b.model, "name": b.name,
-        "instructions": null, "tools": [], "metadata": checked_metadata(b.metadata.as_ref())?,
+        "instructions": null, "tools": function_tools(b.tools.as_deref()),
+        "metadata": checked_metadata(b.metadata.as_ref())?,
         "reasoning": {}, "created_at": unix(now), "updated_at": unix(now),
     }))
 }
@@ -246,6 +279,9 @@ async fn update_agent(
     }
     if let Some(name) = &b.name {
         o.body["name"] = json!(name);
+    }
+    if b.tools.is_some() {
+        o.body["tools"] = function_tools(b.tools.as_deref());
     }
     if b.metadata.is_some() {
         o.body["metadata"] = merged_metadata(&o.body["metadata"], b.metadata.as_ref())?;
@@ -559,6 +595,11 @@ async fn create_session(
         )));
     }
     let first_input = b.input.as_ref().map(input_parts).transpose()?;
+    // The inline agent's tools, else the stored agent's.
+    let tools = match b.agent.as_ref().and_then(|a| a.tools.as_deref()) {
+        Some(inline) => function_tools(Some(inline)),
+        None => stored.as_ref().map_or(json!([]), |s| s["tools"].clone()),
+    };
     let request = crate::session::CreateRequest {
         harness,
         id: None,
@@ -570,6 +611,12 @@ async fn create_session(
         cwd: None,
         idle_timeout_s: None,
         mcp_servers: Vec::new(),
+        client_tools: tools
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(function_tool)
+            .collect(),
     };
     let (session, _) = orch
         .create(&caller.tenant, request, None, &caller.limits)
@@ -580,7 +627,7 @@ async fn create_session(
     let body = json!({
         "object": "agent.session", "id": session.id, "status": "idle",
         "agent": {"id": agent_id, "model": model, "name": name, "instructions": null,
-                  "tools": [], "reasoning": {}, "service_tier": "auto",
+                  "tools": tools, "reasoning": {}, "service_tier": "auto",
                   "multi_agent": {}, "text": {}},
         "environment": {"type": "openai_hosted", "id": null},
         "metadata": metadata, "required_actions": [], "error": null, "vault_ids": [],
@@ -747,7 +794,29 @@ async fn first_turn(
 enum Input {
     Message(Vec<Value>),
     Cancel,
-    Approval { request_id: String, approve: bool },
+    Approval {
+        request_id: String,
+        approve: bool,
+    },
+    ToolResult {
+        call_id: String,
+        output: String,
+        is_error: bool,
+    },
+}
+
+/// A function's output as text: a string, or content parts whose texts are joined.
+fn output_text(output: &Value) -> String {
+    match output {
+        Value::Null => String::new(),
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        other => other.to_string(),
+    }
 }
 
 fn parse_input(e: &Value) -> Result<Input, Problem> {
@@ -769,13 +838,23 @@ fn parse_input(e: &Value) -> Result<Input, Problem> {
                 approve,
             })
         }
-        Some(
-            kind @ ("agent.session.input.tool_result"
-            | "agent.session.input.computer_use_approval_request_result"),
-        ) => Err(invalid(format!(
-            "`{kind}` is not supported: function tools and computer use have no counterpart \
-                 here yet (docs/openai.md)"
-        ))),
+        Some("agent.session.input.tool_result") => {
+            let call_id = e["call_id"]
+                .as_str()
+                .ok_or_else(|| invalid("`call_id` is required"))?;
+            let success = e["success"].as_bool().unwrap_or(true);
+            let output = output_text(if success { &e["output"] } else { &e["error"] });
+            Ok(Input::ToolResult {
+                call_id: call_id.to_string(),
+                output,
+                is_error: !success,
+            })
+        }
+        Some(kind @ "agent.session.input.computer_use_approval_request_result") => {
+            Err(invalid(format!(
+                "`{kind}` is not supported: computer use has no counterpart here (docs/openai.md)"
+            )))
+        }
         other => Err(invalid(format!(
             "unknown input type {}: send agent.session.input.message, .cancel or \
              .mcp_approval_request_result",
@@ -867,6 +946,29 @@ async fn act(
                 Ok(_) | Err(SessionError::NoTurnRunning) => {}
                 Err(e) => return Err(e.into()),
             },
+            Input::ToolResult {
+                call_id,
+                output,
+                is_error,
+            } => {
+                validate_request_id(&call_id)?;
+                let answer = sandwarden_proto::event::InputAnswer {
+                    output: Some(output),
+                    is_error,
+                    ..Default::default()
+                };
+                match orch
+                    .answer(&caller.tenant, &record.id, &call_id, &answer)
+                    .await
+                {
+                    Ok(_) => {}
+                    // The SDK's own words for a call it may retry (or one answered already).
+                    Err(SessionError::HarnessRefused(p)) if p.status == 404 => {
+                        return Err(invalid(format!("Unknown pending tool call: {call_id}")));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             Input::Approval {
                 request_id,
                 approve,
@@ -879,6 +981,7 @@ async fn act(
                         sandwarden_proto::event::Decision::Deny
                     }),
                     option_id: None,
+                    ..Default::default()
                 };
                 match orch
                     .answer(&caller.tenant, &record.id, &request_id, &answer)

@@ -285,6 +285,29 @@ impl Translate for Translator {
                     self.calls.insert(call_id, Call { output_index, item });
                 }
             }
+            "input_required" if data["client_tool"].is_object() => {
+                // A function the client runs: a `function_call` item, and the session waits
+                // on its result (the call id is the native request id).
+                self.close_runs(false);
+                let call = &data["client_tool"];
+                let item_id = self.item_id("fc");
+                let output_index = self.outputs;
+                self.outputs += 1;
+                let arguments = call["input"].to_string();
+                let item = json!({"type": "function_call", "id": item_id,
+                    "call_id": data["request_id"], "name": call["name"],
+                    "arguments": arguments, "status": "completed", "turn_id": self.turn});
+                self.item_event("agent.session.turn.item.added", item.clone(), output_index);
+                self.item_event("agent.session.turn.item.done", item, output_index);
+                let action = json!({"type": "function_call", "call_id": data["request_id"],
+                    "name": call["name"], "arguments": arguments, "turn_id": self.turn});
+                self.waiting = true;
+                self.session_status(
+                    "agent.session.requires_action",
+                    "requires_action",
+                    json!([action]),
+                );
+            }
             "input_required" => {
                 self.close_runs(false);
                 let tool = &data["tool"];
