@@ -159,6 +159,25 @@ check(seen_calls == [{"q": n5}], f"the handler ran once with the call's argument
 check(result.messages[-1].content[0].text == f"tool lookup answered: heron-{n5}",
       f"{result.messages}")
 
+# ---- a reconnect in the middle of a turn: the items listed and the new stream hold it once
+
+n7 = nonce()
+stream = sessions.events.stream(sid)
+sessions.events.create(sid, events=[message(f"/slow 6 part-{n7}")])
+for event in stream:
+    if event.type == "agent.session.turn.output_text.delta":
+        break
+stream.close()
+with sessions.events.stream(sid) as stream:
+    merged = {i.id: i for i in sessions.items.list(sid, limit=100)}
+    for event in follow(stream):
+        if event.type == "agent.session.turn.item.done":
+            merged.setdefault(event.item.id, event.item)
+answers = [i for i in merged.values() if i.type == "message" and i.role == "assistant"
+           and f"part-{n7}" in i.content[0].text]
+check(len(answers) == 1, f"the answer arrives once after the reconnect: {len(answers)}")
+check(answers[0].content[0].text.count(f"part-{n7}") == 6, f"and whole: {answers[0]}")
+
 # ---- history: items and turns, paged; each turn holds its own prompt's answer
 
 items = list(sessions.items.list(sid, limit=2, order="asc"))
@@ -174,7 +193,7 @@ for item in items:
     elif item.type == "message" and prompt and prompt.startswith(("hello ", "once ")):
         check(item.content[0].text == prompt, f"{item.content[0].text!r} answers {prompt!r}")
 turns = list(sessions.turns.list(sid, order="asc"))
-check([t.status for t in turns] == ["completed"] * 4 + ["cancelled", "completed"],
+check([t.status for t in turns] == ["completed"] * 4 + ["cancelled"] + ["completed"] * 2,
       f"{[t.status for t in turns]}")
 first = sessions.turns.retrieve(turns[0].id, session_id=sid)
 check(first.usage.output_tokens > 0, f"usage is carried: {first.usage}")
