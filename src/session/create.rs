@@ -34,7 +34,7 @@ impl CreateRequest {
             "files": self.files.iter().map(|f| &f.path).collect::<Vec<_>>(),
             "cwd": self.cwd, "idle_timeout_s": self.idle_timeout_s,
             "mcp_servers": self.mcp_servers.iter().map(|m| &m.name).collect::<Vec<_>>(),
-            "client_tools": self.client_tools.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            "client_tools": self.client_tools,
         });
         hex::encode(Sha256::digest(shape.to_string().as_bytes()))
     }

@@ -347,6 +347,19 @@ async fn client_tool_call(flags: &[&str], reachable: bool) {
     let (status, _) = answer(json!({"output": "twice"})).await;
     assert_eq!(status, 404, "answered once");
 
+    // A cancel while the call waits ends the turn cancelled, and withdraws the call.
+    let turn = api
+        .post_async(&id, json!({"text": r#"/calltool lookup {"q": "never"}"#}))
+        .await;
+    api.wait_status(&id, "input_required").await;
+    let (status, c) = api
+        .call("POST", &format!("/v1/sessions/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 202, "{c}");
+    let ended = api.finished_turn(&id, &turn).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    api.wait_status(&id, "ready").await;
+
     // The tools' MCP server, on the sandbox's loopback, refuses a caller without the token.
     let (_, mcp) = api.say(&id, "/mcp").await;
     let mcp = mcp["text"].as_str().unwrap_or_default().to_string();

@@ -952,33 +952,25 @@ impl ApiAgent {
         self.withdraw_inputs(turn_id);
     }
 
+    /// A cancelled turn's permission requests are answered cancelled at once (ACP asks it); its
+    /// client tool calls stay open until the turn ends, so the agent learns of the cancel before
+    /// any call fails.
     fn withdraw_inputs(&self, turn_id: &str) {
-        let pending: Vec<PendingInput> = {
-            let mut g = lock(&self.inner);
-            let ids: Vec<String> = g
-                .inputs
-                .iter()
-                .filter(|(_, p)| p.turn_id == turn_id)
-                .map(|(id, _)| id.clone())
-                .collect();
-            ids.iter().filter_map(|id| g.inputs.remove(id)).collect()
-        };
-        for p in pending {
-            // A tool call's sender dropped: its MCP request answers that the turn ended.
-            if let Waiter::Permission { responder, .. } = p.waiter {
-                let _ = responder.respond(RequestPermissionResponse::new(
-                    RequestPermissionOutcome::Cancelled,
-                ));
-            }
-        }
+        let pending = take_inputs(&mut lock(&self.inner), turn_id, true);
+        answer_withdrawn(pending);
     }
 
     fn finish_turn(&self, turn_id: &str) {
-        self.withdraw_inputs(turn_id);
-        let mut g = lock(&self.inner);
-        if g.turn.as_ref().is_some_and(|t| t.id == turn_id) {
-            g.turn = None;
-        }
+        // The turn ends and its open inputs go under one lock: a tool call arriving in between
+        // would otherwise be recorded for a turn that no longer runs, and never answered.
+        let pending = {
+            let mut g = lock(&self.inner);
+            if g.turn.as_ref().is_some_and(|t| t.id == turn_id) {
+                g.turn = None;
+            }
+            take_inputs(&mut g, turn_id, false)
+        };
+        answer_withdrawn(pending);
     }
 
     /// Cancels the running turn; its stream ends with `done` (stop_reason `cancelled`) or an
@@ -1081,6 +1073,9 @@ impl ApiAgent {
         name: &str,
         input: Value,
     ) -> Result<(String, bool), String> {
+        if !input.is_object() {
+            return Err(format!("the arguments of {name:?} must be a JSON object"));
+        }
         let request_id = format!("tool-{}", uuid::Uuid::new_v4().simple());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sink = {
@@ -1107,6 +1102,11 @@ impl ApiAgent {
             "options": [],
             "client_tool": {"name": name, "input": input},
         });
+        // Dropped with the MCP request (the agent gave up on it), the call is withdrawn too.
+        let _open = OpenCall {
+            inner: &self.inner,
+            request_id: &request_id,
+        };
         sink.emit(EventType::InputRequired, data).await;
         rx.await
             .map_err(|_| "the turn ended before the client answered this tool call".to_string())
@@ -1121,6 +1121,14 @@ impl ApiAgent {
             }
             if let Some(live) = &g.live {
                 refuse_unsupported_mcp(&checked.mcp_servers, &live.mcp)?;
+                if !checked.client_tools.is_empty() && !live.mcp.http {
+                    return Err(Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_bind",
+                        "client tools are offered over an HTTP MCP server, which this agent does \
+                         not take (its ACP mcpCapabilities)",
+                    ));
+                }
             }
             bind::write_files(&checked).map_err(|e| {
                 Problem::new(
@@ -1129,17 +1137,6 @@ impl ApiAgent {
                     format!("writing the bound files failed: {e}"),
                 )
             })?;
-            if !checked.client_tools.is_empty()
-                && let Some(live) = &g.live
-                && !live.mcp.http
-            {
-                return Err(Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_bind",
-                    "client tools are offered over an HTTP MCP server, which this agent does not \
-                     take (its ACP mcpCapabilities)",
-                ));
-            }
             g.env = checked.env;
             g.cwd = checked.cwd;
             g.mcp_servers = checked.mcp_servers;
@@ -1447,6 +1444,43 @@ fn client_tools_server(endpoint: &crate::client_tools::Endpoint) -> crate::event
             format!("Bearer {}", endpoint.token),
         )]
         .into(),
+    }
+}
+
+/// Removes a turn's open inputs (only its permission requests, with `permissions_only`).
+fn take_inputs(g: &mut Inner, turn_id: &str, permissions_only: bool) -> Vec<PendingInput> {
+    let ids: Vec<String> = g
+        .inputs
+        .iter()
+        .filter(|(_, p)| {
+            p.turn_id == turn_id && !(permissions_only && matches!(p.waiter, Waiter::Tool(_)))
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    ids.iter().filter_map(|id| g.inputs.remove(id)).collect()
+}
+
+/// Tells the waiters of withdrawn inputs: a permission request is cancelled; a tool call's
+/// sender is dropped, so its MCP request answers that the turn ended.
+fn answer_withdrawn(pending: Vec<PendingInput>) {
+    for p in pending {
+        if let Waiter::Permission { responder, .. } = p.waiter {
+            let _ = responder.respond(RequestPermissionResponse::new(
+                RequestPermissionOutcome::Cancelled,
+            ));
+        }
+    }
+}
+
+/// A client tool call in flight: its open input goes when the call is over or abandoned.
+struct OpenCall<'a> {
+    inner: &'a Mutex<Inner>,
+    request_id: &'a str,
+}
+
+impl Drop for OpenCall<'_> {
+    fn drop(&mut self) {
+        lock(self.inner).inputs.remove(self.request_id);
     }
 }
 

@@ -49,6 +49,11 @@ pub async fn start(agent: Arc<ApiAgent>) -> std::io::Result<Endpoint> {
     })
 }
 
+/// Whether two tokens are equal, taking the same time wherever they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The server sends nothing unasked: no server-to-client stream.
 async fn no_stream() -> StatusCode {
     StatusCode::METHOD_NOT_ALLOWED
@@ -63,14 +68,22 @@ async fn rpc(State(state): State<ServerState>, headers: HeaderMap, body: String)
     let authorized = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t.as_bytes() == state.token.as_bytes());
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, t)| same(t.trim().as_bytes(), state.token.as_bytes()));
     if !authorized {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let Ok(msg) = serde_json::from_str::<Value>(&body) else {
         return rpc_error(&Value::Null, -32700, "the body is not JSON");
     };
+    if msg.is_array() {
+        return rpc_error(
+            &Value::Null,
+            -32600,
+            "send one request at a time (no batches)",
+        );
+    }
     let id = msg.get("id").cloned().unwrap_or(Value::Null);
     let method = msg["method"].as_str().unwrap_or("");
     // Notifications (no id) and responses need no answer.

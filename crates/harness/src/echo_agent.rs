@@ -661,11 +661,12 @@ async fn prompt(
             let called = call_client_tool(tools.as_ref(), &name, &input);
             reply = tokio::select! {
                 answer = called => answer,
-                () = cancel.cancelled() => {
-                    stop = StopReason::Cancelled;
-                    format!("tool {name} was not answered: cancelled")
-                }
+                () = cancel.cancelled() => format!("tool {name} was not answered: cancelled"),
             };
+            // A cancel also withdraws the call, whose failure may come back first.
+            if cancel.is_cancelled() {
+                stop = StopReason::Cancelled;
+            }
         }
         Script::Cat(path) => {
             reply =

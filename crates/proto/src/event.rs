@@ -439,7 +439,12 @@ impl ClientToolSpec {
                 self.name
             ));
         }
-        if !self.input_schema.is_object() || self.input_schema.to_string().len() > 16 * 1024 {
+        let object_type =
+            self.input_schema["type"].is_null() || self.input_schema["type"] == "object";
+        if !self.input_schema.is_object()
+            || !object_type
+            || self.input_schema.to_string().len() > 16 * 1024
+        {
             return Err(format!(
                 "client tool {}: input_schema is a JSON Schema object of at most 16 KiB",
                 self.name

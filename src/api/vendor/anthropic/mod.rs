@@ -490,7 +490,22 @@ fn checked_agent_fields(b: &AgentBody) -> Result<(), Problem> {
             }
         }
     }
+    let mut custom = std::collections::BTreeSet::new();
+    for tool in b.tools.iter().flatten().filter(|t| t["type"] == "custom") {
+        if !custom.insert(tool["name"].as_str().unwrap_or_default()) {
+            return Err(invalid(format!(
+                "custom tool {} is given twice",
+                tool["name"]
+            )));
+        }
+    }
     for server in b.mcp_servers.iter().flatten() {
+        if server["name"] == sandwarden_proto::event::CLIENT_TOOLS_SERVER {
+            return Err(invalid(format!(
+                "MCP server name {:?} is taken by the agent's custom tools: rename it",
+                sandwarden_proto::event::CLIENT_TOOLS_SERVER
+            )));
+        }
         if server["type"].as_str() != Some("url")
             || server["name"].as_str().is_none()
             || server["url"].as_str().is_none()

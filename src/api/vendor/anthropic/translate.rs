@@ -50,7 +50,8 @@ pub struct Translator {
     thinking: bool,
     calls: HashMap<String, Call>,
     /// The turn waits on a confirmation (its last status event was `requires_action`).
-    waiting: bool,
+    /// The events the session waits on since the turn last went on (parallel calls ask together).
+    asked: Vec<Value>,
     out: Vec<Out>,
     place: Place,
 }
@@ -134,7 +135,7 @@ impl Translator {
         self.text = None;
         self.thinking = false;
         self.calls.clear();
-        self.waiting = false;
+        self.asked.clear();
     }
 }
 
@@ -151,7 +152,7 @@ impl Translate for Translator {
             self.text = None;
             self.thinking = false;
             self.calls.clear();
-            self.waiting = false;
+            self.asked.clear();
             self.turn = e.turn_id.clone();
             if let Some(turn_id) = &e.turn_id {
                 let content = user.map(user_content).unwrap_or_default();
@@ -163,9 +164,9 @@ impl Translate for Translator {
                 );
                 self.emit(json!({"type": "session.status_running", "processed_at": ts}));
             }
-        } else if self.waiting && e.kind != "input_required" {
+        } else if !self.asked.is_empty() && e.kind != "input_required" {
             // The confirmation was answered: the turn goes on.
-            self.waiting = false;
+            self.asked.clear();
             self.emit(json!({"type": "session.status_running", "processed_at": ts}));
         }
         let data = &e.data;
@@ -247,10 +248,11 @@ impl Translate for Translator {
                     "input": if call["input"].is_object() { call["input"].clone() } else { json!({}) },
                     "processed_at": ts,
                 }));
-                self.waiting = true;
+                self.asked.push(json!(id));
+                let ids = self.asked.clone();
                 self.emit(json!({
                     "type": "session.status_idle",
-                    "stop_reason": {"type": "requires_action", "event_ids": [id]},
+                    "stop_reason": {"type": "requires_action", "event_ids": ids},
                     "processed_at": ts,
                 }));
             }
@@ -277,10 +279,11 @@ impl Translate for Translator {
                     c.emitted = None;
                 }
                 let id = self.tool_use(&call_id, "ask", &ts);
-                self.waiting = true;
+                self.asked.push(json!(id));
+                let ids = self.asked.clone();
                 self.emit(json!({
                     "type": "session.status_idle",
-                    "stop_reason": {"type": "requires_action", "event_ids": [id]},
+                    "stop_reason": {"type": "requires_action", "event_ids": ids},
                     "processed_at": ts,
                 }));
             }
@@ -593,6 +596,28 @@ mod tests {
         let idle = &out[3];
         assert_eq!(idle.event["stop_reason"]["event_ids"][0], call.event["id"]);
         assert!(!out.iter().any(|o| o.kind() == "agent.tool_use"));
+    }
+
+    #[test]
+    fn calls_asked_together_are_all_waited_on() {
+        let call = |seq, id: &str| {
+            ev(
+                seq,
+                "t1",
+                "input_required",
+                json!({"request_id": id, "options": [],
+                "tool": {"id": id, "title": "lookup", "kind": "client_tool"},
+                "client_tool": {"name": "lookup", "input": {}}}),
+            )
+        };
+        let out = run(&[call(1, "tool-a"), call(2, "tool-b")], false);
+        let calls: Vec<_> = out
+            .iter()
+            .filter(|o| o.kind() == "agent.custom_tool_use")
+            .map(|o| o.event["id"].clone())
+            .collect();
+        let last_idle = out.last().expect("idle");
+        assert_eq!(last_idle.event["stop_reason"]["event_ids"], json!(calls));
     }
 
     #[test]

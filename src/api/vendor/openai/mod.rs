@@ -190,7 +190,11 @@ fn checked_agent(b: &AgentBody) -> Result<(), Problem> {
     if b.tools.as_ref().is_some_and(|t| t.len() > 32) {
         return Err(invalid("an agent has at most 32 tools"));
     }
+    let mut names = std::collections::BTreeSet::new();
     for tool in b.tools.iter().flatten() {
+        if !names.insert(tool["name"].as_str().unwrap_or_default()) {
+            return Err(invalid(format!("tool {} is given twice", tool["name"])));
+        }
         if tool["type"].as_str() != Some("function") {
             return Err(invalid(format!(
                 "tools of type {} are not supported: the agent CLI's own tools run in the \

@@ -63,7 +63,9 @@ pub struct Translator {
     text: Option<Run>,
     reasoning: Option<Run>,
     calls: HashMap<String, Call>,
-    waiting: bool,
+    /// The actions the session waits on since the turn last went on (parallel calls ask
+    /// together).
+    asked: Vec<Value>,
     out: Vec<Out>,
     place: Place,
 }
@@ -80,7 +82,7 @@ impl Translator {
             text: None,
             reasoning: None,
             calls: HashMap::new(),
-            waiting: false,
+            asked: Vec::new(),
             out: Vec::new(),
             place: (0, 0),
         }
@@ -178,7 +180,7 @@ impl Translator {
         self.text = None;
         self.reasoning = None;
         self.calls.clear();
-        self.waiting = false;
+        self.asked.clear();
     }
 }
 
@@ -204,8 +206,8 @@ impl Translate for Translator {
             let item = user_item(&turn_id, user);
             self.emit(json!({"type": "agent.session.turn.item.added",
                              "session_id": self.session["id"], "turn_id": turn_id, "item": item}));
-        } else if self.waiting && e.kind != "input_required" {
-            self.waiting = false;
+        } else if !self.asked.is_empty() && e.kind != "input_required" {
+            self.asked.clear();
             self.session_status("agent.session.in_progress", "in_progress", json!([]));
         }
         match e.kind.as_str() {
@@ -301,12 +303,9 @@ impl Translate for Translator {
                 self.item_event("agent.session.turn.item.done", item, output_index);
                 let action = json!({"type": "function_call", "call_id": data["request_id"],
                     "name": call["name"], "arguments": arguments, "turn_id": self.turn});
-                self.waiting = true;
-                self.session_status(
-                    "agent.session.requires_action",
-                    "requires_action",
-                    json!([action]),
-                );
+                self.asked.push(action);
+                let actions = Value::Array(self.asked.clone());
+                self.session_status("agent.session.requires_action", "requires_action", actions);
             }
             "input_required" => {
                 self.close_runs(false);
@@ -320,12 +319,9 @@ impl Translate for Translator {
                                 "name": title, "arguments": tool["input"].to_string(),
                                 "message": title},
                 });
-                self.waiting = true;
-                self.session_status(
-                    "agent.session.requires_action",
-                    "requires_action",
-                    json!([action]),
-                );
+                self.asked.push(action);
+                let actions = Value::Array(self.asked.clone());
+                self.session_status("agent.session.requires_action", "requires_action", actions);
             }
             "tool_result" => {
                 self.close_runs(false);
