@@ -42,6 +42,10 @@ pub struct MessageRequest {
     pub participant_type: Option<String>,
     #[serde(default, deserialize_with = "sandwarden_proto::event::capped")]
     pub metadata: Option<Value>,
+    /// The turn's id, chosen ahead by this server (a vendor API's queued message); never
+    /// taken from a request body.
+    #[serde(skip)]
+    pub turn_id: Option<String>,
 }
 
 impl MessageRequest {

@@ -175,7 +175,11 @@ impl Orchestrator {
                 .await
                 .map_err(|m| SessionError::invalid("invalid_webhook", m))?;
         }
-        let turn_id = format!("turn_{}", uuid::Uuid::now_v7().simple());
+        // A turn id chosen ahead (a vendor API's queued message) or a new one.
+        let turn_id = req
+            .turn_id
+            .clone()
+            .unwrap_or_else(|| format!("turn_{}", uuid::Uuid::now_v7().simple()));
         let waited = Instant::now();
         loop {
             match self.lock_turn(tenant, session_id, &turn_id, limits.concurrent_turns) {

@@ -394,3 +394,94 @@ async fn client_tool_call(flags: &[&str], reachable: bool) {
         .await;
     assert_eq!(status, 422, "{p}");
 }
+
+/// A message sent during a turn waits in the store: serve killed mid-turn and started again,
+/// the queued message still runs, as the turn its send named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_message_survives_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut serve = Serve::start_in(dir.path(), &[]);
+    let api = serve.client();
+    let (_, env) = api
+        .call(
+            "POST",
+            "/anthropic/v1/environments",
+            Some(json!({"name": "e"})),
+        )
+        .await;
+    let (_, agent) = api
+        .call(
+            "POST",
+            "/anthropic/v1/agents",
+            Some(json!({"name": "a", "model": "echo-small",
+                        "metadata": {"sandwarden.harness": "echo"}})),
+        )
+        .await;
+    let (status, session) = api
+        .call(
+            "POST",
+            "/anthropic/v1/sessions",
+            Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{session}");
+    let events = format!(
+        "/anthropic/v1/sessions/{}/events",
+        session["id"].as_str().expect("id")
+    );
+    let text = |t: &str| {
+        json!({"events": [{"type": "user.message",
+                                            "content": [{"type": "text", "text": t}]}]})
+    };
+    let (status, first) = api.call("POST", &events, Some(text("/slow 40 long"))).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, queued) = api
+        .call("POST", &events, Some(text("queued after a crash 7c2")))
+        .await;
+    assert_eq!(status, 200, "a message during a turn is queued: {queued}");
+    let queued_id = queued["data"][0]["id"].clone();
+    serve.kill();
+
+    let serve = Serve::start_in(dir.path(), &[]);
+    let api = serve.client();
+    let (status, _) = api
+        .call(
+            "GET",
+            &format!(
+                "/anthropic/v1/sessions/{}",
+                session["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut history = json!(null);
+    for _ in 0..300 {
+        let (_, h) = api.call("GET", &format!("{events}?limit=1000"), None).await;
+        history = h;
+        let answered = history["data"].as_array().into_iter().flatten().any(|e| {
+            e["type"] == "agent.message" && e["content"][0]["text"] == "queued after a crash 7c2"
+        });
+        if answered {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let data = history["data"].as_array().cloned().unwrap_or_default();
+    let opened = data
+        .iter()
+        .filter(|e| e["type"] == "user.message" && e["id"] == queued_id)
+        .count();
+    assert_eq!(
+        opened, 1,
+        "the queued turn opens once, as its send named it: {history}"
+    );
+    assert!(
+        data.iter().any(|e| e["type"] == "agent.message"
+            && e["content"][0]["text"] == "queued after a crash 7c2"),
+        "the queued message was answered after the restart: {history}"
+    );
+    // The second serve does not own the data dir: its sandboxes are stopped here.
+    drop(serve);
+    kill_sandboxes_under(dir.path());
+}

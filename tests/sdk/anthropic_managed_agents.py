@@ -133,8 +133,10 @@ for verdict in ("allow", "deny"):
     check(expected in answer_text(events), f"{verdict}: {answer_text(events)!r}")
     check(result[0].is_error == (verdict == "deny"), f"{result[0]}")
 
-# ---- an interrupt
+# ---- an interrupt, and a message sent during a turn: it waits its turn
 
+n4 = nonce()
+queued = []
 with beta.sessions.events.stream(sid) as stream:
     beta.sessions.events.send(
         sid,
@@ -145,13 +147,20 @@ with beta.sessions.events.stream(sid) as stream:
     def interrupt(event):
         if event.type == "session.status_running" and not interrupted:
             interrupted.append(True)
+            sent = beta.sessions.events.send(sid, events=[{"type": "user.message", "content": [
+                {"type": "text", "text": f"queued {n4}"}]}])
+            queued.append(sent.data[0].id)
             beta.sessions.events.send(sid, events=[{"type": "user.interrupt"}])
 
     started = time.monotonic()
     events = follow(stream, on_event=interrupt)
-check(interrupted and events[-1].type == "session.status_idle", f"{[e.type for e in events]}")
-check(time.monotonic() - started < 20, "the interrupt stopped the turn early")
-check(answer_text(events).count("long") < 60, "the turn did not run to its end")
+    check(interrupted and events[-1].type == "session.status_idle", f"{[e.type for e in events]}")
+    check(time.monotonic() - started < 20, "the interrupt stopped the turn early")
+    check(answer_text(events).count("long") < 60, "the turn did not run to its end")
+    events = follow(stream)
+check(events[0].type == "user.message" and events[0].id == queued[0],
+      f"the queued message opens the next turn, with the id its send gave: {events[0]}")
+check(answer_text(events) == f"queued {n4}", f"{answer_text(events)!r}")
 # Interrupting an idle session is no error.
 beta.sessions.events.send(sid, events=[{"type": "user.interrupt"}])
 
@@ -221,13 +230,13 @@ for event_id, event in seen_on_streams.items():
         continue
     check(event_id in ids, f"{event.type} {event_id} from a stream is in the history")
 prompts = [e for e in paged if e.type == "user.message"]
-check(len(prompts) == 6, f"six prompts: {len(prompts)}")
+check(len(prompts) == 7, f"seven prompts: {len(prompts)}")
 # The answer to each prompt comes before the next prompt.
 current = None
 for e in paged:
     if e.type == "user.message":
         current = e.content[0].text
-    elif e.type == "agent.message" and current and current.startswith("hello "):
+    elif e.type == "agent.message" and current and current.startswith(("hello ", "queued ")):
         check(answer_text([e]) == current, f"{answer_text([e])!r} answers {current!r}")
 only_messages = list(beta.sessions.events.list(sid, types=["user.message"]))
 check([e.id for e in only_messages] == [e.id for e in prompts], "filtered by type")

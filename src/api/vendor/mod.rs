@@ -11,6 +11,7 @@
 
 pub mod anthropic;
 pub mod openai;
+mod queue;
 
 use super::{AppState, Caller};
 use crate::session::SessionError;

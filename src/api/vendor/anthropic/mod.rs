@@ -914,6 +914,8 @@ async fn get_session(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let record = session_record(&orch, &caller, &id).await?;
+    // Messages queued before a restart go on when the session is next used.
+    super::queue::drain(&orch, &caller, &record.id);
     Ok(Json(session_view(&orch, &record).await?).into_response())
 }
 
@@ -1183,23 +1185,10 @@ async fn send_message(
     parts: &[Value],
 ) -> Result<Value, Problem> {
     let model = record.body["agent"]["model"]["id"].as_str();
-    let request: crate::session::message::MessageRequest =
-        serde_json::from_value(json!({"parts": parts, "async": true, "model": model}))
-            .map_err(|e| invalid(format!("the message: {e}")))?;
-    let started = orch
-        .start_turn(&caller.tenant, &record.id, request, "async", &caller.limits)
-        .await
-        .map_err(|e| match e {
-            SessionError::TurnInProgress { .. } => Problem::new(
-                StatusCode::CONFLICT,
-                "turn_in_progress",
-                "the agent is still working on the last message: wait for \
-                 `session.status_idle`, or send `user.interrupt`",
-            ),
-            other => other.into(),
-        })?;
+    // Sent now, or queued behind the running turn.
+    let turn_id = super::queue::send(orch, caller, &record.id, parts, model).await?;
     Ok(json!({
-        "id": translate::user_message_id(&started.turn_id),
+        "id": translate::user_message_id(&turn_id),
         "type": "user.message",
         "content": record_content(parts),
         "processed_at": null,
@@ -1393,6 +1382,7 @@ async fn stream_events(
         .streams
         .open(&caller.tenant, caller.limits.open_streams)?;
     let record = session_record(&orch, &caller, &id).await?;
+    super::queue::drain(&orch, &caller, &record.id);
     live(
         &orch,
         &caller,

@@ -760,20 +760,8 @@ async fn send_message(
     parts: &[Value],
 ) -> Result<(), Problem> {
     let model = record.body["agent"]["model"].as_str();
-    let request: crate::session::message::MessageRequest =
-        serde_json::from_value(json!({"parts": parts, "async": true, "model": model}))
-            .map_err(|e| invalid(format!("the input: {e}")))?;
-    orch.start_turn(&caller.tenant, &record.id, request, "async", &caller.limits)
-        .await
-        .map_err(|e| match e {
-            SessionError::TurnInProgress { .. } => Problem::new(
-                StatusCode::CONFLICT,
-                "turn_in_progress",
-                "a turn is in progress: wait for `agent.session.idle`, or send \
-                 `agent.session.input.cancel`",
-            ),
-            other => other.into(),
-        })?;
+    // Sent now, or queued behind the running turn.
+    super::queue::send(orch, caller, &record.id, parts, model).await?;
     Ok(())
 }
 
@@ -1026,6 +1014,7 @@ async fn stream_events(
         .streams
         .open(&caller.tenant, caller.limits.open_streams)?;
     let record = session_record(&orch, &caller, &id).await?;
+    super::queue::drain(&orch, &caller, &record.id);
     let translator = Translator::new(record.body.clone());
     live(
         &orch,
