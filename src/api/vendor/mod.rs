@@ -472,3 +472,67 @@ async fn session_usage(orch: &AppState, session_id: &str) -> Result<(u64, u64), 
         }
     }
 }
+
+/// A vendor's error body, from the answer's status (a `422` already made `400`), the problem
+/// document and the request's id.
+type ErrorShape = fn(StatusCode, &Value, Option<String>) -> Value;
+
+/// Rewrites the problem documents answered under a vendor's mount (its routes' and the key
+/// check's) into the vendor's error shape, which its SDK reads into its exception types. A `409`
+/// says `x-should-retry: false`: retrying a conflict unchanged cannot succeed, and both SDKs
+/// retry 409s otherwise.
+async fn vendor_shape(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    shape: ErrorShape,
+) -> Response {
+    use axum::http::{HeaderValue, header};
+    let request_id = req
+        .headers()
+        .get(crate::api::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let response = next.run(req).await;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if !is_problem {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Problem documents are small; one that cannot be read keeps its status with a generic body.
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let doc: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if parts.status == StatusCode::UNPROCESSABLE_ENTITY {
+        parts.status = StatusCode::BAD_REQUEST;
+    }
+    let body = shape(parts.status, &doc, request_id);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if parts.status == StatusCode::CONFLICT {
+        parts
+            .headers
+            .insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+}
+
+/// A route a vendor API does not serve: `404` naming it and where the supported ones are said.
+fn unsupported_route(req: &axum::extract::Request, api: &str, doc: &str) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not_supported",
+        format!(
+            "{} {} is not supported by sandwarden's {api}: {doc} lists what is mapped and what is \
+             refused",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+}

@@ -14,9 +14,8 @@ use crate::api::session_path;
 use crate::session::SessionError;
 use crate::status::SessionStatus;
 use crate::store::{StoreError, VendorObject};
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
@@ -72,46 +71,19 @@ pub fn router() -> Router<AppState> {
 // ---- errors
 
 async fn unsupported(req: Request) -> Problem {
-    Problem::new(
-        StatusCode::NOT_FOUND,
-        "not_supported",
-        format!(
-            "{} {} is not supported by sandwarden's Anthropic Managed Agents API: it serves \
-             environments, agents, sessions and their events (docs/anthropic.md lists what is \
-             mapped and what is refused)",
-            req.method(),
-            req.uri().path()
-        ),
+    unsupported_route(
+        &req,
+        "Anthropic Managed Agents API (environments, agents, sessions and their events)",
+        "docs/anthropic.md",
     )
 }
 
-/// Rewrites the problem documents the API answers under `/anthropic` (its own and the key
-/// check's) into Anthropic's error shape, which the SDK reads into its exception types. A
-/// `409` says `x-should-retry: false`: retrying a conflict unchanged cannot succeed.
+/// Answers under `/anthropic` in Anthropic's error shape (`vendor_shape`).
 pub async fn errors(req: Request, next: Next) -> Response {
-    let request_id = req
-        .headers()
-        .get(crate::api::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
-    let response = next.run(req).await;
-    let is_problem = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
-    if !is_problem {
-        return response;
-    }
-    let (mut parts, body) = response.into_parts();
-    // Problem documents are small; one that cannot be read keeps its status with a generic body.
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let doc: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let mut status = parts.status;
-    if status == StatusCode::UNPROCESSABLE_ENTITY {
-        status = StatusCode::BAD_REQUEST;
-    }
+    vendor_shape(req, next, error_body).await
+}
+
+fn error_body(status: StatusCode, doc: &Value, request_id: Option<String>) -> Value {
     let kind = match status.as_u16() {
         400 => "invalid_request_error",
         401 => "authentication_error",
@@ -124,7 +96,7 @@ pub async fn errors(req: Request, next: Next) -> Response {
         504 => "timeout_error",
         _ => "api_error",
     };
-    let body = json!({
+    json!({
         "type": "error",
         "error": {
             "type": kind,
@@ -132,19 +104,7 @@ pub async fn errors(req: Request, next: Next) -> Response {
             "details": {"error_code": doc["type"]},
         },
         "request_id": request_id,
-    });
-    parts.status = status;
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if status == StatusCode::CONFLICT {
-        parts
-            .headers
-            .insert("x-should-retry", HeaderValue::from_static("false"));
-    }
-    Response::from_parts(parts, Body::from(body.to_string()))
+    })
 }
 
 #[derive(Deserialize, Default)]

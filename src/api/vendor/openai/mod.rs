@@ -10,9 +10,8 @@ use crate::api::session_path;
 use crate::session::SessionError;
 use crate::status::SessionStatus;
 use crate::store::{StoreError, VendorObject};
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
@@ -59,39 +58,21 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn unsupported(req: Request) -> Problem {
-    Problem::new(
-        StatusCode::NOT_FOUND,
-        "not_supported",
-        format!(
-            "{} {} is not supported by sandwarden's OpenAI Agents API: it serves agents, \
-             sessions, their events, items and turns (docs/openai.md lists what is mapped and \
-             what is refused)",
-            req.method(),
-            req.uri().path()
-        ),
+    unsupported_route(
+        &req,
+        "OpenAI Agents API (agents, sessions, their events, items and turns)",
+        "docs/openai.md",
     )
 }
 
-/// Rewrites the problem documents answered under `/openai/` into OpenAI's error shape
-/// (`{"error": {message, type, param, code}}`). A `409` says `x-should-retry: false`.
+/// Answers under `/openai/` in OpenAI's error shape (`vendor_shape`; `code` is sandwarden's
+/// problem type).
 pub async fn errors(req: Request, next: Next) -> Response {
-    let response = next.run(req).await;
-    let is_problem = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
-    if !is_problem {
-        return response;
-    }
-    let (mut parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let doc: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    if parts.status == StatusCode::UNPROCESSABLE_ENTITY {
-        parts.status = StatusCode::BAD_REQUEST;
-    }
-    let kind = match parts.status.as_u16() {
+    vendor_shape(req, next, error_body).await
+}
+
+fn error_body(status: StatusCode, doc: &Value, _request_id: Option<String>) -> Value {
+    let kind = match status.as_u16() {
         400 | 413 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
@@ -100,21 +81,10 @@ pub async fn errors(req: Request, next: Next) -> Response {
         429 => "rate_limit_error",
         _ => "server_error",
     };
-    let body = json!({"error": {
+    json!({"error": {
         "message": doc["detail"].as_str().unwrap_or("the request failed"),
         "type": kind, "param": doc["param"], "code": doc["type"],
-    }});
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if parts.status == StatusCode::CONFLICT {
-        parts
-            .headers
-            .insert("x-should-retry", HeaderValue::from_static("false"));
-    }
-    Response::from_parts(parts, Body::from(body.to_string()))
+    }})
 }
 
 /// A cursor page in OpenAI's shape: `data`, `has_more`, and the first and last ids.
