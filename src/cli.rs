@@ -35,6 +35,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::client::KeysCommand,
     },
+    /// List the harness templates a session can be created from.
+    Templates {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+    },
     /// Send one message and print the reply as it streams.
     Send {
         #[command(flatten)]
@@ -113,6 +118,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { conn, command } => {
             client_rt()?.block_on(crate::client::keys(&conn, command))
         }
+        Command::Templates { conn } => client_rt()?.block_on(crate::client::templates(&conn)),
         Command::Send { conn, id, text } => {
             client_rt()?.block_on(crate::client::send(&conn, &id, &text))
         }

@@ -230,6 +230,25 @@ pub async fn session(conn: &Connection, cmd: SessionCommand) -> anyhow::Result<(
 }
 
 /// `sandwarden keys …`: the admin's key lifecycle (needs the admin key).
+/// `sandwarden templates`: one line per template (name, kind, warm sandboxes, idle and turn
+/// timeouts).
+pub async fn templates(conn: &Connection) -> anyhow::Result<()> {
+    let c = Client::new(conn)?;
+    let list = c.call(reqwest::Method::GET, "/v1/templates", None).await?;
+    println!("NAME\tKIND\tWARM\tIDLE_TIMEOUT_S\tTURN_TIMEOUT_S");
+    for t in list["templates"].as_array().into_iter().flatten() {
+        println!(
+            "{}\t{}\t{}\t{}\t{}",
+            t["name"].as_str().unwrap_or(""),
+            t["kind"].as_str().unwrap_or(""),
+            t["warm_pool"],
+            t["idle_timeout_s"],
+            t["turn_timeout_s"]
+        );
+    }
+    Ok(())
+}
+
 pub async fn keys(conn: &Connection, cmd: KeysCommand) -> anyhow::Result<()> {
     use reqwest::Method;
     let c = Client::new(conn)?;

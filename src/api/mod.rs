@@ -85,6 +85,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/sessions/{id}/inputs/{request_id}", post(answer_input))
         .route("/v1/api-keys", post(create_key).get(list_keys))
         .route("/v1/usage", get(usage))
+        .route("/v1/templates", get(list_templates))
         .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
         .nest("/anthropic", vendor::anthropic::router())
         .nest("/openai/v1", vendor::openai::router())
@@ -351,6 +352,24 @@ fn view(orch: &Orchestrator, s: &Session) -> SessionView {
         orch.tty_url(s),
         orch.running_turn(&s.id),
     )
+}
+
+// ---- templates
+
+/// The harness templates sessions can name: what a client picks from (never their commands,
+/// environment or container settings, which are the operator's).
+async fn list_templates(State(orch): State<AppState>) -> Response {
+    let templates: Vec<Value> = orch
+        .templates()
+        .values()
+        .map(|t| {
+            json!({
+                "name": t.name, "kind": t.kind, "start": t.start, "warm_pool": t.pool,
+                "idle_timeout_s": t.idle_timeout_s, "turn_timeout_s": t.turn_timeout_s,
+            })
+        })
+        .collect();
+    Json(json!({ "templates": templates })).into_response()
 }
 
 // ---- sessions

@@ -166,3 +166,49 @@ fn serve_refuses_a_malformed_secret_or_store_url_with_a_clear_message() {
         "the password is not repeated: {err}"
     );
 }
+
+/// `GET /v1/templates` and `sandwarden templates`: what a session can be created from, for any
+/// tenant, without the operator's commands, environment or container settings.
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_are_listed_for_clients() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let (_, key) = api
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(serde_json::json!({"tenant": "templates-reader"})),
+        )
+        .await;
+    let tenant = api.with_key(key["key"].as_str().expect("key"));
+    let (status, list) = tenant.call("GET", "/v1/templates", None).await;
+    assert_eq!(status, 200, "{list}");
+    let templates = list["templates"].as_array().cloned().unwrap_or_default();
+    let kind_of = |name: &str| {
+        templates
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["kind"].clone())
+    };
+    assert_eq!(kind_of("echo"), Some(serde_json::json!("api")), "{list}");
+    assert_eq!(kind_of("sh"), Some(serde_json::json!("tui")), "{list}");
+    for t in &templates {
+        for private in ["command", "env", "container"] {
+            assert!(t.get(private).is_none(), "{private} is the operator's: {t}");
+        }
+    }
+    let (status, _) = api
+        .with_key("sk-not-a-key")
+        .call("GET", "/v1/templates", None)
+        .await;
+    assert_eq!(status, 401);
+
+    let (ok, out, err) = tokio::task::block_in_place(|| cli(&serve, &["templates"]));
+    assert!(ok, "{err}");
+    let echo = out
+        .lines()
+        .find(|l| l.starts_with("echo\t"))
+        .unwrap_or_else(|| panic!("echo listed: {out}"));
+    assert!(echo.starts_with("echo\tapi\t"), "{echo}");
+    assert!(out.lines().any(|l| l.starts_with("sh\ttui\t")), "{out}");
+}
