@@ -173,14 +173,7 @@ fn serve_refuses_a_malformed_secret_or_store_url_with_a_clear_message() {
 async fn templates_are_listed_for_clients() {
     let serve = Serve::start(&[]);
     let api = serve.client();
-    let (_, key) = api
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(serde_json::json!({"tenant": "templates-reader"})),
-        )
-        .await;
-    let tenant = api.with_key(key["key"].as_str().expect("key"));
+    let tenant = crate::tenancy::tenant_client(&api, "templates-reader").await;
     let (status, list) = tenant.call("GET", "/v1/templates", None).await;
     assert_eq!(status, 200, "{list}");
     let templates = list["templates"].as_array().cloned().unwrap_or_default();
