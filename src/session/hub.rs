@@ -195,10 +195,17 @@ impl Hub {
 
     /// Subscribes to live events. Subscribe first, then read history, so nothing falls between.
     /// Keeps `message` as the session's latest turn's prompt (see `prompt`).
+    /// Only while the session has live subscribers: with none, nothing is copied or measured
+    /// on the message path (a later reader finds the prompt in the store).
     pub fn set_prompt(&self, message: &Message) {
+        let Some(channel) = self
+            .existing(&message.session_id)
+            .filter(|c| c.tx.receiver_count() > 0)
+        else {
+            return;
+        };
         let small = message.text.len() + message.parts.to_string().len() <= PROMPT_KEPT_BYTES;
         let kept = small.then(|| Arc::new(message.clone()));
-        let channel = self.channel(&message.session_id);
         *channel.prompt.lock().unwrap_or_else(|p| p.into_inner()) = kept;
     }
 
