@@ -61,15 +61,7 @@ fn client_session(out: &str) -> String {
 
 /// Each `GET` of `paths` as a tenant of its own: status and body.
 async fn as_another_tenant(serve: &Serve, paths: &[String]) -> Vec<(u16, serde_json::Value)> {
-    let api = serve.client();
-    let (_, other) = api
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(json!({ "tenant": "sdk-other" })),
-        )
-        .await;
-    let other = api.with_key(other["key"].as_str().expect("key"));
+    let other = crate::tenancy::tenant_client(&serve.client(), "sdk-other").await;
     let mut answers = Vec::new();
     for path in paths {
         answers.push(other.call("GET", path, None).await);

@@ -36,6 +36,17 @@ impl Drop for Peer {
     }
 }
 
+/// Where the Python benchmarks keep their virtualenvs and scratch folders (`--peers-dir`, else
+/// the temp dir's sandwarden-bench-peers), made if missing.
+pub(crate) fn scratch_dir(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    let scratch = args
+        .peers_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("sandwarden-bench-peers"));
+    std::fs::create_dir_all(&scratch)?;
+    Ok(scratch)
+}
+
 /// The virtualenv at `dir` with `packages` installed: made with `python` and pip the first
 /// time, reused after.
 pub(crate) fn venv(
@@ -483,11 +494,7 @@ async fn karta_under_test(
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let turns = args.peer_turns.max(100);
-    let scratch = args
-        .peers_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("sandwarden-bench-peers"));
-    std::fs::create_dir_all(&scratch)?;
+    let scratch = scratch_dir(args)?;
     let karta_bin = venv(
         "python3",
         &scratch.join("karta-venv"),

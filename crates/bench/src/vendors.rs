@@ -14,11 +14,7 @@ const SDKS: [&str; 3] = ["anthropic==2.16.0", "openai==3.60.0", "httpx"];
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
     let turns = args.peer_turns.max(100);
-    let scratch = args
-        .peers_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("sandwarden-bench-peers"));
-    std::fs::create_dir_all(&scratch)?;
+    let scratch = crate::peers::scratch_dir(args)?;
     let bin = crate::peers::venv("python3", &scratch.join("sdk-venv"), &SDKS, "python")?;
     let script = scratch.join("vendor_latency.py");
     std::fs::write(&script, SCRIPT)?;

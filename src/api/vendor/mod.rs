@@ -178,6 +178,21 @@ fn merged_metadata(old: &Value, patch: Option<&Value>) -> Result<Value, Problem>
     Ok(Value::Object(merged))
 }
 
+/// Removes a vendor session: its native session stops and its record goes (`404` from then on).
+async fn discard_session(
+    orch: &AppState,
+    caller: &Caller,
+    kind: &str,
+    id: &str,
+) -> Result<(), Problem> {
+    stop_native(orch, caller, id).await?;
+    orch.store
+        .delete_object(&caller.tenant, kind, id)
+        .await
+        .map_err(store_problem)?;
+    Ok(())
+}
+
 /// Stops the native session (its sandbox goes; its history stays readable).
 async fn stop_native(orch: &AppState, caller: &Caller, id: &str) -> Result<(), Problem> {
     match orch.delete(&caller.tenant, id).await {

@@ -857,11 +857,7 @@ async fn create_session(
             && let Err(p) = send_message(&orch, &caller, &record, &content).await
         {
             // A session whose first message was refused is not left behind unseen.
-            let _ = orch.delete(&caller.tenant, &session.id).await;
-            let _ = orch
-                .store
-                .delete_object(&caller.tenant, SESSION, &session.id)
-                .await;
+            let _ = discard_session(&orch, &caller, SESSION, &session.id).await;
             return Err(p);
         }
     }
@@ -970,11 +966,7 @@ async fn delete_session(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let record = session_record(&orch, &caller, &id).await?;
-    stop_native(&orch, &caller, &record.id).await?;
-    orch.store
-        .delete_object(&caller.tenant, SESSION, &record.id)
-        .await
-        .map_err(store_problem)?;
+    discard_session(&orch, &caller, SESSION, &record.id).await?;
     Ok(Json(json!({"id": id, "type": "session_deleted"})).into_response())
 }
 

@@ -712,11 +712,7 @@ async fn delete_session(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let record = session_record(&orch, &caller, &id).await?;
-    stop_native(&orch, &caller, &record.id).await?;
-    orch.store
-        .delete_object(&caller.tenant, SESSION, &record.id)
-        .await
-        .map_err(store_problem)?;
+    discard_session(&orch, &caller, SESSION, &record.id).await?;
     Ok(Json(json!({"id": id, "object": "agent.session.deleted", "deleted": true})).into_response())
 }
 
@@ -744,11 +740,7 @@ async fn first_turn(
 ) -> Result<(), Problem> {
     let sent = send_message(orch, caller, record, parts).await;
     if sent.is_err() {
-        let _ = orch.delete(&caller.tenant, &record.id).await;
-        let _ = orch
-            .store
-            .delete_object(&caller.tenant, SESSION, &record.id)
-            .await;
+        let _ = discard_session(orch, caller, SESSION, &record.id).await;
     }
     sent
 }
