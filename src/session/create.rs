@@ -23,6 +23,9 @@ pub struct CreateRequest {
     /// Tools the client runs itself, offered to the agent (API sessions; never stored).
     #[serde(default)]
     pub client_tools: Vec<sandwarden_proto::event::ClientToolSpec>,
+    /// Standing instructions added to the agent's system prompt (API sessions; handed over at
+    /// binding and never stored).
+    pub instructions: Option<String>,
 }
 
 impl CreateRequest {
@@ -35,6 +38,7 @@ impl CreateRequest {
             "cwd": self.cwd, "idle_timeout_s": self.idle_timeout_s,
             "mcp_servers": self.mcp_servers.iter().map(|m| &m.name).collect::<Vec<_>>(),
             "client_tools": self.client_tools,
+            "instructions": self.instructions.as_deref().map(|t| hex::encode(Sha256::digest(t))),
         });
         hex::encode(Sha256::digest(shape.to_string().as_bytes()))
     }
@@ -46,6 +50,7 @@ impl CreateRequest {
             cwd: self.cwd.clone(),
             mcp_servers: self.mcp_servers.clone(),
             client_tools: self.client_tools.clone(),
+            instructions: self.instructions.clone(),
         }
     }
 }
@@ -120,6 +125,10 @@ impl Orchestrator {
             && !bind.client_tools.is_empty()
         {
             return Err(invalid(sandwarden_proto::event::TUI_CLIENT_TOOLS.into()));
+        }
+        if template.kind == sandwarden_proto::kind::HarnessKind::Tui && bind.instructions.is_some()
+        {
+            return Err(invalid(sandwarden_proto::event::TUI_INSTRUCTIONS.into()));
         }
 
         let fingerprint = req.fingerprint();

@@ -506,8 +506,7 @@ async fn late_binding_restarts_the_agent_with_session_env_and_files() {
             mode: Some(0o600),
         }],
         cwd: Some("proj".into()),
-        mcp_servers: Vec::new(),
-        client_tools: Vec::new(),
+        ..Default::default()
     };
     h.client.bind(&bind).await.expect("bind");
     h.wait_phase("ready").await;

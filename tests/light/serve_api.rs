@@ -1102,6 +1102,68 @@ async fn the_probe_listener_serves_the_probes_and_metrics_and_nothing_else() {
     assert_eq!(status, 200);
 }
 
+/// Instructions given at create reach the agent as its system prompt (ACP `systemPrompt`, mode
+/// `append`), warm-claimed or cold-started, each session only its own; a terminal session, an
+/// oversized text and a NUL are refused with what to fix, creating nothing.
+#[tokio::test]
+async fn instructions_given_at_create_reach_the_agent_as_its_system_prompt() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let create = |body: serde_json::Value| {
+        let api = &api;
+        async move { api.call("POST", "/v1/sessions", Some(body)).await }
+    };
+    let mut sessions = Vec::new();
+    for (harness, text) in [
+        ("echo", "Answer like a heron: briefly.\nNever delete files."),
+        ("echo-cold", "Answer like a pelican, at length."),
+    ] {
+        let (status, s) = create(json!({"harness": harness, "instructions": text})).await;
+        assert_eq!(status, 201, "{s}");
+        let id = s["id"].as_str().expect("id").to_string();
+        api.wait_status(&id, "ready").await;
+        sessions.push((id, format!("system prompt: {text}")));
+    }
+    sessions.push((api.ready("echo").await, "no system prompt".into()));
+    for (id, want) in &sessions {
+        let (status, reply) = api.say(id, "/system").await;
+        assert_eq!(
+            (status, reply["text"].as_str()),
+            (200, Some(want.as_str())),
+            "{reply}"
+        );
+    }
+    // Never stored: the session's record does not hold them.
+    let (_, record) = api
+        .call("GET", &format!("/v1/sessions/{}", sessions[0].0), None)
+        .await;
+    assert!(!record.to_string().contains("heron"), "{record}");
+
+    let (_, before) = api.call("GET", "/v1/sessions", None).await;
+    let before = before["sessions"].as_array().map(Vec::len);
+    for (body, says) in [
+        (
+            json!({"harness": "sh", "instructions": "be brief"}),
+            "terminal program",
+        ),
+        (
+            json!({"harness": "echo", "instructions": "x".repeat(64 * 1024 + 1)}),
+            "at most 64 KiB",
+        ),
+        (json!({"harness": "echo", "instructions": "a\u{0}b"}), "NUL"),
+    ] {
+        let (status, p) = create(body).await;
+        assert_eq!(status, 422, "{p}");
+        assert!(p["detail"].as_str().unwrap_or("").contains(says), "{p}");
+    }
+    let (_, after) = api.call("GET", "/v1/sessions", None).await;
+    assert_eq!(
+        after["sessions"].as_array().map(Vec::len),
+        before,
+        "nothing was created"
+    );
+}
+
 /// MCP servers given at create reach the agent's ACP session (`session/new`'s `mcpServers`),
 /// warm-claimed or cold-started, each session only its own; a transport the agent did not
 /// offer, a terminal session, and malformed servers are refused with what to fix, creating

@@ -85,6 +85,22 @@ check(session.status == "idle", f"a new session is idle: {session.status}")
 check(session.agent.version == 2, "the session runs the agent's latest version")
 sid = session.id
 
+# ---- an agent's system prompt reaches the agent (ACP `systemPrompt`, added to its own)
+
+n = nonce()
+instructed = beta.agents.create(
+    name="instructed", model="echo-small", system=f"Answer like a heron {n}.",
+    metadata={"sandwarden.harness": "echo"},
+)
+check(instructed.system == f"Answer like a heron {n}.", f"the agent keeps its system: {instructed}")
+instructed_sid = beta.sessions.create(agent=instructed.id, environment_id=env.id).id
+_, said = turn(instructed_sid, "/system")
+check(answer_text(said) == f"system prompt: Answer like a heron {n}.",
+      f"system: {answer_text(said)!r}")
+beta.sessions.delete(instructed_sid)
+for event in said:  # the history checks below are of the main session's streams
+    seen_on_streams.pop(getattr(event, "id", None), None)
+
 # ---- a plain turn, buffered and with previews
 
 n1 = nonce()
@@ -266,8 +282,8 @@ refused(
 )
 refused(
     anthropic.BadRequestError,
-    lambda: beta.agents.create(name="x", model="echo-small", system="be brief"),
-    "a system prompt",
+    lambda: beta.agents.create(name="x", model="echo-small", system="x" * (32 * 1024 + 1)),
+    "a system prompt over 32 KiB",
 )
 refused(
     anthropic.BadRequestError,

@@ -65,6 +65,27 @@ with sessions.stream(sid, input=f"hello {n1}") as turn:
 check(result.turn.status == "completed", f"turn: {result.turn}")
 check([m.content[0].text for m in result.messages] == [f"hello {n1}"], f"{result.messages}")
 
+# ---- instructions reach the agent (ACP `systemPrompt`), a stored agent's and an inline one's
+
+for how in ("stored", "inline"):
+    n = nonce()
+    said = f"Answer like an egret {how} {n}."
+    if how == "stored":
+        instructed = agents.create(model="echo-small", instructions=said,
+                                   metadata={"sandwarden.harness": "echo"})
+        check(agents.retrieve(instructed.id).instructions == said, "the agent keeps them")
+        s = sessions.create(environment={"type": "openai_hosted"}, agent_id=instructed.id)
+    else:
+        s = sessions.create(environment={"type": "openai_hosted"},
+                            agent={"model": "echo-small", "instructions": said},
+                            metadata={"sandwarden.harness": "echo"})
+    check(s.agent.instructions == said, f"{how}: the session shows them: {s.agent}")
+    with sessions.stream(s.id, input="/system") as turn:
+        result = turn.get_final_result()
+    got = "".join(c.text for m in result.messages for c in m.content)
+    check(got == f"system prompt: {said}", f"{how}: {got!r}")
+    sessions.delete(s.id)
+
 # ---- text deltas, a second prompt
 
 n2 = nonce()
@@ -224,8 +245,8 @@ def refused(exc, call, what):
 
 refused(openai.BadRequestError, lambda: agents.create(
     model="echo-small", tools=[{"type": "web_search"}]), "a hosted tool")
-refused(openai.BadRequestError, lambda: agents.create(model="echo-small", instructions="be brief"),
-        "instructions")
+refused(openai.BadRequestError, lambda: agents.create(
+    model="echo-small", instructions="x" * (32 * 1024 + 1)), "instructions over 32 KiB")
 refused(openai.BadRequestError, lambda: sessions.create(
     environment={"type": "openai_hosted", "network": {"access": "restricted"}}, agent_id=agent.id),
     "a network policy")

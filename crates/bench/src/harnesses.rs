@@ -374,9 +374,12 @@ fn peer_env(fake: &str, path: &str, home: &Path) -> anyhow::Result<Vec<(String, 
     let plan = sandwarden_harness::launch::plan(
         sandwarden_harness::launch::Preset::Opencode,
         &t.env,
-        home,
-        home,
-        None,
+        &sandwarden_harness::launch::Found {
+            home,
+            cwd: home,
+            claude_json: None,
+            instructions: None,
+        },
     )?;
     for (file, content) in &plan.files {
         if let Some(dir) = file.parent() {

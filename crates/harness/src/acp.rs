@@ -112,6 +112,8 @@ struct Inner {
     /// Tools the client runs, offered through `client_endpoint`'s MCP server.
     client_tools: Vec<crate::event::ClientToolSpec>,
     client_endpoint: Option<crate::client_tools::Endpoint>,
+    /// Standing instructions given at binding, added to the agent's system prompt.
+    instructions: Option<String>,
     bound: bool,
     used: bool,
     /// The settings the agent of the current generation offers, kept current from its updates.
@@ -206,6 +208,7 @@ impl ApiAgent {
                 mcp_servers: Vec::new(),
                 client_tools: Vec::new(),
                 client_endpoint: None,
+                instructions: None,
                 bound: false,
                 used: false,
                 choices: Choices::default(),
@@ -270,11 +273,30 @@ impl ApiAgent {
         cwd: PathBuf,
     ) {
         let argv = &self.cfg.argv;
+        let mut child_env = child_env(&env);
+        let instructions = lock(&self.inner).instructions.clone();
+        if let Some(text) = instructions {
+            match write_instructions(&child_env, &cwd, &text) {
+                Ok(path) => child_env.push((
+                    crate::launch::INSTRUCTIONS_FILE_ENV.into(),
+                    path.display().to_string(),
+                )),
+                Err(e) => {
+                    self.fail(
+                        generation,
+                        format!("writing the session's instructions for the agent failed: {e}"),
+                        None,
+                        Vec::new(),
+                    );
+                    return;
+                }
+            }
+        }
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(&cwd)
             .env_clear()
-            .envs(child_env(&env))
+            .envs(child_env)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -374,7 +396,7 @@ impl ApiAgent {
         let on_permission = self.clone();
         let me = self.clone();
         let boot_timeout = self.cfg.boot_timeout;
-        let (cwd, mcp_specs) = {
+        let (cwd, mcp_specs, instructions) = {
             let g = lock(&self.inner);
             let mut specs = g.mcp_servers.clone();
             if let Some(endpoint) = g
@@ -384,7 +406,7 @@ impl ApiAgent {
             {
                 specs.push(client_tools_server(endpoint));
             }
-            (g.cwd.clone(), specs)
+            (g.cwd.clone(), specs, g.instructions.clone())
         };
         let mcp_servers: Vec<McpServer> = mcp_specs.iter().map(acp_mcp_server).collect();
         let result = Client
@@ -429,10 +451,14 @@ impl ApiAgent {
                             agent_client_protocol::Error::invalid_params().data(p.detail.clone())
                         );
                     }
+                    let new_session = with_instructions(
+                        NewSessionRequest::new(cwd).mcp_servers(mcp_servers),
+                        instructions.as_deref(),
+                        &init.agent_capabilities,
+                    );
                     let session = tokio::time::timeout(
                         boot_timeout,
-                        cx.send_request(NewSessionRequest::new(cwd).mcp_servers(mcp_servers))
-                            .block_task(),
+                        cx.send_request(new_session).block_task(),
                     )
                     .await
                     .map_err(|_| {
@@ -1141,6 +1167,7 @@ impl ApiAgent {
             g.cwd = checked.cwd;
             g.mcp_servers = checked.mcp_servers;
             g.client_tools = checked.client_tools;
+            g.instructions = checked.instructions;
             g.bound = true;
             // Supersede the running generation so its exit is not reported as a failure.
             g.generation += 1;
@@ -1507,6 +1534,57 @@ fn acp_mcp_server(spec: &crate::event::McpServerSpec) -> McpServer {
                 ),
         ),
     }
+}
+
+/// Adds the session's instructions to `session/new`: as ACP's `systemPrompt` (mode `append`)
+/// when the agent offers it, else as `_meta.systemPrompt.append`, which claude-agent-acp reads
+/// (agents that know neither ignore `_meta`; `sandwarden launch` gives opencode and codex the
+/// same text through their own configuration).
+fn with_instructions(
+    request: NewSessionRequest,
+    instructions: Option<&str>,
+    caps: &agent_client_protocol::v1::schema::AgentCapabilities,
+) -> NewSessionRequest {
+    let Some(text) = instructions else {
+        return request;
+    };
+    if caps.session_capabilities.system_prompt.is_some() {
+        return request.system_prompt(agent_client_protocol::v1::schema::SystemPrompt::new(vec![
+            ContentBlock::Text(TextContent::new(text)),
+        ]));
+    }
+    let mut meta = agent_client_protocol::v1::schema::Meta::new();
+    meta.insert("systemPrompt".into(), json!({ "append": text }));
+    request.meta(meta)
+}
+
+/// Writes the instructions where the agent's launcher finds them: `$HOME/.config/sandwarden/
+/// instructions.md` in the agent's environment (its working directory's `.sandwarden/` when it
+/// has no HOME), readable by the agent's user only.
+fn write_instructions(
+    env: &[(String, String)],
+    cwd: &std::path::Path,
+    text: &str,
+) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = env
+        .iter()
+        .find(|(k, v)| k == "HOME" && !v.is_empty())
+        .map_or_else(
+            || cwd.join(".sandwarden"),
+            |(_, home)| PathBuf::from(home).join(".config/sandwarden"),
+        );
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("instructions.md");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(text.as_bytes())?;
+    Ok(path)
 }
 
 /// Refuses MCP servers over a transport the agent did not say it takes (`initialize`'s

@@ -16,6 +16,7 @@ pub struct CheckedBind {
     pub cwd: PathBuf,
     pub mcp_servers: Vec<crate::event::McpServerSpec>,
     pub client_tools: Vec<crate::event::ClientToolSpec>,
+    pub instructions: Option<String>,
 }
 
 /// Checks a bind request against the sandbox's working directory. The message says what to fix.
@@ -46,6 +47,7 @@ pub fn check(req: &BindRequest, workdir: &Path) -> Result<CheckedBind, String> {
         cwd,
         mcp_servers: req.mcp_servers.clone(),
         client_tools: req.client_tools.clone(),
+        instructions: req.instructions.clone().filter(|t| !t.trim().is_empty()),
     })
 }
 

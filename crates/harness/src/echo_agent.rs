@@ -18,6 +18,8 @@
 //! | `/config`      | replies with its current settings, e.g. `model=echo-small thinking=off ...`|
 //! | `/mcp`         | replies with the MCP servers its session was given (names, transports, and  |
 //! |                | how many args, env vars and headers: never their values)                   |
+//! | `/system`      | replies with the system prompt its session was given (ACP `systemPrompt`,  |
+//! |                | mode `append`), or says there is none                                      |
 //!
 //! It offers three ACP session settings so clients' `model`, `thinking` and `agent` options can
 //! be tested: `model` (`echo-small`, `echo-large`), `thinking` (`off`, `low`, `high`) and `mode`
@@ -32,11 +34,12 @@ use agent_client_protocol::v1::schema::{
     AgentCapabilities, CancelNotification, ContentBlock, ContentChunk, InitializeRequest,
     InitializeResponse, McpCapabilities, McpServer, NewSessionRequest, NewSessionResponse,
     PermissionOption, PermissionOptionKind, PromptCapabilities, PromptRequest, PromptResponse,
-    RequestPermissionOutcome, RequestPermissionRequest, SessionConfigKind, SessionConfigOption,
-    SessionConfigOptionCategory, SessionConfigSelect, SessionConfigSelectOption,
-    SessionNotification, SessionUpdate, SetSessionConfigOptionRequest,
-    SetSessionConfigOptionResponse, StopReason, TextContent, ToolCall, ToolCallContent,
-    ToolCallStatus, ToolCallUpdate, ToolCallUpdateFields, ToolKind, Usage,
+    RequestPermissionOutcome, RequestPermissionRequest, SessionCapabilities, SessionConfigKind,
+    SessionConfigOption, SessionConfigOptionCategory, SessionConfigSelect,
+    SessionConfigSelectOption, SessionNotification, SessionSystemPromptCapabilities, SessionUpdate,
+    SetSessionConfigOptionRequest, SetSessionConfigOptionResponse, StopReason, SystemPromptMode,
+    TextContent, ToolCall, ToolCallContent, ToolCallStatus, ToolCallUpdate, ToolCallUpdateFields,
+    ToolKind, Usage,
 };
 use agent_client_protocol::{Agent, ByteStreams, Client};
 use std::collections::{BTreeMap, HashMap};
@@ -67,6 +70,7 @@ pub enum Script {
     Cat(String),
     Config,
     Mcp,
+    System,
     /// Calls a client tool through the session's client-tools MCP server: name, JSON input.
     CallTool(String, String),
 }
@@ -116,6 +120,7 @@ impl Script {
             "/cat" => Script::Cat(rest.to_string()),
             "/config" => Script::Config,
             "/mcp" => Script::Mcp,
+            "/system" => Script::System,
             "/calltool" => {
                 let (name, input) = rest.split_once(char::is_whitespace).unwrap_or((rest, "{}"));
                 Script::CallTool(name.to_string(), input.trim().to_string())
@@ -201,6 +206,15 @@ struct State {
     mcp: Mutex<HashMap<String, String>>,
     /// Each session's client-tools MCP server: its URL and headers.
     client_tools: Mutex<HashMap<String, ToolServer>>,
+    /// The system prompt each session was given, if any.
+    system: Mutex<HashMap<String, String>>,
+}
+
+/// What a session was given at its start, for the commands that report it.
+struct Given {
+    mcp: String,
+    tools: Option<ToolServer>,
+    system: Option<String>,
 }
 
 /// Where a session's client tools are called.
@@ -268,7 +282,12 @@ pub async fn run() -> anyhow::Result<()> {
                             AgentCapabilities::new()
                                 .prompt_capabilities(PromptCapabilities::new().image(true))
                                 // HTTP MCP servers but not SSE, so both answers can be tested.
-                                .mcp_capabilities(McpCapabilities::new().http(true)),
+                                .mcp_capabilities(McpCapabilities::new().http(true))
+                                // ACP's `systemPrompt` in `session/new`, mode `append`.
+                                .session_capabilities(
+                                    SessionCapabilities::new()
+                                        .system_prompt(SessionSystemPromptCapabilities::new()),
+                                ),
                         )
                         .agent_info(Implementation::new(
                             "sandwarden-echo-agent",
@@ -301,6 +320,24 @@ pub async fn run() -> anyhow::Result<()> {
                     });
                     if let Some(tools) = tools {
                         lock(&state.client_tools).insert(id.clone(), tools);
+                    }
+                    if let Some(system) = &req.system_prompt {
+                        if system.mode != SystemPromptMode::Append {
+                            return responder.respond_with_error(
+                                agent_client_protocol::Error::invalid_params()
+                                    .data("this agent takes system prompts in mode `append` only"),
+                            );
+                        }
+                        let text = system
+                            .content
+                            .iter()
+                            .filter_map(|b| match b {
+                                ContentBlock::Text(t) => Some(t.text.as_str()),
+                                _ => None,
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n");
+                        lock(&state.system).insert(id.clone(), text);
                     }
                     lock(&state.settings).insert(id.clone(), current.clone());
                     responder.respond(
@@ -335,9 +372,13 @@ pub async fn run() -> anyhow::Result<()> {
                 // Prompts stream and may wait on the client: run them off the dispatch loop.
                 let settings = state.describe(&session);
                 let mcp = lock(&state.mcp).get(&session).cloned().unwrap_or_default();
-                let tools = lock(&state.client_tools).get(&session).cloned();
+                let given = Given {
+                    mcp,
+                    tools: lock(&state.client_tools).get(&session).cloned(),
+                    system: lock(&state.system).get(&session).cloned(),
+                };
                 cx.clone().spawn(async move {
-                    let result = prompt(&cx, req, &cancel, settings, (mcp, tools)).await;
+                    let result = prompt(&cx, req, &cancel, settings, given).await;
                     lock(&state.running).remove(&session);
                     match result {
                         Ok(response) => responder.respond(response),
@@ -503,8 +544,9 @@ async fn prompt(
     req: PromptRequest,
     cancel: &CancellationToken,
     settings: String,
-    (mcp, tools): (String, Option<ToolServer>),
+    given: Given,
 ) -> Result<PromptResponse, String> {
+    let Given { mcp, tools, system } = given;
     let mut text = String::new();
     let mut images = 0;
     for block in &req.prompt {
@@ -657,6 +699,12 @@ async fn prompt(
         }
         Script::Config => reply = settings,
         Script::Mcp => reply = mcp,
+        Script::System => {
+            reply = match system {
+                Some(text) => format!("system prompt: {text}"),
+                None => "no system prompt".into(),
+            }
+        }
         Script::CallTool(name, input) => {
             let called = call_client_tool(tools.as_ref(), &name, &input);
             reply = tokio::select! {

@@ -69,6 +69,10 @@ impl LaunchError {
     }
 }
 
+/// Names the file holding the session's standing instructions, when it has any: the harness
+/// server writes the file and sets this for the agent it starts.
+pub const INSTRUCTIONS_FILE_ENV: &str = "SANDWARDEN_INSTRUCTIONS_FILE";
+
 /// Default endpoint when only a key and a model are given.
 const OPENAI_DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 /// The provider id the generated configs use.
@@ -124,18 +128,31 @@ fn openai_model(env: &BTreeMap<String, String>) -> Result<Option<OpenAiModel>, L
     }))
 }
 
-/// Decides what `preset` needs, from the environment, the home and working directories.
-/// Pure apart from reading an existing `~/.claude.json` (passed in as `claude_json`).
+/// What `plan` reads besides the environment: the home and working directories, an existing
+/// `~/.claude.json`, and the session's instructions (read from `INSTRUCTIONS_FILE_ENV`'s file).
+#[derive(Debug)]
+pub struct Found<'a> {
+    pub home: &'a Path,
+    pub cwd: &'a Path,
+    pub claude_json: Option<&'a str>,
+    pub instructions: Option<&'a str>,
+}
+
+/// Decides what `preset` needs, from the environment and what was `found` (pure).
 pub fn plan(
     preset: Preset,
     env: &BTreeMap<String, String>,
-    home: &Path,
-    cwd: &Path,
-    claude_json: Option<&str>,
+    found: &Found<'_>,
 ) -> Result<Plan, LaunchError> {
+    let (home, cwd, claude_json) = (found.home, found.cwd, found.claude_json);
     let mut plan = Plan::default();
     match preset {
         Preset::Opencode => {
+            // opencode reads standing instructions from the files its config lists.
+            let instructions = env
+                .get(INSTRUCTIONS_FILE_ENV)
+                .filter(|_| found.instructions.is_some())
+                .map(|path| json!([path]));
             if let Some(m) = openai_model(env)? {
                 let config = json!({
                     "$schema": "https://opencode.ai/config.json",
@@ -150,11 +167,11 @@ pub fn plan(
                     "small_model": format!("{PROVIDER}/{}", m.model),
                     "autoupdate": false,
                     "share": "disabled",
+                    "instructions": instructions,
                 });
-                let path = home.join(".config/sandwarden/opencode.json");
-                plan.env
-                    .push(("OPENCODE_CONFIG".into(), path.display().to_string()));
-                plan.files.push((path, pretty(&config)));
+                plan.opencode_config(home, config);
+            } else if let Some(instructions) = instructions {
+                plan.opencode_config(home, json!({ "instructions": instructions }));
             }
         }
         Preset::Claude => {
@@ -220,9 +237,28 @@ pub fn plan(
             plan.extra_args.push("-c".into());
             plan.extra_args
                 .push(format!("projects={}", toml_value(&trusted)));
+            // codex adds `developer_instructions` to its own as a developer message.
+            if let Some(text) = found.instructions {
+                plan.extra_args.push("-c".into());
+                plan.extra_args
+                    .push(format!("developer_instructions={}", toml_string(text)));
+            }
         }
     }
     Ok(plan)
+}
+
+impl Plan {
+    /// opencode's config file, named by `OPENCODE_CONFIG` (merged over the user's own).
+    fn opencode_config(&mut self, home: &Path, mut config: Value) {
+        if let Some(map) = config.as_object_mut() {
+            map.retain(|_, v| !v.is_null());
+        }
+        let path = home.join(".config/sandwarden/opencode.json");
+        self.env
+            .push(("OPENCODE_CONFIG".into(), path.display().to_string()));
+        self.files.push((path, pretty(&config)));
+    }
 }
 
 fn pretty(v: &Value) -> String {
@@ -271,7 +307,21 @@ pub fn run(args: LaunchArgs) -> Result<(), LaunchError> {
         Preset::Claude => std::fs::read_to_string(&claude_path).ok(),
         _ => None,
     };
-    let plan = plan(args.preset, &env, &home, &cwd, existing.as_deref())?;
+    let instructions = match env.get(INSTRUCTIONS_FILE_ENV) {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+            LaunchError::Config(format!(
+                "{INSTRUCTIONS_FILE_ENV} names {path:?}, which cannot be read: {e}"
+            ))
+        })?),
+        None => None,
+    };
+    let found = Found {
+        home: &home,
+        cwd: &cwd,
+        claude_json: existing.as_deref(),
+        instructions: instructions.as_deref(),
+    };
+    let plan = plan(args.preset, &env, &found)?;
     for (path, content) in &plan.files {
         write_private(path, content).map_err(|source| LaunchError::Write {
             path: path.clone(),
@@ -323,6 +373,51 @@ mod tests {
 
     const KEY: &str = "sk-secret-value-0123456789abcdefghij";
 
+    /// What `plan` finds with home `/h` and working directory `cwd`, and nothing else.
+    fn at(cwd: &'static str) -> Found<'static> {
+        Found {
+            home: Path::new("/h"),
+            cwd: Path::new(cwd),
+            claude_json: None,
+            instructions: None,
+        }
+    }
+
+    #[test]
+    fn instructions_reach_opencode_through_its_config_and_codex_as_developer_instructions() {
+        let text = "Answer in \"French\".\nNever delete files.";
+        let file = "/h/.config/sandwarden/instructions.md";
+        let found = Found {
+            instructions: Some(text),
+            ..at("/w")
+        };
+        let e = env(&[(INSTRUCTIONS_FILE_ENV, file)]);
+        // opencode without model settings: a config with the instructions only.
+        let p = plan(Preset::Opencode, &e, &found).expect("plan");
+        let v: Value = serde_json::from_str(&p.files[0].1).expect("json");
+        assert_eq!(v, json!({ "instructions": [file] }));
+        let e = env(&[
+            (INSTRUCTIONS_FILE_ENV, file),
+            ("OPENAI_API_KEY", KEY),
+            ("OPENAI_MODEL", "m-1"),
+        ]);
+        let p = plan(Preset::Opencode, &e, &found).expect("plan");
+        let v: Value = serde_json::from_str(&p.files[0].1).expect("json");
+        assert_eq!(v["instructions"], json!([file]));
+        assert_eq!(v["model"], "sandwarden/m-1");
+        let p = plan(Preset::Codex, &e, &found).expect("plan");
+        let args = p.extra_args.join(" ");
+        assert!(
+            args.contains(r#"developer_instructions="Answer in \"French\".\nNever delete files.""#),
+            "{args}"
+        );
+        // Without instructions neither gets any.
+        let p = plan(Preset::Opencode, &env(&[]), &at("/w")).expect("plan");
+        assert!(p.files.is_empty());
+        let p = plan(Preset::Codex, &env(&[]), &at("/w")).expect("plan");
+        assert!(!p.extra_args.join(" ").contains("instructions"));
+    }
+
     #[test]
     fn opencode_gets_a_provider_config_that_names_the_key_variable_only() {
         let e = env(&[
@@ -330,7 +425,7 @@ mod tests {
             ("OPENAI_API_KEY", KEY),
             ("OPENAI_MODEL", "m-1"),
         ]);
-        let p = plan(Preset::Opencode, &e, Path::new("/h"), Path::new("/w"), None).expect("plan");
+        let p = plan(Preset::Opencode, &e, &at("/w")).expect("plan");
         assert_eq!(p.files.len(), 1);
         let (path, text) = &p.files[0];
         assert_eq!(path, Path::new("/h/.config/sandwarden/opencode.json"));
@@ -353,7 +448,7 @@ mod tests {
     #[test]
     fn without_model_settings_the_clis_own_config_applies() {
         for preset in [Preset::Opencode, Preset::Codex] {
-            let p = plan(preset, &env(&[]), Path::new("/h"), Path::new("/w"), None).expect("plan");
+            let p = plan(preset, &env(&[]), &at("/w")).expect("plan");
             assert!(p.files.is_empty() && p.env.is_empty());
         }
     }
@@ -361,12 +456,12 @@ mod tests {
     #[test]
     fn half_given_model_settings_say_what_is_missing() {
         let e = env(&[("OPENAI_API_KEY", KEY)]);
-        let err = plan(Preset::Codex, &e, Path::new("/h"), Path::new("/w"), None)
+        let err = plan(Preset::Codex, &e, &at("/w"))
             .expect_err("refused")
             .to_string();
         assert!(err.contains("OPENAI_MODEL") && !err.contains(KEY), "{err}");
         let e = env(&[("OPENAI_MODEL", "m")]);
-        let err = plan(Preset::Opencode, &e, Path::new("/h"), Path::new("/w"), None)
+        let err = plan(Preset::Opencode, &e, &at("/w"))
             .expect_err("refused")
             .to_string();
         assert!(err.contains("OPENAI_API_KEY"), "{err}");
@@ -375,7 +470,7 @@ mod tests {
             ("OPENAI_API_KEY", "k"),
             ("OPENAI_BASE_URL", "localhost:1"),
         ]);
-        assert!(plan(Preset::Codex, &e, Path::new("/h"), Path::new("/w"), None).is_err());
+        assert!(plan(Preset::Codex, &e, &at("/w")).is_err());
     }
 
     #[test]
@@ -385,14 +480,7 @@ mod tests {
             ("OPENAI_API_KEY", KEY),
             ("OPENAI_MODEL", "m-1"),
         ]);
-        let p = plan(
-            Preset::Codex,
-            &e,
-            Path::new("/h"),
-            Path::new("/tmp/.x y"),
-            None,
-        )
-        .expect("plan");
+        let p = plan(Preset::Codex, &e, &at("/tmp/.x y")).expect("plan");
         let args = p.extra_args.join(" ");
         assert!(!args.contains(KEY), "{args}");
         assert!(args.contains(r#"model_provider="sandwarden""#), "{args}");
@@ -414,9 +502,10 @@ mod tests {
         let p = plan(
             Preset::Claude,
             &e,
-            Path::new("/h"),
-            Path::new("/w"),
-            Some(existing),
+            &Found {
+                claude_json: Some(existing),
+                ..at("/w")
+            },
         )
         .expect("plan");
         let (path, text) = &p.files[0];

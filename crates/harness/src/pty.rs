@@ -594,6 +594,13 @@ impl Terminal {
                 crate::event::TUI_CLIENT_TOOLS,
             ));
         }
+        if checked.instructions.is_some() {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_bind",
+                crate::event::TUI_INSTRUCTIONS,
+            ));
+        }
         let old = {
             let mut g = lock(&self.inner);
             if g.used {

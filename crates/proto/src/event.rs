@@ -477,6 +477,14 @@ pub const TUI_MCP: &str = "mcp_servers are handed to API agents over ACP; a term
 pub const TUI_CLIENT_TOOLS: &str = "client_tools are offered to API agents through an MCP server; \
     a terminal program has no turn for a client to answer a call in";
 
+/// Why a terminal session takes no instructions.
+pub const TUI_INSTRUCTIONS: &str = "instructions are handed to API agents over ACP; a terminal \
+    program reads its standing instructions from its own files (write them with `files`, e.g. \
+    CLAUDE.md or AGENTS.md)";
+
+/// The largest `instructions` a session may be given, in bytes.
+pub const MAX_INSTRUCTIONS_BYTES: usize = 64 * 1024;
+
 /// Most MCP servers one session may be given.
 pub const MAX_MCP_SERVERS: usize = 20;
 
@@ -576,6 +584,10 @@ pub struct BindRequest {
     /// Tools the client runs itself, offered to the agent (API sandboxes only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_tools: Vec<ClientToolSpec>,
+    /// Standing instructions for the agent, added to its own system prompt (API sandboxes only;
+    /// docs/harness.md says how each agent gets them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
 }
 
 /// A non-empty relative path that stays inside the directory it is relative to: no `..`, no
@@ -693,6 +705,18 @@ impl BindRequest {
                 return Err(format!("client tool {:?} is given twice", tool.name));
             }
         }
+        if let Some(text) = &self.instructions {
+            if text.len() > MAX_INSTRUCTIONS_BYTES {
+                return Err(format!(
+                    "`instructions` are at most {} KiB ({} bytes given)",
+                    MAX_INSTRUCTIONS_BYTES / 1024,
+                    text.len()
+                ));
+            }
+            if text.contains('\0') {
+                return Err("`instructions` hold a NUL byte".into());
+            }
+        }
         Ok(())
     }
 
@@ -702,6 +726,7 @@ impl BindRequest {
             && self.cwd.is_none()
             && self.mcp_servers.is_empty()
             && self.client_tools.is_empty()
+            && self.instructions.is_none()
     }
 }
 
@@ -723,6 +748,10 @@ impl std::fmt::Debug for BindRequest {
                     .iter()
                     .map(|t| &t.name)
                     .collect::<Vec<_>>(),
+            )
+            .field(
+                "instructions_bytes",
+                &self.instructions.as_ref().map(String::len),
             )
             .finish()
     }

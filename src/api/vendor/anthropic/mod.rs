@@ -419,13 +419,7 @@ fn checked_agent_fields(b: &AgentBody) -> Result<(), Problem> {
             "an agent has at most 20 `tools` and 20 `mcp_servers`",
         ));
     }
-    if b.system.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(invalid(
-            "`system` is not supported yet: the agent CLI behind the harness keeps its own \
-             system prompt (put standing instructions in the agent's project files, e.g. \
-             AGENTS.md or CLAUDE.md, through the session's files)",
-        ));
-    }
+    checked_instructions("system", b.system.as_deref())?;
     for tool in b.tools.iter().flatten() {
         match tool["type"].as_str() {
             Some("agent_toolset_20260401") => {
@@ -833,6 +827,11 @@ async fn create_session(
             .filter(|t| t["type"] == "custom")
             .map(custom_tool)
             .collect(),
+        // Added to the agent CLI's own system prompt (docs/anthropic.md says how, per harness).
+        instructions: agent["system"]
+            .as_str()
+            .filter(|s| !s.trim().is_empty())
+            .map(String::from),
     };
     let (session, _) = orch
         .create(&caller.tenant, request, None, &caller.limits)

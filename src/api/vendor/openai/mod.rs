@@ -151,12 +151,7 @@ struct AgentBody {
 fn checked_agent(b: &AgentBody) -> Result<(), Problem> {
     short("name", b.name.as_deref(), 256)?;
     short("model", b.model.as_deref(), 256)?;
-    if b.instructions.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(invalid(
-            "`instructions` are not supported yet: the agent CLI behind the harness keeps its own \
-             (put standing instructions in the agent's project files, e.g. AGENTS.md)",
-        ));
-    }
+    checked_instructions("instructions", b.instructions.as_deref())?;
     if b.tools.as_ref().is_some_and(|t| t.len() > 32) {
         return Err(invalid("an agent has at most 32 tools"));
     }
@@ -206,7 +201,7 @@ fn function_tools(tools: Option<&[Value]>) -> Value {
 fn agent_view(id: &str, b: &AgentBody, now: &str) -> Result<Value, Problem> {
     Ok(json!({
         "object": "agent", "id": id, "model": b.model, "name": b.name,
-        "instructions": null, "tools": function_tools(b.tools.as_deref()),
+        "instructions": b.instructions, "tools": function_tools(b.tools.as_deref()),
         "metadata": checked_metadata(b.metadata.as_ref())?,
         "reasoning": {}, "created_at": unix(now), "updated_at": unix(now),
     }))
@@ -574,6 +569,17 @@ async fn create_session(
         Some(inline) => function_tools(Some(inline)),
         None => stored.as_ref().map_or(json!([]), |s| s["tools"].clone()),
     };
+    // The inline agent's instructions, else the stored agent's.
+    let instructions = b
+        .agent
+        .as_ref()
+        .and_then(|a| a.instructions.clone())
+        .or_else(|| {
+            stored
+                .as_ref()
+                .and_then(|s| s["instructions"].as_str().map(String::from))
+        })
+        .filter(|t| !t.trim().is_empty());
     let request = crate::session::CreateRequest {
         harness,
         id: None,
@@ -591,6 +597,8 @@ async fn create_session(
             .flatten()
             .map(function_tool)
             .collect(),
+        // Added to the agent CLI's own system prompt (docs/openai.md says how, per harness).
+        instructions: instructions.clone(),
     };
     let (session, _) = orch
         .create(&caller.tenant, request, None, &caller.limits)
@@ -600,7 +608,7 @@ async fn create_session(
     let name = stored.as_ref().map(|s| s["name"].clone());
     let body = json!({
         "object": "agent.session", "id": session.id, "status": "idle",
-        "agent": {"id": agent_id, "model": model, "name": name, "instructions": null,
+        "agent": {"id": agent_id, "model": model, "name": name, "instructions": instructions,
                   "tools": tools, "reasoning": {}, "service_tier": "auto",
                   "multi_agent": {}, "text": {}},
         "environment": {"type": "openai_hosted", "id": null},
