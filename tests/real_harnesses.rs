@@ -749,4 +749,29 @@ async fn claude_agent_sdk_behind_the_vendor_sdks() {
         String::from_utf8_lossy(&out.stderr),
         tail(&rig.model_saw().await, 3000)
     );
+    // What the script says the model must have seen: the two system prompts (the agent's
+    // `system`, the OpenAI agent's `instructions`) in the request's system prompt, and the two
+    // client tools' answers in the conversation.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
+    let wanted: Vec<&str> = summary["model_saw"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(wanted.len(), 4, "{stdout}");
+    let requests = rig.fake.requests().await;
+    for (i, marker) in wanted.iter().enumerate() {
+        let part = if i < 2 { "system" } else { "messages" };
+        assert!(
+            requests
+                .iter()
+                .any(|r| r["body"][part].to_string().contains(marker)),
+            "the model never saw {marker:?} in a request's {part}: {}",
+            tail(&rig.model_saw().await, 3000)
+        );
+    }
 }

@@ -1,8 +1,11 @@
 """Both vendor SDKs against a real agent CLI behind sandwarden (tests/real_harnesses.rs runs it with
 the fake model behind the CLI): a turn answered with its own prompt, a shell command the agent asks
-to run allowed (its file appears in the session) and one denied (no file), an interrupt followed by
-a turn that holds only its own answer. SANDWARDEN_URL, SANDWARDEN_KEY, SANDWARDEN_HARNESS and
-SANDWARDEN_MODEL (the model option the agent offers) say where and what."""
+to run allowed (its file appears in the session) and one denied (no file), a client-defined tool
+the agent calls and the client answers, an interrupt followed by a turn that holds only its own
+answer, a reconnect in the middle of a turn, the history paged. The agents carry a system prompt
+(Anthropic `system`, OpenAI `instructions`). SANDWARDEN_URL, SANDWARDEN_KEY, SANDWARDEN_HARNESS and
+SANDWARDEN_MODEL (the model option the agent offers) say where and what. The last line printed
+says what the model must have seen, for the Rust side to check in the fake model's records."""
 
 import json
 import os
@@ -38,26 +41,42 @@ def native_file(session_id, path):
 client = anthropic.Anthropic(base_url=f"{URL}/anthropic", api_key=KEY, max_retries=0, timeout=300)
 beta = client.beta
 env = beta.environments.create(name="real")
-agent = beta.agents.create(name=HARNESS, model=MODEL, metadata=META)
+system_marker = f"standing-order-{nonce()}"
+agent = beta.agents.create(
+    name=HARNESS, model=MODEL, metadata=META, system=f"Obey {system_marker}.",
+    tools=[{"type": "agent_toolset_20260401"},
+           {"type": "custom", "name": "lookup", "description": "looks a word up",
+            "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}])
 sid = beta.sessions.create(agent=agent.id, environment_id=env.id).id
+streamed = {}
 
 
-def a_turn(text, confirm=None, on_event=None):
-    """One turn; `confirm` answers each tool confirmation ("allow"/"deny"). The events."""
+def a_turn(text, confirm=None, on_event=None, tool_answer=None):
+    """One turn; `confirm` answers each tool confirmation ("allow"/"deny"), `tool_answer` each
+    call of the custom tool (its input → the text answered). The events."""
     events = []
     with beta.sessions.events.stream(sid) as stream:
         beta.sessions.events.send(sid, events=[
             {"type": "user.message", "content": [{"type": "text", "text": text}]}])
         for event in stream:
             events.append(event)
+            if getattr(event, "id", None) and event.type not in ("event_start", "event_delta"):
+                streamed[event.id] = event
             if on_event:
                 on_event(event)
             if event.type != "session.status_idle":
                 continue
             if event.stop_reason.type != "requires_action":
                 return events
-            check(confirm, f"{HARNESS}: unexpected confirmation asked: {event}")
+            by_id = {e.id: e for e in events if getattr(e, "id", None)}
             for blocked in event.stop_reason.event_ids:
+                if blocked in by_id and by_id[blocked].type == "agent.custom_tool_use":
+                    check(tool_answer, f"{HARNESS}: unexpected custom tool call: {by_id[blocked]}")
+                    beta.sessions.events.send(sid, events=[{
+                        "type": "user.custom_tool_result", "custom_tool_use_id": blocked,
+                        "content": [{"type": "text", "text": tool_answer(by_id[blocked].input)}]}])
+                    continue
+                check(confirm, f"{HARNESS}: unexpected confirmation asked: {event}")
                 beta.sessions.events.send(sid, events=[{
                     "type": "user.tool_confirmation", "tool_use_id": blocked, "result": confirm}])
     check(False, f"{HARNESS}: the stream ended before idle: {[e.type for e in events]}")
@@ -97,12 +116,66 @@ after = text_of(a_turn(f"after the interrupt egret {n}"))
 check(f"You said: after the interrupt egret {n}" in after and "tick" not in after,
       f"{HARNESS}: the turn after the interrupt holds {after!r}")
 
+# A client-defined tool: the agent calls it (through the harness's MCP server), the client answers.
+n = nonce()
+tool_inputs = []
+
+
+def lookup(given):
+    tool_inputs.append(given)
+    return f"found-{given.get('q')}"
+
+
+events = a_turn('CALLTOOL lookup {"q": "osprey-%s"}' % n, confirm="allow", tool_answer=lookup)
+check(tool_inputs == [{"q": f"osprey-{n}"}], f"{HARNESS}: the tool's calls: {tool_inputs}")
+check("Tool done." in text_of(events), f"{HARNESS}: after the tool: {text_of(events)!r}")
+anthropic_tool_answer = f"found-osprey-{n}"
+
+# A reconnect in the middle of a turn: the history re-listed and the new stream hold it once.
+n = nonce()
+stream = beta.sessions.events.stream(sid)
+beta.sessions.events.send(sid, events=[
+    {"type": "user.message", "content": [{"type": "text", "text": f"SLOW 150 6 {n}"}]}])
+for event in stream:
+    if event.type == "session.status_running":
+        break
+stream.close()
+with beta.sessions.events.stream(sid) as stream:
+    merged = {e.id: e for e in beta.sessions.events.list(sid, limit=1000)}
+    rest = []
+    for event in stream:
+        rest.append(event)
+        if event.type == "session.status_idle":
+            break
+    for e in rest:
+        merged.setdefault(e.id, e)
+ticks = [e for e in merged.values() if e.type == "agent.message" and "tick 6" in text_of([e])]
+check(len(ticks) == 1, f"{HARNESS}: the answer arrives once after the reconnect: {len(ticks)}")
+check(text_of(ticks) == "tick 1 tick 2 tick 3 tick 4 tick 5 tick 6",
+      f"{HARNESS}: and whole: {text_of(ticks)!r}")
+
+# The history, paged: each event once, every streamed event in it, prompts in the order sent.
+paged = list(beta.sessions.events.list(sid, limit=3))
+ids = [e.id for e in paged]
+check(len(ids) == len(set(ids)), f"{HARNESS}: no event twice in the history")
+check([e.id for e in beta.sessions.events.list(sid, limit=1000)] == ids,
+      f"{HARNESS}: pages of 3 and one page of 1000 agree")
+for event_id, event in streamed.items():
+    check(event_id in ids, f"{HARNESS}: {event.type} {event_id} from a stream is in the history")
+prompts = [e.content[0].text for e in paged if e.type == "user.message"]
+check(prompts[0].startswith("hello pelican") and prompts[-1].startswith("SLOW 150 6"),
+      f"{HARNESS}: the prompts in order: {prompts}")
+
 # ---- OpenAI
 
 oai = openai.OpenAI(base_url=f"{URL}/openai/v1", api_key=KEY, max_retries=0, timeout=300)
 sessions = oai.beta.agents.sessions
-session = sessions.create(environment={"type": "openai_hosted"}, agent={"model": MODEL},
-                          metadata=META)
+instructions_marker = f"house-rule-{nonce()}"
+session = sessions.create(
+    environment={"type": "openai_hosted"}, metadata=META,
+    agent={"model": MODEL, "instructions": f"Follow {instructions_marker}.", "tools": [{
+        "type": "function", "name": "lookup", "description": "looks a word up",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}]})
 n = nonce()
 with sessions.stream(session.id, input=f"hello heron {n}") as turn:
     result = turn.get_final_result()
@@ -129,4 +202,39 @@ with sessions.events.stream(session.id) as stream:
             break
 check(native_file(session.id, f"approved-{n}.txt") == f"ok-{n}\n", f"{HARNESS}: approved")
 
-print(json.dumps({"harness": HARNESS, "passed": True}))
+# A client-defined function: the agent calls it, the client's result goes back, the turn ends.
+n = nonce()
+calls = []
+with sessions.events.stream(session.id) as stream:
+    sessions.events.create(session.id, events=[{
+        "type": "agent.session.input.message",
+        "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": 'CALLTOOL lookup {"q": "kite-%s"}' % n}]}]}])
+    ended, answered = False, set()
+    for event in stream:
+        if event.type == "agent.session.requires_action":
+            for action in event.session.required_actions:
+                key = getattr(action, "call_id", None) or getattr(action, "request_id", None)
+                if key in answered:
+                    continue
+                answered.add(key)
+                if action.type == "function_call":
+                    calls.append(json.loads(action.arguments))
+                    sessions.events.create(session.id, events=[{
+                        "type": "agent.session.input.tool_result", "turn_id": action.turn_id,
+                        "call_id": action.call_id, "success": True,
+                        "output": f"found-{json.loads(action.arguments).get('q')}"}])
+                else:
+                    sessions.events.create(session.id, events=[{
+                        "type": "agent.session.input.mcp_approval_request_result",
+                        "request_id": action.request_id,
+                        "response": {"type": "mcp_tool_call", "decision": "approve"}}])
+        if event.type == "agent.session.turn.completed":
+            ended = True
+        if event.type == "agent.session.idle" and ended:
+            break
+check(calls == [{"q": f"kite-{n}"}], f"{HARNESS}: the function's calls: {calls}")
+
+print(json.dumps({"harness": HARNESS, "passed": True,
+                  "model_saw": [system_marker, instructions_marker, anthropic_tool_answer,
+                                f"found-kite-{n}"]}))

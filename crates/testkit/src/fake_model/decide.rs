@@ -13,6 +13,11 @@ pub enum Directive {
         content: String,
     },
     Bash(String),
+    /// A call of the client's tool named (or ending in `__`/`_` and) `name`, with `arguments`.
+    CallTool {
+        name: String,
+        arguments: Value,
+    },
     Slow {
         delay_ms: u64,
         deltas: u32,
@@ -44,6 +49,20 @@ impl Directive {
                     })
                 }
                 "BASH" => (!rest.is_empty()).then(|| Directive::Bash(rest.to_string())),
+                "CALLTOOL" => {
+                    let (name, args) = match rest.split_once(char::is_whitespace) {
+                        Some((n, a)) => (n, a.trim_start()),
+                        None => (rest, ""),
+                    };
+                    let arguments = serde_json::from_str::<Value>(args)
+                        .ok()
+                        .filter(Value::is_object)
+                        .unwrap_or_else(|| json!({}));
+                    (!name.is_empty()).then(|| Directive::CallTool {
+                        name: name.to_string(),
+                        arguments,
+                    })
+                }
                 "SLOW" => Some(Directive::slow(rest)),
                 "ERROR" => Some(Directive::Error(
                     rest.split_whitespace()
@@ -122,6 +141,22 @@ impl Answer {
                 Answer::Tool(write_file_call(api, conv, &path, &content))
             }
             Directive::Bash(command) => Answer::Tool(shell_call(api, conv, &command)),
+            Directive::CallTool { name, arguments } => Answer::Tool(ToolCall {
+                // MCP tools reach the model prefixed with their server (`mcp__client__lookup`
+                // from claude-code, `client_lookup` from opencode): the client's own name wins.
+                name: conv
+                    .tools
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .find(|t| {
+                        *t == name
+                            || t.ends_with(&format!("__{name}"))
+                            || t.ends_with(&format!("_{name}"))
+                    })
+                    .unwrap_or(&name)
+                    .to_string(),
+                arguments,
+            }),
             Directive::Slow { delay_ms, deltas } => Answer::Text {
                 deltas: (1..=deltas)
                     .map(|i| {

@@ -252,6 +252,43 @@ fn writefile_uses_the_offered_tool_and_its_parameter_names() {
 }
 
 #[test]
+fn calltool_calls_the_clients_tool_by_its_own_or_its_prefixed_name() {
+    let claude = conv(
+        Api::Anthropic,
+        json!({
+            "messages": [{"role": "user", "content": "CALLTOOL lookup {\"q\": \"heron 7\"}"}],
+            "tools": [
+                {"name": "Bash", "input_schema": {}},
+                {"name": "mcp__client__lookup", "input_schema": {"type": "object"}},
+            ],
+        }),
+    );
+    assert_eq!(
+        Answer::decide(Api::Anthropic, &claude),
+        Answer::Tool(ToolCall {
+            name: "mcp__client__lookup".into(),
+            arguments: json!({"q": "heron 7"})
+        })
+    );
+    // Not offered: the name as written; arguments that are no JSON object: `{}`.
+    let bare = conv(
+        Api::Chat,
+        json!({"messages": [{"role": "user", "content": "CALLTOOL other [1]"}]}),
+    );
+    assert_eq!(
+        Answer::decide(Api::Chat, &bare),
+        Answer::Tool(ToolCall {
+            name: "other".into(),
+            arguments: json!({})
+        })
+    );
+    assert_eq!(
+        Directive::parse("CALLTOOL"),
+        Directive::Reply("CALLTOOL".into())
+    );
+}
+
+#[test]
 fn writefile_through_codex_is_a_quoted_shell_command() {
     let codex = conv(
         Api::Responses,
