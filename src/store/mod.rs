@@ -1831,6 +1831,19 @@ impl Store {
         Ok(n)
     }
 
+    /// How many bytes of JSON a tenant's objects of one kind take, every version counted.
+    pub async fn object_bytes(&self, tenant: &str, kind: &str) -> Result<i64> {
+        let sql = self.sql(
+            "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM vendor_objects WHERE tenant = ? AND kind = ?",
+        );
+        let n: i64 = on_db!(self, |pool| sqlx::query_scalar(&sql)
+            .bind(tenant)
+            .bind(kind)
+            .fetch_one(pool)
+            .await?);
+        Ok(n)
+    }
+
     /// Deletes every version of an object; whether there was one.
     pub async fn delete_object(&self, tenant: &str, kind: &str, id: &str) -> Result<bool> {
         let sql = self.sql("DELETE FROM vendor_objects WHERE tenant = ? AND kind = ? AND id = ?");

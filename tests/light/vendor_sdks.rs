@@ -477,3 +477,166 @@ async fn a_queued_message_survives_a_crash() {
     drop(serve);
     kill_sandboxes_under(dir.path());
 }
+
+/// A `multipart/form-data` body with the given text fields and, when `file` is given, a `file`
+/// part (its name and bytes); and its content type.
+fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (Vec<u8>, String) {
+    let boundary = "sandwarden-test-boundary-7b1e";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    if let Some((name, bytes)) = file {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; \
+                 filename=\"{name}\"\r\nContent-Type: text/plain\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (body, format!("multipart/form-data; boundary={boundary}"))
+}
+
+/// Posts a multipart body as `api`: status and JSON answer.
+async fn upload(api: &Api, path: &str, form: (Vec<u8>, String)) -> (u16, serde_json::Value) {
+    let reply = api
+        .http
+        .post(format!("{}{path}", api.base))
+        .bearer_auth(&api.key)
+        .header("content-type", form.1)
+        .body(form.0)
+        .send()
+        .await
+        .expect("upload");
+    let status = reply.status().as_u16();
+    (status, reply.json().await.unwrap_or_default())
+}
+
+/// The vendors' files: an upload without a file or past its bound is refused and stores nothing;
+/// another tenant finds none of a tenant's files (uploaded, or a session's, even by an id naming
+/// the session), and a file of one vendor API is not one of the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vendor_files_are_bounded_and_stay_with_their_tenant() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let owner = crate::tenancy::tenant_client(&admin, "files-owner").await;
+    let other = crate::tenancy::tenant_client(&admin, "files-other").await;
+
+    for (path, fields) in [
+        ("/anthropic/v1/files", vec![]),
+        ("/openai/v1/files", vec![("purpose", "user_data")]),
+    ] {
+        let (status, body) = upload(&owner, path, multipart(&fields, None)).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.to_string().contains("no `file` part"), "{body}");
+        let big = vec![b'x'; 8 * 1024 * 1024 + 1];
+        let (status, body) =
+            upload(&owner, path, multipart(&fields, Some(("big.txt", &big)))).await;
+        assert_eq!(status, 413, "{path}: {body}");
+        let (_, listed) = owner.call("GET", path, None).await;
+        assert_eq!(
+            listed["data"],
+            json!([]),
+            "{path}: nothing stored: {listed}"
+        );
+    }
+    let (status, body) = upload(
+        &owner,
+        "/openai/v1/files",
+        multipart(&[("purpose", "payroll")], Some(("a.txt", b"a"))),
+    )
+    .await;
+    assert_eq!(status, 400, "an unknown purpose: {body}");
+
+    let (status, file) = upload(
+        &owner,
+        "/anthropic/v1/files",
+        multipart(&[], Some(("secret.txt", b"owner's secret"))),
+    )
+    .await;
+    assert_eq!(status, 200, "{file}");
+    let id = file["id"].as_str().expect("id").to_string();
+    let (_, env) = owner
+        .call(
+            "POST",
+            "/anthropic/v1/environments",
+            Some(json!({"name": "e"})),
+        )
+        .await;
+    let (_, agent) = owner
+        .call(
+            "POST",
+            "/anthropic/v1/agents",
+            Some(json!({"name": "a", "model": "echo-small",
+                        "metadata": {"sandwarden.harness": "echo"}})),
+        )
+        .await;
+    let (status, session) = owner
+        .call(
+            "POST",
+            "/anthropic/v1/sessions",
+            Some(
+                json!({"agent": agent["id"], "environment_id": env["id"], "resources": [
+                {"type": "file", "file_id": id, "mount_path": "/workspace/secret.txt"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{session}");
+    let sid = session["id"].as_str().expect("id").to_string();
+    let (_, outputs) = owner
+        .call("GET", &format!("/anthropic/v1/files?scope_id={sid}"), None)
+        .await;
+    let output = outputs["data"][0]["id"]
+        .as_str()
+        .expect("a session file")
+        .to_string();
+    let (status, _) = owner
+        .call("GET", &format!("/anthropic/v1/files/{output}"), None)
+        .await;
+    assert_eq!(status, 200);
+
+    for (method, path) in [
+        ("GET", format!("/anthropic/v1/files/{id}")),
+        ("GET", format!("/anthropic/v1/files/{id}/content")),
+        ("DELETE", format!("/anthropic/v1/files/{id}")),
+        ("GET", format!("/anthropic/v1/files/{output}")),
+        ("GET", format!("/anthropic/v1/files/{output}/content")),
+        ("GET", format!("/anthropic/v1/files?scope_id={sid}")),
+        ("GET", format!("/anthropic/v1/sessions/{sid}/resources")),
+        ("GET", format!("/openai/v1/agents/environments/env_{sid}")),
+        (
+            "GET",
+            format!("/openai/v1/agents/environments/env_{sid}/files"),
+        ),
+    ] {
+        let (status, body) = other.call(method, &path, None).await;
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        assert!(!body.to_string().contains("owner's secret"), "{body}");
+    }
+    let (_, listed) = other.call("GET", "/anthropic/v1/files", None).await;
+    assert_eq!(listed["data"], json!([]), "{listed}");
+    // An Anthropic file is not an OpenAI one, even for its own tenant.
+    let (status, _) = owner
+        .call("GET", &format!("/openai/v1/files/{id}"), None)
+        .await;
+    assert_eq!(status, 404);
+    // The owner still has it, whole.
+    let reply = owner
+        .http
+        .get(format!("{}/anthropic/v1/files/{id}/content", owner.base))
+        .bearer_auth(&owner.key)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(reply.status().as_u16(), 200);
+    assert_eq!(reply.text().await.expect("body"), "owner's secret");
+}

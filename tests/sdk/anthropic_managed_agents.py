@@ -101,6 +101,49 @@ beta.sessions.delete(instructed_sid)
 for event in said:  # the history checks below are of the main session's streams
     seen_on_streams.pop(getattr(event, "id", None), None)
 
+# ---- files: uploaded, given to a session as resources (at creation and added), read by the
+# agent, listed back as the session's files and downloaded
+
+main_session_seen = dict(seen_on_streams)
+n = nonce()
+up = beta.files.upload(file=(f"notes-{n}.txt", f"notes of {n}\n".encode(), "text/plain"))
+check(up.id.startswith("file_") and up.size_bytes == len(f"notes of {n}\n"), f"upload: {up}")
+check(up.filename == f"notes-{n}.txt" and up.mime_type == "text/plain", f"upload: {up}")
+check(beta.files.retrieve_metadata(up.id).filename == up.filename, "file metadata")
+check(up.id in [f.id for f in beta.files.list()], "the upload is listed")
+check(beta.files.download(up.id).read() == f"notes of {n}\n".encode(), "download")
+more = beta.files.upload(file=("more.csv", f"a,b\n{n},2\n".encode(), "text/csv"))
+with_files = beta.sessions.create(
+    agent=agent.id, environment_id=env.id,
+    resources=[{"type": "file", "file_id": up.id, "mount_path": "/workspace/notes.txt"}])
+fsid = with_files.id
+check([r.file_id for r in with_files.resources] == [up.id], f"resources: {with_files.resources}")
+_, said = turn(fsid, "/cat notes.txt")
+check(answer_text(said) == f"notes of {n}\n", f"the agent reads the resource: {answer_text(said)!r}")
+added = beta.sessions.resources.add(fsid, type="file", file_id=more.id, mount_path="/data/more.csv")
+check(added.mount_path == "/data/more.csv" and added.id.startswith("sesrsc_"), f"{added}")
+_, said = turn(fsid, "/cat data/more.csv")
+check(answer_text(said) == f"a,b\n{n},2\n", f"the added resource: {answer_text(said)!r}")
+listed = list(beta.sessions.resources.list(fsid))
+check([r.file_id for r in listed] == [up.id, more.id], f"resources listed: {listed}")
+check(beta.sessions.resources.retrieve(added.id, session_id=fsid).file_id == more.id, "retrieve")
+outputs = {f.filename: f for f in beta.files.list(scope_id=fsid)}
+check({"notes.txt", "more.csv"} <= set(outputs), f"the session's files: {sorted(outputs)}")
+check(outputs["more.csv"].scope.id == fsid and outputs["more.csv"].downloadable, "scoped")
+check(beta.files.download(outputs["more.csv"].id).read() == f"a,b\n{n},2\n".encode(),
+      "a session's file downloaded")
+gone = beta.sessions.resources.delete(added.id, session_id=fsid)
+check(gone.type == "session_resource_deleted", f"{gone}")
+check([r.id for r in beta.sessions.resources.list(fsid)] == [listed[0].id], "one left")
+seen_on_streams = main_session_seen  # the history checks below are of the main session's
+beta.sessions.delete(fsid)
+check(beta.files.delete(more.id).id == more.id, "file deleted")
+try:
+    beta.files.retrieve_metadata(more.id)
+    check(False, "a deleted file must be gone")
+except anthropic.NotFoundError:
+    pass
+
 # ---- a plain turn, buffered and with previews
 
 n1 = nonce()
@@ -291,6 +334,24 @@ refused(
         name="x", config={"type": "cloud", "networking": {"type": "limited", "allowed_hosts": []}}
     ),
     "limited networking",
+)
+refused(
+    anthropic.BadRequestError,
+    lambda: beta.sessions.create(agent=agent.id, environment_id=env.id, resources=[
+        {"type": "github_repository", "url": "https://example.com/r.git"}]),
+    "a repository resource",
+)
+refused(
+    anthropic.BadRequestError,
+    lambda: beta.sessions.create(agent=agent.id, environment_id=env.id, resources=[
+        {"type": "file", "file_id": up.id, "mount_path": "/workspace/../../etc/x"}]),
+    "a mount path out of the working directory",
+)
+refused(
+    anthropic.NotFoundError,
+    lambda: beta.sessions.create(agent=agent.id, environment_id=env.id, resources=[
+        {"type": "file", "file_id": "file_nope"}]),
+    "a resource of an unknown file",
 )
 refused(
     anthropic.BadRequestError,

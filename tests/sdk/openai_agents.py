@@ -86,6 +86,51 @@ for how in ("stored", "inline"):
     check(got == f"system prompt: {said}", f"{how}: {got!r}")
     sessions.delete(s.id)
 
+# ---- files: uploaded, staged into a session's environment at creation and between turns,
+# read by the agent, listed back
+
+import base64
+
+n = nonce()
+up = client.files.create(file=(f"data-{n}.txt", f"data of {n}\n".encode()), purpose="user_data")
+check(up.object == "file" and up.bytes == len(f"data of {n}\n") and up.purpose == "user_data", f"{up}")
+check(client.files.retrieve(up.id).filename == f"data-{n}.txt", "file retrieve")
+check(up.id in [f.id for f in client.files.list()], "the upload is listed")
+check(client.files.content(up.id).read() == f"data of {n}\n".encode(), "file content")
+with_files = sessions.create(
+    environment={"type": "openai_hosted", "files": [
+        {"type": "file_id", "file_id": up.id, "path": "/workspace/data.txt"},
+        {"type": "inline", "path": "/workspace/in/line.txt",
+         "data": base64.b64encode(f"inline {n}".encode()).decode()}]},
+    agent_id=agent.id)
+env_id = with_files.environment.id
+check(env_id and agents.environments.retrieve(env_id).status == "connected", f"{env_id}")
+
+
+def said(session_id, text):
+    with sessions.stream(session_id, input=text) as turn:
+        result = turn.get_final_result()
+    return "".join(c.text for m in result.messages for c in m.content)
+
+
+check(said(with_files.id, "/cat data.txt") == f"data of {n}\n", "a file_id file at creation")
+check(said(with_files.id, "/cat in/line.txt") == f"inline {n}", "an inline file at creation")
+staged = agents.environments.files.upload(env_id, file=("later.txt", f"later {n}".encode()),
+                                          path="/workspace/later.txt")
+check(staged.file.path == "/workspace/later.txt" and staged.file.size_bytes == len(f"later {n}"),
+      f"staged: {staged}")
+check(said(with_files.id, "/cat later.txt") == f"later {n}", "a file staged between turns")
+paths = [f.path for f in agents.environments.files.list(env_id, limit=1, order="asc")]
+check(paths == sorted(paths) and {"/workspace/data.txt", "/workspace/later.txt",
+                                  "/workspace/in/line.txt"} <= set(paths), f"listed: {paths}")
+sessions.delete(with_files.id)
+check(client.files.delete(up.id).deleted, "file deleted")
+try:
+    client.files.retrieve(up.id)
+    check(False, "a deleted file must be gone")
+except openai.NotFoundError:
+    pass
+
 # ---- text deltas, a second prompt
 
 n2 = nonce()
@@ -254,6 +299,16 @@ refused(openai.BadRequestError, lambda: sessions.events.create(sid, events=[{
     "type": "agent.session.input.tool_result", "turn_id": "t", "call_id": "c", "success": True}]),
     "a tool result for no call")
 refused(openai.NotFoundError, lambda: sessions.retrieve("ses_nope"), "an unknown session")
+refused(openai.BadRequestError, lambda: sessions.create(
+    environment={"type": "openai_hosted", "files": [
+        {"type": "inline", "path": "/etc/passwd", "data": "eA=="}]}, agent_id=agent.id),
+    "a staged file outside /workspace")
+refused(openai.NotFoundError, lambda: sessions.create(
+    environment={"type": "openai_hosted", "files": [
+        {"type": "file_id", "file_id": "file_nope", "path": "/workspace/x"}]}, agent_id=agent.id),
+    "a staged file of an unknown id")
+refused(openai.NotFoundError, lambda: agents.environments.retrieve("env_ses_nope"),
+        "an unknown environment")
 refused(openai.NotFoundError, lambda: list(sessions.artifacts.list(sid)), "artifacts")
 bad = openai.OpenAI(base_url=BASE, api_key="sk-not-a-key", max_retries=0)
 refused(openai.AuthenticationError, lambda: bad.beta.agents.sessions.retrieve(sid), "a wrong key")

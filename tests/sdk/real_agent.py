@@ -98,6 +98,11 @@ for verdict in ("allow", "deny"):
     written = native_file(sid, f"{verdict}-{n}.txt")
     if verdict == "allow":
         check(written == f"ok-{n}\n", f"{HARNESS}: allowed command wrote {written!r}")
+        # What the agent wrote, listed as the session's files and downloaded through the SDK.
+        outputs = {f.filename: f for f in beta.files.list(scope_id=sid)}
+        check(f"{verdict}-{n}.txt" in outputs, f"{HARNESS}: the session's files: {sorted(outputs)}")
+        got = beta.files.download(outputs[f"{verdict}-{n}.txt"].id).read()
+        check(got == f"ok-{n}\n".encode(), f"{HARNESS}: downloaded {got!r}")
     else:
         check(written is None, f"{HARNESS}: a denied command wrote {written!r}")
 
@@ -201,6 +206,8 @@ with sessions.events.stream(session.id) as stream:
         if event.type == "agent.session.idle" and ended:
             break
 check(native_file(session.id, f"approved-{n}.txt") == f"ok-{n}\n", f"{HARNESS}: approved")
+listed = [f.path for f in oai.beta.agents.environments.files.list(session.environment.id)]
+check(f"/workspace/approved-{n}.txt" in listed, f"{HARNESS}: the environment's files: {listed}")
 
 # A client-defined function: the agent calls it, the client's result goes back, the turn ends.
 n = nonce()

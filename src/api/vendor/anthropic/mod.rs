@@ -7,6 +7,7 @@
 //! Its events are the native event log translated (`translate`): the history and the live
 //! stream run the same translation, so an event has the same id in both.
 
+mod files;
 mod translate;
 
 use super::*;
@@ -65,6 +66,22 @@ pub fn router() -> Router<AppState> {
             post(send_events).get(list_events),
         )
         .route("/v1/sessions/{id}/events/stream", get(stream_events))
+        .route(
+            "/v1/sessions/{id}/resources",
+            post(files::add_resource).get(files::list_resources),
+        )
+        .route(
+            "/v1/sessions/{id}/resources/{resource_id}",
+            get(files::get_resource)
+                .post(files::update_resource)
+                .delete(files::delete_resource),
+        )
+        .route("/v1/files", post(files::upload_file).get(files::list_files))
+        .route(
+            "/v1/files/{id}",
+            get(files::get_file).delete(files::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(files::file_content))
         .fallback(unsupported)
 }
 
@@ -73,7 +90,8 @@ pub fn router() -> Router<AppState> {
 async fn unsupported(req: Request) -> Problem {
     unsupported_route(
         &req,
-        "Anthropic Managed Agents API (environments, agents, sessions and their events)",
+        "Anthropic Managed Agents API (environments, agents, sessions, their events and \
+         resources, files)",
         "docs/anthropic.md",
     )
 }
@@ -732,12 +750,6 @@ async fn create_session(
     body: Result<Json<SessionBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, Problem> {
     let b = body_of(body)?;
-    if !b.resources.is_empty() {
-        return Err(invalid(
-            "`resources` are not supported yet: write files with PUT /v1/sessions/{id}/files/{path} \
-             on the native API",
-        ));
-    }
     if !b.vault_ids.is_empty() {
         return Err(invalid("`vault_ids` are not supported"));
     }
@@ -808,6 +820,8 @@ async fn create_session(
         })
         .unwrap_or_default();
     let metadata = checked_metadata(b.metadata.as_ref())?;
+    // The files `resources` name are written into the working directory before the agent starts.
+    let (bind_files, resources) = files::session_files(&orch, &caller.tenant, &b.resources).await?;
     let request = crate::session::CreateRequest {
         harness,
         id: None,
@@ -816,7 +830,7 @@ async fn create_session(
             json!({"anthropic.agent_id": agent["id"], "anthropic.environment_id": environment_id}),
         ),
         env: Default::default(),
-        files: Vec::new(),
+        files: bind_files,
         cwd: None,
         idle_timeout_s: None,
         mcp_servers,
@@ -840,7 +854,7 @@ async fn create_session(
     let body = json!({
         "type": "session", "id": session.id, "status": "idle", "agent": agent,
         "environment_id": environment_id, "title": b.title, "metadata": metadata,
-        "resources": [], "vault_ids": [], "budget": null, "outcome_evaluations": [],
+        "resources": resources, "vault_ids": [], "budget": null, "outcome_evaluations": [],
         "stats": {}, "usage": {"input_tokens": 0, "output_tokens": 0},
         "created_at": now, "updated_at": now, "archived_at": null, "deployment_id": null,
     });

@@ -3,6 +3,7 @@
 //! sandwarden key. Agents are stored objects; a session is a native session plus a stored
 //! record; its events, items and turns are the native log and turns translated (`translate`).
 
+mod files;
 mod translate;
 
 use super::*;
@@ -48,6 +49,17 @@ pub fn router() -> Router<AppState> {
             post(send_events).get(stream_events),
         )
         .route("/agents/sessions/{id}/items", get(list_items))
+        .route("/files", post(files::upload_file).get(files::list_files))
+        .route(
+            "/files/{id}",
+            get(files::get_file).delete(files::delete_file),
+        )
+        .route("/files/{id}/content", get(files::file_content))
+        .route("/agents/environments/{id}", get(files::get_environment))
+        .route(
+            "/agents/environments/{id}/files",
+            post(files::stage_file).get(files::list_environment_files),
+        )
         .route("/agents/sessions/{id}/turns", get(list_turns))
         .route("/agents/sessions/{id}/turns/{turn_id}", get(get_turn))
         .route(
@@ -60,7 +72,8 @@ pub fn router() -> Router<AppState> {
 async fn unsupported(req: Request) -> Problem {
     unsupported_route(
         &req,
-        "OpenAI Agents API (agents, sessions, their events, items and turns)",
+        "OpenAI Agents API (agents, sessions, their events, items and turns, a session's \
+         environment and its files) and the Files API",
         "docs/openai.md",
     )
 }
@@ -350,25 +363,43 @@ fn checked_environment(
             vars.insert(k.clone(), v.to_string());
         }
     }
-    let mut files = Vec::new();
-    for f in env["files"].as_array().into_iter().flatten() {
-        if f["type"].as_str() != Some("inline") {
-            return Err(invalid(
-                "`environment.files[]` are `inline` here (the Files API is not served)",
-            ));
-        }
-        let path = f["path"].as_str().unwrap_or("");
-        let relative = path
-            .strip_prefix("/workspace/")
-            .filter(|p| !p.is_empty())
-            .ok_or_else(|| {
-                invalid(format!(
-                    "`environment.files[].path` {path:?} must be under /workspace/"
-                ))
-            })?;
-        files.push(json!({"path": relative, "content_base64": f["data"]}));
+    let files = env["files"].as_array().cloned().unwrap_or_default();
+    if files.len() > super::files::MAX_SESSION_FILES {
+        return Err(invalid(format!(
+            "`environment.files` holds at most {} files",
+            super::files::MAX_SESSION_FILES
+        )));
     }
     Ok((vars, files))
+}
+
+/// The files an environment stages at creation, read (inline, or from the Files API) and checked,
+/// every one before the session is made.
+async fn staged_files(
+    orch: &AppState,
+    tenant: &str,
+    specs: &[Value],
+) -> Result<Vec<sandwarden_proto::event::BindFile>, Problem> {
+    use base64::Engine;
+    let (mut bind, mut total) = (Vec::new(), 0usize);
+    for f in specs {
+        let (path, bytes) = files::staged(orch, tenant, f).await?;
+        total += bytes.len();
+        if total > super::files::MAX_SESSION_FILE_BYTES {
+            return Err(invalid(format!(
+                "`environment.files` hold at most {} MiB at creation: stage more with \
+                 environments.files.create once the session runs",
+                super::files::MAX_SESSION_FILE_BYTES >> 20
+            )));
+        }
+        bind.push(sandwarden_proto::event::BindFile {
+            path,
+            content: None,
+            content_base64: Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+            mode: None,
+        });
+    }
+    Ok(bind)
 }
 
 /// The session's status in OpenAI's words.
@@ -586,8 +617,7 @@ async fn create_session(
         title: None,
         metadata: Some(json!({"openai.agent_id": b.agent_id})),
         env,
-        files: serde_json::from_value(Value::Array(files))
-            .map_err(|e| invalid(format!("`environment.files`: {e}")))?,
+        files: staged_files(&orch, &caller.tenant, &files).await?,
         cwd: None,
         idle_timeout_s: None,
         mcp_servers: Vec::new(),
@@ -611,7 +641,7 @@ async fn create_session(
         "agent": {"id": agent_id, "model": model, "name": name, "instructions": instructions,
                   "tools": tools, "reasoning": {}, "service_tier": "auto",
                   "multi_agent": {}, "text": {}},
-        "environment": {"type": "openai_hosted", "id": null},
+        "environment": {"type": "openai_hosted", "id": files::environment_id(&session.id)},
         "metadata": metadata, "required_actions": [], "error": null, "vault_ids": [],
         "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
         "spend_control": {"limit": null}, "review": "none",
