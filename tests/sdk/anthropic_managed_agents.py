@@ -377,7 +377,25 @@ refused(anthropic.AuthenticationError, lambda: bad.beta.sessions.retrieve(sid), 
 
 # ---- archive and delete
 
+import threading
+
+# A stream open when the session is archived is told so, and ends.
+told = []
+
+
+def watch():
+    with beta.sessions.events.stream(sid) as stream:
+        for event in stream:
+            told.append(event.type)
+
+
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
+time.sleep(0.5)
 archived = beta.sessions.archive(sid)
+watcher.join(timeout=20)
+check(not watcher.is_alive() and told[-1:] == ["session.status_terminated"],
+      f"the open stream is told the session ended: {told}")
 check(archived.archived_at is not None and archived.status == "terminated", f"{archived}")
 check(beta.sessions.retrieve(sid).archived_at is not None, "the archive is kept")
 listed = [s.id for s in beta.sessions.list(include_archived=True)]

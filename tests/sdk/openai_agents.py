@@ -316,7 +316,26 @@ refused(openai.AuthenticationError, lambda: bad.beta.agents.sessions.retrieve(si
 # ---- delete
 
 check(sid in [s.id for s in sessions.list()], "sessions listed")
+import threading
+
+# A stream open when the session is deleted is told so (`agent.session.failed`), and ends.
+told = []
+
+
+def watch():
+    with sessions.events.stream(other) as stream:
+        for event in stream:
+            told.append(event)
+
+
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
+time.sleep(0.5)
 deleted = sessions.delete(other)
+watcher.join(timeout=20)
+check(not watcher.is_alive() and [e.type for e in told[-1:]] == ["agent.session.failed"],
+      f"the open stream is told the session ended: {[e.type for e in told]}")
+check(told[-1].session.status == "failed", f"{told[-1]}")
 check(deleted.deleted, f"{deleted}")
 refused(openai.NotFoundError, lambda: sessions.retrieve(other), "a deleted session")
 check(agents.delete(agent.id).deleted, "agent deleted")

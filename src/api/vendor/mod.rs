@@ -53,6 +53,10 @@ pub trait Translate {
     /// Translates one native event (`user`: the turn's user message, with its first event);
     /// what it completed.
     fn push(&mut self, e: &Event, user: Option<&Message>) -> Vec<Out>;
+    /// What a live stream says last when its session has ended (deleted, archived, reaped, or
+    /// its sandbox lost) rather than the client hanging up: `status` is the native status
+    /// (`deleted` when the session is gone).
+    fn ended(&self, session_id: &str, status: &str) -> Vec<Value>;
 }
 
 /// Native events read per store query while translating.
@@ -436,6 +440,7 @@ async fn live<T: Translate + Send + 'static>(
             start = now;
         }
     }
+    let session_id_for_end = session_id.clone();
     let natives = Box::pin(super::native_events(
         orch.clone(),
         caller,
@@ -449,6 +454,9 @@ async fn live<T: Translate + Send + 'static>(
         orch: orch.clone(),
         pending: VecDeque::new(),
         now,
+        tenant: caller.tenant.clone(),
+        session_id: session_id_for_end,
+        ended: false,
     };
     let first = futures::stream::iter(first.into_iter().map(Ok::<_, Infallible>));
     let frames = futures::stream::unfold(state, move |mut st| async move {
@@ -456,7 +464,31 @@ async fn live<T: Translate + Send + 'static>(
             if let Some(out) = st.pending.pop_front() {
                 return Some((Ok::<_, Infallible>(frame(&out)), st));
             }
-            let e = st.natives.next().await?;
+            if st.ended {
+                return None;
+            }
+            let Some(e) = st.natives.next().await else {
+                // The native stream ends when the session's channel goes (it was deleted) or
+                // the server shuts down: a session that has ended says so, once.
+                st.ended = true;
+                let status = match st.orch.store.get_session(&st.tenant, &st.session_id).await {
+                    Ok(None) => "deleted".to_string(),
+                    Ok(Some(s)) if !s.status.is_live() => s.status.as_str().to_string(),
+                    _ => return None,
+                };
+                st.pending.extend(
+                    st.reader
+                        .translator
+                        .ended(&st.session_id, &status)
+                        .into_iter()
+                        .map(|event| Out {
+                            place: (i64::MAX, 0),
+                            preview: true,
+                            event,
+                        }),
+                );
+                continue;
+            };
             match st.reader.push(&st.orch, &e).await {
                 // What the replay of a running turn completes up to now is history already.
                 Ok(outs) => st
@@ -478,6 +510,10 @@ struct LiveState<S, T> {
     orch: AppState,
     pending: VecDeque<Out>,
     now: i64,
+    tenant: String,
+    session_id: String,
+    /// Whether the end of the session has been told.
+    ended: bool,
 }
 
 /// The tokens a session's turns used: input and output.

@@ -144,6 +144,13 @@ impl Translate for Translator {
         e.turn_id.is_some() && e.turn_id != self.turn
     }
 
+    fn ended(&self, session_id: &str, _status: &str) -> Vec<Value> {
+        vec![
+            json!({"type": "session.status_terminated", "id": format!("sevt_end_{session_id}"),
+                    "processed_at": crate::store::now()}),
+        ]
+    }
+
     fn push(&mut self, e: &Event, user: Option<&Message>) -> Vec<Out> {
         self.place = (e.seq, 0);
         let ts = json!(e.ts);

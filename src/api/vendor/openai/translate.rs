@@ -185,6 +185,16 @@ impl Translator {
 }
 
 impl Translate for Translator {
+    fn ended(&self, session_id: &str, status: &str) -> Vec<Value> {
+        let mut session = self.session.clone();
+        session["id"] = json!(session_id);
+        session["status"] = json!("failed");
+        session["required_actions"] = json!([]);
+        session["error"] = json!({"code": format!("session_{status}"), "message": format!(
+            "the session has ended ({status}): its sandbox is gone")});
+        vec![json!({"type": "agent.session.failed", "session": session})]
+    }
+
     fn opens_turn(&self, e: &Event) -> bool {
         e.turn_id.is_some() && e.turn_id != self.turn
     }
