@@ -238,11 +238,112 @@ impl EgressPolicy {
     }
 }
 
-/// Serves the egress proxy for sandbox `sandbox` on `listener` until the task is aborted.
+/// The most hosts a session may narrow its sandbox's egress to.
+pub const MAX_NARROWED_HOSTS: usize = 64;
+
+/// The public hosts one session's sandbox may reach: a narrowing of the policy, set when the
+/// session takes the sandbox. The operator's exceptions (`--egress-allow`: model endpoints and
+/// the like) stay reachable; of the rest, only these hosts. An empty list: none of the rest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Narrowing {
+    /// As given: `host`, `host:port`, `*.domain` or `*.domain:port`.
+    given: Vec<String>,
+    rules: Vec<(Rule, Option<u16>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rule {
+    Exact(Host),
+    /// A name ending in `.domain` (lower case, no leading dot).
+    Under(String),
+}
+
+impl Narrowing {
+    /// The hosts a client named; the error names the entry to fix.
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        if entries.len() > MAX_NARROWED_HOSTS {
+            return Err(format!(
+                "at most {MAX_NARROWED_HOSTS} hosts ({} given)",
+                entries.len()
+            ));
+        }
+        let mut rules = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let entry = entry.trim();
+            let bad = |why: String| {
+                format!(
+                    "{entry:?}: {why}; give a host name or address, with an optional :port, or \
+                     *.domain for every name under a domain"
+                )
+            };
+            match entry.strip_prefix("*.") {
+                Some(domain) => {
+                    let parsed: Allow = domain.parse().map_err(|_| bad("not a domain".into()))?;
+                    match parsed.host {
+                        Host::Name(name) if name.contains('.') => {
+                            rules.push((Rule::Under(name), parsed.port));
+                        }
+                        _ => return Err(bad("a wildcard covers a domain with a dot in it".into())),
+                    }
+                }
+                None => {
+                    let parsed: Allow = entry.parse().map_err(|_| bad("not a host".into()))?;
+                    rules.push((Rule::Exact(parsed.host), parsed.port));
+                }
+            }
+        }
+        Ok(Narrowing {
+            given: entries.iter().map(|e| e.trim().to_string()).collect(),
+            rules,
+        })
+    }
+
+    /// The entries as given (what is stored to restore the narrowing after a restart).
+    pub fn given(&self) -> &[String] {
+        &self.given
+    }
+
+    /// Whether a connection to `host:port` is one of the session's hosts.
+    fn permits(&self, host: &str, port: u16) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let target = match host.parse::<IpAddr>() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => Host::Name(normalize_name(host)),
+        };
+        self.rules.iter().any(|(rule, p)| {
+            p.is_none_or(|p| p == port)
+                && match (rule, &target) {
+                    (Rule::Exact(h), t) => h == t,
+                    (Rule::Under(domain), Host::Name(name)) => name
+                        .strip_suffix(domain.as_str())
+                        .is_some_and(|head| head.ends_with('.')),
+                    (Rule::Under(_), Host::Ip(_)) => false,
+                }
+        })
+    }
+}
+
+/// A sandbox's narrowing as its proxy reads it on each connection: none until a session sets one.
+pub type NarrowingCell = Arc<std::sync::RwLock<Option<Narrowing>>>;
+
+impl EgressPolicy {
+    /// Whether the operator allowed `host:port` by name or address (`--egress-allow`).
+    fn excepts(&self, host: &str, port: u16) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<IpAddr>() {
+            Ok(ip) => self.allows_ip(ip, port),
+            Err(_) => self.allows_name(&normalize_name(host), port),
+        }
+    }
+}
+
+/// Serves the egress proxy for sandbox `sandbox` on `listener` until the task is aborted; each
+/// connection is also held to the sandbox's `narrowing`, when its session set one.
 pub fn serve(
     listener: UnixListener,
     sandbox: String,
     policy: Arc<EgressPolicy>,
+    narrowing: NarrowingCell,
 ) -> tokio::task::JoinHandle<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
@@ -267,8 +368,9 @@ pub fn serve(
                 continue;
             };
             let (sandbox, policy) = (sandbox.clone(), policy.clone());
+            let narrowing = narrowing.read().unwrap_or_else(|p| p.into_inner()).clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(conn, &sandbox, &policy).await {
+                if let Err(e) = handle(conn, &sandbox, &policy, narrowing.as_ref()).await {
                     tracing::debug!(sandbox = %sandbox, error = %e, "an egress connection ended with an error");
                 }
                 drop(slot);
@@ -423,7 +525,12 @@ async fn answer(conn: &mut UnixStream, status: u16, text: &str) -> std::io::Resu
     .await
 }
 
-async fn handle(mut conn: UnixStream, sandbox: &str, policy: &EgressPolicy) -> std::io::Result<()> {
+async fn handle(
+    mut conn: UnixStream,
+    sandbox: &str,
+    policy: &EgressPolicy,
+    narrowing: Option<&Narrowing>,
+) -> std::io::Result<()> {
     let Some((head, early)) = read_head(&mut conn).await? else {
         return answer(
             &mut conn,
@@ -437,6 +544,21 @@ async fn handle(mut conn: UnixStream, sandbox: &str, policy: &EgressPolicy) -> s
         Err(why) => return answer(&mut conn, 400, &why).await,
     };
     let shown = format!("{}:{}", target.host, target.port);
+    if let Some(narrowing) = narrowing
+        && !policy.excepts(&target.host, target.port)
+        && !narrowing.permits(&target.host, target.port)
+    {
+        let why = format!(
+            "this session's sandbox may reach only {}",
+            if narrowing.given.is_empty() {
+                "the operator's allowed hosts".to_string()
+            } else {
+                narrowing.given.join(", ")
+            }
+        );
+        tracing::info!(sandbox = %sandbox, target = %shown, decision = "denied", reason = %why, "egress");
+        return answer(&mut conn, 403, &format!("egress to {shown} refused: {why}")).await;
+    }
     let addr = match policy.resolve(&target.host, target.port).await {
         Ok(addr) => addr,
         Err(why) => {
@@ -479,6 +601,37 @@ mod tests {
     fn policy(entries: &[&str]) -> EgressPolicy {
         EgressPolicy::parse(&entries.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .expect("policy")
+    }
+
+    #[test]
+    fn a_narrowing_permits_its_hosts_names_under_its_domains_and_their_ports_only() {
+        let n = Narrowing::parse(&[
+            "Api.Example.com".to_string(),
+            "*.pkg.example:443".to_string(),
+            "203.0.113.7:8443".to_string(),
+        ])
+        .expect("narrowing");
+        for (host, port, permitted) in [
+            ("api.example.com", 443, true),
+            ("api.example.com.", 80, true),
+            ("www.example.com", 443, false),
+            ("a.pkg.example", 443, true),
+            ("a.b.pkg.example", 443, true),
+            ("a.pkg.example", 80, false),
+            ("pkg.example", 443, false),
+            ("evilpkg.example", 443, false),
+            ("203.0.113.7", 8443, true),
+            ("203.0.113.7", 443, false),
+            ("[::1]", 443, false),
+        ] {
+            assert_eq!(n.permits(host, port), permitted, "{host}:{port}");
+        }
+        assert!(!Narrowing::default().permits("api.example.com", 443));
+        for bad in ["*.com", "bad host", "*.", "a.example:0"] {
+            assert!(Narrowing::parse(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        let many: Vec<String> = (0..65).map(|i| format!("h{i}.example")).collect();
+        assert!(Narrowing::parse(&many).is_err());
     }
 
     #[test]

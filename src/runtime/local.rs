@@ -677,6 +677,21 @@ impl Runtime for LocalRuntime {
         "local"
     }
 
+    fn narrows_egress(&self) -> bool {
+        self.confined()
+    }
+
+    fn narrow_egress(&self, id: &str, to: crate::egress::Narrowing) -> Result<(), String> {
+        if !self.narrows_egress() {
+            return Err(
+                "sandboxes without confinement (--isolation none) reach the network \
+                        directly, past serve's egress proxy"
+                    .into(),
+            );
+        }
+        self.proxies.narrow(id, to).map_err(|e| e.to_string())
+    }
+
     fn isolation(&self) -> &'static str {
         self.isolation.name()
     }

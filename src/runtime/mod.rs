@@ -52,6 +52,18 @@ pub trait Runtime: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// Whether a session can narrow its sandbox's egress to hosts it names: the runtimes whose
+    /// sandboxes' only way out is `serve`'s egress proxy.
+    fn narrows_egress(&self) -> bool {
+        false
+    }
+    /// Narrows sandbox `id`'s egress to `to` (`narrows_egress` runtimes); the error says why not.
+    fn narrow_egress(&self, _id: &str, _to: crate::egress::Narrowing) -> Result<(), String> {
+        Err(format!(
+            "the {} runtime's sandboxes do not go out through serve's egress proxy",
+            self.name()
+        ))
+    }
     /// Takes back a sandbox a previous `serve` started that still runs (after a restart).
     async fn adopt(&self, _sandbox: &Sandbox) {}
     /// Stops a sandbox and removes what it left (idempotent).

@@ -132,6 +132,8 @@ pub struct EgressProxies {
     dir: PathBuf,
     policy: Arc<EgressPolicy>,
     running: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Each running proxy's narrowing, which its sandbox's session may set.
+    narrowings: Mutex<HashMap<String, crate::egress::NarrowingCell>>,
 }
 
 impl EgressProxies {
@@ -141,7 +143,42 @@ impl EgressProxies {
             dir,
             policy: Arc::new(policy),
             running: Mutex::new(HashMap::new()),
+            narrowings: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Where sandbox `id`'s narrowing is kept, so a restarted `serve` holds an adopted sandbox
+    /// to it: beside the directory mounted into the sandbox, not in it.
+    fn narrowing_file(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.narrowing.json"))
+    }
+
+    /// Narrows sandbox `id`'s egress to `to` from its next connection on, and keeps it.
+    pub fn narrow(&self, id: &str, to: crate::egress::Narrowing) -> std::io::Result<()> {
+        let cell = lock(&self.narrowings).get(id).cloned().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("sandbox {id} has no egress proxy"),
+            )
+        })?;
+        let text = serde_json::to_string(to.given()).unwrap_or_else(|_| "[]".into());
+        std::fs::write(self.narrowing_file(id), text)?;
+        *cell.write().unwrap_or_else(|p| p.into_inner()) = Some(to);
+        Ok(())
+    }
+
+    /// The narrowing kept for sandbox `id`, if its session set one before a restart.
+    fn kept_narrowing(&self, id: &str) -> Option<crate::egress::Narrowing> {
+        let text = std::fs::read_to_string(self.narrowing_file(id)).ok()?;
+        let given: Vec<String> = match serde_json::from_str(&text) {
+            Ok(given) => given,
+            Err(e) => {
+                // Unreadable: the narrowest reading (the operator's hosts only), never a wider one.
+                tracing::warn!(sandbox = %id, error = %e, "a kept egress narrowing is unreadable; allowing none of the public hosts");
+                Vec::new()
+            }
+        };
+        Some(crate::egress::Narrowing::parse(&given).unwrap_or_default())
     }
 
     pub fn policy(&self) -> &EgressPolicy {
@@ -158,18 +195,23 @@ impl EgressProxies {
         // The sandbox's user passes through the directory to reach the socket, which is its own.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
         let listener = crate::egress::bind(&dir.join(EGRESS_SOCKET), uid)?;
-        let task = crate::egress::serve(listener, id.to_string(), self.policy.clone());
+        let cell: crate::egress::NarrowingCell =
+            Arc::new(std::sync::RwLock::new(self.kept_narrowing(id)));
+        lock(&self.narrowings).insert(id.to_string(), cell.clone());
+        let task = crate::egress::serve(listener, id.to_string(), self.policy.clone(), cell);
         if let Some(old) = lock(&self.running).insert(id.to_string(), task) {
             old.abort();
         }
         Ok(dir)
     }
 
-    /// Stops sandbox `id`'s proxy, if one runs.
+    /// Stops sandbox `id`'s proxy, if one runs, and forgets its narrowing.
     pub fn close(&self, id: &str) {
         if let Some(proxy) = lock(&self.running).remove(id) {
             proxy.abort();
         }
+        lock(&self.narrowings).remove(id);
+        let _ = std::fs::remove_file(self.narrowing_file(id));
     }
 }
 
@@ -235,6 +277,30 @@ mod tests {
                 "127.0.0.1:8080",
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_narrowing_is_kept_for_the_next_serve_and_goes_with_the_sandbox() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let narrowed = || {
+            crate::egress::Narrowing::parse(&["allowed.example".to_string()]).expect("narrowing")
+        };
+        let first = EgressProxies::new(data.path().join("egress"), EgressPolicy::default());
+        private_dir(&data.path().join("egress")).expect("dir");
+        first.open("s1", None).expect("open");
+        first.narrow("s1", narrowed()).expect("narrow");
+        assert!(first.narrow("unknown", narrowed()).is_err());
+        // A restarted serve opens the adopted sandbox's proxy again: the narrowing holds.
+        let second = EgressProxies::new(data.path().join("egress"), EgressPolicy::default());
+        second.open("s1", None).expect("reopen");
+        let cell = lock(&second.narrowings).get("s1").cloned().expect("cell");
+        assert_eq!(
+            *cell.read().unwrap_or_else(|p| p.into_inner()),
+            Some(narrowed())
+        );
+        second.close("s1");
+        assert!(!second.narrowing_file("s1").exists());
+        first.close("s1");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct CreateRequest {
     /// Standing instructions added to the agent's system prompt (API sessions; handed over at
     /// binding and never stored).
     pub instructions: Option<String>,
+    /// The public hosts the sandbox may reach (`host`, `host:port`, `*.domain`), besides the
+    /// operator's exceptions; `[]` for none. Absent: every public host, as the policy has it.
+    pub egress_allow: Option<Vec<String>>,
 }
 
 impl CreateRequest {
@@ -39,6 +42,7 @@ impl CreateRequest {
             "mcp_servers": self.mcp_servers.iter().map(|m| &m.name).collect::<Vec<_>>(),
             "client_tools": self.client_tools,
             "instructions": self.instructions.as_deref().map(|t| hex::encode(Sha256::digest(t))),
+            "egress_allow": self.egress_allow,
         });
         hex::encode(Sha256::digest(shape.to_string().as_bytes()))
     }
@@ -131,6 +135,23 @@ impl Orchestrator {
             return Err(invalid(sandwarden_proto::event::TUI_INSTRUCTIONS.into()));
         }
 
+        let narrowing = match &req.egress_allow {
+            None => None,
+            Some(hosts) => {
+                let n = crate::egress::Narrowing::parse(hosts)
+                    .map_err(|e| invalid(format!("`egress_allow` {e}")))?;
+                if !self.runtime.narrows_egress() {
+                    return Err(invalid(format!(
+                        "`egress_allow` narrows what a sandbox reaches through serve's egress \
+                         proxy, which this server's sandboxes ({} runtime, isolation {}) do not \
+                         go through: leave it out, or run confined sandboxes (bwrap, docker)",
+                        self.runtime.name(),
+                        self.runtime.isolation()
+                    )));
+                }
+                Some(n)
+            }
+        };
         let fingerprint = req.fingerprint();
         if let Some(key) = &idempotency_key
             && let Some(existing) = self.store.find_idempotent(tenant, key).await?
@@ -195,12 +216,20 @@ impl Orchestrator {
             let claimed = lock(&self.pool).claim(&template.name);
             let Some(sandbox) = claimed else { break };
             self.pool_wake.notify_one();
-            match self.attach_sandbox(&session, &sandbox, &bind).await {
+            match self
+                .attach_sandbox(&session, &sandbox, &bind, narrowing.as_ref())
+                .await
+            {
                 Ok(()) => return self.claimed_warm(session, started).await,
                 Err(AttachError::Refused(p)) => {
-                    // The bind was refused and changed nothing: the sandbox stays warm, and the
-                    // refused request leaves no session behind.
-                    lock(&self.pool).adopt(&template.name, sandbox);
+                    // The bind was refused and changed nothing: the sandbox stays warm (unless
+                    // its egress was narrowed for this session), and the refused request leaves
+                    // no session behind.
+                    if narrowing.is_some() {
+                        self.discard(sandbox).await;
+                    } else {
+                        lock(&self.pool).adopt(&template.name, sandbox);
+                    }
                     let _ = self.store.forget_creating(&session.id).await;
                     return Err(p);
                 }
@@ -222,7 +251,10 @@ impl Orchestrator {
                 owner: self.sandbox_owner(),
             };
             let attached = match self.store.insert_sandbox(&row).await {
-                Ok(()) => self.attach_sandbox(&session, &sandbox, &bind).await,
+                Ok(()) => {
+                    self.attach_sandbox(&session, &sandbox, &bind, narrowing.as_ref())
+                        .await
+                }
                 Err(e) => Err(AttachError::Lost(e.to_string())),
             };
             match attached {
@@ -245,7 +277,8 @@ impl Orchestrator {
         let me = self.clone();
         let cold = session.clone();
         tokio::spawn(async move {
-            me.cold_start(cold, template, bind, started).await;
+            me.cold_start(cold, template, (bind, narrowing), started)
+                .await;
         });
         session.phase = Some("starting_sandbox".into());
         Ok((session, true))
@@ -266,15 +299,22 @@ impl Orchestrator {
         Ok((fresh.unwrap_or(session), true))
     }
 
-    /// Binds a sandbox to a session and records it; the session becomes `ready`.
+    /// Binds a sandbox to a session and records it; the session becomes `ready`. The sandbox's
+    /// egress is narrowed first, so the agent the bind starts is held to it from its start.
     async fn attach_sandbox(
         &self,
         session: &Session,
         sandbox: &Sandbox,
         bind: &BindRequest,
+        narrowing: Option<&crate::egress::Narrowing>,
     ) -> Result<(), AttachError> {
         let client = self.client_for(&sandbox.id, &sandbox.endpoint);
-        if !bind.is_empty() {
+        if let Some(n) = narrowing {
+            self.runtime
+                .narrow_egress(&sandbox.id, n.clone())
+                .map_err(AttachError::Lost)?;
+        }
+        if !bind.is_empty() || narrowing.is_some() {
             match client.bind(bind).await {
                 Ok(_) => {}
                 Err(ClientError::Refused(p)) if p.is_invalid_request() => {
@@ -314,16 +354,20 @@ impl Orchestrator {
         self: Arc<Self>,
         session: Session,
         mut template: Template,
-        bind: BindRequest,
+        (bind, narrowing): (BindRequest, Option<crate::egress::Narrowing>),
         started: Instant,
     ) {
-        if !bind.is_empty() {
-            // Start the agent once, with the session's values, instead of twice.
+        if !bind.is_empty() || narrowing.is_some() {
+            // Start the agent once, with the session's values (and held to its narrowing from
+            // its start), instead of twice.
             template.start = sandwarden_proto::kind::StartMode::Bind;
         }
-        let result = match self.provision(&template, &bind, Phase::Ready).await {
+        let provisioned = self
+            .provision(&template, &bind, narrowing.as_ref(), Phase::Ready)
+            .await;
+        let result = match provisioned {
             Ok(sandbox) => match self
-                .attach_sandbox(&session, &sandbox, &BindRequest::default())
+                .attach_sandbox(&session, &sandbox, &BindRequest::default(), None)
                 .await
             {
                 Ok(()) => Ok(()),
@@ -367,6 +411,7 @@ impl Orchestrator {
         &self,
         t: &Template,
         bind: &BindRequest,
+        narrowing: Option<&crate::egress::Narrowing>,
         want: Phase,
     ) -> Result<Sandbox, String> {
         let id = format!("sbx_{}", uuid::Uuid::now_v7().simple());
@@ -410,7 +455,10 @@ impl Orchestrator {
                 .await
                 .map_err(|e| store_reason(&e))?;
             let client = self.client_for(&sandbox.id, &sandbox.endpoint);
-            if !bind.is_empty() {
+            if let Some(n) = narrowing {
+                self.runtime.narrow_egress(&sandbox.id, n.clone())?;
+            }
+            if !bind.is_empty() || narrowing.is_some() {
                 client.bind(bind).await.map_err(|e| e.to_string())?;
             }
             wait_healthy(&client, &[want], COLD_START_TIMEOUT).await

@@ -307,7 +307,7 @@ impl Orchestrator {
         } else {
             Phase::Ready
         };
-        let result = self.provision(t, &BindRequest::default(), want).await;
+        let result = self.provision(t, &BindRequest::default(), None, want).await;
         match result {
             Ok(sandbox) => {
                 lock(&self.pool).started(&t.name, Some(sandbox));

@@ -522,3 +522,134 @@ async fn only_the_variables_the_operator_names_reach_a_sandbox() {
         "not named, not passed: {reply}"
     );
 }
+
+/// A session that narrows its sandbox's egress (`egress_allow`) reaches, from inside, only the
+/// hosts it named and the operator's exceptions (the model); another session on the same server
+/// is not narrowed; an empty list leaves only the operator's exceptions. Tried from each
+/// session's shell through the sandbox's only way out, the egress proxy. No public host can be
+/// reached here, so a host the narrowing lets through shows as refused for not resolving, where
+/// one it stops is refused naming the session's hosts.
+#[tokio::test]
+async fn a_narrowed_sessions_sandbox_reaches_only_its_hosts() {
+    if !bwrap_works() || !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let model_port = allowed_service().await;
+    let server = Server::start(None, &format!("127.0.0.1:{model_port}"));
+    let admin = server.admin();
+    let mut shells = Vec::new();
+    for allow in [
+        Some(json!(["allowed.example", "*.pkg.example:443"])),
+        None,
+        Some(json!([])),
+    ] {
+        let mut body = json!({"harness": "sh"});
+        if let Some(allow) = allow {
+            body["egress_allow"] = allow;
+        }
+        let (status, s) = admin.call("POST", "/v1/sessions", Some(body)).await;
+        assert_eq!(status, 201, "{s}");
+        let id = s["id"].as_str().expect("id").to_string();
+        admin.wait_status(&id, "ready").await;
+        shells.push(Shell::attach(&tty_url(&admin, &id).await).await);
+    }
+    const NARROWED: &str = "may reach only";
+    // The proxy's whole answer (its reason is in the body, after the head).
+    let via_proxy =
+        |target: &str| http_get("127.0.0.1", 3128, target).replace("head -5", "head -8");
+    let expect = [
+        // (shell, target, refused by the narrowing)
+        (0, "http://blocked.example/", true),
+        (0, "http://allowed.example/", false),
+        (0, "http://a.pkg.example:443/", false),
+        (0, "http://a.pkg.example:80/", true),
+        (0, "http://pkg.example:443/", true),
+        (0, "http://evil-pkg.example:443/", true),
+        (1, "http://blocked.example/", false),
+        (2, "http://allowed.example/", true),
+    ];
+    for (i, target, narrowed) in expect {
+        let (out, _) = shells[i].run(&via_proxy(target)).await;
+        assert!(out.contains("403 Forbidden"), "{i} {target}: {out}");
+        assert_eq!(
+            out.contains(NARROWED),
+            narrowed,
+            "session {i}, {target}: {out}"
+        );
+    }
+    // The operator's exception (the model) stays reachable from every session, narrowed or not.
+    for sh in &mut shells {
+        let (out, _) = sh
+            .run(&via_proxy(&format!("http://127.0.0.1:{model_port}/")))
+            .await;
+        assert!(out.contains("model-ok"), "{out}");
+        let (out, _) = sh
+            .run(&http_get("127.0.0.1", model_port, "/v1/models"))
+            .await;
+        assert!(out.contains("model-ok"), "{out}");
+    }
+    // Refused whole: a malformed host, too many hosts.
+    for (allow, says) in [
+        (json!(["bad host!"]), "not a host"),
+        (json!(["*.com"]), "a wildcard covers a domain with a dot"),
+        (
+            json!((0..65).map(|i| format!("h{i}.example")).collect::<Vec<_>>()),
+            "at most 64",
+        ),
+    ] {
+        let (status, p) = admin
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(json!({"harness": "sh", "egress_allow": allow})),
+            )
+            .await;
+        assert_eq!(status, 422, "{p}");
+        assert!(p["detail"].as_str().unwrap_or("").contains(says), "{p}");
+    }
+}
+
+/// Where sandboxes reach the network directly (`--isolation none`), nothing can hold them to a
+/// session's hosts: a narrowing is refused, natively and through both vendor APIs, and nothing
+/// is created.
+#[tokio::test]
+async fn a_narrowing_is_refused_where_sandboxes_bypass_the_egress_proxy() {
+    let serve = Serve::start(&["--isolation", "none"]);
+    let api = serve.client();
+    let (status, p) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"harness": "sh", "egress_allow": ["allowed.example"]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+    assert!(
+        p["detail"].as_str().unwrap_or("").contains("egress proxy"),
+        "{p}"
+    );
+    let (status, p) = api
+        .call(
+            "POST",
+            "/anthropic/v1/environments",
+            Some(json!({"name": "e", "config": {"type": "cloud",
+                "networking": {"type": "limited", "allowed_hosts": ["allowed.example"]}}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{p}");
+    assert!(p.to_string().contains("egress proxy"), "{p}");
+    let (status, p) = api
+        .call(
+            "POST",
+            "/openai/v1/agents/sessions",
+            Some(json!({"environment": {"type": "openai_hosted",
+                            "network": {"access": "disabled"}},
+                        "agent": {"model": "echo-small"},
+                        "metadata": {"sandwarden.harness": "echo"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{p}");
+    assert!(p.to_string().contains("egress proxy"), "{p}");
+    let (_, listed) = api.call("GET", "/v1/sessions", None).await;
+    assert_eq!(listed["sessions"], json!([]), "{listed}");
+}

@@ -37,6 +37,8 @@ async fn run_client(serve: &Serve, script: &str, tenant: &str) -> Option<String>
         .arg(&script)
         .env("SANDWARDEN_URL", &serve.base)
         .env("SANDWARDEN_KEY", key["key"].as_str().expect("key"))
+        // Whether this serve's sandboxes go out through its egress proxy (bubblewrap works).
+        .env("SANDWARDEN_NARROWS", if bwrap_works() { "1" } else { "0" })
         .output()
         .await
         .expect("run the SDK client");

@@ -328,12 +328,29 @@ refused(
     lambda: beta.agents.create(name="x", model="echo-small", system="x" * (32 * 1024 + 1)),
     "a system prompt over 32 KiB",
 )
+# `limited` networking narrows the session's sandbox's egress where sandboxes go out through
+# serve's egress proxy (SANDWARDEN_NARROWS=1: bubblewrap here), and is refused elsewhere.
+limited = {"type": "cloud", "networking": {"type": "limited", "allowed_hosts": ["allowed.example"],
+                                           "allow_package_managers": True}}
+if os.environ.get("SANDWARDEN_NARROWS") == "1":
+    narrow_env = beta.environments.create(name="narrow", config=limited)
+    check(narrow_env.config.networking.type == "limited", f"{narrow_env.config}")
+    check(narrow_env.config.networking.allowed_hosts == ["allowed.example"], f"{narrow_env.config}")
+    narrow_sid = beta.sessions.create(agent=agent.id, environment_id=narrow_env.id).id
+    _, said = turn(narrow_sid, "narrowed hello")
+    check(answer_text(said) == "narrowed hello", f"a narrowed session runs: {answer_text(said)!r}")
+    for event in said:
+        seen_on_streams.pop(getattr(event, "id", None), None)
+    beta.sessions.delete(narrow_sid)
+else:
+    refused(anthropic.BadRequestError, lambda: beta.environments.create(name="x", config=limited),
+            "limited networking without the egress proxy")
 refused(
     anthropic.BadRequestError,
     lambda: beta.environments.create(
-        name="x", config={"type": "cloud", "networking": {"type": "limited", "allowed_hosts": []}}
-    ),
-    "limited networking",
+        name="x", config={"type": "cloud", "networking": {"type": "limited",
+                                                          "allowed_hosts": ["bad host!"]}}),
+    "limited networking naming no host",
 )
 refused(
     anthropic.BadRequestError,

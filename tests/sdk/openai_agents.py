@@ -294,7 +294,20 @@ refused(openai.BadRequestError, lambda: agents.create(
     model="echo-small", instructions="x" * (32 * 1024 + 1)), "instructions over 32 KiB")
 refused(openai.BadRequestError, lambda: sessions.create(
     environment={"type": "openai_hosted", "network": {"access": "restricted"}}, agent_id=agent.id),
-    "a network policy")
+    "a restricted network naming no domains")
+# A restricted network narrows the session's sandbox's egress where sandboxes go out through
+# serve's egress proxy (SANDWARDEN_NARROWS=1: bubblewrap here), and is refused elsewhere.
+restricted = {"type": "openai_hosted",
+              "network": {"access": "restricted", "allowed_domains": ["allowed.example"]}}
+if os.environ.get("SANDWARDEN_NARROWS") == "1":
+    narrowed = sessions.create(environment=restricted, agent_id=agent.id)
+    with sessions.stream(narrowed.id, input="narrowed hello") as turn:
+        check(turn.get_final_result().messages[0].content[0].text == "narrowed hello", "runs")
+    sessions.delete(narrowed.id)
+else:
+    refused(openai.BadRequestError, lambda: sessions.create(environment=restricted,
+                                                            agent_id=agent.id),
+            "a restricted network without the egress proxy")
 refused(openai.BadRequestError, lambda: sessions.events.create(sid, events=[{
     "type": "agent.session.input.tool_result", "turn_id": "t", "call_id": "c", "success": True}]),
     "a tool result for no call")

@@ -252,9 +252,28 @@ struct EnvironmentBody {
     scope: Option<String>,
 }
 
-/// An environment's `config`: a `cloud` container with unrestricted networking and no packages
-/// is what a sandwarden template is; the rest has no counterpart per session and is refused.
-fn checked_config(config: Option<&Value>) -> Result<Value, Problem> {
+/// The hosts `allow_package_managers` opens: the public registries of the package managers
+/// Anthropic's environments name (apt, cargo, gem, go, npm, pip).
+const PACKAGE_REGISTRIES: [&str; 13] = [
+    "registry.npmjs.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "crates.io",
+    "index.crates.io",
+    "static.crates.io",
+    "rubygems.org",
+    "proxy.golang.org",
+    "sum.golang.org",
+    "deb.debian.org",
+    "security.debian.org",
+    "archive.ubuntu.com",
+    "security.ubuntu.com",
+];
+
+/// An environment's `config`: a `cloud` container with no packages is what a sandwarden template
+/// is, and `limited` networking narrows the session's sandbox's egress (`narrows`: whether this
+/// server's sandboxes can be narrowed); the rest has no counterpart per session and is refused.
+fn checked_config(config: Option<&Value>, narrows: bool) -> Result<Value, Problem> {
     let default = json!({"type": "cloud", "networking": {"type": "unrestricted"},
                          "packages": {}});
     let Some(config) = config.filter(|c| !c.is_null()) else {
@@ -270,13 +289,38 @@ fn checked_config(config: Option<&Value>) -> Result<Value, Problem> {
         }
         _ => return Err(invalid("`config.type` is `cloud`")),
     }
-    let networking = &config["networking"];
-    if !networking.is_null() && networking["type"].as_str() != Some("unrestricted") {
-        return Err(invalid(
-            "`config.networking`: only `unrestricted` is supported; a sandbox's egress is set by \
-             its template's egress policy (docs/security.md), not per environment",
-        ));
-    }
+    let networking = match config["networking"]["type"].as_str() {
+        None | Some("unrestricted") => json!({"type": "unrestricted"}),
+        Some("limited") => {
+            let n = &config["networking"];
+            let hosts: Vec<String> = match &n["allowed_hosts"] {
+                Value::Null => Vec::new(),
+                Value::Array(list) => list
+                    .iter()
+                    .map(|h| h.as_str().map(String::from))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| invalid("`allowed_hosts` are host names"))?,
+                _ => return Err(invalid("`allowed_hosts` is a list of host names")),
+            };
+            crate::egress::Narrowing::parse(&hosts)
+                .map_err(|e| invalid(format!("`config.networking.allowed_hosts` {e}")))?;
+            if !narrows {
+                return Err(invalid(
+                    "`limited` networking narrows a sandbox's egress through serve's egress \
+                     proxy, which this server's sandboxes do not go through (docs/security.md): \
+                     use `unrestricted`, or run confined sandboxes (bwrap, docker)",
+                ));
+            }
+            json!({"type": "limited", "allowed_hosts": hosts,
+                   "allow_mcp_servers": n["allow_mcp_servers"].as_bool().unwrap_or(false),
+                   "allow_package_managers": n["allow_package_managers"].as_bool().unwrap_or(false)})
+        }
+        Some(other) => {
+            return Err(invalid(format!(
+                "`config.networking.type` is `unrestricted` or `limited`, not {other:?}"
+            )));
+        }
+    };
     if let Some(packages) = config["packages"].as_object()
         && packages.values().any(|v| {
             v.as_array().is_some_and(|a| !a.is_empty())
@@ -290,7 +334,39 @@ fn checked_config(config: Option<&Value>) -> Result<Value, Problem> {
              provides (install packages there)",
         ));
     }
-    Ok(json!({"type": "cloud", "networking": {"type": "unrestricted"}, "packages": {}}))
+    Ok(json!({"type": "cloud", "networking": networking, "packages": {}}))
+}
+
+/// The hosts a session's sandbox may reach under its environment's `limited` networking (the
+/// agent's MCP servers' and the package registries' hosts when it says so); `None` when
+/// unrestricted.
+fn egress_allow(config: &Value, agent: &Value) -> Option<Vec<String>> {
+    let n = &config["networking"];
+    if n["type"] != "limited" {
+        return None;
+    }
+    let mut hosts: Vec<String> = n["allowed_hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h.as_str().map(String::from))
+        .collect();
+    if n["allow_mcp_servers"] == true {
+        hosts.extend(
+            agent["mcp_servers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| reqwest::Url::parse(s["url"].as_str()?).ok())
+                .filter_map(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?))),
+        );
+    }
+    if n["allow_package_managers"] == true {
+        hosts.extend(PACKAGE_REGISTRIES.iter().map(|h| h.to_string()));
+    }
+    hosts.sort();
+    hosts.dedup();
+    Some(hosts)
 }
 
 async fn create_environment(
@@ -308,7 +384,7 @@ async fn create_environment(
     let id = new_id("env");
     let body = json!({
         "type": "environment", "id": id, "name": name, "description": b.description,
-        "config": checked_config(b.config.as_ref())?,
+        "config": checked_config(b.config.as_ref(), orch.runtime.narrows_egress())?,
         "metadata": checked_metadata(b.metadata.as_ref())?,
         "scope": b.scope.unwrap_or_else(|| "organization".into()),
         "created_at": now, "updated_at": now, "archived_at": null,
@@ -338,7 +414,7 @@ async fn update_environment(
         o.body["description"] = json!(d);
     }
     if b.config.is_some() {
-        o.body["config"] = checked_config(b.config.as_ref())?;
+        o.body["config"] = checked_config(b.config.as_ref(), orch.runtime.narrows_egress())?;
     }
     if b.metadata.is_some() {
         o.body["metadata"] = merged_metadata(&o.body["metadata"], b.metadata.as_ref())?;
@@ -846,6 +922,7 @@ async fn create_session(
             .as_str()
             .filter(|s| !s.trim().is_empty())
             .map(String::from),
+        egress_allow: egress_allow(&environment.body["config"], &agent),
     };
     let (session, _) = orch
         .create(&caller.tenant, request, None, &caller.limits)

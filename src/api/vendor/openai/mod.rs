@@ -322,10 +322,15 @@ struct SessionBody {
 }
 
 /// What an `openai_hosted` environment says that a sandwarden session can honour: its `env`
-/// (the sandbox's environment variables) and inline `files` under `/workspace`.
-fn checked_environment(
-    env: &Value,
-) -> Result<(std::collections::BTreeMap<String, String>, Vec<Value>), Problem> {
+/// (the sandbox's environment variables), `files` under `/workspace`, and its `network` (the
+/// hosts the sandbox may reach; `narrows`: whether this server's sandboxes can be narrowed).
+type Environment = (
+    std::collections::BTreeMap<String, String>,
+    Vec<Value>,
+    Option<Vec<String>>,
+);
+
+fn checked_environment(env: &Value, narrows: bool) -> Result<Environment, Problem> {
     match env["type"].as_str() {
         Some("openai_hosted") => {}
         Some(other) => {
@@ -340,7 +345,6 @@ fn checked_environment(
         "environment_id",
         "environment_template_id",
         "packages",
-        "network",
         "setup_commands",
         "skills",
         "plugins",
@@ -370,7 +374,38 @@ fn checked_environment(
             super::files::MAX_SESSION_FILES
         )));
     }
-    Ok((vars, files))
+    let network = &env["network"];
+    let egress = match network["access"].as_str() {
+        None if network.is_null() => None,
+        Some("enabled") => None,
+        Some("disabled") => Some(Vec::new()),
+        Some("restricted") => Some(
+            network["allowed_domains"]
+                .as_array()
+                .ok_or_else(|| invalid("`network.allowed_domains` lists the hosts to allow"))?
+                .iter()
+                .map(|h| h.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| invalid("`network.allowed_domains` are host names"))?,
+        ),
+        _ => {
+            return Err(invalid(
+                "`network.access` is `enabled`, `disabled` or `restricted`",
+            ));
+        }
+    };
+    if let Some(hosts) = &egress {
+        crate::egress::Narrowing::parse(hosts)
+            .map_err(|e| invalid(format!("`network.allowed_domains` {e}")))?;
+        if !narrows {
+            return Err(invalid(
+                "`network` narrows a sandbox's egress through serve's egress proxy, which this \
+                 server's sandboxes do not go through (docs/security.md): leave it out (or \
+                 `enabled`), or run confined sandboxes (bwrap, docker)",
+            ));
+        }
+    }
+    Ok((vars, files, egress))
 }
 
 /// The files an environment stages at creation, read (inline, or from the Files API) and checked,
@@ -548,10 +583,11 @@ async fn create_session(
             "`spend_control` is not supported: a tenant's budget is set on its API key",
         ));
     }
-    let (env, files) = checked_environment(
+    let (env, files, egress) = checked_environment(
         b.environment
             .as_ref()
             .ok_or_else(|| invalid("`environment` is required"))?,
+        orch.runtime.narrows_egress(),
     )?;
     let stored = match &b.agent_id {
         Some(id) => Some(object(&orch, &caller.tenant, AGENT, id, None).await?.body),
@@ -629,6 +665,7 @@ async fn create_session(
             .collect(),
         // Added to the agent CLI's own system prompt (docs/openai.md says how, per harness).
         instructions: instructions.clone(),
+        egress_allow: egress,
     };
     let (session, _) = orch
         .create(&caller.tenant, request, None, &caller.limits)
