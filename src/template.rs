@@ -41,6 +41,10 @@ pub struct Template {
     /// sandboxes too (through cgroups, where `serve` may make them).
     #[serde(default)]
     pub container: ContainerSpec,
+    /// The packages its image provides, by package manager (`apt`, `npm`, `pip`, …): what a
+    /// client may ask an environment to have (the vendor APIs' `packages`) and get.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub packages: BTreeMap<String, Vec<String>>,
 }
 
 /// A template's container settings; the defaults are the secure ones.
@@ -130,6 +134,7 @@ impl Template {
             turn_timeout_s: default_turn_timeout(),
             env: BTreeMap::new(),
             container: ContainerSpec::default(),
+            packages: BTreeMap::new(),
         }
     }
 

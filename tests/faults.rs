@@ -307,16 +307,6 @@ async fn pool_burst(
     );
 }
 
-/// Kills the sandboxes under a data dir when dropped, so a failing test leaves none behind
-/// (`Serve::start_in` leaves them, as a restart needs).
-struct Sweep(std::path::PathBuf);
-
-impl Drop for Sweep {
-    fn drop(&mut self) {
-        kill_sandboxes_under(&self.0);
-    }
-}
-
 /// A data dir whose templates add `echo-quick`: the echo agent with a 2 s turn timeout.
 fn data_dir_with_quick_template() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

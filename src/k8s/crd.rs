@@ -61,6 +61,10 @@ pub struct SandboxTemplateSpec {
     #[serde(default)]
     #[schemars(schema_with = "pod_template_schema")]
     pub pod_template: PodTemplateSpec,
+    /// The packages the image provides, by package manager (`apt`, `npm`, `pip`, …): what a
+    /// client's environment may ask for (the vendor APIs' `packages`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub packages: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// What happens to a sandbox whose Pod failed or vanished.
@@ -222,6 +226,7 @@ impl SandboxTemplate {
             turn_timeout_s: u64::try_from(spec.turn_timeout_seconds).unwrap_or(1),
             env: Default::default(),
             container: Default::default(),
+            packages: spec.packages.clone(),
         }
     }
 }

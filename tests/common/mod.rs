@@ -443,6 +443,16 @@ impl Drop for Serve {
     }
 }
 
+/// Kills the sandboxes under a data dir when dropped, so a failing test leaves none behind
+/// (`Serve::start_in` leaves them, as a restart needs).
+pub struct Sweep(pub std::path::PathBuf);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        kill_sandboxes_under(&self.0);
+    }
+}
+
 /// Sandboxes outlive `serve` by design; tests stop the ones under their data dir.
 pub fn kill_sandboxes_under(data: &std::path::Path) {
     sandwarden::procfs::kill_groups_matching(&["harness --listen", &data.to_string_lossy()]);

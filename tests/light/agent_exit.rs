@@ -8,15 +8,6 @@ use serde_json::Value;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Stops the sandboxes under a data dir the test owns.
-struct Sweep(std::path::PathBuf);
-
-impl Drop for Sweep {
-    fn drop(&mut self) {
-        kill_sandboxes_under(&self.0);
-    }
-}
-
 /// A `serve` whose templates add agents and programs that are not installed, run the way the
 /// built-in templates run theirs (`sandwarden launch`).
 fn serve_with_missing_clis() -> (tempfile::TempDir, Sweep, Serve) {

@@ -642,3 +642,81 @@ async fn vendor_files_are_bounded_and_stay_with_their_tenant() {
     assert_eq!(reply.status().as_u16(), 200);
     assert_eq!(reply.text().await.expect("body"), "owner's secret");
 }
+
+/// An environment's `packages` are what the session's template says its image provides: a
+/// session asking for those runs (OpenAI's `python` and `system` being pip and apt), one asking
+/// for more is refused naming what is missing and what the template has, and leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_packages_are_what_the_template_provides() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("templates.json"),
+        r#"[{"name":"echo-py","kind":"api","command":"sandwarden echo-agent","pool":0,
+             "packages":{"pip":["requests"],"apt":["git"]}}]"#,
+    )
+    .expect("templates");
+    let _sweep = Sweep(dir.path().to_path_buf());
+    let serve = Serve::start_in(dir.path(), &[]);
+    let api = serve.client();
+    let meta = json!({"sandwarden.harness": "echo-py"});
+    let (_, agent) = api
+        .call(
+            "POST",
+            "/anthropic/v1/agents",
+            Some(json!({"name": "a", "model": "echo-small", "metadata": meta})),
+        )
+        .await;
+    for (packages, ok) in [
+        (json!({"pip": ["requests"], "apt": ["git"]}), true),
+        (json!({"pip": ["requests", "numpy"]}), false),
+    ] {
+        let (status, env) = api
+            .call(
+                "POST",
+                "/anthropic/v1/environments",
+                Some(json!({"name": "e", "config": {"type": "cloud", "packages": packages}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{env}");
+        let (status, s) = api
+            .call(
+                "POST",
+                "/anthropic/v1/sessions",
+                Some(json!({"agent": agent["id"], "environment_id": env["id"]})),
+            )
+            .await;
+        if ok {
+            assert_eq!(status, 200, "{s}");
+        } else {
+            assert_eq!(status, 400, "{s}");
+            let said = s["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                said.contains("pip numpy") && said.contains("pip requests, apt git")
+                    || said.contains("pip numpy") && said.contains("apt git, pip requests"),
+                "{s}"
+            );
+        }
+    }
+    for (packages, ok) in [
+        (json!({"python": ["requests"], "system": ["git"]}), true),
+        (json!({"npm": ["left-pad"]}), false),
+    ] {
+        let (status, s) = api
+            .call(
+                "POST",
+                "/openai/v1/agents/sessions",
+                Some(
+                    json!({"environment": {"type": "openai_hosted", "packages": packages},
+                            "agent": {"model": "echo-small"}, "metadata": meta}),
+                ),
+            )
+            .await;
+        assert_eq!(status, if ok { 200 } else { 400 }, "{s}");
+    }
+    let (_, listed) = api.call("GET", "/v1/sessions", None).await;
+    assert_eq!(
+        listed["sessions"].as_array().map(Vec::len),
+        Some(2),
+        "only the two sessions whose packages the template has: {listed}"
+    );
+}

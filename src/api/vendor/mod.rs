@@ -395,6 +395,85 @@ fn checked_instructions(field: &str, value: Option<&str>) -> Result<(), Problem>
     Ok(())
 }
 
+/// The packages an environment asks for, by package manager (`aliases` maps a vendor's names
+/// for a manager onto the templates' `apt`, `cargo`, `gem`, `go`, `npm`, `pip`).
+fn wanted_packages(
+    given: &Value,
+    aliases: &[(&str, &str)],
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, Problem> {
+    const MANAGERS: [&str; 6] = ["apt", "cargo", "gem", "go", "npm", "pip"];
+    let mut wanted = std::collections::BTreeMap::new();
+    let Some(map) = given.as_object() else {
+        return if given.is_null() {
+            Ok(wanted)
+        } else {
+            Err(invalid("`packages` lists packages by package manager"))
+        };
+    };
+    for (manager, list) in map {
+        if manager == "type" || list.is_null() {
+            continue;
+        }
+        let name = aliases
+            .iter()
+            .find(|(from, _)| from == manager)
+            .map_or(manager.as_str(), |(_, to)| to);
+        if !MANAGERS.contains(&name) {
+            return Err(invalid(format!(
+                "`packages.{manager}` is no package manager here"
+            )));
+        }
+        let names: Vec<String> = list
+            .as_array()
+            .filter(|l| l.len() <= 100)
+            .and_then(|l| l.iter().map(|p| p.as_str().map(String::from)).collect())
+            .ok_or_else(|| invalid(format!("`packages.{manager}` lists at most 100 names")))?;
+        if !names.is_empty() {
+            wanted.insert(name.to_string(), names);
+        }
+    }
+    Ok(wanted)
+}
+
+/// Refuses a session whose environment asks for packages its harness's template does not provide
+/// (nothing is installed per session: a template's image has what it lists in `packages`).
+fn check_packages(
+    orch: &AppState,
+    harness: &str,
+    wanted: &std::collections::BTreeMap<String, Vec<String>>,
+) -> Result<(), Problem> {
+    let templates = orch.templates();
+    let provided = templates.get(harness).map(|t| &t.packages);
+    let mut missing = Vec::new();
+    for (manager, names) in wanted {
+        let has = provided.and_then(|p| p.get(manager));
+        for name in names {
+            if !has.is_some_and(|h| h.contains(name)) {
+                missing.push(format!("{manager} {name}"));
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let offered: Vec<String> = provided
+        .into_iter()
+        .flatten()
+        .flat_map(|(m, names)| names.iter().map(move |n| format!("{m} {n}")))
+        .collect();
+    Err(invalid(format!(
+        "`packages`: the harness {harness:?} does not provide {}; nothing is installed per \
+         session, so its template's image must (listing them in the template's `packages`). It \
+         provides: {}",
+        missing.join(", "),
+        if offered.is_empty() {
+            "none".to_string()
+        } else {
+            offered.join(", ")
+        }
+    )))
+}
+
 /// A text field: at most `max` bytes.
 fn short(field: &str, value: Option<&str>, max: usize) -> Result<(), Problem> {
     if value.is_some_and(|v| v.len() > max) {

@@ -321,20 +321,9 @@ fn checked_config(config: Option<&Value>, narrows: bool) -> Result<Value, Proble
             )));
         }
     };
-    if let Some(packages) = config["packages"].as_object()
-        && packages.values().any(|v| {
-            v.as_array().is_some_and(|a| !a.is_empty())
-                || v.get("packages")
-                    .and_then(Value::as_array)
-                    .is_some_and(|a| !a.is_empty())
-        })
-    {
-        return Err(invalid(
-            "`config.packages` is not supported: a sandbox has what its template's image \
-             provides (install packages there)",
-        ));
-    }
-    Ok(json!({"type": "cloud", "networking": networking, "packages": {}}))
+    // Checked against the session's template when a session names it (nothing is installed).
+    let packages = wanted_packages(&config["packages"], &[])?;
+    Ok(json!({"type": "cloud", "networking": networking, "packages": packages}))
 }
 
 /// The hosts a session's sandbox may reach under its environment's `limited` networking (the
@@ -873,6 +862,11 @@ async fn create_session(
              name an API harness"
         )));
     }
+    check_packages(
+        &orch,
+        &harness,
+        &wanted_packages(&environment.body["config"]["packages"], &[])?,
+    )?;
     short("title", b.title.as_deref(), 512)?;
     let initial = checked_inputs(&b.initial_events)?;
     if initial.iter().any(|i| !matches!(i, UserInput::Message(_))) {

@@ -344,7 +344,6 @@ fn checked_environment(env: &Value, narrows: bool) -> Result<Environment, Proble
     for key in [
         "environment_id",
         "environment_template_id",
-        "packages",
         "setup_commands",
         "skills",
         "plugins",
@@ -630,6 +629,18 @@ async fn create_session(
              name an API harness"
         )));
     }
+    // Checked against the template (nothing is installed per session): `python` is pip's,
+    // `system` apt's.
+    let packages = b
+        .environment
+        .as_ref()
+        .map(|e| e["packages"].clone())
+        .unwrap_or_default();
+    check_packages(
+        &orch,
+        &harness,
+        &wanted_packages(&packages, &[("python", "pip"), ("system", "apt")])?,
+    )?;
     let first_input = b.input.as_ref().map(input_parts).transpose()?;
     // The inline agent's tools, else the stored agent's.
     let tools = match b.agent.as_ref().and_then(|a| a.tools.as_deref()) {
