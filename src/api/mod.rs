@@ -1241,7 +1241,7 @@ async fn list_files(
 }
 
 /// A harness's answer body, streamed to the client as it arrives (serve holds a chunk at a time).
-fn passed_through(from: reqwest::Response, content_type: &'static str) -> Response {
+pub(crate) fn passed_through(from: reqwest::Response, content_type: &'static str) -> Response {
     let length = from.content_length();
     let mut response = axum::body::Body::from_stream(from.bytes_stream()).into_response();
     let headers = response.headers_mut();

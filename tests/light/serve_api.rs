@@ -1147,10 +1147,17 @@ async fn instructions_given_at_create_reach_the_agent_as_its_system_prompt() {
             "terminal program",
         ),
         (
-            json!({"harness": "echo", "instructions": "x".repeat(64 * 1024 + 1)}),
-            "at most 64 KiB",
+            json!({"harness": "echo", "instructions": "x".repeat(32 * 1024 + 1)}),
+            "at most 32 KiB",
         ),
-        (json!({"harness": "echo", "instructions": "a\u{0}b"}), "NUL"),
+        (
+            json!({"harness": "echo", "instructions": "a\u{0}b"}),
+            "control character",
+        ),
+        (
+            json!({"harness": "echo", "instructions": "a\u{7f}b"}),
+            "control character",
+        ),
     ] {
         let (status, p) = create(body).await;
         assert_eq!(status, 422, "{p}");

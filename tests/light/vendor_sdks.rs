@@ -631,7 +631,7 @@ async fn vendor_files_are_bounded_and_stay_with_their_tenant() {
         .call("GET", &format!("/openai/v1/files/{id}"), None)
         .await;
     assert_eq!(status, 404);
-    // The owner still has it, whole.
+    // The owner still has it, whole, as a download a browser would not render.
     let reply = owner
         .http
         .get(format!("{}/anthropic/v1/files/{id}/content", owner.base))
@@ -640,7 +640,79 @@ async fn vendor_files_are_bounded_and_stay_with_their_tenant() {
         .await
         .expect("download");
     assert_eq!(reply.status().as_u16(), 200);
+    assert_eq!(reply.headers()["content-disposition"], "attachment");
+    assert_eq!(reply.headers()["x-content-type-options"], "nosniff");
     assert_eq!(reply.text().await.expect("body"), "owner's secret");
+
+    // Pages past any length, a long mount path, too many of a session's files at once: refused.
+    let forged: Vec<String> = (0..11)
+        .map(|i| {
+            use base64::Engine;
+            let named = format!("{sid}\nf{i}.txt");
+            format!(
+                "file_s{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(named)
+            )
+        })
+        .collect();
+    let (status, oai) = owner
+        .call(
+            "POST",
+            "/openai/v1/agents/sessions",
+            Some(json!({"environment": {"type": "openai_hosted"},
+                        "agent": {"model": "echo-small"},
+                        "metadata": {"sandwarden.harness": "echo"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{oai}");
+    let oai_env = oai["environment"]["id"].as_str().expect("environment id");
+    for path in [
+        format!("/anthropic/v1/files?scope_id={sid}&page=page_18446744073709551615"),
+        format!("/anthropic/v1/sessions/{sid}/resources?page=page_18446744073709551615"),
+        format!("/openai/v1/agents/environments/{oai_env}/files?page=p18446744073709551615"),
+        format!("/anthropic/v1/files?ids={}", forged.join(",")),
+    ] {
+        let (status, body) = owner.call("GET", &path, None).await;
+        assert_eq!(status, 400, "{path}: {body}");
+    }
+    let long = format!("/workspace/{}x.txt", "./".repeat(600));
+    let (status, body) = owner
+        .call(
+            "POST",
+            &format!("/anthropic/v1/sessions/{sid}/resources"),
+            Some(json!({"type": "file", "file_id": id, "mount_path": long})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    // Resources added at once are all kept.
+    let adds: Vec<_> = (0..8)
+        .map(|i| {
+            let owner = owner.with_key(&owner.key);
+            let (sid, id) = (sid.clone(), id.clone());
+            tokio::spawn(async move {
+                owner
+                    .call(
+                        "POST",
+                        &format!("/anthropic/v1/sessions/{sid}/resources"),
+                        Some(json!({"type": "file", "file_id": id,
+                                    "mount_path": format!("/workspace/copy-{i}.txt")})),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for add in adds {
+        let (status, body) = add.await.expect("add");
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, listed) = owner
+        .call(
+            "GET",
+            &format!("/anthropic/v1/sessions/{sid}/resources"),
+            None,
+        )
+        .await;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(9), "{listed}");
 }
 
 /// An environment's `packages` are what the session's template says its image provides: a

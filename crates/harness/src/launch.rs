@@ -285,9 +285,12 @@ fn toml_value(v: &Value) -> String {
     }
 }
 
-/// A TOML basic string: JSON string escapes are valid TOML escapes.
+/// A TOML basic string: JSON string escapes are valid TOML escapes; DEL, which JSON leaves
+/// as it is and TOML does not take raw, is escaped too.
 fn toml_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+    serde_json::to_string(s)
+        .unwrap_or_else(|_| "\"\"".into())
+        .replace('\u{7f}', "\\u007F")
 }
 
 /// Writes the plan's files, then replaces this process with the program. Returns only on error.

@@ -482,8 +482,9 @@ pub const TUI_INSTRUCTIONS: &str = "instructions are handed to API agents over A
     program reads its standing instructions from its own files (write them with `files`, e.g. \
     CLAUDE.md or AGENTS.md)";
 
-/// The largest `instructions` a session may be given, in bytes.
-pub const MAX_INSTRUCTIONS_BYTES: usize = 64 * 1024;
+/// The largest `instructions` a session may be given, in bytes (escaped for an agent's
+/// command line, e.g. codex's `-c`, they stay within one argument's 128 KiB).
+pub const MAX_INSTRUCTIONS_BYTES: usize = 32 * 1024;
 
 /// Most MCP servers one session may be given.
 pub const MAX_MCP_SERVERS: usize = 20;
@@ -713,8 +714,15 @@ impl BindRequest {
                     text.len()
                 ));
             }
-            if text.contains('\0') {
-                return Err("`instructions` hold a NUL byte".into());
+            if text
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+            {
+                return Err(
+                    "`instructions` hold a control character (only newlines and tabs may be in \
+                     them)"
+                        .into(),
+                );
             }
         }
         Ok(())

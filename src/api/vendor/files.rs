@@ -17,6 +17,16 @@ use base64::Engine;
 pub const MAX_FILE_BYTES: usize = 8 << 20;
 /// The most a tenant's uploaded files may take in the store, all together (as stored: base64).
 pub const MAX_TENANT_FILE_BYTES: i64 = 256 << 20;
+/// The kinds holding every vendor's uploaded bytes: a tenant's quota counts them together.
+const CONTENT_KINDS: [&str; 2] = ["anthropic.file_content", "openai.file_content"];
+/// The largest file listing read from a sandbox (the harness bounds its own at 1 MiB).
+const MAX_LISTING_BYTES: usize = 2 << 20;
+/// The longest path a vendor may give for a file in the sandbox.
+pub const MAX_PATH_BYTES: usize = 1024;
+
+/// Uploads are stored one at a time per replica, so two cannot both pass the quota's check.
+static STORING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The most files a session may be given at creation, and their bytes together.
 pub const MAX_SESSION_FILES: usize = 100;
 pub const MAX_SESSION_FILE_BYTES: usize = 8 << 20;
@@ -32,10 +42,24 @@ pub struct Upload {
     pub fields: std::collections::BTreeMap<String, String>,
 }
 
-/// Reads the upload, refusing what is not one (no `file` part, a part over its bound).
+/// Reads the upload, refusing what is not one (no `file` part, a part over its bound). What it
+/// holds while read and stored (the bytes, their base64, the row) counts against the tenant's
+/// answer memory from the start, by the body's declared length (else the largest upload).
 pub async fn read_upload(
+    orch: &AppState,
+    caller: &Caller,
+    headers: &axum::http::HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<Upload, Problem> {
+) -> Result<(Upload, crate::session::quota::Admitted), Problem> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(MAX_FILE_BYTES)
+        .min(MAX_FILE_BYTES + (64 << 10));
+    let admitted = orch
+        .admit_answer(&caller.tenant, &caller.limits, declared.saturating_mul(3))
+        .await?;
     let mut multipart = multipart.map_err(|e| {
         invalid(format!(
             "send the file as multipart/form-data with a `file` part: {e}"
@@ -79,12 +103,15 @@ pub async fn read_upload(
     }
     let (filename, mime_type, bytes) =
         upload.ok_or_else(|| invalid("the multipart body has no `file` part"))?;
-    Ok(Upload {
-        filename,
-        mime_type,
-        bytes,
-        fields,
-    })
+    Ok((
+        Upload {
+            filename,
+            mime_type,
+            bytes,
+            fields,
+        },
+        admitted,
+    ))
 }
 
 /// A part's bytes, refused past `max` without reading the rest.
@@ -131,13 +158,18 @@ impl Files {
         now: String,
     ) -> Result<(), Problem> {
         let id = meta["id"].as_str().unwrap_or_default().to_string();
-        check_room(orch, tenant, self.meta, &meta).await?;
         let encoded = B64.encode(bytes);
-        let held = orch
-            .store
-            .object_bytes(tenant, self.content)
-            .await
-            .map_err(store_problem)?;
+        // The check and the insert, one upload at a time: a burst cannot pass the check together.
+        let _one_at_a_time = STORING.lock().await;
+        check_room(orch, tenant, self.meta, &meta).await?;
+        let mut held = 0;
+        for kind in CONTENT_KINDS {
+            held += orch
+                .store
+                .object_bytes(tenant, kind)
+                .await
+                .map_err(store_problem)?;
+        }
         if held + encoded.len() as i64 > MAX_TENANT_FILE_BYTES {
             return Err(Problem::new(
                 StatusCode::FORBIDDEN,
@@ -173,6 +205,24 @@ impl Files {
         Ok(object(orch, tenant, self.meta, id, None).await?.body)
     }
 
+    /// A stored file's bytes, for a download: what reading them holds counts against the
+    /// tenant's answer memory before they are read (`size`: the file's size).
+    pub async fn download(
+        &self,
+        orch: &AppState,
+        caller: &Caller,
+        id: &str,
+        size: usize,
+        mime_type: &str,
+    ) -> Result<Response, Problem> {
+        // The row (base64) and the bytes decoded from it.
+        let admitted = orch
+            .admit_answer(&caller.tenant, &caller.limits, size.saturating_mul(3))
+            .await?;
+        let bytes = self.bytes(orch, &caller.tenant, id).await?;
+        Ok(bytes_holding(bytes, mime_type, admitted))
+    }
+
     /// A stored file's bytes.
     pub async fn bytes(&self, orch: &AppState, tenant: &str, id: &str) -> Result<Vec<u8>, Problem> {
         let content = object(orch, tenant, self.content, id, None).await?;
@@ -206,6 +256,11 @@ impl Files {
 /// directory: an absolute path is taken relative to it (`/workspace/` is the directory itself,
 /// as OpenAI's hosted environments have it; any other `/a/b` is `a/b` in it).
 pub fn workdir_path(path: &str) -> Result<String, Problem> {
+    if path.len() > MAX_PATH_BYTES {
+        return Err(invalid(format!(
+            "a file path in the sandbox is at most {MAX_PATH_BYTES} bytes"
+        )));
+    }
     let relative = path
         .strip_prefix("/workspace/")
         .unwrap_or(path)
@@ -247,14 +302,24 @@ pub async fn session_files(
     session_id: &str,
     under: Option<&str>,
 ) -> Result<Vec<SessionFile>, Problem> {
-    let listing = orch.list_files(tenant, session_id, under).await?;
-    let listing: Value = listing.json().await.map_err(|e| {
+    let mut from = orch.list_files(tenant, session_id, under).await?;
+    // Read within a bound: the sandbox's harness is not trusted to keep its own.
+    let mut body = Vec::new();
+    let unreadable = |e: &dyn std::fmt::Display| {
+        tracing::warn!(session_id, error = %e, "a sandbox's file listing could not be read");
         Problem::new(
             StatusCode::BAD_GATEWAY,
             "harness_error",
-            format!("the sandbox's file listing could not be read: {e}"),
+            "the sandbox's file listing could not be read",
         )
-    })?;
+    };
+    while let Some(chunk) = from.chunk().await.map_err(|e| unreadable(&e))? {
+        if body.len() + chunk.len() > MAX_LISTING_BYTES {
+            return Err(unreadable(&"the listing is over its bound"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let listing: Value = serde_json::from_slice(&body).map_err(|e| unreadable(&e))?;
     Ok(listing["files"]
         .as_array()
         .into_iter()
@@ -282,16 +347,13 @@ pub async fn write_session_file(
     Ok(())
 }
 
-/// A file's bytes as the answer, holding the tenant's answer memory until sent.
-pub async fn download(
-    orch: &AppState,
-    caller: &Caller,
+/// A file's bytes as the answer, holding `admitted` (the tenant's answer memory) until sent.
+/// Never shown inline by a browser, whatever the uploader said the type was.
+fn bytes_holding(
     bytes: Vec<u8>,
     mime_type: &str,
-) -> Result<Response, Problem> {
-    let admitted = orch
-        .admit_answer(&caller.tenant, &caller.limits, bytes.len())
-        .await?;
+    admitted: crate::session::quota::Admitted,
+) -> Response {
     let len = bytes.len();
     let body = axum::body::Body::from_stream(super::super::holding(
         futures::stream::once(async move { Ok::<_, Infallible>(axum::body::Bytes::from(bytes)) }),
@@ -305,25 +367,46 @@ pub async fn download(
             .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream")),
     );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    Ok(response)
+    attachment(headers);
+    response
 }
 
-/// A session file's bytes, read whole from the sandbox (bounded by the harness's read bound).
-pub async fn session_file_bytes(
+/// Marks a download as one: saved, not rendered, its type not sniffed.
+fn attachment(headers: &mut axum::http::HeaderMap) {
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+}
+
+/// A session file's bytes, passed from the sandbox to the client as they arrive (serve holds a
+/// chunk at a time, as the native files route does).
+pub async fn session_file_download(
     orch: &AppState,
     tenant: &str,
     session_id: &str,
     path: &str,
-) -> Result<Vec<u8>, Problem> {
+) -> Result<Response, Problem> {
     let file = orch.read_file(tenant, session_id, path).await?;
-    let bytes = file.bytes().await.map_err(|e| {
-        Problem::new(
-            StatusCode::BAD_GATEWAY,
-            "harness_error",
-            format!("reading the file from the sandbox failed: {e}"),
-        )
-    })?;
-    Ok(bytes.to_vec())
+    let mut response = crate::api::passed_through(file, "application/octet-stream");
+    attachment(response.headers_mut());
+    Ok(response)
+}
+
+/// The tenant's answer memory for files read from the store to be written into a sandbox
+/// (their rows, bytes and base64 for the harness), held while they are: at most `bytes` of files.
+pub async fn hold_for_files(
+    orch: &AppState,
+    caller: &Caller,
+    bytes: usize,
+) -> Result<crate::session::quota::Admitted, Problem> {
+    Ok(orch
+        .admit_answer(&caller.tenant, &caller.limits, bytes.saturating_mul(3))
+        .await?)
 }
 
 /// Decodes a file given inline as base64.

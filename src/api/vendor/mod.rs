@@ -382,15 +382,20 @@ fn check_size(body: &Value) -> Result<(), Problem> {
     Ok(())
 }
 
-/// The most an agent's standing instructions (`system`, `instructions`) may take here: half
-/// of what a native session takes, so the stored agent stays within `MAX_OBJECT_BYTES`.
-const MAX_AGENT_INSTRUCTIONS_BYTES: usize = sandwarden_proto::event::MAX_INSTRUCTIONS_BYTES / 2;
+/// The most an agent's standing instructions (`system`, `instructions`) may take: what a
+/// native session takes (the stored agent as a whole stays within `MAX_OBJECT_BYTES`).
+const MAX_AGENT_INSTRUCTIONS_BYTES: usize = sandwarden_proto::event::MAX_INSTRUCTIONS_BYTES;
 
 /// An agent's standing instructions: bounded, no NUL.
 fn checked_instructions(field: &str, value: Option<&str>) -> Result<(), Problem> {
     short(field, value, MAX_AGENT_INSTRUCTIONS_BYTES)?;
-    if value.is_some_and(|v| v.contains('\0')) {
-        return Err(invalid(format!("`{field}` holds a NUL byte")));
+    if value.is_some_and(|v| {
+        v.chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    }) {
+        return Err(invalid(format!(
+            "`{field}` holds a control character (only newlines and tabs may be in it)"
+        )));
     }
     Ok(())
 }

@@ -47,9 +47,10 @@ async fn stored_meta(orch: &AppState, tenant: &str, id: &str) -> Result<Value, P
 pub(super) async fn upload_file(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, Problem> {
-    let upload = files::read_upload(multipart).await?;
+    let (upload, _held) = files::read_upload(&orch, &caller, &headers, multipart).await?;
     let now = crate::store::now();
     let expires_at = match upload.fields.get("expires_in_seconds") {
         None => None,
@@ -95,6 +96,17 @@ pub(super) async fn list_files(
         if ids.len() > 100 {
             return Err(invalid("`ids` names at most 100 files"));
         }
+        // Each of a session's files is looked up in its sandbox.
+        if ids
+            .iter()
+            .filter(|id| files::parse_output_id(OUTPUT, id).is_some())
+            .count()
+            > 10
+        {
+            return Err(invalid(
+                "`ids` names at most 10 of a session's files (list them with `scope_id`)",
+            ));
+        }
         let mut data = Vec::new();
         for id in ids {
             if let Ok(meta) = file_meta(&orch, &caller, id).await {
@@ -110,11 +122,15 @@ pub(super) async fn list_files(
         order: Some("desc".into()),
     };
     let (objects, next) = object_page(&orch, &caller.tenant, FILES.meta, &page, true).await?;
-    let data = objects
-        .into_iter()
-        .map(|o| o.body)
-        .filter(|m| !expired(m))
-        .collect();
+    let mut data = Vec::new();
+    for o in objects {
+        if expired(&o.body) {
+            // Its bytes go as soon as it is seen expired, and no longer count.
+            FILES.delete(&orch, &caller.tenant, &o.id).await?;
+        } else {
+            data.push(o.body);
+        }
+    }
     Ok(list_answer(data, next))
 }
 
@@ -127,13 +143,7 @@ async fn session_outputs(
 ) -> Result<Response, Problem> {
     let record = session_record(orch, caller, session).await?;
     let limit = limit_of(q.limit, 20, 1000)? as usize;
-    let start = match &q.page {
-        None => 0,
-        Some(p) => p
-            .strip_prefix("page_")
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| invalid("`page` is a token from a previous page's `next_page`"))?,
-    };
+    let start = page_start(q.page.as_deref())?;
     let all = files::session_files(orch, &caller.tenant, &record.id, None).await?;
     let data: Vec<Value> = all
         .iter()
@@ -141,8 +151,25 @@ async fn session_outputs(
         .take(limit)
         .map(|f| output_meta(&record, &f.path, f.size))
         .collect();
-    let next = (start + limit < all.len()).then(|| format!("page_{}", start + limit));
-    Ok(list_answer(data, next))
+    Ok(list_answer(data, next_page(start, limit, all.len())))
+}
+
+/// Where a page of a list read whole starts: `page_N` from the last page's `next_page`.
+fn page_start(page: Option<&str>) -> Result<usize, Problem> {
+    match page {
+        None => Ok(0),
+        Some(p) => p
+            .strip_prefix("page_")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n <= 1_000_000)
+            .ok_or_else(|| invalid("`page` is a token from a previous page's `next_page`")),
+    }
+}
+
+/// The next page's token, when there is more after `start + limit` of `len`.
+fn next_page(start: usize, limit: usize, len: usize) -> Option<String> {
+    let end = start.saturating_add(limit);
+    (end < len).then(|| format!("page_{end}"))
 }
 
 /// A file of the session's working directory as Anthropic's file metadata.
@@ -183,7 +210,9 @@ fn mime_of(path: &str) -> &'static str {
 async fn file_meta(orch: &AppState, caller: &Caller, id: &str) -> Result<Value, Problem> {
     if let Some((session, path)) = files::parse_output_id(OUTPUT, id) {
         let record = session_record(orch, caller, &session).await?;
-        let size = files::session_files(orch, &caller.tenant, &record.id, None)
+        // Only the file's own directory is listed.
+        let dir = path.rsplit_once('/').map(|(dir, _)| dir);
+        let size = files::session_files(orch, &caller.tenant, &record.id, dir)
             .await?
             .into_iter()
             .find(|f| f.path == path)
@@ -209,15 +238,14 @@ pub(super) async fn file_content(
 ) -> Result<Response, Problem> {
     if let Some((session, path)) = files::parse_output_id(OUTPUT, &id) {
         let record = session_record(&orch, &caller, &session).await?;
-        let bytes = files::session_file_bytes(&orch, &caller.tenant, &record.id, &path).await?;
-        return files::download(&orch, &caller, bytes, mime_of(&path)).await;
+        return files::session_file_download(&orch, &caller.tenant, &record.id, &path).await;
     }
     let meta = stored_meta(&orch, &caller.tenant, &id).await?;
-    let bytes = FILES.bytes(&orch, &caller.tenant, &id).await?;
+    let size = meta["size_bytes"].as_u64().unwrap_or(0) as usize;
     let mime = meta["mime_type"]
         .as_str()
         .unwrap_or("application/octet-stream");
-    files::download(&orch, &caller, bytes, mime).await
+    FILES.download(&orch, &caller, &id, size, mime).await
 }
 
 pub(super) async fn delete_file(
@@ -336,28 +364,53 @@ pub(super) async fn add_resource(
 ) -> Result<Response, Problem> {
     let b = body_of(body)?;
     let r = checked_resource(&b)?;
-    let mut record = session_record(&orch, &caller, &id).await?;
-    let listed = record.body["resources"].as_array().map_or(0, Vec::len);
-    if listed >= files::MAX_SESSION_FILES {
-        return Err(invalid(format!(
-            "a session lists at most {} resources: delete some first",
-            files::MAX_SESSION_FILES
-        )));
-    }
-    stored_meta(&orch, &caller.tenant, &r.file_id).await?;
-    let bytes = FILES.bytes(&orch, &caller.tenant, &r.file_id).await?;
-    files::write_session_file(&orch, &caller.tenant, &record.id, &r.relative, bytes).await?;
+    let size = stored_meta(&orch, &caller.tenant, &r.file_id).await?["size_bytes"]
+        .as_u64()
+        .unwrap_or(0) as usize;
     let now = crate::store::now();
     let view = resource_view(&r, &now);
-    match record.body["resources"].as_array_mut() {
-        Some(list) => list.push(view.clone()),
-        None => record.body["resources"] = json!([view.clone()]),
+    // Listed first, under the records' lock (no change is lost, and the lock is not held while
+    // the sandbox is written), then written; taken off the list again if the write fails.
+    let record = {
+        let _records = RECORDS.lock().await;
+        let mut record = session_record(&orch, &caller, &id).await?;
+        let listed = record.body["resources"].as_array().map_or(0, Vec::len);
+        if listed >= files::MAX_SESSION_FILES {
+            return Err(invalid(format!(
+                "a session lists at most {} resources: delete some first",
+                files::MAX_SESSION_FILES
+            )));
+        }
+        match record.body["resources"].as_array_mut() {
+            Some(list) => list.push(view.clone()),
+            None => record.body["resources"] = json!([view.clone()]),
+        }
+        record.body["updated_at"] = json!(now);
+        check_size(&record.body)?;
+        orch.store
+            .update_object(&record)
+            .await
+            .map_err(store_problem)?;
+        record
+    };
+    let written = async {
+        let _held = files::hold_for_files(&orch, &caller, size).await?;
+        let bytes = FILES.bytes(&orch, &caller.tenant, &r.file_id).await?;
+        files::write_session_file(&orch, &caller.tenant, &record.id, &r.relative, bytes).await
     }
-    record.body["updated_at"] = json!(now);
-    orch.store
-        .update_object(&record)
-        .await
-        .map_err(store_problem)?;
+    .await;
+    if let Err(p) = written {
+        let _records = RECORDS.lock().await;
+        if let Ok(mut record) = session_record(&orch, &caller, &id).await
+            && let Some(list) = record.body["resources"].as_array_mut()
+        {
+            list.retain(|v| v["id"] != view["id"]);
+            if let Err(e) = orch.store.update_object(&record).await {
+                tracing::error!(error = %e, "taking a resource that was not written off its session failed");
+            }
+        }
+        return Err(p);
+    }
     Ok(Json(view).into_response())
 }
 
@@ -374,14 +427,8 @@ pub(super) async fn list_resources(
         .cloned()
         .unwrap_or_default();
     let limit = limit_of(q.limit, 1000, 1000)? as usize;
-    let start = match &q.page {
-        None => 0,
-        Some(p) => p
-            .strip_prefix("page_")
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| invalid("`page` is a token from a previous page's `next_page`"))?,
-    };
-    let next = (start + limit < all.len()).then(|| format!("page_{}", start + limit));
+    let start = page_start(q.page.as_deref())?;
+    let next = next_page(start, limit, all.len());
     Ok(list_answer(
         all.into_iter().skip(start).take(limit).collect(),
         next,
@@ -431,6 +478,7 @@ pub(super) async fn delete_resource(
     Extension(caller): Extension<Caller>,
     Path((id, resource_id)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
+    let _records = RECORDS.lock().await;
     let (mut record, at) = resource_of(&orch, &caller, &id, &resource_id).await?;
     if let Some(list) = record.body["resources"].as_array_mut() {
         list.remove(at);

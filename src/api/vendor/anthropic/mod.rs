@@ -31,6 +31,10 @@ const ENVIRONMENT: &str = "anthropic.environment";
 const AGENT: &str = "anthropic.agent";
 const SESSION: &str = "anthropic.session";
 
+/// Held while a session record is read and written back (its title, metadata, resources,
+/// archive), so two changes on this replica cannot lose one another.
+static RECORDS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The metadata key naming the harness template an agent (or its environment) runs on.
 const HARNESS_KEY: &str = "sandwarden.harness";
 
@@ -891,6 +895,13 @@ async fn create_session(
         .unwrap_or_default();
     let metadata = checked_metadata(b.metadata.as_ref())?;
     // The files `resources` name are written into the working directory before the agent starts.
+    let _held = match b.resources.is_empty() {
+        true => None,
+        false => Some(
+            super::files::hold_for_files(&orch, &caller, super::files::MAX_SESSION_FILE_BYTES)
+                .await?,
+        ),
+    };
     let (bind_files, resources) = files::session_files(&orch, &caller.tenant, &b.resources).await?;
     let request = crate::session::CreateRequest {
         harness,
@@ -981,6 +992,7 @@ async fn update_session(
              `vault_ids` are not supported)",
         ));
     }
+    let _records = RECORDS.lock().await;
     let mut record = session_record(&orch, &caller, &id).await?;
     if let Some(title) = b.title {
         record.body["title"] = json!(title);
@@ -1038,6 +1050,8 @@ async fn archive_session(
 ) -> Result<Response, Problem> {
     let record = session_record(&orch, &caller, &id).await?;
     stop_native(&orch, &caller, &record.id).await?;
+    let _records = RECORDS.lock().await;
+    let record = session_record(&orch, &caller, &id).await?;
     let body = archive(&orch, record.clone()).await?;
     let record = VendorObject { body, ..record };
     Ok(Json(session_view(&orch, &record).await?).into_response())

@@ -27,9 +27,10 @@ pub(super) fn environment_id(session_id: &str) -> String {
 pub(super) async fn upload_file(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, Problem> {
-    let upload = files::read_upload(multipart).await?;
+    let (upload, _held) = files::read_upload(&orch, &caller, &headers, multipart).await?;
     let purpose = upload
         .fields
         .get("purpose")
@@ -110,11 +111,11 @@ pub(super) async fn file_content(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let meta = FILES.meta(&orch, &caller.tenant, &id).await?;
-    let bytes = FILES.bytes(&orch, &caller.tenant, &id).await?;
+    let size = meta["bytes"].as_u64().unwrap_or(0) as usize;
     let mime = meta["mime_type"]
         .as_str()
         .unwrap_or("application/octet-stream");
-    files::download(&orch, &caller, bytes, mime).await
+    FILES.download(&orch, &caller, &id, size, mime).await
 }
 
 pub(super) async fn delete_file(
@@ -218,6 +219,14 @@ pub(super) async fn stage_file(
 ) -> Result<Response, Problem> {
     let f = body_of(body)?;
     let record = environment_session(&orch, &caller, &id).await?;
+    // What staging holds: the inline data (already read) or the stored file's size.
+    let size = match f["file_id"].as_str() {
+        Some(id) => FILES.meta(&orch, &caller.tenant, id).await?["bytes"]
+            .as_u64()
+            .unwrap_or(0) as usize,
+        None => f["data"].as_str().map_or(0, str::len),
+    };
+    let _held = files::hold_for_files(&orch, &caller, size).await?;
     let (relative, bytes) = staged(&orch, &caller.tenant, &f).await?;
     let size = bytes.len();
     files::write_session_file(&orch, &caller.tenant, &record.id, &relative, bytes).await?;
@@ -253,6 +262,7 @@ pub(super) async fn list_environment_files(
         Some(p) => p
             .strip_prefix("p")
             .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n <= 1_000_000)
             .ok_or_else(|| invalid("`page` is a token from a previous page's `next`"))?,
     };
     let under = match q.path.as_deref() {
@@ -270,10 +280,11 @@ pub(super) async fn list_environment_files(
         .take(limit)
         .map(|f| environment_file(&id, &f.path, f.size))
         .collect();
-    let more = start + limit < all.len();
+    let end = start.saturating_add(limit);
+    let more = end < all.len();
     Ok(Json(json!({
         "object": "list", "data": data, "has_more": more,
-        "next": more.then(|| format!("p{}", start + limit)),
+        "next": more.then(|| format!("p{end}")),
     }))
     .into_response())
 }

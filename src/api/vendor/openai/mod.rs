@@ -658,6 +658,14 @@ async fn create_session(
                 .and_then(|s| s["instructions"].as_str().map(String::from))
         })
         .filter(|t| !t.trim().is_empty());
+    // The files' share of the tenant's answer memory, until the session holds them.
+    let _held_files = match files.is_empty() {
+        true => None,
+        false => Some(
+            super::files::hold_for_files(&orch, &caller, super::files::MAX_SESSION_FILE_BYTES)
+                .await?,
+        ),
+    };
     let request = crate::session::CreateRequest {
         harness,
         id: None,
