@@ -171,6 +171,13 @@ prompts = [e.content[0].text for e in paged if e.type == "user.message"]
 check(prompts[0].startswith("hello pelican") and prompts[-1].startswith("SLOW 150 6"),
       f"{HARNESS}: the prompts in order: {prompts}")
 
+beta.sessions.delete(sid)
+try:
+    beta.sessions.retrieve(sid)
+    check(False, f"{HARNESS}: a deleted session must be gone")
+except anthropic.NotFoundError:
+    pass
+
 # ---- OpenAI
 
 oai = openai.OpenAI(base_url=f"{URL}/openai/v1", api_key=KEY, max_retries=0, timeout=300)
@@ -187,61 +194,137 @@ with sessions.stream(session.id, input=f"hello heron {n}") as turn:
 answer = "".join(c.text for m in result.messages for c in m.content)
 check(f"You said: hello heron {n}" in answer, f"{HARNESS}: {answer!r}")
 
-n = nonce()
-with sessions.events.stream(session.id) as stream:
-    sessions.events.create(session.id, events=[{
-        "type": "agent.session.input.message",
-        "input": [{"role": "user", "content": [
-            {"type": "input_text", "text": f"BASH echo ok-{n} > approved-{n}.txt"}]}]}])
-    ended = False
-    for event in stream:
-        if event.type == "agent.session.requires_action":
-            for action in event.session.required_actions:
-                sessions.events.create(session.id, events=[{
-                    "type": "agent.session.input.mcp_approval_request_result",
-                    "request_id": action.request_id,
-                    "response": {"type": "mcp_tool_call", "decision": "approve"}}])
-        if event.type == "agent.session.turn.completed":
-            ended = True
-        if event.type == "agent.session.idle" and ended:
-            break
-check(native_file(session.id, f"approved-{n}.txt") == f"ok-{n}\n", f"{HARNESS}: approved")
-listed = [f.path for f in oai.beta.agents.environments.files.list(session.environment.id)]
-check(f"/workspace/approved-{n}.txt" in listed, f"{HARNESS}: the environment's files: {listed}")
+def o_message(text):
+    return {"type": "agent.session.input.message",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": text}]}]}
+
+
+def o_turn(text, decision="approve", tool=None, on_event=None, stream=None):
+    """One turn over a stream opened first (or `stream`); each approval answered `decision`,
+    each function call by `tool` (its arguments → its output). The events, to idle."""
+    own = stream is None
+    stream = stream or sessions.events.stream(session.id)
+    events, ended, answered = [], False, set()
+    try:
+        if text is not None:
+            sessions.events.create(session.id, events=[o_message(text)])
+        for event in stream:
+            events.append(event)
+            if on_event:
+                on_event(event)
+            if event.type == "agent.session.requires_action":
+                for action in event.session.required_actions:
+                    key = getattr(action, "call_id", None) or getattr(action, "request_id", None)
+                    if key in answered:
+                        continue
+                    answered.add(key)
+                    if action.type == "function_call":
+                        check(tool, f"{HARNESS}: unexpected function call: {action}")
+                        sessions.events.create(session.id, events=[{
+                            "type": "agent.session.input.tool_result",
+                            "turn_id": action.turn_id, "call_id": action.call_id,
+                            "success": True, "output": tool(json.loads(action.arguments))}])
+                    else:
+                        sessions.events.create(session.id, events=[{
+                            "type": "agent.session.input.mcp_approval_request_result",
+                            "request_id": action.request_id,
+                            "response": {"type": "mcp_tool_call", "decision": decision}}])
+            if event.type in ("agent.session.turn.completed", "agent.session.turn.failed",
+                              "agent.session.turn.cancelled"):
+                ended = True
+            if event.type == "agent.session.idle" and ended:
+                return events
+    finally:
+        if own:
+            stream.close()
+    check(False, f"{HARNESS}: the stream ended before idle: {[e.type for e in events]}")
+
+
+def o_text(events):
+    return "".join(p.text for e in events if e.type == "agent.session.turn.item.done"
+                   and e.item.type == "message" and e.item.role == "assistant"
+                   for p in e.item.content)
+
+
+# An approval approved (the file appears) and one denied (none does).
+for decision in ("approve", "deny"):
+    n = nonce()
+    o_turn(f"BASH echo ok-{n} > {decision}-{n}.txt", decision=decision)
+    written = native_file(session.id, f"{decision}-{n}.txt")
+    if decision == "approve":
+        check(written == f"ok-{n}\n", f"{HARNESS}: approved command wrote {written!r}")
+        listed = [f.path for f in oai.beta.agents.environments.files.list(session.environment.id)]
+        check(f"/workspace/approve-{n}.txt" in listed, f"{HARNESS}: the environment: {listed}")
+    else:
+        check(written is None, f"{HARNESS}: a denied command wrote {written!r}")
 
 # A client-defined function: the agent calls it, the client's result goes back, the turn ends.
 n = nonce()
 calls = []
-with sessions.events.stream(session.id) as stream:
-    sessions.events.create(session.id, events=[{
-        "type": "agent.session.input.message",
-        "input": [{"role": "user", "content": [
-            {"type": "input_text", "text": 'CALLTOOL lookup {"q": "kite-%s"}' % n}]}]}])
-    ended, answered = False, set()
-    for event in stream:
-        if event.type == "agent.session.requires_action":
-            for action in event.session.required_actions:
-                key = getattr(action, "call_id", None) or getattr(action, "request_id", None)
-                if key in answered:
-                    continue
-                answered.add(key)
-                if action.type == "function_call":
-                    calls.append(json.loads(action.arguments))
-                    sessions.events.create(session.id, events=[{
-                        "type": "agent.session.input.tool_result", "turn_id": action.turn_id,
-                        "call_id": action.call_id, "success": True,
-                        "output": f"found-{json.loads(action.arguments).get('q')}"}])
-                else:
-                    sessions.events.create(session.id, events=[{
-                        "type": "agent.session.input.mcp_approval_request_result",
-                        "request_id": action.request_id,
-                        "response": {"type": "mcp_tool_call", "decision": "approve"}}])
-        if event.type == "agent.session.turn.completed":
-            ended = True
-        if event.type == "agent.session.idle" and ended:
-            break
+
+
+def lookup_fn(args):
+    calls.append(args)
+    return f"found-{args.get('q')}"
+
+
+o_turn('CALLTOOL lookup {"q": "kite-%s"}' % n, tool=lookup_fn)
 check(calls == [{"q": f"kite-{n}"}], f"{HARNESS}: the function's calls: {calls}")
+function_answer = f"found-kite-{n}"
+
+# A cancel mid-turn, then a turn that holds only its own answer.
+cancelled = []
+
+
+def cancel(event):
+    if event.type == "agent.session.turn.output_text.delta" and not cancelled:
+        cancelled.append(True)
+        sessions.events.create(session.id, events=[{"type": "agent.session.input.cancel"}])
+
+
+events = o_turn("SLOW 500 40", on_event=cancel)
+check(cancelled and any(e.type == "agent.session.turn.cancelled" for e in events),
+      f"{HARNESS}: the cancel ends the turn: {[e.type for e in events]}")
+n = nonce()
+after = o_text(o_turn(f"after the cancel plover {n}"))
+check(f"You said: after the cancel plover {n}" in after and "tick" not in after,
+      f"{HARNESS}: the turn after the cancel holds {after!r}")
+
+# A reconnect in the middle of a turn: the items listed and the new stream hold it once.
+stream = sessions.events.stream(session.id)
+sessions.events.create(session.id, events=[o_message("SLOW 150 6")])
+for event in stream:
+    if event.type == "agent.session.turn.output_text.delta":
+        break
+stream.close()
+with sessions.events.stream(session.id) as stream:
+    merged = {i.id: i for i in sessions.items.list(session.id, limit=100)}
+    for event in o_turn(None, stream=stream):
+        if event.type == "agent.session.turn.item.done":
+            merged.setdefault(event.item.id, event.item)
+ticks = [i for i in merged.values() if i.type == "message" and i.role == "assistant"
+         and "tick 6" in i.content[0].text]
+check(len(ticks) == 1, f"{HARNESS}: the answer arrives once after the reconnect: {len(ticks)}")
+check(ticks[0].content[0].text == "tick 1 tick 2 tick 3 tick 4 tick 5 tick 6",
+      f"{HARNESS}: and whole: {ticks[0].content[0].text!r}")
+
+# Items paged: each once, pages of 2 equal one page; each prompt in the order sent.
+paged = list(sessions.items.list(session.id, limit=2, order="asc"))
+ids = [i.id for i in paged]
+check(len(ids) == len(set(ids)), f"{HARNESS}: no item twice")
+check(ids == [i.id for i in sessions.items.list(session.id, limit=100, order="asc")],
+      f"{HARNESS}: pages of 2 and one page agree")
+prompts = [i.content[0].text for i in paged if i.type == "message" and i.role == "user"]
+check(prompts[0].startswith("hello heron") and prompts[-1] == "SLOW 150 6",
+      f"{HARNESS}: the prompts in order: {prompts}")
+
+sessions.delete(session.id)
+try:
+    sessions.retrieve(session.id)
+    check(False, f"{HARNESS}: a deleted session must be gone")
+except openai.NotFoundError:
+    pass
 
 print(json.dumps({"harness": HARNESS, "passed": True,
                   "model_saw": [system_marker, instructions_marker, anthropic_tool_answer,
-                                f"found-kite-{n}"]}))
+                                function_answer]}))
