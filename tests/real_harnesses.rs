@@ -116,14 +116,11 @@ impl Rig {
         let mut files = vec![json!({"path": marker, "content": ""})];
         files.extend(extra["files"].as_array().cloned().unwrap_or_default());
         let env = extra.get("env").cloned().unwrap_or_else(|| json!({}));
-        let (status, s) = self
-            .api
-            .call(
-                "POST",
-                "/v1/sessions",
-                Some(json!({"harness": harness, "env": env, "files": files})),
-            )
-            .await;
+        let mut body = json!({"harness": harness, "env": env, "files": files});
+        if let Some(instructions) = extra.get("instructions") {
+            body["instructions"] = instructions.clone();
+        }
+        let (status, s) = self.api.call("POST", "/v1/sessions", Some(body)).await;
         assert_eq!(status, 201, "{s}");
         let id = s["id"].as_str().expect("id").to_string();
         let (_, s) = self
@@ -287,7 +284,11 @@ async fn api_scenarios(case: &ApiCase) {
     let h = case.harness;
     let rig = Rig::start(h, case.model_env);
     let api = &rig.api;
-    let (id, workdir) = rig.session(h, json!({})).await;
+    // The session's instructions, which each CLI gets its own way (docs/harness.md).
+    let marker = format!("standing-order-{}", uuid::Uuid::new_v4().simple());
+    let (id, workdir) = rig
+        .session(h, json!({"instructions": format!("Obey {marker}.")}))
+        .await;
 
     // 1. A text turn, JSON reply.
     let (status, reply) = api.say(&id, "first words pelican").await;
@@ -296,6 +297,15 @@ async fn api_scenarios(case: &ApiCase) {
         text_of(&reply).contains("Hello from the fake model! You said:")
             && text_of(&reply).contains("pelican"),
         "{h}: {reply}"
+    );
+    assert!(
+        rig.fake
+            .requests()
+            .await
+            .iter()
+            .any(|r| r["body"].to_string().contains(&marker)),
+        "{h}: the model never saw the session's instructions: {}",
+        tail(&rig.model_saw().await, 3000)
     );
 
     // 2. The same as SSE: events end with done, and the text arrives in them.
