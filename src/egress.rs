@@ -276,11 +276,23 @@ impl Narrowing {
                      *.domain for every name under a domain"
                 )
             };
+            if entry.trim_start_matches("*.").split('.').any(str::is_empty) {
+                return Err(bad(
+                    "a name has an empty label (`..`, or a leading or trailing dot)".into(),
+                ));
+            }
             match entry.strip_prefix("*.") {
                 Some(domain) => {
                     let parsed: Allow = domain.parse().map_err(|_| bad("not a domain".into()))?;
+                    // A numeric last label would let names that resolvers read as addresses
+                    // (`0xcb.0.113.8`) through.
+                    let numeric_tail = |name: &str| {
+                        name.rsplit('.')
+                            .next()
+                            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+                    };
                     match parsed.host {
-                        Host::Name(name) if name.contains('.') => {
+                        Host::Name(name) if name.contains('.') && !numeric_tail(&name) => {
                             rules.push((Rule::Under(name), parsed.port));
                         }
                         _ => return Err(bad("a wildcard covers a domain with a dot in it".into())),
@@ -323,8 +335,35 @@ impl Narrowing {
     }
 }
 
-/// A sandbox's narrowing as its proxy reads it on each connection: none until a session sets one.
-pub type NarrowingCell = Arc<std::sync::RwLock<Option<Narrowing>>>;
+/// A sandbox's narrowing as its proxy reads it for each request: none until a session sets one.
+/// A change ends every connection the proxy holds, so none outlives the rule it was let in by.
+#[derive(Debug)]
+pub struct NarrowingCell {
+    current: std::sync::RwLock<Option<Narrowing>>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl NarrowingCell {
+    pub fn new(current: Option<Narrowing>) -> Arc<NarrowingCell> {
+        Arc::new(NarrowingCell {
+            current: std::sync::RwLock::new(current),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    /// Sets (or, with `None`, lifts) the narrowing, ending the connections already open.
+    pub fn set(&self, to: Option<Narrowing>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = to;
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub fn get(&self) -> Option<Narrowing> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
 
 impl EgressPolicy {
     /// Whether the operator allowed `host:port` by name or address (`--egress-allow`).
@@ -343,7 +382,7 @@ pub fn serve(
     listener: UnixListener,
     sandbox: String,
     policy: Arc<EgressPolicy>,
-    narrowing: NarrowingCell,
+    narrowing: Arc<NarrowingCell>,
 ) -> tokio::task::JoinHandle<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
@@ -368,9 +407,9 @@ pub fn serve(
                 continue;
             };
             let (sandbox, policy) = (sandbox.clone(), policy.clone());
-            let narrowing = narrowing.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let narrowing = narrowing.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(conn, &sandbox, &policy, narrowing.as_ref()).await {
+                if let Err(e) = handle(conn, &sandbox, &policy, &narrowing).await {
                     tracing::debug!(sandbox = %sandbox, error = %e, "an egress connection ended with an error");
                 }
                 drop(slot);
@@ -529,8 +568,10 @@ async fn handle(
     mut conn: UnixStream,
     sandbox: &str,
     policy: &EgressPolicy,
-    narrowing: Option<&Narrowing>,
+    cell: &NarrowingCell,
 ) -> std::io::Result<()> {
+    // Subscribed before anything is decided: a narrowing set from here on ends this connection.
+    let mut changes = cell.changed.subscribe();
     let Some((head, early)) = read_head(&mut conn).await? else {
         return answer(
             &mut conn,
@@ -544,7 +585,9 @@ async fn handle(
         Err(why) => return answer(&mut conn, 400, &why).await,
     };
     let shown = format!("{}:{}", target.host, target.port);
-    if let Some(narrowing) = narrowing
+    // Read when the request is, not when the connection was opened.
+    let narrowing = cell.get();
+    if let Some(narrowing) = &narrowing
         && !policy.excepts(&target.host, target.port)
         && !narrowing.permits(&target.host, target.port)
     {
@@ -590,8 +633,11 @@ async fn handle(
     if !early.is_empty() {
         upstream.write_all(&early).await?;
     }
-    tokio::io::copy_bidirectional(&mut conn, &mut upstream).await?;
-    Ok(())
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut conn, &mut upstream) => copied.map(|_| ()),
+        // A new narrowing (or the proxy replaced): this connection was let in by the old rule.
+        _ = changes.changed() => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -632,6 +678,79 @@ mod tests {
         }
         let many: Vec<String> = (0..65).map(|i| format!("h{i}.example")).collect();
         assert!(Narrowing::parse(&many).is_err());
+        // Names a resolver reads as addresses, and empty labels, are no domains.
+        for bad in ["*.0.113.8", "*..com", "a..example", "*.example.com."] {
+            assert!(Narrowing::parse(&[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+
+    /// A connection the proxy let through ends when the sandbox's narrowing changes, and a
+    /// request is held to the narrowing in force when it arrives, not when it connected.
+    #[tokio::test]
+    async fn a_new_narrowing_ends_open_connections_and_holds_later_requests() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = target.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = target.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("e.sock");
+        let listener = bind(&path, None).expect("listen");
+        let cell = NarrowingCell::new(None);
+        let policy = Arc::new(policy(&[&format!("127.0.0.1:{port}")]));
+        let _proxy = serve(listener, "s".into(), policy, cell.clone());
+        let connect = |head: String| {
+            let path = path.clone();
+            async move {
+                let mut conn = UnixStream::connect(&path).await.expect("connect");
+                conn.write_all(head.as_bytes()).await.expect("head");
+                let mut answer = vec![0u8; 256];
+                let n = conn.read(&mut answer).await.expect("answer");
+                (conn, String::from_utf8_lossy(&answer[..n]).to_string())
+            }
+        };
+        let (mut tunnel, said) =
+            connect(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n")).await;
+        assert!(said.starts_with("HTTP/1.1 200"), "{said}");
+        tunnel.write_all(b"ping").await.expect("write");
+        let mut echo = [0u8; 4];
+        tunnel.read_exact(&mut echo).await.expect("echo");
+        assert_eq!(&echo, b"ping");
+        // A connection opened now, its request sent after the narrowing is set.
+        let mut idle = UnixStream::connect(&path).await.expect("connect");
+        cell.set(Some(
+            Narrowing::parse(&["allowed.example".to_string()]).expect("narrowing"),
+        ));
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest))
+            .await
+            .expect("the tunnel ends");
+        assert!(ended.is_ok() && rest.is_empty(), "{ended:?} {rest:?}");
+        idle.write_all(b"CONNECT blocked.example:443 HTTP/1.1\r\n\r\n")
+            .await
+            .expect("head");
+        let mut answer = String::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), idle.read_to_string(&mut answer)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 403") && answer.contains("may reach only allowed.example"),
+            "{answer}"
+        );
+        // The operator's exception stays reachable under the narrowing.
+        let (_, said) = connect(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n")).await;
+        assert!(said.starts_with("HTTP/1.1 200"), "{said}");
     }
 
     #[test]

@@ -405,7 +405,11 @@ impl Runtime for DockerRuntime {
         true
     }
 
-    fn narrow_egress(&self, id: &str, to: crate::egress::Narrowing) -> Result<(), String> {
+    fn is_narrowed(&self, id: &str) -> bool {
+        self.proxies.is_narrowed(id)
+    }
+
+    fn narrow_egress(&self, id: &str, to: Option<crate::egress::Narrowing>) -> Result<(), String> {
         if !self.narrows_egress() {
             return Err(
                 "sandboxes without confinement (--isolation none) reach the network \

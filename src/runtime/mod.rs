@@ -57,8 +57,17 @@ pub trait Runtime: Send + Sync + 'static {
     fn narrows_egress(&self) -> bool {
         false
     }
-    /// Narrows sandbox `id`'s egress to `to` (`narrows_egress` runtimes); the error says why not.
-    fn narrow_egress(&self, _id: &str, _to: crate::egress::Narrowing) -> Result<(), String> {
+    /// Whether sandbox `id` is held to a session's narrowing (so no other session may take it).
+    fn is_narrowed(&self, _id: &str) -> bool {
+        false
+    }
+    /// Narrows sandbox `id`'s egress to `to`, or lifts its narrowing (`None`), for
+    /// `narrows_egress` runtimes; the error says why not.
+    fn narrow_egress(
+        &self,
+        _id: &str,
+        _to: Option<crate::egress::Narrowing>,
+    ) -> Result<(), String> {
         Err(format!(
             "the {} runtime's sandboxes do not go out through serve's egress proxy",
             self.name()

@@ -133,7 +133,7 @@ pub struct EgressProxies {
     policy: Arc<EgressPolicy>,
     running: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// Each running proxy's narrowing, which its sandbox's session may set.
-    narrowings: Mutex<HashMap<String, crate::egress::NarrowingCell>>,
+    narrowings: Mutex<HashMap<String, Arc<crate::egress::NarrowingCell>>>,
 }
 
 impl EgressProxies {
@@ -153,18 +153,32 @@ impl EgressProxies {
         self.dir.join(format!("{id}.narrowing.json"))
     }
 
-    /// Narrows sandbox `id`'s egress to `to` from its next connection on, and keeps it.
-    pub fn narrow(&self, id: &str, to: crate::egress::Narrowing) -> std::io::Result<()> {
+    /// Narrows sandbox `id`'s egress to `to` (or, with `None`, lifts a narrowing), ending the
+    /// connections its proxy holds, and keeps it for a restarted `serve`.
+    pub fn narrow(&self, id: &str, to: Option<crate::egress::Narrowing>) -> std::io::Result<()> {
         let cell = lock(&self.narrowings).get(id).cloned().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("sandbox {id} has no egress proxy"),
             )
         })?;
-        let text = serde_json::to_string(to.given()).unwrap_or_else(|_| "[]".into());
-        std::fs::write(self.narrowing_file(id), text)?;
-        *cell.write().unwrap_or_else(|p| p.into_inner()) = Some(to);
+        match &to {
+            Some(to) => {
+                let text = serde_json::to_string(to.given()).unwrap_or_else(|_| "[]".into());
+                std::fs::write(self.narrowing_file(id), text)?;
+            }
+            None => match std::fs::remove_file(self.narrowing_file(id)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            },
+        }
+        cell.set(to);
         Ok(())
+    }
+
+    /// Whether sandbox `id` is held to a narrowing (its session's, kept across a restart).
+    pub fn is_narrowed(&self, id: &str) -> bool {
+        self.narrowing_file(id).exists()
     }
 
     /// The narrowing kept for sandbox `id`, if its session set one before a restart.
@@ -195,8 +209,7 @@ impl EgressProxies {
         // The sandbox's user passes through the directory to reach the socket, which is its own.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
         let listener = crate::egress::bind(&dir.join(EGRESS_SOCKET), uid)?;
-        let cell: crate::egress::NarrowingCell =
-            Arc::new(std::sync::RwLock::new(self.kept_narrowing(id)));
+        let cell = crate::egress::NarrowingCell::new(self.kept_narrowing(id));
         lock(&self.narrowings).insert(id.to_string(), cell.clone());
         let task = crate::egress::serve(listener, id.to_string(), self.policy.clone(), cell);
         if let Some(old) = lock(&self.running).insert(id.to_string(), task) {
@@ -288,16 +301,19 @@ mod tests {
         let first = EgressProxies::new(data.path().join("egress"), EgressPolicy::default());
         private_dir(&data.path().join("egress")).expect("dir");
         first.open("s1", None).expect("open");
-        first.narrow("s1", narrowed()).expect("narrow");
-        assert!(first.narrow("unknown", narrowed()).is_err());
+        first.narrow("s1", Some(narrowed())).expect("narrow");
+        assert!(first.narrow("unknown", Some(narrowed())).is_err());
+        assert!(first.is_narrowed("s1"));
         // A restarted serve opens the adopted sandbox's proxy again: the narrowing holds.
         let second = EgressProxies::new(data.path().join("egress"), EgressPolicy::default());
         second.open("s1", None).expect("reopen");
         let cell = lock(&second.narrowings).get("s1").cloned().expect("cell");
-        assert_eq!(
-            *cell.read().unwrap_or_else(|p| p.into_inner()),
-            Some(narrowed())
-        );
+        assert_eq!(cell.get(), Some(narrowed()));
+        // Lifted, it is gone from the disk too.
+        second.narrow("s1", None).expect("lift");
+        assert_eq!(cell.get(), None);
+        assert!(!second.is_narrowed("s1"));
+        second.narrow("s1", Some(narrowed())).expect("narrow again");
         second.close("s1");
         assert!(!second.narrowing_file("s1").exists());
         first.close("s1");

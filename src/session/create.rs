@@ -225,10 +225,13 @@ impl Orchestrator {
                     // The bind was refused and changed nothing: the sandbox stays warm (unless
                     // its egress was narrowed for this session), and the refused request leaves
                     // no session behind.
-                    if narrowing.is_some() {
-                        self.discard(sandbox).await;
-                    } else {
+                    // Its narrowing for this session is lifted first; failing that, it goes.
+                    let lifted = narrowing.is_none()
+                        || self.runtime.narrow_egress(&sandbox.id, None).is_ok();
+                    if lifted {
                         lock(&self.pool).adopt(&template.name, sandbox);
+                    } else {
+                        self.discard(sandbox).await;
                     }
                     let _ = self.store.forget_creating(&session.id).await;
                     return Err(p);
@@ -311,7 +314,7 @@ impl Orchestrator {
         let client = self.client_for(&sandbox.id, &sandbox.endpoint);
         if let Some(n) = narrowing {
             self.runtime
-                .narrow_egress(&sandbox.id, n.clone())
+                .narrow_egress(&sandbox.id, Some(n.clone()))
                 .map_err(AttachError::Lost)?;
         }
         if !bind.is_empty() || narrowing.is_some() {
@@ -456,7 +459,7 @@ impl Orchestrator {
                 .map_err(|e| store_reason(&e))?;
             let client = self.client_for(&sandbox.id, &sandbox.endpoint);
             if let Some(n) = narrowing {
-                self.runtime.narrow_egress(&sandbox.id, n.clone())?;
+                self.runtime.narrow_egress(&sandbox.id, Some(n.clone()))?;
             }
             if !bind.is_empty() || narrowing.is_some() {
                 client.bind(bind).await.map_err(|e| e.to_string())?;

@@ -71,17 +71,28 @@ impl Orchestrator {
         }
         for row in rows {
             let sandbox = Sandbox::from(row.clone());
-            let alive = self.runtime.alive(&sandbox).await
-                && self
+            let health = match self.runtime.alive(&sandbox).await {
+                true => self
                     .client_for(&sandbox.id, &sandbox.endpoint)
                     .health()
                     .await
-                    .is_ok();
+                    .ok(),
+                false => None,
+            };
+            let alive = health.is_some();
             if alive {
                 self.runtime.adopt(&sandbox).await;
             }
+            // An unclaimed sandbox that a session's setup had begun on (its values bound, its
+            // egress narrowed) when the last `serve` stopped holds that session's: it goes.
+            let fresh = health.as_ref().is_some_and(|h| !h.bound && !h.used)
+                && !self.runtime.is_narrowed(&sandbox.id);
             match (&row.session_id, alive) {
-                (None, true) => lock(&self.pool).adopt(&row.template, sandbox),
+                (None, true) if fresh => lock(&self.pool).adopt(&row.template, sandbox),
+                (None, true) => {
+                    tracing::info!(sandbox = %sandbox.id, "a sandbox a session's setup had begun on is stopped, not pooled");
+                    self.discard(sandbox).await;
+                }
                 (None, false) => self.discard(sandbox).await,
                 (Some(_), true) => {}
                 (Some(session_id), false) => {

@@ -306,8 +306,17 @@ fn checked_config(config: Option<&Value>, narrows: bool) -> Result<Value, Proble
                     .ok_or_else(|| invalid("`allowed_hosts` are host names"))?,
                 _ => return Err(invalid("`allowed_hosts` is a list of host names")),
             };
-            crate::egress::Narrowing::parse(&hosts)
-                .map_err(|e| invalid(format!("`config.networking.allowed_hosts` {e}")))?;
+            let mut counted = hosts.clone();
+            if n["allow_package_managers"] == true {
+                counted.extend(PACKAGE_REGISTRIES.iter().map(|h| h.to_string()));
+            }
+            crate::egress::Narrowing::parse(&counted).map_err(|e| {
+                invalid(format!(
+                    "`config.networking.allowed_hosts` (with the {} package registries \
+                     `allow_package_managers` adds) {e}",
+                    PACKAGE_REGISTRIES.len()
+                ))
+            })?;
             if !narrows {
                 return Err(invalid(
                     "`limited` networking narrows a sandbox's egress through serve's egress \
@@ -927,7 +936,19 @@ async fn create_session(
             .as_str()
             .filter(|s| !s.trim().is_empty())
             .map(String::from),
-        egress_allow: egress_allow(&environment.body["config"], &agent),
+        egress_allow: match egress_allow(&environment.body["config"], &agent) {
+            Some(hosts) => {
+                // The agent's MCP servers' hosts join the environment's here, so check them all.
+                crate::egress::Narrowing::parse(&hosts).map_err(|e| {
+                    invalid(format!(
+                        "the environment's `limited` networking with this agent's MCP servers \
+                         (`allow_mcp_servers`) {e}"
+                    ))
+                })?;
+                Some(hosts)
+            }
+            None => None,
+        },
     };
     let (session, _) = orch
         .create(&caller.tenant, request, None, &caller.limits)
@@ -1321,6 +1342,10 @@ async fn send_events(
     Ok(Json(json!({"data": sent})).into_response())
 }
 
+/// How long an answer waits for the store to hold the event it names, and how often it looks.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+const ANSWER_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Answers the request behind an `agent.tool_use` asked about or an `agent.custom_tool_use`
 /// (`event_id`): the native `input_required` its id names. One answered already is not an error
 /// (a client retrying).
@@ -1338,16 +1363,41 @@ async fn answer_request(
         ))
     };
     let seq = translate::seq_of_tool_use(event_id).ok_or_else(unknown)?;
-    let event = orch
-        .store
-        .list_events(session_id, seq - 1, 1)
-        .await
-        .map_err(store_problem)?
-        .pop()
-        .filter(|e| e.seq == seq && e.kind == "input_required")
-        .ok_or_else(unknown)?;
+    // A stream may show the event a moment before the store has it (events are committed in
+    // batches after they are fanned out): wait for the store to reach it, a little.
+    let mut waited = std::time::Duration::ZERO;
+    let event = loop {
+        let found = orch
+            .store
+            .list_events(session_id, seq - 1, 1)
+            .await
+            .map_err(store_problem)?
+            .pop()
+            .filter(|e| e.seq == seq);
+        if let Some(event) = found {
+            break event;
+        }
+        let stored = orch
+            .store
+            .last_seq(session_id)
+            .await
+            .map_err(store_problem)?;
+        if stored >= seq || waited >= ANSWER_WAIT || seq > stored + 10_000 {
+            return Err(unknown());
+        }
+        tokio::time::sleep(ANSWER_POLL).await;
+        waited += ANSWER_POLL;
+    };
+    if event.kind != "input_required" {
+        tracing::warn!(seq, kind = %event.kind, "an answer names an event that asks nothing");
+        return Err(unknown());
+    }
     // A confirmation answers a permission request; a tool result, a client tool call.
     if event.data["client_tool"].is_object() != answer.output.is_some() {
+        tracing::warn!(
+            seq,
+            "an answer is of the other kind than its event's question"
+        );
         return Err(unknown());
     }
     let request_id = event.data["request_id"].as_str().ok_or_else(unknown)?;
