@@ -599,7 +599,7 @@ async fn vendor_files_are_bounded_and_stay_with_their_tenant() {
         .await;
     let output = outputs["data"][0]["id"]
         .as_str()
-        .expect("a session file")
+        .unwrap_or_else(|| panic!("a session file: {outputs}"))
         .to_string();
     let (status, _) = owner
         .call("GET", &format!("/anthropic/v1/files/{output}"), None)

@@ -1367,14 +1367,14 @@ async fn answer_request(
     // batches after they are fanned out): wait for the store to reach it, a little.
     let mut waited = std::time::Duration::ZERO;
     let event = loop {
-        let found = orch
+        let next = orch
             .store
             .list_events(session_id, seq - 1, 1)
             .await
             .map_err(store_problem)?
-            .pop()
-            .filter(|e| e.seq == seq);
-        if let Some(event) = found {
+            .pop();
+        let next_seq = next.as_ref().map(|e| e.seq);
+        if let Some(event) = next.filter(|e| e.seq == seq) {
             break event;
         }
         let stored = orch
@@ -1382,7 +1382,16 @@ async fn answer_request(
             .last_seq(session_id)
             .await
             .map_err(store_problem)?;
-        if stored >= seq || waited >= ANSWER_WAIT || seq > stored + 10_000 {
+        if waited >= ANSWER_WAIT || seq > stored + 10_000 {
+            if stored >= seq {
+                // The store has events past it but not it: a gap that did not fill.
+                tracing::warn!(
+                    seq,
+                    ?next_seq,
+                    stored,
+                    "an answer names an event the store lacks"
+                );
+            }
             return Err(unknown());
         }
         tokio::time::sleep(ANSWER_POLL).await;
