@@ -401,23 +401,8 @@ impl Runtime for DockerRuntime {
         "docker"
     }
 
-    fn narrows_egress(&self) -> bool {
-        true
-    }
-
-    fn is_narrowed(&self, id: &str) -> bool {
-        self.proxies.is_narrowed(id)
-    }
-
-    fn narrow_egress(&self, id: &str, to: Option<crate::egress::Narrowing>) -> Result<(), String> {
-        if !self.narrows_egress() {
-            return Err(
-                "sandboxes without confinement (--isolation none) reach the network \
-                        directly, past serve's egress proxy"
-                    .into(),
-            );
-        }
-        self.proxies.narrow(id, to).map_err(|e| e.to_string())
+    fn egress_proxies(&self) -> Option<&EgressProxies> {
+        Some(&self.proxies)
     }
 
     fn isolation(&self) -> &'static str {

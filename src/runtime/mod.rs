@@ -52,26 +52,31 @@ pub trait Runtime: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
-    /// Whether a session can narrow its sandbox's egress to hosts it names: the runtimes whose
-    /// sandboxes' only way out is `serve`'s egress proxy.
+    /// The egress proxies its sandboxes' only way out goes through, when it has them (local
+    /// sandboxes under bubblewrap, containers): what a session's `egress_allow` narrows.
+    fn egress_proxies(&self) -> Option<&sandbox_net::EgressProxies> {
+        None
+    }
+    /// Whether a session can narrow its sandbox's egress to hosts it names.
     fn narrows_egress(&self) -> bool {
-        false
+        self.egress_proxies().is_some()
     }
     /// Whether sandbox `id` is held to a session's narrowing (so no other session may take it).
-    fn is_narrowed(&self, _id: &str) -> bool {
-        false
+    fn is_narrowed(&self, id: &str) -> bool {
+        self.egress_proxies().is_some_and(|p| p.is_narrowed(id))
     }
-    /// Narrows sandbox `id`'s egress to `to`, or lifts its narrowing (`None`), for
-    /// `narrows_egress` runtimes; the error says why not.
-    fn narrow_egress(
-        &self,
-        _id: &str,
-        _to: Option<crate::egress::Narrowing>,
-    ) -> Result<(), String> {
-        Err(format!(
-            "the {} runtime's sandboxes do not go out through serve's egress proxy",
-            self.name()
-        ))
+    /// Narrows sandbox `id`'s egress to `to`, or lifts its narrowing (`None`); the error says
+    /// why it cannot.
+    fn narrow_egress(&self, id: &str, to: Option<crate::egress::Narrowing>) -> Result<(), String> {
+        match self.egress_proxies() {
+            Some(proxies) => proxies.narrow(id, to).map_err(|e| e.to_string()),
+            None => Err(format!(
+                "the {} runtime's sandboxes (isolation {}) do not go out through serve's egress \
+                 proxy",
+                self.name(),
+                self.isolation()
+            )),
+        }
     }
     /// Takes back a sandbox a previous `serve` started that still runs (after a restart).
     async fn adopt(&self, _sandbox: &Sandbox) {}

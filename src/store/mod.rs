@@ -1820,22 +1820,27 @@ impl Store {
 
     /// How many objects of one kind a tenant keeps (each counted once, whatever its versions).
     pub async fn count_objects(&self, tenant: &str, kind: &str) -> Result<i64> {
-        let sql = self.sql(
+        self.of_objects(
             "SELECT COUNT(*) FROM vendor_objects WHERE tenant = ? AND kind = ? AND version = 1",
-        );
-        let n: i64 = on_db!(self, |pool| sqlx::query_scalar(&sql)
-            .bind(tenant)
-            .bind(kind)
-            .fetch_one(pool)
-            .await?);
-        Ok(n)
+            tenant,
+            kind,
+        )
+        .await
     }
 
     /// How many bytes of JSON a tenant's objects of one kind take, every version counted.
     pub async fn object_bytes(&self, tenant: &str, kind: &str) -> Result<i64> {
-        let sql = self.sql(
+        self.of_objects(
             "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM vendor_objects WHERE tenant = ? AND kind = ?",
-        );
+            tenant,
+            kind,
+        )
+        .await
+    }
+
+    /// One number about a tenant's objects of one kind: `query` takes the tenant and the kind.
+    async fn of_objects(&self, query: &str, tenant: &str, kind: &str) -> Result<i64> {
+        let sql = self.sql(query);
         let n: i64 = on_db!(self, |pool| sqlx::query_scalar(&sql)
             .bind(tenant)
             .bind(kind)

@@ -116,6 +116,28 @@ async fn the_openai_sdk_runs_an_agents_session_end_to_end() {
     }
 }
 
+/// An Anthropic environment and an agent on the echo harness, made as `api`: their records.
+async fn echo_environment_and_agent(api: &Api) -> (serde_json::Value, serde_json::Value) {
+    let (status, env) = api
+        .call(
+            "POST",
+            "/anthropic/v1/environments",
+            Some(json!({"name": "e"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{env}");
+    let (status, agent) = api
+        .call(
+            "POST",
+            "/anthropic/v1/agents",
+            Some(json!({"name": "a", "model": "echo-small",
+                        "metadata": {"sandwarden.harness": "echo"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{agent}");
+    (env, agent)
+}
+
 /// What a hostile or careless client sends the vendor APIs is refused whole, in the vendor's
 /// error shape, and leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,14 +149,7 @@ async fn vendor_api_refusals_change_nothing() {
         let path = path.to_string();
         async move { api.call("POST", &path, Some(body)).await }
     };
-    let (status, env) = post("/anthropic/v1/environments", json!({"name": "e"})).await;
-    assert_eq!(status, 200, "{env}");
-    let (status, agent) = post(
-        "/anthropic/v1/agents",
-        json!({"name": "a", "model": "echo-small", "metadata": {"sandwarden.harness": "echo"}}),
-    )
-    .await;
-    assert_eq!(status, 200, "{agent}");
+    let (env, agent) = echo_environment_and_agent(&api).await;
     let (env, agent) = (env["id"].clone(), agent["id"].clone());
 
     // A first message the agent cannot take (a model it does not offer) leaves no session.
@@ -396,21 +411,7 @@ async fn a_queued_message_survives_a_crash() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut serve = Serve::start_in(dir.path(), &[]);
     let api = serve.client();
-    let (_, env) = api
-        .call(
-            "POST",
-            "/anthropic/v1/environments",
-            Some(json!({"name": "e"})),
-        )
-        .await;
-    let (_, agent) = api
-        .call(
-            "POST",
-            "/anthropic/v1/agents",
-            Some(json!({"name": "a", "model": "echo-small",
-                        "metadata": {"sandwarden.harness": "echo"}})),
-        )
-        .await;
+    let (env, agent) = echo_environment_and_agent(&api).await;
     let (status, session) = api
         .call(
             "POST",
@@ -567,21 +568,7 @@ async fn vendor_files_are_bounded_and_stay_with_their_tenant() {
     .await;
     assert_eq!(status, 200, "{file}");
     let id = file["id"].as_str().expect("id").to_string();
-    let (_, env) = owner
-        .call(
-            "POST",
-            "/anthropic/v1/environments",
-            Some(json!({"name": "e"})),
-        )
-        .await;
-    let (_, agent) = owner
-        .call(
-            "POST",
-            "/anthropic/v1/agents",
-            Some(json!({"name": "a", "model": "echo-small",
-                        "metadata": {"sandwarden.harness": "echo"}})),
-        )
-        .await;
+    let (env, agent) = echo_environment_and_agent(&owner).await;
     let (status, session) = owner
         .call(
             "POST",

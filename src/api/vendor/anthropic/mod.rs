@@ -1342,10 +1342,6 @@ async fn send_events(
     Ok(Json(json!({"data": sent})).into_response())
 }
 
-/// How long an answer waits for the store to hold the event it names, and how often it looks.
-const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-const ANSWER_POLL: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// Answers the request behind an `agent.tool_use` asked about or an `agent.custom_tool_use`
 /// (`event_id`): the native `input_required` its id names. One answered already is not an error
 /// (a client retrying).
@@ -1363,39 +1359,22 @@ async fn answer_request(
         ))
     };
     let seq = translate::seq_of_tool_use(event_id).ok_or_else(unknown)?;
-    // A stream may show the event a moment before the store has it (events are committed in
-    // batches after they are fanned out): wait for the store to reach it, a little.
-    let mut waited = std::time::Duration::ZERO;
-    let event = loop {
-        let next = orch
-            .store
+    // Streams get an event when it is queued for the store's writer, before its commit: one
+    // a client answers at once may not be readable yet, so the writer's queue is committed
+    // (`flush`) before it is looked for again.
+    let read = || async {
+        orch.store
             .list_events(session_id, seq - 1, 1)
             .await
-            .map_err(store_problem)?
-            .pop();
-        let next_seq = next.as_ref().map(|e| e.seq);
-        if let Some(event) = next.filter(|e| e.seq == seq) {
-            break event;
+            .map(|mut e| e.pop().filter(|e| e.seq == seq))
+            .map_err(store_problem)
+    };
+    let event = match read().await? {
+        Some(event) => event,
+        None => {
+            orch.store.flush().await.map_err(store_problem)?;
+            read().await?.ok_or_else(unknown)?
         }
-        let stored = orch
-            .store
-            .last_seq(session_id)
-            .await
-            .map_err(store_problem)?;
-        if waited >= ANSWER_WAIT || seq > stored + 10_000 {
-            if stored >= seq {
-                // The store has events past it but not it: a gap that did not fill.
-                tracing::warn!(
-                    seq,
-                    ?next_seq,
-                    stored,
-                    "an answer names an event the store lacks"
-                );
-            }
-            return Err(unknown());
-        }
-        tokio::time::sleep(ANSWER_POLL).await;
-        waited += ANSWER_POLL;
     };
     if event.kind != "input_required" {
         tracing::warn!(seq, kind = %event.kind, "an answer names an event that asks nothing");
