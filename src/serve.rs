@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// Warm pool size per template, as NAME=N (repeat, or comma-separate in the variable).
     #[arg(long = "pool", env = "SANDWARDEN_POOL", value_delimiter = ',')]
     pub pools: Vec<String>,
+    /// The template of sessions created without naming one: the seed platforms' clients and
+    /// the chat APIs name none (default: none; such a create is refused saying so).
+    #[arg(long, env = "SANDWARDEN_DEFAULT_TEMPLATE")]
+    pub default_template: Option<String>,
     /// The URL clients reach this server at, for `tty_url` (default: http://LISTEN).
     #[arg(long, env = "SANDWARDEN_PUBLIC_URL")]
     pub public_url: Option<String>,
@@ -412,6 +416,15 @@ fn load_templates(args: &ServeArgs) -> anyhow::Result<BTreeMap<String, Template>
         anyhow::ensure!(n <= 100, "--pool {entry:?}: at most 100");
         t.pool = n;
     }
+    if let Some(name) = &args.default_template
+        && args.runtime != RuntimeKind::Kubernetes
+    {
+        anyhow::ensure!(
+            templates.contains_key(name),
+            "--default-template {name:?}: there is no such template; available: {}",
+            templates.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     Ok(templates)
 }
 
@@ -670,6 +683,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .trim_end_matches('/')
             .to_string(),
         allow_private_webhooks: args.allow_private_webhooks,
+        default_template: args.default_template.clone(),
         tty_token_ttl: Duration::from_secs(args.tty_token_ttl.max(1)),
         allowed_origins: args.allowed_origins.clone(),
         webhook_lease: Duration::from_secs(args.webhook_lease.max(1)),

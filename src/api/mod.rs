@@ -2,6 +2,7 @@
 //! bridge. Handlers translate HTTP to the orchestrator and back; they hold no state of their own.
 
 mod error;
+mod seed;
 mod tty;
 mod vendor;
 
@@ -89,9 +90,11 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
         .nest("/anthropic", vendor::anthropic::router())
         .nest("/openai/v1", vendor::openai::router())
+        .merge(seed::router())
         .layer(middleware::from_fn_with_state(gate, require_key));
     Router::new()
         .merge(v1)
+        .merge(seed::open_router())
         .route("/v1/sessions/{id}/tty", get(tty::attach))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -138,6 +141,8 @@ async fn vendor_errors(req: Request, next: Next) -> Response {
         vendor::anthropic::errors(req, next).await
     } else if path.starts_with("/openai/") {
         vendor::openai::errors(req, next).await
+    } else if path.starts_with("/compat/") {
+        seed::errors(req, next).await
     } else {
         next.run(req).await
     }
@@ -457,7 +462,7 @@ async fn list_sessions(
 }
 
 /// A route's query string, or `400 invalid_query` saying what is wrong with it.
-fn query_of<T>(
+pub(crate) fn query_of<T>(
     query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
 ) -> Result<T, Problem> {
     query
@@ -478,7 +483,7 @@ fn page_limit(given: Option<i64>, default: i64, max: i64) -> Result<i64, Problem
     Ok(limit)
 }
 
-fn encode_cursor(created_at: &str, id: &str) -> String {
+pub(crate) fn encode_cursor(created_at: &str, id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{created_at}|{id}"))
 }
 
@@ -497,7 +502,7 @@ fn after_cursor(cursor: Option<&str>) -> Result<Option<(String, String)>, Proble
         .transpose()
 }
 
-fn decode_cursor(c: &str) -> Option<(String, String)> {
+pub(crate) fn decode_cursor(c: &str) -> Option<(String, String)> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(c)
         .ok()?;

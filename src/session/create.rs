@@ -7,6 +7,8 @@ use super::*;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
+    /// The template; absent: the server's default template (`--default-template`).
+    #[serde(default)]
     pub harness: String,
     pub id: Option<String>,
     pub title: Option<String>,
@@ -67,6 +69,17 @@ enum AttachError {
 }
 
 impl Orchestrator {
+    /// The template of a session whose client names none (`--default-template`).
+    pub fn default_template(&self) -> Result<String, SessionError> {
+        self.config.default_template.clone().ok_or_else(|| {
+            SessionError::invalid(
+                "no_default_template",
+                "name the harness (`harness`, or the template in the mount's path); this server \
+                 has no default template (serve --default-template NAME)",
+            )
+        })
+    }
+
     pub async fn create(
         self: &Arc<Self>,
         tenant: &str,
@@ -77,6 +90,10 @@ impl Orchestrator {
         let started = Instant::now();
         let invalid = |m: String| SessionError::invalid("invalid_session", m);
         let templates = self.templates();
+        let mut req = req;
+        if req.harness.is_empty() {
+            req.harness = self.default_template()?;
+        }
         let Some(template) = templates.get(&req.harness).cloned() else {
             return Err(SessionError::invalid(
                 "unknown_harness",

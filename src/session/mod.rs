@@ -88,6 +88,9 @@ pub struct Config {
     pub client_timeout: Duration,
     /// Every tenant's quotas where its key sets none.
     pub default_limits: quota::Limits,
+    /// The template of sessions created without naming one (`--default-template`): clients
+    /// that never name a harness (the seed platforms' own, the chat APIs) get it.
+    pub default_template: Option<String>,
     /// Live sessions of all tenants together.
     pub max_live_sessions: Option<u64>,
     /// MiB of history and event pages being answered at once, all tenants together
@@ -113,6 +116,9 @@ struct RunningTurn {
     tenant: String,
     /// The harness is done; the turn's end is being recorded (waiting for the store).
     ending: bool,
+    /// The `input_required` requests answered through this replica: the harness may go on
+    /// asking nothing for a while, and the questions stay the last events until it does.
+    answered: Vec<String>,
 }
 
 /// Whether a session's turn lock is free, held by a running turn, or held by a turn whose end
@@ -428,6 +434,7 @@ impl Orchestrator {
                         turn_id: turn_id.to_string(),
                         tenant: tenant.to_string(),
                         ending: false,
+                        answered: Vec::new(),
                     },
                 );
                 TurnLock::Taken
@@ -453,6 +460,22 @@ impl Orchestrator {
 
     pub fn running_turn(&self, session_id: &str) -> Option<String> {
         lock(&self.turns).get(session_id).map(|t| t.turn_id.clone())
+    }
+
+    /// Notes that the running turn's request `request_id` was answered.
+    fn note_answered(&self, session_id: &str, request_id: &str) {
+        if let Some(t) = lock(&self.turns).get_mut(session_id)
+            && t.answered.len() < 256
+        {
+            t.answered.push(request_id.to_string());
+        }
+    }
+
+    /// Whether the running turn's request `request_id` was answered through this replica.
+    fn was_answered(&self, session_id: &str, request_id: &str) -> bool {
+        lock(&self.turns)
+            .get(session_id)
+            .is_some_and(|t| t.answered.iter().any(|a| a == request_id))
     }
 
     /// Marks a webhook delivery in flight on this replica until the guard drops; `None` when it

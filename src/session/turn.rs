@@ -46,6 +46,8 @@ pub struct Started {
     /// Live session events, subscribed before the harness was dialled.
     pub events: broadcast::Receiver<Arc<store::Event>>,
     pub done: watch::Receiver<Option<Arc<Outcome>>>,
+    /// The user's message the turn recorded.
+    pub prompt: Message,
 }
 
 /// Builds the assistant's parts from the turn's events: consecutive text chunks merge.
@@ -83,6 +85,10 @@ impl Reply {
         }
     }
 }
+
+/// How many of a running turn's last events are read to find the questions it waits on (an
+/// agent asks a few at once).
+const PENDING_SCAN: i64 = 64;
 
 /// The most text and parts one page of history carries (at least one message, whatever its
 /// size): a client paging through a long history never makes `serve` hold it all at once.
@@ -420,6 +426,7 @@ impl Orchestrator {
         // The turn outlives the request that started it (async turns, a client that goes):
         // its own span, with the session and turn, follows it to its end.
         let span = tracing::info_span!("turn", session_id = %session.id, turn_id = %turn_id);
+        let prompt = user.clone();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let outcome = me.drive(s, turn, user, stream, webhook, deadline).await;
@@ -432,6 +439,7 @@ impl Orchestrator {
             turn_id: turn_id.to_string(),
             events,
             done,
+            prompt,
         })
     }
 
@@ -756,6 +764,46 @@ impl Orchestrator {
         }
     }
 
+    /// The questions a session in `input_required` waits on: the `input_required` events that
+    /// end its running turn's events so far, less those answered already (none when it waits
+    /// on nothing).
+    pub async fn pending_inputs(&self, session: &Session) -> Result<Vec<Event>, SessionError> {
+        if session.status != SessionStatus::InputRequired {
+            return Ok(Vec::new());
+        }
+        let running = match self.running_turn(&session.id) {
+            Some(t) => Some(t),
+            None => self.store.running_turn(&session.id).await?,
+        };
+        let Some(turn_id) = running else {
+            return Ok(Vec::new());
+        };
+        // Events reach their subscribers before the store's batched commit: commit first.
+        self.store.flush().await?;
+        let Some(first) = self.store.turn_first_seq(&session.id, &turn_id).await? else {
+            return Ok(Vec::new());
+        };
+        let last = self.store.last_seq(&session.id).await?;
+        let from = (first - 1).max(last - PENDING_SCAN);
+        let events = self
+            .store
+            .list_events(&session.id, from, PENDING_SCAN)
+            .await?;
+        let waiting = events
+            .iter()
+            .rev()
+            .take_while(|e| e.kind == EventType::InputRequired.as_str())
+            .count();
+        Ok(events[events.len() - waiting..]
+            .iter()
+            .filter(|e| {
+                let id = e.data["request_id"].as_str().unwrap_or_default();
+                !self.was_answered(&session.id, id)
+            })
+            .cloned()
+            .collect())
+    }
+
     /// Cancels the session's running turn through its harness.
     pub async fn cancel(&self, tenant: &str, session_id: &str) -> Result<Value, SessionError> {
         let session = self.get(tenant, session_id).await?;
@@ -796,7 +844,10 @@ impl Orchestrator {
             .session_client(&session)
             .ok_or_else(|| SessionError::NotFound(session_id.to_string()))?;
         match client.answer(request_id, answer).await {
-            Ok(v) => Ok(v),
+            Ok(v) => {
+                self.note_answered(&session.id, request_id);
+                Ok(v)
+            }
             Err(ClientError::Refused(p)) if p.status < 500 => Err(SessionError::HarnessRefused(p)),
             Err(e) => Err(self.harness_failure(&session, e).await),
         }

@@ -1463,6 +1463,38 @@ impl Store {
             .map(|r| turn_row!(&r))))
     }
 
+    /// How many messages each of the tenant's sessions of `harness` holds (sessions without
+    /// any are absent).
+    pub async fn message_counts(
+        &self,
+        tenant: &str,
+        harness: &str,
+    ) -> Result<std::collections::HashMap<String, i64>> {
+        let sql = self.sql(
+            "SELECT m.session_id, CAST(COUNT(*) AS BIGINT) FROM messages m \
+             JOIN sessions s ON s.id = m.session_id \
+             WHERE s.tenant = ? AND s.harness = ? GROUP BY m.session_id",
+        );
+        let rows: Vec<(String, i64)> = on_db!(self, |pool| sqlx::query_as(&sql)
+            .bind(tenant)
+            .bind(harness)
+            .fetch_all(pool)
+            .await?);
+        Ok(rows.into_iter().collect())
+    }
+
+    /// The session's newest turn, with its text (`None` before its first).
+    pub async fn last_turn(&self, session_id: &str) -> Result<Option<Turn>> {
+        let sql = self.sql(
+            "SELECT * FROM turns WHERE session_id = ? ORDER BY created_at DESC, id DESC LIMIT 1",
+        );
+        Ok(on_db!(self, |pool| sqlx::query(&sql)
+            .bind(session_id)
+            .fetch_optional(pool)
+            .await?
+            .map(|r| turn_row!(&r))))
+    }
+
     /// A page of a session's turns, oldest first: those created after `after` (`created_at`,
     /// `id`), at most `limit`, without their text (a turn's text may be as large as its answer;
     /// `get_turn` reads it).

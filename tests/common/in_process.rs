@@ -61,6 +61,7 @@ pub async fn orchestrator(
         replica_lease: Duration::from_secs(15),
         client_timeout: Duration::from_secs(30),
         default_limits: Default::default(),
+        default_template: None,
         max_live_sessions: None,
         answer_memory_mib: None,
     };

@@ -270,11 +270,11 @@ async fn replay_start(orch: &AppState, session_id: &str, seq: i64) -> Result<i64
         .map_or(seq, |first| first - 1))
 }
 
-fn place_token((seq, k): Place) -> String {
+pub(crate) fn place_token((seq, k): Place) -> String {
     format!("{seq}.{k}")
 }
 
-fn parse_place(token: &str) -> Option<Place> {
+pub(crate) fn parse_place(token: &str) -> Option<Place> {
     let (seq, k) = token.split_once('.')?;
     Some((seq.parse().ok()?, k.parse().ok()?))
 }
@@ -285,7 +285,7 @@ const PAGE_BYTES: usize = 4 << 20;
 /// The translated history after `after` (the place of the last event a previous page ended
 /// with): at most `limit` events `keep` accepts and `max_bytes` of them, and whether more may
 /// follow. The native pages read count against the caller's answer memory while translated.
-async fn history<T: Translate>(
+pub(crate) async fn history<T: Translate>(
     orch: &AppState,
     caller: &Caller,
     session_id: &str,
@@ -331,7 +331,7 @@ async fn history<T: Translate>(
 }
 
 /// `value` as JSON, its size counted against the caller's answer memory until it is sent.
-async fn admitted_json(
+pub(crate) async fn admitted_json(
     orch: &AppState,
     caller: &Caller,
     value: &Value,
@@ -487,31 +487,49 @@ fn short(field: &str, value: Option<&str>, max: usize) -> Result<(), Problem> {
     Ok(())
 }
 
-/// The live stream of a session's translated events, from now on, as SSE (`frame` makes each
-/// frame). A turn running when the stream opens is replayed from its start without being sent,
-/// so what it completes afterwards is whole and carries its history id. Holds `slot` (the
-/// tenant's stream quota) while open.
-async fn live<T: Translate + Send + 'static>(
+/// How a live stream opens: the frames it sends first, and where it starts (after the place
+/// of an event the client has; `None`: from now on).
+#[derive(Default)]
+pub(crate) struct Opening {
+    pub first: Vec<SseEvent>,
+    pub after: Option<Place>,
+}
+
+impl Opening {
+    fn first(first: Vec<SseEvent>) -> Opening {
+        Opening { first, after: None }
+    }
+}
+
+/// The live stream of a session's translated events, from now on or after a place, as SSE
+/// (`frame` makes each frame). A turn running where the stream starts is replayed from its start
+/// without being sent, so what it completes afterwards is whole and carries its history id.
+/// Holds `slot` (the tenant's stream quota) while open.
+pub(crate) async fn live<T: Translate + Send + 'static>(
     orch: &AppState,
     caller: &Caller,
     session_id: String,
     slot: crate::session::quota::Slot,
     translator: T,
     frame: fn(&Out) -> SseEvent,
-    first: Vec<SseEvent>,
+    opening: Opening,
 ) -> Result<Response, Problem> {
+    let Opening { first, after } = opening;
     // Subscribed before the log is read, so nothing falls between the two.
     let rx = orch.hub.subscribe(&session_id);
-    let now = orch
-        .store
-        .last_seq(&session_id)
-        .await
-        .map_err(store_problem)?;
+    let now = match after {
+        Some((seq, _)) => seq,
+        None => orch
+            .store
+            .last_seq(&session_id)
+            .await
+            .map_err(store_problem)?,
+    };
     let mut start = replay_start(orch, &session_id, now)
         .await
         .map_err(store_problem)?;
     // A finished turn needs no replay: its last event ended it.
-    if start < now {
+    if start < now && after.is_none() {
         let last = orch
             .store
             .list_events(&session_id, now - 1, 1)
@@ -537,7 +555,7 @@ async fn live<T: Translate + Send + 'static>(
         reader: Reader::new(translator),
         orch: orch.clone(),
         pending: VecDeque::new(),
-        now,
+        after: after.unwrap_or((now, u32::MAX)),
         tenant: caller.tenant.clone(),
         session_id: session_id_for_end,
         ended: false,
@@ -574,10 +592,11 @@ async fn live<T: Translate + Send + 'static>(
                 continue;
             };
             match st.reader.push(&st.orch, &e).await {
-                // What the replay of a running turn completes up to now is history already.
+                // What the replay of a running turn completes up to where the stream starts is
+                // history already.
                 Ok(outs) => st
                     .pending
-                    .extend(outs.into_iter().filter(|o| o.place.0 > st.now)),
+                    .extend(outs.into_iter().filter(|o| o.place > st.after)),
                 Err(err) => {
                     tracing::warn!(error = %err, "a vendor event stream could not read the store; ending it");
                     return None;
@@ -593,7 +612,8 @@ struct LiveState<S, T> {
     reader: Reader<T>,
     orch: AppState,
     pending: VecDeque<Out>,
-    now: i64,
+    /// The place the stream starts after: what the replay completes up to it is not sent.
+    after: Place,
     tenant: String,
     session_id: String,
     /// Whether the end of the session has been told.

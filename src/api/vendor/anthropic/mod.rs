@@ -1478,7 +1478,7 @@ async fn stream_events(
         slot,
         Translator::new(deltas),
         frame,
-        Vec::new(),
+        super::Opening::default(),
     )
     .await
 }

@@ -722,7 +722,7 @@ async fn create_session(
             slot,
             Translator::new(record.body.clone()),
             frame,
-            vec![frame_of(&created)],
+            super::Opening::first(vec![frame_of(&created)]),
         )
         .await?;
         if let Some(parts) = first_input {
@@ -1079,7 +1079,7 @@ async fn stream_events(
         slot,
         translator,
         frame,
-        Vec::new(),
+        super::Opening::default(),
     )
     .await
 }

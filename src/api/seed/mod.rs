@@ -1,0 +1,127 @@
+//! The seed platforms' own clients, each under a mount of its own (`/compat/<platform>/…`) that
+//! speaks that client's routes, shapes, status words, events and defaults over the native
+//! sessions. Nothing is kept per platform: a mount reads and writes native sessions, turns and
+//! events, so a session made through one is also the native API's (docs/seed-clients.md).
+//!
+//! Where a client asks for what has no counterpart here, its mount refuses it in the platform's
+//! error shape and the docs say so; nothing is accepted and dropped.
+
+pub mod everruns;
+pub mod motus;
+
+use super::{AppState, Caller, session_path};
+use crate::session::{CreateRequest, Orchestrator};
+use crate::status::SessionStatus;
+use crate::store::Session;
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use sandwarden_proto::problem::Problem;
+use serde_json::Value;
+
+/// The keyed routes of every mount.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .nest("/compat/motus/{template}", motus::router())
+        .nest("/compat/everruns/{template}", everruns::router())
+        .route(
+            "/compat/everruns/{template}",
+            axum::routing::get(everruns::card),
+        )
+}
+
+/// The routes a client calls without a key (Motus' health check).
+pub fn open_router() -> Router<AppState> {
+    Router::new().route(
+        "/compat/motus/{template}/health",
+        axum::routing::get(motus::health),
+    )
+}
+
+/// Problem documents answered under `/compat/` also carry `error {code, message}`, the shape
+/// these clients read into their exceptions (the document itself is unchanged).
+pub async fn errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if !is_problem {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let mut doc: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::json!({}));
+    if let Some(map) = doc.as_object_mut() {
+        let code = map.get("type").cloned().unwrap_or(Value::Null);
+        let message = map.get("detail").cloned().unwrap_or(Value::Null);
+        map.insert(
+            "error".into(),
+            serde_json::json!({ "code": code, "message": message }),
+        );
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(doc.to_string()))
+}
+
+/// A new session of the mount's template for the caller (`name`: the id the client picked).
+async fn create(
+    orch: &AppState,
+    caller: &Caller,
+    template: &str,
+    name: Option<String>,
+    title: Option<String>,
+    idempotency_key: Option<String>,
+) -> Result<(Session, bool), Problem> {
+    let req = CreateRequest {
+        harness: template.to_string(),
+        id: name,
+        title,
+        ..Default::default()
+    };
+    Ok(orch
+        .create(&caller.tenant, req, idempotency_key, &caller.limits)
+        .await?)
+}
+
+/// The caller's session `id` under a mount of `template`: one that is deleted, or of another
+/// template, is not there (404), as a platform's own server would not know it.
+async fn mounted(
+    orch: &Orchestrator,
+    caller: &Caller,
+    template: &str,
+    id: &str,
+) -> Result<Session, Problem> {
+    let scoped = session_path(&caller.tenant, id)?;
+    let session = orch.get(&caller.tenant, &scoped).await?;
+    if session.status == SessionStatus::Deleted || session.harness != template {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "session_not_found",
+            format!("no session {id:?} here"),
+        ));
+    }
+    Ok(session)
+}
+
+/// The id a client knows a session by: the one it picked, else the server's.
+fn client_id(s: &Session) -> &str {
+    s.name.as_deref().unwrap_or(&s.id)
+}
+
+/// Refuses a field a platform's client may send that has no counterpart here.
+fn unsupported(what: &str, doc: &str) -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "not_supported",
+        format!("{what} has no counterpart in sandwarden ({doc} says what is mapped)"),
+    )
+}
