@@ -43,7 +43,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// How long a cold sandbox may take to become ready.
-const COLD_START_TIMEOUT: Duration = Duration::from_secs(120);
+pub const COLD_START_TIMEOUT: Duration = Duration::from_secs(120);
 const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 /// On the changes channel: every session may have changed (notices from other replicas were
 /// missed), so every waiter re-reads.

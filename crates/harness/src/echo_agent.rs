@@ -15,6 +15,7 @@
 //! | `/env NAME`    | replies with the value of environment variable NAME (late-binding tests)   |
 //! | `/cwd`         | replies with its working directory                                         |
 //! | `/cat PATH`    | replies with the contents of PATH                                          |
+//! | `/write P TEXT`| writes TEXT to the file P of its working directory                        |
 //! | `/config`      | replies with its current settings, e.g. `model=echo-small thinking=off ...`|
 //! | `/mcp`         | replies with the MCP servers its session was given (names, transports, and  |
 //! |                | how many args, env vars and headers: never their values)                   |
@@ -71,6 +72,8 @@ pub enum Script {
     Config,
     Mcp,
     System,
+    /// Writes a file of its working directory: path, text.
+    Write(String, String),
     /// Calls a client tool through the session's client-tools MCP server: name, JSON input.
     CallTool(String, String),
 }
@@ -118,6 +121,10 @@ impl Script {
             "/env" => Script::Env(rest.to_string()),
             "/cwd" => Script::Cwd,
             "/cat" => Script::Cat(rest.to_string()),
+            "/write" => {
+                let (path, text) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+                Script::Write(path.to_string(), text.trim().to_string())
+            }
             "/config" => Script::Config,
             "/mcp" => Script::Mcp,
             "/system" => Script::System,
@@ -720,6 +727,13 @@ async fn prompt(
             reply =
                 std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?
         }
+        Script::Write(path, text) => {
+            if let Some(dir) = std::path::Path::new(&path).parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("cannot write {path}: {e}"))?;
+            }
+            std::fs::write(&path, &text).map_err(|e| format!("cannot write {path}: {e}"))?;
+            reply = format!("wrote {path}");
+        }
     }
     if images > 0 {
         reply.push_str(&format!(" [{images} image(s) received]"));
@@ -764,6 +778,10 @@ mod tests {
             }
         );
         assert_eq!(Script::parse("/crash"), Script::Crash(3));
+        assert_eq!(
+            Script::parse("/write notes/a.txt two words"),
+            Script::Write("notes/a.txt".into(), "two words".into())
+        );
         assert_eq!(Script::parse("/crash 7"), Script::Crash(7));
         assert_eq!(Script::parse("/env HOME"), Script::Env("HOME".into()));
     }

@@ -8,6 +8,7 @@
 
 pub mod everruns;
 pub mod motus;
+pub mod stewrd;
 
 use super::{AppState, Caller, session_path};
 use crate::session::{CreateRequest, Orchestrator};
@@ -29,6 +30,14 @@ pub fn router() -> Router<AppState> {
         .route(
             "/compat/everruns/{template}",
             axum::routing::get(everruns::card),
+        )
+        .route(
+            "/compat/stewrd/{template}/v1/agent",
+            axum::routing::post(stewrd::agent),
+        )
+        .route(
+            "/compat/stewrd/{template}/v1/agent/{id}/tool-outputs",
+            axum::routing::post(stewrd::tool_outputs),
         )
 }
 
@@ -87,6 +96,15 @@ async fn create(
         title,
         ..Default::default()
     };
+    create_as(orch, caller, req, idempotency_key).await
+}
+
+async fn create_as(
+    orch: &AppState,
+    caller: &Caller,
+    req: CreateRequest,
+    idempotency_key: Option<String>,
+) -> Result<(Session, bool), Problem> {
     Ok(orch
         .create(&caller.tenant, req, idempotency_key, &caller.limits)
         .await?)

@@ -10,7 +10,7 @@
 //! turn, so replaying a turn from its first event rebuilds it.
 
 pub mod anthropic;
-mod files;
+pub(crate) mod files;
 pub mod openai;
 mod queue;
 
