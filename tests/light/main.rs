@@ -25,6 +25,7 @@ mod manifests;
 mod routes;
 mod sandbox_boundary;
 mod secrets;
+mod seed_clients;
 mod serve_api;
 mod session_logic;
 mod tenancy;

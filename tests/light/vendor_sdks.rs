@@ -25,14 +25,25 @@ async fn run_client(serve: &Serve, script: &str, tenant: &str) -> Option<String>
         eprintln!("SKIPPED: the vendor SDKs are not installed (run scripts/install-sdks)");
         return None;
     };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    Some(run_script(serve, &python, &script, tenant).await)
+}
+
+/// Runs the Python client `script` with `python` against `serve` as a new key of `tenant`
+/// (`SANDWARDEN_URL`, `SANDWARDEN_KEY`); its output, or a failure with what it printed.
+pub(crate) async fn run_script(
+    serve: &Serve,
+    python: &std::path::Path,
+    script: &std::path::Path,
+    tenant: &str,
+) -> String {
     let api = serve.client();
     let (status, key) = api
         .call("POST", "/v1/api-keys", Some(json!({ "tenant": tenant })))
         .await;
     assert_eq!(status, 201, "{key}");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/sdk")
-        .join(script);
     let out = tokio::process::Command::new(python)
         .arg(&script)
         .env("SANDWARDEN_URL", &serve.base)
@@ -50,7 +61,7 @@ async fn run_client(serve: &Serve, script: &str, tenant: &str) -> Option<String>
         script.display(),
         out.status
     );
-    Some(stdout)
+    stdout
 }
 
 /// The session a client script names on its `session ID` line.
