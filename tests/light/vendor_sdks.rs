@@ -45,7 +45,7 @@ pub(crate) async fn run_script(
         .await;
     assert_eq!(status, 201, "{key}");
     let out = tokio::process::Command::new(python)
-        .arg(&script)
+        .arg(script)
         .env("SANDWARDEN_URL", &serve.base)
         .env("SANDWARDEN_KEY", key["key"].as_str().expect("key"))
         // Whether this serve's sandboxes go out through its egress proxy (bubblewrap works).
