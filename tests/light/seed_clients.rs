@@ -278,3 +278,259 @@ async fn motus_cli_runs_unchanged_and_polls_a_bounded_number_of_times() {
     let (ok, out) = run(v(&["get", &url, &id]), "").await;
     assert!(!ok && out.contains("404"), "{out}");
 }
+
+/// Reads SSE `data:` frames from `resp` until `until` holds for one (or 20 s pass).
+async fn sse_frames(resp: reqwest::Response, until: impl Fn(&Value) -> bool) -> Vec<Value> {
+    use futures::StreamExt;
+    let mut body = resp.bytes_stream();
+    let (mut buf, mut frames) = (String::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            for line in block.lines() {
+                if let Some(data) = line.strip_prefix("data: ")
+                    && let Ok(v) = serde_json::from_str::<Value>(data)
+                {
+                    let stop = until(&v);
+                    frames.push(v);
+                    if stop {
+                        return frames;
+                    }
+                }
+            }
+        }
+    }
+    frames
+}
+
+/// The LiteLLM Agent Platform publishes no client: its CLI's (`lap.mjs`) and SDK's calls,
+/// replayed as they make them, against `/api/v1/managed_agents`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lap_clients_calls_replayed_against_its_mount() {
+    let serve = Serve::start(&[]);
+    let api = crate::tenancy::tenant_client(&serve.client(), "seed-lap").await;
+    let base = "/api/v1/managed_agents";
+    let nonce = || uuid::Uuid::new_v4().simple().to_string();
+
+    // lap.mjs resolves an agent by name from the list, then creates a session of it.
+    let (status, agents) = api.call("GET", &format!("{base}/agents"), None).await;
+    assert_eq!(status, 200, "{agents}");
+    let echo = agents["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|a| a["name"] == "echo")
+        .expect("echo is an agent")
+        .clone();
+    assert_eq!(echo["supports_tui"], false);
+    let (status, created) = api
+        .call(
+            "POST",
+            &format!("{base}/agents/{}/session", echo["id"].as_str().expect("id")),
+            Some(json!({"title": "lap-cli"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "a UUID: {id}");
+    // It polls the session until `ready`.
+    let mut session = created.clone();
+    for _ in 0..60 {
+        if session["status"] == "ready" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        session = api
+            .call("GET", &format!("{base}/sessions/{id}"), None)
+            .await
+            .1;
+    }
+    assert_eq!(session["status"], "ready", "{session}");
+
+    // The REPL's message: a synchronous turn whose `parts` hold the reply.
+    let said = format!("lap {}", nonce());
+    let (status, reply) = api
+        .call(
+            "POST",
+            &format!("{base}/sessions/{id}/message"),
+            Some(json!({ "text": said })),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let text: Vec<&str> = reply["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .filter(|p| p["type"] == "text")
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    assert_eq!(text.concat(), said);
+    let (status, _) = api
+        .call(
+            "POST",
+            &format!("{base}/sessions/{id}/message"),
+            Some(json!({ "parts": [{"type": "text", "text": "parts form"}] })),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // message_stream: ready, the turn's events, done.
+    let streamed = format!("streamed {}", nonce());
+    let resp = api
+        .http
+        .post(format!("{}{base}/sessions/{id}/message_stream", api.base))
+        .bearer_auth(&api.key)
+        .json(&json!({ "text": streamed }))
+        .send()
+        .await
+        .expect("message_stream");
+    assert_eq!(resp.status(), 200);
+    let frames = sse_frames(resp, |f| f["type"] == "done" || f["type"] == "error").await;
+    let kinds: Vec<&Value> = frames.iter().map(|f| &f["type"]).collect();
+    assert_eq!(kinds[0], "ready", "{kinds:?}");
+    assert_eq!(kinds.last().copied(), Some(&json!("done")), "{kinds:?}");
+    let streamed_text: String = frames
+        .iter()
+        .filter(|f| f["event"]["type"] == "text")
+        .filter_map(|f| f["event"]["data"]["text"].as_str())
+        .collect();
+    assert_eq!(streamed_text, streamed);
+
+    // The events tail follows what happens next; abort ends a running turn, and is idempotent.
+    let tail = api
+        .http
+        .get(format!("{}{base}/sessions/{id}/events", api.base))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(tail.status(), 200);
+    let running = api
+        .http
+        .post(format!("{}{base}/sessions/{id}/message_stream", api.base))
+        .bearer_auth(&api.key)
+        .json(&json!({ "text": "/slow 100 tick" }))
+        .send()
+        .await
+        .expect("message_stream");
+    assert_eq!(running.status(), 200);
+    let (status, aborted) = api
+        .call("POST", &format!("{base}/sessions/{id}/abort"), None)
+        .await;
+    assert_eq!(status, 200, "{aborted}");
+    let frames = sse_frames(tail, |f| f["event"]["type"] == "done").await;
+    let last = frames.last().map(|f| f["event"]["data"].clone());
+    assert_eq!(
+        last.as_ref().map(|d| &d["stop_reason"]),
+        Some(&json!("cancelled")),
+        "the tail saw the aborted turn end ({} frames, the last: {last:?})",
+        frames.len()
+    );
+    let frames = sse_frames(running, |f| f["type"] == "done").await;
+    assert_eq!(frames.last().map(|f| &f["type"]), Some(&json!("done")));
+    let (status, again) = api
+        .call("POST", &format!("{base}/sessions/{id}/abort"), None)
+        .await;
+    assert_eq!((status, &again["aborted"]), (200, &json!(false)), "{again}");
+    let (status, thread) = api
+        .call("GET", &format!("{base}/sessions/{id}/messages"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(thread["messages"][1]["text"], said.as_str(), "{thread}");
+
+    // Another tenant, or an id that is no UUID, finds nothing.
+    let other = crate::tenancy::tenant_client(&serve.client(), "seed-lap-other").await;
+    assert_eq!(
+        other
+            .call("GET", &format!("{base}/sessions/{id}"), None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        api.call("GET", &format!("{base}/sessions/not-a-uuid"), None)
+            .await
+            .0,
+        404
+    );
+
+    // A live session is not restarted; a deleted (dead) one is, under the same id, and its new
+    // sandbox is told the conversation.
+    assert_eq!(
+        api.call("POST", &format!("{base}/sessions/{id}/restart"), None)
+            .await
+            .0,
+        409
+    );
+    let (status, deleted) = api
+        .call("DELETE", &format!("{base}/sessions/{id}"), None)
+        .await;
+    assert_eq!(
+        (status, &deleted),
+        (200, &json!({"id": id, "status": "deleted"}))
+    );
+    let (status, again) = api
+        .call("DELETE", &format!("{base}/sessions/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "idempotent: {again}");
+    let (_, dead) = api
+        .call("GET", &format!("{base}/sessions/{id}"), None)
+        .await;
+    assert_eq!(dead["status"], "dead");
+    let (status, restarted) = api
+        .call("POST", &format!("{base}/sessions/{id}/restart"), None)
+        .await;
+    assert_eq!(status, 200, "{restarted}");
+    assert_eq!(restarted["id"], id.as_str());
+    assert_ne!(restarted["harness_session_id"], dead["harness_session_id"]);
+    let mut session = restarted;
+    for _ in 0..100 {
+        if session["status"] == "ready" && session["response"].is_string() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        session = api
+            .call("GET", &format!("{base}/sessions/{id}"), None)
+            .await
+            .1;
+    }
+    let replayed = session["response"].as_str().unwrap_or_default();
+    assert!(
+        replayed.contains("restarted") && replayed.contains(&said),
+        "the new sandbox's first turn holds the conversation: {session}"
+    );
+    let (_, listed) = api
+        .call("GET", &format!("{base}/sessions?agent_id=echo"), None)
+        .await;
+    assert_eq!(listed["data"][0]["id"], id.as_str(), "{listed}");
+
+    // A terminal agent: its session's tty_url takes the terminal protocol lap.mjs speaks.
+    let (status, tui) = api
+        .call(
+            "POST",
+            &format!("{base}/agents/shell/session"),
+            Some(json!({"title": "lap-cli"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{tui}");
+    let tui_id = tui["id"].as_str().expect("id").to_string();
+    let mut tui = tui;
+    for _ in 0..100 {
+        if tui["status"] == "ready" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tui = api
+            .call("GET", &format!("{base}/sessions/{tui_id}"), None)
+            .await
+            .1;
+    }
+    assert_eq!(tui["supports_tui"], true, "{tui}");
+    let mut shell = shell::Shell::attach(tui["tty_url"].as_str().expect("tty_url")).await;
+    let word = nonce();
+    let (out, rc) = shell.run(&format!("echo {word}")).await;
+    assert_eq!(rc, 0);
+    assert!(out.contains(&word), "{out}");
+}
