@@ -83,7 +83,10 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
             "/v1/sessions/{id}/files/{*path}",
             get(read_file).put(write_file),
         )
-        .route("/v1/sessions/{id}/inputs/{request_id}", post(answer_input))
+        .route(
+            "/v1/sessions/{id}/inputs/{request_id}",
+            post(answer_input).put(answer_input),
+        )
         .route("/v1/api-keys", post(create_key).get(list_keys))
         .route("/v1/usage", get(usage))
         .route("/v1/templates", get(list_templates))
@@ -386,6 +389,25 @@ async fn create_session(
     body: Result<Json<CreateRequest>, JsonRejection>,
 ) -> Result<Response, Problem> {
     let Json(req) = body?;
+    if let Some(given) = &req.session_id {
+        let id = session_path(&caller.tenant, given)?;
+        let session = orch.get(&caller.tenant, &id).await?;
+        return Ok(Json(view(&orch, &session)).into_response());
+    }
+    if req
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.get(seed::karta::PROJECT_KEY).is_some())
+    {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_session",
+            format!(
+                "`metadata.{}` is set by creating the session under /v1/projects/{{ref}}/sessions",
+                seed::karta::PROJECT_KEY
+            ),
+        ));
+    }
     let key = headers
         .get("idempotency-key")
         .map(|v| v.to_str().map(String::from))
@@ -604,6 +626,8 @@ async fn post_message(
     };
     // A unary message's whole time in serve after its key was checked, a step of the profile.
     let _step = (mode == "json").then(|| crate::step!("message"));
+    // The agent (mode) the turn runs in, named in a unary reply as Karta's clients read it.
+    let agent = req.agent.clone().unwrap_or_else(|| "default".into());
     let started = orch
         .start_turn(&caller.tenant, &id, req, mode, &caller.limits)
         .await?;
@@ -657,7 +681,9 @@ async fn post_message(
                         "the turn ended without an outcome",
                     )
                 })?;
-            Ok(Json(outcome.into_reply()?).into_response())
+            let mut reply = outcome.into_reply()?;
+            reply["agent"] = json!(agent);
+            Ok(Json(reply).into_response())
         }
     }
 }
@@ -1066,9 +1092,61 @@ fn event_stream(
         Ok(SseEvent::default()
             .id(e.seq.to_string())
             .event(e.kind.clone())
-            .json_data(&*e)
+            .json_data(Wire(&e))
             .unwrap_or_default())
     })
+}
+
+/// An event as the native streams send it: the stored envelope, plus what Karta's clients read
+/// (`source`, `timestamp` in Unix milliseconds, and a text or reasoning chunk also as
+/// `data.part {type, text}`).
+struct Wire<'a>(&'a Event);
+
+impl Serialize for Wire<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let e = self.0;
+        let mut map = s.serialize_map(Some(9))?;
+        map.serialize_entry("id", &e.id)?;
+        map.serialize_entry("seq", &e.seq)?;
+        map.serialize_entry("session_id", &e.session_id)?;
+        map.serialize_entry("turn_id", &e.turn_id)?;
+        map.serialize_entry("type", &e.kind)?;
+        map.serialize_entry("ts", &e.ts)?;
+        map.serialize_entry("source", "agent")?;
+        let millis = humantime::parse_rfc3339(&e.ts)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64);
+        map.serialize_entry("timestamp", &millis)?;
+        match (e.kind.as_str(), e.data.as_object()) {
+            ("text" | "reasoning", Some(data)) => {
+                map.serialize_entry("data", &WithPart(&e.kind, data))?
+            }
+            _ => map.serialize_entry("data", &e.data)?,
+        }
+        map.end()
+    }
+}
+
+/// A text or reasoning event's data with its chunk also as `part`.
+struct WithPart<'a>(&'a str, &'a serde_json::Map<String, Value>);
+
+impl Serialize for WithPart<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.1.len() + 1))?;
+        for (k, v) in self.1 {
+            if k != "part" {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.serialize_entry(
+            "part",
+            &json!({ "type": self.0, "text": self.1.get("text") }),
+        )?;
+        map.end()
+    }
 }
 
 // ---- API keys

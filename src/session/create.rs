@@ -31,6 +31,10 @@ pub struct CreateRequest {
     /// The public hosts the sandbox may reach (`host`, `host:port`, `*.domain`), besides the
     /// operator's exceptions; `[]` for none. Absent: every public host, as the policy has it.
     pub egress_allow: Option<Vec<String>>,
+    /// Resumes: names a session of the caller's to answer with instead of creating one
+    /// (Karta's clients resume this way); `404` when there is none.
+    #[serde(default)]
+    pub session_id: Option<String>,
 }
 
 impl CreateRequest {

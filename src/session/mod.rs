@@ -346,6 +346,9 @@ impl Orchestrator {
     }
 
     /// Long-poll: returns when the session is no longer `creating`/`running` or at `timeout`.
+    /// A session still `input_required` whose questions were all answered is as good as
+    /// `running` (its agent has not gone on yet): answering it at once would have a polling
+    /// client spin.
     pub async fn wait(
         &self,
         tenant: &str,
@@ -356,7 +359,12 @@ impl Orchestrator {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let s = self.get(tenant, id).await?;
-            if s.status != SessionStatus::Creating && s.status != SessionStatus::Running {
+            let settled = match s.status {
+                SessionStatus::Creating | SessionStatus::Running => false,
+                SessionStatus::InputRequired => !self.pending_inputs(&s).await?.is_empty(),
+                _ => true,
+            };
+            if settled {
                 return Ok(s);
             }
             if !changed(&mut changes, id, deadline).await {

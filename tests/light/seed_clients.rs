@@ -534,3 +534,256 @@ async fn lap_clients_calls_replayed_against_its_mount() {
     assert_eq!(rc, 0);
     assert!(out.contains(&word), "{out}");
 }
+
+/// POSTs `body` to `path` and reads its SSE frames (`event:` name and `data`) until `done` or
+/// `error`.
+async fn karta_stream(api: &Api, path: &str, body: Value) -> Vec<(String, Value)> {
+    use futures::StreamExt;
+    let resp = api
+        .http
+        .post(format!("{}{path}", api.base))
+        .bearer_auth(&api.key)
+        .json(&body)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let (mut buf, mut frames) = (String::new(), Vec::new());
+    while let Ok(Some(Ok(chunk))) =
+        tokio::time::timeout(std::time::Duration::from_secs(20), body.next()).await
+    {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "));
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+            if let (Some(name), Some(data)) = (name, data) {
+                let v: Value = serde_json::from_str(data).expect("JSON data");
+                let end = name == "done" || name == "error";
+                frames.push((name.to_string(), v));
+                if end {
+                    return frames;
+                }
+            }
+        }
+    }
+    frames
+}
+
+/// Karta publishes no client: the calls its runtime's consumer API documents, replayed on the
+/// native routes and under a project.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn karta_calls_replayed_on_the_native_and_project_routes() {
+    let serve = Serve::start(&["--default-template", "echo"]);
+    let api = crate::tenancy::tenant_client(&serve.client(), "seed-karta").await;
+    let nonce = || uuid::Uuid::new_v4().simple().to_string();
+
+    // A session without a harness takes the default template; `session_id` resumes it.
+    let (status, s) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"metadata": {"user": "u1"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{s}");
+    assert_eq!(s["harness"], "echo");
+    let id = s["id"].as_str().expect("id").to_string();
+    let (status, resumed) = api
+        .call("POST", "/v1/sessions", Some(json!({"session_id": id})))
+        .await;
+    assert_eq!((status, &resumed["id"]), (200, &json!(id)), "{resumed}");
+    let (status, _) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"session_id": "ses_unknown"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // The unary reply names its agent; Karta's extra fields are taken.
+    let said = format!("karta {}", nonce());
+    let (status, reply) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(
+                json!({"text": said, "participant_name": "ana", "participant_type": "human",
+                        "thinking": false, "stream": false}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["text"], said.as_str());
+    assert_eq!(reply["agent"], "default");
+    assert_eq!(reply["session_id"], id.as_str());
+    assert!(reply["usage"]["total_tokens"].as_u64().is_some(), "{reply}");
+
+    // Streamed: text events carry `data.part`, the envelope `source` and `timestamp`.
+    let streamed = format!("streamed {}", nonce());
+    let frames = karta_stream(
+        &api,
+        &format!("/v1/sessions/{id}/messages"),
+        json!({"text": streamed, "stream": true}),
+    )
+    .await;
+    let text: String = frames
+        .iter()
+        .filter(|(name, _)| name == "text")
+        .map(|(_, v)| {
+            assert_eq!(v["source"], "agent", "{v}");
+            assert!(v["timestamp"].as_u64().is_some(), "{v}");
+            assert_eq!(v["data"]["part"]["type"], "text", "{v}");
+            v["data"]["part"]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, streamed);
+    let (last, done) = frames.last().expect("frames");
+    assert_eq!(last, "done");
+    assert!(done["data"]["usage"].is_object(), "{done}");
+
+    // Karta answers an approval with PUT.
+    let (status, _) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(json!({"text": "/ask may I", "async": true})),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let mut request_id = None;
+    for _ in 0..100 {
+        let (_, page) = api
+            .call(
+                "GET",
+                &format!("/v1/sessions/{id}/events?since=0&limit=1000"),
+                None,
+            )
+            .await;
+        request_id = page["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"] == "input_required")
+            .and_then(|e| e["data"]["request_id"].as_str().map(String::from));
+        if request_id.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let request_id = request_id.expect("the agent asked");
+    let (status, answered) = api
+        .call(
+            "PUT",
+            &format!("/v1/sessions/{id}/inputs/{request_id}"),
+            Some(json!({"decision": "approve_once"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answered}");
+    let (_, s) = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}?wait=true&timeout=10"),
+            None,
+        )
+        .await;
+    assert_eq!(s["status"], "ready", "{s}");
+
+    // Projects: a pinned template; none pinned refuses new sessions; a session of one project is
+    // forbidden under another; the project key is not the client's to set.
+    let (status, p) = api
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(json!({"ref": "alpha", "template": "echo"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{p}");
+    let (status, _) = api
+        .call("POST", "/v1/projects", Some(json!({"ref": "alpha"})))
+        .await;
+    assert_eq!(status, 409);
+    let (status, _) = api
+        .call("POST", "/v1/projects", Some(json!({"ref": "beta"})))
+        .await;
+    assert_eq!(status, 201);
+    let (status, refused) = api
+        .call("POST", "/v1/projects/beta/sessions", Some(json!({})))
+        .await;
+    assert_eq!(status, 409, "{refused}");
+    let (status, bad) = api
+        .call(
+            "POST",
+            "/v1/projects",
+            Some(json!({"ref": "gamma", "template": "nope"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{bad}");
+    let (status, ps) = api
+        .call(
+            "POST",
+            "/v1/projects/alpha/sessions",
+            Some(json!({"metadata": {"k": "v"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{ps}");
+    let pid = ps["id"].as_str().expect("id").to_string();
+    let in_alpha = format!("alpha {}", nonce());
+    let (status, reply) = api
+        .call(
+            "POST",
+            &format!("/v1/projects/alpha/sessions/{pid}/messages"),
+            Some(json!({"text": in_alpha})),
+        )
+        .await;
+    assert_eq!((status, &reply["text"]), (200, &json!(in_alpha)), "{reply}");
+    for (method, path) in [
+        ("GET", format!("/v1/projects/beta/sessions/{pid}")),
+        ("POST", format!("/v1/projects/beta/sessions/{pid}/messages")),
+        ("GET", format!("/v1/projects/alpha/sessions/{id}")),
+    ] {
+        let (status, body) = api
+            .call(method, &path, Some(json!({"text": "cross"})))
+            .await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+    }
+    let (status, _) = api
+        .call(
+            "POST",
+            "/v1/projects/beta/sessions",
+            Some(json!({"session_id": pid})),
+        )
+        .await;
+    assert_eq!(status, 403, "resuming another project's session");
+    let (status, _) = api
+        .call(
+            "POST",
+            "/v1/sessions",
+            Some(json!({"metadata": {"sandwarden.project": "beta"}})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let (status, _) = api
+        .call(
+            "PATCH",
+            "/v1/projects/beta",
+            Some(json!({"template": "echo"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = api
+        .call("POST", "/v1/projects/beta/sessions", Some(json!({})))
+        .await;
+    assert_eq!(status, 201);
+    // Another tenant has no such project.
+    let other = crate::tenancy::tenant_client(&serve.client(), "seed-karta-other").await;
+    let (status, _) = other
+        .call("GET", &format!("/v1/projects/alpha/sessions/{pid}"), None)
+        .await;
+    assert_eq!(status, 404);
+}

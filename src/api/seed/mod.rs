@@ -7,6 +7,7 @@
 //! error shape and the docs say so; nothing is accepted and dropped.
 
 pub mod everruns;
+pub mod karta;
 pub mod lap;
 pub mod motus;
 pub mod stewrd;
@@ -26,6 +27,7 @@ use serde_json::Value;
 /// The keyed routes of every mount.
 pub fn router() -> Router<AppState> {
     Router::new()
+        .merge(karta::router())
         .nest("/api/v1/managed_agents", lap::router())
         .nest("/compat/motus/{template}", motus::router())
         .nest("/compat/everruns/{template}", everruns::router())

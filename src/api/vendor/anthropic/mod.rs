@@ -924,6 +924,7 @@ async fn create_session(
         cwd: None,
         idle_timeout_s: None,
         mcp_servers,
+        session_id: None,
         client_tools: agent["tools"]
             .as_array()
             .into_iter()

@@ -685,6 +685,7 @@ async fn create_session(
         // Added to the agent CLI's own system prompt (docs/openai.md says how, per harness).
         instructions: instructions.clone(),
         egress_allow: egress,
+        session_id: None,
     };
     let (session, _) = orch
         .create(&caller.tenant, request, None, &caller.limits)
