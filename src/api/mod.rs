@@ -1,6 +1,7 @@
 //! The public API under `/v1`: routes, API-key auth, problem+json errors, SSE and the terminal
 //! bridge. Handlers translate HTTP to the orchestrator and back; they hold no state of their own.
 
+mod chat;
 mod error;
 mod seed;
 mod tty;
@@ -94,6 +95,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .nest("/anthropic", vendor::anthropic::router())
         .nest("/openai/v1", vendor::openai::router())
         .merge(seed::router())
+        .merge(chat::router())
         .layer(middleware::from_fn_with_state(gate, require_key));
     Router::new()
         .merge(v1)
@@ -136,13 +138,16 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     .into_response()
 }
 
-/// Answers under a vendor API's mount carry that vendor's error shape, whoever refused the
-/// request (the key check, the rate limit, the route).
+/// Answers under a vendor API's mount (and the chat APIs of that vendor) carry that vendor's
+/// error shape, whoever refused the request (the key check, the rate limit, the route).
 async fn vendor_errors(req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path.starts_with("/anthropic/") {
+    if path.starts_with("/anthropic/") || path == "/v1/messages" {
         vendor::anthropic::errors(req, next).await
-    } else if path.starts_with("/openai/") {
+    } else if path.starts_with("/openai/")
+        || path.starts_with("/v1/chat/")
+        || path.starts_with("/v1/responses")
+    {
         vendor::openai::errors(req, next).await
     } else if path.starts_with("/compat/") {
         seed::errors(req, next).await
@@ -206,11 +211,14 @@ async fn count_requests(State(orch): State<AppState>, req: Request, next: Next) 
     response
 }
 
+/// The API key a request carries: `Authorization: Bearer`, or `x-api-key` (what Anthropic's
+/// clients send).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
 }
 
 pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Caller, Problem> {

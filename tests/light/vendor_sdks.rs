@@ -790,3 +790,49 @@ async fn environment_packages_are_what_the_template_provides() {
         "only the two sessions whose packages the template has: {listed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_clients_talk_to_sandboxed_agents() {
+    let serve = Serve::start(&[]);
+    let Some(out) = run_client(&serve, "chat_clients.py", "sdk-chat").await else {
+        return;
+    };
+    assert!(out.contains("chat: ok"), "{out}");
+    // A kept session is another tenant's to nobody.
+    let session = client_session(&out);
+    let other = crate::tenancy::tenant_client(&serve.client(), "sdk-chat-other").await;
+    let (status, body) = other
+        .http
+        .post(format!("{}/v1/chat/completions", serve.base))
+        .bearer_auth(&other.key)
+        .header("x-sandwarden-session", &session)
+        .json(&json!({"model": "echo", "messages": [{"role": "user", "content": "mine?"}]}))
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .expect("sent");
+    assert_eq!(status, 404, "{:?}", body.text().await);
+    // Only the kept sessions are live: every one-shot request's session was deleted.
+    let api = serve.client();
+    let mut live = Vec::new();
+    for _ in 0..50 {
+        let (_, page) = api
+            .call("GET", "/v1/sessions?tenant=sdk-chat&limit=500", None)
+            .await;
+        live = page["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .filter(|s| s["status"] != "deleted")
+            .map(|s| s["id"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>();
+        if live.len() <= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The kept chat session, and the Responses API's three stored conversations (continued,
+    // streamed, the helper's).
+    assert_eq!(live.len(), 4, "live sessions: {live:?}");
+    assert!(live.contains(&session));
+}

@@ -147,3 +147,37 @@ fn unsupported(what: &str, doc: &str) -> Problem {
         format!("{what} has no counterpart in sandwarden ({doc} says what is mapped)"),
     )
 }
+
+/// The session a request runs in, deleted when the request is done with it (also when its
+/// client goes away).
+pub(crate) struct Ephemeral {
+    pub orch: AppState,
+    pub tenant: String,
+    pub id: String,
+}
+
+impl Drop for Ephemeral {
+    fn drop(&mut self) {
+        let (orch, tenant, id) = (self.orch.clone(), self.tenant.clone(), self.id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = orch.delete(&tenant, &id).await {
+                tracing::warn!(session_id = %id, error = %e, "deleting a one-shot session failed");
+            }
+        });
+    }
+}
+
+/// The session once it is ready (a cold sandbox starts first); why not, when it fails to.
+pub(crate) async fn until_ready(
+    orch: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<Session, Problem> {
+    let session = orch
+        .wait(&caller.tenant, id, crate::session::COLD_START_TIMEOUT)
+        .await?;
+    if session.status != SessionStatus::Ready {
+        return Err(crate::session::turn::not_usable(&session).into());
+    }
+    Ok(session)
+}

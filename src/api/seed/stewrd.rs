@@ -8,7 +8,7 @@
 //! Client-side `tools` and `capabilities` have no counterpart (the agent runs its own tools)
 //! and are refused. docs/seed-clients.md has the mapping.
 
-use super::{create_as, unsupported};
+use super::{Ephemeral, create_as, unsupported, until_ready};
 use crate::api::{AppState, Caller, Follow, holding, native_events, sse};
 use crate::session::CreateRequest;
 use crate::session::message::MessageRequest;
@@ -51,25 +51,6 @@ pub struct AgentBody {
 struct InputFile {
     name: String,
     content: String,
-}
-
-/// The session a request runs in, deleted when the request is done with it (also when its
-/// client goes away).
-struct Ephemeral {
-    orch: AppState,
-    tenant: String,
-    id: String,
-}
-
-impl Drop for Ephemeral {
-    fn drop(&mut self) {
-        let (orch, tenant, id) = (self.orch.clone(), self.tenant.clone(), self.id.clone());
-        tokio::spawn(async move {
-            if let Err(e) = orch.delete(&tenant, &id).await {
-                tracing::warn!(session_id = %id, error = %e, "deleting a one-shot session failed");
-            }
-        });
-    }
 }
 
 /// `POST …/v1/agent {message, stream, files}`.
@@ -122,16 +103,7 @@ pub async fn agent(
         id: session.id.clone(),
     };
     // A cold sandbox is still starting: its files are there once it is ready.
-    let session = orch
-        .wait(
-            &caller.tenant,
-            &session.id,
-            crate::session::COLD_START_TIMEOUT,
-        )
-        .await?;
-    if session.status != crate::status::SessionStatus::Ready {
-        return Err(crate::session::turn::not_usable(&session).into());
-    }
+    let session = until_ready(&orch, &caller, &session.id).await?;
     let before = sizes(&orch, &caller, &session.id).await?;
     let message = MessageRequest {
         text: Some(body.message),
