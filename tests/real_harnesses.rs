@@ -785,3 +785,50 @@ async fn claude_agent_sdk_behind_the_vendor_sdks() {
         );
     }
 }
+
+/// The seed platforms' own clients (tests/seed/real_agent.py: the motus CLI, everruns-sdk,
+/// stewrd) and a chat client in front of claude-agent-sdk against the fake model: each turn gets
+/// the model's answer to its own prompt.
+#[tokio::test]
+async fn claude_agent_sdk_behind_the_seed_clients() {
+    let _serial = SERIAL.lock().await;
+    if !installed("claude-agent-sdk", &["claude-agent-acp"]) {
+        return;
+    }
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/seed-venv/bin/python");
+    if !python.exists() {
+        assert!(
+            std::env::var_os("SANDWARDEN_REQUIRE_SDKS").is_none(),
+            "the seed clients are required but {} is missing: run scripts/install-sdks",
+            python.display()
+        );
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: the seed clients are not installed (scripts/install-sdks) !!!!!!!!\n"
+        );
+        return;
+    }
+    let rig = Rig::start("claude-agent-sdk", anthropic_env);
+    let (status, key) = rig
+        .api
+        .call("POST", "/v1/api-keys", Some(json!({"tenant": "seed-real"})))
+        .await;
+    assert_eq!(status, 201, "{key}");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed/real_agent.py");
+    let run = tokio::process::Command::new(&python)
+        .arg(&script)
+        .env("SANDWARDEN_URL", &rig.serve.base)
+        .env("SANDWARDEN_KEY", key["key"].as_str().expect("key"))
+        .env("SANDWARDEN_HARNESS", "claude-agent-sdk")
+        .output();
+    let out = tokio::time::timeout(TEST_LIMIT, run)
+        .await
+        .expect("the seed clients finished in time")
+        .expect("run the seed clients");
+    assert!(
+        out.status.success(),
+        "claude-agent-sdk behind the seed clients:\n{}\n{}\nthe model saw: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&rig.model_saw().await, 3000)
+    );
+}

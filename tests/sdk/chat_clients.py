@@ -126,4 +126,10 @@ try:
     check(False, "a conversation ending with the assistant")
 except anthropic.BadRequestError as e:
     check("user" in e.message, f"{e.message}")
+# A chat client cannot answer the agent's questions: each is refused and the turn goes on.
+r = chat([{"role": "user", "content": "/ask may I " + nonce()}])
+check("permission denied" in r.choices[0].message.content, f"refused: {r}")
+with an.messages.stream(model="echo", max_tokens=64,
+                        messages=[{"role": "user", "content": "/ask " + nonce()}]) as s:
+    check("permission denied" in "".join(s.text_stream), "refused in a stream")
 print("chat: ok")

@@ -54,4 +54,7 @@ try:
     check(False, "a failed turn raises")
 except StewrdError as e:
     check(e.status == 502 and e.code == "turn_failed", f"the failure: {e!r}")
+# Nobody can answer the agent's questions here: each is refused, and the turn goes on.
+r = client.agent.run("/ask may I " + nonce())
+check("permission denied" in r.message, f"the question was refused: {r.message}")
 print("stewrd: ok")

@@ -127,6 +127,9 @@ pub enum Scenario {
     /// The vendor-compatible APIs through the official SDKs (from PyPI) beside the native API:
     /// a message's post to its first streamed event.
     Vendors,
+    /// The seed clients' mounts and the chat APIs beside the native message route: a whole
+    /// turn with plain HTTP, as each client makes its calls.
+    Mounts,
     /// One process of `bench flood`'s client (started by it).
     #[value(hide = true)]
     FloodWorker,
@@ -148,6 +151,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::History => (crate::history::run(&args).await?, "history"),
         Scenario::Peers => (crate::peers::run(&args).await?, "peers"),
         Scenario::Vendors => (crate::vendors::run(&args).await?, "vendors"),
+        Scenario::Mounts => (crate::mounts::run(&args).await?, "mounts"),
         Scenario::FloodWorker => (crate::flood::worker().await?, "flood-worker"),
     };
     // A flood worker has said what it had to on its own.

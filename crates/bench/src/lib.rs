@@ -10,6 +10,7 @@ pub mod flood;
 pub mod harnesses;
 pub mod history;
 pub mod isolation;
+pub mod mounts;
 pub mod nginx;
 pub mod peers;
 pub mod postgres;

@@ -219,7 +219,9 @@ pub async fn start(
         stream: mode == "stream",
         ..Default::default()
     };
-    Ok(orch
+    // A chat client cannot answer the agent's questions: each is refused (docs/chat.md).
+    let questions = orch.hub.subscribe(&target.session.id);
+    let started = orch
         .start_turn(
             &caller.tenant,
             &target.session.id,
@@ -227,7 +229,15 @@ pub async fn start(
             mode,
             &caller.limits,
         )
-        .await?)
+        .await?;
+    super::seed::deny_questions(
+        orch,
+        caller,
+        questions,
+        target.session.id.clone(),
+        started.turn_id.clone(),
+    );
+    Ok(started)
 }
 
 /// The outcome of a started turn; a failed turn is the error.

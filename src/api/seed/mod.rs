@@ -181,3 +181,51 @@ pub(crate) async fn until_ready(
     }
     Ok(session)
 }
+
+/// Answers `deny` to every question a turn asks (a permission; a client tool's call fails):
+/// the clients of the one-shot and chat routes have no way to answer one, and a question left
+/// open would hold the turn until its timeout. `rx` is a subscription to the session's events
+/// taken before the turn started; the task ends with the turn.
+pub(crate) fn deny_questions(
+    orch: &AppState,
+    caller: &Caller,
+    rx: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::store::Event>>,
+    session_id: String,
+    turn_id: String,
+) {
+    use futures::StreamExt;
+    let events = super::native_events(
+        orch.clone(),
+        caller,
+        session_id.clone(),
+        rx,
+        super::Follow::Turn(turn_id),
+    );
+    let (orch, tenant) = (orch.clone(), caller.tenant.clone());
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        while let Some(e) = events.next().await {
+            if e.kind != "input_required" {
+                continue;
+            }
+            let Some(request_id) = e.data["request_id"].as_str() else {
+                continue;
+            };
+            let answer = if e.data["client_tool"].is_object() {
+                sandwarden_proto::event::InputAnswer {
+                    output: Some("this client runs no tools".into()),
+                    is_error: true,
+                    ..Default::default()
+                }
+            } else {
+                sandwarden_proto::event::InputAnswer {
+                    decision: Some(sandwarden_proto::event::Decision::Deny),
+                    ..Default::default()
+                }
+            };
+            if let Err(e) = orch.answer(&tenant, &session_id, request_id, &answer).await {
+                tracing::warn!(session_id = %session_id, error = %e, "refusing an agent's question failed");
+            }
+        }
+    });
+}

@@ -111,9 +111,18 @@ pub async fn agent(
     };
     let started_at = Instant::now();
     let mode = if body.stream { "stream" } else { "json" };
+    // Nobody can answer the agent's questions here: each is refused (docs/seed/stewrd.md).
+    let questions = orch.hub.subscribe(&session.id);
     let started = orch
         .start_turn(&caller.tenant, &session.id, message, mode, &caller.limits)
         .await?;
+    super::deny_questions(
+        &orch,
+        &caller,
+        questions,
+        session.id.clone(),
+        started.turn_id.clone(),
+    );
     if let Some(slot) = slot {
         return Ok(streamed(
             orch, caller, started, ephemeral, before, started_at, slot,
