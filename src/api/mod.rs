@@ -475,6 +475,7 @@ async fn list_sessions(
     let after = after_cursor(q.cursor.as_deref())?;
     let filter = SessionFilter {
         status: q.status,
+        present: false,
         harness: q.harness,
         after,
         limit: limit + 1,

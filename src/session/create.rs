@@ -183,6 +183,10 @@ impl Orchestrator {
             return Err(SessionError::IdempotencyKeyReused);
         }
 
+        // Counting and recording are one step for the quotas: two creates counted at once
+        // would both pass a limit with room for one. Held for a few store calls, not for the
+        // sandbox's start (this replica's creates; docs/replicas.md says what is per replica).
+        let _admission = self.admission.lock().await;
         self.check_live_sessions(tenant, limits.live_sessions)
             .await?;
         if let Some(max) = limits.sandbox_memory_mib {
@@ -231,6 +235,7 @@ impl Orchestrator {
             }
             Err(e) => return Err(e.into()),
         }
+        drop(_admission);
 
         // Warm claim: a ready sandbox of the template, bound to this session's values.
         loop {

@@ -154,6 +154,8 @@ pub struct Orchestrator {
     /// Templates whose warm start failed since the pool loop last looked (for backoff).
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
+    /// Held from a create's quota checks to its record (see `create`).
+    admission: tokio::sync::Mutex<()>,
     viewers: Mutex<HashMap<String, usize>>,
     /// Webhook deliveries this replica is delivering now.
     delivering: Arc<Mutex<std::collections::HashSet<String>>>,
@@ -210,6 +212,7 @@ impl Orchestrator {
             streams: quota::Streams::default(),
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
+            admission: tokio::sync::Mutex::new(()),
             viewers: Mutex::new(HashMap::new()),
             delivering: Arc::default(),
             changed: broadcast::channel(1024).0,

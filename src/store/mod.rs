@@ -311,6 +311,8 @@ pub struct SandboxRow {
 #[derive(Debug, Clone, Default)]
 pub struct SessionFilter {
     pub status: Option<String>,
+    /// Leave out deleted sessions.
+    pub present: bool,
     pub harness: Option<String>,
     /// Sessions created after this (created_at, id) pair, for cursor pagination.
     pub after: Option<(String, String)>,
@@ -1203,7 +1205,8 @@ impl Store {
         let (after_ts, after_id) = f.after.clone().unwrap_or_default();
         let sql = self.sql(
             "SELECT * FROM sessions WHERE tenant = ? \
-             AND (? IS NULL OR status = ?) AND (? IS NULL OR harness = ?) \
+             AND (? IS NULL OR status = ?) AND (? = 0 OR status <> 'deleted') \
+             AND (? IS NULL OR harness = ?) \
              AND (created_at > ? OR (created_at = ? AND id > ?)) \
              ORDER BY created_at, id LIMIT ?",
         );
@@ -1211,6 +1214,7 @@ impl Store {
             .bind(tenant)
             .bind(&f.status)
             .bind(&f.status)
+            .bind(i64::from(f.present))
             .bind(&f.harness)
             .bind(&f.harness)
             .bind(&after_ts)
@@ -1463,8 +1467,8 @@ impl Store {
             .map(|r| turn_row!(&r))))
     }
 
-    /// How many messages each of the tenant's sessions of `harness` holds (sessions without
-    /// any are absent).
+    /// How many messages each of the tenant's sessions of `harness` not deleted holds (sessions
+    /// without any are absent).
     pub async fn message_counts(
         &self,
         tenant: &str,
@@ -1473,7 +1477,8 @@ impl Store {
         let sql = self.sql(
             "SELECT m.session_id, CAST(COUNT(*) AS BIGINT) FROM messages m \
              JOIN sessions s ON s.id = m.session_id \
-             WHERE s.tenant = ? AND s.harness = ? GROUP BY m.session_id",
+             WHERE s.tenant = ? AND s.harness = ? AND s.status <> 'deleted' \
+             GROUP BY m.session_id",
         );
         let rows: Vec<(String, i64)> = on_db!(self, |pool| sqlx::query_as(&sql)
             .bind(tenant)

@@ -787,3 +787,143 @@ async fn karta_calls_replayed_on_the_native_and_project_routes() {
         .await;
     assert_eq!(status, 404);
 }
+
+/// The live sessions of `api`'s tenant (not deleted), after one-shot sessions had time to go.
+async fn live_sessions(admin: &Api, tenant: &str, want: usize) -> Vec<Value> {
+    let mut live = Vec::new();
+    for _ in 0..50 {
+        let (_, page) = admin
+            .call(
+                "GET",
+                &format!("/v1/sessions?tenant={tenant}&limit=500"),
+                None,
+            )
+            .await;
+        live = page["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .filter(|s| s["status"] != "deleted")
+            .cloned()
+            .collect();
+        if live.len() <= want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    live
+}
+
+/// What a review from a hostile tenant found, held: refused or failed requests leave no session
+/// behind, a quiet one-shot stream whose client goes is cleaned up, odd numbers are refused or
+/// bounded, listings leave deleted sessions out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_abandoned_requests_leave_nothing_behind() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let api = crate::tenancy::tenant_client(&admin, "seed-review").await;
+    let json_post = |path: &str, body: Value, header: Option<(&str, &str)>| {
+        let mut req = api
+            .http
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&api.key)
+            .json(&body);
+        if let Some((k, v)) = header {
+            req = req.header(k, v);
+        }
+        req.send()
+    };
+    // Chat requests refused or failed after their session was made.
+    let resp = json_post(
+        "/v1/responses",
+        json!({"model": "echo", "input": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "x"}]}),
+        None,
+    )
+    .await
+    .expect("sent");
+    assert_eq!(resp.status(), 400);
+    let resp = json_post(
+        "/v1/responses",
+        json!({"model": "echo", "input": "/fail review"}),
+        None,
+    )
+    .await
+    .expect("sent");
+    assert_eq!(resp.status(), 502);
+    let resp = json_post(
+        "/v1/chat/completions",
+        json!({"model": "echo", "messages": [{"role": "user", "content": "/fail kept"}]}),
+        Some(("x-sandwarden-session", "new")),
+    )
+    .await
+    .expect("sent");
+    assert_eq!(resp.status(), 502);
+    // LAP's refused initial prompt, Stewrd's file that is no file.
+    let (status, _) = api
+        .call(
+            "POST",
+            "/api/v1/managed_agents/agents/echo/session",
+            Some(json!({"initial_prompt": ""})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let (status, body) = api
+        .call(
+            "POST",
+            "/compat/stewrd/echo/v1/agent",
+            Some(json!({"message": "x", "files": [{"name": ".", "content": "x"}]})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    // A one-shot stream whose client goes while the turn is quiet.
+    let quiet = json_post(
+        "/compat/stewrd/echo/v1/agent",
+        json!({"message": "/slow 600 tick", "stream": true}),
+        None,
+    )
+    .await
+    .expect("sent");
+    assert_eq!(quiet.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(quiet);
+    let live = live_sessions(&admin, "seed-review", 0).await;
+    assert!(live.is_empty(), "sessions left: {live:?}");
+    let (status, lap) = api
+        .call("GET", "/api/v1/managed_agents/sessions", None)
+        .await;
+    assert_eq!((status, &lap["data"]), (200, &json!([])), "{lap}");
+
+    // A long-poll's huge timeout is cut to its bound, not a server error.
+    let (_, s) = api.call("POST", "/compat/motus/echo/sessions", None).await;
+    let id = s["session_id"].as_str().expect("id").to_string();
+    let (status, _) = api
+        .call(
+            "GET",
+            &format!("/compat/motus/echo/sessions/{id}?wait=true&timeout=1e20"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Listings leave deleted sessions out.
+    let (_, e) = api
+        .call("POST", "/compat/everruns/echo/sessions", Some(json!({})))
+        .await;
+    let gone = e["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        api.call("DELETE", &format!("/v1/sessions/{gone}"), None)
+            .await
+            .0,
+        200
+    );
+    let (_, listed) = api
+        .call("GET", "/compat/everruns/echo/sessions?limit=100", None)
+        .await;
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert!(!ids.contains(&gone.as_str()), "{ids:?}");
+}

@@ -1638,3 +1638,31 @@ async fn large_answers_in_flight_are_bounded_per_tenant_and_in_all() {
     let (got, ended) = stream_body(8 << 20).await;
     assert!(!ended && got >= 8 << 20, "{got} bytes, ended: {ended}");
 }
+
+/// Creates sent at once are counted one after another: a tenant allowed two live sessions gets
+/// two of ten parallel creates, whatever route they come through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_creates_never_pass_the_live_sessions_limit() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let (tenant, _) =
+        tenant_with(&admin, "two-live", serde_json::json!({"live_sessions": 2})).await;
+    let creates = (0..10).map(|i| {
+        let tenant = &tenant;
+        async move {
+            let (path, body) = if i % 2 == 0 {
+                ("/v1/sessions", Some(serde_json::json!({"harness": "echo"})))
+            } else {
+                ("/compat/motus/echo/sessions", None)
+            };
+            tenant.call("POST", path, body).await.0
+        }
+    });
+    let statuses = futures::future::join_all(creates).await;
+    let created = statuses.iter().filter(|s| **s == 201).count();
+    assert_eq!(created, 2, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 429),
+        "{statuses:?}"
+    );
+}

@@ -630,6 +630,20 @@ impl BindRequest {
                     file.path
                 ));
             }
+            let names_a_file = file.path.len() <= 1024
+                && !file.path.ends_with('/')
+                && std::path::Path::new(&file.path)
+                    .components()
+                    .next_back()
+                    .is_some_and(|c| matches!(c, std::path::Component::Normal(_)))
+                && file.path.split('/').all(|c| c.len() <= 255);
+            if !names_a_file {
+                return Err(format!(
+                    "files[{i}].path must name a file (not `.` or a directory), at most 1024 \
+                     bytes with names of at most 255: {:?}",
+                    file.path.chars().take(64).collect::<String>()
+                ));
+            }
             match (&file.content, &file.content_base64) {
                 (Some(_), None) => {}
                 (None, Some(b64)) => {

@@ -64,6 +64,8 @@ pub async fn create(
     }
     let wanted = Wanted::from_headers(&headers)?;
     let (instructions, said) = split(req.messages);
+    // The conversation is checked before a session is made for it.
+    prompt(&said, true)?;
     let slot = if req.stream {
         Some(
             orch.streams
@@ -72,7 +74,7 @@ pub async fn create(
     } else {
         None
     };
-    let target = open(&orch, &caller, &req.model, wanted, instructions).await?;
+    let mut target = open(&orch, &caller, &req.model, wanted, instructions).await?;
     let content = prompt(&said, target.continuing)?;
     let model = req.model;
     if let Some(slot) = slot {
@@ -103,7 +105,7 @@ pub async fn create(
                   "total_tokens": input + output},
     }))
     .into_response();
-    name_session(&mut response, &target);
+    name_session(&mut response, &mut target);
     Ok(response)
 }
 

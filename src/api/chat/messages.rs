@@ -50,6 +50,8 @@ pub async fn create(
             content: m.content,
         })
         .collect();
+    // The conversation is checked before a session is made for it.
+    prompt(&said, true)?;
     let slot = if req.stream {
         Some(
             orch.streams
@@ -58,7 +60,7 @@ pub async fn create(
     } else {
         None
     };
-    let target = open(&orch, &caller, &req.model, wanted, instructions).await?;
+    let mut target = open(&orch, &caller, &req.model, wanted, instructions).await?;
     let content = prompt(&said, target.continuing)?;
     if let Some(slot) = slot {
         let started = start(&orch, &caller, &target, content, "stream").await?;
@@ -74,7 +76,7 @@ pub async fn create(
         "usage": {"input_tokens": input, "output_tokens": output},
     }))
     .into_response();
-    name_session(&mut response, &target);
+    name_session(&mut response, &mut target);
     Ok(response)
 }
 

@@ -75,14 +75,27 @@ pub struct Target {
     pub kept: bool,
     /// The agent's model the request asked for.
     pub model: Option<String>,
-    /// A session of the request's own, deleted when this is dropped.
-    _ephemeral: Option<Ephemeral>,
+    /// A session made for the request, deleted when this is dropped unless it is kept and its
+    /// client was answered (a request refused or failed leaves nothing behind).
+    made: Option<Ephemeral>,
+}
+
+impl Target {
+    /// The client is answered: a kept session stays (its id is in the answer).
+    pub fn answered(&mut self) {
+        if self.kept
+            && let Some(made) = self.made.take()
+        {
+            made.disarm();
+        }
+    }
 }
 
 /// What a request asks of its session: an existing one by id, a new kept one, or one of its own.
 pub enum Wanted {
     Existing(String),
-    Kept,
+    /// A new session kept after the request, idle for at most this long when given.
+    Kept(Option<u64>),
     OneShot,
 }
 
@@ -91,7 +104,7 @@ impl Wanted {
     pub fn from_headers(headers: &HeaderMap) -> Result<Wanted, Problem> {
         match headers.get(SESSION_HEADER).map(HeaderValue::to_str) {
             None => Ok(Wanted::OneShot),
-            Some(Ok("new")) => Ok(Wanted::Kept),
+            Some(Ok("new")) => Ok(Wanted::Kept(None)),
             Some(Ok(id)) if !id.is_empty() => Ok(Wanted::Existing(id.to_string())),
             _ => Err(invalid(format!(
                 "`{SESSION_HEADER}` is a session's id, or `new`"
@@ -127,30 +140,34 @@ pub async fn open(
             continuing: true,
             kept: true,
             model: agent_model,
-            _ephemeral: None,
+            made: None,
         });
     }
+    let (kept, idle_timeout_s) = match wanted {
+        Wanted::Kept(idle) => (true, idle),
+        _ => (false, None),
+    };
     let req = CreateRequest {
         harness: template,
         instructions,
+        idle_timeout_s,
         ..Default::default()
     };
     let (session, _) = orch
         .create(&caller.tenant, req, None, &caller.limits)
         .await?;
-    let kept = matches!(wanted, Wanted::Kept);
-    let ephemeral = (!kept).then(|| Ephemeral {
+    let made = Ephemeral {
         orch: orch.clone(),
         tenant: caller.tenant.clone(),
         id: session.id.clone(),
-    });
+    };
     let session = until_ready(orch, caller, &session.id).await?;
     Ok(Target {
         session,
         continuing: false,
         kept,
         model: agent_model,
-        _ephemeral: ephemeral,
+        made: Some(made),
     })
 }
 
@@ -276,8 +293,10 @@ pub fn tokens(usage: &Value) -> (u64, u64) {
     )
 }
 
-/// Names a kept session in the answer's `X-Sandwarden-Session`.
-pub fn name_session(response: &mut Response, target: &Target) {
+/// Names a kept session in the answer's `X-Sandwarden-Session` (the client is answered: the
+/// session stays).
+pub fn name_session(response: &mut Response, target: &mut Target) {
+    target.answered();
     if target.kept
         && let Ok(v) = HeaderValue::from_str(&target.session.id)
     {
@@ -316,6 +335,8 @@ pub fn stream_response(
     slot: crate::session::quota::Slot,
     target: Target,
 ) -> Response {
+    let mut target = target;
+    target.answered();
     let kept = target
         .kept
         .then(|| HeaderValue::from_str(&target.session.id).ok())

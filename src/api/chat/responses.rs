@@ -18,6 +18,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::convert::Infallible;
 
+/// How long a session made for a stored response (by default) waits idle for its next turn.
+const STORED_IDLE_S: u64 = 600;
+
 #[derive(Deserialize)]
 pub struct Request {
     model: String,
@@ -139,13 +142,17 @@ pub async fn create(
             });
     instructions.extend(req.instructions.clone());
     let instructions = (!instructions.is_empty()).then(|| instructions.join("\n\n"));
+    // The conversation is checked before a session is made for it.
+    prompt(&said, true)?;
     let wanted = match &req.previous_response_id {
         Some(previous) => {
             let (session, _) = parse_response_id(previous).ok_or_else(|| no_response(previous))?;
             Wanted::Existing(session)
         }
         None => match Wanted::from_headers(&headers)? {
-            Wanted::OneShot if req.store != Some(false) => Wanted::Kept,
+            // Stored by default, as OpenAI's are, so `previous_response_id` can continue it;
+            // idle for at most 10 minutes unless the client asked for a kept session itself.
+            Wanted::OneShot if req.store != Some(false) => Wanted::Kept(Some(STORED_IDLE_S)),
             w => w,
         },
     };
@@ -157,7 +164,7 @@ pub async fn create(
     } else {
         None
     };
-    let target = open(&orch, &caller, &req.model, wanted, instructions.clone())
+    let mut target = open(&orch, &caller, &req.model, wanted, instructions.clone())
         .await
         .map_err(|p| match (&req.previous_response_id, p.status) {
             (Some(previous), 404) => no_response(previous),
@@ -196,7 +203,7 @@ pub async fn create(
         previous.as_deref(),
     ))
     .into_response();
-    super::name_session(&mut response, &target);
+    super::name_session(&mut response, &mut target);
     Ok(response)
 }
 

@@ -176,6 +176,7 @@ async fn list_sessions(
         .transpose()?;
     let filter = SessionFilter {
         status: None,
+        present: true,
         harness: Some(template),
         after,
         limit: limit + 1,

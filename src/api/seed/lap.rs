@@ -160,8 +160,13 @@ async fn create_session(
         let _ = orch.delete(&caller.tenant, &session.id).await;
         return Err(crate::session::SessionError::from(e).into());
     }
-    if let Some(prompt) = body.initial_prompt {
-        first_turn(&orch, &caller, &session.id, prompt).await?;
+    if let Some(prompt) = body.initial_prompt
+        && let Err(p) = first_turn(&orch, &caller, &session.id, prompt).await
+    {
+        // Refused: nothing is left of the request.
+        let _ = orch.delete(&caller.tenant, &session.id).await;
+        let _ = orch.store.delete_object(&caller.tenant, KIND, &id).await;
+        return Err(p);
     }
     Ok((StatusCode::CREATED, Json(view(&orch, &r, &session).await?)).into_response())
 }
@@ -476,7 +481,14 @@ async fn conversation(
             .history(&caller.tenant, &caller.limits, session_id, after, 500)
             .await?;
         for m in &page.items {
-            let line = format!("{}: {}", m.role, m.text);
+            let mut line = format!("{}: {}", m.role, m.text);
+            if line.len() > REPLAY_BYTES {
+                let mut end = REPLAY_BYTES;
+                while !line.is_char_boundary(end) {
+                    end -= 1;
+                }
+                line.truncate(end);
+            }
             bytes += line.len() + 1;
             kept.push_back(line);
             while bytes > REPLAY_BYTES && kept.len() > 1 {

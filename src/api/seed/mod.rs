@@ -156,8 +156,18 @@ pub(crate) struct Ephemeral {
     pub id: String,
 }
 
+impl Ephemeral {
+    /// Keeps the session after all (its client was given its id).
+    pub(crate) fn disarm(mut self) {
+        self.id.clear();
+    }
+}
+
 impl Drop for Ephemeral {
     fn drop(&mut self) {
+        if self.id.is_empty() {
+            return;
+        }
         let (orch, tenant, id) = (self.orch.clone(), self.tenant.clone(), self.id.clone());
         tokio::spawn(async move {
             if let Err(e) = orch.delete(&tenant, &id).await {

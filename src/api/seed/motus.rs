@@ -200,7 +200,7 @@ async fn get_session(
     let wait = match (q.wait, q.timeout) {
         (Some(true), None) => Duration::from_secs(30),
         (Some(true), Some(t)) if t.is_finite() && t >= 0.0 => {
-            Duration::from_secs_f64(t).min(MAX_WAIT)
+            Duration::from_secs_f64(t.min(MAX_WAIT.as_secs_f64()))
         }
         (Some(true), Some(_)) => {
             return Err(Problem::new(
@@ -242,6 +242,7 @@ async fn list_sessions(
 ) -> Result<Response, Problem> {
     let filter = SessionFilter {
         status: None,
+        present: true,
         harness: Some(template.clone()),
         after: None,
         limit: MAX_SESSIONS,

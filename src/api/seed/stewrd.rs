@@ -187,7 +187,19 @@ fn streamed(
         let mut natives = std::pin::pin!(natives);
         let mut tools: HashMap<String, String> = HashMap::new();
         let mut text = String::new();
-        while let Some(e) = natives.next().await {
+        loop {
+            // A client gone while the turn says nothing is noticed too: the turn is cancelled
+            // and the session deleted, not left to the turn's timeout.
+            let e = tokio::select! {
+                e = natives.next() => match e {
+                    Some(e) => e,
+                    None => break,
+                },
+                () = tx.closed() => {
+                    let _ = orch.cancel(&caller.tenant, &session_id).await;
+                    break;
+                }
+            };
             let frame = match e.kind.as_str() {
                 "text" => {
                     let chunk = e.data["text"].as_str().unwrap_or_default();
