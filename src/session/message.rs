@@ -15,6 +15,10 @@ pub struct WebhookSpec {
     pub token: Option<String>,
     #[serde(default)]
     pub include_messages: bool,
+    /// The payload's shape for a client of another platform (set by its mount, never taken
+    /// from a request body; see `webhook::payload`).
+    #[serde(skip)]
+    pub shape: Option<String>,
 }
 
 /// `POST /v1/sessions/{id}/messages`. Fields other platforms send that have no meaning here

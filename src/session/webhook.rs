@@ -136,11 +136,35 @@ pub fn pending(
         include_messages: hook.include_messages,
         sealed_token: hook.token.as_deref().map(|t| orch.tokens.seal(t)),
         body: None,
+        shape: hook.shape.clone(),
     }
 }
 
-/// The payload POSTed for a turn's outcome.
-fn payload(outcome: &Outcome, include_messages: bool) -> String {
+/// The payload POSTed for a turn's outcome: the native one, or in the shape its delivery names
+/// (`{"dialect": "motus", "session_id": …}`: Motus' `WebhookPayload`).
+fn payload(outcome: &Outcome, include_messages: bool, shape: Option<&str>) -> String {
+    let shape: serde_json::Value = shape
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    if shape["dialect"] == "motus" {
+        let failed = outcome.status == crate::status::TurnStatus::Failed;
+        let mut payload = serde_json::json!({
+            "session_id": shape["session_id"],
+            "status": if failed { "error" } else { "idle" },
+            "response": (!failed).then(|| serde_json::json!({
+                "role": "assistant", "content": outcome.text,
+            })),
+            "error": outcome.error.as_ref().map(|e| e["message"].clone()),
+        });
+        if include_messages {
+            payload["messages"] = outcome
+                .messages
+                .iter()
+                .map(|m| serde_json::json!({ "role": m.role, "content": m.text }))
+                .collect();
+        }
+        return payload.to_string();
+    }
     let mut payload = serde_json::json!({
         "type": format!("turn.{}", outcome.status),
         "session_id": outcome.session_id, "turn_id": outcome.turn_id, "status": outcome.status,
@@ -214,7 +238,7 @@ pub async fn deliver(
 ) {
     let body = match (&record.body, &outcome) {
         (Some(body), _) => body.clone(),
-        (None, Some(o)) => payload(o, record.include_messages),
+        (None, Some(o)) => payload(o, record.include_messages, record.shape.as_deref()),
         (None, None) => return,
     };
     record.body = Some(body.clone());

@@ -290,6 +290,9 @@ pub struct Delivery {
     pub sealed_token: Option<String>,
     /// The payload, fixed at the first attempt so every retry sends the same bytes.
     pub body: Option<String>,
+    /// The payload's shape when its client reads another than the native one (JSON, see
+    /// `webhook::payload`).
+    pub shape: Option<String>,
 }
 
 /// The owner of sandboxes every replica manages (see `Store::owns`).
@@ -1916,8 +1919,8 @@ impl Store {
     pub async fn upsert_delivery(&self, d: &Delivery) -> Result<()> {
         let sql = self.sql(
             "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, last_status, \
-             last_error, created_at, updated_at, include_messages, sealed_token, body) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             last_error, created_at, updated_at, include_messages, sealed_token, body, shape) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = excluded.attempts, \
              last_status = excluded.last_status, last_error = excluded.last_error, \
              updated_at = excluded.updated_at, sealed_token = excluded.sealed_token, \
@@ -1937,6 +1940,7 @@ impl Store {
             .bind(d.include_messages)
             .bind(&d.sealed_token)
             .bind(&d.body)
+            .bind(&d.shape)
             .execute(pool)
             .await?
             .rows_affected());
@@ -2498,6 +2502,7 @@ mod tests {
             created_at: now(),
             updated_at: now(),
             include_messages: false,
+            shape: None,
             sealed_token: Some("sealed".into()),
             body: None,
         };

@@ -161,8 +161,9 @@ pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Begun>, sql
          m AS (INSERT INTO messages (id, session_id, turn_id, role, text, parts, metadata, created_at) \
            SELECT $9, s.id, $4, $10, $11, $12, $13, $14 FROM s), \
          d AS (INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, \
-           created_at, updated_at, include_messages, sealed_token) \
-           SELECT $15, $4, s.id, $16, $17, $18, $19, $19, $20, $21 FROM s WHERE $15::text IS NOT NULL) \
+           created_at, updated_at, include_messages, sealed_token, shape) \
+           SELECT $15, $4, s.id, $16, $17, $18, $19, $19, $20, $21, $23 FROM s \
+           WHERE $15::text IS NOT NULL) \
          SELECT s.*, (SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = $2) AS last_seq, \
            pg_notify($22, $8 || ' ' || s.id) AS announced \
          FROM s",
@@ -189,6 +190,7 @@ pub(super) async fn begin(pool: &PgPool, b: &Begin) -> Result<Option<Begun>, sql
     .bind(d.map(|d| d.include_messages))
     .bind(d.and_then(|d| d.sealed_token.clone()))
     .bind(CHANGES_CHANNEL)
+    .bind(d.and_then(|d| d.shape.clone()))
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|r| Begun {

@@ -466,8 +466,8 @@ fn begin(tx: &rusqlite::Transaction<'_>, b: &Begin) -> rusqlite::Result<Option<S
     if let Some(d) = &b.delivery {
         tx.prepare_cached(
             "INSERT INTO webhook_deliveries (id, turn_id, session_id, url, status, attempts, \
-             created_at, updated_at, include_messages, sealed_token) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             created_at, updated_at, include_messages, sealed_token, shape) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?
         .execute(rusqlite::params![
             d.id,
@@ -479,7 +479,8 @@ fn begin(tx: &rusqlite::Transaction<'_>, b: &Begin) -> rusqlite::Result<Option<S
             d.created_at,
             d.updated_at,
             d.include_messages,
-            d.sealed_token
+            d.sealed_token,
+            d.shape
         ])?;
     }
     Ok(session)

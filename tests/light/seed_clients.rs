@@ -273,6 +273,58 @@ async fn motus_cli_runs_unchanged_and_polls_a_bounded_number_of_times() {
         .await;
     assert_eq!(status, 404);
 
+    // A message's webhook comes in Motus' payload shape, with its token, and Motus' own model
+    // reads it.
+    let (hook, got) = crate::serve_api::receiver(0).await;
+    let hooked = format!("hooked {}", nonce());
+    let (ok, out) = run(
+        v(&[
+            "send",
+            &url,
+            &id,
+            &hooked,
+            "--webhook-url",
+            &hook,
+            "--webhook-token",
+            "motus-tok",
+            "--webhook-include-messages",
+            "--wait",
+        ]),
+        "",
+    )
+    .await;
+    assert!(ok, "{out}");
+    let mut delivered = None;
+    for _ in 0..100 {
+        if let Some(d) = got.lock().expect("lock").first().cloned() {
+            delivered = Some(d);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (headers, payload) = delivered.expect("the webhook was delivered");
+    assert_eq!(headers["authorization"], "Bearer motus-tok");
+    assert_eq!(payload["session_id"], id.as_str(), "{payload}");
+    assert_eq!(payload["status"], "idle", "{payload}");
+    assert_eq!(payload["response"]["content"], hooked.as_str(), "{payload}");
+    let check = tokio::process::Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import json, sys; from motus.serve.schemas import WebhookPayload; \
+             p = WebhookPayload.model_validate(json.loads(sys.argv[1])); \
+             print(p.status, p.response.content, len(p.messages))",
+            &payload.to_string(),
+        ])
+        .output()
+        .await
+        .expect("python");
+    let read = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && read.contains(&hooked),
+        "Motus' WebhookPayload: {read}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
     let (ok, out) = run(v(&["delete", &url, &id]), "").await;
     assert!(ok, "{out}");
     let (ok, out) = run(v(&["get", &url, &id]), "").await;

@@ -183,7 +183,7 @@ fn assert_signed(headers: &axum::http::HeaderMap, body: &serde_json::Value, toke
 }
 
 /// A local webhook receiver: fails the first `fail_first` deliveries with 500.
-async fn receiver(
+pub(crate) async fn receiver(
     fail_first: usize,
 ) -> (
     String,

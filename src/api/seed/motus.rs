@@ -281,14 +281,11 @@ async fn send(
     body: Result<Json<MessageRequest>, JsonRejection>,
 ) -> Result<Response, Problem> {
     let Json(mut req) = body?;
-    if req.webhook.is_some() {
-        return Err(unsupported(
-            "`webhook` in Motus' payload shape (the native message route delivers webhooks in \
-             its own)",
-            DOC,
-        ));
-    }
     let s = mounted(&orch, &caller, &template, &id).await?;
+    // Its webhook is delivered in Motus' payload shape (`WebhookPayload`).
+    if let Some(hook) = &mut req.webhook {
+        hook.shape = Some(json!({ "dialect": "motus", "session_id": client_id(&s) }).to_string());
+    }
     req.stream = false;
     req.async_ = true;
     orch.start_turn(&caller.tenant, &s.id, req, "async", &caller.limits)
