@@ -84,6 +84,9 @@ pub enum Command {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Print the API's OpenAPI 3.1 document (generated from the Rust types; the repository
+    /// keeps it in docs/openapi.json, served live at /v1/openapi.json).
+    Openapi,
     /// Write the CustomResourceDefinitions (generated from the Rust types) as YAML files.
     Crd {
         /// The directory to write them to (the repository keeps them in crds/).
@@ -140,6 +143,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             "sandbox-exec: {}",
             crate::runtime::cgroup::sandbox_exec(&join, nproc, stay, &argv)
         )),
+        Command::Openapi => {
+            println!("{}", crate::api::openapi::document().to_pretty_json()?);
+            Ok(())
+        }
         Command::Crd { dir } => {
             std::fs::create_dir_all(&dir)?;
             for (name, yaml) in crate::k8s::crd::crds()? {

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Where a session is in its life.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionStatus {
     /// Its sandbox is being started or attached.
@@ -72,7 +72,7 @@ impl std::fmt::Display for SessionStatus {
 }
 
 /// Where a turn is: running, then how it ended.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum TurnStatus {
     Running,

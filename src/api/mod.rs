@@ -3,13 +3,14 @@
 
 mod chat;
 mod error;
+pub mod openapi;
 mod seed;
 mod tty;
 mod vendor;
 
 use crate::session::message::MessageRequest;
 use crate::session::quota::{Held, Rates, Slot};
-use crate::session::view::{MessageView, SessionView};
+use crate::session::view::SessionView;
 use crate::session::{CreateRequest, Orchestrator, SessionError};
 use crate::store::{Event, Session, SessionFilter};
 use axum::extract::rejection::JsonRejection;
@@ -100,6 +101,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
     Router::new()
         .merge(v1)
         .merge(seed::open_router())
+        .route("/v1/openapi.json", get(openapi::serve_document))
         .route("/v1/sessions/{id}/tty", get(tty::attach))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -374,22 +376,35 @@ fn view(orch: &Orchestrator, s: &Session) -> SessionView {
 
 /// The harness templates sessions can name: what a client picks from (never their commands,
 /// environment or container settings, which are the operator's).
+#[utoipa::path(get, path = "/v1/templates", tag = "templates",
+    responses((status = 200, description = "the templates sessions can name", body = openapi::TemplateList)))]
 async fn list_templates(State(orch): State<AppState>) -> Response {
-    let templates: Vec<Value> = orch
+    let templates = orch
         .templates()
         .values()
-        .map(|t| {
-            json!({
-                "name": t.name, "kind": t.kind, "start": t.start, "warm_pool": t.pool,
-                "idle_timeout_s": t.idle_timeout_s, "turn_timeout_s": t.turn_timeout_s,
-            })
+        .map(|t| openapi::TemplateView {
+            name: t.name.clone(),
+            kind: t.kind.to_string(),
+            start: serde_json::to_value(t.start)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            warm_pool: t.pool,
+            idle_timeout_s: t.idle_timeout_s,
+            turn_timeout_s: t.turn_timeout_s,
         })
         .collect();
-    Json(json!({ "templates": templates })).into_response()
+    Json(openapi::TemplateList { templates }).into_response()
 }
 
 // ---- sessions
 
+#[utoipa::path(post, path = "/v1/sessions", tag = "sessions", request_body = CreateRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key and body answer the first session again")),
+    responses((status = 201, description = "created", body = SessionView),
+              (status = 200, description = "the session an Idempotency-Key or `session_id` names", body = SessionView),
+              (status = 422, description = "the body says what to fix", body = sandwarden_proto::problem::ProblemDoc),
+              (status = 429, description = "a quota, named in the body", body = sandwarden_proto::problem::ProblemDoc)))]
 async fn create_session(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -451,6 +466,13 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions",
+    params(("status" = Option<String>, Query, description = "only sessions in this status"),
+           ("harness" = Option<String>, Query, description = "only sessions of this template"),
+           ("limit" = Option<i64>, Query, description = "1 to 500 (50)"),
+           ("cursor" = Option<String>, Query, description = "the `next_cursor` of the page before"),
+           ("tenant" = Option<String>, Query, description = "another tenant's (admin keys)")),
+    responses((status = 200, body = openapi::SessionPage), (status = 400, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn list_sessions(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -489,7 +511,11 @@ async fn list_sessions(
         None
     };
     let items: Vec<SessionView> = sessions.iter().map(|s| view(&orch, s)).collect();
-    Ok(Json(json!({ "sessions": items, "next_cursor": next_cursor })).into_response())
+    Ok(Json(openapi::SessionPage {
+        sessions: items,
+        next_cursor,
+    })
+    .into_response())
 }
 
 /// A route's query string, or `400 invalid_query` saying what is wrong with it.
@@ -564,6 +590,11 @@ fn wait_for(q: &WaitQuery) -> Result<Option<Duration>, Problem> {
     Ok(Some(Duration::from_secs_f64(secs)))
 }
 
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path), ("wait" = Option<bool>, Query, description = "long-poll while creating or running"),
+           ("timeout" = Option<f64>, Query, description = "seconds to wait, 0 to 60 (30)"),
+           ("tenant" = Option<String>, Query)),
+    responses((status = 200, body = SessionView), (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn get_session(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -580,6 +611,9 @@ async fn get_session(
     Ok(Json(view(&orch, &session)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path), ("tenant" = Option<String>, Query)),
+    responses((status = 200, description = "deleted (again: idempotent)", body = SessionView), (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn delete_session(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -595,6 +629,12 @@ async fn delete_session(
 
 // ---- messages and turns
 
+#[utoipa::path(post, path = "/v1/sessions/{id}/messages", tag = "messages", request_body = MessageRequest,
+    params(("id" = String, Path), ("Prefer" = Option<String>, Header, description = "`respond-async` for a 202")),
+    responses((status = 200, description = "the turn's outcome (unary)", body = crate::session::turn::Outcome),
+              (status = 202, description = "started (`async`)", body = openapi::Accepted),
+              (status = 409, description = "a turn runs, or the session is not ready", body = sandwarden_proto::problem::ProblemDoc),
+              (status = 422, body = sandwarden_proto::problem::ProblemDoc), (status = 502, description = "the turn failed", body = sandwarden_proto::problem::ProblemDoc)))]
 async fn post_message(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -645,10 +685,13 @@ async fn post_message(
             let location = format!("/v1/sessions/{id}/turns/{}", started.turn_id);
             let mut response = (
                 StatusCode::ACCEPTED,
-                Json(json!({
-                    "session_id": id, "turn_id": started.turn_id, "status": "running",
-                    "turn_url": location, "events_url": format!("/v1/sessions/{id}/events"),
-                })),
+                Json(openapi::Accepted {
+                    session_id: id.clone(),
+                    turn_id: started.turn_id.clone(),
+                    status: "running".into(),
+                    turn_url: location.clone(),
+                    events_url: format!("/v1/sessions/{id}/events"),
+                }),
             )
                 .into_response();
             if let Ok(v) = HeaderValue::from_str(&location) {
@@ -733,6 +776,9 @@ struct PageQuery {
 
 /// A page of the history, oldest first: `limit` messages (100 by default, at most 500) and no
 /// more than `HISTORY_PAGE_BYTES` of them; `next_cursor` fetches the next page.
+#[utoipa::path(get, path = "/v1/sessions/{id}/messages", tag = "messages",
+    params(("id" = String, Path), ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = openapi::MessagesPage), (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn get_messages(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -761,18 +807,11 @@ async fn get_messages(
     let next_cursor = page
         .next
         .map(|seq| encode_cursor("messages", &seq.to_string()));
-    #[derive(Serialize)]
-    struct MessagesPage<'a> {
-        session_id: &'a str,
-        messages: &'a [MessageView],
-        has_more: bool,
-        next_cursor: Option<String>,
-    }
-    let answer = MessagesPage {
-        session_id: &id,
-        messages: &page.items,
+    let answer = openapi::MessagesPage {
+        session_id: id,
+        messages: page.items,
         has_more: next_cursor.is_some(),
-        next_cursor: next_cursor.clone(),
+        next_cursor,
     };
     Ok(json_holding(&answer, page.admitted))
 }
@@ -816,6 +855,9 @@ struct TurnsQuery {
 }
 
 /// `GET /v1/sessions/{id}/turns`: the session's turns, oldest first, paged.
+#[utoipa::path(get, path = "/v1/sessions/{id}/turns", tag = "messages",
+    params(("id" = String, Path), ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query), ("tenant" = Option<String>, Query)),
+    responses((status = 200, body = openapi::TurnPage), (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn list_turns(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -836,9 +878,13 @@ async fn list_turns(
     } else {
         None
     };
-    Ok(Json(json!({ "turns": turns, "next_cursor": next_cursor })).into_response())
+    Ok(Json(openapi::TurnPage { turns, next_cursor }).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/sessions/{id}/turns/{turn_id}", tag = "messages",
+    params(("id" = String, Path), ("turn_id" = String, Path), ("wait" = Option<bool>, Query), ("timeout" = Option<f64>, Query)),
+    responses((status = 200, description = "the turn: its outcome, mode, times and webhook deliveries", body = crate::session::turn::Outcome),
+              (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn get_turn(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -856,6 +902,10 @@ async fn get_turn(
     Ok(Json(view).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/sessions/{id}/cancel", tag = "messages",
+    params(("id" = String, Path)),
+    responses((status = 202, description = "`{session_id, turn_id, cancelling}`", body = Object),
+              (status = 409, description = "no turn runs", body = sandwarden_proto::problem::ProblemDoc)))]
 async fn cancel(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -866,6 +916,11 @@ async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(v)).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/sessions/{id}/inputs/{request_id}", tag = "messages",
+    request_body = sandwarden_proto::event::InputAnswer,
+    params(("id" = String, Path), ("request_id" = String, Path)),
+    responses((status = 200, description = "answered (PUT does the same)", body = Object),
+              (status = 404, description = "nothing waits under that id", body = sandwarden_proto::problem::ProblemDoc)))]
 async fn answer_input(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -892,6 +947,12 @@ struct EventsQuery {
     stream: Option<bool>,
 }
 
+#[utoipa::path(get, path = "/v1/sessions/{id}/events", tag = "messages",
+    params(("id" = String, Path), ("since" = Option<i64>, Query, description = "events after this seq"),
+           ("limit" = Option<i64>, Query), ("stream" = Option<bool>, Query, description = "SSE (also with Accept: text/event-stream)"),
+           ("Last-Event-ID" = Option<String>, Header)),
+    responses((status = 200, description = "a page, or the events as SSE", body = openapi::EventsPage),
+              (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn get_events(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -949,18 +1010,11 @@ async fn get_events(
     let page = orch
         .event_page(&caller.tenant, &caller.limits, &session.id, since, limit)
         .await?;
-    #[derive(Serialize)]
-    struct EventsPage<'a> {
-        session_id: &'a str,
-        events: &'a [Event],
-        next_since: i64,
-        has_more: bool,
-    }
-    let answer = EventsPage {
-        session_id: &session.id,
-        events: &page.items,
+    let answer = openapi::EventsPage {
+        session_id: session.id,
         next_since: page.items.last().map_or(since, |e| e.seq),
         has_more: page.next.is_some(),
+        events: page.items,
     };
     Ok(json_holding(&answer, page.admitted))
 }
@@ -1319,6 +1373,10 @@ struct FilesQuery {
 }
 
 /// `GET /v1/sessions/{id}/files[?under=DIR]`: the working directory's entries.
+#[utoipa::path(get, path = "/v1/sessions/{id}/files", tag = "files",
+    params(("id" = String, Path), ("under" = Option<String>, Query), ("tenant" = Option<String>, Query)),
+    responses((status = 200, description = "`{files: [{path, type, size}], truncated}`", body = Object),
+              (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn list_files(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -4,7 +4,7 @@
 use super::*;
 
 /// `POST /v1/sessions`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     /// The template; absent: the server's default template (`--default-template`).

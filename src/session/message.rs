@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Where to deliver a turn's result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
     pub url: String,
@@ -23,7 +23,7 @@ pub struct WebhookSpec {
 
 /// `POST /v1/sessions/{id}/messages`. Fields other platforms send that have no meaning here
 /// (`user_params`, `tags`, `controls`, …) are accepted and ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, Deserialize)]
 pub struct MessageRequest {
     pub text: Option<String>,
     #[serde(default, deserialize_with = "sandwarden_proto::event::capped_parts")]

@@ -26,7 +26,7 @@ const HARNESS_SILENT: &str =
     "the harness did not answer within the turn timeout (it may be stopped or overloaded)";
 
 /// How a turn ended, as the JSON reply, the turn resource and webhooks show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct Outcome {
     pub session_id: String,
     pub turn_id: String,

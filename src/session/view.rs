@@ -9,7 +9,7 @@ use crate::store::{Delivery, Message, Session, Turn};
 use serde::Serialize;
 
 /// A session as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct SessionView {
     pub id: String,
     /// The id the client picked at create, if it did.
@@ -64,7 +64,7 @@ impl SessionView {
 }
 
 /// A message of the history, as pages, replies and webhooks show it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize)]
 pub struct MessageView {
     pub id: String,
     pub turn_id: String,
@@ -90,7 +90,7 @@ impl From<Message> for MessageView {
 }
 
 /// A webhook delivery, as the turn resource shows it (never its payload or the client's token).
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct DeliveryView {
     pub id: String,
     pub turn_id: String,
@@ -123,7 +123,7 @@ impl From<Delivery> for DeliveryView {
 
 /// A turn as a session's turn list shows it: without its text (as large as its answer; the
 /// turn's own resource and the history carry it).
-#[derive(Debug, Clone, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize)]
 pub struct TurnSummary {
     pub turn_id: String,
     pub session_id: String,

@@ -221,7 +221,7 @@ pub struct Message {
 }
 
 /// The session event envelope: `seq` is per session and gap-free.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub id: String,
     pub seq: i64,

@@ -22,6 +22,7 @@ mod hostile;
 mod isolation;
 mod kubernetes;
 mod manifests;
+mod openapi;
 mod routes;
 mod sandbox_boundary;
 mod secrets;

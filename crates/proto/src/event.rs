@@ -365,6 +365,7 @@ pub fn validate_id(field: &str, id: &str) -> Result<(), String> {
 }
 
 /// How a client answers an `input_required` event.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
@@ -378,6 +379,7 @@ pub enum Decision {
 
 /// `POST /v1/inputs/{request_id}`: a permission request's answer (a decision or one of the
 /// offered option ids), or a client tool call's result (`output`, with `is_error`).
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputAnswer {
@@ -403,6 +405,7 @@ pub const CLIENT_TOOLS_SERVER: &str = "client";
 /// to the agent through an MCP server the harness hosts for the session. A call becomes an
 /// `input_required` event carrying `client_tool {name, input}`, answered with the result
 /// (`InputAnswer.output`).
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientToolSpec {
@@ -455,6 +458,7 @@ impl ClientToolSpec {
 }
 
 /// A file written into the sandbox by late binding.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindFile {
@@ -493,6 +497,7 @@ pub const MAX_MCP_SERVERS: usize = 20;
 /// a program the agent starts in the sandbox (`stdio`: `command`, `args`, `env`), or a server it
 /// reaches over the network (`http` or `sse`: `url`, `headers`), which the sandbox's egress policy
 /// governs as any connection. `env` values and `headers` may be secrets: never logged or stored.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct McpServerSpec {

@@ -20,6 +20,7 @@ impl std::ops::Deref for Problem {
 
 /// `type` is a stable, machine-readable code (`turn_in_progress`); `detail` tells a person how to
 /// fix the request (4xx) or what failed on our side (5xx).
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProblemDoc {
     #[serde(rename = "type")]
