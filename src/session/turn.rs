@@ -840,6 +840,11 @@ impl Orchestrator {
         answer: &sandwarden_proto::event::InputAnswer,
     ) -> Result<Value, SessionError> {
         let session = self.get(tenant, session_id).await?;
+        // An ended session's sandbox is gone: nothing waits there, and asking it would count
+        // against the session as a failure to reach it.
+        if !session.status.is_live() {
+            return Err(not_usable(&session));
+        }
         let client = self
             .session_client(&session)
             .ok_or_else(|| SessionError::NotFound(session_id.to_string()))?;

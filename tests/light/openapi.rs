@@ -54,3 +54,75 @@ async fn serve_answers_its_openapi_document_without_a_key() {
         "#/components/schemas/CreateRequest"
     );
 }
+
+/// schemathesis (pinned in target/st-venv by scripts/install-sdks) against a live `serve`, from
+/// the document it serves: generated and mutated requests to the native routes, stateful
+/// sequences following the answers, bounded in examples and time; no answer is a server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error() {
+    let st =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/st-venv/bin/schemathesis");
+    if !st.exists() {
+        assert!(
+            std::env::var_os("SANDWARDEN_REQUIRE_SDKS").is_none(),
+            "schemathesis is required but target/st-venv is missing: run scripts/install-sdks"
+        );
+        eprintln!("SKIPPED: schemathesis is not installed (run scripts/install-sdks)");
+        return;
+    }
+    let serve = Serve::start(&["--default-template", "echo", "--key-request-rate", "100000"]);
+    let key = format!("Authorization: Bearer {ADMIN_KEY}");
+    let out = tokio::process::Command::new(&st)
+        .args(["run", &serve.url("/v1/openapi.json"), "-H", &key])
+        .args([
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            "10",
+            "--max-time",
+            "90",
+        ])
+        .args([
+            "--include-path-regex",
+            "^/v1/(sessions|templates)",
+            "--seed",
+            "7",
+        ])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run schemathesis");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found server errors:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A schemathesis finding: answering an input of a deleted session reached for its (gone)
+/// sandbox, marked the session dead and answered 502. It is refused now, and the session stays
+/// deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_sessions_inputs_are_refused_without_reaching_for_its_sandbox() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    assert_eq!(
+        api.call("DELETE", &format!("/v1/sessions/{id}"), None)
+            .await
+            .0,
+        200
+    );
+    let (status, body) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/inputs/4"),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (_, s) = api.call("GET", &format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(s["status"], "deleted", "{s}");
+}
