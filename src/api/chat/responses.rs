@@ -42,6 +42,16 @@ fn response_id(session_id: &str, turn_id: &str) -> String {
     )
 }
 
+/// The id of a response of `target`'s: one that is not stored (its session goes with the
+/// request) names nothing, so it is neither retrieved nor continued.
+fn target_response_id(target: &Target, turn_id: &str) -> String {
+    if target.kept {
+        response_id(&target.session.id, turn_id)
+    } else {
+        format!("resp_{}", uuid::Uuid::new_v4().simple())
+    }
+}
+
 fn parse_response_id(id: &str) -> Option<(String, String)> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(id.strip_prefix("resp_")?)
@@ -193,7 +203,7 @@ pub async fn create(
     }
     let started = start(&orch, &caller, &target, content, "json").await?;
     let outcome = finished(started).await?;
-    let id = response_id(&target.session.id, &outcome.turn_id);
+    let id = target_response_id(&target, &outcome.turn_id);
     let mut response = Json(response_object(
         &id,
         &req.model,
@@ -259,7 +269,7 @@ fn streamed(
     previous: Option<String>,
     slot: crate::session::quota::Slot,
 ) -> Response {
-    let id = response_id(&target.session.id, &started.turn_id);
+    let id = target_response_id(&target, &started.turn_id);
     let item_id = format!("msg_{}", id.trim_start_matches("resp_"));
     let natives = native_events(
         orch,
