@@ -99,7 +99,7 @@ pub struct EventsPage {
         super::list_templates,
     ),
     components(schemas(sandwarden_proto::problem::ProblemDoc)),
-    modifiers(&Security, &Mounts),
+    modifiers(&Security, &Problems, &Mounts),
     security(("api_key" = [])),
 )]
 struct ApiDoc;
@@ -123,6 +123,67 @@ impl utoipa::Modify for Security {
                 "x-api-key",
             ))),
         );
+    }
+}
+
+/// Every native operation may answer a problem document (`application/problem+json`) with any
+/// error status (a quota's `429`, a body too large, the store down); those that stream answer
+/// `text/event-stream` too.
+struct Problems;
+
+impl utoipa::Modify for Problems {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let problem = || {
+            ResponseBuilder::new()
+                .description("a problem document: `type` names it, `detail` says what to do")
+                .content(
+                    "application/problem+json",
+                    Content::new(Some(Ref::from_schema_name("ProblemDoc"))),
+                )
+                .build()
+        };
+        for (path, item) in api.paths.paths.iter_mut() {
+            // A message's `stream: true` and the events' SSE.
+            let streaming = if path.ends_with("/messages") {
+                item.post.as_mut()
+            } else if path.ends_with("/events") {
+                item.get.as_mut()
+            } else {
+                None
+            };
+            if let Some(op) = streaming
+                && let Some(utoipa::openapi::RefOr::T(ok)) = op.responses.responses.get_mut("200")
+            {
+                ok.content.insert(
+                    "text/event-stream".into(),
+                    Content::new(Some(
+                        ObjectBuilder::new()
+                            .description(Some("SSE: each `data:` an event (see Event)"))
+                            .build(),
+                    )),
+                );
+            }
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.responses
+                    .responses
+                    .insert("default".into(), problem().into());
+                // Problems, not the types, answer the documented error statuses.
+                for (status, response) in op.responses.responses.iter_mut() {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        *response = problem().into();
+                    }
+                }
+            }
+        }
     }
 }
 
