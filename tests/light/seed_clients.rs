@@ -746,6 +746,40 @@ async fn karta_calls_replayed_on_the_native_and_project_routes() {
         .await;
     assert_eq!(s["status"], "ready", "{s}");
 
+    // The history, a cancel of a running turn, delete.
+    let (status, history) = api
+        .call("GET", &format!("/v1/sessions/{id}/messages"), None)
+        .await;
+    assert_eq!(status, 200);
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(&texts[..2], [said.as_str(), streamed.as_str()], "{history}");
+    let (status, _) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(json!({"text": "/slow 100 tick", "async": true})),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let (status, cancelled) = api
+        .call("POST", &format!("/v1/sessions/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 202, "{cancelled}");
+    let (_, s) = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}?wait=true&timeout=10"),
+            None,
+        )
+        .await;
+    assert_eq!(s["status"], "ready", "{s}");
+
     // Projects: a pinned template; none pinned refuses new sessions; a session of one project is
     // forbidden under another; the project key is not the client's to set.
     let (status, p) = api
@@ -838,6 +872,14 @@ async fn karta_calls_replayed_on_the_native_and_project_routes() {
         .call("GET", &format!("/v1/projects/alpha/sessions/{pid}"), None)
         .await;
     assert_eq!(status, 404);
+    let (status, deleted) = api
+        .call(
+            "DELETE",
+            &format!("/v1/projects/alpha/sessions/{pid}"),
+            None,
+        )
+        .await;
+    assert_eq!((status, &deleted["status"]), (200, &json!("deleted")));
 }
 
 /// The live sessions of `api`'s tenant (not deleted), after one-shot sessions had time to go.

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 from everruns_sdk import AgentClient
@@ -59,4 +60,34 @@ request = urllib.request.Request(
 with urllib.request.urlopen(request, timeout=300) as resp:
     text = json.load(resp)["choices"][0]["message"]["content"]
 check(answer_to(prompt) in text, f"chat: {text!r}")
+def call(method, path, body=None):
+    request = urllib.request.Request(
+        BASE + path, method=method,
+        headers={"authorization": "Bearer " + KEY, "content-type": "application/json"},
+        data=None if body is None else json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=300) as resp:
+        return json.load(resp)
+
+
+# The LiteLLM Agent Platform's calls (lap.mjs): create, wait for ready, a turn, delete.
+created = call("POST", f"/api/v1/managed_agents/agents/{HARNESS}/session", {"title": "lap-cli"})
+lap = created["id"]
+for _ in range(600):
+    if call("GET", f"/api/v1/managed_agents/sessions/{lap}")["status"] == "ready":
+        break
+    time.sleep(0.2)
+prompt = "lap " + nonce()
+parts = call("POST", f"/api/v1/managed_agents/sessions/{lap}/message", {"text": prompt})["parts"]
+text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+check(answer_to(prompt) in text, f"lap: {text!r}")
+check(call("DELETE", f"/api/v1/managed_agents/sessions/{lap}")["status"] == "deleted", "lap: delete")
+
+# Karta's calls: a session of the default template under a project, a turn.
+call("POST", "/v1/projects", {"ref": "real-" + nonce(), "template": HARNESS})
+project = call("GET", "/v1/projects")["projects"][-1]["ref"]
+karta = call("POST", f"/v1/projects/{project}/sessions", {"metadata": {"user": "u"}})["id"]
+prompt = "karta " + nonce()
+reply = call("POST", f"/v1/projects/{project}/sessions/{karta}/messages", {"text": prompt})
+check(answer_to(prompt) in reply["text"] and reply["agent"] == "default", f"karta: {reply}")
+call("DELETE", f"/v1/projects/{project}/sessions/{karta}")
 print("real agent behind the seed clients: ok")
