@@ -714,25 +714,7 @@ async fn post_message(
             Ok(response)
         }
         _ => {
-            let mut done = started.done;
-            let outcome = done
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| {
-                    Problem::new(
-                        StatusCode::BAD_GATEWAY,
-                        "turn_failed",
-                        "the turn ended without an outcome",
-                    )
-                })?
-                .clone()
-                .ok_or_else(|| {
-                    Problem::new(
-                        StatusCode::BAD_GATEWAY,
-                        "turn_failed",
-                        "the turn ended without an outcome",
-                    )
-                })?;
+            let outcome = started.outcome().await?;
             let mut reply = outcome.into_reply()?;
             reply["agent"] = json!(agent);
             Ok(Json(reply).into_response())

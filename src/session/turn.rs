@@ -50,6 +50,22 @@ pub struct Started {
     pub prompt: Message,
 }
 
+impl Started {
+    /// How the turn ended, once it has.
+    pub async fn outcome(self) -> Result<Arc<Outcome>, SessionError> {
+        let mut done = self.done;
+        done.wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|o| o.clone())
+            .ok_or_else(|| SessionError::Harness {
+                detail: "the turn ended without an outcome".into(),
+                refused: None,
+                turn_id: Some(self.turn_id),
+            })
+    }
+}
+
 /// Builds the assistant's parts from the turn's events: consecutive text chunks merge.
 #[derive(Default)]
 struct Reply {
@@ -147,6 +163,14 @@ impl Outcome {
             usage: turn.usage.unwrap_or(Value::Null),
             error: turn.error,
         }
+    }
+
+    /// The outcome of a turn that did not fail, or the error for one that did.
+    pub fn succeeded(self: Arc<Self>) -> Result<Arc<Self>, SessionError> {
+        if self.status == TurnStatus::Failed {
+            return Err(failed(&self));
+        }
+        Ok(self)
     }
 
     /// The JSON reply of a unary message, or the problem for a failed turn.

@@ -67,24 +67,7 @@ async fn stewrd_client_runs_one_shot_turns_each_in_a_sandbox_of_its_own() {
     .await;
     assert!(out.contains("stewrd: ok"), "{out}");
     // Every request's session is deleted once it is answered.
-    let api = serve.client();
-    let mut live = Vec::new();
-    for _ in 0..50 {
-        let (_, page) = api
-            .call("GET", "/v1/sessions?tenant=seed-stewrd&limit=100", None)
-            .await;
-        live = page["sessions"]
-            .as_array()
-            .expect("sessions")
-            .iter()
-            .filter(|s| s["status"] != "deleted")
-            .cloned()
-            .collect::<Vec<_>>();
-        if live.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let live = live_sessions(&serve.client(), "seed-stewrd", 0).await;
     assert!(live.is_empty(), "one-shot sessions left: {live:?}");
 }
 
@@ -882,8 +865,9 @@ async fn karta_calls_replayed_on_the_native_and_project_routes() {
     assert_eq!((status, &deleted["status"]), (200, &json!("deleted")));
 }
 
-/// The live sessions of `api`'s tenant (not deleted), after one-shot sessions had time to go.
-async fn live_sessions(admin: &Api, tenant: &str, want: usize) -> Vec<Value> {
+/// The live sessions of `tenant` (not deleted), once there are at most `want` (one-shot sessions
+/// go just after their answer) or 5 s have passed.
+pub(crate) async fn live_sessions(admin: &Api, tenant: &str, want: usize) -> Vec<Value> {
     let mut live = Vec::new();
     for _ in 0..50 {
         let (_, page) = admin

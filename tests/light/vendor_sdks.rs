@@ -813,24 +813,11 @@ async fn chat_clients_talk_to_sandboxed_agents() {
         .expect("sent");
     assert_eq!(status, 404, "{:?}", body.text().await);
     // Only the kept sessions are live: every one-shot request's session was deleted.
-    let api = serve.client();
-    let mut live = Vec::new();
-    for _ in 0..50 {
-        let (_, page) = api
-            .call("GET", "/v1/sessions?tenant=sdk-chat&limit=500", None)
-            .await;
-        live = page["sessions"]
-            .as_array()
-            .expect("sessions")
-            .iter()
-            .filter(|s| s["status"] != "deleted")
-            .map(|s| s["id"].as_str().unwrap_or_default().to_string())
-            .collect::<Vec<_>>();
-        if live.len() <= 4 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let live: Vec<String> = crate::seed_clients::live_sessions(&serve.client(), "sdk-chat", 4)
+        .await
+        .iter()
+        .map(|s| s["id"].as_str().unwrap_or_default().to_string())
+        .collect();
     // The kept chat session, and the Responses API's three stored conversations (continued,
     // streamed, the helper's).
     assert_eq!(live.len(), 4, "live sessions: {live:?}");

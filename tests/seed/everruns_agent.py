@@ -4,11 +4,14 @@ the first expectation that does not hold."""
 
 import asyncio
 import os
+import sys
 
 from everruns_sdk import AgentClient
 from everruns_sdk.errors import ApiError, EverrunsError
 
-from common import check, nonce
+# The checks the vendor SDKs' clients use (tests/sdk/common.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sdk"))
+from common import check, nonce  # noqa: E402
 
 URL = os.environ["SANDWARDEN_URL"] + "/compat/everruns/echo"
 KEY = os.environ["SANDWARDEN_KEY"]

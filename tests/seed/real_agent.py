@@ -14,7 +14,9 @@ import urllib.request
 from everruns_sdk import AgentClient
 from stewrd import Stewrd
 
-from common import check, nonce
+# The checks the vendor SDKs' clients use (tests/sdk/common.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sdk"))
+from common import check, nonce  # noqa: E402
 
 BASE = os.environ["SANDWARDEN_URL"].rstrip("/")
 KEY = os.environ["SANDWARDEN_KEY"]

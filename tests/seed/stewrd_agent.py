@@ -2,11 +2,14 @@
 SANDWARDEN_URL/compat/stewrd/echo). Exits non-zero on the first expectation that does not hold."""
 
 import os
+import sys
 
 from stewrd import Stewrd, StewrdError
 from stewrd.types import InputFile, ToolDefinition
 
-from common import check, nonce
+# The checks the vendor SDKs' clients use (tests/sdk/common.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sdk"))
+from common import check, nonce  # noqa: E402
 
 client = Stewrd(os.environ["SANDWARDEN_KEY"], base_url=os.environ["SANDWARDEN_URL"] + "/compat/stewrd/echo")
 

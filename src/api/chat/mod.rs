@@ -15,7 +15,6 @@ use super::{AppState, Caller, session_path};
 use crate::session::message::MessageRequest;
 use crate::session::turn::{Outcome, Started};
 use crate::session::{CreateRequest, SessionError};
-use crate::status::TurnStatus;
 use crate::store::Session;
 use axum::Router;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -259,30 +258,7 @@ pub async fn start(
 
 /// The outcome of a started turn; a failed turn is the error.
 pub async fn finished(started: Started) -> Result<Arc<Outcome>, Problem> {
-    let mut done = started.done;
-    let outcome = done
-        .wait_for(Option::is_some)
-        .await
-        .ok()
-        .and_then(|o| o.clone())
-        .ok_or_else(|| {
-            Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "turn_failed",
-                "the turn ended without an outcome",
-            )
-        })?;
-    if outcome.status == TurnStatus::Failed {
-        return Err(match outcome.into_reply() {
-            Err(e) => e.into(),
-            Ok(_) => Problem::from(SessionError::Harness {
-                detail: "the turn failed".into(),
-                refused: None,
-                turn_id: None,
-            }),
-        });
-    }
-    Ok(outcome)
+    Ok(started.outcome().await?.succeeded()?)
 }
 
 /// Tokens in and out of a turn's usage.

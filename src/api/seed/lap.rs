@@ -287,19 +287,7 @@ async fn message(
     let started = orch
         .start_turn(&caller.tenant, &s.id, req, "json", &caller.limits)
         .await?;
-    let mut done = started.done;
-    let outcome = done
-        .wait_for(Option::is_some)
-        .await
-        .ok()
-        .and_then(|o| o.clone())
-        .ok_or_else(|| {
-            Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "turn_failed",
-                "the turn ended without an outcome",
-            )
-        })?;
+    let outcome = started.outcome().await?;
     Ok(Json(outcome.into_reply()?).into_response())
 }
 

@@ -128,25 +128,7 @@ pub async fn agent(
             orch, caller, started, ephemeral, before, started_at, slot,
         ));
     }
-    let mut done = started.done;
-    let outcome = done
-        .wait_for(Option::is_some)
-        .await
-        .ok()
-        .and_then(|o| o.clone())
-        .ok_or_else(|| {
-            Problem::new(
-                StatusCode::BAD_GATEWAY,
-                "turn_failed",
-                "the turn ended without an outcome",
-            )
-        })?;
-    if outcome.status == TurnStatus::Failed {
-        return Err(outcome.into_reply().err().map_or_else(
-            || Problem::new(StatusCode::BAD_GATEWAY, "turn_failed", "the turn failed"),
-            Problem::from,
-        ));
-    }
+    let outcome = started.outcome().await?.succeeded()?;
     let files = written(&orch, &caller, &session.id, &before).await?;
     drop(ephemeral);
     let tokens = outcome.usage["total_tokens"].as_u64().unwrap_or(0);
