@@ -665,14 +665,7 @@ async fn post_message(
         "json"
     };
     // A streamed reply holds one of the tenant's stream slots while it is open.
-    let slot = if mode == "stream" {
-        Some(
-            orch.streams
-                .open(&caller.tenant, caller.limits.open_streams)?,
-        )
-    } else {
-        None
-    };
+    let slot = stream_slot(&orch, &caller, mode == "stream")?;
     // A unary message's whole time in serve after its key was checked, a step of the profile.
     let _step = (mode == "json").then(|| crate::step!("message"));
     // The agent (mode) the turn runs in, named in a unary reply as Karta's clients read it.
@@ -732,6 +725,22 @@ pub(crate) fn holding<T, H: Send + 'static>(
         let _held = &held;
         item
     })
+}
+
+/// One of the tenant's stream slots when the answer is a stream (`wanted`), taken before
+/// anything else is done for it, so a tenant over its quota costs nothing more.
+pub(crate) fn stream_slot(
+    orch: &Orchestrator,
+    caller: &Caller,
+    wanted: bool,
+) -> Result<Option<Slot>, Problem> {
+    if !wanted {
+        return Ok(None);
+    }
+    Ok(Some(
+        orch.streams
+            .open(&caller.tenant, caller.limits.open_streams)?,
+    ))
 }
 
 pub(crate) fn sse(
@@ -951,14 +960,7 @@ async fn get_events(
             .is_some_and(|a| a.contains("text/event-stream"));
     // A stream's slot is taken before anything is read, so a tenant over its quota costs the
     // store nothing.
-    let slot = if wants_sse {
-        Some(
-            orch.streams
-                .open(&caller.tenant, caller.limits.open_streams)?,
-        )
-    } else {
-        None
-    };
+    let slot = stream_slot(&orch, &caller, wants_sse)?;
     let session = orch.get(&caller.tenant, &id).await?;
     let last_event_id = headers
         .get("last-event-id")

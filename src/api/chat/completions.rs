@@ -66,14 +66,7 @@ pub async fn create(
     let (instructions, said) = split(req.messages);
     // The conversation is checked before a session is made for it.
     prompt(&said, true)?;
-    let slot = if req.stream {
-        Some(
-            orch.streams
-                .open(&caller.tenant, caller.limits.open_streams)?,
-        )
-    } else {
-        None
-    };
+    let slot = crate::api::stream_slot(&orch, &caller, req.stream)?;
     let mut target = open(&orch, &caller, &req.model, wanted, instructions).await?;
     let content = prompt(&said, target.continuing)?;
     let model = req.model;

@@ -166,14 +166,7 @@ pub async fn create(
             w => w,
         },
     };
-    let slot = if req.stream {
-        Some(
-            orch.streams
-                .open(&caller.tenant, caller.limits.open_streams)?,
-        )
-    } else {
-        None
-    };
+    let slot = crate::api::stream_slot(&orch, &caller, req.stream)?;
     let mut target = open(&orch, &caller, &req.model, wanted, instructions.clone())
         .await
         .map_err(|p| match (&req.previous_response_id, p.status) {

@@ -73,14 +73,7 @@ pub async fn agent(
             DOC,
         ));
     }
-    let slot = if body.stream {
-        Some(
-            orch.streams
-                .open(&caller.tenant, caller.limits.open_streams)?,
-        )
-    } else {
-        None
-    };
+    let slot = crate::api::stream_slot(&orch, &caller, body.stream)?;
     let files = body
         .files
         .into_iter()
