@@ -798,7 +798,7 @@ async fn claude_agent_sdk_behind_the_seed_clients() {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/seed-venv/bin/python");
     if !python.exists() {
         assert!(
-            std::env::var_os("SANDWARDEN_REQUIRE_SDKS").is_none(),
+            std::env::var_os("SANDWARDEN_REQUIRE_SEED_CLIENTS").is_none(),
             "the seed clients are required but {} is missing: run scripts/install-sdks",
             python.display()
         );

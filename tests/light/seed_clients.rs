@@ -13,7 +13,7 @@ fn seed_venv() -> Option<PathBuf> {
         return Some(venv);
     }
     assert!(
-        std::env::var_os("SANDWARDEN_REQUIRE_SDKS").is_none(),
+        std::env::var_os("SANDWARDEN_REQUIRE_SEED_CLIENTS").is_none(),
         "the seed clients are required but target/seed-venv is missing: run scripts/install-sdks"
     );
     eprintln!("SKIPPED: the seed clients are not installed (run scripts/install-sdks)");
