@@ -431,17 +431,7 @@ async fn create_session(
             ),
         ));
     }
-    let key = headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().map(String::from))
-        .transpose()
-        .map_err(|_| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_header",
-                "Idempotency-Key must be ASCII",
-            )
-        })?;
+    let key = idempotency_key(&headers)?;
     let (session, created) = orch
         .create(&caller.tenant, req, key, &caller.limits)
         .await?;
@@ -455,6 +445,21 @@ async fn create_session(
         response.headers_mut().insert(header::LOCATION, loc);
     }
     Ok(response)
+}
+
+/// A create's `Idempotency-Key` header, if it sent one.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(String::from))
+        .transpose()
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_header",
+                "Idempotency-Key must be ASCII",
+            )
+        })
 }
 
 #[derive(Deserialize)]

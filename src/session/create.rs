@@ -183,10 +183,11 @@ impl Orchestrator {
             return Err(SessionError::IdempotencyKeyReused);
         }
 
-        // Counting and recording are one step for the quotas: two creates counted at once
-        // would both pass a limit with room for one. Held for a few store calls, not for the
-        // sandbox's start (this replica's creates; docs/replicas.md says what is per replica).
-        let _admission = self.admission.lock().await;
+        // Counting and recording are one step for the tenant's quotas: two creates counted at
+        // once would both pass a limit with room for one. Held for a few store calls, not for
+        // the sandbox's start (this replica's creates; docs/api.md says what is per replica).
+        let admission = self.admission(tenant);
+        let admitted = admission.lock.lock().await;
         self.check_live_sessions(tenant, limits.live_sessions)
             .await?;
         if let Some(max) = limits.sandbox_memory_mib {
@@ -235,7 +236,8 @@ impl Orchestrator {
             }
             Err(e) => return Err(e.into()),
         }
-        drop(_admission);
+        drop(admitted);
+        drop(admission);
 
         // Warm claim: a ready sandbox of the template, bound to this session's values.
         loop {

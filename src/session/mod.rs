@@ -154,8 +154,9 @@ pub struct Orchestrator {
     /// Templates whose warm start failed since the pool loop last looked (for backoff).
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
-    /// Held from a create's quota checks to its record (see `create`).
-    admission: tokio::sync::Mutex<()>,
+    /// Per tenant, held from a create's quota checks to its record (see `create`): one
+    /// tenant's creates are counted one after another, other tenants' are not held up.
+    admission: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     viewers: Mutex<HashMap<String, usize>>,
     /// Webhook deliveries this replica is delivering now.
     delivering: Arc<Mutex<std::collections::HashSet<String>>>,
@@ -212,7 +213,7 @@ impl Orchestrator {
             streams: quota::Streams::default(),
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
-            admission: tokio::sync::Mutex::new(()),
+            admission: Mutex::new(HashMap::new()),
             viewers: Mutex::new(HashMap::new()),
             delivering: Arc::default(),
             changed: broadcast::channel(1024).0,
@@ -473,6 +474,19 @@ impl Orchestrator {
         lock(&self.turns).get(session_id).map(|t| t.turn_id.clone())
     }
 
+    /// The tenant's admission lock (see `create`), forgotten when no create holds it.
+    fn admission(&self, tenant: &str) -> Admission<'_> {
+        let lock = lock(&self.admission)
+            .entry(tenant.to_string())
+            .or_default()
+            .clone();
+        Admission {
+            orch: self,
+            tenant: tenant.to_string(),
+            lock,
+        }
+    }
+
     /// Notes that the running turn's request `request_id` was answered.
     fn note_answered(&self, session_id: &str, request_id: &str) {
         if let Some(t) = lock(&self.turns).get_mut(session_id)
@@ -520,6 +534,23 @@ impl Orchestrator {
     }
 
     // ---- background work
+}
+
+/// A tenant's admission lock, to be held; its entry goes when the last holder drops it.
+struct Admission<'a> {
+    orch: &'a Orchestrator,
+    tenant: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        let mut all = lock(&self.orch.admission);
+        // Two references: the map's and this one.
+        if Arc::strong_count(&self.lock) <= 2 {
+            all.remove(&self.tenant);
+        }
+    }
 }
 
 /// A delivery in flight on this replica; forgotten when dropped.

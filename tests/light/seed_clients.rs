@@ -198,10 +198,15 @@ async fn motus_cli_runs_unchanged_and_polls_a_bounded_number_of_times() {
     assert_eq!(listed[0]["total_messages"], 4, "{out}");
 
     // The chat loop's approvals, answered at its prompt.
-    let (ok, out) = run(v(&["chat", &url, "/ask may I", "--session", &id]), "y\n").await;
-    assert!(ok && out.contains("permission granted"), "{out}");
-    let (ok, out) = run(v(&["chat", &url, "/ask may I", "--session", &id]), "n\n").await;
-    assert!(ok && out.contains("permission denied"), "{out}");
+    for (answer, verdict) in [("y\n", "permission granted"), ("n\n", "permission denied")] {
+        let asked = format!("/ask may I {}", nonce());
+        let (ok, out) = run(v(&["chat", &url, &asked, "--session", &id]), answer).await;
+        let question = asked.trim_start_matches("/ask ");
+        assert!(
+            ok && out.contains(question) && out.contains(verdict),
+            "{out}"
+        );
+    }
     let (_, out) = run(
         v(&["chat", &url, "/fail motus broke", "--session", &id]),
         "",

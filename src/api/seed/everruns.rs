@@ -101,20 +101,6 @@ async fn session_view(orch: &AppState, s: &Session) -> Result<Value, Problem> {
     }))
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().map(String::from))
-        .transpose()
-        .map_err(|_| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_header",
-                "Idempotency-Key must be ASCII",
-            )
-        })
-}
-
 #[derive(Deserialize, Default)]
 struct CreateBody {
     title: Option<String>,
@@ -129,7 +115,7 @@ async fn create_session(
     body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<Response, Problem> {
     let Json(body) = body?;
-    let key = idempotency_key(&headers)?;
+    let key = crate::api::idempotency_key(&headers)?;
     let (session, created) = create(&orch, &caller, &template, None, body.title, key).await?;
     let status = if created {
         StatusCode::CREATED

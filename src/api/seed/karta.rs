@@ -268,10 +268,7 @@ async fn create_session(
     };
     metadata.insert(PROJECT_KEY.into(), json!(r));
     req.metadata = Some(Value::Object(metadata));
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
+    let key = crate::api::idempotency_key(&headers)?;
     let (session, created) = orch
         .create(&caller.tenant, req, key, &caller.limits)
         .await?;
