@@ -40,26 +40,89 @@ pub enum Command {
         #[command(flatten)]
         conn: crate::client::Connection,
     },
-    /// Send one message and print the reply as it streams.
+    /// Send one message to an API session and print the reply as it streams.
     Send {
         #[command(flatten)]
         conn: crate::client::Connection,
-        /// The session id.
+        /// The session's id (or name).
         id: String,
         /// The message.
         text: String,
     },
-    /// Chat with a session: each line you type is a message. Ctrl-D ends.
+    /// Chat with an API session: Enter sends a line; Ctrl-C cancels the running turn, twice
+    /// leaves; the agent's questions are answered inline. Ctrl-D leaves.
     Chat {
         #[command(flatten)]
         conn: crate::client::Connection,
+        /// The session's id (or name).
         id: String,
     },
-    /// Attach this terminal to a terminal (TUI) session. Ctrl-] detaches.
+    /// Attach this terminal to a terminal (TUI) session. Ctrl-] detaches; when the program
+    /// ends, attach exits with its exit status.
     Attach {
         #[command(flatten)]
         conn: crate::client::Connection,
+        /// The session's id (or name).
         id: String,
+    },
+    /// Cancel the turn running in a session.
+    Cancel {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        /// The session's id (or name).
+        id: String,
+    },
+    /// Approve what the agent asked to do (its `input_required` question).
+    Approve {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        /// The session's id (or name).
+        id: String,
+        /// The question's request id (`send`, `chat` and `events` show it).
+        request_id: String,
+        /// Allow it for the rest of the session, not just this once.
+        #[arg(long)]
+        session: bool,
+    },
+    /// Deny what the agent asked to do.
+    Deny {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        /// The session's id (or name).
+        id: String,
+        /// The question's request id (`send`, `chat` and `events` show it).
+        request_id: String,
+    },
+    /// Print a session's messages, oldest first.
+    History {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        /// The session's id (or name).
+        id: String,
+    },
+    /// Print a session's events, one JSON object per line.
+    Events {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        /// The session's id (or name).
+        id: String,
+        /// Only events after this seq.
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+        /// Keep printing new events as they happen (Ctrl-C ends).
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Print usage per tenant: sessions, turns, tokens, turn and sandbox seconds.
+    Usage {
+        #[command(flatten)]
+        conn: crate::client::Connection,
+        /// From this day on (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this tenant (the admin key; a tenant's key sees its own).
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// The server inside a sandbox: drives one agent over ACP (api) or one program under a PTY (tui).
     Harness(Box<sandwarden_harness::args::HarnessArgs>),
@@ -99,10 +162,15 @@ fn init_tracing() {
     sandwarden_proto::logs::init_with(Box::new(crate::metrics::step_timings()));
 }
 
-fn client_rt() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+/// Runs a client command to its end. The runtime is let go without waiting for its blocking
+/// threads: one may be parked reading the terminal (chat, attach), which only a key would end.
+fn client<T>(command: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
+        .build()?;
+    let result = rt.block_on(command);
+    rt.shutdown_background();
+    result
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -115,18 +183,52 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(crate::serve::run(*args))
         }
         Command::Harness(args) => sandwarden_harness::args::run_harness(*args),
-        Command::Session { conn, command } => {
-            client_rt()?.block_on(crate::client::session(&conn, command))
+        Command::Session { conn, command } => client(crate::client::session(&conn, command)),
+        Command::Keys { conn, command } => client(crate::client::keys(&conn, command)),
+        Command::Templates { conn } => client(crate::client::templates(&conn)),
+        Command::Send { conn, id, text } => client(crate::client::send(&conn, &id, &text)),
+        Command::Chat { conn, id } => client(crate::client::chat(&conn, &id)),
+        Command::Attach { conn, id } => client(crate::client::attach(&conn, &id)),
+        Command::Cancel { conn, id } => client(crate::client::cancel(&conn, &id)),
+        Command::Approve {
+            conn,
+            id,
+            request_id,
+            session,
+        } => {
+            let decision = if session {
+                crate::client::Decision::ApproveSession
+            } else {
+                crate::client::Decision::ApproveOnce
+            };
+            client(crate::client::decide(&conn, &id, &request_id, decision))
         }
-        Command::Keys { conn, command } => {
-            client_rt()?.block_on(crate::client::keys(&conn, command))
-        }
-        Command::Templates { conn } => client_rt()?.block_on(crate::client::templates(&conn)),
-        Command::Send { conn, id, text } => {
-            client_rt()?.block_on(crate::client::send(&conn, &id, &text))
-        }
-        Command::Chat { conn, id } => client_rt()?.block_on(crate::client::chat(&conn, &id)),
-        Command::Attach { conn, id } => client_rt()?.block_on(crate::client::attach(&conn, &id)),
+        Command::Deny {
+            conn,
+            id,
+            request_id,
+        } => client(crate::client::decide(
+            &conn,
+            &id,
+            &request_id,
+            crate::client::Decision::Deny,
+        )),
+        Command::History { conn, id } => client(crate::client::history(&conn, &id)),
+        Command::Events {
+            conn,
+            id,
+            since,
+            follow,
+        } => client(crate::client::events(&conn, &id, since, follow)),
+        Command::Usage {
+            conn,
+            since,
+            tenant,
+        } => client(crate::client::usage(
+            &conn,
+            since.as_deref(),
+            tenant.as_deref(),
+        )),
         Command::EchoAgent => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

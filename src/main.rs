@@ -14,6 +14,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sandwarden: {e:#}");
+            // A terminal program's exit status (`attach`), or a chat whose turns failed.
+            if let Some(status) = e.downcast_ref::<sandwarden::client::ExitStatus>() {
+                return std::process::ExitCode::from(status.code);
+            }
             // `launch` that could not run its program exits as a shell would (127: not found).
             e.downcast_ref::<sandwarden_harness::launch::LaunchError>()
                 .and_then(sandwarden_harness::launch::LaunchError::exit_code)

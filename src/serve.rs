@@ -91,6 +91,10 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
+    /// Serve the web console's files from this directory instead of the copy built into the
+    /// binary (to try changes to it without rebuilding).
+    #[arg(long, env = "SANDWARDEN_CONSOLE_DIR")]
+    pub console_dir: Option<std::path::PathBuf>,
     /// The namespace of Sandboxes and their Pods (kubernetes runtime; default: the service
     /// account's or the kubeconfig context's).
     #[arg(long, env = "SANDWARDEN_NAMESPACE")]
@@ -686,6 +690,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         default_template: args.default_template.clone(),
         tty_token_ttl: Duration::from_secs(args.tty_token_ttl.max(1)),
         allowed_origins: args.allowed_origins.clone(),
+        console_dir: args.console_dir.clone(),
         webhook_lease: Duration::from_secs(args.webhook_lease.max(1)),
         replica_lease: Duration::from_secs(args.replica_lease.max(2)),
         client_timeout: Duration::from_secs(args.client_timeout.max(1)),

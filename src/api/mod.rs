@@ -2,6 +2,7 @@
 //! bridge. Handlers translate HTTP to the orchestrator and back; they hold no state of their own.
 
 mod chat;
+mod console;
 mod error;
 pub mod openapi;
 mod seed;
@@ -92,6 +93,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/api-keys", post(create_key).get(list_keys))
         .route("/v1/usage", get(usage))
         .route("/v1/templates", get(list_templates))
+        .route("/v1/events", get(watch_sessions))
         .route("/v1/api-keys/{id}", delete(revoke_key).patch(change_key))
         .nest("/anthropic", vendor::anthropic::router())
         .nest("/openai/v1", vendor::openai::router())
@@ -101,6 +103,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
     Router::new()
         .merge(v1)
         .merge(seed::open_router())
+        .merge(console::router())
         .route("/v1/openapi.json", get(openapi::serve_document))
         .route("/v1/sessions/{id}/tty", get(tty::attach))
         .route("/healthz", get(|| async { "ok" }))
@@ -523,6 +526,82 @@ async fn list_sessions(
     .into_response())
 }
 
+#[derive(Deserialize)]
+struct WatchQuery {
+    tenant: Option<String>,
+}
+
+/// The caller's sessions as they change, as SSE: `watching` once the stream is listening (a
+/// client lists the sessions after it, so nothing changed in between is missed), then a
+/// `session` event with a session's new state each time one changes (created, ready, a turn
+/// starting or ending, waiting for input, dead, deleted). A reader that falls behind gets
+/// `resync`: list again. Counts as one of the tenant's open streams.
+#[utoipa::path(get, path = "/v1/events", tag = "sessions",
+    params(("tenant" = Option<String>, Query, description = "another tenant's (admin keys)")),
+    responses((status = 200, description = "SSE: `watching`, then `session` events (each `data:` a SessionView) and `resync`")))]
+async fn watch_sessions(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<WatchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let q = query_of(query)?;
+    let tenant = acting_tenant(&caller, q.tenant)?;
+    let slot = stream_slot(&orch, &caller, true)?;
+    let watch = Watch {
+        orch: orch.clone(),
+        tenant,
+        changes: orch.changes(),
+        started: false,
+    };
+    let events = futures::stream::unfold(watch, |mut w| async move {
+        let event = w.next().await?;
+        Some((Ok::<_, Infallible>(event), w))
+    });
+    Ok(sse(holding(events, slot)))
+}
+
+struct Watch {
+    orch: Arc<Orchestrator>,
+    tenant: String,
+    changes: broadcast::Receiver<String>,
+    started: bool,
+}
+
+impl Watch {
+    /// The next event of a sessions watch; `None` ends the stream.
+    async fn next(&mut self) -> Option<SseEvent> {
+        if !self.started {
+            self.started = true;
+            return Some(SseEvent::default().event("watching").data("{}"));
+        }
+        let resync = || Some(SseEvent::default().event("resync").data("{}"));
+        loop {
+            let changed = tokio::select! {
+                changed = self.changes.recv() => changed,
+                () = self.orch.shutdown.cancelled() => return None,
+            };
+            let id = match changed {
+                Ok(id) if id == crate::session::ANY_SESSION => return resync(),
+                Ok(id) => id,
+                Err(broadcast::error::RecvError::Lagged(_)) => return resync(),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            match self.orch.store.get_session(&self.tenant, &id).await {
+                Ok(Some(s)) => {
+                    let data = serde_json::to_string(&view(&self.orch, &s)).ok()?;
+                    return Some(SseEvent::default().event("session").data(data));
+                }
+                // Another tenant's session.
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "a sessions watch could not read a session; ending it");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// A route's query string, or `400 invalid_query` saying what is wrong with it.
 pub(crate) fn query_of<T>(
     query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
@@ -939,12 +1018,14 @@ async fn answer_input(
 #[derive(Deserialize)]
 struct EventsQuery {
     since: Option<i64>,
+    tail: Option<bool>,
     limit: Option<i64>,
     stream: Option<bool>,
 }
 
 #[utoipa::path(get, path = "/v1/sessions/{id}/events", tag = "messages",
     params(("id" = String, Path), ("since" = Option<i64>, Query, description = "events after this seq"),
+           ("tail" = Option<bool>, Query, description = "start after the newest event (instead of `since`)"),
            ("limit" = Option<i64>, Query), ("stream" = Option<bool>, Query, description = "SSE (also with Accept: text/event-stream)"),
            ("Last-Event-ID" = Option<String>, Header)),
     responses((status = 200, description = "a page, or the events as SSE", body = openapi::EventsPage),
@@ -980,7 +1061,15 @@ async fn get_events(
             })
         })
         .transpose()?;
-    let since = last_event_id.or(q.since).unwrap_or(0);
+    let since = match last_event_id.or(q.since) {
+        Some(since) => since,
+        None if q.tail == Some(true) => orch
+            .store
+            .last_seq(&session.id)
+            .await
+            .map_err(SessionError::from)?,
+        None => 0,
+    };
     if since < 0 {
         return Err(Problem::new(
             StatusCode::BAD_REQUEST,

@@ -86,6 +86,7 @@ pub struct EventsPage {
     paths(
         super::create_session,
         super::list_sessions,
+        super::watch_sessions,
         super::get_session,
         super::delete_session,
         super::post_message,
@@ -146,7 +147,7 @@ impl utoipa::Modify for Problems {
             // A message's `stream: true` and the events' SSE.
             let streaming = if path.ends_with("/messages") {
                 item.post.as_mut()
-            } else if path.ends_with("/events") {
+            } else if path.ends_with("/events") || path == "/v1/events" {
                 item.get.as_mut()
             } else {
                 None

@@ -47,7 +47,7 @@ pub const COLD_START_TIMEOUT: Duration = Duration::from_secs(120);
 const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 /// On the changes channel: every session may have changed (notices from other replicas were
 /// missed), so every waiter re-reads.
-const ANY_SESSION: &str = "*";
+pub(crate) const ANY_SESSION: &str = "*";
 
 /// How every session id the server makes begins; ids a client picks may not.
 pub const GENERATED_ID_PREFIX: &str = "ses_";
@@ -77,6 +77,9 @@ pub struct Config {
     pub tty_token_ttl: Duration,
     /// Origins allowed to open terminal WebSockets from a browser (empty: same origin only).
     pub allowed_origins: Vec<String>,
+    /// Where the web console's files are read from instead of the copy built in (`None`: the
+    /// built-in one).
+    pub console_dir: Option<std::path::PathBuf>,
     /// How long a replica's claim on a webhook delivery lasts without renewal; another replica
     /// takes the delivery over after that (the claimer renews while it delivers).
     pub webhook_lease: Duration,

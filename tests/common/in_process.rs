@@ -57,6 +57,7 @@ pub async fn orchestrator(
         allow_private_webhooks: true,
         tty_token_ttl: Duration::from_secs(60),
         allowed_origins: vec![],
+        console_dir: None,
         webhook_lease: Duration::from_secs(30),
         replica_lease: Duration::from_secs(15),
         client_timeout: Duration::from_secs(30),

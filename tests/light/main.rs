@@ -10,6 +10,7 @@ mod common;
 mod agent_exit;
 mod auth;
 mod cli;
+mod console;
 mod controller;
 mod crds;
 mod dead_session;
