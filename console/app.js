@@ -801,7 +801,8 @@ function chatPanel(session) {
   form.addEventListener('submit', async (event) => {
     event.preventDefault();
     const text = input.value;
-    if (!text.trim() && !pending.length) return;
+    // Ctrl+Enter submits even while the Send button is disabled.
+    if (sending || (!text.trim() && !pending.length)) return;
     const body = pending.length
       ? { parts: [...(text.trim() ? [{ type: 'text', text }] : []), ...pending] }
       : { text };
@@ -976,15 +977,28 @@ function terminalPanel(session) {
   const reattach = el('button', { id: 'tty-reattach', type: 'button', text: 'Re-attach' });
   const panel = {
     node: el('section', { id: 'terminal-panel' }, el('div', { class: 'row' }, status, reattach), box),
-    sessionChanged: () => {},
     onTurnEnd: () => {},
   };
   let term = null;
   let fit = null;
   let socket = null;
+  let latest = session; // the session as last heard of
   const setStatus = (s, text) => {
     status.dataset.state = s;
     status.textContent = text;
+  };
+  const why = (s) => `the session is ${s.status}${s.failure_reason ? ` (${s.failure_reason})` : ''}`;
+
+  /** Attaches once the session has a terminal (a new session has none while creating). */
+  function attachWhenReady() {
+    if (!term || socket) return;
+    if (latest.tty_url) attach(latest.tty_url);
+    else if (latest.status === 'creating') setStatus('waiting', `waiting: ${why(latest)}`);
+    else setStatus('closed', `no terminal: ${why(latest)}`);
+  }
+  panel.sessionChanged = (s) => {
+    latest = s;
+    attachWhenReady();
   };
 
   const sendSize = () => {
@@ -1041,17 +1055,12 @@ function terminalPanel(session) {
   async function reattachNow() {
     setStatus('connecting', 'connecting…');
     try {
-      const fresh = await api('GET', sessionPath(session.id));
-      panel.sessionChanged(fresh);
-      if (!fresh.tty_url) {
-        setStatus('closed', `no terminal: the session is ${fresh.status}${fresh.failure_reason ? ` (${fresh.failure_reason})` : ''}`);
-        return;
-      }
+      latest = await api('GET', sessionPath(session.id));
       const old = socket;
       socket = null;
       old?.close();
-      term.reset();
-      attach(fresh.tty_url);
+      if (latest.tty_url) term.reset(); // the server replays the screen
+      attachWhenReady();
     } catch (e) {
       setStatus('error', errorText(e));
     }
@@ -1064,7 +1073,7 @@ function terminalPanel(session) {
     resizeTimer = setTimeout(() => fit?.fit(), 100);
   };
 
-  loadTerminalLibrary().then(() => {
+  function open() {
     term = new window.Terminal({ cursorBlink: true, scrollback: 5000, fontFamily: 'monospace', fontSize: 14 });
     fit = new window.FitAddon.FitAddon();
     term.loadAddon(fit);
@@ -1082,9 +1091,9 @@ function terminalPanel(session) {
     box.dataset.cols = term.cols;
     box.dataset.rows = term.rows;
     window.addEventListener('resize', onWindowResize);
-    if (session.tty_url) attach(session.tty_url);
-    else reattachNow();
-  }).catch((e) => setStatus('error', `${e.message}: this build has no terminal library`));
+    attachWhenReady();
+  }
+  loadTerminalLibrary().then(open, (e) => setStatus('error', `${e.message}: this build has no terminal library`));
 
   state.leaving.push(() => {
     window.removeEventListener('resize', onWindowResize);

@@ -81,6 +81,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
         .route("/v1/sessions/{id}/turns", get(list_turns))
         .route("/v1/sessions/{id}/turns/{turn_id}", get(get_turn))
         .route("/v1/sessions/{id}/cancel", post(cancel))
+        .route("/v1/sessions/{id}/options", get(agent_options))
         .route("/v1/sessions/{id}/files", get(list_files))
         .route(
             "/v1/sessions/{id}/files/{*path}",
@@ -1466,6 +1467,22 @@ async fn list_files(
     let id = session_path(&tenant, &id)?;
     let listing = orch.list_files(&tenant, &id, q.under.as_deref()).await?;
     Ok(passed_through(listing, "application/json"))
+}
+
+/// `GET /v1/sessions/{id}/options`: what a message may choose (`model`, `agent`, `thinking`)
+/// and what the session's agent offers for each, as the agent last reported.
+#[utoipa::path(get, path = "/v1/sessions/{id}/options", tag = "messages",
+    params(("id" = String, Path), ("tenant" = Option<String>, Query, description = "another tenant's (admin keys)")),
+    responses((status = 200, body = sandwarden_proto::event::AgentOptions)))]
+async fn agent_options(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let tenant = acting_tenant(&caller, query_of(query)?.tenant)?;
+    let id = session_path(&tenant, &id)?;
+    Ok(Json(orch.agent_options(&tenant, &id).await?).into_response())
 }
 
 /// A harness's answer body, streamed to the client as it arrives (serve holds a chunk at a time).

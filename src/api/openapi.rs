@@ -87,6 +87,7 @@ pub struct EventsPage {
         super::create_session,
         super::list_sessions,
         super::watch_sessions,
+        super::agent_options,
         super::get_session,
         super::delete_session,
         super::post_message,

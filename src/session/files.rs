@@ -57,6 +57,25 @@ impl Orchestrator {
         }
     }
 
+    /// The settings a message to an API session may choose (`model`, `agent`, `thinking`) and
+    /// what its agent offers for them.
+    pub async fn agent_options(
+        &self,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<sandwarden_proto::event::AgentOptions, SessionError> {
+        let session = self.get(tenant, session_id).await?;
+        if session.kind == "tui" && session.status.is_live() {
+            return Err(SessionError::Terminal {
+                tty_url: self.tty_url(&session),
+            });
+        }
+        self.on_files(tenant, session_id, |client| async move {
+            client.agent_options().await
+        })
+        .await
+    }
+
     /// The entries of the session's working directory (under `under`, a directory in it): the
     /// harness's answer, its JSON body still to be read.
     pub async fn list_files(

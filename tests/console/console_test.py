@@ -123,13 +123,19 @@ class Console:
 
     # ---- chat helpers
 
+    def click_send(self):
+        # Send stays disabled until the previous turn's stream has closed, a moment after its
+        # last event is drawn.
+        self.wait("Send to be enabled", lambda d: d.find_element(By.ID, "send").is_enabled())
+        self.find("#send").click()
+
     def send(self, text):
         """Sends `text` from the composer; the new turn's element."""
         before = len(self.finds("#history .turn"))
         box = self.find("#message-input")
         box.clear()
         box.send_keys(text)
-        self.find("#send").click()
+        self.click_send()
         return self.wait("the turn to show", lambda d: (
             d.find_elements(By.CSS_SELECTOR, "#history .turn")[before:] or [None])[0])
 
@@ -283,7 +289,7 @@ class Console:
         turns = len(self.finds("#history .turn"))
         box = self.find("#message-input")
         box.send_keys("/config")
-        self.find("#send").click()
+        self.click_send()
         error = self.visible("#chat-error")
         assert "echo-small" in error.text and "echo-large" in error.text, error.text
         assert len(self.finds("#history .turn")) == turns, "a refused message makes no turn"

@@ -15,7 +15,9 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsa
      form-action 'none'; frame-ancestors 'none'";
 
 fn console_file(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("console").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("console")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -32,7 +34,12 @@ async fn get(serve: &Serve, path: &str) -> (u16, String, String, String) {
     };
     let (content_type, csp) = (header("content-type"), header("content-security-policy"));
     let status = response.status().as_u16();
-    (status, content_type, csp, response.text().await.unwrap_or_default())
+    (
+        status,
+        content_type,
+        csp,
+        response.text().await.unwrap_or_default(),
+    )
 }
 
 /// The values of every `src="…"` and `href="…"` attribute in `html`.
@@ -83,7 +90,10 @@ async fn the_console_is_served_with_its_policy_and_refers_to_this_server_alone()
     ] {
         let (status, kind, _, body) = get(&serve, path).await;
         assert_eq!(status, 404, "{path}: {body}");
-        assert!(kind.starts_with("application/problem+json"), "{path}: {kind}");
+        assert!(
+            kind.starts_with("application/problem+json"),
+            "{path}: {kind}"
+        );
     }
 
     // Nothing from another origin: every reference is a path on this server (or inline data),
@@ -92,7 +102,9 @@ async fn the_console_is_served_with_its_policy_and_refers_to_this_server_alone()
     assert!(refs.len() >= 4, "{refs:?}");
     for r in &refs {
         assert!(
-            (r.starts_with('/') && !r.starts_with("//")) || r.starts_with('#') || r.starts_with("data:"),
+            (r.starts_with('/') && !r.starts_with("//"))
+                || r.starts_with('#')
+                || r.starts_with("data:"),
             "the index refers to {r:?}"
         );
     }
@@ -103,7 +115,10 @@ async fn the_console_is_served_with_its_policy_and_refers_to_this_server_alone()
         );
     }
     // No inline script or handler, which the policy would refuse anyway.
-    assert!(!index.contains("<script>") && !index.contains(" onclick="), "{index}");
+    assert!(
+        !index.contains("<script>") && !index.contains(" onclick="),
+        "{index}"
+    );
 }
 
 /// The Python that has selenium (scripts/install-sdks puts it in target/sdk-venv), when the
@@ -122,7 +137,9 @@ fn browser_python() -> Option<PathBuf> {
     }
     let python = std::env::var_os("SANDWARDEN_SDK_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv/bin/python"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv/bin/python")
+        });
     let has_selenium = std::process::Command::new(&python)
         .args(["-c", "import selenium"])
         .output()

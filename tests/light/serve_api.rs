@@ -1300,3 +1300,167 @@ async fn mcp_servers_given_at_create_reach_the_agents_session() {
         "{failed}"
     );
 }
+
+/// Reads SSE `(event, data)` pairs from a response until `until` says stop (20 s at most).
+async fn read_sse(
+    resp: reqwest::Response,
+    mut until: impl FnMut(&str, &serde_json::Value) -> bool,
+) -> Vec<(String, serde_json::Value)> {
+    use eventsource_stream::Eventsource;
+    let mut events = resp.bytes_stream().eventsource();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(Some(Ok(e))) = tokio::time::timeout_at(deadline, events.next()).await {
+        let data: serde_json::Value = serde_json::from_str(&e.data).unwrap_or_default();
+        let stop = until(&e.event, &data);
+        seen.push((e.event, data));
+        if stop {
+            break;
+        }
+    }
+    seen
+}
+
+/// `GET /v1/events` follows a tenant's sessions as they change, and only that tenant's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_watch_follows_the_tenants_sessions_only() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let (_, other) = api
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"tenant": "watch-other"})),
+        )
+        .await;
+    let other = api.with_key(other["key"].as_str().expect("key"));
+    let watch = reqwest::Client::new()
+        .get(serve.url("/v1/events"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("watch");
+    assert_eq!(watch.status(), 200);
+    assert!(
+        watch.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/event-stream")
+    );
+    // Changes the watcher must not see: another tenant's session.
+    let theirs = other.ready("echo").await;
+    let mine = api.ready("echo").await;
+    let (status, _) = api.say(&mine, "watched words").await;
+    assert_eq!(status, 200);
+    let (status, _) = api
+        .call("DELETE", &format!("/v1/sessions/{mine}"), None)
+        .await;
+    assert_eq!(status, 200);
+    let seen = read_sse(watch, |kind, data| {
+        kind == "session" && data["status"] == "deleted"
+    })
+    .await;
+    assert_eq!(seen[0].0, "watching", "{seen:?}");
+    let statuses: Vec<&str> = seen
+        .iter()
+        .filter(|(kind, _)| kind == "session")
+        .map(|(_, s)| {
+            assert_eq!(s["id"], mine, "only the tenant's own sessions: {s}");
+            assert_ne!(s["id"], theirs);
+            s["status"].as_str().unwrap_or("")
+        })
+        .collect();
+    for wanted in ["running", "deleted"] {
+        assert!(statuses.contains(&wanted), "{wanted} not in {statuses:?}");
+    }
+}
+
+/// `GET /v1/sessions/{id}/options` says what a message may choose and what the agent offers;
+/// a choice made by a message shows as current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_agent_options_are_listed() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (status, listed) = api
+        .call("GET", &format!("/v1/sessions/{id}/options"), None)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let current = |listed: &serde_json::Value, field: &str| {
+        listed["options"]
+            .as_array()
+            .expect("options")
+            .iter()
+            .find(|o| o["id"] == field)
+            .map(|o| o["current"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(current(&listed, "model"), "echo-small");
+    assert_eq!(current(&listed, "agent"), "default");
+    let models: Vec<&str> = listed["options"][0]["values"]
+        .as_array()
+        .expect("values")
+        .iter()
+        .filter_map(|v| v["id"].as_str())
+        .collect();
+    assert_eq!(models, ["echo-small", "echo-large"]);
+    let (status, reply) = api
+        .call(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(json!({"text": "bigger please", "model": "echo-large", "agent": "plan"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let (_, listed) = api
+        .call("GET", &format!("/v1/sessions/{id}/options"), None)
+        .await;
+    assert_eq!(current(&listed, "model"), "echo-large");
+    assert_eq!(current(&listed, "agent"), "plan");
+
+    // A terminal session has none; another tenant's session is not found.
+    let sh = api.ready("sh").await;
+    let (status, body) = api
+        .call("GET", &format!("/v1/sessions/{sh}/options"), None)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["type"], "tui_session");
+    let (_, key) = api
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"tenant": "options-other"})),
+        )
+        .await;
+    let other = api.with_key(key["key"].as_str().expect("key"));
+    let (status, _) = other
+        .call("GET", &format!("/v1/sessions/{id}/options"), None)
+        .await;
+    assert_eq!(status, 404);
+}
+
+/// `?tail=true` starts a session's event stream after its newest event: no replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_can_start_at_the_tail() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let (status, _) = api.say(&id, "before the tail").await;
+    assert_eq!(status, 200);
+    let stream = reqwest::Client::new()
+        .get(serve.url(&format!("/v1/sessions/{id}/events?stream=true&tail=true")))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(stream.status(), 200);
+    let (status, _) = api.say(&id, "after the tail").await;
+    assert_eq!(status, 200);
+    let seen = read_sse(stream, |kind, _| kind == "done").await;
+    let texts: String = seen
+        .iter()
+        .filter(|(kind, _)| kind == "text")
+        .filter_map(|(_, e)| e["data"]["text"].as_str())
+        .collect();
+    assert_eq!(texts, "after the tail");
+}

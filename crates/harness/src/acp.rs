@@ -228,6 +228,11 @@ impl ApiAgent {
         self.status.subscribe()
     }
 
+    /// The settings a message may choose, as the agent last reported them.
+    pub fn agent_options(&self) -> crate::event::AgentOptions {
+        crate::config::offered(&lock(&self.inner).choices)
+    }
+
     pub fn health(&self) -> Health {
         let s = self.status.borrow().clone();
         let g = lock(&self.inner);

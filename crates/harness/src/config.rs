@@ -2,7 +2,7 @@
 //! agent advertises (config options by category, or the older session modes). Pure: it decides
 //! which changes to request and never talks to the agent.
 
-use crate::event::TurnOptions;
+use crate::event::{AgentOption, AgentOptions, OptionValue, TurnOptions};
 use agent_client_protocol::v1::schema::{
     SessionConfigKind, SessionConfigOption, SessionConfigOptionCategory, SessionConfigOptionValue,
     SessionConfigSelectOption, SessionConfigSelectOptions, SessionModeState,
@@ -131,6 +131,53 @@ fn thinking_change(option: &SessionConfigOption, on: bool) -> Option<Change> {
     })
 }
 
+/// What the agent offers, by the message field that chooses it: its model and mode options (or
+/// its session modes) and its thought level when that is a list.
+pub fn offered(choices: &Choices) -> AgentOptions {
+    let listed = |field: &str, option: &SessionConfigOption| {
+        let SessionConfigKind::Select(select) = &option.kind else {
+            return None;
+        };
+        Some(AgentOption {
+            id: field.to_string(),
+            name: option.name.clone(),
+            current: Some(select.current_value.0.to_string()),
+            values: select_values(&select.options)
+                .into_iter()
+                .map(|v| OptionValue {
+                    id: v.value.0.to_string(),
+                    name: v.name.clone(),
+                })
+                .collect(),
+        })
+    };
+    let mut options = Vec::new();
+    if let Some(o) = by_category(choices, &SessionConfigOptionCategory::Model) {
+        options.extend(listed("model", o));
+    }
+    if let Some(o) = by_category(choices, &SessionConfigOptionCategory::Mode) {
+        options.extend(listed("agent", o));
+    } else if let Some(modes) = &choices.modes {
+        options.push(AgentOption {
+            id: "agent".into(),
+            name: "Mode".into(),
+            current: Some(modes.current_mode_id.0.to_string()),
+            values: modes
+                .available_modes
+                .iter()
+                .map(|m| OptionValue {
+                    id: m.id.0.to_string(),
+                    name: m.name.clone(),
+                })
+                .collect(),
+        });
+    }
+    if let Some(o) = by_category(choices, &SessionConfigOptionCategory::ThoughtLevel) {
+        options.extend(listed("thinking", o));
+    }
+    AgentOptions { options }
+}
+
 /// Decides the changes that put the agent in the state `wanted` asks for. `model` and `agent`
 /// must name something the agent offers; `thinking` is a hint an agent without a thought-level
 /// setting ignores (its reasoning is surfaced either way).
@@ -228,6 +275,26 @@ mod tests {
             id: id.into(),
             value: SessionConfigOptionValue::from(value),
         }
+    }
+
+    #[test]
+    fn what_the_agent_offers_is_listed_by_message_field() {
+        let listed = offered(&choices());
+        let fields: Vec<(&str, Option<&str>, usize)> = listed
+            .options
+            .iter()
+            .map(|s| (s.id.as_str(), s.current.as_deref(), s.values.len()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("model", Some("small"), 2),
+                ("agent", Some("default"), 2),
+                ("thinking", Some("off"), 3)
+            ]
+        );
+        assert_eq!(listed.options[0].values[1].name, "Large model");
+        assert!(offered(&Choices::default()).options.is_empty());
     }
 
     #[test]

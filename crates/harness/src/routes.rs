@@ -37,6 +37,7 @@ pub fn router(cfg: Arc<HarnessConfig>, driver: Driver) -> Router {
         .route("/healthz", get(health))
         .route("/v1/turns", post(start_turn))
         .route("/v1/turns/cancel", post(cancel_turn))
+        .route("/v1/options", get(agent_options))
         .route("/v1/inputs/{request_id}", post(answer_input))
         .route("/v1/bind", post(bind))
         .route("/v1/tty", get(tty))
@@ -185,6 +186,14 @@ async fn bind(
         Driver::Tui(t) => t.bind(checked).await?,
     };
     Ok(Json(health).into_response())
+}
+
+/// The settings a message may choose (`model`, `agent`, `thinking`) and what the agent offers.
+async fn agent_options(State(state): State<AppState>) -> Result<Response, Problem> {
+    let Driver::Api(agent) = &state.driver else {
+        return Err(wrong_kind("GET /v1/options", "tui"));
+    };
+    Ok(Json(agent.agent_options()).into_response())
 }
 
 async fn tty(

@@ -364,6 +364,37 @@ pub fn validate_id(field: &str, id: &str) -> Result<(), String> {
     }
 }
 
+/// A setting a message may choose (its `model`, `agent` or `thinking`) and what the agent offers
+/// for it, as the agent last reported (`GET /v1/options` of the harness).
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentOption {
+    /// The message field that chooses it: `model`, `agent` or `thinking`.
+    pub id: String,
+    /// The agent's name for the setting.
+    pub name: String,
+    /// The value in force now (an id of `values`), when the agent says.
+    #[serde(default)]
+    pub current: Option<String>,
+    /// What may be chosen (by id or, case-insensitively, by name).
+    pub values: Vec<OptionValue>,
+}
+
+/// One choice of an [`AgentOption`].
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OptionValue {
+    pub id: String,
+    pub name: String,
+}
+
+/// What an API session's agent offers.
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentOptions {
+    pub options: Vec<AgentOption>,
+}
+
 /// How a client answers an `input_required` event.
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -111,6 +111,27 @@ impl tokio::io::AsyncWrite for HarnessIo {
 }
 
 /// An answer that was not a success: its problem document, or one describing the body.
+/// The most a small JSON answer of a harness (health, settings) may hold: a sandbox is not
+/// trusted, and serve reads these bodies whole.
+const SMALL_ANSWER: usize = 1024 * 1024;
+
+/// A small answer's body, read no further than `SMALL_ANSWER`.
+async fn small_body(resp: reqwest::Response) -> Result<Vec<u8>, ClientError> {
+    use futures::StreamExt;
+    let mut body = Vec::new();
+    let mut chunks = resp.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(ClientError::Transport)?;
+        if body.len() + chunk.len() > SMALL_ANSWER {
+            return Err(ClientError::Stream(format!(
+                "the harness's answer is larger than {SMALL_ANSWER} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 fn refused(status: reqwest::StatusCode, body: &[u8]) -> ClientError {
     ClientError::Refused(serde_json::from_slice(body).unwrap_or_else(|_| {
         Problem::new(status, "unexpected_response", String::from_utf8_lossy(body))
@@ -206,8 +227,17 @@ impl HarnessClient {
         let url = self.url("/healthz");
         let resp = self.dispatch(self.http.get(&url), &url).await?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(ClientError::Transport)?;
+        let body = small_body(resp).await?;
         serde_json::from_slice::<Health>(&body).map_err(|_| refused(status, &body))
+    }
+
+    /// The settings a message may choose and what the agent offers for them.
+    pub async fn agent_options(&self) -> Result<crate::event::AgentOptions, ClientError> {
+        let url = self.url("/v1/options");
+        let resp = self.send(self.http.get(&url), &url).await?;
+        let status = resp.status();
+        let body = small_body(resp).await?;
+        serde_json::from_slice(&body).map_err(|_| refused(status, &body))
     }
 
     /// Starts a turn and returns its events as they arrive; the stream ends after `done`/`error`.
