@@ -97,8 +97,8 @@ class ApiError extends Error {
 }
 
 /** Sends a request with the key; the Response when it is 2xx, else throws an ApiError. */
-async function request(method, path, body, { signal, key = state.key } = {}) {
-  const headers = { Authorization: `Bearer ${key}` };
+async function request(method, path, body, { signal } = {}) {
+  const headers = { Authorization: `Bearer ${state.key}` };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   const response = await fetch(path, {
     method,
@@ -116,7 +116,7 @@ async function request(method, path, body, { signal, key = state.key } = {}) {
   }
   const error = new ApiError(response.status, problem);
   // The key was revoked while signed in: nothing else will work, so say so at the sign-in form.
-  if (response.status === 401 && state.key && key === state.key) {
+  if (response.status === 401 && state.key) {
     signOut('The server refused this key (it may have been revoked); sign in again.');
   }
   throw error;
@@ -395,7 +395,11 @@ function sessionsPage(params) {
       showError(error, errorText(e));
     }
   }
-  more.addEventListener('click', () => load(nextCursor));
+  more.addEventListener('click', async () => {
+    more.disabled = true; // one page at a time: a second click would read the same page again
+    await load(nextCursor);
+    more.disabled = false;
+  });
 
   watchWhileHere((type, session) => {
     if (type === 'session') upsert(session);
@@ -413,11 +417,12 @@ function sessionsPage(params) {
     el('h1', { text: 'Sessions' }),
     createForm(),
     el('div', { class: 'filters' },
-      el('label', { text: 'Status ' },
+      el('span', { class: 'muted', text: 'Show' }),
+      el('label', { text: 'status ' },
         el('select', { id: 'filter-status', onchange: (e) => setFilter('status', e.target.value) },
           el('option', { value: '', text: 'any' }),
           STATUSES.map((s) => el('option', { value: s, text: s, selected: s === filter.status })))),
-      el('label', { text: 'Template ' },
+      el('label', { text: 'template ' },
         el('select', { id: 'filter-template', onchange: (e) => setFilter('template', e.target.value) },
           templateOptions(filter.harness, { any: 'any' })))),
     error,
@@ -435,7 +440,7 @@ function createForm() {
   const button = el('button', { id: 'create-submit', type: 'submit', text: 'Create session' });
   const error = el('p', { id: 'create-error', class: 'error', hidden: true });
   const form = el('form', { id: 'create-form', class: 'row' },
-    el('label', { text: 'Template ' }, picker), title, button, error);
+    el('label', { text: 'New session from ' }, picker), title, button, error);
   form.addEventListener('submit', async (event) => {
     event.preventDefault();
     button.disabled = true;
@@ -614,21 +619,30 @@ function chatPanel(session) {
   const input = el('textarea', { id: 'message-input', rows: '3', placeholder: 'Message (Ctrl+Enter sends)' });
   const files = el('input', { id: 'attach-input', type: 'file', multiple: true });
   const attached = el('ul', { id: 'attachments' });
+  const unattach = el('button', { id: 'attach-clear', type: 'button', class: 'danger', text: 'Remove attachments', hidden: true });
   const send = el('button', { id: 'send', type: 'submit', text: 'Send' });
   const cancel = el('button', { id: 'cancel', type: 'button', class: 'danger', text: 'Cancel turn', hidden: true });
   const error = el('p', { id: 'chat-error', class: 'error', role: 'alert', hidden: true });
   const options = el('span', { id: 'chat-options', class: 'row' });
-  const fields = { model: null, agent: null };
+  const choices = choiceFields(id, options);
   const form = el('form', { id: 'composer' }, input,
     el('div', { class: 'row' }, options, el('label', { text: 'Attach ' }, files), send, cancel),
-    attached, error);
+    el('div', { class: 'row' }, attached, unattach), error);
 
   let pending = []; // parts read from the chosen files
   files.addEventListener('change', async () => {
     const chosen = [...files.files];
     pending = await Promise.all(chosen.map(filePart));
     attached.replaceChildren(...chosen.map((f, i) => el('li', { text: `${pending[i].type}: ${f.name} (${pending[i].mime_type})` })));
+    unattach.hidden = !pending.length;
   });
+  const clearAttachments = () => {
+    files.value = '';
+    pending = [];
+    attached.replaceChildren();
+    unattach.hidden = true;
+  };
+  unattach.addEventListener('click', clearAttachments);
   input.addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) form.requestSubmit();
   });
@@ -639,6 +653,8 @@ function chatPanel(session) {
   }
 
   panel.sessionChanged = (s) => {
+    // The agent's options are known once its sandbox is ready.
+    if (status === 'creating' && s.status !== 'creating') choices.refresh();
     status = s.status;
     const usable = !['failed', 'dead', 'deleted'].includes(status);
     input.disabled = !usable;
@@ -749,6 +765,7 @@ function chatPanel(session) {
     view.statusLine.textContent = [outcome, ...details.filter(Boolean)].join(' · ');
     // A question the turn ended without an answer to can no longer be answered.
     for (const card of view.inputs) for (const b of card.querySelectorAll('button, textarea')) b.disabled = true;
+    choices.refresh();
     panel.onTurnEnd();
   }
 
@@ -807,7 +824,7 @@ function chatPanel(session) {
       ? { parts: [...(text.trim() ? [{ type: 'text', text }] : []), ...pending] }
       : { text };
     body.stream = true;
-    for (const [name, field] of Object.entries(fields)) if (field?.value) body[name] = field.value;
+    Object.assign(body, choices.chosen());
     sending = true;
     busy();
     showError(error, '');
@@ -819,9 +836,8 @@ function chatPanel(session) {
       view.node.prepend(messageView({ role: 'user', parts: body.parts, text }));
       window.scrollTo(0, document.body.scrollHeight);
       input.value = '';
-      files.value = '';
-      pending = [];
-      attached.replaceChildren();
+      clearAttachments();
+      choices.sent();
       await readSse(response, (_type, data) => applyEvent(JSON.parse(data)));
     } catch (e) {
       // A refused message left no trace (422 unsupported_option names what the agent offers).
@@ -878,7 +894,18 @@ function chatPanel(session) {
   }
 
   older.addEventListener('click', () => loadOlder().catch((e) => showError(error, errorText(e))));
-  loadHistory().catch((e) => showError(error, `history: ${errorText(e)}`));
+
+  // A question the running turn asked before this page opened still waits: show it under the
+  // history (its turn's earlier output stays out; the answer streams in as it comes).
+  async function showWaitingQuestions() {
+    if (status !== 'input_required') return;
+    const waiting = await api('GET', sessionPath(id, '/inputs'));
+    for (const ev of waiting.inputs) applyEvent(ev);
+  }
+
+  loadHistory()
+    .then(showWaitingQuestions)
+    .catch((e) => showError(error, `history: ${errorText(e)}`));
 
   // ---- Turns started elsewhere (another tab, the CLI, an SDK), and the session's end: the
   // session's events from now on.
@@ -899,36 +926,72 @@ function chatPanel(session) {
     tail.signal,
   );
 
-  modelAndModeFields(id, fields, options);
   panel.node = el('section', { id: 'chat' }, older, history, form);
   return panel;
 }
 
+/** The message fields the composer offers: (field, label). */
+const CHOICES = [['model', 'Model'], ['agent', 'Mode'], ['thinking', 'Thinking']];
+
 /**
- * The model and mode fields, sent as a message's `model` and `agent`: selects filled from the
- * options the session's agent offers, or free text when the server does not list them (then a
- * wrong value is refused with a 422 whose detail names what the agent offers).
+ * The composer's model, mode and thinking fields, sent as a message's `model`, `agent` and
+ * `thinking`: selects filled from what the session's agent offers (GET …/options, read again
+ * after each turn to show the values in force, which a message's choice changes for later turns
+ * too), or free text for model and mode where the server does not list them (a wrong value is
+ * then refused with a 422 naming what is offered).
  */
-async function modelAndModeFields(id, fields, container) {
-  let offered = [];
-  if (state.optionsRoute !== false) {
-    try {
-      offered = (await api('GET', sessionPath(id, '/options'))).options || [];
-    } catch (e) {
-      // A server without the route answers the generic 404: not worth asking again.
-      if (e.type === 'not_found' || e.status === 405) state.optionsRoute = false;
+function choiceFields(id, container) {
+  const fields = new Map(); // field → its select or input
+
+  async function refresh() {
+    let offered = null;
+    if (state.optionsRoute !== false) {
+      try {
+        offered = (await api('GET', sessionPath(id, '/options'))).options;
+      } catch (e) {
+        // A server without the route answers the generic 404: not worth asking again. Other
+        // refusals (a session still creating) leave the fields as they are.
+        if (e.type === 'not_found') state.optionsRoute = false;
+      }
+    }
+    for (const [field, label] of CHOICES) {
+      const option = offered?.find((o) => o.id === field);
+      const node = fields.get(field);
+      let fresh = null;
+      if (option) {
+        // `thinking` is on or off in a message; the agent's levels show as its current value.
+        const values = field === 'thinking'
+          ? [{ id: 'true', name: 'on' }, { id: 'false', name: 'off' }] : option.values;
+        const kept = node?.tagName === 'SELECT' ? node.value : ''; // chosen, not yet sent
+        fresh = el('select', { id: `opt-${field}` },
+          el('option', { value: '', text: `unchanged (${option.current ?? 'none'})` }),
+          values.map((v) => el('option', { value: v.id, text: v.name || v.id, selected: v.id === kept })));
+      } else if (!node && field !== 'thinking' && !offered) {
+        fresh = el('input', { id: `opt-${field}`, placeholder: 'unchanged', size: '12' });
+      }
+      if (!fresh) continue;
+      if (node) node.replaceWith(fresh);
+      else container.append(el('label', { text: `${label} ` }, fresh));
+      fields.set(field, fresh);
     }
   }
-  const wanted = [['model', 'model', 'Model'], ['agent', 'mode', 'Mode']];
-  for (const [field, optionId, label] of wanted) {
-    const option = offered.find((o) => o.id === optionId);
-    fields[field] = option
-      ? el('select', { id: `opt-${field}` },
-        el('option', { value: '', text: `(${option.current ?? 'unchanged'})` }),
-        option.values.map((v) => el('option', { value: v.id, text: v.name || v.id })))
-      : el('input', { id: `opt-${field}`, placeholder: 'unchanged', size: '14' });
-    container.append(el('label', { text: `${label} ` }, fields[field]));
+
+  /** After a message was taken: its choices are in force now, so the fields say "unchanged". */
+  function sent() {
+    for (const node of fields.values()) node.value = '';
   }
+
+  /** The fields set for the next message. */
+  function chosen() {
+    const out = {};
+    for (const [field, node] of fields) {
+      if (node.value) out[field] = field === 'thinking' ? node.value === 'true' : node.value.trim();
+    }
+    return out;
+  }
+
+  refresh();
+  return { refresh, chosen, sent };
 }
 
 /** A chosen file as a message part: an image, a text file as text, anything else as base64. */
@@ -1264,7 +1327,7 @@ function limitsEditor(key, reload) {
 /** A tenant's sessions (GET /v1/sessions?tenant=), a page at a time. */
 function tenantSessions(tenant) {
   const tbody = el('tbody');
-  const more = el('button', { type: 'button', text: 'Load more', hidden: true });
+  const more = el('button', { type: 'button', 'data-test': 'more', text: 'Load more', hidden: true });
   const error = el('p', { class: 'error', hidden: true });
   let cursor = null;
 
@@ -1292,7 +1355,11 @@ function tenantSessions(tenant) {
       showError(error, errorText(e));
     }
   }
-  more.addEventListener('click', load);
+  more.addEventListener('click', async () => {
+    more.disabled = true;
+    await load();
+    more.disabled = false;
+  });
   load();
   return el('div', { class: 'tenant', 'data-tenant': tenant },
     el('h3', { text: tenant }),

@@ -78,8 +78,9 @@ pub enum Command {
         conn: crate::client::Connection,
         /// The session's id (or name).
         id: String,
-        /// The question's request id (`send`, `chat` and `events` show it).
-        request_id: String,
+        /// The question's request id (`send`, `chat` and `events` show it); may be left out
+        /// when one question waits.
+        request_id: Option<String>,
         /// Allow it for the rest of the session, not just this once.
         #[arg(long)]
         session: bool,
@@ -90,8 +91,9 @@ pub enum Command {
         conn: crate::client::Connection,
         /// The session's id (or name).
         id: String,
-        /// The question's request id (`send`, `chat` and `events` show it).
-        request_id: String,
+        /// The question's request id (`send`, `chat` and `events` show it); may be left out
+        /// when one question waits.
+        request_id: Option<String>,
     },
     /// Print a session's messages, oldest first.
     History {
@@ -201,7 +203,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 crate::client::Decision::ApproveOnce
             };
-            client(crate::client::decide(&conn, &id, &request_id, decision))
+            client(crate::client::decide(
+                &conn,
+                &id,
+                request_id.as_deref(),
+                decision,
+            ))
         }
         Command::Deny {
             conn,
@@ -210,7 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => client(crate::client::decide(
             &conn,
             &id,
-            &request_id,
+            request_id.as_deref(),
             crate::client::Decision::Deny,
         )),
         Command::History { conn, id } => client(crate::client::history(&conn, &id)),

@@ -87,6 +87,7 @@ pub fn router(orch: Arc<Orchestrator>) -> Router {
             "/v1/sessions/{id}/files/{*path}",
             get(read_file).put(write_file),
         )
+        .route("/v1/sessions/{id}/inputs", get(pending_inputs))
         .route(
             "/v1/sessions/{id}/inputs/{request_id}",
             post(answer_input).put(answer_input),
@@ -990,6 +991,28 @@ async fn cancel(
     let id = session_path(&caller.tenant, &id)?;
     let v = orch.cancel(&caller.tenant, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(v)).into_response())
+}
+
+/// `GET /v1/sessions/{id}/inputs`: the questions the running turn waits on (its unanswered
+/// `input_required` events), for a client that opens the session while one waits.
+#[utoipa::path(get, path = "/v1/sessions/{id}/inputs", tag = "messages",
+    params(("id" = String, Path), ("tenant" = Option<String>, Query, description = "another tenant's (admin keys)")),
+    responses((status = 200, body = openapi::PendingInputs)))]
+async fn pending_inputs(
+    State(orch): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Problem> {
+    let tenant = acting_tenant(&caller, query_of(query)?.tenant)?;
+    let id = session_path(&tenant, &id)?;
+    let session = orch.get(&tenant, &id).await?;
+    let inputs = orch.pending_inputs(&session).await?;
+    Ok(Json(openapi::PendingInputs {
+        session_id: session.id,
+        inputs,
+    })
+    .into_response())
 }
 
 #[utoipa::path(post, path = "/v1/sessions/{id}/inputs/{request_id}", tag = "messages",

@@ -75,6 +75,14 @@ pub struct EventsPage {
     pub has_more: bool,
 }
 
+/// The questions of a session's running turn that wait for an answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PendingInputs {
+    pub session_id: String,
+    /// Their `input_required` events, the oldest first.
+    pub inputs: Vec<Event>,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -88,6 +96,7 @@ pub struct EventsPage {
         super::list_sessions,
         super::watch_sessions,
         super::agent_options,
+        super::pending_inputs,
         super::get_session,
         super::delete_session,
         super::post_message,

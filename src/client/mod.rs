@@ -566,15 +566,54 @@ impl Client {
     }
 }
 
-/// `sandwarden approve|deny ID REQUEST_ID`: answers a question the agent asked.
+/// `sandwarden approve|deny ID [REQUEST_ID]`: answers a question the agent asked; without a
+/// request id, the one question that waits.
 pub async fn decide(
     conn: &Connection,
     id: &str,
-    request_id: &str,
+    request_id: Option<&str>,
     decision: Decision,
 ) -> anyhow::Result<()> {
     let c = Client::new(conn)?;
-    c.answer(id, request_id, decision).await?;
+    let request_id = match request_id {
+        Some(r) => r.to_string(),
+        None => {
+            let waiting = c
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/v1/sessions/{id}/inputs"),
+                    None,
+                    Some(id),
+                )
+                .await?;
+            let questions: Vec<(String, String)> = waiting["inputs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let q = TurnEvent::parse("input_required", &e.to_string());
+                    match q {
+                        Some(TurnEvent::Asked(q)) => (q.request_id, q.title),
+                        _ => (String::new(), String::new()),
+                    }
+                })
+                .collect();
+            match questions.as_slice() {
+                [] => bail!("no question waits in {id}: nothing to answer"),
+                [(request_id, _)] => request_id.clone(),
+                several => bail!(
+                    "{} questions wait in {id}; name one: {}",
+                    several.len(),
+                    several
+                        .iter()
+                        .map(|(r, title)| format!("{r} ({title})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    c.answer(id, &request_id, decision).await?;
     println!("{request_id}: {}", decision.done());
     Ok(())
 }

@@ -121,6 +121,23 @@ class Console:
     def go(self, hash_):
         self.js("location.hash = arguments[0];", hash_)
 
+    def listed(self, rows_css, more_css, what):
+        """The first element matching `rows_css`, clicking "Load more" (`more_css`) until it shows
+        (a server that has run a while lists more sessions than a page holds)."""
+        def found(d):
+            rows = d.find_elements(By.CSS_SELECTOR, rows_css)
+            if rows:
+                return rows[0]
+            more = d.find_elements(By.CSS_SELECTOR, more_css)
+            if more and more[0].is_displayed() and more[0].is_enabled():
+                more[0].click()
+            return None
+        return self.wait(what, found)
+
+    def session_row(self, session):
+        return self.listed(f"#sessions-table tr[data-session-id='{session}']", "#sessions-more",
+                           f"session {session} in the list")
+
     # ---- chat helpers
 
     def click_send(self):
@@ -129,13 +146,17 @@ class Console:
         self.wait("Send to be enabled", lambda d: d.find_element(By.ID, "send").is_enabled())
         self.find("#send").click()
 
-    def send(self, text):
-        """Sends `text` from the composer; the new turn's element."""
+    def send(self, text, keyboard=False):
+        """Sends `text` from the composer (with Send, or Ctrl+Enter); the new turn's element."""
         before = len(self.finds("#history .turn"))
         box = self.find("#message-input")
         box.clear()
         box.send_keys(text)
-        self.click_send()
+        if keyboard:
+            self.wait("Send to be enabled", lambda d: d.find_element(By.ID, "send").is_enabled())
+            box.send_keys(Keys.CONTROL, Keys.ENTER)
+        else:
+            self.click_send()
         return self.wait("the turn to show", lambda d: (
             d.find_elements(By.CSS_SELECTOR, "#history .turn")[before:] or [None])[0])
 
@@ -173,7 +194,7 @@ class Console:
         self.wait("the sign-in button to be enabled", lambda d: d.find_element(By.ID, "signin-submit").is_enabled())
         usable_ms = (time.monotonic() - started) * 1000
         nav = self.js("const n = performance.getEntriesByType('navigation')[0];"
-                      "return {dcl: n.domContentLoadedEventEnd, load: n.loadEventEnd, bytes: n.transferSize};")
+                      "return {dcl: n.domContentLoadedEventEnd, load: n.loadEventEnd};")
         print(f"sign-in form usable after {usable_ms:.0f} ms (wall clock from navigation);"
               f" DOMContentLoaded {nav['dcl']:.0f} ms, load {nav['load']:.0f} ms in the browser")
         assert usable_ms < 5000, f"the sign-in form took {usable_ms:.0f} ms to become usable"
@@ -181,7 +202,6 @@ class Console:
         loaded = self.js("return performance.getEntriesByType('resource').map(e => e.name);")
         assert not any("xterm" in r for r in loaded), loaded
         self.shot("sign-in")
-        return usable_ms
 
     def wrong_key(self):
         self.find("#key-input").send_keys(f"not-a-key-{self.run}")
@@ -232,7 +252,7 @@ class Console:
         self.shot("chat-echo")
 
         # A tool call and its result, as a card.
-        turn = self.send(f"/tool tooled {self.run}")
+        turn = self.send(f"/tool tooled {self.run}", keyboard=True)
         assert self.turn_end(turn) == "completed"
         card = turn.find_element(By.CSS_SELECTOR, ".card.tool")
         assert "read echo.txt" in self.text_of(card) and f"tooled {self.run}" in self.text_of(card), self.text_of(card)
@@ -266,7 +286,7 @@ class Console:
         self.wait("Cancel to go once the turn ended", lambda d: not d.find_element(By.ID, "cancel").is_displayed())
 
     def cancel(self, session):
-        turn = self.send(f"/slow 100 slowtick-{self.run}")
+        turn = self.send(f"/slow 300 slowtick-{self.run}")
         # It streams: chunks show while the turn still runs.
         self.wait("a few chunks", lambda d: self.answer(turn).count(f"slowtick-{self.run}") >= 3)
         assert turn.find_element(By.CSS_SELECTOR, "[data-test=turn-status]").get_attribute("data-status") == "running"
@@ -274,7 +294,7 @@ class Console:
         self.visible("#cancel").click()
         assert self.turn_end(turn) == "cancelled"
         seen = self.answer(turn)
-        full = "".join(f"slowtick-{self.run} {i}\n" for i in range(100))
+        full = "".join(f"slowtick-{self.run} {i}\n" for i in range(300))
         assert full.startswith(seen) and len(seen) < len(full), seen
         status, turns = self.call("GET", f"/v1/sessions/{session}/turns?limit=500")
         assert status == 200, turns
@@ -283,25 +303,27 @@ class Console:
         self.shot("chat-cancelled")
 
     def options(self, session):
-        # A model the agent does not offer: refused, and the 422's detail names what it offers.
-        model = self.find("#opt-model")
-        model.send_keys(f"no-such-model-{self.run}")
-        turns = len(self.finds("#history .turn"))
-        box = self.find("#message-input")
-        box.send_keys("/config")
-        self.click_send()
-        error = self.visible("#chat-error")
-        assert "echo-small" in error.text and "echo-large" in error.text, error.text
-        assert len(self.finds("#history .turn")) == turns, "a refused message makes no turn"
-        assert self.find("#message-input").get_attribute("value") == "/config", "a refused message is kept"
-        self.shot("chat-refused-option")
-        model.clear()
-        model.send_keys("echo-large")
-        self.find("#opt-agent").send_keys("plan")
+        """Model, mode and thinking: chosen from what the agent offers, sent with the message."""
+        model = Select(self.wait("the model choices", lambda d: (
+            lambda e: e if e.tag_name == "select" else None)(d.find_element(By.ID, "opt-model"))))
+        offered = [o.get_attribute("value") for o in model.options]
+        assert offered == ["", "echo-small", "echo-large"], offered
+        assert model.first_selected_option.text == "unchanged (echo-small)"
+        model.select_by_value("echo-large")
+        Select(self.find("#opt-agent")).select_by_value("plan")
+        Select(self.find("#opt-thinking")).select_by_value("true")
         turn = self.send("/config")
         assert self.turn_end(turn) == "completed"
-        assert "model=echo-large" in self.answer(turn) and "mode=plan" in self.answer(turn), self.answer(turn)
-        assert not self.find("#chat-error").is_displayed()
+        for setting in ("model=echo-large", "mode=plan", "thinking=low"):
+            assert setting in self.answer(turn), (setting, self.answer(turn))
+        # In force now: the fields say so and go back to "unchanged".
+        self.wait("the model in force", lambda d: Select(
+            d.find_element(By.ID, "opt-model")).first_selected_option.text == "unchanged (echo-large)")
+        assert Select(self.find("#opt-agent")).first_selected_option.text == "unchanged (plan)"
+        assert Select(self.find("#opt-thinking")).first_selected_option.text == "unchanged (low)"
+        _, listed = self.call("GET", f"/v1/sessions/{session}/options")
+        assert {o["id"]: o["current"] for o in listed["options"]}["model"] == "echo-large", listed
+        self.shot("chat-options")
 
     def attachments(self, session):
         with tempfile.TemporaryDirectory() as tmp:
@@ -319,6 +341,27 @@ class Console:
         assert not self.finds("#attachments li"), "the attachments are cleared once sent"
         self.shot("chat-attachments")
 
+        # A message the server refuses (the echo agent takes no binary file): the problem's
+        # detail shows, no turn is made, and the message stays to be fixed.
+        turns = len(self.finds("#history .turn"))
+        with tempfile.TemporaryDirectory() as tmp:
+            blob = pathlib.Path(tmp, "blob.bin")
+            blob.write_bytes(b"\xff\xfe\x00\x01")
+            self.find("#attach-input").send_keys(str(blob))
+            self.wait("the attachment listed", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attachments li")) == 1)
+            self.find("#message-input").send_keys(f"binary {self.run}")
+            self.click_send()
+            error = self.visible("#chat-error")
+        assert "does not accept binary files" in error.text, error.text
+        assert len(self.finds("#history .turn")) == turns, "a refused message makes no turn"
+        assert self.find("#message-input").get_attribute("value") == f"binary {self.run}"
+        self.shot("chat-refused")
+        self.find("#attach-clear").click()
+        assert not self.finds("#attachments li")
+        turn = self.send(f"binary {self.run}")
+        assert self.turn_end(turn) == "completed" and self.answer(turn) == f"binary {self.run}"
+        assert not self.find("#chat-error").is_displayed(), "a message that went through clears the error"
+
     def history(self, session, prompts):
         """A reload reads the history from the store; the key survives it (session storage)."""
         self.load("/#/session/" + session)
@@ -328,14 +371,91 @@ class Console:
         for p in prompts:
             assert any(u.endswith(p) for u in users), (p, users)
         self.shot("chat-history")
+        # A turn another client starts shows as it happens (the page follows the session's events).
+        elsewhere = f"sent elsewhere {self.run}"
+        status, started = self.call("POST", f"/v1/sessions/{session}/messages", {"text": elsewhere, "async": True})
+        assert status == 202, started
+        turn = self.wait("the other client's turn", lambda d: (
+            d.find_elements(By.CSS_SELECTOR, f"#history .turn[data-turn-id='{started['turn_id']}']") or [None])[0])
+        assert self.turn_end(turn) == "completed"
+        assert self.answer(turn) == elsewhere, self.answer(turn)
+
+    def waiting_question(self, session):
+        """A question asked while no page was open shows when the chat opens, and is answered
+        there."""
+        self.go("#/sessions")
+        question = f"may the console test {self.run} answer later?"
+        status, started = self.call("POST", f"/v1/sessions/{session}/messages",
+                                    {"text": f"/ask {question}", "async": True})
+        assert status == 202, started
+        for _ in range(200):
+            status, waiting = self.call("GET", f"/v1/sessions/{session}/inputs")
+            if status == 200 and waiting["inputs"]:
+                break
+            time.sleep(0.05)
+        assert waiting["inputs"], waiting
+        self.go(f"#/session/{session}")
+        turn = self.wait("the waiting question", lambda d: (
+            d.find_elements(By.CSS_SELECTOR, f"#history .turn[data-turn-id='{started['turn_id']}']") or [None])[0])
+        card = self.wait("its approval card", lambda d: (
+            turn.find_elements(By.CSS_SELECTOR, ".input-required") or [None])[0])
+        assert question in self.text_of(card), self.text_of(card)
+        self.shot("chat-waiting-question")
+        card.find_element(By.CSS_SELECTOR, "[data-decision=deny]").click()
+        assert self.turn_end(turn) == "completed"
+        assert self.answer(turn) == "permission denied (reject-once)", self.answer(turn)
+
+    def client_tool(self):
+        """A client tool's call shows its request; the output typed in goes back to the agent."""
+        status, session = self.call("POST", "/v1/sessions", {
+            "harness": "echo", "title": f"tools {self.run}",
+            "client_tools": [{"name": "lookup", "description": "looks a word up"}]})
+        assert status == 201, session
+        self.go(f"#/session/{session['id']}")
+        self.visible("#composer")
+        turn = self.send('/calltool lookup {"word": "%s"}' % self.run)
+        card = self.wait("the tool call", lambda d: (
+            turn.find_elements(By.CSS_SELECTOR, ".input-required") or [None])[0])
+        assert "lookup" in self.text_of(card) and self.run in self.text_of(card), self.text_of(card)
+        card.find_element(By.CSS_SELECTOR, "[data-test=tool-output]").send_keys(f"looked up {self.run}")
+        self.shot("chat-client-tool")
+        card.find_element(By.CSS_SELECTOR, "[data-test=tool-output-submit]").click()
+        assert self.turn_end(turn) == "completed"
+        assert self.answer(turn) == f"tool lookup answered: looked up {self.run}", self.answer(turn)
+        return session["id"]
+
+    def older_history(self):
+        """A history longer than a page: the newest shows, "Load older" brings the rest in order."""
+        status, session = self.call("POST", "/v1/sessions", {"harness": "echo", "title": f"long {self.run}"})
+        assert status == 201, session
+        prompts = [f"line {i:03d} {self.run}" for i in range(60)]  # 120 messages: two pages
+        for p in prompts:
+            status, body = self.call("POST", f"/v1/sessions/{session['id']}/messages", {"text": p})
+            assert status == 200 and body["text"] == p, body
+        self.go(f"#/session/{session['id']}")
+        older = self.visible("#history-older")
+
+        def users():
+            return [self.text_of(m)[len("user"):] for m in self.finds("#history .msg.user")]
+
+        assert users() == prompts[-10:], users()  # the newest page: 20 messages
+        older.click()
+        self.wait("the older page", lambda d: len(users()) == len(prompts))
+        assert users() == prompts, users()
+        assert not self.find("#history-older").is_displayed(), "nothing older is left"
+        answers = [self.text_of(m)[len("assistant"):] for m in self.finds("#history .msg.assistant")]
+        assert answers == prompts, answers
+        self.shot("chat-older-history")
+        return session["id"]
 
     def live_list(self, session):
         """The list follows statuses live: a turn sent by another client shows as running."""
         self.go("#/sessions")
+        self.visible("#sessions-page")
+        self.session_row(session)
         row = f"#sessions-table tr[data-session-id='{session}'] [data-test=status]"
-        self.wait("the session's row", lambda d: d.find_elements(By.CSS_SELECTOR, row))
         status, _ = self.call("POST", f"/v1/sessions/{session}/messages",
-                              {"text": f"/slow 100 listed-{self.run}", "async": True})
+                              {"text": f"/slow 300 listed-{self.run}", "async": True})
         assert status == 202
         self.wait("the row to show running", lambda d: d.find_element(By.CSS_SELECTOR, row).text == "running")
         self.shot("sessions-live")
@@ -419,10 +539,9 @@ class Console:
         assert keys["api_keys"][0]["limits"] == {"live_sessions": 3, "budget": {"tokens": 5000}}, keys
         # Usage, and every tenant's sessions.
         self.wait("the usage", lambda d: d.find_elements(By.CSS_SELECTOR, "#usage-table tr[data-tenant=default]"))
-        listed = self.wait("the default tenant's sessions", lambda d: {
-            r.get_attribute("data-session-id")
-            for r in d.find_elements(By.CSS_SELECTOR, "#tenant-sessions [data-tenant=default] tr[data-session-id]")} or None)
-        assert set(sessions) <= listed, (sessions, listed)
+        for session in sessions:
+            self.listed(f"#tenant-sessions [data-tenant=default] tr[data-session-id='{session}']",
+                        "#tenant-sessions [data-tenant=default] [data-test=more]", f"{session} among the tenant's")
         self.shot("admin")
         # Revoke, confirmed in the browser's dialog.
         self.find(f"{row_css} [data-test=revoke]").click()
@@ -434,8 +553,8 @@ class Console:
 
     def delete(self, session):
         self.go("#/sessions")
-        button = self.visible(f"#sessions-table tr[data-session-id='{session}'] [data-test=delete]")
-        button.click()
+        self.visible("#sessions-page")
+        self.session_row(session).find_element(By.CSS_SELECTOR, "[data-test=delete]").click()
         self.wait("the confirm dialog", lambda d: d.switch_to.alert).accept()
         self.wait("the row to show deleted", lambda d: d.find_element(
             By.CSS_SELECTOR, f"#sessions-table tr[data-session-id='{session}'] [data-test=status]").text == "deleted")
@@ -450,6 +569,24 @@ class Console:
         assert not self.finds("#view *"), "nothing of the signed-in pages is left"
         self.shot("signed-out")
 
+    def tenant_view(self, admin_sessions):
+        """A tenant's key: no admin page, and only its own sessions."""
+        status, created = self.call("POST", "/v1/api-keys", {"tenant": f"plain-{self.run}"})
+        assert status == 201, created
+        self.find("#key-input").send_keys(created["key"])
+        self.find("#signin-submit").click()
+        self.visible("#sessions-page")
+        assert not self.find("#nav-admin").is_displayed(), "a tenant's key has no admin page"
+        self.go("#/admin")
+        self.wait("#/admin to send a tenant back to its sessions", lambda d: d.current_url.endswith("#/sessions"))
+        self.visible("#sessions-page")
+        self.wait("the (empty) list", lambda d: d.find_element(By.CSS_SELECTOR, "#sessions-page p.muted").is_displayed())
+        assert not set(admin_sessions) & {r.get_attribute("data-session-id") for r in self.finds("tr[data-session-id]")}
+        self.shot("tenant-sessions")
+        self.find("#signout").click()
+        self.visible("#signin-form")
+        assert self.stored_key() is None
+
     def only_this_origin(self):
         self.collect_resources()
         others = [r for r in self.resources if not r.startswith(self.url + "/")]
@@ -461,6 +598,7 @@ class Console:
         assert not uncaught, f"script errors: {uncaught}"
         leaked = [e for e in self.logs if self.key in e["message"]]
         assert not leaked, "the key was written to the browser console"
+        assert not [r for r in self.resources if self.key in r], "the key went into a URL"
         print(f"{len(self.resources)} requests, all to {self.url}; no CSP violation or script error"
               f" in the {len(self.logs)} console lines:")
         for entry in self.logs:
@@ -486,11 +624,15 @@ def main():
         c.options(echo)
         c.attachments(echo)
         c.history(echo, [f"console echo {c.run} with several words to stream", f"/ask may the console test {c.run} go on?"])
+        c.waiting_question(echo)
+        tools = c.client_tool()
+        long = c.older_history()
         c.live_list(echo)
         shell = c.terminal()
-        c.admin([echo, shell])
+        c.admin([echo, shell, tools, long])
         c.delete(echo)
         c.sign_out()
+        c.tenant_view([echo, shell, tools, long])
         c.only_this_origin()
         print(f"console test passed; screenshots in {SHOTS}")
     except Exception:

@@ -599,32 +599,39 @@ async fn every_api_verb_has_a_cli_verb() {
         .stderr(Stdio::null())
         .spawn()
         .expect("send");
-    let request_id = loop {
-        let (_, events) = api
-            .call(
-                "GET",
-                &format!("/v1/sessions/{id}/events?since=0&limit=1000"),
-                None,
-            )
+    // The question waits: `GET …/inputs` lists it, and `deny` with no request id answers it.
+    let waiting = loop {
+        let (status, waiting) = api
+            .call("GET", &format!("/v1/sessions/{id}/inputs"), None)
             .await;
-        let asked: Vec<String> = events["events"]
-            .as_array()
-            .expect("events")
-            .iter()
-            .filter(|e| {
-                e["type"] == "input_required" && e["data"]["tool"]["title"] == "may I touch cli-2?"
-            })
-            .map(|e| e["data"]["request_id"].as_str().unwrap_or("").to_string())
-            .collect();
-        if let Some(r) = asked.into_iter().next() {
-            break r;
+        assert_eq!(status, 200, "{waiting}");
+        if !waiting["inputs"].as_array().expect("inputs").is_empty() {
+            break waiting;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
-    let (ok, out, err) = run(&["deny", &id, &request_id]);
-    assert!(ok && out.contains("denied"), "{out} {err}");
+    assert_eq!(
+        waiting["inputs"].as_array().map(Vec::len),
+        Some(1),
+        "{waiting}"
+    );
+    assert_eq!(
+        waiting["inputs"][0]["data"]["tool"]["title"], "may I touch cli-2?",
+        "{waiting}"
+    );
+    let request_id = waiting["inputs"][0]["data"]["request_id"]
+        .as_str()
+        .expect("request id")
+        .to_string();
+    let (ok, out, err) = run(&["deny", &id]);
+    assert!(
+        ok && out.contains(&format!("{request_id}: denied")),
+        "{out} {err}"
+    );
     let out = tokio::task::block_in_place(|| asking.wait_with_output()).expect("send ends");
     assert!(String::from_utf8_lossy(&out.stdout).contains("permission denied (reject-once)"));
+    let (ok, _, err) = run(&["approve", &id]);
+    assert!(!ok && err.contains("no question waits"), "{err}");
 
     // `cancel` stops a running turn.
     let (status, started) = api

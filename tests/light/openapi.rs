@@ -73,6 +73,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
     }
     let serve = Serve::start(&["--default-template", "echo", "--key-request-rate", "100000"]);
     let key = format!("Authorization: Bearer {ADMIN_KEY}");
+    let cache = tempfile::tempdir().expect("a directory for schemathesis' cache");
     let out = tokio::process::Command::new(&st)
         .args(["run", &serve.url("/v1/openapi.json"), "-H", &key])
         .args([
@@ -91,6 +92,8 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
             "7",
         ])
         .env("SCHEMATHESIS_HOOKS", "")
+        // Its cache (.schemathesis/) goes to a directory of its own, not the work tree.
+        .current_dir(&cache)
         .kill_on_drop(true)
         .output()
         .await
