@@ -1156,7 +1156,8 @@ function terminalPanel(session) {
     window.addEventListener('resize', onWindowResize);
     attachWhenReady();
   }
-  loadTerminalLibrary().then(open, (e) => setStatus('error', `${e.message}: this build has no terminal library`));
+  loadTerminalLibrary().then(open, (e) => setStatus('error',
+    `${e.message}: this build of sandwarden has no terminal library (xterm.js); run \`npm ci --prefix console\` where it is built, then build it again`));
 
   state.leaving.push(() => {
     window.removeEventListener('resize', onWindowResize);
