@@ -361,18 +361,17 @@ function sessionsPage(params) {
       const fresh = row(session);
       known.row.replaceWith(fresh);
       rows.set(session.id, { row: fresh, session });
-    } else if (!nextCursor && matches(session)) {
-      // The list is oldest first, so a new session belongs at its end: add it only when the
-      // end is shown.
+    } else if (matches(session)) {
+      // The list is newest first: a session not listed yet is a new one, at the top.
       const fresh = row(session);
-      tbody.append(fresh);
+      tbody.prepend(fresh);
       rows.set(session.id, { row: fresh, session });
       empty.hidden = true;
     }
   }
 
   async function load(cursor) {
-    const query = new URLSearchParams({ limit: '50' });
+    const query = new URLSearchParams({ limit: '50', order: 'newest' });
     if (filter.status) query.set('status', filter.status);
     if (filter.harness) query.set('harness', filter.harness);
     if (cursor) query.set('cursor', cursor);
@@ -856,41 +855,30 @@ function chatPanel(session) {
     }
   });
 
-  // ---- History: the store pages it oldest first only, so the newest page is found by walking
-  // the cursors forward (keeping each page's cursor, not its messages); "Load older" reads the
-  // earlier pages again by their cursors.
+  // ---- History: the newest page first (`newest=true`), "Load older" following its cursor back.
 
-  const cursors = [];
-  let olderIndex = -1;
+  let olderCursor = null;
   const historyPage = (cursor) => {
     const query = new URLSearchParams({ limit: String(HISTORY_PAGE) });
     if (cursor) query.set('cursor', cursor);
+    else query.set('newest', 'true');
     return api('GET', sessionPath(id, `/messages?${query}`));
   };
 
   async function loadHistory() {
-    let cursor = null;
-    let page;
-    for (;;) {
-      page = await historyPage(cursor);
-      cursors.push(cursor);
-      if (!page.next_cursor) break;
-      cursor = page.next_cursor;
-    }
+    const page = await historyPage(null);
     // Turns streamed while the history was read are already drawn: leave them out.
     const shown = page.messages.filter((m) => !turns.has(m.turn_id));
     history.prepend(...shown.map(messageView));
-    olderIndex = cursors.length - 2;
-    // A short last page alone would show little: add the one before it.
-    if (page.messages.length < HISTORY_PAGE / 5 && olderIndex >= 0) await loadOlder();
-    older.hidden = olderIndex < 0;
+    olderCursor = page.next_cursor;
+    older.hidden = !olderCursor;
   }
 
   async function loadOlder() {
-    const page = await historyPage(cursors[olderIndex]);
-    olderIndex -= 1;
+    const page = await historyPage(olderCursor);
     history.prepend(...page.messages.map(messageView));
-    older.hidden = olderIndex < 0;
+    olderCursor = page.next_cursor;
+    older.hidden = !olderCursor;
   }
 
   older.addEventListener('click', () => loadOlder().catch((e) => showError(error, errorText(e))));
@@ -1344,7 +1332,7 @@ function tenantSessions(tenant) {
     })));
 
   async function load() {
-    const query = new URLSearchParams({ tenant, limit: '50' });
+    const query = new URLSearchParams({ tenant, limit: '50', order: 'newest' });
     if (cursor) query.set('cursor', cursor);
     try {
       const page = await api('GET', `/v1/sessions?${query}`);

@@ -472,6 +472,7 @@ struct ListQuery {
     tenant: Option<String>,
     status: Option<String>,
     harness: Option<String>,
+    order: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
 }
@@ -481,6 +482,7 @@ struct ListQuery {
            ("harness" = Option<String>, Query, description = "only sessions of this template"),
            ("limit" = Option<i64>, Query, description = "1 to 500 (50)"),
            ("cursor" = Option<String>, Query, description = "the `next_cursor` of the page before"),
+           ("order" = Option<String>, Query, description = "`oldest` (the default) or `newest` first"),
            ("tenant" = Option<String>, Query, description = "another tenant's (admin keys)")),
     responses((status = 200, body = openapi::SessionPage), (status = 400, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn list_sessions(
@@ -504,12 +506,24 @@ async fn list_sessions(
             ),
         ));
     }
+    let newest_first = match q.order.as_deref() {
+        None | Some("oldest") => false,
+        Some("newest") => true,
+        Some(_) => {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "`order` is `oldest` (the default) or `newest`",
+            ));
+        }
+    };
     let after = after_cursor(q.cursor.as_deref())?;
     let filter = SessionFilter {
         status: q.status,
         present: false,
         harness: q.harness,
         after,
+        newest_first,
         limit: limit + 1,
     };
     let tenant = acting_tenant(&caller, q.tenant)?;
@@ -845,31 +859,46 @@ pub(crate) fn sse(
     response
 }
 
-#[derive(Deserialize)]
-struct PageQuery {
-    limit: Option<i64>,
-    cursor: Option<String>,
-}
-
 /// A page of the history, oldest first: `limit` messages (100 by default, at most 500) and no
 /// more than `HISTORY_PAGE_BYTES` of them; `next_cursor` fetches the next page.
+#[derive(Deserialize)]
+pub(crate) struct HistoryQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+    newest: Option<bool>,
+}
+
+/// Where a history page starts: after a message (oldest first) or before one (newest first).
+enum HistoryPlace {
+    After(i64),
+    Before(i64),
+}
+
 #[utoipa::path(get, path = "/v1/sessions/{id}/messages", tag = "messages",
-    params(("id" = String, Path), ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+    params(("id" = String, Path), ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query),
+           ("newest" = Option<bool>, Query, description = "start at the newest page; `next_cursor` then leads to older ones")),
     responses((status = 200, body = openapi::MessagesPage), (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn get_messages(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let id = session_path(&caller.tenant, &id)?;
     let q = query_of(query)?;
     let limit = page_limit(q.limit, 100, 500)?;
-    let after = match &q.cursor {
-        None => 0,
+    let place = match &q.cursor {
+        None if q.newest == Some(true) => HistoryPlace::Before(i64::MAX),
+        None => HistoryPlace::After(0),
         Some(c) => decode_cursor(c)
-            .filter(|(kind, _)| kind == "messages")
-            .and_then(|(_, seq)| seq.parse::<i64>().ok())
+            .and_then(|(kind, seq)| {
+                let seq = seq.parse::<i64>().ok()?;
+                match kind.as_str() {
+                    "messages" => Some(HistoryPlace::After(seq)),
+                    "messages-before" => Some(HistoryPlace::Before(seq)),
+                    _ => None,
+                }
+            })
             .ok_or_else(|| {
                 Problem::new(
                     StatusCode::BAD_REQUEST,
@@ -878,12 +907,19 @@ async fn get_messages(
                 )
             })?,
     };
-    let page = orch
-        .history(&caller.tenant, &caller.limits, &id, after, limit)
-        .await?;
-    let next_cursor = page
-        .next
-        .map(|seq| encode_cursor("messages", &seq.to_string()));
+    let (page, kind) = match place {
+        HistoryPlace::After(after) => (
+            orch.history(&caller.tenant, &caller.limits, &id, after, limit)
+                .await?,
+            "messages",
+        ),
+        HistoryPlace::Before(before) => (
+            orch.history_before(&caller.tenant, &caller.limits, &id, before, limit)
+                .await?,
+            "messages-before",
+        ),
+    };
+    let next_cursor = page.next.map(|seq| encode_cursor(kind, &seq.to_string()));
     let answer = openapi::MessagesPage {
         session_id: id,
         messages: page.items,

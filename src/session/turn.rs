@@ -924,6 +924,32 @@ impl Orchestrator {
         .await
     }
 
+    /// A page of the history before the message at `before` (the newest page for `i64::MAX`),
+    /// the newest messages that fit, in order; `next` is where the page before it ends.
+    pub async fn history_before(
+        &self,
+        tenant: &str,
+        limits: &quota::Limits,
+        session_id: &str,
+        before: i64,
+        limit: i64,
+    ) -> Result<Page<MessageView>, SessionError> {
+        let s = self.get(tenant, session_id).await?;
+        let cut = self
+            .store
+            .message_cut_before(&s.id, before, limit, HISTORY_PAGE_BYTES)
+            .await?;
+        let id = s.id.as_str();
+        self.admitted_page(tenant, limits, cut, |oldest| async move {
+            let messages = self
+                .store
+                .messages_through(id, oldest - 1, before.saturating_sub(1))
+                .await?;
+            Ok(messages.into_iter().map(MessageView::from).collect())
+        })
+        .await
+    }
+
     /// A page of the session's events after `since` (see `Hub::cut`), admitted to the answer
     /// memory before it is read.
     /// Admits an answer of `bytes` built from the store (a vendor API's history page) to the

@@ -317,8 +317,11 @@ pub struct SessionFilter {
     /// Leave out deleted sessions.
     pub present: bool,
     pub harness: Option<String>,
-    /// Sessions created after this (created_at, id) pair, for cursor pagination.
+    /// Sessions created after this (created_at, id) pair, for cursor pagination (before it,
+    /// newest first).
     pub after: Option<(String, String)>,
+    /// The newest first (`after` then means before).
+    pub newest_first: bool,
     pub limit: i64,
 }
 
@@ -591,7 +594,9 @@ impl PageCut {
             last = Some(*seq);
         }
         let last = last?;
-        let more = rows.last().is_some_and(|(seq, _)| *seq > last);
+        // Rows come in either order (oldest or newest first): more follow when the last row
+        // read is not in the page.
+        let more = rows.last().is_some_and(|(seq, _)| *seq != last);
         Some(PageCut { last, bytes, more })
     }
 
@@ -1205,14 +1210,23 @@ impl Store {
     }
 
     pub async fn list_sessions(&self, tenant: &str, f: &SessionFilter) -> Result<Vec<Session>> {
-        let (after_ts, after_id) = f.after.clone().unwrap_or_default();
-        let sql = self.sql(
+        // Newest first from no cursor: before every timestamp (`~` sorts after digits).
+        let (after_ts, after_id) = match (&f.after, f.newest_first) {
+            (Some(after), _) => after.clone(),
+            (None, false) => Default::default(),
+            (None, true) => ("~".to_string(), String::new()),
+        };
+        let order = if f.newest_first {
+            "AND (created_at < ? OR (created_at = ? AND id < ?)) ORDER BY created_at DESC, id DESC"
+        } else {
+            "AND (created_at > ? OR (created_at = ? AND id > ?)) ORDER BY created_at, id"
+        };
+        let text = format!(
             "SELECT * FROM sessions WHERE tenant = ? \
              AND (? IS NULL OR status = ?) AND (? = 0 OR status <> 'deleted') \
-             AND (? IS NULL OR harness = ?) \
-             AND (created_at > ? OR (created_at = ? AND id > ?)) \
-             ORDER BY created_at, id LIMIT ?",
+             AND (? IS NULL OR harness = ?) {order} LIMIT ?"
         );
+        let sql = self.sql(&text);
         Ok(on_db!(self, |pool| sqlx::query(&sql)
             .bind(tenant)
             .bind(&f.status)
@@ -1585,6 +1599,30 @@ impl Store {
         let rows: Vec<(i64, i64)> = on_db!(self, |pool| sqlx::query_as(&sizes)
             .bind(session_id)
             .bind(after)
+            .bind(limit + 1)
+            .fetch_all(pool)
+            .await?);
+        Ok(PageCut::of(&rows, limit, max_bytes))
+    }
+
+    /// Where one page of a session's history ends, newest first: the messages before `before`,
+    /// at most `limit` of them and no more than `max_bytes` together, but always at least one;
+    /// the cut's `last` is the page's oldest. `None` when no message comes before `before`.
+    pub async fn message_cut_before(
+        &self,
+        session_id: &str,
+        before: i64,
+        limit: i64,
+        max_bytes: i64,
+    ) -> Result<Option<PageCut>> {
+        let sizes = self.sql(
+            "SELECT seq, CAST(LENGTH(text) + LENGTH(parts) + LENGTH(metadata) AS BIGINT) \
+             FROM messages \
+             WHERE session_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        );
+        let rows: Vec<(i64, i64)> = on_db!(self, |pool| sqlx::query_as(&sizes)
+            .bind(session_id)
+            .bind(before)
             .bind(limit + 1)
             .fetch_all(pool)
             .await?);

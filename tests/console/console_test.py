@@ -438,7 +438,7 @@ class Console:
         def users():
             return [self.text_of(m)[len("user"):] for m in self.finds("#history .msg.user")]
 
-        assert users() == prompts[-10:], users()  # the newest page: 20 messages
+        assert users() == prompts[-50:], users()  # the newest page: the last 100 messages
         older.click()
         self.wait("the older page", lambda d: len(users()) == len(prompts))
         assert users() == prompts, users()

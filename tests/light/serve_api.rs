@@ -1464,3 +1464,109 @@ async fn an_event_stream_can_start_at_the_tail() {
         .collect();
     assert_eq!(texts, "after the tail");
 }
+
+/// `?newest=true` pages the history from its newest end back: each page in order, the pages
+/// together the whole history, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_pages_back_from_the_newest() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    for i in 0..7 {
+        let (status, _) = api.say(&id, &format!("history line {i}")).await;
+        assert_eq!(status, 200);
+    }
+    let texts = |page: &serde_json::Value| -> Vec<String> {
+        page["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}:{}",
+                    m["role"].as_str().unwrap_or(""),
+                    m["text"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let (status, forward) = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}/messages?limit=500"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let all = texts(&forward);
+    assert_eq!(all.len(), 14);
+    let mut pages = Vec::new();
+    let mut path = format!("/v1/sessions/{id}/messages?newest=true&limit=4");
+    loop {
+        let (status, page) = api.call("GET", &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        pages.push(texts(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => {
+                assert_eq!(page["has_more"], true);
+                path = format!("/v1/sessions/{id}/messages?limit=4&cursor={c}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages[0],
+        all[10..].to_vec(),
+        "the newest page first, in order"
+    );
+    let joined: Vec<String> = pages.iter().rev().flatten().cloned().collect();
+    assert_eq!(joined, all);
+    let (status, body) = api
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}/messages?cursor=bm9wZXxub3Bl"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+/// `?order=newest` lists the newest sessions first, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_can_be_listed_newest_first() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let mut made = Vec::new();
+    for i in 0..5 {
+        let (status, s) = api
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(json!({"harness": "echo", "title": format!("order {i}")})),
+            )
+            .await;
+        assert_eq!(status, 201, "{s}");
+        made.push(s["id"].as_str().expect("id").to_string());
+    }
+    let mut listed = Vec::new();
+    let mut path = "/v1/sessions?order=newest&limit=2".to_string();
+    loop {
+        let (status, page) = api.call("GET", &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        listed.extend(
+            page["sessions"]
+                .as_array()
+                .expect("sessions")
+                .iter()
+                .map(|s| s["id"].as_str().unwrap_or("").to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/sessions?order=newest&limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    made.reverse();
+    assert_eq!(listed, made);
+    let (status, body) = api.call("GET", "/v1/sessions?order=sideways", None).await;
+    assert_eq!(status, 400, "{body}");
+}

@@ -165,6 +165,7 @@ async fn list_sessions(
         present: true,
         harness: Some(template),
         after,
+        newest_first: false,
         limit: limit + 1,
     };
     let mut sessions = orch.list(&caller.tenant, &filter).await?;

@@ -315,7 +315,7 @@ async fn get_messages(
     State(orch): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((r, id)): Path<(String, String)>,
-    query: Result<Query<crate::api::PageQuery>, QueryRejection>,
+    query: Result<Query<crate::api::HistoryQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
     in_project(&orch, &caller, &r, &id).await?;
     crate::api::get_messages(State(orch), Extension(caller), Path(id), query).await

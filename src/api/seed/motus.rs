@@ -245,6 +245,7 @@ async fn list_sessions(
         present: true,
         harness: Some(template.clone()),
         after: None,
+        newest_first: false,
         limit: MAX_SESSIONS,
     };
     let sessions = orch.list(&caller.tenant, &filter).await?;
