@@ -738,3 +738,45 @@ async fn every_api_verb_has_a_cli_verb() {
         .expect("turns");
     assert!(turns >= 4, "{row}");
 }
+
+/// Every argument of every verb says what it is in `--help`.
+#[test]
+fn every_argument_has_help_text() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" || arg.is_hide_set() {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() {
+                continue;
+            }
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(&sandwarden::cli::Cli::command(), "sandwarden", &mut missing);
+    assert!(
+        missing.is_empty(),
+        "arguments without help text: {missing:?}"
+    );
+}
+
+/// `session create --wait` shows its progress on a line of its own and ends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_a_sandbox_ends_its_progress_line() {
+    let serve = Serve::start(&["--pool", "echo=0"]);
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| cli(&serve, &["session", "create", "echo", "--wait"]));
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).expect("session JSON");
+    assert_eq!(s["status"], "ready");
+    assert!(err.starts_with("waiting for the sandbox."), "{err:?}");
+    assert!(err.ends_with(".\n"), "the progress line is ended: {err:?}");
+}
