@@ -148,7 +148,11 @@ fn refused(
                     "the server refused the terminal: is SANDWARDEN_URL the sandwarden server's root?"
                         .into()
                 });
-            anyhow::anyhow!("{message} [{status} {kind}: {asked}]")
+            anyhow::anyhow!(
+                "{} [{status} {}: {asked}]",
+                super::printable(&message),
+                super::printable(kind)
+            )
         }
         Error::Io(io) => anyhow::anyhow!(
             "cannot reach sandwarden at {base} ({io}): is `sandwarden serve` running there? Set SANDWARDEN_URL or pass --url [{asked}]"

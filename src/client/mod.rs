@@ -45,12 +45,14 @@ pub struct ExitStatus {
 
 /// The server's root from `--url`/`SANDWARDEN_URL`, or an error saying how to write it.
 pub fn server_root(url: &str) -> anyhow::Result<String> {
-    let root = url.trim().trim_end_matches('/');
-    let Some((scheme, rest)) = root.split_once("://") else {
+    let Some((scheme, rest)) = url.trim().split_once("://") else {
+        let root = url.trim().trim_end_matches('/');
         bail!(
             "the server URL {url:?} has no scheme: write it as http://{root} (set SANDWARDEN_URL or pass --url)"
         );
     };
+    let rest = rest.trim_end_matches('/');
+    let root = format!("{scheme}://{rest}");
     if scheme != "http" && scheme != "https" {
         bail!(
             "the server URL {url:?} must start with http:// or https:// (set SANDWARDEN_URL or pass --url)"
@@ -61,13 +63,16 @@ pub fn server_root(url: &str) -> anyhow::Result<String> {
             "the server URL {url:?} ends in /v1: give the server's root, {base} (the CLI adds /v1 itself; set SANDWARDEN_URL or pass --url)"
         );
     }
-    let parsed = url::Url::parse(root).with_context(|| {
-        format!("the server URL {url:?} is not a URL (set SANDWARDEN_URL or pass --url)")
-    })?;
-    if rest.is_empty() || parsed.host_str().is_none() {
+    if rest.is_empty() {
         bail!("the server URL {url:?} names no host (set SANDWARDEN_URL or pass --url)");
     }
-    Ok(root.to_string())
+    let parsed = url::Url::parse(&root).with_context(|| {
+        format!("the server URL {url:?} is not a URL (set SANDWARDEN_URL or pass --url)")
+    })?;
+    if parsed.host_str().is_none() {
+        bail!("the server URL {url:?} names no host (set SANDWARDEN_URL or pass --url)");
+    }
+    Ok(root)
 }
 
 /// What the person should do about a refusal, in CLI verbs, when the problem's type says.
@@ -162,7 +167,12 @@ impl Client {
         }
         let message =
             hint(kind, id, &v).unwrap_or_else(|| v["detail"].as_str().unwrap_or("").to_string());
-        bail!("{message} [{} {kind}: {asked}]", status.as_u16())
+        bail!(
+            "{} [{} {}: {asked}]",
+            printable(&message),
+            status.as_u16(),
+            printable(kind)
+        )
     }
 
     /// A JSON call: the answer's body, or an error as for `send`.
@@ -177,6 +187,29 @@ impl Client {
         let text = resp.text().await.context("reading the server's answer")?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
+}
+
+/// `text` (from the server, or an agent through it) safe to print on a person's terminal: control
+/// characters other than newline and tab, which could move the cursor, retitle the window or
+/// write the clipboard (escape sequences), are shown in caret notation (`^[`) instead.
+pub(crate) fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            // A line's end as CR LF is just a line's end.
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\u{0}'..='\u{1f}' => {
+                out.push('^');
+                out.push(char::from(c as u8 + 64));
+            }
+            '\u{7f}' => out.push_str("^?"),
+            '\u{80}'..='\u{9f}' => out.push('\u{fffd}'),
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// The innermost cause of a transport error (reqwest's own message names only the URL).
@@ -631,9 +664,9 @@ pub async fn history(conn: &Connection, id: &str) -> anyhow::Result<()> {
         for m in page["messages"].as_array().into_iter().flatten() {
             println!(
                 "[{}] {}: {}",
-                m["created_at"].as_str().unwrap_or(""),
-                m["role"].as_str().unwrap_or(""),
-                m["text"].as_str().unwrap_or("")
+                printable(m["created_at"].as_str().unwrap_or("")),
+                printable(m["role"].as_str().unwrap_or("")),
+                printable(m["text"].as_str().unwrap_or(""))
             );
         }
         match page["next_cursor"].as_str() {
@@ -750,7 +783,7 @@ impl TurnEvent {
     fn parse(kind: &str, data: &str) -> Option<TurnEvent> {
         let v: Value = serde_json::from_str(data).ok()?;
         let d = &v["data"];
-        let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+        let s = |v: &Value| printable(v.as_str().unwrap_or(""));
         Some(match kind {
             "text" => TurnEvent::Text(s(&d["text"])),
             "reasoning" => TurnEvent::Note(format!("[thinking] {}", s(&d["text"]))),
@@ -806,5 +839,37 @@ impl Client {
                 Err(e) => Some(Err(anyhow::anyhow!("the event stream broke: {e}"))),
             }
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{printable, server_root};
+
+    #[test]
+    fn escape_sequences_are_shown_not_run() {
+        assert_eq!(
+            printable("ok\n\ttab \u{1b}]52;c;aGk=\u{7}\u{1b}[2J\r\u{9b}1m\u{7f}"),
+            "ok\n\ttab ^[]52;c;aGk=^G^[[2J^M\u{fffd}1m^?"
+        );
+        assert_eq!(printable("plain é ✓\r\nnext"), "plain é ✓\nnext");
+    }
+
+    #[test]
+    fn a_server_url_is_its_root_with_a_scheme() {
+        assert_eq!(
+            server_root("http://127.0.0.1:8080/").ok().as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        for (url, says) in [
+            ("127.0.0.1:8080", "has no scheme"),
+            ("localhost:8080", "has no scheme"),
+            ("http://127.0.0.1:8080/v1", "ends in /v1"),
+            ("ftp://host", "must start with http:// or https://"),
+            ("http://", "names no host"),
+        ] {
+            let err = server_root(url).expect_err(url).to_string();
+            assert!(err.contains(says), "{url}: {err}");
+        }
     }
 }
