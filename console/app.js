@@ -295,7 +295,11 @@ function route() {
   const view = $('#view');
   let match;
   let page;
-  if ((match = hash.match(/^#\/session\/([^/?]+)$/))) page = sessionPage(decodeURIComponent(match[1]));
+  // A session's id or name is letters, digits, `-`, `_` and `.` (never a dot segment, which
+  // the browser would resolve into another route of the API).
+  if ((match = hash.match(/^#\/session\/([A-Za-z0-9_.-]+)$/)) && !/^\.+$/.test(match[1])) {
+    page = sessionPage(match[1]);
+  }
   else if (hash === '#/admin' && state.admin) page = adminPage();
   else if ((match = hash.match(/^#\/sessions(?:\?(.*))?$/))) page = sessionsPage(new URLSearchParams(match[1] || ''));
   else {

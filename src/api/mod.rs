@@ -47,6 +47,8 @@ pub struct Caller {
     pub admin: bool,
     /// The id of the key the request came with.
     pub key_id: String,
+    /// The SHA-256 of that key (streams look it up again when keys are revoked).
+    pub key_hash: String,
     /// The tenant's quotas: its key's, else the server's defaults.
     pub limits: crate::session::quota::Limits,
 }
@@ -243,17 +245,19 @@ pub async fn caller_from(orch: &Orchestrator, headers: &HeaderMap) -> Result<Cal
             tenant: key.tenant,
             admin: key.admin,
             key_id: key.id,
+            key_hash: hash,
             limits: key.limits.or(defaults),
         });
     }
     match orch.store.find_key(&hash).await? {
         Some(key) => {
-            orch.cache_key(hash, &key);
+            orch.cache_key(hash.clone(), &key);
             Ok(Caller {
                 limits: key.limits.or(defaults),
                 tenant: key.tenant,
                 admin: key.admin,
                 key_id: key.id,
+                key_hash: hash,
             })
         }
         None => Err(Problem::new(
@@ -567,6 +571,9 @@ async fn watch_sessions(
         orch: orch.clone(),
         tenant,
         changes: orch.changes(),
+        key_hash: caller.key_hash.clone(),
+        key_changes: orch.key_changes(),
+        foreign: std::collections::HashSet::new(),
         started: false,
     };
     let events = futures::stream::unfold(watch, |mut w| async move {
@@ -580,8 +587,16 @@ struct Watch {
     orch: Arc<Orchestrator>,
     tenant: String,
     changes: broadcast::Receiver<String>,
+    /// The watcher's key, looked at again whenever keys are revoked: a revoked key's watch ends.
+    key_hash: String,
+    key_changes: tokio::sync::watch::Receiver<u64>,
+    /// Sessions seen to be another tenant's (their changes cost no store read again), bounded.
+    foreign: std::collections::HashSet<String>,
     started: bool,
 }
+
+/// How many other tenants' session ids a watch remembers.
+const WATCH_FOREIGN_MAX: usize = 4096;
 
 impl Watch {
     /// The next event of a sessions watch; `None` ends the stream.
@@ -594,20 +609,37 @@ impl Watch {
         loop {
             let changed = tokio::select! {
                 changed = self.changes.recv() => changed,
+                moved = self.key_changes.changed() => {
+                    if moved.is_err() || !self.orch.key_still_valid(&self.key_hash).await {
+                        return None;
+                    }
+                    continue;
+                }
                 () = self.orch.shutdown.cancelled() => return None,
             };
             let id = match changed {
                 Ok(id) if id == crate::session::ANY_SESSION => return resync(),
+                Ok(id) if self.foreign.contains(&id) => continue,
                 Ok(id) => id,
                 Err(broadcast::error::RecvError::Lagged(_)) => return resync(),
                 Err(broadcast::error::RecvError::Closed) => return None,
             };
-            match self.orch.store.get_session(&self.tenant, &id).await {
-                Ok(Some(s)) => {
-                    let data = serde_json::to_string(&view(&self.orch, &s)).ok()?;
+            match self.orch.store.get_session_any(&id).await {
+                Ok(Some(s)) if s.tenant == self.tenant => {
+                    // A terminal's `tty_url` carries a token: a watcher fetches the session
+                    // (with its key, checked then) when it wants to attach.
+                    let mut seen = view(&self.orch, &s);
+                    seen.tty_url = None;
+                    let data = serde_json::to_string(&seen).ok()?;
                     return Some(SseEvent::default().event("session").data(data));
                 }
-                // Another tenant's session.
+                Ok(Some(_)) => {
+                    if self.foreign.len() >= WATCH_FOREIGN_MAX {
+                        self.foreign.clear();
+                    }
+                    self.foreign.insert(id);
+                }
+                // Not recorded (yet): nothing to say.
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "a sessions watch could not read a session; ending it");
@@ -1123,11 +1155,14 @@ async fn get_events(
         .transpose()?;
     let since = match last_event_id.or(q.since) {
         Some(since) => since,
-        None if q.tail == Some(true) => orch
-            .store
-            .last_seq(&session.id)
-            .await
-            .map_err(SessionError::from)?,
+        None if q.tail == Some(true) => {
+            // Events are written in batches: the newest one is the newest committed.
+            orch.store.flush().await.map_err(SessionError::from)?;
+            orch.store
+                .last_seq(&session.id)
+                .await
+                .map_err(SessionError::from)?
+        }
         None => 0,
     };
     if since < 0 {
@@ -1178,6 +1213,9 @@ struct StreamState {
     catch_up: bool,
     turn: Option<String>,
     finished: bool,
+    /// The reader's key, looked at again when keys are revoked: a revoked key's stream ends.
+    key_hash: String,
+    key_changes: tokio::sync::watch::Receiver<u64>,
 }
 
 /// How long a turn's event stream waits before it asks again for answer memory it was refused.
@@ -1199,6 +1237,7 @@ pub(crate) fn native_events(
         Follow::Turn(t) => (Some(t), 0, false),
         Follow::Since(s) => (None, s, true),
     };
+    let orch_key_changes = orch.key_changes();
     let state = StreamState {
         orch,
         tenant: caller.tenant.clone(),
@@ -1211,6 +1250,8 @@ pub(crate) fn native_events(
         catch_up,
         turn,
         finished: false,
+        key_hash: caller.key_hash.clone(),
+        key_changes: orch_key_changes,
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -1275,6 +1316,11 @@ pub(crate) fn native_events(
                     Err(broadcast::error::RecvError::Lagged(_)) => st.catch_up = true,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
+                moved = st.key_changes.changed() => {
+                    if moved.is_err() || !st.orch.key_still_valid(&st.key_hash).await {
+                        return None;
+                    }
+                }
                 () = shutdown.cancelled() => return None,
             }
         }
@@ -1566,7 +1612,18 @@ async fn read_file(
     let tenant = acting_tenant(&caller, query_of(query)?.tenant)?;
     let id = session_path(&tenant, &id)?;
     let file = orch.read_file(&tenant, &id, &path).await?;
-    Ok(passed_through(file, "application/octet-stream"))
+    let mut answer = passed_through(file, "application/octet-stream");
+    // What an agent wrote is never a page of this origin, whatever its bytes look like.
+    let headers = answer.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; sandbox"),
+    );
+    Ok(answer)
 }
 
 /// `PUT /v1/sessions/{id}/files/{path}`: writes the body as the file, whole. The body is passed

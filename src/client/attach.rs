@@ -19,7 +19,11 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 /// Attaches this terminal to a TUI session: raw mode, resize on window change, Ctrl-] detaches.
 pub async fn attach(conn: &Connection, id: &str) -> anyhow::Result<()> {
     let c = Client::new(conn)?;
-    let ws_url = format!("{}/v1/sessions/{id}/tty", c.base.replacen("http", "ws", 1));
+    let ws_url = format!(
+        "{}/v1/sessions/{}/tty",
+        c.base.replacen("http", "ws", 1),
+        super::seg(id)
+    );
     let asked = format!("GET {ws_url}");
     let mut req = ws_url.into_client_request()?;
     req.headers_mut()
@@ -119,7 +123,7 @@ fn ended(exit: Option<i64>, reason: Option<String>) -> anyhow::Result<()> {
             "the server closed the terminal{}",
             reason
                 .filter(|r| !r.is_empty())
-                .map(|r| format!(": {r}"))
+                .map(|r| format!(": {}", super::printable(&r)))
                 .unwrap_or_default()
         ),
     }

@@ -4,12 +4,13 @@
 //! streams back; Ctrl-C cancels the running turn, a second Ctrl-C leaves (at the prompt, Ctrl-C
 //! clears the line, then leaves; Ctrl-D on an empty line leaves). What is typed while a turn runs
 //! is held, not sent: it is the next prompt's text, to edit or send. A question the agent asks is
-//! answered inline with one key (a: approve once, s: approve for the session, d: deny). With
-//! stdin not a terminal (a pipe, a file) each line is a message, sent one after another.
-//! Either way chat exits non-zero when a turn failed.
+//! answered inline: a (approve once), s (approve for the session) or d (deny), then Enter; any
+//! other line is refused and the question goes on waiting. With stdin not a terminal (a pipe, a
+//! file) each line is a message, sent one after another. Either way chat exits non-zero when a
+//! turn failed.
 
 use super::attach::RawMode;
-use super::{Client, Connection, Decision, ExitStatus, Question, TurnEvent, hint};
+use super::{Client, Connection, Decision, ExitStatus, Question, TurnEvent, hint, seg};
 use anyhow::bail;
 use futures::StreamExt;
 use std::collections::VecDeque;
@@ -23,7 +24,7 @@ pub async fn chat(conn: &Connection, id: &str) -> anyhow::Result<()> {
     let session = c
         .call(
             reqwest::Method::GET,
-            &format!("/v1/sessions/{id}"),
+            &format!("/v1/sessions/{}", seg(id)),
             None,
             Some(id),
         )
@@ -72,7 +73,7 @@ async fn piped(c: &Client, id: &str) -> anyhow::Result<usize> {
             let event = tokio::select! {
                 event = turn.next() => event,
                 _ = &mut interrupt => {
-                    c.call(reqwest::Method::POST, &format!("/v1/sessions/{id}/cancel"), None, Some(id)).await?;
+                    c.call(reqwest::Method::POST, &format!("/v1/sessions/{}/cancel", seg(id)), None, Some(id)).await?;
                     eprintln!("[cancelling the turn]");
                     continue;
                 }
@@ -144,25 +145,43 @@ enum Escape {
     None,
     /// After ESC.
     Started,
+    /// Just after ESC [.
+    SequenceStart,
     /// Inside a control sequence (ESC [ or ESC O), until its final byte.
     Sequence,
+    /// The raw bytes of a mouse report (ESC [ M and three bytes) still to skip.
+    Mouse(u8),
 }
 
 impl KeyReader {
     fn feed(&mut self, b: u8) -> Option<Key> {
         match self.escape {
             Escape::Started => {
-                self.escape = if b == b'[' || b == b'O' {
-                    Escape::Sequence
+                self.escape = match b {
+                    b'[' => Escape::SequenceStart,
+                    b'O' => Escape::Sequence,
+                    _ => Escape::None,
+                };
+                return None;
+            }
+            Escape::SequenceStart if b == b'M' => {
+                self.escape = Escape::Mouse(3);
+                return None;
+            }
+            Escape::Mouse(left) => {
+                self.escape = if left > 1 {
+                    Escape::Mouse(left - 1)
                 } else {
                     Escape::None
                 };
                 return None;
             }
-            Escape::Sequence => {
-                if (0x40..=0x7e).contains(&b) {
-                    self.escape = Escape::None;
-                }
+            Escape::SequenceStart | Escape::Sequence => {
+                self.escape = if (0x40..=0x7e).contains(&b) {
+                    Escape::None
+                } else {
+                    Escape::Sequence
+                };
                 return None;
             }
             Escape::None => {}
@@ -218,6 +237,8 @@ struct Conversation {
     )>,
     /// Questions of the running turn not answered yet, the oldest first.
     questions: VecDeque<Question>,
+    /// What is typed to answer the oldest question (a, s or d, then Enter).
+    answer: String,
     /// Ctrl-C presses during the running turn.
     interrupts: u8,
     /// Whether the cursor is at the start of a line.
@@ -266,6 +287,7 @@ impl Conversation {
             forward.abort();
         }
         self.questions.clear();
+        self.answer.clear();
         if !self.line_start {
             show("\n");
             self.line_start = true;
@@ -289,12 +311,13 @@ impl Conversation {
                         q.request_id
                     )),
                     None => self.line(&format!(
-                        "[approval] {}: a = approve once, s = approve for the session, d = deny",
+                        "[approval] {}: type a (approve once), s (approve for the session) or d (deny), then Enter",
                         q.title
                     )),
                 }
                 if q.client_tool.is_none() {
                     self.questions.push_back(q);
+                    self.show_answer();
                 }
             }
             Some(Ok(TurnEvent::Done { cancelled })) => {
@@ -321,19 +344,54 @@ impl Conversation {
         }
     }
 
+    /// The answer being typed to the oldest question, on a line of its own.
+    fn show_answer(&mut self) {
+        if !self.questions.is_empty() {
+            show(&format!("\r\x1b[Kanswer (a/s/d)> {}", self.answer));
+            self.line_start = false;
+        }
+    }
+
+    /// A key while a question waits: the answer is typed and sent with Enter, so keys typed
+    /// ahead (or a stray one) never answer it. `None`: the key is not the answer's (Ctrl-C).
+    async fn on_key_for_question(&mut self, key: &Key) -> Option<()> {
+        match key {
+            Key::Char(c) => self.answer.push(*c),
+            Key::Backspace => {
+                self.answer.pop();
+            }
+            Key::ClearLine => self.answer.clear(),
+            Key::Eof => {}
+            Key::Interrupt => return None,
+            Key::Enter => {
+                let decision = match self.answer.trim().to_lowercase().as_str() {
+                    "a" | "approve" => Some(Decision::ApproveOnce),
+                    "s" | "session" => Some(Decision::ApproveSession),
+                    "d" | "deny" => Some(Decision::Deny),
+                    _ => None,
+                };
+                self.answer.clear();
+                match (decision, self.questions.front().cloned()) {
+                    (Some(decision), Some(q)) => {
+                        self.questions.pop_front();
+                        match self.client.answer(&self.id, &q.request_id, decision).await {
+                            Ok(()) => self.line(&format!("[{}]", decision.done())),
+                            Err(e) => self.line(&format!("error: {e:#}")),
+                        }
+                    }
+                    _ => self.line(
+                        "[answer a (approve once), s (approve for the session) or d (deny), then Enter]",
+                    ),
+                }
+            }
+        }
+        self.show_answer();
+        Some(())
+    }
+
     /// A key while a turn runs. `false`: leave the chat.
     async fn on_key_in_turn(&mut self, key: Key) -> bool {
-        let decision = match (&key, self.questions.is_empty()) {
-            (Key::Char('a' | 'A'), false) => Some(Decision::ApproveOnce),
-            (Key::Char('s' | 'S'), false) => Some(Decision::ApproveSession),
-            (Key::Char('d' | 'D'), false) => Some(Decision::Deny),
-            _ => None,
-        };
-        if let (Some(decision), Some(q)) = (decision, self.questions.pop_front()) {
-            match self.client.answer(&self.id, &q.request_id, decision).await {
-                Ok(()) => self.line(&format!("[{}]", decision.done())),
-                Err(e) => self.line(&format!("error: {e:#}")),
-            }
+        if !self.questions.is_empty() && self.on_key_for_question(&key).await.is_some() {
             return true;
         }
         match key {
@@ -343,7 +401,7 @@ impl Conversation {
                     .client
                     .call(
                         reqwest::Method::POST,
-                        &format!("/v1/sessions/{}/cancel", self.id),
+                        &format!("/v1/sessions/{}/cancel", seg(&self.id)),
                         None,
                         Some(&self.id),
                     )
@@ -391,6 +449,8 @@ impl Conversation {
 
 async fn interactive(client: Arc<Client>, id: &str) -> anyhow::Result<usize> {
     let raw = RawMode::enable()?;
+    // Mouse reporting off, whoever turned it on: its reports are not typing.
+    show("\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l");
     show(&format!(
         "[chat with {id}: Enter sends; Ctrl-C cancels a turn, twice leaves; Ctrl-D leaves]\n"
     ));
@@ -418,6 +478,7 @@ async fn interactive(client: Arc<Client>, id: &str) -> anyhow::Result<usize> {
         input: String::new(),
         turn: None,
         questions: VecDeque::new(),
+        answer: String::new(),
         interrupts: 0,
         line_start: true,
         failures: 0,
@@ -480,6 +541,8 @@ mod tests {
                 Key::Char('y')
             ]
         );
+        // Mouse reports (X10 and SGR) are skipped whole: their bytes are not keys.
+        assert_eq!(keys(b"\x1b[Ma!!\x1b[<64;10;5Mq"), vec![Key::Char('q')]);
         // A broken UTF-8 sequence is dropped, the next character read.
         assert_eq!(keys(&[0xe2, 0x28, b'z']), vec![Key::Char('z')]);
     }

@@ -72,6 +72,12 @@ pub fn server_root(url: &str) -> anyhow::Result<String> {
     if parsed.host_str().is_none() {
         bail!("the server URL {url:?} names no host (set SANDWARDEN_URL or pass --url)");
     }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        // It would be printed in every error; the API key is the credential.
+        bail!(
+            "the server URL holds a user or password: leave them out (the API key goes in SANDWARDEN_API_KEY)"
+        );
+    }
     Ok(root)
 }
 
@@ -187,6 +193,20 @@ impl Client {
         let text = resp.text().await.context("reading the server's answer")?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
+}
+
+/// One segment of a URL's path: everything but letters, digits and `-._~` percent-encoded, so an
+/// id (a session's, or a question's from the agent) cannot reach another route.
+pub(crate) fn seg(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `text` (from the server, or an agent through it) safe to print on a person's terminal: control
@@ -354,7 +374,7 @@ pub async fn session(conn: &Connection, cmd: SessionCommand) -> anyhow::Result<(
                     s = c
                         .call(
                             Method::GET,
-                            &format!("/v1/sessions/{id}?wait=true&timeout=5"),
+                            &format!("/v1/sessions/{}?wait=true&timeout=5", seg(&id)),
                             None,
                             Some(&id),
                         )
@@ -405,9 +425,9 @@ pub async fn session(conn: &Connection, cmd: SessionCommand) -> anyhow::Result<(
         }
         SessionCommand::Get { id, wait } => {
             let path = if wait {
-                format!("/v1/sessions/{id}?wait=true&timeout=60")
+                format!("/v1/sessions/{}?wait=true&timeout=60", seg(&id))
             } else {
-                format!("/v1/sessions/{id}")
+                format!("/v1/sessions/{}", seg(&id))
             };
             print_json(&c.call(Method::GET, &path, None, Some(&id)).await?);
         }
@@ -415,7 +435,7 @@ pub async fn session(conn: &Connection, cmd: SessionCommand) -> anyhow::Result<(
             print_json(
                 &c.call(
                     Method::DELETE,
-                    &format!("/v1/sessions/{id}"),
+                    &format!("/v1/sessions/{}", seg(&id)),
                     None,
                     Some(&id),
                 )
@@ -548,7 +568,7 @@ pub async fn cancel(conn: &Connection, id: &str) -> anyhow::Result<()> {
     let answer = c
         .call(
             reqwest::Method::POST,
-            &format!("/v1/sessions/{id}/cancel"),
+            &format!("/v1/sessions/{}/cancel", seg(id)),
             None,
             Some(id),
         )
@@ -588,9 +608,13 @@ impl Decision {
 
 impl Client {
     async fn answer(&self, id: &str, request_id: &str, decision: Decision) -> anyhow::Result<()> {
+        // A dot segment would be resolved away however it is encoded.
+        if request_id.is_empty() || request_id == "." || request_id == ".." {
+            bail!("{request_id:?} is not a question's request id");
+        }
         self.call(
             reqwest::Method::POST,
-            &format!("/v1/sessions/{id}/inputs/{request_id}"),
+            &format!("/v1/sessions/{}/inputs/{}", seg(id), seg(request_id)),
             Some(json!({ "decision": decision.wire() })),
             Some(id),
         )
@@ -614,7 +638,7 @@ pub async fn decide(
             let waiting = c
                 .call(
                     reqwest::Method::GET,
-                    &format!("/v1/sessions/{id}/inputs"),
+                    &format!("/v1/sessions/{}/inputs", seg(id)),
                     None,
                     Some(id),
                 )
@@ -647,7 +671,7 @@ pub async fn decide(
         }
     };
     c.answer(id, &request_id, decision).await?;
-    println!("{request_id}: {}", decision.done());
+    println!("{}: {}", printable(&request_id), decision.done());
     Ok(())
 }
 
@@ -657,8 +681,8 @@ pub async fn history(conn: &Connection, id: &str) -> anyhow::Result<()> {
     let mut cursor: Option<String> = None;
     loop {
         let path = match &cursor {
-            Some(cur) => format!("/v1/sessions/{id}/messages?cursor={cur}"),
-            None => format!("/v1/sessions/{id}/messages"),
+            Some(cur) => format!("/v1/sessions/{}/messages?cursor={cur}", seg(id)),
+            None => format!("/v1/sessions/{}/messages", seg(id)),
         };
         let page = c.call(reqwest::Method::GET, &path, None, Some(id)).await?;
         for m in page["messages"].as_array().into_iter().flatten() {
@@ -685,7 +709,7 @@ pub async fn events(conn: &Connection, id: &str, since: i64, follow: bool) -> an
         let resp = c
             .send(
                 reqwest::Method::GET,
-                &format!("/v1/sessions/{id}/events?stream=true&since={since}"),
+                &format!("/v1/sessions/{}/events?stream=true&since={since}", seg(id)),
                 None,
                 Some(id),
             )
@@ -709,7 +733,7 @@ pub async fn events(conn: &Connection, id: &str, since: i64, follow: bool) -> an
         let page = c
             .call(
                 reqwest::Method::GET,
-                &format!("/v1/sessions/{id}/events?since={since}&limit=1000"),
+                &format!("/v1/sessions/{}/events?since={since}&limit=1000", seg(id)),
                 None,
                 Some(id),
             )
@@ -793,12 +817,13 @@ impl TurnEvent {
             }
             "input_required" => TurnEvent::Asked(Question {
                 request_id: s(&d["request_id"]),
-                title: d["tool"]["title"]
-                    .as_str()
-                    .or(d["client_tool"]["name"].as_str())
-                    .unwrap_or("the agent asks")
-                    .to_string(),
-                client_tool: d["client_tool"]["name"].as_str().map(String::from),
+                title: printable(
+                    d["tool"]["title"]
+                        .as_str()
+                        .or(d["client_tool"]["name"].as_str())
+                        .unwrap_or("the agent asks"),
+                ),
+                client_tool: d["client_tool"]["name"].as_str().map(printable),
             }),
             "done" => TurnEvent::Done {
                 cancelled: d["stop_reason"] == "cancelled",
@@ -827,7 +852,7 @@ impl Client {
         let resp = self
             .send(
                 reqwest::Method::POST,
-                &format!("/v1/sessions/{id}/messages"),
+                &format!("/v1/sessions/{}/messages", seg(id)),
                 Some(&json!({"text": text, "stream": true})),
                 Some(id),
             )
@@ -845,6 +870,15 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::{printable, server_root};
+
+    #[test]
+    fn an_id_stays_one_path_segment() {
+        assert_eq!(super::seg("ses_01-a.b~c"), "ses_01-a.b~c");
+        assert_eq!(
+            super::seg("../../ses_x/cancel#é"),
+            "..%2F..%2Fses_x%2Fcancel%23%C3%A9"
+        );
+    }
 
     #[test]
     fn escape_sequences_are_shown_not_run() {
@@ -867,6 +901,7 @@ mod tests {
             ("http://127.0.0.1:8080/v1", "ends in /v1"),
             ("ftp://host", "must start with http:// or https://"),
             ("http://", "names no host"),
+            ("http://me:secret@host:8080", "holds a user or password"),
         ] {
             let err = server_root(url).expect_err(url).to_string();
             assert!(err.contains(says), "{url}: {err}");

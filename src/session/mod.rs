@@ -154,6 +154,9 @@ pub struct Orchestrator {
     /// API keys seen valid, by hash; emptied when a key is revoked (here or, through the
     /// store's notices, on another replica) and when notices may have been missed.
     keys: Mutex<HashMap<String, CachedKey>>,
+    /// Counts the times the cached keys were forgotten (a key revoked or changed): long-lived
+    /// streams look again at their key when it moves.
+    key_epoch: tokio::sync::watch::Sender<u64>,
     /// Templates whose warm start failed since the pool loop last looked (for backoff).
     pool_failures: Mutex<Vec<String>>,
     turns: Mutex<HashMap<String, RunningTurn>>,
@@ -213,6 +216,7 @@ impl Orchestrator {
             clients: Mutex::new(HashMap::new()),
             http: sandwarden_proto::harness_client::http_client(),
             keys: Mutex::new(HashMap::new()),
+            key_epoch: tokio::sync::watch::Sender::new(0),
             streams: quota::Streams::default(),
             pool_failures: Mutex::new(Vec::new()),
             turns: Mutex::new(HashMap::new()),
@@ -281,6 +285,31 @@ impl Orchestrator {
     /// Forgets every cached key: one was revoked.
     pub fn forget_keys(&self) {
         lock(&self.keys).clear();
+        self.key_epoch.send_modify(|epoch| *epoch += 1);
+    }
+
+    /// Moves each time keys may have been revoked (`forget_keys`).
+    pub fn key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.key_epoch.subscribe()
+    }
+
+    /// Whether the key of this hash is still valid (not revoked). A store that cannot be asked
+    /// says no: a stream that cannot show its key is good ends, and its client reconnects.
+    pub async fn key_still_valid(&self, hash: &str) -> bool {
+        if self.cached_key(hash).is_some() {
+            return true;
+        }
+        match self.store.find_key(hash).await {
+            Ok(Some(key)) => {
+                self.cache_key(hash.to_string(), &key);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check a stream's key; ending the stream");
+                false
+            }
+        }
     }
 
     /// The client of a sandbox's harness; one per sandbox so connections are reused.

@@ -877,7 +877,11 @@ impl Orchestrator {
                 self.note_answered(&session.id, request_id);
                 Ok(v)
             }
-            Err(ClientError::Refused(p)) if p.status < 500 => Err(SessionError::HarnessRefused(p)),
+            // Only the refusals an answer can get are passed on as they came (a harness claiming a 401
+            // or a 429 is not passed on as if serve had said it).
+            Err(ClientError::Refused(p)) if matches!(p.status, 404 | 409 | 422) => {
+                Err(SessionError::HarnessRefused(p))
+            }
             Err(e) => Err(self.harness_failure(&session, e).await),
         }
     }

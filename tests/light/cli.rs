@@ -326,13 +326,19 @@ async fn chat_on_a_terminal_cancels_approves_and_holds_input() {
         // Two questions, each answered at the prompt: approved once, then denied.
         t.type_text("/ask may I remove build-7?");
         t.press(&["Enter"]);
-        t.wait_for("a = approve once", 1);
+        t.wait_for("answer (a/s/d)>", 1);
+        // Text typed ahead is no answer: the question goes on waiting.
+        t.type_text("deploy it");
+        t.press(&["Enter"]);
+        t.wait_for("[answer a (approve once)", 1);
         t.type_text("a");
+        t.press(&["Enter"]);
         t.wait_for("permission granted (allow-once)", 2);
         t.type_text("/ask may I remove build-8?");
         t.press(&["Enter"]);
-        t.wait_for("a = approve once", 2);
+        t.wait_for("[approval] may I remove build-8?", 1);
         t.type_text("d");
+        t.press(&["Enter"]);
         t.wait_for("permission denied (reject-once)", 2);
         // A slow turn; text typed meanwhile is held; Ctrl-C cancels the turn.
         t.type_text("/slow 400 tick");

@@ -461,3 +461,95 @@ async fn webhooks_to_private_targets_are_refused_in_every_spelling() {
     }
     assert_eq!(api.history_texts(&id).await, Vec::<String>::new());
 }
+
+/// A hostile harness answering serve's small requests: one answer per connection, chosen by
+/// the request's path.
+async fn hostile_harness() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let (status, size) = match path.as_str() {
+                    // A refusal of 32 MiB, and an answer of 2 MiB.
+                    "/v1/options" if head.contains("x-case: refusal") => ("500 Oops", 32 << 20),
+                    "/v1/options" if head.contains("x-case: huge") => ("200 OK", 2 << 20),
+                    // Never answers.
+                    _ => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        return;
+                    }
+                };
+                let header = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n"
+                );
+                if tcp.write_all(header.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'A'; 64 * 1024];
+                let mut sent = 0;
+                while sent < size {
+                    if tcp.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len();
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// What serve asks a sandbox's harness for itself (its agent's options) is bounded: a refusal's
+/// body is read no further than 64 KiB and its detail kept to 1 KiB, an answer over 1 MiB is
+/// refused, and a harness that never answers is given up on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_harness_cannot_flood_or_hold_serve() {
+    use sandwarden_proto::harness_client::{ClientError, HarnessClient, SMALL_REQUEST_TIMEOUT};
+    let base = hostile_harness().await;
+    let client = |case: &str| {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-case", case.parse().expect("header"));
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client");
+        HarnessClient::with_http(http, base.clone(), "token")
+    };
+    match client("refusal").agent_options().await {
+        Err(ClientError::Refused(p)) => {
+            assert_eq!(p.status, 500);
+            assert!(
+                p.detail.len() <= 1024 + 4,
+                "{} bytes of detail",
+                p.detail.len()
+            );
+        }
+        other => panic!("a refusal: {other:?}"),
+    }
+    match client("huge").agent_options().await {
+        Err(ClientError::Stream(m)) => assert!(m.contains("larger than"), "{m}"),
+        other => panic!("a refused answer: {other:?}"),
+    }
+    let started = tokio::time::Instant::now();
+    let hung = tokio::time::timeout(SMALL_REQUEST_TIMEOUT * 3, client("silent").agent_options())
+        .await
+        .expect("serve gives up on a silent harness");
+    assert!(hung.is_err(), "{hung:?}");
+    eprintln!(
+        "a silent harness was given up on after {:?}",
+        started.elapsed()
+    );
+}

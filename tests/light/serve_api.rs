@@ -1321,6 +1321,24 @@ async fn read_sse(
     seen
 }
 
+/// Reads SSE `(event, data)` pairs until the server ends the stream (true) or 30 s pass (false).
+async fn read_to_end(resp: reqwest::Response) -> (Vec<(String, serde_json::Value)>, bool) {
+    use eventsource_stream::Eventsource;
+    let mut events = resp.bytes_stream().eventsource();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Ok(e))) => {
+                let data = serde_json::from_str(&e.data).unwrap_or_default();
+                seen.push((e.event, data));
+            }
+            Ok(_) => return (seen, true),
+            Err(_) => return (seen, false),
+        }
+    }
+}
+
 /// `GET /v1/events` follows a tenant's sessions as they change, and only that tenant's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sessions_watch_follows_the_tenants_sessions_only() {
@@ -1569,4 +1587,87 @@ async fn sessions_can_be_listed_newest_first() {
     assert_eq!(listed, made);
     let (status, body) = api.call("GET", "/v1/sessions?order=sideways", None).await;
     assert_eq!(status, 400, "{body}");
+}
+
+/// A revoked key's long-lived streams end: the sessions watch and a session's event stream. And
+/// the watch never hands out a terminal's token (its `tty_url`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_keys_streams_end() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let (_, k1) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"tenant": "revoked-watch"})),
+        )
+        .await;
+    let (_, k2) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"tenant": "revoked-watch"})),
+        )
+        .await;
+    let key1 = k1["key"].as_str().expect("key").to_string();
+    let other = admin.with_key(k2["key"].as_str().expect("key"));
+    let own = admin.with_key(&key1);
+    let echo = own.ready("echo").await;
+    let open = |path: String| {
+        let key = key1.clone();
+        let url = serve.url(&path);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(key)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .expect("stream")
+        }
+    };
+    let watch = open("/v1/events".into()).await;
+    let events = open(format!("/v1/sessions/{echo}/events?tail=true")).await;
+    assert_eq!(
+        (watch.status().as_u16(), events.status().as_u16()),
+        (200, 200)
+    );
+    // A terminal session of the tenant shows on the watch without its token.
+    let sh = other.ready("sh").await;
+    let watched = tokio::spawn(read_to_end(watch));
+    let followed = tokio::spawn(read_to_end(events));
+    other.wait_status(&sh, "ready").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = admin
+        .call(
+            "DELETE",
+            &format!("/v1/api-keys/{}", k1["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (watched, watch_ended) = watched.await.expect("watch reader");
+    let (followed, events_ended) = followed.await.expect("events reader");
+    assert!(
+        watch_ended,
+        "the watch ended when its key was revoked: {watched:?}"
+    );
+    assert!(
+        events_ended,
+        "the event stream ended when its key was revoked"
+    );
+    let terminal: Vec<&serde_json::Value> = watched
+        .iter()
+        .filter(|(kind, s)| kind == "session" && s["id"] == sh)
+        .map(|(_, s)| s)
+        .collect();
+    assert!(!terminal.is_empty(), "{watched:?}");
+    assert!(
+        terminal.iter().all(|s| s["tty_url"].is_null()),
+        "{terminal:?}"
+    );
+    assert!(
+        followed.iter().all(|(kind, _)| kind != "error"),
+        "{followed:?}"
+    );
 }

@@ -110,32 +110,74 @@ impl tokio::io::AsyncWrite for HarnessIo {
     }
 }
 
-/// An answer that was not a success: its problem document, or one describing the body.
-/// The most a small JSON answer of a harness (health, settings) may hold: a sandbox is not
-/// trusted, and serve reads these bodies whole.
+/// The most a small JSON answer of a harness (health, options, an answer's receipt) may hold: a
+/// sandbox is not trusted, and serve reads these bodies whole.
 const SMALL_ANSWER: usize = 1024 * 1024;
+
+/// The most of a refusal's body that is read; the rest is left unread.
+const REFUSAL_BODY: usize = 64 * 1024;
+
+/// The most of a refusal's `detail` that is kept (it may go on to a client, a log or the store).
+const REFUSAL_DETAIL: usize = 1024;
+
+/// How long a small request to a harness (its options) may take in all.
+pub const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A small answer's body, read no further than `SMALL_ANSWER`.
 async fn small_body(resp: reqwest::Response) -> Result<Vec<u8>, ClientError> {
+    let (body, whole) = body_upto(resp, SMALL_ANSWER).await?;
+    if !whole {
+        return Err(ClientError::Stream(format!(
+            "the harness's answer is larger than {SMALL_ANSWER} bytes"
+        )));
+    }
+    Ok(body)
+}
+
+/// A small answer's body as JSON of the type wanted.
+async fn small_json<T: serde::de::DeserializeOwned>(
+    resp: reqwest::Response,
+) -> Result<T, ClientError> {
+    let status = resp.status();
+    let body = small_body(resp).await?;
+    serde_json::from_slice(&body).map_err(|_| {
+        ClientError::Stream(format!(
+            "the harness answered {status} with a body that is not the JSON expected"
+        ))
+    })
+}
+
+/// Up to `max` bytes of a body, and whether that was all of it.
+async fn body_upto(resp: reqwest::Response, max: usize) -> Result<(Vec<u8>, bool), ClientError> {
     use futures::StreamExt;
     let mut body = Vec::new();
     let mut chunks = resp.bytes_stream();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(ClientError::Transport)?;
-        if body.len() + chunk.len() > SMALL_ANSWER {
-            return Err(ClientError::Stream(format!(
-                "the harness's answer is larger than {SMALL_ANSWER} bytes"
-            )));
+        if body.len() + chunk.len() > max {
+            body.extend_from_slice(&chunk[..max - body.len()]);
+            return Ok((body, false));
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok((body, true))
 }
 
+/// An answer that was not a success: its problem document, or one describing the body; its
+/// `detail` no longer than `REFUSAL_DETAIL`.
 fn refused(status: reqwest::StatusCode, body: &[u8]) -> ClientError {
-    ClientError::Refused(serde_json::from_slice(body).unwrap_or_else(|_| {
+    let problem: Problem = serde_json::from_slice(body).unwrap_or_else(|_| {
         Problem::new(status, "unexpected_response", String::from_utf8_lossy(body))
-    }))
+    });
+    if problem.detail.len() <= REFUSAL_DETAIL {
+        return ClientError::Refused(problem);
+    }
+    let mut end = REFUSAL_DETAIL;
+    while !problem.detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    let detail = format!("{}…", &problem.detail[..end]);
+    ClientError::Refused(problem.with_detail(detail))
 }
 
 #[derive(Clone)]
@@ -218,7 +260,7 @@ impl HarnessClient {
             return Ok(resp);
         }
         let status = resp.status();
-        let body = resp.bytes().await.map_err(ClientError::Transport)?;
+        let (body, _) = body_upto(resp, REFUSAL_BODY).await?;
         Err(refused(status, &body))
     }
 
@@ -234,7 +276,8 @@ impl HarnessClient {
     /// The settings a message may choose and what the agent offers for them.
     pub async fn agent_options(&self) -> Result<crate::event::AgentOptions, ClientError> {
         let url = self.url("/v1/options");
-        let resp = self.send(self.http.get(&url), &url).await?;
+        let req = self.http.get(&url).timeout(SMALL_REQUEST_TIMEOUT);
+        let resp = self.send(req, &url).await?;
         let status = resp.status();
         let body = small_body(resp).await?;
         serde_json::from_slice(&body).map_err(|_| refused(status, &body))
@@ -278,7 +321,7 @@ impl HarnessClient {
     pub async fn cancel(&self) -> Result<serde_json::Value, ClientError> {
         let url = self.url("/v1/turns/cancel");
         let resp = self.send(self.http.post(&url), &url).await?;
-        resp.json().await.map_err(ClientError::Transport)
+        small_json(resp).await
     }
 
     pub async fn answer(
@@ -286,18 +329,30 @@ impl HarnessClient {
         request_id: &str,
         answer: &InputAnswer,
     ) -> Result<serde_json::Value, ClientError> {
-        let url = self.url(&format!("/v1/inputs/{request_id}"));
+        let url = self.segment_url("/v1/inputs", request_id);
         let resp = self.send(self.http.post(&url).json(answer), &url).await?;
-        resp.json().await.map_err(ClientError::Transport)
+        small_json(resp).await
     }
 
     pub async fn bind(&self, req: &BindRequest) -> Result<Health, ClientError> {
         let url = self.url("/v1/bind");
         let resp = self.send(self.http.post(&url).json(req), &url).await?;
-        resp.json().await.map_err(ClientError::Transport)
+        small_json(resp).await
     }
 
     /// `/v1/files/PATH` with each of `path`'s segments percent-encoded.
+    /// `base` with one more path segment, `segment` percent-encoded (it cannot leave `base`).
+    fn segment_url(&self, base: &str, segment: &str) -> String {
+        let mut url = match reqwest::Url::parse(&self.url(base)) {
+            Ok(url) => url,
+            Err(_) => return self.url(base),
+        };
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.push(segment);
+        }
+        url.into()
+    }
+
     fn file_url(&self, path: &str) -> String {
         let mut url = match reqwest::Url::parse(&self.url("/v1/files")) {
             Ok(url) => url,
@@ -341,7 +396,7 @@ impl HarnessClient {
         let req = self.http.put(&url).timeout(FILES_TIMEOUT).body(body);
         let resp = self.send(req, &url).await?;
         let created = resp.status() == reqwest::StatusCode::CREATED;
-        Ok((created, resp.json().await.map_err(ClientError::Transport)?))
+        Ok((created, small_json(resp).await?))
     }
 
     /// A WebSocket handshake request for `GET /v1/tty`, carrying the token.

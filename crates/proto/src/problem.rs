@@ -56,6 +56,12 @@ impl Problem {
         self
     }
 
+    /// The same problem with another `detail`.
+    pub fn with_detail(mut self, detail: String) -> Self {
+        self.0.detail = detail;
+        self
+    }
+
     /// Whether the answerer found the request itself unusable (`422`): the caller's mistake.
     pub fn is_invalid_request(&self) -> bool {
         self.status == StatusCode::UNPROCESSABLE_ENTITY.as_u16()
