@@ -1044,9 +1044,24 @@ function terminalPanel(session) {
   };
   const why = (s) => `the session is ${s.status}${s.failure_reason ? ` (${s.failure_reason})` : ''}`;
 
+  let reading = false; // the session is being read for its tty_url
+
   /** Attaches once the session has a terminal (a new session has none while creating). */
-  function attachWhenReady() {
-    if (!term || socket) return;
+  async function attachWhenReady() {
+    if (!term || socket || reading) return;
+    if (!latest.tty_url && (latest.status === 'ready' || BUSY.has(latest.status))) {
+      // The sessions watch leaves terminal tokens out: read the session for its tty_url.
+      reading = true;
+      try {
+        latest = await api('GET', sessionPath(session.id));
+      } catch (e) {
+        setStatus('error', errorText(e));
+        return;
+      } finally {
+        reading = false;
+      }
+      if (!term || socket) return;
+    }
     if (latest.tty_url) attach(latest.tty_url);
     else if (latest.status === 'creating') setStatus('waiting', `waiting: ${why(latest)}`);
     else setStatus('closed', `no terminal: ${why(latest)}`);
