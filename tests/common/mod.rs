@@ -806,3 +806,19 @@ pub async fn expect_retry_later(resp: reqwest::Response, kind: &str) -> serde_js
     assert_eq!(problem["type"], kind, "{problem}");
     problem
 }
+
+/// A history page's messages as `role: text` lines, in order.
+pub fn role_texts(page: &serde_json::Value) -> Vec<String> {
+    page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            format!(
+                "{}: {}",
+                m["role"].as_str().unwrap_or(""),
+                m["text"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}

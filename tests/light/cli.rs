@@ -293,18 +293,7 @@ async fn history_texts(api: &Api, id: &str) -> Vec<String> {
     let (_, page) = api
         .call("GET", &format!("/v1/sessions/{id}/messages"), None)
         .await;
-    page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| {
-            format!(
-                "{}: {}",
-                m["role"].as_str().unwrap_or(""),
-                m["text"].as_str().unwrap_or("")
-            )
-        })
-        .collect()
+    role_texts(&page)
 }
 
 /// `chat` on a real terminal: answers stream back, the agent's questions are answered inline,

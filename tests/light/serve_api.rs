@@ -1494,20 +1494,7 @@ async fn the_history_pages_back_from_the_newest() {
         let (status, _) = api.say(&id, &format!("history line {i}")).await;
         assert_eq!(status, 200);
     }
-    let texts = |page: &serde_json::Value| -> Vec<String> {
-        page["messages"]
-            .as_array()
-            .expect("messages")
-            .iter()
-            .map(|m| {
-                format!(
-                    "{}:{}",
-                    m["role"].as_str().unwrap_or(""),
-                    m["text"].as_str().unwrap_or("")
-                )
-            })
-            .collect()
-    };
+    let texts = role_texts;
     let (status, forward) = api
         .call(
             "GET",
