@@ -14,6 +14,7 @@ use sandwarden_proto::problem::Problem;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message as TMessage;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as TCloseFrame;
+use tokio_util::sync::CancellationToken;
 
 /// How long the close frame to a viewer being let go may take (it is behind unread output).
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -64,6 +65,8 @@ pub async fn attach(
     // Terminals opened with a tty token count against the server's default limit; with a key,
     // against the key's.
     let mut max_streams = orch.config.default_limits.open_streams;
+    // The key a terminal was opened with, if any: its revocation ends the terminal.
+    let mut key_hash = None;
     let session = match &q.token {
         Some(token) => {
             if !orch.check_tty_token(&id, token) {
@@ -81,6 +84,7 @@ pub async fn attach(
         None => {
             let caller = caller_from(&orch, &headers).await?;
             max_streams = caller.limits.open_streams;
+            key_hash = Some(caller.key_hash.clone());
             orch.get(&caller.tenant, &super::session_path(&caller.tenant, &id)?)
                 .await?
         }
@@ -164,6 +168,20 @@ pub async fn attach(
                     }
                 })
             });
+            let revoked = CancellationToken::new();
+            let key_watch = key_hash.map(|hash| {
+                let orch = orch.clone();
+                let revoked = revoked.clone();
+                tokio::spawn(async move {
+                    let mut changes = orch.key_changes();
+                    while changes.changed().await.is_ok() {
+                        if !orch.key_still_valid(&hash).await {
+                            revoked.cancel();
+                            return;
+                        }
+                    }
+                })
+            });
             let (c_tx, c_rx) = socket.split();
             let (u_tx, u_rx) = upstream.split();
             tracing::Instrument::instrument(
@@ -172,11 +190,15 @@ pub async fn attach(
                     Client { tx: u_tx, rx: u_rx },
                     orch.config.client_timeout,
                     orch.shutdown.clone(),
+                    revoked,
                 ),
                 tracing::info_span!("terminal", session_id = %session_id),
             )
             .await;
             if let Some(task) = keep_active {
+                task.abort();
+            }
+            if let Some(task) = key_watch {
                 task.abort();
             }
             // The terminal closes when its program ends: then the session is dead.
@@ -197,12 +219,14 @@ struct Client<Tx, Rx> {
 /// Copies frames both ways until either side closes; a close is passed on with its code. A
 /// client that leaves output unread for `stall` is let go (1013, as the harness does with a
 /// viewer that falls behind): otherwise its connection, and this task, would stay blocked on it
-/// for as long as it stays connected, and serve would still count it as a viewer.
+/// for as long as it stays connected, and serve would still count it as a viewer. `revoked`: the
+/// key the terminal was opened with was revoked (the viewer is let go, 1008).
 async fn pump<CTx, CRx, CErr, UTx, URx, UErr>(
     client: Client<CTx, CRx>,
     upstream: Client<UTx, URx>,
     stall: std::time::Duration,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
+    revoked: CancellationToken,
 ) where
     CTx: futures::Sink<AxMessage> + Unpin,
     CRx: futures::Stream<Item = Result<AxMessage, CErr>> + Unpin,
@@ -258,6 +282,12 @@ async fn pump<CTx, CRx, CErr, UTx, URx, UErr>(
                 let _ = c_tx.send(AxMessage::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
                 break;
             }
+            () = revoked.cancelled() => {
+                let close = AxMessage::Close(Some(CloseFrame { code: 1008, reason: "the API key was revoked".into() }));
+                let _ = tokio::time::timeout(CLOSE_GRACE, c_tx.send(close)).await;
+                let _ = u_tx.send(TMessage::Close(None)).await;
+                break;
+            }
         }
     }
 }
@@ -300,6 +330,7 @@ mod tests {
             },
             stall,
             shutdown.clone(),
+            CancellationToken::new(),
         ));
         Bridge {
             client_in,

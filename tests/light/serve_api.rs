@@ -1658,3 +1658,79 @@ async fn a_revoked_keys_streams_end() {
         "{followed:?}"
     );
 }
+
+/// A terminal opened with a key is let go (1008) when the key is revoked; one opened with its
+/// session's `tty_url` token is not the key's and lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_keys_terminal_is_let_go() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let (_, k) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"tenant": "revoked-tty"})),
+        )
+        .await;
+    let key = k["key"].as_str().expect("key").to_string();
+    let tenant = admin.with_key(&key);
+    let sh = tenant.ready("sh").await;
+    let mut req = serve
+        .url(&format!("/v1/sessions/{sh}/tty"))
+        .replacen("http", "ws", 1)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("header"),
+    );
+    let (mut keyed, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("attach with the key");
+    let (_, mut by_token) = tenant.attach_tty(&sh).await;
+    let (status, _) = admin
+        .call(
+            "DELETE",
+            &format!("/v1/api-keys/{}", k["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(msg) = keyed.next().await {
+            match msg {
+                Ok(Message::Close(frame)) => {
+                    return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("the keyed terminal is let go");
+    assert_eq!(closed, Some((1008, "the API key was revoked".to_string())));
+    // The token's terminal still works.
+    by_token
+        .send(Message::Binary(b"echo still-$((40+2))\n".to_vec().into()))
+        .await
+        .expect("type");
+    let seen = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut seen = String::new();
+        while let Some(Ok(msg)) = by_token.next().await {
+            if let Message::Binary(b) = msg {
+                seen.push_str(&String::from_utf8_lossy(&b));
+                if seen.contains("still-42") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(seen, "the token's terminal lives on");
+}
