@@ -895,6 +895,7 @@ pub(crate) fn sse(
 /// more than `HISTORY_PAGE_BYTES` of them; `next_cursor` fetches the next page.
 #[derive(Deserialize)]
 pub(crate) struct HistoryQuery {
+    tenant: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
     newest: Option<bool>,
@@ -908,7 +909,8 @@ enum HistoryPlace {
 
 #[utoipa::path(get, path = "/v1/sessions/{id}/messages", tag = "messages",
     params(("id" = String, Path), ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query),
-           ("newest" = Option<bool>, Query, description = "start at the newest page; `next_cursor` then leads to older ones")),
+           ("newest" = Option<bool>, Query, description = "start at the newest page; `next_cursor` then leads to older ones"),
+           ("tenant" = Option<String>, Query, description = "another tenant's (admin keys)")),
     responses((status = 200, body = openapi::MessagesPage), (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
 async fn get_messages(
     State(orch): State<AppState>,
@@ -916,8 +918,9 @@ async fn get_messages(
     Path(id): Path<String>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let id = session_path(&caller.tenant, &id)?;
     let q = query_of(query)?;
+    let tenant = acting_tenant(&caller, q.tenant.clone())?;
+    let id = session_path(&tenant, &id)?;
     let limit = page_limit(q.limit, 100, 500)?;
     let place = match &q.cursor {
         None if q.newest == Some(true) => HistoryPlace::Before(i64::MAX),
@@ -941,12 +944,12 @@ async fn get_messages(
     };
     let (page, kind) = match place {
         HistoryPlace::After(after) => (
-            orch.history(&caller.tenant, &caller.limits, &id, after, limit)
+            orch.history(&tenant, &caller.limits, &id, after, limit)
                 .await?,
             "messages",
         ),
         HistoryPlace::Before(before) => (
-            orch.history_before(&caller.tenant, &caller.limits, &id, before, limit)
+            orch.history_before(&tenant, &caller.limits, &id, before, limit)
                 .await?,
             "messages-before",
         ),
@@ -1109,6 +1112,7 @@ async fn answer_input(
 
 #[derive(Deserialize)]
 struct EventsQuery {
+    tenant: Option<String>,
     since: Option<i64>,
     tail: Option<bool>,
     limit: Option<i64>,
@@ -1119,6 +1123,7 @@ struct EventsQuery {
     params(("id" = String, Path), ("since" = Option<i64>, Query, description = "events after this seq"),
            ("tail" = Option<bool>, Query, description = "start after the newest event (instead of `since`)"),
            ("limit" = Option<i64>, Query), ("stream" = Option<bool>, Query, description = "SSE (also with Accept: text/event-stream)"),
+           ("tenant" = Option<String>, Query, description = "another tenant's (admin keys)"),
            ("Last-Event-ID" = Option<String>, Header)),
     responses((status = 200, description = "a page, or the events as SSE", body = openapi::EventsPage),
               (status = 404, body = sandwarden_proto::problem::ProblemDoc)))]
@@ -1129,8 +1134,9 @@ async fn get_events(
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
-    let id = session_path(&caller.tenant, &id)?;
     let q = query_of(query)?;
+    let tenant = acting_tenant(&caller, q.tenant.clone())?;
+    let id = session_path(&tenant, &id)?;
     let wants_sse = q.stream == Some(true)
         || headers
             .get(header::ACCEPT)
@@ -1139,7 +1145,7 @@ async fn get_events(
     // A stream's slot is taken before anything is read, so a tenant over its quota costs the
     // store nothing.
     let slot = stream_slot(&orch, &caller, wants_sse)?;
-    let session = orch.get(&caller.tenant, &id).await?;
+    let session = orch.get(&tenant, &id).await?;
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -1181,7 +1187,7 @@ async fn get_events(
     }
     let limit = page_limit(q.limit, 100, 1000)?;
     let page = orch
-        .event_page(&caller.tenant, &caller.limits, &session.id, since, limit)
+        .event_page(&tenant, &caller.limits, &session.id, since, limit)
         .await?;
     let answer = openapi::EventsPage {
         session_id: session.id,

@@ -1734,3 +1734,65 @@ async fn a_revoked_keys_terminal_is_let_go() {
     .unwrap_or(false);
     assert!(seen, "the token's terminal lives on");
 }
+
+/// The admin key reads a tenant's history and events with `?tenant=`; a tenant's key may name
+/// only itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_reads_a_tenants_history_and_events() {
+    let serve = Serve::start(&[]);
+    let admin = serve.client();
+    let (_, k) = admin
+        .call(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"tenant": "read-by-admin"})),
+        )
+        .await;
+    let tenant = admin.with_key(k["key"].as_str().expect("key"));
+    let id = tenant.ready("echo").await;
+    let (status, _) = tenant.say(&id, "for the admin to read").await;
+    assert_eq!(status, 200);
+    let (status, page) = admin
+        .call("GET", &format!("/v1/sessions/{id}/messages"), None)
+        .await;
+    assert_eq!(
+        status, 404,
+        "without ?tenant= it is not the admin's: {page}"
+    );
+    let (status, page) = admin
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}/messages?tenant=read-by-admin&newest=true"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        role_texts(&page),
+        [
+            "user: for the admin to read",
+            "assistant: for the admin to read"
+        ]
+    );
+    let (status, events) = admin
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}/events?tenant=read-by-admin"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{events}");
+    assert!(
+        events["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["type"] == "done"))
+    );
+    let (status, _) = tenant
+        .call(
+            "GET",
+            &format!("/v1/sessions/{id}/messages?tenant=default"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403);
+}
