@@ -567,12 +567,13 @@ async fn watch_sessions(
     let q = query_of(query)?;
     let tenant = acting_tenant(&caller, q.tenant)?;
     let slot = stream_slot(&orch, &caller, true)?;
+    let stop = orch.shutdown.child_token();
     let watch = Watch {
         orch: orch.clone(),
         tenant,
         changes: orch.changes(),
-        key_hash: caller.key_hash.clone(),
-        key_changes: orch.key_changes(),
+        stop: stop.clone(),
+        _watching: orch.on_revocation(caller.key_hash.clone(), stop),
         foreign: std::collections::HashSet::new(),
         started: false,
     };
@@ -587,9 +588,9 @@ struct Watch {
     orch: Arc<Orchestrator>,
     tenant: String,
     changes: broadcast::Receiver<String>,
-    /// The watcher's key, looked at again whenever keys are revoked: a revoked key's watch ends.
-    key_hash: String,
-    key_changes: tokio::sync::watch::Receiver<u64>,
+    /// Cancelled when serve stops or the watcher's key is revoked: the watch ends.
+    stop: tokio_util::sync::CancellationToken,
+    _watching: tokio_util::sync::DropGuard,
     /// Sessions seen to be another tenant's (their changes cost no store read again), bounded.
     foreign: std::collections::HashSet<String>,
     started: bool,
@@ -609,13 +610,7 @@ impl Watch {
         loop {
             let changed = tokio::select! {
                 changed = self.changes.recv() => changed,
-                moved = self.key_changes.changed() => {
-                    if moved.is_err() || !self.orch.key_still_valid(&self.key_hash).await {
-                        return None;
-                    }
-                    continue;
-                }
-                () = self.orch.shutdown.cancelled() => return None,
+                () = self.stop.cancelled() => return None,
             };
             let id = match changed {
                 Ok(id) if id == crate::session::ANY_SESSION => return resync(),
@@ -1219,9 +1214,9 @@ struct StreamState {
     catch_up: bool,
     turn: Option<String>,
     finished: bool,
-    /// The reader's key, looked at again when keys are revoked: a revoked key's stream ends.
-    key_hash: String,
-    key_changes: tokio::sync::watch::Receiver<u64>,
+    /// Cancelled when serve stops or the reader's key is revoked: the stream ends.
+    stop: tokio_util::sync::CancellationToken,
+    _watching: tokio_util::sync::DropGuard,
 }
 
 /// How long a turn's event stream waits before it asks again for answer memory it was refused.
@@ -1243,7 +1238,8 @@ pub(crate) fn native_events(
         Follow::Turn(t) => (Some(t), 0, false),
         Follow::Since(s) => (None, s, true),
     };
-    let orch_key_changes = orch.key_changes();
+    let stop = orch.shutdown.child_token();
+    let watching = orch.on_revocation(caller.key_hash.clone(), stop.clone());
     let state = StreamState {
         orch,
         tenant: caller.tenant.clone(),
@@ -1256,8 +1252,8 @@ pub(crate) fn native_events(
         catch_up,
         turn,
         finished: false,
-        key_hash: caller.key_hash.clone(),
-        key_changes: orch_key_changes,
+        stop,
+        _watching: watching,
     };
     futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -1299,10 +1295,10 @@ pub(crate) fn native_events(
                     Err(e) if st.turn.is_some() && !matches!(e, SessionError::Store(_)) => {
                         tracing::debug!(error = %e, "a turn's stream waits to read its next page");
                         st.catch_up = true;
-                        let shutdown = st.orch.shutdown.clone();
+                        let stop = st.stop.clone();
                         tokio::select! {
                             () = tokio::time::sleep(TURN_STREAM_RETRY) => {}
-                            () = shutdown.cancelled() => return None,
+                            () = stop.cancelled() => return None,
                         }
                     }
                     Err(e) => {
@@ -1312,7 +1308,7 @@ pub(crate) fn native_events(
                 }
                 continue;
             }
-            let shutdown = st.orch.shutdown.clone();
+            let stop = st.stop.clone();
             tokio::select! {
                 received = st.rx.recv() => match received {
                     // A live event ahead of what this stream sent (events fanned in from another
@@ -1322,12 +1318,7 @@ pub(crate) fn native_events(
                     Err(broadcast::error::RecvError::Lagged(_)) => st.catch_up = true,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
-                moved = st.key_changes.changed() => {
-                    if moved.is_err() || !st.orch.key_still_valid(&st.key_hash).await {
-                        return None;
-                    }
-                }
-                () = shutdown.cancelled() => return None,
+                () = stop.cancelled() => return None,
             }
         }
     })

@@ -168,20 +168,9 @@ pub async fn attach(
                     }
                 })
             });
-            let revoked = CancellationToken::new();
-            let key_watch = key_hash.map(|hash| {
-                let orch = orch.clone();
-                let revoked = revoked.clone();
-                tokio::spawn(async move {
-                    let mut changes = orch.key_changes();
-                    while changes.changed().await.is_ok() {
-                        if !orch.key_still_valid(&hash).await {
-                            revoked.cancel();
-                            return;
-                        }
-                    }
-                })
-            });
+            // Serve stopping or, for a terminal opened with a key, the key's revocation.
+            let stop = orch.shutdown.child_token();
+            let _watching = key_hash.map(|hash| orch.on_revocation(hash, stop.clone()));
             let (c_tx, c_rx) = socket.split();
             let (u_tx, u_rx) = upstream.split();
             tracing::Instrument::instrument(
@@ -189,16 +178,15 @@ pub async fn attach(
                     Client { tx: c_tx, rx: c_rx },
                     Client { tx: u_tx, rx: u_rx },
                     orch.config.client_timeout,
-                    orch.shutdown.clone(),
-                    revoked,
+                    Stop {
+                        token: stop,
+                        shutdown: orch.shutdown.clone(),
+                    },
                 ),
                 tracing::info_span!("terminal", session_id = %session_id),
             )
             .await;
             if let Some(task) = keep_active {
-                task.abort();
-            }
-            if let Some(task) = key_watch {
                 task.abort();
             }
             // The terminal closes when its program ends: then the session is dead.
@@ -207,6 +195,29 @@ pub async fn attach(
             orch.viewer_detached(&session_id);
         })
         .into_response())
+}
+
+/// What lets a viewer go from outside the bridge: `token`, cancelled when serve stops
+/// (`shutdown`) or when the key the terminal was opened with is revoked.
+struct Stop {
+    token: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+impl Stop {
+    fn why(&self) -> CloseFrame {
+        if self.shutdown.is_cancelled() {
+            CloseFrame {
+                code: 1001,
+                reason: "server shutting down".into(),
+            }
+        } else {
+            CloseFrame {
+                code: 1008,
+                reason: "the API key was revoked".into(),
+            }
+        }
+    }
 }
 
 /// One side of the bridge: where frames go to it, and where its frames come from (the halves of
@@ -219,14 +230,12 @@ struct Client<Tx, Rx> {
 /// Copies frames both ways until either side closes; a close is passed on with its code. A
 /// client that leaves output unread for `stall` is let go (1013, as the harness does with a
 /// viewer that falls behind): otherwise its connection, and this task, would stay blocked on it
-/// for as long as it stays connected, and serve would still count it as a viewer. `revoked`: the
-/// key the terminal was opened with was revoked (the viewer is let go, 1008).
+/// for as long as it stays connected, and serve would still count it as a viewer.
 async fn pump<CTx, CRx, CErr, UTx, URx, UErr>(
     client: Client<CTx, CRx>,
     upstream: Client<UTx, URx>,
     stall: std::time::Duration,
-    shutdown: CancellationToken,
-    revoked: CancellationToken,
+    stop: Stop,
 ) where
     CTx: futures::Sink<AxMessage> + Unpin,
     CRx: futures::Stream<Item = Result<AxMessage, CErr>> + Unpin,
@@ -275,16 +284,11 @@ async fn pump<CTx, CRx, CErr, UTx, URx, UErr>(
                             break;
                         }
                     },
-                    () = shutdown.cancelled() => break,
+                    () = stop.token.cancelled() => break,
                 }
             }
-            () = shutdown.cancelled() => {
-                let _ = c_tx.send(AxMessage::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
-                break;
-            }
-            () = revoked.cancelled() => {
-                let close = AxMessage::Close(Some(CloseFrame { code: 1008, reason: "the API key was revoked".into() }));
-                let _ = tokio::time::timeout(CLOSE_GRACE, c_tx.send(close)).await;
+            () = stop.token.cancelled() => {
+                let _ = tokio::time::timeout(CLOSE_GRACE, c_tx.send(AxMessage::Close(Some(stop.why())))).await;
                 let _ = u_tx.send(TMessage::Close(None)).await;
                 break;
             }
@@ -329,8 +333,10 @@ mod tests {
                 rx: u_rx.map(Ok::<_, Infallible>),
             },
             stall,
-            shutdown.clone(),
-            CancellationToken::new(),
+            Stop {
+                token: shutdown.clone(),
+                shutdown: shutdown.clone(),
+            },
         ));
         Bridge {
             client_in,

@@ -288,14 +288,37 @@ impl Orchestrator {
         self.key_epoch.send_modify(|epoch| *epoch += 1);
     }
 
-    /// Moves each time keys may have been revoked (`forget_keys`).
-    pub fn key_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.key_epoch.subscribe()
+    /// For a stream that outlives the request its key was checked for: cancels `revoked` when
+    /// the key of this hash is revoked (looked at each time keys change). Watching stops when
+    /// the guard is dropped (the stream ended).
+    pub fn on_revocation(
+        self: &Arc<Self>,
+        hash: String,
+        revoked: CancellationToken,
+    ) -> tokio_util::sync::DropGuard {
+        let done = CancellationToken::new();
+        let watching = done.clone();
+        let orch = self.clone();
+        let mut changes = self.key_epoch.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = watching.cancelled() => return,
+                    moved = changes.changed() => {
+                        if moved.is_err() || !orch.key_still_valid(&hash).await {
+                            revoked.cancel();
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        done.drop_guard()
     }
 
     /// Whether the key of this hash is still valid (not revoked). A store that cannot be asked
     /// says no: a stream that cannot show its key is good ends, and its client reconnects.
-    pub async fn key_still_valid(&self, hash: &str) -> bool {
+    async fn key_still_valid(&self, hash: &str) -> bool {
         if self.cached_key(hash).is_some() {
             return true;
         }
