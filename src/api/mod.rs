@@ -13,7 +13,7 @@ use crate::session::message::MessageRequest;
 use crate::session::quota::{Held, Rates, Slot};
 use crate::session::view::SessionView;
 use crate::session::{CreateRequest, Orchestrator, SessionError};
-use crate::store::{Event, Session, SessionFilter};
+use crate::store::{Event, HistoryFrom, Session, SessionFilter};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -896,12 +896,6 @@ pub(crate) struct HistoryQuery {
     newest: Option<bool>,
 }
 
-/// Where a history page starts: after a message (oldest first) or before one (newest first).
-enum HistoryPlace {
-    After(i64),
-    Before(i64),
-}
-
 #[utoipa::path(get, path = "/v1/sessions/{id}/messages", tag = "messages",
     params(("id" = String, Path), ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query),
            ("newest" = Option<bool>, Query, description = "start at the newest page; `next_cursor` then leads to older ones"),
@@ -918,14 +912,14 @@ async fn get_messages(
     let id = session_path(&tenant, &id)?;
     let limit = page_limit(q.limit, 100, 500)?;
     let place = match &q.cursor {
-        None if q.newest == Some(true) => HistoryPlace::Before(i64::MAX),
-        None => HistoryPlace::After(0),
+        None if q.newest == Some(true) => HistoryFrom::Before(i64::MAX),
+        None => HistoryFrom::After(0),
         Some(c) => decode_cursor(c)
             .and_then(|(kind, seq)| {
                 let seq = seq.parse::<i64>().ok()?;
                 match kind.as_str() {
-                    "messages" => Some(HistoryPlace::After(seq)),
-                    "messages-before" => Some(HistoryPlace::Before(seq)),
+                    "messages" => Some(HistoryFrom::After(seq)),
+                    "messages-before" => Some(HistoryFrom::Before(seq)),
                     _ => None,
                 }
             })
@@ -937,18 +931,13 @@ async fn get_messages(
                 )
             })?,
     };
-    let (page, kind) = match place {
-        HistoryPlace::After(after) => (
-            orch.history(&tenant, &caller.limits, &id, after, limit)
-                .await?,
-            "messages",
-        ),
-        HistoryPlace::Before(before) => (
-            orch.history_before(&tenant, &caller.limits, &id, before, limit)
-                .await?,
-            "messages-before",
-        ),
+    let kind = match place {
+        HistoryFrom::After(_) => "messages",
+        HistoryFrom::Before(_) => "messages-before",
     };
+    let page = orch
+        .history(&tenant, &caller.limits, &id, place, limit)
+        .await?;
     let next_cursor = page.next.map(|seq| encode_cursor(kind, &seq.to_string()));
     let answer = openapi::MessagesPage {
         session_id: id,

@@ -905,50 +905,26 @@ impl Orchestrator {
         }
     }
 
-    /// A page of the session's history (see `Store::message_cut`), admitted to the answer
-    /// memory before it is read (see `quota::Answers`).
+    /// A page of the session's history from `from` (see `Store::message_cut`), admitted to the
+    /// answer memory before it is read (see `quota::Answers`); `next` is where the next page
+    /// that way starts.
     pub async fn history(
         &self,
         tenant: &str,
         limits: &quota::Limits,
         session_id: &str,
-        after: i64,
+        from: store::HistoryFrom,
         limit: i64,
     ) -> Result<Page<MessageView>, SessionError> {
         let s = self.get(tenant, session_id).await?;
         let cut = self
             .store
-            .message_cut(&s.id, after, limit, HISTORY_PAGE_BYTES)
+            .message_cut(&s.id, from, limit, HISTORY_PAGE_BYTES)
             .await?;
         let id = s.id.as_str();
         self.admitted_page(tenant, limits, cut, |last| async move {
+            let (after, last) = from.span(last);
             let messages = self.store.messages_through(id, after, last).await?;
-            Ok(messages.into_iter().map(MessageView::from).collect())
-        })
-        .await
-    }
-
-    /// A page of the history before the message at `before` (the newest page for `i64::MAX`),
-    /// the newest messages that fit, in order; `next` is where the page before it ends.
-    pub async fn history_before(
-        &self,
-        tenant: &str,
-        limits: &quota::Limits,
-        session_id: &str,
-        before: i64,
-        limit: i64,
-    ) -> Result<Page<MessageView>, SessionError> {
-        let s = self.get(tenant, session_id).await?;
-        let cut = self
-            .store
-            .message_cut_before(&s.id, before, limit, HISTORY_PAGE_BYTES)
-            .await?;
-        let id = s.id.as_str();
-        self.admitted_page(tenant, limits, cut, |oldest| async move {
-            let messages = self
-                .store
-                .messages_through(id, oldest - 1, before.saturating_sub(1))
-                .await?;
             Ok(messages.into_iter().map(MessageView::from).collect())
         })
         .await

@@ -606,6 +606,26 @@ impl PageCut {
     }
 }
 
+/// Where a page of a session's history starts: after a message, the oldest first, or before
+/// one, the newest first (`Before(i64::MAX)`: the newest page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryFrom {
+    After(i64),
+    Before(i64),
+}
+
+impl HistoryFrom {
+    /// The page whose cut ended at `last`, as `messages_through`'s `(after, last)`: in order
+    /// either way.
+    pub fn span(self, last: i64) -> (i64, i64) {
+        match self {
+            HistoryFrom::After(after) => (after, last),
+            // `last` is the page's oldest message.
+            HistoryFrom::Before(before) => (last - 1, before.saturating_sub(1)),
+        }
+    }
+}
+
 /// A tenant's use, in total or of one session, over some days.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Usage {
@@ -1579,50 +1599,29 @@ impl Store {
             .collect()))
     }
 
-    /// Where one page of a session's history ends, oldest first: the messages after `after` (a
-    /// message's place in the history, as the last page's `next` gave it), at most `limit` of
-    /// them and no more than `max_bytes` of text, parts and metadata together, but always at
-    /// least one. `None` when no message follows `after`. Read the page with
-    /// `messages_through`.
+    /// Where one page of a session's history ends: from `from` on, at most `limit` messages and
+    /// no more than `max_bytes` of text, parts and metadata together, but always at least one.
+    /// `None` when no message lies that way. Read the page with `messages_through` over
+    /// `from.span(cut.last)`.
     pub async fn message_cut(
         &self,
         session_id: &str,
-        after: i64,
+        from: HistoryFrom,
         limit: i64,
         max_bytes: i64,
     ) -> Result<Option<PageCut>> {
-        let sizes = self.sql(
+        let (bound, way) = match from {
+            HistoryFrom::After(after) => (after, "seq > ? ORDER BY seq"),
+            HistoryFrom::Before(before) => (before, "seq < ? ORDER BY seq DESC"),
+        };
+        let text = format!(
             "SELECT seq, CAST(LENGTH(text) + LENGTH(parts) + LENGTH(metadata) AS BIGINT) \
-             FROM messages \
-             WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+             FROM messages WHERE session_id = ? AND {way} LIMIT ?"
         );
+        let sizes = self.sql(&text);
         let rows: Vec<(i64, i64)> = on_db!(self, |pool| sqlx::query_as(&sizes)
             .bind(session_id)
-            .bind(after)
-            .bind(limit + 1)
-            .fetch_all(pool)
-            .await?);
-        Ok(PageCut::of(&rows, limit, max_bytes))
-    }
-
-    /// Where one page of a session's history ends, newest first: the messages before `before`,
-    /// at most `limit` of them and no more than `max_bytes` together, but always at least one;
-    /// the cut's `last` is the page's oldest. `None` when no message comes before `before`.
-    pub async fn message_cut_before(
-        &self,
-        session_id: &str,
-        before: i64,
-        limit: i64,
-        max_bytes: i64,
-    ) -> Result<Option<PageCut>> {
-        let sizes = self.sql(
-            "SELECT seq, CAST(LENGTH(text) + LENGTH(parts) + LENGTH(metadata) AS BIGINT) \
-             FROM messages \
-             WHERE session_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-        );
-        let rows: Vec<(i64, i64)> = on_db!(self, |pool| sqlx::query_as(&sizes)
-            .bind(session_id)
-            .bind(before)
+            .bind(bound)
             .bind(limit + 1)
             .fetch_all(pool)
             .await?);
@@ -2373,17 +2372,18 @@ mod tests {
     async fn read_page(
         store: &Store,
         session_id: &str,
-        after: i64,
+        from: HistoryFrom,
         limit: i64,
         max_bytes: i64,
     ) -> Result<(Vec<Message>, Option<i64>)> {
         let Some(cut) = store
-            .message_cut(session_id, after, limit, max_bytes)
+            .message_cut(session_id, from, limit, max_bytes)
             .await?
         else {
             return Ok((Vec::new(), None));
         };
-        let messages = store.messages_through(session_id, after, cut.last).await?;
+        let (after, last) = from.span(cut.last);
+        let messages = store.messages_through(session_id, after, last).await?;
         Ok((messages, cut.next()))
     }
 
@@ -2404,16 +2404,58 @@ mod tests {
             store.finish_turn(&t, None, None).await.expect("finish");
         }
         let texts = |page: &[Message]| page.iter().map(|m| m.text.len()).collect::<Vec<_>>();
-        let (page, next) = read_page(&store, "s1", 0, 2, 1 << 20).await.expect("page");
-        assert_eq!(texts(&page), [2, 2]);
-        let next = next.expect("more follow");
-        // By size: the long message is alone on its page (but a page is never empty).
-        let (page, next) = read_page(&store, "s1", next, 10, 500).await.expect("page");
-        assert_eq!(texts(&page), [1000]);
-        let (page, next) = read_page(&store, "s1", next.expect("more"), 10, 500)
+        let firsts = |page: &[Message]| page.iter().map(|m| m.text.clone()).collect::<Vec<_>>();
+        let (page, next) = read_page(&store, "s1", HistoryFrom::After(0), 2, 1 << 20)
             .await
             .expect("page");
-        assert_eq!((texts(&page), next), (vec![2, 2], None));
+        assert_eq!(firsts(&page), ["m0", "m1"]);
+        let next = next.expect("more follow");
+        // By size: the long message is alone on its page (but a page is never empty).
+        let (page, next) = read_page(&store, "s1", HistoryFrom::After(next), 10, 500)
+            .await
+            .expect("page");
+        assert_eq!(texts(&page), [1000]);
+        let (page, next) = read_page(
+            &store,
+            "s1",
+            HistoryFrom::After(next.expect("more")),
+            10,
+            500,
+        )
+        .await
+        .expect("page");
+        assert_eq!(
+            (firsts(&page), next),
+            (vec!["m3".to_string(), "m4".into()], None)
+        );
+        // From the newest end back: each page in order, cut the same way.
+        let (page, next) = read_page(&store, "s1", HistoryFrom::Before(i64::MAX), 2, 1 << 20)
+            .await
+            .expect("page");
+        assert_eq!(firsts(&page), ["m3", "m4"]);
+        let (page, next) = read_page(
+            &store,
+            "s1",
+            HistoryFrom::Before(next.expect("more")),
+            10,
+            500,
+        )
+        .await
+        .expect("page");
+        assert_eq!(texts(&page), [1000]);
+        let (page, next) = read_page(
+            &store,
+            "s1",
+            HistoryFrom::Before(next.expect("more")),
+            10,
+            500,
+        )
+        .await
+        .expect("page");
+        assert_eq!(
+            (firsts(&page), next),
+            (vec!["m0".to_string(), "m1".into()], None)
+        );
         let t = store
             .get_turn("s1", "page-4")
             .await

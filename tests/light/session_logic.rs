@@ -370,7 +370,13 @@ async fn a_turn_is_refused_before_it_runs_by_the_tenants_limits_and_budget() {
     // None of the refused messages is in the history.
     let page = t
         .orch
-        .history("acme", &Limits::default(), &id, 0, 100)
+        .history(
+            "acme",
+            &Limits::default(),
+            &id,
+            sandwarden::store::HistoryFrom::After(0),
+            100,
+        )
         .await
         .expect("history");
     let texts: Vec<String> = page

@@ -297,7 +297,13 @@ async fn messages(
         })?,
     };
     let page = orch
-        .history(&caller.tenant, &caller.limits, &s.id, after, limit)
+        .history(
+            &caller.tenant,
+            &caller.limits,
+            &s.id,
+            crate::store::HistoryFrom::After(after),
+            limit,
+        )
         .await?;
     let data: Vec<Value> = page
         .items

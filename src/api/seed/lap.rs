@@ -384,7 +384,13 @@ async fn messages(
     let r = record(&orch, &caller, &id).await?;
     let s = native(&orch, &caller, &r).await?;
     let page = orch
-        .history(&caller.tenant, &caller.limits, &s.id, 0, 500)
+        .history(
+            &caller.tenant,
+            &caller.limits,
+            &s.id,
+            crate::store::HistoryFrom::After(0),
+            500,
+        )
         .await?;
     let answer = json!({ "id": r.id, "messages": page.items, "has_more": page.next.is_some() });
     Ok(crate::api::json_holding(&answer, page.admitted))
@@ -466,7 +472,13 @@ async fn conversation(
     let mut after = 0;
     loop {
         let page = orch
-            .history(&caller.tenant, &caller.limits, session_id, after, 500)
+            .history(
+                &caller.tenant,
+                &caller.limits,
+                session_id,
+                crate::store::HistoryFrom::After(after),
+                500,
+            )
             .await?;
         for m in &page.items {
             let mut line = format!("{}: {}", m.role, m.text);

@@ -314,7 +314,13 @@ async fn history(
     let mut after = 0;
     loop {
         let page = orch
-            .history(&caller.tenant, &caller.limits, &s.id, after, 500)
+            .history(
+                &caller.tenant,
+                &caller.limits,
+                &s.id,
+                crate::store::HistoryFrom::After(after),
+                500,
+            )
             .await?;
         out.extend(
             page.items
