@@ -120,6 +120,19 @@ fn not_found() -> Response {
     .into_response()
 }
 
+/// Sets what a browser may do with an answer (`policy`) and that it must take the content type
+/// as given.
+pub(super) fn policed(headers: &mut axum::http::HeaderMap, policy: &'static str) {
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(policy),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+}
+
 fn answer(kind: &str, body: Vec<u8>) -> Response {
     let mut response = body.into_response();
     let headers = response.headers_mut();
@@ -127,14 +140,7 @@ fn answer(kind: &str, body: Vec<u8>) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_str(kind).unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
-    );
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    policed(headers, CSP);
     headers.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),

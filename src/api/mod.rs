@@ -1600,15 +1600,7 @@ async fn read_file(
     let file = orch.read_file(&tenant, &id, &path).await?;
     let mut answer = passed_through(file, "application/octet-stream");
     // What an agent wrote is never a page of this origin, whatever its bytes look like.
-    let headers = answer.headers_mut();
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; sandbox"),
-    );
+    console::policed(answer.headers_mut(), "default-src 'none'; sandbox");
     Ok(answer)
 }
 

@@ -160,3 +160,36 @@ async fn an_api_sessions_agent_reads_the_files_a_client_wrote() {
         "{reply}"
     );
 }
+
+/// A file an agent wrote is never a page of serve's origin: bytes as they are, with no sniffing
+/// and a sandboxing policy, however HTML they look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_is_never_a_page_of_this_origin() {
+    let serve = Serve::start(&[]);
+    let api = serve.client();
+    let id = api.ready("echo").await;
+    let page = b"<html><script>alert(document.cookie)</script></html>";
+    let (status, _) = put_file(&api, &id, "page.html", page).await;
+    assert_eq!(status, 201);
+    let resp = reqwest::Client::new()
+        .get(serve.url(&format!("/v1/sessions/{id}/files/page.html")))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(resp.status(), 200);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(header("content-type"), "application/octet-stream");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    assert_eq!(
+        header("content-security-policy"),
+        "default-src 'none'; sandbox"
+    );
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), page);
+}
