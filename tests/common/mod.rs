@@ -466,6 +466,20 @@ pub struct Api {
 }
 
 impl Api {
+    /// A new key of `tenant` (made with this admin key): a client with it, and the key's record
+    /// (`id`, `key`, …).
+    pub async fn tenant_key(&self, tenant: &str) -> (Api, serde_json::Value) {
+        let (status, made) = self
+            .call(
+                "POST",
+                "/v1/api-keys",
+                Some(serde_json::json!({ "tenant": tenant })),
+            )
+            .await;
+        assert_eq!(status, 201, "{made}");
+        (self.with_key(made["key"].as_str().expect("key")), made)
+    }
+
     pub fn with_key(&self, key: &str) -> Api {
         Api {
             base: self.base.clone(),

@@ -4,14 +4,19 @@ use crate::common::*;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-fn cli(serve: &Serve, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
+/// The CLI with `args`, pointed at `serve` with the admin key; stdin empty.
+fn cli_command(serve: &Serve, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sandwarden"));
+    command
         .args(args)
         .env("SANDWARDEN_URL", &serve.base)
         .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the CLI");
+        .stdin(Stdio::null());
+    command
+}
+
+fn cli(serve: &Serve, args: &[&str]) -> (bool, String, String) {
+    let out = cli_command(serve, args).output().expect("run the CLI");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into(),
@@ -64,10 +69,7 @@ async fn chat_and_attach_over_pipes() {
     let serve = Serve::start(&[]);
     let api = serve.client();
     let echo = api.ready("echo").await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-        .args(["chat", &echo])
-        .env("SANDWARDEN_URL", &serve.base)
-        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+    let mut child = cli_command(&serve, &["chat", &echo])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -87,10 +89,7 @@ async fn chat_and_attach_over_pipes() {
     );
 
     let sh = api.ready("sh").await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-        .args(["attach", &sh])
-        .env("SANDWARDEN_URL", &serve.base)
-        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
+    let mut child = cli_command(&serve, &["attach", &sh])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -549,11 +548,7 @@ async fn every_api_verb_has_a_cli_verb() {
     let run = |args: &[&str]| tokio::task::block_in_place(|| cli(&serve, args));
 
     // A question, answered with `approve` using the request id `send` printed.
-    let mut asking = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-        .args(["send", &id, "/ask may I touch cli-1?"])
-        .env("SANDWARDEN_URL", &serve.base)
-        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-        .stdin(Stdio::null())
+    let mut asking = cli_command(&serve, &["send", &id, "/ask may I touch cli-1?"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -585,11 +580,7 @@ async fn every_api_verb_has_a_cli_verb() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("permission granted (allow-once)"));
 
     // Denied the same way.
-    let asking = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-        .args(["send", &id, "/ask may I touch cli-2?"])
-        .env("SANDWARDEN_URL", &serve.base)
-        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-        .stdin(Stdio::null())
+    let asking = cli_command(&serve, &["send", &id, "/ask may I touch cli-2?"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -673,14 +664,13 @@ async fn every_api_verb_has_a_cli_verb() {
         "gap-free: {seqs:?}"
     );
     let last = *seqs.last().expect("events");
-    let mut follow = Command::new(env!("CARGO_BIN_EXE_sandwarden"))
-        .args(["events", &id, "--follow", "--since", &last.to_string()])
-        .env("SANDWARDEN_URL", &serve.base)
-        .env("SANDWARDEN_API_KEY", ADMIN_KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("events --follow");
+    let mut follow = cli_command(
+        &serve,
+        &["events", &id, "--follow", "--since", &last.to_string()],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("events --follow");
     let stdout = follow.stdout.take().expect("stdout");
     let (status, _) = api.say(&id, "followed-words-9").await;
     assert_eq!(status, 200);

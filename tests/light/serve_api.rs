@@ -664,27 +664,38 @@ async fn sessions_list_paginates_and_delete_is_idempotent() {
         assert_eq!(status, 201, "{s}");
         ids.push(s["id"].as_str().expect("id").to_string());
     }
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/sessions?harness=sh&limit=2&cursor={c}"),
-            None => "/v1/sessions?harness=sh&limit=2".into(),
-        };
-        let (_, page) = api.call("GET", &path, None).await;
-        seen.extend(
-            page["sessions"]
-                .as_array()
-                .expect("page")
-                .iter()
-                .filter_map(|s| s["id"].as_str().map(String::from)),
-        );
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
+    // Every page, oldest first and (`order=newest`) newest first.
+    let listed = |order: &'static str| {
+        let api = &api;
+        async move {
+            let mut seen = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut path = format!("/v1/sessions?harness=sh&limit=2&order={order}");
+                if let Some(c) = &cursor {
+                    path.push_str(&format!("&cursor={c}"));
+                }
+                let (status, page) = api.call("GET", &path, None).await;
+                assert_eq!(status, 200, "{page}");
+                seen.extend(
+                    page["sessions"]
+                        .as_array()
+                        .expect("page")
+                        .iter()
+                        .filter_map(|s| s["id"].as_str().map(String::from)),
+                );
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_string()),
+                    None => return seen,
+                }
+            }
         }
-    }
-    assert_eq!(seen, ids);
+    };
+    assert_eq!(listed("oldest").await, ids);
+    let newest: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(listed("newest").await, newest);
+    let (status, body) = api.call("GET", "/v1/sessions?order=sideways", None).await;
+    assert_eq!(status, 400, "{body}");
     let (status, s) = api
         .call("DELETE", &format!("/v1/sessions/{}", ids[0]), None)
         .await;
@@ -1344,14 +1355,7 @@ async fn read_to_end(resp: reqwest::Response) -> (Vec<(String, serde_json::Value
 async fn the_sessions_watch_follows_the_tenants_sessions_only() {
     let serve = Serve::start(&[]);
     let api = serve.client();
-    let (_, other) = api
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(json!({"tenant": "watch-other"})),
-        )
-        .await;
-    let other = api.with_key(other["key"].as_str().expect("key"));
+    let (other, _) = api.tenant_key("watch-other").await;
     let watch = reqwest::Client::new()
         .get(serve.url("/v1/events"))
         .bearer_auth(ADMIN_KEY)
@@ -1443,14 +1447,7 @@ async fn a_sessions_agent_options_are_listed() {
         .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["type"], "tui_session");
-    let (_, key) = api
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(json!({"tenant": "options-other"})),
-        )
-        .await;
-    let other = api.with_key(key["key"].as_str().expect("key"));
+    let (other, _) = api.tenant_key("options-other").await;
     let (status, _) = other
         .call("GET", &format!("/v1/sessions/{id}/options"), None)
         .await;
@@ -1536,69 +1533,15 @@ async fn the_history_pages_back_from_the_newest() {
     assert_eq!(status, 400, "{body}");
 }
 
-/// `?order=newest` lists the newest sessions first, page by page.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_can_be_listed_newest_first() {
-    let serve = Serve::start(&[]);
-    let api = serve.client();
-    let mut made = Vec::new();
-    for i in 0..5 {
-        let (status, s) = api
-            .call(
-                "POST",
-                "/v1/sessions",
-                Some(json!({"harness": "echo", "title": format!("order {i}")})),
-            )
-            .await;
-        assert_eq!(status, 201, "{s}");
-        made.push(s["id"].as_str().expect("id").to_string());
-    }
-    let mut listed = Vec::new();
-    let mut path = "/v1/sessions?order=newest&limit=2".to_string();
-    loop {
-        let (status, page) = api.call("GET", &path, None).await;
-        assert_eq!(status, 200, "{page}");
-        listed.extend(
-            page["sessions"]
-                .as_array()
-                .expect("sessions")
-                .iter()
-                .map(|s| s["id"].as_str().unwrap_or("").to_string()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(c) => path = format!("/v1/sessions?order=newest&limit=2&cursor={c}"),
-            None => break,
-        }
-    }
-    made.reverse();
-    assert_eq!(listed, made);
-    let (status, body) = api.call("GET", "/v1/sessions?order=sideways", None).await;
-    assert_eq!(status, 400, "{body}");
-}
-
 /// A revoked key's long-lived streams end: the sessions watch and a session's event stream. And
 /// the watch never hands out a terminal's token (its `tty_url`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_keys_streams_end() {
     let serve = Serve::start(&[]);
     let admin = serve.client();
-    let (_, k1) = admin
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(json!({"tenant": "revoked-watch"})),
-        )
-        .await;
-    let (_, k2) = admin
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(json!({"tenant": "revoked-watch"})),
-        )
-        .await;
+    let (own, k1) = admin.tenant_key("revoked-watch").await;
+    let (other, _) = admin.tenant_key("revoked-watch").await;
     let key1 = k1["key"].as_str().expect("key").to_string();
-    let other = admin.with_key(k2["key"].as_str().expect("key"));
-    let own = admin.with_key(&key1);
     let echo = own.ready("echo").await;
     let open = |path: String| {
         let key = key1.clone();
@@ -1667,15 +1610,8 @@ async fn a_revoked_keys_terminal_is_let_go() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let serve = Serve::start(&[]);
     let admin = serve.client();
-    let (_, k) = admin
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(json!({"tenant": "revoked-tty"})),
-        )
-        .await;
+    let (tenant, k) = admin.tenant_key("revoked-tty").await;
     let key = k["key"].as_str().expect("key").to_string();
-    let tenant = admin.with_key(&key);
     let sh = tenant.ready("sh").await;
     let mut req = serve
         .url(&format!("/v1/sessions/{sh}/tty"))
@@ -1741,14 +1677,7 @@ async fn a_revoked_keys_terminal_is_let_go() {
 async fn the_admin_reads_a_tenants_history_and_events() {
     let serve = Serve::start(&[]);
     let admin = serve.client();
-    let (_, k) = admin
-        .call(
-            "POST",
-            "/v1/api-keys",
-            Some(json!({"tenant": "read-by-admin"})),
-        )
-        .await;
-    let tenant = admin.with_key(k["key"].as_str().expect("key"));
+    let (tenant, _) = admin.tenant_key("read-by-admin").await;
     let id = tenant.ready("echo").await;
     let (status, _) = tenant.say(&id, "for the admin to read").await;
     assert_eq!(status, 200);
