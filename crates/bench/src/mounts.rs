@@ -85,62 +85,27 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<String> {
         "responses",
         "messages",
     ] {
-        let id = match name {
-            "lap" => {
-                let s: Value = call(
-                    &http,
-                    &key,
-                    post.clone(),
-                    format!("{base}/api/v1/managed_agents/agents/echo/session"),
-                    Some(json!({"title": "bench"})),
-                )
-                .await?
-                .json()
-                .await?;
-                s["id"].as_str().context("lap id")?.to_string()
-            }
-            "motus" => {
-                let s: Value = call(
-                    &http,
-                    &key,
-                    post.clone(),
-                    format!("{base}/compat/motus/echo/sessions"),
-                    None,
-                )
-                .await?
-                .json()
-                .await?;
-                s["session_id"].as_str().context("motus id")?.to_string()
-            }
-            "everruns" => {
-                let s: Value = call(
-                    &http,
-                    &key,
-                    post.clone(),
-                    format!("{base}/compat/everruns/echo/sessions"),
-                    Some(json!({})),
-                )
-                .await?
-                .json()
-                .await?;
-                s["id"].as_str().context("everruns id")?.to_string()
-            }
-            // The chat routes' sessions are kept ones, named by the header (the Responses
-            // API's by the previous response, set after its first turn).
-            _ => {
-                let s: Value = call(
-                    &http,
-                    &key,
-                    post.clone(),
-                    format!("{base}/v1/sessions"),
-                    Some(json!({"harness": "echo"})),
-                )
-                .await?
-                .json()
-                .await?;
-                s["id"].as_str().context("session id")?.to_string()
-            }
+        // Where each client creates its session, what it sends and where the id is in the answer.
+        // The chat routes' sessions are kept native ones, named by the header (the Responses
+        // API's by the previous response, set after its first turn).
+        let (path, body, field) = match name {
+            "lap" => (
+                "/api/v1/managed_agents/agents/echo/session",
+                Some(json!({"title": "bench"})),
+                "id",
+            ),
+            "motus" => ("/compat/motus/echo/sessions", None, "session_id"),
+            "everruns" => ("/compat/everruns/echo/sessions", Some(json!({})), "id"),
+            _ => ("/v1/sessions", Some(json!({"harness": "echo"})), "id"),
         };
+        let s: Value = call(&http, &key, post.clone(), format!("{base}{path}"), body)
+            .await?
+            .json()
+            .await?;
+        let id = s[field]
+            .as_str()
+            .with_context(|| format!("{name}: no {field} in {s}"))?
+            .to_string();
         let events = if name == "everruns" {
             let resp = http
                 .get(format!("{base}/compat/everruns/echo/sessions/{id}/sse"))
