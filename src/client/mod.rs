@@ -86,7 +86,6 @@ fn hint(kind: &str, id: Option<&str>, v: &Value) -> Option<String> {
     let id = id.unwrap_or("ID");
     Some(match kind {
         "unauthorized" => "the API key was refused: set SANDWARDEN_API_KEY (or --api-key) to the key `sandwarden serve` printed, or one `sandwarden keys create` made".into(),
-        "forbidden" | "admin_only" => "this needs the admin key (SANDWARDEN_API_KEY)".into(),
         "session_not_found" => format!("there is no session {id} for this key: `sandwarden session list` shows yours"),
         "tui_session" => format!("{id} is a terminal session: attach to it with `sandwarden attach {id}`"),
         "not_a_terminal" => format!("{id} runs an API agent, not a terminal: talk to it with `sandwarden chat {id}` or `sandwarden send {id} TEXT`"),
@@ -98,7 +97,7 @@ fn hint(kind: &str, id: Option<&str>, v: &Value) -> Option<String> {
             v["detail"].as_str().map(|d| format!(" ({d})")).unwrap_or_default()
         ),
         "session_not_ready" => format!("{id} is still starting: wait with `sandwarden session get {id} --wait`"),
-        "unknown_harness" | "unknown_template" => "no such template: `sandwarden templates` lists them".into(),
+        "unknown_harness" => "no such template: `sandwarden templates` lists them".into(),
         "input_not_found" => format!("that question is not waiting for an answer (answered already, or its turn ended): `sandwarden events {id}` shows the session's questions"),
         "not_found" => "the server has no such route: is SANDWARDEN_URL the sandwarden server's root?".into(),
         _ => return None,
