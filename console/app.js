@@ -16,8 +16,6 @@ const state = {
   key: null,
   admin: false,
   templates: [],
-  /** false once the server showed it has no GET /v1/sessions/{id}/options. */
-  optionsRoute: undefined,
   /** Aborts the app-wide sessions watch (GET /v1/events). */
   watchAbort: null,
   /** Functions told about each watch event: (type, session or null). */
@@ -929,39 +927,31 @@ const CHOICES = [['model', 'Model'], ['agent', 'Mode'], ['thinking', 'Thinking']
  * The composer's model, mode and thinking fields, sent as a message's `model`, `agent` and
  * `thinking`: selects filled from what the session's agent offers (GET …/options, read again
  * after each turn to show the values in force, which a message's choice changes for later turns
- * too), or free text for model and mode where the server does not list them (a wrong value is
- * then refused with a 422 naming what is offered).
+ * too); a setting the agent does not have gets no field.
  */
 function choiceFields(id, container) {
-  const fields = new Map(); // field → its select or input
+  const fields = new Map(); // field → its select
 
   async function refresh() {
-    let offered = null;
-    if (state.optionsRoute !== false) {
-      try {
-        offered = (await api('GET', sessionPath(id, '/options'))).options;
-      } catch (e) {
-        // A server without the route answers the generic 404: not worth asking again. Other
-        // refusals (a session still creating) leave the fields as they are.
-        if (e.type === 'not_found') state.optionsRoute = false;
-      }
+    let offered;
+    try {
+      offered = (await api('GET', sessionPath(id, '/options'))).options;
+    } catch {
+      // A session still creating has no agent to ask yet (it is asked again once ready), one
+      // that ended has none any more: the fields stay as they are.
+      return;
     }
     for (const [field, label] of CHOICES) {
-      const option = offered?.find((o) => o.id === field);
+      const option = offered.find((o) => o.id === field);
+      if (!option) continue; // a setting this agent does not have
       const node = fields.get(field);
-      let fresh = null;
-      if (option) {
-        // `thinking` is on or off in a message; the agent's levels show as its current value.
-        const values = field === 'thinking'
-          ? [{ id: 'true', name: 'on' }, { id: 'false', name: 'off' }] : option.values;
-        const kept = node?.tagName === 'SELECT' ? node.value : ''; // chosen, not yet sent
-        fresh = el('select', { id: `opt-${field}` },
-          el('option', { value: '', text: `unchanged (${option.current ?? 'none'})` }),
-          values.map((v) => el('option', { value: v.id, text: v.name || v.id, selected: v.id === kept })));
-      } else if (!node && field !== 'thinking' && !offered) {
-        fresh = el('input', { id: `opt-${field}`, placeholder: 'unchanged', size: '12' });
-      }
-      if (!fresh) continue;
+      // `thinking` is on or off in a message; the agent's levels show as its current value.
+      const values = field === 'thinking'
+        ? [{ id: 'true', name: 'on' }, { id: 'false', name: 'off' }] : option.values;
+      const kept = node ? node.value : ''; // chosen, not yet sent
+      const fresh = el('select', { id: `opt-${field}` },
+        el('option', { value: '', text: `unchanged (${option.current ?? 'none'})` }),
+        values.map((v) => el('option', { value: v.id, text: v.name || v.id, selected: v.id === kept })));
       if (node) node.replaceWith(fresh);
       else container.append(el('label', { text: `${label} ` }, fresh));
       fields.set(field, fresh);
