@@ -373,10 +373,15 @@ pub(crate) fn session_path(tenant: &str, id: &str) -> Result<String, Problem> {
 
 /// A session as the API shows it: the stored fields plus `tty_url` for terminal sessions.
 fn view(orch: &Orchestrator, s: &Session) -> SessionView {
+    view_with(orch, s, orch.tty_url(s))
+}
+
+/// A session as clients see it, with this `tty_url` (`None`: its token left out).
+fn view_with(orch: &Orchestrator, s: &Session, tty_url: Option<String>) -> SessionView {
     SessionView::new(
         s,
         orch.runtime.isolation(),
-        orch.tty_url(s),
+        tty_url,
         orch.running_turn(&s.id),
     )
 }
@@ -623,9 +628,7 @@ impl Watch {
                 Ok(Some(s)) if s.tenant == self.tenant => {
                     // A terminal's `tty_url` carries a token: a watcher fetches the session
                     // (with its key, checked then) when it wants to attach.
-                    let mut seen = view(&self.orch, &s);
-                    seen.tty_url = None;
-                    let data = serde_json::to_string(&seen).ok()?;
+                    let data = serde_json::to_string(&view_with(&self.orch, &s, None)).ok()?;
                     return Some(SseEvent::default().event("session").data(data));
                 }
                 Ok(Some(_)) => {
