@@ -1,7 +1,7 @@
 //! `sandwarden attach ID`: this terminal on a terminal (TUI) session's PTY, over the tty
 //! WebSocket. Ctrl-] detaches; when the program ends, attach ends with its exit status.
 
-use super::{Client, Connection, ExitStatus, hint};
+use super::{Client, Connection, ExitStatus};
 use anyhow::{Context, bail};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -139,24 +139,12 @@ fn refused(
     use tokio_tungstenite::tungstenite::Error;
     match e {
         Error::Http(resp) => {
-            let status = resp.status().as_u16();
             let v: Value = resp
                 .body()
                 .as_ref()
                 .and_then(|b| serde_json::from_slice(b).ok())
                 .unwrap_or_default();
-            let kind = v["type"].as_str().unwrap_or("");
-            let message = hint(kind, Some(id), &v)
-                .or_else(|| v["detail"].as_str().map(String::from))
-                .unwrap_or_else(|| {
-                    "the server refused the terminal: is SANDWARDEN_URL the sandwarden server's root?"
-                        .into()
-                });
-            anyhow::anyhow!(
-                "{} [{status} {}: {asked}]",
-                super::printable(&message),
-                super::printable(kind)
-            )
+            super::refusal(base, resp.status().as_u16(), &v, Some(id), asked)
         }
         Error::Io(io) => anyhow::anyhow!(
             "cannot reach sandwarden at {base} ({io}): is `sandwarden serve` running there? Set SANDWARDEN_URL or pass --url [{asked}]"

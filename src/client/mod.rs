@@ -162,22 +162,12 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.contains("json"));
         let text = resp.text().await.unwrap_or_default();
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let kind = v["type"].as_str().unwrap_or("");
-        if !problem || kind.is_empty() {
-            bail!(
-                "the server at {} answered {status} without a sandwarden error: is SANDWARDEN_URL the sandwarden server's root? [{asked}]",
-                self.base
-            );
-        }
-        let message =
-            hint(kind, id, &v).unwrap_or_else(|| v["detail"].as_str().unwrap_or("").to_string());
-        bail!(
-            "{} [{} {}: {asked}]",
-            printable(&message),
-            status.as_u16(),
-            printable(kind)
-        )
+        let v: Value = if problem {
+            serde_json::from_str(&text).unwrap_or(Value::Null)
+        } else {
+            Value::Null
+        };
+        Err(refusal(&self.base, status.as_u16(), &v, id, &asked))
     }
 
     /// A JSON call: the answer's body, or an error as for `send`.
@@ -229,6 +219,24 @@ pub(crate) fn printable(text: &str) -> String {
         }
     }
     out
+}
+
+/// A refusal by the server (`v`: its problem document, if it sent one) in CLI terms: what to do,
+/// then what was asked.
+fn refusal(base: &str, status: u16, v: &Value, id: Option<&str>, asked: &str) -> anyhow::Error {
+    let kind = v["type"].as_str().unwrap_or("");
+    if kind.is_empty() {
+        return anyhow::anyhow!(
+            "the server at {base} answered {status} without a sandwarden error: is SANDWARDEN_URL the sandwarden server's root? [{asked}]"
+        );
+    }
+    let message =
+        hint(kind, id, v).unwrap_or_else(|| v["detail"].as_str().unwrap_or("").to_string());
+    anyhow::anyhow!(
+        "{} [{status} {}: {asked}]",
+        printable(&message),
+        printable(kind)
+    )
 }
 
 /// The innermost cause of a transport error (reqwest's own message names only the URL).
