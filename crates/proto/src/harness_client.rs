@@ -172,11 +172,7 @@ fn refused(status: reqwest::StatusCode, body: &[u8]) -> ClientError {
     if problem.detail.len() <= REFUSAL_DETAIL {
         return ClientError::Refused(problem);
     }
-    let mut end = REFUSAL_DETAIL;
-    while !problem.detail.is_char_boundary(end) {
-        end -= 1;
-    }
-    let detail = format!("{}…", &problem.detail[..end]);
+    let detail = crate::event::clip(problem.detail.clone(), REFUSAL_DETAIL);
     ClientError::Refused(problem.with_detail(detail))
 }
 
